@@ -1,0 +1,628 @@
+//! The DAG model: tasks, their dependencies and settings, and the DAG's schedule. Built through
+//! [`DagBuilder`], which refuses cycles, unknown upstreams and duplicate ids.
+
+use std::collections::{BTreeMap, HashMap};
+use std::fmt;
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::{DateTime, TimeZone, Utc};
+use chrono_tz::Tz;
+
+use crate::schedule::Schedule;
+use crate::task::Task;
+
+/// The default worker pool.
+pub const DEFAULT_QUEUE: &str = "default";
+
+/// A validated DAG. Tasks are stored in a topological order (every task after its upstreams).
+pub struct Dag {
+    /// Unique name of the DAG.
+    pub id: String,
+    /// Free text for people.
+    pub description: String,
+    /// When runs are created.
+    pub schedule: Schedule,
+    /// Timezone of the cron schedule and of displayed times.
+    pub timezone: Tz,
+    /// No schedule point before this instant is due.
+    pub start: DateTime<Utc>,
+    /// Create every due run since start (true) or only the latest (false).
+    pub catch_up: bool,
+    /// At most this many runs of the DAG are `running` at once; more wait as `queued`.
+    pub max_active_runs: u32,
+    /// A paused DAG gets no scheduled runs (triggers still queue runs).
+    pub paused: bool,
+    /// Labels for people and filters.
+    pub tags: Vec<String>,
+    /// A run still unfinished this long after it started is cancelled and marked failed.
+    pub run_timeout: Option<Duration>,
+    /// Where the DAG came from (a file path, or "rust"), for error messages.
+    pub source: String,
+    /// Tasks in topological order.
+    tasks: Vec<TaskSpec>,
+    /// Task id to index in `tasks`.
+    index: HashMap<String, usize>,
+}
+
+/// One task of a DAG: what it runs, what it waits for, how it is retried.
+#[derive(Clone)]
+pub struct TaskSpec {
+    /// Id, unique within the DAG.
+    pub id: String,
+    /// Ids of the tasks that must succeed before this one runs.
+    pub after: Vec<String>,
+    /// What runs.
+    pub kind: TaskKind,
+    /// Retries, timeout, queue and alerts.
+    pub config: TaskConfig,
+    /// Settings passed to a Rust task as `ctx.args`.
+    pub args: serde_json::Value,
+}
+
+/// What a task runs.
+#[derive(Clone)]
+pub enum TaskKind {
+    /// A process: argv, with `{{ params.KEY }}` substituted; its output is its log.
+    Command(Vec<String>),
+    /// A task written in Rust; `name` is its registry name when it came from `run = "NAME"`.
+    Rust {
+        /// Registry name, if registered by name.
+        name: Option<String>,
+        /// The implementation.
+        task: Arc<dyn Task>,
+    },
+}
+
+/// How a task is retried, timed out, routed and alerted on.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TaskConfig {
+    /// Tries after the first.
+    pub retries: u32,
+    /// Wait before the first retry.
+    pub retry_delay: Duration,
+    /// Each further retry waits this many times longer.
+    pub retry_backoff: f64,
+    /// Upper bound of the wait between tries.
+    pub retry_delay_max: Duration,
+    /// A try running longer than this is stopped and fails.
+    pub timeout: Option<Duration>,
+    /// Worker pool the task goes to.
+    pub queue: String,
+    /// Higher runs first among ready tasks (0-9).
+    pub priority: u8,
+    /// Notify on the task's final failure.
+    pub alert_on_failure: bool,
+    /// Notify on each retry.
+    pub alert_on_retry: bool,
+}
+
+impl Default for TaskConfig {
+    fn default() -> TaskConfig {
+        TaskConfig {
+            retries: 0,
+            retry_delay: Duration::from_secs(5),
+            retry_backoff: 2.0,
+            retry_delay_max: Duration::from_secs(600),
+            timeout: None,
+            queue: DEFAULT_QUEUE.to_string(),
+            priority: 0,
+            alert_on_failure: true,
+            alert_on_retry: false,
+        }
+    }
+}
+
+impl TaskConfig {
+    /// The wait before retry number `retry` (1 for the first retry).
+    pub fn retry_delay_for(&self, retry: u32) -> Duration {
+        let factor = self.retry_backoff.max(1.0).powi(retry.saturating_sub(1).min(64) as i32);
+        let secs = (self.retry_delay.as_secs_f64() * factor).min(self.retry_delay_max.as_secs_f64());
+        Duration::from_secs_f64(secs.max(0.0))
+    }
+}
+
+/// A DAG that could not be built, naming the DAG, the task and the reason.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum DagError {
+    /// Two tasks share an id.
+    #[error("dag {dag:?}: duplicate task id {task:?}")]
+    DuplicateTask {
+        /// The DAG.
+        dag: String,
+        /// The repeated id.
+        task: String,
+    },
+    /// A task waits for a task that does not exist.
+    #[error("dag {dag:?}, task {task:?}: unknown upstream {upstream:?}")]
+    UnknownUpstream {
+        /// The DAG.
+        dag: String,
+        /// The task that names it.
+        task: String,
+        /// The missing id.
+        upstream: String,
+    },
+    /// The dependencies loop.
+    #[error("dag {dag:?}: cycle {}", path.join(" -> "))]
+    Cycle {
+        /// The DAG.
+        dag: String,
+        /// The tasks of the loop, first repeated at the end.
+        path: Vec<String>,
+    },
+    /// Any other bad setting.
+    #[error("dag {dag:?}: {reason}")]
+    Invalid {
+        /// The DAG.
+        dag: String,
+        /// What is wrong.
+        reason: String,
+    },
+}
+
+impl Dag {
+    /// Starts a DAG with this id.
+    pub fn builder(id: impl Into<String>) -> DagBuilder {
+        DagBuilder::new(id)
+    }
+
+    /// Tasks in topological order.
+    pub fn tasks(&self) -> &[TaskSpec] {
+        &self.tasks
+    }
+
+    /// One task by id.
+    pub fn task(&self, id: &str) -> Option<&TaskSpec> {
+        self.index.get(id).map(|&i| &self.tasks[i])
+    }
+
+    /// The next schedule point strictly after `now`.
+    pub fn next_run_after(&self, now: DateTime<Utc>) -> Option<DateTime<Utc>> {
+        self.schedule.next_after(self.start, now)
+    }
+}
+
+impl fmt::Debug for Dag {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Dag")
+            .field("id", &self.id)
+            .field("schedule", &self.schedule.describe())
+            .field("tasks", &self.tasks.iter().map(|t| &t.id).collect::<Vec<_>>())
+            .finish_non_exhaustive()
+    }
+}
+
+impl fmt::Debug for TaskSpec {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let kind = match &self.kind {
+            TaskKind::Command(argv) => format!("command {argv:?}"),
+            TaskKind::Rust { name, .. } => format!("rust {}", name.as_deref().unwrap_or("(unnamed)")),
+        };
+        f.debug_struct("TaskSpec").field("id", &self.id).field("after", &self.after).field("kind", &kind).finish()
+    }
+}
+
+impl TaskSpec {
+    /// A task that runs a process.
+    pub fn command<S: Into<String>>(id: impl Into<String>, argv: impl IntoIterator<Item = S>) -> TaskSpec {
+        TaskSpec::new(id, TaskKind::Command(argv.into_iter().map(Into::into).collect()))
+    }
+
+    /// A task written in Rust.
+    pub fn rust(id: impl Into<String>, task: impl Task) -> TaskSpec {
+        TaskSpec::new(id, TaskKind::Rust { name: None, task: Arc::new(task) })
+    }
+
+    /// A task of any kind with default settings.
+    pub fn new(id: impl Into<String>, kind: TaskKind) -> TaskSpec {
+        TaskSpec { id: id.into(), after: Vec::new(), kind, config: TaskConfig::default(), args: serde_json::Value::Null }
+    }
+
+    /// Waits for these tasks.
+    pub fn after<S: Into<String>>(mut self, upstream: impl IntoIterator<Item = S>) -> TaskSpec {
+        self.after.extend(upstream.into_iter().map(Into::into));
+        self
+    }
+
+    /// Tries after the first.
+    pub fn retries(mut self, retries: u32) -> TaskSpec {
+        self.config.retries = retries;
+        self
+    }
+
+    /// Wait before the first retry, growing by `backoff` per retry up to `max`.
+    pub fn retry_delay(mut self, delay: Duration, backoff: f64, max: Duration) -> TaskSpec {
+        self.config.retry_delay = delay;
+        self.config.retry_backoff = backoff;
+        self.config.retry_delay_max = max;
+        self
+    }
+
+    /// Per-try time limit.
+    pub fn timeout(mut self, timeout: Duration) -> TaskSpec {
+        self.config.timeout = Some(timeout);
+        self
+    }
+
+    /// Worker pool.
+    pub fn queue(mut self, queue: impl Into<String>) -> TaskSpec {
+        self.config.queue = queue.into();
+        self
+    }
+
+    /// Priority among ready tasks, 0-9.
+    pub fn priority(mut self, priority: u8) -> TaskSpec {
+        self.config.priority = priority;
+        self
+    }
+
+    /// Settings passed to a Rust task as `ctx.args`.
+    pub fn args(mut self, args: serde_json::Value) -> TaskSpec {
+        self.args = args;
+        self
+    }
+
+    /// Whether to notify on final failure and on each retry.
+    pub fn alerts(mut self, on_failure: bool, on_retry: bool) -> TaskSpec {
+        self.config.alert_on_failure = on_failure;
+        self.config.alert_on_retry = on_retry;
+        self
+    }
+}
+
+/// Collects a DAG's settings and tasks; [`DagBuilder::build`] validates them.
+pub struct DagBuilder {
+    /// The DAG under construction (tasks in insertion order until built).
+    dag: Dag,
+    /// Schedule text, parsed at build time once the timezone is known.
+    schedule: Option<String>,
+    /// Timezone name, parsed at build time.
+    timezone: String,
+}
+
+impl DagBuilder {
+    /// A manual-only DAG in UTC, starting at the Unix epoch, catching up, one active run.
+    pub fn new(id: impl Into<String>) -> DagBuilder {
+        DagBuilder {
+            dag: Dag {
+                id: id.into(),
+                description: String::new(),
+                schedule: Schedule::Manual,
+                timezone: Tz::UTC,
+                start: Utc.timestamp_opt(0, 0).single().unwrap_or_default(),
+                catch_up: true,
+                max_active_runs: 16,
+                paused: false,
+                tags: Vec::new(),
+                run_timeout: None,
+                source: "rust".to_string(),
+                tasks: Vec::new(),
+                index: HashMap::new(),
+            },
+            schedule: None,
+            timezone: "UTC".to_string(),
+        }
+    }
+
+    /// Free text for people.
+    pub fn description(mut self, text: impl Into<String>) -> DagBuilder {
+        self.dag.description = text.into();
+        self
+    }
+
+    /// A six-field cron, `@every DURATION` or a shorthand such as `@daily`.
+    pub fn schedule(mut self, text: impl Into<String>) -> DagBuilder {
+        self.schedule = Some(text.into());
+        self
+    }
+
+    /// IANA timezone name for the cron schedule.
+    pub fn timezone(mut self, name: impl Into<String>) -> DagBuilder {
+        self.timezone = name.into();
+        self
+    }
+
+    /// No schedule point before this is due.
+    pub fn start(mut self, start: DateTime<Utc>) -> DagBuilder {
+        self.dag.start = start;
+        self
+    }
+
+    /// Whether missed schedule points each get a run.
+    pub fn catch_up(mut self, catch_up: bool) -> DagBuilder {
+        self.dag.catch_up = catch_up;
+        self
+    }
+
+    /// How many runs may be `running` at once.
+    pub fn max_active_runs(mut self, max: u32) -> DagBuilder {
+        self.dag.max_active_runs = max;
+        self
+    }
+
+    /// Whether the DAG starts paused.
+    pub fn paused(mut self, paused: bool) -> DagBuilder {
+        self.dag.paused = paused;
+        self
+    }
+
+    /// Adds a tag.
+    pub fn tag(mut self, tag: impl Into<String>) -> DagBuilder {
+        self.dag.tags.push(tag.into());
+        self
+    }
+
+    /// Fails a run that is still unfinished this long after it started.
+    pub fn run_timeout(mut self, timeout: Duration) -> DagBuilder {
+        self.dag.run_timeout = Some(timeout);
+        self
+    }
+
+    /// Where the DAG came from, for error messages.
+    pub fn source(mut self, source: impl Into<String>) -> DagBuilder {
+        self.dag.source = source.into();
+        self
+    }
+
+    /// Adds a task.
+    pub fn task(mut self, task: TaskSpec) -> DagBuilder {
+        self.dag.tasks.push(task);
+        self
+    }
+
+    /// Validates and returns the DAG: ids, upstreams, cycles, schedule, timezone, settings.
+    pub fn build(self) -> Result<Dag, DagError> {
+        let DagBuilder { mut dag, schedule, timezone } = self;
+        let invalid = |reason: String| DagError::Invalid { dag: dag.id.clone(), reason };
+        check_id(&dag.id).map_err(|reason| invalid(format!("bad dag id: {reason}")))?;
+        dag.timezone = timezone.parse::<Tz>().map_err(|_| invalid(format!("unknown timezone {timezone:?}")))?;
+        if let Some(text) = schedule {
+            dag.schedule = Schedule::parse(&text, dag.timezone).map_err(&invalid)?;
+        }
+        if dag.max_active_runs == 0 {
+            return Err(invalid("max_active_runs must be at least 1".to_string()));
+        }
+        if dag.tasks.is_empty() {
+            return Err(invalid("a dag needs at least one task".to_string()));
+        }
+        for task in &dag.tasks {
+            check_id(&task.id).map_err(|reason| invalid(format!("task {:?}: bad id: {reason}", task.id)))?;
+            if let TaskKind::Command(argv) = &task.kind
+                && argv.is_empty()
+            {
+                return Err(invalid(format!("task {:?}: empty command", task.id)));
+            }
+            if task.config.priority > 9 {
+                return Err(invalid(format!("task {:?}: priority must be 0-9", task.id)));
+            }
+            if !(task.config.retry_backoff.is_finite() && task.config.retry_backoff >= 1.0) {
+                return Err(invalid(format!("task {:?}: retry_backoff must be at least 1.0", task.id)));
+            }
+            check_id(&task.config.queue)
+                .map_err(|reason| invalid(format!("task {:?}: bad queue name: {reason}", task.id)))?;
+        }
+        let order = topological_order(&dag.id, &dag.tasks)?;
+        let mut slots: Vec<Option<TaskSpec>> = dag.tasks.drain(..).map(Some).collect();
+        dag.tasks = order.into_iter().filter_map(|i| slots[i].take()).collect();
+        dag.index = dag.tasks.iter().enumerate().map(|(i, t)| (t.id.clone(), i)).collect();
+        Ok(dag)
+    }
+}
+
+/// Ids are what URLs, queue names and Redis keys carry: letters, digits, `_`, `-` and `.`.
+pub fn check_id(id: &str) -> Result<(), String> {
+    if id.is_empty() {
+        return Err("empty".to_string());
+    }
+    if id.len() > 200 {
+        return Err(format!("{id:?} is longer than 200 characters"));
+    }
+    if let Some(bad) = id.chars().find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.'))) {
+        return Err(format!("{id:?} contains {bad:?}; use letters, digits, '_', '-' and '.'"));
+    }
+    Ok(())
+}
+
+/// Indices of `tasks` in an order where every task follows its upstreams; refuses duplicates,
+/// unknown upstreams and cycles (naming the tasks of the cycle).
+fn topological_order(dag: &str, tasks: &[TaskSpec]) -> Result<Vec<usize>, DagError> {
+    let mut index = HashMap::new();
+    for (i, task) in tasks.iter().enumerate() {
+        if index.insert(task.id.as_str(), i).is_some() {
+            return Err(DagError::DuplicateTask { dag: dag.to_string(), task: task.id.clone() });
+        }
+    }
+    let mut upstreams: Vec<Vec<usize>> = Vec::with_capacity(tasks.len());
+    for task in tasks {
+        let mut ups = Vec::with_capacity(task.after.len());
+        for up in &task.after {
+            match index.get(up.as_str()) {
+                Some(&i) => ups.push(i),
+                None => {
+                    return Err(DagError::UnknownUpstream {
+                        dag: dag.to_string(),
+                        task: task.id.clone(),
+                        upstream: up.clone(),
+                    });
+                }
+            }
+        }
+        upstreams.push(ups);
+    }
+    // Depth-first search with colours; the grey stack names the cycle when one is found.
+    #[derive(Clone, Copy, PartialEq)]
+    enum Colour {
+        White,
+        Grey,
+        Black,
+    }
+    let mut colour = vec![Colour::White; tasks.len()];
+    let mut order = Vec::with_capacity(tasks.len());
+    for root in 0..tasks.len() {
+        if colour[root] != Colour::White {
+            continue;
+        }
+        let mut stack: Vec<(usize, usize)> = vec![(root, 0)];
+        colour[root] = Colour::Grey;
+        while let Some(&mut (node, ref mut next)) = stack.last_mut() {
+            if let Some(&up) = upstreams[node].get(*next) {
+                *next += 1;
+                match colour[up] {
+                    Colour::White => {
+                        colour[up] = Colour::Grey;
+                        stack.push((up, 0));
+                    }
+                    Colour::Grey => {
+                        let from = stack.iter().position(|&(n, _)| n == up).unwrap_or(0);
+                        let mut path: Vec<String> = stack[from..].iter().map(|&(n, _)| tasks[n].id.clone()).collect();
+                        path.reverse();
+                        path.insert(0, tasks[up].id.clone());
+                        return Err(DagError::Cycle { dag: dag.to_string(), path });
+                    }
+                    Colour::Black => {}
+                }
+            } else {
+                colour[node] = Colour::Black;
+                order.push(node);
+                stack.pop();
+            }
+        }
+    }
+    Ok(order)
+}
+
+/// DAGs by id, as the scheduler and workers load them.
+#[derive(Default, Clone)]
+pub struct DagRegistry {
+    /// DAGs by id, sorted for stable listings.
+    dags: BTreeMap<String, Arc<Dag>>,
+}
+
+impl DagRegistry {
+    /// An empty registry.
+    pub fn new() -> DagRegistry {
+        DagRegistry::default()
+    }
+
+    /// Adds a DAG; refuses a second DAG with the same id.
+    pub fn add(&mut self, dag: Dag) -> Result<(), DagError> {
+        if let Some(existing) = self.dags.get(&dag.id) {
+            return Err(DagError::Invalid {
+                dag: dag.id.clone(),
+                reason: format!("defined twice: in {} and in {}", existing.source, dag.source),
+            });
+        }
+        self.dags.insert(dag.id.clone(), Arc::new(dag));
+        Ok(())
+    }
+
+    /// One DAG by id.
+    pub fn get(&self, id: &str) -> Option<&Arc<Dag>> {
+        self.dags.get(id)
+    }
+
+    /// All DAGs, sorted by id.
+    pub fn iter(&self) -> impl Iterator<Item = &Arc<Dag>> {
+        self.dags.values()
+    }
+
+    /// Number of DAGs.
+    pub fn len(&self) -> usize {
+        self.dags.len()
+    }
+
+    /// Whether there are no DAGs.
+    pub fn is_empty(&self) -> bool {
+        self.dags.is_empty()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cmd(id: &str) -> TaskSpec {
+        TaskSpec::command(id, ["true"])
+    }
+
+    fn check(builder: DagBuilder, expected: Result<Vec<&str>, &str>) {
+        match (builder.build(), expected) {
+            (Ok(dag), Ok(order)) => assert_eq!(dag.tasks().iter().map(|t| t.id.as_str()).collect::<Vec<_>>(), order),
+            (Err(err), Err(message)) => assert_eq!(err.to_string(), message),
+            (got, want) => panic!("got {got:?}, want {want:?}"),
+        }
+    }
+
+    #[test]
+    fn builds_in_dependency_order() {
+        check(
+            Dag::builder("d").task(cmd("c").after(["b"])).task(cmd("b").after(["a"])).task(cmd("a")),
+            Ok(vec!["a", "b", "c"]),
+        );
+        check(
+            Dag::builder("diamond")
+                .task(cmd("join").after(["l", "r"]))
+                .task(cmd("l").after(["root"]))
+                .task(cmd("r").after(["root"]))
+                .task(cmd("root")),
+            Ok(vec!["root", "l", "r", "join"]),
+        );
+    }
+
+    #[test]
+    fn refuses_bad_graphs() {
+        check(
+            Dag::builder("etl").task(cmd("extract")).task(cmd("load").after(["extrct"])),
+            Err(r#"dag "etl", task "load": unknown upstream "extrct""#),
+        );
+        check(Dag::builder("etl").task(cmd("a")).task(cmd("a")), Err(r#"dag "etl": duplicate task id "a""#));
+        check(
+            Dag::builder("etl").task(cmd("a").after(["c"])).task(cmd("b").after(["a"])).task(cmd("c").after(["b"])),
+            Err(r#"dag "etl": cycle a -> b -> c -> a"#),
+        );
+        check(Dag::builder("etl").task(cmd("a").after(["a"])), Err(r#"dag "etl": cycle a -> a"#));
+        check(Dag::builder("etl"), Err(r#"dag "etl": a dag needs at least one task"#));
+    }
+
+    #[test]
+    fn refuses_bad_settings() {
+        check(
+            Dag::builder("etl").schedule("0 0 25 * * *").task(cmd("a")),
+            Err(r#"dag "etl": bad cron "0 0 25 * * *": hour field "25": "25" is outside 0-23 or reversed"#),
+        );
+        check(
+            Dag::builder("etl").timezone("Mars/Olympus").task(cmd("a")),
+            Err(r#"dag "etl": unknown timezone "Mars/Olympus""#),
+        );
+        check(
+            Dag::builder("e t l").task(cmd("a")),
+            Err(r#"dag "e t l": bad dag id: "e t l" contains ' '; use letters, digits, '_', '-' and '.'"#),
+        );
+        check(Dag::builder("etl").max_active_runs(0).task(cmd("a")), Err(r#"dag "etl": max_active_runs must be at least 1"#));
+        check(
+            Dag::builder("etl").task(TaskSpec::command("a", Vec::<String>::new())),
+            Err(r#"dag "etl": task "a": empty command"#),
+        );
+    }
+
+    #[test]
+    fn retry_delay_grows_and_caps() {
+        let config = TaskConfig {
+            retry_delay: Duration::from_secs(1),
+            retry_backoff: 2.0,
+            retry_delay_max: Duration::from_secs(5),
+            ..TaskConfig::default()
+        };
+        let delays: Vec<u64> = (1..=5).map(|r| config.retry_delay_for(r).as_secs()).collect();
+        assert_eq!(delays, vec![1, 2, 4, 5, 5]);
+    }
+
+    #[test]
+    fn registry_refuses_duplicate_dag() {
+        let mut registry = DagRegistry::new();
+        registry.add(Dag::builder("a").source("a.toml").task(cmd("t")).build().unwrap()).unwrap();
+        let err = registry.add(Dag::builder("a").source("b.toml").task(cmd("t")).build().unwrap()).unwrap_err();
+        assert_eq!(err.to_string(), r#"dag "a": defined twice: in a.toml and in b.toml"#);
+    }
+}

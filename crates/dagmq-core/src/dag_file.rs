@@ -1,0 +1,337 @@
+//! DAG files: one TOML file per DAG, tasks that run commands or registered Rust tasks.
+//! Parsing is pure: the caller reads the file and passes its name and text.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::ops::Range;
+
+use chrono::{DateTime, Utc};
+use serde::Deserialize;
+use toml::Spanned;
+
+use crate::dag::{Dag, DagError, TaskKind, TaskSpec};
+use crate::duration::parse_duration;
+use crate::task::Params;
+use crate::task_registry::TaskRegistry;
+
+/// A DAG file that was refused: where, and why.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DagFileError {
+    /// The file as the caller named it.
+    pub file: String,
+    /// 1-based line, when the reason has a place.
+    pub line: Option<usize>,
+    /// What is wrong.
+    pub reason: String,
+}
+
+impl fmt::Display for DagFileError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.line {
+            Some(line) => write!(f, "{}:{}: {}", self.file, line, self.reason),
+            None => write!(f, "{}: {}", self.file, self.reason),
+        }
+    }
+}
+
+impl std::error::Error for DagFileError {}
+
+/// The top level of a DAG file.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct DagFile {
+    id: Spanned<String>,
+    #[serde(default)]
+    description: String,
+    schedule: Option<Spanned<String>>,
+    timezone: Option<Spanned<String>>,
+    start: Option<Spanned<toml::Value>>,
+    catch_up: Option<bool>,
+    max_active_runs: Option<Spanned<u32>>,
+    paused: Option<bool>,
+    #[serde(default)]
+    tags: Vec<String>,
+    run_timeout: Option<Spanned<String>>,
+    /// Default parameters, overridden by a trigger's params.
+    #[serde(default)]
+    params: toml::Table,
+    #[serde(default, rename = "task")]
+    tasks: Vec<Spanned<TaskEntry>>,
+}
+
+/// One `[[task]]` table.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TaskEntry {
+    id: Spanned<String>,
+    #[serde(default)]
+    after: Vec<Spanned<String>>,
+    command: Option<Spanned<Vec<String>>>,
+    run: Option<Spanned<String>>,
+    args: Option<toml::Value>,
+    retries: Option<u32>,
+    retry_delay: Option<Spanned<String>>,
+    retry_backoff: Option<Spanned<f64>>,
+    retry_delay_max: Option<Spanned<String>>,
+    timeout: Option<Spanned<String>>,
+    queue: Option<String>,
+    priority: Option<u8>,
+    alert_on_failure: Option<bool>,
+    alert_on_retry: Option<bool>,
+}
+
+/// A DAG parsed from a file, with the defaults its file declares for run parameters.
+pub struct LoadedDag {
+    /// The validated DAG.
+    pub dag: Dag,
+    /// `[params]` defaults of the file.
+    pub default_params: Params,
+}
+
+/// Parses and validates one DAG file. `run = "NAME"` tasks are built from `registry`.
+pub fn parse_dag_file(file: &str, text: &str, registry: &TaskRegistry) -> Result<LoadedDag, DagFileError> {
+    let error = |span: Option<Range<usize>>, reason: String| DagFileError {
+        file: file.to_string(),
+        line: span.map(|s| line_of(text, s.start)),
+        reason,
+    };
+    let parsed: DagFile = toml::from_str(text).map_err(|e| error(e.span(), e.message().trim().to_string()))?;
+
+    let dag_id = parsed.id.get_ref().clone();
+    let mut builder = Dag::builder(dag_id.clone()).description(parsed.description).source(file);
+    if let Some(schedule) = &parsed.schedule {
+        builder = builder.schedule(schedule.get_ref());
+    }
+    if let Some(timezone) = &parsed.timezone {
+        if timezone.get_ref().parse::<chrono_tz::Tz>().is_err() {
+            return Err(error(Some(timezone.span()), format!("unknown timezone {:?}", timezone.get_ref())));
+        }
+        builder = builder.timezone(timezone.get_ref());
+    }
+    if let Some(start) = &parsed.start {
+        let text_value = match start.get_ref() {
+            toml::Value::String(s) => s.clone(),
+            toml::Value::Datetime(d) => d.to_string(),
+            other => return Err(error(Some(start.span()), format!("start must be an RFC 3339 time, not a {}", other.type_str()))),
+        };
+        let instant = DateTime::parse_from_rfc3339(&text_value)
+            .map_err(|e| error(Some(start.span()), format!("bad start {text_value:?}: {e} (use e.g. 2026-01-01T00:00:00Z)")))?;
+        builder = builder.start(instant.with_timezone(&Utc));
+    }
+    if let Some(catch_up) = parsed.catch_up {
+        builder = builder.catch_up(catch_up);
+    }
+    if let Some(max) = &parsed.max_active_runs {
+        builder = builder.max_active_runs(*max.get_ref());
+    }
+    if let Some(paused) = parsed.paused {
+        builder = builder.paused(paused);
+    }
+    for tag in parsed.tags {
+        builder = builder.tag(tag);
+    }
+    if let Some(timeout) = &parsed.run_timeout {
+        let duration = parse_duration(timeout.get_ref()).map_err(|e| error(Some(timeout.span()), format!("run_timeout: {e}")))?;
+        builder = builder.run_timeout(duration);
+    }
+
+    let mut task_lines: HashMap<String, usize> = HashMap::new();
+    let mut after_spans: HashMap<(String, String), Range<usize>> = HashMap::new();
+    for entry in parsed.tasks {
+        let entry_span = entry.span();
+        let entry = entry.into_inner();
+        let task_id = entry.id.get_ref().clone();
+        let task_error = |span: Range<usize>, reason: String| error(Some(span), format!("task {task_id:?}: {reason}"));
+        task_lines.entry(task_id.clone()).or_insert_with(|| line_of(text, entry.id.span().start));
+        if task_lines.get(&task_id) != Some(&line_of(text, entry.id.span().start)) {
+            return Err(error(Some(entry.id.span()), format!("dag {dag_id:?}: duplicate task id {task_id:?}")));
+        }
+        let args = match entry.args {
+            Some(value) => serde_json::to_value(value).map_err(|e| task_error(entry_span.clone(), format!("bad args: {e}")))?,
+            None => serde_json::Value::Null,
+        };
+        let kind = match (entry.command, entry.run) {
+            (Some(command), None) => TaskKind::Command(command.into_inner()),
+            (None, Some(name)) => {
+                let task = registry
+                    .build(name.get_ref(), &args)
+                    .map_err(|reason| task_error(name.span(), format!("run {:?}: {reason}", name.get_ref())))?;
+                TaskKind::Rust { name: Some(name.into_inner()), task }
+            }
+            (Some(command), Some(_)) => {
+                return Err(task_error(command.span(), "has both `command` and `run`; give one".to_string()));
+            }
+            (None, None) => {
+                return Err(task_error(entry_span, "needs `command = [...]` or `run = \"NAME\"`".to_string()));
+            }
+        };
+        let mut spec = TaskSpec::new(task_id.clone(), kind).args(args);
+        for up in &entry.after {
+            after_spans.insert((task_id.clone(), up.get_ref().clone()), up.span());
+        }
+        spec.after = entry.after.into_iter().map(Spanned::into_inner).collect();
+        let duration = |value: &Option<Spanned<String>>, key: &str| -> Result<Option<std::time::Duration>, DagFileError> {
+            match value {
+                Some(v) => parse_duration(v.get_ref()).map(Some).map_err(|e| task_error(v.span(), format!("{key}: {e}"))),
+                None => Ok(None),
+            }
+        };
+        let config = &mut spec.config;
+        if let Some(retries) = entry.retries {
+            config.retries = retries;
+        }
+        if let Some(delay) = duration(&entry.retry_delay, "retry_delay")? {
+            config.retry_delay = delay;
+        }
+        if let Some(max) = duration(&entry.retry_delay_max, "retry_delay_max")? {
+            config.retry_delay_max = max;
+        }
+        if let Some(backoff) = &entry.retry_backoff {
+            if !(backoff.get_ref().is_finite() && *backoff.get_ref() >= 1.0) {
+                return Err(task_error(backoff.span(), "retry_backoff must be at least 1.0".to_string()));
+            }
+            config.retry_backoff = *backoff.get_ref();
+        }
+        config.timeout = duration(&entry.timeout, "timeout")?;
+        if let Some(queue) = entry.queue {
+            config.queue = queue;
+        }
+        if let Some(priority) = entry.priority {
+            config.priority = priority;
+        }
+        if let Some(on) = entry.alert_on_failure {
+            config.alert_on_failure = on;
+        }
+        if let Some(on) = entry.alert_on_retry {
+            config.alert_on_retry = on;
+        }
+        builder = builder.task(spec);
+    }
+
+    let schedule_span = parsed.schedule.as_ref().map(Spanned::span);
+    let dag = builder.build().map_err(|err| {
+        let line = match &err {
+            DagError::DuplicateTask { task, .. } => task_lines.get(task).copied(),
+            DagError::UnknownUpstream { task, upstream, .. } => {
+                after_spans.get(&(task.clone(), upstream.clone())).map(|s| line_of(text, s.start))
+            }
+            DagError::Cycle { path, .. } => path.first().and_then(|t| task_lines.get(t)).copied(),
+            DagError::Invalid { reason, .. } if reason.contains("cron") || reason.contains("schedule") => {
+                schedule_span.clone().map(|s| line_of(text, s.start))
+            }
+            DagError::Invalid { .. } => Some(line_of(text, parsed.id.span().start)),
+        };
+        DagFileError { file: file.to_string(), line, reason: err.to_string() }
+    })?;
+    let default_params = parsed
+        .params
+        .into_iter()
+        .map(|(k, v)| Ok((k.clone(), serde_json::to_value(v).map_err(|e| error(None, format!("param {k:?}: {e}")))?)))
+        .collect::<Result<Params, DagFileError>>()?;
+    Ok(LoadedDag { dag, default_params })
+}
+
+/// 1-based line number of a byte offset.
+fn line_of(text: &str, offset: usize) -> usize {
+    text.as_bytes()[..offset.min(text.len())].iter().filter(|&&b| b == b'\n').count() + 1
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use async_trait::async_trait;
+
+    use super::*;
+    use crate::task::{Task, TaskContext, TaskError, TaskOutcome};
+
+    struct Noop;
+
+    #[async_trait]
+    impl Task for Noop {
+        async fn run(&self, _ctx: TaskContext) -> Result<TaskOutcome, TaskError> {
+            Ok(TaskOutcome::done())
+        }
+    }
+
+    fn registry() -> TaskRegistry {
+        let mut registry = TaskRegistry::new();
+        registry.register("noop", |_| Ok(Arc::new(Noop) as Arc<dyn Task>));
+        registry
+    }
+
+    fn check(text: &str, expected: &str) {
+        match parse_dag_file("etl.toml", text, &registry()) {
+            Ok(_) => panic!("expected error {expected}"),
+            Err(err) => assert_eq!(err.to_string(), expected),
+        }
+    }
+
+    const GOOD: &str = r#"
+id = "etl"
+description = "nightly"
+schedule = "0 0 2 * * *"
+timezone = "Europe/Warsaw"
+start = "2026-01-01T00:00:00Z"
+catch_up = false
+max_active_runs = 2
+
+[params]
+date = "today"
+
+[[task]]
+id = "extract"
+command = ["sh", "-c", "echo {{ params.date }}"]
+retries = 2
+retry_delay = "5s"
+timeout = "10m"
+
+[[task]]
+id = "load"
+after = ["extract"]
+run = "noop"
+args = { ms = 5 }
+queue = "heavy"
+"#;
+
+    #[test]
+    fn parses_a_full_file() {
+        let loaded = parse_dag_file("etl.toml", GOOD, &registry()).unwrap();
+        let dag = loaded.dag;
+        assert_eq!(dag.id, "etl");
+        assert_eq!(dag.schedule.describe().as_deref(), Some("0 0 2 * * *"));
+        assert!(!dag.catch_up);
+        assert_eq!(dag.max_active_runs, 2);
+        let extract = dag.task("extract").unwrap();
+        assert_eq!(extract.config.retries, 2);
+        assert_eq!(extract.config.timeout, Some(std::time::Duration::from_secs(600)));
+        let load = dag.task("load").unwrap();
+        assert_eq!(load.config.queue, "heavy");
+        assert_eq!(load.args, serde_json::json!({"ms": 5}));
+        assert_eq!(loaded.default_params.get("date"), Some(&serde_json::json!("today")));
+    }
+
+    #[test]
+    fn reports_file_line_and_reason() {
+        check("id = \"etl\"\n[[task]]\nid = \"a\"\ncommand = [\"true\"]\nafter = [\"b\"]\n", "etl.toml:5: dag \"etl\", task \"a\": unknown upstream \"b\"");
+        check(
+            "id = \"etl\"\n[[task]]\nid = \"a\"\ncommand = [\"true\"]\nafter = [\"b\"]\n[[task]]\nid = \"b\"\ncommand = [\"true\"]\nafter = [\"a\"]\n",
+            "etl.toml:3: dag \"etl\": cycle a -> b -> a",
+        );
+        check(
+            "id = \"etl\"\n[[task]]\nid = \"a\"\ncommand = [\"true\"]\n[[task]]\nid = \"a\"\ncommand = [\"true\"]\n",
+            "etl.toml:6: dag \"etl\": duplicate task id \"a\"",
+        );
+        check(
+            "id = \"etl\"\nschedule = \"0 0 2 * *\"\n[[task]]\nid = \"a\"\ncommand = [\"true\"]\n",
+            "etl.toml:2: dag \"etl\": bad cron \"0 0 2 * *\": expected 6 fields (sec min hour day-of-month month day-of-week), found 5",
+        );
+        check("id = \"etl\"\ntimezone = \"Europe/Warsawa\"\n", "etl.toml:2: unknown timezone \"Europe/Warsawa\"");
+        check("id = \"etl\"\nscheduel = \"@daily\"\n", "etl.toml:2: unknown field `scheduel`, expected one of `id`, `description`, `schedule`, `timezone`, `start`, `catch_up`, `max_active_runs`, `paused`, `tags`, `run_timeout`, `params`, `task`");
+        check("id = \"etl\"\n[[task]]\nid = \"a\"\n", "etl.toml:2: task \"a\": needs `command = [...]` or `run = \"NAME\"`");
+        check("id = \"etl\"\n[[task]]\nid = \"a\"\nrun = \"nope\"\n", "etl.toml:4: task \"a\": run \"nope\": unknown task \"nope\" (registered: noop)");
+        check("id = \"etl\"\n[[task]]\nid = \"a\"\ncommand = [\"true\"]\ntimeout = \"10 minutes\"\n", "etl.toml:5: task \"a\": timeout: bad duration \"10 minutes\": unknown unit \" minutes\" (ms, s, m, h, d)");
+        check("id = \"etl\"\n[[task]\n", "etl.toml:2: unclosed array table, expected `]`");
+        check("id = \"etl\"\n", "etl.toml:1: dag \"etl\": a dag needs at least one task");
+    }
+}

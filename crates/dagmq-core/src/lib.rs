@@ -1,0 +1,45 @@
+//! dagmq-core: the pure part of dagmq. The DAG model and builder, schedules, DAG files, the run
+//! and task state machine, wire messages, and the `Queue` and `Store` traits with in-memory
+//! implementations. Nothing here does I/O or reads a clock: `now` is always a parameter.
+
+pub mod cron;
+pub mod dag;
+pub mod dag_file;
+pub mod duration;
+pub mod memory;
+pub mod messages;
+pub mod queue;
+pub mod records;
+pub mod schedule;
+pub mod state;
+pub mod store;
+pub mod task;
+pub mod task_registry;
+pub mod template;
+
+pub use dag::{Dag, DagBuilder, DagError, DagRegistry, TaskConfig, TaskKind, TaskSpec};
+pub use queue::{Consumer, Delivery, Queue, Topic};
+pub use records::{RunKind, RunRecord, TaskInstance, WorkerInfo};
+pub use state::{RunState, TaskState};
+pub use store::Store;
+pub use task::{CancelSignal, FollowUp, Params, Task, TaskContext, TaskError, TaskOutcome};
+pub use task_registry::TaskRegistry;
+
+/// A queue or store that failed: unreachable, refused, or broken. Callers retry or give up;
+/// it never means bad input.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{message}")]
+pub struct BackendError {
+    /// What failed, naming the backend and the operation.
+    pub message: String,
+}
+
+impl BackendError {
+    /// An error with this message.
+    pub fn new(message: impl Into<String>) -> BackendError {
+        BackendError { message: message.into() }
+    }
+}
+
+/// Re-exported so users' `#[async_trait]` matches the trait definitions.
+pub use async_trait::async_trait;

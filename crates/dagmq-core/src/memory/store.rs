@@ -1,0 +1,236 @@
+//! An in-memory store: one lock around plain maps, so every operation is atomic, as the Lua
+//! scripts of the Redis store are.
+
+use std::collections::HashMap;
+use std::sync::{Mutex, MutexGuard};
+
+use async_trait::async_trait;
+
+use crate::BackendError;
+use crate::records::{DagRecord, RunRecord, TaskInstance, WorkerInfo};
+use crate::state::{RunState, TaskState};
+use crate::store::{CreateRun, RunFilter, Store, append_capped};
+
+/// An in-memory store.
+#[derive(Default)]
+pub struct MemoryStore {
+    /// Everything, behind one lock.
+    inner: Mutex<Inner>,
+}
+
+/// The maps.
+#[derive(Default)]
+struct Inner {
+    /// Per-DAG bookkeeping.
+    dags: HashMap<String, DagRecord>,
+    /// Runs by id.
+    runs: HashMap<String, RunEntry>,
+    /// Run ids in creation order, for newest-first listings.
+    order: Vec<String>,
+    /// (DAG, idempotency key) to run id.
+    keys: HashMap<(String, String), String>,
+    /// Workers by name.
+    workers: HashMap<String, WorkerInfo>,
+}
+
+/// A run with its tasks and logs.
+struct RunEntry {
+    /// The run.
+    record: RunRecord,
+    /// Its tasks in creation order.
+    tasks: Vec<TaskInstance>,
+    /// Task id to index in `tasks`.
+    index: HashMap<String, usize>,
+    /// Log lines by (task, try).
+    logs: HashMap<(String, u32), Vec<String>>,
+}
+
+impl MemoryStore {
+    /// An empty store.
+    pub fn new() -> MemoryStore {
+        MemoryStore::default()
+    }
+
+    /// The maps, even after a panic elsewhere (every critical section leaves them consistent).
+    fn inner(&self) -> MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+}
+
+#[async_trait]
+impl Store for MemoryStore {
+    async fn dag_record(&self, dag_id: &str) -> Result<Option<DagRecord>, BackendError> {
+        Ok(self.inner().dags.get(dag_id).cloned())
+    }
+
+    async fn put_dag_record(&self, record: &DagRecord) -> Result<(), BackendError> {
+        self.inner().dags.insert(record.dag_id.clone(), record.clone());
+        Ok(())
+    }
+
+    async fn create_run(&self, run: &RunRecord, tasks: &[TaskInstance]) -> Result<CreateRun, BackendError> {
+        let mut inner = self.inner();
+        if inner.runs.contains_key(&run.run_id) {
+            return Ok(CreateRun::Exists(run.run_id.clone()));
+        }
+        if let Some(key) = &run.key
+            && let Some(existing) = inner.keys.get(&(run.dag_id.clone(), key.clone()))
+        {
+            return Ok(CreateRun::Exists(existing.clone()));
+        }
+        if let Some(key) = &run.key {
+            inner.keys.insert((run.dag_id.clone(), key.clone()), run.run_id.clone());
+        }
+        let index = tasks.iter().enumerate().map(|(i, t)| (t.task_id.clone(), i)).collect();
+        inner.order.push(run.run_id.clone());
+        inner.runs.insert(
+            run.run_id.clone(),
+            RunEntry { record: run.clone(), tasks: tasks.to_vec(), index, logs: HashMap::new() },
+        );
+        Ok(CreateRun::Created)
+    }
+
+    async fn run(&self, run_id: &str) -> Result<Option<RunRecord>, BackendError> {
+        Ok(self.inner().runs.get(run_id).map(|e| e.record.clone()))
+    }
+
+    async fn transition_run(&self, expected: RunState, run: &RunRecord) -> Result<bool, BackendError> {
+        let mut inner = self.inner();
+        match inner.runs.get_mut(&run.run_id) {
+            Some(entry) if entry.record.state == expected => {
+                entry.record = run.clone();
+                Ok(true)
+            }
+            _ => Ok(false),
+        }
+    }
+
+    async fn list_runs(&self, filter: &RunFilter) -> Result<Vec<RunRecord>, BackendError> {
+        let inner = self.inner();
+        Ok(inner
+            .order
+            .iter()
+            .rev()
+            .filter_map(|id| inner.runs.get(id))
+            .map(|e| &e.record)
+            .filter(|r| filter.dag_id.as_ref().is_none_or(|d| *d == r.dag_id))
+            .filter(|r| filter.state.is_none_or(|s| s == r.state))
+            .take(filter.limit)
+            .cloned()
+            .collect())
+    }
+
+    async fn unfinished_runs(&self) -> Result<Vec<RunRecord>, BackendError> {
+        let inner = self.inner();
+        Ok(inner
+            .order
+            .iter()
+            .filter_map(|id| inner.runs.get(id))
+            .filter(|e| !e.record.state.is_final())
+            .map(|e| e.record.clone())
+            .collect())
+    }
+
+    async fn tasks(&self, run_id: &str) -> Result<Vec<TaskInstance>, BackendError> {
+        Ok(self.inner().runs.get(run_id).map(|e| e.tasks.clone()).unwrap_or_default())
+    }
+
+    async fn task(&self, run_id: &str, task_id: &str) -> Result<Option<TaskInstance>, BackendError> {
+        let inner = self.inner();
+        Ok(inner.runs.get(run_id).and_then(|e| e.index.get(task_id).map(|&i| e.tasks[i].clone())))
+    }
+
+    async fn transition_task(
+        &self,
+        run_id: &str,
+        expected_state: TaskState,
+        expected_try: u32,
+        task: &TaskInstance,
+    ) -> Result<bool, BackendError> {
+        let mut inner = self.inner();
+        let Some(entry) = inner.runs.get_mut(run_id) else { return Ok(false) };
+        let Some(&i) = entry.index.get(&task.task_id) else { return Ok(false) };
+        let current = &mut entry.tasks[i];
+        if current.state != expected_state || current.try_number != expected_try {
+            return Ok(false);
+        }
+        *current = task.clone();
+        Ok(true)
+    }
+
+    async fn add_tasks(
+        &self,
+        run_id: &str,
+        new_tasks: &[TaskInstance],
+        new_upstreams: &[(String, Vec<String>)],
+    ) -> Result<(), BackendError> {
+        let mut inner = self.inner();
+        let Some(entry) = inner.runs.get_mut(run_id) else {
+            return Err(BackendError::new(format!("run {run_id:?} not found")));
+        };
+        if new_tasks.iter().any(|t| entry.index.contains_key(&t.task_id)) {
+            return Ok(());
+        }
+        for task in new_tasks {
+            entry.index.insert(task.task_id.clone(), entry.tasks.len());
+            entry.tasks.push(task.clone());
+        }
+        for (task_id, after) in new_upstreams {
+            if let Some(&i) = entry.index.get(task_id) {
+                entry.tasks[i].after = after.clone();
+            }
+        }
+        Ok(())
+    }
+
+    async fn set_progress(&self, run_id: &str, task_id: &str, try_number: u32, progress: f64) -> Result<(), BackendError> {
+        let mut inner = self.inner();
+        if let Some(entry) = inner.runs.get_mut(run_id)
+            && let Some(&i) = entry.index.get(task_id)
+        {
+            let task = &mut entry.tasks[i];
+            if task.try_number == try_number && task.state == TaskState::Running {
+                task.progress = Some(progress);
+            }
+        }
+        Ok(())
+    }
+
+    async fn append_log(&self, run_id: &str, task_id: &str, try_number: u32, lines: &[String]) -> Result<(), BackendError> {
+        let mut inner = self.inner();
+        if let Some(entry) = inner.runs.get_mut(run_id) {
+            append_capped(entry.logs.entry((task_id.to_string(), try_number)).or_default(), lines);
+        }
+        Ok(())
+    }
+
+    async fn read_log(&self, run_id: &str, task_id: &str, try_number: u32, from: usize) -> Result<Vec<String>, BackendError> {
+        let inner = self.inner();
+        Ok(inner
+            .runs
+            .get(run_id)
+            .and_then(|e| e.logs.get(&(task_id.to_string(), try_number)))
+            .map(|log| log.iter().skip(from).cloned().collect())
+            .unwrap_or_default())
+    }
+
+    async fn heartbeat(&self, worker: &WorkerInfo) -> Result<(), BackendError> {
+        self.inner().workers.insert(worker.name.clone(), worker.clone());
+        Ok(())
+    }
+
+    async fn remove_worker(&self, name: &str) -> Result<(), BackendError> {
+        self.inner().workers.remove(name);
+        Ok(())
+    }
+
+    async fn workers(&self) -> Result<Vec<WorkerInfo>, BackendError> {
+        let mut workers: Vec<WorkerInfo> = self.inner().workers.values().cloned().collect();
+        workers.sort_by(|a, b| a.name.cmp(&b.name));
+        Ok(workers)
+    }
+
+    async fn ping(&self) -> Result<(), BackendError> {
+        Ok(())
+    }
+}

@@ -1,0 +1,201 @@
+//! Wire messages: JSON objects with `"v": 1`, the contract with workers and outside producers.
+
+use chrono::{DateTime, Utc};
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+
+use crate::state::TaskState;
+use crate::task::{FollowUp, Params};
+
+/// The schema version this build reads and writes.
+pub const VERSION: u32 = 1;
+
+/// Largest message accepted, in bytes.
+pub const MAX_MESSAGE_BYTES: usize = 1024 * 1024;
+
+/// "Run this try of this task": scheduler to worker pool, on `dagmq.tasks.<queue>`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TaskToExec {
+    /// Schema version.
+    pub v: u32,
+    /// The run.
+    pub run_id: String,
+    /// The run's DAG.
+    pub dag_id: String,
+    /// The task.
+    pub task_id: String,
+    /// The try this message is for.
+    pub try_number: u32,
+    /// A failure at this try is final.
+    pub max_try: u32,
+    /// The run's parameters.
+    #[serde(default)]
+    pub params: Params,
+    /// The run's schedule point or trigger time.
+    pub logical_date: DateTime<Utc>,
+    /// For a follow-up task: the registered task to run.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub follow_up: Option<FollowUp>,
+}
+
+/// "This try changed state": worker to scheduler, on `dagmq.status`. The worker has already
+/// written the state to the store; the message wakes the scheduler up.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StatusUpdate {
+    /// Schema version.
+    pub v: u32,
+    /// The run.
+    pub run_id: String,
+    /// The task.
+    pub task_id: String,
+    /// The try.
+    pub try_number: u32,
+    /// Its new state: `success`, `failed` or `up_for_retry`.
+    pub state: TaskState,
+    /// Who ran it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub worker: Option<String>,
+    /// Why it failed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    /// Tasks its success adds to the run.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub follow_ups: Vec<FollowUp>,
+}
+
+/// "Start a run of this DAG": anyone to the scheduler, on `dagmq.triggers`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Trigger {
+    /// Schema version.
+    pub v: u32,
+    /// The DAG to run.
+    pub dag_id: String,
+    /// Parameters, merged over the DAG's defaults.
+    #[serde(default)]
+    pub params: Params,
+    /// Idempotency key: a second trigger with the same key creates no second run.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key: Option<String>,
+}
+
+/// Broadcast from the scheduler to every worker.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
+pub enum Control {
+    /// Stop every running try of this run.
+    CancelRun {
+        /// Schema version.
+        v: u32,
+        /// The run.
+        run_id: String,
+    },
+}
+
+/// Why a message was refused; the text goes into `x-dagmq-error` when dead-lettered.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum DecodeError {
+    /// Larger than [`MAX_MESSAGE_BYTES`].
+    #[error("payload of {0} bytes exceeds the limit of {MAX_MESSAGE_BYTES} bytes")]
+    TooLarge(usize),
+    /// Not JSON, or not the expected shape.
+    #[error("malformed message: {0}")]
+    Malformed(String),
+    /// A `v` this build does not read.
+    #[error("unsupported message version {0} (this build reads v={VERSION})")]
+    Version(u64),
+}
+
+impl DecodeError {
+    /// A short label for metrics.
+    pub fn label(&self) -> &'static str {
+        match self {
+            DecodeError::TooLarge(_) => "too_large",
+            DecodeError::Malformed(_) => "malformed",
+            DecodeError::Version(_) => "version",
+        }
+    }
+}
+
+/// Decodes a message: size, JSON, version, then shape, with the first failing check as the error.
+pub fn decode<T: DeserializeOwned>(payload: &[u8]) -> Result<T, DecodeError> {
+    if payload.len() > MAX_MESSAGE_BYTES {
+        return Err(DecodeError::TooLarge(payload.len()));
+    }
+    #[derive(Deserialize)]
+    struct Version {
+        v: Option<serde_json::Value>,
+    }
+    let version: Version = serde_json::from_slice(payload).map_err(|e| DecodeError::Malformed(e.to_string()))?;
+    match version.v {
+        None => return Err(DecodeError::Malformed("missing field `v`".to_string())),
+        Some(serde_json::Value::Number(n)) if n.as_u64() == Some(u64::from(VERSION)) => {}
+        Some(serde_json::Value::Number(n)) => return Err(DecodeError::Version(n.as_u64().unwrap_or(0))),
+        Some(other) => return Err(DecodeError::Malformed(format!("field `v` must be a number, not {other}"))),
+    }
+    serde_json::from_slice(payload).map_err(|e| DecodeError::Malformed(e.to_string()))
+}
+
+/// Encodes a message. Our own types always serialize.
+pub fn encode<T: Serialize>(message: &T) -> Vec<u8> {
+    serde_json::to_vec(message).unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn check(payload: &[u8], expected: Result<Trigger, &str>) {
+        let got = decode::<Trigger>(payload);
+        match expected {
+            Ok(trigger) => assert_eq!(got, Ok(trigger)),
+            Err(message) => assert_eq!(got.unwrap_err().to_string(), message),
+        }
+    }
+
+    #[test]
+    fn decodes_triggers_and_refuses_bad_ones() {
+        check(
+            br#"{"v":1,"dag_id":"etl","params":{"date":"2026-11-22"},"key":"etl-2026-11-22"}"#,
+            Ok(Trigger {
+                v: 1,
+                dag_id: "etl".into(),
+                params: [("date".to_string(), serde_json::json!("2026-11-22"))].into(),
+                key: Some("etl-2026-11-22".into()),
+            }),
+        );
+        check(br#"{"v":1,"dag_id":"etl"}"#, Ok(Trigger { v: 1, dag_id: "etl".into(), params: Params::new(), key: None }));
+        check(br#"{"v":2,"dag_id":"etl"}"#, Err("unsupported message version 2 (this build reads v=1)"));
+        check(br#"{"dag_id":"etl"}"#, Err("malformed message: missing field `v`"));
+        check(br#"{"v":1}"#, Err("malformed message: missing field `dag_id` at line 1 column 7"));
+        check(b"{not json", Err("malformed message: key must be a string at line 1 column 2"));
+        check(&[0xff, 0xfe, 0x00], Err("malformed message: expected value at line 1 column 1"));
+        check(br#"{"v":"1","dag_id":"etl"}"#, Err("malformed message: field `v` must be a number, not \"1\""));
+        check(
+            br#"{"v":1,"dag_id":"etl","extra":1}"#,
+            Err("malformed message: unknown field `extra`, expected one of `v`, `dag_id`, `params`, `key` at line 1 column 29"),
+        );
+        let big = vec![b' '; MAX_MESSAGE_BYTES + 1];
+        check(&big, Err("payload of 1048577 bytes exceeds the limit of 1048576 bytes"));
+    }
+
+    #[test]
+    fn round_trips_task_messages() {
+        let message = TaskToExec {
+            v: VERSION,
+            run_id: "r".into(),
+            dag_id: "d".into(),
+            task_id: "t".into(),
+            try_number: 2,
+            max_try: 3,
+            params: Params::new(),
+            logical_date: DateTime::from_timestamp(0, 0).unwrap(),
+            follow_up: None,
+        };
+        assert_eq!(decode::<TaskToExec>(&encode(&message)), Ok(message));
+        let control = Control::CancelRun { v: VERSION, run_id: "r".into() };
+        assert_eq!(String::from_utf8(encode(&control)).unwrap(), r#"{"kind":"cancel_run","v":1,"run_id":"r"}"#);
+    }
+}

@@ -1,0 +1,128 @@
+//! The `Queue` abstraction: topics, confirmed publishes, consumers with explicit settlement.
+//! Shaped after RabbitMQ (confirms, manual ack, dead-lettering, redelivered flag) so the
+//! in-memory implementation and the broker behave the same.
+
+use async_trait::async_trait;
+
+use crate::BackendError;
+
+/// Deliveries beyond this many of one message dead-letter it (RabbitMQ's `x-delivery-limit`).
+pub const DEFAULT_DELIVERY_LIMIT: u32 = 10;
+
+/// Where a message goes.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Topic {
+    /// Task-to-exec messages for one worker pool: `dagmq.tasks.<pool>`.
+    Tasks(String),
+    /// Status updates from workers: `dagmq.status`.
+    Status,
+    /// Run triggers from anyone: `dagmq.triggers`.
+    Triggers,
+    /// Messages that could not be processed: `dagmq.dead`.
+    Dead,
+}
+
+impl Topic {
+    /// The queue name, without any namespace prefix.
+    pub fn name(&self) -> String {
+        match self {
+            Topic::Tasks(pool) => format!("dagmq.tasks.{pool}"),
+            Topic::Status => "dagmq.status".to_string(),
+            Topic::Triggers => "dagmq.triggers".to_string(),
+            Topic::Dead => "dagmq.dead".to_string(),
+        }
+    }
+}
+
+/// A message queue with confirmed publishes and explicitly settled deliveries.
+#[async_trait]
+pub trait Queue: Send + Sync + 'static {
+    /// Publishes one persistent message; returns once the queue has it durably.
+    async fn publish(&self, topic: &Topic, payload: Vec<u8>) -> Result<(), BackendError>;
+
+    /// Publishes several messages, confirming them together; returns once all are durable.
+    async fn publish_many(&self, messages: Vec<(Topic, Vec<u8>)>) -> Result<(), BackendError> {
+        for (topic, payload) in messages {
+            self.publish(&topic, payload).await?;
+        }
+        Ok(())
+    }
+
+    /// Starts consuming `topic` with at most `prefetch` unsettled deliveries at a time.
+    async fn consume(&self, topic: &Topic, prefetch: u16) -> Result<Box<dyn Consumer>, BackendError>;
+
+    /// Sends a control message to every current subscriber (not persisted, not queued).
+    async fn broadcast(&self, payload: Vec<u8>) -> Result<(), BackendError>;
+
+    /// Receives broadcasts from now on; deliveries need no settlement.
+    async fn subscribe_broadcasts(&self) -> Result<Box<dyn Consumer>, BackendError>;
+
+    /// Messages waiting in `topic` (not counting unsettled deliveries).
+    async fn depth(&self, topic: &Topic) -> Result<u64, BackendError>;
+
+    /// Whether the queue answers.
+    async fn ping(&self) -> Result<(), BackendError>;
+}
+
+/// A stream of deliveries from one topic.
+#[async_trait]
+pub trait Consumer: Send {
+    /// The next delivery; `None` once the consumer is closed for good.
+    async fn next(&mut self) -> Option<Result<Delivery, BackendError>>;
+}
+
+/// One delivered message. Settle it with `ack`, `dead_letter` or `requeue`; dropping it
+/// unsettled requeues it, as a broker does when a channel closes.
+pub struct Delivery {
+    /// The message body.
+    pub payload: Vec<u8>,
+    /// Whether this message was delivered before (to anyone).
+    pub redelivered: bool,
+    /// For dead-lettered messages: why (the `x-dagmq-error` header).
+    pub error: Option<String>,
+    /// Settles the delivery with the queue.
+    acker: Box<dyn Acker>,
+}
+
+/// How a delivery is settled; one implementation per queue backend.
+#[async_trait]
+pub trait Acker: Send {
+    /// The message is done with.
+    async fn ack(self: Box<Self>) -> Result<(), BackendError>;
+    /// The message cannot be processed: move it to `dagmq.dead` with `reason`.
+    async fn dead_letter(self: Box<Self>, reason: &str) -> Result<(), BackendError>;
+    /// Put the message back for another delivery (counted against the delivery limit).
+    async fn requeue(self: Box<Self>) -> Result<(), BackendError>;
+}
+
+impl Delivery {
+    /// A delivery from a backend.
+    pub fn new(payload: Vec<u8>, redelivered: bool, error: Option<String>, acker: Box<dyn Acker>) -> Delivery {
+        Delivery { payload, redelivered, error, acker }
+    }
+
+    /// The message is done with.
+    pub async fn ack(self) -> Result<(), BackendError> {
+        self.acker.ack().await
+    }
+
+    /// Moves the message to `dagmq.dead` with `reason`.
+    pub async fn dead_letter(self, reason: &str) -> Result<(), BackendError> {
+        self.acker.dead_letter(reason).await
+    }
+
+    /// Puts the message back.
+    pub async fn requeue(self) -> Result<(), BackendError> {
+        self.acker.requeue().await
+    }
+}
+
+impl std::fmt::Debug for Delivery {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Delivery")
+            .field("bytes", &self.payload.len())
+            .field("redelivered", &self.redelivered)
+            .field("error", &self.error)
+            .finish()
+    }
+}

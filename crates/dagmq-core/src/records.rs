@@ -1,0 +1,159 @@
+//! What the store keeps: runs, task instances (DRTs), workers and DAG metadata. These are
+//! serialized into Redis, so they are a boundary too and derive serde.
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+
+use crate::state::{RunState, TaskState};
+use crate::task::{FollowUp, Params};
+
+/// Why a run exists.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RunKind {
+    /// Created by the schedule for a schedule point.
+    Scheduled,
+    /// Created by a trigger (API, CLI or a message on `dagmq.triggers`).
+    Manual,
+}
+
+/// One DAG run.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RunRecord {
+    /// Unique id; for scheduled runs derived from the DAG and schedule point, so a point can never
+    /// get two runs.
+    pub run_id: String,
+    /// The DAG.
+    pub dag_id: String,
+    /// Current state.
+    pub state: RunState,
+    /// Scheduled or manual.
+    pub kind: RunKind,
+    /// The schedule point (scheduled) or trigger time (manual).
+    pub logical_date: DateTime<Utc>,
+    /// Parameters given to every task.
+    #[serde(default)]
+    pub params: Params,
+    /// Idempotency key of the trigger, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key: Option<String>,
+    /// When the run was created.
+    pub created_at: DateTime<Utc>,
+    /// When it last went to `running`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub started_at: Option<DateTime<Utc>>,
+    /// When it finished.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ended_at: Option<DateTime<Utc>>,
+}
+
+/// One task in one run (DRT): its state and the bookkeeping of its tries.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TaskInstance {
+    /// Task id within the run.
+    pub task_id: String,
+    /// Current state.
+    pub state: TaskState,
+    /// Current try: 0 before the first, then 1, 2, ...; never reused within a run.
+    pub try_number: u32,
+    /// The last try the current retry budget allows; a failure at this try is final.
+    pub max_try: u32,
+    /// Upstream task ids (including follow-ups inserted before it).
+    #[serde(default)]
+    pub after: Vec<String>,
+    /// Worker pool.
+    pub queue: String,
+    /// For a follow-up task: what it runs (static tasks are found in the DAG).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub follow_up: Option<FollowUp>,
+    /// When the current try was queued.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub queued_at: Option<DateTime<Utc>>,
+    /// When the current try started.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub started_at: Option<DateTime<Utc>>,
+    /// When the current try ended.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ended_at: Option<DateTime<Utc>>,
+    /// For `up_for_retry`: when the next try is queued.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retry_at: Option<DateTime<Utc>>,
+    /// Worker running or last running the task.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub worker: Option<String>,
+    /// Error of the last failed try.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    /// Progress reported by the running try, 0.0 to 1.0.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub progress: Option<f64>,
+}
+
+impl TaskInstance {
+    /// A task that has not run yet, with a budget of `retries` tries after the first.
+    pub fn pending(task_id: impl Into<String>, after: Vec<String>, queue: impl Into<String>, retries: u32) -> TaskInstance {
+        TaskInstance {
+            task_id: task_id.into(),
+            state: TaskState::Pending,
+            try_number: 0,
+            max_try: retries + 1,
+            after,
+            queue: queue.into(),
+            follow_up: None,
+            queued_at: None,
+            started_at: None,
+            ended_at: None,
+            retry_at: None,
+            worker: None,
+            error: None,
+            progress: None,
+        }
+    }
+
+    /// Tries left in the current budget after the current one.
+    pub fn tries_left(&self) -> u32 {
+        self.max_try.saturating_sub(self.try_number)
+    }
+}
+
+/// A worker as it registers itself and heartbeats.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct WorkerInfo {
+    /// Unique name (`--name`, default host and process id).
+    pub name: String,
+    /// Host it runs on.
+    pub host: String,
+    /// Pools it consumes.
+    pub queues: Vec<String>,
+    /// Most tasks it runs at once.
+    pub concurrency: u32,
+    /// Tries it is running now.
+    pub running: Vec<RunningTry>,
+    /// When it started.
+    pub started_at: DateTime<Utc>,
+    /// Its latest heartbeat.
+    pub last_heartbeat: DateTime<Utc>,
+}
+
+/// One try a worker is running.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RunningTry {
+    /// The run.
+    pub run_id: String,
+    /// The task.
+    pub task_id: String,
+    /// The try.
+    pub try_number: u32,
+}
+
+/// What the store keeps per DAG beyond the DAG file: the scheduler's bookkeeping.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DagRecord {
+    /// The DAG.
+    pub dag_id: String,
+    /// Paused by an operator (overrides the file's `paused` once set).
+    pub paused: bool,
+    /// The newest schedule point that has a run.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_scheduled: Option<DateTime<Utc>>,
+}

@@ -1,0 +1,120 @@
+//! The `Store` abstraction: run metadata, task instances with compare-and-set transitions,
+//! task logs per try, the worker registry and the scheduler's per-DAG bookkeeping.
+
+use async_trait::async_trait;
+
+use crate::BackendError;
+use crate::records::{DagRecord, RunRecord, TaskInstance, WorkerInfo};
+use crate::state::{RunState, TaskState};
+
+/// A try's log keeps at most this many lines; further lines are replaced by one marker line.
+pub const MAX_LOG_LINES_PER_TRY: usize = 10_000;
+
+/// The marker that ends a log cut at [`MAX_LOG_LINES_PER_TRY`].
+pub const LOG_CUT_MARKER: &str = "[dagmq: log cut at 10000 lines]";
+
+/// Which runs to list.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RunFilter {
+    /// Only runs of this DAG.
+    pub dag_id: Option<String>,
+    /// Only runs in this state.
+    pub state: Option<RunState>,
+    /// At most this many, newest first.
+    pub limit: usize,
+}
+
+/// What `create_run` did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CreateRun {
+    /// The run is new.
+    Created,
+    /// A run with the same id, or the same DAG and idempotency key, exists: this one.
+    Exists(String),
+}
+
+/// Durable state of the system. Every task transition is a compare-and-set on
+/// (run, task, state, try): a store applies it only if both still match.
+#[async_trait]
+pub trait Store: Send + Sync + 'static {
+    /// The scheduler's bookkeeping for a DAG.
+    async fn dag_record(&self, dag_id: &str) -> Result<Option<DagRecord>, BackendError>;
+
+    /// Writes the bookkeeping for a DAG.
+    async fn put_dag_record(&self, record: &DagRecord) -> Result<(), BackendError>;
+
+    /// Creates a run and its tasks atomically, unless a run with the same id, or the same DAG
+    /// and key, exists.
+    async fn create_run(&self, run: &RunRecord, tasks: &[TaskInstance]) -> Result<CreateRun, BackendError>;
+
+    /// One run.
+    async fn run(&self, run_id: &str) -> Result<Option<RunRecord>, BackendError>;
+
+    /// Replaces a run's record if its state is still `expected`.
+    async fn transition_run(&self, expected: RunState, run: &RunRecord) -> Result<bool, BackendError>;
+
+    /// Runs matching `filter`, newest first.
+    async fn list_runs(&self, filter: &RunFilter) -> Result<Vec<RunRecord>, BackendError>;
+
+    /// Every run in `queued` or `running`, oldest first.
+    async fn unfinished_runs(&self) -> Result<Vec<RunRecord>, BackendError>;
+
+    /// Every task of a run.
+    async fn tasks(&self, run_id: &str) -> Result<Vec<TaskInstance>, BackendError>;
+
+    /// One task of a run.
+    async fn task(&self, run_id: &str, task_id: &str) -> Result<Option<TaskInstance>, BackendError>;
+
+    /// Replaces a task's instance if its state and try are still `expected_state` and
+    /// `expected_try`; `false` when they are not (a duplicate or late transition).
+    async fn transition_task(
+        &self,
+        run_id: &str,
+        expected_state: TaskState,
+        expected_try: u32,
+        task: &TaskInstance,
+    ) -> Result<bool, BackendError>;
+
+    /// Adds follow-up tasks to a run and gives existing tasks new upstream lists, atomically.
+    /// Tasks whose id exists already are skipped (a repeated expansion changes nothing).
+    async fn add_tasks(
+        &self,
+        run_id: &str,
+        new_tasks: &[TaskInstance],
+        new_upstreams: &[(String, Vec<String>)],
+    ) -> Result<(), BackendError>;
+
+    /// Records a running try's progress; ignored unless that try is running.
+    async fn set_progress(&self, run_id: &str, task_id: &str, try_number: u32, progress: f64) -> Result<(), BackendError>;
+
+    /// Appends lines to a try's log, keeping at most [`MAX_LOG_LINES_PER_TRY`].
+    async fn append_log(&self, run_id: &str, task_id: &str, try_number: u32, lines: &[String]) -> Result<(), BackendError>;
+
+    /// A try's log lines from line `from` (0-based) on.
+    async fn read_log(&self, run_id: &str, task_id: &str, try_number: u32, from: usize) -> Result<Vec<String>, BackendError>;
+
+    /// Registers a worker or refreshes its heartbeat.
+    async fn heartbeat(&self, worker: &WorkerInfo) -> Result<(), BackendError>;
+
+    /// Removes a worker from the registry.
+    async fn remove_worker(&self, name: &str) -> Result<(), BackendError>;
+
+    /// Every registered worker.
+    async fn workers(&self) -> Result<Vec<WorkerInfo>, BackendError>;
+
+    /// Whether the store answers.
+    async fn ping(&self) -> Result<(), BackendError>;
+}
+
+/// Appends `lines` to `log` under the per-try cap; shared by store implementations.
+pub fn append_capped(log: &mut Vec<String>, lines: &[String]) {
+    for line in lines {
+        if log.len() >= MAX_LOG_LINES_PER_TRY {
+            if log.last().map(String::as_str) != Some(LOG_CUT_MARKER) {
+                log.push(LOG_CUT_MARKER.to_string());
+            }
+            return;
+        }
+        log.push(line.clone());
+    }
+}

@@ -1,0 +1,277 @@
+//! The `Task` trait that Rust tasks implement, and what a running task sees: its context, its
+//! log, its progress and its cancellation signal.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use serde::{Deserialize, Serialize};
+use tokio::sync::watch;
+
+/// Parameters of a DAG run, as given by a trigger: string keys, JSON values.
+pub type Params = BTreeMap<String, serde_json::Value>;
+
+/// A unit of work written in Rust. The worker calls `run` once per try.
+#[async_trait]
+pub trait Task: Send + Sync + 'static {
+    /// Runs one try. `Ok` is success (optionally with follow-up tasks); `Err` is a failed try,
+    /// retried if the error is retryable and tries are left.
+    async fn run(&self, ctx: TaskContext) -> Result<TaskOutcome, TaskError>;
+}
+
+/// Everything a running try knows about itself and can report.
+#[derive(Clone)]
+pub struct TaskContext {
+    /// The DAG run this try belongs to.
+    pub run_id: String,
+    /// The DAG the run belongs to.
+    pub dag_id: String,
+    /// The task being run.
+    pub task_id: String,
+    /// The try number, starting at 1 and never reused within a run.
+    pub try_number: u32,
+    /// The run's parameters.
+    pub params: Params,
+    /// The task's own settings (`args` in a DAG file, or a follow-up's args).
+    pub args: serde_json::Value,
+    /// Where log lines of this try go.
+    log: Arc<dyn LogSink>,
+    /// Where progress of this try goes.
+    progress: Arc<dyn ProgressSink>,
+    /// Fires when the try must stop (run cancelled, timeout, worker shutting down).
+    cancel: CancelSignal,
+}
+
+impl TaskContext {
+    /// Assembles a context; the worker does this, and tests of a user's tasks can too.
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        run_id: String,
+        dag_id: String,
+        task_id: String,
+        try_number: u32,
+        params: Params,
+        args: serde_json::Value,
+        log: Arc<dyn LogSink>,
+        progress: Arc<dyn ProgressSink>,
+        cancel: CancelSignal,
+    ) -> TaskContext {
+        TaskContext { run_id, dag_id, task_id, try_number, params, args, log, progress, cancel }
+    }
+
+    /// Appends one line to this try's log.
+    pub fn log(&self, line: impl Into<String>) {
+        self.log.line(line.into());
+    }
+
+    /// Reports progress between 0.0 and 1.0; values outside are clamped.
+    pub fn set_progress(&self, fraction: f64) {
+        let fraction = if fraction.is_nan() { 0.0 } else { fraction.clamp(0.0, 1.0) };
+        self.progress.set(fraction);
+    }
+
+    /// The cancellation signal, to check or await.
+    pub fn cancel_signal(&self) -> &CancelSignal {
+        &self.cancel
+    }
+
+    /// A string parameter, if present (numbers and booleans are rendered as text).
+    pub fn param(&self, key: &str) -> Option<String> {
+        self.params.get(key).map(param_text)
+    }
+}
+
+impl fmt::Debug for TaskContext {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("TaskContext")
+            .field("run_id", &self.run_id)
+            .field("task_id", &self.task_id)
+            .field("try_number", &self.try_number)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Renders a parameter value as text: strings without quotes, anything else as JSON.
+pub fn param_text(value: &serde_json::Value) -> String {
+    match value {
+        serde_json::Value::String(text) => text.clone(),
+        other => other.to_string(),
+    }
+}
+
+/// Receives a try's log lines.
+pub trait LogSink: Send + Sync {
+    /// Takes one line; must not block.
+    fn line(&self, line: String);
+}
+
+/// Receives a try's progress.
+pub trait ProgressSink: Send + Sync {
+    /// Takes the latest fraction done; must not block.
+    fn set(&self, fraction: f64);
+}
+
+/// A sink that drops everything, for tests and for tasks run outside a worker.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct NullSink;
+
+impl LogSink for NullSink {
+    fn line(&self, _line: String) {}
+}
+
+impl ProgressSink for NullSink {
+    fn set(&self, _fraction: f64) {}
+}
+
+/// The receiving side of a try's stop signal.
+#[derive(Debug, Clone)]
+pub struct CancelSignal {
+    /// Becomes `true` once when the try must stop.
+    receiver: watch::Receiver<bool>,
+}
+
+/// The sending side of a try's stop signal.
+#[derive(Debug)]
+pub struct CancelHandle {
+    /// Set to `true` to stop the try.
+    sender: watch::Sender<bool>,
+}
+
+impl CancelSignal {
+    /// A new signal and the handle that fires it.
+    pub fn new() -> (CancelHandle, CancelSignal) {
+        let (sender, receiver) = watch::channel(false);
+        (CancelHandle { sender }, CancelSignal { receiver })
+    }
+
+    /// Whether the try has been told to stop.
+    pub fn is_cancelled(&self) -> bool {
+        *self.receiver.borrow()
+    }
+
+    /// Completes when the try is told to stop; never completes otherwise.
+    pub async fn cancelled(&self) {
+        let mut receiver = self.receiver.clone();
+        if receiver.wait_for(|stop| *stop).await.is_err() {
+            // The handle is gone without firing: nobody can cancel any more.
+            std::future::pending::<()>().await;
+        }
+    }
+}
+
+impl CancelHandle {
+    /// Tells the try to stop.
+    pub fn cancel(&self) {
+        self.sender.send_replace(true);
+    }
+}
+
+/// What a successful try returns.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct TaskOutcome {
+    /// Tasks to add to the run after this one, before its downstream tasks.
+    pub follow_ups: Vec<FollowUp>,
+}
+
+impl TaskOutcome {
+    /// Success with nothing more to do.
+    pub fn done() -> TaskOutcome {
+        TaskOutcome::default()
+    }
+
+    /// Success that adds follow-up tasks to the run.
+    pub fn with_follow_ups(follow_ups: Vec<FollowUp>) -> TaskOutcome {
+        TaskOutcome { follow_ups }
+    }
+}
+
+/// A task created at run time by another task's success (dynamic tasks). It runs a task that
+/// workers know by name (`run = "NAME"`), so a message can never make a worker run anything
+/// that is not registered.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct FollowUp {
+    /// Task id within the run; must not clash with existing ones.
+    pub id: String,
+    /// Name of a registered Rust task.
+    pub run: String,
+    /// Settings passed to the task as `ctx.args`.
+    #[serde(default)]
+    pub args: serde_json::Value,
+    /// Other follow-ups of the same outcome this one waits for.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub after: Vec<String>,
+    /// Tries after the first; the parent's setting when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retries: Option<u32>,
+}
+
+impl FollowUp {
+    /// A follow-up running registered task `run` with `args`.
+    pub fn new(id: impl Into<String>, run: impl Into<String>, args: serde_json::Value) -> FollowUp {
+        FollowUp { id: id.into(), run: run.into(), args, after: Vec::new(), retries: None }
+    }
+}
+
+/// Why a try failed, and whether it may be tried again.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TaskError {
+    /// What went wrong, for the log and the API.
+    pub message: String,
+    /// Whether a retry can help; a fatal error skips the remaining tries.
+    pub retryable: bool,
+}
+
+impl TaskError {
+    /// A failure that is retried while tries are left.
+    pub fn new(message: impl Into<String>) -> TaskError {
+        TaskError { message: message.into(), retryable: true }
+    }
+
+    /// A failure that no retry can fix: the task fails at once.
+    pub fn fatal(message: impl Into<String>) -> TaskError {
+        TaskError { message: message.into(), retryable: false }
+    }
+}
+
+impl fmt::Display for TaskError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+impl std::error::Error for TaskError {}
+
+impl From<String> for TaskError {
+    fn from(message: String) -> TaskError {
+        TaskError::new(message)
+    }
+}
+
+impl From<&str> for TaskError {
+    fn from(message: &str) -> TaskError {
+        TaskError::new(message)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn cancel_signal_fires_once_for_all_clones() {
+        let (handle, signal) = CancelSignal::new();
+        let clone = signal.clone();
+        assert!(!clone.is_cancelled());
+        handle.cancel();
+        clone.cancelled().await;
+        assert!(signal.is_cancelled());
+    }
+
+    #[test]
+    fn param_text_renders_values() {
+        assert_eq!(param_text(&serde_json::json!("x")), "x");
+        assert_eq!(param_text(&serde_json::json!(3)), "3");
+        assert_eq!(param_text(&serde_json::json!(true)), "true");
+    }
+}
