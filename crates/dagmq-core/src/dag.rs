@@ -6,7 +6,7 @@ use std::fmt;
 use std::sync::Arc;
 use std::time::Duration;
 
-use chrono::{DateTime, TimeZone, Utc};
+use chrono::{DateTime, Utc};
 use chrono_tz::Tz;
 
 use crate::schedule::Schedule;
@@ -25,8 +25,9 @@ pub struct Dag {
     pub schedule: Schedule,
     /// Timezone of the cron schedule and of displayed times.
     pub timezone: Tz,
-    /// No schedule point before this instant is due.
-    pub start: DateTime<Utc>,
+    /// No schedule point before this instant is due; when absent, the moment the scheduler
+    /// first saw the DAG (so a new DAG does not catch up from the beginning of time).
+    pub start: Option<DateTime<Utc>>,
     /// Create every due run since start (true) or only the latest (false).
     pub catch_up: bool,
     /// At most this many runs of the DAG are `running` at once; more wait as `queued`.
@@ -177,9 +178,10 @@ impl Dag {
         self.index.get(id).map(|&i| &self.tasks[i])
     }
 
-    /// The next schedule point strictly after `now`.
-    pub fn next_run_after(&self, now: DateTime<Utc>) -> Option<DateTime<Utc>> {
-        self.schedule.next_after(self.start, now)
+    /// The next schedule point strictly after `now`, for a DAG whose start is `start` (the
+    /// DAG's own or, when it has none, when the scheduler first saw it).
+    pub fn next_run_after(&self, start: DateTime<Utc>, now: DateTime<Utc>) -> Option<DateTime<Utc>> {
+        self.schedule.next_after(self.start.unwrap_or(start), now)
     }
 }
 
@@ -282,7 +284,7 @@ pub struct DagBuilder {
 }
 
 impl DagBuilder {
-    /// A manual-only DAG in UTC, starting at the Unix epoch, catching up, one active run.
+    /// A manual-only DAG in UTC, catching up, at most 16 active runs.
     pub fn new(id: impl Into<String>) -> DagBuilder {
         DagBuilder {
             dag: Dag {
@@ -290,7 +292,7 @@ impl DagBuilder {
                 description: String::new(),
                 schedule: Schedule::Manual,
                 timezone: Tz::UTC,
-                start: Utc.timestamp_opt(0, 0).single().unwrap_or_default(),
+                start: None,
                 catch_up: true,
                 max_active_runs: 16,
                 paused: false,
@@ -325,7 +327,7 @@ impl DagBuilder {
 
     /// No schedule point before this is due.
     pub fn start(mut self, start: DateTime<Utc>) -> DagBuilder {
-        self.dag.start = start;
+        self.dag.start = Some(start);
         self
     }
 

@@ -60,9 +60,6 @@ pub struct StatusUpdate {
     /// Why it failed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
-    /// Tasks its success adds to the run.
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub follow_ups: Vec<FollowUp>,
 }
 
 /// "Start a run of this DAG": anyone to the scheduler, on `dagmq.triggers`.

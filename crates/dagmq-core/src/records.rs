@@ -58,6 +58,9 @@ pub struct TaskInstance {
     pub try_number: u32,
     /// The last try the current retry budget allows; a failure at this try is final.
     pub max_try: u32,
+    /// Tries after the first in each budget (a restart grants a new budget).
+    #[serde(default)]
+    pub retries: u32,
     /// Upstream task ids (including follow-ups inserted before it).
     #[serde(default)]
     pub after: Vec<String>,
@@ -87,6 +90,10 @@ pub struct TaskInstance {
     /// Progress reported by the running try, 0.0 to 1.0.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub progress: Option<f64>,
+    /// Follow-up tasks returned by the successful try, kept here so that a lost status message
+    /// cannot lose them.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub follow_ups: Vec<FollowUp>,
 }
 
 impl TaskInstance {
@@ -97,6 +104,7 @@ impl TaskInstance {
             state: TaskState::Pending,
             try_number: 0,
             max_try: retries + 1,
+            retries,
             after,
             queue: queue.into(),
             follow_up: None,
@@ -107,6 +115,7 @@ impl TaskInstance {
             worker: None,
             error: None,
             progress: None,
+            follow_ups: Vec::new(),
         }
     }
 
@@ -153,6 +162,8 @@ pub struct DagRecord {
     pub dag_id: String,
     /// Paused by an operator (overrides the file's `paused` once set).
     pub paused: bool,
+    /// When the scheduler first saw the DAG: its start when the DAG file names none.
+    pub first_seen: DateTime<Utc>,
     /// The newest schedule point that has a run.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_scheduled: Option<DateTime<Utc>>,

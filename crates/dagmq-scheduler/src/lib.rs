@@ -1,1 +1,18 @@
-//! dagmq-scheduler
+//! dagmq-scheduler: turns schedules and triggers into DAG runs, walks each run's graph and
+//! queues the tasks whose upstreams succeeded, and serves the HTTP API.
+//!
+//! Entry point: [`spawn`] with a [`SchedulerConfig`], a queue, a store and a shutdown signal;
+//! then [`api::router`] over the returned [`SchedulerHandle`].
+
+mod active_run;
+pub mod api;
+pub mod clock;
+mod commands;
+mod engine;
+pub mod ids;
+pub mod notifier;
+
+pub use clock::{Clock, SystemClock, TokioClock};
+pub use commands::{CommandError, SchedulerHandle, TriggerOutcome};
+pub use engine::{SchedulerConfig, spawn};
+pub use notifier::{LogNotifier, Notification, NotificationKind, Notifier};

@@ -1,0 +1,174 @@
+//! The scheduler's in-memory view of one running run: its tasks as last read from the store,
+//! the graph between them, and for each task how many upstreams have not succeeded yet. With
+//! those counters a status update makes the downstream tasks ready in time proportional to the
+//! number of downstream tasks, not to the size of the run.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use dagmq_core::{Dag, FollowUp, RunRecord, TaskInstance, TaskState};
+
+/// One running run.
+pub(crate) struct ActiveRun {
+    /// The run's record as last written.
+    pub(crate) record: RunRecord,
+    /// The DAG the run belongs to.
+    pub(crate) dag: Arc<Dag>,
+    /// Tasks as last read from (or written to) the store.
+    pub(crate) tasks: Vec<TaskInstance>,
+    /// Task id to index in `tasks`.
+    pub(crate) index: HashMap<String, usize>,
+    /// For each task, the indices of the tasks that wait for it.
+    pub(crate) downstream: Vec<Vec<usize>>,
+    /// For each task, how many of its upstreams are not `success`.
+    pub(crate) unmet: Vec<u32>,
+    /// How many tasks are in a final state.
+    pub(crate) final_count: usize,
+}
+
+impl ActiveRun {
+    /// Builds the view from a run and its tasks.
+    pub(crate) fn new(record: RunRecord, dag: Arc<Dag>, tasks: Vec<TaskInstance>) -> ActiveRun {
+        let index: HashMap<String, usize> = tasks.iter().enumerate().map(|(i, t)| (t.task_id.clone(), i)).collect();
+        let mut downstream = vec![Vec::new(); tasks.len()];
+        let mut unmet = vec![0u32; tasks.len()];
+        for (i, task) in tasks.iter().enumerate() {
+            for up in &task.after {
+                if let Some(&u) = index.get(up) {
+                    downstream[u].push(i);
+                    if tasks[u].state != TaskState::Success {
+                        unmet[i] += 1;
+                    }
+                }
+            }
+        }
+        let final_count = tasks.iter().filter(|t| t.state.is_final()).count();
+        ActiveRun { record, dag, tasks, index, downstream, unmet, final_count }
+    }
+
+    /// Rebuilds the graph after tasks were added or rewired.
+    pub(crate) fn rebuild(&mut self) {
+        let tasks = std::mem::take(&mut self.tasks);
+        let rebuilt = ActiveRun::new(self.record.clone(), self.dag.clone(), tasks);
+        *self = rebuilt;
+    }
+
+    /// The run id.
+    pub(crate) fn id(&self) -> &str {
+        &self.record.run_id
+    }
+
+    /// Records that task `i` now has instance `new`, keeping the counters right. Returns the
+    /// previous instance.
+    pub(crate) fn replace(&mut self, i: usize, new: TaskInstance) -> TaskInstance {
+        let old = std::mem::replace(&mut self.tasks[i], new);
+        let new_state = self.tasks[i].state;
+        match (old.state.is_final(), new_state.is_final()) {
+            (false, true) => self.final_count += 1,
+            (true, false) => self.final_count -= 1,
+            _ => {}
+        }
+        if old.state != TaskState::Success && new_state == TaskState::Success {
+            for &d in &self.downstream[i] {
+                self.unmet[d] = self.unmet[d].saturating_sub(1);
+            }
+        } else if old.state == TaskState::Success && new_state != TaskState::Success {
+            for &d in &self.downstream[i] {
+                self.unmet[d] += 1;
+            }
+        }
+        old
+    }
+
+    /// Whether every task is final.
+    pub(crate) fn all_final(&self) -> bool {
+        self.final_count == self.tasks.len()
+    }
+
+    /// Indices of pending tasks whose upstreams all succeeded, among `candidates`, highest
+    /// priority first.
+    pub(crate) fn ready_among(&self, candidates: impl IntoIterator<Item = usize>) -> Vec<usize> {
+        let mut ready: Vec<usize> = candidates
+            .into_iter()
+            .filter(|&i| self.tasks[i].state == TaskState::Pending && self.unmet[i] == 0)
+            .collect();
+        ready.sort_by_key(|&i| std::cmp::Reverse(self.priority(i)));
+        ready.dedup();
+        ready
+    }
+
+    /// A task's priority (follow-ups inherit nothing and run at 0).
+    fn priority(&self, i: usize) -> u8 {
+        self.dag.task(&self.tasks[i].task_id).map_or(0, |t| t.config.priority)
+    }
+
+    /// All pending descendants of task `i`, in breadth-first order.
+    pub(crate) fn pending_descendants(&self, i: usize) -> Vec<usize> {
+        let mut seen = vec![false; self.tasks.len()];
+        let mut order = Vec::new();
+        let mut frontier = vec![i];
+        while let Some(node) = frontier.pop() {
+            for &d in &self.downstream[node] {
+                if !seen[d] {
+                    seen[d] = true;
+                    if self.tasks[d].state == TaskState::Pending {
+                        order.push(d);
+                    }
+                    frontier.push(d);
+                }
+            }
+        }
+        order
+    }
+
+    /// The follow-up instances and downstream rewiring for the follow-ups of task `i`, or
+    /// `None` when they were added already. Follow-up ids are prefixed with the parent's id,
+    /// so two parents cannot collide; `Err` names a clash with an existing task.
+    #[allow(clippy::type_complexity)]
+    pub(crate) fn expansion(&self, i: usize) -> Result<Option<(Vec<TaskInstance>, Vec<(String, Vec<String>)>)>, String> {
+        let parent = &self.tasks[i];
+        if parent.follow_ups.is_empty() {
+            return Ok(None);
+        }
+        let prefixed = |id: &str| format!("{}.{}", parent.task_id, id);
+        let ids: Vec<String> = parent.follow_ups.iter().map(|f| prefixed(&f.id)).collect();
+        if ids.iter().all(|id| self.index.contains_key(id)) {
+            return Ok(None);
+        }
+        if let Some(clash) = ids.iter().find(|id| self.index.contains_key(*id)) {
+            return Err(format!("follow-up id {clash:?} clashes with an existing task"));
+        }
+        let new_tasks = parent
+            .follow_ups
+            .iter()
+            .map(|f| {
+                let mut after = vec![parent.task_id.clone()];
+                after.extend(f.after.iter().map(|a| prefixed(a)));
+                let retries = f.retries.unwrap_or(parent.retries);
+                let mut instance = TaskInstance::pending(prefixed(&f.id), after, parent.queue.clone(), retries);
+                instance.follow_up = Some(FollowUp { id: prefixed(&f.id), ..f.clone() });
+                instance
+            })
+            .collect();
+        let rewired = self.downstream[i]
+            .iter()
+            .map(|&d| {
+                let mut after = self.tasks[d].after.clone();
+                after.extend(ids.iter().cloned());
+                (self.tasks[d].task_id.clone(), after)
+            })
+            .collect();
+        Ok(Some((new_tasks, rewired)))
+    }
+
+    /// Applies an expansion to the view.
+    pub(crate) fn apply_expansion(&mut self, new_tasks: Vec<TaskInstance>, rewired: Vec<(String, Vec<String>)>) {
+        for (task_id, after) in rewired {
+            if let Some(&i) = self.index.get(&task_id) {
+                self.tasks[i].after = after;
+            }
+        }
+        self.tasks.extend(new_tasks);
+        self.rebuild();
+    }
+}

@@ -1,0 +1,126 @@
+//! Requests to the scheduler's event loop from the HTTP API and the CLI, and its answers.
+
+use std::sync::Arc;
+
+use dagmq_core::{DagRegistry, Params, Queue, Store};
+use tokio::sync::{mpsc, oneshot};
+
+use crate::clock::Clock;
+
+/// Something asked of the scheduler.
+pub(crate) enum Command {
+    /// Create a manual run.
+    Trigger {
+        /// The DAG.
+        dag_id: String,
+        /// Parameters over the DAG's defaults.
+        params: Params,
+        /// Idempotency key.
+        key: Option<String>,
+        /// Where the answer goes.
+        reply: oneshot::Sender<Result<TriggerOutcome, CommandError>>,
+    },
+    /// Re-run a finished run's failed and not-run tasks.
+    Restart {
+        /// The run.
+        run_id: String,
+        /// Where the answer goes.
+        reply: oneshot::Sender<Result<(), CommandError>>,
+    },
+    /// Cancel a run.
+    Cancel {
+        /// The run.
+        run_id: String,
+        /// Where the answer goes.
+        reply: oneshot::Sender<Result<(), CommandError>>,
+    },
+    /// Pause or unpause a DAG's schedule.
+    SetPaused {
+        /// The DAG.
+        dag_id: String,
+        /// Paused or not.
+        paused: bool,
+        /// Where the answer goes.
+        reply: oneshot::Sender<Result<(), CommandError>>,
+    },
+}
+
+/// What a trigger did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TriggerOutcome {
+    /// The run: new, or the existing one for a repeated key.
+    pub run_id: String,
+    /// Whether the run is new.
+    pub created: bool,
+}
+
+/// Why a command was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum CommandError {
+    /// An unknown DAG or run (HTTP 404).
+    #[error("{0}")]
+    NotFound(String),
+    /// The request conflicts with the current state (HTTP 409).
+    #[error("{0}")]
+    Conflict(String),
+    /// The request itself is bad (HTTP 400).
+    #[error("{0}")]
+    BadInput(String),
+    /// The queue or store failed (HTTP 503).
+    #[error("{0}")]
+    Backend(String),
+    /// The scheduler is shutting down (HTTP 503).
+    #[error("the scheduler is not running")]
+    Stopped,
+}
+
+/// A cloneable handle to a running scheduler: send it commands, read its store.
+#[derive(Clone)]
+pub struct SchedulerHandle {
+    /// Commands to the event loop.
+    pub(crate) commands: mpsc::Sender<Command>,
+    /// The store, for reads.
+    pub store: Arc<dyn Store>,
+    /// The queue, for health and depths.
+    pub queue: Arc<dyn Queue>,
+    /// The DAGs the scheduler runs.
+    pub dags: Arc<DagRegistry>,
+    /// The scheduler's clock.
+    pub clock: Arc<dyn Clock>,
+}
+
+impl SchedulerHandle {
+    /// Sends a command and waits for its answer.
+    async fn ask<T>(
+        &self,
+        make: impl FnOnce(oneshot::Sender<Result<T, CommandError>>) -> Command,
+    ) -> Result<T, CommandError> {
+        let (reply, answer) = oneshot::channel();
+        self.commands.send(make(reply)).await.map_err(|_| CommandError::Stopped)?;
+        answer.await.map_err(|_| CommandError::Stopped)?
+    }
+
+    /// Creates a manual run of `dag_id`; with a key already used, answers the existing run.
+    pub async fn trigger(&self, dag_id: &str, params: Params, key: Option<String>) -> Result<TriggerOutcome, CommandError> {
+        let dag_id = dag_id.to_string();
+        self.ask(|reply| Command::Trigger { dag_id, params, key, reply }).await
+    }
+
+    /// Restarts a finished run.
+    pub async fn restart(&self, run_id: &str) -> Result<(), CommandError> {
+        let run_id = run_id.to_string();
+        self.ask(|reply| Command::Restart { run_id, reply }).await
+    }
+
+    /// Cancels a queued or running run.
+    pub async fn cancel(&self, run_id: &str) -> Result<(), CommandError> {
+        let run_id = run_id.to_string();
+        self.ask(|reply| Command::Cancel { run_id, reply }).await
+    }
+
+    /// Pauses or unpauses a DAG.
+    pub async fn set_paused(&self, dag_id: &str, paused: bool) -> Result<(), CommandError> {
+        let dag_id = dag_id.to_string();
+        self.ask(|reply| Command::SetPaused { dag_id, paused, reply }).await
+    }
+}

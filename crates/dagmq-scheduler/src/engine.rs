@@ -1,0 +1,985 @@
+//! The scheduler's event loop. One task owns all scheduling state and handles a closed set of
+//! events one at a time: status updates and triggers from the queue, commands from the API,
+//! and timers (schedule points, retry delays, run timeouts, the reconciliation sweep).
+//!
+//! The store is the source of truth; the loop's [`ActiveRun`] views are caches of it. Every
+//! write is a compare-and-set, so every action here is idempotent: a duplicate status message,
+//! a redelivered trigger or a restart of the scheduler repeats nothing that already happened.
+
+use std::cmp::Reverse;
+use std::collections::{BTreeSet, BinaryHeap, HashMap, VecDeque};
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use dagmq_core::messages::{self, Control, StatusUpdate, TaskToExec, Trigger, VERSION};
+use dagmq_core::records::DagRecord;
+use dagmq_core::state::{TaskEvent, run_outcome, task_transition};
+use dagmq_core::store::CreateRun;
+use dagmq_core::{
+    BackendError, CancelSignal, Dag, DagRegistry, Delivery, Params, Queue, RunKind, RunRecord, RunState, Store,
+    TaskConfig, TaskInstance, TaskState, Topic,
+};
+use tokio::sync::mpsc;
+
+use crate::active_run::ActiveRun;
+use crate::clock::Clock;
+use crate::commands::{Command, CommandError, SchedulerHandle, TriggerOutcome};
+use crate::ids::{manual_run_id, scheduled_run_id};
+use crate::notifier::{Notification, NotificationKind, Notifier};
+
+/// What the scheduler needs besides its queue and store.
+pub struct SchedulerConfig {
+    /// The DAGs to schedule.
+    pub dags: Arc<DagRegistry>,
+    /// Default parameters per DAG (a DAG file's `[params]`).
+    pub default_params: HashMap<String, Params>,
+    /// Where failure and retry notifications go.
+    pub notifier: Arc<dyn Notifier>,
+    /// Source of `now`.
+    pub clock: Arc<dyn Clock>,
+    /// How often running runs are reconciled with the store, the safety net for status
+    /// messages lost between a worker's store write and its publish.
+    pub sweep_interval: Duration,
+    /// Most scheduled runs one DAG gets per watcher pass (the next pass follows at once).
+    pub catch_up_batch: usize,
+}
+
+impl SchedulerConfig {
+    /// A configuration with defaults: log notifications, 30 s sweep, batches of 100.
+    pub fn new(dags: DagRegistry, clock: Arc<dyn Clock>) -> SchedulerConfig {
+        SchedulerConfig {
+            dags: Arc::new(dags),
+            default_params: HashMap::new(),
+            notifier: Arc::new(crate::notifier::LogNotifier),
+            clock,
+            sweep_interval: Duration::from_secs(30),
+            catch_up_batch: 100,
+        }
+    }
+}
+
+/// Starts the scheduler. It runs until `shutdown` fires; the returned task ends with an error
+/// only if the queue refuses to let it consume.
+pub fn spawn(
+    config: SchedulerConfig,
+    queue: Arc<dyn Queue>,
+    store: Arc<dyn Store>,
+    shutdown: CancelSignal,
+) -> (SchedulerHandle, tokio::task::JoinHandle<Result<(), BackendError>>) {
+    let (commands_tx, commands) = mpsc::channel(256);
+    let handle = SchedulerHandle {
+        commands: commands_tx,
+        store: store.clone(),
+        queue: queue.clone(),
+        dags: config.dags.clone(),
+        clock: config.clock.clone(),
+    };
+    let engine = Engine {
+        now_cache: config.clock.now(),
+        sweep_at: config.clock.now() + chrono::Duration::from_std(config.sweep_interval).unwrap_or_default(),
+        config,
+        queue,
+        store,
+        active: HashMap::new(),
+        queued: HashMap::new(),
+        running: HashMap::new(),
+        dag_records: HashMap::new(),
+        timers: BinaryHeap::new(),
+        timer_seq: 0,
+        outbox: Vec::new(),
+        dirty: BTreeSet::new(),
+        watch_at: None,
+    };
+    let task = tokio::spawn(engine.run(commands, shutdown));
+    (handle, task)
+}
+
+/// Something the loop waits for on a timer.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+enum TimerKind {
+    /// A retry delay ended.
+    Retry {
+        /// The run.
+        run_id: String,
+        /// The task.
+        task_id: String,
+        /// The try that failed.
+        try_number: u32,
+    },
+    /// A run's timeout ended.
+    RunTimeout {
+        /// The run.
+        run_id: String,
+    },
+}
+
+/// A message from a queue consumer.
+enum Incoming {
+    /// From `dagmq.status`.
+    Status(Delivery),
+    /// From `dagmq.triggers`.
+    Trigger(Delivery),
+}
+
+/// What to do with a delivery once its effects are durable.
+enum Settle {
+    /// Done with.
+    Ack,
+    /// Bad message: to `dagmq.dead` with the reason.
+    DeadLetter(String),
+    /// Could not be handled now (backend failure): deliver again later.
+    Requeue,
+}
+
+/// The event loop's state.
+struct Engine {
+    /// Configuration.
+    config: SchedulerConfig,
+    /// The queue.
+    queue: Arc<dyn Queue>,
+    /// The store.
+    store: Arc<dyn Store>,
+    /// Running runs by id.
+    active: HashMap<String, ActiveRun>,
+    /// Queued runs per DAG, oldest first, waiting for a slot under `max_active_runs`.
+    queued: HashMap<String, VecDeque<String>>,
+    /// Running runs per DAG.
+    running: HashMap<String, u32>,
+    /// Cached per-DAG bookkeeping.
+    dag_records: HashMap<String, DagRecord>,
+    /// Pending timers, earliest first.
+    timers: BinaryHeap<Reverse<(DateTime<Utc>, u64, TimerKind)>>,
+    /// Tie-breaker keeping timers of the same instant in insertion order.
+    timer_seq: u64,
+    /// Messages to publish at the end of the current batch.
+    outbox: Vec<(Topic, Vec<u8>)>,
+    /// DAGs whose queued runs may be able to start.
+    dirty: BTreeSet<String>,
+    /// When the run watcher must look again; `None` when no DAG has a future schedule point.
+    watch_at: Option<DateTime<Utc>>,
+    /// When the next reconciliation sweep is due.
+    sweep_at: DateTime<Utc>,
+    /// `now` at the start of the current event, so one event sees one instant.
+    now_cache: DateTime<Utc>,
+}
+
+impl Engine {
+    /// The loop.
+    async fn run(mut self, mut commands: mpsc::Receiver<Command>, shutdown: CancelSignal) -> Result<(), BackendError> {
+        let (events_tx, mut events) = mpsc::channel::<Incoming>(4096);
+        spawn_forwarder(self.queue.clone(), Topic::Status, 1024, Incoming::Status, events_tx.clone(), shutdown.clone());
+        spawn_forwarder(self.queue.clone(), Topic::Triggers, 64, Incoming::Trigger, events_tx, shutdown.clone());
+        while let Err(err) = self.recover().await {
+            tracing::error!("scheduler recovery failed, retrying in 1s: {err}");
+            tokio::select! {
+                _ = shutdown.cancelled() => return Ok(()),
+                _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+            }
+        }
+        tracing::info!(dags = self.config.dags.len(), runs = self.active.len(), "scheduler started");
+        loop {
+            let wake = self.next_wake();
+            let clock = self.config.clock.clone();
+            tokio::select! {
+                biased;
+                _ = shutdown.cancelled() => break,
+                Some(command) = commands.recv() => {
+                    self.now_cache = self.config.clock.now();
+                    self.handle_command(command).await;
+                }
+                Some(first) = events.recv() => {
+                    self.now_cache = self.config.clock.now();
+                    let mut batch = vec![first];
+                    while batch.len() < 512 {
+                        match events.try_recv() {
+                            Ok(next) => batch.push(next),
+                            Err(_) => break,
+                        }
+                    }
+                    self.handle_incoming(batch, &shutdown).await;
+                }
+                _ = clock.sleep_until(wake) => {
+                    self.now_cache = self.config.clock.now();
+                    if let Err(err) = self.handle_timers().await {
+                        tracing::error!("scheduler timers: {err}");
+                        tokio::time::sleep(Duration::from_millis(500)).await;
+                    }
+                }
+            }
+            if let Err(err) = self.start_dirty().await {
+                tracing::error!("starting queued runs: {err}");
+            }
+            self.flush(&shutdown).await;
+        }
+        tracing::info!("scheduler stopped");
+        Ok(())
+    }
+
+    /// The earliest timer, watcher pass or sweep.
+    fn next_wake(&self) -> DateTime<Utc> {
+        let mut wake = self.sweep_at;
+        if let Some(Reverse((at, _, _))) = self.timers.peek() {
+            wake = wake.min(*at);
+        }
+        if let Some(at) = self.watch_at {
+            wake = wake.min(at);
+        }
+        wake
+    }
+
+    /// Publishes the outbox, retrying until the queue takes it or the scheduler stops. The
+    /// tasks are `queued` in the store already; a scheduler that dies here republishes them
+    /// on start.
+    async fn flush(&mut self, shutdown: &CancelSignal) {
+        if self.outbox.is_empty() {
+            return;
+        }
+        let messages = std::mem::take(&mut self.outbox);
+        let mut delay = Duration::from_millis(100);
+        loop {
+            match self.queue.publish_many(messages.clone()).await {
+                Ok(()) => return,
+                Err(err) => {
+                    tracing::error!("publishing {} messages failed, retrying in {delay:?}: {err}", messages.len());
+                    tokio::select! {
+                        _ = shutdown.cancelled() => return,
+                        _ = tokio::time::sleep(delay) => {}
+                    }
+                    delay = (delay * 2).min(Duration::from_secs(5));
+                }
+            }
+        }
+    }
+
+    /// Loads the DAG bookkeeping and every unfinished run; republishes queued tasks, whose
+    /// messages may never have reached the queue.
+    async fn recover(&mut self) -> Result<(), BackendError> {
+        self.active.clear();
+        self.queued.clear();
+        self.running.clear();
+        self.timers.clear();
+        self.now_cache = self.config.clock.now();
+        let dags: Vec<Arc<Dag>> = self.config.dags.iter().cloned().collect();
+        for dag in &dags {
+            self.dag_record(dag).await?;
+        }
+        for record in self.store.unfinished_runs().await? {
+            if self.config.dags.get(&record.dag_id).is_none() {
+                tracing::warn!(run = %record.run_id, dag = %record.dag_id, "run of an unknown dag left as it is");
+                continue;
+            }
+            match record.state {
+                RunState::Queued => self.queued.entry(record.dag_id.clone()).or_default().push_back(record.run_id),
+                _ => self.activate(record, true).await?,
+            }
+        }
+        self.dirty.extend(dags.iter().map(|d| d.id.clone()));
+        self.watch_at = Some(self.now_cache);
+        Ok(())
+    }
+
+    /// The cached bookkeeping of a DAG, created on first sight.
+    async fn dag_record(&mut self, dag: &Dag) -> Result<DagRecord, BackendError> {
+        if let Some(record) = self.dag_records.get(&dag.id) {
+            return Ok(record.clone());
+        }
+        let record = match self.store.dag_record(&dag.id).await? {
+            Some(record) => record,
+            None => {
+                let record =
+                    DagRecord { dag_id: dag.id.clone(), paused: dag.paused, first_seen: self.now_cache, last_scheduled: None };
+                self.store.put_dag_record(&record).await?;
+                record
+            }
+        };
+        self.dag_records.insert(dag.id.clone(), record.clone());
+        Ok(record)
+    }
+
+    async fn handle_command(&mut self, command: Command) {
+        match command {
+            Command::Trigger { dag_id, params, key, reply } => {
+                let _ = reply.send(self.trigger(&dag_id, params, key).await);
+            }
+            Command::Restart { run_id, reply } => {
+                let _ = reply.send(self.restart(&run_id).await);
+            }
+            Command::Cancel { run_id, reply } => {
+                let _ = reply.send(self.cancel(&run_id, "run cancelled").await.map(|_| ()));
+            }
+            Command::SetPaused { dag_id, paused, reply } => {
+                let _ = reply.send(self.set_paused(&dag_id, paused).await);
+            }
+        }
+    }
+
+    async fn handle_incoming(&mut self, batch: Vec<Incoming>, shutdown: &CancelSignal) {
+        let mut settled = Vec::with_capacity(batch.len());
+        for incoming in batch {
+            let (delivery, settle) = match incoming {
+                Incoming::Status(delivery) => {
+                    let settle = self.on_status_message(&delivery.payload).await;
+                    (delivery, settle)
+                }
+                Incoming::Trigger(delivery) => {
+                    let settle = self.on_trigger_message(&delivery.payload).await;
+                    (delivery, settle)
+                }
+            };
+            settled.push((delivery, settle));
+        }
+        // Effects must be durable before the messages that caused them are acknowledged.
+        if let Err(err) = self.start_dirty().await {
+            tracing::error!("starting queued runs: {err}");
+        }
+        self.flush(shutdown).await;
+        let mut backend_trouble = false;
+        for (delivery, settle) in settled {
+            let result = match settle {
+                Settle::Ack => delivery.ack().await,
+                Settle::DeadLetter(reason) => {
+                    tracing::warn!("dead-lettering a message: {reason}");
+                    delivery.dead_letter(&reason).await
+                }
+                Settle::Requeue => {
+                    backend_trouble = true;
+                    delivery.requeue().await
+                }
+            };
+            if let Err(err) = result {
+                tracing::error!("settling a delivery: {err}");
+            }
+        }
+        if backend_trouble {
+            // Give the store a moment before the requeued messages come back.
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+    }
+
+    async fn on_trigger_message(&mut self, payload: &[u8]) -> Settle {
+        let trigger: Trigger = match messages::decode(payload) {
+            Ok(trigger) => trigger,
+            Err(err) => return Settle::DeadLetter(format!("trigger: {err}")),
+        };
+        match self.trigger(&trigger.dag_id, trigger.params, trigger.key).await {
+            Ok(outcome) => {
+                tracing::info!(dag = %trigger.dag_id, run = %outcome.run_id, created = outcome.created, "trigger from queue");
+                Settle::Ack
+            }
+            Err(CommandError::Backend(err)) => {
+                tracing::error!("trigger: {err}");
+                Settle::Requeue
+            }
+            Err(err) => Settle::DeadLetter(format!("trigger: {err}")),
+        }
+    }
+
+    async fn on_status_message(&mut self, payload: &[u8]) -> Settle {
+        let update: StatusUpdate = match messages::decode(payload) {
+            Ok(update) => update,
+            Err(err) => return Settle::DeadLetter(format!("status: {err}")),
+        };
+        let Some(mut run) = self.active.remove(&update.run_id) else {
+            // A finished, cancelled or unknown run: nothing left to schedule.
+            tracing::debug!(run = %update.run_id, task = %update.task_id, "status for an inactive run ignored");
+            return Settle::Ack;
+        };
+        let result = self.on_status(&mut run, &update).await;
+        let put_back = self.put_back(run).await;
+        match put_back.and(result) {
+            Ok(settle) => settle,
+            Err(err) => {
+                tracing::error!(run = %update.run_id, task = %update.task_id, "status: {err}");
+                Settle::Requeue
+            }
+        }
+    }
+
+    async fn on_status(&mut self, run: &mut ActiveRun, update: &StatusUpdate) -> Result<Settle, BackendError> {
+        let Some(&i) = run.index.get(&update.task_id) else {
+            return Ok(Settle::DeadLetter(format!(
+                "status: run {:?} has no task {:?}",
+                update.run_id, update.task_id
+            )));
+        };
+        match self.store.task(run.id(), &update.task_id).await? {
+            Some(fresh) => self.on_task_changed(run, i, fresh, true).await?,
+            None => tracing::warn!(run = %update.run_id, task = %update.task_id, "task vanished from the store"),
+        }
+        Ok(Settle::Ack)
+    }
+
+    /// Takes the store's latest instance of task `i` and does what its change calls for.
+    async fn on_task_changed(
+        &mut self,
+        run: &mut ActiveRun,
+        i: usize,
+        fresh: TaskInstance,
+        notify: bool,
+    ) -> Result<(), BackendError> {
+        let old = run.replace(i, fresh);
+        let new = &run.tasks[i];
+        if old.state == new.state && old.try_number == new.try_number {
+            return Ok(());
+        }
+        match new.state {
+            TaskState::Success => {
+                self.expand(run, i).await?;
+                let ready = run.ready_among(run.downstream[i].clone());
+                for r in ready {
+                    self.queue_task(run, r).await?;
+                }
+            }
+            TaskState::UpForRetry => {
+                if new.retry_at.is_none() {
+                    self.schedule_retry(run, i, notify).await?;
+                }
+            }
+            TaskState::Failed => {
+                if notify && task_config(run, i).alert_on_failure {
+                    self.notify(run, i, NotificationKind::Failure);
+                }
+                self.upstream_fail(run, i).await?;
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+
+    /// Adds task `i`'s follow-ups to the run, if it has any not added yet.
+    async fn expand(&mut self, run: &mut ActiveRun, i: usize) -> Result<(), BackendError> {
+        match run.expansion(i) {
+            Ok(None) => Ok(()),
+            Ok(Some((new_tasks, rewired))) => {
+                self.store.add_tasks(run.id(), &new_tasks, &rewired).await?;
+                tracing::info!(run = %run.id(), task = %run.tasks[i].task_id, count = new_tasks.len(), "follow-up tasks added");
+                run.apply_expansion(new_tasks, rewired);
+                Ok(())
+            }
+            Err(reason) => {
+                tracing::error!(run = %run.id(), task = %run.tasks[i].task_id, "follow-ups not added: {reason}");
+                Ok(())
+            }
+        }
+    }
+
+    /// Queues a new try of task `i`: compare-and-set in the store, then a message in the outbox.
+    async fn queue_task(&mut self, run: &mut ActiveRun, i: usize) -> Result<(), BackendError> {
+        let old = &run.tasks[i];
+        if task_transition(old.state, TaskEvent::Queue).is_err() {
+            return Ok(());
+        }
+        let mut new = old.clone();
+        new.state = TaskState::Queued;
+        new.try_number += 1;
+        new.queued_at = Some(self.now_cache);
+        new.started_at = None;
+        new.ended_at = None;
+        new.retry_at = None;
+        new.worker = None;
+        new.progress = None;
+        new.follow_ups.clear();
+        if !self.store.transition_task(run.id(), old.state, old.try_number, &new).await? {
+            self.refresh_task(run, i).await?;
+            return Ok(());
+        }
+        self.outbox.push((Topic::Tasks(new.queue.clone()), task_message(run, &new)));
+        run.replace(i, new);
+        Ok(())
+    }
+
+    /// Re-reads task `i` after a refused compare-and-set.
+    async fn refresh_task(&mut self, run: &mut ActiveRun, i: usize) -> Result<(), BackendError> {
+        if let Some(fresh) = self.store.task(run.id(), &run.tasks[i].task_id).await? {
+            run.replace(i, fresh);
+        }
+        Ok(())
+    }
+
+    /// Sets the retry time of a task that is `up_for_retry` and starts its timer.
+    async fn schedule_retry(&mut self, run: &mut ActiveRun, i: usize, notify: bool) -> Result<(), BackendError> {
+        let task = &run.tasks[i];
+        let first_try = task.max_try.saturating_sub(task.retries).max(1);
+        let retry_number = task.try_number + 1 - first_try.min(task.try_number);
+        let delay = task_config(run, i).retry_delay_for(retry_number);
+        let mut new = task.clone();
+        let at = self.now_cache + chrono::Duration::from_std(delay).unwrap_or_default();
+        new.retry_at = Some(at);
+        if !self.store.transition_task(run.id(), TaskState::UpForRetry, task.try_number, &new).await? {
+            return self.refresh_task(run, i).await;
+        }
+        let kind = TimerKind::Retry { run_id: run.id().to_string(), task_id: new.task_id.clone(), try_number: new.try_number };
+        run.replace(i, new);
+        self.add_timer(at, kind);
+        if notify && task_config(run, i).alert_on_retry {
+            self.notify(run, i, NotificationKind::Retry);
+        }
+        Ok(())
+    }
+
+    /// Marks every pending task downstream of failed task `i` as `upstream_failed`.
+    async fn upstream_fail(&mut self, run: &mut ActiveRun, i: usize) -> Result<(), BackendError> {
+        let failed = run.tasks[i].task_id.clone();
+        for d in run.pending_descendants(i) {
+            let old = &run.tasks[d];
+            let mut new = old.clone();
+            new.state = TaskState::UpstreamFailed;
+            new.ended_at = Some(self.now_cache);
+            new.error = Some(format!("upstream task {failed:?} failed"));
+            if self.store.transition_task(run.id(), TaskState::Pending, old.try_number, &new).await? {
+                run.replace(d, new);
+            } else {
+                self.refresh_task(run, d).await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Brings a run's whole view in line with its tasks' states: follow-ups added, failures
+    /// propagated, retries timed, ready tasks queued, and (when recovering) queued tasks
+    /// published again.
+    async fn settle(&mut self, run: &mut ActiveRun, republish_queued: bool) -> Result<(), BackendError> {
+        for i in 0..run.tasks.len() {
+            if run.tasks[i].state == TaskState::Success {
+                self.expand(run, i).await?;
+            }
+        }
+        for i in 0..run.tasks.len() {
+            let task = &run.tasks[i];
+            match task.state {
+                TaskState::Failed => self.upstream_fail(run, i).await?,
+                TaskState::UpForRetry => match task.retry_at {
+                    Some(at) => {
+                        let kind = TimerKind::Retry {
+                            run_id: run.id().to_string(),
+                            task_id: task.task_id.clone(),
+                            try_number: task.try_number,
+                        };
+                        self.add_timer(at, kind);
+                    }
+                    None => self.schedule_retry(run, i, false).await?,
+                },
+                TaskState::Queued if republish_queued => {
+                    let message = task_message(run, task);
+                    self.outbox.push((Topic::Tasks(task.queue.clone()), message));
+                }
+                _ => {}
+            }
+        }
+        for i in run.ready_among(0..run.tasks.len()) {
+            self.queue_task(run, i).await?;
+        }
+        Ok(())
+    }
+
+    /// Starts a queued run (or takes over a running one on recovery) and loads its view.
+    async fn activate(&mut self, mut record: RunRecord, recovering: bool) -> Result<(), BackendError> {
+        let Some(dag) = self.config.dags.get(&record.dag_id).cloned() else { return Ok(()) };
+        if record.state == RunState::Queued {
+            let mut started = record.clone();
+            started.state = RunState::Running;
+            started.started_at = Some(self.now_cache);
+            if !self.store.transition_run(RunState::Queued, &started).await? {
+                return Ok(());
+            }
+            record = started;
+            tracing::info!(dag = %record.dag_id, run = %record.run_id, "run started");
+        }
+        if let (Some(timeout), Some(started_at)) = (dag.run_timeout, record.started_at) {
+            let at = started_at + chrono::Duration::from_std(timeout).unwrap_or_default();
+            self.add_timer(at, TimerKind::RunTimeout { run_id: record.run_id.clone() });
+        }
+        let tasks = self.store.tasks(&record.run_id).await?;
+        *self.running.entry(record.dag_id.clone()).or_default() += 1;
+        let mut run = ActiveRun::new(record, dag, tasks);
+        let result = self.settle(&mut run, recovering).await;
+        self.put_back(run).await?;
+        result
+    }
+
+    /// Keeps a run in the active set, or finishes it once every task is final.
+    async fn put_back(&mut self, run: ActiveRun) -> Result<(), BackendError> {
+        if !run.all_final() {
+            self.active.insert(run.id().to_string(), run);
+            return Ok(());
+        }
+        let outcome = run_outcome(run.tasks.iter().map(|t| t.state)).unwrap_or(RunState::Failed);
+        let mut finished = run.record.clone();
+        finished.state = outcome;
+        finished.ended_at = Some(self.now_cache);
+        let dag_id = finished.dag_id.clone();
+        if let Err(err) = self.store.transition_run(RunState::Running, &finished).await {
+            // Keep the run active; the sweep finishes it once the store answers.
+            self.active.insert(run.id().to_string(), run);
+            return Err(err);
+        }
+        tracing::info!(dag = %dag_id, run = %finished.run_id, state = %outcome, "run finished");
+        if let Some(count) = self.running.get_mut(&dag_id) {
+            *count = count.saturating_sub(1);
+        }
+        self.dirty.insert(dag_id);
+        Ok(())
+    }
+
+    /// Starts queued runs of every DAG that may have a free slot.
+    async fn start_dirty(&mut self) -> Result<(), BackendError> {
+        while let Some(dag_id) = self.dirty.pop_first() {
+            let Some(dag) = self.config.dags.get(&dag_id).cloned() else { continue };
+            loop {
+                let running = self.running.get(&dag_id).copied().unwrap_or(0);
+                if running >= dag.max_active_runs {
+                    break;
+                }
+                let Some(run_id) = self.queued.get_mut(&dag_id).and_then(VecDeque::pop_front) else { break };
+                let Some(record) = self.store.run(&run_id).await? else { continue };
+                if record.state == RunState::Queued {
+                    self.activate(record, false).await?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Creates a run in `queued`; it starts when its DAG has a free slot.
+    async fn create_run(
+        &mut self,
+        dag: &Dag,
+        kind: RunKind,
+        logical_date: DateTime<Utc>,
+        params: Params,
+        key: Option<String>,
+    ) -> Result<TriggerOutcome, BackendError> {
+        let run_id = match kind {
+            RunKind::Scheduled => scheduled_run_id(&dag.id, logical_date),
+            RunKind::Manual => manual_run_id(&dag.id, logical_date),
+        };
+        let record = RunRecord {
+            run_id: run_id.clone(),
+            dag_id: dag.id.clone(),
+            state: RunState::Queued,
+            kind,
+            logical_date,
+            params,
+            key,
+            created_at: self.now_cache,
+            started_at: None,
+            ended_at: None,
+        };
+        let tasks: Vec<TaskInstance> = dag
+            .tasks()
+            .iter()
+            .map(|t| TaskInstance::pending(t.id.clone(), t.after.clone(), t.config.queue.clone(), t.config.retries))
+            .collect();
+        match self.store.create_run(&record, &tasks).await? {
+            CreateRun::Created => {
+                tracing::info!(dag = %dag.id, run = %run_id, "run created");
+                self.queued.entry(dag.id.clone()).or_default().push_back(run_id.clone());
+                self.dirty.insert(dag.id.clone());
+                Ok(TriggerOutcome { run_id, created: true })
+            }
+            CreateRun::Exists(existing) => Ok(TriggerOutcome { run_id: existing, created: false }),
+        }
+    }
+
+    async fn trigger(&mut self, dag_id: &str, params: Params, key: Option<String>) -> Result<TriggerOutcome, CommandError> {
+        let Some(dag) = self.config.dags.get(dag_id).cloned() else {
+            return Err(CommandError::NotFound(format!("unknown dag {dag_id:?}")));
+        };
+        if let Some(key) = &key
+            && (key.is_empty() || key.len() > 200)
+        {
+            return Err(CommandError::BadInput("key must be 1 to 200 characters".to_string()));
+        }
+        let mut merged = self.config.default_params.get(dag_id).cloned().unwrap_or_default();
+        merged.extend(params);
+        self.create_run(&dag, RunKind::Manual, self.now_cache, merged, key)
+            .await
+            .map_err(|e| CommandError::Backend(e.to_string()))
+    }
+
+    async fn restart(&mut self, run_id: &str) -> Result<(), CommandError> {
+        let backend = |e: BackendError| CommandError::Backend(e.to_string());
+        let Some(record) = self.store.run(run_id).await.map_err(backend)? else {
+            return Err(CommandError::NotFound(format!("unknown run {run_id:?}")));
+        };
+        if !record.state.is_final() {
+            return Err(CommandError::Conflict(format!(
+                "run {run_id:?} is {}; only a finished run can be restarted",
+                record.state
+            )));
+        }
+        if self.config.dags.get(&record.dag_id).is_none() {
+            return Err(CommandError::Conflict(format!("run {run_id:?} belongs to unknown dag {:?}", record.dag_id)));
+        }
+        for task in self.store.tasks(run_id).await.map_err(backend)? {
+            if task_transition(task.state, TaskEvent::Reset).is_err() {
+                continue;
+            }
+            let mut new = task.clone();
+            new.state = TaskState::Pending;
+            new.max_try = task.try_number + task.retries + 1;
+            new.error = None;
+            new.ended_at = None;
+            new.retry_at = None;
+            new.worker = None;
+            new.progress = None;
+            self.store.transition_task(run_id, task.state, task.try_number, &new).await.map_err(backend)?;
+        }
+        let mut restarted = record.clone();
+        restarted.state = RunState::Running;
+        restarted.started_at = Some(self.now_cache);
+        restarted.ended_at = None;
+        if !self.store.transition_run(record.state, &restarted).await.map_err(backend)? {
+            return Err(CommandError::Conflict(format!("run {run_id:?} changed state meanwhile; try again")));
+        }
+        tracing::info!(run = %run_id, "run restarted");
+        self.activate(restarted, false).await.map_err(backend)
+    }
+
+    /// Cancels a queued or running run: unfinished tasks become `cancelled` and workers are
+    /// told to stop the ones running. Answers whether anything was cancelled.
+    async fn cancel(&mut self, run_id: &str, reason: &str) -> Result<bool, CommandError> {
+        let backend = |e: BackendError| CommandError::Backend(e.to_string());
+        let Some(record) = self.store.run(run_id).await.map_err(backend)? else {
+            return Err(CommandError::NotFound(format!("unknown run {run_id:?}")));
+        };
+        if record.state.is_final() {
+            return Err(CommandError::Conflict(format!("run {run_id:?} is already {}", record.state)));
+        }
+        self.cancel_tasks(run_id, reason).await.map_err(backend)?;
+        let mut cancelled = record.clone();
+        cancelled.state = RunState::Cancelled;
+        cancelled.ended_at = Some(self.now_cache);
+        if !self.store.transition_run(record.state, &cancelled).await.map_err(backend)? {
+            return Err(CommandError::Conflict(format!("run {run_id:?} changed state meanwhile; try again")));
+        }
+        if self.active.remove(run_id).is_some()
+            && let Some(count) = self.running.get_mut(&record.dag_id)
+        {
+            *count = count.saturating_sub(1);
+        }
+        if let Some(queued) = self.queued.get_mut(&record.dag_id) {
+            queued.retain(|id| id != run_id);
+        }
+        self.dirty.insert(record.dag_id.clone());
+        tracing::info!(run = %run_id, "run cancelled: {reason}");
+        Ok(true)
+    }
+
+    /// Moves every unfinished task of a run to `cancelled` and broadcasts the stop.
+    async fn cancel_tasks(&mut self, run_id: &str, reason: &str) -> Result<(), BackendError> {
+        for task in self.store.tasks(run_id).await? {
+            let Ok(state) = task_transition(task.state, TaskEvent::Cancel) else { continue };
+            let mut new = task.clone();
+            new.state = state;
+            new.ended_at = Some(self.now_cache);
+            new.error = Some(reason.to_string());
+            self.store.transition_task(run_id, task.state, task.try_number, &new).await?;
+        }
+        let control = Control::CancelRun { v: VERSION, run_id: run_id.to_string() };
+        self.queue.broadcast(messages::encode(&control)).await
+    }
+
+    async fn set_paused(&mut self, dag_id: &str, paused: bool) -> Result<(), CommandError> {
+        let Some(dag) = self.config.dags.get(dag_id).cloned() else {
+            return Err(CommandError::NotFound(format!("unknown dag {dag_id:?}")));
+        };
+        let backend = |e: BackendError| CommandError::Backend(e.to_string());
+        let mut record = self.dag_record(&dag).await.map_err(backend)?;
+        record.paused = paused;
+        self.store.put_dag_record(&record).await.map_err(backend)?;
+        self.dag_records.insert(dag_id.to_string(), record);
+        self.watch_at = Some(self.now_cache);
+        tracing::info!(dag = %dag_id, paused, "dag {}", if paused { "paused" } else { "unpaused" });
+        Ok(())
+    }
+
+    /// Fires due timers, the run watcher and the sweep.
+    async fn handle_timers(&mut self) -> Result<(), BackendError> {
+        let now = self.now_cache;
+        while let Some(Reverse((at, _, _))) = self.timers.peek() {
+            if *at > now {
+                break;
+            }
+            let Some(Reverse((_, _, kind))) = self.timers.pop() else { break };
+            self.fire(kind).await?;
+        }
+        if self.watch_at.is_some_and(|at| at <= now) {
+            self.watch().await?;
+        }
+        if self.sweep_at <= now {
+            self.sweep_at = now + chrono::Duration::from_std(self.config.sweep_interval).unwrap_or_default();
+            self.sweep().await?;
+        }
+        Ok(())
+    }
+
+    async fn fire(&mut self, kind: TimerKind) -> Result<(), BackendError> {
+        match kind {
+            TimerKind::Retry { run_id, task_id, try_number } => {
+                let Some(mut run) = self.active.remove(&run_id) else { return Ok(()) };
+                let result = match run.index.get(&task_id).copied() {
+                    Some(i) if run.tasks[i].state == TaskState::UpForRetry && run.tasks[i].try_number == try_number => {
+                        self.queue_task(&mut run, i).await
+                    }
+                    _ => Ok(()),
+                };
+                self.put_back(run).await?;
+                result
+            }
+            TimerKind::RunTimeout { run_id } => {
+                let Some(mut run) = self.active.remove(&run_id) else { return Ok(()) };
+                let timeout = run.dag.run_timeout.unwrap_or_default();
+                let reason = format!("run timed out after {}", dagmq_core::duration::format_duration(timeout));
+                tracing::warn!(run = %run_id, "{reason}");
+                let result = self.cancel_tasks(&run_id, &reason).await;
+                if let Ok(tasks) = self.store.tasks(&run_id).await {
+                    run.tasks = tasks;
+                    run.rebuild();
+                }
+                self.put_back(run).await?;
+                result
+            }
+        }
+    }
+
+    /// The run watcher: creates a run for every due schedule point of every unpaused DAG.
+    async fn watch(&mut self) -> Result<(), BackendError> {
+        let now = self.now_cache;
+        let mut next: Option<DateTime<Utc>> = None;
+        let dags: Vec<Arc<Dag>> = self.config.dags.iter().cloned().collect();
+        for dag in dags {
+            let mut record = self.dag_record(&dag).await?;
+            if record.paused || matches!(dag.schedule, dagmq_core::schedule::Schedule::Manual) {
+                continue;
+            }
+            let start = dag.start.unwrap_or(record.first_seen);
+            let batch = self.config.catch_up_batch.max(1);
+            let points = dag.schedule.due_points(start, record.last_scheduled, now, dag.catch_up, batch);
+            for &point in &points {
+                self.create_run(&dag, RunKind::Scheduled, point, self.config.default_params.get(&dag.id).cloned().unwrap_or_default(), None)
+                    .await?;
+                record.last_scheduled = Some(point);
+            }
+            if !points.is_empty() {
+                self.store.put_dag_record(&record).await?;
+                self.dag_records.insert(dag.id.clone(), record.clone());
+            }
+            let candidate = if points.len() == batch { Some(now) } else { dag.next_run_after(start, now) };
+            next = match (next, candidate) {
+                (Some(a), Some(b)) => Some(a.min(b)),
+                (a, b) => a.or(b),
+            };
+        }
+        self.watch_at = next;
+        Ok(())
+    }
+
+    /// Re-reads every running run from the store and settles it: the safety net for status
+    /// messages that were lost between a worker's store write and its publish.
+    async fn sweep(&mut self) -> Result<(), BackendError> {
+        let ids: Vec<String> = self.active.keys().cloned().collect();
+        for run_id in ids {
+            let Some(mut run) = self.active.remove(&run_id) else { continue };
+            let result = async {
+                run.tasks = self.store.tasks(&run_id).await?;
+                run.rebuild();
+                self.settle(&mut run, false).await
+            }
+            .await;
+            self.put_back(run).await?;
+            result?;
+        }
+        Ok(())
+    }
+
+    fn add_timer(&mut self, at: DateTime<Utc>, kind: TimerKind) {
+        self.timer_seq += 1;
+        self.timers.push(Reverse((at, self.timer_seq, kind)));
+    }
+
+    /// Sends a notification off the loop.
+    fn notify(&self, run: &ActiveRun, i: usize, kind: NotificationKind) {
+        let task = &run.tasks[i];
+        let notification = Notification {
+            kind,
+            dag_id: run.record.dag_id.clone(),
+            run_id: run.id().to_string(),
+            task_id: task.task_id.clone(),
+            try_number: task.try_number,
+            error: task.error.clone(),
+            at: self.now_cache,
+        };
+        let notifier = self.config.notifier.clone();
+        tokio::spawn(async move { notifier.notify(&notification).await });
+    }
+}
+
+/// A task's configuration: from the DAG, or the defaults for follow-up tasks.
+fn task_config(run: &ActiveRun, i: usize) -> TaskConfig {
+    run.dag.task(&run.tasks[i].task_id).map(|t| t.config.clone()).unwrap_or_default()
+}
+
+/// The task-to-exec message for a queued task.
+fn task_message(run: &ActiveRun, task: &TaskInstance) -> Vec<u8> {
+    messages::encode(&TaskToExec {
+        v: VERSION,
+        run_id: run.record.run_id.clone(),
+        dag_id: run.record.dag_id.clone(),
+        task_id: task.task_id.clone(),
+        try_number: task.try_number,
+        max_try: task.max_try,
+        params: run.record.params.clone(),
+        logical_date: run.record.logical_date,
+        follow_up: task.follow_up.clone(),
+    })
+}
+
+/// Forwards one topic's deliveries into the loop, re-consuming after queue failures.
+fn spawn_forwarder(
+    queue: Arc<dyn Queue>,
+    topic: Topic,
+    prefetch: u16,
+    wrap: fn(Delivery) -> Incoming,
+    events: mpsc::Sender<Incoming>,
+    shutdown: CancelSignal,
+) {
+    tokio::spawn(async move {
+        let mut delay = Duration::from_millis(100);
+        loop {
+            let mut consumer = match queue.consume(&topic, prefetch).await {
+                Ok(consumer) => consumer,
+                Err(err) => {
+                    tracing::error!("consuming {}: {err}; retrying in {delay:?}", topic.name());
+                    tokio::select! {
+                        _ = shutdown.cancelled() => return,
+                        _ = tokio::time::sleep(delay) => {}
+                    }
+                    delay = (delay * 2).min(Duration::from_secs(5));
+                    continue;
+                }
+            };
+            loop {
+                let next = tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    next = consumer.next() => next,
+                };
+                match next {
+                    Some(Ok(delivery)) => {
+                        delay = Duration::from_millis(100);
+                        if events.send(wrap(delivery)).await.is_err() {
+                            return;
+                        }
+                    }
+                    Some(Err(err)) => {
+                        tracing::error!("consuming {}: {err}", topic.name());
+                        break;
+                    }
+                    None => return,
+                }
+            }
+        }
+    });
+}
+

@@ -1,0 +1,74 @@
+//! Notifications on a task's final failure and, when asked for, on each retry.
+
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use serde::Serialize;
+
+/// What happened.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum NotificationKind {
+    /// The task failed with no tries left.
+    Failure,
+    /// The task failed and will be retried.
+    Retry,
+}
+
+/// One notification, as sent to the log and as the body of a webhook POST.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Notification {
+    /// Failure or retry.
+    pub kind: NotificationKind,
+    /// The DAG.
+    pub dag_id: String,
+    /// The run.
+    pub run_id: String,
+    /// The task.
+    pub task_id: String,
+    /// The try that failed.
+    pub try_number: u32,
+    /// Why it failed.
+    pub error: Option<String>,
+    /// When the scheduler learnt of it.
+    pub at: DateTime<Utc>,
+}
+
+/// Receives notifications. Called off the scheduler's event loop, so it may be slow.
+#[async_trait]
+pub trait Notifier: Send + Sync + 'static {
+    /// Sends one notification; failures are the notifier's to log.
+    async fn notify(&self, notification: &Notification);
+}
+
+/// Writes notifications to the log at ERROR (failure) or WARN (retry) level.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct LogNotifier;
+
+#[async_trait]
+impl Notifier for LogNotifier {
+    async fn notify(&self, n: &Notification) {
+        let error = n.error.as_deref().unwrap_or("");
+        match n.kind {
+            NotificationKind::Failure => tracing::error!(
+                dag = %n.dag_id, run = %n.run_id, task = %n.task_id, try_number = n.try_number,
+                "task failed with no tries left: {error}"
+            ),
+            NotificationKind::Retry => tracing::warn!(
+                dag = %n.dag_id, run = %n.run_id, task = %n.task_id, try_number = n.try_number,
+                "task failed and will be retried: {error}"
+            ),
+        }
+    }
+}
+
+/// Sends each notification to several notifiers.
+pub struct FanoutNotifier(pub Vec<Box<dyn Notifier>>);
+
+#[async_trait]
+impl Notifier for FanoutNotifier {
+    async fn notify(&self, notification: &Notification) {
+        for notifier in &self.0 {
+            notifier.notify(notification).await;
+        }
+    }
+}
