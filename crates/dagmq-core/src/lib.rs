@@ -1,7 +1,9 @@
 //! dagmq-core: the pure part of dagmq. The DAG model and builder, schedules, DAG files, the run
 //! and task state machine, wire messages, and the `Queue` and `Store` traits with in-memory
-//! implementations. Nothing here does I/O or reads a clock: `now` is always a parameter.
+//! implementations. Nothing here does I/O, and only `clock` reads time: everywhere else `now` is a
+//! parameter.
 
+pub mod clock;
 pub mod cron;
 pub mod dag;
 pub mod dag_file;
@@ -17,6 +19,7 @@ pub mod task;
 pub mod task_registry;
 pub mod template;
 
+pub use clock::{Clock, SystemClock, TokioClock};
 pub use dag::{Dag, DagBuilder, DagError, DagRegistry, TaskConfig, TaskKind, TaskSpec};
 pub use queue::{Consumer, Delivery, Queue, Topic};
 pub use records::{RunKind, RunRecord, TaskInstance, WorkerInfo};

@@ -67,6 +67,9 @@ pub enum TaskEvent {
     Cancel,
     /// A finished run is restarted and this task runs again.
     Reset,
+    /// The worker running the try stopped (shutdown past its grace period, or lost): the task
+    /// is queued again as a new try, without spending its retry budget.
+    Requeue,
 }
 
 /// A transition that the state machine does not allow.
@@ -94,6 +97,7 @@ pub fn task_transition(from: TaskState, event: TaskEvent) -> Result<TaskState, R
         (S::Pending, E::UpstreamFail) => S::UpstreamFailed,
         (S::Pending | S::Queued | S::Running | S::UpForRetry, E::Cancel) => S::Cancelled,
         (S::Failed | S::UpstreamFailed | S::Cancelled | S::Pending, E::Reset) => S::Pending,
+        (S::Running, E::Requeue) => S::Queued,
         _ => return Err(Refused { from, event }),
     };
     Ok(to)
@@ -210,7 +214,7 @@ impl FromStr for RunState {
 mod tests {
     use super::*;
 
-    const EVENTS: [TaskEvent; 8] = [
+    const EVENTS: [TaskEvent; 9] = [
         TaskEvent::Queue,
         TaskEvent::Start,
         TaskEvent::Succeed,
@@ -219,6 +223,7 @@ mod tests {
         TaskEvent::UpstreamFail,
         TaskEvent::Cancel,
         TaskEvent::Reset,
+        TaskEvent::Requeue,
     ];
 
     /// The whole table: every (state, event) pair, allowed ones with their target, the rest refused.
@@ -238,6 +243,7 @@ mod tests {
             (S::Running, E::FailWithRetry, S::UpForRetry),
             (S::Running, E::Fail, S::Failed),
             (S::Running, E::Cancel, S::Cancelled),
+            (S::Running, E::Requeue, S::Queued),
             (S::UpForRetry, E::Queue, S::Queued),
             (S::UpForRetry, E::Cancel, S::Cancelled),
             (S::Failed, E::Reset, S::Pending),

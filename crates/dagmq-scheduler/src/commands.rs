@@ -5,7 +5,7 @@ use std::sync::Arc;
 use dagmq_core::{DagRegistry, Params, Queue, Store};
 use tokio::sync::{mpsc, oneshot};
 
-use crate::clock::Clock;
+use dagmq_core::Clock;
 
 /// Something asked of the scheduler.
 pub(crate) enum Command {

@@ -23,7 +23,7 @@ use dagmq_core::{
 use tokio::sync::mpsc;
 
 use crate::active_run::ActiveRun;
-use crate::clock::Clock;
+use dagmq_core::Clock;
 use crate::commands::{Command, CommandError, SchedulerHandle, TriggerOutcome};
 use crate::ids::{manual_run_id, scheduled_run_id};
 use crate::notifier::{Notification, NotificationKind, Notifier};

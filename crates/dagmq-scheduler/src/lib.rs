@@ -6,13 +6,12 @@
 
 mod active_run;
 pub mod api;
-pub mod clock;
 mod commands;
 mod engine;
 pub mod ids;
 pub mod notifier;
 
-pub use clock::{Clock, SystemClock, TokioClock};
+pub use dagmq_core::clock::{Clock, SystemClock, TokioClock};
 pub use commands::{CommandError, SchedulerHandle, TriggerOutcome};
 pub use engine::{SchedulerConfig, spawn};
 pub use notifier::{LogNotifier, Notification, NotificationKind, Notifier};

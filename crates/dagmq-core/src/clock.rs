@@ -1,6 +1,9 @@
 //! Where the scheduler and workers get `now` from, and how they sleep until a wall-clock time.
 //! Production reads the system clock; tests use [`TokioClock`], which follows tokio's (pausable)
 //! clock so that schedules, retries and timeouts run under `tokio::time::pause`.
+//!
+//! This module is the one place in dagmq-core that reads time; nothing else in the crate calls
+//! it. Core logic takes `now` as a parameter, and the scheduler and worker get a `Clock`.
 
 use std::time::Duration;
 
