@@ -1,1 +1,6 @@
-//! placeholder
+//! dagmq's integration and end-to-end tests, in one binary to keep link time down.
+//! - `scheduling`: scheduler and worker over the in-memory backends, on tokio's paused clock.
+//! - `cli_standalone`: the `dagmq` binary in standalone mode, driven through its CLI.
+
+mod scheduling;
+mod support;

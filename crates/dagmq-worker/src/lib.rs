@@ -1,1 +1,192 @@
-//! dagmq-worker
+//! dagmq-worker: consumes task-to-exec messages of its pools, runs each try (a Rust task or a
+//! process) under the task's timeout, writes the try's log, reports the outcome to the store
+//! and to `dagmq.status`, and acknowledges the message only after that report is durable.
+//!
+//! Entry point: [`run`] with a [`WorkerConfig`], a queue, a store and a shutdown signal.
+
+mod builtin;
+mod command;
+mod execute;
+mod log_sink;
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use dagmq_core::records::RunningTry;
+use dagmq_core::{BackendError, CancelSignal, Clock, DagRegistry, Queue, Store, TaskRegistry, Topic, WorkerInfo};
+use tokio::sync::Semaphore;
+
+pub use builtin::{Noop, Sleep, builtin_tasks};
+
+use execute::{RunningTries, StopReason};
+
+/// What a worker needs besides its queue and store.
+pub struct WorkerConfig {
+    /// Unique name in the worker registry.
+    pub name: String,
+    /// Host name, for operators.
+    pub host: String,
+    /// Pools to consume (`dagmq.tasks.<pool>`).
+    pub queues: Vec<String>,
+    /// Most tries running at once.
+    pub concurrency: usize,
+    /// DAGs whose tasks this worker may run.
+    pub dags: Arc<DagRegistry>,
+    /// Named Rust tasks, for follow-up tasks.
+    pub tasks: TaskRegistry,
+    /// Source of `now`.
+    pub clock: Arc<dyn Clock>,
+    /// On shutdown, how long running tries may take to finish before they are requeued.
+    pub grace_period: Duration,
+    /// How often the worker refreshes its registry entry.
+    pub heartbeat_interval: Duration,
+}
+
+impl WorkerConfig {
+    /// Defaults: pool `default`, 1000 tries at once, builtin tasks, 30 s grace, 5 s heartbeat.
+    pub fn new(name: impl Into<String>, dags: DagRegistry, clock: Arc<dyn Clock>) -> WorkerConfig {
+        WorkerConfig {
+            name: name.into(),
+            host: "localhost".to_string(),
+            queues: vec![dagmq_core::dag::DEFAULT_QUEUE.to_string()],
+            concurrency: 1000,
+            dags: Arc::new(dags),
+            tasks: builtin_tasks(),
+            clock,
+            grace_period: Duration::from_secs(30),
+            heartbeat_interval: Duration::from_secs(5),
+        }
+    }
+}
+
+/// What every try of this worker shares.
+pub(crate) struct Shared {
+    /// Configuration.
+    pub(crate) config: WorkerConfig,
+    /// The queue.
+    pub(crate) queue: Arc<dyn Queue>,
+    /// The store.
+    pub(crate) store: Arc<dyn Store>,
+    /// Tries running now, to stop them and to report them in heartbeats.
+    pub(crate) running: RunningTries,
+}
+
+/// Runs the worker until `shutdown` fires, then stops taking work, lets running tries finish
+/// within the grace period and requeues the ones that do not.
+pub async fn run(
+    config: WorkerConfig,
+    queue: Arc<dyn Queue>,
+    store: Arc<dyn Store>,
+    shutdown: CancelSignal,
+) -> Result<(), BackendError> {
+    let concurrency = config.concurrency.max(1);
+    let shared = Arc::new(Shared { config, queue, store, running: Arc::new(Mutex::new(HashMap::new())) });
+    let slots = Arc::new(Semaphore::new(concurrency));
+    let started_at = shared.config.clock.now();
+    tracing::info!(worker = %shared.config.name, queues = ?shared.config.queues, concurrency, "worker started");
+
+    heartbeat(&shared, started_at).await;
+    let heartbeats = tokio::spawn(heartbeat_loop(shared.clone(), started_at, shutdown.clone()));
+    let controls = tokio::spawn(execute::control_loop(shared.clone(), shutdown.clone()));
+    let mut consumers = Vec::new();
+    for pool in shared.config.queues.clone() {
+        let prefetch = u16::try_from(concurrency).unwrap_or(u16::MAX);
+        consumers.push(tokio::spawn(consume_loop(shared.clone(), Topic::Tasks(pool), prefetch, slots.clone(), shutdown.clone())));
+    }
+    shutdown.cancelled().await;
+    for consumer in consumers {
+        let _ = consumer.await;
+    }
+    let all = u32::try_from(concurrency).unwrap_or(u32::MAX);
+    let in_flight = concurrency - slots.available_permits();
+    if in_flight > 0 {
+        tracing::info!(in_flight, grace = ?shared.config.grace_period, "waiting for running tries to finish");
+    }
+    if tokio::time::timeout(shared.config.grace_period, slots.acquire_many(all)).await.is_err() {
+        let count = execute::stop_all(&shared, StopReason::Interrupted);
+        tracing::warn!(count, "grace period over: requeueing running tries");
+        let _ = tokio::time::timeout(Duration::from_secs(30), slots.acquire_many(all)).await;
+    }
+    heartbeats.abort();
+    controls.abort();
+    if let Err(err) = shared.store.remove_worker(&shared.config.name).await {
+        tracing::warn!("removing the worker from the registry: {err}");
+    }
+    tracing::info!(worker = %shared.config.name, "worker stopped");
+    Ok(())
+}
+
+/// Takes deliveries from one pool while slots are free.
+async fn consume_loop(shared: Arc<Shared>, topic: Topic, prefetch: u16, slots: Arc<Semaphore>, shutdown: CancelSignal) {
+    let mut delay = Duration::from_millis(100);
+    'consume: loop {
+        let mut consumer = match shared.queue.consume(&topic, prefetch).await {
+            Ok(consumer) => consumer,
+            Err(err) => {
+                tracing::error!("consuming {}: {err}; retrying in {delay:?}", topic.name());
+                tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    _ = tokio::time::sleep(delay) => {}
+                }
+                delay = (delay * 2).min(Duration::from_secs(5));
+                continue;
+            }
+        };
+        loop {
+            let slot = tokio::select! {
+                _ = shutdown.cancelled() => return,
+                slot = slots.clone().acquire_owned() => match slot {
+                    Ok(slot) => slot,
+                    Err(_) => return,
+                },
+            };
+            let next = tokio::select! {
+                _ = shutdown.cancelled() => return,
+                next = consumer.next() => next,
+            };
+            match next {
+                Some(Ok(delivery)) => {
+                    delay = Duration::from_millis(100);
+                    let shared = shared.clone();
+                    tokio::spawn(async move {
+                        execute::execute(&shared, delivery).await;
+                        drop(slot);
+                    });
+                }
+                Some(Err(err)) => {
+                    tracing::error!("consuming {}: {err}", topic.name());
+                    continue 'consume;
+                }
+                None => return,
+            }
+        }
+    }
+}
+
+/// Refreshes the registry entry every heartbeat interval.
+async fn heartbeat_loop(shared: Arc<Shared>, started_at: chrono::DateTime<chrono::Utc>, shutdown: CancelSignal) {
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(shared.config.heartbeat_interval) => heartbeat(&shared, started_at).await,
+        }
+    }
+}
+
+/// Writes the registry entry once.
+async fn heartbeat(shared: &Shared, started_at: chrono::DateTime<chrono::Utc>) {
+    let running: Vec<RunningTry> = execute::running_tries(shared);
+    let info = WorkerInfo {
+        name: shared.config.name.clone(),
+        host: shared.config.host.clone(),
+        queues: shared.config.queues.clone(),
+        concurrency: u32::try_from(shared.config.concurrency).unwrap_or(u32::MAX),
+        running,
+        started_at,
+        last_heartbeat: shared.config.clock.now(),
+    };
+    if let Err(err) = shared.store.heartbeat(&info).await {
+        tracing::warn!("heartbeat: {err}");
+    }
+}

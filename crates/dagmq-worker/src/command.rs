@@ -1,0 +1,136 @@
+//! Runs a command task: a process whose stdout and stderr lines are its log, in its own process
+//! group so that a timeout or a cancel stops everything it started.
+
+use std::collections::BTreeMap;
+use std::process::Stdio;
+use std::time::Duration;
+
+use dagmq_core::task::param_text;
+use dagmq_core::template;
+use dagmq_core::{TaskContext, TaskError, TaskOutcome};
+use tokio::io::{AsyncBufReadExt, AsyncRead, BufReader};
+use tokio::process::Command;
+
+/// How long a process gets between SIGTERM and SIGKILL.
+const KILL_GRACE: Duration = Duration::from_secs(5);
+
+/// Runs `argv` for the try in `ctx` until it exits or the try is cancelled.
+pub(crate) async fn run_command(argv: &[String], ctx: TaskContext, logical_date: &str) -> Result<TaskOutcome, TaskError> {
+    let vars = template_vars(&ctx, logical_date);
+    let rendered = argv
+        .iter()
+        .map(|arg| template::render(arg, &vars))
+        .collect::<Result<Vec<String>, String>>()
+        .map_err(|e| TaskError::fatal(format!("command template: {e}")))?;
+    let (program, args) = rendered.split_first().ok_or_else(|| TaskError::fatal("empty command"))?;
+    let mut command = Command::new(program);
+    command
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .process_group(0)
+        .kill_on_drop(true)
+        .env("DAGMQ_RUN_ID", &ctx.run_id)
+        .env("DAGMQ_DAG_ID", &ctx.dag_id)
+        .env("DAGMQ_TASK_ID", &ctx.task_id)
+        .env("DAGMQ_TRY", ctx.try_number.to_string())
+        .env("DAGMQ_LOGICAL_DATE", logical_date);
+    for (key, value) in &ctx.params {
+        command.env(format!("DAGMQ_PARAM_{}", env_name(key)), param_text(value));
+    }
+    let mut child = command.spawn().map_err(|e| TaskError::fatal(format!("cannot start {program:?}: {e}")))?;
+    let pid = child.id();
+    let readers = [
+        child.stdout.take().map(|out| tokio::spawn(forward_lines(out, ctx.clone()))),
+        child.stderr.take().map(|err| tokio::spawn(forward_lines(err, ctx.clone()))),
+    ];
+    let status = tokio::select! {
+        status = child.wait() => status.map_err(|e| TaskError::new(format!("waiting for {program:?}: {e}")))?,
+        _ = ctx.cancel_signal().cancelled() => {
+            stop_group(pid, &mut child).await;
+            return Err(TaskError::fatal("stopped: the try was cancelled or timed out"));
+        }
+    };
+    for reader in readers.into_iter().flatten() {
+        let _ = reader.await;
+    }
+    if status.success() {
+        Ok(TaskOutcome::done())
+    } else {
+        match status.code() {
+            Some(code) => Err(TaskError::new(format!("command exited with status {code}"))),
+            None => Err(TaskError::new(format!("command was killed ({status})"))),
+        }
+    }
+}
+
+/// The names a command may use in `{{ ... }}`.
+fn template_vars(ctx: &TaskContext, logical_date: &str) -> BTreeMap<String, String> {
+    let mut vars = BTreeMap::new();
+    vars.insert("run_id".to_string(), ctx.run_id.clone());
+    vars.insert("dag_id".to_string(), ctx.dag_id.clone());
+    vars.insert("task_id".to_string(), ctx.task_id.clone());
+    vars.insert("try".to_string(), ctx.try_number.to_string());
+    vars.insert("logical_date".to_string(), logical_date.to_string());
+    vars.insert("ds".to_string(), logical_date.get(..10).unwrap_or(logical_date).to_string());
+    for (key, value) in &ctx.params {
+        vars.insert(format!("params.{key}"), param_text(value));
+    }
+    vars
+}
+
+/// A parameter name as an environment variable suffix: upper case, `_` for anything else.
+fn env_name(key: &str) -> String {
+    key.chars().map(|c| if c.is_ascii_alphanumeric() { c.to_ascii_uppercase() } else { '_' }).collect()
+}
+
+/// Sends each line of a pipe to the try's log.
+async fn forward_lines(pipe: impl AsyncRead + Unpin, ctx: TaskContext) {
+    let mut reader = BufReader::new(pipe);
+    let mut buffer = Vec::new();
+    loop {
+        buffer.clear();
+        match reader.read_until(b'\n', &mut buffer).await {
+            Ok(0) | Err(_) => return,
+            Ok(_) => {
+                let line = String::from_utf8_lossy(&buffer);
+                ctx.log(line.trim_end_matches(['\n', '\r']).to_string());
+            }
+        }
+    }
+}
+
+/// Stops the process group: SIGTERM, then SIGKILL after [`KILL_GRACE`].
+async fn stop_group(pid: Option<u32>, child: &mut tokio::process::Child) {
+    let Some(pid) = pid else { return };
+    signal_group("TERM", pid).await;
+    if tokio::time::timeout(KILL_GRACE, child.wait()).await.is_err() {
+        signal_group("KILL", pid).await;
+        let _ = child.wait().await;
+    }
+}
+
+/// Signals every process of group `pid` with kill(1), which needs no unsafe code here.
+async fn signal_group(signal: &str, pid: u32) {
+    let result = Command::new("kill")
+        .args([format!("-{signal}"), "--".to_string(), format!("-{pid}")])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .await;
+    if let Err(err) = result {
+        tracing::warn!(pid, "sending SIG{signal} to the process group: {err}");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn env_names() {
+        assert_eq!(env_name("date"), "DATE");
+        assert_eq!(env_name("my-key.x"), "MY_KEY_X");
+    }
+}

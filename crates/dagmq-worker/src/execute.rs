@@ -1,0 +1,417 @@
+//! One delivery from decoding to acknowledgement: claim the try with a compare-and-set, run
+//! it, write the outcome, publish the status update, then ack.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use dagmq_core::messages::{self, Control, StatusUpdate, TaskToExec, VERSION};
+use dagmq_core::records::RunningTry;
+use dagmq_core::state::{TaskEvent, task_transition};
+use dagmq_core::task::CancelHandle;
+use dagmq_core::{
+    BackendError, CancelSignal, Delivery, FollowUp, Task, TaskContext, TaskError, TaskInstance, TaskKind, TaskOutcome,
+    TaskState, Topic,
+};
+
+use crate::Shared;
+use crate::command::run_command;
+use crate::log_sink;
+
+/// Tries running on this worker, by (run, task, try).
+pub(crate) type RunningTries = Arc<Mutex<HashMap<(String, String, u32), TryHandle>>>;
+
+/// How to stop one running try, and why it was stopped.
+pub(crate) struct TryHandle {
+    /// Fires the try's cancellation signal.
+    cancel: CancelHandle,
+    /// A [`StopReason`] as a number, set before `cancel` fires.
+    reason: Arc<AtomicU8>,
+}
+
+/// Why a try was stopped before it finished.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub(crate) enum StopReason {
+    /// Not stopped.
+    None = 0,
+    /// The task's timeout passed.
+    Timeout = 1,
+    /// The run was cancelled.
+    Cancelled = 2,
+    /// The worker is shutting down past its grace period.
+    Interrupted = 3,
+}
+
+impl StopReason {
+    fn from_u8(value: u8) -> StopReason {
+        match value {
+            1 => StopReason::Timeout,
+            2 => StopReason::Cancelled,
+            3 => StopReason::Interrupted,
+            _ => StopReason::None,
+        }
+    }
+}
+
+/// What a message asks to run.
+enum Executable {
+    /// A Rust task with its args.
+    Rust(Arc<dyn Task>, serde_json::Value),
+    /// A process.
+    Command(Vec<String>),
+}
+
+/// How long a stopped try may take to wind down before it is aborted.
+const STOP_GRACE: Duration = Duration::from_secs(10);
+
+fn lock(running: &RunningTries) -> MutexGuard<'_, HashMap<(String, String, u32), TryHandle>> {
+    running.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// The tries running now, for the heartbeat.
+pub(crate) fn running_tries(shared: &Shared) -> Vec<RunningTry> {
+    let mut tries: Vec<RunningTry> = lock(&shared.running)
+        .keys()
+        .map(|(run_id, task_id, try_number)| RunningTry {
+            run_id: run_id.clone(),
+            task_id: task_id.clone(),
+            try_number: *try_number,
+        })
+        .collect();
+    tries.sort_by(|a, b| (&a.run_id, &a.task_id).cmp(&(&b.run_id, &b.task_id)));
+    tries
+}
+
+/// Stops every running try (or those of one run); answers how many.
+pub(crate) fn stop_all(shared: &Shared, reason: StopReason) -> usize {
+    stop_matching(shared, reason, |_| true)
+}
+
+fn stop_matching(shared: &Shared, reason: StopReason, matches: impl Fn(&str) -> bool) -> usize {
+    let running = lock(&shared.running);
+    let mut count = 0;
+    for ((run_id, _, _), handle) in running.iter() {
+        if matches(run_id) {
+            handle.reason.store(reason as u8, Ordering::SeqCst);
+            handle.cancel.cancel();
+            count += 1;
+        }
+    }
+    count
+}
+
+/// Listens for control broadcasts (run cancelled) and stops the affected tries.
+pub(crate) async fn control_loop(shared: Arc<Shared>, shutdown: CancelSignal) {
+    let mut delay = Duration::from_millis(100);
+    loop {
+        let mut consumer = match shared.queue.subscribe_broadcasts().await {
+            Ok(consumer) => consumer,
+            Err(err) => {
+                tracing::error!("subscribing to control broadcasts: {err}; retrying in {delay:?}");
+                tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    _ = tokio::time::sleep(delay) => {}
+                }
+                delay = (delay * 2).min(Duration::from_secs(5));
+                continue;
+            }
+        };
+        loop {
+            let next = tokio::select! {
+                _ = shutdown.cancelled() => return,
+                next = consumer.next() => next,
+            };
+            match next {
+                Some(Ok(delivery)) => {
+                    match messages::decode::<Control>(&delivery.payload) {
+                        Ok(Control::CancelRun { run_id, .. }) => {
+                            let count = stop_matching(&shared, StopReason::Cancelled, |r| r == run_id);
+                            if count > 0 {
+                                tracing::info!(run = %run_id, count, "stopping tries of a cancelled run");
+                            }
+                        }
+                        Err(err) => tracing::warn!("ignoring a control message: {err}"),
+                    }
+                    let _ = delivery.ack().await;
+                }
+                Some(Err(err)) => {
+                    tracing::error!("control broadcasts: {err}");
+                    break;
+                }
+                None => return,
+            }
+        }
+    }
+}
+
+/// Handles one delivery; never fails: whatever goes wrong costs this message only.
+pub(crate) async fn execute(shared: &Shared, delivery: Delivery) {
+    let message: TaskToExec = match messages::decode(&delivery.payload) {
+        Ok(message) => message,
+        Err(err) => {
+            settle(delivery.dead_letter(&format!("task: {err}")).await);
+            return;
+        }
+    };
+    match execute_message(shared, &message).await {
+        Ok(Settle::Ack) => settle(delivery.ack().await),
+        Ok(Settle::DeadLetter(reason)) => {
+            tracing::warn!(run = %message.run_id, task = %message.task_id, "dead-lettering: {reason}");
+            settle(delivery.dead_letter(&reason).await)
+        }
+        Err(err) => {
+            // The store or queue failed: give the message back for another try later.
+            tracing::error!(run = %message.run_id, task = %message.task_id, "{err}; requeueing the message");
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            settle(delivery.requeue().await)
+        }
+    }
+}
+
+/// Logs a failure to settle a delivery; the queue redelivers it and the claim dedupes.
+fn settle(result: Result<(), BackendError>) {
+    if let Err(err) = result {
+        tracing::error!("settling a delivery: {err}");
+    }
+}
+
+/// What to do with the delivery.
+enum Settle {
+    /// Done with.
+    Ack,
+    /// Cannot ever be processed.
+    DeadLetter(String),
+}
+
+async fn execute_message(shared: &Shared, message: &TaskToExec) -> Result<Settle, BackendError> {
+    let store = &shared.store;
+    let Some(current) = store.task(&message.run_id, &message.task_id).await? else {
+        return Ok(Settle::DeadLetter(format!(
+            "task: run {:?} has no task {:?}",
+            message.run_id, message.task_id
+        )));
+    };
+    if current.state != TaskState::Queued || current.try_number != message.try_number {
+        tracing::info!(
+            run = %message.run_id, task = %message.task_id, try_number = message.try_number,
+            state = %current.state, current_try = current.try_number,
+            "duplicate or stale task message acknowledged without running"
+        );
+        return Ok(Settle::Ack);
+    }
+    let executable = match resolve(shared, message) {
+        Ok(executable) => executable,
+        Err(reason) => {
+            // The run must not hang on a task no worker can run: fail the try, then set the
+            // message aside.
+            let mut failed = current.clone();
+            failed.state = TaskState::Failed;
+            failed.ended_at = Some(shared.config.clock.now());
+            failed.error = Some(reason.clone());
+            if store.transition_task(&message.run_id, TaskState::Queued, current.try_number, &failed).await? {
+                publish_status(shared, &failed, &message.run_id).await?;
+            }
+            return Ok(Settle::DeadLetter(format!("task: {reason}")));
+        }
+    };
+    let mut running = current.clone();
+    running.state = task_transition(current.state, TaskEvent::Start).unwrap_or(TaskState::Running);
+    running.started_at = Some(shared.config.clock.now());
+    running.worker = Some(shared.config.name.clone());
+    running.progress = None;
+    if !store.transition_task(&message.run_id, TaskState::Queued, current.try_number, &running).await? {
+        tracing::info!(run = %message.run_id, task = %message.task_id, "another worker claimed the try first");
+        return Ok(Settle::Ack);
+    }
+
+    let (result, reason) = run_try(shared, message, executable).await;
+
+    let now = shared.config.clock.now();
+    if reason == StopReason::Interrupted {
+        let mut requeued = running.clone();
+        requeued.state = TaskState::Queued;
+        requeued.try_number += 1;
+        requeued.max_try += 1;
+        requeued.queued_at = Some(now);
+        requeued.started_at = None;
+        requeued.worker = None;
+        requeued.error = Some(format!("try {} interrupted: worker {} shut down", running.try_number, shared.config.name));
+        if store.transition_task(&message.run_id, TaskState::Running, running.try_number, &requeued).await? {
+            let next = TaskToExec { try_number: requeued.try_number, max_try: requeued.max_try, ..message.clone() };
+            shared.queue.publish(&Topic::Tasks(requeued.queue.clone()), messages::encode(&next)).await?;
+            tracing::info!(run = %message.run_id, task = %message.task_id, try_number = requeued.try_number, "requeued as a new try");
+        }
+        return Ok(Settle::Ack);
+    }
+    let mut done = running.clone();
+    done.ended_at = Some(now);
+    match result {
+        Ok(outcome) => match check_follow_ups(shared, &outcome.follow_ups) {
+            Ok(()) => {
+                done.state = TaskState::Success;
+                done.follow_ups = outcome.follow_ups;
+            }
+            Err(reason) => {
+                done.state = TaskState::Failed;
+                done.error = Some(reason);
+            }
+        },
+        Err(error) => {
+            let retry = error.retryable && running.try_number < running.max_try;
+            done.state = if retry { TaskState::UpForRetry } else { TaskState::Failed };
+            done.error = Some(error.message);
+        }
+    }
+    if store.transition_task(&message.run_id, TaskState::Running, running.try_number, &done).await? {
+        publish_status(shared, &done, &message.run_id).await?;
+    } else {
+        tracing::info!(run = %message.run_id, task = %message.task_id, "try outcome not recorded: the task moved on (cancelled or requeued)");
+    }
+    Ok(Settle::Ack)
+}
+
+/// Finds what the message asks to run among this worker's DAGs and registered tasks; anything
+/// else is refused, so a message can never make a worker run something unregistered.
+fn resolve(shared: &Shared, message: &TaskToExec) -> Result<Executable, String> {
+    let Some(dag) = shared.config.dags.get(&message.dag_id) else {
+        return Err(format!("worker {:?} does not know dag {:?}", shared.config.name, message.dag_id));
+    };
+    if let Some(follow_up) = &message.follow_up {
+        let task = shared.config.tasks.build(&follow_up.run, &follow_up.args)?;
+        return Ok(Executable::Rust(task, follow_up.args.clone()));
+    }
+    let Some(spec) = dag.task(&message.task_id) else {
+        return Err(format!("dag {:?} has no task {:?}", message.dag_id, message.task_id));
+    };
+    Ok(match &spec.kind {
+        TaskKind::Command(argv) => Executable::Command(argv.clone()),
+        TaskKind::Rust { task, .. } => Executable::Rust(task.clone(), spec.args.clone()),
+    })
+}
+
+/// Refuses follow-ups that no worker could run or that do not form a graph.
+fn check_follow_ups(shared: &Shared, follow_ups: &[FollowUp]) -> Result<(), String> {
+    let mut seen = std::collections::HashSet::new();
+    for f in follow_ups {
+        dagmq_core::dag::check_id(&f.id).map_err(|e| format!("follow-up id: {e}"))?;
+        if !shared.config.tasks.contains(&f.run) {
+            return Err(format!("follow-up {:?}: unknown task {:?}", f.id, f.run));
+        }
+        if let Some(up) = f.after.iter().find(|a| !seen.contains(a.as_str())) {
+            return Err(format!("follow-up {:?}: waits for {up:?}, which is not an earlier follow-up", f.id));
+        }
+        if !seen.insert(f.id.as_str()) {
+            return Err(format!("follow-up id {:?} repeated", f.id));
+        }
+    }
+    Ok(())
+}
+
+/// Runs one try to its end: success, failure, panic, timeout or stop. Answers the result and
+/// why it was stopped, if it was.
+async fn run_try(shared: &Shared, message: &TaskToExec, executable: Executable) -> (Result<TaskOutcome, TaskError>, StopReason) {
+    let key = (message.run_id.clone(), message.task_id.clone(), message.try_number);
+    let (cancel, signal) = CancelSignal::new();
+    let reason = Arc::new(AtomicU8::new(StopReason::None as u8));
+    lock(&shared.running).insert(key.clone(), TryHandle { cancel, reason: reason.clone() });
+
+    let (sink, flusher) = log_sink::start(shared.store.clone(), message.run_id.clone(), message.task_id.clone(), message.try_number);
+    let timeout = shared
+        .config
+        .dags
+        .get(&message.dag_id)
+        .and_then(|dag| dag.task(&message.task_id))
+        .and_then(|spec| spec.config.timeout)
+        .filter(|_| message.follow_up.is_none());
+    let (args, logical_date) = (
+        match &executable {
+            Executable::Rust(_, args) => args.clone(),
+            Executable::Command(_) => serde_json::Value::Null,
+        },
+        message.logical_date.to_rfc3339(),
+    );
+    let ctx = TaskContext::new(
+        message.run_id.clone(),
+        message.dag_id.clone(),
+        message.task_id.clone(),
+        message.try_number,
+        message.params.clone(),
+        args,
+        Arc::new(sink.clone()),
+        Arc::new(sink.clone()),
+        signal.clone(),
+    );
+    let mut join = match executable {
+        Executable::Rust(task, _) => tokio::spawn(async move { task.run(ctx).await }),
+        Executable::Command(argv) => tokio::spawn(async move { run_command(&argv, ctx, &logical_date).await }),
+    };
+    let timed_out = async {
+        match timeout {
+            Some(limit) => tokio::time::sleep(limit).await,
+            None => std::future::pending().await,
+        }
+    };
+    let joined = tokio::select! {
+        joined = &mut join => Some(joined),
+        _ = timed_out => {
+            reason.store(StopReason::Timeout as u8, Ordering::SeqCst);
+            if let Some(handle) = lock(&shared.running).get(&key) {
+                handle.cancel.cancel();
+            }
+            None
+        }
+        _ = signal.cancelled() => None,
+    };
+    let joined = match joined {
+        Some(joined) => joined,
+        None => match tokio::time::timeout(STOP_GRACE, &mut join).await {
+            Ok(joined) => joined,
+            Err(_) => {
+                join.abort();
+                join.await
+            }
+        },
+    };
+    lock(&shared.running).remove(&key);
+    let stop = StopReason::from_u8(reason.load(Ordering::SeqCst));
+    let result = match (stop, joined) {
+        (StopReason::Timeout, _) => {
+            let limit = dagmq_core::duration::format_duration(timeout.unwrap_or_default());
+            Err(TaskError::new(format!("timed out after {limit}")))
+        }
+        (StopReason::Cancelled, _) => Err(TaskError::fatal("cancelled")),
+        (_, Ok(result)) => result,
+        (_, Err(join_error)) if join_error.is_panic() => {
+            let panic = join_error.into_panic();
+            let text = panic
+                .downcast_ref::<&str>()
+                .map(|s| s.to_string())
+                .or_else(|| panic.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "a non-text panic payload".to_string());
+            Err(TaskError::new(format!("task panicked: {text}")))
+        }
+        (_, Err(_)) => Err(TaskError::new("task aborted")),
+    };
+    if let Err(error) = &result {
+        dagmq_core::task::LogSink::line(&sink, format!("[dagmq] try {} failed: {error}", message.try_number));
+    }
+    drop(sink);
+    let _ = flusher.await;
+    (result, stop)
+}
+
+/// Tells the scheduler that a try changed state; returns once the queue has it durably.
+async fn publish_status(shared: &Shared, task: &TaskInstance, run_id: &str) -> Result<(), BackendError> {
+    let update = StatusUpdate {
+        v: VERSION,
+        run_id: run_id.to_string(),
+        task_id: task.task_id.clone(),
+        try_number: task.try_number,
+        state: task.state,
+        worker: Some(shared.config.name.clone()),
+        error: task.error.clone(),
+    };
+    shared.queue.publish(&Topic::Status, messages::encode(&update)).await
+}

@@ -1,0 +1,76 @@
+//! Moves a try's log lines and progress from the task to the store in batches, off the task's
+//! path: the task never waits for the store. Whatever arrives while one write is in flight goes
+//! into the next write.
+
+use std::sync::Arc;
+
+use dagmq_core::task::{LogSink, ProgressSink};
+use dagmq_core::Store;
+use tokio::sync::mpsc;
+
+/// One item from a running try.
+enum Item {
+    /// A log line.
+    Line(String),
+    /// The latest progress.
+    Progress(f64),
+}
+
+/// The task's side: implements both sinks by sending to the flusher.
+#[derive(Clone)]
+pub(crate) struct ChannelSink {
+    /// To the flusher.
+    sender: mpsc::UnboundedSender<Item>,
+}
+
+impl LogSink for ChannelSink {
+    fn line(&self, line: String) {
+        let _ = self.sender.send(Item::Line(line));
+    }
+}
+
+impl ProgressSink for ChannelSink {
+    fn set(&self, fraction: f64) {
+        let _ = self.sender.send(Item::Progress(fraction));
+    }
+}
+
+/// Starts a flusher for one try; it ends, having written everything, once every sink clone is
+/// dropped. Await the returned handle to know the log is in the store.
+pub(crate) fn start(
+    store: Arc<dyn Store>,
+    run_id: String,
+    task_id: String,
+    try_number: u32,
+) -> (ChannelSink, tokio::task::JoinHandle<()>) {
+    let (sender, mut receiver) = mpsc::unbounded_channel();
+    let handle = tokio::spawn(async move {
+        let mut lines = Vec::new();
+        let mut progress = None;
+        loop {
+            let first = receiver.recv().await;
+            let done = first.is_none();
+            for item in first.into_iter().chain(std::iter::from_fn(|| receiver.try_recv().ok())) {
+                match item {
+                    Item::Line(line) => lines.push(line),
+                    Item::Progress(p) => progress = Some(p),
+                }
+            }
+            if !lines.is_empty() {
+                if let Err(err) = store.append_log(&run_id, &task_id, try_number, &lines).await {
+                    tracing::error!(run = %run_id, task = %task_id, "writing log: {err}");
+                }
+                lines.clear();
+            }
+            if let Some(p) = progress.take()
+                && let Err(err) = store.set_progress(&run_id, &task_id, try_number, p).await
+            {
+                tracing::error!(run = %run_id, task = %task_id, "writing progress: {err}");
+            }
+            if done {
+                return;
+            }
+        }
+    });
+    (ChannelSink { sender }, handle)
+}

@@ -1,0 +1,543 @@
+//! Scheduler and worker against the in-memory queue and store with tokio's paused clock.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use dagmq_core::messages::{self, TaskToExec, VERSION};
+use dagmq_core::{Dag, DagRegistry, FollowUp, Queue, RunState, Store, Task, TaskSpec, TaskState, Topic};
+
+use crate::support::{Harness, Journal, Probe, origin};
+
+fn registry(dags: Vec<Dag>) -> DagRegistry {
+    let mut registry = DagRegistry::new();
+    for dag in dags {
+        registry.add(dag).unwrap();
+    }
+    registry
+}
+
+/// Builds a DAG of probes from (task, upstreams) pairs, all writing to one journal.
+fn probe_dag(id: &str, journal: &Journal, clock: &Arc<dagmq_core::TokioClock>, edges: &[(&str, &[&str])]) -> Dag {
+    let mut builder = Dag::builder(id);
+    for (task, after) in edges {
+        builder = builder.task(TaskSpec::rust(*task, Probe::new(journal, clock)).after(after.iter().copied()));
+    }
+    builder.build().unwrap()
+}
+
+/// A harness whose DAGs need the harness's clock: build it with a placeholder clock first.
+async fn harness_with(make: impl FnOnce(&Journal, &Arc<dagmq_core::TokioClock>) -> Vec<Dag>) -> (Harness, Journal) {
+    let journal = Journal::default();
+    let clock = Arc::new(dagmq_core::TokioClock::starting_at(origin()));
+    let harness = Harness::start(registry(make(&journal, &clock))).await;
+    (harness, journal)
+}
+
+fn assert_before(journal: &Journal, first: &str, then: &str) {
+    assert!(
+        journal.position(&format!("end:{first}")) < journal.position(&format!("start:{then}")),
+        "{first} must end before {then} starts: {:?}",
+        journal.entries()
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn linear_diamond_and_wide_dags_run_in_dependency_order() {
+    let wide: Vec<String> = (0..50).map(|i| format!("w{i}")).collect();
+    let (h, journal) = harness_with(|j, c| {
+        let mut wide_dag = Dag::builder("wide").task(TaskSpec::rust("root", Probe::new(j, c)));
+        for id in &wide {
+            wide_dag = wide_dag.task(TaskSpec::rust(id.clone(), Probe::new(j, c)).after(["root"]));
+        }
+        wide_dag = wide_dag.task(TaskSpec::rust("sink", Probe::new(j, c)).after(wide.clone()));
+        vec![
+            probe_dag("linear", j, c, &[("a", &[]), ("b", &["a"]), ("c", &["b"])]),
+            probe_dag("diamond", j, c, &[("top", &[]), ("left", &["top"]), ("right", &["top"]), ("bottom", &["left", "right"])]),
+            wide_dag.build().unwrap(),
+        ]
+    })
+    .await;
+    let linear = h.trigger("linear").await;
+    assert_eq!(h.wait_final(&linear).await, RunState::Success);
+    assert_before(&journal, "a", "b");
+    assert_before(&journal, "b", "c");
+
+    let diamond = h.trigger("diamond").await;
+    assert_eq!(h.wait_final(&diamond).await, RunState::Success);
+    for (first, then) in [("top", "left"), ("top", "right"), ("left", "bottom"), ("right", "bottom")] {
+        assert_before(&journal, first, then);
+    }
+
+    let run = h.trigger("wide").await;
+    assert_eq!(h.wait_final(&run).await, RunState::Success);
+    for id in ["w0", "w17", "w49"] {
+        assert_before(&journal, "root", id);
+        assert_before(&journal, id, "sink");
+    }
+    let tasks = h.tasks(&run).await;
+    assert_eq!(tasks.len(), 52);
+    assert!(tasks.values().all(|t| t.state == TaskState::Success && t.try_number == 1), "{tasks:?}");
+    // The wide tasks ran concurrently: all started before any of them ended.
+    let entries = journal.entries();
+    let last_start = entries.iter().rposition(|e| e.starts_with("start:w")).unwrap();
+    let first_end = entries.iter().position(|e| e.starts_with("end:w")).unwrap();
+    assert!(last_start < first_end, "wide tasks ran one at a time");
+    h.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn retries_wait_with_backoff_then_succeed() {
+    let (h, journal) = harness_with(|j, c| {
+        let flaky = Probe { failures: 3, work: Duration::ZERO, ..Probe::new(j, c) };
+        vec![
+            Dag::builder("flaky")
+                .task(
+                    TaskSpec::rust("flaky", flaky)
+                        .retries(3)
+                        .retry_delay(Duration::from_secs(10), 2.0, Duration::from_secs(30)),
+                )
+                .task(TaskSpec::rust("after", Probe::new(j, c)).after(["flaky"]))
+                .build()
+                .unwrap(),
+        ]
+    })
+    .await;
+    let run = h.trigger("flaky").await;
+    assert_eq!(h.wait_final(&run).await, RunState::Success);
+    let starts = journal.times_of("start:flaky");
+    assert_eq!(starts.len(), 4);
+    let gaps: Vec<i64> = starts.windows(2).map(|w| (w[1] - w[0]).num_seconds()).collect();
+    assert_eq!(gaps, vec![10, 20, 30], "delays grow by the backoff and stop at the cap");
+    let tasks = h.tasks(&run).await;
+    assert_eq!(tasks["flaky"].try_number, 4);
+    assert_eq!(tasks["after"].state, TaskState::Success);
+    // Each try has its own log.
+    for try_number in 1..=4 {
+        let log = h.store.read_log(&run, "flaky", try_number, 0).await.unwrap();
+        assert_eq!(log[0], format!("try {try_number} of flaky"));
+    }
+    h.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn final_failure_marks_downstream_upstream_failed() {
+    let (h, _journal) = harness_with(|j, c| {
+        let broken = Probe { failures: u32::MAX, ..Probe::new(j, c) };
+        vec![
+            Dag::builder("broken")
+                .task(TaskSpec::rust("extract", Probe::new(j, c)))
+                .task(TaskSpec::rust("transform", broken).after(["extract"]).retries(1).retry_delay(
+                    Duration::from_secs(1),
+                    1.0,
+                    Duration::from_secs(1),
+                ))
+                .task(TaskSpec::rust("load", Probe::new(j, c)).after(["transform"]))
+                .task(TaskSpec::rust("report", Probe::new(j, c)).after(["load"]))
+                .task(TaskSpec::rust("side", Probe::new(j, c)).after(["extract"]))
+                .build()
+                .unwrap(),
+        ]
+    })
+    .await;
+    let run = h.trigger("broken").await;
+    assert_eq!(h.wait_final(&run).await, RunState::Failed);
+    let tasks = h.tasks(&run).await;
+    assert_eq!(tasks["extract"].state, TaskState::Success);
+    assert_eq!(tasks["transform"].state, TaskState::Failed);
+    assert_eq!(tasks["transform"].try_number, 2);
+    assert_eq!(tasks["transform"].error.as_deref(), Some("failure 2"));
+    assert_eq!(tasks["load"].state, TaskState::UpstreamFailed);
+    assert_eq!(tasks["report"].state, TaskState::UpstreamFailed);
+    assert_eq!(tasks["load"].error.as_deref(), Some("upstream task \"transform\" failed"));
+    // An independent branch still runs.
+    assert_eq!(tasks["side"].state, TaskState::Success);
+    h.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn fatal_error_skips_remaining_retries() {
+    let (h, _journal) = harness_with(|j, c| {
+        let fatal = Probe { failures: 1, fatal: true, ..Probe::new(j, c) };
+        vec![Dag::builder("fatal").task(TaskSpec::rust("t", fatal).retries(5)).build().unwrap()]
+    })
+    .await;
+    let run = h.trigger("fatal").await;
+    assert_eq!(h.wait_final(&run).await, RunState::Failed);
+    assert_eq!(h.tasks(&run).await["t"].try_number, 1);
+    h.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn timeout_fails_the_try() {
+    let (h, journal) = harness_with(|j, c| {
+        let slow = Probe { work: Duration::from_secs(3600), ..Probe::new(j, c) };
+        vec![Dag::builder("slow").task(TaskSpec::rust("slow", slow).timeout(Duration::from_secs(30))).build().unwrap()]
+    })
+    .await;
+    let run = h.trigger("slow").await;
+    assert_eq!(h.wait_final(&run).await, RunState::Failed);
+    let task = &h.tasks(&run).await["slow"];
+    assert_eq!(task.error.as_deref(), Some("timed out after 30s"));
+    assert_eq!(journal.entries(), vec!["start:slow", "stopped:slow"]);
+    let took = task.ended_at.unwrap() - task.started_at.unwrap();
+    assert_eq!(took.num_seconds(), 30);
+    h.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn panic_fails_the_try_and_the_worker_keeps_running() {
+    let (h, _journal) = harness_with(|j, c| {
+        let panicky = Probe { panic: true, ..Probe::new(j, c) };
+        vec![
+            Dag::builder("panicky").task(TaskSpec::rust("boom", panicky)).build().unwrap(),
+            probe_dag("fine", j, c, &[("a", &[])]),
+        ]
+    })
+    .await;
+    let run = h.trigger("panicky").await;
+    assert_eq!(h.wait_final(&run).await, RunState::Failed);
+    let task = &h.tasks(&run).await["boom"];
+    assert_eq!(task.error.as_deref(), Some("task panicked: probe boom panics on purpose"));
+    let log = h.store.read_log(&run, "boom", 1, 0).await.unwrap();
+    assert_eq!(log.last().unwrap(), "[dagmq] try 1 failed: task panicked: probe boom panics on purpose");
+    let next = h.trigger("fine").await;
+    assert_eq!(h.wait_final(&next).await, RunState::Success);
+    h.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn restart_reruns_only_failed_and_not_run_tasks() {
+    let (h, journal) = harness_with(|j, c| {
+        // Fails its first two tries: the first run (no retries) fails it once, the restart
+        // fails it again, and only the second restart succeeds.
+        let flaky = Probe { failures: 2, ..Probe::new(j, c) };
+        vec![
+            Dag::builder("etl")
+                .task(TaskSpec::rust("extract", Probe::new(j, c)))
+                .task(TaskSpec::rust("transform", flaky).after(["extract"]))
+                .task(TaskSpec::rust("load", Probe::new(j, c)).after(["transform"]))
+                .build()
+                .unwrap(),
+        ]
+    })
+    .await;
+    let run = h.trigger("etl").await;
+    assert_eq!(h.wait_final(&run).await, RunState::Failed);
+    assert_eq!(h.tasks(&run).await["load"].state, TaskState::UpstreamFailed);
+
+    let conflict = h.scheduler.restart("etl--nope").await.unwrap_err();
+    assert_eq!(conflict.to_string(), "unknown run \"etl--nope\"");
+
+    h.scheduler.restart(&run).await.unwrap();
+    assert_eq!(h.wait_final(&run).await, RunState::Failed);
+    h.scheduler.restart(&run).await.unwrap();
+    assert_eq!(h.wait_final(&run).await, RunState::Success);
+    let tasks = h.tasks(&run).await;
+    assert_eq!(tasks["extract"].try_number, 1, "a successful task is not re-run");
+    assert_eq!(journal.times_of("start:extract").len(), 1);
+    assert_eq!(tasks["transform"].try_number, 3, "try numbers continue across restarts");
+    assert_eq!(tasks["load"].try_number, 1);
+    // Logs of every try are still there, keyed by try.
+    for try_number in 1..=3 {
+        assert!(!h.store.read_log(&run, "transform", try_number, 0).await.unwrap().is_empty());
+    }
+    h.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn restart_of_a_running_run_is_a_conflict() {
+    let (h, _journal) = harness_with(|j, c| {
+        let slow = Probe { work: Duration::from_secs(60), ..Probe::new(j, c) };
+        vec![Dag::builder("slow").task(TaskSpec::rust("slow", slow)).build().unwrap()]
+    })
+    .await;
+    let run = h.trigger("slow").await;
+    h.wait_task(&run, "slow", |t| t.state == TaskState::Running).await;
+    let err = h.scheduler.restart(&run).await.unwrap_err();
+    assert_eq!(err.to_string(), format!("run {run:?} is running; only a finished run can be restarted"));
+    h.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn cancel_stops_a_running_task() {
+    let (h, journal) = harness_with(|j, c| {
+        let slow = Probe { work: Duration::from_secs(3600), ..Probe::new(j, c) };
+        vec![
+            Dag::builder("slow")
+                .task(TaskSpec::rust("slow", slow))
+                .task(TaskSpec::rust("next", Probe::new(j, c)).after(["slow"]))
+                .build()
+                .unwrap(),
+        ]
+    })
+    .await;
+    let run = h.trigger("slow").await;
+    h.wait_task(&run, "slow", |t| t.state == TaskState::Running).await;
+    h.scheduler.cancel(&run).await.unwrap();
+    assert_eq!(h.wait_final(&run).await, RunState::Cancelled);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    while !journal.entries().contains(&"stopped:slow".to_string()) {
+        assert!(tokio::time::Instant::now() < deadline, "the running task was not stopped");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let tasks = h.tasks(&run).await;
+    assert_eq!(tasks["slow"].state, TaskState::Cancelled);
+    assert_eq!(tasks["next"].state, TaskState::Cancelled);
+    let again = h.scheduler.cancel(&run).await.unwrap_err();
+    assert_eq!(again.to_string(), format!("run {run:?} is already cancelled"));
+    h.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn duplicate_delivery_runs_one_transition() {
+    let (h, journal) = harness_with(|j, c| {
+        let slow = Probe { work: Duration::from_secs(5), ..Probe::new(j, c) };
+        vec![Dag::builder("dup").task(TaskSpec::rust("t", slow)).build().unwrap()]
+    })
+    .await;
+    let run = h.trigger("dup").await;
+    let running = h.wait_task(&run, "t", |t| t.state == TaskState::Running).await;
+    let record = h.store.run(&run).await.unwrap().unwrap();
+    let duplicate = TaskToExec {
+        v: VERSION,
+        run_id: run.clone(),
+        dag_id: "dup".into(),
+        task_id: "t".into(),
+        try_number: running.try_number,
+        max_try: running.max_try,
+        params: Default::default(),
+        logical_date: record.logical_date,
+        follow_up: None,
+    };
+    // Once while the try runs, and once more after it finished.
+    h.queue.publish(&Topic::Tasks("default".into()), messages::encode(&duplicate)).await.unwrap();
+    assert_eq!(h.wait_final(&run).await, RunState::Success);
+    h.queue.publish(&Topic::Tasks("default".into()), messages::encode(&duplicate)).await.unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    while h.queue.depth(&Topic::Tasks("default".into())).await.unwrap() > 0 {
+        assert!(tokio::time::Instant::now() < deadline);
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(journal.times_of("start:t").len(), 1, "the duplicate message did not run the task again");
+    let task = &h.tasks(&run).await["t"];
+    assert_eq!((task.state, task.try_number), (TaskState::Success, 1));
+    assert_eq!(h.queue.depth(&Topic::Dead).await.unwrap(), 0);
+    h.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn scheduler_restart_mid_run_resumes_from_the_store() {
+    let (mut h, journal) = harness_with(|j, c| {
+        let slow = Probe { work: Duration::from_secs(30), ..Probe::new(j, c) };
+        vec![
+            Dag::builder("long")
+                .task(TaskSpec::rust("first", Probe::new(j, c)))
+                .task(TaskSpec::rust("slow", slow).after(["first"]))
+                .task(TaskSpec::rust("last", Probe::new(j, c)).after(["slow"]))
+                .build()
+                .unwrap(),
+        ]
+    })
+    .await;
+    let run = h.trigger("long").await;
+    h.wait_task(&run, "slow", |t| t.state == TaskState::Running).await;
+    h.restart_scheduler().await;
+    assert_eq!(h.wait_final(&run).await, RunState::Success);
+    for task in ["first", "slow", "last"] {
+        assert_eq!(journal.times_of(&format!("start:{task}")).len(), 1, "{task} ran once");
+    }
+    h.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn follow_up_tasks_run_before_downstream() {
+    let journal = Journal::default();
+    let clock = Arc::new(dagmq_core::TokioClock::starting_at(origin()));
+    let mut tasks = dagmq_worker::builtin_tasks();
+    let (j, c) = (journal.clone(), clock.clone());
+    tasks.register("probe", move |_| Ok(Arc::new(Probe::new(&j, &c)) as Arc<dyn Task>));
+    let spawner = Probe {
+        follow_ups: vec![
+            FollowUp::new("part1", "probe", serde_json::json!({})),
+            FollowUp::new("part2", "probe", serde_json::json!({})),
+            FollowUp { after: vec!["part1".into(), "part2".into()], ..FollowUp::new("merge", "probe", serde_json::json!({})) },
+        ],
+        ..Probe::new(&journal, &clock)
+    };
+    let dag = Dag::builder("dynamic")
+        .task(TaskSpec::rust("plan", spawner))
+        .task(TaskSpec::rust("publish", Probe::new(&journal, &clock)).after(["plan"]))
+        .build()
+        .unwrap();
+    let h = Harness::start_with(registry(vec![dag]), tasks).await;
+    let run = h.trigger("dynamic").await;
+    assert_eq!(h.wait_final(&run).await, RunState::Success);
+    let states = h.tasks(&run).await;
+    assert_eq!(states.len(), 5);
+    for id in ["plan.part1", "plan.part2", "plan.merge"] {
+        assert_eq!(states[id].state, TaskState::Success, "{id}");
+    }
+    assert_before(&journal, "plan", "plan.part1");
+    assert_before(&journal, "plan.part1", "plan.merge");
+    assert_before(&journal, "plan.part2", "plan.merge");
+    assert_before(&journal, "plan.merge", "publish");
+    h.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn follow_up_naming_an_unknown_task_fails_the_parent() {
+    let (h, _journal) = harness_with(|j, c| {
+        let spawner = Probe { follow_ups: vec![FollowUp::new("x", "no-such-task", serde_json::Value::Null)], ..Probe::new(j, c) };
+        vec![Dag::builder("bad-dynamic").task(TaskSpec::rust("plan", spawner)).build().unwrap()]
+    })
+    .await;
+    let run = h.trigger("bad-dynamic").await;
+    assert_eq!(h.wait_final(&run).await, RunState::Failed);
+    assert_eq!(h.tasks(&run).await["plan"].error.as_deref(), Some("follow-up \"x\": unknown task \"no-such-task\""));
+    h.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn schedule_catches_up_in_order_and_holds_max_active_runs() {
+    let (h, _journal) = harness_with(|j, c| {
+        let slow = Probe { work: Duration::from_secs(60), ..Probe::new(j, c) };
+        vec![
+            Dag::builder("every5m")
+                .schedule("@every 5m")
+                .start(origin() - chrono::Duration::hours(1))
+                .max_active_runs(2)
+                .task(TaskSpec::rust("t", slow))
+                .build()
+                .unwrap(),
+        ]
+    })
+    .await;
+    // 13 due points from start to now inclusive; two run at once, the rest wait as queued.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    let runs = loop {
+        let runs = h.store.list_runs(&dagmq_core::store::RunFilter { limit: 100, ..Default::default() }).await.unwrap();
+        if runs.len() >= 13 {
+            break runs;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "only {} runs", runs.len());
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    };
+    let running = runs.iter().filter(|r| r.state == RunState::Running).count();
+    assert!(running <= 2, "{running} runs at once");
+    let mut points: Vec<_> = runs.iter().map(|r| r.logical_date).collect();
+    points.sort();
+    assert_eq!(points.first(), Some(&(origin() - chrono::Duration::hours(1))));
+    assert_eq!(points.last(), Some(&origin()));
+    // Runs start oldest first.
+    let oldest = runs.iter().min_by_key(|r| r.logical_date).unwrap();
+    assert_eq!(oldest.state, RunState::Running);
+    // Every catch-up run finishes, two at a time, and the schedule keeps going.
+    h.wait_run(&oldest.run_id, |r| r.state == RunState::Success).await;
+    let newest = runs.iter().max_by_key(|r| r.logical_date).unwrap();
+    h.wait_run(&newest.run_id, |r| r.state == RunState::Success).await;
+    h.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn paused_dag_gets_no_scheduled_runs_until_unpaused() {
+    let (h, _journal) = harness_with(|j, c| {
+        vec![
+            Dag::builder("paused")
+                .schedule("@every 10s")
+                .start(origin())
+                .catch_up(false)
+                .paused(true)
+                .task(TaskSpec::rust("t", Probe::new(j, c)))
+                .build()
+                .unwrap(),
+        ]
+    })
+    .await;
+    let all = dagmq_core::store::RunFilter { limit: 100, ..Default::default() };
+    tokio::time::sleep(Duration::from_secs(60)).await;
+    assert!(h.store.list_runs(&all).await.unwrap().is_empty());
+    h.scheduler.set_paused("paused", false).await.unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    let runs = loop {
+        let runs = h.store.list_runs(&all).await.unwrap();
+        if !runs.is_empty() {
+            break runs;
+        }
+        assert!(tokio::time::Instant::now() < deadline);
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    };
+    // Without catch-up only the latest missed point runs.
+    assert_eq!(runs.len(), 1);
+    h.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn triggers_from_the_queue_dedupe_by_key_and_bad_ones_are_dead_lettered() {
+    let (h, _journal) = harness_with(|j, c| vec![probe_dag("etl", j, c, &[("a", &[])])]).await;
+    let trigger = br#"{"v":1,"dag_id":"etl","params":{"date":"2026-11-22"},"key":"etl-2026-11-22"}"#;
+    h.queue.publish(&Topic::Triggers, trigger.to_vec()).await.unwrap();
+    h.queue.publish(&Topic::Triggers, trigger.to_vec()).await.unwrap();
+    for bad in [&b"{not json"[..], br#"{"v":1,"dag_id":"nope"}"#, br#"{"v":9,"dag_id":"etl"}"#] {
+        h.queue.publish(&Topic::Triggers, bad.to_vec()).await.unwrap();
+    }
+    let mut dead = h.queue.consume(&Topic::Dead, 10).await.unwrap();
+    let mut reasons = Vec::new();
+    for _ in 0..3 {
+        let delivery = tokio::time::timeout(Duration::from_secs(30), dead.next()).await.unwrap().unwrap().unwrap();
+        reasons.push(delivery.error.clone().unwrap());
+        delivery.ack().await.unwrap();
+    }
+    assert_eq!(
+        reasons,
+        vec![
+            "trigger: malformed message: key must be a string at line 1 column 2",
+            "trigger: unknown dag \"nope\"",
+            "trigger: unsupported message version 9 (this build reads v=1)",
+        ]
+    );
+    let runs = h.store.list_runs(&dagmq_core::store::RunFilter { limit: 10, ..Default::default() }).await.unwrap();
+    assert_eq!(runs.len(), 1, "the repeated key created no second run");
+    assert_eq!(runs[0].params["date"], serde_json::json!("2026-11-22"));
+    assert_eq!(h.wait_final(&runs[0].run_id).await, RunState::Success);
+    // The scheduler keeps serving.
+    let next = h.trigger("etl").await;
+    assert_eq!(h.wait_final(&next).await, RunState::Success);
+    h.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn graceful_worker_stop_finishes_in_flight_tries() {
+    let (mut h, journal) = harness_with(|j, c| {
+        let slow = Probe { work: Duration::from_secs(10), ..Probe::new(j, c) };
+        vec![Dag::builder("slow").task(TaskSpec::rust("slow", slow)).build().unwrap()]
+    })
+    .await;
+    let run = h.trigger("slow").await;
+    h.wait_task(&run, "slow", |t| t.state == TaskState::Running).await;
+    h.stop_worker().await;
+    let task = &h.tasks(&run).await["slow"];
+    assert_eq!((task.state, task.try_number), (TaskState::Success, 1));
+    assert_eq!(journal.times_of("end:slow").len(), 1);
+    assert_eq!(h.wait_final(&run).await, RunState::Success);
+    h.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn worker_stop_past_the_grace_period_requeues_as_a_new_try() {
+    let (mut h, journal) = harness_with(|j, c| {
+        let slow = Probe { work: Duration::from_secs(120), ..Probe::new(j, c) };
+        vec![Dag::builder("slow").task(TaskSpec::rust("slow", slow)).build().unwrap()]
+    })
+    .await;
+    let run = h.trigger("slow").await;
+    h.wait_task(&run, "slow", |t| t.state == TaskState::Running).await;
+    h.stop_worker().await;
+    let task = &h.tasks(&run).await["slow"];
+    assert_eq!((task.state, task.try_number), (TaskState::Queued, 2), "interrupted try requeued as try 2");
+    assert_eq!(journal.entries(), vec!["start:slow", "stopped:slow"]);
+    h.start_worker();
+    assert_eq!(h.wait_final(&run).await, RunState::Success);
+    assert_eq!(h.tasks(&run).await["slow"].try_number, 2);
+    h.stop().await;
+}
