@@ -1,1 +1,486 @@
-//! HTTP API
+//! The HTTP API: JSON over the scheduler's store and commands. Reads go straight to the store;
+//! changes go through the scheduler's event loop, which owns all scheduling state.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{DefaultBodyLimit, Path, Query, Request, State};
+use axum::http::{StatusCode, header};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use chrono::{DateTime, Utc};
+use dagmq_core::records::DagRecord;
+use dagmq_core::store::RunFilter;
+use dagmq_core::{Params, RunRecord, RunState, TaskInstance, TaskKind, TaskState, Topic, WorkerInfo};
+use serde::{Deserialize, Serialize};
+
+use crate::commands::{CommandError, SchedulerHandle};
+
+/// Largest request body accepted (a trigger's params), in bytes.
+pub const MAX_BODY_BYTES: usize = 1024 * 1024;
+
+/// Most items one listing returns.
+pub const MAX_LIMIT: usize = 500;
+
+/// A worker whose heartbeat is older than this is not listed as live.
+pub const WORKER_STALE_AFTER: chrono::Duration = chrono::Duration::seconds(30);
+
+/// Settings of the HTTP API.
+#[derive(Debug, Clone, Default)]
+pub struct ApiConfig {
+    /// When set, every `/api` call needs `Authorization: Bearer <token>`.
+    pub token: Option<String>,
+}
+
+/// The shared state of the handlers.
+#[derive(Clone)]
+struct AppState {
+    /// The scheduler.
+    scheduler: SchedulerHandle,
+    /// The API settings.
+    config: Arc<ApiConfig>,
+}
+
+/// The API's router.
+pub fn router(scheduler: SchedulerHandle, config: ApiConfig) -> Router {
+    let state = AppState { scheduler, config: Arc::new(config) };
+    let api = Router::new()
+        .route("/dags", get(list_dags))
+        .route("/dags/{dag_id}/pause", post(pause_dag))
+        .route("/dags/{dag_id}/unpause", post(unpause_dag))
+        .route("/dags/{dag_id}/runs", post(trigger_run))
+        .route("/runs", get(list_runs))
+        .route("/runs/{run_id}", get(show_run))
+        .route("/runs/{run_id}/restart", post(restart_run))
+        .route("/runs/{run_id}/cancel", post(cancel_run))
+        .route("/runs/{run_id}/tasks/{task_id}/logs", get(task_logs))
+        .route("/workers", get(list_workers))
+        .route("/stats", get(stats))
+        .fallback(not_found)
+        .layer(middleware::from_fn_with_state(state.clone(), require_token));
+    Router::new()
+        .route("/healthz", get(healthz))
+        .nest("/api/v1", api)
+        .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
+        .with_state(state)
+}
+
+/// Serves the API on `listener` until `shutdown` fires.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    scheduler: SchedulerHandle,
+    config: ApiConfig,
+    shutdown: dagmq_core::CancelSignal,
+) -> std::io::Result<()> {
+    axum::serve(listener, router(scheduler, config))
+        .with_graceful_shutdown(async move { shutdown.cancelled().await })
+        .await
+}
+
+/// An error answer: `{"error": "..."}` with a status code.
+#[derive(Debug)]
+pub struct ApiError(StatusCode, String);
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        #[derive(Serialize)]
+        struct Body {
+            error: String,
+        }
+        (self.0, Json(Body { error: self.1 })).into_response()
+    }
+}
+
+impl From<CommandError> for ApiError {
+    fn from(err: CommandError) -> ApiError {
+        let status = match &err {
+            CommandError::NotFound(_) => StatusCode::NOT_FOUND,
+            CommandError::Conflict(_) => StatusCode::CONFLICT,
+            CommandError::BadInput(_) => StatusCode::BAD_REQUEST,
+            CommandError::Backend(_) | CommandError::Stopped => StatusCode::SERVICE_UNAVAILABLE,
+        };
+        ApiError(status, err.to_string())
+    }
+}
+
+impl From<dagmq_core::BackendError> for ApiError {
+    fn from(err: dagmq_core::BackendError) -> ApiError {
+        ApiError(StatusCode::SERVICE_UNAVAILABLE, err.to_string())
+    }
+}
+
+type ApiResult<T> = Result<T, ApiError>;
+
+fn bad_request(message: impl Into<String>) -> ApiError {
+    ApiError(StatusCode::BAD_REQUEST, message.into())
+}
+
+fn not_found_error(message: impl Into<String>) -> ApiError {
+    ApiError(StatusCode::NOT_FOUND, message.into())
+}
+
+async fn not_found(request: Request) -> ApiError {
+    not_found_error(format!("no route {} {}", request.method(), request.uri().path()))
+}
+
+/// Checks the bearer token in constant time when one is configured.
+async fn require_token(State(state): State<AppState>, request: Request, next: Next) -> Response {
+    if let Some(expected) = &state.config.token {
+        let given = request
+            .headers()
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .unwrap_or("");
+        if !constant_time_eq(given.as_bytes(), expected.as_bytes()) {
+            return ApiError(StatusCode::UNAUTHORIZED, "missing or wrong bearer token".to_string()).into_response();
+        }
+    }
+    next.run(request).await
+}
+
+/// Compares without an early exit, so the time taken does not tell how much matched.
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    let mut diff = a.len() ^ b.len();
+    for i in 0..a.len().max(b.len()) {
+        let x = a.get(i).copied().unwrap_or(0);
+        let y = b.get(i).copied().unwrap_or(0);
+        diff |= usize::from(x ^ y);
+    }
+    diff == 0
+}
+
+async fn healthz(State(state): State<AppState>) -> ApiResult<Json<serde_json::Value>> {
+    state.scheduler.store.ping().await.map_err(|e| ApiError(StatusCode::SERVICE_UNAVAILABLE, format!("store: {e}")))?;
+    state.scheduler.queue.ping().await.map_err(|e| ApiError(StatusCode::SERVICE_UNAVAILABLE, format!("queue: {e}")))?;
+    Ok(Json(serde_json::json!({"status": "ok"})))
+}
+
+/// A DAG as the API lists it.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct DagView {
+    /// Id.
+    pub dag_id: String,
+    /// Description.
+    pub description: String,
+    /// Schedule as written; absent for manual-only DAGs.
+    pub schedule: Option<String>,
+    /// IANA timezone of the schedule.
+    pub timezone: String,
+    /// Whether scheduled runs are paused.
+    pub paused: bool,
+    /// Next schedule point (absent when paused or manual).
+    pub next_run: Option<DateTime<Utc>>,
+    /// The newest run, if any.
+    pub last_run: Option<RunSummary>,
+    /// Tags.
+    pub tags: Vec<String>,
+    /// Tasks with their upstreams and kinds.
+    pub tasks: Vec<TaskView>,
+    /// Where the DAG was defined.
+    pub source: String,
+}
+
+/// A task of a DAG.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct TaskView {
+    /// Id.
+    pub task_id: String,
+    /// Upstream ids.
+    pub after: Vec<String>,
+    /// `command` or `rust`.
+    pub kind: String,
+    /// Worker pool.
+    pub queue: String,
+    /// Tries after the first.
+    pub retries: u32,
+}
+
+/// A run's id and state.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct RunSummary {
+    /// Run id.
+    pub run_id: String,
+    /// State.
+    pub state: RunState,
+}
+
+async fn list_dags(State(state): State<AppState>) -> ApiResult<Json<Vec<DagView>>> {
+    let handle = &state.scheduler;
+    let now = handle.clock.now();
+    let mut views = Vec::new();
+    for dag in handle.dags.iter() {
+        let record: Option<DagRecord> = handle.store.dag_record(&dag.id).await?;
+        let paused = record.as_ref().map_or(dag.paused, |r| r.paused);
+        let start = record.as_ref().map_or(now, |r| r.first_seen);
+        let last = handle
+            .store
+            .list_runs(&RunFilter { dag_id: Some(dag.id.clone()), state: None, limit: 1 })
+            .await?
+            .into_iter()
+            .next()
+            .map(|r| RunSummary { run_id: r.run_id, state: r.state });
+        views.push(DagView {
+            dag_id: dag.id.clone(),
+            description: dag.description.clone(),
+            schedule: dag.schedule.describe(),
+            timezone: dag.timezone.name().to_string(),
+            paused,
+            next_run: if paused { None } else { dag.next_run_after(start, now) },
+            last_run: last,
+            tags: dag.tags.clone(),
+            tasks: dag
+                .tasks()
+                .iter()
+                .map(|t| TaskView {
+                    task_id: t.id.clone(),
+                    after: t.after.clone(),
+                    kind: match &t.kind {
+                        TaskKind::Command(_) => "command".to_string(),
+                        TaskKind::Rust { name, .. } => name.clone().map_or("rust".to_string(), |n| format!("rust:{n}")),
+                    },
+                    queue: t.config.queue.clone(),
+                    retries: t.config.retries,
+                })
+                .collect(),
+            source: dag.source.clone(),
+        });
+    }
+    Ok(Json(views))
+}
+
+async fn pause_dag(State(state): State<AppState>, Path(dag_id): Path<String>) -> ApiResult<Json<serde_json::Value>> {
+    state.scheduler.set_paused(&dag_id, true).await?;
+    Ok(Json(serde_json::json!({"dag_id": dag_id, "paused": true})))
+}
+
+async fn unpause_dag(State(state): State<AppState>, Path(dag_id): Path<String>) -> ApiResult<Json<serde_json::Value>> {
+    state.scheduler.set_paused(&dag_id, false).await?;
+    Ok(Json(serde_json::json!({"dag_id": dag_id, "paused": false})))
+}
+
+/// Body of `POST /api/v1/dags/{dag_id}/runs`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TriggerBody {
+    /// Parameters.
+    #[serde(default)]
+    params: Params,
+    /// Idempotency key.
+    #[serde(default)]
+    key: Option<String>,
+}
+
+async fn trigger_run(
+    State(state): State<AppState>,
+    Path(dag_id): Path<String>,
+    body: Result<Bytes, BytesRejection>,
+) -> ApiResult<(StatusCode, Json<serde_json::Value>)> {
+    let bytes = body.map_err(|rejection| ApiError(rejection.status(), rejection.body_text()))?;
+    let body: TriggerBody = if bytes.iter().all(u8::is_ascii_whitespace) {
+        TriggerBody::default()
+    } else {
+        serde_json::from_slice(&bytes).map_err(|e| bad_request(format!("bad trigger body: {e}")))?
+    };
+    let outcome = state.scheduler.trigger(&dag_id, body.params, body.key).await?;
+    let status = if outcome.created { StatusCode::CREATED } else { StatusCode::OK };
+    Ok((status, Json(serde_json::json!({"run_id": outcome.run_id, "created": outcome.created}))))
+}
+
+/// Query of `GET /api/v1/runs`.
+#[derive(Debug, Deserialize)]
+struct RunsQuery {
+    /// Only this DAG.
+    dag_id: Option<String>,
+    /// Only this state.
+    status: Option<String>,
+    /// How many (default 50, at most 500).
+    limit: Option<usize>,
+}
+
+/// A run as the API lists it.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct RunView {
+    /// The run.
+    #[serde(flatten)]
+    pub run: RunRecord,
+    /// How many tasks are in each state.
+    pub task_counts: BTreeMap<TaskState, usize>,
+}
+
+async fn list_runs(State(state): State<AppState>, Query(query): Query<RunsQuery>) -> ApiResult<Json<Vec<RunView>>> {
+    let status = match &query.status {
+        Some(text) if !text.is_empty() => Some(text.parse::<RunState>().map_err(bad_request)?),
+        _ => None,
+    };
+    let limit = query.limit.unwrap_or(50);
+    if limit == 0 || limit > MAX_LIMIT {
+        return Err(bad_request(format!("limit must be 1 to {MAX_LIMIT}")));
+    }
+    let filter = RunFilter { dag_id: query.dag_id.filter(|d| !d.is_empty()), state: status, limit };
+    let store = &state.scheduler.store;
+    let mut views = Vec::new();
+    for run in store.list_runs(&filter).await? {
+        let tasks = store.tasks(&run.run_id).await?;
+        views.push(RunView { task_counts: count_states(&tasks), run });
+    }
+    Ok(Json(views))
+}
+
+fn count_states(tasks: &[TaskInstance]) -> BTreeMap<TaskState, usize> {
+    let mut counts = BTreeMap::new();
+    for task in tasks {
+        *counts.entry(task.state).or_insert(0) += 1;
+    }
+    counts
+}
+
+/// A run with all its tasks.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct RunDetail {
+    /// The run.
+    #[serde(flatten)]
+    pub run: RunRecord,
+    /// How many tasks are in each state.
+    pub task_counts: BTreeMap<TaskState, usize>,
+    /// Every task.
+    pub tasks: Vec<TaskInstance>,
+}
+
+async fn show_run(State(state): State<AppState>, Path(run_id): Path<String>) -> ApiResult<Json<RunDetail>> {
+    let store = &state.scheduler.store;
+    let Some(run) = store.run(&run_id).await? else {
+        return Err(not_found_error(format!("unknown run {run_id:?}")));
+    };
+    let tasks = store.tasks(&run_id).await?;
+    Ok(Json(RunDetail { task_counts: count_states(&tasks), run, tasks }))
+}
+
+async fn restart_run(State(state): State<AppState>, Path(run_id): Path<String>) -> ApiResult<Json<serde_json::Value>> {
+    state.scheduler.restart(&run_id).await?;
+    Ok(Json(serde_json::json!({"run_id": run_id, "restarted": true})))
+}
+
+async fn cancel_run(State(state): State<AppState>, Path(run_id): Path<String>) -> ApiResult<Json<serde_json::Value>> {
+    state.scheduler.cancel(&run_id).await?;
+    Ok(Json(serde_json::json!({"run_id": run_id, "cancelled": true})))
+}
+
+/// Query of the logs route.
+#[derive(Debug, Deserialize)]
+struct LogsQuery {
+    /// The try (default: the task's current try).
+    #[serde(rename = "try")]
+    try_number: Option<u32>,
+    /// First line to return, 0-based (for tailing).
+    from: Option<usize>,
+}
+
+/// A try's log lines.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct LogView {
+    /// The run.
+    pub run_id: String,
+    /// The task.
+    pub task_id: String,
+    /// The try.
+    pub try_number: u32,
+    /// The task's state now.
+    pub state: TaskState,
+    /// Lines from `from` on.
+    pub lines: Vec<String>,
+    /// Where the next read should start.
+    pub next: usize,
+}
+
+async fn task_logs(
+    State(state): State<AppState>,
+    Path((run_id, task_id)): Path<(String, String)>,
+    Query(query): Query<LogsQuery>,
+) -> ApiResult<Json<LogView>> {
+    let store = &state.scheduler.store;
+    if store.run(&run_id).await?.is_none() {
+        return Err(not_found_error(format!("unknown run {run_id:?}")));
+    }
+    let Some(task) = store.task(&run_id, &task_id).await? else {
+        return Err(not_found_error(format!("run {run_id:?} has no task {task_id:?}")));
+    };
+    let try_number = query.try_number.unwrap_or(task.try_number);
+    if try_number == 0 || try_number > task.try_number {
+        return Err(not_found_error(format!(
+            "task {task_id:?} of run {run_id:?} has no try {try_number} (tries so far: {})",
+            task.try_number
+        )));
+    }
+    let from = query.from.unwrap_or(0);
+    let lines = store.read_log(&run_id, &task_id, try_number, from).await?;
+    let next = from + lines.len();
+    Ok(Json(LogView { run_id, task_id, try_number, state: task.state, lines, next }))
+}
+
+async fn list_workers(State(state): State<AppState>) -> ApiResult<Json<Vec<WorkerInfo>>> {
+    Ok(Json(live_workers(&state).await?))
+}
+
+async fn live_workers(state: &AppState) -> ApiResult<Vec<WorkerInfo>> {
+    let now = state.scheduler.clock.now();
+    let workers = state.scheduler.store.workers().await?;
+    Ok(workers.into_iter().filter(|w| now - w.last_heartbeat <= WORKER_STALE_AFTER).collect())
+}
+
+/// Counts for an overview.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct StatsView {
+    /// Runs by state, among the newest 500.
+    pub runs: BTreeMap<RunState, usize>,
+    /// Tasks by state, in unfinished runs.
+    pub tasks: BTreeMap<TaskState, usize>,
+    /// Waiting messages per queue.
+    pub queues: BTreeMap<String, u64>,
+    /// Live workers.
+    pub workers: usize,
+}
+
+async fn stats(State(state): State<AppState>) -> ApiResult<Json<StatsView>> {
+    let handle = &state.scheduler;
+    let store = &handle.store;
+    let mut runs = BTreeMap::new();
+    for run in store.list_runs(&RunFilter { limit: MAX_LIMIT, ..RunFilter::default() }).await? {
+        *runs.entry(run.state).or_insert(0) += 1;
+    }
+    let mut tasks = BTreeMap::new();
+    for run in store.unfinished_runs().await? {
+        for (state, count) in count_states(&store.tasks(&run.run_id).await?) {
+            *tasks.entry(state).or_insert(0) += count;
+        }
+    }
+    let mut topics: Vec<Topic> = vec![Topic::Status, Topic::Triggers, Topic::Dead];
+    let mut pools: Vec<String> = handle.dags.iter().flat_map(|d| d.tasks().iter().map(|t| t.config.queue.clone())).collect();
+    pools.sort();
+    pools.dedup();
+    topics.extend(pools.into_iter().map(Topic::Tasks));
+    let mut queues = BTreeMap::new();
+    for topic in topics {
+        queues.insert(topic.name(), handle.queue.depth(&topic).await?);
+    }
+    let workers = live_workers(&state).await?.len();
+    Ok(Json(StatsView { runs, tasks, queues, workers }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn constant_time_eq_compares_whole_strings() {
+        assert!(constant_time_eq(b"secret", b"secret"));
+        assert!(!constant_time_eq(b"secret", b"secreT"));
+        assert!(!constant_time_eq(b"secret", b"secret2"));
+        assert!(!constant_time_eq(b"", b"x"));
+        assert!(constant_time_eq(b"", b""));
+    }
+}

@@ -11,7 +11,7 @@ use std::collections::{BTreeSet, BinaryHeap, HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::Duration;
 
-use chrono::{DateTime, Utc};
+use chrono::{DateTime, Timelike, Utc};
 use dagmq_core::messages::{self, Control, StatusUpdate, TaskToExec, Trigger, VERSION};
 use dagmq_core::records::DagRecord;
 use dagmq_core::state::{TaskEvent, run_outcome, task_transition};
@@ -287,8 +287,9 @@ impl Engine {
         let record = match self.store.dag_record(&dag.id).await? {
             Some(record) => record,
             None => {
-                let record =
-                    DagRecord { dag_id: dag.id.clone(), paused: dag.paused, first_seen: self.now_cache, last_scheduled: None };
+                // Whole seconds, so that `@every` points of a DAG without a start fall on them.
+                let first_seen = self.now_cache.with_nanosecond(0).unwrap_or(self.now_cache);
+                let record = DagRecord { dag_id: dag.id.clone(), paused: dag.paused, first_seen, last_scheduled: None };
                 self.store.put_dag_record(&record).await?;
                 record
             }
@@ -478,6 +479,7 @@ impl Engine {
         new.ended_at = None;
         new.retry_at = None;
         new.worker = None;
+        new.error = None;
         new.progress = None;
         new.follow_ups.clear();
         if !self.store.transition_task(run.id(), old.state, old.try_number, &new).await? {
@@ -712,7 +714,11 @@ impl Engine {
         if self.config.dags.get(&record.dag_id).is_none() {
             return Err(CommandError::Conflict(format!("run {run_id:?} belongs to unknown dag {:?}", record.dag_id)));
         }
-        for task in self.store.tasks(run_id).await.map_err(backend)? {
+        let tasks = self.store.tasks(run_id).await.map_err(backend)?;
+        if !tasks.iter().any(|t| task_transition(t.state, TaskEvent::Reset).is_ok()) {
+            return Err(CommandError::Conflict(format!("run {run_id:?}: every task succeeded; nothing to restart")));
+        }
+        for task in tasks {
             if task_transition(task.state, TaskEvent::Reset).is_err() {
                 continue;
             }

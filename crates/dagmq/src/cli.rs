@@ -1,0 +1,223 @@
+//! The command line: flags, with environment variables behind them and a config file behind
+//! those (flags > env > file > defaults).
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+
+/// dagmq: DAG scheduler and workers.
+#[derive(Debug, Parser)]
+#[command(name = "dagmq", version, about = "DAG scheduler and distributed workers", propagate_version = true)]
+pub struct Cli {
+    /// TOML file with defaults for flags (dags, port, bind, concurrency, api, notify_webhook, grace_period).
+    #[arg(long, global = true, env = "DAGMQ_CONFIG", value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// The subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Scheduler, workers, API and UI in one process, with in-memory queue and store.
+    Standalone(ServeArgs),
+    /// Parse and check DAG files; exit 2 with `file:line: reason` for each bad one.
+    Validate(ValidateArgs),
+    /// Start a run of a DAG.
+    Trigger(TriggerArgs),
+    /// List, pause and unpause DAGs.
+    Dags(DagsArgs),
+    /// List, show, restart and cancel runs.
+    Runs(RunsArgs),
+    /// Print a task's log.
+    Logs(LogsArgs),
+    /// List live workers.
+    Workers(ClientArgs),
+    /// Run a benchmark and print one `bench=...` line per figure.
+    Bench(BenchArgs),
+}
+
+/// Flags of the serving commands.
+#[derive(Debug, Args)]
+pub struct ServeArgs {
+    /// Directory of DAG files (*.toml).
+    #[arg(long, env = "DAGMQ_DAGS", value_name = "DIR")]
+    pub dags: Option<PathBuf>,
+    /// Port of the HTTP API and UI.
+    #[arg(long, value_name = "PORT")]
+    pub port: Option<u16>,
+    /// Address to listen on.
+    #[arg(long, value_name = "ADDR")]
+    pub bind: Option<String>,
+    /// Most tasks the worker runs at once (default: 4 per core).
+    #[arg(long, value_name = "N")]
+    pub concurrency: Option<usize>,
+    /// POST a JSON notification here on task failure (and retry, where asked for).
+    #[arg(long, value_name = "URL")]
+    pub notify_webhook: Option<String>,
+    /// Listen on a non-loopback address without an API token.
+    #[arg(long)]
+    pub insecure: bool,
+}
+
+/// Flags of `validate`.
+#[derive(Debug, Args)]
+pub struct ValidateArgs {
+    /// Directory of DAG files (*.toml).
+    #[arg(long, env = "DAGMQ_DAGS", value_name = "DIR")]
+    pub dags: Option<PathBuf>,
+}
+
+/// Flags every client command takes.
+#[derive(Debug, Args, Clone)]
+pub struct ClientArgs {
+    /// The scheduler's API (default http://127.0.0.1:9191).
+    #[arg(long, global = true, env = "DAGMQ_API", value_name = "URL")]
+    pub api: Option<String>,
+    /// Print JSON instead of tables.
+    #[arg(long, global = true)]
+    pub json: bool,
+}
+
+/// Flags of `trigger`.
+#[derive(Debug, Args)]
+pub struct TriggerArgs {
+    /// The DAG to run.
+    pub dag_id: String,
+    /// A parameter, KEY=VALUE; repeat for more.
+    #[arg(long = "param", value_name = "KEY=VALUE")]
+    pub params: Vec<String>,
+    /// Idempotency key: a second trigger with the same key creates no second run.
+    #[arg(long, value_name = "KEY")]
+    pub key: Option<String>,
+    /// Wait for the run to finish; exit 0 on success, 1 otherwise.
+    #[arg(long)]
+    pub wait: bool,
+    /// Client flags.
+    #[command(flatten)]
+    pub client: ClientArgs,
+}
+
+/// `dags` subcommands.
+#[derive(Debug, Args)]
+pub struct DagsArgs {
+    /// What to do.
+    #[command(subcommand)]
+    pub command: DagsCommand,
+    /// Client flags.
+    #[command(flatten)]
+    pub client: ClientArgs,
+}
+
+/// What to do with DAGs.
+#[derive(Debug, Subcommand)]
+pub enum DagsCommand {
+    /// List DAGs with schedule, next run and last run.
+    List,
+    /// Stop scheduled runs of a DAG.
+    Pause {
+        /// The DAG.
+        dag_id: String,
+    },
+    /// Resume scheduled runs of a DAG.
+    Unpause {
+        /// The DAG.
+        dag_id: String,
+    },
+}
+
+/// `runs` subcommands.
+#[derive(Debug, Args)]
+pub struct RunsArgs {
+    /// What to do.
+    #[command(subcommand)]
+    pub command: RunsCommand,
+    /// Client flags.
+    #[command(flatten)]
+    pub client: ClientArgs,
+}
+
+/// What to do with runs.
+#[derive(Debug, Subcommand)]
+pub enum RunsCommand {
+    /// Latest runs, newest first.
+    List {
+        /// Only this DAG.
+        #[arg(long = "dag", value_name = "DAG_ID")]
+        dag_id: Option<String>,
+        /// Only this state (queued, running, success, failed, cancelled).
+        #[arg(long, value_name = "STATE")]
+        status: Option<String>,
+        /// How many (at most 500).
+        #[arg(long, default_value_t = 20)]
+        limit: usize,
+    },
+    /// A run with every task.
+    Show {
+        /// The run.
+        run_id: String,
+    },
+    /// Re-run the failed and not-run tasks of a finished run.
+    Restart {
+        /// The run.
+        run_id: String,
+    },
+    /// Cancel a run; running tasks are told to stop.
+    Cancel {
+        /// The run.
+        run_id: String,
+    },
+}
+
+/// Flags of `logs`.
+#[derive(Debug, Args)]
+pub struct LogsArgs {
+    /// The run.
+    pub run_id: String,
+    /// The task.
+    pub task_id: String,
+    /// The try (default: the latest).
+    #[arg(long = "try", value_name = "N")]
+    pub try_number: Option<u32>,
+    /// Keep printing new lines until the try ends.
+    #[arg(long)]
+    pub follow: bool,
+    /// Client flags.
+    #[command(flatten)]
+    pub client: ClientArgs,
+}
+
+/// Flags of `bench`.
+#[derive(Debug, Args)]
+pub struct BenchArgs {
+    /// What to measure.
+    #[command(subcommand)]
+    pub workload: BenchWorkload,
+    /// Most tasks the worker runs at once.
+    #[arg(long, global = true, default_value_t = 1000)]
+    pub concurrency: usize,
+}
+
+/// Benchmark workloads.
+#[derive(Debug, Clone, Copy, Subcommand)]
+pub enum BenchWorkload {
+    /// One root, N parallel no-op tasks, one sink: tasks per second.
+    Fanout {
+        /// Parallel tasks.
+        #[arg(default_value_t = 10_000)]
+        n: usize,
+    },
+    /// K no-op tasks in sequence: latency from a task's success to its successor's start.
+    Chain {
+        /// Tasks in the chain.
+        #[arg(default_value_t = 1000)]
+        k: usize,
+    },
+    /// M triggers of a 10-task diamond published to dagmq.triggers: runs per second.
+    Runs {
+        /// Triggers.
+        #[arg(default_value_t = 1000)]
+        m: usize,
+    },
+}

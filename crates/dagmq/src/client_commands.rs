@@ -1,0 +1,276 @@
+//! The client commands: each one HTTP call (or a few) to the scheduler's API, printed as a
+//! table for people or as JSON for scripts.
+
+use std::time::Duration;
+
+use dagmq_core::Params;
+use serde_json::Value;
+
+use crate::cli::{ClientArgs, DagsCommand, LogsArgs, RunsCommand, TriggerArgs};
+use crate::client::{HttpUrl, request};
+use crate::{CliError, CliResult};
+
+/// The API address used when neither a flag, the environment nor a config file names one.
+pub(crate) const DEFAULT_API: &str = "http://127.0.0.1:9191";
+
+/// Talks to one scheduler.
+pub(crate) struct Api {
+    /// Where.
+    url: HttpUrl,
+    /// Bearer token from `DAGMQ_API_TOKEN`.
+    token: Option<String>,
+    /// Print JSON.
+    pub json: bool,
+}
+
+impl Api {
+    /// From the client flags, falling back to the config file's `api`.
+    pub(crate) fn new(args: &ClientArgs, file_api: Option<&str>) -> CliResult<Api> {
+        let address = args.api.as_deref().or(file_api).unwrap_or(DEFAULT_API);
+        let url = HttpUrl::parse(address).map_err(|e| CliError::usage(format!("--api: {e}")))?;
+        let token = std::env::var("DAGMQ_API_TOKEN").ok().filter(|t| !t.is_empty());
+        Ok(Api { url, token, json: args.json })
+    }
+
+    /// One call; a 4xx answer is bad input (exit 2), anything else that fails is exit 1.
+    pub(crate) async fn call(&self, method: &str, path: &str, body: Option<Value>) -> CliResult<Value> {
+        let body = body.map(|b| serde_json::to_vec(&b).unwrap_or_default());
+        let response = request(&self.url, method, path, body.as_deref(), self.token.as_deref())
+            .await
+            .map_err(CliError::runtime)?;
+        let value: Value = serde_json::from_slice(&response.body).unwrap_or(Value::Null);
+        match response.status {
+            200..=299 => Ok(value),
+            status => {
+                let message = value.get("error").and_then(Value::as_str).unwrap_or("no error message").to_string();
+                if (400..500).contains(&status) {
+                    Err(CliError::input(format!("{message} (HTTP {status})")))
+                } else {
+                    Err(CliError::runtime(format!("{message} (HTTP {status})")))
+                }
+            }
+        }
+    }
+
+    /// Prints a value as pretty JSON.
+    fn print_json(&self, value: &Value) {
+        println!("{}", serde_json::to_string_pretty(value).unwrap_or_default());
+    }
+}
+
+/// `dagmq trigger`.
+pub(crate) async fn trigger(api: &Api, args: &TriggerArgs) -> CliResult<()> {
+    let mut params = Params::new();
+    for pair in &args.params {
+        let Some((key, value)) = pair.split_once('=') else {
+            return Err(CliError::usage(format!("--param {pair:?}: expected KEY=VALUE")));
+        };
+        params.insert(key.to_string(), Value::String(value.to_string()));
+    }
+    let mut body = serde_json::json!({ "params": params });
+    if let Some(key) = &args.key {
+        body["key"] = Value::String(key.clone());
+    }
+    let answer = api.call("POST", &format!("/api/v1/dags/{}/runs", args.dag_id), Some(body)).await?;
+    let run_id = answer["run_id"].as_str().unwrap_or_default().to_string();
+    if !args.wait {
+        if api.json {
+            api.print_json(&answer);
+        } else if answer["created"].as_bool() == Some(false) {
+            println!("{run_id} (existing run for key)");
+        } else {
+            println!("{run_id}");
+        }
+        return Ok(());
+    }
+    let mut last_line = String::new();
+    loop {
+        let run = api.call("GET", &format!("/api/v1/runs/{run_id}"), None).await?;
+        let state = run["state"].as_str().unwrap_or("unknown").to_string();
+        let counts = &run["task_counts"];
+        let total: u64 = counts.as_object().map_or(0, |m| m.values().filter_map(Value::as_u64).sum());
+        let done: u64 = ["success", "failed", "upstream_failed", "cancelled"].iter().filter_map(|s| counts[*s].as_u64()).sum();
+        let line = format!("{run_id}: {state}, {done}/{total} tasks done");
+        if line != last_line && !api.json {
+            eprintln!("{line}");
+            last_line = line;
+        }
+        if matches!(state.as_str(), "success" | "failed" | "cancelled") {
+            if api.json {
+                api.print_json(&run);
+            } else {
+                println!("{run_id} {state}");
+            }
+            return if state == "success" { Ok(()) } else { Err(CliError::runtime(format!("run {run_id} {state}"))) };
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
+/// `dagmq dags ...`.
+pub(crate) async fn dags(api: &Api, command: &DagsCommand) -> CliResult<()> {
+    match command {
+        DagsCommand::List => {
+            let dags = api.call("GET", "/api/v1/dags", None).await?;
+            if api.json {
+                api.print_json(&dags);
+                return Ok(());
+            }
+            let rows = dags.as_array().cloned().unwrap_or_default().iter().map(|d| {
+                vec![
+                    text(&d["dag_id"]),
+                    d["schedule"].as_str().unwrap_or("manual").to_string(),
+                    if d["paused"].as_bool() == Some(true) { "yes".into() } else { "no".into() },
+                    text(&d["next_run"]),
+                    text(&d["last_run"]["state"]),
+                    d["tasks"].as_array().map_or(0, Vec::len).to_string(),
+                ]
+            }).collect();
+            print_table(&["DAG", "SCHEDULE", "PAUSED", "NEXT RUN", "LAST RUN", "TASKS"], rows);
+        }
+        DagsCommand::Pause { dag_id } | DagsCommand::Unpause { dag_id } => {
+            let verb = if matches!(command, DagsCommand::Pause { .. }) { "pause" } else { "unpause" };
+            let answer = api.call("POST", &format!("/api/v1/dags/{dag_id}/{verb}"), None).await?;
+            if api.json {
+                api.print_json(&answer);
+            } else {
+                println!("{dag_id} {verb}d");
+            }
+        }
+    }
+    Ok(())
+}
+
+/// `dagmq runs ...`.
+pub(crate) async fn runs(api: &Api, command: &RunsCommand) -> CliResult<()> {
+    match command {
+        RunsCommand::List { dag_id, status, limit } => {
+            let mut query = format!("?limit={limit}");
+            if let Some(dag_id) = dag_id {
+                query.push_str(&format!("&dag_id={dag_id}"));
+            }
+            if let Some(status) = status {
+                query.push_str(&format!("&status={status}"));
+            }
+            let runs = api.call("GET", &format!("/api/v1/runs{query}"), None).await?;
+            if api.json {
+                api.print_json(&runs);
+                return Ok(());
+            }
+            let rows = runs.as_array().cloned().unwrap_or_default().iter().map(|r| {
+                vec![text(&r["run_id"]), text(&r["dag_id"]), text(&r["state"]), text(&r["created_at"]), counts(&r["task_counts"])]
+            }).collect();
+            print_table(&["RUN", "DAG", "STATE", "CREATED", "TASKS"], rows);
+        }
+        RunsCommand::Show { run_id } => {
+            let run = api.call("GET", &format!("/api/v1/runs/{run_id}"), None).await?;
+            if api.json {
+                api.print_json(&run);
+                return Ok(());
+            }
+            println!("run      {}\ndag      {}\nstate    {}\nkind     {}\ncreated  {}\nstarted  {}\nended    {}\nparams   {}",
+                text(&run["run_id"]), text(&run["dag_id"]), text(&run["state"]), text(&run["kind"]),
+                text(&run["created_at"]), text(&run["started_at"]), text(&run["ended_at"]), run["params"]);
+            println!();
+            let rows = run["tasks"].as_array().cloned().unwrap_or_default().iter().map(|t| {
+                vec![text(&t["task_id"]), text(&t["state"]), text(&t["try_number"]), text(&t["worker"]), text(&t["started_at"]), text(&t["ended_at"]), text(&t["error"])]
+            }).collect();
+            print_table(&["TASK", "STATE", "TRY", "WORKER", "STARTED", "ENDED", "ERROR"], rows);
+        }
+        RunsCommand::Restart { run_id } | RunsCommand::Cancel { run_id } => {
+            let verb = if matches!(command, RunsCommand::Restart { .. }) { "restart" } else { "cancel" };
+            let answer = api.call("POST", &format!("/api/v1/runs/{run_id}/{verb}"), None).await?;
+            if api.json {
+                api.print_json(&answer);
+            } else {
+                println!("{run_id} {}", if verb == "restart" { "restarted" } else { "cancelled" });
+            }
+        }
+    }
+    Ok(())
+}
+
+/// `dagmq logs`.
+pub(crate) async fn logs(api: &Api, args: &LogsArgs) -> CliResult<()> {
+    let mut from = 0;
+    loop {
+        let mut path = format!("/api/v1/runs/{}/tasks/{}/logs?from={from}", args.run_id, args.task_id);
+        if let Some(try_number) = args.try_number {
+            path.push_str(&format!("&try={try_number}"));
+        }
+        let log = api.call("GET", &path, None).await?;
+        if api.json && !args.follow {
+            api.print_json(&log);
+            return Ok(());
+        }
+        for line in log["lines"].as_array().cloned().unwrap_or_default() {
+            match line.as_str() {
+                Some(text) => println!("{text}"),
+                None => println!("{line}"),
+            }
+        }
+        from = log["next"].as_u64().unwrap_or(0) as usize;
+        let state = log["state"].as_str().unwrap_or("");
+        let finished = matches!(state, "success" | "failed" | "upstream_failed" | "cancelled" | "up_for_retry");
+        if !args.follow || finished {
+            return Ok(());
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
+/// `dagmq workers`.
+pub(crate) async fn workers(api: &Api) -> CliResult<()> {
+    let workers = api.call("GET", "/api/v1/workers", None).await?;
+    if api.json {
+        api.print_json(&workers);
+        return Ok(());
+    }
+    let rows = workers.as_array().cloned().unwrap_or_default().iter().map(|w| {
+        vec![
+            text(&w["name"]),
+            text(&w["host"]),
+            w["queues"].as_array().map(|q| q.iter().map(text).collect::<Vec<_>>().join(",")).unwrap_or_default(),
+            text(&w["concurrency"]),
+            w["running"].as_array().map_or(0, Vec::len).to_string(),
+            text(&w["last_heartbeat"]),
+        ]
+    }).collect();
+    print_table(&["WORKER", "HOST", "QUEUES", "CONCURRENCY", "RUNNING", "LAST HEARTBEAT"], rows);
+    Ok(())
+}
+
+/// A JSON value as a table cell.
+fn text(value: &Value) -> String {
+    match value {
+        Value::Null => "-".to_string(),
+        Value::String(s) => s.clone(),
+        other => other.to_string(),
+    }
+}
+
+/// Task counts as `success=3 failed=1`.
+fn counts(value: &Value) -> String {
+    value
+        .as_object()
+        .map(|m| m.iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>().join(" "))
+        .unwrap_or_default()
+}
+
+/// Prints rows under headers, columns padded to their widest cell.
+fn print_table(headers: &[&str], rows: Vec<Vec<String>>) {
+    let mut widths: Vec<usize> = headers.iter().map(|h| h.len()).collect();
+    for row in &rows {
+        for (i, cell) in row.iter().enumerate() {
+            widths[i] = widths[i].max(cell.chars().count());
+        }
+    }
+    let line = |cells: Vec<String>| {
+        let padded: Vec<String> = cells.iter().enumerate().map(|(i, c)| format!("{c:<width$}", width = widths[i])).collect();
+        println!("{}", padded.join("  ").trim_end());
+    };
+    line(headers.iter().map(|h| h.to_string()).collect());
+    for row in rows {
+        line(row);
+    }
+}

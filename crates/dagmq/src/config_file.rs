@@ -1,0 +1,35 @@
+//! The optional config file: defaults for flags, below flags and environment variables.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::Context;
+use serde::Deserialize;
+
+/// Keys a config file may set.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct ConfigFile {
+    /// Directory of DAG files.
+    pub dags: Option<PathBuf>,
+    /// API port.
+    pub port: Option<u16>,
+    /// API address.
+    pub bind: Option<String>,
+    /// Worker concurrency.
+    pub concurrency: Option<usize>,
+    /// The scheduler's API, for client commands.
+    pub api: Option<String>,
+    /// Webhook for failure notifications.
+    pub notify_webhook: Option<String>,
+    /// How long a stopping worker waits for running tasks, e.g. "30s".
+    pub grace_period: Option<String>,
+}
+
+impl ConfigFile {
+    /// Reads the file, or the empty config when none is named.
+    pub(crate) fn load(path: Option<&Path>) -> anyhow::Result<ConfigFile> {
+        let Some(path) = path else { return Ok(ConfigFile::default()) };
+        let text = std::fs::read_to_string(path).with_context(|| format!("cannot read config file {}", path.display()))?;
+        toml::from_str(&text).map_err(|e| anyhow::anyhow!("{}: {}", path.display(), e.message()))
+    }
+}

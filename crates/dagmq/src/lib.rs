@@ -1,0 +1,184 @@
+//! dagmq: the command line and the wiring of adapters. A user's own binary builds an [`App`]
+//! with its Rust DAGs and tasks and calls [`App::main`], as ppacer users write their own `main`.
+//!
+//! ```no_run
+//! use dagmq::App;
+//! use dagmq_core::{Dag, TaskSpec};
+//!
+//! fn main() -> std::process::ExitCode {
+//!     let dag = Dag::builder("hello").task(TaskSpec::command("say", ["echo", "hello"])).build().unwrap();
+//!     App::new().dag(dag).main()
+//! }
+//! ```
+
+mod bench;
+pub mod cli;
+pub mod client;
+mod client_commands;
+mod config_file;
+pub mod load;
+mod standalone;
+mod webhook;
+
+use std::fmt;
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use clap::Parser;
+use dagmq_core::{Dag, DagRegistry, Task, TaskRegistry};
+
+use cli::{Cli, Command};
+use client_commands::Api;
+use config_file::ConfigFile;
+
+/// A dagmq program: the shipped binary, or a user's own with its Rust DAGs and tasks.
+pub struct App {
+    /// DAGs defined in Rust.
+    dags: DagRegistry,
+    /// Named Rust tasks for `run = "NAME"` and follow-ups (`noop` and `sleep` included).
+    tasks: TaskRegistry,
+    /// DAGs refused at registration (duplicate ids), reported at start.
+    errors: Vec<String>,
+}
+
+impl Default for App {
+    fn default() -> App {
+        App::new()
+    }
+}
+
+impl App {
+    /// An app with the builtin tasks `noop` and `sleep` and no Rust DAGs.
+    pub fn new() -> App {
+        App { dags: DagRegistry::new(), tasks: dagmq_worker::builtin_tasks(), errors: Vec::new() }
+    }
+
+    /// Adds a DAG written in Rust.
+    pub fn dag(mut self, dag: Dag) -> App {
+        if let Err(err) = self.dags.add(dag) {
+            self.errors.push(err.to_string());
+        }
+        self
+    }
+
+    /// Registers a Rust task that DAG files name with `run = "NAME"`; `factory` builds it from
+    /// the task's `args`.
+    pub fn task<F>(mut self, name: &str, factory: F) -> App
+    where
+        F: Fn(&serde_json::Value) -> Result<Arc<dyn Task>, String> + Send + Sync + 'static,
+    {
+        self.tasks.register(name, factory);
+        self
+    }
+
+    /// Parses the process's arguments, runs the command and answers its exit code.
+    pub fn main(self) -> ExitCode {
+        self.run_with_args(std::env::args_os())
+    }
+
+    /// Like [`App::main`] with explicit arguments (the first is the program name).
+    pub fn run_with_args<I, T>(self, args: I) -> ExitCode
+    where
+        I: IntoIterator<Item = T>,
+        T: Into<std::ffi::OsString> + Clone,
+    {
+        let cli = match Cli::try_parse_from(args) {
+            Ok(cli) => cli,
+            Err(err) => {
+                let _ = err.print();
+                return ExitCode::from(if err.use_stderr() { 2 } else { 0 });
+            }
+        };
+        init_tracing();
+        let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+            Ok(runtime) => runtime,
+            Err(err) => {
+                eprintln!("error: cannot start the async runtime: {err}");
+                return ExitCode::from(1);
+            }
+        };
+        match runtime.block_on(self.run(cli)) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(err) => {
+                eprintln!("error: {err}");
+                ExitCode::from(err.code)
+            }
+        }
+    }
+
+    async fn run(self, cli: Cli) -> CliResult<()> {
+        if !self.errors.is_empty() {
+            return Err(CliError::usage(self.errors.join("\n")));
+        }
+        let file = ConfigFile::load(cli.config.as_deref()).map_err(|e| CliError::usage(format!("{e:#}")))?;
+        match &cli.command {
+            Command::Standalone(args) => standalone::standalone(&self, args, &file).await,
+            Command::Validate(args) => self.validate(args.dags.as_deref().or(file.dags.as_deref())),
+            Command::Trigger(args) => client_commands::trigger(&Api::new(&args.client, file.api.as_deref())?, args).await,
+            Command::Dags(args) => client_commands::dags(&Api::new(&args.client, file.api.as_deref())?, &args.command).await,
+            Command::Runs(args) => client_commands::runs(&Api::new(&args.client, file.api.as_deref())?, &args.command).await,
+            Command::Logs(args) => client_commands::logs(&Api::new(&args.client, file.api.as_deref())?, args).await,
+            Command::Workers(args) => client_commands::workers(&Api::new(args, file.api.as_deref())?).await,
+            Command::Bench(args) => bench::bench(args).await,
+        }
+    }
+
+    /// `dagmq validate`: every refused file on its own line, exit 2 if any.
+    fn validate(&self, dir: Option<&std::path::Path>) -> CliResult<()> {
+        let Some(dir) = dir else {
+            return Err(CliError::usage("validate needs --dags DIR (or DAGMQ_DAGS)"));
+        };
+        let loaded = load::load_dags(Some(dir), &self.dags, &self.tasks).map_err(|e| CliError::usage(format!("{e:#}")))?;
+        for error in &loaded.errors {
+            eprintln!("{error}");
+        }
+        if loaded.errors.is_empty() {
+            println!("{} dags ok", loaded.dags.len());
+            Ok(())
+        } else {
+            Err(CliError::usage(format!("{} of the dag files are invalid", loaded.errors.len())))
+        }
+    }
+}
+
+/// A command's failure and its exit code: 2 for bad usage or input, 1 for runtime failures.
+#[derive(Debug)]
+pub struct CliError {
+    /// Exit code.
+    pub code: u8,
+    /// What went wrong.
+    pub message: String,
+}
+
+impl CliError {
+    /// Bad usage: exit 2.
+    pub fn usage(message: impl Into<String>) -> CliError {
+        CliError { code: 2, message: message.into() }
+    }
+
+    /// Bad input (the API refused it): exit 2.
+    pub fn input(message: impl Into<String>) -> CliError {
+        CliError { code: 2, message: message.into() }
+    }
+
+    /// Something failed at run time: exit 1.
+    pub fn runtime(message: impl Into<String>) -> CliError {
+        CliError { code: 1, message: message.into() }
+    }
+}
+
+impl fmt::Display for CliError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+/// A command's result.
+pub type CliResult<T> = Result<T, CliError>;
+
+/// Logs to stderr, filtered by `DAGMQ_LOG` (default `info`).
+fn init_tracing() {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("DAGMQ_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_target(false).try_init();
+}

@@ -1,0 +1,58 @@
+//! Loading DAG files from a directory: good files become DAGs, bad ones become errors that name
+//! the file, the line and the reason, and never stop the good ones from loading.
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use anyhow::Context;
+use dagmq_core::dag_file::parse_dag_file;
+use dagmq_core::{Dag, DagRegistry, Params, TaskRegistry};
+
+/// What a directory held.
+pub struct LoadedDags {
+    /// The DAGs that loaded, with the binary's Rust DAGs.
+    pub dags: DagRegistry,
+    /// `[params]` defaults per DAG.
+    pub default_params: HashMap<String, Params>,
+    /// One `file:line: reason` per refused file.
+    pub errors: Vec<String>,
+}
+
+/// Loads every `*.toml` file of `dir` (in name order) beside `rust_dags`. Fails only when the
+/// directory cannot be read.
+pub fn load_dags(dir: Option<&Path>, rust_dags: &DagRegistry, tasks: &TaskRegistry) -> anyhow::Result<LoadedDags> {
+    let mut loaded = LoadedDags { dags: rust_dags.clone(), default_params: HashMap::new(), errors: Vec::new() };
+    let Some(dir) = dir else { return Ok(loaded) };
+    let entries = std::fs::read_dir(dir).with_context(|| format!("cannot read the dags directory {}", dir.display()))?;
+    let mut files: Vec<_> = entries
+        .filter_map(Result::ok)
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|x| x == "toml"))
+        .collect();
+    files.sort();
+    for path in files {
+        let name = path.display().to_string();
+        let text = match std::fs::read_to_string(&path) {
+            Ok(text) => text,
+            Err(err) => {
+                loaded.errors.push(format!("{name}: cannot read: {err}"));
+                continue;
+            }
+        };
+        match parse_dag_file(&name, &text, tasks) {
+            Ok(file) => {
+                let id = file.dag.id.clone();
+                add(&mut loaded, file.dag, &name);
+                loaded.default_params.insert(id, file.default_params);
+            }
+            Err(err) => loaded.errors.push(err.to_string()),
+        }
+    }
+    Ok(loaded)
+}
+
+fn add(loaded: &mut LoadedDags, dag: Dag, file: &str) {
+    if let Err(err) = loaded.dags.add(dag) {
+        loaded.errors.push(format!("{file}: {err}"));
+    }
+}

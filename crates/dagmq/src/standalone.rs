@@ -1,0 +1,118 @@
+//! `dagmq standalone`: scheduler, worker and API in one process over the in-memory backends.
+
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use dagmq_core::memory::{MemoryQueue, MemoryStore};
+use dagmq_core::{CancelSignal, Clock, Queue, Store, SystemClock};
+use dagmq_scheduler::api::ApiConfig;
+use dagmq_scheduler::notifier::{FanoutNotifier, LogNotifier, Notifier};
+use dagmq_scheduler::SchedulerConfig;
+use dagmq_worker::WorkerConfig;
+
+use crate::cli::ServeArgs;
+use crate::config_file::ConfigFile;
+use crate::load::load_dags;
+use crate::webhook::WebhookNotifier;
+use crate::{App, CliError, CliResult};
+
+/// Runs until SIGINT or SIGTERM, then stops the worker gracefully and everything else after it.
+pub(crate) async fn standalone(app: &App, args: &ServeArgs, file: &ConfigFile) -> CliResult<()> {
+    let dags_dir = args.dags.clone().or_else(|| file.dags.clone());
+    let port = args.port.or(file.port).unwrap_or(9191);
+    let bind = args.bind.clone().or_else(|| file.bind.clone()).unwrap_or_else(|| "127.0.0.1".to_string());
+    let cores = std::thread::available_parallelism().map_or(1, usize::from);
+    let concurrency = args.concurrency.or(file.concurrency).unwrap_or(cores * 4);
+    let grace_period = match &file.grace_period {
+        Some(text) => dagmq_core::duration::parse_duration(text).map_err(|e| CliError::usage(format!("grace_period: {e}")))?,
+        None => Duration::from_secs(30),
+    };
+    let token = std::env::var("DAGMQ_API_TOKEN").ok().filter(|t| !t.is_empty());
+    let address: IpAddr = bind.parse().map_err(|_| CliError::usage(format!("--bind {bind:?} is not an IP address")))?;
+    if !address.is_loopback() && token.is_none() && !args.insecure {
+        return Err(CliError::usage(format!(
+            "refusing to listen on {bind} without DAGMQ_API_TOKEN; set a token or pass --insecure"
+        )));
+    }
+    let mut notifiers: Vec<Box<dyn Notifier>> = vec![Box::new(LogNotifier)];
+    if let Some(url) = args.notify_webhook.as_ref().or(file.notify_webhook.as_ref()) {
+        notifiers.push(Box::new(WebhookNotifier::new(url).map_err(|e| CliError::usage(format!("--notify-webhook: {e}")))?));
+    }
+
+    let loaded = load_dags(dags_dir.as_deref(), &app.dags, &app.tasks).map_err(|e| CliError::usage(format!("{e:#}")))?;
+    for error in &loaded.errors {
+        tracing::error!("dag file refused: {error}");
+    }
+    if loaded.dags.is_empty() {
+        tracing::warn!("no dags loaded; pass --dags DIR");
+    }
+    tracing::info!(dags = loaded.dags.len(), refused = loaded.errors.len(), "dags loaded");
+
+    let queue: Arc<dyn Queue> = Arc::new(MemoryQueue::new());
+    let store: Arc<dyn Store> = Arc::new(MemoryStore::new());
+    let clock: Arc<dyn Clock> = Arc::new(SystemClock);
+    let (stop_scheduler, scheduler_signal) = CancelSignal::new();
+    let (stop_worker, worker_signal) = CancelSignal::new();
+
+    let mut scheduler_config = SchedulerConfig::new(loaded.dags.clone(), clock.clone());
+    scheduler_config.default_params = loaded.default_params;
+    scheduler_config.notifier = Arc::new(FanoutNotifier(notifiers));
+    let (handle, scheduler) = dagmq_scheduler::spawn(scheduler_config, queue.clone(), store.clone(), scheduler_signal.clone());
+
+    let mut worker_config = WorkerConfig::new(worker_name(), loaded.dags, clock);
+    worker_config.host = host_name();
+    worker_config.concurrency = concurrency;
+    worker_config.tasks = app.tasks.clone();
+    worker_config.grace_period = grace_period;
+    let worker = tokio::spawn(dagmq_worker::run(worker_config, queue, store, worker_signal));
+
+    let listener = tokio::net::TcpListener::bind((address, port))
+        .await
+        .with_context(|| format!("cannot listen on {bind}:{port}"))
+        .map_err(|e| CliError::runtime(format!("{e:#}")))?;
+    tracing::info!("api and ui on http://{}", listener.local_addr().map(|a| a.to_string()).unwrap_or_default());
+    let server = tokio::spawn(dagmq_scheduler::api::serve(listener, handle, ApiConfig { token }, scheduler_signal));
+
+    wait_for_signal().await;
+    tracing::info!("shutting down: the worker finishes running tasks first");
+    stop_worker.cancel();
+    let _ = worker.await;
+    stop_scheduler.cancel();
+    let _ = scheduler.await;
+    let _ = server.await;
+    Ok(())
+}
+
+/// Completes on SIGINT or SIGTERM.
+pub(crate) async fn wait_for_signal() {
+    let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
+    let term = async {
+        match terminate.as_mut() {
+            Some(signal) => {
+                signal.recv().await;
+            }
+            None => std::future::pending().await,
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term => {}
+    }
+}
+
+/// This machine's name, for the worker registry.
+pub(crate) fn host_name() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_string())
+        .ok()
+        .filter(|h| !h.is_empty())
+        .or_else(|| std::env::var("HOSTNAME").ok())
+        .unwrap_or_else(|| "localhost".to_string())
+}
+
+/// A worker name unique on this machine: host and process id.
+pub(crate) fn worker_name() -> String {
+    format!("{}-{}", host_name(), std::process::id())
+}
