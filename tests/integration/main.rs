@@ -1,3 +1,4 @@
+#![allow(clippy::unwrap_used, missing_docs, unreachable_pub)]
 //! dagmq's integration and end-to-end tests, in one binary to keep link time down.
 //! - `scheduling`: scheduler and worker over the in-memory backends, on tokio's paused clock.
 //! - `cli_standalone`: the `dagmq` binary in standalone mode, driven through its CLI.

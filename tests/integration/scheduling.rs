@@ -52,7 +52,12 @@ async fn linear_diamond_and_wide_dags_run_in_dependency_order() {
         wide_dag = wide_dag.task(TaskSpec::rust("sink", Probe::new(j, c)).after(wide.clone()));
         vec![
             probe_dag("linear", j, c, &[("a", &[]), ("b", &["a"]), ("c", &["b"])]),
-            probe_dag("diamond", j, c, &[("top", &[]), ("left", &["top"]), ("right", &["top"]), ("bottom", &["left", "right"])]),
+            probe_dag(
+                "diamond",
+                j,
+                c,
+                &[("top", &[]), ("left", &["top"]), ("right", &["top"]), ("bottom", &["left", "right"])],
+            ),
             wide_dag.build().unwrap(),
         ]
     })
@@ -91,11 +96,11 @@ async fn retries_wait_with_backoff_then_succeed() {
         let flaky = Probe { failures: 3, work: Duration::ZERO, ..Probe::new(j, c) };
         vec![
             Dag::builder("flaky")
-                .task(
-                    TaskSpec::rust("flaky", flaky)
-                        .retries(3)
-                        .retry_delay(Duration::from_secs(10), 2.0, Duration::from_secs(30)),
-                )
+                .task(TaskSpec::rust("flaky", flaky).retries(3).retry_delay(
+                    Duration::from_secs(10),
+                    2.0,
+                    Duration::from_secs(30),
+                ))
                 .task(TaskSpec::rust("after", Probe::new(j, c)).after(["flaky"]))
                 .build()
                 .unwrap(),
@@ -361,7 +366,10 @@ async fn follow_up_tasks_run_before_downstream() {
         follow_ups: vec![
             FollowUp::new("part1", "probe", serde_json::json!({})),
             FollowUp::new("part2", "probe", serde_json::json!({})),
-            FollowUp { after: vec!["part1".into(), "part2".into()], ..FollowUp::new("merge", "probe", serde_json::json!({})) },
+            FollowUp {
+                after: vec!["part1".into(), "part2".into()],
+                ..FollowUp::new("merge", "probe", serde_json::json!({}))
+            },
         ],
         ..Probe::new(&journal, &clock)
     };
@@ -388,7 +396,8 @@ async fn follow_up_tasks_run_before_downstream() {
 #[tokio::test(start_paused = true)]
 async fn follow_up_naming_an_unknown_task_fails_the_parent() {
     let (h, _journal) = harness_with(|j, c| {
-        let spawner = Probe { follow_ups: vec![FollowUp::new("x", "no-such-task", serde_json::Value::Null)], ..Probe::new(j, c) };
+        let spawner =
+            Probe { follow_ups: vec![FollowUp::new("x", "no-such-task", serde_json::Value::Null)], ..Probe::new(j, c) };
         vec![Dag::builder("bad-dynamic").task(TaskSpec::rust("plan", spawner)).build().unwrap()]
     })
     .await;

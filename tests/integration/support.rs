@@ -110,7 +110,11 @@ impl Harness {
             {
                 return run;
             }
-            assert!(tokio::time::Instant::now() < deadline, "run {run_id} did not reach the expected state: {:?}", self.store.run(run_id).await.unwrap());
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "run {run_id} did not reach the expected state: {:?}",
+                self.store.run(run_id).await.unwrap()
+            );
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
     }
@@ -162,7 +166,10 @@ fn spawn_scheduler(
 
 /// A shared journal of task events: "start:TASK" and "end:TASK", with the clock time.
 #[derive(Clone, Default)]
-pub struct Journal(pub Arc<Mutex<Vec<(String, DateTime<Utc>)>>>);
+pub struct Journal(pub Arc<Mutex<Vec<JournalEntry>>>);
+
+/// One journal line and when it was written.
+pub type JournalEntry = (String, DateTime<Utc>);
 
 impl Journal {
     pub fn push(&self, entry: String, at: DateTime<Utc>) {
@@ -229,7 +236,11 @@ impl Task for Probe {
         }
         self.journal.push(format!("end:{}", ctx.task_id), self.clock.now());
         if n <= self.failures {
-            return Err(if self.fatal { TaskError::fatal(format!("fatal failure {n}")) } else { TaskError::new(format!("failure {n}")) });
+            return Err(if self.fatal {
+                TaskError::fatal(format!("fatal failure {n}"))
+            } else {
+                TaskError::new(format!("failure {n}"))
+            });
         }
         Ok(TaskOutcome::with_follow_ups(self.follow_ups.clone()))
     }

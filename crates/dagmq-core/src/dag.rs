@@ -218,7 +218,13 @@ impl TaskSpec {
 
     /// A task of any kind with default settings.
     pub fn new(id: impl Into<String>, kind: TaskKind) -> TaskSpec {
-        TaskSpec { id: id.into(), after: Vec::new(), kind, config: TaskConfig::default(), args: serde_json::Value::Null }
+        TaskSpec {
+            id: id.into(),
+            after: Vec::new(),
+            kind,
+            config: TaskConfig::default(),
+            args: serde_json::Value::Null,
+        }
     }
 
     /// Waits for these tasks.
@@ -601,7 +607,10 @@ mod tests {
             Dag::builder("e t l").task(cmd("a")),
             Err(r#"dag "e t l": bad dag id: "e t l" contains ' '; use letters, digits, '_', '-' and '.'"#),
         );
-        check(Dag::builder("etl").max_active_runs(0).task(cmd("a")), Err(r#"dag "etl": max_active_runs must be at least 1"#));
+        check(
+            Dag::builder("etl").max_active_runs(0).task(cmd("a")),
+            Err(r#"dag "etl": max_active_runs must be at least 1"#),
+        );
         check(
             Dag::builder("etl").task(TaskSpec::command("a", Vec::<String>::new())),
             Err(r#"dag "etl": task "a": empty command"#),

@@ -112,10 +112,16 @@ pub fn parse_dag_file(file: &str, text: &str, registry: &TaskRegistry) -> Result
         let text_value = match start.get_ref() {
             toml::Value::String(s) => s.clone(),
             toml::Value::Datetime(d) => d.to_string(),
-            other => return Err(error(Some(start.span()), format!("start must be an RFC 3339 time, not a {}", other.type_str()))),
+            other => {
+                return Err(error(
+                    Some(start.span()),
+                    format!("start must be an RFC 3339 time, not a {}", other.type_str()),
+                ));
+            }
         };
-        let instant = DateTime::parse_from_rfc3339(&text_value)
-            .map_err(|e| error(Some(start.span()), format!("bad start {text_value:?}: {e} (use e.g. 2026-01-01T00:00:00Z)")))?;
+        let instant = DateTime::parse_from_rfc3339(&text_value).map_err(|e| {
+            error(Some(start.span()), format!("bad start {text_value:?}: {e} (use e.g. 2026-01-01T00:00:00Z)"))
+        })?;
         builder = builder.start(instant.with_timezone(&Utc));
     }
     if let Some(catch_up) = parsed.catch_up {
@@ -131,7 +137,8 @@ pub fn parse_dag_file(file: &str, text: &str, registry: &TaskRegistry) -> Result
         builder = builder.tag(tag);
     }
     if let Some(timeout) = &parsed.run_timeout {
-        let duration = parse_duration(timeout.get_ref()).map_err(|e| error(Some(timeout.span()), format!("run_timeout: {e}")))?;
+        let duration =
+            parse_duration(timeout.get_ref()).map_err(|e| error(Some(timeout.span()), format!("run_timeout: {e}")))?;
         builder = builder.run_timeout(duration);
     }
 
@@ -147,7 +154,9 @@ pub fn parse_dag_file(file: &str, text: &str, registry: &TaskRegistry) -> Result
             return Err(error(Some(entry.id.span()), format!("dag {dag_id:?}: duplicate task id {task_id:?}")));
         }
         let args = match entry.args {
-            Some(value) => serde_json::to_value(value).map_err(|e| task_error(entry_span.clone(), format!("bad args: {e}")))?,
+            Some(value) => {
+                serde_json::to_value(value).map_err(|e| task_error(entry_span.clone(), format!("bad args: {e}")))?
+            }
             None => serde_json::Value::Null,
         };
         let kind = match (entry.command, entry.run) {
@@ -170,12 +179,15 @@ pub fn parse_dag_file(file: &str, text: &str, registry: &TaskRegistry) -> Result
             after_spans.insert((task_id.clone(), up.get_ref().clone()), up.span());
         }
         spec.after = entry.after.into_iter().map(Spanned::into_inner).collect();
-        let duration = |value: &Option<Spanned<String>>, key: &str| -> Result<Option<std::time::Duration>, DagFileError> {
-            match value {
-                Some(v) => parse_duration(v.get_ref()).map(Some).map_err(|e| task_error(v.span(), format!("{key}: {e}"))),
-                None => Ok(None),
-            }
-        };
+        let duration =
+            |value: &Option<Spanned<String>>, key: &str| -> Result<Option<std::time::Duration>, DagFileError> {
+                match value {
+                    Some(v) => {
+                        parse_duration(v.get_ref()).map(Some).map_err(|e| task_error(v.span(), format!("{key}: {e}")))
+                    }
+                    None => Ok(None),
+                }
+            };
         let config = &mut spec.config;
         if let Some(retries) = entry.retries {
             config.retries = retries;
@@ -313,7 +325,10 @@ queue = "heavy"
 
     #[test]
     fn reports_file_line_and_reason() {
-        check("id = \"etl\"\n[[task]]\nid = \"a\"\ncommand = [\"true\"]\nafter = [\"b\"]\n", "etl.toml:5: dag \"etl\", task \"a\": unknown upstream \"b\"");
+        check(
+            "id = \"etl\"\n[[task]]\nid = \"a\"\ncommand = [\"true\"]\nafter = [\"b\"]\n",
+            "etl.toml:5: dag \"etl\", task \"a\": unknown upstream \"b\"",
+        );
         check(
             "id = \"etl\"\n[[task]]\nid = \"a\"\ncommand = [\"true\"]\nafter = [\"b\"]\n[[task]]\nid = \"b\"\ncommand = [\"true\"]\nafter = [\"a\"]\n",
             "etl.toml:3: dag \"etl\": cycle a -> b -> a",
@@ -327,10 +342,22 @@ queue = "heavy"
             "etl.toml:2: dag \"etl\": bad cron \"0 0 2 * *\": expected 6 fields (sec min hour day-of-month month day-of-week), found 5",
         );
         check("id = \"etl\"\ntimezone = \"Europe/Warsawa\"\n", "etl.toml:2: unknown timezone \"Europe/Warsawa\"");
-        check("id = \"etl\"\nscheduel = \"@daily\"\n", "etl.toml:2: unknown field `scheduel`, expected one of `id`, `description`, `schedule`, `timezone`, `start`, `catch_up`, `max_active_runs`, `paused`, `tags`, `run_timeout`, `params`, `task`");
-        check("id = \"etl\"\n[[task]]\nid = \"a\"\n", "etl.toml:2: task \"a\": needs `command = [...]` or `run = \"NAME\"`");
-        check("id = \"etl\"\n[[task]]\nid = \"a\"\nrun = \"nope\"\n", "etl.toml:4: task \"a\": run \"nope\": unknown task \"nope\" (registered: noop)");
-        check("id = \"etl\"\n[[task]]\nid = \"a\"\ncommand = [\"true\"]\ntimeout = \"10 minutes\"\n", "etl.toml:5: task \"a\": timeout: bad duration \"10 minutes\": unknown unit \" minutes\" (ms, s, m, h, d)");
+        check(
+            "id = \"etl\"\nscheduel = \"@daily\"\n",
+            "etl.toml:2: unknown field `scheduel`, expected one of `id`, `description`, `schedule`, `timezone`, `start`, `catch_up`, `max_active_runs`, `paused`, `tags`, `run_timeout`, `params`, `task`",
+        );
+        check(
+            "id = \"etl\"\n[[task]]\nid = \"a\"\n",
+            "etl.toml:2: task \"a\": needs `command = [...]` or `run = \"NAME\"`",
+        );
+        check(
+            "id = \"etl\"\n[[task]]\nid = \"a\"\nrun = \"nope\"\n",
+            "etl.toml:4: task \"a\": run \"nope\": unknown task \"nope\" (registered: noop)",
+        );
+        check(
+            "id = \"etl\"\n[[task]]\nid = \"a\"\ncommand = [\"true\"]\ntimeout = \"10 minutes\"\n",
+            "etl.toml:5: task \"a\": timeout: bad duration \"10 minutes\": unknown unit \" minutes\" (ms, s, m, h, d)",
+        );
         check("id = \"etl\"\n[[task]\n", "etl.toml:2: unclosed array table, expected `]`");
         check("id = \"etl\"\n", "etl.toml:1: dag \"etl\": a dag needs at least one task");
     }

@@ -163,7 +163,10 @@ mod tests {
                 key: Some("etl-2026-11-22".into()),
             }),
         );
-        check(br#"{"v":1,"dag_id":"etl"}"#, Ok(Trigger { v: 1, dag_id: "etl".into(), params: Params::new(), key: None }));
+        check(
+            br#"{"v":1,"dag_id":"etl"}"#,
+            Ok(Trigger { v: 1, dag_id: "etl".into(), params: Params::new(), key: None }),
+        );
         check(br#"{"v":2,"dag_id":"etl"}"#, Err("unsupported message version 2 (this build reads v=1)"));
         check(br#"{"dag_id":"etl"}"#, Err("malformed message: missing field `v`"));
         check(br#"{"v":1}"#, Err("malformed message: missing field `dag_id` at line 1 column 7"));
@@ -172,7 +175,9 @@ mod tests {
         check(br#"{"v":"1","dag_id":"etl"}"#, Err("malformed message: field `v` must be a number, not \"1\""));
         check(
             br#"{"v":1,"dag_id":"etl","extra":1}"#,
-            Err("malformed message: unknown field `extra`, expected one of `v`, `dag_id`, `params`, `key` at line 1 column 29"),
+            Err(
+                "malformed message: unknown field `extra`, expected one of `v`, `dag_id`, `params`, `key` at line 1 column 29",
+            ),
         );
         let big = vec![b' '; MAX_MESSAGE_BYTES + 1];
         check(&big, Err("payload of 1048577 bytes exceeds the limit of 1048576 bytes"));

@@ -98,7 +98,12 @@ pub struct TaskInstance {
 
 impl TaskInstance {
     /// A task that has not run yet, with a budget of `retries` tries after the first.
-    pub fn pending(task_id: impl Into<String>, after: Vec<String>, queue: impl Into<String>, retries: u32) -> TaskInstance {
+    pub fn pending(
+        task_id: impl Into<String>,
+        after: Vec<String>,
+        queue: impl Into<String>,
+        retries: u32,
+    ) -> TaskInstance {
         TaskInstance {
             task_id: task_id.into(),
             state: TaskState::Pending,

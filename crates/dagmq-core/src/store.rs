@@ -85,13 +85,31 @@ pub trait Store: Send + Sync + 'static {
     ) -> Result<(), BackendError>;
 
     /// Records a running try's progress; ignored unless that try is running.
-    async fn set_progress(&self, run_id: &str, task_id: &str, try_number: u32, progress: f64) -> Result<(), BackendError>;
+    async fn set_progress(
+        &self,
+        run_id: &str,
+        task_id: &str,
+        try_number: u32,
+        progress: f64,
+    ) -> Result<(), BackendError>;
 
     /// Appends lines to a try's log, keeping at most [`MAX_LOG_LINES_PER_TRY`].
-    async fn append_log(&self, run_id: &str, task_id: &str, try_number: u32, lines: &[String]) -> Result<(), BackendError>;
+    async fn append_log(
+        &self,
+        run_id: &str,
+        task_id: &str,
+        try_number: u32,
+        lines: &[String],
+    ) -> Result<(), BackendError>;
 
     /// A try's log lines from line `from` (0-based) on.
-    async fn read_log(&self, run_id: &str, task_id: &str, try_number: u32, from: usize) -> Result<Vec<String>, BackendError>;
+    async fn read_log(
+        &self,
+        run_id: &str,
+        task_id: &str,
+        try_number: u32,
+        from: usize,
+    ) -> Result<Vec<String>, BackendError>;
 
     /// Registers a worker or refreshes its heartbeat.
     async fn heartbeat(&self, worker: &WorkerInfo) -> Result<(), BackendError>;

@@ -125,7 +125,10 @@ impl ActiveRun {
     /// `None` when they were added already. Follow-up ids are prefixed with the parent's id,
     /// so two parents cannot collide; `Err` names a clash with an existing task.
     #[allow(clippy::type_complexity)]
-    pub(crate) fn expansion(&self, i: usize) -> Result<Option<(Vec<TaskInstance>, Vec<(String, Vec<String>)>)>, String> {
+    pub(crate) fn expansion(
+        &self,
+        i: usize,
+    ) -> Result<Option<(Vec<TaskInstance>, Vec<(String, Vec<String>)>)>, String> {
         let parent = &self.tasks[i];
         if parent.follow_ups.is_empty() {
             return Ok(None);

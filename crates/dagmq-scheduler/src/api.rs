@@ -459,7 +459,8 @@ async fn stats(State(state): State<AppState>) -> ApiResult<Json<StatsView>> {
         }
     }
     let mut topics: Vec<Topic> = vec![Topic::Status, Topic::Triggers, Topic::Dead];
-    let mut pools: Vec<String> = handle.dags.iter().flat_map(|d| d.tasks().iter().map(|t| t.config.queue.clone())).collect();
+    let mut pools: Vec<String> =
+        handle.dags.iter().flat_map(|d| d.tasks().iter().map(|t| t.config.queue.clone())).collect();
     pools.sort();
     pools.dedup();
     topics.extend(pools.into_iter().map(Topic::Tasks));

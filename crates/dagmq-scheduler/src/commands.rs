@@ -101,7 +101,12 @@ impl SchedulerHandle {
     }
 
     /// Creates a manual run of `dag_id`; with a key already used, answers the existing run.
-    pub async fn trigger(&self, dag_id: &str, params: Params, key: Option<String>) -> Result<TriggerOutcome, CommandError> {
+    pub async fn trigger(
+        &self,
+        dag_id: &str,
+        params: Params,
+        key: Option<String>,
+    ) -> Result<TriggerOutcome, CommandError> {
         let dag_id = dag_id.to_string();
         self.ask(|reply| Command::Trigger { dag_id, params, key, reply }).await
     }

@@ -23,10 +23,10 @@ use dagmq_core::{
 use tokio::sync::mpsc;
 
 use crate::active_run::ActiveRun;
-use dagmq_core::Clock;
 use crate::commands::{Command, CommandError, SchedulerHandle, TriggerOutcome};
 use crate::ids::{manual_run_id, scheduled_run_id};
 use crate::notifier::{Notification, NotificationKind, Notifier};
+use dagmq_core::Clock;
 
 /// What the scheduler needs besides its queue and store.
 pub struct SchedulerConfig {
@@ -399,10 +399,7 @@ impl Engine {
 
     async fn on_status(&mut self, run: &mut ActiveRun, update: &StatusUpdate) -> Result<Settle, BackendError> {
         let Some(&i) = run.index.get(&update.task_id) else {
-            return Ok(Settle::DeadLetter(format!(
-                "status: run {:?} has no task {:?}",
-                update.run_id, update.task_id
-            )));
+            return Ok(Settle::DeadLetter(format!("status: run {:?} has no task {:?}", update.run_id, update.task_id)));
         };
         match self.store.task(run.id(), &update.task_id).await? {
             Some(fresh) => self.on_task_changed(run, i, fresh, true).await?,
@@ -432,10 +429,8 @@ impl Engine {
                     self.queue_task(run, r).await?;
                 }
             }
-            TaskState::UpForRetry => {
-                if new.retry_at.is_none() {
-                    self.schedule_retry(run, i, notify).await?;
-                }
+            TaskState::UpForRetry if new.retry_at.is_none() => {
+                self.schedule_retry(run, i, notify).await?;
             }
             TaskState::Failed => {
                 if notify && task_config(run, i).alert_on_failure {
@@ -511,7 +506,8 @@ impl Engine {
         if !self.store.transition_task(run.id(), TaskState::UpForRetry, task.try_number, &new).await? {
             return self.refresh_task(run, i).await;
         }
-        let kind = TimerKind::Retry { run_id: run.id().to_string(), task_id: new.task_id.clone(), try_number: new.try_number };
+        let kind =
+            TimerKind::Retry { run_id: run.id().to_string(), task_id: new.task_id.clone(), try_number: new.try_number };
         run.replace(i, new);
         self.add_timer(at, kind);
         if notify && task_config(run, i).alert_on_retry {
@@ -684,7 +680,12 @@ impl Engine {
         }
     }
 
-    async fn trigger(&mut self, dag_id: &str, params: Params, key: Option<String>) -> Result<TriggerOutcome, CommandError> {
+    async fn trigger(
+        &mut self,
+        dag_id: &str,
+        params: Params,
+        key: Option<String>,
+    ) -> Result<TriggerOutcome, CommandError> {
         let Some(dag) = self.config.dags.get(dag_id).cloned() else {
             return Err(CommandError::NotFound(format!("unknown dag {dag_id:?}")));
         };
@@ -864,8 +865,14 @@ impl Engine {
             let batch = self.config.catch_up_batch.max(1);
             let points = dag.schedule.due_points(start, record.last_scheduled, now, dag.catch_up, batch);
             for &point in &points {
-                self.create_run(&dag, RunKind::Scheduled, point, self.config.default_params.get(&dag.id).cloned().unwrap_or_default(), None)
-                    .await?;
+                self.create_run(
+                    &dag,
+                    RunKind::Scheduled,
+                    point,
+                    self.config.default_params.get(&dag.id).cloned().unwrap_or_default(),
+                    None,
+                )
+                .await?;
                 record.last_scheduled = Some(point);
             }
             if !points.is_empty() {
@@ -988,4 +995,3 @@ fn spawn_forwarder(
         }
     });
 }
-

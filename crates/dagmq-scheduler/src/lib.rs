@@ -11,7 +11,7 @@ mod engine;
 pub mod ids;
 pub mod notifier;
 
-pub use dagmq_core::clock::{Clock, SystemClock, TokioClock};
 pub use commands::{CommandError, SchedulerHandle, TriggerOutcome};
+pub use dagmq_core::clock::{Clock, SystemClock, TokioClock};
 pub use engine::{SchedulerConfig, spawn};
 pub use notifier::{LogNotifier, Notification, NotificationKind, Notifier};

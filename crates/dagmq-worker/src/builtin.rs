@@ -41,7 +41,9 @@ pub fn builtin_tasks() -> TaskRegistry {
     registry.register("noop", |_| Ok(Arc::new(Noop) as Arc<dyn Task>));
     registry.register("sleep", |args| {
         let ms = match args.get("ms") {
-            Some(value) => value.as_u64().ok_or_else(|| format!("args.ms must be a whole number of milliseconds, not {value}"))?,
+            Some(value) => {
+                value.as_u64().ok_or_else(|| format!("args.ms must be a whole number of milliseconds, not {value}"))?
+            }
             None => return Err("needs args = { ms = MILLISECONDS }".to_string()),
         };
         Ok(Arc::new(Sleep { duration: Duration::from_millis(ms) }) as Arc<dyn Task>)
@@ -57,7 +59,10 @@ mod tests {
     fn sleep_needs_ms() {
         let registry = builtin_tasks();
         assert!(registry.build("sleep", &serde_json::json!({"ms": 5})).is_ok());
-        assert_eq!(registry.build("sleep", &serde_json::Value::Null).err().unwrap(), "needs args = { ms = MILLISECONDS }");
+        assert_eq!(
+            registry.build("sleep", &serde_json::Value::Null).err().unwrap(),
+            "needs args = { ms = MILLISECONDS }"
+        );
         assert!(registry.build("sleep", &serde_json::json!({"ms": "x"})).err().unwrap().contains("whole number"));
         assert!(registry.build("noop", &serde_json::Value::Null).is_ok());
     }

@@ -15,7 +15,11 @@ use tokio::process::Command;
 const KILL_GRACE: Duration = Duration::from_secs(5);
 
 /// Runs `argv` for the try in `ctx` until it exits or the try is cancelled.
-pub(crate) async fn run_command(argv: &[String], ctx: TaskContext, logical_date: &str) -> Result<TaskOutcome, TaskError> {
+pub(crate) async fn run_command(
+    argv: &[String],
+    ctx: TaskContext,
+    logical_date: &str,
+) -> Result<TaskOutcome, TaskError> {
     let vars = template_vars(&ctx, logical_date);
     let rendered = argv
         .iter()

@@ -188,10 +188,7 @@ enum Settle {
 async fn execute_message(shared: &Shared, message: &TaskToExec) -> Result<Settle, BackendError> {
     let store = &shared.store;
     let Some(current) = store.task(&message.run_id, &message.task_id).await? else {
-        return Ok(Settle::DeadLetter(format!(
-            "task: run {:?} has no task {:?}",
-            message.run_id, message.task_id
-        )));
+        return Ok(Settle::DeadLetter(format!("task: run {:?} has no task {:?}", message.run_id, message.task_id)));
     };
     if current.state != TaskState::Queued || current.try_number != message.try_number {
         tracing::info!(
@@ -237,7 +234,8 @@ async fn execute_message(shared: &Shared, message: &TaskToExec) -> Result<Settle
         requeued.queued_at = Some(now);
         requeued.started_at = None;
         requeued.worker = None;
-        requeued.error = Some(format!("try {} interrupted: worker {} shut down", running.try_number, shared.config.name));
+        requeued.error =
+            Some(format!("try {} interrupted: worker {} shut down", running.try_number, shared.config.name));
         if store.transition_task(&message.run_id, TaskState::Running, running.try_number, &requeued).await? {
             let next = TaskToExec { try_number: requeued.try_number, max_try: requeued.max_try, ..message.clone() };
             shared.queue.publish(&Topic::Tasks(requeued.queue.clone()), messages::encode(&next)).await?;
@@ -311,13 +309,18 @@ fn check_follow_ups(shared: &Shared, follow_ups: &[FollowUp]) -> Result<(), Stri
 
 /// Runs one try to its end: success, failure, panic, timeout or stop. Answers the result and
 /// why it was stopped, if it was.
-async fn run_try(shared: &Shared, message: &TaskToExec, executable: Executable) -> (Result<TaskOutcome, TaskError>, StopReason) {
+async fn run_try(
+    shared: &Shared,
+    message: &TaskToExec,
+    executable: Executable,
+) -> (Result<TaskOutcome, TaskError>, StopReason) {
     let key = (message.run_id.clone(), message.task_id.clone(), message.try_number);
     let (cancel, signal) = CancelSignal::new();
     let reason = Arc::new(AtomicU8::new(StopReason::None as u8));
     lock(&shared.running).insert(key.clone(), TryHandle { cancel, reason: reason.clone() });
 
-    let (sink, flusher) = log_sink::start(shared.store.clone(), message.run_id.clone(), message.task_id.clone(), message.try_number);
+    let (sink, flusher) =
+        log_sink::start(shared.store.clone(), message.run_id.clone(), message.task_id.clone(), message.try_number);
     let timeout = shared
         .config
         .dags

@@ -92,7 +92,13 @@ pub async fn run(
     let mut consumers = Vec::new();
     for pool in shared.config.queues.clone() {
         let prefetch = u16::try_from(concurrency).unwrap_or(u16::MAX);
-        consumers.push(tokio::spawn(consume_loop(shared.clone(), Topic::Tasks(pool), prefetch, slots.clone(), shutdown.clone())));
+        consumers.push(tokio::spawn(consume_loop(
+            shared.clone(),
+            Topic::Tasks(pool),
+            prefetch,
+            slots.clone(),
+            shutdown.clone(),
+        )));
     }
     shutdown.cancelled().await;
     for consumer in consumers {

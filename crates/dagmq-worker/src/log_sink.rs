@@ -4,8 +4,8 @@
 
 use std::sync::Arc;
 
-use dagmq_core::task::{LogSink, ProgressSink};
 use dagmq_core::Store;
+use dagmq_core::task::{LogSink, ProgressSink};
 use tokio::sync::mpsc;
 
 /// One item from a running try.

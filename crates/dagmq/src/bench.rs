@@ -32,8 +32,12 @@ impl Rig {
         let store: Arc<dyn Store> = Arc::new(MemoryStore::new());
         let clock: Arc<dyn Clock> = Arc::new(SystemClock);
         let (stop, signal) = CancelSignal::new();
-        let (handle, _) =
-            dagmq_scheduler::spawn(SchedulerConfig::new(dags.clone(), clock.clone()), queue.clone(), store.clone(), signal.clone());
+        let (handle, _) = dagmq_scheduler::spawn(
+            SchedulerConfig::new(dags.clone(), clock.clone()),
+            queue.clone(),
+            store.clone(),
+            signal.clone(),
+        );
         let mut worker = WorkerConfig::new("bench-worker", dags, clock);
         worker.concurrency = concurrency;
         tokio::spawn(dagmq_worker::run(worker, queue.clone(), store.clone(), signal));
@@ -111,7 +115,8 @@ async fn chain(k: usize, concurrency: usize) -> CliResult<()> {
     let run_id = trigger(&rig, "bench-chain").await?;
     let state = rig.wait_final(&run_id).await?;
     let tasks = rig.store.tasks(&run_id).await.map_err(|e| CliError::runtime(e.to_string()))?;
-    let by_id: std::collections::HashMap<&str, &dagmq_core::TaskInstance> = tasks.iter().map(|t| (t.task_id.as_str(), t)).collect();
+    let by_id: std::collections::HashMap<&str, &dagmq_core::TaskInstance> =
+        tasks.iter().map(|t| (t.task_id.as_str(), t)).collect();
     let mut hops: Vec<f64> = (1..k)
         .filter_map(|i| {
             let prev = by_id.get(format!("t{}", i - 1).as_str())?.ended_at?;
@@ -134,7 +139,9 @@ async fn chain(k: usize, concurrency: usize) -> CliResult<()> {
 
 async fn runs(m: usize, concurrency: usize) -> CliResult<()> {
     let middle: Vec<String> = (1..=8).map(|i| format!("m{i}")).collect();
-    let mut dag = Dag::builder("bench-diamond").max_active_runs(u32::try_from(m.max(1)).unwrap_or(u32::MAX)).task(TaskSpec::rust("top", Noop));
+    let mut dag = Dag::builder("bench-diamond")
+        .max_active_runs(u32::try_from(m.max(1)).unwrap_or(u32::MAX))
+        .task(TaskSpec::rust("top", Noop));
     for id in &middle {
         dag = dag.task(TaskSpec::rust(id.clone(), Noop).after(["top"]));
     }
@@ -188,7 +195,10 @@ fn peak_rss_mb() -> f64 {
     std::fs::read_to_string("/proc/self/status")
         .ok()
         .and_then(|status| {
-            status.lines().find(|l| l.starts_with("VmHWM:")).and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok())
+            status
+                .lines()
+                .find(|l| l.starts_with("VmHWM:"))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok())
         })
         .map_or(0.0, |kb| kb / 1024.0)
 }

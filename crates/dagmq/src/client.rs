@@ -63,9 +63,9 @@ pub async fn request(
     body: Option<&[u8]>,
     token: Option<&str>,
 ) -> Result<HttpResponse, String> {
-    tokio::time::timeout(REQUEST_TIMEOUT, request_inner(url, method, path, body, token))
-        .await
-        .map_err(|_| format!("{method} http://{}:{}{}{path}: no answer within {REQUEST_TIMEOUT:?}", url.host, url.port, url.path))?
+    tokio::time::timeout(REQUEST_TIMEOUT, request_inner(url, method, path, body, token)).await.map_err(|_| {
+        format!("{method} http://{}:{}{}{path}: no answer within {REQUEST_TIMEOUT:?}", url.host, url.port, url.path)
+    })?
 }
 
 async fn request_inner(
@@ -161,7 +161,8 @@ mod tests {
         let plain = parse_response(b"HTTP/1.1 201 Created\r\ncontent-length: 2\r\n\r\n{}").unwrap();
         assert_eq!((plain.status, plain.body.as_slice()), (201, &b"{}"[..]));
         let chunked =
-            parse_response(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n2\r\nde\r\n0\r\n\r\n").unwrap();
+            parse_response(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n2\r\nde\r\n0\r\n\r\n")
+                .unwrap();
         assert_eq!(chunked.body, b"abcde");
         assert!(parse_response(b"garbage").is_err());
     }

@@ -89,7 +89,8 @@ pub(crate) async fn trigger(api: &Api, args: &TriggerArgs) -> CliResult<()> {
         let state = run["state"].as_str().unwrap_or("unknown").to_string();
         let counts = &run["task_counts"];
         let total: u64 = counts.as_object().map_or(0, |m| m.values().filter_map(Value::as_u64).sum());
-        let done: u64 = ["success", "failed", "upstream_failed", "cancelled"].iter().filter_map(|s| counts[*s].as_u64()).sum();
+        let done: u64 =
+            ["success", "failed", "upstream_failed", "cancelled"].iter().filter_map(|s| counts[*s].as_u64()).sum();
         let line = format!("{run_id}: {state}, {done}/{total} tasks done");
         if line != last_line && !api.json {
             eprintln!("{line}");
@@ -116,16 +117,22 @@ pub(crate) async fn dags(api: &Api, command: &DagsCommand) -> CliResult<()> {
                 api.print_json(&dags);
                 return Ok(());
             }
-            let rows = dags.as_array().cloned().unwrap_or_default().iter().map(|d| {
-                vec![
-                    text(&d["dag_id"]),
-                    d["schedule"].as_str().unwrap_or("manual").to_string(),
-                    if d["paused"].as_bool() == Some(true) { "yes".into() } else { "no".into() },
-                    text(&d["next_run"]),
-                    text(&d["last_run"]["state"]),
-                    d["tasks"].as_array().map_or(0, Vec::len).to_string(),
-                ]
-            }).collect();
+            let rows = dags
+                .as_array()
+                .cloned()
+                .unwrap_or_default()
+                .iter()
+                .map(|d| {
+                    vec![
+                        text(&d["dag_id"]),
+                        d["schedule"].as_str().unwrap_or("manual").to_string(),
+                        if d["paused"].as_bool() == Some(true) { "yes".into() } else { "no".into() },
+                        text(&d["next_run"]),
+                        text(&d["last_run"]["state"]),
+                        d["tasks"].as_array().map_or(0, Vec::len).to_string(),
+                    ]
+                })
+                .collect();
             print_table(&["DAG", "SCHEDULE", "PAUSED", "NEXT RUN", "LAST RUN", "TASKS"], rows);
         }
         DagsCommand::Pause { dag_id } | DagsCommand::Unpause { dag_id } => {
@@ -157,9 +164,21 @@ pub(crate) async fn runs(api: &Api, command: &RunsCommand) -> CliResult<()> {
                 api.print_json(&runs);
                 return Ok(());
             }
-            let rows = runs.as_array().cloned().unwrap_or_default().iter().map(|r| {
-                vec![text(&r["run_id"]), text(&r["dag_id"]), text(&r["state"]), text(&r["created_at"]), counts(&r["task_counts"])]
-            }).collect();
+            let rows = runs
+                .as_array()
+                .cloned()
+                .unwrap_or_default()
+                .iter()
+                .map(|r| {
+                    vec![
+                        text(&r["run_id"]),
+                        text(&r["dag_id"]),
+                        text(&r["state"]),
+                        text(&r["created_at"]),
+                        counts(&r["task_counts"]),
+                    ]
+                })
+                .collect();
             print_table(&["RUN", "DAG", "STATE", "CREATED", "TASKS"], rows);
         }
         RunsCommand::Show { run_id } => {
@@ -168,13 +187,35 @@ pub(crate) async fn runs(api: &Api, command: &RunsCommand) -> CliResult<()> {
                 api.print_json(&run);
                 return Ok(());
             }
-            println!("run      {}\ndag      {}\nstate    {}\nkind     {}\ncreated  {}\nstarted  {}\nended    {}\nparams   {}",
-                text(&run["run_id"]), text(&run["dag_id"]), text(&run["state"]), text(&run["kind"]),
-                text(&run["created_at"]), text(&run["started_at"]), text(&run["ended_at"]), run["params"]);
+            println!(
+                "run      {}\ndag      {}\nstate    {}\nkind     {}\ncreated  {}\nstarted  {}\nended    {}\nparams   {}",
+                text(&run["run_id"]),
+                text(&run["dag_id"]),
+                text(&run["state"]),
+                text(&run["kind"]),
+                text(&run["created_at"]),
+                text(&run["started_at"]),
+                text(&run["ended_at"]),
+                run["params"]
+            );
             println!();
-            let rows = run["tasks"].as_array().cloned().unwrap_or_default().iter().map(|t| {
-                vec![text(&t["task_id"]), text(&t["state"]), text(&t["try_number"]), text(&t["worker"]), text(&t["started_at"]), text(&t["ended_at"]), text(&t["error"])]
-            }).collect();
+            let rows = run["tasks"]
+                .as_array()
+                .cloned()
+                .unwrap_or_default()
+                .iter()
+                .map(|t| {
+                    vec![
+                        text(&t["task_id"]),
+                        text(&t["state"]),
+                        text(&t["try_number"]),
+                        text(&t["worker"]),
+                        text(&t["started_at"]),
+                        text(&t["ended_at"]),
+                        text(&t["error"]),
+                    ]
+                })
+                .collect();
             print_table(&["TASK", "STATE", "TRY", "WORKER", "STARTED", "ENDED", "ERROR"], rows);
         }
         RunsCommand::Restart { run_id } | RunsCommand::Cancel { run_id } => {
@@ -226,16 +267,22 @@ pub(crate) async fn workers(api: &Api) -> CliResult<()> {
         api.print_json(&workers);
         return Ok(());
     }
-    let rows = workers.as_array().cloned().unwrap_or_default().iter().map(|w| {
-        vec![
-            text(&w["name"]),
-            text(&w["host"]),
-            w["queues"].as_array().map(|q| q.iter().map(text).collect::<Vec<_>>().join(",")).unwrap_or_default(),
-            text(&w["concurrency"]),
-            w["running"].as_array().map_or(0, Vec::len).to_string(),
-            text(&w["last_heartbeat"]),
-        ]
-    }).collect();
+    let rows = workers
+        .as_array()
+        .cloned()
+        .unwrap_or_default()
+        .iter()
+        .map(|w| {
+            vec![
+                text(&w["name"]),
+                text(&w["host"]),
+                w["queues"].as_array().map(|q| q.iter().map(text).collect::<Vec<_>>().join(",")).unwrap_or_default(),
+                text(&w["concurrency"]),
+                w["running"].as_array().map_or(0, Vec::len).to_string(),
+                text(&w["last_heartbeat"]),
+            ]
+        })
+        .collect();
     print_table(&["WORKER", "HOST", "QUEUES", "CONCURRENCY", "RUNNING", "LAST HEARTBEAT"], rows);
     Ok(())
 }
@@ -266,7 +313,8 @@ fn print_table(headers: &[&str], rows: Vec<Vec<String>>) {
         }
     }
     let line = |cells: Vec<String>| {
-        let padded: Vec<String> = cells.iter().enumerate().map(|(i, c)| format!("{c:<width$}", width = widths[i])).collect();
+        let padded: Vec<String> =
+            cells.iter().enumerate().map(|(i, c)| format!("{c:<width$}", width = widths[i])).collect();
         println!("{}", padded.join("  ").trim_end());
     };
     line(headers.iter().map(|h| h.to_string()).collect());

@@ -29,7 +29,8 @@ impl ConfigFile {
     /// Reads the file, or the empty config when none is named.
     pub(crate) fn load(path: Option<&Path>) -> anyhow::Result<ConfigFile> {
         let Some(path) = path else { return Ok(ConfigFile::default()) };
-        let text = std::fs::read_to_string(path).with_context(|| format!("cannot read config file {}", path.display()))?;
+        let text =
+            std::fs::read_to_string(path).with_context(|| format!("cannot read config file {}", path.display()))?;
         toml::from_str(&text).map_err(|e| anyhow::anyhow!("{}: {}", path.display(), e.message()))
     }
 }

@@ -114,9 +114,15 @@ impl App {
         match &cli.command {
             Command::Standalone(args) => standalone::standalone(&self, args, &file).await,
             Command::Validate(args) => self.validate(args.dags.as_deref().or(file.dags.as_deref())),
-            Command::Trigger(args) => client_commands::trigger(&Api::new(&args.client, file.api.as_deref())?, args).await,
-            Command::Dags(args) => client_commands::dags(&Api::new(&args.client, file.api.as_deref())?, &args.command).await,
-            Command::Runs(args) => client_commands::runs(&Api::new(&args.client, file.api.as_deref())?, &args.command).await,
+            Command::Trigger(args) => {
+                client_commands::trigger(&Api::new(&args.client, file.api.as_deref())?, args).await
+            }
+            Command::Dags(args) => {
+                client_commands::dags(&Api::new(&args.client, file.api.as_deref())?, &args.command).await
+            }
+            Command::Runs(args) => {
+                client_commands::runs(&Api::new(&args.client, file.api.as_deref())?, &args.command).await
+            }
             Command::Logs(args) => client_commands::logs(&Api::new(&args.client, file.api.as_deref())?, args).await,
             Command::Workers(args) => client_commands::workers(&Api::new(args, file.api.as_deref())?).await,
             Command::Bench(args) => bench::bench(args).await,
@@ -128,7 +134,8 @@ impl App {
         let Some(dir) = dir else {
             return Err(CliError::usage("validate needs --dags DIR (or DAGMQ_DAGS)"));
         };
-        let loaded = load::load_dags(Some(dir), &self.dags, &self.tasks).map_err(|e| CliError::usage(format!("{e:#}")))?;
+        let loaded =
+            load::load_dags(Some(dir), &self.dags, &self.tasks).map_err(|e| CliError::usage(format!("{e:#}")))?;
         for error in &loaded.errors {
             eprintln!("{error}");
         }
@@ -180,5 +187,6 @@ pub type CliResult<T> = Result<T, CliError>;
 fn init_tracing() {
     let filter = tracing_subscriber::EnvFilter::try_from_env("DAGMQ_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_target(false).try_init();
+    let _ =
+        tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_target(false).try_init();
 }

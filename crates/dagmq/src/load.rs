@@ -23,7 +23,8 @@ pub struct LoadedDags {
 pub fn load_dags(dir: Option<&Path>, rust_dags: &DagRegistry, tasks: &TaskRegistry) -> anyhow::Result<LoadedDags> {
     let mut loaded = LoadedDags { dags: rust_dags.clone(), default_params: HashMap::new(), errors: Vec::new() };
     let Some(dir) = dir else { return Ok(loaded) };
-    let entries = std::fs::read_dir(dir).with_context(|| format!("cannot read the dags directory {}", dir.display()))?;
+    let entries =
+        std::fs::read_dir(dir).with_context(|| format!("cannot read the dags directory {}", dir.display()))?;
     let mut files: Vec<_> = entries
         .filter_map(Result::ok)
         .map(|e| e.path())

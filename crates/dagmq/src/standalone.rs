@@ -7,9 +7,9 @@ use std::time::Duration;
 use anyhow::Context;
 use dagmq_core::memory::{MemoryQueue, MemoryStore};
 use dagmq_core::{CancelSignal, Clock, Queue, Store, SystemClock};
+use dagmq_scheduler::SchedulerConfig;
 use dagmq_scheduler::api::ApiConfig;
 use dagmq_scheduler::notifier::{FanoutNotifier, LogNotifier, Notifier};
-use dagmq_scheduler::SchedulerConfig;
 use dagmq_worker::WorkerConfig;
 
 use crate::cli::ServeArgs;
@@ -26,7 +26,9 @@ pub(crate) async fn standalone(app: &App, args: &ServeArgs, file: &ConfigFile) -
     let cores = std::thread::available_parallelism().map_or(1, usize::from);
     let concurrency = args.concurrency.or(file.concurrency).unwrap_or(cores * 4);
     let grace_period = match &file.grace_period {
-        Some(text) => dagmq_core::duration::parse_duration(text).map_err(|e| CliError::usage(format!("grace_period: {e}")))?,
+        Some(text) => {
+            dagmq_core::duration::parse_duration(text).map_err(|e| CliError::usage(format!("grace_period: {e}")))?
+        }
         None => Duration::from_secs(30),
     };
     let token = std::env::var("DAGMQ_API_TOKEN").ok().filter(|t| !t.is_empty());
@@ -38,10 +40,12 @@ pub(crate) async fn standalone(app: &App, args: &ServeArgs, file: &ConfigFile) -
     }
     let mut notifiers: Vec<Box<dyn Notifier>> = vec![Box::new(LogNotifier)];
     if let Some(url) = args.notify_webhook.as_ref().or(file.notify_webhook.as_ref()) {
-        notifiers.push(Box::new(WebhookNotifier::new(url).map_err(|e| CliError::usage(format!("--notify-webhook: {e}")))?));
+        notifiers
+            .push(Box::new(WebhookNotifier::new(url).map_err(|e| CliError::usage(format!("--notify-webhook: {e}")))?));
     }
 
-    let loaded = load_dags(dags_dir.as_deref(), &app.dags, &app.tasks).map_err(|e| CliError::usage(format!("{e:#}")))?;
+    let loaded =
+        load_dags(dags_dir.as_deref(), &app.dags, &app.tasks).map_err(|e| CliError::usage(format!("{e:#}")))?;
     for error in &loaded.errors {
         tracing::error!("dag file refused: {error}");
     }
@@ -59,7 +63,8 @@ pub(crate) async fn standalone(app: &App, args: &ServeArgs, file: &ConfigFile) -
     let mut scheduler_config = SchedulerConfig::new(loaded.dags.clone(), clock.clone());
     scheduler_config.default_params = loaded.default_params;
     scheduler_config.notifier = Arc::new(FanoutNotifier(notifiers));
-    let (handle, scheduler) = dagmq_scheduler::spawn(scheduler_config, queue.clone(), store.clone(), scheduler_signal.clone());
+    let (handle, scheduler) =
+        dagmq_scheduler::spawn(scheduler_config, queue.clone(), store.clone(), scheduler_signal.clone());
 
     let mut worker_config = WorkerConfig::new(worker_name(), loaded.dags, clock);
     worker_config.host = host_name();

@@ -55,9 +55,7 @@ impl MemoryQueue {
     /// A queue that dead-letters a message on its `limit + 1`-th delivery.
     pub fn with_delivery_limit(limit: u32) -> MemoryQueue {
         let (broadcasts, _) = broadcast::channel(1024);
-        MemoryQueue {
-            inner: Arc::new(Inner { topics: Mutex::new(HashMap::new()), broadcasts, delivery_limit: limit }),
-        }
+        MemoryQueue { inner: Arc::new(Inner { topics: Mutex::new(HashMap::new()), broadcasts, delivery_limit: limit }) }
     }
 }
 

@@ -183,7 +183,13 @@ impl Store for MemoryStore {
         Ok(())
     }
 
-    async fn set_progress(&self, run_id: &str, task_id: &str, try_number: u32, progress: f64) -> Result<(), BackendError> {
+    async fn set_progress(
+        &self,
+        run_id: &str,
+        task_id: &str,
+        try_number: u32,
+        progress: f64,
+    ) -> Result<(), BackendError> {
         let mut inner = self.inner();
         if let Some(entry) = inner.runs.get_mut(run_id)
             && let Some(&i) = entry.index.get(task_id)
@@ -196,7 +202,13 @@ impl Store for MemoryStore {
         Ok(())
     }
 
-    async fn append_log(&self, run_id: &str, task_id: &str, try_number: u32, lines: &[String]) -> Result<(), BackendError> {
+    async fn append_log(
+        &self,
+        run_id: &str,
+        task_id: &str,
+        try_number: u32,
+        lines: &[String],
+    ) -> Result<(), BackendError> {
         let mut inner = self.inner();
         if let Some(entry) = inner.runs.get_mut(run_id) {
             append_capped(entry.logs.entry((task_id.to_string(), try_number)).or_default(), lines);
@@ -204,7 +216,13 @@ impl Store for MemoryStore {
         Ok(())
     }
 
-    async fn read_log(&self, run_id: &str, task_id: &str, try_number: u32, from: usize) -> Result<Vec<String>, BackendError> {
+    async fn read_log(
+        &self,
+        run_id: &str,
+        task_id: &str,
+        try_number: u32,
+        from: usize,
+    ) -> Result<Vec<String>, BackendError> {
         let inner = self.inner();
         Ok(inner
             .runs

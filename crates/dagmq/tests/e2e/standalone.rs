@@ -1,0 +1,144 @@
+//! `dagmq standalone` on the example DAGs, driven only through the CLI.
+
+use std::time::Duration;
+
+use serde_json::Value;
+
+use crate::support::{Standalone, examples, text};
+
+fn trigger_and_wait(standalone: &Standalone, args: &[&str]) -> Value {
+    let mut all = vec!["trigger"];
+    all.extend_from_slice(args);
+    all.push("--wait");
+    standalone.json(&all)
+}
+
+fn task<'a>(run: &'a Value, task_id: &str) -> &'a Value {
+    run["tasks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|t| t["task_id"] == task_id)
+        .unwrap_or_else(|| panic!("no task {task_id}"))
+}
+
+#[test]
+fn every_example_dag_reaches_its_final_state() {
+    let standalone = Standalone::start(&examples(), &[]);
+
+    let hello = trigger_and_wait(&standalone, &["hello"]);
+    assert_eq!(hello["state"], "success");
+    let run_id = hello["run_id"].as_str().unwrap();
+    let log = standalone.cli(&["logs", run_id, "greet"]);
+    assert_eq!(text(&log.stdout), format!("hello from greet, run {run_id}, try 1\n"));
+
+    let diamond = trigger_and_wait(&standalone, &["diamond_retry"]);
+    assert_eq!(diamond["state"], "success");
+    assert_eq!(task(&diamond, "flaky")["try_number"], 2);
+    let diamond_id = diamond["run_id"].as_str().unwrap();
+    let first_try = standalone.cli(&["logs", diamond_id, "flaky", "--try", "1"]);
+    assert_eq!(text(&first_try.stdout), "first try fails\n[dagmq] try 1 failed: command exited with status 3\n");
+
+    let params = trigger_and_wait(&standalone, &["params", "--param", "date=2026-11-22"]);
+    assert_eq!(params["state"], "success");
+    let params_id = params["run_id"].as_str().unwrap();
+    let extract = standalone.cli(&["logs", params_id, "extract"]);
+    assert_eq!(text(&extract.stdout), "extracting 2026-11-22 for world\n");
+    let load = standalone.cli(&["logs", params_id, "load"]);
+    assert_eq!(text(&load.stdout), format!("loading 2026-11-22 in run {params_id}\n"));
+
+    // The paused cron DAG runs when triggered by hand.
+    let nightly = trigger_and_wait(&standalone, &["nightly_etl"]);
+    assert_eq!(nightly["state"], "success");
+
+    // The scheduled DAG gets runs on its own.
+    standalone.wait_until(Duration::from_secs(30), || {
+        let runs = standalone.json(&["runs", "list", "--dag", "every_10s", "--status", "success"]);
+        runs.as_array().is_some_and(|r| !r.is_empty())
+    });
+    let runs = standalone.json(&["runs", "list", "--dag", "every_10s"]);
+    assert_eq!(runs[0]["kind"], "scheduled");
+
+    let dags = standalone.json(&["dags", "list"]);
+    let nightly = dags.as_array().unwrap().iter().find(|d| d["dag_id"] == "nightly_etl").unwrap();
+    assert_eq!(nightly["paused"], true);
+    assert_eq!(nightly["timezone"], "Europe/Warsaw");
+}
+
+#[test]
+fn keys_restart_cancel_and_errors_through_the_cli() {
+    let standalone = Standalone::start(&examples(), &[]);
+
+    let first = standalone.json(&["trigger", "hello", "--key", "k-1"]);
+    let second = standalone.json(&["trigger", "hello", "--key", "k-1"]);
+    assert_eq!(first["run_id"], second["run_id"]);
+    assert_eq!((first["created"].as_bool(), second["created"].as_bool()), (Some(true), Some(false)));
+
+    // Unknown ids are bad input: exit 2 with the reason.
+    let unknown = standalone.cli(&["trigger", "no_such_dag"]);
+    assert_eq!(unknown.status.code(), Some(2));
+    assert_eq!(text(&unknown.stderr), "error: unknown dag \"no_such_dag\" (HTTP 404)\n");
+    let unknown_run = standalone.cli(&["runs", "show", "nope"]);
+    assert_eq!(unknown_run.status.code(), Some(2));
+    assert!(text(&unknown_run.stderr).contains("unknown run \"nope\""));
+
+    // A run with a long task can be cancelled; its running task is stopped.
+    let dir = std::env::temp_dir().join(format!("dagmq-e2e-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(
+        dir.join("long.toml"),
+        "id = \"long\"\n[[task]]\nid = \"sleepy\"\ncommand = [\"sh\", \"-c\", \"echo started; sleep 300\"]\n[[task]]\nid = \"after\"\nafter = [\"sleepy\"]\ncommand = [\"true\"]\n",
+    )
+    .unwrap();
+    std::fs::write(
+        dir.join("fails.toml"),
+        "id = \"fails\"\n[params]\nok = \"no\"\n[[task]]\nid = \"check\"\ncommand = [\"sh\", \"-c\", \"test {{ params.ok }} = yes\"]\n[[task]]\nid = \"next\"\nafter = [\"check\"]\ncommand = [\"echo\", \"next\"]\n",
+    )
+    .unwrap();
+    let custom = Standalone::start(&dir, &[]);
+    let long = custom.json(&["trigger", "long"]);
+    let long_id = long["run_id"].as_str().unwrap().to_string();
+    custom.wait_until(Duration::from_secs(30), || {
+        custom.json(&["logs", &long_id, "sleepy"])["lines"].as_array().is_some_and(|l| !l.is_empty())
+    });
+    let cancel = custom.cli(&["runs", "cancel", &long_id]);
+    assert!(cancel.status.success(), "{}", text(&cancel.stderr));
+    let run = custom.json(&["runs", "show", &long_id]);
+    assert_eq!(run["state"], "cancelled");
+    assert_eq!(task(&run, "sleepy")["state"], "cancelled");
+    assert_eq!(task(&run, "after")["state"], "cancelled");
+
+    // A failing run exits 1 from --wait, shows upstream_failed, and restarts.
+    let failed = custom.cli(&["trigger", "fails", "--wait"]);
+    assert_eq!(failed.status.code(), Some(1));
+    let runs = custom.json(&["runs", "list", "--dag", "fails"]);
+    let failed_id = runs[0]["run_id"].as_str().unwrap().to_string();
+    let run = custom.json(&["runs", "show", &failed_id]);
+    assert_eq!(run["state"], "failed");
+    assert_eq!(task(&run, "check")["state"], "failed");
+    assert_eq!(task(&run, "next")["state"], "upstream_failed");
+    let restart = custom.cli(&["runs", "restart", &failed_id]);
+    assert!(restart.status.success(), "{}", text(&restart.stderr));
+    custom.wait_until(Duration::from_secs(30), || custom.json(&["runs", "show", &failed_id])["state"] == "failed");
+    let run = custom.json(&["runs", "show", &failed_id]);
+    assert_eq!(task(&run, "check")["try_number"], 2, "the restart ran a new try");
+    let conflict = custom.cli(&["runs", "cancel", &failed_id]);
+    assert_eq!(conflict.status.code(), Some(2));
+    assert!(text(&conflict.stderr).contains("is already failed (HTTP 409)"), "{}", text(&conflict.stderr));
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn api_token_is_required_when_set() {
+    let standalone = Standalone::start(&examples(), &[("DAGMQ_API_TOKEN", "s3cret")]);
+    let denied = standalone.cli(&["dags", "list"]);
+    assert_eq!(denied.status.code(), Some(2));
+    assert!(text(&denied.stderr).contains("missing or wrong bearer token (HTTP 401)"));
+    let allowed = crate::support::dagmq()
+        .args(["dags", "list", "--json"])
+        .env("DAGMQ_API", &standalone.api)
+        .env("DAGMQ_API_TOKEN", "s3cret")
+        .output()
+        .unwrap();
+    assert!(allowed.status.success(), "{}", text(&allowed.stderr));
+}

@@ -1,0 +1,97 @@
+//! Starting the binary and running CLI commands against it.
+
+use std::io::{Read, Write};
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+/// The binary under test.
+pub(crate) fn dagmq() -> Command {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_dagmq"));
+    command.env_remove("DAGMQ_API").env_remove("DAGMQ_DAGS").env_remove("DAGMQ_API_TOKEN").env_remove("DAGMQ_CONFIG");
+    command
+}
+
+/// The repository's example DAGs.
+pub(crate) fn examples() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples/dags")
+}
+
+/// A free loopback port.
+pub(crate) fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// A `dagmq standalone` process, killed when dropped.
+pub(crate) struct Standalone {
+    pub child: Child,
+    pub api: String,
+}
+
+impl Standalone {
+    /// Starts it on a free port and waits until its API answers.
+    pub(crate) fn start(dags: &Path, extra_env: &[(&str, &str)]) -> Standalone {
+        let port = free_port();
+        let mut command = dagmq();
+        command
+            .args(["standalone", "--dags"])
+            .arg(dags)
+            .args(["--port", &port.to_string()])
+            .env("DAGMQ_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
+        for (key, value) in extra_env {
+            command.env(key, value);
+        }
+        let child = command.spawn().expect("start dagmq standalone");
+        let standalone = Standalone { child, api: format!("http://127.0.0.1:{port}") };
+        standalone.wait_until(Duration::from_secs(30), || healthy(port));
+        standalone
+    }
+
+    /// Runs a client command against this process.
+    pub(crate) fn cli(&self, args: &[&str]) -> Output {
+        dagmq().args(args).env("DAGMQ_API", &self.api).output().expect("run dagmq client")
+    }
+
+    /// Runs a client command and parses its JSON output.
+    pub(crate) fn json(&self, args: &[&str]) -> serde_json::Value {
+        let mut all = args.to_vec();
+        all.push("--json");
+        let output = self.cli(&all);
+        assert!(output.status.success(), "{args:?} failed: {}", String::from_utf8_lossy(&output.stderr));
+        serde_json::from_slice(&output.stdout)
+            .unwrap_or_else(|e| panic!("{args:?}: not JSON ({e}): {}", String::from_utf8_lossy(&output.stdout)))
+    }
+
+    /// Polls `condition` every 50 ms until it holds, failing after `limit`.
+    pub(crate) fn wait_until(&self, limit: Duration, mut condition: impl FnMut() -> bool) {
+        let deadline = Instant::now() + limit;
+        while !condition() {
+            assert!(Instant::now() < deadline, "condition not met within {limit:?}");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+impl Drop for Standalone {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Whether `GET /healthz` answers 200.
+fn healthy(port: u16) -> bool {
+    let Ok(mut stream) = std::net::TcpStream::connect(("127.0.0.1", port)) else { return false };
+    let mut response = String::new();
+    stream.write_all(b"GET /healthz HTTP/1.0\r\nHost: localhost\r\n\r\n").is_ok()
+        && stream.read_to_string(&mut response).is_ok()
+        && response.starts_with("HTTP/1.0 200")
+}
+
+/// Text of an output stream.
+pub(crate) fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
