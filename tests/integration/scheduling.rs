@@ -550,3 +550,99 @@ async fn worker_stop_past_the_grace_period_requeues_as_a_new_try() {
     assert_eq!(h.tasks(&run).await["slow"].try_number, 2);
     h.stop().await;
 }
+
+#[tokio::test(start_paused = true)]
+async fn notifications_on_final_failure_once_and_on_retry_when_asked() {
+    let (h, _journal) = harness_with(|j, c| {
+        let broken = Probe { failures: u32::MAX, ..Probe::new(j, c) };
+        let quiet = Probe { failures: u32::MAX, ..Probe::new(j, c) };
+        vec![
+            Dag::builder("alerts")
+                .task(TaskSpec::rust("loud", broken).retries(2).alerts(true, true).retry_delay(
+                    Duration::from_secs(1),
+                    1.0,
+                    Duration::from_secs(1),
+                ))
+                .task(TaskSpec::rust("quiet", quiet).alerts(false, false))
+                .build()
+                .unwrap(),
+        ]
+    })
+    .await;
+    let run = h.trigger("alerts").await;
+    assert_eq!(h.wait_final(&run).await, RunState::Failed);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let mut sent: Vec<(String, String, u32)> = h
+        .notifications
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|n| (format!("{:?}", n.kind), n.task_id.clone(), n.try_number))
+        .collect();
+    sent.sort();
+    assert_eq!(
+        sent,
+        vec![
+            ("Failure".to_string(), "loud".to_string(), 3),
+            ("Retry".to_string(), "loud".to_string(), 1),
+            ("Retry".to_string(), "loud".to_string(), 2),
+        ]
+    );
+    let failure = h.notifications.lock().unwrap().iter().find(|n| n.try_number == 3).cloned().unwrap();
+    assert_eq!(failure.error.as_deref(), Some("failure 3"));
+    h.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn run_timeout_cancels_unfinished_tasks_and_fails_the_run() {
+    let (h, journal) = harness_with(|j, c| {
+        let slow = Probe { work: Duration::from_secs(600), ..Probe::new(j, c) };
+        vec![
+            Dag::builder("bounded")
+                .run_timeout(Duration::from_secs(60))
+                .task(TaskSpec::rust("quick", Probe::new(j, c)))
+                .task(TaskSpec::rust("slow", slow).after(["quick"]))
+                .task(TaskSpec::rust("never", Probe::new(j, c)).after(["slow"]))
+                .build()
+                .unwrap(),
+        ]
+    })
+    .await;
+    let run = h.trigger("bounded").await;
+    let record = h.wait_run(&run, |r| r.state.is_final()).await;
+    assert_eq!(record.state, RunState::Failed);
+    let took = record.ended_at.unwrap() - record.started_at.unwrap();
+    assert_eq!(took.num_seconds(), 60);
+    let tasks = h.tasks(&run).await;
+    assert_eq!(tasks["quick"].state, TaskState::Success);
+    assert_eq!(tasks["slow"].state, TaskState::Cancelled);
+    assert_eq!(tasks["slow"].error.as_deref(), Some("run timed out after 1m"));
+    assert_eq!(tasks["never"].state, TaskState::Cancelled);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while !journal.entries().contains(&"stopped:slow".to_string()) {
+        assert!(tokio::time::Instant::now() < deadline, "the running task was not stopped");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    h.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn progress_and_worker_are_visible_while_running() {
+    let (h, _journal) = harness_with(|j, c| {
+        let slow = Probe { work: Duration::from_secs(30), ..Probe::new(j, c) };
+        vec![Dag::builder("progress").task(TaskSpec::rust("t", slow)).build().unwrap()]
+    })
+    .await;
+    let run = h.trigger("progress").await;
+    let task = h.wait_task(&run, "t", |t| t.progress == Some(0.5)).await;
+    assert_eq!(task.state, TaskState::Running);
+    assert_eq!(task.worker.as_deref(), Some("worker-1"));
+    let workers = h.store.workers().await.unwrap();
+    assert_eq!(workers.len(), 1);
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    let workers = h.store.workers().await.unwrap();
+    assert_eq!(workers[0].running.len(), 1, "the heartbeat lists the running try");
+    assert_eq!(workers[0].running[0].task_id, "t");
+    assert_eq!(h.wait_final(&run).await, RunState::Success);
+    h.stop().await;
+}

@@ -14,7 +14,7 @@ use dagmq_core::{
     CancelSignal, Clock, DagRegistry, FollowUp, RunRecord, RunState, Store, Task, TaskContext, TaskError, TaskInstance,
     TaskOutcome, TaskRegistry, TokioClock,
 };
-use dagmq_scheduler::{SchedulerConfig, SchedulerHandle};
+use dagmq_scheduler::{Notification, Notifier, SchedulerConfig, SchedulerHandle};
 use dagmq_worker::WorkerConfig;
 
 /// The instant every paused-clock test starts at.
@@ -30,6 +30,8 @@ pub struct Harness {
     pub scheduler: SchedulerHandle,
     pub dags: DagRegistry,
     pub tasks: TaskRegistry,
+    /// Every notification the scheduler sent.
+    pub notifications: Arc<Mutex<Vec<Notification>>>,
     scheduler_stop: CancelHandle,
     scheduler_task: tokio::task::JoinHandle<Result<(), dagmq_core::BackendError>>,
     worker_stop: Option<CancelHandle>,
@@ -47,8 +49,10 @@ impl Harness {
         let queue = Arc::new(MemoryQueue::new());
         let store = Arc::new(MemoryStore::new());
         let clock = Arc::new(TokioClock::starting_at(origin()));
-        let (scheduler_stop, scheduler, scheduler_task) = spawn_scheduler(&dags, &queue, &store, &clock);
+        let notifications = Arc::new(Mutex::new(Vec::new()));
+        let (scheduler_stop, scheduler, scheduler_task) = spawn_scheduler(&dags, &queue, &store, &clock, &notifications);
         let mut harness = Harness {
+            notifications,
             queue,
             store,
             clock,
@@ -90,7 +94,7 @@ impl Harness {
     pub async fn restart_scheduler(&mut self) {
         self.scheduler_stop.cancel();
         (&mut self.scheduler_task).await.unwrap().unwrap();
-        let (stop, handle, task) = spawn_scheduler(&self.dags, &self.queue, &self.store, &self.clock);
+        let (stop, handle, task) = spawn_scheduler(&self.dags, &self.queue, &self.store, &self.clock, &self.notifications);
         self.scheduler_stop = stop;
         self.scheduler = handle;
         self.scheduler_task = task;
@@ -156,12 +160,24 @@ fn spawn_scheduler(
     queue: &Arc<MemoryQueue>,
     store: &Arc<MemoryStore>,
     clock: &Arc<TokioClock>,
+    notifications: &Arc<Mutex<Vec<Notification>>>,
 ) -> (CancelHandle, SchedulerHandle, tokio::task::JoinHandle<Result<(), dagmq_core::BackendError>>) {
     let mut config = SchedulerConfig::new(dags.clone(), clock.clone() as Arc<dyn Clock>);
+    config.notifier = Arc::new(Recorder(notifications.clone()));
     config.sweep_interval = Duration::from_secs(5);
     let (stop, signal) = CancelSignal::new();
     let (handle, task) = dagmq_scheduler::spawn(config, queue.clone(), store.clone(), signal);
     (stop, handle, task)
+}
+
+/// Keeps every notification.
+struct Recorder(Arc<Mutex<Vec<Notification>>>);
+
+#[async_trait]
+impl Notifier for Recorder {
+    async fn notify(&self, notification: &Notification) {
+        self.0.lock().unwrap().push(notification.clone());
+    }
 }
 
 /// A shared journal of task events: "start:TASK" and "end:TASK", with the clock time.

@@ -365,7 +365,7 @@ impl Engine {
         };
         match self.trigger(&trigger.dag_id, trigger.params, trigger.key).await {
             Ok(outcome) => {
-                tracing::info!(dag = %trigger.dag_id, run = %outcome.run_id, created = outcome.created, "trigger from queue");
+                tracing::debug!(dag = %trigger.dag_id, run = %outcome.run_id, created = outcome.created, "trigger from queue");
                 Settle::Ack
             }
             Err(CommandError::Backend(err)) => {

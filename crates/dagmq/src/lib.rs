@@ -89,7 +89,7 @@ impl App {
                 return ExitCode::from(if err.use_stderr() { 2 } else { 0 });
             }
         };
-        init_tracing();
+        init_tracing(if matches!(cli.command, Command::Bench(_)) { "warn" } else { "info" });
         let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
             Ok(runtime) => runtime,
             Err(err) => {
@@ -183,10 +183,10 @@ impl fmt::Display for CliError {
 /// A command's result.
 pub type CliResult<T> = Result<T, CliError>;
 
-/// Logs to stderr, filtered by `DAGMQ_LOG` (default `info`).
-fn init_tracing() {
+/// Logs to stderr, filtered by `DAGMQ_LOG` (default `default_filter`).
+fn init_tracing(default_filter: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_env("DAGMQ_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_filter));
     let _ =
         tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_target(false).try_init();
 }

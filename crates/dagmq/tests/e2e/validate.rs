@@ -43,3 +43,32 @@ fn missing_directory_and_bad_usage_exit_2() {
     let output = dagmq().args(["runs", "frobnicate"]).output().unwrap();
     assert_eq!(output.status.code(), Some(2));
 }
+
+#[test]
+fn config_file_is_below_flags_and_environment() {
+    let standalone = crate::support::Standalone::start(&examples(), &[]);
+    let dir = std::env::temp_dir().join(format!("dagmq-config-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let good = dir.join("good.toml");
+    std::fs::write(&good, format!("api = \"{}\"\n", standalone.api)).unwrap();
+    let from_file = dagmq().args(["dags", "list", "--json", "--config"]).arg(&good).output().unwrap();
+    assert!(from_file.status.success(), "{}", text(&from_file.stderr));
+
+    let wrong = dir.join("wrong.toml");
+    let closed = crate::support::free_port();
+    std::fs::write(&wrong, format!("api = \"http://127.0.0.1:{closed}\"\n")).unwrap();
+    let flag_wins = dagmq().args(["dags", "list", "--api", &standalone.api, "--config"]).arg(&wrong).output().unwrap();
+    assert!(flag_wins.status.success(), "{}", text(&flag_wins.stderr));
+    let env_wins = dagmq().args(["dags", "list", "--config"]).arg(&wrong).env("DAGMQ_API", &standalone.api).output().unwrap();
+    assert!(env_wins.status.success(), "{}", text(&env_wins.stderr));
+    let file_only = dagmq().args(["dags", "list", "--config"]).arg(&wrong).output().unwrap();
+    assert_eq!(file_only.status.code(), Some(1));
+    assert!(text(&file_only.stderr).contains(&format!("cannot connect to http://127.0.0.1:{closed}")));
+
+    let typo = dir.join("typo.toml");
+    std::fs::write(&typo, "apii = \"x\"\n").unwrap();
+    let bad = dagmq().args(["dags", "list", "--config"]).arg(&typo).output().unwrap();
+    assert_eq!(bad.status.code(), Some(2));
+    assert!(text(&bad.stderr).contains("unknown field `apii`"), "{}", text(&bad.stderr));
+    std::fs::remove_dir_all(&dir).unwrap();
+}
