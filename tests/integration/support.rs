@@ -50,7 +50,8 @@ impl Harness {
         let store = Arc::new(MemoryStore::new());
         let clock = Arc::new(TokioClock::starting_at(origin()));
         let notifications = Arc::new(Mutex::new(Vec::new()));
-        let (scheduler_stop, scheduler, scheduler_task) = spawn_scheduler(&dags, &queue, &store, &clock, &notifications);
+        let (scheduler_stop, scheduler, scheduler_task) =
+            spawn_scheduler(&dags, &queue, &store, &clock, &notifications);
         let mut harness = Harness {
             notifications,
             queue,
@@ -94,7 +95,8 @@ impl Harness {
     pub async fn restart_scheduler(&mut self) {
         self.scheduler_stop.cancel();
         (&mut self.scheduler_task).await.unwrap().unwrap();
-        let (stop, handle, task) = spawn_scheduler(&self.dags, &self.queue, &self.store, &self.clock, &self.notifications);
+        let (stop, handle, task) =
+            spawn_scheduler(&self.dags, &self.queue, &self.store, &self.clock, &self.notifications);
         self.scheduler_stop = stop;
         self.scheduler = handle;
         self.scheduler_task = task;

@@ -59,7 +59,8 @@ fn config_file_is_below_flags_and_environment() {
     std::fs::write(&wrong, format!("api = \"http://127.0.0.1:{closed}\"\n")).unwrap();
     let flag_wins = dagmq().args(["dags", "list", "--api", &standalone.api, "--config"]).arg(&wrong).output().unwrap();
     assert!(flag_wins.status.success(), "{}", text(&flag_wins.stderr));
-    let env_wins = dagmq().args(["dags", "list", "--config"]).arg(&wrong).env("DAGMQ_API", &standalone.api).output().unwrap();
+    let env_wins =
+        dagmq().args(["dags", "list", "--config"]).arg(&wrong).env("DAGMQ_API", &standalone.api).output().unwrap();
     assert!(env_wins.status.success(), "{}", text(&env_wins.stderr));
     let file_only = dagmq().args(["dags", "list", "--config"]).arg(&wrong).output().unwrap();
     assert_eq!(file_only.status.code(), Some(1));
