@@ -4,4 +4,6 @@
 //! - `cli_standalone`: the `dagmq` binary in standalone mode, driven through its CLI.
 
 mod scheduling;
+mod services;
+mod store_contract;
 mod support;

@@ -1,0 +1,498 @@
+//! dagmq-redis: the `Store` over Redis.
+//!
+//! Key layout (prefix `P`, default `dagmq`; every key of one run shares the hash tag `{RUN}`):
+//! - `P:run:{RUN}:meta` — the run record (JSON).
+//! - `P:run:{RUN}:tasks` — hash: task id → task instance (JSON); `TASK#progress` → `TRY:FRACTION`.
+//! - `P:run:{RUN}:log:TASK:TRY` — list of log lines; `P:run:{RUN}:logs` — set of those keys.
+//! - `P:runs` and `P:runs:dag:DAG` — sorted sets of run ids by creation time (newest-first
+//!   listings without scans); `P:runs:unfinished` — runs not yet finished.
+//! - `P:key:DAG:KEY` — the run created by a trigger's idempotency key.
+//! - `P:dag:DAG` — the scheduler's per-DAG bookkeeping; `P:workers` — hash of worker entries.
+//!
+//! Every state transition is a Lua compare-and-set (see `scripts`); WATCH/MULTI is unsound on
+//! pooled, multiplexed connections. Finished runs expire after the retention period, if set.
+
+mod scripts;
+
+use std::time::Duration;
+
+use async_trait::async_trait;
+use dagmq_core::records::DagRecord;
+use dagmq_core::store::{CreateRun, LOG_CUT_MARKER, MAX_LOG_LINES_PER_TRY, RunFilter, Store};
+use dagmq_core::{BackendError, RunRecord, RunState, TaskInstance, TaskState, WorkerInfo};
+use deadpool_redis::redis::{self, AsyncCommands, Script};
+use deadpool_redis::{Config, Pool, Runtime};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
+/// A store over one Redis server.
+pub struct RedisStore {
+    /// Connections.
+    pool: Pool,
+    /// Prefix of every key, so installations and tests can share a server.
+    prefix: String,
+    /// Finished runs expire this long after they finish; `None` keeps them.
+    retention: Option<Duration>,
+    /// The scripts, hashed once.
+    scripts: Scripts,
+}
+
+/// The Lua scripts.
+struct Scripts {
+    transition_task: Script,
+    transition_run: Script,
+    create_run: Script,
+    add_tasks: Script,
+    set_progress: Script,
+    append_log: Script,
+}
+
+impl RedisStore {
+    /// Connects to `url` (e.g. `redis://127.0.0.1:6379`, `redis://:password@host/0`) and checks
+    /// that the server answers.
+    pub async fn connect(url: &str, prefix: &str, retention: Option<Duration>) -> Result<RedisStore, BackendError> {
+        let pool = Config::from_url(url)
+            .create_pool(Some(Runtime::Tokio1))
+            .map_err(|e| BackendError::new(format!("redis {}: {e}", mask_url(url))))?;
+        let store = RedisStore {
+            pool,
+            prefix: prefix.to_string(),
+            retention,
+            scripts: Scripts {
+                transition_task: Script::new(scripts::TRANSITION_TASK),
+                transition_run: Script::new(scripts::TRANSITION_RUN),
+                create_run: Script::new(scripts::CREATE_RUN),
+                add_tasks: Script::new(scripts::ADD_TASKS),
+                set_progress: Script::new(scripts::SET_PROGRESS),
+                append_log: Script::new(scripts::APPEND_LOG),
+            },
+        };
+        store.ping().await.map_err(|e| BackendError::new(format!("redis {}: {}", mask_url(url), e.message)))?;
+        Ok(store)
+    }
+
+    /// Deletes every key under this store's prefix (for tests and uninstalling).
+    pub async fn delete_all(&self) -> Result<(), BackendError> {
+        let mut conn = self.conn().await?;
+        let mut cursor: u64 = 0;
+        loop {
+            let (next, keys): (u64, Vec<String>) = redis::cmd("SCAN")
+                .arg(cursor)
+                .arg("MATCH")
+                .arg(format!("{}:*", self.prefix))
+                .arg("COUNT")
+                .arg(500)
+                .query_async(&mut conn)
+                .await
+                .map_err(redis_error)?;
+            if !keys.is_empty() {
+                let _: () = conn.del(keys).await.map_err(redis_error)?;
+            }
+            if next == 0 {
+                return Ok(());
+            }
+            cursor = next;
+        }
+    }
+
+    async fn conn(&self) -> Result<deadpool_redis::Connection, BackendError> {
+        self.pool.get().await.map_err(|e| BackendError::new(format!("redis: no connection: {e}")))
+    }
+
+    fn meta_key(&self, run_id: &str) -> String {
+        format!("{}:run:{{{run_id}}}:meta", self.prefix)
+    }
+
+    fn tasks_key(&self, run_id: &str) -> String {
+        format!("{}:run:{{{run_id}}}:tasks", self.prefix)
+    }
+
+    fn logs_key(&self, run_id: &str) -> String {
+        format!("{}:run:{{{run_id}}}:logs", self.prefix)
+    }
+
+    fn log_key(&self, run_id: &str, task_id: &str, try_number: u32) -> String {
+        format!("{}:run:{{{run_id}}}:log:{task_id}:{try_number}", self.prefix)
+    }
+
+    fn runs_key(&self) -> String {
+        format!("{}:runs", self.prefix)
+    }
+
+    fn dag_runs_key(&self, dag_id: &str) -> String {
+        format!("{}:runs:dag:{dag_id}", self.prefix)
+    }
+
+    fn unfinished_key(&self) -> String {
+        format!("{}:runs:unfinished", self.prefix)
+    }
+
+    fn idempotency_key(&self, dag_id: &str, key: &str) -> String {
+        format!("{}:key:{dag_id}:{key}", self.prefix)
+    }
+
+    fn retention_secs(&self) -> u64 {
+        self.retention.map_or(0, |r| r.as_secs().max(1))
+    }
+
+    /// Reads run records for ids, skipping ones that expired.
+    async fn records(&self, ids: &[String]) -> Result<Vec<RunRecord>, BackendError> {
+        if ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut conn = self.conn().await?;
+        let mut pipe = redis::pipe();
+        for id in ids {
+            pipe.get(self.meta_key(id));
+        }
+        let values: Vec<Option<String>> = pipe.query_async(&mut conn).await.map_err(redis_error)?;
+        values.into_iter().flatten().map(|v| decode(&v)).collect()
+    }
+
+    /// Removes index entries of runs that no longer exist (expired by retention).
+    async fn prune(&self, index: &str, ids: &[String]) -> Result<(), BackendError> {
+        if ids.is_empty() {
+            return Ok(());
+        }
+        let mut conn = self.conn().await?;
+        let _: () = conn.zrem(index, ids).await.map_err(redis_error)?;
+        Ok(())
+    }
+}
+
+fn redis_error(err: redis::RedisError) -> BackendError {
+    BackendError::new(format!("redis: {err}"))
+}
+
+fn encode<T: Serialize>(value: &T) -> Result<String, BackendError> {
+    serde_json::to_string(value).map_err(|e| BackendError::new(format!("redis: cannot encode: {e}")))
+}
+
+fn decode<T: DeserializeOwned>(text: &str) -> Result<T, BackendError> {
+    serde_json::from_str(text).map_err(|e| BackendError::new(format!("redis: stored value does not parse: {e}")))
+}
+
+/// A URL with its password replaced by `***`, for logs and errors.
+pub fn mask_url(url: &str) -> String {
+    let Some(scheme_end) = url.find("://") else { return url.to_string() };
+    let rest = &url[scheme_end + 3..];
+    let Some(at) = rest.find('@') else { return url.to_string() };
+    let credentials = &rest[..at];
+    let masked = match credentials.split_once(':') {
+        Some((user, _)) => format!("{user}:***"),
+        None => credentials.to_string(),
+    };
+    format!("{}{}{}", &url[..scheme_end + 3], masked, &rest[at..])
+}
+
+/// Task instances from a tasks hash, with progress of running tries merged in.
+fn tasks_from_hash(fields: Vec<(String, String)>) -> Result<Vec<TaskInstance>, BackendError> {
+    let mut tasks = Vec::new();
+    let mut progress = std::collections::HashMap::new();
+    for (field, value) in fields {
+        match field.strip_suffix("#progress") {
+            Some(task_id) => {
+                if let Some((try_text, fraction)) = value.split_once(':')
+                    && let (Ok(try_number), Ok(fraction)) = (try_text.parse::<u32>(), fraction.parse::<f64>())
+                {
+                    progress.insert(task_id.to_string(), (try_number, fraction));
+                }
+            }
+            None => tasks.push(decode::<TaskInstance>(&value)?),
+        }
+    }
+    for task in &mut tasks {
+        if task.state == TaskState::Running
+            && let Some((try_number, fraction)) = progress.get(&task.task_id)
+            && *try_number == task.try_number
+        {
+            task.progress = Some(*fraction);
+        }
+    }
+    Ok(tasks)
+}
+
+#[async_trait]
+impl Store for RedisStore {
+    async fn dag_record(&self, dag_id: &str) -> Result<Option<DagRecord>, BackendError> {
+        let mut conn = self.conn().await?;
+        let value: Option<String> = conn.get(format!("{}:dag:{dag_id}", self.prefix)).await.map_err(redis_error)?;
+        value.map(|v| decode(&v)).transpose()
+    }
+
+    async fn put_dag_record(&self, record: &DagRecord) -> Result<(), BackendError> {
+        let mut conn = self.conn().await?;
+        let _: () = conn.set(format!("{}:dag:{}", self.prefix, record.dag_id), encode(record)?).await.map_err(redis_error)?;
+        Ok(())
+    }
+
+    async fn create_run(&self, run: &RunRecord, tasks: &[TaskInstance]) -> Result<CreateRun, BackendError> {
+        let mut run = run.clone();
+        let mut conn = self.conn().await?;
+        if let Some(key) = &run.key {
+            // The key is claimed first; a claim whose run was never created (a crash in
+            // between) is completed with the claimed id.
+            let key_name = self.idempotency_key(&run.dag_id, key);
+            let claimed: Option<String> = redis::cmd("SET")
+                .arg(&key_name)
+                .arg(&run.run_id)
+                .arg("NX")
+                .arg("GET")
+                .query_async(&mut conn)
+                .await
+                .map_err(redis_error)?;
+            if let Some(existing) = claimed {
+                let exists: bool = conn.exists(self.meta_key(&existing)).await.map_err(redis_error)?;
+                if exists {
+                    return Ok(CreateRun::Exists(existing));
+                }
+                run.run_id = existing;
+            }
+        }
+        let mut invocation = self.scripts.create_run.key(self.meta_key(&run.run_id));
+        invocation.key(self.tasks_key(&run.run_id)).arg(encode(&run)?);
+        for task in tasks {
+            invocation.arg(&task.task_id).arg(encode(task)?);
+        }
+        let created: i32 = invocation.invoke_async(&mut conn).await.map_err(redis_error)?;
+        if created == 0 {
+            return Ok(CreateRun::Exists(run.run_id));
+        }
+        let score = run.created_at.timestamp_millis();
+        let _: () = redis::pipe()
+            .zadd(self.runs_key(), &run.run_id, score)
+            .zadd(self.dag_runs_key(&run.dag_id), &run.run_id, score)
+            .zadd(self.unfinished_key(), &run.run_id, score)
+            .query_async(&mut conn)
+            .await
+            .map_err(redis_error)?;
+        Ok(CreateRun::Created)
+    }
+
+    async fn run(&self, run_id: &str) -> Result<Option<RunRecord>, BackendError> {
+        let mut conn = self.conn().await?;
+        let value: Option<String> = conn.get(self.meta_key(run_id)).await.map_err(redis_error)?;
+        value.map(|v| decode(&v)).transpose()
+    }
+
+    async fn transition_run(&self, expected: RunState, run: &RunRecord) -> Result<bool, BackendError> {
+        let mut conn = self.conn().await?;
+        let applied: i32 = self
+            .scripts
+            .transition_run
+            .key(self.meta_key(&run.run_id))
+            .key(self.tasks_key(&run.run_id))
+            .key(self.logs_key(&run.run_id))
+            .arg(expected.as_str())
+            .arg(encode(run)?)
+            .arg(self.retention_secs())
+            .invoke_async(&mut conn)
+            .await
+            .map_err(redis_error)?;
+        if applied == 1 {
+            let score = run.created_at.timestamp_millis();
+            if run.state.is_final() {
+                let _: () = conn.zrem(self.unfinished_key(), &run.run_id).await.map_err(redis_error)?;
+                if let Some(retention) = self.retention {
+                    let horizon = run.created_at.timestamp_millis() - retention.as_millis() as i64;
+                    let _: () = redis::pipe()
+                        .zrembyscore(self.runs_key(), "-inf", horizon)
+                        .zrembyscore(self.dag_runs_key(&run.dag_id), "-inf", horizon)
+                        .query_async(&mut conn)
+                        .await
+                        .map_err(redis_error)?;
+                }
+            } else {
+                let _: () = conn.zadd(self.unfinished_key(), &run.run_id, score).await.map_err(redis_error)?;
+            }
+        }
+        Ok(applied == 1)
+    }
+
+    async fn list_runs(&self, filter: &RunFilter) -> Result<Vec<RunRecord>, BackendError> {
+        let index = match &filter.dag_id {
+            Some(dag_id) => self.dag_runs_key(dag_id),
+            None => self.runs_key(),
+        };
+        let mut found = Vec::new();
+        let page = filter.limit.clamp(1, 500);
+        let mut start = 0isize;
+        while found.len() < filter.limit {
+            let ids: Vec<String> = {
+                let mut conn = self.conn().await?;
+                conn.zrevrange(&index, start, start + page as isize - 1).await.map_err(redis_error)?
+            };
+            if ids.is_empty() {
+                break;
+            }
+            start += ids.len() as isize;
+            let records = self.records(&ids).await?;
+            if records.len() < ids.len() {
+                let present: std::collections::HashSet<&str> = records.iter().map(|r| r.run_id.as_str()).collect();
+                let gone: Vec<String> = ids.iter().filter(|id| !present.contains(id.as_str())).cloned().collect();
+                start -= gone.len() as isize;
+                self.prune(&index, &gone).await?;
+            }
+            for record in records {
+                if filter.state.is_none_or(|s| s == record.state) && found.len() < filter.limit {
+                    found.push(record);
+                }
+            }
+        }
+        Ok(found)
+    }
+
+    async fn unfinished_runs(&self) -> Result<Vec<RunRecord>, BackendError> {
+        let ids: Vec<String> = {
+            let mut conn = self.conn().await?;
+            conn.zrange(self.unfinished_key(), 0, -1).await.map_err(redis_error)?
+        };
+        let records = self.records(&ids).await?;
+        Ok(records.into_iter().filter(|r| !r.state.is_final()).collect())
+    }
+
+    async fn tasks(&self, run_id: &str) -> Result<Vec<TaskInstance>, BackendError> {
+        let mut conn = self.conn().await?;
+        let fields: Vec<(String, String)> = conn.hgetall(self.tasks_key(run_id)).await.map_err(redis_error)?;
+        tasks_from_hash(fields)
+    }
+
+    async fn task(&self, run_id: &str, task_id: &str) -> Result<Option<TaskInstance>, BackendError> {
+        let mut conn = self.conn().await?;
+        let (task, progress): (Option<String>, Option<String>) = redis::pipe()
+            .hget(self.tasks_key(run_id), task_id)
+            .hget(self.tasks_key(run_id), format!("{task_id}#progress"))
+            .query_async(&mut conn)
+            .await
+            .map_err(redis_error)?;
+        let Some(task) = task else { return Ok(None) };
+        let mut fields = vec![(task_id.to_string(), task)];
+        if let Some(progress) = progress {
+            fields.push((format!("{task_id}#progress"), progress));
+        }
+        Ok(tasks_from_hash(fields)?.pop())
+    }
+
+    async fn transition_task(
+        &self,
+        run_id: &str,
+        expected_state: TaskState,
+        expected_try: u32,
+        task: &TaskInstance,
+    ) -> Result<bool, BackendError> {
+        let mut conn = self.conn().await?;
+        let applied: i32 = self
+            .scripts
+            .transition_task
+            .key(self.tasks_key(run_id))
+            .arg(&task.task_id)
+            .arg(expected_state.as_str())
+            .arg(expected_try)
+            .arg(encode(task)?)
+            .invoke_async(&mut conn)
+            .await
+            .map_err(redis_error)?;
+        Ok(applied == 1)
+    }
+
+    async fn add_tasks(
+        &self,
+        run_id: &str,
+        new_tasks: &[TaskInstance],
+        new_upstreams: &[(String, Vec<String>)],
+    ) -> Result<(), BackendError> {
+        let mut rewired = Vec::new();
+        for (task_id, after) in new_upstreams {
+            if let Some(mut task) = self.task(run_id, task_id).await? {
+                let (state, try_number) = (task.state, task.try_number);
+                task.after = after.clone();
+                task.progress = None;
+                rewired.push((state, try_number, task));
+            }
+        }
+        let mut conn = self.conn().await?;
+        let mut invocation = self.scripts.add_tasks.key(self.tasks_key(run_id));
+        invocation.arg(new_tasks.len());
+        for task in new_tasks {
+            invocation.arg(&task.task_id).arg(encode(task)?);
+        }
+        for (state, try_number, task) in &rewired {
+            invocation.arg(&task.task_id).arg(state.as_str()).arg(*try_number).arg(encode(task)?);
+        }
+        let _: i32 = invocation.invoke_async(&mut conn).await.map_err(redis_error)?;
+        Ok(())
+    }
+
+    async fn set_progress(&self, run_id: &str, task_id: &str, try_number: u32, progress: f64) -> Result<(), BackendError> {
+        let mut conn = self.conn().await?;
+        let _: i32 = self
+            .scripts
+            .set_progress
+            .key(self.tasks_key(run_id))
+            .arg(task_id)
+            .arg(try_number)
+            .arg(progress)
+            .invoke_async(&mut conn)
+            .await
+            .map_err(redis_error)?;
+        Ok(())
+    }
+
+    async fn append_log(&self, run_id: &str, task_id: &str, try_number: u32, lines: &[String]) -> Result<(), BackendError> {
+        if lines.is_empty() {
+            return Ok(());
+        }
+        let mut conn = self.conn().await?;
+        let mut invocation = self.scripts.append_log.key(self.log_key(run_id, task_id, try_number));
+        invocation.key(self.logs_key(run_id)).arg(MAX_LOG_LINES_PER_TRY).arg(LOG_CUT_MARKER);
+        for line in lines {
+            invocation.arg(line);
+        }
+        let _: i64 = invocation.invoke_async(&mut conn).await.map_err(redis_error)?;
+        Ok(())
+    }
+
+    async fn read_log(&self, run_id: &str, task_id: &str, try_number: u32, from: usize) -> Result<Vec<String>, BackendError> {
+        let mut conn = self.conn().await?;
+        conn.lrange(self.log_key(run_id, task_id, try_number), from as isize, -1).await.map_err(redis_error)
+    }
+
+    async fn heartbeat(&self, worker: &WorkerInfo) -> Result<(), BackendError> {
+        let mut conn = self.conn().await?;
+        let _: () =
+            conn.hset(format!("{}:workers", self.prefix), &worker.name, encode(worker)?).await.map_err(redis_error)?;
+        Ok(())
+    }
+
+    async fn remove_worker(&self, name: &str) -> Result<(), BackendError> {
+        let mut conn = self.conn().await?;
+        let _: () = conn.hdel(format!("{}:workers", self.prefix), name).await.map_err(redis_error)?;
+        Ok(())
+    }
+
+    async fn workers(&self) -> Result<Vec<WorkerInfo>, BackendError> {
+        let mut conn = self.conn().await?;
+        let entries: Vec<(String, String)> = conn.hgetall(format!("{}:workers", self.prefix)).await.map_err(redis_error)?;
+        let mut workers = entries.iter().map(|(_, v)| decode::<WorkerInfo>(v)).collect::<Result<Vec<_>, _>>()?;
+        workers.sort_by(|a, b| a.name.cmp(&b.name));
+        Ok(workers)
+    }
+
+    async fn ping(&self) -> Result<(), BackendError> {
+        let mut conn = self.conn().await?;
+        let _: String = redis::cmd("PING").query_async(&mut conn).await.map_err(redis_error)?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn masks_passwords() {
+        assert_eq!(mask_url("redis://:secret@127.0.0.1:6379/0"), "redis://:***@127.0.0.1:6379/0");
+        assert_eq!(mask_url("redis://user:secret@host"), "redis://user:***@host");
+        assert_eq!(mask_url("redis://127.0.0.1"), "redis://127.0.0.1");
+    }
+}

@@ -1,0 +1,101 @@
+//! The Lua scripts behind the store's atomic operations. Each touches keys of one run only, all
+//! sharing the run's hash tag, so each runs in one slot on Redis Cluster. Scripts read JSON with
+//! cjson but never re-encode it (cjson turns empty arrays into objects): they compare and then
+//! store the JSON the caller sent.
+
+/// Compare-and-set of one task. KEYS[1] tasks hash. ARGV: task id, expected state, expected try,
+/// new JSON. Returns 1 when applied, 0 when the state or try differ or the task is unknown.
+pub(crate) const TRANSITION_TASK: &str = r#"
+local current = redis.call('HGET', KEYS[1], ARGV[1])
+if not current then return 0 end
+local task = cjson.decode(current)
+if task.state ~= ARGV[2] or tostring(task.try_number) ~= ARGV[3] then return 0 end
+redis.call('HSET', KEYS[1], ARGV[1], ARGV[4])
+return 1
+"#;
+
+/// Compare-and-set of a run record. KEYS[1] meta key. ARGV: expected state, new JSON,
+/// retention seconds (0: keep), then the run's other keys to expire with it.
+pub(crate) const TRANSITION_RUN: &str = r#"
+local current = redis.call('GET', KEYS[1])
+if not current then return 0 end
+local run = cjson.decode(current)
+if run.state ~= ARGV[1] then return 0 end
+redis.call('SET', KEYS[1], ARGV[2])
+local retention = tonumber(ARGV[3])
+local new_state = cjson.decode(ARGV[2]).state
+local final = new_state == 'success' or new_state == 'failed' or new_state == 'cancelled'
+for i = 1, #KEYS do
+  if final and retention > 0 then
+    redis.call('EXPIRE', KEYS[i], retention)
+  else
+    redis.call('PERSIST', KEYS[i])
+  end
+end
+if final and retention > 0 then
+  for _, log in ipairs(redis.call('SMEMBERS', KEYS[3])) do redis.call('EXPIRE', log, retention) end
+else
+  for _, log in ipairs(redis.call('SMEMBERS', KEYS[3])) do redis.call('PERSIST', log) end
+end
+return 1
+"#;
+
+/// Creates a run unless its meta key exists. KEYS[1] meta, KEYS[2] tasks hash. ARGV: run JSON,
+/// then task id and JSON pairs. Returns 1 when created.
+pub(crate) const CREATE_RUN: &str = r#"
+if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
+redis.call('SET', KEYS[1], ARGV[1])
+for i = 2, #ARGV, 2 do redis.call('HSET', KEYS[2], ARGV[i], ARGV[i + 1]) end
+return 1
+"#;
+
+/// Adds follow-up tasks and rewires downstream tasks. KEYS[1] tasks hash. ARGV: count of new
+/// tasks, then (id, JSON) pairs of new tasks, then (id, expected state, expected try, JSON)
+/// quadruples of rewired tasks. Nothing happens when a new id exists already.
+pub(crate) const ADD_TASKS: &str = r#"
+local count = tonumber(ARGV[1])
+for i = 0, count - 1 do
+  if redis.call('HEXISTS', KEYS[1], ARGV[2 + i * 2]) == 1 then return 0 end
+end
+for i = 0, count - 1 do redis.call('HSET', KEYS[1], ARGV[2 + i * 2], ARGV[3 + i * 2]) end
+local at = 2 + count * 2
+while at <= #ARGV do
+  local current = redis.call('HGET', KEYS[1], ARGV[at])
+  if current then
+    local task = cjson.decode(current)
+    if task.state == ARGV[at + 1] and tostring(task.try_number) == ARGV[at + 2] then
+      redis.call('HSET', KEYS[1], ARGV[at], ARGV[at + 3])
+    end
+  end
+  at = at + 4
+end
+return 1
+"#;
+
+/// Records progress of a running try. KEYS[1] tasks hash. ARGV: task id, try, progress.
+pub(crate) const SET_PROGRESS: &str = r#"
+local current = redis.call('HGET', KEYS[1], ARGV[1])
+if not current then return 0 end
+local task = cjson.decode(current)
+if task.state ~= 'running' or tostring(task.try_number) ~= ARGV[2] then return 0 end
+redis.call('HSET', KEYS[1], ARGV[1] .. '#progress', ARGV[2] .. ':' .. ARGV[3])
+return 1
+"#;
+
+/// Appends log lines under a cap. KEYS[1] log list, KEYS[2] the run's set of log keys.
+/// ARGV: cap, marker, lines...
+pub(crate) const APPEND_LOG: &str = r#"
+local cap = tonumber(ARGV[1])
+local marker = ARGV[2]
+redis.call('SADD', KEYS[2], KEYS[1])
+local length = redis.call('LLEN', KEYS[1])
+for i = 3, #ARGV do
+  if length >= cap then
+    if redis.call('LINDEX', KEYS[1], -1) ~= marker then redis.call('RPUSH', KEYS[1], marker) end
+    return length
+  end
+  redis.call('RPUSH', KEYS[1], ARGV[i])
+  length = length + 1
+end
+return length
+"#;

@@ -1,0 +1,47 @@
+//! Reaching the real RabbitMQ and Redis: addresses from the environment, a fresh namespace per
+//! test, and the CI rule that a test which cannot reach a service fails (never skips) when
+//! `DAGMQ_REQUIRE_SERVICES=1`.
+
+use std::sync::Arc;
+
+use dagmq_redis::RedisStore;
+
+/// Redis address for tests.
+pub fn redis_url() -> String {
+    std::env::var("DAGMQ_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".to_string())
+}
+
+/// RabbitMQ address for tests.
+pub fn amqp_url() -> String {
+    std::env::var("DAGMQ_AMQP_URL").unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".to_string())
+}
+
+/// A namespace no other test uses.
+pub fn namespace() -> String {
+    format!("dagmq-test-{}", &uuid::Uuid::new_v4().simple().to_string()[..12])
+}
+
+/// Whether a missing service must fail the test.
+fn required() -> bool {
+    std::env::var("DAGMQ_REQUIRE_SERVICES").is_ok_and(|v| v == "1")
+}
+
+/// Handles an unreachable service: panics in CI, otherwise says so and lets the test return.
+pub fn unavailable(service: &str, err: impl std::fmt::Display) -> Option<std::convert::Infallible> {
+    if required() {
+        panic!("{service} is required (DAGMQ_REQUIRE_SERVICES=1) but unreachable: {err}");
+    }
+    eprintln!("skipping: {service} unreachable ({err}); set DAGMQ_REQUIRE_SERVICES=1 to fail instead");
+    None
+}
+
+/// A Redis store under a fresh prefix, or `None` (outside CI) when Redis is down.
+pub async fn redis_store() -> Option<Arc<RedisStore>> {
+    match RedisStore::connect(&redis_url(), &namespace(), None).await {
+        Ok(store) => Some(Arc::new(store)),
+        Err(err) => {
+            unavailable("redis", err)?;
+            None
+        }
+    }
+}

@@ -1,0 +1,188 @@
+//! One suite of `Store` behaviour, run against the in-memory store and against Redis.
+
+use std::sync::Arc;
+
+use chrono::{DateTime, Duration, Utc};
+use dagmq_core::memory::MemoryStore;
+use dagmq_core::records::{DagRecord, RunningTry};
+use dagmq_core::store::{CreateRun, LOG_CUT_MARKER, MAX_LOG_LINES_PER_TRY, RunFilter};
+use dagmq_core::{FollowUp, RunKind, RunRecord, RunState, Store, TaskInstance, TaskState, WorkerInfo};
+
+use crate::services::redis_store;
+
+fn at(seconds: i64) -> DateTime<Utc> {
+    crate::support::origin() + Duration::seconds(seconds)
+}
+
+fn run(id: &str, dag: &str, created: i64, key: Option<&str>) -> RunRecord {
+    RunRecord {
+        run_id: id.to_string(),
+        dag_id: dag.to_string(),
+        state: RunState::Queued,
+        kind: RunKind::Manual,
+        logical_date: at(created),
+        params: [("date".to_string(), serde_json::json!("2026-11-22"))].into(),
+        key: key.map(str::to_string),
+        created_at: at(created),
+        started_at: None,
+        ended_at: None,
+    }
+}
+
+fn tasks() -> Vec<TaskInstance> {
+    vec![
+        TaskInstance::pending("a", vec![], "default", 1),
+        TaskInstance::pending("b", vec!["a".to_string()], "default", 0),
+    ]
+}
+
+fn with(task: &TaskInstance, state: TaskState, try_number: u32) -> TaskInstance {
+    TaskInstance { state, try_number, ..task.clone() }
+}
+
+async fn contract(store: Arc<dyn Store>) {
+    // Runs: creation is idempotent by id and by (dag, key).
+    assert_eq!(store.create_run(&run("r1", "etl", 1, Some("k")), &tasks()).await.unwrap(), CreateRun::Created);
+    assert_eq!(store.create_run(&run("r1", "etl", 1, None), &tasks()).await.unwrap(), CreateRun::Exists("r1".into()));
+    assert_eq!(
+        store.create_run(&run("r2", "etl", 2, Some("k")), &tasks()).await.unwrap(),
+        CreateRun::Exists("r1".into())
+    );
+    assert_eq!(store.create_run(&run("r3", "other", 3, Some("k")), &tasks()).await.unwrap(), CreateRun::Created);
+    assert_eq!(store.create_run(&run("r4", "etl", 4, None), &tasks()).await.unwrap(), CreateRun::Created);
+    let stored = store.run("r1").await.unwrap().unwrap();
+    assert_eq!(stored, run("r1", "etl", 1, Some("k")));
+    assert_eq!(store.run("nope").await.unwrap(), None);
+
+    // Listing: newest first, by DAG, by state, limited.
+    let all = RunFilter { limit: 10, ..RunFilter::default() };
+    let ids = |runs: Vec<RunRecord>| runs.into_iter().map(|r| r.run_id).collect::<Vec<_>>();
+    assert_eq!(ids(store.list_runs(&all).await.unwrap()), vec!["r4", "r3", "r1"]);
+    let etl = RunFilter { dag_id: Some("etl".into()), limit: 10, ..RunFilter::default() };
+    assert_eq!(ids(store.list_runs(&etl).await.unwrap()), vec!["r4", "r1"]);
+    assert_eq!(ids(store.list_runs(&RunFilter { limit: 1, ..all.clone() }).await.unwrap()), vec!["r4"]);
+
+    // Run compare-and-set.
+    let mut running = stored.clone();
+    running.state = RunState::Running;
+    running.started_at = Some(at(5));
+    assert!(store.transition_run(RunState::Queued, &running).await.unwrap());
+    assert!(!store.transition_run(RunState::Queued, &running).await.unwrap(), "a second identical move is refused");
+    let mut done = running.clone();
+    done.state = RunState::Success;
+    assert!(store.transition_run(RunState::Running, &done).await.unwrap());
+    let success = RunFilter { state: Some(RunState::Success), limit: 10, ..RunFilter::default() };
+    assert_eq!(ids(store.list_runs(&success).await.unwrap()), vec!["r1"]);
+    assert_eq!(ids(store.unfinished_runs().await.unwrap()), vec!["r3", "r4"]);
+
+    // Task compare-and-set on (state, try).
+    let a = store.task("r4", "a").await.unwrap().unwrap();
+    assert_eq!((a.state, a.try_number, a.max_try), (TaskState::Pending, 0, 2));
+    let queued = with(&a, TaskState::Queued, 1);
+    assert!(store.transition_task("r4", TaskState::Pending, 0, &queued).await.unwrap());
+    assert!(!store.transition_task("r4", TaskState::Pending, 0, &queued).await.unwrap(), "duplicate refused");
+    let running = with(&a, TaskState::Running, 1);
+    assert!(!store.transition_task("r4", TaskState::Queued, 2, &running).await.unwrap(), "wrong try refused");
+    assert!(!store.transition_task("r4", TaskState::Pending, 1, &running).await.unwrap(), "wrong state refused");
+    assert!(store.transition_task("r4", TaskState::Queued, 1, &running).await.unwrap());
+    assert!(!store.transition_task("r4", TaskState::Queued, 1, &with(&a, TaskState::Success, 1)).await.unwrap());
+    assert!(!store.transition_task("nope", TaskState::Pending, 0, &queued).await.unwrap());
+
+    // Progress counts only for the running try.
+    store.set_progress("r4", "a", 1, 0.25).await.unwrap();
+    assert_eq!(store.task("r4", "a").await.unwrap().unwrap().progress, Some(0.25));
+    store.set_progress("r4", "a", 7, 0.9).await.unwrap();
+    assert_eq!(store.task("r4", "a").await.unwrap().unwrap().progress, Some(0.25));
+    store.set_progress("r4", "b", 0, 0.5).await.unwrap();
+    assert_eq!(store.task("r4", "b").await.unwrap().unwrap().progress, None);
+
+    // Follow-ups: added once, downstream rewired.
+    let mut success = with(&a, TaskState::Success, 1);
+    success.follow_ups = vec![FollowUp::new("x", "noop", serde_json::Value::Null)];
+    assert!(store.transition_task("r4", TaskState::Running, 1, &success).await.unwrap());
+    let follow = TaskInstance::pending("a.x", vec!["a".to_string()], "default", 0);
+    let rewire = vec![("b".to_string(), vec!["a".to_string(), "a.x".to_string()])];
+    store.add_tasks("r4", std::slice::from_ref(&follow), &rewire).await.unwrap();
+    store.add_tasks("r4", std::slice::from_ref(&follow), &rewire).await.unwrap();
+    let mut all_tasks = store.tasks("r4").await.unwrap();
+    all_tasks.sort_by(|x, y| x.task_id.cmp(&y.task_id));
+    assert_eq!(all_tasks.iter().map(|t| t.task_id.as_str()).collect::<Vec<_>>(), vec!["a", "a.x", "b"]);
+    assert_eq!(all_tasks[0].follow_ups.len(), 1);
+    assert_eq!(all_tasks[2].after, vec!["a", "a.x"]);
+    assert!(all_tasks[1].after == vec!["a"] && all_tasks[1].state == TaskState::Pending);
+
+    // Logs: per try, in order, from an offset, capped with a marker.
+    let lines: Vec<String> = (0..5).map(|i| format!("line {i}")).collect();
+    store.append_log("r4", "a", 1, &lines[..3]).await.unwrap();
+    store.append_log("r4", "a", 1, &lines[3..]).await.unwrap();
+    store.append_log("r4", "a", 2, &["other try".to_string()]).await.unwrap();
+    assert_eq!(store.read_log("r4", "a", 1, 0).await.unwrap(), lines);
+    assert_eq!(store.read_log("r4", "a", 1, 3).await.unwrap(), lines[3..].to_vec());
+    assert_eq!(store.read_log("r4", "a", 2, 0).await.unwrap(), vec!["other try"]);
+    assert!(store.read_log("r4", "b", 1, 0).await.unwrap().is_empty());
+    let many: Vec<String> = (0..MAX_LOG_LINES_PER_TRY + 10).map(|i| i.to_string()).collect();
+    store.append_log("r4", "b", 1, &many).await.unwrap();
+    store.append_log("r4", "b", 1, &["more".to_string()]).await.unwrap();
+    let capped = store.read_log("r4", "b", 1, 0).await.unwrap();
+    assert_eq!(capped.len(), MAX_LOG_LINES_PER_TRY + 1);
+    assert_eq!(capped.last().unwrap(), LOG_CUT_MARKER);
+
+    // DAG bookkeeping and workers.
+    assert_eq!(store.dag_record("etl").await.unwrap(), None);
+    let record = DagRecord { dag_id: "etl".into(), paused: true, first_seen: at(0), last_scheduled: Some(at(60)) };
+    store.put_dag_record(&record).await.unwrap();
+    assert_eq!(store.dag_record("etl").await.unwrap(), Some(record));
+    let worker = WorkerInfo {
+        name: "w1".into(),
+        host: "h".into(),
+        queues: vec!["default".into()],
+        concurrency: 4,
+        running: vec![RunningTry { run_id: "r4".into(), task_id: "a".into(), try_number: 1 }],
+        started_at: at(0),
+        last_heartbeat: at(9),
+    };
+    store.heartbeat(&worker).await.unwrap();
+    assert_eq!(store.workers().await.unwrap(), vec![worker]);
+    store.remove_worker("w1").await.unwrap();
+    assert!(store.workers().await.unwrap().is_empty());
+    store.ping().await.unwrap();
+}
+
+#[tokio::test]
+async fn memory_store_keeps_the_contract() {
+    contract(Arc::new(MemoryStore::new())).await;
+}
+
+#[tokio::test]
+async fn redis_store_keeps_the_contract() {
+    let Some(store) = redis_store().await else { return };
+    contract(store.clone()).await;
+    store.delete_all().await.unwrap();
+}
+
+#[tokio::test]
+async fn redis_finished_runs_expire_after_retention() {
+    let Some(probe) = redis_store().await else { return };
+    drop(probe);
+    let prefix = crate::services::namespace();
+    let store = dagmq_redis::RedisStore::connect(&crate::services::redis_url(), &prefix, Some(std::time::Duration::from_secs(1)))
+        .await
+        .unwrap();
+    store.create_run(&run("old", "etl", 0, None), &tasks()).await.unwrap();
+    store.append_log("old", "a", 1, &["x".to_string()]).await.unwrap();
+    let mut running = run("old", "etl", 0, None);
+    running.state = RunState::Running;
+    assert!(store.transition_run(RunState::Queued, &running).await.unwrap());
+    let mut done = running.clone();
+    done.state = RunState::Failed;
+    assert!(store.transition_run(RunState::Running, &done).await.unwrap());
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while store.run("old").await.unwrap().is_some() {
+        assert!(std::time::Instant::now() < deadline, "the finished run did not expire");
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    assert!(store.tasks("old").await.unwrap().is_empty());
+    assert!(store.read_log("old", "a", 1, 0).await.unwrap().is_empty());
+    assert!(store.list_runs(&RunFilter { limit: 10, ..RunFilter::default() }).await.unwrap().is_empty());
+    store.delete_all().await.unwrap();
+}
