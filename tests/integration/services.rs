@@ -45,3 +45,18 @@ pub async fn redis_store() -> Option<Arc<RedisStore>> {
         }
     }
 }
+
+/// A RabbitMQ queue under a fresh namespace, or `None` (outside CI) when RabbitMQ is down.
+pub async fn rabbit_queue(delivery_limit: u32) -> Option<dagmq_rabbitmq::RabbitQueue> {
+    let mut config = dagmq_rabbitmq::RabbitConfig::new(amqp_url());
+    config.namespace = namespace();
+    config.delivery_limit = delivery_limit;
+    config.queue_expires = Some(std::time::Duration::from_secs(600));
+    match dagmq_rabbitmq::RabbitQueue::connect(config).await {
+        Ok(queue) => Some(queue),
+        Err(err) => {
+            unavailable("rabbitmq", err)?;
+            None
+        }
+    }
+}

@@ -165,9 +165,13 @@ async fn redis_finished_runs_expire_after_retention() {
     let Some(probe) = redis_store().await else { return };
     drop(probe);
     let prefix = crate::services::namespace();
-    let store = dagmq_redis::RedisStore::connect(&crate::services::redis_url(), &prefix, Some(std::time::Duration::from_secs(1)))
-        .await
-        .unwrap();
+    let store = dagmq_redis::RedisStore::connect(
+        &crate::services::redis_url(),
+        &prefix,
+        Some(std::time::Duration::from_secs(1)),
+    )
+    .await
+    .unwrap();
     store.create_run(&run("old", "etl", 0, None), &tasks()).await.unwrap();
     store.append_log("old", "a", 1, &["x".to_string()]).await.unwrap();
     let mut running = run("old", "etl", 0, None);

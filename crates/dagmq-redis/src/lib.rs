@@ -222,7 +222,8 @@ impl Store for RedisStore {
 
     async fn put_dag_record(&self, record: &DagRecord) -> Result<(), BackendError> {
         let mut conn = self.conn().await?;
-        let _: () = conn.set(format!("{}:dag:{}", self.prefix, record.dag_id), encode(record)?).await.map_err(redis_error)?;
+        let _: () =
+            conn.set(format!("{}:dag:{}", self.prefix, record.dag_id), encode(record)?).await.map_err(redis_error)?;
         Ok(())
     }
 
@@ -423,7 +424,13 @@ impl Store for RedisStore {
         Ok(())
     }
 
-    async fn set_progress(&self, run_id: &str, task_id: &str, try_number: u32, progress: f64) -> Result<(), BackendError> {
+    async fn set_progress(
+        &self,
+        run_id: &str,
+        task_id: &str,
+        try_number: u32,
+        progress: f64,
+    ) -> Result<(), BackendError> {
         let mut conn = self.conn().await?;
         let _: i32 = self
             .scripts
@@ -438,7 +445,13 @@ impl Store for RedisStore {
         Ok(())
     }
 
-    async fn append_log(&self, run_id: &str, task_id: &str, try_number: u32, lines: &[String]) -> Result<(), BackendError> {
+    async fn append_log(
+        &self,
+        run_id: &str,
+        task_id: &str,
+        try_number: u32,
+        lines: &[String],
+    ) -> Result<(), BackendError> {
         if lines.is_empty() {
             return Ok(());
         }
@@ -452,7 +465,13 @@ impl Store for RedisStore {
         Ok(())
     }
 
-    async fn read_log(&self, run_id: &str, task_id: &str, try_number: u32, from: usize) -> Result<Vec<String>, BackendError> {
+    async fn read_log(
+        &self,
+        run_id: &str,
+        task_id: &str,
+        try_number: u32,
+        from: usize,
+    ) -> Result<Vec<String>, BackendError> {
         let mut conn = self.conn().await?;
         conn.lrange(self.log_key(run_id, task_id, try_number), from as isize, -1).await.map_err(redis_error)
     }
@@ -472,7 +491,8 @@ impl Store for RedisStore {
 
     async fn workers(&self) -> Result<Vec<WorkerInfo>, BackendError> {
         let mut conn = self.conn().await?;
-        let entries: Vec<(String, String)> = conn.hgetall(format!("{}:workers", self.prefix)).await.map_err(redis_error)?;
+        let entries: Vec<(String, String)> =
+            conn.hgetall(format!("{}:workers", self.prefix)).await.map_err(redis_error)?;
         let mut workers = entries.iter().map(|(_, v)| decode::<WorkerInfo>(v)).collect::<Result<Vec<_>, _>>()?;
         workers.sort_by(|a, b| a.name.cmp(&b.name));
         Ok(workers)

@@ -1,0 +1,104 @@
+//! One suite of `Queue` behaviour, run against the in-memory queue and against RabbitMQ.
+
+use std::time::Duration;
+
+use dagmq_core::memory::MemoryQueue;
+use dagmq_core::{Consumer, Delivery, Queue, Topic};
+
+use crate::services::rabbit_queue;
+
+async fn next(consumer: &mut Box<dyn Consumer>) -> Delivery {
+    tokio::time::timeout(Duration::from_secs(10), consumer.next())
+        .await
+        .expect("a delivery within 10s")
+        .expect("consumer open")
+        .expect("no queue error")
+}
+
+async fn wait_depth(queue: &dyn Queue, topic: &Topic, expected: u64) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let depth = queue.depth(topic).await.unwrap();
+        if depth == expected {
+            return;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "depth of {} is {depth}, expected {expected}", topic.name());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+async fn contract(queue: &dyn Queue, delivery_limit: u32) {
+    let tasks = Topic::Tasks("contract".into());
+    // Order, ack, depth.
+    queue.publish_many((0..3).map(|i| (tasks.clone(), format!("m{i}").into_bytes())).collect()).await.unwrap();
+    wait_depth(queue, &tasks, 3).await;
+    let mut consumer = queue.consume(&tasks, 10).await.unwrap();
+    for i in 0..3 {
+        let delivery = next(&mut consumer).await;
+        assert_eq!(delivery.payload, format!("m{i}").into_bytes());
+        assert!(!delivery.redelivered);
+        delivery.ack().await.unwrap();
+    }
+    wait_depth(queue, &tasks, 0).await;
+
+    // Requeue comes back marked redelivered; so does a dropped delivery.
+    queue.publish(&tasks, b"again".to_vec()).await.unwrap();
+    let first = next(&mut consumer).await;
+    first.requeue().await.unwrap();
+    let second = next(&mut consumer).await;
+    assert_eq!(second.payload, b"again");
+    assert!(second.redelivered);
+    drop(second);
+    let third = next(&mut consumer).await;
+    assert!(third.redelivered);
+    third.ack().await.unwrap();
+
+    // Dead-lettering keeps the payload and the reason.
+    queue.publish(&tasks, b"bad".to_vec()).await.unwrap();
+    next(&mut consumer).await.dead_letter("task: malformed message: expected value").await.unwrap();
+    let mut dead = queue.consume(&Topic::Dead, 10).await.unwrap();
+    let delivery = next(&mut dead).await;
+    assert_eq!(delivery.payload, b"bad");
+    assert_eq!(delivery.error.as_deref(), Some("task: malformed message: expected value"));
+    delivery.ack().await.unwrap();
+
+    // The delivery limit dead-letters a message that keeps coming back.
+    queue.publish(&tasks, b"poison".to_vec()).await.unwrap();
+    let mut deliveries = 0;
+    loop {
+        let delivery = tokio::select! {
+            d = consumer.next() => d.unwrap().unwrap(),
+            d = dead.next() => {
+                let d = d.unwrap().unwrap();
+                assert_eq!(d.payload, b"poison");
+                assert!(d.error.is_some(), "a reason is recorded");
+                d.ack().await.unwrap();
+                break;
+            }
+        };
+        deliveries += 1;
+        assert!(deliveries <= delivery_limit + 1, "delivered {deliveries} times");
+        delivery.requeue().await.unwrap();
+    }
+    assert!(deliveries >= delivery_limit, "dead-lettered after only {deliveries} deliveries");
+
+    // Broadcasts reach every subscriber.
+    let mut one = queue.subscribe_broadcasts().await.unwrap();
+    let mut two = queue.subscribe_broadcasts().await.unwrap();
+    queue.broadcast(b"stop r1".to_vec()).await.unwrap();
+    assert_eq!(next(&mut one).await.payload, b"stop r1");
+    assert_eq!(next(&mut two).await.payload, b"stop r1");
+    queue.ping().await.unwrap();
+}
+
+#[tokio::test]
+async fn memory_queue_keeps_the_contract() {
+    contract(&MemoryQueue::with_delivery_limit(3), 3).await;
+}
+
+#[tokio::test]
+async fn rabbitmq_queue_keeps_the_contract() {
+    let Some(queue) = rabbit_queue(3).await else { return };
+    contract(&queue, 3).await;
+    queue.delete_topology(&["contract"]).await.unwrap();
+}
