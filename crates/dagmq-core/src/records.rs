@@ -17,6 +17,13 @@ pub enum RunKind {
     Manual,
 }
 
+/// Interrupted tries after which a task fails instead of being requeued again.
+pub const MAX_INTERRUPTIONS: u32 = 3;
+
+fn is_zero(value: &u32) -> bool {
+    *value == 0
+}
+
 /// One DAG run.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct RunRecord {
@@ -90,6 +97,10 @@ pub struct TaskInstance {
     /// Progress reported by the running try, 0.0 to 1.0.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub progress: Option<f64>,
+    /// How many tries were interrupted (worker lost or stopped) rather than failed; bounded so a
+    /// task that kills its worker every time ends as failed instead of looping.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub interruptions: u32,
     /// Follow-up tasks returned by the successful try, kept here so that a lost status message
     /// cannot lose them.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -120,8 +131,29 @@ impl TaskInstance {
             worker: None,
             error: None,
             progress: None,
+            interruptions: 0,
             follow_ups: Vec::new(),
         }
+    }
+
+    /// The next try of a try that was interrupted rather than failed: queued again, one more try
+    /// granted, unless interruptions are over [`MAX_INTERRUPTIONS`] (then `None`).
+    pub fn requeued_after_interruption(&self, now: DateTime<Utc>, reason: String) -> Option<TaskInstance> {
+        if self.interruptions >= MAX_INTERRUPTIONS {
+            return None;
+        }
+        let mut next = self.clone();
+        next.state = TaskState::Queued;
+        next.try_number += 1;
+        next.max_try += 1;
+        next.interruptions += 1;
+        next.queued_at = Some(now);
+        next.started_at = None;
+        next.ended_at = None;
+        next.worker = None;
+        next.progress = None;
+        next.error = Some(reason);
+        Some(next)
     }
 
     /// Tries left in the current budget after the current one.

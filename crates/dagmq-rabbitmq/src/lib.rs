@@ -101,7 +101,7 @@ impl RabbitQueue {
         let live = self.inner.live().await?;
         let channel = live.connection.create_channel().await.map_err(amqp_error)?;
         let mut names: Vec<String> =
-            vec![Topic::Status, Topic::Triggers, Topic::Dead].iter().map(|t| self.queue_name(t)).collect();
+            [Topic::Status, Topic::Triggers, Topic::Dead].iter().map(|t| self.queue_name(t)).collect();
         names.extend(pools.iter().map(|p| self.queue_name(&Topic::Tasks((*p).to_string()))));
         for name in names {
             channel

@@ -18,7 +18,7 @@ use dagmq_core::state::{TaskEvent, run_outcome, task_transition};
 use dagmq_core::store::CreateRun;
 use dagmq_core::{
     BackendError, CancelSignal, Dag, DagRegistry, Delivery, Params, Queue, RunKind, RunRecord, RunState, Store,
-    TaskConfig, TaskInstance, TaskState, Topic,
+    TaskConfig, TaskInstance, TaskState, Topic, WorkerInfo,
 };
 use tokio::sync::mpsc;
 
@@ -43,6 +43,11 @@ pub struct SchedulerConfig {
     pub sweep_interval: Duration,
     /// Most scheduled runs one DAG gets per watcher pass (the next pass follows at once).
     pub catch_up_batch: usize,
+    /// A worker whose last heartbeat is older than this is lost: its running tries are
+    /// requeued as new tries and it leaves the registry.
+    pub worker_timeout: Duration,
+    /// How often lost workers are looked for.
+    pub zombie_check_interval: Duration,
 }
 
 impl SchedulerConfig {
@@ -55,6 +60,8 @@ impl SchedulerConfig {
             clock,
             sweep_interval: Duration::from_secs(30),
             catch_up_batch: 100,
+            worker_timeout: Duration::from_secs(20),
+            zombie_check_interval: Duration::from_secs(5),
         }
     }
 }
@@ -78,6 +85,7 @@ pub fn spawn(
     let engine = Engine {
         now_cache: config.clock.now(),
         sweep_at: config.clock.now() + chrono::Duration::from_std(config.sweep_interval).unwrap_or_default(),
+        zombie_at: config.clock.now() + chrono::Duration::from_std(config.zombie_check_interval).unwrap_or_default(),
         config,
         queue,
         store,
@@ -160,6 +168,8 @@ struct Engine {
     watch_at: Option<DateTime<Utc>>,
     /// When the next reconciliation sweep is due.
     sweep_at: DateTime<Utc>,
+    /// When lost workers are next looked for.
+    zombie_at: DateTime<Utc>,
     /// `now` at the start of the current event, so one event sees one instant.
     now_cache: DateTime<Utc>,
 }
@@ -218,7 +228,7 @@ impl Engine {
 
     /// The earliest timer, watcher pass or sweep.
     fn next_wake(&self) -> DateTime<Utc> {
-        let mut wake = self.sweep_at;
+        let mut wake = self.sweep_at.min(self.zombie_at);
         if let Some(Reverse((at, _, _))) = self.timers.peek() {
             wake = wake.min(*at);
         }
@@ -818,6 +828,71 @@ impl Engine {
         if self.sweep_at <= now {
             self.sweep_at = now + chrono::Duration::from_std(self.config.sweep_interval).unwrap_or_default();
             self.sweep().await?;
+        }
+        if self.zombie_at <= now {
+            self.zombie_at = now + chrono::Duration::from_std(self.config.zombie_check_interval).unwrap_or_default();
+            self.requeue_lost_workers().await?;
+        }
+        Ok(())
+    }
+
+    /// Finds workers whose heartbeat stopped, requeues the tries they were running as new tries
+    /// and removes them from the registry. A try is found through the worker's last heartbeat
+    /// and, for tries claimed after it, through the running runs' tasks.
+    async fn requeue_lost_workers(&mut self) -> Result<(), BackendError> {
+        let now = self.now_cache;
+        let timeout = chrono::Duration::from_std(self.config.worker_timeout).unwrap_or_default();
+        let lost: Vec<WorkerInfo> =
+            self.store.workers().await?.into_iter().filter(|w| now - w.last_heartbeat > timeout).collect();
+        for worker in lost {
+            tracing::warn!(worker = %worker.name, last_heartbeat = %worker.last_heartbeat, "worker lost: requeueing its tries");
+            let mut candidates: Vec<(String, String)> =
+                worker.running.iter().map(|t| (t.run_id.clone(), t.task_id.clone())).collect();
+            for run in self.active.values() {
+                for task in &run.tasks {
+                    if matches!(task.state, TaskState::Queued | TaskState::Running) {
+                        candidates.push((run.id().to_string(), task.task_id.clone()));
+                    }
+                }
+            }
+            candidates.sort();
+            candidates.dedup();
+            for (run_id, task_id) in candidates {
+                let Some(task) = self.store.task(&run_id, &task_id).await? else { continue };
+                if task.state != TaskState::Running || task.worker.as_deref() != Some(worker.name.as_str()) {
+                    continue;
+                }
+                let reason = format!(
+                    "try {} interrupted: worker {} lost (no heartbeat since {})",
+                    task.try_number, worker.name, worker.last_heartbeat
+                );
+                let next = match task.requeued_after_interruption(now, reason) {
+                    Some(next) => next,
+                    None => TaskInstance {
+                        state: TaskState::Failed,
+                        ended_at: Some(now),
+                        error: Some(format!("worker lost during {} tries; giving up", task.interruptions + 1)),
+                        ..task.clone()
+                    },
+                };
+                if !self.store.transition_task(&run_id, TaskState::Running, task.try_number, &next).await? {
+                    continue;
+                }
+                tracing::info!(run = %run_id, task = %task_id, try_number = next.try_number, state = %next.state, "lost try handled");
+                let Some(mut run) = self.active.remove(&run_id) else { continue };
+                let result = match run.index.get(&task_id).copied() {
+                    Some(i) => {
+                        if next.state == TaskState::Queued {
+                            self.outbox.push((Topic::Tasks(next.queue.clone()), task_message(&run, &next)));
+                        }
+                        self.on_task_changed(&mut run, i, next, true).await
+                    }
+                    None => Ok(()),
+                };
+                self.put_back(run).await?;
+                result?;
+            }
+            self.store.remove_worker(&worker.name).await?;
         }
         Ok(())
     }

@@ -227,15 +227,17 @@ async fn execute_message(shared: &Shared, message: &TaskToExec) -> Result<Settle
 
     let now = shared.config.clock.now();
     if reason == StopReason::Interrupted {
-        let mut requeued = running.clone();
-        requeued.state = TaskState::Queued;
-        requeued.try_number += 1;
-        requeued.max_try += 1;
-        requeued.queued_at = Some(now);
-        requeued.started_at = None;
-        requeued.worker = None;
-        requeued.error =
-            Some(format!("try {} interrupted: worker {} shut down", running.try_number, shared.config.name));
+        let why = format!("try {} interrupted: worker {} shut down", running.try_number, shared.config.name);
+        let Some(requeued) = running.requeued_after_interruption(now, why) else {
+            let mut failed = running.clone();
+            failed.state = TaskState::Failed;
+            failed.ended_at = Some(now);
+            failed.error = Some("interrupted too many times; giving up".to_string());
+            if store.transition_task(&message.run_id, TaskState::Running, running.try_number, &failed).await? {
+                publish_status(shared, &failed, &message.run_id).await?;
+            }
+            return Ok(Settle::Ack);
+        };
         if store.transition_task(&message.run_id, TaskState::Running, running.try_number, &requeued).await? {
             let next = TaskToExec { try_number: requeued.try_number, max_try: requeued.max_try, ..message.clone() };
             shared.queue.publish(&Topic::Tasks(requeued.queue.clone()), messages::encode(&next)).await?;

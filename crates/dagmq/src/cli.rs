@@ -20,8 +20,12 @@ pub struct Cli {
 /// The subcommands.
 #[derive(Debug, Subcommand)]
 pub enum Command {
-    /// Scheduler, workers, API and UI in one process, with in-memory queue and store.
+    /// Scheduler, worker and API in one process; in-memory queue and store unless --amqp/--redis.
     Standalone(ServeArgs),
+    /// The scheduler and the API, against RabbitMQ and Redis.
+    Scheduler(ServeArgs),
+    /// A worker, against RabbitMQ and Redis.
+    Worker(ServeArgs),
     /// Parse and check DAG files; exit 2 with `file:line: reason` for each bad one.
     Validate(ValidateArgs),
     /// Start a run of a DAG.
@@ -38,9 +42,31 @@ pub enum Command {
     Bench(BenchArgs),
 }
 
-/// Flags of the serving commands.
+/// Flags of the serving commands (`standalone`, `scheduler`, `worker`); each uses the ones that
+/// apply to its role.
 #[derive(Debug, Args)]
 pub struct ServeArgs {
+    /// RabbitMQ, e.g. amqp://guest:guest@127.0.0.1:5672/%2f.
+    #[arg(long, env = "DAGMQ_AMQP_URL", value_name = "URL")]
+    pub amqp: Option<String>,
+    /// Redis, e.g. redis://127.0.0.1:6379.
+    #[arg(long, env = "DAGMQ_REDIS_URL", value_name = "URL")]
+    pub redis: Option<String>,
+    /// Prefix of queue names and Redis keys, so several installations can share the services.
+    #[arg(long, env = "DAGMQ_NAMESPACE", value_name = "NAME")]
+    pub namespace: Option<String>,
+    /// Finished runs are deleted from Redis this long after they finish, e.g. 30d.
+    #[arg(long, value_name = "DURATION")]
+    pub retention: Option<String>,
+    /// Worker pools this worker consumes, comma-separated (default: default).
+    #[arg(long, value_delimiter = ',', value_name = "POOLS")]
+    pub queues: Vec<String>,
+    /// The scheduler treats a worker silent this long as lost and requeues its tries (default 20s).
+    #[arg(long, value_name = "DURATION")]
+    pub worker_timeout: Option<String>,
+    /// This worker's name in the registry (default: host-pid).
+    #[arg(long, value_name = "NAME")]
+    pub name: Option<String>,
     /// Directory of DAG files (*.toml).
     #[arg(long, env = "DAGMQ_DAGS", value_name = "DIR")]
     pub dags: Option<PathBuf>,

@@ -112,7 +112,9 @@ impl App {
         }
         let file = ConfigFile::load(cli.config.as_deref()).map_err(|e| CliError::usage(format!("{e:#}")))?;
         match &cli.command {
-            Command::Standalone(args) => standalone::standalone(&self, args, &file).await,
+            Command::Standalone(args) => standalone::serve(&self, args, &file, standalone::Role::Standalone).await,
+            Command::Scheduler(args) => standalone::serve(&self, args, &file, standalone::Role::Scheduler).await,
+            Command::Worker(args) => standalone::serve(&self, args, &file, standalone::Role::Worker).await,
             Command::Validate(args) => self.validate(args.dags.as_deref().or(file.dags.as_deref())),
             Command::Trigger(args) => {
                 client_commands::trigger(&Api::new(&args.client, file.api.as_deref())?, args).await

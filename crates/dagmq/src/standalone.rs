@@ -1,4 +1,5 @@
-//! `dagmq standalone`: scheduler, worker and API in one process over the in-memory backends.
+//! The serving commands: `standalone` (everything in one process), `scheduler` and `worker`.
+//! Only here are backends chosen: in memory, or RabbitMQ and Redis.
 
 use std::net::IpAddr;
 use std::sync::Arc;
@@ -7,6 +8,8 @@ use std::time::Duration;
 use anyhow::Context;
 use dagmq_core::memory::{MemoryQueue, MemoryStore};
 use dagmq_core::{CancelSignal, Clock, Queue, Store, SystemClock};
+use dagmq_rabbitmq::{RabbitConfig, RabbitQueue};
+use dagmq_redis::RedisStore;
 use dagmq_scheduler::SchedulerConfig;
 use dagmq_scheduler::api::ApiConfig;
 use dagmq_scheduler::notifier::{FanoutNotifier, LogNotifier, Notifier};
@@ -18,8 +21,19 @@ use crate::load::load_dags;
 use crate::webhook::WebhookNotifier;
 use crate::{App, CliError, CliResult};
 
-/// Runs until SIGINT or SIGTERM, then stops the worker gracefully and everything else after it.
-pub(crate) async fn standalone(app: &App, args: &ServeArgs, file: &ConfigFile) -> CliResult<()> {
+/// Which parts this process runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Role {
+    /// Scheduler, API and a worker.
+    Standalone,
+    /// Scheduler and API.
+    Scheduler,
+    /// A worker.
+    Worker,
+}
+
+/// Runs the role until SIGINT or SIGTERM, then stops the worker gracefully and the rest after it.
+pub(crate) async fn serve(app: &App, args: &ServeArgs, file: &ConfigFile, role: Role) -> CliResult<()> {
     let dags_dir = args.dags.clone().or_else(|| file.dags.clone());
     let port = args.port.or(file.port).unwrap_or(9191);
     let bind = args.bind.clone().or_else(|| file.bind.clone()).unwrap_or_else(|| "127.0.0.1".to_string());
@@ -31,12 +45,23 @@ pub(crate) async fn standalone(app: &App, args: &ServeArgs, file: &ConfigFile) -
         }
         None => Duration::from_secs(30),
     };
+    let retention = match &args.retention {
+        Some(text) => {
+            Some(dagmq_core::duration::parse_duration(text).map_err(|e| CliError::usage(format!("--retention: {e}")))?)
+        }
+        None => None,
+    };
     let token = std::env::var("DAGMQ_API_TOKEN").ok().filter(|t| !t.is_empty());
     let address: IpAddr = bind.parse().map_err(|_| CliError::usage(format!("--bind {bind:?} is not an IP address")))?;
-    if !address.is_loopback() && token.is_none() && !args.insecure {
+    if role != Role::Worker && !address.is_loopback() && token.is_none() && !args.insecure {
         return Err(CliError::usage(format!(
             "refusing to listen on {bind} without DAGMQ_API_TOKEN; set a token or pass --insecure"
         )));
+    }
+    if role != Role::Standalone && (args.amqp.is_none() || args.redis.is_none()) {
+        return Err(CliError::usage(
+            "the scheduler and workers need --amqp URL and --redis URL (or DAGMQ_AMQP_URL and DAGMQ_REDIS_URL)",
+        ));
     }
     let mut notifiers: Vec<Box<dyn Notifier>> = vec![Box::new(LogNotifier)];
     if let Some(url) = args.notify_webhook.as_ref().or(file.notify_webhook.as_ref()) {
@@ -54,39 +79,72 @@ pub(crate) async fn standalone(app: &App, args: &ServeArgs, file: &ConfigFile) -
     }
     tracing::info!(dags = loaded.dags.len(), refused = loaded.errors.len(), "dags loaded");
 
-    let queue: Arc<dyn Queue> = Arc::new(MemoryQueue::new());
-    let store: Arc<dyn Store> = Arc::new(MemoryStore::new());
+    let namespace = args.namespace.clone().unwrap_or_default();
+    let queue: Arc<dyn Queue> = match &args.amqp {
+        Some(url) => {
+            let mut config = RabbitConfig::new(url.clone());
+            config.namespace = namespace.clone();
+            Arc::new(RabbitQueue::connect(config).await.map_err(|e| CliError::runtime(e.to_string()))?)
+        }
+        None => Arc::new(MemoryQueue::new()),
+    };
+    let store: Arc<dyn Store> = match &args.redis {
+        Some(url) => {
+            let prefix = if namespace.is_empty() { "dagmq".to_string() } else { namespace.clone() };
+            Arc::new(RedisStore::connect(url, &prefix, retention).await.map_err(|e| CliError::runtime(e.to_string()))?)
+        }
+        None => Arc::new(MemoryStore::new()),
+    };
     let clock: Arc<dyn Clock> = Arc::new(SystemClock);
     let (stop_scheduler, scheduler_signal) = CancelSignal::new();
     let (stop_worker, worker_signal) = CancelSignal::new();
 
-    let mut scheduler_config = SchedulerConfig::new(loaded.dags.clone(), clock.clone());
-    scheduler_config.default_params = loaded.default_params;
-    scheduler_config.notifier = Arc::new(FanoutNotifier(notifiers));
-    let (handle, scheduler) =
-        dagmq_scheduler::spawn(scheduler_config, queue.clone(), store.clone(), scheduler_signal.clone());
-
-    let mut worker_config = WorkerConfig::new(worker_name(), loaded.dags, clock);
-    worker_config.host = host_name();
-    worker_config.concurrency = concurrency;
-    worker_config.tasks = app.tasks.clone();
-    worker_config.grace_period = grace_period;
-    let worker = tokio::spawn(dagmq_worker::run(worker_config, queue, store, worker_signal));
-
-    let listener = tokio::net::TcpListener::bind((address, port))
-        .await
-        .with_context(|| format!("cannot listen on {bind}:{port}"))
-        .map_err(|e| CliError::runtime(format!("{e:#}")))?;
-    tracing::info!("api and ui on http://{}", listener.local_addr().map(|a| a.to_string()).unwrap_or_default());
-    let server = tokio::spawn(dagmq_scheduler::api::serve(listener, handle, ApiConfig { token }, scheduler_signal));
+    let mut scheduler = None;
+    let mut server = None;
+    if role != Role::Worker {
+        let mut config = SchedulerConfig::new(loaded.dags.clone(), clock.clone());
+        config.default_params = loaded.default_params;
+        config.notifier = Arc::new(FanoutNotifier(notifiers));
+        if let Some(text) = &args.worker_timeout {
+            config.worker_timeout = dagmq_core::duration::parse_duration(text)
+                .map_err(|e| CliError::usage(format!("--worker-timeout: {e}")))?;
+        }
+        let (handle, task) = dagmq_scheduler::spawn(config, queue.clone(), store.clone(), scheduler_signal.clone());
+        scheduler = Some(task);
+        let listener = tokio::net::TcpListener::bind((address, port))
+            .await
+            .with_context(|| format!("cannot listen on {bind}:{port}"))
+            .map_err(|e| CliError::runtime(format!("{e:#}")))?;
+        tracing::info!("api on http://{}", listener.local_addr().map(|a| a.to_string()).unwrap_or_default());
+        server =
+            Some(tokio::spawn(dagmq_scheduler::api::serve(listener, handle, ApiConfig { token }, scheduler_signal)));
+    }
+    let mut worker = None;
+    if role != Role::Scheduler {
+        let mut config = WorkerConfig::new(args.name.clone().unwrap_or_else(worker_name), loaded.dags, clock);
+        config.host = host_name();
+        config.concurrency = concurrency;
+        config.tasks = app.tasks.clone();
+        config.grace_period = grace_period;
+        if !args.queues.is_empty() {
+            config.queues = args.queues.clone();
+        }
+        worker = Some(tokio::spawn(dagmq_worker::run(config, queue, store, worker_signal)));
+    }
 
     wait_for_signal().await;
-    tracing::info!("shutting down: the worker finishes running tasks first");
+    tracing::info!("shutting down");
     stop_worker.cancel();
-    let _ = worker.await;
+    if let Some(worker) = worker {
+        let _ = worker.await;
+    }
     stop_scheduler.cancel();
-    let _ = scheduler.await;
-    let _ = server.await;
+    if let Some(scheduler) = scheduler {
+        let _ = scheduler.await;
+    }
+    if let Some(server) = server {
+        let _ = server.await;
+    }
     Ok(())
 }
 

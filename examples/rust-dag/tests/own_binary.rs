@@ -20,6 +20,8 @@ fn rust_dag_with_follow_ups_and_retries_succeeds() {
     let mut server = Command::new(binary)
         .args(["standalone", "--port", &port.to_string()])
         .env_remove("DAGMQ_DAGS")
+        .env_remove("DAGMQ_AMQP_URL")
+        .env_remove("DAGMQ_REDIS_URL")
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()

@@ -1,6 +1,8 @@
 #![allow(clippy::unwrap_used, missing_docs, unreachable_pub)]
 //! End-to-end tests of the `dagmq` binary: real processes, driven through the CLI.
 
+mod cluster;
+mod distributed;
 mod standalone;
 mod support;
 mod validate;

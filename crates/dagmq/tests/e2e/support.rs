@@ -9,7 +9,17 @@ use std::time::{Duration, Instant};
 /// The binary under test.
 pub(crate) fn dagmq() -> Command {
     let mut command = Command::new(env!("CARGO_BIN_EXE_dagmq"));
-    command.env_remove("DAGMQ_API").env_remove("DAGMQ_DAGS").env_remove("DAGMQ_API_TOKEN").env_remove("DAGMQ_CONFIG");
+    for variable in [
+        "DAGMQ_API",
+        "DAGMQ_DAGS",
+        "DAGMQ_API_TOKEN",
+        "DAGMQ_CONFIG",
+        "DAGMQ_AMQP_URL",
+        "DAGMQ_REDIS_URL",
+        "DAGMQ_NAMESPACE",
+    ] {
+        command.env_remove(variable);
+    }
     command
 }
 

@@ -1,0 +1,213 @@
+//! A distributed installation for one test: its own RabbitMQ vhost and Redis prefix, a
+//! scheduler process and worker processes, each of which can be killed and started again.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::process::{Child, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::support::{dagmq, free_port, text};
+
+/// Whether a test that cannot reach a service must fail rather than skip.
+fn required() -> bool {
+    std::env::var("DAGMQ_REQUIRE_SERVICES").is_ok_and(|v| v == "1")
+}
+
+fn reachable(port: u16) -> bool {
+    std::net::TcpStream::connect_timeout(&([127, 0, 0, 1], port).into(), Duration::from_secs(2)).is_ok()
+}
+
+fn rabbitmqctl(args: &[&str]) -> Output {
+    std::process::Command::new("rabbitmqctl").args(args).output().expect("rabbitmqctl runs")
+}
+
+/// One installation.
+pub struct Cluster {
+    /// Names the vhost, the Redis prefix and the temp directory.
+    pub namespace: String,
+    /// The API of the scheduler.
+    pub api: String,
+    pub amqp: String,
+    pub redis: String,
+    port: u16,
+    dags: PathBuf,
+    logs: PathBuf,
+    scheduler: Option<Child>,
+    workers: HashMap<String, Child>,
+    extra: Vec<String>,
+}
+
+impl Cluster {
+    /// A vhost and prefix of its own, and DAG files from `dag_files` (name, text); `None` when
+    /// the services are unreachable outside CI.
+    pub fn new(dag_files: &[(&str, &str)]) -> Option<Cluster> {
+        if !(reachable(5672) && reachable(6379)) {
+            assert!(!required(), "RabbitMQ (5672) and Redis (6379) are required (DAGMQ_REQUIRE_SERVICES=1)");
+            eprintln!("skipping: RabbitMQ or Redis unreachable");
+            return None;
+        }
+        let namespace = format!("dagmq-e2e-{}-{}", std::process::id(), free_port());
+        let added = rabbitmqctl(&["add_vhost", &namespace]);
+        assert!(added.status.success(), "add_vhost: {}", text(&added.stderr));
+        let allowed = rabbitmqctl(&["set_permissions", "-p", &namespace, "guest", ".*", ".*", ".*"]);
+        assert!(allowed.status.success(), "set_permissions: {}", text(&allowed.stderr));
+        let dir = std::env::temp_dir().join(&namespace);
+        let dags = dir.join("dags");
+        let logs = dir.join("logs");
+        std::fs::create_dir_all(&dags).unwrap();
+        std::fs::create_dir_all(&logs).unwrap();
+        for (name, body) in dag_files {
+            std::fs::write(dags.join(name), body).unwrap();
+        }
+        let port = free_port();
+        Some(Cluster {
+            amqp: format!("amqp://guest:guest@127.0.0.1:5672/{namespace}"),
+            redis: "redis://127.0.0.1:6379".to_string(),
+            api: format!("http://127.0.0.1:{port}"),
+            namespace,
+            port,
+            dags,
+            logs,
+            scheduler: None,
+            workers: HashMap::new(),
+            extra: Vec::new(),
+        })
+    }
+
+    /// Extra flags for the scheduler.
+    pub fn scheduler_flags(&mut self, flags: &[&str]) {
+        self.extra = flags.iter().map(|f| f.to_string()).collect();
+    }
+
+    fn spawn(&self, role: &str, name: &str, extra: &[String]) -> Child {
+        let log =
+            std::fs::OpenOptions::new().create(true).append(true).open(self.logs.join(format!("{name}.log"))).unwrap();
+        let mut command = dagmq();
+        command
+            .arg(role)
+            .arg("--dags")
+            .arg(&self.dags)
+            .args(["--amqp", &self.amqp, "--redis", &self.redis, "--namespace", &self.namespace])
+            .args(extra)
+            .env("DAGMQ_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(log);
+        command.spawn().expect("start dagmq")
+    }
+
+    /// Starts the scheduler and waits until its API answers.
+    pub fn start_scheduler(&mut self) {
+        let mut extra = vec!["--port".to_string(), self.port.to_string()];
+        extra.extend(self.extra.clone());
+        self.scheduler = Some(self.spawn("scheduler", "scheduler", &extra));
+        self.wait_until(Duration::from_secs(60), || self.cli(&["dags", "list"]).status.success());
+    }
+
+    /// Starts a worker named `name`.
+    pub fn start_worker(&mut self, name: &str) {
+        let extra = vec!["--name".to_string(), name.to_string(), "--concurrency".to_string(), "16".to_string()];
+        let child = self.spawn("worker", name, &extra);
+        self.workers.insert(name.to_string(), child);
+    }
+
+    /// SIGKILLs the scheduler.
+    pub fn kill_scheduler(&mut self) {
+        if let Some(mut child) = self.scheduler.take() {
+            child.kill().unwrap();
+            child.wait().unwrap();
+        }
+    }
+
+    /// SIGKILLs a worker.
+    pub fn kill_worker(&mut self, name: &str) {
+        let mut child = self.workers.remove(name).expect("a running worker");
+        child.kill().unwrap();
+        child.wait().unwrap();
+    }
+
+    /// Waits until both workers are registered.
+    pub fn wait_for_workers(&self, count: usize) {
+        self.wait_until(Duration::from_secs(60), || {
+            self.json(&["workers"]).as_array().is_some_and(|w| w.len() == count)
+        });
+    }
+
+    pub fn cli(&self, args: &[&str]) -> Output {
+        dagmq().args(args).env("DAGMQ_API", &self.api).output().unwrap()
+    }
+
+    pub fn json(&self, args: &[&str]) -> serde_json::Value {
+        let mut all = args.to_vec();
+        all.push("--json");
+        let output = self.cli(&all);
+        assert!(output.status.success(), "{args:?}: {}", text(&output.stderr));
+        serde_json::from_slice(&output.stdout).unwrap()
+    }
+
+    pub fn wait_until(&self, limit: Duration, mut condition: impl FnMut() -> bool) {
+        let deadline = Instant::now() + limit;
+        while !condition() {
+            if Instant::now() >= deadline {
+                panic!("condition not met within {limit:?}; logs:\n{}", self.logs_text());
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// Waits for a run to finish and answers it with its tasks.
+    pub fn wait_run(&self, run_id: &str, limit: Duration) -> serde_json::Value {
+        let mut run = serde_json::Value::Null;
+        self.wait_until(limit, || {
+            let output = self.cli(&["runs", "show", run_id, "--json"]);
+            if !output.status.success() {
+                return false;
+            }
+            run = serde_json::from_slice(&output.stdout).unwrap();
+            matches!(run["state"].as_str(), Some("success" | "failed" | "cancelled"))
+        });
+        run
+    }
+
+    /// The processes' logs, for failure messages.
+    pub fn logs_text(&self) -> String {
+        let mut all = String::new();
+        if let Ok(entries) = std::fs::read_dir(&self.logs) {
+            for entry in entries.flatten() {
+                let body = std::fs::read_to_string(entry.path()).unwrap_or_default();
+                let tail: Vec<&str> = body.lines().rev().take(40).collect();
+                all.push_str(&format!("--- {}\n", entry.path().display()));
+                for line in tail.into_iter().rev() {
+                    all.push_str(line);
+                    all.push('\n');
+                }
+            }
+        }
+        all
+    }
+
+    /// Runs an async block on a runtime of its own (for direct queue and store access).
+    pub fn block_on<F: std::future::Future>(&self, future: F) -> F::Output {
+        tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap().block_on(future)
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        self.kill_scheduler();
+        for (_, mut child) in self.workers.drain() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        let _ = rabbitmqctl(&["delete_vhost", &self.namespace]);
+        let prefix = self.namespace.clone();
+        let redis = self.redis.clone();
+        self.block_on(async move {
+            if let Ok(store) = dagmq_redis::RedisStore::connect(&redis, &prefix, None).await {
+                let _ = store.delete_all().await;
+            }
+        });
+        if let Some(dir) = self.dags.parent() {
+            let _ = std::fs::remove_dir_all(dir);
+        }
+    }
+}

@@ -1,0 +1,191 @@
+//! Distributed mode: a scheduler process and worker processes over a real RabbitMQ and Redis.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::Duration;
+
+use dagmq_core::{Queue, Topic};
+use serde_json::Value;
+
+use crate::cluster::Cluster;
+use crate::support::text;
+
+fn wide_dag(width: usize) -> String {
+    let mut dag = String::from("id = \"wide\"\n[[task]]\nid = \"root\"\nrun = \"noop\"\n");
+    for i in 0..width {
+        dag.push_str(&format!("[[task]]\nid = \"t{i}\"\nafter = [\"root\"]\nrun = \"sleep\"\nargs = {{ ms = 20 }}\n"));
+    }
+    let all: Vec<String> = (0..width).map(|i| format!("\"t{i}\"")).collect();
+    dag.push_str(&format!("[[task]]\nid = \"sink\"\nafter = [{}]\nrun = \"noop\"\n", all.join(", ")));
+    dag
+}
+
+const CHAIN: &str = r#"
+id = "chain"
+[[task]]
+id = "c1"
+run = "sleep"
+args = { ms = 800 }
+[[task]]
+id = "c2"
+after = ["c1"]
+run = "sleep"
+args = { ms = 1500 }
+[[task]]
+id = "c3"
+after = ["c2"]
+run = "sleep"
+args = { ms = 800 }
+[[task]]
+id = "c4"
+after = ["c3"]
+command = ["echo", "done"]
+"#;
+
+const LONG: &str = r#"
+id = "long"
+[[task]]
+id = "slow"
+command = ["sh", "-c", "echo try $DAGMQ_TRY starting; sleep 6; echo try $DAGMQ_TRY done"]
+[[task]]
+id = "after"
+after = ["slow"]
+run = "noop"
+"#;
+
+fn tasks(run: &Value) -> BTreeMap<String, Value> {
+    run["tasks"].as_array().unwrap().iter().map(|t| (t["task_id"].as_str().unwrap().to_string(), t.clone())).collect()
+}
+
+#[test]
+fn two_workers_share_a_200_task_dag_and_each_task_succeeds_once() {
+    let Some(mut cluster) = Cluster::new(&[("wide.toml", &wide_dag(198))]) else { return };
+    cluster.start_scheduler();
+    cluster.start_worker("w1");
+    cluster.start_worker("w2");
+    cluster.wait_for_workers(2);
+    let trigger = cluster.json(&["trigger", "wide"]);
+    let run = cluster.wait_run(trigger["run_id"].as_str().unwrap(), Duration::from_secs(120));
+    assert_eq!(run["state"], "success", "{}", cluster.logs_text());
+    let tasks = tasks(&run);
+    assert_eq!(tasks.len(), 200);
+    let mut by_worker: BTreeMap<String, usize> = BTreeMap::new();
+    for task in tasks.values() {
+        assert_eq!(task["state"], "success");
+        assert_eq!(task["try_number"], 1, "{task}");
+        *by_worker.entry(task["worker"].as_str().unwrap().to_string()).or_default() += 1;
+    }
+    assert_eq!(
+        by_worker.keys().cloned().collect::<BTreeSet<_>>(),
+        BTreeSet::from(["w1".to_string(), "w2".to_string()]),
+        "{by_worker:?}"
+    );
+}
+
+#[test]
+fn raw_triggers_create_runs_once_per_key_and_bad_ones_are_dead_lettered() {
+    let Some(mut cluster) = Cluster::new(&[("wide.toml", &wide_dag(2))]) else { return };
+    cluster.start_scheduler();
+    cluster.start_worker("w1");
+    let (amqp, namespace) = (cluster.amqp.clone(), cluster.namespace.clone());
+    let dead = cluster.block_on(async move {
+        // An outside producer: a plain persistent publish to `<namespace>.dagmq.triggers`.
+        let mut config = dagmq_rabbitmq::RabbitConfig::new(amqp);
+        config.namespace = namespace;
+        let queue = dagmq_rabbitmq::RabbitQueue::connect(config).await.unwrap();
+        let good = br#"{"v":1,"dag_id":"wide","params":{"date":"2026-11-22"},"key":"wide-2026-11-22"}"#.to_vec();
+        queue.publish(&Topic::Triggers, good.clone()).await.unwrap();
+        queue.publish(&Topic::Triggers, good).await.unwrap();
+        queue.publish(&Topic::Triggers, b"{\"v\":1,\"dag_id\":".to_vec()).await.unwrap();
+        queue.publish(&Topic::Triggers, br#"{"v":1,"dag_id":"nope"}"#.to_vec()).await.unwrap();
+        let mut dead = queue.consume(&Topic::Dead, 10).await.unwrap();
+        let mut reasons = Vec::new();
+        for _ in 0..2 {
+            let delivery = tokio::time::timeout(Duration::from_secs(30), dead.next()).await.unwrap().unwrap().unwrap();
+            reasons.push(delivery.error.clone().unwrap_or_default());
+            delivery.ack().await.unwrap();
+        }
+        reasons
+    });
+    assert_eq!(
+        dead,
+        vec![
+            "trigger: malformed message: EOF while parsing a value at line 1 column 16".to_string(),
+            "trigger: unknown dag \"nope\"".to_string(),
+        ]
+    );
+    cluster.wait_until(Duration::from_secs(30), || {
+        cluster.json(&["runs", "list", "--dag", "wide", "--status", "success"]).as_array().is_some_and(|r| r.len() == 1)
+    });
+    let runs = cluster.json(&["runs", "list", "--dag", "wide"]);
+    assert_eq!(runs.as_array().unwrap().len(), 1, "the repeated key created no second run");
+    assert_eq!(runs[0]["params"]["date"], "2026-11-22");
+    // The scheduler keeps serving.
+    let again = cluster.cli(&["trigger", "wide", "--wait"]);
+    assert!(again.status.success(), "{}", text(&again.stderr));
+}
+
+#[test]
+fn scheduler_killed_mid_run_resumes_and_nothing_runs_twice() {
+    let Some(mut cluster) = Cluster::new(&[("chain.toml", CHAIN)]) else { return };
+    cluster.start_scheduler();
+    cluster.start_worker("w1");
+    let run_id = cluster.json(&["trigger", "chain"])["run_id"].as_str().unwrap().to_string();
+    cluster.wait_until(Duration::from_secs(30), || {
+        tasks(&cluster.json(&["runs", "show", &run_id]))["c2"]["state"] == "running"
+    });
+    cluster.kill_scheduler();
+    cluster.start_scheduler();
+    let run = cluster.wait_run(&run_id, Duration::from_secs(60));
+    assert_eq!(run["state"], "success", "{}", cluster.logs_text());
+    for (id, task) in tasks(&run) {
+        assert_eq!((task["state"].as_str(), task["try_number"].as_u64()), (Some("success"), Some(1)), "{id}");
+    }
+}
+
+#[test]
+fn worker_killed_mid_task_the_task_completes_on_the_other_worker_as_a_new_try() {
+    let Some(mut cluster) = Cluster::new(&[("long.toml", LONG)]) else { return };
+    cluster.scheduler_flags(&["--worker-timeout", "12s"]);
+    cluster.start_scheduler();
+    cluster.start_worker("w1");
+    cluster.start_worker("w2");
+    cluster.wait_for_workers(2);
+    let run_id = cluster.json(&["trigger", "long"])["run_id"].as_str().unwrap().to_string();
+    let mut victim = String::new();
+    cluster.wait_until(Duration::from_secs(30), || {
+        let slow = &tasks(&cluster.json(&["runs", "show", &run_id]))["slow"];
+        victim = slow["worker"].as_str().unwrap_or_default().to_string();
+        slow["state"] == "running"
+    });
+    cluster.kill_worker(&victim);
+    let run = cluster.wait_run(&run_id, Duration::from_secs(90));
+    assert_eq!(run["state"], "success", "{}", cluster.logs_text());
+    let slow = &tasks(&run)["slow"];
+    assert_eq!(slow["try_number"], 2, "the lost try was replaced by a new one");
+    assert_ne!(slow["worker"].as_str().unwrap(), victim);
+    let log = cluster.cli(&["logs", &run_id, "slow", "--try", "2"]);
+    assert_eq!(text(&log.stdout), "try 2 starting\ntry 2 done\n");
+    let workers = cluster.json(&["workers"]);
+    assert_eq!(workers.as_array().unwrap().len(), 1, "the lost worker left the registry");
+}
+
+#[test]
+fn broker_closing_every_connection_costs_a_pause_not_the_run() {
+    let Some(mut cluster) = Cluster::new(&[("chain.toml", CHAIN)]) else { return };
+    cluster.start_scheduler();
+    cluster.start_worker("w1");
+    let run_id = cluster.json(&["trigger", "chain"])["run_id"].as_str().unwrap().to_string();
+    cluster.wait_until(Duration::from_secs(30), || {
+        tasks(&cluster.json(&["runs", "show", &run_id]))["c2"]["state"] == "running"
+    });
+    let closed = std::process::Command::new("rabbitmqctl")
+        .args(["close_all_connections", "--vhost", &cluster.namespace, "test: connection dropped"])
+        .output()
+        .unwrap();
+    assert!(closed.status.success(), "{}", text(&closed.stderr));
+    let run = cluster.wait_run(&run_id, Duration::from_secs(90));
+    assert_eq!(run["state"], "success", "{}", cluster.logs_text());
+    for (id, task) in tasks(&run) {
+        assert_eq!(task["state"], "success", "{id}");
+    }
+}
