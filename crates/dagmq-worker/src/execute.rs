@@ -147,6 +147,11 @@ pub(crate) async fn control_loop(shared: Arc<Shared>, shutdown: CancelSignal) {
 }
 
 /// Handles one delivery; never fails: whatever goes wrong costs this message only.
+///
+/// The message is acknowledged as soon as the try is claimed (`running` in the store, with this
+/// worker's name): from then on the store and this worker's heartbeat carry the try, so a try
+/// longer than the broker's consumer timeout is never redelivered, and a lost worker's tries
+/// are requeued by the scheduler.
 pub(crate) async fn execute(shared: &Shared, delivery: Delivery) {
     let message: TaskToExec = match messages::decode(&delivery.payload) {
         Ok(message) => message,
@@ -155,11 +160,15 @@ pub(crate) async fn execute(shared: &Shared, delivery: Delivery) {
             return;
         }
     };
-    match execute_message(shared, &message).await {
-        Ok(Settle::Ack) => settle(delivery.ack().await),
-        Ok(Settle::DeadLetter(reason)) => {
+    match claim(shared, &message).await {
+        Ok(Claim::Settle(Settle::Ack)) => settle(delivery.ack().await),
+        Ok(Claim::Settle(Settle::DeadLetter(reason))) => {
             tracing::warn!(run = %message.run_id, task = %message.task_id, "dead-lettering: {reason}");
             settle(delivery.dead_letter(&reason).await)
+        }
+        Ok(Claim::Run(running, executable)) => {
+            settle(delivery.ack().await);
+            finish(shared, &message, running, executable).await;
         }
         Err(err) => {
             // The store or queue failed: give the message back for another try later.
@@ -185,10 +194,23 @@ enum Settle {
     DeadLetter(String),
 }
 
-async fn execute_message(shared: &Shared, message: &TaskToExec) -> Result<Settle, BackendError> {
+/// The outcome of trying to claim a message's try.
+enum Claim {
+    /// Nothing to run: settle the delivery so.
+    Settle(Settle),
+    /// The try is ours (`running` in the store): run it.
+    Run(TaskInstance, Executable),
+}
+
+/// Claims the try with a compare-and-set `queued` -> `running`; a message whose try is not
+/// `queued` is a duplicate or stale and runs nothing.
+async fn claim(shared: &Shared, message: &TaskToExec) -> Result<Claim, BackendError> {
     let store = &shared.store;
     let Some(current) = store.task(&message.run_id, &message.task_id).await? else {
-        return Ok(Settle::DeadLetter(format!("task: run {:?} has no task {:?}", message.run_id, message.task_id)));
+        return Ok(Claim::Settle(Settle::DeadLetter(format!(
+            "task: run {:?} has no task {:?}",
+            message.run_id, message.task_id
+        ))));
     };
     if current.state != TaskState::Queued || current.try_number != message.try_number {
         tracing::info!(
@@ -196,7 +218,7 @@ async fn execute_message(shared: &Shared, message: &TaskToExec) -> Result<Settle
             state = %current.state, current_try = current.try_number,
             "duplicate or stale task message acknowledged without running"
         );
-        return Ok(Settle::Ack);
+        return Ok(Claim::Settle(Settle::Ack));
     }
     let executable = match resolve(shared, message) {
         Ok(executable) => executable,
@@ -210,7 +232,7 @@ async fn execute_message(shared: &Shared, message: &TaskToExec) -> Result<Settle
             if store.transition_task(&message.run_id, TaskState::Queued, current.try_number, &failed).await? {
                 publish_status(shared, &failed, &message.run_id).await?;
             }
-            return Ok(Settle::DeadLetter(format!("task: {reason}")));
+            return Ok(Claim::Settle(Settle::DeadLetter(format!("task: {reason}"))));
         }
     };
     let mut running = current.clone();
@@ -220,11 +242,37 @@ async fn execute_message(shared: &Shared, message: &TaskToExec) -> Result<Settle
     running.progress = None;
     if !store.transition_task(&message.run_id, TaskState::Queued, current.try_number, &running).await? {
         tracing::info!(run = %message.run_id, task = %message.task_id, "another worker claimed the try first");
-        return Ok(Settle::Ack);
+        return Ok(Claim::Settle(Settle::Ack));
     }
+    Ok(Claim::Run(running, executable))
+}
 
+/// Runs a claimed try and records its outcome, retrying the store and queue until they answer:
+/// the message is acknowledged already, so the outcome must not be dropped.
+async fn finish(shared: &Shared, message: &TaskToExec, running: TaskInstance, executable: Executable) {
     let (result, reason) = run_try(shared, message, executable).await;
+    let mut delay = Duration::from_millis(100);
+    loop {
+        match record_outcome(shared, message, &running, &result, reason).await {
+            Ok(()) => return,
+            Err(err) => {
+                tracing::error!(run = %message.run_id, task = %message.task_id, "recording the outcome: {err}; retrying in {delay:?}");
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(Duration::from_secs(5));
+            }
+        }
+    }
+}
 
+/// Writes a finished try's outcome (or its requeue, when interrupted) and tells the scheduler.
+async fn record_outcome(
+    shared: &Shared,
+    message: &TaskToExec,
+    running: &TaskInstance,
+    result: &Result<TaskOutcome, TaskError>,
+    reason: StopReason,
+) -> Result<(), BackendError> {
+    let store = &shared.store;
     let now = shared.config.clock.now();
     if reason == StopReason::Interrupted {
         let why = format!("try {} interrupted: worker {} shut down", running.try_number, shared.config.name);
@@ -236,14 +284,14 @@ async fn execute_message(shared: &Shared, message: &TaskToExec) -> Result<Settle
             if store.transition_task(&message.run_id, TaskState::Running, running.try_number, &failed).await? {
                 publish_status(shared, &failed, &message.run_id).await?;
             }
-            return Ok(Settle::Ack);
+            return Ok(());
         };
         if store.transition_task(&message.run_id, TaskState::Running, running.try_number, &requeued).await? {
             let next = TaskToExec { try_number: requeued.try_number, max_try: requeued.max_try, ..message.clone() };
             shared.queue.publish(&Topic::Tasks(requeued.queue.clone()), messages::encode(&next)).await?;
             tracing::info!(run = %message.run_id, task = %message.task_id, try_number = requeued.try_number, "requeued as a new try");
         }
-        return Ok(Settle::Ack);
+        return Ok(());
     }
     let mut done = running.clone();
     done.ended_at = Some(now);
@@ -251,7 +299,7 @@ async fn execute_message(shared: &Shared, message: &TaskToExec) -> Result<Settle
         Ok(outcome) => match check_follow_ups(shared, &outcome.follow_ups) {
             Ok(()) => {
                 done.state = TaskState::Success;
-                done.follow_ups = outcome.follow_ups;
+                done.follow_ups = outcome.follow_ups.clone();
             }
             Err(reason) => {
                 done.state = TaskState::Failed;
@@ -261,15 +309,25 @@ async fn execute_message(shared: &Shared, message: &TaskToExec) -> Result<Settle
         Err(error) => {
             let retry = error.retryable && running.try_number < running.max_try;
             done.state = if retry { TaskState::UpForRetry } else { TaskState::Failed };
-            done.error = Some(error.message);
+            done.error = Some(error.message.clone());
         }
     }
     if store.transition_task(&message.run_id, TaskState::Running, running.try_number, &done).await? {
         publish_status(shared, &done, &message.run_id).await?;
     } else {
-        tracing::info!(run = %message.run_id, task = %message.task_id, "try outcome not recorded: the task moved on (cancelled or requeued)");
+        // Already recorded by an earlier attempt of this loop, or the task moved on.
+        let current = store.task(&message.run_id, &message.task_id).await?;
+        match current {
+            Some(current) if current.try_number == done.try_number && current.state == done.state => {
+                publish_status(shared, &done, &message.run_id).await?;
+            }
+            _ => tracing::info!(
+                run = %message.run_id, task = %message.task_id,
+                "try outcome not recorded: the task moved on (cancelled or requeued)"
+            ),
+        }
     }
-    Ok(Settle::Ack)
+    Ok(())
 }
 
 /// Finds what the message asks to run among this worker's DAGs and registered tasks; anything

@@ -189,3 +189,37 @@ fn broker_closing_every_connection_costs_a_pause_not_the_run() {
         assert_eq!(task["state"], "success", "{id}");
     }
 }
+
+#[test]
+fn a_long_running_task_leaves_nothing_for_the_broker_to_redeliver() {
+    let Some(mut cluster) = Cluster::new(&[("long.toml", LONG)]) else { return };
+    cluster.start_scheduler();
+    cluster.start_worker("w1");
+    let run_id = cluster.json(&["trigger", "long"])["run_id"].as_str().unwrap().to_string();
+    cluster.wait_until(Duration::from_secs(30), || {
+        tasks(&cluster.json(&["runs", "show", &run_id]))["slow"]["state"] == "running"
+    });
+    // The claim acknowledged the message: the broker has nothing unacknowledged that a consumer
+    // timeout could redeliver while the try runs.
+    let queues = std::process::Command::new("rabbitmqctl")
+        .args([
+            "list_queues",
+            "-p",
+            &cluster.namespace,
+            "--quiet",
+            "--no-table-headers",
+            "name",
+            "messages",
+            "messages_unacknowledged",
+        ])
+        .output()
+        .unwrap();
+    let listing = text(&queues.stdout);
+    let tasks_line = listing.lines().find(|l| l.contains("dagmq.tasks.default")).unwrap_or_else(|| panic!("{listing}"));
+    let counts: Vec<&str> = tasks_line.split_whitespace().skip(1).collect();
+    assert_eq!(counts, vec!["0", "0"], "{listing}");
+    assert_eq!(tasks(&cluster.json(&["runs", "show", &run_id]))["slow"]["state"], "running");
+    let run = cluster.wait_run(&run_id, Duration::from_secs(60));
+    assert_eq!(run["state"], "success");
+    assert_eq!(tasks(&run)["slow"]["try_number"], 1);
+}
