@@ -220,9 +220,16 @@ pub struct BenchArgs {
     /// What to measure.
     #[command(subcommand)]
     pub workload: BenchWorkload,
-    /// Most tasks the worker runs at once.
+    /// Most tasks each worker runs at once.
     #[arg(long, global = true, default_value_t = 1000)]
     pub concurrency: usize,
+    /// Distributed mode: RabbitMQ for the queue (with --redis); one scheduler and two workers,
+    /// each with connections of its own, and the raw broker limit measured first.
+    #[arg(long, global = true, value_name = "URL", requires = "redis")]
+    pub amqp: Option<String>,
+    /// Distributed mode: Redis for the store (with --amqp).
+    #[arg(long, global = true, value_name = "URL", requires = "amqp")]
+    pub redis: Option<String>,
 }
 
 /// Benchmark workloads.
