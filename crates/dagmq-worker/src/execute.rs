@@ -166,9 +166,9 @@ pub(crate) async fn execute(shared: &Shared, delivery: Delivery) {
             tracing::warn!(run = %message.run_id, task = %message.task_id, "dead-lettering: {reason}");
             settle(delivery.dead_letter(&reason).await)
         }
-        Ok(Claim::Run(running, executable)) => {
+        Ok(Claim::Run(Box::new(running), executable)) => {
             settle(delivery.ack().await);
-            finish(shared, &message, running, executable).await;
+            finish(shared, &message, *running, executable).await;
         }
         Err(err) => {
             // The store or queue failed: give the message back for another try later.
@@ -199,7 +199,7 @@ enum Claim {
     /// Nothing to run: settle the delivery so.
     Settle(Settle),
     /// The try is ours (`running` in the store): run it.
-    Run(TaskInstance, Executable),
+    Run(Box<TaskInstance>, Executable),
 }
 
 /// Claims the try with a compare-and-set `queued` -> `running`; a message whose try is not
@@ -244,7 +244,7 @@ async fn claim(shared: &Shared, message: &TaskToExec) -> Result<Claim, BackendEr
         tracing::info!(run = %message.run_id, task = %message.task_id, "another worker claimed the try first");
         return Ok(Claim::Settle(Settle::Ack));
     }
-    Ok(Claim::Run(running, executable))
+    Ok(Claim::Run(Box::new(running), executable))
 }
 
 /// Runs a claimed try and records its outcome, retrying the store and queue until they answer:
