@@ -166,7 +166,7 @@ pub(crate) async fn execute(shared: &Shared, delivery: Delivery) {
             tracing::warn!(run = %message.run_id, task = %message.task_id, "dead-lettering: {reason}");
             settle(delivery.dead_letter(&reason).await)
         }
-        Ok(Claim::Run(Box::new(running), executable)) => {
+        Ok(Claim::Run(running, executable)) => {
             settle(delivery.ack().await);
             finish(shared, &message, *running, executable).await;
         }
