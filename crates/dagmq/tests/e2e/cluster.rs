@@ -103,6 +103,13 @@ impl Cluster {
         self.wait_until(Duration::from_secs(60), || self.cli(&["dags", "list"]).status.success());
     }
 
+    /// Starts `dagmq standalone` against the services (scheduler, API and a worker in one process).
+    pub fn start_standalone(&mut self) {
+        let extra = vec!["--port".to_string(), self.port.to_string()];
+        self.scheduler = Some(self.spawn("standalone", "standalone", &extra));
+        self.wait_until(Duration::from_secs(60), || self.cli(&["dags", "list"]).status.success());
+    }
+
     /// Starts a worker named `name`.
     pub fn start_worker(&mut self, name: &str) {
         let extra = vec!["--name".to_string(), name.to_string(), "--concurrency".to_string(), "16".to_string()];

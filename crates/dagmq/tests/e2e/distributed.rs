@@ -223,3 +223,22 @@ fn a_long_running_task_leaves_nothing_for_the_broker_to_redeliver() {
     assert_eq!(run["state"], "success");
     assert_eq!(tasks(&run)["slow"]["try_number"], 1);
 }
+
+#[test]
+fn standalone_runs_against_rabbitmq_and_redis_too() {
+    let hello = std::fs::read_to_string(crate::support::examples().join("hello.toml")).unwrap();
+    let Some(mut cluster) = Cluster::new(&[("hello.toml", &hello)]) else { return };
+    cluster.start_standalone();
+    let output = cluster.cli(&["trigger", "hello", "--wait", "--json"]);
+    assert!(output.status.success(), "{}\n{}", text(&output.stderr), cluster.logs_text());
+    let run: Value = serde_json::from_slice(&output.stdout).unwrap();
+    assert_eq!(run["state"], "success");
+    // The run is in Redis under the namespace, not in memory.
+    let (redis, prefix, run_id) =
+        (cluster.redis.clone(), cluster.namespace.clone(), run["run_id"].as_str().unwrap().to_string());
+    let stored = cluster.block_on(async move {
+        let store = dagmq_redis::RedisStore::connect(&redis, &prefix, None).await.unwrap();
+        dagmq_core::Store::run(&store, &run_id).await.unwrap()
+    });
+    assert_eq!(stored.unwrap().state, dagmq_core::RunState::Success);
+}
