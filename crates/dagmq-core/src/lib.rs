@@ -10,6 +10,7 @@ pub mod dag_file;
 pub mod duration;
 pub mod memory;
 pub mod messages;
+pub mod metrics;
 pub mod queue;
 pub mod records;
 pub mod schedule;

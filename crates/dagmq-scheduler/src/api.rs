@@ -64,6 +64,7 @@ pub fn router(scheduler: SchedulerHandle, config: ApiConfig) -> Router {
         .layer(middleware::from_fn_with_state(state.clone(), require_token));
     Router::new()
         .route("/healthz", get(healthz))
+        .route("/metrics", get(metrics))
         .nest("/api/v1", api)
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
         .with_state(state)
@@ -79,6 +80,23 @@ pub async fn serve(
     axum::serve(listener, router(scheduler, config))
         .with_graceful_shutdown(async move { shutdown.cancelled().await })
         .await
+}
+
+/// Serves `GET /metrics` with whatever `render` answers, until `shutdown` fires (a worker's own
+/// metrics endpoint).
+pub async fn serve_metrics(
+    listener: tokio::net::TcpListener,
+    render: Arc<dyn Fn() -> String + Send + Sync>,
+    shutdown: dagmq_core::CancelSignal,
+) -> std::io::Result<()> {
+    let router = Router::new().route(
+        "/metrics",
+        get(move || {
+            let render = render.clone();
+            async move { ([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], render()) }
+        }),
+    );
+    axum::serve(listener, router).with_graceful_shutdown(async move { shutdown.cancelled().await }).await
 }
 
 /// An error answer: `{"error": "..."}` with a status code.
@@ -158,6 +176,43 @@ async fn healthz(State(state): State<AppState>) -> ApiResult<Json<serde_json::Va
     state.scheduler.store.ping().await.map_err(|e| ApiError(StatusCode::SERVICE_UNAVAILABLE, format!("store: {e}")))?;
     state.scheduler.queue.ping().await.map_err(|e| ApiError(StatusCode::SERVICE_UNAVAILABLE, format!("queue: {e}")))?;
     Ok(Json(serde_json::json!({"status": "ok"})))
+}
+
+/// Prometheus text: the loop's counters plus queue depths, tasks in flight and live workers
+/// read now.
+async fn metrics(State(state): State<AppState>) -> ApiResult<Response> {
+    let handle = &state.scheduler;
+    let mut depths = Vec::new();
+    for topic in topics(handle) {
+        depths.push((vec![topic.name()], handle.queue.depth(&topic).await? as f64));
+    }
+    handle.metrics.queue_depth.replace_all(depths);
+    let mut in_flight: BTreeMap<TaskState, usize> = BTreeMap::new();
+    for run in handle.store.unfinished_runs().await? {
+        for task in handle.store.tasks(&run.run_id).await? {
+            if matches!(task.state, TaskState::Queued | TaskState::Running | TaskState::UpForRetry) {
+                *in_flight.entry(task.state).or_insert(0) += 1;
+            }
+        }
+    }
+    handle.metrics.tasks_in_flight.replace_all(
+        [TaskState::Queued, TaskState::Running, TaskState::UpForRetry]
+            .into_iter()
+            .map(|s| (vec![s.as_str().to_string()], in_flight.get(&s).copied().unwrap_or(0) as f64)),
+    );
+    handle.metrics.workers.set(&[], live_workers(&state).await?.len() as f64);
+    Ok(([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], handle.metrics.render()).into_response())
+}
+
+/// Every queue the scheduler knows of: its own and the pools of its DAGs' tasks.
+fn topics(handle: &SchedulerHandle) -> Vec<Topic> {
+    let mut topics: Vec<Topic> = vec![Topic::Status, Topic::Triggers, Topic::Dead];
+    let mut pools: Vec<String> =
+        handle.dags.iter().flat_map(|d| d.tasks().iter().map(|t| t.config.queue.clone())).collect();
+    pools.sort();
+    pools.dedup();
+    topics.extend(pools.into_iter().map(Topic::Tasks));
+    topics
 }
 
 /// A DAG as the API lists it.

@@ -87,6 +87,8 @@ pub struct SchedulerHandle {
     pub dags: Arc<DagRegistry>,
     /// The scheduler's clock.
     pub clock: Arc<dyn Clock>,
+    /// The scheduler's metrics.
+    pub metrics: Arc<crate::metrics::SchedulerMetrics>,
 }
 
 impl SchedulerHandle {

@@ -25,6 +25,7 @@ use tokio::sync::mpsc;
 use crate::active_run::ActiveRun;
 use crate::commands::{Command, CommandError, SchedulerHandle, TriggerOutcome};
 use crate::ids::{manual_run_id, scheduled_run_id};
+use crate::metrics::{SchedulerMetrics, reason_label};
 use crate::notifier::{Notification, NotificationKind, Notifier};
 use dagmq_core::Clock;
 
@@ -75,7 +76,9 @@ pub fn spawn(
     shutdown: CancelSignal,
 ) -> (SchedulerHandle, tokio::task::JoinHandle<Result<(), BackendError>>) {
     let (commands_tx, commands) = mpsc::channel(256);
+    let metrics = Arc::new(SchedulerMetrics::default());
     let handle = SchedulerHandle {
+        metrics: metrics.clone(),
         commands: commands_tx,
         store: store.clone(),
         queue: queue.clone(),
@@ -83,6 +86,7 @@ pub fn spawn(
         clock: config.clock.clone(),
     };
     let engine = Engine {
+        metrics,
         now_cache: config.clock.now(),
         sweep_at: config.clock.now() + chrono::Duration::from_std(config.sweep_interval).unwrap_or_default(),
         zombie_at: config.clock.now() + chrono::Duration::from_std(config.zombie_check_interval).unwrap_or_default(),
@@ -142,6 +146,8 @@ enum Settle {
 
 /// The event loop's state.
 struct Engine {
+    /// Counters the loop keeps.
+    metrics: Arc<SchedulerMetrics>,
     /// Configuration.
     config: SchedulerConfig,
     /// The queue.
@@ -211,6 +217,8 @@ impl Engine {
                 }
                 _ = clock.sleep_until(wake) => {
                     self.now_cache = self.config.clock.now();
+                    let lag = (self.now_cache - wake).num_microseconds().unwrap_or(0).max(0) as f64 / 1e6;
+                    self.metrics.loop_lag.set(&[], lag);
                     if let Err(err) = self.handle_timers().await {
                         tracing::error!("scheduler timers: {err}");
                         tokio::time::sleep(Duration::from_millis(500)).await;
@@ -351,6 +359,8 @@ impl Engine {
                 Settle::Ack => delivery.ack().await,
                 Settle::DeadLetter(reason) => {
                     tracing::warn!("dead-lettering a message: {reason}");
+                    let queue = if reason.starts_with("trigger") { "dagmq.triggers" } else { "dagmq.status" };
+                    self.metrics.dead_lettered.inc(&[queue, reason_label(&reason)]);
                     delivery.dead_letter(&reason).await
                 }
                 Settle::Requeue => {
@@ -430,6 +440,14 @@ impl Engine {
         let new = &run.tasks[i];
         if old.state == new.state && old.try_number == new.try_number {
             return Ok(());
+        }
+        if matches!(new.state, TaskState::Success | TaskState::Failed | TaskState::UpForRetry) {
+            let dag = run.record.dag_id.as_str();
+            self.metrics.tasks_finished.inc(&[dag, new.state.as_str()]);
+            if let (Some(start), Some(end)) = (new.started_at, new.ended_at) {
+                let seconds = (end - start).num_microseconds().unwrap_or(0).max(0) as f64 / 1e6;
+                self.metrics.task_duration.observe(&[dag], seconds);
+            }
         }
         match new.state {
             TaskState::Success => {
@@ -536,6 +554,7 @@ impl Engine {
             new.ended_at = Some(self.now_cache);
             new.error = Some(format!("upstream task {failed:?} failed"));
             if self.store.transition_task(run.id(), TaskState::Pending, old.try_number, &new).await? {
+                self.metrics.tasks_finished.inc(&[run.record.dag_id.as_str(), "upstream_failed"]);
                 run.replace(d, new);
             } else {
                 self.refresh_task(run, d).await?;
@@ -623,6 +642,7 @@ impl Engine {
             return Err(err);
         }
         tracing::info!(dag = %dag_id, run = %finished.run_id, state = %outcome, "run finished");
+        self.metrics.runs_finished.inc(&[dag_id.as_str(), outcome.as_str()]);
         if let Some(count) = self.running.get_mut(&dag_id) {
             *count = count.saturating_sub(1);
         }
@@ -780,19 +800,23 @@ impl Engine {
             queued.retain(|id| id != run_id);
         }
         self.dirty.insert(record.dag_id.clone());
+        self.metrics.runs_finished.inc(&[record.dag_id.as_str(), "cancelled"]);
         tracing::info!(run = %run_id, "run cancelled: {reason}");
         Ok(true)
     }
 
     /// Moves every unfinished task of a run to `cancelled` and broadcasts the stop.
     async fn cancel_tasks(&mut self, run_id: &str, reason: &str) -> Result<(), BackendError> {
+        let dag_id = self.store.run(run_id).await?.map(|r| r.dag_id).unwrap_or_default();
         for task in self.store.tasks(run_id).await? {
             let Ok(state) = task_transition(task.state, TaskEvent::Cancel) else { continue };
             let mut new = task.clone();
             new.state = state;
             new.ended_at = Some(self.now_cache);
             new.error = Some(reason.to_string());
-            self.store.transition_task(run_id, task.state, task.try_number, &new).await?;
+            if self.store.transition_task(run_id, task.state, task.try_number, &new).await? {
+                self.metrics.tasks_finished.inc(&[dag_id.as_str(), "cancelled"]);
+            }
         }
         let control = Control::CancelRun { v: VERSION, run_id: run_id.to_string() };
         self.queue.broadcast(messages::encode(&control)).await

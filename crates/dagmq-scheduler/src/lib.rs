@@ -9,9 +9,11 @@ pub mod api;
 mod commands;
 mod engine;
 pub mod ids;
+pub mod metrics;
 pub mod notifier;
 
 pub use commands::{CommandError, SchedulerHandle, TriggerOutcome};
 pub use dagmq_core::clock::{Clock, SystemClock, TokioClock};
 pub use engine::{SchedulerConfig, spawn};
+pub use metrics::SchedulerMetrics;
 pub use notifier::{LogNotifier, Notification, NotificationKind, Notifier};

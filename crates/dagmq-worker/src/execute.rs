@@ -156,6 +156,7 @@ pub(crate) async fn execute(shared: &Shared, delivery: Delivery) {
     let message: TaskToExec = match messages::decode(&delivery.payload) {
         Ok(message) => message,
         Err(err) => {
+            shared.config.metrics.dead_lettered.inc(&[err.label()]);
             settle(delivery.dead_letter(&format!("task: {err}")).await);
             return;
         }
@@ -163,6 +164,11 @@ pub(crate) async fn execute(shared: &Shared, delivery: Delivery) {
     match claim(shared, &message).await {
         Ok(Claim::Settle(Settle::Ack)) => settle(delivery.ack().await),
         Ok(Claim::Settle(Settle::DeadLetter(reason))) => {
+            shared.config.metrics.dead_lettered.inc(&[if reason.contains("has no task") {
+                "unknown_task"
+            } else {
+                "unresolvable"
+            }]);
             tracing::warn!(run = %message.run_id, task = %message.task_id, "dead-lettering: {reason}");
             settle(delivery.dead_letter(&reason).await)
         }
@@ -218,6 +224,7 @@ async fn claim(shared: &Shared, message: &TaskToExec) -> Result<Claim, BackendEr
             state = %current.state, current_try = current.try_number,
             "duplicate or stale task message acknowledged without running"
         );
+        shared.config.metrics.duplicates.inc(&[]);
         return Ok(Claim::Settle(Settle::Ack));
     }
     let executable = match resolve(shared, message) {
@@ -250,7 +257,16 @@ async fn claim(shared: &Shared, message: &TaskToExec) -> Result<Claim, BackendEr
 /// Runs a claimed try and records its outcome, retrying the store and queue until they answer:
 /// the message is acknowledged already, so the outcome must not be dropped.
 async fn finish(shared: &Shared, message: &TaskToExec, running: TaskInstance, executable: Executable) {
+    shared.config.metrics.running.add(&[], 1.0);
     let (result, reason) = run_try(shared, message, executable).await;
+    shared.config.metrics.running.add(&[], -1.0);
+    let outcome = match (&result, reason) {
+        (_, StopReason::Interrupted) => "interrupted",
+        (Ok(_), _) => "success",
+        (Err(e), _) if e.retryable && running.try_number < running.max_try => "up_for_retry",
+        (Err(_), _) => "failed",
+    };
+    shared.config.metrics.tries.inc(&[outcome]);
     let mut delay = Duration::from_millis(100);
     loop {
         match record_outcome(shared, message, &running, &result, reason).await {

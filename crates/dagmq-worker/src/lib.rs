@@ -8,6 +8,7 @@ mod builtin;
 mod command;
 mod execute;
 mod log_sink;
+mod metrics;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -18,6 +19,7 @@ use dagmq_core::{BackendError, CancelSignal, Clock, DagRegistry, Queue, Store, T
 use tokio::sync::Semaphore;
 
 pub use builtin::{Noop, Sleep, builtin_tasks};
+pub use metrics::WorkerMetrics;
 
 use execute::{RunningTries, StopReason};
 
@@ -41,6 +43,8 @@ pub struct WorkerConfig {
     pub grace_period: Duration,
     /// How often the worker refreshes its registry entry.
     pub heartbeat_interval: Duration,
+    /// Counters of what the worker did.
+    pub metrics: Arc<WorkerMetrics>,
 }
 
 impl WorkerConfig {
@@ -56,6 +60,7 @@ impl WorkerConfig {
             clock,
             grace_period: Duration::from_secs(30),
             heartbeat_interval: Duration::from_secs(5),
+            metrics: Arc::new(WorkerMetrics::default()),
         }
     }
 }

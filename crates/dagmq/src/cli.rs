@@ -64,6 +64,9 @@ pub struct ServeArgs {
     /// The scheduler treats a worker silent this long as lost and requeues its tries (default 20s).
     #[arg(long, value_name = "DURATION")]
     pub worker_timeout: Option<String>,
+    /// Serve the worker's own metrics on this port (127.0.0.1, or --bind).
+    #[arg(long, value_name = "PORT")]
+    pub metrics_port: Option<u16>,
     /// This worker's name in the registry (default: host-pid).
     #[arg(long, value_name = "NAME")]
     pub name: Option<String>,

@@ -129,6 +129,19 @@ pub(crate) async fn serve(app: &App, args: &ServeArgs, file: &ConfigFile, role: 
         if !args.queues.is_empty() {
             config.queues = args.queues.clone();
         }
+        if let Some(metrics_port) = args.metrics_port {
+            let listener = tokio::net::TcpListener::bind((address, metrics_port))
+                .await
+                .with_context(|| format!("cannot listen on {bind}:{metrics_port}"))
+                .map_err(|e| CliError::runtime(format!("{e:#}")))?;
+            let metrics = config.metrics.clone();
+            tracing::info!("worker metrics on http://{bind}:{metrics_port}/metrics");
+            tokio::spawn(dagmq_scheduler::api::serve_metrics(
+                listener,
+                Arc::new(move || metrics.render()),
+                worker_signal.clone(),
+            ));
+        }
         worker = Some(tokio::spawn(dagmq_worker::run(config, queue, store, worker_signal)));
     }
 

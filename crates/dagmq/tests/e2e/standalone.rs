@@ -202,3 +202,34 @@ fn final_failure_is_posted_to_the_webhook() {
     assert_eq!(notification["try_number"], 1);
     assert_eq!(notification["error"], "command exited with status 1");
 }
+
+#[test]
+fn metrics_parse_and_count_a_known_run() {
+    use crate::support::{free_port, http_get, parse_metrics};
+
+    let metrics_port = free_port();
+    let dir = std::env::temp_dir().join(format!("dagmq-metrics-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::copy(examples().join("hello.toml"), dir.join("hello.toml")).unwrap();
+    let standalone = Standalone::start_with_args(&dir, &["--metrics-port", &metrics_port.to_string()]);
+    let run = trigger_and_wait(&standalone, &["hello"]);
+    assert_eq!(run["state"], "success");
+    let failed = standalone.cli(&["trigger", "no_such_dag"]);
+    assert_eq!(failed.status.code(), Some(2));
+    let port: u16 = standalone.api.rsplit(':').next().unwrap().parse().unwrap();
+    let (status, body) = http_get(port, "/metrics");
+    assert_eq!(status, 200);
+    let values = parse_metrics(&body);
+    assert_eq!(values.get(r#"dagmq_runs_finished_total{dag="hello",state="success"}"#), Some(&1.0), "{body}");
+    assert_eq!(values.get(r#"dagmq_tasks_finished_total{dag="hello",state="success"}"#), Some(&3.0), "{body}");
+    assert_eq!(values.get(r#"dagmq_task_duration_seconds_count{dag="hello"}"#), Some(&3.0), "{body}");
+    assert_eq!(values.get("dagmq_workers"), Some(&1.0), "{body}");
+    assert_eq!(values.get(r#"dagmq_queue_depth{queue="dagmq.tasks.default"}"#), Some(&0.0), "{body}");
+    assert_eq!(values.get(r#"dagmq_tasks_in_flight{state="running"}"#), Some(&0.0), "{body}");
+    let (status, worker) = http_get(metrics_port, "/metrics");
+    assert_eq!(status, 200);
+    let worker = parse_metrics(&worker);
+    assert_eq!(worker.get(r#"dagmq_worker_tries_total{state="success"}"#), Some(&3.0));
+    assert_eq!(worker.get("dagmq_worker_running"), Some(&0.0));
+    std::fs::remove_dir_all(&dir).unwrap();
+}

@@ -42,12 +42,22 @@ pub(crate) struct Standalone {
 impl Standalone {
     /// Starts it on a free port and waits until its API answers.
     pub(crate) fn start(dags: &Path, extra_env: &[(&str, &str)]) -> Standalone {
+        Standalone::launch(dags, extra_env, &[])
+    }
+
+    /// Like `start`, with extra flags.
+    pub(crate) fn start_with_args(dags: &Path, args: &[&str]) -> Standalone {
+        Standalone::launch(dags, &[], args)
+    }
+
+    fn launch(dags: &Path, extra_env: &[(&str, &str)], args: &[&str]) -> Standalone {
         let port = free_port();
         let mut command = dagmq();
         command
             .args(["standalone", "--dags"])
             .arg(dags)
             .args(["--port", &port.to_string()])
+            .args(args)
             .env("DAGMQ_LOG", "info")
             .stdout(Stdio::null())
             .stderr(Stdio::null());
@@ -90,6 +100,39 @@ impl Drop for Standalone {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// A plain `GET`: status code and body.
+pub(crate) fn http_get(port: u16, path: &str) -> (u16, String) {
+    let mut stream = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    stream.write_all(format!("GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n").as_bytes()).unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).unwrap();
+    let (head, body) = response.split_once("\r\n\r\n").unwrap();
+    let status = head.split_whitespace().nth(1).unwrap().parse().unwrap();
+    (status, body.to_string())
+}
+
+/// Parses the Prometheus text format: `name{labels}` to value; panics on a malformed line.
+pub(crate) fn parse_metrics(text: &str) -> std::collections::BTreeMap<String, f64> {
+    let mut values = std::collections::BTreeMap::new();
+    for line in text.lines() {
+        if line.is_empty() || line.starts_with("# HELP ") || line.starts_with("# TYPE ") {
+            continue;
+        }
+        let (series, value) = line.rsplit_once(' ').unwrap_or_else(|| panic!("malformed metrics line {line:?}"));
+        let name_end = series.find('{').unwrap_or(series.len());
+        assert!(
+            series[..name_end].chars().all(|c| c.is_ascii_alphanumeric() || c == '_'),
+            "bad metric name in {line:?}"
+        );
+        if name_end < series.len() {
+            assert!(series.ends_with('}'), "bad labels in {line:?}");
+        }
+        let value: f64 = value.parse().unwrap_or_else(|_| panic!("bad value in {line:?}"));
+        values.insert(series.to_string(), value);
+    }
+    values
 }
 
 /// Whether `GET /healthz` answers 200.

@@ -1,0 +1,45 @@
+//! A worker's metrics, served on its own `--metrics-port`.
+
+use dagmq_core::metrics::Family;
+
+/// Every metric a worker exposes.
+pub struct WorkerMetrics {
+    /// Tries this worker ran, by outcome (success, up_for_retry, failed, interrupted).
+    pub tries: Family,
+    /// Messages this worker set aside to dagmq.dead, by reason.
+    pub dead_lettered: Family,
+    /// Tries running now.
+    pub running: Family,
+    /// Duplicate or stale task messages acknowledged without running.
+    pub duplicates: Family,
+}
+
+impl Default for WorkerMetrics {
+    fn default() -> WorkerMetrics {
+        WorkerMetrics {
+            tries: Family::counter("dagmq_worker_tries_total", "Tries this worker ran, by outcome.", &["state"]),
+            dead_lettered: Family::counter(
+                "dagmq_worker_dead_lettered_total",
+                "Messages this worker set aside to dagmq.dead, by reason.",
+                &["reason"],
+            ),
+            running: Family::gauge("dagmq_worker_running", "Tries running now.", &[]),
+            duplicates: Family::counter(
+                "dagmq_worker_duplicates_total",
+                "Task messages acknowledged without running (duplicate or stale).",
+                &[],
+            ),
+        }
+    }
+}
+
+impl WorkerMetrics {
+    /// The text format of every family.
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        for family in [&self.tries, &self.dead_lettered, &self.running, &self.duplicates] {
+            family.render(&mut out);
+        }
+        out
+    }
+}
