@@ -60,9 +60,11 @@ pub fn router(scheduler: SchedulerHandle, config: ApiConfig) -> Router {
         .route("/runs/{run_id}/tasks/{task_id}/logs", get(task_logs))
         .route("/workers", get(list_workers))
         .route("/stats", get(stats))
+        .route("/openapi.json", get(openapi))
         .fallback(not_found)
         .layer(middleware::from_fn_with_state(state.clone(), require_token));
     Router::new()
+        .route("/", get(ui))
         .route("/healthz", get(healthz))
         .route("/metrics", get(metrics))
         .nest("/api/v1", api)
@@ -176,6 +178,15 @@ async fn healthz(State(state): State<AppState>) -> ApiResult<Json<serde_json::Va
     state.scheduler.store.ping().await.map_err(|e| ApiError(StatusCode::SERVICE_UNAVAILABLE, format!("store: {e}")))?;
     state.scheduler.queue.ping().await.map_err(|e| ApiError(StatusCode::SERVICE_UNAVAILABLE, format!("queue: {e}")))?;
     Ok(Json(serde_json::json!({"status": "ok"})))
+}
+
+/// The web UI: one page, embedded in the binary, talking to the API below.
+async fn ui() -> Response {
+    ([(header::CONTENT_TYPE, "text/html; charset=utf-8")], include_str!("../ui/index.html")).into_response()
+}
+
+async fn openapi() -> Json<serde_json::Value> {
+    Json(crate::openapi::document())
 }
 
 /// Prometheus text: the loop's counters plus queue depths, tasks in flight and live workers
@@ -530,6 +541,33 @@ async fn stats(State(state): State<AppState>) -> ApiResult<Json<StatsView>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Every `.route(...)` in `router()` is documented with its method; routes inside the `/api`
+    /// router are nested under `/api/v1`.
+    #[test]
+    fn every_route_of_the_router_is_in_the_openapi_document() {
+        let source = include_str!("api.rs");
+        let body = &source[source.find("pub fn router(").unwrap()..];
+        let body = &body[..body.find("\n}\n").unwrap()];
+        let nested_until = body.find(".fallback(not_found)").unwrap();
+        let document = crate::openapi::document();
+        let mut checked = 0;
+        for (offset, _) in body.match_indices(".route(\"") {
+            let rest = &body[offset + 8..];
+            let path = &rest[..rest.find('"').unwrap()];
+            let method = rest[rest.find(", ").unwrap() + 2..].split('(').next().unwrap();
+            let full = if offset < nested_until { format!("/api/v1{path}") } else { path.to_string() };
+            assert!(
+                document["paths"][&full][method].is_object(),
+                "{method} {full} is served but not in the OpenAPI document"
+            );
+            checked += 1;
+        }
+        assert!(checked >= 15, "only {checked} routes found");
+        let documented: usize =
+            document["paths"].as_object().unwrap().values().map(|p| p.as_object().unwrap().len()).sum();
+        assert_eq!(documented, checked, "the document describes routes the router does not serve");
+    }
 
     #[test]
     fn constant_time_eq_compares_whole_strings() {

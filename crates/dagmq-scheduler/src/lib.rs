@@ -11,6 +11,7 @@ mod engine;
 pub mod ids;
 pub mod metrics;
 pub mod notifier;
+pub mod openapi;
 
 pub use commands::{CommandError, SchedulerHandle, TriggerOutcome};
 pub use dagmq_core::clock::{Clock, SystemClock, TokioClock};

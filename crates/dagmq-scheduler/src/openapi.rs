@@ -1,0 +1,98 @@
+//! The OpenAPI 3 description of the HTTP API, served at `/api/v1/openapi.json`.
+
+use serde_json::{Value, json};
+
+fn error_responses(codes: &[&str]) -> Value {
+    let mut responses = serde_json::Map::new();
+    for code in codes {
+        let description = match *code {
+            "400" => "bad input",
+            "401" => "missing or wrong bearer token",
+            "404" => "unknown id",
+            "409" => "conflicts with the current state",
+            "413" => "body over 1 MiB",
+            _ => "queue or store unavailable",
+        };
+        responses.insert(
+            (*code).to_string(),
+            json!({"description": description, "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}}),
+        );
+    }
+    Value::Object(responses)
+}
+
+fn operation(summary: &str, ok: (&str, &str), errors: &[&str], parameters: Value, body: Option<Value>) -> Value {
+    let mut responses = error_responses(errors);
+    responses[ok.0] = json!({"description": ok.1, "content": {"application/json": {}}});
+    let mut op = json!({"summary": summary, "parameters": parameters, "responses": responses});
+    if let Some(body) = body {
+        op["requestBody"] = body;
+    }
+    op
+}
+
+fn path_param(name: &str) -> Value {
+    json!({"name": name, "in": "path", "required": true, "schema": {"type": "string"}})
+}
+
+fn query_param(name: &str, kind: &str, description: &str) -> Value {
+    json!({"name": name, "in": "query", "required": false, "schema": {"type": kind}, "description": description})
+}
+
+/// The document.
+pub fn document() -> Value {
+    let auth = ["401"];
+    let dag = path_param("dag_id");
+    let run = path_param("run_id");
+    let std_errors = |extra: &[&'static str]| -> Vec<&'static str> {
+        let mut all = vec!["401", "503"];
+        all.extend_from_slice(extra);
+        all
+    };
+    let _ = auth;
+    json!({
+        "openapi": "3.0.3",
+        "info": {"title": "dagmq", "version": env!("CARGO_PKG_VERSION"),
+                 "description": "DAG scheduler API. With DAGMQ_API_TOKEN set, every /api call needs `Authorization: Bearer TOKEN`."},
+        "components": {
+            "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
+            "schemas": {"Error": {"type": "object", "required": ["error"], "properties": {"error": {"type": "string"}}}}
+        },
+        "security": [{"bearer": []}],
+        "paths": {
+            "/": {"get": {"summary": "the web UI", "security": [], "responses": {"200": {"description": "HTML page"}}}},
+            "/healthz": {"get": {"summary": "200 when the scheduler reaches its queue and store", "security": [],
+                                  "responses": {"200": {"description": "healthy"}, "503": {"description": "a backend is unreachable"}}}},
+            "/metrics": {"get": {"summary": "Prometheus text format", "security": [], "responses": {"200": {"description": "metrics"}}}},
+            "/api/v1/openapi.json": {"get": operation("this document", ("200", "the document"), &std_errors(&[]), json!([]), None)},
+            "/api/v1/dags": {"get": operation("DAGs with schedule, paused flag, next run and last run", ("200", "DAGs"), &std_errors(&[]), json!([]), None)},
+            "/api/v1/dags/{dag_id}/pause": {"post": operation("stop scheduled runs", ("200", "paused"), &std_errors(&["404"]), json!([dag]), None)},
+            "/api/v1/dags/{dag_id}/unpause": {"post": operation("resume scheduled runs", ("200", "unpaused"), &std_errors(&["404"]), json!([dag]), None)},
+            "/api/v1/dags/{dag_id}/runs": {"post": operation(
+                "trigger a run; 201 for a new run, 200 with the existing run for a repeated key",
+                ("201", "created: {\"run_id\", \"created\"}"),
+                &std_errors(&["400", "404", "413"]),
+                json!([dag]),
+                Some(json!({"required": false, "content": {"application/json": {"schema": {
+                    "type": "object",
+                    "properties": {"params": {"type": "object"}, "key": {"type": "string", "maxLength": 200}}
+                }}}}))
+            )},
+            "/api/v1/runs": {"get": operation("latest runs, newest first, with task counts by state", ("200", "runs"), &std_errors(&["400"]), json!([
+                query_param("dag_id", "string", "only this DAG"),
+                query_param("status", "string", "queued, running, success, failed or cancelled"),
+                query_param("limit", "integer", "1 to 500, default 50")
+            ]), None)},
+            "/api/v1/runs/{run_id}": {"get": operation("a run with every task: state, try, times, worker, error", ("200", "the run"), &std_errors(&["404"]), json!([run]), None)},
+            "/api/v1/runs/{run_id}/restart": {"post": operation("re-run failed and not-run tasks of a finished run", ("200", "restarted"), &std_errors(&["404", "409"]), json!([run]), None)},
+            "/api/v1/runs/{run_id}/cancel": {"post": operation("cancel a run; running tasks are told to stop", ("200", "cancelled"), &std_errors(&["404", "409"]), json!([run]), None)},
+            "/api/v1/runs/{run_id}/tasks/{task_id}/logs": {"get": operation("a try's log lines", ("200", "lines and the next offset"), &std_errors(&["404"]), json!([
+                run, path_param("task_id"),
+                query_param("try", "integer", "the try (default: the latest)"),
+                query_param("from", "integer", "first line, for tailing")
+            ]), None)},
+            "/api/v1/workers": {"get": operation("live workers: name, host, queues, concurrency, running tries, last heartbeat", ("200", "workers"), &std_errors(&[]), json!([]), None)},
+            "/api/v1/stats": {"get": operation("runs and tasks by state, queue depths, workers", ("200", "counts"), &std_errors(&[]), json!([]), None)}
+        }
+    })
+}
