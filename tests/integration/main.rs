@@ -3,6 +3,7 @@
 //! - `scheduling`: scheduler and worker over the in-memory backends, on tokio's paused clock.
 //! - `cli_standalone`: the `dagmq` binary in standalone mode, driven through its CLI.
 
+mod api;
 mod queue_contract;
 mod scheduling;
 mod services;

@@ -143,8 +143,8 @@ fn not_found_error(message: impl Into<String>) -> ApiError {
     ApiError(StatusCode::NOT_FOUND, message.into())
 }
 
-async fn not_found(request: Request) -> ApiError {
-    not_found_error(format!("no route {} {}", request.method(), request.uri().path()))
+async fn not_found(uri: axum::extract::OriginalUri, request: Request) -> ApiError {
+    not_found_error(format!("no route {} {}", request.method(), uri.path()))
 }
 
 /// Checks the bearer token in constant time when one is configured.
