@@ -73,3 +73,18 @@ fn config_file_is_below_flags_and_environment() {
     assert!(text(&bad.stderr).contains("unknown field `apii`"), "{}", text(&bad.stderr));
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+#[test]
+fn refuses_a_public_address_without_a_token() {
+    let output = dagmq()
+        .args(["standalone", "--dags"])
+        .arg(examples())
+        .args(["--bind", "0.0.0.0", "--port", "1"])
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(2));
+    assert_eq!(
+        text(&output.stderr),
+        "error: refusing to listen on 0.0.0.0 without DAGMQ_API_TOKEN; set a token or pass --insecure\n"
+    );
+}

@@ -1,0 +1,231 @@
+//! The web UI in headless Chromium, driven over WebDriver (Debian's chromium and
+//! chromium-driver): trigger a DAG from the page, watch its run succeed, open its graph and a
+//! task's log, pause a DAG. Screenshots of each view go to `target/ui-screenshots/`.
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+
+use crate::support::{Standalone, examples, free_port};
+
+const ELEMENT: &str = "element-6066-11e4-a52e-4f735466cecf";
+
+/// A chromedriver process and one browser session.
+struct Browser {
+    driver: Child,
+    port: u16,
+    session: String,
+    shots: PathBuf,
+}
+
+fn http(port: u16, method: &str, path: &str, body: Option<&Value>) -> Value {
+    let mut stream = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    stream.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+    let body = body.map(|b| b.to_string()).unwrap_or_default();
+    let request = format!(
+        "{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    stream.write_all(request.as_bytes()).unwrap();
+    // chromedriver keeps the connection open: read the head, then exactly Content-Length bytes.
+    let mut raw = Vec::new();
+    let mut buffer = [0u8; 65536];
+    let (head_end, length) = loop {
+        let n = stream.read(&mut buffer).unwrap();
+        assert!(n > 0, "chromedriver closed the connection");
+        raw.extend_from_slice(&buffer[..n]);
+        if let Some(end) = raw.windows(4).position(|w| w == b"\r\n\r\n") {
+            let head = String::from_utf8_lossy(&raw[..end]).to_ascii_lowercase();
+            let length = head
+                .lines()
+                .find_map(|l| l.strip_prefix("content-length:").map(|v| v.trim().parse::<usize>().unwrap()))
+                .unwrap_or(0);
+            break (end + 4, length);
+        }
+    };
+    while raw.len() < head_end + length {
+        let n = stream.read(&mut buffer).unwrap();
+        assert!(n > 0, "chromedriver closed the connection mid-body");
+        raw.extend_from_slice(&buffer[..n]);
+    }
+    serde_json::from_slice(&raw[head_end..head_end + length]).unwrap_or(Value::Null)
+}
+
+impl Browser {
+    /// Starts chromedriver and a headless Chromium; `None` (outside CI) when they are missing.
+    fn start() -> Option<Browser> {
+        let (chromium, chromedriver) = ("/usr/bin/chromium", "/usr/bin/chromedriver");
+        if !(std::path::Path::new(chromium).exists() && std::path::Path::new(chromedriver).exists()) {
+            assert!(
+                std::env::var("CI").is_err() && std::env::var("DAGMQ_REQUIRE_SERVICES").is_err(),
+                "chromium and chromium-driver are required in CI"
+            );
+            eprintln!("skipping: chromium or chromedriver missing (apt-get install chromium chromium-driver)");
+            return None;
+        }
+        let port = free_port();
+        let driver = Command::new(chromedriver)
+            .arg(format!("--port={port}"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start chromedriver");
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while TcpStream::connect(("127.0.0.1", port)).is_err()
+            || http(port, "GET", "/status", None)["value"]["ready"] != true
+        {
+            assert!(Instant::now() < deadline, "chromedriver did not start");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let profile = std::env::temp_dir().join(format!("dagmq-chromium-{}", port));
+        let capabilities = json!({"capabilities": {"alwaysMatch": {"browserName": "chrome", "goog:chromeOptions": {
+            "binary": chromium,
+            "args": ["--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                     "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                     "--disable-dev-shm-usage", format!("--user-data-dir={}", profile.display()), "--window-size=1280,800"]
+        }}}});
+        let created = http(port, "POST", "/session", Some(&capabilities));
+        let session =
+            created["value"]["sessionId"].as_str().unwrap_or_else(|| panic!("no session: {created}")).to_string();
+        let target = std::env::var("CARGO_TARGET_DIR")
+            .map(PathBuf::from)
+            .unwrap_or_else(|_| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../target"));
+        let shots = target.join("ui-screenshots");
+        std::fs::create_dir_all(&shots).unwrap();
+        Some(Browser { driver, port, session, shots })
+    }
+
+    fn command(&self, method: &str, path: &str, body: Option<Value>) -> Value {
+        let answer = http(self.port, method, &format!("/session/{}{path}", self.session), body.as_ref());
+        assert!(answer["value"]["error"].is_null(), "webdriver {method} {path}: {answer}");
+        answer["value"].clone()
+    }
+
+    fn open(&self, url: &str) {
+        self.command("POST", "/url", Some(json!({"url": url})));
+    }
+
+    fn script(&self, script: &str) -> Value {
+        self.command("POST", "/execute/sync", Some(json!({"script": script, "args": []})))
+    }
+
+    /// Waits until the script returns `expected`, failing with what it returned last.
+    fn wait_for(&self, script: &str, expected: Value) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let got = self.script(script);
+            if got == expected {
+                return;
+            }
+            assert!(Instant::now() < deadline, "{script} returned {got}, expected {expected}");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// Clicks the element matching `selector` with a real WebDriver click.
+    fn click(&self, selector: &str) {
+        self.wait_for(&format!("return document.querySelector('{selector}') !== null"), json!(true));
+        let element = self.command("POST", "/element", Some(json!({"using": "css selector", "value": selector})));
+        let id = element[ELEMENT].as_str().unwrap().to_string();
+        self.command("POST", &format!("/element/{id}/click"), Some(json!({})));
+    }
+
+    fn screenshot(&self, name: &str) {
+        let data = self.command("GET", "/screenshot", None);
+        let png = base64_decode(data.as_str().unwrap());
+        assert_eq!(&png[1..4], b"PNG");
+        std::fs::write(self.shots.join(format!("{name}.png")), png).unwrap();
+    }
+
+    fn resize(&self, width: u32, height: u32) {
+        self.command("POST", "/window/rect", Some(json!({"width": width, "height": height})));
+    }
+}
+
+impl Drop for Browser {
+    fn drop(&mut self) {
+        let _ = http(self.port, "DELETE", &format!("/session/{}", self.session), None);
+        let _ = self.driver.kill();
+        let _ = self.driver.wait();
+    }
+}
+
+fn base64_decode(text: &str) -> Vec<u8> {
+    let value = |c: u8| match c {
+        b'A'..=b'Z' => c - b'A',
+        b'a'..=b'z' => c - b'a' + 26,
+        b'0'..=b'9' => c - b'0' + 52,
+        b'+' => 62,
+        b'/' => 63,
+        _ => 0,
+    };
+    let clean: Vec<u8> = text.bytes().filter(|c| !c.is_ascii_whitespace()).collect();
+    let mut out = Vec::with_capacity(clean.len() * 3 / 4);
+    for chunk in clean.chunks(4) {
+        let n = chunk.iter().take_while(|&&c| c != b'=').count();
+        let bits = chunk.iter().take(n).fold(0u32, |acc, &c| (acc << 6) | u32::from(value(c))) << (6 * (4 - n));
+        out.extend_from_slice(&bits.to_be_bytes()[1..n.max(1)]);
+    }
+    out
+}
+
+#[test]
+fn the_ui_triggers_a_run_shows_its_graph_and_log_and_pauses_a_dag() {
+    let Some(browser) = Browser::start() else { return };
+    let standalone = Standalone::start(&examples(), &[]);
+    let base = standalone.api.clone();
+
+    browser.open(&format!("{base}/#/dags"));
+    browser.wait_for("return document.querySelectorAll('tr[data-dag]').length", json!(5));
+    browser.screenshot("dags");
+
+    // Trigger from the page: the page moves to the new run, which reaches success.
+    browser.click("[data-test=\"trigger-hello\"]");
+    browser.wait_for("return location.hash.startsWith('#/runs/hello--manual--')", json!(true));
+    browser.wait_for("return document.querySelector('h2 .state')?.dataset.state ?? null", json!("success"));
+    browser.wait_for("return document.querySelectorAll('[data-test=graph] [data-node]').length", json!(3));
+    browser.wait_for(
+        "return [...document.querySelectorAll('[data-node]')].map(n => n.dataset.state).join(',')",
+        json!("success,success,success"),
+    );
+    browser.screenshot("run");
+
+    // A task's log.
+    browser.click("tr[data-task=\"greet\"] a");
+    browser.wait_for(
+        "return (document.querySelector('[data-test=log]')?.textContent ?? '').startsWith('hello from greet')",
+        json!(true),
+    );
+    browser.screenshot("task-log");
+
+    // Pause a DAG from the page; the API agrees.
+    browser.open(&format!("{base}/#/dags"));
+    browser.click("[data-test=\"pause-every_10s\"]");
+    browser.wait_for("return document.querySelector('[data-test=\"paused-every_10s\"]')?.textContent", json!("paused"));
+    let dags = standalone.json(&["dags", "list"]);
+    let every = dags.as_array().unwrap().iter().find(|d| d["dag_id"] == "every_10s").unwrap();
+    assert_eq!(every["paused"], true);
+
+    for (view, name) in [("#/runs", "runs"), ("#/workers", "workers"), ("#/stats", "stats")] {
+        browser.open(&format!("{base}/{view}"));
+        browser.wait_for(
+            "return document.querySelector('main h2')?.textContent ?? ''",
+            json!(name[..1].to_uppercase() + &name[1..]),
+        );
+        if name == "runs" {
+            browser.wait_for("return document.querySelectorAll('tr[data-run]').length > 0", json!(true));
+        }
+        browser.screenshot(name);
+    }
+
+    // Phone width: the page still lays out (no horizontal overflow of the page itself).
+    browser.resize(390, 844);
+    browser.open(&format!("{base}/#/dags"));
+    browser.wait_for("return document.querySelectorAll('tr[data-dag]').length", json!(5));
+    browser.wait_for("return document.documentElement.scrollWidth <= window.innerWidth + 1", json!(true));
+    browser.screenshot("dags-phone");
+}
