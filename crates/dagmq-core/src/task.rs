@@ -100,6 +100,51 @@ pub fn param_text(value: &serde_json::Value) -> String {
     }
 }
 
+/// What masked values look like.
+pub const MASK: &str = "***";
+
+/// Whether a parameter holds a secret: its name contains `password`, `secret`, `token` or `key`
+/// (any case). Secrets are masked in the API, the UI and task logs.
+pub fn is_secret_param(name: &str) -> bool {
+    let lower = name.to_ascii_lowercase();
+    ["password", "secret", "token", "key"].iter().any(|word| lower.contains(word))
+}
+
+/// The parameters with secret values replaced by [`MASK`].
+pub fn mask_params(params: &Params) -> Params {
+    params
+        .iter()
+        .map(|(k, v)| {
+            (k.clone(), if is_secret_param(k) { serde_json::Value::String(MASK.to_string()) } else { v.clone() })
+        })
+        .collect()
+}
+
+/// The texts of secret parameter values worth masking in logs (at least 4 characters, so that
+/// masking cannot shred ordinary output).
+pub fn secret_values(params: &Params) -> Vec<String> {
+    let mut values: Vec<String> = params
+        .iter()
+        .filter(|(k, _)| is_secret_param(k))
+        .map(|(_, v)| param_text(v))
+        .filter(|v| v.len() >= 4)
+        .collect();
+    // Longest first, so a secret that contains another is masked whole.
+    values.sort_by_key(|v| std::cmp::Reverse(v.len()));
+    values
+}
+
+/// `line` with every secret value replaced by [`MASK`].
+pub fn mask_line(line: &str, secrets: &[String]) -> String {
+    let mut masked = line.to_string();
+    for secret in secrets {
+        if masked.contains(secret.as_str()) {
+            masked = masked.replace(secret.as_str(), MASK);
+        }
+    }
+    masked
+}
+
 /// Receives a try's log lines.
 pub trait LogSink: Send + Sync {
     /// Takes one line; must not block.
@@ -266,6 +311,29 @@ mod tests {
         handle.cancel();
         clone.cancelled().await;
         assert!(signal.is_cancelled());
+    }
+
+    #[test]
+    fn secrets_are_masked() {
+        let params: Params = [
+            ("db_password", serde_json::json!("hunter22")),
+            ("API_TOKEN", serde_json::json!("abcd1234")),
+            ("date", serde_json::json!("2026-11-22")),
+            ("key", serde_json::json!("k1")),
+        ]
+        .map(|(k, v)| (k.to_string(), v))
+        .into();
+        let masked = mask_params(&params);
+        assert_eq!(masked["db_password"], serde_json::json!(MASK));
+        assert_eq!(masked["API_TOKEN"], serde_json::json!(MASK));
+        assert_eq!(masked["key"], serde_json::json!(MASK));
+        assert_eq!(masked["date"], serde_json::json!("2026-11-22"));
+        let secrets = secret_values(&params);
+        assert_eq!(secrets, vec!["hunter22".to_string(), "abcd1234".to_string()]);
+        assert_eq!(
+            mask_line("login with hunter22 and abcd1234 on 2026-11-22 k1", &secrets),
+            "login with *** and *** on 2026-11-22 k1"
+        );
     }
 
     #[test]

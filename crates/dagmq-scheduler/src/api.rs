@@ -15,6 +15,7 @@ use axum::{Json, Router};
 use chrono::{DateTime, Utc};
 use dagmq_core::records::DagRecord;
 use dagmq_core::store::RunFilter;
+use dagmq_core::task::mask_params;
 use dagmq_core::{Params, RunRecord, RunState, TaskInstance, TaskKind, TaskState, Topic, WorkerInfo};
 use serde::{Deserialize, Serialize};
 
@@ -390,8 +391,9 @@ async fn list_runs(State(state): State<AppState>, Query(query): Query<RunsQuery>
     let filter = RunFilter { dag_id: query.dag_id.filter(|d| !d.is_empty()), state: status, limit };
     let store = &state.scheduler.store;
     let mut views = Vec::new();
-    for run in store.list_runs(&filter).await? {
+    for mut run in store.list_runs(&filter).await? {
         let tasks = store.tasks(&run.run_id).await?;
+        run.params = mask_params(&run.params);
         views.push(RunView { task_counts: count_states(&tasks), run });
     }
     Ok(Json(views))
@@ -419,9 +421,10 @@ pub struct RunDetail {
 
 async fn show_run(State(state): State<AppState>, Path(run_id): Path<String>) -> ApiResult<Json<RunDetail>> {
     let store = &state.scheduler.store;
-    let Some(run) = store.run(&run_id).await? else {
+    let Some(mut run) = store.run(&run_id).await? else {
         return Err(not_found_error(format!("unknown run {run_id:?}")));
     };
+    run.params = mask_params(&run.params);
     let tasks = store.tasks(&run_id).await?;
     Ok(Json(RunDetail { task_counts: count_states(&tasks), run, tasks }))
 }

@@ -395,8 +395,13 @@ async fn run_try(
     let reason = Arc::new(AtomicU8::new(StopReason::None as u8));
     lock(&shared.running).insert(key.clone(), TryHandle { cancel, reason: reason.clone() });
 
-    let (sink, flusher) =
-        log_sink::start(shared.store.clone(), message.run_id.clone(), message.task_id.clone(), message.try_number);
+    let (sink, flusher) = log_sink::start(
+        shared.store.clone(),
+        message.run_id.clone(),
+        message.task_id.clone(),
+        message.try_number,
+        dagmq_core::task::secret_values(&message.params),
+    );
     let timeout = shared
         .config
         .dags

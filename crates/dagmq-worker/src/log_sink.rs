@@ -21,10 +21,13 @@ enum Item {
 pub(crate) struct ChannelSink {
     /// To the flusher.
     sender: mpsc::UnboundedSender<Item>,
+    /// Secret parameter values, masked in every line.
+    secrets: Arc<Vec<String>>,
 }
 
 impl LogSink for ChannelSink {
     fn line(&self, line: String) {
+        let line = if self.secrets.is_empty() { line } else { dagmq_core::task::mask_line(&line, &self.secrets) };
         let _ = self.sender.send(Item::Line(line));
     }
 }
@@ -42,6 +45,7 @@ pub(crate) fn start(
     run_id: String,
     task_id: String,
     try_number: u32,
+    secrets: Vec<String>,
 ) -> (ChannelSink, tokio::task::JoinHandle<()>) {
     let (sender, mut receiver) = mpsc::unbounded_channel();
     let handle = tokio::spawn(async move {
@@ -72,5 +76,5 @@ pub(crate) fn start(
             }
         }
     });
-    (ChannelSink { sender }, handle)
+    (ChannelSink { sender, secrets: Arc::new(secrets) }, handle)
 }

@@ -35,6 +35,8 @@ pub struct Cluster {
     scheduler: Option<Child>,
     workers: HashMap<String, Child>,
     extra: Vec<String>,
+    /// Whether a RabbitMQ user and a Redis ACL user of this namespace exist (to delete).
+    users: bool,
 }
 
 impl Cluster {
@@ -71,7 +73,28 @@ impl Cluster {
             scheduler: None,
             workers: HashMap::new(),
             extra: Vec::new(),
+            users: false,
         })
+    }
+
+    /// Like `new`, but RabbitMQ and Redis are reached as users of their own with a password (a
+    /// RabbitMQ user limited to the vhost, a Redis ACL user limited to the namespace's keys).
+    pub fn with_users(dag_files: &[(&str, &str)], password: &str) -> Option<Cluster> {
+        let mut cluster = Cluster::new(dag_files)?;
+        let user = cluster.namespace.clone();
+        let added = rabbitmqctl(&["add_user", &user, password]);
+        assert!(added.status.success(), "add_user: {}", text(&added.stderr));
+        let allowed = rabbitmqctl(&["set_permissions", "-p", &user, &user, ".*", ".*", ".*"]);
+        assert!(allowed.status.success(), "set_permissions: {}", text(&allowed.stderr));
+        let acl = std::process::Command::new("redis-cli")
+            .args(["ACL", "SETUSER", &user, "on", &format!(">{password}"), &format!("~{user}:*"), "+@all"])
+            .output()
+            .expect("redis-cli runs");
+        assert_eq!(text(&acl.stdout).trim(), "OK", "{}", text(&acl.stderr));
+        cluster.amqp = format!("amqp://{user}:{password}@127.0.0.1:5672/{user}");
+        cluster.redis = format!("redis://{user}:{password}@127.0.0.1:6379");
+        cluster.users = true;
+        Some(cluster)
     }
 
     /// Extra flags for the scheduler.
@@ -112,7 +135,13 @@ impl Cluster {
 
     /// Starts a worker named `name`.
     pub fn start_worker(&mut self, name: &str) {
-        let extra = vec!["--name".to_string(), name.to_string(), "--concurrency".to_string(), "16".to_string()];
+        self.start_worker_with(name, &[]);
+    }
+
+    /// Starts a worker named `name` with extra flags.
+    pub fn start_worker_with(&mut self, name: &str, flags: &[&str]) {
+        let mut extra = vec!["--name".to_string(), name.to_string(), "--concurrency".to_string(), "16".to_string()];
+        extra.extend(flags.iter().map(|f| f.to_string()));
         let child = self.spawn("worker", name, &extra);
         self.workers.insert(name.to_string(), child);
     }
@@ -206,6 +235,10 @@ impl Drop for Cluster {
             let _ = child.wait();
         }
         let _ = rabbitmqctl(&["delete_vhost", &self.namespace]);
+        if self.users {
+            let _ = rabbitmqctl(&["delete_user", &self.namespace]);
+            let _ = std::process::Command::new("redis-cli").args(["ACL", "DELUSER", &self.namespace]).output();
+        }
         let prefix = self.namespace.clone();
         let redis = self.redis.clone();
         self.block_on(async move {

@@ -242,3 +242,111 @@ fn standalone_runs_against_rabbitmq_and_redis_too() {
     });
     assert_eq!(stored.unwrap().state, dagmq_core::RunState::Success);
 }
+
+#[test]
+fn bad_messages_on_every_queue_are_dead_lettered_with_reasons_and_counted() {
+    use crate::support::{http_get, parse_metrics};
+
+    let Some(mut cluster) = Cluster::new(&[("wide.toml", &wide_dag(2))]) else { return };
+    let metrics_port = crate::support::free_port();
+    cluster.start_scheduler();
+    cluster.start_worker_with("w1", &["--metrics-port", &metrics_port.to_string()]);
+    let (amqp, namespace) = (cluster.amqp.clone(), cluster.namespace.clone());
+    let reasons = cluster.block_on(async move {
+        let mut config = dagmq_rabbitmq::RabbitConfig::new(amqp);
+        config.namespace = namespace;
+        let queue = dagmq_rabbitmq::RabbitQueue::connect(config).await.unwrap();
+        let bad: Vec<Vec<u8>> = vec![
+            b"{not json".to_vec(),
+            br#"{"v":2,"dag_id":"wide"}"#.to_vec(),
+            br#"{"v":1}"#.to_vec(),
+            vec![b' '; 20 * 1024 * 1024],
+            vec![0xff, 0xfe, 0x00, 0x01, 0x80],
+        ];
+        for topic in [Topic::Triggers, Topic::Status, Topic::Tasks("default".into())] {
+            for payload in &bad {
+                queue.publish(&topic, payload.clone()).await.unwrap();
+            }
+        }
+        let mut dead = queue.consume(&Topic::Dead, 20).await.unwrap();
+        let mut reasons = Vec::new();
+        for _ in 0..15 {
+            let delivery = tokio::time::timeout(Duration::from_secs(60), dead.next()).await.unwrap().unwrap().unwrap();
+            reasons.push(delivery.error.clone().unwrap_or_default());
+            delivery.ack().await.unwrap();
+        }
+        reasons
+    });
+    for prefix in ["trigger: ", "status: ", "task: "] {
+        let mine: Vec<&String> = reasons.iter().filter(|r| r.starts_with(prefix)).collect();
+        assert_eq!(mine.len(), 5, "{prefix}: {reasons:#?}");
+        assert!(mine.iter().any(|r| r.contains("exceeds the limit of 1048576 bytes")), "{reasons:#?}");
+        assert!(mine.iter().any(|r| r.contains("unsupported message version 2")), "{reasons:#?}");
+        assert!(mine.iter().any(|r| r.contains("missing field")), "{reasons:#?}");
+        assert!(mine.iter().filter(|r| r.contains("malformed message")).count() >= 3, "{reasons:#?}");
+    }
+    // Counted, and everything else unharmed.
+    let port: u16 = cluster.api.rsplit(':').next().unwrap().parse().unwrap();
+    let scheduler = parse_metrics(&http_get(port, "/metrics").1);
+    let sum = |values: &std::collections::BTreeMap<String, f64>, prefix: &str| -> f64 {
+        values.iter().filter(|(k, _)| k.starts_with(prefix)).map(|(_, v)| v).sum()
+    };
+    assert_eq!(sum(&scheduler, "dagmq_dead_lettered_total{queue=\"dagmq.triggers\""), 5.0);
+    assert_eq!(sum(&scheduler, "dagmq_dead_lettered_total{queue=\"dagmq.status\""), 5.0);
+    assert_eq!(scheduler.get("dagmq_dead_lettered_total{queue=\"dagmq.triggers\",reason=\"too_large\"}"), Some(&1.0));
+    let worker = parse_metrics(&http_get(metrics_port, "/metrics").1);
+    assert_eq!(sum(&worker, "dagmq_worker_dead_lettered_total"), 5.0);
+    let run = cluster.cli(&["trigger", "wide", "--wait"]);
+    assert!(run.status.success(), "{}", text(&run.stderr));
+}
+
+#[test]
+fn a_duplicated_task_message_runs_the_task_once() {
+    let Some(mut cluster) = Cluster::new(&[("long.toml", LONG)]) else { return };
+    cluster.start_scheduler();
+    cluster.start_worker("w1");
+    cluster.start_worker("w2");
+    cluster.wait_for_workers(2);
+    let run_id = cluster.json(&["trigger", "long"])["run_id"].as_str().unwrap().to_string();
+    cluster.wait_until(Duration::from_secs(30), || {
+        tasks(&cluster.json(&["runs", "show", &run_id]))["slow"]["state"] == "running"
+    });
+    let message = format!(
+        r#"{{"v":1,"run_id":"{run_id}","dag_id":"long","task_id":"slow","try_number":1,"max_try":1,"logical_date":"2026-11-23T00:00:00Z"}}"#
+    );
+    let (amqp, namespace) = (cluster.amqp.clone(), cluster.namespace.clone());
+    cluster.block_on(async move {
+        let mut config = dagmq_rabbitmq::RabbitConfig::new(amqp);
+        config.namespace = namespace;
+        let queue = dagmq_rabbitmq::RabbitQueue::connect(config).await.unwrap();
+        queue.publish(&Topic::Tasks("default".into()), message.clone().into_bytes()).await.unwrap();
+        queue.publish(&Topic::Tasks("default".into()), message.into_bytes()).await.unwrap();
+    });
+    let run = cluster.wait_run(&run_id, Duration::from_secs(60));
+    assert_eq!(run["state"], "success");
+    assert_eq!(tasks(&run)["slow"]["try_number"], 1);
+    let log = cluster.cli(&["logs", &run_id, "slow"]);
+    assert_eq!(text(&log.stdout), "try 1 starting\ntry 1 done\n", "ran once");
+}
+
+#[test]
+fn password_protected_services_work_and_passwords_stay_out_of_the_logs() {
+    let password = "pw-Zq8xK2";
+    let Some(mut cluster) = Cluster::with_users(&[("chain.toml", CHAIN)], password) else { return };
+    cluster.start_scheduler();
+    cluster.start_worker("w1");
+    let output = cluster.cli(&["trigger", "chain", "--wait"]);
+    assert!(output.status.success(), "{}\n{}", text(&output.stderr), cluster.logs_text());
+    let logs = cluster.logs_text();
+    assert!(logs.contains(":***@127.0.0.1:5672"), "the broker URL is logged masked: {logs}");
+    assert!(!logs.contains(password), "a password reached the logs: {logs}");
+    // A wrong password is a clear startup error, with the password masked.
+    let wrong = crate::support::dagmq()
+        .args(["worker", "--amqp", &cluster.amqp.replace(password, "nope"), "--redis", &cluster.redis])
+        .output()
+        .unwrap();
+    assert_eq!(wrong.status.code(), Some(1));
+    let stderr = text(&wrong.stderr);
+    assert!(stderr.contains("cannot connect"), "{stderr}");
+    assert!(!stderr.contains("nope@"), "{stderr}");
+}

@@ -233,3 +233,24 @@ fn metrics_parse_and_count_a_known_run() {
     assert_eq!(worker.get("dagmq_worker_running"), Some(&0.0));
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+#[test]
+fn secret_params_are_masked_in_the_api_and_in_logs() {
+    let dir = std::env::temp_dir().join(format!("dagmq-secrets-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(
+        dir.join("login.toml"),
+        "id = \"login\"\n[[task]]\nid = \"connect\"\ncommand = [\"sh\", \"-c\", \"echo connecting as {{ params.user }} with $DAGMQ_PARAM_DB_PASSWORD\"]\n",
+    )
+    .unwrap();
+    let standalone = Standalone::start(&dir, &[]);
+    let run = trigger_and_wait(&standalone, &["login", "--param", "user=ada", "--param", "db_password=hunter22"]);
+    assert_eq!(run["state"], "success");
+    assert_eq!(run["params"], serde_json::json!({"db_password": "***", "user": "ada"}));
+    let run_id = run["run_id"].as_str().unwrap();
+    let listed = standalone.json(&["runs", "list", "--dag", "login"]);
+    assert_eq!(listed[0]["params"]["db_password"], "***");
+    let log = standalone.cli(&["logs", run_id, "connect"]);
+    assert_eq!(text(&log.stdout), "connecting as ada with ***\n");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
