@@ -134,6 +134,7 @@ async fn contract(store: Arc<dyn Store>) {
     assert_eq!(store.dag_record("etl").await.unwrap(), Some(record));
     let worker = WorkerInfo {
         name: "w1".into(),
+        instance: "w1@1-2".into(),
         host: "h".into(),
         queues: vec!["default".into()],
         concurrency: 4,

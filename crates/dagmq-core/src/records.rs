@@ -91,6 +91,10 @@ pub struct TaskInstance {
     /// Worker running or last running the task.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub worker: Option<String>,
+    /// The worker process (incarnation) running the try; a restarted worker with the same name
+    /// is another instance, and the tries of the old one are lost.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub worker_instance: Option<String>,
     /// Error of the last failed try.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
@@ -129,6 +133,7 @@ impl TaskInstance {
             ended_at: None,
             retry_at: None,
             worker: None,
+            worker_instance: None,
             error: None,
             progress: None,
             interruptions: 0,
@@ -151,6 +156,7 @@ impl TaskInstance {
         next.started_at = None;
         next.ended_at = None;
         next.worker = None;
+        next.worker_instance = None;
         next.progress = None;
         next.error = Some(reason);
         Some(next)
@@ -167,6 +173,9 @@ impl TaskInstance {
 pub struct WorkerInfo {
     /// Unique name (`--name`, default host and process id).
     pub name: String,
+    /// This process of the worker: changes when a worker restarts under the same name.
+    #[serde(default)]
+    pub instance: String,
     /// Host it runs on.
     pub host: String,
     /// Pools it consumes.

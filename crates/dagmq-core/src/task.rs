@@ -329,7 +329,7 @@ mod tests {
         assert_eq!(masked["key"], serde_json::json!(MASK));
         assert_eq!(masked["date"], serde_json::json!("2026-11-22"));
         let secrets = secret_values(&params);
-        assert_eq!(secrets, vec!["hunter22".to_string(), "abcd1234".to_string()]);
+        assert_eq!(secrets, vec!["abcd1234".to_string(), "hunter22".to_string()]);
         assert_eq!(
             mask_line("login with hunter22 and abcd1234 on 2026-11-22 k1", &secrets),
             "login with *** and *** on 2026-11-22 k1"

@@ -90,6 +90,7 @@ pub fn spawn(
         now_cache: config.clock.now(),
         sweep_at: config.clock.now() + chrono::Duration::from_std(config.sweep_interval).unwrap_or_default(),
         zombie_at: config.clock.now() + chrono::Duration::from_std(config.zombie_check_interval).unwrap_or_default(),
+        known_instances: HashMap::new(),
         config,
         queue,
         store,
@@ -176,6 +177,8 @@ struct Engine {
     sweep_at: DateTime<Utc>,
     /// When lost workers are next looked for.
     zombie_at: DateTime<Utc>,
+    /// The instance last seen of each live worker.
+    known_instances: HashMap<String, String>,
     /// `now` at the start of the current event, so one event sees one instant.
     now_cache: DateTime<Utc>,
 }
@@ -860,18 +863,33 @@ impl Engine {
         Ok(())
     }
 
-    /// Finds workers whose heartbeat stopped, requeues the tries they were running as new tries
-    /// and removes them from the registry. A try is found through the worker's last heartbeat
-    /// and, for tries claimed after it, through the running runs' tasks.
+    /// Finds lost worker instances and requeues the tries they were running as new tries. An
+    /// instance is lost when its heartbeat is older than `worker_timeout` (the entry then leaves
+    /// the registry), or when a worker of the same name started again (a new instance). Tries
+    /// are found through the lost instance's last heartbeat and, for tries claimed after it,
+    /// through the running runs' tasks.
     async fn requeue_lost_workers(&mut self) -> Result<(), BackendError> {
         let now = self.now_cache;
         let timeout = chrono::Duration::from_std(self.config.worker_timeout).unwrap_or_default();
-        let lost: Vec<WorkerInfo> =
-            self.store.workers().await?.into_iter().filter(|w| now - w.last_heartbeat > timeout).collect();
-        for worker in lost {
-            tracing::warn!(worker = %worker.name, last_heartbeat = %worker.last_heartbeat, "worker lost: requeueing its tries");
-            let mut candidates: Vec<(String, String)> =
-                worker.running.iter().map(|t| (t.run_id.clone(), t.task_id.clone())).collect();
+        // (worker name, the live instance to keep or none, the lost heartbeat entry if any)
+        let mut lost: Vec<(String, Option<String>, Option<WorkerInfo>)> = Vec::new();
+        for worker in self.store.workers().await? {
+            if now - worker.last_heartbeat > timeout {
+                tracing::warn!(worker = %worker.name, last_heartbeat = %worker.last_heartbeat, "worker lost: requeueing its tries");
+                self.known_instances.remove(&worker.name);
+                lost.push((worker.name.clone(), None, Some(worker)));
+            } else if self.known_instances.get(&worker.name) != Some(&worker.instance) {
+                // A worker seen for the first time, or restarted: tries of other instances of
+                // the same name belong to processes that are gone.
+                self.known_instances.insert(worker.name.clone(), worker.instance.clone());
+                lost.push((worker.name.clone(), Some(worker.instance.clone()), None));
+            }
+        }
+        for (name, keep, entry) in lost {
+            let mut candidates: Vec<(String, String)> = entry
+                .as_ref()
+                .map(|w| w.running.iter().map(|t| (t.run_id.clone(), t.task_id.clone())).collect())
+                .unwrap_or_default();
             for run in self.active.values() {
                 for task in &run.tasks {
                     if matches!(task.state, TaskState::Queued | TaskState::Running) {
@@ -883,13 +901,13 @@ impl Engine {
             candidates.dedup();
             for (run_id, task_id) in candidates {
                 let Some(task) = self.store.task(&run_id, &task_id).await? else { continue };
-                if task.state != TaskState::Running || task.worker.as_deref() != Some(worker.name.as_str()) {
+                if task.state != TaskState::Running
+                    || task.worker.as_deref() != Some(name.as_str())
+                    || (keep.is_some() && task.worker_instance == keep)
+                {
                     continue;
                 }
-                let reason = format!(
-                    "try {} interrupted: worker {} lost (no heartbeat since {})",
-                    task.try_number, worker.name, worker.last_heartbeat
-                );
+                let reason = format!("try {} interrupted: worker {name} lost", task.try_number);
                 let next = match task.requeued_after_interruption(now, reason) {
                     Some(next) => next,
                     None => TaskInstance {
@@ -916,7 +934,9 @@ impl Engine {
                 self.put_back(run).await?;
                 result?;
             }
-            self.store.remove_worker(&worker.name).await?;
+            if entry.is_some() {
+                self.store.remove_worker(&name).await?;
+            }
         }
         Ok(())
     }

@@ -246,6 +246,7 @@ async fn claim(shared: &Shared, message: &TaskToExec) -> Result<Claim, BackendEr
     running.state = task_transition(current.state, TaskEvent::Start).unwrap_or(TaskState::Running);
     running.started_at = Some(shared.config.clock.now());
     running.worker = Some(shared.config.name.clone());
+    running.worker_instance = Some(shared.instance.clone());
     running.progress = None;
     if !store.transition_task(&message.run_id, TaskState::Queued, current.try_number, &running).await? {
         tracing::info!(run = %message.run_id, task = %message.task_id, "another worker claimed the try first");

@@ -75,6 +75,8 @@ pub(crate) struct Shared {
     pub(crate) store: Arc<dyn Store>,
     /// Tries running now, to stop them and to report them in heartbeats.
     pub(crate) running: RunningTries,
+    /// This process's identity in the registry and on claimed tries.
+    pub(crate) instance: String,
 }
 
 /// Runs the worker until `shutdown` fires, then stops taking work, lets running tries finish
@@ -86,9 +88,10 @@ pub async fn run(
     shutdown: CancelSignal,
 ) -> Result<(), BackendError> {
     let concurrency = config.concurrency.max(1);
-    let shared = Arc::new(Shared { config, queue, store, running: Arc::new(Mutex::new(HashMap::new())) });
+    let started_at = config.clock.now();
+    let instance = format!("{}@{}-{}", config.name, started_at.timestamp_micros(), std::process::id());
+    let shared = Arc::new(Shared { config, queue, store, running: Arc::new(Mutex::new(HashMap::new())), instance });
     let slots = Arc::new(Semaphore::new(concurrency));
-    let started_at = shared.config.clock.now();
     tracing::info!(worker = %shared.config.name, queues = ?shared.config.queues, concurrency, "worker started");
 
     heartbeat(&shared, started_at).await;
@@ -190,6 +193,7 @@ async fn heartbeat(shared: &Shared, started_at: chrono::DateTime<chrono::Utc>) {
     let running: Vec<RunningTry> = execute::running_tries(shared);
     let info = WorkerInfo {
         name: shared.config.name.clone(),
+        instance: shared.instance.clone(),
         host: shared.config.host.clone(),
         queues: shared.config.queues.clone(),
         concurrency: u32::try_from(shared.config.concurrency).unwrap_or(u32::MAX),

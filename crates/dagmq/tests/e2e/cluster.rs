@@ -154,6 +154,25 @@ impl Cluster {
         }
     }
 
+    /// Sends SIGTERM to a worker and waits for it to exit; answers whether it exited cleanly.
+    pub fn terminate_worker(&mut self, name: &str) -> bool {
+        let mut child = self.workers.remove(name).expect("a running worker");
+        let status = std::process::Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap();
+        assert!(status.success());
+        child.wait().unwrap().success()
+    }
+
+    /// Restarts every worker that has exited (a supervisor's job); answers how many.
+    pub fn restart_exited_workers(&mut self) -> usize {
+        let exited: Vec<String> =
+            self.workers.iter_mut().filter_map(|(n, c)| c.try_wait().ok().flatten().map(|_| n.clone())).collect();
+        for name in &exited {
+            self.workers.remove(name);
+            self.start_worker(name);
+        }
+        exited.len()
+    }
+
     /// SIGKILLs a worker.
     pub fn kill_worker(&mut self, name: &str) {
         let mut child = self.workers.remove(name).expect("a running worker");

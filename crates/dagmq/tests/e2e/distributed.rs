@@ -350,3 +350,95 @@ fn password_protected_services_work_and_passwords_stay_out_of_the_logs() {
     assert!(stderr.contains("cannot connect"), "{stderr}");
     assert!(!stderr.contains("nope@"), "{stderr}");
 }
+
+const RETRY: &str = r#"
+id = "retry"
+[[task]]
+id = "flaky"
+command = ["sh", "-c", "echo try $DAGMQ_TRY; test $DAGMQ_TRY -ge 2"]
+retries = 2
+retry_delay = "4s"
+[[task]]
+id = "after"
+after = ["flaky"]
+run = "noop"
+"#;
+
+const POISON: &str = r#"
+id = "poison"
+[[task]]
+id = "kills_its_worker"
+command = ["sh", "-c", "echo goodbye; kill -9 $PPID; sleep 5"]
+"#;
+
+#[test]
+fn worker_sigterm_mid_task_finishes_the_try_and_requeues_nothing() {
+    let Some(mut cluster) = Cluster::new(&[("long.toml", LONG)]) else { return };
+    cluster.start_scheduler();
+    cluster.start_worker("w1");
+    let run_id = cluster.json(&["trigger", "long"])["run_id"].as_str().unwrap().to_string();
+    cluster.wait_until(Duration::from_secs(30), || {
+        tasks(&cluster.json(&["runs", "show", &run_id]))["slow"]["state"] == "running"
+    });
+    assert!(cluster.terminate_worker("w1"), "the worker exits cleanly");
+    let slow = &tasks(&cluster.json(&["runs", "show", &run_id]))["slow"];
+    assert_eq!((slow["state"].as_str(), slow["try_number"].as_u64()), (Some("success"), Some(1)), "{slow}");
+    cluster.start_worker("w2");
+    let run = cluster.wait_run(&run_id, Duration::from_secs(30));
+    assert_eq!(run["state"], "success");
+    assert_eq!(tasks(&run)["slow"]["try_number"], 1);
+    assert_eq!(text(&cluster.cli(&["logs", &run_id, "slow"]).stdout), "try 1 starting\ntry 1 done\n");
+}
+
+#[test]
+fn scheduler_killed_right_after_creating_a_run_and_during_a_retry_delay() {
+    let Some(mut cluster) = Cluster::new(&[("chain.toml", CHAIN), ("retry.toml", RETRY)]) else { return };
+    cluster.start_scheduler();
+    cluster.start_worker("w1");
+    // Right after the run is created.
+    let created = cluster.json(&["trigger", "chain"])["run_id"].as_str().unwrap().to_string();
+    cluster.kill_scheduler();
+    cluster.start_scheduler();
+    let run = cluster.wait_run(&created, Duration::from_secs(60));
+    assert_eq!(run["state"], "success", "{}", cluster.logs_text());
+    assert!(tasks(&run).values().all(|t| t["try_number"] == 1));
+    // During a retry delay.
+    let retried = cluster.json(&["trigger", "retry"])["run_id"].as_str().unwrap().to_string();
+    cluster.wait_until(Duration::from_secs(30), || {
+        tasks(&cluster.json(&["runs", "show", &retried]))["flaky"]["state"] == "up_for_retry"
+    });
+    cluster.kill_scheduler();
+    cluster.start_scheduler();
+    let run = cluster.wait_run(&retried, Duration::from_secs(60));
+    assert_eq!(run["state"], "success", "{}", cluster.logs_text());
+    let flaky = &tasks(&run)["flaky"];
+    assert_eq!(flaky["try_number"], 2, "one retry, not two: {flaky}");
+    assert_eq!(text(&cluster.cli(&["logs", &retried, "flaky", "--try", "2"]).stdout), "try 2\n");
+}
+
+#[test]
+fn a_poison_task_that_kills_its_worker_fails_after_bounded_attempts_and_others_flow() {
+    // The other DAG runs on a pool of its own, so the poison's worker deaths do not touch it.
+    let other = CHAIN.replace("[[task]]", "[[task]]\nqueue = \"other\"");
+    let Some(mut cluster) = Cluster::new(&[("poison.toml", POISON), ("chain.toml", &other)]) else { return };
+    cluster.scheduler_flags(&["--worker-timeout", "7s"]);
+    cluster.start_scheduler();
+    cluster.start_worker("w1");
+    cluster.start_worker_with("w2", &["--queues", "other"]);
+    let poison = cluster.json(&["trigger", "poison"])["run_id"].as_str().unwrap().to_string();
+    let chain = cluster.json(&["trigger", "chain"])["run_id"].as_str().unwrap().to_string();
+    let mut restarts = 0;
+    let deadline = std::time::Instant::now() + Duration::from_secs(150);
+    while cluster.json(&["runs", "show", &poison])["state"] != "failed" {
+        assert!(std::time::Instant::now() < deadline, "the poison run did not fail in time:\n{}", cluster.logs_text());
+        restarts += cluster.restart_exited_workers();
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let task = &tasks(&cluster.json(&["runs", "show", &poison]))["kills_its_worker"];
+    assert_eq!(task["state"], "failed");
+    assert_eq!(task["try_number"], 4, "the first try and three requeues: {task}");
+    assert!(task["error"].as_str().unwrap().contains("giving up"), "{task}");
+    assert_eq!(restarts, 4, "the worker died once per try");
+    let run = cluster.wait_run(&chain, Duration::from_secs(60));
+    assert_eq!(run["state"], "success", "other work kept flowing");
+}
