@@ -442,3 +442,78 @@ fn a_poison_task_that_kills_its_worker_fails_after_bounded_attempts_and_others_f
     let run = cluster.wait_run(&chain, Duration::from_secs(60));
     assert_eq!(run["state"], "success", "other work kept flowing");
 }
+
+/// A Redis server of the test's own, with AOF every second, that can be restarted.
+struct PrivateRedis {
+    child: std::process::Child,
+    port: u16,
+    dir: std::path::PathBuf,
+}
+
+impl PrivateRedis {
+    fn start(port: u16, dir: &std::path::Path) -> PrivateRedis {
+        std::fs::create_dir_all(dir).unwrap();
+        let child = std::process::Command::new("redis-server")
+            .args([
+                "--port",
+                &port.to_string(),
+                "--bind",
+                "127.0.0.1",
+                "--appendonly",
+                "yes",
+                "--appendfsync",
+                "everysec",
+                "--save",
+                "",
+            ])
+            .arg("--dir")
+            .arg(dir)
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .expect("redis-server runs");
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        while !std::process::Command::new("redis-cli")
+            .args(["-p", &port.to_string(), "ping"])
+            .output()
+            .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains("PONG"))
+        {
+            assert!(std::time::Instant::now() < deadline, "private redis did not start");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        PrivateRedis { child, port, dir: dir.to_path_buf() }
+    }
+
+    fn restart(&mut self) {
+        std::process::Command::new("kill").args(["-TERM", &self.child.id().to_string()]).status().unwrap();
+        self.child.wait().unwrap();
+        *self = PrivateRedis::start(self.port, &self.dir.clone());
+    }
+}
+
+impl Drop for PrivateRedis {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+#[test]
+fn redis_restarted_with_aof_mid_run_the_run_completes() {
+    let Some(mut cluster) = Cluster::new(&[("chain.toml", CHAIN)]) else { return };
+    let port = crate::support::free_port();
+    let mut redis = PrivateRedis::start(port, &std::env::temp_dir().join(format!("{}-redis", cluster.namespace)));
+    cluster.redis = format!("redis://127.0.0.1:{port}");
+    cluster.start_scheduler();
+    cluster.start_worker("w1");
+    let run_id = cluster.json(&["trigger", "chain"])["run_id"].as_str().unwrap().to_string();
+    cluster.wait_until(Duration::from_secs(30), || {
+        tasks(&cluster.json(&["runs", "show", &run_id]))["c2"]["state"] == "running"
+    });
+    redis.restart();
+    let run = cluster.wait_run(&run_id, Duration::from_secs(90));
+    assert_eq!(run["state"], "success", "{}", cluster.logs_text());
+    for (id, task) in tasks(&run) {
+        assert_eq!((task["state"].as_str(), task["try_number"].as_u64()), (Some("success"), Some(1)), "{id}");
+    }
+}
