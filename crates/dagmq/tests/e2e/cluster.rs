@@ -37,17 +37,45 @@ pub struct Cluster {
     extra: Vec<String>,
     /// Whether a RabbitMQ user and a Redis ACL user of this namespace exist (to delete).
     users: bool,
+    /// Held shared by every cluster, exclusively by a test that restarts the broker.
+    _broker_lock: std::fs::File,
+}
+
+/// The lock that keeps broker restarts away from the other distributed tests.
+fn broker_lock(exclusive: bool) -> std::fs::File {
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(std::env::temp_dir().join("dagmq-e2e-broker.lock"))
+        .unwrap();
+    if exclusive {
+        file.lock().unwrap()
+    } else {
+        file.lock_shared().unwrap()
+    }
+    file
 }
 
 impl Cluster {
     /// A vhost and prefix of its own, and DAG files from `dag_files` (name, text); `None` when
     /// the services are unreachable outside CI.
     pub fn new(dag_files: &[(&str, &str)]) -> Option<Cluster> {
+        Cluster::create(dag_files, false)
+    }
+
+    /// Like `new`, alone on the broker: for tests that stop and start it.
+    pub fn new_exclusive(dag_files: &[(&str, &str)]) -> Option<Cluster> {
+        Cluster::create(dag_files, true)
+    }
+
+    fn create(dag_files: &[(&str, &str)], exclusive: bool) -> Option<Cluster> {
         if !(reachable(5672) && reachable(6379)) {
             assert!(!required(), "RabbitMQ (5672) and Redis (6379) are required (DAGMQ_REQUIRE_SERVICES=1)");
             eprintln!("skipping: RabbitMQ or Redis unreachable");
             return None;
         }
+        let lock = broker_lock(exclusive);
         let namespace = format!("dagmq-e2e-{}-{}", std::process::id(), free_port());
         let added = rabbitmqctl(&["add_vhost", &namespace]);
         assert!(added.status.success(), "add_vhost: {}", text(&added.stderr));
@@ -74,6 +102,7 @@ impl Cluster {
             workers: HashMap::new(),
             extra: Vec::new(),
             users: false,
+            _broker_lock: lock,
         })
     }
 

@@ -517,3 +517,39 @@ fn redis_restarted_with_aof_mid_run_the_run_completes() {
         assert_eq!((task["state"].as_str(), task["try_number"].as_u64()), (Some("success"), Some(1)), "{id}");
     }
 }
+
+#[test]
+fn rabbitmq_stopped_and_started_during_a_500_task_run_loses_nothing() {
+    let Some(mut cluster) = Cluster::new_exclusive(&[("wide.toml", &wide_dag(498))]) else { return };
+    cluster.start_scheduler();
+    cluster.start_worker("w1");
+    cluster.start_worker("w2");
+    cluster.wait_for_workers(2);
+    let run_id = cluster.json(&["trigger", "wide"])["run_id"].as_str().unwrap().to_string();
+    cluster.wait_until(Duration::from_secs(60), || {
+        cluster.json(&["runs", "show", &run_id])["task_counts"]["success"].as_u64().unwrap_or(0) >= 20
+    });
+    let ctl = |args: &[&str]| {
+        let output = std::process::Command::new("rabbitmqctl").args(args).output().unwrap();
+        assert!(output.status.success(), "rabbitmqctl {args:?}: {}", text(&output.stderr));
+    };
+    ctl(&["stop_app"]);
+    std::thread::sleep(Duration::from_secs(2));
+    ctl(&["start_app"]);
+    ctl(&["await_startup"]);
+    let run = cluster.wait_run(&run_id, Duration::from_secs(180));
+    assert_eq!(run["state"], "success", "{}", cluster.logs_text());
+    let tasks = tasks(&run);
+    assert_eq!(tasks.len(), 500);
+    for (id, task) in &tasks {
+        assert_eq!((task["state"].as_str(), task["try_number"].as_u64()), (Some("success"), Some(1)), "{id}");
+    }
+    // Nothing left behind in the broker: the task queue drained, nothing dead-lettered.
+    let queues = std::process::Command::new("rabbitmqctl")
+        .args(["list_queues", "-p", &cluster.namespace, "--quiet", "--no-table-headers", "name", "messages"])
+        .output()
+        .unwrap();
+    for line in text(&queues.stdout).lines() {
+        assert!(line.ends_with("\t0") || line.ends_with(" 0"), "messages left: {line}");
+    }
+}
