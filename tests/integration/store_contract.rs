@@ -146,6 +146,19 @@ async fn contract(store: Arc<dyn Store>) {
     assert_eq!(store.workers().await.unwrap(), vec![worker]);
     store.remove_worker("w1").await.unwrap();
     assert!(store.workers().await.unwrap().is_empty());
+    // The scheduler lease: one holder at a time, renewable, released, taken over after expiry.
+    let ttl = std::time::Duration::from_millis(300);
+    assert!(store.acquire_lease("a", at(0), ttl).await.unwrap());
+    assert!(!store.acquire_lease("b", at(0), ttl).await.unwrap());
+    assert!(store.acquire_lease("a", at(0), ttl).await.unwrap(), "renewal");
+    store.release_lease("b").await.unwrap();
+    assert!(!store.acquire_lease("b", at(0), ttl).await.unwrap(), "only the holder releases");
+    store.release_lease("a").await.unwrap();
+    assert!(store.acquire_lease("b", at(0), ttl).await.unwrap());
+    // Expiry: the memory store compares `now`, Redis its own clock.
+    tokio::time::sleep(std::time::Duration::from_millis(400)).await;
+    assert!(store.acquire_lease("a", at(1), ttl).await.unwrap(), "an expired lease is free");
+    store.release_lease("a").await.unwrap();
     store.ping().await.unwrap();
 }
 

@@ -1,7 +1,10 @@
 //! The `Store` abstraction: run metadata, task instances with compare-and-set transitions,
 //! task logs per try, the worker registry and the scheduler's per-DAG bookkeeping.
 
+use std::time::Duration;
+
 use async_trait::async_trait;
+use chrono::{DateTime, Utc};
 
 use crate::BackendError;
 use crate::records::{DagRecord, RunRecord, TaskInstance, WorkerInfo};
@@ -119,6 +122,13 @@ pub trait Store: Send + Sync + 'static {
 
     /// Every registered worker.
     async fn workers(&self) -> Result<Vec<WorkerInfo>, BackendError>;
+
+    /// Takes or renews the scheduler lease for `holder` until `now + ttl`; `false` when another
+    /// holder has it. Only the holder schedules; other schedulers stand by.
+    async fn acquire_lease(&self, holder: &str, now: DateTime<Utc>, ttl: Duration) -> Result<bool, BackendError>;
+
+    /// Gives the lease up if `holder` has it.
+    async fn release_lease(&self, holder: &str) -> Result<(), BackendError>;
 
     /// Whether the store answers.
     async fn ping(&self) -> Result<(), BackendError>;

@@ -17,6 +17,7 @@ mod scripts;
 use std::time::Duration;
 
 use async_trait::async_trait;
+use chrono::{DateTime, Utc};
 use dagmq_core::records::DagRecord;
 use dagmq_core::store::{CreateRun, LOG_CUT_MARKER, MAX_LOG_LINES_PER_TRY, RunFilter, Store};
 use dagmq_core::{BackendError, RunRecord, RunState, TaskInstance, TaskState, WorkerInfo};
@@ -45,6 +46,8 @@ struct Scripts {
     add_tasks: Script,
     set_progress: Script,
     append_log: Script,
+    acquire_lease: Script,
+    release_lease: Script,
 }
 
 impl RedisStore {
@@ -65,6 +68,8 @@ impl RedisStore {
                 add_tasks: Script::new(scripts::ADD_TASKS),
                 set_progress: Script::new(scripts::SET_PROGRESS),
                 append_log: Script::new(scripts::APPEND_LOG),
+                acquire_lease: Script::new(scripts::ACQUIRE_LEASE),
+                release_lease: Script::new(scripts::RELEASE_LEASE),
             },
         };
         store.ping().await.map_err(|e| BackendError::new(format!("redis {}: {}", mask_url(url), e.message)))?;
@@ -496,6 +501,34 @@ impl Store for RedisStore {
         let mut workers = entries.iter().map(|(_, v)| decode::<WorkerInfo>(v)).collect::<Result<Vec<_>, _>>()?;
         workers.sort_by(|a, b| a.name.cmp(&b.name));
         Ok(workers)
+    }
+
+    async fn acquire_lease(&self, holder: &str, _now: DateTime<Utc>, ttl: Duration) -> Result<bool, BackendError> {
+        // Redis's own clock times the lease, so schedulers' clocks need not agree.
+        let mut conn = self.conn().await?;
+        let taken: i32 = self
+            .scripts
+            .acquire_lease
+            .key(format!("{}:scheduler:lease", self.prefix))
+            .arg(holder)
+            .arg(ttl.as_millis().max(1) as u64)
+            .invoke_async(&mut conn)
+            .await
+            .map_err(redis_error)?;
+        Ok(taken == 1)
+    }
+
+    async fn release_lease(&self, holder: &str) -> Result<(), BackendError> {
+        let mut conn = self.conn().await?;
+        let _: i32 = self
+            .scripts
+            .release_lease
+            .key(format!("{}:scheduler:lease", self.prefix))
+            .arg(holder)
+            .invoke_async(&mut conn)
+            .await
+            .map_err(redis_error)?;
+        Ok(())
     }
 
     async fn ping(&self) -> Result<(), BackendError> {

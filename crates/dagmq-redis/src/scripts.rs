@@ -99,3 +99,17 @@ for i = 3, #ARGV do
 end
 return length
 "#;
+
+/// Takes or renews the scheduler lease. KEYS[1] lease key. ARGV: holder, ttl in milliseconds.
+pub(crate) const ACQUIRE_LEASE: &str = r#"
+local current = redis.call('GET', KEYS[1])
+if current and current ~= ARGV[1] then return 0 end
+redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+return 1
+"#;
+
+/// Gives the lease up if the holder has it. KEYS[1] lease key. ARGV: holder.
+pub(crate) const RELEASE_LEASE: &str = r#"
+if redis.call('GET', KEYS[1]) == ARGV[1] then redis.call('DEL', KEYS[1]) end
+return 1
+"#;

@@ -122,7 +122,7 @@ impl From<CommandError> for ApiError {
             CommandError::NotFound(_) => StatusCode::NOT_FOUND,
             CommandError::Conflict(_) => StatusCode::CONFLICT,
             CommandError::BadInput(_) => StatusCode::BAD_REQUEST,
-            CommandError::Backend(_) | CommandError::Stopped => StatusCode::SERVICE_UNAVAILABLE,
+            CommandError::Backend(_) | CommandError::Stopped | CommandError::Standby => StatusCode::SERVICE_UNAVAILABLE,
         };
         ApiError(status, err.to_string())
     }

@@ -72,6 +72,9 @@ pub enum CommandError {
     /// The scheduler is shutting down (HTTP 503).
     #[error("the scheduler is not running")]
     Stopped,
+    /// Another scheduler holds the lease; this one stands by (HTTP 503).
+    #[error("this scheduler is on standby: another scheduler is active")]
+    Standby,
 }
 
 /// A cloneable handle to a running scheduler: send it commands, read its store.
@@ -89,6 +92,20 @@ pub struct SchedulerHandle {
     pub clock: Arc<dyn Clock>,
     /// The scheduler's metrics.
     pub metrics: Arc<crate::metrics::SchedulerMetrics>,
+}
+
+impl Command {
+    /// Answers the command with `error` without doing it.
+    pub(crate) fn refuse(self, error: CommandError) {
+        match self {
+            Command::Trigger { reply, .. } => {
+                let _ = reply.send(Err(error));
+            }
+            Command::Restart { reply, .. } | Command::Cancel { reply, .. } | Command::SetPaused { reply, .. } => {
+                let _ = reply.send(Err(error));
+            }
+        }
+    }
 }
 
 impl SchedulerHandle {

@@ -49,6 +49,9 @@ pub struct SchedulerConfig {
     pub worker_timeout: Duration,
     /// How often lost workers are looked for.
     pub zombie_check_interval: Duration,
+    /// The scheduler lease lasts this long unless renewed (every third of it); a standby
+    /// scheduler takes over at most this long after the active one dies.
+    pub lease_ttl: Duration,
 }
 
 impl SchedulerConfig {
@@ -63,6 +66,7 @@ impl SchedulerConfig {
             catch_up_batch: 100,
             worker_timeout: Duration::from_secs(20),
             zombie_check_interval: Duration::from_secs(5),
+            lease_ttl: Duration::from_secs(10),
         }
     }
 }
@@ -91,6 +95,8 @@ pub fn spawn(
         sweep_at: config.clock.now() + chrono::Duration::from_std(config.sweep_interval).unwrap_or_default(),
         zombie_at: config.clock.now() + chrono::Duration::from_std(config.zombie_check_interval).unwrap_or_default(),
         known_instances: HashMap::new(),
+        lease_holder: format!("scheduler-{}", uuid::Uuid::new_v4().simple()),
+        lease_renew_at: DateTime::<Utc>::MIN_UTC,
         config,
         queue,
         store,
@@ -104,7 +110,7 @@ pub fn spawn(
         dirty: BTreeSet::new(),
         watch_at: None,
     };
-    let task = tokio::spawn(engine.run(commands, shutdown));
+    let task = tokio::spawn(engine.supervise(commands, shutdown));
     (handle, task)
 }
 
@@ -179,26 +185,101 @@ struct Engine {
     zombie_at: DateTime<Utc>,
     /// The instance last seen of each live worker.
     known_instances: HashMap<String, String>,
+    /// This scheduler's name on the lease.
+    lease_holder: String,
+    /// When the lease is next renewed.
+    lease_renew_at: DateTime<Utc>,
     /// `now` at the start of the current event, so one event sees one instant.
     now_cache: DateTime<Utc>,
 }
 
 impl Engine {
-    /// The loop.
-    async fn run(mut self, mut commands: mpsc::Receiver<Command>, shutdown: CancelSignal) -> Result<(), BackendError> {
+    /// Stands by until this scheduler holds the lease, runs the loop while it does, and stands
+    /// by again if the lease is lost. Commands on standby are answered with `Standby`.
+    async fn supervise(
+        mut self,
+        mut commands: mpsc::Receiver<Command>,
+        shutdown: CancelSignal,
+    ) -> Result<(), BackendError> {
+        loop {
+            let mut announced = false;
+            loop {
+                match self.try_lease().await {
+                    Ok(true) => break,
+                    Ok(false) if !announced => {
+                        tracing::info!(holder = %self.lease_holder, "another scheduler is active; standing by");
+                        announced = true;
+                    }
+                    Ok(false) => {}
+                    Err(err) => tracing::error!("taking the scheduler lease: {err}"),
+                }
+                tokio::select! {
+                    _ = shutdown.cancelled() => return Ok(()),
+                    Some(command) = commands.recv() => command.refuse(CommandError::Standby),
+                    _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                }
+            }
+            tracing::info!(holder = %self.lease_holder, "holding the scheduler lease: active");
+            let lost = self.run(&mut commands, &shutdown).await?;
+            if !lost {
+                if let Err(err) = self.store.release_lease(&self.lease_holder).await {
+                    tracing::warn!("releasing the scheduler lease: {err}");
+                }
+                return Ok(());
+            }
+            tracing::warn!("lost the scheduler lease; standing by");
+        }
+    }
+
+    /// Takes or renews the lease and sets the next renewal.
+    async fn try_lease(&mut self) -> Result<bool, BackendError> {
+        let now = self.config.clock.now();
+        let held = self.store.acquire_lease(&self.lease_holder, now, self.config.lease_ttl).await?;
+        if held {
+            self.lease_renew_at = now + chrono::Duration::from_std(self.config.lease_ttl / 3).unwrap_or_default();
+        }
+        Ok(held)
+    }
+
+    /// The loop, while this scheduler holds the lease. Answers `true` when the lease was lost,
+    /// `false` on shutdown.
+    async fn run(
+        &mut self,
+        commands: &mut mpsc::Receiver<Command>,
+        shutdown: &CancelSignal,
+    ) -> Result<bool, BackendError> {
+        // The consumers live as long as this term of leadership.
+        let (term_stop, term) = CancelSignal::new();
+        let _term = StopOnDrop(term_stop);
+        let shutdown = shutdown.clone();
         let (events_tx, mut events) = mpsc::channel::<Incoming>(4096);
-        spawn_forwarder(self.queue.clone(), Topic::Status, 1024, Incoming::Status, events_tx.clone(), shutdown.clone());
-        spawn_forwarder(self.queue.clone(), Topic::Triggers, 64, Incoming::Trigger, events_tx, shutdown.clone());
+        spawn_forwarder(self.queue.clone(), Topic::Status, 1024, Incoming::Status, events_tx.clone(), term.clone());
+        spawn_forwarder(self.queue.clone(), Topic::Triggers, 64, Incoming::Trigger, events_tx, term.clone());
         while let Err(err) = self.recover().await {
             tracing::error!("scheduler recovery failed, retrying in 1s: {err}");
             tokio::select! {
-                _ = shutdown.cancelled() => return Ok(()),
+                _ = shutdown.cancelled() => return Ok(false),
                 _ = tokio::time::sleep(Duration::from_secs(1)) => {}
             }
         }
         tracing::info!(dags = self.config.dags.len(), runs = self.active.len(), "scheduler started");
         loop {
-            let wake = self.next_wake();
+            if self.config.clock.now() >= self.lease_renew_at {
+                match self.try_lease().await {
+                    Ok(true) => {}
+                    Ok(false) => return Ok(true),
+                    Err(err) => {
+                        // Keep going while the lease may still be ours; give up once it has surely expired.
+                        tracing::error!("renewing the scheduler lease: {err}");
+                        let expired = self.lease_renew_at
+                            + chrono::Duration::from_std(self.config.lease_ttl * 2 / 3).unwrap_or_default();
+                        if self.config.clock.now() >= expired {
+                            return Ok(true);
+                        }
+                    }
+                }
+            }
+            let wake = self.next_wake().min(self.lease_renew_at);
             let clock = self.config.clock.clone();
             tokio::select! {
                 biased;
@@ -234,7 +315,7 @@ impl Engine {
             self.flush(&shutdown).await;
         }
         tracing::info!("scheduler stopped");
-        Ok(())
+        Ok(false)
     }
 
     /// The earliest timer, watcher pass or sweep.
@@ -280,6 +361,8 @@ impl Engine {
         self.queued.clear();
         self.running.clear();
         self.timers.clear();
+        // Another scheduler may have held the lease meanwhile: re-read its bookkeeping.
+        self.dag_records.clear();
         self.now_cache = self.config.clock.now();
         let dags: Vec<Arc<Dag>> = self.config.dags.iter().cloned().collect();
         for dag in &dags {
@@ -1045,6 +1128,15 @@ impl Engine {
         };
         let notifier = self.config.notifier.clone();
         tokio::spawn(async move { notifier.notify(&notification).await });
+    }
+}
+
+/// Fires a cancel handle when dropped: ends a leadership term's consumers on every exit path.
+struct StopOnDrop(dagmq_core::task::CancelHandle);
+
+impl Drop for StopOnDrop {
+    fn drop(&mut self) {
+        self.0.cancel();
     }
 }
 

@@ -4,7 +4,10 @@
 use std::collections::HashMap;
 use std::sync::{Mutex, MutexGuard};
 
+use std::time::Duration;
+
 use async_trait::async_trait;
+use chrono::{DateTime, Utc};
 
 use crate::BackendError;
 use crate::records::{DagRecord, RunRecord, TaskInstance, WorkerInfo};
@@ -31,6 +34,8 @@ struct Inner {
     keys: HashMap<(String, String), String>,
     /// Workers by name.
     workers: HashMap<String, WorkerInfo>,
+    /// The scheduler lease: holder and expiry.
+    lease: Option<(String, DateTime<Utc>)>,
 }
 
 /// A run with its tasks and logs.
@@ -246,6 +251,26 @@ impl Store for MemoryStore {
         let mut workers: Vec<WorkerInfo> = self.inner().workers.values().cloned().collect();
         workers.sort_by(|a, b| a.name.cmp(&b.name));
         Ok(workers)
+    }
+
+    async fn acquire_lease(&self, holder: &str, now: DateTime<Utc>, ttl: Duration) -> Result<bool, BackendError> {
+        let mut inner = self.inner();
+        let free = match &inner.lease {
+            Some((current, expires)) => current == holder || *expires <= now,
+            None => true,
+        };
+        if free {
+            inner.lease = Some((holder.to_string(), now + chrono::Duration::from_std(ttl).unwrap_or_default()));
+        }
+        Ok(free)
+    }
+
+    async fn release_lease(&self, holder: &str) -> Result<(), BackendError> {
+        let mut inner = self.inner();
+        if inner.lease.as_ref().is_some_and(|(current, _)| current == holder) {
+            inner.lease = None;
+        }
+        Ok(())
     }
 
     async fn ping(&self) -> Result<(), BackendError> {

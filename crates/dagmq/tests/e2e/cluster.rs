@@ -175,6 +175,11 @@ impl Cluster {
         self.workers.insert(name.to_string(), child);
     }
 
+    /// The directory of the cluster's DAG files.
+    pub fn dags_path(&self) -> &std::path::Path {
+        &self.dags
+    }
+
     /// SIGKILLs the scheduler.
     pub fn kill_scheduler(&mut self) {
         if let Some(mut child) = self.scheduler.take() {

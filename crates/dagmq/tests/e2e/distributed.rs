@@ -553,3 +553,90 @@ fn rabbitmq_stopped_and_started_during_a_500_task_run_loses_nothing() {
         assert!(line.ends_with("\t0") || line.ends_with(" 0"), "messages left: {line}");
     }
 }
+
+const EVERY: &str = r#"
+id = "every2s"
+schedule = "@every 2s"
+catch_up = false
+[[task]]
+id = "tick"
+run = "noop"
+"#;
+
+#[test]
+fn two_schedulers_one_active_the_other_takes_over_and_no_schedule_point_runs_twice() {
+    let Some(mut cluster) = Cluster::new(&[("every.toml", EVERY), ("chain.toml", CHAIN)]) else { return };
+    cluster.start_scheduler();
+    cluster.start_worker("w1");
+    // A second scheduler on the same Redis and broker stands by.
+    let standby_port = crate::support::free_port();
+    let standby_api = format!("http://127.0.0.1:{standby_port}");
+    let standby = crate::support::dagmq()
+        .args(["scheduler", "--dags"])
+        .arg(cluster.dags_path())
+        .args(["--amqp", &cluster.amqp, "--redis", &cluster.redis, "--namespace", &cluster.namespace])
+        .args(["--port", &standby_port.to_string()])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut standby = Guard(standby);
+    let on_standby =
+        |args: &[&str]| crate::support::dagmq().args(args).env("DAGMQ_API", &standby_api).output().unwrap();
+    cluster.wait_until(Duration::from_secs(30), || on_standby(&["dags", "list"]).status.success());
+    let refused = on_standby(&["trigger", "chain"]);
+    assert_eq!(refused.status.code(), Some(1));
+    assert!(
+        text(&refused.stderr).contains("this scheduler is on standby: another scheduler is active (HTTP 503)"),
+        "{}",
+        text(&refused.stderr)
+    );
+    // The active one is killed: the standby takes over within 15 s.
+    cluster.wait_until(Duration::from_secs(30), || {
+        cluster.json(&["runs", "list", "--dag", "every2s"]).as_array().is_some_and(|r| r.len() >= 2)
+    });
+    cluster.kill_scheduler();
+    let killed_at = std::time::Instant::now();
+    let deadline = killed_at + Duration::from_secs(15);
+    let run_id = loop {
+        let output = on_standby(&["trigger", "chain", "--json"]);
+        if output.status.success() {
+            break serde_json::from_slice::<Value>(&output.stdout).unwrap()["run_id"].as_str().unwrap().to_string();
+        }
+        assert!(std::time::Instant::now() < deadline, "no takeover within 15 s: {}", text(&output.stderr));
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    eprintln!("takeover after {:?}", killed_at.elapsed());
+    let wait = on_standby(&["trigger", "every2s", "--wait"]);
+    assert!(wait.status.success(), "{}", text(&wait.stderr));
+    let mut done = serde_json::Value::Null;
+    cluster.wait_until(Duration::from_secs(60), || {
+        let output = on_standby(&["runs", "show", &run_id, "--json"]);
+        done = serde_json::from_slice(&output.stdout).unwrap_or(Value::Null);
+        done["state"] == "success"
+    });
+    // Every schedule point has exactly one run.
+    let output = on_standby(&["runs", "list", "--dag", "every2s", "--limit", "500", "--json"]);
+    let runs: Value = serde_json::from_slice(&output.stdout).unwrap();
+    let scheduled: Vec<&str> = runs
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|r| r["kind"] == "scheduled")
+        .map(|r| r["logical_date"].as_str().unwrap())
+        .collect();
+    let unique: BTreeSet<&str> = scheduled.iter().copied().collect();
+    assert!(scheduled.len() >= 2);
+    assert_eq!(unique.len(), scheduled.len(), "a schedule point got two runs: {scheduled:?}");
+    let _ = standby.0.kill();
+}
+
+/// Kills the wrapped process when dropped.
+struct Guard(std::process::Child);
+
+impl Drop for Guard {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
