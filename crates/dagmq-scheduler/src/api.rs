@@ -250,6 +250,9 @@ pub struct DagView {
     pub tasks: Vec<TaskView>,
     /// Where the DAG was defined.
     pub source: String,
+    /// For a DAG file that was refused: why (`file:line: reason`); the DAG does not run.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
 }
 
 /// A task of a DAG.
@@ -315,6 +318,23 @@ async fn list_dags(State(state): State<AppState>) -> ApiResult<Json<Vec<DagView>
                 })
                 .collect(),
             source: dag.source.clone(),
+            error: None,
+        });
+    }
+    for (file, error) in handle.refused_dags.iter() {
+        let stem = std::path::Path::new(file).file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
+        views.push(DagView {
+            dag_id: stem,
+            description: String::new(),
+            schedule: None,
+            timezone: "UTC".to_string(),
+            paused: true,
+            next_run: None,
+            last_run: None,
+            tags: Vec::new(),
+            tasks: Vec::new(),
+            source: file.clone(),
+            error: Some(error.clone()),
         });
     }
     Ok(Json(views))

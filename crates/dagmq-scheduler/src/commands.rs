@@ -88,6 +88,8 @@ pub struct SchedulerHandle {
     pub queue: Arc<dyn Queue>,
     /// The DAGs the scheduler runs.
     pub dags: Arc<DagRegistry>,
+    /// DAG files that were refused: (file, `file:line: reason`).
+    pub refused_dags: Arc<Vec<(String, String)>>,
     /// The scheduler's clock.
     pub clock: Arc<dyn Clock>,
     /// The scheduler's metrics.

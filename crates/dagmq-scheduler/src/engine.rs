@@ -49,6 +49,8 @@ pub struct SchedulerConfig {
     pub worker_timeout: Duration,
     /// How often lost workers are looked for.
     pub zombie_check_interval: Duration,
+    /// DAG files that were refused, as (file, `file:line: reason`), listed by `/api/v1/dags`.
+    pub refused_dags: Vec<(String, String)>,
     /// The scheduler lease lasts this long unless renewed (every third of it); a standby
     /// scheduler takes over at most this long after the active one dies.
     pub lease_ttl: Duration,
@@ -67,6 +69,7 @@ impl SchedulerConfig {
             worker_timeout: Duration::from_secs(20),
             zombie_check_interval: Duration::from_secs(5),
             lease_ttl: Duration::from_secs(10),
+            refused_dags: Vec::new(),
         }
     }
 }
@@ -87,6 +90,7 @@ pub fn spawn(
         store: store.clone(),
         queue: queue.clone(),
         dags: config.dags.clone(),
+        refused_dags: Arc::new(config.refused_dags.clone()),
         clock: config.clock.clone(),
     };
     let engine = Engine {

@@ -134,6 +134,9 @@ pub(crate) async fn dags(api: &Api, command: &DagsCommand) -> CliResult<()> {
                 })
                 .collect();
             print_table(&["DAG", "SCHEDULE", "PAUSED", "NEXT RUN", "LAST RUN", "TASKS"], rows);
+            for refused in dags.as_array().cloned().unwrap_or_default().iter().filter(|d| d["error"].is_string()) {
+                eprintln!("refused: {}", text(&refused["error"]));
+            }
         }
         DagsCommand::Pause { dag_id } | DagsCommand::Unpause { dag_id } => {
             let verb = if matches!(command, DagsCommand::Pause { .. }) { "pause" } else { "unpause" };

@@ -16,12 +16,15 @@ pub struct LoadedDags {
     pub default_params: HashMap<String, Params>,
     /// One `file:line: reason` per refused file.
     pub errors: Vec<String>,
+    /// The refused files as (file, `file:line: reason`), for the API.
+    pub refused: Vec<(String, String)>,
 }
 
 /// Loads every `*.toml` file of `dir` (in name order) beside `rust_dags`. Fails only when the
 /// directory cannot be read.
 pub fn load_dags(dir: Option<&Path>, rust_dags: &DagRegistry, tasks: &TaskRegistry) -> anyhow::Result<LoadedDags> {
-    let mut loaded = LoadedDags { dags: rust_dags.clone(), default_params: HashMap::new(), errors: Vec::new() };
+    let mut loaded =
+        LoadedDags { dags: rust_dags.clone(), default_params: HashMap::new(), errors: Vec::new(), refused: Vec::new() };
     let Some(dir) = dir else { return Ok(loaded) };
     let entries =
         std::fs::read_dir(dir).with_context(|| format!("cannot read the dags directory {}", dir.display()))?;
@@ -36,7 +39,7 @@ pub fn load_dags(dir: Option<&Path>, rust_dags: &DagRegistry, tasks: &TaskRegist
         let text = match std::fs::read_to_string(&path) {
             Ok(text) => text,
             Err(err) => {
-                loaded.errors.push(format!("{name}: cannot read: {err}"));
+                refuse(&mut loaded, &name, format!("{name}: cannot read: {err}"));
                 continue;
             }
         };
@@ -46,7 +49,7 @@ pub fn load_dags(dir: Option<&Path>, rust_dags: &DagRegistry, tasks: &TaskRegist
                 add(&mut loaded, file.dag, &name);
                 loaded.default_params.insert(id, file.default_params);
             }
-            Err(err) => loaded.errors.push(err.to_string()),
+            Err(err) => refuse(&mut loaded, &name, err.to_string()),
         }
     }
     Ok(loaded)
@@ -54,6 +57,11 @@ pub fn load_dags(dir: Option<&Path>, rust_dags: &DagRegistry, tasks: &TaskRegist
 
 fn add(loaded: &mut LoadedDags, dag: Dag, file: &str) {
     if let Err(err) = loaded.dags.add(dag) {
-        loaded.errors.push(format!("{file}: {err}"));
+        refuse(loaded, file, format!("{file}: {err}"));
     }
+}
+
+fn refuse(loaded: &mut LoadedDags, file: &str, message: String) {
+    loaded.errors.push(message.clone());
+    loaded.refused.push((file.to_string(), message));
 }

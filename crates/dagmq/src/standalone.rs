@@ -104,6 +104,7 @@ pub(crate) async fn serve(app: &App, args: &ServeArgs, file: &ConfigFile, role: 
     if role != Role::Worker {
         let mut config = SchedulerConfig::new(loaded.dags.clone(), clock.clone());
         config.default_params = loaded.default_params;
+        config.refused_dags = loaded.refused;
         config.notifier = Arc::new(FanoutNotifier(notifiers));
         if let Some(text) = &args.worker_timeout {
             config.worker_timeout = dagmq_core::duration::parse_duration(text)

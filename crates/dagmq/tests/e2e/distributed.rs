@@ -144,7 +144,11 @@ fn scheduler_killed_mid_run_resumes_and_nothing_runs_twice() {
 
 #[test]
 fn worker_killed_mid_task_the_task_completes_on_the_other_worker_as_a_new_try() {
-    let Some(mut cluster) = Cluster::new(&[("long.toml", LONG)]) else { return };
+    // With retries too: a lost try does not spend the retry budget.
+    let with_retries = LONG
+        .replace("id = \"long\"", "id = \"long_retries\"")
+        .replace("command = [\"sh\", \"-c\", \"echo try", "retries = 1\ncommand = [\"sh\", \"-c\", \"echo try");
+    let Some(mut cluster) = Cluster::new(&[("long.toml", LONG), ("long_retries.toml", &with_retries)]) else { return };
     cluster.scheduler_flags(&["--worker-timeout", "12s"]);
     cluster.start_scheduler();
     cluster.start_worker("w1");
@@ -167,6 +171,21 @@ fn worker_killed_mid_task_the_task_completes_on_the_other_worker_as_a_new_try() 
     assert_eq!(text(&log.stdout), "try 2 starting\ntry 2 done\n");
     let workers = cluster.json(&["workers"]);
     assert_eq!(workers.as_array().unwrap().len(), 1, "the lost worker left the registry");
+    // The same with a retry budget: try 2 on the survivor, the budget of two tries intact.
+    let run_id = cluster.json(&["trigger", "long_retries"])["run_id"].as_str().unwrap().to_string();
+    let survivor = workers[0]["name"].as_str().unwrap().to_string();
+    cluster.wait_until(Duration::from_secs(30), || {
+        tasks(&cluster.json(&["runs", "show", &run_id]))["slow"]["state"] == "running"
+    });
+    cluster.start_worker(&victim);
+    cluster.wait_for_workers(2);
+    cluster.kill_worker(&survivor);
+    let run = cluster.wait_run(&run_id, Duration::from_secs(90));
+    assert_eq!(run["state"], "success", "{}", cluster.logs_text());
+    let slow = &tasks(&run)["slow"];
+    assert_eq!(slow["try_number"], 2);
+    assert_eq!(slow["max_try"], 3, "one more try for the interruption, the retry kept");
+    assert_eq!(slow["worker"].as_str().unwrap(), victim);
 }
 
 #[test]
@@ -638,5 +657,37 @@ impl Drop for Guard {
     fn drop(&mut self) {
         let _ = self.0.kill();
         let _ = self.0.wait();
+    }
+}
+
+#[test]
+fn scheduler_killed_again_and_again_during_a_40_hop_chain_runs_each_task_once() {
+    let mut chain = String::from("id = \"hops\"\n");
+    for i in 0..40 {
+        chain.push_str(&format!("[[task]]\nid = \"h{i}\"\nrun = \"sleep\"\nargs = {{ ms = 60 }}\n"));
+        if i > 0 {
+            chain.push_str(&format!("after = [\"h{}\"]\n", i - 1));
+        }
+    }
+    let Some(mut cluster) = Cluster::new(&[("hops.toml", &chain)]) else { return };
+    cluster.start_scheduler();
+    cluster.start_worker("w1");
+    let run_id = cluster.json(&["trigger", "hops"])["run_id"].as_str().unwrap().to_string();
+    // Kill the scheduler at five moments of the run, each while tasks are completing, so kills
+    // fall between a status update and the publish of the next task as often as anywhere.
+    for round in 0..5 {
+        cluster.wait_until(Duration::from_secs(60), || {
+            cluster.json(&["runs", "show", &run_id])["task_counts"]["success"].as_u64().unwrap_or(0) >= 3 + round * 6
+        });
+        std::thread::sleep(Duration::from_millis(30 * round));
+        cluster.kill_scheduler();
+        cluster.start_scheduler();
+    }
+    let run = cluster.wait_run(&run_id, Duration::from_secs(120));
+    assert_eq!(run["state"], "success", "{}", cluster.logs_text());
+    let tasks = tasks(&run);
+    assert_eq!(tasks.len(), 40);
+    for (id, task) in &tasks {
+        assert_eq!((task["state"].as_str(), task["try_number"].as_u64()), (Some("success"), Some(1)), "{id}");
     }
 }

@@ -254,3 +254,24 @@ fn secret_params_are_masked_in_the_api_and_in_logs() {
     assert_eq!(text(&log.stdout), "connecting as ada with ***\n");
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+#[test]
+fn refused_dag_files_are_listed_with_their_reason_and_the_good_ones_run() {
+    let dir = std::env::temp_dir().join(format!("dagmq-refused-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::copy(examples().join("hello.toml"), dir.join("hello.toml")).unwrap();
+    std::fs::write(
+        dir.join("loop.toml"),
+        "id = \"loop\"\n[[task]]\nid = \"a\"\ncommand = [\"true\"]\nafter = [\"a\"]\n",
+    )
+    .unwrap();
+    let standalone = Standalone::start(&dir, &[]);
+    let dags = standalone.json(&["dags", "list"]);
+    let refused = dags.as_array().unwrap().iter().find(|d| d["error"].is_string()).expect("the refused file is listed");
+    assert_eq!(refused["dag_id"], "loop");
+    assert_eq!(refused["error"], format!("{}/loop.toml:3: dag \"loop\": cycle a -> a", dir.display()));
+    let table = standalone.cli(&["dags", "list"]);
+    assert!(text(&table.stderr).contains("refused: "), "{}", text(&table.stderr));
+    assert_eq!(trigger_and_wait(&standalone, &["hello"])["state"], "success");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
