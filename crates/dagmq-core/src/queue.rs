@@ -2,9 +2,13 @@
 //! Shaped after RabbitMQ (confirms, manual ack, dead-lettering, redelivered flag) so the
 //! in-memory implementation and the broker behave the same.
 
+use std::sync::Arc;
+use std::time::Duration;
+
 use async_trait::async_trait;
 
 use crate::BackendError;
+use crate::task::CancelSignal;
 
 /// Deliveries beyond this many of one message dead-letter it (RabbitMQ's `x-delivery-limit`).
 pub const DEFAULT_DELIVERY_LIMIT: u32 = 10;
@@ -124,5 +128,92 @@ impl std::fmt::Debug for Delivery {
             .field("redelivered", &self.redelivered)
             .field("error", &self.error)
             .finish()
+    }
+}
+
+/// The settlement of deliveries that need none (broadcasts): every call succeeds and does nothing.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct NoAck;
+
+#[async_trait]
+impl Acker for NoAck {
+    async fn ack(self: Box<Self>) -> Result<(), BackendError> {
+        Ok(())
+    }
+    async fn dead_letter(self: Box<Self>, _reason: &str) -> Result<(), BackendError> {
+        Ok(())
+    }
+    async fn requeue(self: Box<Self>) -> Result<(), BackendError> {
+        Ok(())
+    }
+}
+
+/// A consumer that outlives queue failures: it consumes again, with backoff from 100 ms to 5 s,
+/// whenever opening or reading fails, until shutdown. The scheduler and workers read every topic
+/// through one.
+pub struct Subscription {
+    /// The queue.
+    queue: Arc<dyn Queue>,
+    /// What to consume: a topic with its prefetch, or the broadcasts.
+    source: Option<(Topic, u16)>,
+    /// The current consumer, if open.
+    consumer: Option<Box<dyn Consumer>>,
+    /// Wait before the next attempt after a failure.
+    delay: Duration,
+}
+
+impl Subscription {
+    /// Consumes `topic` with at most `prefetch` unsettled deliveries.
+    pub fn topic(queue: Arc<dyn Queue>, topic: Topic, prefetch: u16) -> Subscription {
+        Subscription { queue, source: Some((topic, prefetch)), consumer: None, delay: Duration::from_millis(100) }
+    }
+
+    /// Receives the control broadcasts.
+    pub fn broadcasts(queue: Arc<dyn Queue>) -> Subscription {
+        Subscription { queue, source: None, consumer: None, delay: Duration::from_millis(100) }
+    }
+
+    fn name(&self) -> String {
+        self.source.as_ref().map_or_else(|| "broadcasts".to_string(), |(topic, _)| topic.name())
+    }
+
+    /// The next delivery; `None` once `shutdown` fires or the queue closes for good.
+    pub async fn next(&mut self, shutdown: &CancelSignal) -> Option<Delivery> {
+        loop {
+            if self.consumer.is_none() {
+                let opened = match &self.source {
+                    Some((topic, prefetch)) => self.queue.consume(topic, *prefetch).await,
+                    None => self.queue.subscribe_broadcasts().await,
+                };
+                match opened {
+                    Ok(consumer) => self.consumer = Some(consumer),
+                    Err(err) => {
+                        tracing::error!("consuming {}: {err}; retrying in {:?}", self.name(), self.delay);
+                        tokio::select! {
+                            _ = shutdown.cancelled() => return None,
+                            _ = tokio::time::sleep(self.delay) => {}
+                        }
+                        self.delay = (self.delay * 2).min(Duration::from_secs(5));
+                        continue;
+                    }
+                }
+            }
+            let consumer = self.consumer.as_mut()?;
+            let next = tokio::select! {
+                _ = shutdown.cancelled() => return None,
+                next = consumer.next() => next,
+            };
+            match next {
+                Some(Ok(delivery)) => {
+                    self.delay = Duration::from_millis(100);
+                    return Some(delivery);
+                }
+                Some(Err(err)) => {
+                    tracing::error!("consuming {}: {err}", self.name());
+                    self.consumer = None;
+                }
+                None => return None,
+            }
+        }
     }
 }

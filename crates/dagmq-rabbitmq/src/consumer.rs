@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 use dagmq_core::BackendError;
-use dagmq_core::queue::{Acker, Consumer, Delivery, Topic};
+use dagmq_core::queue::{Acker, Consumer, Delivery, NoAck, Topic};
 use futures_lite::StreamExt;
 use lapin::Channel;
 use lapin::options::{
@@ -171,21 +171,5 @@ impl Drop for RabbitAcker {
                 let _ = acker.nack(BasicNackOptions { requeue: true, ..BasicNackOptions::default() }).await;
             });
         }
-    }
-}
-
-/// Broadcast deliveries need no settling.
-struct NoAck;
-
-#[async_trait]
-impl Acker for NoAck {
-    async fn ack(self: Box<Self>) -> Result<(), BackendError> {
-        Ok(())
-    }
-    async fn dead_letter(self: Box<Self>, _reason: &str) -> Result<(), BackendError> {
-        Ok(())
-    }
-    async fn requeue(self: Box<Self>) -> Result<(), BackendError> {
-        Ok(())
     }
 }

@@ -343,17 +343,7 @@ fn with_heartbeat(url: &str) -> String {
     }
 }
 
-/// A URL with its password replaced by `***`, for logs and errors.
-pub fn mask_url(url: &str) -> String {
-    let Some(scheme_end) = url.find("://") else { return url.to_string() };
-    let rest = &url[scheme_end + 3..];
-    let Some(at) = rest.find('@') else { return url.to_string() };
-    let masked = match rest[..at].split_once(':') {
-        Some((user, _)) => format!("{user}:***"),
-        None => rest[..at].to_string(),
-    };
-    format!("{}{}{}", &url[..scheme_end + 3], masked, &rest[at..])
-}
+pub use dagmq_core::mask_url;
 
 #[cfg(test)]
 mod tests {
@@ -364,6 +354,5 @@ mod tests {
         assert_eq!(with_heartbeat("amqp://h/%2f"), "amqp://h/%2f?heartbeat=10");
         assert_eq!(with_heartbeat("amqp://h/%2f?x=1"), "amqp://h/%2f?x=1&heartbeat=10");
         assert_eq!(with_heartbeat("amqp://h?heartbeat=5"), "amqp://h?heartbeat=5");
-        assert_eq!(mask_url("amqp://dagmq:s3cret@h:5672/v"), "amqp://dagmq:***@h:5672/v");
     }
 }

@@ -177,18 +177,7 @@ fn decode<T: DeserializeOwned>(text: &str) -> Result<T, BackendError> {
     serde_json::from_str(text).map_err(|e| BackendError::new(format!("redis: stored value does not parse: {e}")))
 }
 
-/// A URL with its password replaced by `***`, for logs and errors.
-pub fn mask_url(url: &str) -> String {
-    let Some(scheme_end) = url.find("://") else { return url.to_string() };
-    let rest = &url[scheme_end + 3..];
-    let Some(at) = rest.find('@') else { return url.to_string() };
-    let credentials = &rest[..at];
-    let masked = match credentials.split_once(':') {
-        Some((user, _)) => format!("{user}:***"),
-        None => credentials.to_string(),
-    };
-    format!("{}{}{}", &url[..scheme_end + 3], masked, &rest[at..])
-}
+pub use dagmq_core::mask_url;
 
 /// Task instances from a tasks hash, with progress of running tries merged in.
 fn tasks_from_hash(fields: Vec<(String, String)>) -> Result<Vec<TaskInstance>, BackendError> {
@@ -535,17 +524,5 @@ impl Store for RedisStore {
         let mut conn = self.conn().await?;
         let _: String = redis::cmd("PING").query_async(&mut conn).await.map_err(redis_error)?;
         Ok(())
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn masks_passwords() {
-        assert_eq!(mask_url("redis://:secret@127.0.0.1:6379/0"), "redis://:***@127.0.0.1:6379/0");
-        assert_eq!(mask_url("redis://user:secret@host"), "redis://user:***@host");
-        assert_eq!(mask_url("redis://127.0.0.1"), "redis://127.0.0.1");
     }
 }

@@ -18,7 +18,7 @@ use dagmq_core::state::{TaskEvent, run_outcome, task_transition};
 use dagmq_core::store::CreateRun;
 use dagmq_core::{
     BackendError, CancelSignal, Dag, DagRegistry, Delivery, Params, Queue, RunKind, RunRecord, RunState, Store,
-    TaskConfig, TaskInstance, TaskState, Topic, WorkerInfo,
+    Subscription, TaskConfig, TaskInstance, TaskState, Topic, WorkerInfo,
 };
 use tokio::sync::mpsc;
 
@@ -1164,7 +1164,7 @@ fn task_message(run: &ActiveRun, task: &TaskInstance) -> Vec<u8> {
     })
 }
 
-/// Forwards one topic's deliveries into the loop, re-consuming after queue failures.
+/// Forwards one topic's deliveries into the loop.
 fn spawn_forwarder(
     queue: Arc<dyn Queue>,
     topic: Topic,
@@ -1174,38 +1174,10 @@ fn spawn_forwarder(
     shutdown: CancelSignal,
 ) {
     tokio::spawn(async move {
-        let mut delay = Duration::from_millis(100);
-        loop {
-            let mut consumer = match queue.consume(&topic, prefetch).await {
-                Ok(consumer) => consumer,
-                Err(err) => {
-                    tracing::error!("consuming {}: {err}; retrying in {delay:?}", topic.name());
-                    tokio::select! {
-                        _ = shutdown.cancelled() => return,
-                        _ = tokio::time::sleep(delay) => {}
-                    }
-                    delay = (delay * 2).min(Duration::from_secs(5));
-                    continue;
-                }
-            };
-            loop {
-                let next = tokio::select! {
-                    _ = shutdown.cancelled() => return,
-                    next = consumer.next() => next,
-                };
-                match next {
-                    Some(Ok(delivery)) => {
-                        delay = Duration::from_millis(100);
-                        if events.send(wrap(delivery)).await.is_err() {
-                            return;
-                        }
-                    }
-                    Some(Err(err)) => {
-                        tracing::error!("consuming {}: {err}", topic.name());
-                        break;
-                    }
-                    None => return,
-                }
+        let mut subscription = Subscription::topic(queue, topic, prefetch);
+        while let Some(delivery) = subscription.next(&shutdown).await {
+            if events.send(wrap(delivery)).await.is_err() {
+                return;
             }
         }
     });

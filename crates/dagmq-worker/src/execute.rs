@@ -11,8 +11,8 @@ use dagmq_core::records::RunningTry;
 use dagmq_core::state::{TaskEvent, task_transition};
 use dagmq_core::task::CancelHandle;
 use dagmq_core::{
-    BackendError, CancelSignal, Delivery, FollowUp, Task, TaskContext, TaskError, TaskInstance, TaskKind, TaskOutcome,
-    TaskState, Topic,
+    BackendError, CancelSignal, Delivery, FollowUp, Subscription, Task, TaskContext, TaskError, TaskInstance, TaskKind,
+    TaskOutcome, TaskState, Topic,
 };
 
 use crate::Shared;
@@ -104,45 +104,18 @@ fn stop_matching(shared: &Shared, reason: StopReason, matches: impl Fn(&str) -> 
 
 /// Listens for control broadcasts (run cancelled) and stops the affected tries.
 pub(crate) async fn control_loop(shared: Arc<Shared>, shutdown: CancelSignal) {
-    let mut delay = Duration::from_millis(100);
-    loop {
-        let mut consumer = match shared.queue.subscribe_broadcasts().await {
-            Ok(consumer) => consumer,
-            Err(err) => {
-                tracing::error!("subscribing to control broadcasts: {err}; retrying in {delay:?}");
-                tokio::select! {
-                    _ = shutdown.cancelled() => return,
-                    _ = tokio::time::sleep(delay) => {}
+    let mut subscription = Subscription::broadcasts(shared.queue.clone());
+    while let Some(delivery) = subscription.next(&shutdown).await {
+        match messages::decode::<Control>(&delivery.payload) {
+            Ok(Control::CancelRun { run_id, .. }) => {
+                let count = stop_matching(&shared, StopReason::Cancelled, |r| r == run_id);
+                if count > 0 {
+                    tracing::info!(run = %run_id, count, "stopping tries of a cancelled run");
                 }
-                delay = (delay * 2).min(Duration::from_secs(5));
-                continue;
             }
-        };
-        loop {
-            let next = tokio::select! {
-                _ = shutdown.cancelled() => return,
-                next = consumer.next() => next,
-            };
-            match next {
-                Some(Ok(delivery)) => {
-                    match messages::decode::<Control>(&delivery.payload) {
-                        Ok(Control::CancelRun { run_id, .. }) => {
-                            let count = stop_matching(&shared, StopReason::Cancelled, |r| r == run_id);
-                            if count > 0 {
-                                tracing::info!(run = %run_id, count, "stopping tries of a cancelled run");
-                            }
-                        }
-                        Err(err) => tracing::warn!("ignoring a control message: {err}"),
-                    }
-                    let _ = delivery.ack().await;
-                }
-                Some(Err(err)) => {
-                    tracing::error!("control broadcasts: {err}");
-                    break;
-                }
-                None => return,
-            }
+            Err(err) => tracing::warn!("ignoring a control message: {err}"),
         }
+        let _ = delivery.ack().await;
     }
 }
 

@@ -15,7 +15,9 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use dagmq_core::records::RunningTry;
-use dagmq_core::{BackendError, CancelSignal, Clock, DagRegistry, Queue, Store, TaskRegistry, Topic, WorkerInfo};
+use dagmq_core::{
+    BackendError, CancelSignal, Clock, DagRegistry, Queue, Store, Subscription, TaskRegistry, Topic, WorkerInfo,
+};
 use tokio::sync::Semaphore;
 
 pub use builtin::{Noop, Sleep, builtin_tasks};
@@ -133,48 +135,21 @@ pub async fn run(
 
 /// Takes deliveries from one pool while slots are free.
 async fn consume_loop(shared: Arc<Shared>, topic: Topic, prefetch: u16, slots: Arc<Semaphore>, shutdown: CancelSignal) {
-    let mut delay = Duration::from_millis(100);
-    'consume: loop {
-        let mut consumer = match shared.queue.consume(&topic, prefetch).await {
-            Ok(consumer) => consumer,
-            Err(err) => {
-                tracing::error!("consuming {}: {err}; retrying in {delay:?}", topic.name());
-                tokio::select! {
-                    _ = shutdown.cancelled() => return,
-                    _ = tokio::time::sleep(delay) => {}
-                }
-                delay = (delay * 2).min(Duration::from_secs(5));
-                continue;
-            }
+    let mut subscription = Subscription::topic(shared.queue.clone(), topic, prefetch);
+    loop {
+        let slot = tokio::select! {
+            _ = shutdown.cancelled() => return,
+            slot = slots.clone().acquire_owned() => match slot {
+                Ok(slot) => slot,
+                Err(_) => return,
+            },
         };
-        loop {
-            let slot = tokio::select! {
-                _ = shutdown.cancelled() => return,
-                slot = slots.clone().acquire_owned() => match slot {
-                    Ok(slot) => slot,
-                    Err(_) => return,
-                },
-            };
-            let next = tokio::select! {
-                _ = shutdown.cancelled() => return,
-                next = consumer.next() => next,
-            };
-            match next {
-                Some(Ok(delivery)) => {
-                    delay = Duration::from_millis(100);
-                    let shared = shared.clone();
-                    tokio::spawn(async move {
-                        execute::execute(&shared, delivery).await;
-                        drop(slot);
-                    });
-                }
-                Some(Err(err)) => {
-                    tracing::error!("consuming {}: {err}", topic.name());
-                    continue 'consume;
-                }
-                None => return,
-            }
-        }
+        let Some(delivery) = subscription.next(&shutdown).await else { return };
+        let shared = shared.clone();
+        tokio::spawn(async move {
+            execute::execute(&shared, delivery).await;
+            drop(slot);
+        });
     }
 }
 

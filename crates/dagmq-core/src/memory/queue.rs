@@ -8,7 +8,7 @@ use async_trait::async_trait;
 use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, broadcast};
 
 use crate::BackendError;
-use crate::queue::{Acker, Consumer, DEFAULT_DELIVERY_LIMIT, Delivery, Queue, Topic};
+use crate::queue::{Acker, Consumer, DEFAULT_DELIVERY_LIMIT, Delivery, NoAck, Queue, Topic};
 
 /// An in-memory queue; clones share the same topics.
 #[derive(Clone)]
@@ -223,22 +223,6 @@ impl Drop for MemoryAcker {
 struct BroadcastConsumer {
     /// The broadcast channel.
     receiver: broadcast::Receiver<Vec<u8>>,
-}
-
-/// Settling a broadcast is a no-op.
-struct NoAck;
-
-#[async_trait]
-impl Acker for NoAck {
-    async fn ack(self: Box<Self>) -> Result<(), BackendError> {
-        Ok(())
-    }
-    async fn dead_letter(self: Box<Self>, _reason: &str) -> Result<(), BackendError> {
-        Ok(())
-    }
-    async fn requeue(self: Box<Self>) -> Result<(), BackendError> {
-        Ok(())
-    }
 }
 
 #[async_trait]
