@@ -243,6 +243,21 @@ impl Cluster {
         }
     }
 
+    /// Triggers a DAG through the CLI and answers the run id.
+    pub fn trigger(&self, dag_id: &str) -> String {
+        self.json(&["trigger", dag_id])["run_id"].as_str().unwrap().to_string()
+    }
+
+    /// Waits until task `task_id` of run `run_id` is in `state`.
+    pub fn wait_task_state(&self, run_id: &str, task_id: &str, state: &str) {
+        self.wait_until(Duration::from_secs(30), || {
+            let run = self.json(&["runs", "show", run_id]);
+            run["tasks"]
+                .as_array()
+                .is_some_and(|tasks| tasks.iter().any(|t| t["task_id"] == task_id && t["state"] == state))
+        });
+    }
+
     /// Waits for a run to finish and answers it with its tasks.
     pub fn wait_run(&self, run_id: &str, limit: Duration) -> serde_json::Value {
         let mut run = serde_json::Value::Null;

@@ -52,6 +52,13 @@ after = ["slow"]
 run = "noop"
 "#;
 
+/// Every task of the run succeeded, on its first try: nothing ran twice as a state transition.
+fn assert_every_task_succeeded_once(run: &Value) {
+    for (id, task) in tasks(run) {
+        assert_eq!((task["state"].as_str(), task["try_number"].as_u64()), (Some("success"), Some(1)), "{id}");
+    }
+}
+
 fn tasks(run: &Value) -> BTreeMap<String, Value> {
     run["tasks"].as_array().unwrap().iter().map(|t| (t["task_id"].as_str().unwrap().to_string(), t.clone())).collect()
 }
@@ -129,17 +136,13 @@ fn scheduler_killed_mid_run_resumes_and_nothing_runs_twice() {
     let Some(mut cluster) = Cluster::new(&[("chain.toml", CHAIN)]) else { return };
     cluster.start_scheduler();
     cluster.start_worker("w1");
-    let run_id = cluster.json(&["trigger", "chain"])["run_id"].as_str().unwrap().to_string();
-    cluster.wait_until(Duration::from_secs(30), || {
-        tasks(&cluster.json(&["runs", "show", &run_id]))["c2"]["state"] == "running"
-    });
+    let run_id = cluster.trigger("chain");
+    cluster.wait_task_state(&run_id, "c2", "running");
     cluster.kill_scheduler();
     cluster.start_scheduler();
     let run = cluster.wait_run(&run_id, Duration::from_secs(60));
     assert_eq!(run["state"], "success", "{}", cluster.logs_text());
-    for (id, task) in tasks(&run) {
-        assert_eq!((task["state"].as_str(), task["try_number"].as_u64()), (Some("success"), Some(1)), "{id}");
-    }
+    assert_every_task_succeeded_once(&run);
 }
 
 #[test]
@@ -154,7 +157,7 @@ fn worker_killed_mid_task_the_task_completes_on_the_other_worker_as_a_new_try() 
     cluster.start_worker("w1");
     cluster.start_worker("w2");
     cluster.wait_for_workers(2);
-    let run_id = cluster.json(&["trigger", "long"])["run_id"].as_str().unwrap().to_string();
+    let run_id = cluster.trigger("long");
     let mut victim = String::new();
     cluster.wait_until(Duration::from_secs(30), || {
         let slow = &tasks(&cluster.json(&["runs", "show", &run_id]))["slow"];
@@ -172,11 +175,9 @@ fn worker_killed_mid_task_the_task_completes_on_the_other_worker_as_a_new_try() 
     let workers = cluster.json(&["workers"]);
     assert_eq!(workers.as_array().unwrap().len(), 1, "the lost worker left the registry");
     // The same with a retry budget: try 2 on the survivor, the budget of two tries intact.
-    let run_id = cluster.json(&["trigger", "long_retries"])["run_id"].as_str().unwrap().to_string();
+    let run_id = cluster.trigger("long_retries");
     let survivor = workers[0]["name"].as_str().unwrap().to_string();
-    cluster.wait_until(Duration::from_secs(30), || {
-        tasks(&cluster.json(&["runs", "show", &run_id]))["slow"]["state"] == "running"
-    });
+    cluster.wait_task_state(&run_id, "slow", "running");
     cluster.start_worker(&victim);
     cluster.wait_for_workers(2);
     cluster.kill_worker(&survivor);
@@ -193,10 +194,8 @@ fn broker_closing_every_connection_costs_a_pause_not_the_run() {
     let Some(mut cluster) = Cluster::new(&[("chain.toml", CHAIN)]) else { return };
     cluster.start_scheduler();
     cluster.start_worker("w1");
-    let run_id = cluster.json(&["trigger", "chain"])["run_id"].as_str().unwrap().to_string();
-    cluster.wait_until(Duration::from_secs(30), || {
-        tasks(&cluster.json(&["runs", "show", &run_id]))["c2"]["state"] == "running"
-    });
+    let run_id = cluster.trigger("chain");
+    cluster.wait_task_state(&run_id, "c2", "running");
     let closed = std::process::Command::new("rabbitmqctl")
         .args(["close_all_connections", "--vhost", &cluster.namespace, "test: connection dropped"])
         .output()
@@ -214,10 +213,8 @@ fn a_long_running_task_leaves_nothing_for_the_broker_to_redeliver() {
     let Some(mut cluster) = Cluster::new(&[("long.toml", LONG)]) else { return };
     cluster.start_scheduler();
     cluster.start_worker("w1");
-    let run_id = cluster.json(&["trigger", "long"])["run_id"].as_str().unwrap().to_string();
-    cluster.wait_until(Duration::from_secs(30), || {
-        tasks(&cluster.json(&["runs", "show", &run_id]))["slow"]["state"] == "running"
-    });
+    let run_id = cluster.trigger("long");
+    cluster.wait_task_state(&run_id, "slow", "running");
     // The claim acknowledged the message: the broker has nothing unacknowledged that a consumer
     // timeout could redeliver while the try runs.
     let queues = std::process::Command::new("rabbitmqctl")
@@ -326,10 +323,8 @@ fn a_duplicated_task_message_runs_the_task_once() {
     cluster.start_worker("w1");
     cluster.start_worker("w2");
     cluster.wait_for_workers(2);
-    let run_id = cluster.json(&["trigger", "long"])["run_id"].as_str().unwrap().to_string();
-    cluster.wait_until(Duration::from_secs(30), || {
-        tasks(&cluster.json(&["runs", "show", &run_id]))["slow"]["state"] == "running"
-    });
+    let run_id = cluster.trigger("long");
+    cluster.wait_task_state(&run_id, "slow", "running");
     let message = format!(
         r#"{{"v":1,"run_id":"{run_id}","dag_id":"long","task_id":"slow","try_number":1,"max_try":1,"logical_date":"2026-11-23T00:00:00Z"}}"#
     );
@@ -395,10 +390,8 @@ fn worker_sigterm_mid_task_finishes_the_try_and_requeues_nothing() {
     let Some(mut cluster) = Cluster::new(&[("long.toml", LONG)]) else { return };
     cluster.start_scheduler();
     cluster.start_worker("w1");
-    let run_id = cluster.json(&["trigger", "long"])["run_id"].as_str().unwrap().to_string();
-    cluster.wait_until(Duration::from_secs(30), || {
-        tasks(&cluster.json(&["runs", "show", &run_id]))["slow"]["state"] == "running"
-    });
+    let run_id = cluster.trigger("long");
+    cluster.wait_task_state(&run_id, "slow", "running");
     assert!(cluster.terminate_worker("w1"), "the worker exits cleanly");
     let slow = &tasks(&cluster.json(&["runs", "show", &run_id]))["slow"];
     assert_eq!((slow["state"].as_str(), slow["try_number"].as_u64()), (Some("success"), Some(1)), "{slow}");
@@ -415,17 +408,15 @@ fn scheduler_killed_right_after_creating_a_run_and_during_a_retry_delay() {
     cluster.start_scheduler();
     cluster.start_worker("w1");
     // Right after the run is created.
-    let created = cluster.json(&["trigger", "chain"])["run_id"].as_str().unwrap().to_string();
+    let created = cluster.trigger("chain");
     cluster.kill_scheduler();
     cluster.start_scheduler();
     let run = cluster.wait_run(&created, Duration::from_secs(60));
     assert_eq!(run["state"], "success", "{}", cluster.logs_text());
     assert!(tasks(&run).values().all(|t| t["try_number"] == 1));
     // During a retry delay.
-    let retried = cluster.json(&["trigger", "retry"])["run_id"].as_str().unwrap().to_string();
-    cluster.wait_until(Duration::from_secs(30), || {
-        tasks(&cluster.json(&["runs", "show", &retried]))["flaky"]["state"] == "up_for_retry"
-    });
+    let retried = cluster.trigger("retry");
+    cluster.wait_task_state(&retried, "flaky", "up_for_retry");
     cluster.kill_scheduler();
     cluster.start_scheduler();
     let run = cluster.wait_run(&retried, Duration::from_secs(60));
@@ -444,8 +435,8 @@ fn a_poison_task_that_kills_its_worker_fails_after_bounded_attempts_and_others_f
     cluster.start_scheduler();
     cluster.start_worker("w1");
     cluster.start_worker_with("w2", &["--queues", "other"]);
-    let poison = cluster.json(&["trigger", "poison"])["run_id"].as_str().unwrap().to_string();
-    let chain = cluster.json(&["trigger", "chain"])["run_id"].as_str().unwrap().to_string();
+    let poison = cluster.trigger("poison");
+    let chain = cluster.trigger("chain");
     let mut restarts = 0;
     let deadline = std::time::Instant::now() + Duration::from_secs(150);
     while cluster.json(&["runs", "show", &poison])["state"] != "failed" {
@@ -525,16 +516,12 @@ fn redis_restarted_with_aof_mid_run_the_run_completes() {
     cluster.redis = format!("redis://127.0.0.1:{port}");
     cluster.start_scheduler();
     cluster.start_worker("w1");
-    let run_id = cluster.json(&["trigger", "chain"])["run_id"].as_str().unwrap().to_string();
-    cluster.wait_until(Duration::from_secs(30), || {
-        tasks(&cluster.json(&["runs", "show", &run_id]))["c2"]["state"] == "running"
-    });
+    let run_id = cluster.trigger("chain");
+    cluster.wait_task_state(&run_id, "c2", "running");
     redis.restart();
     let run = cluster.wait_run(&run_id, Duration::from_secs(90));
     assert_eq!(run["state"], "success", "{}", cluster.logs_text());
-    for (id, task) in tasks(&run) {
-        assert_eq!((task["state"].as_str(), task["try_number"].as_u64()), (Some("success"), Some(1)), "{id}");
-    }
+    assert_every_task_succeeded_once(&run);
 }
 
 #[test]
@@ -544,7 +531,7 @@ fn rabbitmq_stopped_and_started_during_a_500_task_run_loses_nothing() {
     cluster.start_worker("w1");
     cluster.start_worker("w2");
     cluster.wait_for_workers(2);
-    let run_id = cluster.json(&["trigger", "wide"])["run_id"].as_str().unwrap().to_string();
+    let run_id = cluster.trigger("wide");
     cluster.wait_until(Duration::from_secs(60), || {
         cluster.json(&["runs", "show", &run_id])["task_counts"]["success"].as_u64().unwrap_or(0) >= 20
     });
@@ -560,9 +547,7 @@ fn rabbitmq_stopped_and_started_during_a_500_task_run_loses_nothing() {
     assert_eq!(run["state"], "success", "{}", cluster.logs_text());
     let tasks = tasks(&run);
     assert_eq!(tasks.len(), 500);
-    for (id, task) in &tasks {
-        assert_eq!((task["state"].as_str(), task["try_number"].as_u64()), (Some("success"), Some(1)), "{id}");
-    }
+    assert_every_task_succeeded_once(&run);
     // Nothing left behind in the broker: the task queue drained, nothing dead-lettered.
     let queues = std::process::Command::new("rabbitmqctl")
         .args(["list_queues", "-p", &cluster.namespace, "--quiet", "--no-table-headers", "name", "messages"])
@@ -672,7 +657,7 @@ fn scheduler_killed_again_and_again_during_a_40_hop_chain_runs_each_task_once() 
     let Some(mut cluster) = Cluster::new(&[("hops.toml", &chain)]) else { return };
     cluster.start_scheduler();
     cluster.start_worker("w1");
-    let run_id = cluster.json(&["trigger", "hops"])["run_id"].as_str().unwrap().to_string();
+    let run_id = cluster.trigger("hops");
     // Kill the scheduler at five moments of the run, each while tasks are completing, so kills
     // fall between a status update and the publish of the next task as often as anywhere.
     for round in 0..5 {
@@ -687,7 +672,5 @@ fn scheduler_killed_again_and_again_during_a_40_hop_chain_runs_each_task_once() 
     assert_eq!(run["state"], "success", "{}", cluster.logs_text());
     let tasks = tasks(&run);
     assert_eq!(tasks.len(), 40);
-    for (id, task) in &tasks {
-        assert_eq!((task["state"].as_str(), task["try_number"].as_u64()), (Some("success"), Some(1)), "{id}");
-    }
+    assert_every_task_succeeded_once(&run);
 }
