@@ -141,13 +141,17 @@ impl TaskInstance {
         }
     }
 
-    /// The next try of a try that was interrupted rather than failed: queued again, one more try
-    /// granted, unless interruptions are over [`MAX_INTERRUPTIONS`] (then `None`).
-    pub fn requeued_after_interruption(&self, now: DateTime<Utc>, reason: String) -> Option<TaskInstance> {
-        if self.interruptions >= MAX_INTERRUPTIONS {
-            return None;
-        }
+    /// What follows a try that was interrupted (its worker lost or stopped) rather than failed:
+    /// the next try, queued with one more try granted; or, once interruptions reach
+    /// [`MAX_INTERRUPTIONS`], the task failed for good. `reason` says what interrupted it.
+    pub fn after_interruption(&self, now: DateTime<Utc>, reason: String) -> TaskInstance {
         let mut next = self.clone();
+        if self.interruptions >= MAX_INTERRUPTIONS {
+            next.state = TaskState::Failed;
+            next.ended_at = Some(now);
+            next.error = Some(format!("{reason}; interrupted {} times, giving up", self.interruptions + 1));
+            return next;
+        }
         next.state = TaskState::Queued;
         next.try_number += 1;
         next.max_try += 1;
@@ -159,7 +163,7 @@ impl TaskInstance {
         next.worker_instance = None;
         next.progress = None;
         next.error = Some(reason);
-        Some(next)
+        next
     }
 
     /// Tries left in the current budget after the current one.
@@ -213,4 +217,31 @@ pub struct DagRecord {
     /// The newest schedule point that has a run.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_scheduled: Option<DateTime<Utc>>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn interruptions_requeue_with_a_new_try_until_the_bound_then_fail() {
+        let now = DateTime::from_timestamp(1_000, 0).unwrap_or_default();
+        let mut task = TaskInstance::pending("t", vec![], "default", 1);
+        task.state = TaskState::Running;
+        task.try_number = 1;
+        task.worker = Some("w1".into());
+        for n in 1..=MAX_INTERRUPTIONS {
+            let next = task.after_interruption(now, format!("lost {n}"));
+            assert_eq!(
+                (next.state, next.try_number, next.max_try, next.interruptions),
+                (TaskState::Queued, n + 1, n + 2, n)
+            );
+            assert_eq!((next.worker.as_deref(), next.error.as_deref()), (None, Some(format!("lost {n}").as_str())));
+            task = TaskInstance { state: TaskState::Running, ..next };
+        }
+        let last = task.after_interruption(now, "lost again".into());
+        assert_eq!((last.state, last.try_number), (TaskState::Failed, task.try_number));
+        assert_eq!(last.error.as_deref(), Some("lost again; interrupted 4 times, giving up"));
+        assert_eq!(last.ended_at, Some(now));
+    }
 }

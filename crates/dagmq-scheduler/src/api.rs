@@ -199,14 +199,7 @@ async fn metrics(State(state): State<AppState>) -> ApiResult<Response> {
         depths.push((vec![topic.name()], handle.queue.depth(&topic).await? as f64));
     }
     handle.metrics.queue_depth.replace_all(depths);
-    let mut in_flight: BTreeMap<TaskState, usize> = BTreeMap::new();
-    for run in handle.store.unfinished_runs().await? {
-        for task in handle.store.tasks(&run.run_id).await? {
-            if matches!(task.state, TaskState::Queued | TaskState::Running | TaskState::UpForRetry) {
-                *in_flight.entry(task.state).or_insert(0) += 1;
-            }
-        }
-    }
+    let in_flight = unfinished_task_counts(&handle.store).await?;
     handle.metrics.tasks_in_flight.replace_all(
         [TaskState::Queued, TaskState::Running, TaskState::UpForRetry]
             .into_iter()
@@ -419,6 +412,17 @@ async fn list_runs(State(state): State<AppState>, Query(query): Query<RunsQuery>
     Ok(Json(views))
 }
 
+/// Tasks by state across every unfinished run.
+async fn unfinished_task_counts(store: &Arc<dyn dagmq_core::Store>) -> ApiResult<BTreeMap<TaskState, usize>> {
+    let mut counts = BTreeMap::new();
+    for run in store.unfinished_runs().await? {
+        for (state, count) in count_states(&store.tasks(&run.run_id).await?) {
+            *counts.entry(state).or_insert(0) += count;
+        }
+    }
+    Ok(counts)
+}
+
 fn count_states(tasks: &[TaskInstance]) -> BTreeMap<TaskState, usize> {
     let mut counts = BTreeMap::new();
     for task in tasks {
@@ -541,12 +545,7 @@ async fn stats(State(state): State<AppState>) -> ApiResult<Json<StatsView>> {
     for run in store.list_runs(&RunFilter { limit: MAX_LIMIT, ..RunFilter::default() }).await? {
         *runs.entry(run.state).or_insert(0) += 1;
     }
-    let mut tasks = BTreeMap::new();
-    for run in store.unfinished_runs().await? {
-        for (state, count) in count_states(&store.tasks(&run.run_id).await?) {
-            *tasks.entry(state).or_insert(0) += count;
-        }
-    }
+    let tasks = unfinished_task_counts(store).await?;
     let mut topics: Vec<Topic> = vec![Topic::Status, Topic::Triggers, Topic::Dead];
     let mut pools: Vec<String> =
         handle.dags.iter().flat_map(|d| d.tasks().iter().map(|t| t.config.queue.clone())).collect();

@@ -995,15 +995,7 @@ impl Engine {
                     continue;
                 }
                 let reason = format!("try {} interrupted: worker {name} lost", task.try_number);
-                let next = match task.requeued_after_interruption(now, reason) {
-                    Some(next) => next,
-                    None => TaskInstance {
-                        state: TaskState::Failed,
-                        ended_at: Some(now),
-                        error: Some(format!("worker lost during {} tries; giving up", task.interruptions + 1)),
-                        ..task.clone()
-                    },
-                };
+                let next = task.after_interruption(now, reason);
                 if !self.store.transition_task(&run_id, TaskState::Running, task.try_number, &next).await? {
                     continue;
                 }

@@ -266,20 +266,16 @@ async fn record_outcome(
     let now = shared.config.clock.now();
     if reason == StopReason::Interrupted {
         let why = format!("try {} interrupted: worker {} shut down", running.try_number, shared.config.name);
-        let Some(requeued) = running.requeued_after_interruption(now, why) else {
-            let mut failed = running.clone();
-            failed.state = TaskState::Failed;
-            failed.ended_at = Some(now);
-            failed.error = Some("interrupted too many times; giving up".to_string());
-            if store.transition_task(&message.run_id, TaskState::Running, running.try_number, &failed).await? {
-                publish_status(shared, &failed, &message.run_id).await?;
-            }
+        let next = running.after_interruption(now, why);
+        if !store.transition_task(&message.run_id, TaskState::Running, running.try_number, &next).await? {
             return Ok(());
-        };
-        if store.transition_task(&message.run_id, TaskState::Running, running.try_number, &requeued).await? {
-            let next = TaskToExec { try_number: requeued.try_number, max_try: requeued.max_try, ..message.clone() };
-            shared.queue.publish(&Topic::Tasks(requeued.queue.clone()), messages::encode(&next)).await?;
-            tracing::info!(run = %message.run_id, task = %message.task_id, try_number = requeued.try_number, "requeued as a new try");
+        }
+        if next.state == TaskState::Queued {
+            let message = TaskToExec { try_number: next.try_number, max_try: next.max_try, ..message.clone() };
+            shared.queue.publish(&Topic::Tasks(next.queue.clone()), messages::encode(&message)).await?;
+            tracing::info!(run = %message.run_id, task = %message.task_id, try_number = next.try_number, "requeued as a new try");
+        } else {
+            publish_status(shared, &next, &message.run_id).await?;
         }
         return Ok(());
     }
