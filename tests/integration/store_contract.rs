@@ -5,7 +5,7 @@ use std::sync::Arc;
 use chrono::{DateTime, Duration, Utc};
 use dagmq_core::memory::MemoryStore;
 use dagmq_core::records::{DagRecord, RunningTry};
-use dagmq_core::store::{CreateRun, LOG_CUT_MARKER, MAX_LOG_LINES_PER_TRY, RunFilter};
+use dagmq_core::store::{CreateRun, LOG_CUT_MARKER, MAX_LOG_LINES_PER_TRY, RunFilter, TaskChange};
 use dagmq_core::{FollowUp, RunKind, RunRecord, RunState, Store, TaskInstance, TaskState, WorkerInfo};
 
 use crate::services::redis_store;
@@ -160,6 +160,52 @@ async fn contract(store: Arc<dyn Store>) {
     assert!(store.acquire_lease("a", at(1), ttl).await.unwrap(), "an expired lease is free");
     store.release_lease("a").await.unwrap();
     store.ping().await.unwrap();
+    batches(store).await;
+}
+
+/// Batched reads and compare-and-sets answer as one call each would, in order.
+async fn batches(store: Arc<dyn Store>) {
+    // More tasks than one Redis script call takes, so the batches are split.
+    let many: Vec<TaskInstance> =
+        (0..1203).map(|i| TaskInstance::pending(format!("t{i}"), vec![], "default", 0)).collect();
+    assert_eq!(store.create_run(&run("batch", "etl", 9, None), &many).await.unwrap(), CreateRun::Created);
+    let found = store.tasks_by_id("batch", &["t7", "nope", "t0"]).await.unwrap();
+    let found_ids: Vec<Option<&str>> = found.iter().map(|t| t.as_ref().map(|t| t.task_id.as_str())).collect();
+    assert_eq!(found_ids, vec![Some("t7"), None, Some("t0")]);
+    assert_eq!(store.tasks_by_id("nope", &["t0"]).await.unwrap(), vec![None]);
+
+    let mut changes: Vec<TaskChange> = many
+        .iter()
+        .map(|t| TaskChange {
+            expected_state: TaskState::Pending,
+            expected_try: 0,
+            task: with(t, TaskState::Queued, 1),
+        })
+        .collect();
+    // A wrong try, an unknown task, and a repeat of the first change (refused: it applied already).
+    changes[5].expected_try = 3;
+    changes.push(TaskChange {
+        expected_state: TaskState::Pending,
+        expected_try: 0,
+        task: TaskInstance::pending("nope", vec![], "default", 0),
+    });
+    changes.push(changes[0].clone());
+    let applied = store.transition_tasks("batch", &changes).await.unwrap();
+    assert_eq!(applied.len(), changes.len());
+    let refused: Vec<usize> = (0..applied.len()).filter(|&i| !applied[i]).collect();
+    assert_eq!(refused, vec![5, 1203, 1204]);
+    let states = store.tasks_by_id("batch", &["t0", "t5", "t1202"]).await.unwrap();
+    let states: Vec<(TaskState, u32)> =
+        states.into_iter().map(|t| t.map(|t| (t.state, t.try_number)).unwrap()).collect();
+    assert_eq!(states, vec![(TaskState::Queued, 1), (TaskState::Pending, 0), (TaskState::Queued, 1)]);
+    assert_eq!(store.transition_tasks("nope", &changes[..2]).await.unwrap(), vec![false, false]);
+
+    // A running try's progress comes with it, as from `task`.
+    let running = with(&many[1], TaskState::Running, 1);
+    assert!(store.transition_task("batch", TaskState::Queued, 1, &running).await.unwrap());
+    store.set_progress("batch", "t1", 1, 0.5).await.unwrap();
+    let read = store.tasks_by_id("batch", &["t1"]).await.unwrap();
+    assert_eq!(read[0].as_ref().and_then(|t| t.progress), Some(0.5));
 }
 
 #[tokio::test]

@@ -36,6 +36,18 @@ pub enum CreateRun {
     Exists(String),
 }
 
+/// One compare-and-set of [`Store::transition_tasks`]: `task` replaces the stored instance if
+/// that is still in `expected_state` at `expected_try`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TaskChange {
+    /// The state the stored instance must be in.
+    pub expected_state: TaskState,
+    /// The try it must be at.
+    pub expected_try: u32,
+    /// The new instance.
+    pub task: TaskInstance,
+}
+
 /// Durable state of the system. Every task transition is a compare-and-set on
 /// (run, task, state, try): a store applies it only if both still match.
 #[async_trait]
@@ -77,6 +89,27 @@ pub trait Store: Send + Sync + 'static {
         expected_try: u32,
         task: &TaskInstance,
     ) -> Result<bool, BackendError>;
+
+    /// Several tasks of one run, in the order asked (`None` for an unknown id): one round trip
+    /// where the backend allows it.
+    async fn tasks_by_id(&self, run_id: &str, task_ids: &[&str]) -> Result<Vec<Option<TaskInstance>>, BackendError> {
+        let mut found = Vec::with_capacity(task_ids.len());
+        for task_id in task_ids {
+            found.push(self.task(run_id, task_id).await?);
+        }
+        Ok(found)
+    }
+
+    /// Several compare-and-sets on tasks of one run, each as [`Store::transition_task`] would
+    /// apply it; answers, in order, which applied. Each is atomic on its own; one round trip
+    /// where the backend allows it.
+    async fn transition_tasks(&self, run_id: &str, changes: &[TaskChange]) -> Result<Vec<bool>, BackendError> {
+        let mut applied = Vec::with_capacity(changes.len());
+        for change in changes {
+            applied.push(self.transition_task(run_id, change.expected_state, change.expected_try, &change.task).await?);
+        }
+        Ok(applied)
+    }
 
     /// Adds follow-up tasks to a run and gives existing tasks new upstream lists, atomically.
     /// Tasks whose id exists already are skipped (a repeated expansion changes nothing).

@@ -19,12 +19,15 @@ use std::time::Duration;
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use dagmq_core::records::DagRecord;
-use dagmq_core::store::{CreateRun, LOG_CUT_MARKER, MAX_LOG_LINES_PER_TRY, RunFilter, Store};
+use dagmq_core::store::{CreateRun, LOG_CUT_MARKER, MAX_LOG_LINES_PER_TRY, RunFilter, Store, TaskChange};
 use dagmq_core::{BackendError, RunRecord, RunState, TaskInstance, TaskState, WorkerInfo};
 use deadpool_redis::redis::{self, AsyncCommands, Script};
 use deadpool_redis::{Config, Pool, Runtime};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
+
+/// Task transitions per script call in [`RedisStore::transition_tasks`].
+const TRANSITION_BATCH: usize = 500;
 
 /// A store over one Redis server.
 pub struct RedisStore {
@@ -41,6 +44,7 @@ pub struct RedisStore {
 /// The Lua scripts.
 struct Scripts {
     transition_task: Script,
+    transition_tasks: Script,
     transition_run: Script,
     create_run: Script,
     add_tasks: Script,
@@ -63,6 +67,7 @@ impl RedisStore {
             retention,
             scripts: Scripts {
                 transition_task: Script::new(scripts::TRANSITION_TASK),
+                transition_tasks: Script::new(scripts::TRANSITION_TASKS),
                 transition_run: Script::new(scripts::TRANSITION_RUN),
                 create_run: Script::new(scripts::CREATE_RUN),
                 add_tasks: Script::new(scripts::ADD_TASKS),
@@ -388,6 +393,58 @@ impl Store for RedisStore {
             .await
             .map_err(redis_error)?;
         Ok(applied == 1)
+    }
+
+    async fn tasks_by_id(&self, run_id: &str, task_ids: &[&str]) -> Result<Vec<Option<TaskInstance>>, BackendError> {
+        if task_ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut conn = self.conn().await?;
+        let mut command = redis::cmd("HMGET");
+        command.arg(self.tasks_key(run_id));
+        for task_id in task_ids {
+            command.arg(*task_id).arg(format!("{task_id}#progress"));
+        }
+        let values: Vec<Option<String>> = command.query_async(&mut conn).await.map_err(redis_error)?;
+        let mut found = Vec::with_capacity(task_ids.len());
+        for (task_id, pair) in task_ids.iter().zip(values.chunks(2)) {
+            let [Some(task), progress] = pair else {
+                found.push(None);
+                continue;
+            };
+            let mut fields = vec![(task_id.to_string(), task.clone())];
+            if let Some(progress) = progress {
+                fields.push((format!("{task_id}#progress"), progress.clone()));
+            }
+            found.push(tasks_from_hash(fields)?.pop());
+        }
+        Ok(found)
+    }
+
+    async fn transition_tasks(&self, run_id: &str, changes: &[TaskChange]) -> Result<Vec<bool>, BackendError> {
+        let mut conn = self.conn().await?;
+        let mut applied = Vec::with_capacity(changes.len());
+        // Bounded batches keep any one script short: Redis serves nobody else while it runs.
+        for batch in changes.chunks(TRANSITION_BATCH) {
+            let mut invocation = self.scripts.transition_tasks.key(self.tasks_key(run_id));
+            for change in batch {
+                invocation
+                    .arg(&change.task.task_id)
+                    .arg(change.expected_state.as_str())
+                    .arg(change.expected_try)
+                    .arg(encode(&change.task)?);
+            }
+            let answers: Vec<i32> = invocation.invoke_async(&mut conn).await.map_err(redis_error)?;
+            if answers.len() != batch.len() {
+                return Err(BackendError::new(format!(
+                    "redis: {} answers to {} task transitions",
+                    answers.len(),
+                    batch.len()
+                )));
+            }
+            applied.extend(answers.into_iter().map(|a| a == 1));
+        }
+        Ok(applied)
     }
 
     async fn add_tasks(

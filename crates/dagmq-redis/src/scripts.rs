@@ -14,6 +14,25 @@ redis.call('HSET', KEYS[1], ARGV[1], ARGV[4])
 return 1
 "#;
 
+/// Several compare-and-sets of one run's tasks. KEYS[1] tasks hash. ARGV: groups of task id,
+/// expected state, expected try, new JSON. Answers 1 or 0 for each group, in order.
+pub(crate) const TRANSITION_TASKS: &str = r#"
+local applied = {}
+for i = 1, #ARGV, 4 do
+  local current = redis.call('HGET', KEYS[1], ARGV[i])
+  local ok = 0
+  if current then
+    local task = cjson.decode(current)
+    if task.state == ARGV[i + 1] and tostring(task.try_number) == ARGV[i + 2] then
+      redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 3])
+      ok = 1
+    end
+  end
+  applied[#applied + 1] = ok
+end
+return applied
+"#;
+
 /// Compare-and-set of a run record. KEYS[1] meta key. ARGV: expected state, new JSON,
 /// retention seconds (0: keep), then the run's other keys to expire with it.
 pub(crate) const TRANSITION_RUN: &str = r#"

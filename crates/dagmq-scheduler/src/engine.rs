@@ -15,7 +15,7 @@ use chrono::{DateTime, Timelike, Utc};
 use dagmq_core::messages::{self, Control, StatusUpdate, TaskToExec, Trigger, VERSION};
 use dagmq_core::records::DagRecord;
 use dagmq_core::state::{TaskEvent, run_outcome, task_transition};
-use dagmq_core::store::CreateRun;
+use dagmq_core::store::{CreateRun, TaskChange};
 use dagmq_core::{
     BackendError, CancelSignal, Dag, DagRegistry, Delivery, Params, Queue, RunKind, RunRecord, RunState, Store,
     Subscription, TaskConfig, TaskInstance, TaskState, Topic, WorkerInfo,
@@ -425,16 +425,33 @@ impl Engine {
 
     async fn handle_incoming(&mut self, batch: Vec<Incoming>, shutdown: &CancelSignal) {
         let mut settled = Vec::with_capacity(batch.len());
+        let mut decoded = Vec::with_capacity(batch.len());
         for incoming in batch {
-            let (delivery, settle) = match incoming {
+            match incoming {
                 Incoming::Status(delivery) => {
-                    let settle = self.on_status_message(&delivery.payload).await;
-                    (delivery, settle)
+                    let update = messages::decode::<StatusUpdate>(&delivery.payload);
+                    decoded.push((delivery, Some(update)));
                 }
-                Incoming::Trigger(delivery) => {
-                    let settle = self.on_trigger_message(&delivery.payload).await;
-                    (delivery, settle)
+                Incoming::Trigger(delivery) => decoded.push((delivery, None)),
+            }
+        }
+        let mut wanted: HashMap<String, Vec<String>> = HashMap::new();
+        for (_, update) in &decoded {
+            if let Some(Ok(update)) = update
+                && self.active.contains_key(&update.run_id)
+            {
+                wanted.entry(update.run_id.clone()).or_default().push(update.task_id.clone());
+            }
+        }
+        let mut fresh = self.prefetch(wanted).await;
+        for (delivery, update) in decoded {
+            let settle = match update {
+                Some(Ok(update)) => {
+                    let prefetched = fresh.remove(&(update.run_id.clone(), update.task_id.clone()));
+                    self.on_status_message(update, prefetched).await
                 }
+                Some(Err(err)) => Settle::DeadLetter(format!("status: {err}")),
+                None => self.on_trigger_message(&delivery.payload).await,
             };
             settled.push((delivery, settle));
         }
@@ -486,17 +503,31 @@ impl Engine {
         }
     }
 
-    async fn on_status_message(&mut self, payload: &[u8]) -> Settle {
-        let update: StatusUpdate = match messages::decode(payload) {
-            Ok(update) => update,
-            Err(err) => return Settle::DeadLetter(format!("status: {err}")),
-        };
+    /// Reads, in one call per run, the store's instances of the tasks (by run) that a batch of
+    /// status updates is about. A failed read is no error: each update then reads its task alone.
+    async fn prefetch(&self, wanted: HashMap<String, Vec<String>>) -> HashMap<(String, String), TaskInstance> {
+        let mut fresh = HashMap::new();
+        for (run_id, task_ids) in wanted {
+            let ids: Vec<&str> = task_ids.iter().map(String::as_str).collect();
+            match self.store.tasks_by_id(&run_id, &ids).await {
+                Ok(found) => {
+                    for task in found.into_iter().flatten() {
+                        fresh.insert((run_id.clone(), task.task_id.clone()), task);
+                    }
+                }
+                Err(err) => tracing::warn!(run = %run_id, "reading {} tasks at once: {err}", task_ids.len()),
+            }
+        }
+        fresh
+    }
+
+    async fn on_status_message(&mut self, update: StatusUpdate, prefetched: Option<TaskInstance>) -> Settle {
         let Some(mut run) = self.active.remove(&update.run_id) else {
             // A finished, cancelled or unknown run: nothing left to schedule.
             tracing::debug!(run = %update.run_id, task = %update.task_id, "status for an inactive run ignored");
             return Settle::Ack;
         };
-        let result = self.on_status(&mut run, &update).await;
+        let result = self.on_status(&mut run, &update, prefetched).await;
         let put_back = self.put_back(run).await;
         match put_back.and(result) {
             Ok(settle) => settle,
@@ -507,11 +538,22 @@ impl Engine {
         }
     }
 
-    async fn on_status(&mut self, run: &mut ActiveRun, update: &StatusUpdate) -> Result<Settle, BackendError> {
+    /// Acts on one status update. `prefetched` is the task as read at the start of the batch;
+    /// an instance older than the scheduler's own view (an earlier try) is read again.
+    async fn on_status(
+        &mut self,
+        run: &mut ActiveRun,
+        update: &StatusUpdate,
+        prefetched: Option<TaskInstance>,
+    ) -> Result<Settle, BackendError> {
         let Some(&i) = run.index.get(&update.task_id) else {
             return Ok(Settle::DeadLetter(format!("status: run {:?} has no task {:?}", update.run_id, update.task_id)));
         };
-        match self.store.task(run.id(), &update.task_id).await? {
+        let fresh = match prefetched {
+            Some(task) if task.try_number >= run.tasks[i].try_number => Some(task),
+            _ => self.store.task(run.id(), &update.task_id).await?,
+        };
+        match fresh {
             Some(fresh) => self.on_task_changed(run, i, fresh, true).await?,
             None => tracing::warn!(run = %update.run_id, task = %update.task_id, "task vanished from the store"),
         }
@@ -543,9 +585,7 @@ impl Engine {
             TaskState::Success => {
                 self.expand(run, i).await?;
                 let ready = run.ready_among(run.downstream[i].clone());
-                for r in ready {
-                    self.queue_task(run, r).await?;
-                }
+                self.queue_tasks(run, ready).await?;
             }
             TaskState::UpForRetry if new.retry_at.is_none() => {
                 self.schedule_retry(run, i, notify).await?;
@@ -580,27 +620,46 @@ impl Engine {
 
     /// Queues a new try of task `i`: compare-and-set in the store, then a message in the outbox.
     async fn queue_task(&mut self, run: &mut ActiveRun, i: usize) -> Result<(), BackendError> {
-        let old = &run.tasks[i];
-        if task_transition(old.state, TaskEvent::Queue).is_err() {
+        self.queue_tasks(run, vec![i]).await
+    }
+
+    /// Queues a new try of each of `indices` with one batch of compare-and-sets in the store;
+    /// each that applies gets a message in the outbox, each refused is read again.
+    async fn queue_tasks(&mut self, run: &mut ActiveRun, indices: Vec<usize>) -> Result<(), BackendError> {
+        let mut queued = Vec::with_capacity(indices.len());
+        let mut changes = Vec::with_capacity(indices.len());
+        for i in indices {
+            let old = &run.tasks[i];
+            if task_transition(old.state, TaskEvent::Queue).is_err() {
+                continue;
+            }
+            let mut new = old.clone();
+            new.state = TaskState::Queued;
+            new.try_number += 1;
+            new.queued_at = Some(self.now_cache);
+            new.started_at = None;
+            new.ended_at = None;
+            new.retry_at = None;
+            new.worker = None;
+            new.error = None;
+            new.progress = None;
+            new.follow_ups.clear();
+            queued.push(i);
+            changes.push(TaskChange { expected_state: old.state, expected_try: old.try_number, task: new });
+        }
+        if changes.is_empty() {
             return Ok(());
         }
-        let mut new = old.clone();
-        new.state = TaskState::Queued;
-        new.try_number += 1;
-        new.queued_at = Some(self.now_cache);
-        new.started_at = None;
-        new.ended_at = None;
-        new.retry_at = None;
-        new.worker = None;
-        new.error = None;
-        new.progress = None;
-        new.follow_ups.clear();
-        if !self.store.transition_task(run.id(), old.state, old.try_number, &new).await? {
-            self.refresh_task(run, i).await?;
-            return Ok(());
+        let applied = self.store.transition_tasks(run.id(), &changes).await?;
+        self.outbox.reserve(changes.len());
+        for ((i, change), applied) in queued.into_iter().zip(changes).zip(applied) {
+            if applied {
+                self.outbox.push((Topic::Tasks(change.task.queue.clone()), task_message(run, &change.task)));
+                run.replace(i, change.task);
+            } else {
+                self.refresh_task(run, i).await?;
+            }
         }
-        self.outbox.push((Topic::Tasks(new.queue.clone()), task_message(run, &new)));
-        run.replace(i, new);
         Ok(())
     }
 
@@ -684,9 +743,8 @@ impl Engine {
                 _ => {}
             }
         }
-        for i in run.ready_among(0..run.tasks.len()) {
-            self.queue_task(run, i).await?;
-        }
+        let ready = run.ready_among(0..run.tasks.len());
+        self.queue_tasks(run, ready).await?;
         Ok(())
     }
 

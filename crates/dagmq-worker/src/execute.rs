@@ -372,87 +372,90 @@ async fn run_try(
         message.try_number,
         dagmq_core::task::secret_values(&message.params),
     );
-    let timeout = shared
-        .config
-        .dags
-        .get(&message.dag_id)
-        .and_then(|dag| dag.task(&message.task_id))
-        .and_then(|spec| spec.config.timeout)
-        .filter(|_| message.follow_up.is_none());
-    let (args, logical_date) = (
-        match &executable {
-            Executable::Rust(_, args) => args.clone(),
-            Executable::Command(_) => serde_json::Value::Null,
-        },
-        message.logical_date.to_rfc3339(),
-    );
-    let ctx = TaskContext::new(
-        message.run_id.clone(),
-        message.dag_id.clone(),
-        message.task_id.clone(),
-        message.try_number,
-        message.params.clone(),
-        args,
-        Arc::new(sink.clone()),
-        Arc::new(sink.clone()),
-        signal.clone(),
-    );
-    let mut join = match executable {
-        Executable::Rust(task, _) => tokio::spawn(async move { task.run(ctx).await }),
-        Executable::Command(argv) => tokio::spawn(async move { run_command(&argv, ctx, &logical_date).await }),
-    };
-    let timed_out = async {
-        match timeout {
-            Some(limit) => tokio::time::sleep(limit).await,
-            None => std::future::pending().await,
-        }
-    };
-    let joined = tokio::select! {
-        joined = &mut join => Some(joined),
-        _ = timed_out => {
-            reason.store(StopReason::Timeout as u8, Ordering::SeqCst);
-            if let Some(handle) = lock(&shared.running).get(&key) {
-                handle.cancel.cancel();
+    let try_itself = async {
+        let timeout = shared
+            .config
+            .dags
+            .get(&message.dag_id)
+            .and_then(|dag| dag.task(&message.task_id))
+            .and_then(|spec| spec.config.timeout)
+            .filter(|_| message.follow_up.is_none());
+        let (args, logical_date) = (
+            match &executable {
+                Executable::Rust(_, args) => args.clone(),
+                Executable::Command(_) => serde_json::Value::Null,
+            },
+            message.logical_date.to_rfc3339(),
+        );
+        let ctx = TaskContext::new(
+            message.run_id.clone(),
+            message.dag_id.clone(),
+            message.task_id.clone(),
+            message.try_number,
+            message.params.clone(),
+            args,
+            Arc::new(sink.clone()),
+            Arc::new(sink.clone()),
+            signal.clone(),
+        );
+        let mut join = match executable {
+            Executable::Rust(task, _) => tokio::spawn(async move { task.run(ctx).await }),
+            Executable::Command(argv) => tokio::spawn(async move { run_command(&argv, ctx, &logical_date).await }),
+        };
+        let timed_out = async {
+            match timeout {
+                Some(limit) => tokio::time::sleep(limit).await,
+                None => std::future::pending().await,
             }
-            None
-        }
-        _ = signal.cancelled() => None,
-    };
-    let joined = match joined {
-        Some(joined) => joined,
-        None => match tokio::time::timeout(STOP_GRACE, &mut join).await {
-            Ok(joined) => joined,
-            Err(_) => {
-                join.abort();
-                join.await
+        };
+        let joined = tokio::select! {
+            joined = &mut join => Some(joined),
+            _ = timed_out => {
+                reason.store(StopReason::Timeout as u8, Ordering::SeqCst);
+                if let Some(handle) = lock(&shared.running).get(&key) {
+                    handle.cancel.cancel();
+                }
+                None
             }
-        },
-    };
-    lock(&shared.running).remove(&key);
-    let stop = StopReason::from_u8(reason.load(Ordering::SeqCst));
-    let result = match (stop, joined) {
-        (StopReason::Timeout, _) => {
-            let limit = dagmq_core::duration::format_duration(timeout.unwrap_or_default());
-            Err(TaskError::new(format!("timed out after {limit}")))
+            _ = signal.cancelled() => None,
+        };
+        let joined = match joined {
+            Some(joined) => joined,
+            None => match tokio::time::timeout(STOP_GRACE, &mut join).await {
+                Ok(joined) => joined,
+                Err(_) => {
+                    join.abort();
+                    join.await
+                }
+            },
+        };
+        lock(&shared.running).remove(&key);
+        let stop = StopReason::from_u8(reason.load(Ordering::SeqCst));
+        let result = match (stop, joined) {
+            (StopReason::Timeout, _) => {
+                let limit = dagmq_core::duration::format_duration(timeout.unwrap_or_default());
+                Err(TaskError::new(format!("timed out after {limit}")))
+            }
+            (StopReason::Cancelled, _) => Err(TaskError::fatal("cancelled")),
+            (_, Ok(result)) => result,
+            (_, Err(join_error)) if join_error.is_panic() => {
+                let panic = join_error.into_panic();
+                let text = panic
+                    .downcast_ref::<&str>()
+                    .map(|s| s.to_string())
+                    .or_else(|| panic.downcast_ref::<String>().cloned())
+                    .unwrap_or_else(|| "a non-text panic payload".to_string());
+                Err(TaskError::new(format!("task panicked: {text}")))
+            }
+            (_, Err(_)) => Err(TaskError::new("task aborted")),
+        };
+        if let Err(error) = &result {
+            dagmq_core::task::LogSink::line(&sink, format!("[dagmq] try {} failed: {error}", message.try_number));
         }
-        (StopReason::Cancelled, _) => Err(TaskError::fatal("cancelled")),
-        (_, Ok(result)) => result,
-        (_, Err(join_error)) if join_error.is_panic() => {
-            let panic = join_error.into_panic();
-            let text = panic
-                .downcast_ref::<&str>()
-                .map(|s| s.to_string())
-                .or_else(|| panic.downcast_ref::<String>().cloned())
-                .unwrap_or_else(|| "a non-text panic payload".to_string());
-            Err(TaskError::new(format!("task panicked: {text}")))
-        }
-        (_, Err(_)) => Err(TaskError::new("task aborted")),
+        drop(sink);
+        (result, stop)
     };
-    if let Err(error) = &result {
-        dagmq_core::task::LogSink::line(&sink, format!("[dagmq] try {} failed: {error}", message.try_number));
-    }
-    drop(sink);
-    let _ = flusher.await;
+    let ((result, stop), ()) = tokio::join!(try_itself, flusher);
     (result, stop)
 }
 

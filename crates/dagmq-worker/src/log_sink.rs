@@ -38,17 +38,17 @@ impl ProgressSink for ChannelSink {
     }
 }
 
-/// Starts a flusher for one try; it ends, having written everything, once every sink clone is
-/// dropped. Await the returned handle to know the log is in the store.
+/// A sink for one try and its flusher: a future to poll beside the try (no task of its own),
+/// which ends, having written everything, once every sink clone is dropped.
 pub(crate) fn start(
     store: Arc<dyn Store>,
     run_id: String,
     task_id: String,
     try_number: u32,
     secrets: Vec<String>,
-) -> (ChannelSink, tokio::task::JoinHandle<()>) {
+) -> (ChannelSink, impl Future<Output = ()>) {
     let (sender, mut receiver) = mpsc::unbounded_channel();
-    let handle = tokio::spawn(async move {
+    let flusher = async move {
         let mut lines = Vec::new();
         let mut progress = None;
         loop {
@@ -75,6 +75,6 @@ pub(crate) fn start(
                 return;
             }
         }
-    });
-    (ChannelSink { sender, secrets: Arc::new(secrets) }, handle)
+    };
+    (ChannelSink { sender, secrets: Arc::new(secrets) }, flusher)
 }

@@ -1,7 +1,9 @@
-//! `dagmq bench`: no-op workloads through a real scheduler and real workers, in one process.
-//! Standalone mode uses the in-memory backends; distributed mode (`--amqp`, `--redis`) runs one
-//! scheduler and two workers, each with its own RabbitMQ connection and Redis pool, under a
-//! namespace of its own, and first measures the raw limit of the broker on the same machine.
+//! `dagmq bench`: no-op workloads through a real scheduler and real workers.
+//! Standalone mode runs everything in one process over the in-memory backends. Distributed mode
+//! (`--amqp`, `--redis`) runs the scheduler in this process and two worker processes (this
+//! binary again, with the hidden `--worker-of`), each with its own RabbitMQ connection and Redis
+//! pool, under a namespace of their own; it first measures the raw limit of the broker on the
+//! same machine. The peak RSS printed is this process's: in distributed mode, the scheduler's.
 //! Prints one machine-readable `bench=...` line per figure.
 
 use std::sync::Arc;
@@ -70,12 +72,16 @@ struct Rig {
     store: Arc<dyn Store>,
     /// The scheduler's queue, to publish triggers.
     queue: Arc<dyn Queue>,
-    /// Stops everything.
+    /// Stops everything in this process.
     stop: CancelHandle,
+    /// Worker processes (distributed mode); they stop when their standard input closes.
+    children: Vec<std::process::Child>,
+    /// This process's resident memory once everything runs, before any work (MB).
+    base_rss_mb: f64,
 }
 
 impl Rig {
-    async fn start(dags: DagRegistry, concurrency: usize, backends: &Backends) -> CliResult<Rig> {
+    async fn start(args: &BenchArgs, dags: DagRegistry, backends: &Backends) -> CliResult<Rig> {
         let memory: (Arc<dyn Queue>, Arc<dyn Store>) = (Arc::new(MemoryQueue::new()), Arc::new(MemoryStore::new()));
         let clock: Arc<dyn Clock> = Arc::new(SystemClock);
         let (stop, signal) = CancelSignal::new();
@@ -86,14 +92,26 @@ impl Rig {
             store.clone(),
             signal.clone(),
         );
-        let workers = if matches!(backends, Backends::Memory) { 1 } else { 2 };
-        for i in 0..workers {
-            let (worker_queue, worker_store) = backends.connect(&memory).await?;
-            let mut worker = WorkerConfig::new(format!("bench-worker-{i}"), dags.clone(), clock.clone());
-            worker.concurrency = concurrency;
-            tokio::spawn(dagmq_worker::run(worker, worker_queue, worker_store, signal.clone()));
+        let mut children = Vec::new();
+        match backends {
+            Backends::Memory => {
+                let mut worker = WorkerConfig::new("bench-worker-0", dags, clock);
+                worker.concurrency = args.concurrency;
+                tokio::spawn(dagmq_worker::run(worker, queue.clone(), store.clone(), signal.clone()));
+            }
+            Backends::Services { amqp, redis, namespace } => {
+                for i in 0..2 {
+                    children.push(spawn_worker_process(args, amqp, redis, namespace, i)?);
+                }
+                let rig = Rig { handle, store, queue, stop, children, base_rss_mb: 0.0 };
+                if let Err(err) = wait_for_workers(&rig.store, rig.children.len()).await {
+                    rig.stop();
+                    return Err(err);
+                }
+                return Ok(Rig { base_rss_mb: rss_mb("VmRSS:"), ..rig });
+            }
         }
-        Ok(Rig { handle, store, queue, stop })
+        Ok(Rig { handle, store, queue, stop, children, base_rss_mb: rss_mb("VmRSS:") })
     }
 
     async fn wait_final(&self, run_id: &str) -> CliResult<RunState> {
@@ -104,10 +122,90 @@ impl Rig {
             }
         }
     }
+
+    /// The memory figures of a bench line: this process's peak resident memory, its resident
+    /// memory before the run, and the growth between the two per task of the run.
+    fn memory(&self, tasks: usize) -> String {
+        let peak = rss_mb("VmHWM:");
+        let per_task = (peak - self.base_rss_mb).max(0.0) * 1024.0 * 1024.0 / tasks.max(1) as f64;
+        format!("peak_rss_mb={peak:.1} base_rss_mb={:.1} bytes_per_task={per_task:.0}", self.base_rss_mb)
+    }
+
+    /// Stops the scheduler and in-process worker, and ends the worker processes.
+    fn stop(mut self) {
+        self.stop.cancel();
+        for child in &mut self.children {
+            drop(child.stdin.take());
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// Starts one worker process of a distributed bench: this binary, same workload, `--worker-of`.
+fn spawn_worker_process(
+    args: &BenchArgs,
+    amqp: &str,
+    redis: &str,
+    namespace: &str,
+    index: usize,
+) -> CliResult<std::process::Child> {
+    let exe = std::env::current_exe().map_err(runtime)?;
+    let mut command = std::process::Command::new(exe);
+    command
+        .arg("bench")
+        .args(args.workload.to_args())
+        .arg("--concurrency")
+        .arg(args.concurrency.to_string())
+        .args(["--amqp", amqp, "--redis", redis, "--worker-of"])
+        .arg(format!("{namespace}/{index}"))
+        .stdin(std::process::Stdio::piped());
+    command.spawn().map_err(|e| CliError::runtime(format!("starting a bench worker process: {e}")))
+}
+
+/// Waits until `count` workers have registered.
+async fn wait_for_workers(store: &Arc<dyn Store>, count: usize) -> CliResult<()> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while store.workers().await.map_err(runtime)?.len() < count {
+        if Instant::now() > deadline {
+            return Err(CliError::runtime("the bench worker processes did not register within 30s"));
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    Ok(())
+}
+
+/// The body of a bench worker process: one worker under the parent's namespace, until standard
+/// input closes (the parent ended or stopped it).
+async fn worker_process(args: &BenchArgs, of: &str) -> CliResult<()> {
+    let (Some(amqp), Some(redis)) = (&args.amqp, &args.redis) else {
+        return Err(CliError::usage("--worker-of needs --amqp and --redis"));
+    };
+    let (namespace, index) = of.rsplit_once('/').unwrap_or((of, "0"));
+    let backends = Backends::Services { amqp: amqp.clone(), redis: redis.clone(), namespace: namespace.to_string() };
+    let unused: (Arc<dyn Queue>, Arc<dyn Store>) = (Arc::new(MemoryQueue::new()), Arc::new(MemoryStore::new()));
+    let (queue, store) = backends.connect(&unused).await?;
+    let (stop, signal) = CancelSignal::new();
+    let (closed_tx, closed) = tokio::sync::oneshot::channel::<()>();
+    std::thread::spawn(move || {
+        let _ = std::io::copy(&mut std::io::stdin(), &mut std::io::sink());
+        let _ = closed_tx.send(());
+    });
+    let dags = registry(workload_dag(args.workload)?);
+    let mut worker = WorkerConfig::new(format!("bench-worker-{index}"), dags, Arc::new(SystemClock));
+    worker.concurrency = args.concurrency;
+    let running = tokio::spawn(dagmq_worker::run(worker, queue, store, signal));
+    let _ = closed.await;
+    stop.cancel();
+    let _ = running.await;
+    Ok(())
 }
 
 /// Runs one workload.
 pub(crate) async fn bench(args: &BenchArgs) -> CliResult<()> {
+    if let Some(of) = &args.worker_of {
+        return worker_process(args, of).await;
+    }
     let backends = match (&args.amqp, &args.redis) {
         (Some(amqp), Some(redis)) => Backends::Services {
             amqp: amqp.clone(),
@@ -120,9 +218,10 @@ pub(crate) async fn bench(args: &BenchArgs) -> CliResult<()> {
         raw_limits(amqp, redis, namespace).await?;
     }
     let result = match args.workload {
-        BenchWorkload::Fanout { n } => fanout(n, args.concurrency, &backends).await,
-        BenchWorkload::Chain { k } => chain(k, args.concurrency, &backends).await,
-        BenchWorkload::Runs { m } => runs(m, args.concurrency, &backends).await,
+        BenchWorkload::Fanout { n } => fanout(args, n, &backends).await,
+        BenchWorkload::Chain { k } => chain(args, k, &backends).await,
+        BenchWorkload::Runs { m } => runs(args, m, &backends).await,
+        BenchWorkload::Layers { width, depth } => layers(args, width, depth, &backends).await,
     };
     if let Backends::Services { amqp, redis, namespace } = &backends {
         cleanup(amqp, redis, namespace).await;
@@ -212,53 +311,99 @@ fn registry(dag: Dag) -> DagRegistry {
     registry
 }
 
-fn build(builder: dagmq_core::DagBuilder) -> CliResult<Dag> {
-    builder.build().map_err(runtime)
+/// The DAG a workload runs; the worker processes build the same one.
+fn workload_dag(workload: BenchWorkload) -> CliResult<Dag> {
+    let dag = match workload {
+        BenchWorkload::Fanout { n } => {
+            let mut dag = Dag::builder("bench-fanout").task(TaskSpec::rust("root", Noop));
+            let ids: Vec<String> = (0..n).map(|i| format!("t{i}")).collect();
+            for id in &ids {
+                dag = dag.task(TaskSpec::rust(id.clone(), Noop).after(["root"]));
+            }
+            dag.task(TaskSpec::rust("sink", Noop).after(ids))
+        }
+        BenchWorkload::Chain { k } => {
+            let mut dag = Dag::builder("bench-chain");
+            for i in 0..k.max(2) {
+                let mut task = TaskSpec::rust(format!("t{i}"), Noop);
+                if i > 0 {
+                    task = task.after([format!("t{}", i - 1)]);
+                }
+                dag = dag.task(task);
+            }
+            dag
+        }
+        BenchWorkload::Runs { m } => {
+            let middle: Vec<String> = (1..=8).map(|i| format!("m{i}")).collect();
+            let mut dag = Dag::builder("bench-diamond")
+                .max_active_runs(u32::try_from(m.max(1)).unwrap_or(u32::MAX))
+                .task(TaskSpec::rust("top", Noop));
+            for id in &middle {
+                dag = dag.task(TaskSpec::rust(id.clone(), Noop).after(["top"]));
+            }
+            dag.task(TaskSpec::rust("bottom", Noop).after(middle))
+        }
+        BenchWorkload::Layers { width, depth } => {
+            let mut dag = Dag::builder("bench-layers");
+            let mut previous: Vec<String> = Vec::new();
+            for layer in 0..depth.max(1) {
+                let ids: Vec<String> = (0..width.max(1)).map(|i| format!("l{layer}-t{i}")).collect();
+                for id in &ids {
+                    dag = dag.task(TaskSpec::rust(id.clone(), Noop).after(previous.iter().cloned()));
+                }
+                previous = ids;
+            }
+            dag
+        }
+    };
+    dag.build().map_err(runtime)
 }
 
-async fn fanout(n: usize, concurrency: usize, backends: &Backends) -> CliResult<()> {
-    let mut dag = Dag::builder("bench-fanout").task(TaskSpec::rust("root", Noop));
-    let ids: Vec<String> = (0..n).map(|i| format!("t{i}")).collect();
-    for id in &ids {
-        dag = dag.task(TaskSpec::rust(id.clone(), Noop).after(["root"]));
+/// Starts the rig for `args.workload`, triggers one run and waits for it to end.
+async fn one_run(args: &BenchArgs, dag_id: &str, backends: &Backends) -> CliResult<(Rig, String, RunState)> {
+    let rig = Rig::start(args, registry(workload_dag(args.workload)?), backends).await?;
+    let outcome = async {
+        let run_id = trigger(&rig, dag_id).await?;
+        let state = rig.wait_final(&run_id).await?;
+        Ok::<_, CliError>((run_id, state))
     }
-    dag = dag.task(TaskSpec::rust("sink", Noop).after(ids));
-    let rig = Rig::start(registry(build(dag)?), concurrency, backends).await?;
-    let run_id = trigger(&rig, "bench-fanout").await?;
-    let state = rig.wait_final(&run_id).await?;
+    .await;
+    match outcome {
+        Ok((run_id, state)) => Ok((rig, run_id, state)),
+        Err(err) => {
+            rig.stop();
+            Err(err)
+        }
+    }
+}
+
+async fn fanout(args: &BenchArgs, n: usize, backends: &Backends) -> CliResult<()> {
+    let (rig, run_id, state) = one_run(args, "bench-fanout", backends).await?;
+    let total = n + 2;
+    let memory = rig.memory(total);
     let tasks = rig.store.tasks(&run_id).await.map_err(runtime)?;
+    rig.stop();
     let root = tasks.iter().find(|t| t.task_id == "root");
     let sink = tasks.iter().find(|t| t.task_id == "sink");
     let (Some(start), Some(end)) = (root.and_then(|t| t.started_at), sink.and_then(|t| t.ended_at)) else {
         return Err(CliError::runtime(format!("fanout run ended {state} without timestamps")));
     };
     let elapsed = (end - start).to_std().unwrap_or_default();
-    let total = n + 2;
     println!(
-        "bench=fanout mode={} n={n} state={state} tasks={total} elapsed_ms={:.1} tasks_per_s={:.0} peak_rss_mb={:.1}",
+        "bench=fanout mode={} n={n} state={state} tasks={total} elapsed_ms={:.1} tasks_per_s={:.0} {memory}",
         backends.mode(),
         elapsed.as_secs_f64() * 1e3,
         total as f64 / elapsed.as_secs_f64().max(1e-9),
-        peak_rss_mb()
     );
-    rig.stop.cancel();
     Ok(())
 }
 
-async fn chain(k: usize, concurrency: usize, backends: &Backends) -> CliResult<()> {
+async fn chain(args: &BenchArgs, k: usize, backends: &Backends) -> CliResult<()> {
     let k = k.max(2);
-    let mut dag = Dag::builder("bench-chain");
-    for i in 0..k {
-        let mut task = TaskSpec::rust(format!("t{i}"), Noop);
-        if i > 0 {
-            task = task.after([format!("t{}", i - 1)]);
-        }
-        dag = dag.task(task);
-    }
-    let rig = Rig::start(registry(build(dag)?), concurrency, backends).await?;
-    let run_id = trigger(&rig, "bench-chain").await?;
-    let state = rig.wait_final(&run_id).await?;
+    let (rig, run_id, state) = one_run(args, "bench-chain", backends).await?;
+    let memory = rig.memory(k);
     let tasks = rig.store.tasks(&run_id).await.map_err(runtime)?;
+    rig.stop();
     let by_id: std::collections::HashMap<&str, &dagmq_core::TaskInstance> =
         tasks.iter().map(|t| (t.task_id.as_str(), t)).collect();
     let mut hops: Vec<f64> = (1..k)
@@ -270,50 +415,90 @@ async fn chain(k: usize, concurrency: usize, backends: &Backends) -> CliResult<(
         .collect();
     hops.sort_by(f64::total_cmp);
     println!(
-        "bench=chain mode={} k={k} state={state} hops={} p50_us={:.1} p99_us={:.1} max_us={:.1} peak_rss_mb={:.1}",
+        "bench=chain mode={} k={k} state={state} hops={} p50_us={:.1} p99_us={:.1} max_us={:.1} {memory}",
         backends.mode(),
         hops.len(),
         percentile(&hops, 0.50),
         percentile(&hops, 0.99),
         hops.last().copied().unwrap_or(0.0),
-        peak_rss_mb()
     );
-    rig.stop.cancel();
     Ok(())
 }
 
-async fn runs(m: usize, concurrency: usize, backends: &Backends) -> CliResult<()> {
-    let middle: Vec<String> = (1..=8).map(|i| format!("m{i}")).collect();
-    let mut dag = Dag::builder("bench-diamond")
-        .max_active_runs(u32::try_from(m.max(1)).unwrap_or(u32::MAX))
-        .task(TaskSpec::rust("top", Noop));
-    for id in &middle {
-        dag = dag.task(TaskSpec::rust(id.clone(), Noop).after(["top"]));
+async fn layers(args: &BenchArgs, width: usize, depth: usize, backends: &Backends) -> CliResult<()> {
+    let (width, depth) = (width.max(1), depth.max(1));
+    let (rig, run_id, state) = one_run(args, "bench-layers", backends).await?;
+    let total = width * depth;
+    let memory = rig.memory(total);
+    let tasks = rig.store.tasks(&run_id).await.map_err(runtime)?;
+    rig.stop();
+    let (Some(start), Some(end)) =
+        (tasks.iter().filter_map(|t| t.started_at).min(), tasks.iter().filter_map(|t| t.ended_at).max())
+    else {
+        return Err(CliError::runtime(format!("layers run ended {state} without timestamps")));
+    };
+    // The barrier between layers: from the last end in a layer to the first start in the next.
+    let layer_of = |id: &str| id.strip_prefix('l')?.split_once('-')?.0.parse::<usize>().ok();
+    let mut last_end = vec![None; depth];
+    let mut first_start = vec![None; depth];
+    for task in &tasks {
+        let Some(layer) = layer_of(&task.task_id).filter(|&l| l < depth) else { continue };
+        last_end[layer] = last_end[layer].max(task.ended_at);
+        first_start[layer] = match (first_start[layer], task.started_at) {
+            (Some(a), Some(b)) => Some(std::cmp::min(a, b)),
+            (a, b) => a.or(b),
+        };
     }
-    dag = dag.task(TaskSpec::rust("bottom", Noop).after(middle));
-    let rig = Rig::start(registry(build(dag)?), concurrency, backends).await?;
+    let mut barriers: Vec<f64> =
+        (1..depth).filter_map(|l| Some((first_start[l]? - last_end[l - 1]?).num_nanoseconds()? as f64 / 1e3)).collect();
+    barriers.sort_by(f64::total_cmp);
+    let elapsed = (end - start).to_std().unwrap_or_default();
+    println!(
+        "bench=layers mode={} width={width} depth={depth} state={state} tasks={total} elapsed_ms={:.1} tasks_per_s={:.0} barrier_p50_us={:.1} barrier_p99_us={:.1} {memory}",
+        backends.mode(),
+        elapsed.as_secs_f64() * 1e3,
+        total as f64 / elapsed.as_secs_f64().max(1e-9),
+        percentile(&barriers, 0.50),
+        percentile(&barriers, 0.99),
+    );
+    Ok(())
+}
+
+async fn runs(args: &BenchArgs, m: usize, backends: &Backends) -> CliResult<()> {
+    let rig = Rig::start(args, registry(workload_dag(args.workload)?), backends).await?;
     let started = Instant::now();
     let trigger = br#"{"v":1,"dag_id":"bench-diamond"}"#.to_vec();
-    rig.queue.publish_many((0..m).map(|_| (Topic::Triggers, trigger.clone())).collect()).await.map_err(runtime)?;
+    let published =
+        rig.queue.publish_many((0..m).map(|_| (Topic::Triggers, trigger.clone())).collect()).await.map_err(runtime);
+    if let Err(err) = published {
+        rig.stop();
+        return Err(err);
+    }
     let filter = RunFilter { state: Some(RunState::Success), limit: m, ..RunFilter::default() };
     loop {
-        let done = rig.store.list_runs(&filter).await.map_err(runtime)?.len();
+        let done = match rig.store.list_runs(&filter).await {
+            Ok(runs) => runs.len(),
+            Err(err) => {
+                rig.stop();
+                return Err(runtime(err));
+            }
+        };
         if done >= m {
             break;
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let elapsed = started.elapsed();
+    let memory = rig.memory(m * 10);
+    rig.stop();
     println!(
-        "bench=runs mode={} m={m} tasks={} elapsed_ms={:.1} runs_per_s={:.0} tasks_per_s={:.0} peak_rss_mb={:.1}",
+        "bench=runs mode={} m={m} tasks={} elapsed_ms={:.1} runs_per_s={:.0} tasks_per_s={:.0} {memory}",
         backends.mode(),
         m * 10,
         elapsed.as_secs_f64() * 1e3,
         m as f64 / elapsed.as_secs_f64().max(1e-9),
         (m * 10) as f64 / elapsed.as_secs_f64().max(1e-9),
-        peak_rss_mb()
     );
-    rig.stop.cancel();
     Ok(())
 }
 
@@ -329,15 +514,13 @@ fn percentile(sorted: &[f64], q: f64) -> f64 {
     sorted[index.min(sorted.len() - 1)]
 }
 
-/// This process's peak resident memory, from /proc (0 where that is not available).
-fn peak_rss_mb() -> f64 {
+/// A memory figure of this process from /proc/self/status (`VmHWM:` peak, `VmRSS:` now), in
+/// MB; 0 where that is not available.
+fn rss_mb(field: &str) -> f64 {
     std::fs::read_to_string("/proc/self/status")
         .ok()
         .and_then(|status| {
-            status
-                .lines()
-                .find(|l| l.starts_with("VmHWM:"))
-                .and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok())
+            status.lines().find(|l| l.starts_with(field)).and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok())
         })
         .map_or(0.0, |kb| kb / 1024.0)
 }

@@ -233,6 +233,10 @@ pub struct BenchArgs {
     /// Distributed mode: Redis for the store (with --amqp).
     #[arg(long, global = true, value_name = "URL", requires = "amqp")]
     pub redis: Option<String>,
+    /// Internal: run as one of a distributed bench's worker processes under this namespace,
+    /// until standard input closes.
+    #[arg(long, global = true, hide = true, value_name = "NAMESPACE", requires = "amqp")]
+    pub worker_of: Option<String>,
 }
 
 /// Benchmark workloads.
@@ -256,4 +260,25 @@ pub enum BenchWorkload {
         #[arg(default_value_t = 1000)]
         m: usize,
     },
+    /// DEPTH layers of WIDTH no-op tasks; every task waits for the whole layer before it.
+    Layers {
+        /// Tasks per layer.
+        #[arg(default_value_t = 100)]
+        width: usize,
+        /// Layers.
+        #[arg(default_value_t = 100)]
+        depth: usize,
+    },
+}
+
+impl BenchWorkload {
+    /// The workload as command-line words, for the worker processes of a distributed bench.
+    pub(crate) fn to_args(self) -> Vec<String> {
+        match self {
+            BenchWorkload::Fanout { n } => vec!["fanout".into(), n.to_string()],
+            BenchWorkload::Chain { k } => vec!["chain".into(), k.to_string()],
+            BenchWorkload::Runs { m } => vec!["runs".into(), m.to_string()],
+            BenchWorkload::Layers { width, depth } => vec!["layers".into(), width.to_string(), depth.to_string()],
+        }
+    }
 }

@@ -12,7 +12,7 @@ use chrono::{DateTime, Utc};
 use crate::BackendError;
 use crate::records::{DagRecord, RunRecord, TaskInstance, WorkerInfo};
 use crate::state::{RunState, TaskState};
-use crate::store::{CreateRun, RunFilter, Store, append_capped};
+use crate::store::{CreateRun, RunFilter, Store, TaskChange, append_capped};
 
 /// An in-memory store.
 #[derive(Default)]
@@ -161,6 +161,29 @@ impl Store for MemoryStore {
         }
         *current = task.clone();
         Ok(true)
+    }
+
+    async fn tasks_by_id(&self, run_id: &str, task_ids: &[&str]) -> Result<Vec<Option<TaskInstance>>, BackendError> {
+        let inner = self.inner();
+        let entry = inner.runs.get(run_id);
+        Ok(task_ids.iter().map(|id| entry.and_then(|e| e.index.get(*id).map(|&i| e.tasks[i].clone()))).collect())
+    }
+
+    async fn transition_tasks(&self, run_id: &str, changes: &[TaskChange]) -> Result<Vec<bool>, BackendError> {
+        let mut inner = self.inner();
+        let Some(entry) = inner.runs.get_mut(run_id) else { return Ok(vec![false; changes.len()]) };
+        Ok(changes
+            .iter()
+            .map(|change| {
+                let Some(&i) = entry.index.get(&change.task.task_id) else { return false };
+                let current = &mut entry.tasks[i];
+                if current.state != change.expected_state || current.try_number != change.expected_try {
+                    return false;
+                }
+                *current = change.task.clone();
+                true
+            })
+            .collect())
     }
 
     async fn add_tasks(

@@ -1,6 +1,7 @@
 #![allow(clippy::unwrap_used, missing_docs, unreachable_pub)]
 //! End-to-end tests of the `dagmq` binary: real processes, driven through the CLI.
 
+mod bench;
 mod browser;
 mod cluster;
 mod distributed;
