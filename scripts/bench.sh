@@ -13,9 +13,13 @@ rabbitmq-diagnostics -q ping >/dev/null 2>&1 || { rabbitmq-server -detached; sle
 cargo build --release -p dagmq
 bench=./target/release/dagmq
 echo "# $(nproc) cores, $(free -g | awk '/Mem:/ {print $2}') GiB, $(date -u +%Y-%m-%dT%H:%MZ)"
-for workload in "fanout 10000" "chain 1000" "runs 1000" "fanout 100000"; do
+# Each figure three times (the machine is shared with the broker: single runs vary), then the
+# scale runs once: 100,000 tasks wide, and 10,000 in 100 layers of 100.
+for workload in "fanout 10000" "fanout 10000" "fanout 10000" "chain 1000" "chain 1000" "chain 1000" \
+  "runs 1000" "runs 1000" "runs 1000" "fanout 100000" "layers 100 100"; do
   env -u DAGMQ_AMQP_URL -u DAGMQ_REDIS_URL $bench bench $workload
 done
-for workload in "fanout 10000" "chain 1000" "runs 1000" "fanout 100000"; do
+for workload in "fanout 10000" "fanout 10000" "fanout 10000" "chain 1000" "chain 1000" "chain 1000" \
+  "runs 1000" "fanout 100000" "layers 100 100"; do
   $bench bench $workload --amqp "$amqp" --redis "$redis"
 done

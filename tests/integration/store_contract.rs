@@ -108,8 +108,8 @@ async fn contract(store: Arc<dyn Store>) {
     all_tasks.sort_by(|x, y| x.task_id.cmp(&y.task_id));
     assert_eq!(all_tasks.iter().map(|t| t.task_id.as_str()).collect::<Vec<_>>(), vec!["a", "a.x", "b"]);
     assert_eq!(all_tasks[0].follow_ups.len(), 1);
-    assert_eq!(all_tasks[2].after, vec!["a", "a.x"]);
-    assert!(all_tasks[1].after == vec!["a"] && all_tasks[1].state == TaskState::Pending);
+    assert_eq!(*all_tasks[2].after, ["a", "a.x"]);
+    assert!(*all_tasks[1].after == ["a"] && all_tasks[1].state == TaskState::Pending);
 
     // Logs: per try, in order, from an offset, capped with a marker.
     let lines: Vec<String> = (0..5).map(|i| format!("line {i}")).collect();

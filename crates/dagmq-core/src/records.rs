@@ -1,6 +1,8 @@
 //! What the store keeps: runs, task instances (DRTs), workers and DAG metadata. These are
 //! serialized into Redis, so they are a boundary too and derive serde.
 
+use std::sync::Arc;
+
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
@@ -68,14 +70,15 @@ pub struct TaskInstance {
     /// Tries after the first in each budget (a restart grants a new budget).
     #[serde(default)]
     pub retries: u32,
-    /// Upstream task ids (including follow-ups inserted before it).
+    /// Upstream task ids (including follow-ups inserted before it); shared, as it rarely
+    /// changes and an instance is copied at every transition.
     #[serde(default)]
-    pub after: Vec<String>,
+    pub after: Arc<[String]>,
     /// Worker pool.
     pub queue: String,
     /// For a follow-up task: what it runs (static tasks are found in the DAG).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub follow_up: Option<FollowUp>,
+    pub follow_up: Option<Box<FollowUp>>,
     /// When the current try was queued.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub queued_at: Option<DateTime<Utc>>,
@@ -115,7 +118,7 @@ impl TaskInstance {
     /// A task that has not run yet, with a budget of `retries` tries after the first.
     pub fn pending(
         task_id: impl Into<String>,
-        after: Vec<String>,
+        after: impl Into<Arc<[String]>>,
         queue: impl Into<String>,
         retries: u32,
     ) -> TaskInstance {
@@ -125,7 +128,7 @@ impl TaskInstance {
             try_number: 0,
             max_try: retries + 1,
             retries,
-            after,
+            after: after.into(),
             queue: queue.into(),
             follow_up: None,
             queued_at: None,

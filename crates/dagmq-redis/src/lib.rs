@@ -457,7 +457,7 @@ impl Store for RedisStore {
         for (task_id, after) in new_upstreams {
             if let Some(mut task) = self.task(run_id, task_id).await? {
                 let (state, try_number) = (task.state, task.try_number);
-                task.after = after.clone();
+                task.after = after.as_slice().into();
                 task.progress = None;
                 rewired.push((state, try_number, task));
             }

@@ -33,7 +33,7 @@ impl ActiveRun {
         let mut downstream = vec![Vec::new(); tasks.len()];
         let mut unmet = vec![0u32; tasks.len()];
         for (i, task) in tasks.iter().enumerate() {
-            for up in &task.after {
+            for up in task.after.iter() {
                 if let Some(&u) = index.get(up) {
                     downstream[u].push(i);
                     if tasks[u].state != TaskState::Success {
@@ -149,14 +149,14 @@ impl ActiveRun {
                 after.extend(f.after.iter().map(|a| prefixed(a)));
                 let retries = f.retries.unwrap_or(parent.retries);
                 let mut instance = TaskInstance::pending(prefixed(&f.id), after, parent.queue.clone(), retries);
-                instance.follow_up = Some(FollowUp { id: prefixed(&f.id), ..f.clone() });
+                instance.follow_up = Some(Box::new(FollowUp { id: prefixed(&f.id), ..f.clone() }));
                 instance
             })
             .collect();
         let rewired = self.downstream[i]
             .iter()
             .map(|&d| {
-                let mut after = self.tasks[d].after.clone();
+                let mut after = self.tasks[d].after.to_vec();
                 after.extend(ids.iter().cloned());
                 (self.tasks[d].task_id.clone(), after)
             })
@@ -168,7 +168,7 @@ impl ActiveRun {
     pub(crate) fn apply_expansion(&mut self, new_tasks: Vec<TaskInstance>, rewired: Vec<(String, Vec<String>)>) {
         for (task_id, after) in rewired {
             if let Some(&i) = self.index.get(&task_id) {
-                self.tasks[i].after = after;
+                self.tasks[i].after = after.into();
             }
         }
         self.tasks.extend(new_tasks);

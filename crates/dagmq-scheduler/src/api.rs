@@ -301,7 +301,7 @@ async fn list_dags(State(state): State<AppState>) -> ApiResult<Json<Vec<DagView>
                 .iter()
                 .map(|t| TaskView {
                     task_id: t.id.clone(),
-                    after: t.after.clone(),
+                    after: t.after.to_vec(),
                     kind: match &t.kind {
                         TaskKind::Command(_) => "command".to_string(),
                         TaskKind::Rust { name, .. } => name.clone().map_or("rust".to_string(), |n| format!("rust:{n}")),

@@ -74,6 +74,15 @@ impl SchedulerConfig {
     }
 }
 
+/// Tasks queued with one batch of compare-and-sets in the store.
+const QUEUE_CHUNK: usize = 500;
+
+/// Messages published with one `publish_many` (one round of confirms).
+const PUBLISH_CHUNK: usize = 1000;
+
+/// Outbox size at which queueing stops to publish before it goes on.
+const OUTBOX_HIGH_WATER: usize = 2000;
+
 /// Starts the scheduler. It runs until `shutdown` fires; the returned task ends with an error
 /// only if the queue refuses to let it consume.
 pub fn spawn(
@@ -111,6 +120,7 @@ pub fn spawn(
         timers: BinaryHeap::new(),
         timer_seq: 0,
         outbox: Vec::new(),
+        shutdown: shutdown.clone(),
         dirty: BTreeSet::new(),
         watch_at: None,
     };
@@ -177,8 +187,11 @@ struct Engine {
     timers: BinaryHeap<Reverse<(DateTime<Utc>, u64, TimerKind)>>,
     /// Tie-breaker keeping timers of the same instant in insertion order.
     timer_seq: u64,
-    /// Messages to publish at the end of the current batch.
+    /// Messages to publish at the end of the current batch (or sooner, past
+    /// [`OUTBOX_HIGH_WATER`]).
     outbox: Vec<(Topic, Vec<u8>)>,
+    /// Fires when the scheduler must stop; ends a publish that keeps failing.
+    shutdown: CancelSignal,
     /// DAGs whose queued runs may be able to start.
     dirty: BTreeSet<String>,
     /// When the run watcher must look again; `None` when no DAG has a future schedule point.
@@ -301,7 +314,7 @@ impl Engine {
                             Err(_) => break,
                         }
                     }
-                    self.handle_incoming(batch, &shutdown).await;
+                    self.handle_incoming(batch).await;
                 }
                 _ = clock.sleep_until(wake) => {
                     self.now_cache = self.config.clock.now();
@@ -316,7 +329,7 @@ impl Engine {
             if let Err(err) = self.start_dirty().await {
                 tracing::error!("starting queued runs: {err}");
             }
-            self.flush(&shutdown).await;
+            self.flush().await;
         }
         tracing::info!("scheduler stopped");
         Ok(false)
@@ -334,25 +347,28 @@ impl Engine {
         wake
     }
 
-    /// Publishes the outbox, retrying until the queue takes it or the scheduler stops. The
-    /// tasks are `queued` in the store already; a scheduler that dies here republishes them
-    /// on start.
-    async fn flush(&mut self, shutdown: &CancelSignal) {
-        if self.outbox.is_empty() {
-            return;
-        }
-        let messages = std::mem::take(&mut self.outbox);
-        let mut delay = Duration::from_millis(100);
+    /// Publishes the outbox in chunks of [`PUBLISH_CHUNK`], each retried until the queue takes
+    /// it or the scheduler stops. The tasks are `queued` in the store already; a scheduler that
+    /// dies here republishes them on start.
+    async fn flush(&mut self) {
+        let mut messages = std::mem::take(&mut self.outbox).into_iter();
         loop {
-            match self.queue.publish_many(messages.clone()).await {
-                Ok(()) => return,
-                Err(err) => {
-                    tracing::error!("publishing {} messages failed, retrying in {delay:?}: {err}", messages.len());
-                    tokio::select! {
-                        _ = shutdown.cancelled() => return,
-                        _ = tokio::time::sleep(delay) => {}
+            let chunk: Vec<(Topic, Vec<u8>)> = messages.by_ref().take(PUBLISH_CHUNK).collect();
+            if chunk.is_empty() {
+                return;
+            }
+            let mut delay = Duration::from_millis(100);
+            loop {
+                match self.queue.publish_many(chunk.clone()).await {
+                    Ok(()) => break,
+                    Err(err) => {
+                        tracing::error!("publishing {} messages failed, retrying in {delay:?}: {err}", chunk.len());
+                        tokio::select! {
+                            _ = self.shutdown.cancelled() => return,
+                            _ = tokio::time::sleep(delay) => {}
+                        }
+                        delay = (delay * 2).min(Duration::from_secs(5));
                     }
-                    delay = (delay * 2).min(Duration::from_secs(5));
                 }
             }
         }
@@ -423,7 +439,7 @@ impl Engine {
         }
     }
 
-    async fn handle_incoming(&mut self, batch: Vec<Incoming>, shutdown: &CancelSignal) {
+    async fn handle_incoming(&mut self, batch: Vec<Incoming>) {
         let mut settled = Vec::with_capacity(batch.len());
         let mut decoded = Vec::with_capacity(batch.len());
         for incoming in batch {
@@ -459,7 +475,7 @@ impl Engine {
         if let Err(err) = self.start_dirty().await {
             tracing::error!("starting queued runs: {err}");
         }
-        self.flush(shutdown).await;
+        self.flush().await;
         let mut backend_trouble = false;
         for (delivery, settle) in settled {
             let result = match settle {
@@ -623,41 +639,47 @@ impl Engine {
         self.queue_tasks(run, vec![i]).await
     }
 
-    /// Queues a new try of each of `indices` with one batch of compare-and-sets in the store;
-    /// each that applies gets a message in the outbox, each refused is read again.
+    /// Queues a new try of each of `indices`, with one batch of compare-and-sets in the store
+    /// per [`QUEUE_CHUNK`] tasks; each that applies gets a message in the outbox, each refused
+    /// is read again. A large outbox is published as it grows, so workers start early and the
+    /// scheduler never holds every message of a wide DAG at once.
     async fn queue_tasks(&mut self, run: &mut ActiveRun, indices: Vec<usize>) -> Result<(), BackendError> {
-        let mut queued = Vec::with_capacity(indices.len());
-        let mut changes = Vec::with_capacity(indices.len());
-        for i in indices {
-            let old = &run.tasks[i];
-            if task_transition(old.state, TaskEvent::Queue).is_err() {
+        for chunk in indices.chunks(QUEUE_CHUNK) {
+            let mut queued = Vec::with_capacity(chunk.len());
+            let mut changes = Vec::with_capacity(chunk.len());
+            for &i in chunk {
+                let old = &run.tasks[i];
+                if task_transition(old.state, TaskEvent::Queue).is_err() {
+                    continue;
+                }
+                let mut new = old.clone();
+                new.state = TaskState::Queued;
+                new.try_number += 1;
+                new.queued_at = Some(self.now_cache);
+                new.started_at = None;
+                new.ended_at = None;
+                new.retry_at = None;
+                new.worker = None;
+                new.error = None;
+                new.progress = None;
+                new.follow_ups.clear();
+                queued.push(i);
+                changes.push(TaskChange { expected_state: old.state, expected_try: old.try_number, task: new });
+            }
+            if changes.is_empty() {
                 continue;
             }
-            let mut new = old.clone();
-            new.state = TaskState::Queued;
-            new.try_number += 1;
-            new.queued_at = Some(self.now_cache);
-            new.started_at = None;
-            new.ended_at = None;
-            new.retry_at = None;
-            new.worker = None;
-            new.error = None;
-            new.progress = None;
-            new.follow_ups.clear();
-            queued.push(i);
-            changes.push(TaskChange { expected_state: old.state, expected_try: old.try_number, task: new });
-        }
-        if changes.is_empty() {
-            return Ok(());
-        }
-        let applied = self.store.transition_tasks(run.id(), &changes).await?;
-        self.outbox.reserve(changes.len());
-        for ((i, change), applied) in queued.into_iter().zip(changes).zip(applied) {
-            if applied {
-                self.outbox.push((Topic::Tasks(change.task.queue.clone()), task_message(run, &change.task)));
-                run.replace(i, change.task);
-            } else {
-                self.refresh_task(run, i).await?;
+            let applied = self.store.transition_tasks(run.id(), &changes).await?;
+            for ((i, change), applied) in queued.into_iter().zip(changes).zip(applied) {
+                if applied {
+                    self.outbox.push((Topic::Tasks(change.task.queue.clone()), task_message(run, &change.task)));
+                    run.replace(i, change.task);
+                } else {
+                    self.refresh_task(run, i).await?;
+                }
+            }
+            if self.outbox.len() >= OUTBOX_HIGH_WATER {
+                self.flush().await;
             }
         }
         Ok(())
@@ -1210,7 +1232,7 @@ fn task_message(run: &ActiveRun, task: &TaskInstance) -> Vec<u8> {
         max_try: task.max_try,
         params: run.record.params.clone(),
         logical_date: run.record.logical_date,
-        follow_up: task.follow_up.clone(),
+        follow_up: task.follow_up.as_deref().cloned(),
     })
 }
 

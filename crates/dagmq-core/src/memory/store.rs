@@ -205,7 +205,7 @@ impl Store for MemoryStore {
         }
         for (task_id, after) in new_upstreams {
             if let Some(&i) = entry.index.get(task_id) {
-                entry.tasks[i].after = after.clone();
+                entry.tasks[i].after = after.as_slice().into();
             }
         }
         Ok(())
