@@ -250,3 +250,30 @@ async fn redis_finished_runs_expire_after_retention() {
     assert!(store.list_runs(&RunFilter { limit: 10, ..RunFilter::default() }).await.unwrap().is_empty());
     store.delete_all().await.unwrap();
 }
+
+/// The task scripts read state and try with a pattern over serde's field order; an instance
+/// stored in another order (another writer) is decoded instead, with the same answers.
+#[tokio::test]
+async fn redis_task_scripts_read_instances_in_any_field_order() {
+    let Some(probe) = redis_store().await else { return };
+    drop(probe);
+    let prefix = crate::services::namespace();
+    let store = dagmq_redis::RedisStore::connect(&crate::services::redis_url(), &prefix, None).await.unwrap();
+    store.create_run(&run("order", "etl", 0, None), &tasks()).await.unwrap();
+    let reordered =
+        r#"{"try_number":0,"state":"pending","max_try":2,"retries":1,"task_id":"a","after":[],"queue":"default"}"#;
+    let written = std::process::Command::new("redis-cli")
+        .args(["-u", &crate::services::redis_url(), "HSET", &format!("{prefix}:run:{{order}}:tasks"), "a", reordered])
+        .output()
+        .expect("redis-cli runs");
+    assert!(written.status.success(), "{}", String::from_utf8_lossy(&written.stderr));
+    let a = store.task("order", "a").await.unwrap().unwrap();
+    assert_eq!((a.state, a.try_number), (TaskState::Pending, 0));
+    assert!(!store.transition_task("order", TaskState::Pending, 1, &with(&a, TaskState::Queued, 1)).await.unwrap());
+    assert!(!store.transition_task("order", TaskState::Queued, 0, &with(&a, TaskState::Queued, 1)).await.unwrap());
+    assert!(store.transition_task("order", TaskState::Pending, 0, &with(&a, TaskState::Queued, 1)).await.unwrap());
+    let change =
+        TaskChange { expected_state: TaskState::Queued, expected_try: 1, task: with(&a, TaskState::Running, 1) };
+    assert_eq!(store.transition_tasks("order", &[change]).await.unwrap(), vec![true]);
+    store.delete_all().await.unwrap();
+}

@@ -2,7 +2,9 @@
 //! Shaped after RabbitMQ (confirms, manual ack, dead-lettering, redelivered flag) so the
 //! in-memory implementation and the broker behave the same.
 
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::Poll;
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -215,5 +217,46 @@ impl Subscription {
                 None => return None,
             }
         }
+    }
+}
+
+/// Awaits every future at once, in this task (no task is spawned), and answers their outputs
+/// in order: for settling a batch of deliveries together rather than one after another.
+pub async fn join_all<F: Future>(futures: impl IntoIterator<Item = F>) -> Vec<F::Output> {
+    let mut pending: Vec<Pin<Box<F>>> = futures.into_iter().map(Box::pin).collect();
+    let mut outputs: Vec<Option<F::Output>> = pending.iter().map(|_| None).collect();
+    let mut remaining = pending.len();
+    std::future::poll_fn(|cx| {
+        for (future, output) in pending.iter_mut().zip(outputs.iter_mut()) {
+            if output.is_none()
+                && let Poll::Ready(value) = future.as_mut().poll(cx)
+            {
+                *output = Some(value);
+                remaining -= 1;
+            }
+        }
+        if remaining == 0 { Poll::Ready(()) } else { Poll::Pending }
+    })
+    .await;
+    outputs.into_iter().flatten().collect()
+}
+
+#[cfg(test)]
+mod join_tests {
+    use super::join_all;
+    use std::time::Duration;
+
+    #[tokio::test(start_paused = true)]
+    async fn join_all_waits_for_all_at_once_and_keeps_the_order() {
+        let started = tokio::time::Instant::now();
+        let delays = [30u64, 10, 20];
+        let outputs = join_all(delays.iter().map(|&ms| async move {
+            tokio::time::sleep(Duration::from_millis(ms)).await;
+            ms
+        }))
+        .await;
+        assert_eq!(outputs, vec![30, 10, 20]);
+        assert_eq!(started.elapsed(), Duration::from_millis(30), "concurrently, not one after another");
+        assert!(join_all(Vec::<std::future::Ready<u8>>::new()).await.is_empty());
     }
 }

@@ -226,6 +226,16 @@ pub struct DagRecord {
 mod tests {
     use super::*;
 
+    /// The Redis task scripts find state and try by this prefix (and decode anything else).
+    #[test]
+    fn a_task_instance_serializes_id_state_and_try_first() {
+        let mut task = TaskInstance::pending("t-1.x", vec!["a".to_string()], "default", 1);
+        task.state = TaskState::UpForRetry;
+        task.try_number = 12;
+        let json = serde_json::to_string(&task).unwrap_or_default();
+        assert!(json.starts_with(r#"{"task_id":"t-1.x","state":"up_for_retry","try_number":12,"#), "{json}");
+    }
+
     #[test]
     fn interruptions_requeue_with_a_new_try_until_the_bound_then_fail() {
         let now = DateTime::from_timestamp(1_000, 0).unwrap_or_default();

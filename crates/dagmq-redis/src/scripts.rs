@@ -2,28 +2,54 @@
 //! sharing the run's hash tag, so each runs in one slot on Redis Cluster. Scripts read JSON with
 //! cjson but never re-encode it (cjson turns empty arrays into objects): they compare and then
 //! store the JSON the caller sent.
+//!
+//! A task compare-and-set reads only the state and try of the stored instance. serde writes
+//! `task_id`, `state` and `try_number` first, and task ids hold no quotes, so an anchored pattern
+//! finds both without decoding the whole instance (whose upstream list can be long); anything
+//! else is decoded with cjson.
+
+/// Wraps a task script with `head(json)`, which answers a stored instance's state and try (as
+/// text).
+macro_rules! task_script {
+    ($body:literal) => {
+        concat!(
+            r#"
+local function head(json)
+  local state, try = string.match(json, '^{"task_id":"[^"]*","state":"([%a_]+)","try_number":(%d+)[,}]')
+  if state then return state, try end
+  local task = cjson.decode(json)
+  return task.state, tostring(task.try_number)
+end
+"#,
+            $body
+        )
+    };
+}
 
 /// Compare-and-set of one task. KEYS[1] tasks hash. ARGV: task id, expected state, expected try,
 /// new JSON. Returns 1 when applied, 0 when the state or try differ or the task is unknown.
-pub(crate) const TRANSITION_TASK: &str = r#"
+pub(crate) const TRANSITION_TASK: &str = task_script!(
+    r#"
 local current = redis.call('HGET', KEYS[1], ARGV[1])
 if not current then return 0 end
-local task = cjson.decode(current)
-if task.state ~= ARGV[2] or tostring(task.try_number) ~= ARGV[3] then return 0 end
+local state, try = head(current)
+if state ~= ARGV[2] or try ~= ARGV[3] then return 0 end
 redis.call('HSET', KEYS[1], ARGV[1], ARGV[4])
 return 1
-"#;
+"#
+);
 
 /// Several compare-and-sets of one run's tasks. KEYS[1] tasks hash. ARGV: groups of task id,
 /// expected state, expected try, new JSON. Answers 1 or 0 for each group, in order.
-pub(crate) const TRANSITION_TASKS: &str = r#"
+pub(crate) const TRANSITION_TASKS: &str = task_script!(
+    r#"
 local applied = {}
 for i = 1, #ARGV, 4 do
   local current = redis.call('HGET', KEYS[1], ARGV[i])
   local ok = 0
   if current then
-    local task = cjson.decode(current)
-    if task.state == ARGV[i + 1] and tostring(task.try_number) == ARGV[i + 2] then
+    local state, try = head(current)
+    if state == ARGV[i + 1] and try == ARGV[i + 2] then
       redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 3])
       ok = 1
     end
@@ -31,7 +57,8 @@ for i = 1, #ARGV, 4 do
   applied[#applied + 1] = ok
 end
 return applied
-"#;
+"#
+);
 
 /// Compare-and-set of a run record. KEYS[1] meta key. ARGV: expected state, new JSON,
 /// retention seconds (0: keep), then the run's other keys to expire with it.
@@ -71,7 +98,8 @@ return 1
 /// Adds follow-up tasks and rewires downstream tasks. KEYS[1] tasks hash. ARGV: count of new
 /// tasks, then (id, JSON) pairs of new tasks, then (id, expected state, expected try, JSON)
 /// quadruples of rewired tasks. Nothing happens when a new id exists already.
-pub(crate) const ADD_TASKS: &str = r#"
+pub(crate) const ADD_TASKS: &str = task_script!(
+    r#"
 local count = tonumber(ARGV[1])
 for i = 0, count - 1 do
   if redis.call('HEXISTS', KEYS[1], ARGV[2 + i * 2]) == 1 then return 0 end
@@ -81,25 +109,28 @@ local at = 2 + count * 2
 while at <= #ARGV do
   local current = redis.call('HGET', KEYS[1], ARGV[at])
   if current then
-    local task = cjson.decode(current)
-    if task.state == ARGV[at + 1] and tostring(task.try_number) == ARGV[at + 2] then
+    local state, try = head(current)
+    if state == ARGV[at + 1] and try == ARGV[at + 2] then
       redis.call('HSET', KEYS[1], ARGV[at], ARGV[at + 3])
     end
   end
   at = at + 4
 end
 return 1
-"#;
+"#
+);
 
 /// Records progress of a running try. KEYS[1] tasks hash. ARGV: task id, try, progress.
-pub(crate) const SET_PROGRESS: &str = r#"
+pub(crate) const SET_PROGRESS: &str = task_script!(
+    r#"
 local current = redis.call('HGET', KEYS[1], ARGV[1])
 if not current then return 0 end
-local task = cjson.decode(current)
-if task.state ~= 'running' or tostring(task.try_number) ~= ARGV[2] then return 0 end
+local state, try = head(current)
+if state ~= 'running' or try ~= ARGV[2] then return 0 end
 redis.call('HSET', KEYS[1], ARGV[1] .. '#progress', ARGV[2] .. ':' .. ARGV[3])
 return 1
-"#;
+"#
+);
 
 /// Appends log lines under a cap. KEYS[1] log list, KEYS[2] the run's set of log keys.
 /// ARGV: cap, marker, lines...

@@ -13,6 +13,7 @@ use std::time::Duration;
 
 use chrono::{DateTime, Timelike, Utc};
 use dagmq_core::messages::{self, Control, StatusUpdate, TaskToExec, Trigger, VERSION};
+use dagmq_core::queue::join_all;
 use dagmq_core::records::DagRecord;
 use dagmq_core::state::{TaskEvent, run_outcome, task_transition};
 use dagmq_core::store::{CreateRun, TaskChange};
@@ -476,21 +477,29 @@ impl Engine {
             tracing::error!("starting queued runs: {err}");
         }
         self.flush().await;
+        // Settled together: each ack waits for the connection's writer, so one at a time would
+        // cost a round of thread wake-ups per delivery.
         let mut backend_trouble = false;
+        let mut settling = Vec::with_capacity(settled.len());
         for (delivery, settle) in settled {
-            let result = match settle {
-                Settle::Ack => delivery.ack().await,
+            match &settle {
+                Settle::Ack => {}
                 Settle::DeadLetter(reason) => {
                     tracing::warn!("dead-lettering a message: {reason}");
                     let queue = if reason.starts_with("trigger") { "dagmq.triggers" } else { "dagmq.status" };
-                    self.metrics.dead_lettered.inc(&[queue, reason_label(&reason)]);
-                    delivery.dead_letter(&reason).await
+                    self.metrics.dead_lettered.inc(&[queue, reason_label(reason)]);
                 }
-                Settle::Requeue => {
-                    backend_trouble = true;
-                    delivery.requeue().await
+                Settle::Requeue => backend_trouble = true,
+            }
+            settling.push(async move {
+                match settle {
+                    Settle::Ack => delivery.ack().await,
+                    Settle::DeadLetter(reason) => delivery.dead_letter(&reason).await,
+                    Settle::Requeue => delivery.requeue().await,
                 }
-            };
+            });
+        }
+        for result in join_all(settling).await {
             if let Err(err) = result {
                 tracing::error!("settling a delivery: {err}");
             }

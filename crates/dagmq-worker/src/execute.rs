@@ -146,8 +146,9 @@ pub(crate) async fn execute(shared: &Shared, delivery: Delivery) {
             settle(delivery.dead_letter(&reason).await)
         }
         Ok(Claim::Run(running, executable)) => {
-            settle(delivery.ack().await);
-            finish(shared, &message, *running, executable).await;
+            // The try is ours: it starts while the ack is on its way.
+            let (acked, ()) = tokio::join!(delivery.ack(), finish(shared, &message, *running, executable));
+            settle(acked);
         }
         Err(err) => {
             // The store or queue failed: give the message back for another try later.

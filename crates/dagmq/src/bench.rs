@@ -9,6 +9,8 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use chrono::{DateTime, Utc};
+
 use dagmq_core::memory::{MemoryQueue, MemoryStore};
 use dagmq_core::store::RunFilter;
 use dagmq_core::task::CancelHandle;
@@ -437,29 +439,41 @@ async fn layers(args: &BenchArgs, width: usize, depth: usize, backends: &Backend
     else {
         return Err(CliError::runtime(format!("layers run ended {state} without timestamps")));
     };
-    // The barrier between layers: from the last end in a layer to the first start in the next.
+    // The barrier between layers: from the last end in a layer to the first start in the next,
+    // in two parts: until the scheduler queued the next layer, and from then to the first start.
     let layer_of = |id: &str| id.strip_prefix('l')?.split_once('-')?.0.parse::<usize>().ok();
     let mut last_end = vec![None; depth];
+    let mut first_queued = vec![None; depth];
     let mut first_start = vec![None; depth];
+    let earliest = |a: Option<DateTime<Utc>>, b: Option<DateTime<Utc>>| match (a, b) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
+    };
     for task in &tasks {
         let Some(layer) = layer_of(&task.task_id).filter(|&l| l < depth) else { continue };
         last_end[layer] = last_end[layer].max(task.ended_at);
-        first_start[layer] = match (first_start[layer], task.started_at) {
-            (Some(a), Some(b)) => Some(std::cmp::min(a, b)),
-            (a, b) => a.or(b),
-        };
+        first_queued[layer] = earliest(first_queued[layer], task.queued_at);
+        first_start[layer] = earliest(first_start[layer], task.started_at);
     }
-    let mut barriers: Vec<f64> =
-        (1..depth).filter_map(|l| Some((first_start[l]? - last_end[l - 1]?).num_nanoseconds()? as f64 / 1e3)).collect();
-    barriers.sort_by(f64::total_cmp);
+    let micros =
+        |from: Option<DateTime<Utc>>, to: Option<DateTime<Utc>>| Some((to? - from?).num_nanoseconds()? as f64 / 1e3);
+    let sorted = |mut values: Vec<f64>| {
+        values.sort_by(f64::total_cmp);
+        values
+    };
+    let barriers = sorted((1..depth).filter_map(|l| micros(last_end[l - 1], first_start[l])).collect());
+    let to_queued = sorted((1..depth).filter_map(|l| micros(last_end[l - 1], first_queued[l])).collect());
+    let to_start = sorted((1..depth).filter_map(|l| micros(first_queued[l], first_start[l])).collect());
     let elapsed = (end - start).to_std().unwrap_or_default();
     println!(
-        "bench=layers mode={} width={width} depth={depth} state={state} tasks={total} elapsed_ms={:.1} tasks_per_s={:.0} barrier_p50_us={:.1} barrier_p99_us={:.1} {memory}",
+        "bench=layers mode={} width={width} depth={depth} state={state} tasks={total} elapsed_ms={:.1} tasks_per_s={:.0} barrier_p50_us={:.1} barrier_p99_us={:.1} to_queued_p50_us={:.1} queued_to_start_p50_us={:.1} {memory}",
         backends.mode(),
         elapsed.as_secs_f64() * 1e3,
         total as f64 / elapsed.as_secs_f64().max(1e-9),
         percentile(&barriers, 0.50),
         percentile(&barriers, 0.99),
+        percentile(&to_queued, 0.50),
+        percentile(&to_start, 0.50),
     );
     Ok(())
 }
