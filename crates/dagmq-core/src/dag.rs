@@ -52,7 +52,7 @@ pub struct TaskSpec {
     /// Id, unique within the DAG.
     pub id: String,
     /// Ids of the tasks that must succeed before this one runs.
-    pub after: Vec<String>,
+    pub after: Arc<[String]>,
     /// What runs.
     pub kind: TaskKind,
     /// Retries, timeout, queue and alerts.
@@ -220,7 +220,7 @@ impl TaskSpec {
     pub fn new(id: impl Into<String>, kind: TaskKind) -> TaskSpec {
         TaskSpec {
             id: id.into(),
-            after: Vec::new(),
+            after: Arc::from([]),
             kind,
             config: TaskConfig::default(),
             args: serde_json::Value::Null,
@@ -229,7 +229,7 @@ impl TaskSpec {
 
     /// Waits for these tasks.
     pub fn after<S: Into<String>>(mut self, upstream: impl IntoIterator<Item = S>) -> TaskSpec {
-        self.after.extend(upstream.into_iter().map(Into::into));
+        self.after = self.after.iter().cloned().chain(upstream.into_iter().map(Into::into)).collect();
         self
     }
 
@@ -444,7 +444,7 @@ fn topological_order(dag: &str, tasks: &[TaskSpec]) -> Result<Vec<usize>, DagErr
     let mut upstreams: Vec<Vec<usize>> = Vec::with_capacity(tasks.len());
     for task in tasks {
         let mut ups = Vec::with_capacity(task.after.len());
-        for up in &task.after {
+        for up in task.after.iter() {
             match index.get(up.as_str()) {
                 Some(&i) => ups.push(i),
                 None => {

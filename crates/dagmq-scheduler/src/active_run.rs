@@ -28,7 +28,13 @@ pub(crate) struct ActiveRun {
 
 impl ActiveRun {
     /// Builds the view from a run and its tasks.
-    pub(crate) fn new(record: RunRecord, dag: Arc<Dag>, tasks: Vec<TaskInstance>) -> ActiveRun {
+    pub(crate) fn new(record: RunRecord, dag: Arc<Dag>, mut tasks: Vec<TaskInstance>) -> ActiveRun {
+        // Instances read from the store carry copies of their upstream lists: share the DAG's.
+        for task in &mut tasks {
+            if let Some(spec) = dag.task(&task.task_id) {
+                share_after(&mut task.after, &spec.after);
+            }
+        }
         let index: HashMap<String, usize> = tasks.iter().enumerate().map(|(i, t)| (t.task_id.clone(), i)).collect();
         let mut downstream = vec![Vec::new(); tasks.len()];
         let mut unmet = vec![0u32; tasks.len()];
@@ -60,7 +66,8 @@ impl ActiveRun {
 
     /// Records that task `i` now has instance `new`, keeping the counters right. Returns the
     /// previous instance.
-    pub(crate) fn replace(&mut self, i: usize, new: TaskInstance) -> TaskInstance {
+    pub(crate) fn replace(&mut self, i: usize, mut new: TaskInstance) -> TaskInstance {
+        share_after(&mut new.after, &self.tasks[i].after);
         let old = std::mem::replace(&mut self.tasks[i], new);
         let new_state = self.tasks[i].state;
         match (old.state.is_final(), new_state.is_final()) {
@@ -173,5 +180,12 @@ impl ActiveRun {
         }
         self.tasks.extend(new_tasks);
         self.rebuild();
+    }
+}
+
+/// Points `after` at `shared` when both list the same ids, so one copy serves every instance.
+fn share_after(after: &mut Arc<[String]>, shared: &Arc<[String]>) {
+    if !Arc::ptr_eq(after, shared) && after[..] == shared[..] {
+        *after = shared.clone();
     }
 }

@@ -121,6 +121,7 @@ pub fn spawn(
         timers: BinaryHeap::new(),
         timer_seq: 0,
         outbox: Vec::new(),
+        created: HashMap::new(),
         shutdown: shutdown.clone(),
         dirty: BTreeSet::new(),
         watch_at: None,
@@ -193,6 +194,9 @@ struct Engine {
     outbox: Vec<(Topic, Vec<u8>)>,
     /// Fires when the scheduler must stop; ends a publish that keeps failing.
     shutdown: CancelSignal,
+    /// The task instances of runs created in this turn of the loop, so a run that starts at
+    /// once is not read back from the store; emptied at the end of every `start_dirty`.
+    created: HashMap<String, Vec<TaskInstance>>,
     /// DAGs whose queued runs may be able to start.
     dirty: BTreeSet<String>,
     /// When the run watcher must look again; `None` when no DAG has a future schedule point.
@@ -796,7 +800,10 @@ impl Engine {
             let at = started_at + chrono::Duration::from_std(timeout).unwrap_or_default();
             self.add_timer(at, TimerKind::RunTimeout { run_id: record.run_id.clone() });
         }
-        let tasks = self.store.tasks(&record.run_id).await?;
+        let tasks = match self.created.remove(&record.run_id) {
+            Some(tasks) if !recovering => tasks,
+            _ => self.store.tasks(&record.run_id).await?,
+        };
         *self.running.entry(record.dag_id.clone()).or_default() += 1;
         let mut run = ActiveRun::new(record, dag, tasks);
         let result = self.settle(&mut run, recovering).await;
@@ -831,6 +838,13 @@ impl Engine {
 
     /// Starts queued runs of every DAG that may have a free slot.
     async fn start_dirty(&mut self) -> Result<(), BackendError> {
+        let started = self.start_dirty_runs().await;
+        self.created.clear();
+        started
+    }
+
+    /// The work of `start_dirty`.
+    async fn start_dirty_runs(&mut self) -> Result<(), BackendError> {
         while let Some(dag_id) = self.dirty.pop_first() {
             let Some(dag) = self.config.dags.get(&dag_id).cloned() else { continue };
             loop {
@@ -881,6 +895,7 @@ impl Engine {
         match self.store.create_run(&record, &tasks).await? {
             CreateRun::Created => {
                 tracing::info!(dag = %dag.id, run = %run_id, "run created");
+                self.created.insert(run_id.clone(), tasks);
                 self.queued.entry(dag.id.clone()).or_default().push_back(run_id.clone());
                 self.dirty.insert(dag.id.clone());
                 Ok(TriggerOutcome { run_id, created: true })
