@@ -189,3 +189,60 @@ fn share_after(after: &mut Arc<[String]>, shared: &Arc<[String]>) {
         *after = shared.clone();
     }
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use dagmq_core::{RunKind, RunState, TaskSpec};
+
+    fn decoded(task: &TaskInstance) -> TaskInstance {
+        serde_json::from_str(&serde_json::to_string(task).unwrap()).unwrap()
+    }
+
+    #[test]
+    fn instances_share_the_dag_s_upstream_lists() {
+        let dag = Dag::builder("d")
+            .task(TaskSpec::command("a", ["true"]))
+            .task(TaskSpec::command("b", ["true"]))
+            .task(TaskSpec::command("c", ["true"]).after(["a", "b"]))
+            .build()
+            .unwrap();
+        let dag = Arc::new(dag);
+        let spec_after = dag.task("c").unwrap().after.clone();
+        let at = chrono::DateTime::from_timestamp(0, 0).unwrap();
+        let record = RunRecord {
+            run_id: "r".into(),
+            dag_id: "d".into(),
+            state: RunState::Running,
+            kind: RunKind::Manual,
+            logical_date: at,
+            params: Default::default(),
+            key: None,
+            created_at: at,
+            started_at: None,
+            ended_at: None,
+        };
+        // As read from a store: every list a copy of its own.
+        let tasks: Vec<TaskInstance> = dag
+            .tasks()
+            .iter()
+            .map(|t| decoded(&TaskInstance::pending(t.id.clone(), t.after.to_vec(), "default", 0)))
+            .collect();
+        assert!(!Arc::ptr_eq(&tasks[2].after, &spec_after));
+        let mut run = ActiveRun::new(record, dag.clone(), tasks);
+        let c = run.index["c"];
+        assert!(Arc::ptr_eq(&run.tasks[c].after, &spec_after));
+        assert_eq!(run.unmet[c], 2);
+
+        // A fresh read of the same task keeps sharing; a changed list (a rewiring) is kept.
+        let mut fresh = decoded(&run.tasks[c]);
+        fresh.state = TaskState::UpstreamFailed;
+        run.replace(c, fresh);
+        assert!(Arc::ptr_eq(&run.tasks[c].after, &spec_after));
+        let mut rewired = decoded(&run.tasks[c]);
+        rewired.after = vec!["a".to_string(), "b".to_string(), "a.x".to_string()].into();
+        run.replace(c, rewired);
+        assert_eq!(run.tasks[c].after.len(), 3);
+    }
+}
