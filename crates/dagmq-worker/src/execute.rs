@@ -2,8 +2,11 @@
 //! it, write the outcome, publish the status update, then ack.
 
 use std::collections::HashMap;
+use std::panic::AssertUnwindSafe;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use dagmq_core::messages::{self, Control, StatusUpdate, TaskToExec, VERSION};
@@ -155,6 +158,26 @@ pub(crate) async fn execute(shared: &Shared, delivery: Delivery) {
             tracing::error!(run = %message.run_id, task = %message.task_id, "{err}; requeueing the message");
             tokio::time::sleep(Duration::from_millis(500)).await;
             settle(delivery.requeue().await)
+        }
+    }
+}
+
+/// A try's future, polled in place; a panic while polling ends it with the panic's text.
+struct CatchPanic(Pin<Box<dyn Future<Output = Result<TaskOutcome, TaskError>> + Send>>);
+
+impl Future for CatchPanic {
+    type Output = Result<Result<TaskOutcome, TaskError>, String>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let future = &mut self.0;
+        match std::panic::catch_unwind(AssertUnwindSafe(|| future.as_mut().poll(cx))) {
+            Ok(Poll::Ready(result)) => Poll::Ready(Ok(result)),
+            Ok(Poll::Pending) => Poll::Pending,
+            Err(payload) => Poll::Ready(Err(payload
+                .downcast_ref::<&str>()
+                .map(|s| s.to_string())
+                .or_else(|| payload.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "a non-text panic payload".to_string()))),
         }
     }
 }
@@ -399,10 +422,11 @@ async fn run_try(
             Arc::new(sink.clone()),
             signal.clone(),
         );
-        let mut join = match executable {
-            Executable::Rust(task, _) => tokio::spawn(async move { task.run(ctx).await }),
-            Executable::Command(argv) => tokio::spawn(async move { run_command(&argv, ctx, &logical_date).await }),
-        };
+        // Polled here, not spawned: one task less per try; a panic is caught at the poll.
+        let mut running = CatchPanic(match executable {
+            Executable::Rust(task, _) => Box::pin(async move { task.run(ctx).await }),
+            Executable::Command(argv) => Box::pin(async move { run_command(&argv, ctx, &logical_date).await }),
+        });
         let timed_out = async {
             match timeout {
                 Some(limit) => tokio::time::sleep(limit).await,
@@ -410,7 +434,7 @@ async fn run_try(
             }
         };
         let joined = tokio::select! {
-            joined = &mut join => Some(joined),
+            joined = &mut running => Some(joined),
             _ = timed_out => {
                 reason.store(StopReason::Timeout as u8, Ordering::SeqCst);
                 if let Some(handle) = lock(&shared.running).get(&key) {
@@ -420,16 +444,12 @@ async fn run_try(
             }
             _ = signal.cancelled() => None,
         };
+        // A stopped try gets a grace period to wind down; then it is dropped (aborted).
         let joined = match joined {
-            Some(joined) => joined,
-            None => match tokio::time::timeout(STOP_GRACE, &mut join).await {
-                Ok(joined) => joined,
-                Err(_) => {
-                    join.abort();
-                    join.await
-                }
-            },
+            Some(joined) => Some(joined),
+            None => tokio::time::timeout(STOP_GRACE, &mut running).await.ok(),
         };
+        drop(running);
         lock(&shared.running).remove(&key);
         let stop = StopReason::from_u8(reason.load(Ordering::SeqCst));
         let result = match (stop, joined) {
@@ -438,17 +458,9 @@ async fn run_try(
                 Err(TaskError::new(format!("timed out after {limit}")))
             }
             (StopReason::Cancelled, _) => Err(TaskError::fatal("cancelled")),
-            (_, Ok(result)) => result,
-            (_, Err(join_error)) if join_error.is_panic() => {
-                let panic = join_error.into_panic();
-                let text = panic
-                    .downcast_ref::<&str>()
-                    .map(|s| s.to_string())
-                    .or_else(|| panic.downcast_ref::<String>().cloned())
-                    .unwrap_or_else(|| "a non-text panic payload".to_string());
-                Err(TaskError::new(format!("task panicked: {text}")))
-            }
-            (_, Err(_)) => Err(TaskError::new("task aborted")),
+            (_, Some(Ok(result))) => result,
+            (_, Some(Err(panic))) => Err(TaskError::new(format!("task panicked: {panic}"))),
+            (_, None) => Err(TaskError::new("task aborted")),
         };
         if let Err(error) = &result {
             dagmq_core::task::LogSink::line(&sink, format!("[dagmq] try {} failed: {error}", message.try_number));
