@@ -72,6 +72,14 @@ impl Family {
         self.add(labels, 1.0);
     }
 
+    /// The value of one series of a counter or gauge (0 when it has none yet).
+    pub fn value(&self, labels: &[&str]) -> f64 {
+        match &self.kind {
+            Kind::Counter(series) | Kind::Gauge(series) => lock(series).get(&owned(labels)).copied().unwrap_or(0.0),
+            Kind::Histogram { .. } => 0.0,
+        }
+    }
+
     /// Sets a gauge.
     pub fn set(&self, labels: &[&str], value: f64) {
         if let Kind::Gauge(series) = &self.kind {
@@ -183,6 +191,9 @@ mod tests {
         duration.observe(&["etl"], 0.05);
         duration.observe(&["etl"], 0.5);
         duration.observe(&["etl"], 3.0);
+        assert_eq!(runs.value(&["etl", "success"]), 2.0);
+        assert_eq!(runs.value(&["etl", "failed"]), 0.0);
+        assert_eq!(lag.value(&[]), 0.25);
         let mut out = String::new();
         for family in [&runs, &lag, &duration] {
             family.render(&mut out);
