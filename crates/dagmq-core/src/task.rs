@@ -12,7 +12,10 @@ use tokio::sync::watch;
 /// Parameters of a DAG run, as given by a trigger: string keys, JSON values.
 pub type Params = BTreeMap<String, serde_json::Value>;
 
-/// A unit of work written in Rust. The worker calls `run` once per try.
+/// A unit of work written in Rust. The worker calls `run` once per try and polls the returned
+/// future in the task that handles the delivery, so `run` must not block the thread: long CPU
+/// work or blocking I/O belongs in `tokio::task::spawn_blocking`, or else the try's timeout,
+/// cancellation and log flushing wait until it yields.
 #[async_trait]
 pub trait Task: Send + Sync + 'static {
     /// Runs one try. `Ok` is success (optionally with follow-up tasks); `Err` is a failed try,

@@ -1,5 +1,6 @@
-//! One delivery from decoding to acknowledgement: claim the try with a compare-and-set, run
-//! it, write the outcome, publish the status update, then ack.
+//! One delivery from decoding to the try's outcome: claim the try with a compare-and-set,
+//! acknowledge the message while the try starts, run it, write the outcome, publish the status
+//! update.
 
 use std::collections::HashMap;
 use std::panic::AssertUnwindSafe;
