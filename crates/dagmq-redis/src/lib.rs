@@ -358,19 +358,7 @@ impl Store for RedisStore {
     }
 
     async fn task(&self, run_id: &str, task_id: &str) -> Result<Option<TaskInstance>, BackendError> {
-        let mut conn = self.conn().await?;
-        let (task, progress): (Option<String>, Option<String>) = redis::pipe()
-            .hget(self.tasks_key(run_id), task_id)
-            .hget(self.tasks_key(run_id), format!("{task_id}#progress"))
-            .query_async(&mut conn)
-            .await
-            .map_err(redis_error)?;
-        let Some(task) = task else { return Ok(None) };
-        let mut fields = vec![(task_id.to_string(), task)];
-        if let Some(progress) = progress {
-            fields.push((format!("{task_id}#progress"), progress));
-        }
-        Ok(tasks_from_hash(fields)?.pop())
+        Ok(self.tasks_by_id(run_id, &[task_id]).await?.pop().flatten())
     }
 
     async fn transition_task(

@@ -50,6 +50,19 @@ struct RunEntry {
     logs: HashMap<(String, u32), Vec<String>>,
 }
 
+impl RunEntry {
+    /// Replaces a task's instance if it is still in `expected_state` at `expected_try`.
+    fn transition(&mut self, expected_state: TaskState, expected_try: u32, task: &TaskInstance) -> bool {
+        let Some(&i) = self.index.get(&task.task_id) else { return false };
+        let current = &mut self.tasks[i];
+        if current.state != expected_state || current.try_number != expected_try {
+            return false;
+        }
+        *current = task.clone();
+        true
+    }
+}
+
 impl MemoryStore {
     /// An empty store.
     pub fn new() -> MemoryStore {
@@ -153,14 +166,7 @@ impl Store for MemoryStore {
         task: &TaskInstance,
     ) -> Result<bool, BackendError> {
         let mut inner = self.inner();
-        let Some(entry) = inner.runs.get_mut(run_id) else { return Ok(false) };
-        let Some(&i) = entry.index.get(&task.task_id) else { return Ok(false) };
-        let current = &mut entry.tasks[i];
-        if current.state != expected_state || current.try_number != expected_try {
-            return Ok(false);
-        }
-        *current = task.clone();
-        Ok(true)
+        Ok(inner.runs.get_mut(run_id).is_some_and(|entry| entry.transition(expected_state, expected_try, task)))
     }
 
     async fn tasks_by_id(&self, run_id: &str, task_ids: &[&str]) -> Result<Vec<Option<TaskInstance>>, BackendError> {
@@ -172,18 +178,7 @@ impl Store for MemoryStore {
     async fn transition_tasks(&self, run_id: &str, changes: &[TaskChange]) -> Result<Vec<bool>, BackendError> {
         let mut inner = self.inner();
         let Some(entry) = inner.runs.get_mut(run_id) else { return Ok(vec![false; changes.len()]) };
-        Ok(changes
-            .iter()
-            .map(|change| {
-                let Some(&i) = entry.index.get(&change.task.task_id) else { return false };
-                let current = &mut entry.tasks[i];
-                if current.state != change.expected_state || current.try_number != change.expected_try {
-                    return false;
-                }
-                *current = change.task.clone();
-                true
-            })
-            .collect())
+        Ok(changes.iter().map(|c| entry.transition(c.expected_state, c.expected_try, &c.task)).collect())
     }
 
     async fn add_tasks(
