@@ -4,6 +4,8 @@
 //! - `cli_standalone`: the `dagmq` binary in standalone mode, driven through its CLI.
 
 mod api;
+mod faults;
+mod partial_failure;
 mod queue_contract;
 mod scheduling;
 mod services;

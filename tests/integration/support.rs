@@ -17,6 +17,25 @@ use dagmq_core::{
 use dagmq_scheduler::{Notification, Notifier, SchedulerConfig, SchedulerHandle};
 use dagmq_worker::WorkerConfig;
 
+use crate::faults::{Faults, FaultyQueue, FaultyStore};
+
+/// The fault switches of one process's store and queue.
+#[derive(Clone, Default)]
+pub struct ProcessFaults {
+    pub store: Arc<Faults>,
+    pub queue: Arc<Faults>,
+}
+
+impl ProcessFaults {
+    /// The backends as this process sees them.
+    fn wrap(&self, queue: &Arc<MemoryQueue>, store: &Arc<MemoryStore>) -> (Arc<dyn dagmq_core::Queue>, Arc<dyn Store>) {
+        let queue: Arc<dyn dagmq_core::Queue> =
+            Arc::new(FaultyQueue { inner: queue.clone(), faults: self.queue.clone() });
+        let store: Arc<dyn Store> = Arc::new(FaultyStore { inner: store.clone(), faults: self.store.clone() });
+        (queue, store)
+    }
+}
+
 /// The instant every paused-clock test starts at.
 pub fn origin() -> DateTime<Utc> {
     DateTime::parse_from_rfc3339("2026-11-23T10:00:00Z").unwrap().with_timezone(&Utc)
@@ -32,6 +51,10 @@ pub struct Harness {
     pub tasks: TaskRegistry,
     /// Every notification the scheduler sent.
     pub notifications: Arc<Mutex<Vec<Notification>>>,
+    /// Faults injected into the scheduler's store and queue.
+    pub scheduler_faults: ProcessFaults,
+    /// Faults injected into the worker's store and queue.
+    pub worker_faults: ProcessFaults,
     scheduler_stop: CancelHandle,
     scheduler_task: tokio::task::JoinHandle<Result<(), dagmq_core::BackendError>>,
     worker_stop: Option<CancelHandle>,
@@ -50,10 +73,13 @@ impl Harness {
         let store = Arc::new(MemoryStore::new());
         let clock = Arc::new(TokioClock::starting_at(origin()));
         let notifications = Arc::new(Mutex::new(Vec::new()));
+        let scheduler_faults = ProcessFaults::default();
         let (scheduler_stop, scheduler, scheduler_task) =
-            spawn_scheduler(&dags, &queue, &store, &clock, &notifications);
+            spawn_scheduler(&dags, &scheduler_faults, &queue, &store, &clock, &notifications);
         let mut harness = Harness {
             notifications,
+            scheduler_faults,
+            worker_faults: ProcessFaults::default(),
             queue,
             store,
             clock,
@@ -75,8 +101,7 @@ impl Harness {
         config.tasks = self.tasks.clone();
         config.concurrency = 64;
         let (stop, signal) = CancelSignal::new();
-        let queue: Arc<dyn dagmq_core::Queue> = self.queue.clone();
-        let store: Arc<dyn Store> = self.store.clone();
+        let (queue, store) = self.worker_faults.wrap(&self.queue, &self.store);
         self.worker_task = Some(tokio::spawn(dagmq_worker::run(config, queue, store, signal)));
         self.worker_stop = Some(stop);
     }
@@ -95,8 +120,14 @@ impl Harness {
     pub async fn restart_scheduler(&mut self) {
         self.scheduler_stop.cancel();
         (&mut self.scheduler_task).await.unwrap().unwrap();
-        let (stop, handle, task) =
-            spawn_scheduler(&self.dags, &self.queue, &self.store, &self.clock, &self.notifications);
+        let (stop, handle, task) = spawn_scheduler(
+            &self.dags,
+            &self.scheduler_faults,
+            &self.queue,
+            &self.store,
+            &self.clock,
+            &self.notifications,
+        );
         self.scheduler_stop = stop;
         self.scheduler = handle;
         self.scheduler_task = task;
@@ -159,6 +190,7 @@ impl Harness {
 
 fn spawn_scheduler(
     dags: &DagRegistry,
+    faults: &ProcessFaults,
     queue: &Arc<MemoryQueue>,
     store: &Arc<MemoryStore>,
     clock: &Arc<TokioClock>,
@@ -168,7 +200,8 @@ fn spawn_scheduler(
     config.notifier = Arc::new(Recorder(notifications.clone()));
     config.sweep_interval = Duration::from_secs(5);
     let (stop, signal) = CancelSignal::new();
-    let (handle, task) = dagmq_scheduler::spawn(config, queue.clone(), store.clone(), signal);
+    let (queue, store) = faults.wrap(queue, store);
+    let (handle, task) = dagmq_scheduler::spawn(config, queue, store, signal);
     (stop, handle, task)
 }
 

@@ -86,6 +86,8 @@ pub struct Delivery {
     pub redelivered: bool,
     /// For dead-lettered messages: why (the `x-dagmq-error` header).
     pub error: Option<String>,
+    /// The producer's message id (AMQP `message_id`), when it set one.
+    pub message_id: Option<String>,
     /// Settles the delivery with the queue.
     acker: Box<dyn Acker>,
 }
@@ -104,7 +106,13 @@ pub trait Acker: Send {
 impl Delivery {
     /// A delivery from a backend.
     pub fn new(payload: Vec<u8>, redelivered: bool, error: Option<String>, acker: Box<dyn Acker>) -> Delivery {
-        Delivery { payload, redelivered, error, acker }
+        Delivery { payload, redelivered, error, message_id: None, acker }
+    }
+
+    /// The same delivery with the producer's message id.
+    pub fn with_message_id(mut self, message_id: Option<String>) -> Delivery {
+        self.message_id = message_id.filter(|id| !id.is_empty());
+        self
     }
 
     /// The message is done with.
@@ -129,6 +137,7 @@ impl std::fmt::Debug for Delivery {
             .field("bytes", &self.payload.len())
             .field("redelivered", &self.redelivered)
             .field("error", &self.error)
+            .field("message_id", &self.message_id)
             .finish()
     }
 }

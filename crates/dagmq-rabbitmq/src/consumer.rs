@@ -107,7 +107,8 @@ impl Consumer for RabbitConsumer {
                 } else {
                     Box::new(NoAck)
                 };
-                Some(Ok(Delivery::new(delivery.data, delivery.redelivered, error, acker)))
+                let message_id = delivery.properties.message_id().as_ref().map(|id| id.to_string());
+                Some(Ok(Delivery::new(delivery.data, delivery.redelivered, error, acker).with_message_id(message_id)))
             }
             Some(Err(err)) => Some(Err(BackendError::new(format!("rabbitmq: consumer of {}: {err}", self.name)))),
             // The broker cancelled the consumer or the connection closed: the owner consumes again.

@@ -55,6 +55,15 @@ pub struct SchedulerConfig {
     /// The scheduler lease lasts this long unless renewed (every third of it); a standby
     /// scheduler takes over at most this long after the active one dies.
     pub lease_ttl: Duration,
+    /// A task `queued` this long without being claimed may have lost its message (a publish
+    /// that failed after the compare-and-set, a message dead-lettered by the broker): it is
+    /// read again and, still `queued`, published again (duplicates are harmless: a worker's
+    /// claim is a compare-and-set). Checked with the lost workers.
+    pub republish_after: Duration,
+    /// A try `running` under a live worker whose heartbeats have not listed it for this long
+    /// is not being run (its claim applied but the worker took it for failed): it is requeued
+    /// as a new try.
+    pub unlisted_grace: Duration,
 }
 
 impl SchedulerConfig {
@@ -71,6 +80,8 @@ impl SchedulerConfig {
             zombie_check_interval: Duration::from_secs(5),
             lease_ttl: Duration::from_secs(10),
             refused_dags: Vec::new(),
+            republish_after: Duration::from_secs(20),
+            unlisted_grace: Duration::from_secs(10),
         }
     }
 }
@@ -109,6 +120,8 @@ pub fn spawn(
         sweep_at: config.clock.now() + chrono::Duration::from_std(config.sweep_interval).unwrap_or_default(),
         zombie_at: config.clock.now() + chrono::Duration::from_std(config.zombie_check_interval).unwrap_or_default(),
         known_instances: HashMap::new(),
+        republished: HashMap::new(),
+        unlisted: HashMap::new(),
         lease_holder: format!("scheduler-{}", uuid::Uuid::new_v4().simple()),
         lease_renew_at: DateTime::<Utc>::MIN_UTC,
         config,
@@ -148,6 +161,13 @@ enum TimerKind {
         run_id: String,
     },
 }
+
+/// A try: (run, task, try number).
+type TryKey = (String, String, u32);
+
+/// Longest wait between two republishes of one queued try, and how long a queued try waits
+/// before it is republished while its pool's queue still holds messages.
+const REPUBLISH_MAX_WAIT: Duration = Duration::from_secs(600);
 
 /// A message from a queue consumer.
 enum Incoming {
@@ -207,6 +227,12 @@ struct Engine {
     zombie_at: DateTime<Utc>,
     /// The instance last seen of each live worker.
     known_instances: HashMap<String, String>,
+    /// Queued tries published again by the reconciliation: when last, and the wait before the
+    /// next time.
+    republished: HashMap<TryKey, (DateTime<Utc>, Duration)>,
+    /// Running tries a live worker's heartbeat did not list: when first seen so, and that
+    /// heartbeat's stamp (a later heartbeat must miss it too).
+    unlisted: HashMap<TryKey, (DateTime<Utc>, DateTime<Utc>)>,
     /// This scheduler's name on the lease.
     lease_holder: String,
     /// When the lease is next renewed.
@@ -466,14 +492,31 @@ impl Engine {
         }
         let mut fresh = self.prefetch(wanted).await;
         for (delivery, update) in decoded {
-            let settle = match update {
+            let mut settle = match &update {
                 Some(Ok(update)) => {
                     let prefetched = fresh.remove(&(update.run_id.clone(), update.task_id.clone()));
-                    self.on_status_message(update, prefetched).await
+                    self.on_status_message(update.clone(), prefetched).await
                 }
                 Some(Err(err)) => Settle::DeadLetter(format!("status: {err}")),
-                None => self.on_trigger_message(&delivery.payload).await,
+                None => self.on_trigger_message(&delivery.payload, delivery.message_id.as_deref()).await,
             };
+            // A store that does not answer must not turn a valid message into a dead letter
+            // (a requeue counts against the broker's delivery limit): keep the delivery and try
+            // again with backoff until the store answers or the scheduler stops.
+            let mut delay = Duration::from_millis(100);
+            while matches!(settle, Settle::Requeue) && !self.shutdown.is_cancelled() {
+                tokio::select! {
+                    _ = self.shutdown.cancelled() => break,
+                    _ = tokio::time::sleep(delay) => {}
+                }
+                delay = (delay * 2).min(Duration::from_secs(5));
+                self.now_cache = self.config.clock.now();
+                settle = match &update {
+                    Some(Ok(update)) => self.on_status_message(update.clone(), None).await,
+                    Some(Err(_)) => break,
+                    None => self.on_trigger_message(&delivery.payload, delivery.message_id.as_deref()).await,
+                };
+            }
             settled.push((delivery, settle));
         }
         // Effects must be durable before the messages that caused them are acknowledged.
@@ -483,7 +526,6 @@ impl Engine {
         self.flush().await;
         // Settled together: each ack waits for the connection's writer, so one at a time would
         // cost a round of thread wake-ups per delivery.
-        let mut backend_trouble = false;
         let mut settling = Vec::with_capacity(settled.len());
         for (delivery, settle) in settled {
             match &settle {
@@ -493,7 +535,7 @@ impl Engine {
                     let queue = if reason.starts_with("trigger") { "dagmq.triggers" } else { "dagmq.status" };
                     self.metrics.dead_lettered.inc(&[queue, reason_label(reason)]);
                 }
-                Settle::Requeue => backend_trouble = true,
+                Settle::Requeue => {}
             }
             settling.push(async move {
                 match settle {
@@ -508,18 +550,19 @@ impl Engine {
                 tracing::error!("settling a delivery: {err}");
             }
         }
-        if backend_trouble {
-            // Give the store a moment before the requeued messages come back.
-            tokio::time::sleep(Duration::from_millis(500)).await;
-        }
     }
 
-    async fn on_trigger_message(&mut self, payload: &[u8]) -> Settle {
+    /// Creates the run a trigger message asks for. A trigger without a `key` is deduplicated by
+    /// the producer's AMQP `message_id` when it set one (the id becomes the run's key); without
+    /// either, a redelivery after a crash between creating the run and acknowledging the
+    /// message creates a second run.
+    async fn on_trigger_message(&mut self, payload: &[u8], message_id: Option<&str>) -> Settle {
         let trigger: Trigger = match messages::decode(payload) {
             Ok(trigger) => trigger,
             Err(err) => return Settle::DeadLetter(format!("trigger: {err}")),
         };
-        match self.trigger(&trigger.dag_id, trigger.params, trigger.key).await {
+        let key = trigger.key.or_else(|| message_id.filter(|id| id.len() <= 200).map(str::to_string));
+        match self.trigger(&trigger.dag_id, trigger.params, key).await {
             Ok(outcome) => {
                 tracing::debug!(dag = %trigger.dag_id, run = %outcome.run_id, created = outcome.created, "trigger from queue");
                 Settle::Ack
@@ -1002,18 +1045,31 @@ impl Engine {
     /// Moves every unfinished task of a run to `cancelled` and broadcasts the stop.
     async fn cancel_tasks(&mut self, run_id: &str, reason: &str) -> Result<(), BackendError> {
         let dag_id = self.store.run(run_id).await?.map(|r| r.dag_id).unwrap_or_default();
-        for task in self.store.tasks(run_id).await? {
-            let Ok(state) = task_transition(task.state, TaskEvent::Cancel) else { continue };
-            let mut new = task.clone();
-            new.state = state;
-            new.ended_at = Some(self.now_cache);
-            new.error = Some(reason.to_string());
-            if self.store.transition_task(run_id, task.state, task.try_number, &new).await? {
-                self.metrics.tasks_finished.inc(&[dag_id.as_str(), "cancelled"]);
+        for mut task in self.store.tasks(run_id).await? {
+            // A worker may claim a queued try meanwhile: read it again until the cancel
+            // applies, so no try runs on inside a cancelled run.
+            while let Ok(state) = task_transition(task.state, TaskEvent::Cancel) {
+                let mut new = task.clone();
+                new.state = state;
+                new.ended_at = Some(self.now_cache);
+                new.error = Some(reason.to_string());
+                if self.store.transition_task(run_id, task.state, task.try_number, &new).await? {
+                    self.metrics.tasks_finished.inc(&[dag_id.as_str(), "cancelled"]);
+                    break;
+                }
+                match self.store.task(run_id, &task.task_id).await? {
+                    Some(fresh) => task = fresh,
+                    None => break,
+                }
             }
         }
+        // The broadcast only hastens the stop: workers check their tries against the store at
+        // every heartbeat, so a lost broadcast delays the stop by one heartbeat interval.
         let control = Control::CancelRun { v: VERSION, run_id: run_id.to_string() };
-        self.queue.broadcast(messages::encode(&control)).await
+        if let Err(err) = self.queue.broadcast(messages::encode(&control)).await {
+            tracing::warn!(run = %run_id, "broadcasting the cancel: {err}; workers learn it from the store");
+        }
+        Ok(())
     }
 
     async fn set_paused(&mut self, dag_id: &str, paused: bool) -> Result<(), CommandError> {
@@ -1049,7 +1105,9 @@ impl Engine {
         }
         if self.zombie_at <= now {
             self.zombie_at = now + chrono::Duration::from_std(self.config.zombie_check_interval).unwrap_or_default();
-            self.requeue_lost_workers().await?;
+            let live = self.requeue_lost_workers().await?;
+            self.republish_stale_queued().await?;
+            self.requeue_unlisted(&live).await?;
         }
         Ok(())
     }
@@ -1059,12 +1117,17 @@ impl Engine {
     /// the registry), or when a worker of the same name started again (a new instance). Tries
     /// are found through the lost instance's last heartbeat and, for tries claimed after it,
     /// through the running runs' tasks.
-    async fn requeue_lost_workers(&mut self) -> Result<(), BackendError> {
+    /// Answers the live workers by name.
+    async fn requeue_lost_workers(&mut self) -> Result<HashMap<String, WorkerInfo>, BackendError> {
         let now = self.now_cache;
         let timeout = chrono::Duration::from_std(self.config.worker_timeout).unwrap_or_default();
         // (worker name, the live instance to keep or none, the lost heartbeat entry if any)
         let mut lost: Vec<(String, Option<String>, Option<WorkerInfo>)> = Vec::new();
+        let mut live = HashMap::new();
         for worker in self.store.workers().await? {
+            if now - worker.last_heartbeat <= timeout {
+                live.insert(worker.name.clone(), worker.clone());
+            }
             if now - worker.last_heartbeat > timeout {
                 tracing::warn!(worker = %worker.name, last_heartbeat = %worker.last_heartbeat, "worker lost: requeueing its tries");
                 self.known_instances.remove(&worker.name);
@@ -1104,6 +1167,7 @@ impl Engine {
                     continue;
                 }
                 tracing::info!(run = %run_id, task = %task_id, try_number = next.try_number, state = %next.state, "lost try handled");
+                self.metrics.requeued.inc(&["worker_lost"]);
                 let Some(mut run) = self.active.remove(&run_id) else { continue };
                 let result = match run.index.get(&task_id).copied() {
                     Some(i) => {
@@ -1120,6 +1184,156 @@ impl Engine {
             if entry.is_some() {
                 self.store.remove_worker(&name).await?;
             }
+        }
+        Ok(live)
+    }
+
+    /// Reads again the tasks this scheduler's view holds as `queued` for longer than
+    /// `republish_after`, and publishes again the ones still waiting: their message may be gone
+    /// (a publish that failed after the compare-and-set, a message dead-lettered after too many
+    /// deliveries). While the pool's queue holds messages the try may simply be waiting its
+    /// turn, so it is republished only after [`REPUBLISH_MAX_WAIT`]; each further republish of
+    /// one try waits twice as long as the one before, up to that bound. Tasks that moved on
+    /// (claimed, or finished with the status update lost) update the view.
+    async fn republish_stale_queued(&mut self) -> Result<(), BackendError> {
+        let now = self.now_cache;
+        let after = chrono::Duration::from_std(self.config.republish_after).unwrap_or_default();
+        let mut stale: HashMap<String, Vec<String>> = HashMap::new();
+        for run in self.active.values() {
+            for task in &run.tasks {
+                if task.state == TaskState::Queued && task.queued_at.is_none_or(|at| now - at >= after) {
+                    stale.entry(run.id().to_string()).or_default().push(task.task_id.clone());
+                }
+            }
+        }
+        let active_keys: std::collections::HashSet<TryKey> = self
+            .active
+            .values()
+            .flat_map(|run| {
+                run.tasks
+                    .iter()
+                    .filter(|t| t.state == TaskState::Queued)
+                    .map(|t| (run.id().to_string(), t.task_id.clone(), t.try_number))
+            })
+            .collect();
+        self.republished.retain(|key, _| active_keys.contains(key));
+        let mut depths: HashMap<String, u64> = HashMap::new();
+        for (run_id, task_ids) in stale {
+            let ids: Vec<&str> = task_ids.iter().map(String::as_str).collect();
+            let fresh = self.store.tasks_by_id(&run_id, &ids).await?;
+            let Some(mut run) = self.active.remove(&run_id) else { continue };
+            let result = async {
+                for task in fresh.into_iter().flatten() {
+                    let Some(&i) = run.index.get(&task.task_id) else { continue };
+                    if task.state != TaskState::Queued || task.try_number != run.tasks[i].try_number {
+                        self.on_task_changed(&mut run, i, task, true).await?;
+                        continue;
+                    }
+                    let key = (run_id.clone(), task.task_id.clone(), task.try_number);
+                    let waited = self.republished.get(&key).map(|(at, wait)| (now - *at, *wait));
+                    let depth = match depths.get(&task.queue) {
+                        Some(depth) => *depth,
+                        None => {
+                            let depth = self.queue.depth(&Topic::Tasks(task.queue.clone())).await.unwrap_or(0);
+                            depths.insert(task.queue.clone(), depth);
+                            depth
+                        }
+                    };
+                    let queued_for = task.queued_at.map_or(chrono::Duration::MAX, |at| now - at);
+                    let max_wait = chrono::Duration::from_std(REPUBLISH_MAX_WAIT).unwrap_or_default();
+                    let due = match waited {
+                        None => depth == 0 || queued_for >= max_wait,
+                        Some((since, wait)) => since >= chrono::Duration::from_std(wait).unwrap_or_default(),
+                    };
+                    if !due {
+                        continue;
+                    }
+                    let next_wait =
+                        waited.map_or(self.config.republish_after * 2, |(_, wait)| wait * 2).min(REPUBLISH_MAX_WAIT);
+                    tracing::warn!(
+                        run = %run_id, task = %task.task_id, try_number = task.try_number,
+                        "task queued since {} and not claimed: publishing its message again",
+                        task.queued_at.map_or("?".to_string(), |t| t.to_rfc3339())
+                    );
+                    self.metrics.republished.inc(&[]);
+                    self.outbox.push((Topic::Tasks(task.queue.clone()), task_message(&run, &task)));
+                    self.republished.insert(key, (now, next_wait));
+                }
+                Ok::<(), BackendError>(())
+            }
+            .await;
+            self.put_back(run).await?;
+            result?;
+        }
+        Ok(())
+    }
+
+    /// Requeues, as new tries, tries that the store has `running` under a live worker whose
+    /// heartbeats keep not listing them: the worker is not running them (a claim that applied
+    /// although the worker saw an error). A try is requeued once a heartbeat written after the
+    /// one that first missed it misses it too, and `unlisted_grace` has passed.
+    async fn requeue_unlisted(&mut self, live: &HashMap<String, WorkerInfo>) -> Result<(), BackendError> {
+        let now = self.now_cache;
+        let grace = chrono::Duration::from_std(self.config.unlisted_grace).unwrap_or_default();
+        let mut seen = std::collections::HashSet::new();
+        let mut due: Vec<TryKey> = Vec::new();
+        for run in self.active.values() {
+            for task in &run.tasks {
+                if task.state != TaskState::Running {
+                    continue;
+                }
+                let Some(worker) = task.worker.as_ref().and_then(|name| live.get(name)) else { continue };
+                if task.worker_instance.as_deref() != Some(worker.instance.as_str()) {
+                    continue;
+                }
+                let listed = worker
+                    .running
+                    .iter()
+                    .any(|t| t.run_id == run.id() && t.task_id == task.task_id && t.try_number == task.try_number);
+                if listed {
+                    continue;
+                }
+                let key = (run.id().to_string(), task.task_id.clone(), task.try_number);
+                seen.insert(key.clone());
+                match self.unlisted.get(&key) {
+                    None => {
+                        self.unlisted.insert(key, (now, worker.last_heartbeat));
+                    }
+                    Some((since, stamp)) => {
+                        if now - *since >= grace && worker.last_heartbeat != *stamp {
+                            due.push(key);
+                        }
+                    }
+                }
+            }
+        }
+        self.unlisted.retain(|key, _| seen.contains(key));
+        for (run_id, task_id, try_number) in due {
+            self.unlisted.remove(&(run_id.clone(), task_id.clone(), try_number));
+            let Some(task) = self.store.task(&run_id, &task_id).await? else { continue };
+            if task.state != TaskState::Running || task.try_number != try_number {
+                continue;
+            }
+            let worker = task.worker.clone().unwrap_or_default();
+            let reason = format!("try {try_number} interrupted: worker {worker} is not running it");
+            let next = task.after_interruption(now, reason);
+            if !self.store.transition_task(&run_id, TaskState::Running, try_number, &next).await? {
+                continue;
+            }
+            tracing::warn!(run = %run_id, task = %task_id, try_number, worker = %worker, "running try not listed by its live worker: requeued");
+            self.metrics.requeued.inc(&["not_running"]);
+            let Some(mut run) = self.active.remove(&run_id) else { continue };
+            let result = match run.index.get(&task_id).copied() {
+                Some(i) => {
+                    if next.state == TaskState::Queued {
+                        self.outbox.push((Topic::Tasks(next.queue.clone()), task_message(&run, &next)));
+                    }
+                    self.on_task_changed(&mut run, i, next, true).await
+                }
+                None => Ok(()),
+            };
+            self.put_back(run).await?;
+            result?;
         }
         Ok(())
     }

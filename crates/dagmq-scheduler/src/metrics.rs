@@ -24,6 +24,10 @@ pub struct SchedulerMetrics {
     pub tasks_in_flight: Family,
     /// Live workers (at scrape).
     pub workers: Family,
+    /// Queued tries whose message was published again by the reconciliation.
+    pub republished: Family,
+    /// Tries requeued because their worker is lost, stopped or not running them.
+    pub requeued: Family,
 }
 
 impl Default for SchedulerMetrics {
@@ -58,6 +62,16 @@ impl Default for SchedulerMetrics {
             queue_depth: Family::gauge("dagmq_queue_depth", "Messages waiting in each queue.", &["queue"]),
             tasks_in_flight: Family::gauge("dagmq_tasks_in_flight", "Tasks queued or running, by state.", &["state"]),
             workers: Family::gauge("dagmq_workers", "Workers with a recent heartbeat.", &[]),
+            republished: Family::counter(
+                "dagmq_tasks_republished_total",
+                "Queued tries whose message was published again because no worker claimed them.",
+                &[],
+            ),
+            requeued: Family::counter(
+                "dagmq_tries_requeued_total",
+                "Running tries requeued as new tries, by reason (worker_lost, not_running).",
+                &["reason"],
+            ),
         }
     }
 }
@@ -75,6 +89,8 @@ impl SchedulerMetrics {
             &self.queue_depth,
             &self.tasks_in_flight,
             &self.workers,
+            &self.republished,
+            &self.requeued,
         ] {
             family.render(&mut out);
         }

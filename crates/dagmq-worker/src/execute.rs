@@ -5,7 +5,7 @@
 use std::collections::HashMap;
 use std::panic::AssertUnwindSafe;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -26,12 +26,16 @@ use crate::log_sink;
 /// Tries running on this worker, by (run, task, try).
 pub(crate) type RunningTries = Arc<Mutex<HashMap<(String, String, u32), TryHandle>>>;
 
-/// How to stop one running try, and why it was stopped.
+/// How to stop one running try, and why it was stopped. A try is registered before its
+/// claim, so every heartbeat written after the claim lists it, and leaves once its outcome is
+/// recorded.
 pub(crate) struct TryHandle {
     /// Fires the try's cancellation signal.
     cancel: CancelHandle,
     /// A [`StopReason`] as a number, set before `cancel` fires.
     reason: Arc<AtomicU8>,
+    /// Whether the claim applied (the store has the try `running` here).
+    claimed: Arc<AtomicBool>,
 }
 
 /// Why a try was stopped before it finished.
@@ -46,6 +50,12 @@ pub(crate) enum StopReason {
     Cancelled = 2,
     /// The worker is shutting down past its grace period.
     Interrupted = 3,
+    /// The store no longer has the try `running` on this worker (cancelled, or requeued as a
+    /// new try elsewhere): its outcome would be refused, so it stops.
+    Superseded = 4,
+    /// The worker could not heartbeat for half the worker timeout: the scheduler may take its
+    /// tries for lost and requeue them, so it stops them first (self-fencing).
+    Fenced = 5,
 }
 
 impl StopReason {
@@ -54,6 +64,8 @@ impl StopReason {
             1 => StopReason::Timeout,
             2 => StopReason::Cancelled,
             3 => StopReason::Interrupted,
+            4 => StopReason::Superseded,
+            5 => StopReason::Fenced,
             _ => StopReason::None,
         }
     }
@@ -69,6 +81,9 @@ enum Executable {
 
 /// How long a stopped try may take to wind down before it is aborted.
 const STOP_GRACE: Duration = Duration::from_secs(10);
+
+/// How long a try stopped by self-fencing may take to wind down before it is aborted.
+pub(crate) const FENCED_STOP_GRACE: Duration = Duration::from_secs(5);
 
 fn lock(running: &RunningTries) -> MutexGuard<'_, HashMap<(String, String, u32), TryHandle>> {
     running.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
@@ -106,6 +121,55 @@ fn stop_matching(shared: &Shared, reason: StopReason, matches: impl Fn(&str) -> 
     count
 }
 
+/// Stops the tries that the store no longer has `running` on this worker instance: a cancel
+/// whose broadcast this worker missed, or a try requeued elsewhere. Called after every
+/// heartbeat, so a cancel reaches every running try within a heartbeat interval from the
+/// store. Answers how many were stopped.
+pub(crate) async fn stop_superseded(shared: &Shared) -> Result<usize, BackendError> {
+    let mut by_run: HashMap<String, Vec<(String, u32)>> = HashMap::new();
+    for ((run_id, task_id, try_number), handle) in lock(&shared.running).iter() {
+        if handle.claimed.load(Ordering::SeqCst) {
+            by_run.entry(run_id.clone()).or_default().push((task_id.clone(), *try_number));
+        }
+    }
+    let mut stopped = 0;
+    for (run_id, tries) in by_run {
+        let ids: Vec<&str> = tries.iter().map(|(task_id, _)| task_id.as_str()).collect();
+        let found = shared.store.tasks_by_id(&run_id, &ids).await?;
+        for ((task_id, try_number), task) in tries.iter().zip(found) {
+            let ours = task.as_ref().is_some_and(|t| {
+                t.try_number == *try_number
+                    && t.worker_instance.as_deref() == Some(shared.instance.as_str())
+                    && matches!(
+                        t.state,
+                        TaskState::Running | TaskState::Success | TaskState::Failed | TaskState::UpForRetry
+                    )
+            });
+            if ours {
+                continue;
+            }
+            let reason = if task.as_ref().is_some_and(|t| t.state == TaskState::Cancelled) {
+                StopReason::Cancelled
+            } else {
+                StopReason::Superseded
+            };
+            let key = (run_id.clone(), task_id.clone(), *try_number);
+            if let Some(handle) = lock(&shared.running).get(&key)
+                && StopReason::from_u8(handle.reason.load(Ordering::SeqCst)) == StopReason::None
+            {
+                tracing::warn!(
+                    run = %run_id, task = %task_id, try_number, state = ?task.map(|t| t.state),
+                    "the store no longer has this try running here: stopping it"
+                );
+                handle.reason.store(reason as u8, Ordering::SeqCst);
+                handle.cancel.cancel();
+                stopped += 1;
+            }
+        }
+    }
+    Ok(stopped)
+}
+
 /// Listens for control broadcasts (run cancelled) and stops the affected tries.
 pub(crate) async fn control_loop(shared: Arc<Shared>, shutdown: CancelSignal) {
     let mut subscription = Subscription::broadcasts(shared.queue.clone());
@@ -138,9 +202,58 @@ pub(crate) async fn execute(shared: &Shared, delivery: Delivery) {
             return;
         }
     };
-    match claim(shared, &message).await {
-        Ok(Claim::Settle(Settle::Ack)) => settle(delivery.ack().await),
-        Ok(Claim::Settle(Settle::DeadLetter(reason))) => {
+    let key = (message.run_id.clone(), message.task_id.clone(), message.try_number);
+    let (cancel, signal) = CancelSignal::new();
+    let handle = TryHandle {
+        cancel,
+        reason: Arc::new(AtomicU8::new(StopReason::None as u8)),
+        claimed: Arc::new(AtomicBool::new(false)),
+    };
+    let (reason, claimed) = (handle.reason.clone(), handle.claimed.clone());
+    let registered = {
+        let mut running = lock(&shared.running);
+        match running.entry(key.clone()) {
+            std::collections::hash_map::Entry::Occupied(_) => false,
+            std::collections::hash_map::Entry::Vacant(entry) => {
+                entry.insert(handle);
+                true
+            }
+        }
+    };
+    if !registered {
+        // Another delivery of this very try is being handled here: this one is a duplicate.
+        shared.config.metrics.duplicates.inc(&[]);
+        settle(delivery.ack().await);
+        return;
+    }
+    // A store that does not answer must not turn the message into a dead letter (a requeue
+    // counts against the broker's delivery limit): keep it and try again with backoff.
+    let mut delay = Duration::from_millis(100);
+    let claimed_try = loop {
+        match claim(shared, &message).await {
+            Ok(claim) => break claim,
+            Err(err) => {
+                if signal.is_cancelled() {
+                    lock(&shared.running).remove(&key);
+                    settle(delivery.requeue().await);
+                    return;
+                }
+                tracing::error!(run = %message.run_id, task = %message.task_id, "claiming: {err}; trying again in {delay:?}");
+                tokio::select! {
+                    _ = tokio::time::sleep(delay) => {}
+                    _ = signal.cancelled() => {}
+                }
+                delay = (delay * 2).min(Duration::from_secs(5));
+            }
+        }
+    };
+    match claimed_try {
+        Claim::Settle(Settle::Ack) => {
+            lock(&shared.running).remove(&key);
+            settle(delivery.ack().await)
+        }
+        Claim::Settle(Settle::DeadLetter(reason)) => {
+            lock(&shared.running).remove(&key);
             shared.config.metrics.dead_lettered.inc(&[if reason.contains("has no task") {
                 "unknown_task"
             } else {
@@ -149,16 +262,13 @@ pub(crate) async fn execute(shared: &Shared, delivery: Delivery) {
             tracing::warn!(run = %message.run_id, task = %message.task_id, "dead-lettering: {reason}");
             settle(delivery.dead_letter(&reason).await)
         }
-        Ok(Claim::Run(running, executable)) => {
+        Claim::Run(running, executable) => {
+            claimed.store(true, Ordering::SeqCst);
             // The try is ours: it starts while the ack is on its way.
-            let (acked, ()) = tokio::join!(delivery.ack(), finish(shared, &message, *running, executable));
+            let (acked, ()) =
+                tokio::join!(delivery.ack(), finish(shared, &message, *running, executable, signal, reason));
+            lock(&shared.running).remove(&key);
             settle(acked);
-        }
-        Err(err) => {
-            // The store or queue failed: give the message back for another try later.
-            tracing::error!(run = %message.run_id, task = %message.task_id, "{err}; requeueing the message");
-            tokio::time::sleep(Duration::from_millis(500)).await;
-            settle(delivery.requeue().await)
         }
     }
 }
@@ -246,21 +356,78 @@ async fn claim(shared: &Shared, message: &TaskToExec) -> Result<Claim, BackendEr
     running.worker = Some(shared.config.name.clone());
     running.worker_instance = Some(shared.instance.clone());
     running.progress = None;
-    if !store.transition_task(&message.run_id, TaskState::Queued, current.try_number, &running).await? {
+    let applied = match store.transition_task(&message.run_id, TaskState::Queued, current.try_number, &running).await {
+        Ok(applied) => applied,
+        // The script may have applied before the error (a timeout, a dropped connection):
+        // the store's state tells. Read it again until the store answers.
+        Err(err) => claim_outcome(shared, message, &err).await,
+    };
+    if !applied {
         tracing::info!(run = %message.run_id, task = %message.task_id, "another worker claimed the try first");
         return Ok(Claim::Settle(Settle::Ack));
     }
     Ok(Claim::Run(Box::new(running), executable))
 }
 
+/// Whether a claim whose answer was lost applied: the store has the try `running` under this
+/// worker instance. Reads again, with backoff, until the store answers; a try still `queued`
+/// is claimed again.
+async fn claim_outcome(shared: &Shared, message: &TaskToExec, first: &BackendError) -> bool {
+    tracing::warn!(run = %message.run_id, task = %message.task_id, "claim answer lost ({first}): reading the try again");
+    let mut delay = Duration::from_millis(100);
+    loop {
+        tokio::time::sleep(delay).await;
+        delay = (delay * 2).min(Duration::from_secs(5));
+        let current = match shared.store.task(&message.run_id, &message.task_id).await {
+            Ok(Some(current)) => current,
+            Ok(None) => return false,
+            Err(err) => {
+                tracing::warn!(run = %message.run_id, task = %message.task_id, "reading the try again: {err}");
+                continue;
+            }
+        };
+        if current.try_number != message.try_number {
+            return false;
+        }
+        match current.state {
+            TaskState::Running => return current.worker_instance.as_deref() == Some(shared.instance.as_str()),
+            TaskState::Queued => {
+                let mut running = current.clone();
+                running.state = TaskState::Running;
+                running.started_at = Some(shared.config.clock.now());
+                running.worker = Some(shared.config.name.clone());
+                running.worker_instance = Some(shared.instance.clone());
+                running.progress = None;
+                match shared
+                    .store
+                    .transition_task(&message.run_id, TaskState::Queued, current.try_number, &running)
+                    .await
+                {
+                    Ok(applied) => return applied,
+                    Err(err) => tracing::warn!(run = %message.run_id, task = %message.task_id, "claiming again: {err}"),
+                }
+            }
+            _ => return false,
+        }
+    }
+}
+
 /// Runs a claimed try and records its outcome, retrying the store and queue until they answer:
 /// the message is acknowledged already, so the outcome must not be dropped.
-async fn finish(shared: &Shared, message: &TaskToExec, running: TaskInstance, executable: Executable) {
+async fn finish(
+    shared: &Shared,
+    message: &TaskToExec,
+    running: TaskInstance,
+    executable: Executable,
+    signal: CancelSignal,
+    reason: Arc<AtomicU8>,
+) {
     shared.config.metrics.running.add(&[], 1.0);
-    let (result, reason) = run_try(shared, message, executable).await;
+    let (result, reason) = run_try(shared, message, executable, signal, reason).await;
     shared.config.metrics.running.add(&[], -1.0);
     let outcome = match (&result, reason) {
-        (_, StopReason::Interrupted) => "interrupted",
+        (_, StopReason::Interrupted | StopReason::Fenced) => "interrupted",
+        (_, StopReason::Superseded) => "superseded",
         (Ok(_), _) => "success",
         (Err(e), _) if e.retryable && running.try_number < running.max_try => "up_for_retry",
         (Err(_), _) => "failed",
@@ -289,11 +456,20 @@ async fn record_outcome(
 ) -> Result<(), BackendError> {
     let store = &shared.store;
     let now = shared.config.clock.now();
-    if reason == StopReason::Interrupted {
-        let why = format!("try {} interrupted: worker {} shut down", running.try_number, shared.config.name);
+    if matches!(reason, StopReason::Interrupted | StopReason::Fenced) {
+        let why = if reason == StopReason::Fenced {
+            format!("try {} interrupted: worker {} lost the store", running.try_number, shared.config.name)
+        } else {
+            format!("try {} interrupted: worker {} shut down", running.try_number, shared.config.name)
+        };
         let next = running.after_interruption(now, why);
         if !store.transition_task(&message.run_id, TaskState::Running, running.try_number, &next).await? {
-            return Ok(());
+            // Applied by an earlier attempt whose publish failed, or the task moved on.
+            let current = store.task(&message.run_id, &message.task_id).await?;
+            let ours = current.is_some_and(|c| c.state == next.state && c.try_number == next.try_number);
+            if !ours {
+                return Ok(());
+            }
         }
         if next.state == TaskState::Queued {
             let message = TaskToExec { try_number: next.try_number, max_try: next.max_try, ..message.clone() };
@@ -384,11 +560,10 @@ async fn run_try(
     shared: &Shared,
     message: &TaskToExec,
     executable: Executable,
+    signal: CancelSignal,
+    reason: Arc<AtomicU8>,
 ) -> (Result<TaskOutcome, TaskError>, StopReason) {
     let key = (message.run_id.clone(), message.task_id.clone(), message.try_number);
-    let (cancel, signal) = CancelSignal::new();
-    let reason = Arc::new(AtomicU8::new(StopReason::None as u8));
-    lock(&shared.running).insert(key.clone(), TryHandle { cancel, reason: reason.clone() });
 
     let (sink, flusher) = log_sink::start(
         shared.store.clone(),
@@ -445,13 +620,21 @@ async fn run_try(
             }
             _ = signal.cancelled() => None,
         };
-        // A stopped try gets a grace period to wind down; then it is dropped (aborted).
+        // A stopped try gets a grace period to wind down; then it is dropped (aborted). A
+        // fenced one gets less, so it has surely stopped before the scheduler can take the
+        // worker for lost.
         let joined = match joined {
             Some(joined) => Some(joined),
-            None => tokio::time::timeout(STOP_GRACE, &mut running).await.ok(),
+            None => {
+                let grace = if StopReason::from_u8(reason.load(Ordering::SeqCst)) == StopReason::Fenced {
+                    FENCED_STOP_GRACE
+                } else {
+                    STOP_GRACE
+                };
+                tokio::time::timeout(grace, &mut running).await.ok()
+            }
         };
         drop(running);
-        lock(&shared.running).remove(&key);
         let stop = StopReason::from_u8(reason.load(Ordering::SeqCst));
         let result = match (stop, joined) {
             (StopReason::Timeout, _) => {
@@ -459,6 +642,10 @@ async fn run_try(
                 Err(TaskError::new(format!("timed out after {limit}")))
             }
             (StopReason::Cancelled, _) => Err(TaskError::fatal("cancelled")),
+            (StopReason::Superseded, _) => {
+                Err(TaskError::fatal("stopped: the store no longer has this try running here"))
+            }
+            (StopReason::Fenced, _) => Err(TaskError::new("stopped: the worker could not reach the store")),
             (_, Some(Ok(result))) => result,
             (_, Some(Err(panic))) => Err(TaskError::new(format!("task panicked: {panic}"))),
             (_, None) => Err(TaskError::new("task aborted")),

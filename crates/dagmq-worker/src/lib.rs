@@ -43,8 +43,13 @@ pub struct WorkerConfig {
     pub clock: Arc<dyn Clock>,
     /// On shutdown, how long running tries may take to finish before they are requeued.
     pub grace_period: Duration,
-    /// How often the worker refreshes its registry entry.
+    /// How often the worker refreshes its registry entry, and checks with the store that its
+    /// running tries are still its own (a cancel reaches a try within this interval).
     pub heartbeat_interval: Duration,
+    /// The scheduler's worker timeout: a worker that could not heartbeat for half of it stops
+    /// its running tries (self-fencing), so that they have stopped before the scheduler
+    /// requeues them elsewhere.
+    pub worker_timeout: Duration,
     /// Counters of what the worker did.
     pub metrics: Arc<WorkerMetrics>,
 }
@@ -62,6 +67,7 @@ impl WorkerConfig {
             clock,
             grace_period: Duration::from_secs(30),
             heartbeat_interval: Duration::from_secs(5),
+            worker_timeout: Duration::from_secs(20),
             metrics: Arc::new(WorkerMetrics::default()),
         }
     }
@@ -153,18 +159,47 @@ async fn consume_loop(shared: Arc<Shared>, topic: Topic, prefetch: u16, slots: A
     }
 }
 
-/// Refreshes the registry entry every heartbeat interval.
+/// Refreshes the registry entry every heartbeat interval and stops tries the store no longer
+/// has running here. A worker whose heartbeats have not reached the store for half the worker
+/// timeout stops every running try (self-fencing): the scheduler requeues a lost worker's
+/// tries only after the whole timeout, and a fenced try is aborted within
+/// [`execute::FENCED_STOP_GRACE`], so two copies of one try never run at once as long as that
+/// grace is shorter than the other half.
 async fn heartbeat_loop(shared: Arc<Shared>, started_at: chrono::DateTime<chrono::Utc>, shutdown: CancelSignal) {
+    let interval = shared.config.heartbeat_interval;
+    let fence_after = shared.config.worker_timeout / 2;
+    let mut last_ok = tokio::time::Instant::now();
+    let mut fenced = false;
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => return,
-            _ = tokio::time::sleep(shared.config.heartbeat_interval) => heartbeat(&shared, started_at).await,
+            _ = tokio::time::sleep(interval) => {}
+        }
+        let attempt = tokio::time::Instant::now();
+        // A heartbeat that hangs (a slow store) must not delay the fencing check.
+        let written = matches!(tokio::time::timeout(interval, heartbeat(&shared, started_at)).await, Ok(true));
+        if written {
+            last_ok = attempt;
+            fenced = false;
+            match tokio::time::timeout(interval, execute::stop_superseded(&shared)).await {
+                Ok(Ok(_)) => {}
+                Ok(Err(err)) => tracing::warn!("checking running tries with the store: {err}"),
+                Err(_) => tracing::warn!("checking running tries with the store: no answer within {interval:?}"),
+            }
+        } else if !fenced && last_ok.elapsed() >= fence_after {
+            fenced = true;
+            let count = execute::stop_all(&shared, StopReason::Fenced);
+            tracing::error!(
+                count,
+                "no heartbeat reached the store for {:?}: stopping running tries before the scheduler requeues them",
+                last_ok.elapsed()
+            );
         }
     }
 }
 
-/// Writes the registry entry once.
-async fn heartbeat(shared: &Shared, started_at: chrono::DateTime<chrono::Utc>) {
+/// Writes the registry entry once; answers whether the store took it.
+async fn heartbeat(shared: &Shared, started_at: chrono::DateTime<chrono::Utc>) -> bool {
     let running: Vec<RunningTry> = execute::running_tries(shared);
     let info = WorkerInfo {
         name: shared.config.name.clone(),
@@ -176,7 +211,11 @@ async fn heartbeat(shared: &Shared, started_at: chrono::DateTime<chrono::Utc>) {
         started_at,
         last_heartbeat: shared.config.clock.now(),
     };
-    if let Err(err) = shared.store.heartbeat(&info).await {
-        tracing::warn!("heartbeat: {err}");
+    match shared.store.heartbeat(&info).await {
+        Ok(()) => true,
+        Err(err) => {
+            tracing::warn!("heartbeat: {err}");
+            false
+        }
     }
 }

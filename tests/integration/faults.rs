@@ -1,0 +1,230 @@
+//! Fault injection for the in-memory backends: a store and a queue that wrap the real in-memory
+//! ones and, when told, fail calls, or apply a call and then report an error (an ambiguous
+//! result, as a timed-out Redis script that still ran). Each process of a test gets its own
+//! wrapper, so a fault can hit the worker and spare the scheduler, or the other way round.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use dagmq_core::records::DagRecord;
+use dagmq_core::store::{CreateRun, RunFilter, TaskChange};
+use dagmq_core::{
+    BackendError, Consumer, Queue, RunRecord, RunState, Store, TaskInstance, TaskState, Topic, WorkerInfo,
+};
+
+/// Switches shared by a test and one wrapper.
+#[derive(Default)]
+pub struct Faults {
+    /// Every call fails, as with a store or broker that does not answer.
+    pub down: AtomicBool,
+    /// The next this many claims (`queued` -> `running`) apply, then answer an error.
+    pub claims_applied_then_failed: AtomicU32,
+    /// The next this many publishes to a task pool fail.
+    pub task_publishes_failing: AtomicU32,
+    /// Broadcasts (run cancelled) fail.
+    pub broadcasts_failing: AtomicBool,
+    /// Run creation fails (the rest of the store answers).
+    pub create_run_failing: AtomicBool,
+    /// Calls refused while down.
+    pub refused: AtomicU32,
+}
+
+impl Faults {
+    /// Takes one from a counter if it is above zero.
+    fn take(counter: &AtomicU32) -> bool {
+        counter.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1)).is_ok()
+    }
+
+    fn check(&self, what: &str) -> Result<(), BackendError> {
+        if self.down.load(Ordering::SeqCst) {
+            self.refused.fetch_add(1, Ordering::SeqCst);
+            return Err(BackendError::new(format!("injected: {what}: no answer")));
+        }
+        Ok(())
+    }
+}
+
+/// A store that fails as its [`Faults`] say.
+pub struct FaultyStore {
+    pub inner: Arc<dyn Store>,
+    pub faults: Arc<Faults>,
+}
+
+#[async_trait]
+impl Store for FaultyStore {
+    async fn dag_record(&self, dag_id: &str) -> Result<Option<DagRecord>, BackendError> {
+        self.faults.check("dag_record")?;
+        self.inner.dag_record(dag_id).await
+    }
+    async fn put_dag_record(&self, record: &DagRecord) -> Result<(), BackendError> {
+        self.faults.check("put_dag_record")?;
+        self.inner.put_dag_record(record).await
+    }
+    async fn create_run(&self, run: &RunRecord, tasks: &[TaskInstance]) -> Result<CreateRun, BackendError> {
+        self.faults.check("create_run")?;
+        if self.faults.create_run_failing.load(Ordering::SeqCst) {
+            self.faults.refused.fetch_add(1, Ordering::SeqCst);
+            return Err(BackendError::new("injected: create_run: no answer"));
+        }
+        self.inner.create_run(run, tasks).await
+    }
+    async fn run(&self, run_id: &str) -> Result<Option<RunRecord>, BackendError> {
+        self.faults.check("run")?;
+        self.inner.run(run_id).await
+    }
+    async fn transition_run(&self, expected: RunState, run: &RunRecord) -> Result<bool, BackendError> {
+        self.faults.check("transition_run")?;
+        self.inner.transition_run(expected, run).await
+    }
+    async fn list_runs(&self, filter: &RunFilter) -> Result<Vec<RunRecord>, BackendError> {
+        self.faults.check("list_runs")?;
+        self.inner.list_runs(filter).await
+    }
+    async fn unfinished_runs(&self) -> Result<Vec<RunRecord>, BackendError> {
+        self.faults.check("unfinished_runs")?;
+        self.inner.unfinished_runs().await
+    }
+    async fn tasks(&self, run_id: &str) -> Result<Vec<TaskInstance>, BackendError> {
+        self.faults.check("tasks")?;
+        self.inner.tasks(run_id).await
+    }
+    async fn task(&self, run_id: &str, task_id: &str) -> Result<Option<TaskInstance>, BackendError> {
+        self.faults.check("task")?;
+        self.inner.task(run_id, task_id).await
+    }
+    async fn transition_task(
+        &self,
+        run_id: &str,
+        expected_state: TaskState,
+        expected_try: u32,
+        task: &TaskInstance,
+    ) -> Result<bool, BackendError> {
+        self.faults.check("transition_task")?;
+        let applied = self.inner.transition_task(run_id, expected_state, expected_try, task).await?;
+        if applied
+            && expected_state == TaskState::Queued
+            && task.state == TaskState::Running
+            && Faults::take(&self.faults.claims_applied_then_failed)
+        {
+            return Err(BackendError::new("injected: the claim applied, its answer timed out"));
+        }
+        Ok(applied)
+    }
+    async fn tasks_by_id(&self, run_id: &str, task_ids: &[&str]) -> Result<Vec<Option<TaskInstance>>, BackendError> {
+        self.faults.check("tasks_by_id")?;
+        self.inner.tasks_by_id(run_id, task_ids).await
+    }
+    async fn transition_tasks(&self, run_id: &str, changes: &[TaskChange]) -> Result<Vec<bool>, BackendError> {
+        self.faults.check("transition_tasks")?;
+        self.inner.transition_tasks(run_id, changes).await
+    }
+    async fn add_tasks(
+        &self,
+        run_id: &str,
+        new_tasks: &[TaskInstance],
+        new_upstreams: &[(String, Vec<String>)],
+    ) -> Result<(), BackendError> {
+        self.faults.check("add_tasks")?;
+        self.inner.add_tasks(run_id, new_tasks, new_upstreams).await
+    }
+    async fn set_progress(
+        &self,
+        run_id: &str,
+        task_id: &str,
+        try_number: u32,
+        progress: f64,
+    ) -> Result<(), BackendError> {
+        self.faults.check("set_progress")?;
+        self.inner.set_progress(run_id, task_id, try_number, progress).await
+    }
+    async fn append_log(
+        &self,
+        run_id: &str,
+        task_id: &str,
+        try_number: u32,
+        lines: &[String],
+    ) -> Result<(), BackendError> {
+        self.faults.check("append_log")?;
+        self.inner.append_log(run_id, task_id, try_number, lines).await
+    }
+    async fn read_log(
+        &self,
+        run_id: &str,
+        task_id: &str,
+        try_number: u32,
+        from: usize,
+    ) -> Result<Vec<String>, BackendError> {
+        self.faults.check("read_log")?;
+        self.inner.read_log(run_id, task_id, try_number, from).await
+    }
+    async fn heartbeat(&self, worker: &WorkerInfo) -> Result<(), BackendError> {
+        self.faults.check("heartbeat")?;
+        self.inner.heartbeat(worker).await
+    }
+    async fn remove_worker(&self, name: &str) -> Result<(), BackendError> {
+        self.faults.check("remove_worker")?;
+        self.inner.remove_worker(name).await
+    }
+    async fn workers(&self) -> Result<Vec<WorkerInfo>, BackendError> {
+        self.faults.check("workers")?;
+        self.inner.workers().await
+    }
+    async fn acquire_lease(&self, holder: &str, now: DateTime<Utc>, ttl: Duration) -> Result<bool, BackendError> {
+        self.faults.check("acquire_lease")?;
+        self.inner.acquire_lease(holder, now, ttl).await
+    }
+    async fn release_lease(&self, holder: &str) -> Result<(), BackendError> {
+        self.faults.check("release_lease")?;
+        self.inner.release_lease(holder).await
+    }
+    async fn ping(&self) -> Result<(), BackendError> {
+        self.faults.check("ping")?;
+        self.inner.ping().await
+    }
+}
+
+/// A queue that fails publishes as its [`Faults`] say.
+pub struct FaultyQueue {
+    pub inner: Arc<dyn Queue>,
+    pub faults: Arc<Faults>,
+}
+
+#[async_trait]
+impl Queue for FaultyQueue {
+    async fn publish(&self, topic: &Topic, payload: Vec<u8>) -> Result<(), BackendError> {
+        self.faults.check("publish")?;
+        if matches!(topic, Topic::Tasks(_)) && Faults::take(&self.faults.task_publishes_failing) {
+            return Err(BackendError::new("injected: publish to a task pool failed"));
+        }
+        self.inner.publish(topic, payload).await
+    }
+    async fn publish_many(&self, messages: Vec<(Topic, Vec<u8>)>) -> Result<(), BackendError> {
+        for (topic, payload) in messages {
+            self.publish(&topic, payload).await?;
+        }
+        Ok(())
+    }
+    async fn consume(&self, topic: &Topic, prefetch: u16) -> Result<Box<dyn Consumer>, BackendError> {
+        self.inner.consume(topic, prefetch).await
+    }
+    async fn broadcast(&self, payload: Vec<u8>) -> Result<(), BackendError> {
+        self.faults.check("broadcast")?;
+        if self.faults.broadcasts_failing.load(Ordering::SeqCst) {
+            return Err(BackendError::new("injected: broadcast lost"));
+        }
+        self.inner.broadcast(payload).await
+    }
+    async fn subscribe_broadcasts(&self) -> Result<Box<dyn Consumer>, BackendError> {
+        self.inner.subscribe_broadcasts().await
+    }
+    async fn depth(&self, topic: &Topic) -> Result<u64, BackendError> {
+        self.inner.depth(topic).await
+    }
+    async fn ping(&self) -> Result<(), BackendError> {
+        self.faults.check("ping")?;
+        self.inner.ping().await
+    }
+}

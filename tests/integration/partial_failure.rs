@@ -1,0 +1,188 @@
+//! Windows of the protocol where a run could get stuck or lost while every process stays up,
+//! each shown with an injected fault (see `faults`) over the in-memory backends on tokio's
+//! paused clock. Each test failed before the change that closes its window.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use dagmq_core::{Clock, Dag, DagRegistry, Queue, RunState, Store, TaskSpec, TaskState, Topic};
+
+use crate::support::{Harness, Journal, Probe, origin};
+
+/// A harness running one DAG `one` with a single probe task `a` taking `work`.
+async fn one_task(work: Duration) -> (Harness, Journal) {
+    let journal = Journal::default();
+    let clock = Arc::new(dagmq_core::TokioClock::starting_at(origin()));
+    let probe = Probe { work, ..Probe::new(&journal, &clock) };
+    let mut registry = DagRegistry::new();
+    registry.add(Dag::builder("one").task(TaskSpec::rust("a", probe)).build().unwrap()).unwrap();
+    (Harness::start(registry).await, journal)
+}
+
+/// Takes the next task message off the default pool and acknowledges it: the message is lost.
+async fn lose_task_message(h: &Harness) {
+    let mut consumer = h.queue.consume(&Topic::Tasks("default".into()), 1).await.unwrap();
+    let delivery = tokio::time::timeout(Duration::from_secs(10), consumer.next()).await.unwrap().unwrap().unwrap();
+    delivery.ack().await.unwrap();
+}
+
+/// Waits until the journal holds `entry`, failing after `limit` of tokio time; answers when.
+async fn wait_journal(journal: &Journal, entry: &str, limit: Duration) -> tokio::time::Instant {
+    let deadline = tokio::time::Instant::now() + limit;
+    while !journal.entries().iter().any(|e| e == entry) {
+        assert!(tokio::time::Instant::now() < deadline, "{entry} not seen within {limit:?}: {:?}", journal.entries());
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    tokio::time::Instant::now()
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_queued_task_whose_message_is_lost_is_published_again_within_30s() {
+    let (mut h, journal) = one_task(Duration::from_millis(10)).await;
+    h.stop_worker().await;
+    let run = h.trigger("one").await;
+    let queued = h.wait_task(&run, "a", |t| t.state == TaskState::Queued).await;
+    lose_task_message(&h).await;
+    h.start_worker();
+    assert_eq!(h.wait_final(&run).await, RunState::Success);
+    let task = &h.tasks(&run).await["a"];
+    assert_eq!(task.try_number, 1, "the same try was published again");
+    let waited = task.started_at.unwrap() - queued.queued_at.unwrap();
+    assert!(waited <= chrono::Duration::seconds(30), "republished after {waited}");
+    assert_eq!(journal.entries(), vec!["start:a", "end:a"]);
+    h.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_claim_that_applied_but_answered_an_error_still_runs_once() {
+    let (h, journal) = one_task(Duration::from_millis(10)).await;
+    h.worker_faults.store.claims_applied_then_failed.store(1, Ordering::SeqCst);
+    let run = h.trigger("one").await;
+    assert_eq!(h.wait_final(&run).await, RunState::Success);
+    assert_eq!(h.worker_faults.store.claims_applied_then_failed.load(Ordering::SeqCst), 0, "the fault fired");
+    assert_eq!(h.tasks(&run).await["a"].try_number, 1);
+    assert_eq!(journal.entries(), vec!["start:a", "end:a"]);
+    h.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_try_running_under_a_live_worker_that_does_not_run_it_is_requeued() {
+    let (mut h, journal) = one_task(Duration::from_millis(10)).await;
+    h.stop_worker().await;
+    let run = h.trigger("one").await;
+    let queued = h.wait_task(&run, "a", |t| t.state == TaskState::Queued).await;
+    lose_task_message(&h).await;
+    h.start_worker();
+    // The store says the live worker claimed the try, but the worker never ran it.
+    let worker = loop {
+        if let Some(w) = h.store.workers().await.unwrap().into_iter().next() {
+            break w;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    };
+    let mut claimed = queued.clone();
+    claimed.state = TaskState::Running;
+    claimed.started_at = Some(h.clock.now());
+    claimed.worker = Some(worker.name.clone());
+    claimed.worker_instance = Some(worker.instance.clone());
+    assert!(h.store.transition_task(&run, TaskState::Queued, 1, &claimed).await.unwrap());
+    let since = h.clock.now();
+    assert_eq!(h.wait_final(&run).await, RunState::Success);
+    let task = &h.tasks(&run).await["a"];
+    assert_eq!((task.try_number, task.interruptions), (2, 1), "requeued as a new try");
+    let bound = task.queued_at.unwrap() - since;
+    assert!(bound <= chrono::Duration::seconds(45), "requeued after {bound}");
+    assert_eq!(journal.entries(), vec!["start:a", "end:a"]);
+    h.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_cancel_whose_broadcast_is_lost_reaches_the_try_within_a_heartbeat() {
+    let (h, journal) = one_task(Duration::from_secs(3600)).await;
+    h.scheduler_faults.queue.broadcasts_failing.store(true, Ordering::SeqCst);
+    let run = h.trigger("one").await;
+    h.wait_task(&run, "a", |t| t.state == TaskState::Running).await;
+    let cancelled_at = tokio::time::Instant::now();
+    h.scheduler.cancel(&run).await.unwrap();
+    assert_eq!(h.wait_final(&run).await, RunState::Cancelled);
+    let stopped_at = wait_journal(&journal, "stopped:a", Duration::from_secs(60)).await;
+    assert!(stopped_at - cancelled_at <= Duration::from_secs(6), "stopped after {:?}", stopped_at - cancelled_at);
+    // The stopped try's outcome does not overwrite the cancel.
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    assert_eq!(h.tasks(&run).await["a"].state, TaskState::Cancelled);
+    h.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_trigger_during_a_store_outage_waits_and_is_never_dead_lettered() {
+    let (h, _journal) = one_task(Duration::from_millis(10)).await;
+    // Whole outages, and outages of run creation alone (the lease still renews).
+    h.scheduler_faults.store.create_run_failing.store(true, Ordering::SeqCst);
+    let trigger = br#"{"v":1,"dag_id":"one","key":"outage-0"}"#;
+    h.queue.publish(&Topic::Triggers, trigger.to_vec()).await.unwrap();
+    tokio::time::sleep(Duration::from_secs(60)).await;
+    h.scheduler_faults.store.create_run_failing.store(false, Ordering::SeqCst);
+    h.scheduler_faults.store.down.store(true, Ordering::SeqCst);
+    let trigger = br#"{"v":1,"dag_id":"one","key":"outage-1"}"#;
+    h.queue.publish(&Topic::Triggers, trigger.to_vec()).await.unwrap();
+    // Far longer than ten redeliveries 500 ms apart.
+    tokio::time::sleep(Duration::from_secs(60)).await;
+    assert!(h.scheduler_faults.store.refused.load(Ordering::SeqCst) > 0, "the outage was felt");
+    h.scheduler_faults.store.down.store(false, Ordering::SeqCst);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    let runs = loop {
+        let runs = h.store.list_runs(&dagmq_core::store::RunFilter { limit: 10, ..Default::default() }).await.unwrap();
+        if runs.len() == 2 {
+            break runs;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "runs after the outages: {runs:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let mut keys: Vec<_> = runs.iter().map(|r| r.key.clone().unwrap()).collect();
+    keys.sort();
+    assert_eq!(keys, vec!["outage-0", "outage-1"]);
+    for run in runs {
+        assert_eq!(h.wait_final(&run.run_id).await, RunState::Success);
+    }
+    assert_eq!(h.queue.depth(&Topic::Dead).await.unwrap(), 0, "nothing dead-lettered");
+    h.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_worker_cut_off_from_the_store_stops_its_try_before_the_scheduler_requeues_it() {
+    let (h, journal) = one_task(Duration::from_secs(120)).await;
+    let run = h.trigger("one").await;
+    h.wait_task(&run, "a", |t| t.state == TaskState::Running).await;
+    let cut = tokio::time::Instant::now();
+    h.worker_faults.store.down.store(true, Ordering::SeqCst);
+    let stopped = wait_journal(&journal, "stopped:a", Duration::from_secs(60)).await;
+    // Self-fencing at half the 20 s worker timeout, checked at each 5 s heartbeat.
+    assert!(stopped - cut <= Duration::from_secs(15), "stopped {:?} after the cut", stopped - cut);
+    let requeued = h.wait_task(&run, "a", |t| t.try_number == 2).await;
+    let requeued_at = tokio::time::Instant::now();
+    assert!(requeued_at > stopped, "the scheduler requeued the try only after the worker stopped it");
+    assert_eq!(requeued.interruptions, 1);
+    h.worker_faults.store.down.store(false, Ordering::SeqCst);
+    assert_eq!(h.wait_final(&run).await, RunState::Success);
+    assert_eq!(h.tasks(&run).await["a"].try_number, 2);
+    assert_eq!(journal.entries(), vec!["start:a", "stopped:a", "start:a", "end:a"]);
+    h.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_shutdown_requeue_whose_publish_failed_is_published_again_by_the_worker() {
+    let (mut h, journal) = one_task(Duration::from_secs(120)).await;
+    let run = h.trigger("one").await;
+    h.wait_task(&run, "a", |t| t.state == TaskState::Running).await;
+    h.worker_faults.queue.task_publishes_failing.store(1, Ordering::SeqCst);
+    h.stop_worker().await;
+    assert_eq!(h.worker_faults.queue.task_publishes_failing.load(Ordering::SeqCst), 0, "the fault fired");
+    let task = &h.tasks(&run).await["a"];
+    assert_eq!((task.state, task.try_number), (TaskState::Queued, 2));
+    assert!(h.queue.depth(&Topic::Tasks("default".into())).await.unwrap() >= 1, "its message is in the queue");
+    h.start_worker();
+    assert_eq!(h.wait_final(&run).await, RunState::Success);
+    assert_eq!(journal.entries(), vec!["start:a", "stopped:a", "start:a", "end:a"]);
+    h.stop().await;
+}
