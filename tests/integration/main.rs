@@ -7,6 +7,7 @@ mod api;
 mod faults;
 mod partial_failure;
 mod queue_contract;
+mod redis_ambiguity;
 mod scheduling;
 mod services;
 mod store_contract;

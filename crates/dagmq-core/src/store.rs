@@ -68,6 +68,22 @@ pub trait Store: Send + Sync + 'static {
     /// Replaces a run's record if its state is still `expected`.
     async fn transition_run(&self, expected: RunState, run: &RunRecord) -> Result<bool, BackendError>;
 
+    /// Replaces a run's record if its state is still `expected` and, only then, applies the
+    /// task compare-and-sets of `changes` (a restart). Atomic where the backend allows it, so a
+    /// crash cannot leave the run's tasks reset and the run finished, or the other way round.
+    async fn transition_run_with_tasks(
+        &self,
+        expected: RunState,
+        run: &RunRecord,
+        changes: &[TaskChange],
+    ) -> Result<bool, BackendError> {
+        if !self.transition_run(expected, run).await? {
+            return Ok(false);
+        }
+        self.transition_tasks(&run.run_id, changes).await?;
+        Ok(true)
+    }
+
     /// Runs matching `filter`, newest first.
     async fn list_runs(&self, filter: &RunFilter) -> Result<Vec<RunRecord>, BackendError>;
 

@@ -54,12 +54,51 @@ struct Scripts {
     release_lease: Script,
 }
 
+/// How long the client waits for Redis. A timed-out call may still have applied (a script
+/// runs to its end once started), so callers treat a timeout as "unknown" and read again.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RedisTimeouts {
+    /// Longest wait for an answer. Sized far above the largest script: creating a run of
+    /// 100,000 tasks blocks the server for less than half a second on the test machine, and
+    /// Redis serves nobody else meanwhile, so any call may wait that long; 30 s also rides out
+    /// a short pause (`CLIENT PAUSE`, a failover) without an error.
+    pub response: Duration,
+    /// Longest wait for a new connection.
+    pub connect: Duration,
+}
+
+impl Default for RedisTimeouts {
+    fn default() -> RedisTimeouts {
+        RedisTimeouts { response: Duration::from_secs(30), connect: Duration::from_secs(5) }
+    }
+}
+
 impl RedisStore {
-    /// Connects to `url` (e.g. `redis://127.0.0.1:6379`, `redis://:password@host/0`) and checks
-    /// that the server answers.
+    /// Connects to `url` (e.g. `redis://127.0.0.1:6379`, `redis://:password@host/0`) with the
+    /// default timeouts and checks that the server answers.
     pub async fn connect(url: &str, prefix: &str, retention: Option<Duration>) -> Result<RedisStore, BackendError> {
-        let pool = Config::from_url(url)
-            .create_pool(Some(Runtime::Tokio1))
+        RedisStore::connect_with(url, prefix, retention, RedisTimeouts::default()).await
+    }
+
+    /// Connects with explicit timeouts and checks that the server answers.
+    pub async fn connect_with(
+        url: &str,
+        prefix: &str,
+        retention: Option<Duration>,
+        timeouts: RedisTimeouts,
+    ) -> Result<RedisStore, BackendError> {
+        let connection = redis::AsyncConnectionConfig::new()
+            .set_response_timeout(Some(timeouts.response))
+            .set_connection_timeout(Some(timeouts.connect));
+        let manager = deadpool_redis::Manager::new_with_config(url, connection)
+            .map_err(|e| BackendError::new(format!("redis {}: {e}", mask_url(url))))?;
+        let pool = Pool::builder(manager)
+            .max_size(Config::default().get_pool_config().max_size)
+            .runtime(Runtime::Tokio1)
+            .wait_timeout(Some(timeouts.response))
+            .create_timeout(Some(timeouts.connect))
+            .recycle_timeout(Some(timeouts.connect))
+            .build()
             .map_err(|e| BackendError::new(format!("redis {}: {e}", mask_url(url))))?;
         let store = RedisStore {
             pool,
@@ -227,46 +266,34 @@ impl Store for RedisStore {
     }
 
     async fn create_run(&self, run: &RunRecord, tasks: &[TaskInstance]) -> Result<CreateRun, BackendError> {
-        let mut run = run.clone();
         let mut conn = self.conn().await?;
-        if let Some(key) = &run.key {
-            // The key is claimed first; a claim whose run was never created (a crash in
-            // between) is completed with the claimed id.
-            let key_name = self.idempotency_key(&run.dag_id, key);
-            let claimed: Option<String> = redis::cmd("SET")
-                .arg(&key_name)
-                .arg(&run.run_id)
-                .arg("NX")
-                .arg("GET")
-                .query_async(&mut conn)
-                .await
-                .map_err(redis_error)?;
-            if let Some(existing) = claimed {
-                let exists: bool = conn.exists(self.meta_key(&existing)).await.map_err(redis_error)?;
-                if exists {
-                    return Ok(CreateRun::Exists(existing));
-                }
-                run.run_id = existing;
-            }
-        }
+        let key_name = match &run.key {
+            Some(key) => self.idempotency_key(&run.dag_id, key),
+            None => self.idempotency_key(&run.dag_id, "-"),
+        };
         let mut invocation = self.scripts.create_run.key(self.meta_key(&run.run_id));
-        invocation.key(self.tasks_key(&run.run_id)).arg(encode(&run)?);
+        invocation
+            .key(self.tasks_key(&run.run_id))
+            .key(self.runs_key())
+            .key(self.dag_runs_key(&run.dag_id))
+            .key(self.unfinished_key())
+            .key(key_name)
+            .arg(encode(run)?)
+            .arg(&run.run_id)
+            .arg(run.created_at.timestamp_millis())
+            .arg(if run.key.is_some() { 1 } else { 0 })
+            .arg(self.retention_secs())
+            .arg(format!("{}:run:{{", self.prefix))
+            .arg("}:meta");
         for task in tasks {
             invocation.arg(&task.task_id).arg(encode(task)?);
         }
-        let created: i32 = invocation.invoke_async(&mut conn).await.map_err(redis_error)?;
-        if created == 0 {
-            return Ok(CreateRun::Exists(run.run_id));
-        }
-        let score = run.created_at.timestamp_millis();
-        let _: () = redis::pipe()
-            .zadd(self.runs_key(), &run.run_id, score)
-            .zadd(self.dag_runs_key(&run.dag_id), &run.run_id, score)
-            .zadd(self.unfinished_key(), &run.run_id, score)
-            .query_async(&mut conn)
-            .await
-            .map_err(redis_error)?;
-        Ok(CreateRun::Created)
+        let answer: String = invocation.invoke_async(&mut conn).await.map_err(redis_error)?;
+        Ok(match answer.as_str() {
+            "+" => CreateRun::Created,
+            "=" => CreateRun::Exists(run.run_id.clone()),
+            existing => CreateRun::Exists(existing.to_string()),
+        })
     }
 
     async fn run(&self, run_id: &str) -> Result<Option<RunRecord>, BackendError> {
@@ -276,36 +303,41 @@ impl Store for RedisStore {
     }
 
     async fn transition_run(&self, expected: RunState, run: &RunRecord) -> Result<bool, BackendError> {
+        self.transition_run_with_tasks(expected, run, &[]).await
+    }
+
+    async fn transition_run_with_tasks(
+        &self,
+        expected: RunState,
+        run: &RunRecord,
+        changes: &[TaskChange],
+    ) -> Result<bool, BackendError> {
         let mut conn = self.conn().await?;
-        let applied: i32 = self
-            .scripts
-            .transition_run
-            .key(self.meta_key(&run.run_id))
+        let horizon = match self.retention {
+            Some(retention) => run.created_at.timestamp_millis() - retention.as_millis() as i64,
+            None => -1,
+        };
+        let mut invocation = self.scripts.transition_run.key(self.meta_key(&run.run_id));
+        invocation
             .key(self.tasks_key(&run.run_id))
             .key(self.logs_key(&run.run_id))
+            .key(self.unfinished_key())
+            .key(self.runs_key())
+            .key(self.dag_runs_key(&run.dag_id))
             .arg(expected.as_str())
             .arg(encode(run)?)
             .arg(self.retention_secs())
-            .invoke_async(&mut conn)
-            .await
-            .map_err(redis_error)?;
-        if applied == 1 {
-            let score = run.created_at.timestamp_millis();
-            if run.state.is_final() {
-                let _: () = conn.zrem(self.unfinished_key(), &run.run_id).await.map_err(redis_error)?;
-                if let Some(retention) = self.retention {
-                    let horizon = run.created_at.timestamp_millis() - retention.as_millis() as i64;
-                    let _: () = redis::pipe()
-                        .zrembyscore(self.runs_key(), "-inf", horizon)
-                        .zrembyscore(self.dag_runs_key(&run.dag_id), "-inf", horizon)
-                        .query_async(&mut conn)
-                        .await
-                        .map_err(redis_error)?;
-                }
-            } else {
-                let _: () = conn.zadd(self.unfinished_key(), &run.run_id, score).await.map_err(redis_error)?;
-            }
+            .arg(&run.run_id)
+            .arg(run.created_at.timestamp_millis())
+            .arg(horizon.max(-1));
+        for change in changes {
+            invocation
+                .arg(&change.task.task_id)
+                .arg(change.expected_state.as_str())
+                .arg(change.expected_try)
+                .arg(encode(&change.task)?);
         }
+        let applied: i32 = invocation.invoke_async(&mut conn).await.map_err(redis_error)?;
         Ok(applied == 1)
     }
 

@@ -60,18 +60,30 @@ return applied
 "#
 );
 
-/// Compare-and-set of a run record. KEYS[1] meta key. ARGV: expected state, new JSON,
-/// retention seconds (0: keep), then the run's other keys to expire with it.
-pub(crate) const TRANSITION_RUN: &str = r#"
+/// Compare-and-set of a run record, with its index entries, in one step. KEYS[1] meta,
+/// KEYS[2] tasks hash, KEYS[3] the run's set of log keys, KEYS[4] the unfinished index,
+/// KEYS[5] the runs index, KEYS[6] the DAG's runs index. ARGV: expected state, new JSON,
+/// retention seconds (0: keep), run id, score, horizon below which finished runs leave the
+/// listings (-1: none), then groups of task id, expected state, expected try, new JSON applied
+/// as compare-and-sets once the run's applies (a restart). Returns 1 when applied.
+pub(crate) const TRANSITION_RUN: &str = task_script!(
+    r#"
 local current = redis.call('GET', KEYS[1])
 if not current then return 0 end
 local run = cjson.decode(current)
 if run.state ~= ARGV[1] then return 0 end
 redis.call('SET', KEYS[1], ARGV[2])
+for i = 7, #ARGV, 4 do
+  local task = redis.call('HGET', KEYS[2], ARGV[i])
+  if task then
+    local state, try = head(task)
+    if state == ARGV[i + 1] and try == ARGV[i + 2] then redis.call('HSET', KEYS[2], ARGV[i], ARGV[i + 3]) end
+  end
+end
 local retention = tonumber(ARGV[3])
 local new_state = cjson.decode(ARGV[2]).state
 local final = new_state == 'success' or new_state == 'failed' or new_state == 'cancelled'
-for i = 1, #KEYS do
+for i = 1, 3 do
   if final and retention > 0 then
     redis.call('EXPIRE', KEYS[i], retention)
   else
@@ -83,16 +95,47 @@ if final and retention > 0 then
 else
   for _, log in ipairs(redis.call('SMEMBERS', KEYS[3])) do redis.call('PERSIST', log) end
 end
+if final then
+  redis.call('ZREM', KEYS[4], ARGV[4])
+  if tonumber(ARGV[6]) >= 0 then
+    redis.call('ZREMRANGEBYSCORE', KEYS[5], '-inf', ARGV[6])
+    redis.call('ZREMRANGEBYSCORE', KEYS[6], '-inf', ARGV[6])
+  end
+else
+  redis.call('ZADD', KEYS[4], ARGV[5], ARGV[4])
+  redis.call('ZADD', KEYS[5], ARGV[5], ARGV[4])
+  redis.call('ZADD', KEYS[6], ARGV[5], ARGV[4])
+end
 return 1
-"#;
+"#
+);
 
-/// Creates a run unless its meta key exists. KEYS[1] meta, KEYS[2] tasks hash. ARGV: run JSON,
-/// then task id and JSON pairs. Returns 1 when created.
+/// Creates a run with its index entries and idempotency key, in one step, so no crash or
+/// timeout can leave a run that listings and recovery never see, or a key without its run.
+/// KEYS[1] meta, KEYS[2] tasks hash, KEYS[3] runs index, KEYS[4] the DAG's runs index,
+/// KEYS[5] unfinished index, KEYS[6] the idempotency key (or an unused name). ARGV: run JSON,
+/// run id, score, whether there is a key (1/0), key lifetime in seconds (0: none), the meta key
+/// of a run id as prefix and suffix, then task id and JSON pairs. Answers `+` when created,
+/// `=` when a run with this id exists, or the id of the run the key names.
 pub(crate) const CREATE_RUN: &str = r#"
-if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
+if ARGV[4] == '1' then
+  local existing = redis.call('GET', KEYS[6])
+  if existing and redis.call('EXISTS', ARGV[6] .. existing .. ARGV[7]) == 1 then return existing end
+end
+if redis.call('EXISTS', KEYS[1]) == 1 then return '=' end
 redis.call('SET', KEYS[1], ARGV[1])
-for i = 2, #ARGV, 2 do redis.call('HSET', KEYS[2], ARGV[i], ARGV[i + 1]) end
-return 1
+for i = 8, #ARGV, 2 do redis.call('HSET', KEYS[2], ARGV[i], ARGV[i + 1]) end
+redis.call('ZADD', KEYS[3], ARGV[3], ARGV[2])
+redis.call('ZADD', KEYS[4], ARGV[3], ARGV[2])
+redis.call('ZADD', KEYS[5], ARGV[3], ARGV[2])
+if ARGV[4] == '1' then
+  if tonumber(ARGV[5]) > 0 then
+    redis.call('SET', KEYS[6], ARGV[2], 'EX', ARGV[5])
+  else
+    redis.call('SET', KEYS[6], ARGV[2])
+  end
+end
+return '+'
 "#;
 
 /// Adds follow-up tasks and rewires downstream tasks. KEYS[1] tasks hash. ARGV: count of new

@@ -986,6 +986,7 @@ impl Engine {
         if !tasks.iter().any(|t| task_transition(t.state, TaskEvent::Reset).is_ok()) {
             return Err(CommandError::Conflict(format!("run {run_id:?}: every task succeeded; nothing to restart")));
         }
+        let mut changes = Vec::new();
         for task in tasks {
             if task_transition(task.state, TaskEvent::Reset).is_err() {
                 continue;
@@ -998,13 +999,15 @@ impl Engine {
             new.retry_at = None;
             new.worker = None;
             new.progress = None;
-            self.store.transition_task(run_id, task.state, task.try_number, &new).await.map_err(backend)?;
+            changes.push(TaskChange { expected_state: task.state, expected_try: task.try_number, task: new });
         }
         let mut restarted = record.clone();
         restarted.state = RunState::Running;
         restarted.started_at = Some(self.now_cache);
         restarted.ended_at = None;
-        if !self.store.transition_run(record.state, &restarted).await.map_err(backend)? {
+        // The run and its reset tasks change in one step: a crash cannot leave one without the
+        // other.
+        if !self.store.transition_run_with_tasks(record.state, &restarted, &changes).await.map_err(backend)? {
             return Err(CommandError::Conflict(format!("run {run_id:?} changed state meanwhile; try again")));
         }
         tracing::info!(run = %run_id, "run restarted");

@@ -55,9 +55,14 @@ pub struct ServeArgs {
     /// Prefix of queue names and Redis keys, so several installations can share the services.
     #[arg(long, env = "DAGMQ_NAMESPACE", value_name = "NAME")]
     pub namespace: Option<String>,
-    /// Finished runs are deleted from Redis this long after they finish, e.g. 30d.
-    #[arg(long, value_name = "DURATION")]
+    /// Finished runs, their logs and trigger keys are deleted from Redis this long after they
+    /// finish (default 30d; `off` keeps them for ever).
+    #[arg(long, env = "DAGMQ_RETENTION", value_name = "DURATION")]
     pub retention: Option<String>,
+    /// Longest wait for an answer from Redis (default 30s); a call that times out is treated
+    /// as unknown and read again, never as not applied.
+    #[arg(long, env = "DAGMQ_REDIS_TIMEOUT", value_name = "DURATION")]
+    pub redis_timeout: Option<String>,
     /// Worker pools this worker consumes, comma-separated (default: default).
     #[arg(long, value_delimiter = ',', value_name = "POOLS")]
     pub queues: Vec<String>,

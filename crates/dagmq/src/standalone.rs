@@ -9,7 +9,7 @@ use anyhow::Context;
 use dagmq_core::memory::{MemoryQueue, MemoryStore};
 use dagmq_core::{CancelSignal, Clock, Queue, Store, SystemClock};
 use dagmq_rabbitmq::{RabbitConfig, RabbitQueue};
-use dagmq_redis::RedisStore;
+use dagmq_redis::{RedisStore, RedisTimeouts};
 use dagmq_scheduler::SchedulerConfig;
 use dagmq_scheduler::api::ApiConfig;
 use dagmq_scheduler::notifier::{FanoutNotifier, LogNotifier, Notifier};
@@ -20,6 +20,9 @@ use crate::config_file::ConfigFile;
 use crate::load::load_dags;
 use crate::webhook::WebhookNotifier;
 use crate::{App, CliError, CliResult};
+
+/// How long finished runs stay in Redis unless `--retention` says otherwise.
+const DEFAULT_RETENTION: Duration = Duration::from_secs(30 * 24 * 3600);
 
 /// Which parts this process runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -45,10 +48,23 @@ pub(crate) async fn serve(app: &App, args: &ServeArgs, file: &ConfigFile, role: 
         }
         None => Duration::from_secs(30),
     };
-    let retention = match &args.retention {
+    let retention = match args.retention.as_deref() {
+        Some("off") => None,
         Some(text) => {
             Some(dagmq_core::duration::parse_duration(text).map_err(|e| CliError::usage(format!("--retention: {e}")))?)
         }
+        None => Some(DEFAULT_RETENTION),
+    };
+    let mut redis_timeouts = RedisTimeouts::default();
+    if let Some(text) = &args.redis_timeout {
+        redis_timeouts.response =
+            dagmq_core::duration::parse_duration(text).map_err(|e| CliError::usage(format!("--redis-timeout: {e}")))?;
+    }
+    let worker_timeout = match &args.worker_timeout {
+        Some(text) => Some(
+            dagmq_core::duration::parse_duration(text)
+                .map_err(|e| CliError::usage(format!("--worker-timeout: {e}")))?,
+        ),
         None => None,
     };
     let token = std::env::var("DAGMQ_API_TOKEN").ok().filter(|t| !t.is_empty());
@@ -91,7 +107,11 @@ pub(crate) async fn serve(app: &App, args: &ServeArgs, file: &ConfigFile, role: 
     let store: Arc<dyn Store> = match &args.redis {
         Some(url) => {
             let prefix = if namespace.is_empty() { "dagmq".to_string() } else { namespace.clone() };
-            Arc::new(RedisStore::connect(url, &prefix, retention).await.map_err(|e| CliError::runtime(e.to_string()))?)
+            Arc::new(
+                RedisStore::connect_with(url, &prefix, retention, redis_timeouts)
+                    .await
+                    .map_err(|e| CliError::runtime(e.to_string()))?,
+            )
         }
         None => Arc::new(MemoryStore::new()),
     };
@@ -106,9 +126,8 @@ pub(crate) async fn serve(app: &App, args: &ServeArgs, file: &ConfigFile, role: 
         config.default_params = loaded.default_params;
         config.refused_dags = loaded.refused;
         config.notifier = Arc::new(FanoutNotifier(notifiers));
-        if let Some(text) = &args.worker_timeout {
-            config.worker_timeout = dagmq_core::duration::parse_duration(text)
-                .map_err(|e| CliError::usage(format!("--worker-timeout: {e}")))?;
+        if let Some(timeout) = worker_timeout {
+            config.worker_timeout = timeout;
         }
         let (handle, task) = dagmq_scheduler::spawn(config, queue.clone(), store.clone(), scheduler_signal.clone());
         scheduler = Some(task);
@@ -127,6 +146,9 @@ pub(crate) async fn serve(app: &App, args: &ServeArgs, file: &ConfigFile, role: 
         config.concurrency = concurrency;
         config.tasks = app.tasks.clone();
         config.grace_period = grace_period;
+        if let Some(timeout) = worker_timeout {
+            config.worker_timeout = timeout;
+        }
         if !args.queues.is_empty() {
             config.queues = args.queues.clone();
         }

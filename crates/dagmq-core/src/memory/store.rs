@@ -123,6 +123,25 @@ impl Store for MemoryStore {
         }
     }
 
+    async fn transition_run_with_tasks(
+        &self,
+        expected: RunState,
+        run: &RunRecord,
+        changes: &[TaskChange],
+    ) -> Result<bool, BackendError> {
+        let mut inner = self.inner();
+        match inner.runs.get_mut(&run.run_id) {
+            Some(entry) if entry.record.state == expected => {
+                entry.record = run.clone();
+                for change in changes {
+                    entry.transition(change.expected_state, change.expected_try, &change.task);
+                }
+                Ok(true)
+            }
+            _ => Ok(false),
+        }
+    }
+
     async fn list_runs(&self, filter: &RunFilter) -> Result<Vec<RunRecord>, BackendError> {
         let inner = self.inner();
         Ok(inner

@@ -475,6 +475,8 @@ impl PrivateRedis {
                 "everysec",
                 "--save",
                 "",
+                "--enable-debug-command",
+                "local",
             ])
             .arg("--dir")
             .arg(dir)
@@ -522,6 +524,35 @@ fn redis_restarted_with_aof_mid_run_the_run_completes() {
     let run = cluster.wait_run(&run_id, Duration::from_secs(90));
     assert_eq!(run["state"], "success", "{}", cluster.logs_text());
     assert_every_task_succeeded_once(&run);
+}
+
+/// `DEBUG SLEEP 2` blocks the test's own Redis for two seconds (four times the client's old
+/// 500 ms response timeout), and `CLIENT PAUSE 3000` holds every client for three: calls time
+/// out or wait, scripts may still apply, and the run completes with every task once.
+#[test]
+fn a_slow_and_a_paused_redis_mid_run_the_run_completes() {
+    let Some(mut cluster) = Cluster::new(&[("chain.toml", CHAIN), ("wide.toml", &wide_dag(98))]) else { return };
+    let port = crate::support::free_port();
+    let _redis = PrivateRedis::start(port, &std::env::temp_dir().join(format!("{}-redis", cluster.namespace)));
+    cluster.redis = format!("redis://127.0.0.1:{port}");
+    cluster.start_scheduler();
+    cluster.start_worker("w1");
+    cluster.start_worker("w2");
+    let chain = cluster.trigger("chain");
+    let wide = cluster.trigger("wide");
+    cluster.wait_task_state(&chain, "c2", "running");
+    let cli = |args: &[&str]| {
+        let output =
+            std::process::Command::new("redis-cli").arg("-p").arg(port.to_string()).args(args).output().unwrap();
+        assert!(output.status.success(), "redis-cli {args:?}: {}", text(&output.stderr));
+    };
+    cli(&["DEBUG", "SLEEP", "2"]);
+    cli(&["CLIENT", "PAUSE", "3000"]);
+    for run_id in [chain, wide] {
+        let run = cluster.wait_run(&run_id, Duration::from_secs(120));
+        assert_eq!(run["state"], "success", "{}", cluster.logs_text());
+        assert_every_task_succeeded_once(&run);
+    }
 }
 
 #[test]

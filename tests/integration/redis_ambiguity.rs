@@ -1,0 +1,165 @@
+//! A Redis call that times out may still apply: a script runs to its end once the server reads
+//! it. These tests give a Redis server of their own (the shared one is never blocked) scripts
+//! that outlast a short response timeout, and check that what applied is whole and that a
+//! retry finds it.
+
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use chrono::{DateTime, Utc};
+use dagmq_core::store::{CreateRun, RunFilter};
+use dagmq_core::{RunKind, RunRecord, RunState, Store, TaskInstance};
+use dagmq_redis::{RedisStore, RedisTimeouts};
+
+use crate::services::unavailable;
+
+/// A redis-server of the test's own on a free port, without persistence.
+struct OwnRedis {
+    child: Child,
+    port: u16,
+}
+
+impl OwnRedis {
+    fn start() -> Option<OwnRedis> {
+        let port = std::net::TcpListener::bind("127.0.0.1:0").ok()?.local_addr().ok()?.port();
+        let child = match Command::new("redis-server")
+            .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+            .stdout(Stdio::null())
+            .spawn()
+        {
+            Ok(child) => child,
+            Err(err) => {
+                unavailable("redis-server", err)?;
+                return None;
+            }
+        };
+        let own = OwnRedis { child, port };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !own.cli(&["ping"]).contains("PONG") {
+            assert!(Instant::now() < deadline, "own redis did not start");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Some(own)
+    }
+
+    fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    fn cli(&self, args: &[&str]) -> String {
+        Command::new("redis-cli")
+            .arg("-p")
+            .arg(self.port.to_string())
+            .args(args)
+            .output()
+            .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+            .unwrap_or_default()
+    }
+}
+
+impl Drop for OwnRedis {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn at(seconds: i64) -> DateTime<Utc> {
+    DateTime::from_timestamp(1_790_000_000 + seconds, 0).unwrap()
+}
+
+fn run(id: &str, key: Option<&str>) -> RunRecord {
+    RunRecord {
+        run_id: id.into(),
+        dag_id: "etl".into(),
+        state: RunState::Queued,
+        kind: RunKind::Manual,
+        logical_date: at(0),
+        params: Default::default(),
+        key: key.map(str::to_string),
+        created_at: at(0),
+        started_at: None,
+        ended_at: None,
+    }
+}
+
+fn tasks(count: usize) -> Vec<TaskInstance> {
+    (0..count).map(|i| TaskInstance::pending(format!("t{i}"), Vec::<String>::new(), "default", 0)).collect()
+}
+
+/// Waits for `check` with a deadline.
+async fn eventually(what: &str, mut check: impl AsyncFnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !check().await {
+        assert!(Instant::now() < deadline, "{what} never happened");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// The issue's case: creating a run of 100,000 tasks blocks Redis longer than a short response
+/// timeout; the client gives up, the script still applies.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_run_creation_that_times_out_applies_whole_and_a_retry_finds_it() {
+    let Some(redis) = OwnRedis::start() else { return };
+    let timeouts = RedisTimeouts { response: Duration::from_millis(100), connect: Duration::from_secs(2) };
+    let store = RedisStore::connect_with(&redis.url(), "amb", None, timeouts).await.unwrap();
+    // Loads the script, so the slow call is one EVALSHA.
+    store.create_run(&run("warm-up", None), &tasks(1)).await.unwrap();
+    let big = tasks(100_000);
+
+    let answer = store.create_run(&run("r1", None), &big).await;
+    assert!(answer.is_err(), "the call timed out: {answer:?}");
+    // The script ran to its end, with its index entries: listings and recovery see the run.
+    eventually("the run listed", async || {
+        store
+            .list_runs(&RunFilter { limit: 10, ..Default::default() })
+            .await
+            .is_ok_and(|runs| runs.iter().any(|r| r.run_id == "r1"))
+    })
+    .await;
+    assert!(store.unfinished_runs().await.unwrap().iter().any(|r| r.run_id == "r1"), "recovery sees it");
+    assert_eq!(redis.cli(&["HLEN", "amb:run:{r1}:tasks"]).trim(), "100000");
+    // A retry is told the run exists.
+    eventually(
+        "the retry finds it",
+        async || matches!(store.create_run(&run("r1", None), &tasks(1)).await, Ok(CreateRun::Exists(id)) if id == "r1"),
+    )
+    .await;
+
+    // A keyed trigger retried under another run id finds the run its first try created.
+    assert!(store.create_run(&run("k1", Some("2026-12-01")), &big).await.is_err());
+    eventually("the keyed run", async || {
+        matches!(store.create_run(&run("k2", Some("2026-12-01")), &tasks(1)).await, Ok(CreateRun::Exists(id)) if id == "k1")
+    })
+    .await;
+    assert!(store.run("k2").await.unwrap().is_none());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_restart_is_one_step_and_a_finished_run_leaves_the_unfinished_index_with_it() {
+    let Some(redis) = OwnRedis::start() else { return };
+    let store = RedisStore::connect(&redis.url(), "amb", None).await.unwrap();
+    let mut record = run("r", None);
+    store.create_run(&record, &tasks(2)).await.unwrap();
+    record.state = RunState::Failed;
+    assert!(store.transition_run(RunState::Queued, &record).await.unwrap());
+    assert!(store.unfinished_runs().await.unwrap().is_empty());
+    let mut failed = store.task("r", "t0").await.unwrap().unwrap();
+    failed.state = dagmq_core::TaskState::Failed;
+    assert!(store.transition_task("r", dagmq_core::TaskState::Pending, 0, &failed).await.unwrap());
+    let mut reset = failed.clone();
+    reset.state = dagmq_core::TaskState::Pending;
+    let change =
+        dagmq_core::store::TaskChange { expected_state: dagmq_core::TaskState::Failed, expected_try: 0, task: reset };
+    let mut restarted = record.clone();
+    restarted.state = RunState::Running;
+    // Refused as a whole when the run is not in the expected state...
+    assert!(
+        !store.transition_run_with_tasks(RunState::Success, &restarted, std::slice::from_ref(&change)).await.unwrap()
+    );
+    assert_eq!(store.task("r", "t0").await.unwrap().unwrap().state, dagmq_core::TaskState::Failed);
+    // ...and applied as a whole, index entry included, when it is.
+    assert!(store.transition_run_with_tasks(RunState::Failed, &restarted, &[change]).await.unwrap());
+    assert_eq!(store.task("r", "t0").await.unwrap().unwrap().state, dagmq_core::TaskState::Pending);
+    assert_eq!(store.unfinished_runs().await.unwrap().len(), 1);
+}
