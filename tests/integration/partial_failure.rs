@@ -186,3 +186,36 @@ async fn a_shutdown_requeue_whose_publish_failed_is_published_again_by_the_worke
     assert_eq!(journal.entries(), vec!["start:a", "stopped:a", "start:a", "end:a"]);
     h.stop().await;
 }
+
+/// Logs are bounded per line (64 KiB) and per try (1 MiB) with visible markers; a task that
+/// prints 50 MB without a newline costs one cut line.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_50_mb_line_and_a_flood_of_lines_are_cut_with_markers() {
+    use dagmq_core::store::{LINE_CUT_MARKER, LOG_BYTES_CUT_MARKER, MAX_LOG_BYTES_PER_TRY, MAX_LOG_LINE_BYTES};
+    let mut registry = DagRegistry::new();
+    let dag = Dag::builder("noisy")
+        .task(TaskSpec::command("long_line", ["sh", "-c", "head -c 50000000 /dev/zero | tr '\\0' x; echo; echo after"]))
+        .task(TaskSpec::command(
+            "flood",
+            ["sh", "-c", "yes \"$(head -c 200 /dev/zero | tr '\\0' y)\" | head -n 100000"],
+        ))
+        .build()
+        .unwrap();
+    registry.add(dag).unwrap();
+    let h = Harness::start(registry).await;
+    let run = h.trigger("noisy").await;
+    assert_eq!(h.wait_final(&run).await, RunState::Success);
+
+    let log = h.store.read_log(&run, "long_line", 1, 0).await.unwrap();
+    assert_eq!(log.len(), 2, "one cut line, then the next line");
+    assert_eq!(log[0].len(), MAX_LOG_LINE_BYTES + LINE_CUT_MARKER.len());
+    assert!(log[0].ends_with(LINE_CUT_MARKER));
+    assert_eq!(log[1], "after");
+
+    let log = h.store.read_log(&run, "flood", 1, 0).await.unwrap();
+    assert_eq!(log.last().map(String::as_str), Some(LOG_BYTES_CUT_MARKER));
+    let bytes: usize = log.iter().map(String::len).sum();
+    assert!(bytes <= MAX_LOG_BYTES_PER_TRY + LOG_BYTES_CUT_MARKER.len(), "{bytes} bytes kept");
+    assert!(log.len() > 5_000, "lines up to the cut are kept: {}", log.len());
+    h.stop().await;
+}

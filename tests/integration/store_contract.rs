@@ -232,9 +232,9 @@ async fn redis_finished_runs_expire_after_retention() {
     )
     .await
     .unwrap();
-    store.create_run(&run("old", "etl", 0, None), &tasks()).await.unwrap();
+    store.create_run(&run("old", "etl", 0, Some("k")), &tasks()).await.unwrap();
     store.append_log("old", "a", 1, &["x".to_string()]).await.unwrap();
-    let mut running = run("old", "etl", 0, None);
+    let mut running = run("old", "etl", 0, Some("k"));
     running.state = RunState::Running;
     assert!(store.transition_run(RunState::Queued, &running).await.unwrap());
     let mut done = running.clone();
@@ -248,6 +248,8 @@ async fn redis_finished_runs_expire_after_retention() {
     assert!(store.tasks("old").await.unwrap().is_empty());
     assert!(store.read_log("old", "a", 1, 0).await.unwrap().is_empty());
     assert!(store.list_runs(&RunFilter { limit: 10, ..RunFilter::default() }).await.unwrap().is_empty());
+    // The trigger key lived no longer than its run.
+    assert_eq!(store.create_run(&run("new", "etl", 5, Some("k")), &tasks()).await.unwrap(), CreateRun::Created);
     store.delete_all().await.unwrap();
 }
 
@@ -276,4 +278,33 @@ async fn redis_task_scripts_read_instances_in_any_field_order() {
         TaskChange { expected_state: TaskState::Queued, expected_try: 1, task: with(&a, TaskState::Running, 1) };
     assert_eq!(store.transition_tasks("order", &[change]).await.unwrap(), vec![true]);
     store.delete_all().await.unwrap();
+}
+
+#[tokio::test]
+async fn memory_finished_runs_and_their_keys_expire_after_retention() {
+    let store = MemoryStore::with_retention(Some(std::time::Duration::from_secs(3600)));
+    store.create_run(&run("old", "etl", 0, Some("k")), &tasks()).await.unwrap();
+    store.create_run(&run("open", "etl", 1, None), &tasks()).await.unwrap();
+    store.append_log("old", "a", 1, &["x".to_string()]).await.unwrap();
+    let mut done = run("old", "etl", 0, Some("k"));
+    done.state = RunState::Failed;
+    done.ended_at = Some(at(10));
+    assert!(store.transition_run(RunState::Queued, &done).await.unwrap());
+    // Within the retention period the run and its key stay.
+    assert_eq!(
+        store.create_run(&run("again", "etl", 3000, Some("k")), &tasks()).await.unwrap(),
+        CreateRun::Exists("old".into())
+    );
+    // Past it, a new run drops it: record, tasks, logs and key; unfinished runs stay.
+    assert_eq!(store.create_run(&run("later", "etl", 3611, None), &tasks()).await.unwrap(), CreateRun::Created);
+    assert!(store.run("old").await.unwrap().is_none());
+    assert!(store.read_log("old", "a", 1, 0).await.unwrap().is_empty());
+    assert!(store.run("open").await.unwrap().is_some());
+    assert_eq!(
+        store.create_run(&run("fresh", "etl", 3612, Some("k")), &tasks()).await.unwrap(),
+        CreateRun::Created,
+        "the key expired with its run"
+    );
+    let listed = store.list_runs(&RunFilter { limit: 10, ..RunFilter::default() }).await.unwrap();
+    assert_eq!(listed.iter().map(|r| r.run_id.as_str()).collect::<Vec<_>>(), vec!["fresh", "later", "open"]);
 }

@@ -16,6 +16,33 @@ pub const MAX_LOG_LINES_PER_TRY: usize = 10_000;
 /// The marker that ends a log cut at [`MAX_LOG_LINES_PER_TRY`].
 pub const LOG_CUT_MARKER: &str = "[dagmq: log cut at 10000 lines]";
 
+/// A try's log keeps at most this many bytes of lines; the rest is replaced by
+/// [`LOG_BYTES_CUT_MARKER`].
+pub const MAX_LOG_BYTES_PER_TRY: usize = 1024 * 1024;
+
+/// The marker that ends a log cut at [`MAX_LOG_BYTES_PER_TRY`].
+pub const LOG_BYTES_CUT_MARKER: &str = "[dagmq: log cut at 1 MiB]";
+
+/// A log line keeps at most this many bytes; the rest is replaced by [`LINE_CUT_MARKER`].
+pub const MAX_LOG_LINE_BYTES: usize = 64 * 1024;
+
+/// Ends a line cut at [`MAX_LOG_LINE_BYTES`].
+pub const LINE_CUT_MARKER: &str = " [dagmq: line cut at 64 KiB]";
+
+/// Cuts a line to [`MAX_LOG_LINE_BYTES`] (at a character boundary) and marks the cut.
+pub fn cut_line(mut line: String) -> String {
+    if line.len() <= MAX_LOG_LINE_BYTES {
+        return line;
+    }
+    let mut end = MAX_LOG_LINE_BYTES;
+    while !line.is_char_boundary(end) {
+        end -= 1;
+    }
+    line.truncate(end);
+    line.push_str(LINE_CUT_MARKER);
+    line
+}
+
 /// Which runs to list.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct RunFilter {

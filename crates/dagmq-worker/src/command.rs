@@ -5,6 +5,7 @@ use std::collections::BTreeMap;
 use std::process::Stdio;
 use std::time::Duration;
 
+use dagmq_core::store::{LINE_CUT_MARKER, MAX_LOG_LINE_BYTES};
 use dagmq_core::task::param_text;
 use dagmq_core::template;
 use dagmq_core::{TaskContext, TaskError, TaskOutcome};
@@ -89,19 +90,49 @@ fn env_name(key: &str) -> String {
     key.chars().map(|c| if c.is_ascii_alphanumeric() { c.to_ascii_uppercase() } else { '_' }).collect()
 }
 
-/// Sends each line of a pipe to the try's log.
+/// Sends each line of a pipe to the try's log. A line is held up to [`MAX_LOG_LINE_BYTES`]: a
+/// longer one is logged cut, with a marker, and the rest of it is read and dropped, so a task
+/// printing 50 MB without a newline costs 64 KiB here. The pipe is read to its end even after
+/// the try's log was cut, so the process never blocks on a full pipe.
 async fn forward_lines(pipe: impl AsyncRead + Unpin, ctx: TaskContext) {
-    let mut reader = BufReader::new(pipe);
-    let mut buffer = Vec::new();
+    let mut reader = BufReader::with_capacity(MAX_LOG_LINE_BYTES, pipe);
+    let mut line: Vec<u8> = Vec::new();
+    let mut skipping = false;
+    let emit = |line: &[u8], cut: bool| {
+        let text = String::from_utf8_lossy(line);
+        let mut text = text.trim_end_matches(['\n', '\r']).to_string();
+        if cut {
+            text.push_str(LINE_CUT_MARKER);
+        }
+        ctx.log(text);
+    };
     loop {
-        buffer.clear();
-        match reader.read_until(b'\n', &mut buffer).await {
-            Ok(0) | Err(_) => return,
-            Ok(_) => {
-                let line = String::from_utf8_lossy(&buffer);
-                ctx.log(line.trim_end_matches(['\n', '\r']).to_string());
+        let chunk = match reader.fill_buf().await {
+            Ok([]) | Err(_) => break,
+            Ok(chunk) => chunk,
+        };
+        let newline = chunk.iter().position(|b| *b == b'\n');
+        let taken = newline.map_or(chunk.len(), |at| at + 1);
+        let body = &chunk[..newline.unwrap_or(chunk.len())];
+        if skipping {
+            skipping = newline.is_none();
+        } else if line.len() + body.len() > MAX_LOG_LINE_BYTES {
+            let room = MAX_LOG_LINE_BYTES - line.len();
+            line.extend_from_slice(&body[..room]);
+            emit(&line, true);
+            line.clear();
+            skipping = newline.is_none();
+        } else {
+            line.extend_from_slice(body);
+            if newline.is_some() {
+                emit(&line, false);
+                line.clear();
             }
         }
+        reader.consume(taken);
+    }
+    if !line.is_empty() {
+        emit(&line, false);
     }
 }
 

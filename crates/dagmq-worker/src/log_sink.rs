@@ -2,9 +2,10 @@
 //! path: the task never waits for the store. Whatever arrives while one write is in flight goes
 //! into the next write.
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use dagmq_core::Store;
+use dagmq_core::store::{LOG_BYTES_CUT_MARKER, LOG_CUT_MARKER, MAX_LOG_BYTES_PER_TRY, MAX_LOG_LINES_PER_TRY, cut_line};
 use dagmq_core::task::{LogSink, ProgressSink};
 use tokio::sync::mpsc;
 
@@ -17,17 +18,49 @@ enum Item {
 }
 
 /// The task's side: implements both sinks by sending to the flusher.
+///
+/// The channel is bounded by what a try may log: every line is cut to
+/// [`MAX_LOG_LINE_BYTES`], and once a try has sent [`MAX_LOG_LINES_PER_TRY`] lines or
+/// [`MAX_LOG_BYTES_PER_TRY`] bytes, one cut marker follows and further lines are dropped here.
+/// So however fast a task prints and however slow the store is, a try holds at most about
+/// 1 MiB of log in memory, and the task never waits for the store.
 #[derive(Clone)]
 pub(crate) struct ChannelSink {
     /// To the flusher.
     sender: mpsc::UnboundedSender<Item>,
     /// Secret parameter values, masked in every line.
     secrets: Arc<Vec<String>>,
+    /// Lines and bytes sent so far, and whether the log was cut.
+    sent: Arc<Mutex<Sent>>,
+}
+
+/// What a try's sink has sent.
+#[derive(Default)]
+struct Sent {
+    /// Lines sent.
+    lines: usize,
+    /// Bytes of lines sent.
+    bytes: usize,
+    /// Whether the cut marker was sent.
+    cut: bool,
 }
 
 impl LogSink for ChannelSink {
     fn line(&self, line: String) {
+        let line = cut_line(line);
         let line = if self.secrets.is_empty() { line } else { dagmq_core::task::mask_line(&line, &self.secrets) };
+        let mut sent = self.sent.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        if sent.cut {
+            return;
+        }
+        if sent.lines >= MAX_LOG_LINES_PER_TRY || sent.bytes + line.len() > MAX_LOG_BYTES_PER_TRY {
+            sent.cut = true;
+            let marker = if sent.lines >= MAX_LOG_LINES_PER_TRY { LOG_CUT_MARKER } else { LOG_BYTES_CUT_MARKER };
+            let _ = self.sender.send(Item::Line(marker.to_string()));
+            return;
+        }
+        sent.lines += 1;
+        sent.bytes += line.len();
         let _ = self.sender.send(Item::Line(line));
     }
 }
@@ -76,5 +109,5 @@ pub(crate) fn start(
             }
         }
     };
-    (ChannelSink { sender, secrets: Arc::new(secrets) }, flusher)
+    (ChannelSink { sender, secrets: Arc::new(secrets), sent: Arc::new(Mutex::new(Sent::default())) }, flusher)
 }

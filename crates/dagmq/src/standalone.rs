@@ -113,7 +113,7 @@ pub(crate) async fn serve(app: &App, args: &ServeArgs, file: &ConfigFile, role: 
                     .map_err(|e| CliError::runtime(e.to_string()))?,
             )
         }
-        None => Arc::new(MemoryStore::new()),
+        None => Arc::new(MemoryStore::with_retention(retention)),
     };
     let clock: Arc<dyn Clock> = Arc::new(SystemClock);
     let (stop_scheduler, scheduler_signal) = CancelSignal::new();

@@ -19,6 +19,9 @@ use crate::store::{CreateRun, RunFilter, Store, TaskChange, append_capped};
 pub struct MemoryStore {
     /// Everything, behind one lock.
     inner: Mutex<Inner>,
+    /// Finished runs are dropped this long after they finish (checked as runs are created, by
+    /// the new run's creation time); `None` keeps them.
+    retention: Option<Duration>,
 }
 
 /// The maps.
@@ -36,6 +39,31 @@ struct Inner {
     workers: HashMap<String, WorkerInfo>,
     /// The scheduler lease: holder and expiry.
     lease: Option<(String, DateTime<Utc>)>,
+    /// Finished runs in the order they finished, with when, for retention.
+    finished: std::collections::VecDeque<(DateTime<Utc>, String)>,
+}
+
+impl Inner {
+    /// Drops runs (with their tasks, logs and keys) that finished before `horizon`.
+    fn expire_before(&mut self, horizon: DateTime<Utc>) {
+        let mut gone = std::collections::HashSet::new();
+        while let Some((ended, _)) = self.finished.front() {
+            if *ended >= horizon {
+                break;
+            }
+            let Some((_, run_id)) = self.finished.pop_front() else { break };
+            let expired =
+                |e: &RunEntry| e.record.state.is_final() && e.record.ended_at.unwrap_or(e.record.created_at) < horizon;
+            if self.runs.get(&run_id).is_some_and(expired) {
+                self.runs.remove(&run_id);
+                gone.insert(run_id);
+            }
+        }
+        if !gone.is_empty() {
+            self.order.retain(|id| !gone.contains(id));
+            self.keys.retain(|_, id| !gone.contains(id));
+        }
+    }
 }
 
 /// A run with its tasks and logs.
@@ -64,9 +92,15 @@ impl RunEntry {
 }
 
 impl MemoryStore {
-    /// An empty store.
+    /// An empty store that keeps finished runs.
     pub fn new() -> MemoryStore {
         MemoryStore::default()
+    }
+
+    /// An empty store that drops finished runs, their logs and trigger keys `retention` after
+    /// they finish, so a long-lived standalone process stays bounded.
+    pub fn with_retention(retention: Option<Duration>) -> MemoryStore {
+        MemoryStore { retention, ..MemoryStore::default() }
     }
 
     /// The maps, even after a panic elsewhere (every critical section leaves them consistent).
@@ -88,6 +122,9 @@ impl Store for MemoryStore {
 
     async fn create_run(&self, run: &RunRecord, tasks: &[TaskInstance]) -> Result<CreateRun, BackendError> {
         let mut inner = self.inner();
+        if let Some(retention) = self.retention {
+            inner.expire_before(run.created_at - chrono::Duration::from_std(retention).unwrap_or_default());
+        }
         if inner.runs.contains_key(&run.run_id) {
             return Ok(CreateRun::Exists(run.run_id.clone()));
         }
@@ -117,6 +154,9 @@ impl Store for MemoryStore {
         match inner.runs.get_mut(&run.run_id) {
             Some(entry) if entry.record.state == expected => {
                 entry.record = run.clone();
+                if run.state.is_final() {
+                    inner.finished.push_back((run.ended_at.unwrap_or(run.created_at), run.run_id.clone()));
+                }
                 Ok(true)
             }
             _ => Ok(false),
@@ -135,6 +175,9 @@ impl Store for MemoryStore {
                 entry.record = run.clone();
                 for change in changes {
                     entry.transition(change.expected_state, change.expected_try, &change.task);
+                }
+                if run.state.is_final() {
+                    inner.finished.push_back((run.ended_at.unwrap_or(run.created_at), run.run_id.clone()));
                 }
                 Ok(true)
             }
