@@ -141,12 +141,21 @@ impl Inner {
         Ok(live)
     }
 
-    /// Forgets a connection that failed, so the next call reconnects.
-    pub(crate) async fn drop_live(&self) {
+    /// Forgets `failed`, so the next call reconnects, and closes it. Another task may have
+    /// replaced it with a fresh connection meanwhile: that one is left alone.
+    pub(crate) async fn drop_live(&self, failed: &Live) {
         let mut guard = self.live.lock().await;
-        if let Some(live) = guard.take() {
-            let _ = live.connection.close(200, "reconnecting".into()).await;
+        if guard.as_ref().is_some_and(|current| Arc::ptr_eq(&current.connection, &failed.connection)) {
+            *guard = None;
         }
+        drop(guard);
+        let _ = failed.connection.close(200, "reconnecting".into()).await;
+    }
+
+    /// Whether `live` is the connection in use now (for tests of reconnection).
+    #[cfg(test)]
+    pub(crate) async fn is_current(&self, live: &Live) -> bool {
+        self.live.lock().await.as_ref().is_some_and(|current| Arc::ptr_eq(&current.connection, &live.connection))
     }
 
     async fn connect(&self) -> Result<Live, BackendError> {
@@ -221,7 +230,7 @@ impl Inner {
         let live = self.live().await?;
         let result = self.publish_on(&live, messages).await;
         if result.is_err() && !(live.connection.status().connected() && live.publisher.status().connected()) {
-            self.drop_live().await;
+            self.drop_live(&live).await;
         }
         result
     }
@@ -348,6 +357,30 @@ pub use dagmq_core::mask_url;
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Two tasks see one connection fail; the first reconnects. The second's late report must
+    /// close the failed connection only, not the one the first just opened.
+    #[tokio::test]
+    async fn a_late_failure_report_closes_only_the_failed_connection() {
+        let url = std::env::var("DAGMQ_AMQP_URL").unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into());
+        let queue = match RabbitQueue::connect(RabbitConfig::new(url)).await {
+            Ok(queue) => queue,
+            Err(err) => {
+                assert!(std::env::var("DAGMQ_REQUIRE_SERVICES").as_deref() != Ok("1"), "rabbitmq unreachable: {err}");
+                eprintln!("skipping: rabbitmq unreachable ({err})");
+                return;
+            }
+        };
+        let first = queue.inner.live().await.unwrap();
+        queue.inner.drop_live(&first).await;
+        let second = queue.inner.live().await.unwrap();
+        assert!(!Arc::ptr_eq(&first.connection, &second.connection), "a new connection");
+        queue.inner.drop_live(&first).await;
+        assert!(queue.inner.is_current(&second).await, "the new connection is still the one in use");
+        assert!(second.connection.status().connected(), "and still open");
+        queue.ping().await.unwrap();
+        assert!(queue.inner.is_current(&second).await);
+    }
 
     #[test]
     fn urls() {

@@ -44,8 +44,11 @@ pub(crate) async fn run_command(
     for (key, value) in &ctx.params {
         command.env(format!("DAGMQ_PARAM_{}", env_name(key)), param_text(value));
     }
+    crate::guard::guard(&mut command).map_err(|e| TaskError::fatal(format!("cannot start {program:?}: {e}")))?;
     let mut child = command.spawn().map_err(|e| TaskError::fatal(format!("cannot start {program:?}: {e}")))?;
     let pid = child.id();
+    // Whatever way the try ends (done, stopped, or dropped mid-way), nothing of it stays behind.
+    let _leftovers = pid.map(KillGroupOnDrop);
     let readers = [
         child.stdout.take().map(|out| tokio::spawn(forward_lines(out, ctx.clone()))),
         child.stderr.take().map(|err| tokio::spawn(forward_lines(err, ctx.clone()))),
@@ -136,12 +139,21 @@ async fn forward_lines(pipe: impl AsyncRead + Unpin, ctx: TaskContext) {
     }
 }
 
+/// Kills a task's process group when dropped.
+struct KillGroupOnDrop(u32);
+
+impl Drop for KillGroupOnDrop {
+    fn drop(&mut self) {
+        crate::guard::kill_group(self.0);
+    }
+}
+
 /// Stops the process group: SIGTERM, then SIGKILL after [`KILL_GRACE`].
 async fn stop_group(pid: Option<u32>, child: &mut tokio::process::Child) {
     let Some(pid) = pid else { return };
     signal_group("TERM", pid).await;
     if tokio::time::timeout(KILL_GRACE, child.wait()).await.is_err() {
-        signal_group("KILL", pid).await;
+        crate::guard::kill_group(pid);
         let _ = child.wait().await;
     }
 }

@@ -7,6 +7,7 @@
 mod builtin;
 mod command;
 mod execute;
+mod guard;
 mod log_sink;
 mod metrics;
 

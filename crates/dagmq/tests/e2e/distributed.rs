@@ -382,7 +382,8 @@ const POISON: &str = r#"
 id = "poison"
 [[task]]
 id = "kills_its_worker"
-command = ["sh", "-c", "echo goodbye; kill -9 $PPID; sleep 5"]
+# The task's parent is its guard; the guard's parent is the worker.
+command = ["sh", "-c", "echo goodbye; kill -9 $(cut -d' ' -f4 /proc/$PPID/stat); sleep 5"]
 "#;
 
 #[test]

@@ -275,3 +275,44 @@ fn refused_dag_files_are_listed_with_their_reason_and_the_good_ones_run() {
     assert_eq!(trigger_and_wait(&standalone, &["hello"])["state"], "success");
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// Whether process `pid` is gone (or a zombie waiting to be reaped).
+fn process_gone(pid: &str) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Err(_) => true,
+        Ok(stat) => stat.rsplit_once(')').is_some_and(|(_, rest)| rest.trim_start().starts_with('Z')),
+    }
+}
+
+/// A worker killed with SIGKILL leaves no task process behind: its command's guard sees the
+/// worker's lifeline break and kills the task's process group, shell and children alike.
+#[test]
+fn a_sigkilled_worker_leaves_no_task_process_running() {
+    let dir = std::env::temp_dir().join(format!("dagmq-orphans-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let pids = dir.join("pids");
+    std::fs::write(
+        dir.join("orphans.toml"),
+        format!(
+            "id = \"orphans\"\n[[task]]\nid = \"a\"\ncommand = [\"sh\", \"-c\", \"sleep 300 & echo $! >> {0}; echo $$ >> {0}; wait\"]\n",
+            pids.display()
+        ),
+    )
+    .unwrap();
+    let mut standalone = Standalone::start(&dir, &[]);
+    let out = standalone.cli(&["trigger", "orphans"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    standalone
+        .wait_until(Duration::from_secs(30), || std::fs::read_to_string(&pids).is_ok_and(|t| t.lines().count() == 2));
+    let started: Vec<String> = std::fs::read_to_string(&pids).unwrap().lines().map(str::to_string).collect();
+    assert!(started.iter().all(|pid| !process_gone(pid)), "the task runs: {started:?}");
+    standalone.child.kill().unwrap();
+    standalone.child.wait().unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while !started.iter().all(|pid| process_gone(pid)) {
+        assert!(std::time::Instant::now() < deadline, "task processes outlived their worker: {started:?}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    std::fs::remove_dir_all(&dir).unwrap();
+}
