@@ -30,12 +30,31 @@ pub struct Faults {
     pub create_run_failing: AtomicBool,
     /// Calls refused while down.
     pub refused: AtomicU32,
+    /// Every call waits while set, as with a process stopped by SIGSTOP mid-call.
+    pub stalled: AtomicBool,
+    /// Writes the store refused because this process no longer holds the scheduler lease.
+    pub fenced: AtomicU32,
 }
 
 impl Faults {
     /// Takes one from a counter if it is above zero.
     fn take(counter: &AtomicU32) -> bool {
         counter.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1)).is_ok()
+    }
+
+    /// Waits while the process is stalled.
+    async fn gate(&self) {
+        while self.stalled.load(Ordering::SeqCst) {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    /// Counts a fenced refusal.
+    fn track<T>(&self, result: Result<T, BackendError>) -> Result<T, BackendError> {
+        if result.as_ref().is_err_and(|e| e.fenced) {
+            self.fenced.fetch_add(1, Ordering::SeqCst);
+        }
+        result
     }
 
     fn check(&self, what: &str) -> Result<(), BackendError> {
@@ -56,42 +75,61 @@ pub struct FaultyStore {
 #[async_trait]
 impl Store for FaultyStore {
     async fn dag_record(&self, dag_id: &str) -> Result<Option<DagRecord>, BackendError> {
+        self.faults.gate().await;
         self.faults.check("dag_record")?;
         self.inner.dag_record(dag_id).await
     }
     async fn put_dag_record(&self, record: &DagRecord) -> Result<(), BackendError> {
+        self.faults.gate().await;
         self.faults.check("put_dag_record")?;
-        self.inner.put_dag_record(record).await
+        self.faults.track(self.inner.put_dag_record(record).await)
     }
     async fn create_run(&self, run: &RunRecord, tasks: &[TaskInstance]) -> Result<CreateRun, BackendError> {
+        self.faults.gate().await;
         self.faults.check("create_run")?;
         if self.faults.create_run_failing.load(Ordering::SeqCst) {
             self.faults.refused.fetch_add(1, Ordering::SeqCst);
             return Err(BackendError::new("injected: create_run: no answer"));
         }
-        self.inner.create_run(run, tasks).await
+        self.faults.track(self.inner.create_run(run, tasks).await)
     }
     async fn run(&self, run_id: &str) -> Result<Option<RunRecord>, BackendError> {
+        self.faults.gate().await;
         self.faults.check("run")?;
         self.inner.run(run_id).await
     }
     async fn transition_run(&self, expected: RunState, run: &RunRecord) -> Result<bool, BackendError> {
+        self.faults.gate().await;
         self.faults.check("transition_run")?;
-        self.inner.transition_run(expected, run).await
+        self.faults.track(self.inner.transition_run(expected, run).await)
+    }
+    async fn transition_run_with_tasks(
+        &self,
+        expected: RunState,
+        run: &RunRecord,
+        changes: &[TaskChange],
+    ) -> Result<bool, BackendError> {
+        self.faults.gate().await;
+        self.faults.check("transition_run_with_tasks")?;
+        self.faults.track(self.inner.transition_run_with_tasks(expected, run, changes).await)
     }
     async fn list_runs(&self, filter: &RunFilter) -> Result<Vec<RunRecord>, BackendError> {
+        self.faults.gate().await;
         self.faults.check("list_runs")?;
         self.inner.list_runs(filter).await
     }
     async fn unfinished_runs(&self) -> Result<Vec<RunRecord>, BackendError> {
+        self.faults.gate().await;
         self.faults.check("unfinished_runs")?;
         self.inner.unfinished_runs().await
     }
     async fn tasks(&self, run_id: &str) -> Result<Vec<TaskInstance>, BackendError> {
+        self.faults.gate().await;
         self.faults.check("tasks")?;
         self.inner.tasks(run_id).await
     }
     async fn task(&self, run_id: &str, task_id: &str) -> Result<Option<TaskInstance>, BackendError> {
+        self.faults.gate().await;
         self.faults.check("task")?;
         self.inner.task(run_id, task_id).await
     }
@@ -102,8 +140,10 @@ impl Store for FaultyStore {
         expected_try: u32,
         task: &TaskInstance,
     ) -> Result<bool, BackendError> {
+        self.faults.gate().await;
         self.faults.check("transition_task")?;
-        let applied = self.inner.transition_task(run_id, expected_state, expected_try, task).await?;
+        let applied =
+            self.faults.track(self.inner.transition_task(run_id, expected_state, expected_try, task).await)?;
         if applied
             && expected_state == TaskState::Queued
             && task.state == TaskState::Running
@@ -114,12 +154,14 @@ impl Store for FaultyStore {
         Ok(applied)
     }
     async fn tasks_by_id(&self, run_id: &str, task_ids: &[&str]) -> Result<Vec<Option<TaskInstance>>, BackendError> {
+        self.faults.gate().await;
         self.faults.check("tasks_by_id")?;
         self.inner.tasks_by_id(run_id, task_ids).await
     }
     async fn transition_tasks(&self, run_id: &str, changes: &[TaskChange]) -> Result<Vec<bool>, BackendError> {
+        self.faults.gate().await;
         self.faults.check("transition_tasks")?;
-        self.inner.transition_tasks(run_id, changes).await
+        self.faults.track(self.inner.transition_tasks(run_id, changes).await)
     }
     async fn add_tasks(
         &self,
@@ -127,8 +169,9 @@ impl Store for FaultyStore {
         new_tasks: &[TaskInstance],
         new_upstreams: &[(String, Vec<String>)],
     ) -> Result<(), BackendError> {
+        self.faults.gate().await;
         self.faults.check("add_tasks")?;
-        self.inner.add_tasks(run_id, new_tasks, new_upstreams).await
+        self.faults.track(self.inner.add_tasks(run_id, new_tasks, new_upstreams).await)
     }
     async fn set_progress(
         &self,
@@ -137,6 +180,7 @@ impl Store for FaultyStore {
         try_number: u32,
         progress: f64,
     ) -> Result<(), BackendError> {
+        self.faults.gate().await;
         self.faults.check("set_progress")?;
         self.inner.set_progress(run_id, task_id, try_number, progress).await
     }
@@ -147,6 +191,7 @@ impl Store for FaultyStore {
         try_number: u32,
         lines: &[String],
     ) -> Result<(), BackendError> {
+        self.faults.gate().await;
         self.faults.check("append_log")?;
         self.inner.append_log(run_id, task_id, try_number, lines).await
     }
@@ -157,30 +202,46 @@ impl Store for FaultyStore {
         try_number: u32,
         from: usize,
     ) -> Result<Vec<String>, BackendError> {
+        self.faults.gate().await;
         self.faults.check("read_log")?;
         self.inner.read_log(run_id, task_id, try_number, from).await
     }
     async fn heartbeat(&self, worker: &WorkerInfo) -> Result<(), BackendError> {
+        self.faults.gate().await;
         self.faults.check("heartbeat")?;
         self.inner.heartbeat(worker).await
     }
     async fn remove_worker(&self, name: &str) -> Result<(), BackendError> {
+        self.faults.gate().await;
         self.faults.check("remove_worker")?;
-        self.inner.remove_worker(name).await
+        self.faults.track(self.inner.remove_worker(name).await)
     }
     async fn workers(&self) -> Result<Vec<WorkerInfo>, BackendError> {
+        self.faults.gate().await;
         self.faults.check("workers")?;
         self.inner.workers().await
     }
     async fn acquire_lease(&self, holder: &str, now: DateTime<Utc>, ttl: Duration) -> Result<bool, BackendError> {
+        self.faults.gate().await;
         self.faults.check("acquire_lease")?;
         self.inner.acquire_lease(holder, now, ttl).await
     }
     async fn release_lease(&self, holder: &str) -> Result<(), BackendError> {
+        self.faults.gate().await;
         self.faults.check("release_lease")?;
         self.inner.release_lease(holder).await
     }
+    fn fenced(&self, fence: dagmq_core::store::Fence) -> Option<Arc<dyn Store>> {
+        let inner = self.inner.fenced(fence)?;
+        Some(Arc::new(FaultyStore { inner, faults: self.faults.clone() }))
+    }
+    async fn now(&self) -> Result<Option<DateTime<Utc>>, BackendError> {
+        self.faults.gate().await;
+        self.faults.check("now")?;
+        self.inner.now().await
+    }
     async fn ping(&self) -> Result<(), BackendError> {
+        self.faults.gate().await;
         self.faults.check("ping")?;
         self.inner.ping().await
     }

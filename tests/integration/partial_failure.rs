@@ -219,3 +219,87 @@ async fn a_50_mb_line_and_a_flood_of_lines_are_cut_with_markers() {
     assert!(log.len() > 5_000, "lines up to the cut are kept: {}", log.len());
     h.stop().await;
 }
+
+/// (run, task, "start" or "end", when).
+type Event = (String, String, &'static str, chrono::DateTime<chrono::Utc>);
+
+/// Records (run, task, event) with the clock time.
+struct Recorder {
+    events: Arc<std::sync::Mutex<Vec<Event>>>,
+    clock: Arc<dagmq_core::TokioClock>,
+    work: Duration,
+}
+
+#[dagmq_core::async_trait]
+impl dagmq_core::Task for Recorder {
+    async fn run(&self, ctx: dagmq_core::TaskContext) -> Result<dagmq_core::TaskOutcome, dagmq_core::TaskError> {
+        self.events.lock().unwrap().push((ctx.run_id.clone(), ctx.task_id.clone(), "start", self.clock.now()));
+        tokio::time::sleep(self.work).await;
+        self.events.lock().unwrap().push((ctx.run_id.clone(), ctx.task_id.clone(), "end", self.clock.now()));
+        Ok(dagmq_core::TaskOutcome::done())
+    }
+}
+
+/// Split brain: the active scheduler stalls mid-protocol (as under SIGSTOP) for longer than its
+/// lease; the standby takes over and finishes every run; when the old one resumes, its pending
+/// writes are refused by the fence and it steps down. No task runs twice, and
+/// `max_active_runs = 1` holds across the takeover.
+#[tokio::test(start_paused = true)]
+async fn a_stalled_scheduler_is_fenced_and_its_standby_finishes_every_run() {
+    let events = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let clock = Arc::new(dagmq_core::TokioClock::starting_at(origin()));
+    let task = |id: &str| {
+        TaskSpec::rust(id, Recorder { events: events.clone(), clock: clock.clone(), work: Duration::from_secs(5) })
+    };
+    let mut registry = DagRegistry::new();
+    registry
+        .add(Dag::builder("limited").max_active_runs(1).task(task("a")).task(task("b").after(["a"])).build().unwrap())
+        .unwrap();
+    let h = Harness::start(registry).await;
+    let standby_faults = crate::support::ProcessFaults::default();
+    let (standby_stop, standby, standby_task) = h.extra_scheduler(&standby_faults);
+    let mut runs = Vec::new();
+    for _ in 0..3 {
+        runs.push(h.trigger("limited").await);
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let refused = standby.trigger("limited", Default::default(), None).await.unwrap_err();
+    assert!(matches!(refused, dagmq_scheduler::CommandError::Standby), "the second scheduler stands by: {refused}");
+    h.wait_task(&runs[0], "a", |t| t.state == TaskState::Running).await;
+
+    h.scheduler_faults.store.stalled.store(true, Ordering::SeqCst);
+    for run in &runs {
+        assert_eq!(h.wait_final(run).await, RunState::Success, "the standby took over and finished {run}");
+    }
+    h.scheduler_faults.store.stalled.store(false, Ordering::SeqCst);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        match h.scheduler.trigger("limited", Default::default(), Some("probe".into())).await {
+            Err(dagmq_scheduler::CommandError::Standby) => break,
+            other => assert!(tokio::time::Instant::now() < deadline, "the old scheduler did not step down: {other:?}"),
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(h.scheduler_faults.store.fenced.load(Ordering::SeqCst) > 0, "the old scheduler's writes were refused");
+
+    let events = events.lock().unwrap().clone();
+    let mut spans: Vec<(chrono::DateTime<chrono::Utc>, chrono::DateTime<chrono::Utc>, String)> = Vec::new();
+    for run in &runs {
+        for task in ["a", "b"] {
+            let starts = events.iter().filter(|e| &e.0 == run && e.1 == task && e.2 == "start").count();
+            assert_eq!(starts, 1, "{run}/{task} ran once: {events:?}");
+        }
+        let of_run: Vec<_> = events.iter().filter(|e| &e.0 == run).map(|e| e.3).collect();
+        spans.push((*of_run.iter().min().unwrap(), *of_run.iter().max().unwrap(), run.clone()));
+        for t in h.tasks(run).await.values() {
+            assert_eq!(t.try_number, 1, "{run}/{}", t.task_id);
+        }
+    }
+    spans.sort();
+    for pair in spans.windows(2) {
+        assert!(pair[0].1 <= pair[1].0, "runs overlapped under max_active_runs = 1: {spans:?}");
+    }
+    standby_stop.cancel();
+    standby_task.await.unwrap().unwrap();
+    h.stop().await;
+}

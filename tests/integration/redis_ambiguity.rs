@@ -163,3 +163,62 @@ async fn a_restart_is_one_step_and_a_finished_run_leaves_the_unfinished_index_wi
     assert_eq!(store.task("r", "t0").await.unwrap().unwrap().state, dagmq_core::TaskState::Pending);
     assert_eq!(store.unfinished_runs().await.unwrap().len(), 1);
 }
+
+/// A clock some seconds behind the real one.
+struct Behind(chrono::Duration);
+
+#[dagmq_core::async_trait]
+impl dagmq_core::Clock for Behind {
+    fn now(&self) -> DateTime<Utc> {
+        Utc::now() - self.0
+    }
+    async fn sleep_until(&self, at: DateTime<Utc>) {
+        dagmq_core::SystemClock.sleep_until(at + self.0).await;
+    }
+}
+
+/// Worker liveness is judged by Redis's clock: a worker whose clock is 30 s behind the
+/// scheduler's (with a 20 s worker timeout) is not taken for lost, and its try runs once.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_worker_whose_clock_is_30s_behind_is_not_taken_for_lost() {
+    let Some(redis) = OwnRedis::start() else { return };
+    let store: std::sync::Arc<dyn Store> =
+        std::sync::Arc::new(RedisStore::connect(&redis.url(), "clock", None).await.unwrap());
+    let queue: std::sync::Arc<dyn dagmq_core::Queue> = std::sync::Arc::new(dagmq_core::memory::MemoryQueue::new());
+    let mut dags = dagmq_core::DagRegistry::new();
+    dags.add(
+        dagmq_core::Dag::builder("slow")
+            .task(dagmq_core::TaskSpec::rust("a", dagmq_worker::Sleep { duration: Duration::from_secs(3) }))
+            .build()
+            .unwrap(),
+    )
+    .unwrap();
+    let mut config = dagmq_scheduler::SchedulerConfig::new(dags.clone(), std::sync::Arc::new(dagmq_core::SystemClock));
+    config.zombie_check_interval = Duration::from_millis(200);
+    let (stop_scheduler, scheduler_signal) = dagmq_core::CancelSignal::new();
+    let (handle, scheduler) = dagmq_scheduler::spawn(config, queue.clone(), store.clone(), scheduler_signal);
+    let mut worker =
+        dagmq_worker::WorkerConfig::new("w", dags, std::sync::Arc::new(Behind(chrono::Duration::seconds(30))));
+    worker.heartbeat_interval = Duration::from_millis(500);
+    let (stop_worker, worker_signal) = dagmq_core::CancelSignal::new();
+    let worker = tokio::spawn(dagmq_worker::run(worker, queue, store.clone(), worker_signal));
+
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let run_id = loop {
+        match handle.trigger("slow", Default::default(), None).await {
+            Ok(outcome) => break outcome.run_id,
+            Err(err) => assert!(Instant::now() < deadline, "no scheduler: {err}"),
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    eventually("the run finished", async || {
+        store.run(&run_id).await.is_ok_and(|r| r.is_some_and(|r| r.state.is_final()))
+    })
+    .await;
+    let task = store.task(&run_id, "a").await.unwrap().unwrap();
+    assert_eq!((task.state, task.try_number, task.interruptions), (dagmq_core::TaskState::Success, 1, 0));
+    stop_worker.cancel();
+    worker.await.unwrap().unwrap();
+    stop_scheduler.cancel();
+    scheduler.await.unwrap().unwrap();
+}

@@ -143,9 +143,37 @@ async fn contract(store: Arc<dyn Store>) {
         last_heartbeat: at(9),
     };
     store.heartbeat(&worker).await.unwrap();
-    assert_eq!(store.workers().await.unwrap(), vec![worker]);
+    match store.now().await.unwrap() {
+        // A store with a clock stamps the heartbeat with its own time, whatever the worker's
+        // clock says.
+        Some(now) => {
+            let listed = store.workers().await.unwrap();
+            assert_eq!(listed.len(), 1);
+            assert!((now - listed[0].last_heartbeat).num_seconds().abs() <= 2, "stamped by the store: {listed:?}");
+            assert_eq!(listed[0], WorkerInfo { last_heartbeat: listed[0].last_heartbeat, ..worker.clone() });
+        }
+        None => assert_eq!(store.workers().await.unwrap(), vec![worker]),
+    }
     store.remove_worker("w1").await.unwrap();
     assert!(store.workers().await.unwrap().is_empty());
+    // Fencing: a scheduler's view writes only while its holder has the lease.
+    let (refused_handle, refused) = dagmq_core::CancelSignal::new();
+    let fence = dagmq_core::store::Fence { holder: "fenced-a".into(), on_refused: Arc::new(refused_handle) };
+    if let Some(view) = store.fenced(fence) {
+        let record = DagRecord { dag_id: "fenced".into(), paused: true, first_seen: at(0), last_scheduled: None };
+        assert!(store.acquire_lease("fenced-a", at(0), std::time::Duration::from_secs(30)).await.unwrap());
+        view.put_dag_record(&record).await.unwrap();
+        store.release_lease("fenced-a").await.unwrap();
+        assert!(store.acquire_lease("fenced-b", at(0), std::time::Duration::from_secs(30)).await.unwrap());
+        let unpause = DagRecord { paused: false, ..record.clone() };
+        let err = view.put_dag_record(&unpause).await.unwrap_err();
+        assert!(err.fenced, "{err}");
+        assert!(refused.is_cancelled(), "the scheduler is told at once");
+        assert_eq!(store.dag_record("fenced").await.unwrap(), Some(record), "a deposed scheduler cannot undo a pause");
+        assert!(view.create_run(&run("fenced-run", "etl", 1, None), &tasks()).await.unwrap_err().fenced);
+        assert!(store.run("fenced-run").await.unwrap().is_none());
+        store.release_lease("fenced-b").await.unwrap();
+    }
     // The scheduler lease: one holder at a time, renewable, released, taken over after expiry.
     let ttl = std::time::Duration::from_millis(300);
     assert!(store.acquire_lease("a", at(0), ttl).await.unwrap());

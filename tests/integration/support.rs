@@ -133,6 +133,15 @@ impl Harness {
         self.scheduler_task = task;
     }
 
+    /// Starts another scheduler over the same queue and store, with faults of its own; it
+    /// stands by while the first holds the lease.
+    pub fn extra_scheduler(
+        &self,
+        faults: &ProcessFaults,
+    ) -> (CancelHandle, SchedulerHandle, tokio::task::JoinHandle<Result<(), dagmq_core::BackendError>>) {
+        spawn_scheduler(&self.dags, faults, &self.queue, &self.store, &self.clock, &self.notifications)
+    }
+
     /// Triggers a run and answers its id.
     pub async fn trigger(&self, dag_id: &str) -> String {
         self.scheduler.trigger(dag_id, Default::default(), None).await.unwrap().run_id

@@ -36,12 +36,20 @@ pub use task_registry::TaskRegistry;
 pub struct BackendError {
     /// What failed, naming the backend and the operation.
     pub message: String,
+    /// The store refused a scheduler's write because that scheduler no longer holds the lease
+    /// (see [`store::Fence`]): it must step down, not retry.
+    pub fenced: bool,
 }
 
 impl BackendError {
     /// An error with this message.
     pub fn new(message: impl Into<String>) -> BackendError {
-        BackendError { message: message.into() }
+        BackendError { message: message.into(), fenced: false }
+    }
+
+    /// A write refused because the writer lost the scheduler lease.
+    pub fn fenced(message: impl Into<String>) -> BackendError {
+        BackendError { message: message.into(), fenced: true }
     }
 }
 

@@ -1,6 +1,7 @@
 //! The `Store` abstraction: run metadata, task instances with compare-and-set transitions,
 //! task logs per try, the worker registry and the scheduler's per-DAG bookkeeping.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -9,6 +10,7 @@ use chrono::{DateTime, Utc};
 use crate::BackendError;
 use crate::records::{DagRecord, RunRecord, TaskInstance, WorkerInfo};
 use crate::state::{RunState, TaskState};
+use crate::task::CancelHandle;
 
 /// A try's log keeps at most this many lines; further lines are replaced by one marker line.
 pub const MAX_LOG_LINES_PER_TRY: usize = 10_000;
@@ -41,6 +43,25 @@ pub fn cut_line(mut line: String) -> String {
     line.truncate(end);
     line.push_str(LINE_CUT_MARKER);
     line
+}
+
+/// What a scheduler's writes carry, so that a store refuses them once another scheduler holds
+/// the lease (a fencing token). The holder names one term of one scheduler's leadership.
+#[derive(Debug, Clone)]
+pub struct Fence {
+    /// The lease holder the writes must still be.
+    pub holder: String,
+    /// Fired when the store refuses a write for this fence, so the scheduler steps down at
+    /// once instead of going on with a stale view.
+    pub on_refused: Arc<CancelHandle>,
+}
+
+impl Fence {
+    /// The error for a refused write, after telling the scheduler.
+    pub fn refused(&self, what: &str) -> BackendError {
+        self.on_refused.cancel();
+        BackendError::fenced(format!("{what} refused: {} no longer holds the scheduler lease", self.holder))
+    }
 }
 
 /// Which runs to list.
@@ -205,6 +226,21 @@ pub trait Store: Send + Sync + 'static {
 
     /// Gives the lease up if `holder` has it.
     async fn release_lease(&self, holder: &str) -> Result<(), BackendError>;
+
+    /// This store as a scheduler holding the lease writes to it: every scheduler write (run
+    /// creation and transitions, task transitions, follow-ups, DAG bookkeeping, worker removal)
+    /// is refused, atomically with the write, unless `fence.holder` still holds the lease.
+    /// `None` when the store cannot fence; the scheduler then writes unfenced.
+    fn fenced(&self, fence: Fence) -> Option<Arc<dyn Store>> {
+        let _ = fence;
+        None
+    }
+
+    /// The store's own clock, for liveness decisions shared by processes whose clocks may
+    /// disagree (worker heartbeats); `None` when the store has none and callers use their own.
+    async fn now(&self) -> Result<Option<DateTime<Utc>>, BackendError> {
+        Ok(None)
+    }
 
     /// Whether the store answers.
     async fn ping(&self) -> Result<(), BackendError>;

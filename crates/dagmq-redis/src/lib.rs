@@ -14,12 +14,13 @@
 
 mod scripts;
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use dagmq_core::records::DagRecord;
-use dagmq_core::store::{CreateRun, LOG_CUT_MARKER, MAX_LOG_LINES_PER_TRY, RunFilter, Store, TaskChange};
+use dagmq_core::store::{CreateRun, Fence, LOG_CUT_MARKER, MAX_LOG_LINES_PER_TRY, RunFilter, Store, TaskChange};
 use dagmq_core::{BackendError, RunRecord, RunState, TaskInstance, TaskState, WorkerInfo};
 use deadpool_redis::redis::{self, AsyncCommands, Script};
 use deadpool_redis::{Config, Pool, Runtime};
@@ -29,7 +30,8 @@ use serde::de::DeserializeOwned;
 /// Task transitions per script call in [`RedisStore::transition_tasks`].
 const TRANSITION_BATCH: usize = 500;
 
-/// A store over one Redis server.
+/// A store over one Redis server. Clones share the connections.
+#[derive(Clone)]
 pub struct RedisStore {
     /// Connections.
     pool: Pool,
@@ -38,7 +40,9 @@ pub struct RedisStore {
     /// Finished runs expire this long after they finish; `None` keeps them.
     retention: Option<Duration>,
     /// The scripts, hashed once.
-    scripts: Scripts,
+    scripts: Arc<Scripts>,
+    /// For a scheduler's view: its writes carry this fence (see [`Store::fenced`]).
+    fence: Option<Fence>,
 }
 
 /// The Lua scripts.
@@ -52,6 +56,9 @@ struct Scripts {
     append_log: Script,
     acquire_lease: Script,
     release_lease: Script,
+    put_fenced: Script,
+    hdel_fenced: Script,
+    heartbeat: Script,
 }
 
 /// How long the client waits for Redis. A timed-out call may still have applied (a script
@@ -104,7 +111,8 @@ impl RedisStore {
             pool,
             prefix: prefix.to_string(),
             retention,
-            scripts: Scripts {
+            fence: None,
+            scripts: Arc::new(Scripts {
                 transition_task: Script::new(scripts::TRANSITION_TASK),
                 transition_tasks: Script::new(scripts::TRANSITION_TASKS),
                 transition_run: Script::new(scripts::TRANSITION_RUN),
@@ -114,7 +122,10 @@ impl RedisStore {
                 append_log: Script::new(scripts::APPEND_LOG),
                 acquire_lease: Script::new(scripts::ACQUIRE_LEASE),
                 release_lease: Script::new(scripts::RELEASE_LEASE),
-            },
+                put_fenced: Script::new(scripts::PUT_FENCED),
+                hdel_fenced: Script::new(scripts::HDEL_FENCED),
+                heartbeat: Script::new(scripts::HEARTBEAT),
+            }),
         };
         store.ping().await.map_err(|e| BackendError::new(format!("redis {}: {}", mask_url(url), e.message)))?;
         Ok(store)
@@ -178,6 +189,34 @@ impl RedisStore {
 
     fn idempotency_key(&self, dag_id: &str, key: &str) -> String {
         format!("{}:key:{dag_id}:{key}", self.prefix)
+    }
+
+    fn lease_key(&self) -> String {
+        format!("{}:scheduler:lease", self.prefix)
+    }
+
+    fn workers_key(&self) -> String {
+        format!("{}:workers", self.prefix)
+    }
+
+    fn heartbeats_key(&self) -> String {
+        format!("{}:workers:seen", self.prefix)
+    }
+
+    /// The first argument of a fenced script: this view's fence, or none.
+    fn fence_arg(&self) -> &str {
+        self.fence.as_ref().map_or("", |f| f.holder.as_str())
+    }
+
+    /// The error of a fenced write: a refusal by the fence tells the scheduler.
+    fn write_error(&self, what: &str, err: redis::RedisError) -> BackendError {
+        if err.to_string().contains("DAGMQ_FENCED") {
+            return match &self.fence {
+                Some(fence) => fence.refused(what),
+                None => BackendError::fenced(format!("{what} refused: the scheduler lease is held by another")),
+            };
+        }
+        redis_error(err)
     }
 
     fn retention_secs(&self) -> u64 {
@@ -260,8 +299,16 @@ impl Store for RedisStore {
 
     async fn put_dag_record(&self, record: &DagRecord) -> Result<(), BackendError> {
         let mut conn = self.conn().await?;
-        let _: () =
-            conn.set(format!("{}:dag:{}", self.prefix, record.dag_id), encode(record)?).await.map_err(redis_error)?;
+        let _: i32 = self
+            .scripts
+            .put_fenced
+            .arg(self.fence_arg())
+            .arg(encode(record)?)
+            .key(format!("{}:dag:{}", self.prefix, record.dag_id))
+            .key(self.lease_key())
+            .invoke_async(&mut conn)
+            .await
+            .map_err(|e| self.write_error("dag record", e))?;
         Ok(())
     }
 
@@ -271,13 +318,15 @@ impl Store for RedisStore {
             Some(key) => self.idempotency_key(&run.dag_id, key),
             None => self.idempotency_key(&run.dag_id, "-"),
         };
-        let mut invocation = self.scripts.create_run.key(self.meta_key(&run.run_id));
+        let mut invocation = self.scripts.create_run.arg(self.fence_arg());
         invocation
+            .key(self.meta_key(&run.run_id))
             .key(self.tasks_key(&run.run_id))
             .key(self.runs_key())
             .key(self.dag_runs_key(&run.dag_id))
             .key(self.unfinished_key())
             .key(key_name)
+            .key(self.lease_key())
             .arg(encode(run)?)
             .arg(&run.run_id)
             .arg(run.created_at.timestamp_millis())
@@ -288,7 +337,8 @@ impl Store for RedisStore {
         for task in tasks {
             invocation.arg(&task.task_id).arg(encode(task)?);
         }
-        let answer: String = invocation.invoke_async(&mut conn).await.map_err(redis_error)?;
+        let answer: String =
+            invocation.invoke_async(&mut conn).await.map_err(|e| self.write_error("run creation", e))?;
         Ok(match answer.as_str() {
             "+" => CreateRun::Created,
             "=" => CreateRun::Exists(run.run_id.clone()),
@@ -317,13 +367,15 @@ impl Store for RedisStore {
             Some(retention) => run.created_at.timestamp_millis() - retention.as_millis() as i64,
             None => -1,
         };
-        let mut invocation = self.scripts.transition_run.key(self.meta_key(&run.run_id));
+        let mut invocation = self.scripts.transition_run.arg(self.fence_arg());
         invocation
+            .key(self.meta_key(&run.run_id))
             .key(self.tasks_key(&run.run_id))
             .key(self.logs_key(&run.run_id))
             .key(self.unfinished_key())
             .key(self.runs_key())
             .key(self.dag_runs_key(&run.dag_id))
+            .key(self.lease_key())
             .arg(expected.as_str())
             .arg(encode(run)?)
             .arg(self.retention_secs())
@@ -337,7 +389,8 @@ impl Store for RedisStore {
                 .arg(change.expected_try)
                 .arg(encode(&change.task)?);
         }
-        let applied: i32 = invocation.invoke_async(&mut conn).await.map_err(redis_error)?;
+        let applied: i32 =
+            invocation.invoke_async(&mut conn).await.map_err(|e| self.write_error("run transition", e))?;
         Ok(applied == 1)
     }
 
@@ -404,14 +457,16 @@ impl Store for RedisStore {
         let applied: i32 = self
             .scripts
             .transition_task
+            .arg(self.fence_arg())
             .key(self.tasks_key(run_id))
+            .key(self.lease_key())
             .arg(&task.task_id)
             .arg(expected_state.as_str())
             .arg(expected_try)
             .arg(encode(task)?)
             .invoke_async(&mut conn)
             .await
-            .map_err(redis_error)?;
+            .map_err(|e| self.write_error("task transition", e))?;
         Ok(applied == 1)
     }
 
@@ -446,7 +501,8 @@ impl Store for RedisStore {
         let mut applied = Vec::with_capacity(changes.len());
         // Bounded batches keep any one script short: Redis serves nobody else while it runs.
         for batch in changes.chunks(TRANSITION_BATCH) {
-            let mut invocation = self.scripts.transition_tasks.key(self.tasks_key(run_id));
+            let mut invocation = self.scripts.transition_tasks.arg(self.fence_arg());
+            invocation.key(self.tasks_key(run_id)).key(self.lease_key());
             for change in batch {
                 invocation
                     .arg(&change.task.task_id)
@@ -454,7 +510,8 @@ impl Store for RedisStore {
                     .arg(change.expected_try)
                     .arg(encode(&change.task)?);
             }
-            let answers: Vec<i32> = invocation.invoke_async(&mut conn).await.map_err(redis_error)?;
+            let answers: Vec<i32> =
+                invocation.invoke_async(&mut conn).await.map_err(|e| self.write_error("task transitions", e))?;
             if answers.len() != batch.len() {
                 return Err(BackendError::new(format!(
                     "redis: {} answers to {} task transitions",
@@ -483,15 +540,15 @@ impl Store for RedisStore {
             }
         }
         let mut conn = self.conn().await?;
-        let mut invocation = self.scripts.add_tasks.key(self.tasks_key(run_id));
-        invocation.arg(new_tasks.len());
+        let mut invocation = self.scripts.add_tasks.arg(self.fence_arg());
+        invocation.key(self.tasks_key(run_id)).key(self.lease_key()).arg(new_tasks.len());
         for task in new_tasks {
             invocation.arg(&task.task_id).arg(encode(task)?);
         }
         for (state, try_number, task) in &rewired {
             invocation.arg(&task.task_id).arg(state.as_str()).arg(*try_number).arg(encode(task)?);
         }
-        let _: i32 = invocation.invoke_async(&mut conn).await.map_err(redis_error)?;
+        let _: i32 = invocation.invoke_async(&mut conn).await.map_err(|e| self.write_error("follow-ups", e))?;
         Ok(())
     }
 
@@ -548,23 +605,53 @@ impl Store for RedisStore {
     }
 
     async fn heartbeat(&self, worker: &WorkerInfo) -> Result<(), BackendError> {
+        // Stamped with the server's clock too: liveness is judged by one clock, whatever the
+        // workers' clocks say.
         let mut conn = self.conn().await?;
-        let _: () =
-            conn.hset(format!("{}:workers", self.prefix), &worker.name, encode(worker)?).await.map_err(redis_error)?;
+        let _: i32 = self
+            .scripts
+            .heartbeat
+            .key(self.workers_key())
+            .key(self.heartbeats_key())
+            .arg(&worker.name)
+            .arg(encode(worker)?)
+            .invoke_async(&mut conn)
+            .await
+            .map_err(redis_error)?;
         Ok(())
     }
 
     async fn remove_worker(&self, name: &str) -> Result<(), BackendError> {
         let mut conn = self.conn().await?;
-        let _: () = conn.hdel(format!("{}:workers", self.prefix), name).await.map_err(redis_error)?;
+        let _: i32 = self
+            .scripts
+            .hdel_fenced
+            .arg(self.fence_arg())
+            .arg(name)
+            .key(self.workers_key())
+            .key(self.lease_key())
+            .invoke_async(&mut conn)
+            .await
+            .map_err(|e| self.write_error("worker removal", e))?;
+        let _: () = conn.hdel(self.heartbeats_key(), name).await.map_err(redis_error)?;
         Ok(())
     }
 
     async fn workers(&self) -> Result<Vec<WorkerInfo>, BackendError> {
         let mut conn = self.conn().await?;
-        let entries: Vec<(String, String)> =
-            conn.hgetall(format!("{}:workers", self.prefix)).await.map_err(redis_error)?;
+        let (entries, seen): (Vec<(String, String)>, std::collections::HashMap<String, i64>) = redis::pipe()
+            .hgetall(self.workers_key())
+            .hgetall(self.heartbeats_key())
+            .query_async(&mut conn)
+            .await
+            .map_err(redis_error)?;
         let mut workers = entries.iter().map(|(_, v)| decode::<WorkerInfo>(v)).collect::<Result<Vec<_>, _>>()?;
+        for worker in &mut workers {
+            // The server's time of the latest heartbeat, not the worker's.
+            if let Some(at) = seen.get(&worker.name).and_then(|ms| DateTime::<Utc>::from_timestamp_millis(*ms)) {
+                worker.last_heartbeat = at;
+            }
+        }
         workers.sort_by(|a, b| a.name.cmp(&b.name));
         Ok(workers)
     }
@@ -575,7 +662,7 @@ impl Store for RedisStore {
         let taken: i32 = self
             .scripts
             .acquire_lease
-            .key(format!("{}:scheduler:lease", self.prefix))
+            .key(self.lease_key())
             .arg(holder)
             .arg(ttl.as_millis().max(1) as u64)
             .invoke_async(&mut conn)
@@ -589,12 +676,22 @@ impl Store for RedisStore {
         let _: i32 = self
             .scripts
             .release_lease
-            .key(format!("{}:scheduler:lease", self.prefix))
+            .key(self.lease_key())
             .arg(holder)
             .invoke_async(&mut conn)
             .await
             .map_err(redis_error)?;
         Ok(())
+    }
+
+    fn fenced(&self, fence: Fence) -> Option<Arc<dyn Store>> {
+        Some(Arc::new(RedisStore { fence: Some(fence), ..self.clone() }))
+    }
+
+    async fn now(&self) -> Result<Option<DateTime<Utc>>, BackendError> {
+        let mut conn = self.conn().await?;
+        let (seconds, micros): (i64, i64) = redis::cmd("TIME").query_async(&mut conn).await.map_err(redis_error)?;
+        Ok(DateTime::<Utc>::from_timestamp_micros(seconds * 1_000_000 + micros))
     }
 
     async fn ping(&self) -> Result<(), BackendError> {

@@ -8,6 +8,25 @@
 //! finds both without decoding the whole instance (whose upstream list can be long); anything
 //! else is decoded with cjson.
 
+/// The fencing prelude of every script a scheduler writes with: takes the fence (the lease
+/// holder, or empty for writers that need none) off the front of ARGV and the lease key off the
+/// end of KEYS, so the rest of the script sees its own layout, and refuses the write unless the
+/// fence still holds the lease.
+macro_rules! fenced {
+    ($($body:expr),+) => {
+        concat!(
+            r#"
+local fence = table.remove(ARGV, 1)
+local lease_key = table.remove(KEYS)
+if fence ~= '' and redis.call('GET', lease_key) ~= fence then
+  return redis.error_reply('DAGMQ_FENCED the scheduler lease is held by another scheduler')
+end
+"#,
+            $($body),+
+        )
+    };
+}
+
 /// Wraps a task script with `head(json)`, which answers a stored instance's state and try (as
 /// text).
 macro_rules! task_script {
@@ -28,7 +47,7 @@ end
 
 /// Compare-and-set of one task. KEYS[1] tasks hash. ARGV: task id, expected state, expected try,
 /// new JSON. Returns 1 when applied, 0 when the state or try differ or the task is unknown.
-pub(crate) const TRANSITION_TASK: &str = task_script!(
+pub(crate) const TRANSITION_TASK: &str = fenced!(task_script!(
     r#"
 local current = redis.call('HGET', KEYS[1], ARGV[1])
 if not current then return 0 end
@@ -37,11 +56,11 @@ if state ~= ARGV[2] or try ~= ARGV[3] then return 0 end
 redis.call('HSET', KEYS[1], ARGV[1], ARGV[4])
 return 1
 "#
-);
+));
 
 /// Several compare-and-sets of one run's tasks. KEYS[1] tasks hash. ARGV: groups of task id,
 /// expected state, expected try, new JSON. Answers 1 or 0 for each group, in order.
-pub(crate) const TRANSITION_TASKS: &str = task_script!(
+pub(crate) const TRANSITION_TASKS: &str = fenced!(task_script!(
     r#"
 local applied = {}
 for i = 1, #ARGV, 4 do
@@ -58,7 +77,7 @@ for i = 1, #ARGV, 4 do
 end
 return applied
 "#
-);
+));
 
 /// Compare-and-set of a run record, with its index entries, in one step. KEYS[1] meta,
 /// KEYS[2] tasks hash, KEYS[3] the run's set of log keys, KEYS[4] the unfinished index,
@@ -66,7 +85,7 @@ return applied
 /// retention seconds (0: keep), run id, score, horizon below which finished runs leave the
 /// listings (-1: none), then groups of task id, expected state, expected try, new JSON applied
 /// as compare-and-sets once the run's applies (a restart). Returns 1 when applied.
-pub(crate) const TRANSITION_RUN: &str = task_script!(
+pub(crate) const TRANSITION_RUN: &str = fenced!(task_script!(
     r#"
 local current = redis.call('GET', KEYS[1])
 if not current then return 0 end
@@ -108,7 +127,7 @@ else
 end
 return 1
 "#
-);
+));
 
 /// Creates a run with its index entries and idempotency key, in one step, so no crash or
 /// timeout can leave a run that listings and recovery never see, or a key without its run.
@@ -117,7 +136,8 @@ return 1
 /// run id, score, whether there is a key (1/0), key lifetime in seconds (0: none), the meta key
 /// of a run id as prefix and suffix, then task id and JSON pairs. Answers `+` when created,
 /// `=` when a run with this id exists, or the id of the run the key names.
-pub(crate) const CREATE_RUN: &str = r#"
+pub(crate) const CREATE_RUN: &str = fenced!(
+    r#"
 if ARGV[4] == '1' then
   local existing = redis.call('GET', KEYS[6])
   if existing and redis.call('EXISTS', ARGV[6] .. existing .. ARGV[7]) == 1 then return existing end
@@ -136,12 +156,13 @@ if ARGV[4] == '1' then
   end
 end
 return '+'
-"#;
+"#
+);
 
 /// Adds follow-up tasks and rewires downstream tasks. KEYS[1] tasks hash. ARGV: count of new
 /// tasks, then (id, JSON) pairs of new tasks, then (id, expected state, expected try, JSON)
 /// quadruples of rewired tasks. Nothing happens when a new id exists already.
-pub(crate) const ADD_TASKS: &str = task_script!(
+pub(crate) const ADD_TASKS: &str = fenced!(task_script!(
     r#"
 local count = tonumber(ARGV[1])
 for i = 0, count - 1 do
@@ -161,7 +182,7 @@ while at <= #ARGV do
 end
 return 1
 "#
-);
+));
 
 /// Records progress of a running try. KEYS[1] tasks hash. ARGV: task id, try, progress.
 pub(crate) const SET_PROGRESS: &str = task_script!(
@@ -204,5 +225,30 @@ return 1
 /// Gives the lease up if the holder has it. KEYS[1] lease key. ARGV: holder.
 pub(crate) const RELEASE_LEASE: &str = r#"
 if redis.call('GET', KEYS[1]) == ARGV[1] then redis.call('DEL', KEYS[1]) end
+return 1
+"#;
+
+/// Writes a string value, fenced. KEYS[1] the key (then the lease key). ARGV: fence, value.
+pub(crate) const PUT_FENCED: &str = fenced!(
+    r#"
+redis.call('SET', KEYS[1], ARGV[1])
+return 1
+"#
+);
+
+/// Removes a hash field, fenced. KEYS[1] the hash (then the lease key). ARGV: fence, field.
+pub(crate) const HDEL_FENCED: &str = fenced!(
+    r#"
+redis.call('HDEL', KEYS[1], ARGV[1])
+return 1
+"#
+);
+
+/// Records a worker's heartbeat with the server's time. KEYS[1] workers hash, KEYS[2] hash of
+/// heartbeat times (milliseconds by the server's clock). ARGV: name, entry JSON.
+pub(crate) const HEARTBEAT: &str = r#"
+local now = redis.call('TIME')
+redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
+redis.call('HSET', KEYS[2], ARGV[1], tostring(tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)))
 return 1
 "#;

@@ -122,11 +122,13 @@ pub fn spawn(
         known_instances: HashMap::new(),
         republished: HashMap::new(),
         unlisted: HashMap::new(),
-        lease_holder: format!("scheduler-{}", uuid::Uuid::new_v4().simple()),
-        lease_renew_at: DateTime::<Utc>::MIN_UTC,
+        lease_name: format!("scheduler-{}", uuid::Uuid::new_v4().simple()),
+        term: 1,
         config,
         queue,
+        base_store: store.clone(),
         store,
+        deposed: CancelSignal::new().1,
         active: HashMap::new(),
         queued: HashMap::new(),
         running: HashMap::new(),
@@ -195,7 +197,8 @@ struct Engine {
     config: SchedulerConfig,
     /// The queue.
     queue: Arc<dyn Queue>,
-    /// The store.
+    /// The store this scheduler writes to: while it holds the lease, a view whose writes are
+    /// refused once another scheduler holds it (see [`dagmq_core::store::Fence`]).
     store: Arc<dyn Store>,
     /// Running runs by id.
     active: HashMap<String, ActiveRun>,
@@ -233,10 +236,15 @@ struct Engine {
     /// Running tries a live worker's heartbeat did not list: when first seen so, and that
     /// heartbeat's stamp (a later heartbeat must miss it too).
     unlisted: HashMap<TryKey, (DateTime<Utc>, DateTime<Utc>)>,
-    /// This scheduler's name on the lease.
-    lease_holder: String,
-    /// When the lease is next renewed.
-    lease_renew_at: DateTime<Utc>,
+    /// This scheduler's name; the lease holder is this name and the term.
+    lease_name: String,
+    /// The term of leadership this scheduler is in or is trying for: a new one after every
+    /// loss of the lease, so writes of an earlier term are refused by the fence.
+    term: u64,
+    /// The store as given; `store` is its fenced view while this scheduler holds the lease.
+    base_store: Arc<dyn Store>,
+    /// Fires when this scheduler loses the lease in its current term.
+    deposed: CancelSignal,
     /// `now` at the start of the current event, so one event sees one instant.
     now_cache: DateTime<Utc>,
 }
@@ -252,10 +260,14 @@ impl Engine {
         loop {
             let mut announced = false;
             loop {
-                match self.try_lease().await {
+                match self
+                    .base_store
+                    .acquire_lease(&self.holder(), self.config.clock.now(), self.config.lease_ttl)
+                    .await
+                {
                     Ok(true) => break,
                     Ok(false) if !announced => {
-                        tracing::info!(holder = %self.lease_holder, "another scheduler is active; standing by");
+                        tracing::info!(holder = %self.holder(), "another scheduler is active; standing by");
                         announced = true;
                     }
                     Ok(false) => {}
@@ -267,30 +279,33 @@ impl Engine {
                     _ = tokio::time::sleep(Duration::from_secs(1)) => {}
                 }
             }
-            tracing::info!(holder = %self.lease_holder, "holding the scheduler lease: active");
+            tracing::info!(holder = %self.holder(), "holding the scheduler lease: active");
             let lost = self.run(&mut commands, &shutdown).await?;
+            self.store = self.base_store.clone();
             if !lost {
-                if let Err(err) = self.store.release_lease(&self.lease_holder).await {
+                if let Err(err) = self.base_store.release_lease(&self.holder()).await {
                     tracing::warn!("releasing the scheduler lease: {err}");
                 }
                 return Ok(());
             }
-            tracing::warn!("lost the scheduler lease; standing by");
+            tracing::warn!(holder = %self.holder(), "lost the scheduler lease: stepping down and standing by");
+            self.term += 1;
         }
     }
 
-    /// Takes or renews the lease and sets the next renewal.
-    async fn try_lease(&mut self) -> Result<bool, BackendError> {
-        let now = self.config.clock.now();
-        let held = self.store.acquire_lease(&self.lease_holder, now, self.config.lease_ttl).await?;
-        if held {
-            self.lease_renew_at = now + chrono::Duration::from_std(self.config.lease_ttl / 3).unwrap_or_default();
-        }
-        Ok(held)
+    /// The lease holder of this scheduler's current term.
+    fn holder(&self) -> String {
+        format!("{}-{}", self.lease_name, self.term)
     }
 
     /// The loop, while this scheduler holds the lease. Answers `true` when the lease was lost,
     /// `false` on shutdown.
+    ///
+    /// The lease is renewed by a task of its own, every third of its time, so a long turn of
+    /// the loop cannot let it lapse unnoticed. The loop ends at once when the renewal fails
+    /// for two thirds of the lease time, when another scheduler holds it, or when the store
+    /// refuses one of this scheduler's writes: every write carries the term's holder as a
+    /// fence, so a deposed scheduler (paused, partitioned, its clock stepped) changes nothing.
     async fn run(
         &mut self,
         commands: &mut mpsc::Receiver<Command>,
@@ -299,39 +314,45 @@ impl Engine {
         // The consumers live as long as this term of leadership.
         let (term_stop, term) = CancelSignal::new();
         let _term = StopOnDrop(term_stop);
+        let (deposed_handle, deposed) = CancelSignal::new();
+        let deposed_handle = Arc::new(deposed_handle);
+        let fence = dagmq_core::store::Fence { holder: self.holder(), on_refused: deposed_handle.clone() };
+        self.store = self.base_store.fenced(fence).unwrap_or_else(|| self.base_store.clone());
+        self.deposed = deposed.clone();
+        tokio::spawn(renew_lease(
+            self.base_store.clone(),
+            self.config.clock.clone(),
+            self.holder(),
+            self.config.lease_ttl,
+            deposed_handle,
+            term.clone(),
+        ));
         let shutdown = shutdown.clone();
         let (events_tx, mut events) = mpsc::channel::<Incoming>(4096);
         spawn_forwarder(self.queue.clone(), Topic::Status, 1024, Incoming::Status, events_tx.clone(), term.clone());
         spawn_forwarder(self.queue.clone(), Topic::Triggers, 64, Incoming::Trigger, events_tx, term.clone());
         while let Err(err) = self.recover().await {
+            if deposed.is_cancelled() {
+                return Ok(true);
+            }
             tracing::error!("scheduler recovery failed, retrying in 1s: {err}");
             tokio::select! {
                 _ = shutdown.cancelled() => return Ok(false),
+                _ = deposed.cancelled() => return Ok(true),
                 _ = tokio::time::sleep(Duration::from_secs(1)) => {}
             }
         }
         tracing::info!(dags = self.config.dags.len(), runs = self.active.len(), "scheduler started");
         loop {
-            if self.config.clock.now() >= self.lease_renew_at {
-                match self.try_lease().await {
-                    Ok(true) => {}
-                    Ok(false) => return Ok(true),
-                    Err(err) => {
-                        // Keep going while the lease may still be ours; give up once it has surely expired.
-                        tracing::error!("renewing the scheduler lease: {err}");
-                        let expired = self.lease_renew_at
-                            + chrono::Duration::from_std(self.config.lease_ttl * 2 / 3).unwrap_or_default();
-                        if self.config.clock.now() >= expired {
-                            return Ok(true);
-                        }
-                    }
-                }
+            if deposed.is_cancelled() {
+                return Ok(true);
             }
-            let wake = self.next_wake().min(self.lease_renew_at);
+            let wake = self.next_wake();
             let clock = self.config.clock.clone();
             tokio::select! {
                 biased;
                 _ = shutdown.cancelled() => break,
+                _ = deposed.cancelled() => return Ok(true),
                 Some(command) = commands.recv() => {
                     self.now_cache = self.config.clock.now();
                     self.handle_command(command).await;
@@ -356,6 +377,9 @@ impl Engine {
                         tokio::time::sleep(Duration::from_millis(500)).await;
                     }
                 }
+            }
+            if deposed.is_cancelled() {
+                return Ok(true);
             }
             if let Err(err) = self.start_dirty().await {
                 tracing::error!("starting queued runs: {err}");
@@ -396,6 +420,7 @@ impl Engine {
                         tracing::error!("publishing {} messages failed, retrying in {delay:?}: {err}", chunk.len());
                         tokio::select! {
                             _ = self.shutdown.cancelled() => return,
+                            _ = self.deposed.cancelled() => return,
                             _ = tokio::time::sleep(delay) => {}
                         }
                         delay = (delay * 2).min(Duration::from_secs(5));
@@ -504,9 +529,10 @@ impl Engine {
             // (a requeue counts against the broker's delivery limit): keep the delivery and try
             // again with backoff until the store answers or the scheduler stops.
             let mut delay = Duration::from_millis(100);
-            while matches!(settle, Settle::Requeue) && !self.shutdown.is_cancelled() {
+            while matches!(settle, Settle::Requeue) && !self.shutdown.is_cancelled() && !self.deposed.is_cancelled() {
                 tokio::select! {
                     _ = self.shutdown.cancelled() => break,
+                    _ = self.deposed.cancelled() => break,
                     _ = tokio::time::sleep(delay) => {}
                 }
                 delay = (delay * 2).min(Duration::from_secs(5));
@@ -1127,11 +1153,15 @@ impl Engine {
         // (worker name, the live instance to keep or none, the lost heartbeat entry if any)
         let mut lost: Vec<(String, Option<String>, Option<WorkerInfo>)> = Vec::new();
         let mut live = HashMap::new();
-        for worker in self.store.workers().await? {
-            if now - worker.last_heartbeat <= timeout {
+        let workers = self.store.workers().await?;
+        // Heartbeats are judged by the store's clock when it has one (Redis stamps each
+        // heartbeat with its own time), so a worker whose clock is behind is not taken for lost.
+        let store_now = self.store.now().await?.unwrap_or(now);
+        for worker in workers {
+            if store_now - worker.last_heartbeat <= timeout {
                 live.insert(worker.name.clone(), worker.clone());
             }
-            if now - worker.last_heartbeat > timeout {
+            if store_now - worker.last_heartbeat > timeout {
                 tracing::warn!(worker = %worker.name, last_heartbeat = %worker.last_heartbeat, "worker lost: requeueing its tries");
                 self.known_instances.remove(&worker.name);
                 lost.push((worker.name.clone(), None, Some(worker)));
@@ -1445,6 +1475,44 @@ impl Engine {
         };
         let notifier = self.config.notifier.clone();
         tokio::spawn(async move { notifier.notify(&notification).await });
+    }
+}
+
+/// Renews the lease every third of its time until the term ends; fires `deposed` when another
+/// scheduler holds it, or when no renewal has succeeded for two thirds of its time (it may have
+/// lapsed by then; the fence refuses any write after it did).
+async fn renew_lease(
+    store: Arc<dyn Store>,
+    clock: Arc<dyn Clock>,
+    holder: String,
+    ttl: Duration,
+    deposed: Arc<dagmq_core::task::CancelHandle>,
+    term: CancelSignal,
+) {
+    let mut last_ok = tokio::time::Instant::now();
+    loop {
+        tokio::select! {
+            _ = term.cancelled() => return,
+            _ = tokio::time::sleep(ttl / 3) => {}
+        }
+        let attempt = tokio::time::Instant::now();
+        // The lease's own clock is Redis's; `now` matters only to stores without one.
+        let renewed = tokio::time::timeout(ttl / 3, store.acquire_lease(&holder, clock.now(), ttl)).await;
+        match renewed {
+            Ok(Ok(true)) => last_ok = attempt,
+            Ok(Ok(false)) => {
+                tracing::warn!(holder = %holder, "another scheduler holds the lease");
+                deposed.cancel();
+                return;
+            }
+            Ok(Err(err)) => tracing::error!("renewing the scheduler lease: {err}"),
+            Err(_) => tracing::error!("renewing the scheduler lease: no answer within {:?}", ttl / 3),
+        }
+        if last_ok.elapsed() >= ttl * 2 / 3 {
+            tracing::warn!(holder = %holder, "the lease was not renewed for {:?}: stepping down", last_ok.elapsed());
+            deposed.cancel();
+            return;
+        }
     }
 }
 

@@ -51,9 +51,17 @@ pub struct WorkerConfig {
     /// its running tries (self-fencing), so that they have stopped before the scheduler
     /// requeues them elsewhere.
     pub worker_timeout: Duration,
+    /// Most unstarted messages the worker holds per pool (the consumer's prefetch, at most
+    /// `concurrency`). Messages are acknowledged when their try is claimed, so a worker whose
+    /// slots are all busy holds at most this many messages that other workers could start.
+    pub prefetch: u16,
     /// Counters of what the worker did.
     pub metrics: Arc<WorkerMetrics>,
 }
+
+/// The default [`WorkerConfig::prefetch`]: enough to keep claims pipelined, few enough that a
+/// busy worker does not hoard work.
+pub const DEFAULT_PREFETCH: u16 = 16;
 
 impl WorkerConfig {
     /// Defaults: pool `default`, 1000 tries at once, builtin tasks, 30 s grace, 5 s heartbeat.
@@ -69,6 +77,7 @@ impl WorkerConfig {
             grace_period: Duration::from_secs(30),
             heartbeat_interval: Duration::from_secs(5),
             worker_timeout: Duration::from_secs(20),
+            prefetch: DEFAULT_PREFETCH,
             metrics: Arc::new(WorkerMetrics::default()),
         }
     }
@@ -108,7 +117,7 @@ pub async fn run(
     let controls = tokio::spawn(execute::control_loop(shared.clone(), shutdown.clone()));
     let mut consumers = Vec::new();
     for pool in shared.config.queues.clone() {
-        let prefetch = u16::try_from(concurrency).unwrap_or(u16::MAX);
+        let prefetch = u16::try_from(concurrency).unwrap_or(u16::MAX).min(shared.config.prefetch.max(1));
         consumers.push(tokio::spawn(consume_loop(
             shared.clone(),
             Topic::Tasks(pool),

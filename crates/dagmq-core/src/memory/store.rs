@@ -2,7 +2,7 @@
 //! scripts of the Redis store are.
 
 use std::collections::HashMap;
-use std::sync::{Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard};
 
 use std::time::Duration;
 
@@ -12,13 +12,15 @@ use chrono::{DateTime, Utc};
 use crate::BackendError;
 use crate::records::{DagRecord, RunRecord, TaskInstance, WorkerInfo};
 use crate::state::{RunState, TaskState};
-use crate::store::{CreateRun, RunFilter, Store, TaskChange, append_capped};
+use crate::store::{CreateRun, Fence, RunFilter, Store, TaskChange, append_capped};
 
 /// An in-memory store.
 #[derive(Default)]
 pub struct MemoryStore {
-    /// Everything, behind one lock.
-    inner: Mutex<Inner>,
+    /// Everything, behind one lock; shared with this store's fenced views.
+    inner: Arc<Mutex<Inner>>,
+    /// For a scheduler's view: its writes need this fence to hold the lease.
+    fence: Option<Fence>,
     /// Finished runs are dropped this long after they finish (checked as runs are created, by
     /// the new run's creation time); `None` keeps them.
     retention: Option<Duration>,
@@ -107,6 +109,18 @@ impl MemoryStore {
     fn inner(&self) -> MutexGuard<'_, Inner> {
         self.inner.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
     }
+
+    /// The maps for a scheduler's write: refused unless this view's fence holds the lease,
+    /// checked under the same lock as the write.
+    fn writable(&self, what: &str) -> Result<MutexGuard<'_, Inner>, BackendError> {
+        let inner = self.inner();
+        match &self.fence {
+            Some(fence) if inner.lease.as_ref().is_none_or(|(holder, _)| *holder != fence.holder) => {
+                Err(fence.refused(what))
+            }
+            _ => Ok(inner),
+        }
+    }
 }
 
 #[async_trait]
@@ -116,12 +130,12 @@ impl Store for MemoryStore {
     }
 
     async fn put_dag_record(&self, record: &DagRecord) -> Result<(), BackendError> {
-        self.inner().dags.insert(record.dag_id.clone(), record.clone());
+        self.writable("dag record")?.dags.insert(record.dag_id.clone(), record.clone());
         Ok(())
     }
 
     async fn create_run(&self, run: &RunRecord, tasks: &[TaskInstance]) -> Result<CreateRun, BackendError> {
-        let mut inner = self.inner();
+        let mut inner = self.writable("run creation")?;
         if let Some(retention) = self.retention {
             inner.expire_before(run.created_at - chrono::Duration::from_std(retention).unwrap_or_default());
         }
@@ -150,7 +164,7 @@ impl Store for MemoryStore {
     }
 
     async fn transition_run(&self, expected: RunState, run: &RunRecord) -> Result<bool, BackendError> {
-        let mut inner = self.inner();
+        let mut inner = self.writable("run transition")?;
         match inner.runs.get_mut(&run.run_id) {
             Some(entry) if entry.record.state == expected => {
                 entry.record = run.clone();
@@ -169,7 +183,7 @@ impl Store for MemoryStore {
         run: &RunRecord,
         changes: &[TaskChange],
     ) -> Result<bool, BackendError> {
-        let mut inner = self.inner();
+        let mut inner = self.writable("run transition")?;
         match inner.runs.get_mut(&run.run_id) {
             Some(entry) if entry.record.state == expected => {
                 entry.record = run.clone();
@@ -227,7 +241,7 @@ impl Store for MemoryStore {
         expected_try: u32,
         task: &TaskInstance,
     ) -> Result<bool, BackendError> {
-        let mut inner = self.inner();
+        let mut inner = self.writable("task transition")?;
         Ok(inner.runs.get_mut(run_id).is_some_and(|entry| entry.transition(expected_state, expected_try, task)))
     }
 
@@ -238,7 +252,7 @@ impl Store for MemoryStore {
     }
 
     async fn transition_tasks(&self, run_id: &str, changes: &[TaskChange]) -> Result<Vec<bool>, BackendError> {
-        let mut inner = self.inner();
+        let mut inner = self.writable("task transitions")?;
         let Some(entry) = inner.runs.get_mut(run_id) else { return Ok(vec![false; changes.len()]) };
         Ok(changes.iter().map(|c| entry.transition(c.expected_state, c.expected_try, &c.task)).collect())
     }
@@ -249,7 +263,7 @@ impl Store for MemoryStore {
         new_tasks: &[TaskInstance],
         new_upstreams: &[(String, Vec<String>)],
     ) -> Result<(), BackendError> {
-        let mut inner = self.inner();
+        let mut inner = self.writable("follow-ups")?;
         let Some(entry) = inner.runs.get_mut(run_id) else {
             return Err(BackendError::new(format!("run {run_id:?} not found")));
         };
@@ -323,7 +337,7 @@ impl Store for MemoryStore {
     }
 
     async fn remove_worker(&self, name: &str) -> Result<(), BackendError> {
-        self.inner().workers.remove(name);
+        self.writable("worker removal")?.workers.remove(name);
         Ok(())
     }
 
@@ -351,6 +365,10 @@ impl Store for MemoryStore {
             inner.lease = None;
         }
         Ok(())
+    }
+
+    fn fenced(&self, fence: Fence) -> Option<Arc<dyn Store>> {
+        Some(Arc::new(MemoryStore { inner: self.inner.clone(), fence: Some(fence), retention: self.retention }))
     }
 
     async fn ping(&self) -> Result<(), BackendError> {

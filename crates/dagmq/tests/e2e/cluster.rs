@@ -169,7 +169,10 @@ impl Cluster {
 
     /// Starts a worker named `name` with extra flags.
     pub fn start_worker_with(&mut self, name: &str, flags: &[&str]) {
-        let mut extra = vec!["--name".to_string(), name.to_string(), "--concurrency".to_string(), "16".to_string()];
+        let mut extra = vec!["--name".to_string(), name.to_string()];
+        if !flags.contains(&"--concurrency") {
+            extra.extend(["--concurrency".to_string(), "16".to_string()]);
+        }
         extra.extend(flags.iter().map(|f| f.to_string()));
         let child = self.spawn("worker", name, &extra);
         self.workers.insert(name.to_string(), child);
@@ -186,6 +189,14 @@ impl Cluster {
             child.kill().unwrap();
             child.wait().unwrap();
         }
+    }
+
+    /// Sends `signal` (`STOP`, `CONT`, ...) to the scheduler.
+    pub fn signal_scheduler(&self, signal: &str) {
+        let pid = self.scheduler.as_ref().expect("a running scheduler").id();
+        let status =
+            std::process::Command::new("kill").args([&format!("-{signal}"), &pid.to_string()]).status().unwrap();
+        assert!(status.success());
     }
 
     /// Sends SIGTERM to a worker and waits for it to exit; answers whether it exited cleanly.

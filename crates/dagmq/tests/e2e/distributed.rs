@@ -706,3 +706,132 @@ fn scheduler_killed_again_and_again_during_a_40_hop_chain_runs_each_task_once() 
     assert_eq!(tasks.len(), 40);
     assert_every_task_succeeded_once(&run);
 }
+
+const LIMITED: &str = r#"
+id = "limited"
+max_active_runs = 1
+[[task]]
+id = "a"
+run = "sleep"
+args = { ms = 1500 }
+[[task]]
+id = "b"
+after = ["a"]
+run = "sleep"
+args = { ms = 1500 }
+"#;
+
+/// Split brain: the active scheduler is stopped (SIGSTOP) for longer than its lease, the
+/// standby takes over and finishes every run; when the old one is continued (SIGCONT) its
+/// writes are refused by the fence and it steps down. No run is stuck or doubled, no task runs
+/// twice, and `max_active_runs = 1` holds across the takeover.
+#[test]
+fn a_scheduler_stopped_past_its_lease_is_fenced_when_it_resumes_and_nothing_is_stuck_or_doubled() {
+    let Some(mut cluster) = Cluster::new(&[("limited.toml", LIMITED), ("chain.toml", CHAIN)]) else { return };
+    cluster.start_scheduler();
+    cluster.start_worker("w1");
+    let standby_port = crate::support::free_port();
+    let standby_api = format!("http://127.0.0.1:{standby_port}");
+    let _standby = Guard(
+        crate::support::dagmq()
+            .args(["scheduler", "--dags"])
+            .arg(cluster.dags_path())
+            .args(["--amqp", &cluster.amqp, "--redis", &cluster.redis, "--namespace", &cluster.namespace])
+            .args(["--port", &standby_port.to_string()])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let on_standby =
+        |args: &[&str]| crate::support::dagmq().args(args).env("DAGMQ_API", &standby_api).output().unwrap();
+    cluster.wait_until(Duration::from_secs(30), || on_standby(&["dags", "list"]).status.success());
+    let mut runs: Vec<String> = (0..4).map(|_| cluster.trigger("limited")).collect();
+    runs.push(cluster.trigger("chain"));
+    cluster.wait_task_state(&runs[0], "a", "running");
+
+    cluster.signal_scheduler("STOP");
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let output = on_standby(&["trigger", "chain", "--json"]);
+        if output.status.success() {
+            runs.push(serde_json::from_slice::<Value>(&output.stdout).unwrap()["run_id"].as_str().unwrap().to_string());
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "no takeover: {}", text(&output.stderr));
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let show = |run_id: &str| -> Value {
+        serde_json::from_slice(&on_standby(&["runs", "show", run_id, "--json"]).stdout).unwrap_or(Value::Null)
+    };
+    cluster.wait_until(Duration::from_secs(120), || runs.iter().all(|r| show(r)["state"] == "success"));
+
+    cluster.signal_scheduler("CONT");
+    cluster
+        .wait_until(Duration::from_secs(30), || text(&cluster.cli(&["trigger", "chain"]).stderr).contains("standby"));
+    assert!(cluster.logs_text().contains("stepping down"), "{}", cluster.logs_text());
+
+    let mut spans = Vec::new();
+    for run_id in &runs {
+        let run = show(run_id);
+        assert_eq!(run["state"], "success", "{run}");
+        assert_every_task_succeeded_once(&run);
+        if run["dag_id"] == "limited" {
+            let at = |field: &str| chrono::DateTime::parse_from_rfc3339(run[field].as_str().unwrap()).unwrap();
+            spans.push((at("started_at"), at("ended_at")));
+        }
+    }
+    spans.sort();
+    for pair in spans.windows(2) {
+        assert!(pair[0].1 <= pair[1].0, "limited runs overlapped: {spans:?}");
+    }
+    let listed = serde_json::from_slice::<Value>(
+        &on_standby(&["runs", "list", "--dag", "limited", "--limit", "50", "--json"]).stdout,
+    )
+    .unwrap();
+    assert_eq!(listed.as_array().unwrap().len(), 4, "no run doubled: {listed}");
+}
+
+/// A worker whose slots are all busy holds at most its prefetch (16) of unstarted messages,
+/// not as many as it has slots: a worker that starts later gets the rest of the work.
+#[test]
+fn a_busy_worker_holds_few_unstarted_messages_and_a_later_worker_gets_the_rest() {
+    let mut busy = String::from("id = \"busy\"\n");
+    for i in 0..100 {
+        busy.push_str(&format!("[[task]]\nid = \"t{i}\"\nrun = \"sleep\"\nargs = {{ ms = 4000 }}\n"));
+    }
+    let Some(mut cluster) = Cluster::new(&[("busy.toml", &busy)]) else { return };
+    cluster.start_scheduler();
+    cluster.start_worker_with("w1", &["--concurrency", "40"]);
+    let run_id = cluster.trigger("busy");
+    cluster.wait_until(Duration::from_secs(60), || {
+        cluster.json(&["runs", "show", &run_id])["task_counts"]["running"].as_u64() == Some(40)
+    });
+    let unacked = || -> u64 {
+        let output = std::process::Command::new("rabbitmqctl")
+            .args([
+                "list_queues",
+                "-p",
+                &cluster.namespace,
+                "--quiet",
+                "--no-table-headers",
+                "name",
+                "messages_unacknowledged",
+            ])
+            .output()
+            .unwrap();
+        text(&output.stdout)
+            .lines()
+            .filter(|l| l.contains("dagmq.tasks.default"))
+            .filter_map(|l| l.split_whitespace().last()?.parse::<u64>().ok())
+            .sum()
+    };
+    let held = unacked();
+    assert!(held <= 16, "a busy worker holds {held} unstarted messages");
+    cluster.start_worker_with("w2", &["--concurrency", "60"]);
+    let run = cluster.wait_run(&run_id, Duration::from_secs(120));
+    assert_eq!(run["state"], "success");
+    assert_every_task_succeeded_once(&run);
+    let by_w2 = tasks(&run).values().filter(|t| t["worker"] == "w2").count();
+    assert!(by_w2 >= 40, "the later worker ran {by_w2} tasks");
+}
