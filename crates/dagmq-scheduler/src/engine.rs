@@ -164,6 +164,9 @@ enum TimerKind {
     },
 }
 
+/// The reason a user's cancel writes on the tasks it cancels.
+const USER_CANCEL: &str = "run cancelled";
+
 /// A try: (run, task, try number).
 type TryKey = (String, String, u32);
 
@@ -487,7 +490,7 @@ impl Engine {
                 let _ = reply.send(self.restart(&run_id).await);
             }
             Command::Cancel { run_id, reply } => {
-                let _ = reply.send(self.cancel(&run_id, "run cancelled").await.map(|_| ()));
+                let _ = reply.send(self.cancel(&run_id, USER_CANCEL).await.map(|_| ()));
             }
             Command::SetPaused { dag_id, paused, reply } => {
                 let _ = reply.send(self.set_paused(&dag_id, paused).await);
@@ -550,6 +553,7 @@ impl Engine {
             tracing::error!("starting queued runs: {err}");
         }
         self.flush().await;
+        fail_point!("scheduler::publish::before_ack");
         // Settled together: each ack waits for the connection's writer, so one at a time would
         // cost a round of thread wake-ups per delivery.
         let mut settling = Vec::with_capacity(settled.len());
@@ -651,6 +655,7 @@ impl Engine {
             Some(task) if task.try_number >= run.tasks[i].try_number => Some(task),
             _ => self.store.task(run.id(), &update.task_id).await?,
         };
+        fail_point!("scheduler::status::after_read");
         match fresh {
             Some(fresh) => self.on_task_changed(run, i, fresh, true).await?,
             None => tracing::warn!(run = %update.run_id, task = %update.task_id, "task vanished from the store"),
@@ -752,6 +757,7 @@ impl Engine {
                 continue;
             }
             let applied = self.store.transition_tasks(run.id(), &changes).await?;
+            fail_point!("scheduler::queue::after_cas");
             for ((i, change), applied) in queued.into_iter().zip(changes).zip(applied) {
                 if applied {
                     self.outbox.push((Topic::Tasks(change.task.queue.clone()), task_message(run, &change.task)));
@@ -886,7 +892,15 @@ impl Engine {
             self.active.insert(run.id().to_string(), run);
             return Ok(());
         }
-        let outcome = run_outcome(run.tasks.iter().map(|t| t.state)).unwrap_or(RunState::Failed);
+        // A run whose tasks a user's cancel reached ends cancelled, even when the scheduler
+        // died between cancelling the tasks and the run.
+        let cancelled_by_user =
+            run.tasks.iter().any(|t| t.state == TaskState::Cancelled && t.error.as_deref() == Some(USER_CANCEL));
+        let outcome = if cancelled_by_user {
+            RunState::Cancelled
+        } else {
+            run_outcome(run.tasks.iter().map(|t| t.state)).unwrap_or(RunState::Failed)
+        };
         let mut finished = run.record.clone();
         finished.state = outcome;
         finished.ended_at = Some(self.now_cache);
@@ -961,7 +975,10 @@ impl Engine {
             .iter()
             .map(|t| TaskInstance::pending(t.id.clone(), t.after.clone(), t.config.queue.clone(), t.config.retries))
             .collect();
-        match self.store.create_run(&record, &tasks).await? {
+        fail_point!("scheduler::create_run::before");
+        let created = self.store.create_run(&record, &tasks).await?;
+        fail_point!("scheduler::create_run::after");
+        match created {
             CreateRun::Created => {
                 tracing::info!(dag = %dag.id, run = %run_id, "run created");
                 self.created.insert(run_id.clone(), tasks);
@@ -1036,6 +1053,7 @@ impl Engine {
         if !self.store.transition_run_with_tasks(record.state, &restarted, &changes).await.map_err(backend)? {
             return Err(CommandError::Conflict(format!("run {run_id:?} changed state meanwhile; try again")));
         }
+        fail_point!("scheduler::restart::after");
         tracing::info!(run = %run_id, "run restarted");
         self.activate(restarted, false).await.map_err(backend)
     }
@@ -1051,6 +1069,7 @@ impl Engine {
             return Err(CommandError::Conflict(format!("run {run_id:?} is already {}", record.state)));
         }
         self.cancel_tasks(run_id, reason).await.map_err(backend)?;
+        fail_point!("scheduler::cancel::after_tasks");
         let mut cancelled = record.clone();
         cancelled.state = RunState::Cancelled;
         cancelled.ended_at = Some(self.now_cache);
@@ -1497,7 +1516,11 @@ async fn renew_lease(
         }
         let attempt = tokio::time::Instant::now();
         // The lease's own clock is Redis's; `now` matters only to stores without one.
-        let renewed = tokio::time::timeout(ttl / 3, store.acquire_lease(&holder, clock.now(), ttl)).await;
+        let renewed = tokio::time::timeout(ttl / 3, async {
+            fail_point!("scheduler::lease::renew", BackendError::new("injected: lease renewal failed"));
+            store.acquire_lease(&holder, clock.now(), ttl).await
+        })
+        .await;
         match renewed {
             Ok(Ok(true)) => last_ok = attempt,
             Ok(Ok(false)) => {

@@ -263,6 +263,7 @@ pub(crate) async fn execute(shared: &Shared, delivery: Delivery) {
             settle(delivery.dead_letter(&reason).await)
         }
         Claim::Run(running, executable) => {
+            fail_point!("worker::claim::before_ack");
             claimed.store(true, Ordering::SeqCst);
             // The try is ours: it starts while the ack is on its way.
             let (acked, ()) =
@@ -471,6 +472,7 @@ async fn record_outcome(
                 return Ok(());
             }
         }
+        fail_point!("worker::requeue::before_publish");
         if next.state == TaskState::Queued {
             let message = TaskToExec { try_number: next.try_number, max_try: next.max_try, ..message.clone() };
             shared.queue.publish(&Topic::Tasks(next.queue.clone()), messages::encode(&message)).await?;
@@ -500,6 +502,7 @@ async fn record_outcome(
         }
     }
     if store.transition_task(&message.run_id, TaskState::Running, running.try_number, &done).await? {
+        fail_point!("worker::outcome::before_publish");
         publish_status(shared, &done, &message.run_id).await?;
     } else {
         // Already recorded by an earlier attempt of this loop, or the task moved on.

@@ -90,6 +90,10 @@ impl App {
             }
         };
         init_tracing(if matches!(cli.command, Command::Bench(_)) { "warn" } else { "info" });
+        if let Err(message) = setup_fail_points() {
+            eprintln!("error: {message}");
+            return ExitCode::from(2);
+        }
         let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
             Ok(runtime) => runtime,
             Err(err) => {
@@ -191,4 +195,36 @@ fn init_tracing(default_filter: &str) {
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_filter));
     let _ =
         tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_target(false).try_init();
+}
+
+/// Arms the fail points named in `FAILPOINTS` (`name=action;...`, actions as the `fail` crate
+/// reads them: `panic`, `return`, `sleep(ms)`, `1*panic`, ...). A fail point that panics aborts
+/// the process, as a crash at that step would. Builds without the `failpoints` feature refuse
+/// `FAILPOINTS` rather than ignore it.
+fn setup_fail_points() -> Result<(), String> {
+    if std::env::var_os("FAILPOINTS").is_none() {
+        return Ok(());
+    }
+    #[cfg(feature = "failpoints")]
+    {
+        std::mem::forget(fail::FailScenario::setup());
+        let previous = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            let text = info
+                .payload()
+                .downcast_ref::<String>()
+                .map(String::as_str)
+                .or_else(|| info.payload().downcast_ref::<&str>().copied())
+                .unwrap_or("");
+            if text.starts_with("failpoint") {
+                eprintln!("dagmq: {text}: aborting");
+                std::process::abort();
+            }
+            previous(info);
+        }));
+        tracing::warn!("fail points armed: {}", std::env::var("FAILPOINTS").unwrap_or_default());
+        Ok(())
+    }
+    #[cfg(not(feature = "failpoints"))]
+    Err("FAILPOINTS is set, but this build has no fail points (build with --features failpoints)".to_string())
 }

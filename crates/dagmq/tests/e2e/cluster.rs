@@ -35,6 +35,8 @@ pub struct Cluster {
     scheduler: Option<Child>,
     workers: HashMap<String, Child>,
     extra: Vec<String>,
+    /// Environment of the next process started.
+    env: Vec<(String, String)>,
     /// Whether a RabbitMQ user and a Redis ACL user of this namespace exist (to delete).
     users: bool,
     /// Held shared by every cluster, exclusively by a test that restarts the broker.
@@ -101,6 +103,7 @@ impl Cluster {
             scheduler: None,
             workers: HashMap::new(),
             extra: Vec::new(),
+            env: Vec::new(),
             users: false,
             _broker_lock: lock,
         })
@@ -131,6 +134,29 @@ impl Cluster {
         self.extra = flags.iter().map(|f| f.to_string()).collect();
     }
 
+    /// Environment for the next process started (e.g. `FAILPOINTS`); cleared by each start.
+    pub fn next_env(&mut self, env: &[(&str, &str)]) {
+        self.env = env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+    }
+
+    /// Whether the scheduler process has exited (crashed at a fail point, say).
+    pub fn scheduler_exited(&mut self) -> bool {
+        self.scheduler.as_mut().is_none_or(|child| child.try_wait().ok().flatten().is_some())
+    }
+
+    /// Whether worker `name` has exited.
+    pub fn worker_exited(&mut self, name: &str) -> bool {
+        self.workers.get_mut(name).is_none_or(|child| child.try_wait().ok().flatten().is_some())
+    }
+
+    /// Forgets an exited scheduler, so that `start_scheduler` can start another.
+    pub fn reap_scheduler(&mut self) {
+        if let Some(mut child) = self.scheduler.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
     fn spawn(&self, role: &str, name: &str, extra: &[String]) -> Child {
         let log =
             std::fs::OpenOptions::new().create(true).append(true).open(self.logs.join(format!("{name}.log"))).unwrap();
@@ -142,6 +168,7 @@ impl Cluster {
             .args(["--amqp", &self.amqp, "--redis", &self.redis, "--namespace", &self.namespace])
             .args(extra)
             .env("DAGMQ_LOG", "info")
+            .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
             .stdout(Stdio::null())
             .stderr(log);
         command.spawn().expect("start dagmq")
@@ -152,6 +179,7 @@ impl Cluster {
         let mut extra = vec!["--port".to_string(), self.port.to_string()];
         extra.extend(self.extra.clone());
         self.scheduler = Some(self.spawn("scheduler", "scheduler", &extra));
+        self.env.clear();
         self.wait_until(Duration::from_secs(60), || self.cli(&["dags", "list"]).status.success());
     }
 
@@ -175,6 +203,7 @@ impl Cluster {
         }
         extra.extend(flags.iter().map(|f| f.to_string()));
         let child = self.spawn("worker", name, &extra);
+        self.env.clear();
         self.workers.insert(name.to_string(), child);
     }
 

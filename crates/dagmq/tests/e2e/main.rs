@@ -5,6 +5,7 @@ mod bench;
 mod browser;
 mod cluster;
 mod distributed;
+mod failpoints;
 mod standalone;
 mod support;
 mod validate;
