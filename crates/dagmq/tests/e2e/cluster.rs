@@ -144,6 +144,22 @@ impl Cluster {
         self.scheduler.as_mut().is_none_or(|child| child.try_wait().ok().flatten().is_some())
     }
 
+    /// Starts another scheduler of this installation with its API on `port` (a standby while
+    /// another holds the lease).
+    pub fn spawn_scheduler_on(&self, port: u16, name: &str) -> Child {
+        self.spawn("scheduler", name, &["--port".to_string(), port.to_string()])
+    }
+
+    /// The scheduler's process id.
+    pub fn scheduler_pid(&self) -> Option<u32> {
+        self.scheduler.as_ref().map(Child::id)
+    }
+
+    /// Worker `name`'s process id.
+    pub fn worker_pid(&self, name: &str) -> Option<u32> {
+        self.workers.get(name).map(Child::id)
+    }
+
     /// Whether worker `name` has exited.
     pub fn worker_exited(&mut self, name: &str) -> bool {
         self.workers.get_mut(name).is_none_or(|child| child.try_wait().ok().flatten().is_some())

@@ -455,14 +455,14 @@ fn a_poison_task_that_kills_its_worker_fails_after_bounded_attempts_and_others_f
 }
 
 /// A Redis server of the test's own, with AOF every second, that can be restarted.
-struct PrivateRedis {
+pub(crate) struct PrivateRedis {
     child: std::process::Child,
     port: u16,
     dir: std::path::PathBuf,
 }
 
 impl PrivateRedis {
-    fn start(port: u16, dir: &std::path::Path) -> PrivateRedis {
+    pub(crate) fn start(port: u16, dir: &std::path::Path) -> PrivateRedis {
         std::fs::create_dir_all(dir).unwrap();
         let child = std::process::Command::new("redis-server")
             .args([

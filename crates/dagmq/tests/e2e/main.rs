@@ -3,6 +3,7 @@
 
 mod bench;
 mod browser;
+mod chaos;
 mod cluster;
 mod distributed;
 mod failpoints;
