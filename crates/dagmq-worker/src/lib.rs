@@ -192,25 +192,34 @@ async fn consume_loop(shared: Arc<Shared>, topic: Topic, prefetch: u16, slots: A
 async fn heartbeat_loop(shared: Arc<Shared>, started_at: chrono::DateTime<chrono::Utc>, shutdown: CancelSignal) {
     let interval = shared.config.heartbeat_interval;
     let fence_after = shared.config.worker_timeout / 2;
+    // Checked every second (or heartbeat, if shorter), and a heartbeat may hang at most half an
+    // interval, so fencing happens at most that much after half the worker timeout.
+    let tick = interval.min(Duration::from_secs(1));
     let mut last_ok = tokio::time::Instant::now();
+    let mut next_beat = last_ok + interval;
     let mut fenced = false;
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => return,
-            _ = tokio::time::sleep(interval) => {}
+            _ = tokio::time::sleep_until(next_beat.min(tokio::time::Instant::now() + tick)) => {}
         }
-        let attempt = tokio::time::Instant::now();
-        // A heartbeat that hangs (a slow store) must not delay the fencing check.
-        let written = matches!(tokio::time::timeout(interval, heartbeat(&shared, started_at)).await, Ok(true));
-        if written {
-            last_ok = attempt;
-            fenced = false;
-            match tokio::time::timeout(interval, execute::stop_superseded(&shared)).await {
-                Ok(Ok(_)) => {}
-                Ok(Err(err)) => tracing::warn!("checking running tries with the store: {err}"),
-                Err(_) => tracing::warn!("checking running tries with the store: no answer within {interval:?}"),
+        let now = tokio::time::Instant::now();
+        if now >= next_beat {
+            next_beat = now + interval;
+            let written = matches!(tokio::time::timeout(interval / 2, heartbeat(&shared, started_at)).await, Ok(true));
+            if written {
+                last_ok = now;
+                fenced = false;
+                match tokio::time::timeout(interval / 2, execute::stop_superseded(&shared)).await {
+                    Ok(Ok(_)) => {}
+                    Ok(Err(err)) => tracing::warn!("checking running tries with the store: {err}"),
+                    Err(_) => {
+                        tracing::warn!("checking running tries with the store: no answer within {:?}", interval / 2)
+                    }
+                }
             }
-        } else if !fenced && last_ok.elapsed() >= fence_after {
+        }
+        if !fenced && last_ok.elapsed() >= fence_after {
             fenced = true;
             let count = execute::stop_all(&shared, StopReason::Fenced);
             tracing::error!(
