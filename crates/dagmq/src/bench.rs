@@ -99,6 +99,8 @@ impl Rig {
             Backends::Memory => {
                 let mut worker = WorkerConfig::new("bench-worker-0", dags, clock);
                 worker.concurrency = args.concurrency;
+                // The only worker of an in-memory queue: there is nobody to leave work to.
+                worker.prefetch = u16::MAX;
                 tokio::spawn(dagmq_worker::run(worker, queue.clone(), store.clone(), signal.clone()));
             }
             Backends::Services { amqp, redis, namespace } => {

@@ -146,6 +146,10 @@ pub(crate) async fn serve(app: &App, args: &ServeArgs, file: &ConfigFile, role: 
         config.concurrency = concurrency;
         config.tasks = app.tasks.clone();
         config.grace_period = grace_period;
+        if args.amqp.is_none() {
+            // The only worker of an in-memory queue: there is nobody to leave work to.
+            config.prefetch = u16::MAX;
+        }
         if let Some(timeout) = worker_timeout {
             config.worker_timeout = timeout;
         }
