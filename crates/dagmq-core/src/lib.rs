@@ -68,6 +68,22 @@ pub fn mask_url(url: &str) -> String {
 /// Re-exported so users' `#[async_trait]` matches the trait definitions.
 pub use async_trait::async_trait;
 
+/// A named point between two steps of the protocol (RELIABILITY.md lists them). In a crate built
+/// with its `failpoints` feature (which must depend on the `fail` crate), a test can make the
+/// process crash there (`FAILPOINTS=name=panic`) or, where the point names an error, fail the
+/// step (`name=return`); without the feature it expands to nothing.
+#[macro_export]
+macro_rules! fail_point {
+    ($name:literal) => {
+        #[cfg(feature = "failpoints")]
+        fail::fail_point!($name);
+    };
+    ($name:literal, $error:expr) => {
+        #[cfg(feature = "failpoints")]
+        fail::fail_point!($name, |_| Err($error));
+    };
+}
+
 #[cfg(test)]
 mod tests {
     #[test]

@@ -12,6 +12,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::{DateTime, Timelike, Utc};
+use dagmq_core::fail_point;
 use dagmq_core::messages::{self, Control, StatusUpdate, TaskToExec, Trigger, VERSION};
 use dagmq_core::queue::join_all;
 use dagmq_core::records::DagRecord;
@@ -1214,24 +1215,7 @@ impl Engine {
                     continue;
                 }
                 let reason = format!("try {} interrupted: worker {name} lost", task.try_number);
-                let next = task.after_interruption(now, reason);
-                if !self.store.transition_task(&run_id, TaskState::Running, task.try_number, &next).await? {
-                    continue;
-                }
-                tracing::info!(run = %run_id, task = %task_id, try_number = next.try_number, state = %next.state, "lost try handled");
-                self.metrics.requeued.inc(&["worker_lost"]);
-                let Some(mut run) = self.active.remove(&run_id) else { continue };
-                let result = match run.index.get(&task_id).copied() {
-                    Some(i) => {
-                        if next.state == TaskState::Queued {
-                            self.outbox.push((Topic::Tasks(next.queue.clone()), task_message(&run, &next)));
-                        }
-                        self.on_task_changed(&mut run, i, next, true).await
-                    }
-                    None => Ok(()),
-                };
-                self.put_back(run).await?;
-                result?;
+                self.requeue_interrupted(&run_id, &task, reason, "worker_lost").await?;
             }
             if entry.is_some() {
                 self.store.remove_worker(&name).await?;
@@ -1368,26 +1352,42 @@ impl Engine {
             }
             let worker = task.worker.clone().unwrap_or_default();
             let reason = format!("try {try_number} interrupted: worker {worker} is not running it");
-            let next = task.after_interruption(now, reason);
-            if !self.store.transition_task(&run_id, TaskState::Running, try_number, &next).await? {
-                continue;
-            }
-            tracing::warn!(run = %run_id, task = %task_id, try_number, worker = %worker, "running try not listed by its live worker: requeued");
-            self.metrics.requeued.inc(&["not_running"]);
-            let Some(mut run) = self.active.remove(&run_id) else { continue };
-            let result = match run.index.get(&task_id).copied() {
-                Some(i) => {
-                    if next.state == TaskState::Queued {
-                        self.outbox.push((Topic::Tasks(next.queue.clone()), task_message(&run, &next)));
-                    }
-                    self.on_task_changed(&mut run, i, next, true).await
-                }
-                None => Ok(()),
-            };
-            self.put_back(run).await?;
-            result?;
+            self.requeue_interrupted(&run_id, &task, reason, "not_running").await?;
         }
         Ok(())
+    }
+
+    /// Moves a `running` try whose worker is not running it to a new queued try (or to failed,
+    /// past the bound on interruptions), queues its message and updates the run's view. `why`
+    /// labels the `dagmq_tries_requeued_total` counter.
+    async fn requeue_interrupted(
+        &mut self,
+        run_id: &str,
+        task: &TaskInstance,
+        reason: String,
+        why: &str,
+    ) -> Result<(), BackendError> {
+        let next = task.after_interruption(self.now_cache, reason);
+        if !self.store.transition_task(run_id, TaskState::Running, task.try_number, &next).await? {
+            return Ok(());
+        }
+        tracing::warn!(
+            run = %run_id, task = %task.task_id, try_number = task.try_number, next_try = next.try_number,
+            state = %next.state, why, "interrupted try handled"
+        );
+        self.metrics.requeued.inc(&[why]);
+        let Some(mut run) = self.active.remove(run_id) else { return Ok(()) };
+        let result = match run.index.get(&task.task_id).copied() {
+            Some(i) => {
+                if next.state == TaskState::Queued {
+                    self.outbox.push((Topic::Tasks(next.queue.clone()), task_message(&run, &next)));
+                }
+                self.on_task_changed(&mut run, i, next, true).await
+            }
+            None => Ok(()),
+        };
+        self.put_back(run).await?;
+        result
     }
 
     async fn fire(&mut self, kind: TimerKind) -> Result<(), BackendError> {

@@ -10,6 +10,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
+use dagmq_core::fail_point;
 use dagmq_core::messages::{self, Control, StatusUpdate, TaskToExec, VERSION};
 use dagmq_core::records::RunningTry;
 use dagmq_core::state::{TaskEvent, task_transition};

@@ -4,20 +4,6 @@
 //!
 //! Entry point: [`run`] with a [`WorkerConfig`], a queue, a store and a shutdown signal.
 
-/// A named point between two steps of the protocol (listed in RELIABILITY.md). With the
-/// `failpoints` feature, a test can make the process crash there (`FAILPOINTS=name=panic`)
-/// or, where the point names an error, fail the step (`name=return`); without it, nothing.
-macro_rules! fail_point {
-    ($name:literal) => {
-        #[cfg(feature = "failpoints")]
-        fail::fail_point!($name);
-    };
-    ($name:literal, $error:expr) => {
-        #[cfg(feature = "failpoints")]
-        fail::fail_point!($name, |_| Err($error));
-    };
-}
-
 mod builtin;
 mod command;
 mod execute;
