@@ -12,3 +12,4 @@ mod scheduling;
 mod services;
 mod store_contract;
 mod support;
+mod trigger_ids;
