@@ -10,6 +10,7 @@ mod queue_contract;
 mod redis_ambiguity;
 mod scheduling;
 mod services;
+mod shell_params;
 mod store_contract;
 mod support;
 mod trigger_ids;

@@ -5,6 +5,71 @@ use std::collections::BTreeMap;
 /// Replaces every `{{ NAME }}` in `text` with `vars[NAME]`; an unknown name is an error.
 /// Whitespace inside the braces is optional.
 pub fn render(text: &str, vars: &BTreeMap<String, String>) -> Result<String, String> {
+    render_with(text, vars, str::to_string)
+}
+
+/// Renders the arguments of a command: a value substituted into the script of a shell
+/// (`sh -c SCRIPT`, `bash -c`, `/bin/sh -ec`, `env sh -c` ...) is quoted as one shell word, so
+/// no value can become shell syntax; in any other argument it is substituted as is (no shell
+/// reads it).
+pub fn render_command(argv: &[String], vars: &BTreeMap<String, String>) -> Result<Vec<String>, String> {
+    let script = shell_script_index(argv);
+    argv.iter()
+        .enumerate()
+        .map(|(i, arg)| if Some(i) == script { render_with(arg, vars, shell_word) } else { render(arg, vars) })
+        .collect()
+}
+
+/// A value as one POSIX shell word: single-quoted, with each `'` written as `'\''`.
+pub fn shell_word(value: &str) -> String {
+    format!("'{}'", value.replace('\'', "'\\''"))
+}
+
+/// The index of the script argument when `argv` runs a shell with `-c`.
+pub fn shell_script_index(argv: &[String]) -> Option<usize> {
+    const SHELLS: &[&str] = &["sh", "bash", "dash", "zsh", "ksh", "ash", "mksh", "busybox"];
+    let name = |arg: &str| arg.rsplit('/').next().unwrap_or(arg).to_string();
+    let mut at = 0;
+    // `env [-i] [NAME=VALUE]... sh -c ...`
+    if argv.first().is_some_and(|p| name(p) == "env") {
+        at = 1;
+        while argv.get(at).is_some_and(|a| a.starts_with('-') || a.contains('=')) {
+            at += 1;
+        }
+    }
+    let program = name(argv.get(at)?);
+    if !SHELLS.contains(&program.as_str()) {
+        return None;
+    }
+    at += 1;
+    if program == "busybox" && argv.get(at).is_some_and(|a| SHELLS.contains(&a.as_str())) {
+        at += 1;
+    }
+    // Options before the script: the script is the argument after the cluster holding `c`
+    // (`-c`, `-ec`, `-xc`, `-lc`), or after `-o NAME` pairs and other flags.
+    let mut command_flag = false;
+    while let Some(arg) = argv.get(at) {
+        if arg == "--" || !arg.starts_with('-') || arg == "-" {
+            break;
+        }
+        if arg == "-o" || arg == "+o" {
+            at += 2;
+            continue;
+        }
+        if !arg.starts_with("--") && arg.contains('c') {
+            command_flag = true;
+        }
+        at += 1;
+    }
+    (command_flag && at < argv.len()).then_some(at)
+}
+
+/// [`render`] with each substituted value passed through `quote`.
+pub fn render_with(
+    text: &str,
+    vars: &BTreeMap<String, String>,
+    quote: impl Fn(&str) -> String,
+) -> Result<String, String> {
     let mut out = String::with_capacity(text.len());
     let mut rest = text;
     while let Some(open) = rest.find("{{") {
@@ -15,7 +80,7 @@ pub fn render(text: &str, vars: &BTreeMap<String, String>) -> Result<String, Str
         };
         let name = after_open[..close].trim();
         match vars.get(name) {
-            Some(value) => out.push_str(value),
+            Some(value) => out.push_str(&quote(value)),
             None => {
                 let known: Vec<&str> = vars.keys().map(String::as_str).collect();
                 return Err(format!("unknown template variable {name:?} (known: {})", known.join(", ")));
@@ -30,6 +95,37 @@ pub fn render(text: &str, vars: &BTreeMap<String, String>) -> Result<String, Str
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn argv(words: &[&str]) -> Vec<String> {
+        words.iter().map(|w| w.to_string()).collect()
+    }
+
+    #[test]
+    fn finds_the_script_of_a_shell() {
+        for (words, at) in [
+            (&["sh", "-c", "echo"][..], Some(2)),
+            (&["/bin/bash", "-ec", "echo", "$0"][..], Some(2)),
+            (&["bash", "-e", "-o", "pipefail", "-c", "echo"][..], Some(5)),
+            (&["/usr/bin/env", "A=1", "sh", "-c", "echo"][..], Some(4)),
+            (&["busybox", "sh", "-c", "echo"][..], Some(3)),
+            (&["sh", "script.sh", "-c"][..], None),
+            (&["sh", "-e"][..], None),
+            (&["echo", "-c", "x"][..], None),
+            (&["python3", "-c", "print(1)"][..], None),
+        ] {
+            assert_eq!(shell_script_index(&argv(words)), at, "{words:?}");
+        }
+    }
+
+    #[test]
+    fn values_in_a_shell_script_are_one_word_elsewhere_as_is() {
+        let vars: BTreeMap<String, String> =
+            [("params.v".to_string(), "x; id $(id) `id` 'q' \"d\"".to_string())].into();
+        let rendered = render_command(&argv(&["sh", "-c", "echo {{ params.v }}", "{{ params.v }}"]), &vars).unwrap();
+        assert_eq!(rendered[2], "echo 'x; id $(id) `id` '\\''q'\\'' \"d\"'");
+        assert_eq!(rendered[3], "x; id $(id) `id` 'q' \"d\"");
+        assert_eq!(shell_word("it's"), "'it'\\''s'");
+    }
 
     #[test]
     fn renders_and_refuses_unknown() {

@@ -22,11 +22,8 @@ pub(crate) async fn run_command(
     logical_date: &str,
 ) -> Result<TaskOutcome, TaskError> {
     let vars = template_vars(&ctx, logical_date);
-    let rendered = argv
-        .iter()
-        .map(|arg| template::render(arg, &vars))
-        .collect::<Result<Vec<String>, String>>()
-        .map_err(|e| TaskError::fatal(format!("command template: {e}")))?;
+    let rendered =
+        template::render_command(argv, &vars).map_err(|e| TaskError::fatal(format!("command template: {e}")))?;
     let (program, args) = rendered.split_first().ok_or_else(|| TaskError::fatal("empty command"))?;
     let mut command = Command::new(program);
     command
