@@ -263,12 +263,12 @@ pub(crate) async fn execute(shared: &Shared, delivery: Delivery) {
             tracing::warn!(run = %message.run_id, task = %message.task_id, "dead-lettering: {reason}");
             settle(delivery.dead_letter(&reason).await)
         }
-        Claim::Run(running, executable) => {
+        Claim::Run(running, executable, trusted) => {
             fail_point!("worker::claim::before_ack");
             claimed.store(true, Ordering::SeqCst);
             // The try is ours: it starts while the ack is on its way.
             let (acked, ()) =
-                tokio::join!(delivery.ack(), finish(shared, &message, *running, executable, signal, reason));
+                tokio::join!(delivery.ack(), finish(shared, &trusted, *running, executable, signal, reason));
             lock(&shared.running).remove(&key);
             settle(acked);
         }
@@ -314,8 +314,8 @@ enum Settle {
 enum Claim {
     /// Nothing to run: settle the delivery so.
     Settle(Settle),
-    /// The try is ours (`running` in the store): run it.
-    Run(Box<TaskInstance>, Executable),
+    /// The try is ours (`running` in the store): run it, as the store describes it.
+    Run(Box<TaskInstance>, Executable, Box<TaskToExec>),
 }
 
 /// Claims the try with a compare-and-set `queued` -> `running`; a message whose try is not
@@ -327,6 +327,19 @@ async fn claim(shared: &Shared, message: &TaskToExec) -> Result<Claim, BackendEr
             "task: run {:?} has no task {:?}",
             message.run_id, message.task_id
         ))));
+    };
+    let Some(run) = run_record(shared, &message.run_id).await? else {
+        return Ok(Claim::Settle(Settle::DeadLetter(format!("task: no run {:?}", message.run_id))));
+    };
+    // The message only names the run, the task and the try; what runs, with which parameters,
+    // is what the store and this worker's DAG files say, so a forged message changes nothing.
+    let message = &TaskToExec {
+        dag_id: run.dag_id.clone(),
+        params: run.params.clone(),
+        logical_date: run.logical_date,
+        follow_up: current.follow_up.as_deref().cloned(),
+        max_try: current.max_try,
+        ..message.clone()
     };
     if current.state != TaskState::Queued || current.try_number != message.try_number {
         tracing::info!(
@@ -368,7 +381,23 @@ async fn claim(shared: &Shared, message: &TaskToExec) -> Result<Claim, BackendEr
         tracing::info!(run = %message.run_id, task = %message.task_id, "another worker claimed the try first");
         return Ok(Claim::Settle(Settle::Ack));
     }
-    Ok(Claim::Run(Box::new(running), executable))
+    Ok(Claim::Run(Box::new(running), executable, Box::new(message.clone())))
+}
+
+/// A run's record, from a small cache: a run's DAG, parameters and logical date never change.
+async fn run_record(shared: &Shared, run_id: &str) -> Result<Option<Arc<dagmq_core::RunRecord>>, BackendError> {
+    const CACHED_RUNS: usize = 4096;
+    if let Some(record) = shared.runs.lock().unwrap_or_else(|p| p.into_inner()).get(run_id) {
+        return Ok(Some(record.clone()));
+    }
+    let Some(record) = shared.store.run(run_id).await? else { return Ok(None) };
+    let record = Arc::new(record);
+    let mut runs = shared.runs.lock().unwrap_or_else(|p| p.into_inner());
+    if runs.len() >= CACHED_RUNS {
+        runs.clear();
+    }
+    runs.insert(run_id.to_string(), record.clone());
+    Ok(Some(record))
 }
 
 /// Whether a claim whose answer was lost applied: the store has the try `running` under this

@@ -95,6 +95,8 @@ pub(crate) struct Shared {
     pub(crate) running: RunningTries,
     /// This process's identity in the registry and on claimed tries.
     pub(crate) instance: String,
+    /// Records of runs this worker ran tries of (immutable parts only are used).
+    pub(crate) runs: Mutex<HashMap<String, Arc<dagmq_core::RunRecord>>>,
 }
 
 /// Runs the worker until `shutdown` fires, then stops taking work, lets running tries finish
@@ -108,7 +110,14 @@ pub async fn run(
     let concurrency = config.concurrency.max(1);
     let started_at = config.clock.now();
     let instance = format!("{}@{}-{}", config.name, started_at.timestamp_micros(), std::process::id());
-    let shared = Arc::new(Shared { config, queue, store, running: Arc::new(Mutex::new(HashMap::new())), instance });
+    let shared = Arc::new(Shared {
+        config,
+        queue,
+        store,
+        running: Arc::new(Mutex::new(HashMap::new())),
+        instance,
+        runs: Mutex::new(HashMap::new()),
+    });
     let slots = Arc::new(Semaphore::new(concurrency));
     tracing::info!(worker = %shared.config.name, queues = ?shared.config.queues, concurrency, "worker started");
 
