@@ -29,7 +29,12 @@ async fn serve_api(token: Option<&str>) -> Served {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let port = listener.local_addr().unwrap().port();
     let (stop, signal) = CancelSignal::new();
-    let config = ApiConfig { token: token.map(str::to_string) };
+    let config = ApiConfig {
+        token: token.map(str::to_string),
+        allowed_hosts: Some(vec!["dagmq.internal".to_string()]),
+        allowed_origins: vec!["https://ops.example.com".to_string()],
+        ..ApiConfig::default()
+    };
     tokio::spawn(serve(listener, harness.scheduler.clone(), config, signal));
     Served { harness, port, _stop: stop }
 }
@@ -38,8 +43,10 @@ async fn serve_api(token: Option<&str>) -> Served {
 async fn call(port: u16, method: &str, path: &str, body: Option<&[u8]>, token: Option<&str>) -> (u16, Value) {
     let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.unwrap();
     let body = body.unwrap_or_default();
-    let mut head =
-        format!("{method} {path} HTTP/1.1\r\nHost: t\r\nConnection: close\r\nContent-Length: {}\r\n", body.len());
+    let mut head = format!(
+        "{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\nContent-Length: {}\r\n",
+        body.len()
+    );
     if !body.is_empty() {
         head.push_str("Content-Type: application/json\r\n");
     }
@@ -191,4 +198,74 @@ async fn a_token_guards_the_api_but_not_health_and_metrics() {
     assert_eq!(call(port, "GET", "/metrics", None, None).await.0, 200);
     assert_eq!(call(port, "GET", "/", None, None).await.0, 200);
     served.harness.stop().await;
+}
+
+/// A raw request with the given extra header lines; answers the status.
+async fn raw(port: u16, method: &str, path: &str, headers: &[&str], body: &str) -> u16 {
+    let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+    let mut head = format!("{method} {path} HTTP/1.1\r\nConnection: close\r\nContent-Length: {}\r\n", body.len());
+    for line in headers {
+        head.push_str(line);
+        head.push_str("\r\n");
+    }
+    head.push_str("\r\n");
+    stream.write_all(head.as_bytes()).await.unwrap();
+    stream.write_all(body.as_bytes()).await.unwrap();
+    let mut answer = Vec::new();
+    let _ = stream.read_to_end(&mut answer).await;
+    String::from_utf8_lossy(&answer).split_whitespace().nth(1).and_then(|s| s.parse().ok()).unwrap_or(0)
+}
+
+/// What a page on another site could make a browser send is refused; the API's own page, the
+/// allowed origin and programs without an `Origin` are served.
+#[tokio::test]
+async fn cross_site_requests_and_rebound_hosts_are_refused() {
+    let served = serve_api(None).await;
+    let port = served.port;
+    let trigger = "/api/v1/dags/etl/runs";
+    let body = r#"{"params":{}}"#;
+    let own = format!("Host: 127.0.0.1:{port}");
+    let json = "Content-Type: application/json";
+    // A simple cross-site POST (no preflight): text/plain, form, or JSON from another origin.
+    assert_eq!(
+        raw(port, "POST", trigger, &[&own, "Content-Type: text/plain", "Origin: http://evil.example"], body).await,
+        403
+    );
+    assert_eq!(raw(port, "POST", trigger, &[&own, "Content-Type: text/plain"], body).await, 415);
+    assert_eq!(
+        raw(port, "POST", trigger, &[&own, "Content-Type: application/x-www-form-urlencoded"], "a=1").await,
+        415
+    );
+    assert_eq!(raw(port, "POST", "/api/v1/dags/etl/pause", &[&own, "Origin: http://evil.example"], "").await, 403);
+    assert_eq!(raw(port, "POST", "/api/v1/runs/x/cancel", &[&own, "Origin: null"], "").await, 403);
+    // DNS rebinding: the right address under another name.
+    assert_eq!(raw(port, "GET", "/api/v1/dags", &[&format!("Host: evil.example:{port}")], "").await, 403);
+    assert_eq!(raw(port, "POST", trigger, &[&format!("Host: evil.example:{port}"), json], body).await, 403);
+    // The API's own page, an allowed origin and host, and programs without Origin are served.
+    let own_origin = format!("Origin: http://127.0.0.1:{port}");
+    assert_eq!(raw(port, "POST", trigger, &[&own, json, &own_origin], body).await, 201);
+    assert_eq!(raw(port, "POST", trigger, &[&own, json, "Origin: https://ops.example.com"], body).await, 201);
+    assert_eq!(raw(port, "POST", trigger, &[&own, json], body).await, 201);
+    assert_eq!(raw(port, "GET", "/api/v1/dags", &[&format!("Host: localhost:{port}")], "").await, 200);
+    assert_eq!(raw(port, "GET", "/api/v1/dags", &[&format!("Host: [::1]:{port}")], "").await, 200);
+    assert_eq!(raw(port, "GET", "/api/v1/dags", &["Host: dagmq.internal"], "").await, 200);
+    assert_eq!(raw(port, "POST", "/api/v1/dags/etl/pause", &[&own, &own_origin], "").await, 200);
+    served.harness.stop().await;
+}
+
+/// `/metrics` answers only with the metrics token when one is set.
+#[tokio::test]
+async fn a_metrics_token_guards_metrics() {
+    let harness = Harness::start(DagRegistry::new()).await;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let (_stop, signal) = CancelSignal::new();
+    let config = ApiConfig { metrics_token: Some("m3trics".into()), ..ApiConfig::default() };
+    tokio::spawn(serve(listener, harness.scheduler.clone(), config, signal));
+    let host = format!("Host: 127.0.0.1:{port}");
+    assert_eq!(raw(port, "GET", "/metrics", &[&host], "").await, 401);
+    assert_eq!(raw(port, "GET", "/metrics", &[&host, "Authorization: Bearer wrong"], "").await, 401);
+    assert_eq!(raw(port, "GET", "/metrics", &[&host, "Authorization: Bearer m3trics"], "").await, 200);
+    assert_eq!(raw(port, "GET", "/healthz", &[&host], "").await, 200);
+    harness.stop().await;
 }

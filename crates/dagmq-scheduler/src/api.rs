@@ -35,6 +35,14 @@ pub const WORKER_STALE_AFTER: chrono::Duration = chrono::Duration::seconds(30);
 pub struct ApiConfig {
     /// When set, every `/api` call needs `Authorization: Bearer <token>`.
     pub token: Option<String>,
+    /// When set, `GET /metrics` needs `Authorization: Bearer <metrics token>`.
+    pub metrics_token: Option<String>,
+    /// Origins (`scheme://host:port`) besides the API's own whose pages may send it commands.
+    pub allowed_origins: Vec<String>,
+    /// When set, the `Host` of every request must be a loopback name (`127.0.0.1`, `localhost`,
+    /// `[::1]`) or one of these: a page on another name cannot reach the API by rebinding that
+    /// name's DNS to 127.0.0.1. The binary sets it when it listens on loopback without a token.
+    pub allowed_hosts: Option<Vec<String>>,
 }
 
 /// The shared state of the handlers.
@@ -70,6 +78,7 @@ pub fn router(scheduler: SchedulerHandle, config: ApiConfig) -> Router {
         .route("/metrics", get(metrics))
         .nest("/api/v1", api)
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
+        .layer(middleware::from_fn_with_state(state.clone(), refuse_cross_site))
         .with_state(state)
 }
 
@@ -148,6 +157,67 @@ async fn not_found(uri: axum::extract::OriginalUri, request: Request) -> ApiErro
     not_found_error(format!("no route {} {}", request.method(), uri.path()))
 }
 
+/// Refuses what a web page on another site could make a browser send (the API uses no cookies,
+/// but without a token a page could still reach a loopback API):
+/// - a `Host` that is not a loopback name or an allowed host, when hosts are checked (DNS
+///   rebinding): 403;
+/// - a state-changing request whose `Origin` is neither the API's own origin nor an allowed
+///   origin: 403;
+/// - a state-changing request with a body that is not `application/json` (a form or a
+///   `text/plain` fetch needs no preflight): 415.
+///
+/// Requests without `Origin` (the CLI, curl, other programs) pass the origin check.
+async fn refuse_cross_site(State(state): State<AppState>, request: Request, next: Next) -> Response {
+    let headers = request.headers();
+    let host = headers.get(header::HOST).and_then(|v| v.to_str().ok()).unwrap_or("");
+    let host_name = host_name(host);
+    if let Some(allowed) = &state.config.allowed_hosts
+        && !["127.0.0.1", "localhost", "::1", "[::1]"].contains(&host_name)
+        && !allowed.iter().any(|a| a == host || a == host_name)
+    {
+        return ApiError(
+            StatusCode::FORBIDDEN,
+            format!(
+                "host {host:?} is not this API's (allowed: loopback names{})",
+                if allowed.is_empty() { String::new() } else { format!(", {}", allowed.join(", ")) }
+            ),
+        )
+        .into_response();
+    }
+    if !matches!(*request.method(), axum::http::Method::GET | axum::http::Method::HEAD | axum::http::Method::OPTIONS) {
+        if let Some(origin) = headers.get(header::ORIGIN).and_then(|v| v.to_str().ok()) {
+            let own = [format!("http://{host}"), format!("https://{host}")];
+            if !own.iter().any(|o| o == origin) && !state.config.allowed_origins.iter().any(|o| o == origin) {
+                return ApiError(
+                    StatusCode::FORBIDDEN,
+                    format!("origin {origin:?} may not send commands to this API (see --allowed-origin)"),
+                )
+                .into_response();
+            }
+        }
+        let has_body =
+            headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).is_some_and(|v| v.trim() != "0")
+                || headers.contains_key(header::TRANSFER_ENCODING);
+        let json = headers
+            .get(header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| v.split(';').next().is_some_and(|t| t.trim().eq_ignore_ascii_case("application/json")));
+        if has_body && !json {
+            return ApiError(StatusCode::UNSUPPORTED_MEDIA_TYPE, "a request body must be application/json".to_string())
+                .into_response();
+        }
+    }
+    next.run(request).await
+}
+
+/// The name part of a `Host` header (`[::1]:9191` -> `[::1]`, `a:80` -> `a`).
+fn host_name(host: &str) -> &str {
+    if host.starts_with('[') {
+        return host.split_inclusive(']').next().unwrap_or(host);
+    }
+    host.rsplit_once(':').map_or(host, |(name, _)| name)
+}
+
 /// Checks the bearer token in constant time when one is configured.
 async fn require_token(State(state): State<AppState>, request: Request, next: Next) -> Response {
     if let Some(expected) = &state.config.token {
@@ -192,7 +262,17 @@ async fn openapi() -> Json<serde_json::Value> {
 
 /// Prometheus text: the loop's counters plus queue depths, tasks in flight and live workers
 /// read now.
-async fn metrics(State(state): State<AppState>) -> ApiResult<Response> {
+async fn metrics(State(state): State<AppState>, headers: axum::http::HeaderMap) -> ApiResult<Response> {
+    if let Some(expected) = &state.config.metrics_token {
+        let given = headers
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .unwrap_or("");
+        if !constant_time_eq(given.as_bytes(), expected.as_bytes()) {
+            return Err(ApiError(StatusCode::UNAUTHORIZED, "missing or wrong metrics token".to_string()));
+        }
+    }
     let handle = &state.scheduler;
     let mut depths = Vec::new();
     for topic in topics(handle) {

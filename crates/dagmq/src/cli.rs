@@ -93,6 +93,10 @@ pub struct ServeArgs {
     /// Listen on a non-loopback address without an API token.
     #[arg(long)]
     pub insecure: bool,
+    /// An origin (`https://ops.example.com`) besides the API's own whose web pages may send it
+    /// commands; repeat for more. Pages of any other origin are refused.
+    #[arg(long, env = "DAGMQ_ALLOWED_ORIGINS", value_delimiter = ',', value_name = "ORIGIN")]
+    pub allowed_origin: Vec<String>,
 }
 
 /// Flags of `validate`.

@@ -130,14 +130,27 @@ pub(crate) async fn serve(app: &App, args: &ServeArgs, file: &ConfigFile, role: 
             config.worker_timeout = timeout;
         }
         let (handle, task) = dagmq_scheduler::spawn(config, queue.clone(), store.clone(), scheduler_signal.clone());
+        // Without a token, a loopback API checks `Host` against loopback names and the allowed
+        // origins' hosts, so no page can reach it by rebinding another name to 127.0.0.1.
+        let allowed_hosts = (token.is_none() && address.is_loopback()).then(|| {
+            args.allowed_origin
+                .iter()
+                .filter_map(|o| o.split_once("://").map(|(_, rest)| rest.trim_end_matches('/').to_string()))
+                .collect()
+        });
+        let api_config = ApiConfig {
+            token,
+            metrics_token: std::env::var("DAGMQ_METRICS_TOKEN").ok().filter(|t| !t.is_empty()),
+            allowed_origins: args.allowed_origin.clone(),
+            allowed_hosts,
+        };
         scheduler = Some(task);
         let listener = tokio::net::TcpListener::bind((address, port))
             .await
             .with_context(|| format!("cannot listen on {bind}:{port}"))
             .map_err(|e| CliError::runtime(format!("{e:#}")))?;
         tracing::info!("api on http://{}", listener.local_addr().map(|a| a.to_string()).unwrap_or_default());
-        server =
-            Some(tokio::spawn(dagmq_scheduler::api::serve(listener, handle, ApiConfig { token }, scheduler_signal)));
+        server = Some(tokio::spawn(dagmq_scheduler::api::serve(listener, handle, api_config, scheduler_signal)));
     }
     let mut worker = None;
     if role != Role::Scheduler {
