@@ -249,6 +249,7 @@ async fn cross_site_requests_and_rebound_hosts_are_refused() {
     assert_eq!(raw(port, "GET", "/api/v1/dags", &[&format!("Host: localhost:{port}")], "").await, 200);
     assert_eq!(raw(port, "GET", "/api/v1/dags", &[&format!("Host: [::1]:{port}")], "").await, 200);
     assert_eq!(raw(port, "GET", "/api/v1/dags", &["Host: dagmq.internal"], "").await, 200);
+    assert_eq!(raw(port, "GET", "/healthz", &[], "").await, 200, "no Host: no browser");
     assert_eq!(raw(port, "POST", "/api/v1/dags/etl/pause", &[&own, &own_origin], "").await, 200);
     served.harness.stop().await;
 }

@@ -171,7 +171,9 @@ async fn refuse_cross_site(State(state): State<AppState>, request: Request, next
     let headers = request.headers();
     let host = headers.get(header::HOST).and_then(|v| v.to_str().ok()).unwrap_or("");
     let host_name = host_name(host);
+    // A request without `Host` (HTTP/1.0, probes) comes from no browser.
     if let Some(allowed) = &state.config.allowed_hosts
+        && !host.is_empty()
         && !["127.0.0.1", "localhost", "::1", "[::1]"].contains(&host_name)
         && !allowed.iter().any(|a| a == host || a == host_name)
     {
