@@ -521,14 +521,12 @@ impl Engine {
         }
         let mut fresh = self.prefetch(wanted).await;
         for (delivery, update) in decoded {
-            let mut settle = match &update {
-                Some(Ok(update)) => {
-                    let prefetched = fresh.remove(&(update.run_id.clone(), update.task_id.clone()));
-                    self.on_status_message(update.clone(), prefetched).await
-                }
-                Some(Err(err)) => Settle::DeadLetter(format!("status: {err}")),
-                None => self.on_trigger_message(&delivery.payload, delivery.message_id.as_deref()).await,
+            let prefetched = match &update {
+                Some(Ok(update)) => fresh.remove(&(update.run_id.clone(), update.task_id.clone())),
+                _ => None,
             };
+            let (payload, message_id) = (&delivery.payload, delivery.message_id.as_deref());
+            let mut settle = self.on_delivery(payload, message_id, &update, prefetched).await;
             // A store that does not answer must not turn a valid message into a dead letter
             // (a requeue counts against the broker's delivery limit): keep the delivery and try
             // again with backoff until the store answers or the scheduler stops.
@@ -541,11 +539,7 @@ impl Engine {
                 }
                 delay = (delay * 2).min(Duration::from_secs(5));
                 self.now_cache = self.config.clock.now();
-                settle = match &update {
-                    Some(Ok(update)) => self.on_status_message(update.clone(), None).await,
-                    Some(Err(_)) => break,
-                    None => self.on_trigger_message(&delivery.payload, delivery.message_id.as_deref()).await,
-                };
+                settle = self.on_delivery(payload, message_id, &update, None).await;
             }
             settled.push((delivery, settle));
         }
@@ -580,6 +574,22 @@ impl Engine {
             if let Err(err) = result {
                 tracing::error!("settling a delivery: {err}");
             }
+        }
+    }
+
+    /// Handles one delivery of a batch (its payload and producer's message id): a status update
+    /// (decoded already, with its task as prefetched) or a trigger.
+    async fn on_delivery(
+        &mut self,
+        payload: &[u8],
+        message_id: Option<&str>,
+        update: &Option<Result<StatusUpdate, messages::DecodeError>>,
+        prefetched: Option<TaskInstance>,
+    ) -> Settle {
+        match update {
+            Some(Ok(update)) => self.on_status_message(update.clone(), prefetched).await,
+            Some(Err(err)) => Settle::DeadLetter(format!("status: {err}")),
+            None => self.on_trigger_message(payload, message_id).await,
         }
     }
 
@@ -1178,18 +1188,18 @@ impl Engine {
         // heartbeat with its own time), so a worker whose clock is behind is not taken for lost.
         let store_now = self.store.now().await?.unwrap_or(now);
         for worker in workers {
-            if store_now - worker.last_heartbeat <= timeout {
-                live.insert(worker.name.clone(), worker.clone());
-            }
             if store_now - worker.last_heartbeat > timeout {
                 tracing::warn!(worker = %worker.name, last_heartbeat = %worker.last_heartbeat, "worker lost: requeueing its tries");
                 self.known_instances.remove(&worker.name);
                 lost.push((worker.name.clone(), None, Some(worker)));
-            } else if self.known_instances.get(&worker.name) != Some(&worker.instance) {
-                // A worker seen for the first time, or restarted: tries of other instances of
-                // the same name belong to processes that are gone.
-                self.known_instances.insert(worker.name.clone(), worker.instance.clone());
-                lost.push((worker.name.clone(), Some(worker.instance.clone()), None));
+            } else {
+                if self.known_instances.get(&worker.name) != Some(&worker.instance) {
+                    // A worker seen for the first time, or restarted: tries of other instances
+                    // of the same name belong to processes that are gone.
+                    self.known_instances.insert(worker.name.clone(), worker.instance.clone());
+                    lost.push((worker.name.clone(), Some(worker.instance.clone()), None));
+                }
+                live.insert(worker.name.clone(), worker);
             }
         }
         for (name, keep, entry) in lost {
@@ -1235,24 +1245,17 @@ impl Engine {
         let now = self.now_cache;
         let after = chrono::Duration::from_std(self.config.republish_after).unwrap_or_default();
         let mut stale: HashMap<String, Vec<String>> = HashMap::new();
+        let mut queued = std::collections::HashSet::new();
         for run in self.active.values() {
-            for task in &run.tasks {
-                if task.state == TaskState::Queued && task.queued_at.is_none_or(|at| now - at >= after) {
+            for task in run.tasks.iter().filter(|t| t.state == TaskState::Queued) {
+                queued.insert((run.id().to_string(), task.task_id.clone(), task.try_number));
+                if task.queued_at.is_none_or(|at| now - at >= after) {
                     stale.entry(run.id().to_string()).or_default().push(task.task_id.clone());
                 }
             }
         }
-        let active_keys: std::collections::HashSet<TryKey> = self
-            .active
-            .values()
-            .flat_map(|run| {
-                run.tasks
-                    .iter()
-                    .filter(|t| t.state == TaskState::Queued)
-                    .map(|t| (run.id().to_string(), t.task_id.clone(), t.try_number))
-            })
-            .collect();
-        self.republished.retain(|key, _| active_keys.contains(key));
+        // Tries no longer queued need no memory of their republishes.
+        self.republished.retain(|key, _| queued.contains(key));
         let mut depths: HashMap<String, u64> = HashMap::new();
         for (run_id, task_ids) in stale {
             let ids: Vec<&str> = task_ids.iter().map(String::as_str).collect();

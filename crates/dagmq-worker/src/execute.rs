@@ -365,12 +365,7 @@ async fn claim(shared: &Shared, message: &TaskToExec) -> Result<Claim, BackendEr
             return Ok(Claim::Settle(Settle::DeadLetter(format!("task: {reason}"))));
         }
     };
-    let mut running = current.clone();
-    running.state = task_transition(current.state, TaskEvent::Start).unwrap_or(TaskState::Running);
-    running.started_at = Some(shared.config.clock.now());
-    running.worker = Some(shared.config.name.clone());
-    running.worker_instance = Some(shared.instance.clone());
-    running.progress = None;
+    let running = claimed_instance(shared, &current);
     let applied = match store.transition_task(&message.run_id, TaskState::Queued, current.try_number, &running).await {
         Ok(applied) => applied,
         // The script may have applied before the error (a timeout, a dropped connection):
@@ -382,6 +377,17 @@ async fn claim(shared: &Shared, message: &TaskToExec) -> Result<Claim, BackendEr
         return Ok(Claim::Settle(Settle::Ack));
     }
     Ok(Claim::Run(Box::new(running), executable, Box::new(message.clone())))
+}
+
+/// A queued try as this worker claims it: `running`, started now, under this worker instance.
+fn claimed_instance(shared: &Shared, queued: &TaskInstance) -> TaskInstance {
+    let mut running = queued.clone();
+    running.state = task_transition(queued.state, TaskEvent::Start).unwrap_or(TaskState::Running);
+    running.started_at = Some(shared.config.clock.now());
+    running.worker = Some(shared.config.name.clone());
+    running.worker_instance = Some(shared.instance.clone());
+    running.progress = None;
+    running
 }
 
 /// A run's record, from a small cache: a run's DAG, parameters and logical date never change.
@@ -423,12 +429,7 @@ async fn claim_outcome(shared: &Shared, message: &TaskToExec, first: &BackendErr
         match current.state {
             TaskState::Running => return current.worker_instance.as_deref() == Some(shared.instance.as_str()),
             TaskState::Queued => {
-                let mut running = current.clone();
-                running.state = TaskState::Running;
-                running.started_at = Some(shared.config.clock.now());
-                running.worker = Some(shared.config.name.clone());
-                running.worker_instance = Some(shared.instance.clone());
-                running.progress = None;
+                let running = claimed_instance(shared, &current);
                 match shared
                     .store
                     .transition_task(&message.run_id, TaskState::Queued, current.try_number, &running)

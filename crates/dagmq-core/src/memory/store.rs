@@ -164,17 +164,7 @@ impl Store for MemoryStore {
     }
 
     async fn transition_run(&self, expected: RunState, run: &RunRecord) -> Result<bool, BackendError> {
-        let mut inner = self.writable("run transition")?;
-        match inner.runs.get_mut(&run.run_id) {
-            Some(entry) if entry.record.state == expected => {
-                entry.record = run.clone();
-                if run.state.is_final() {
-                    inner.finished.push_back((run.ended_at.unwrap_or(run.created_at), run.run_id.clone()));
-                }
-                Ok(true)
-            }
-            _ => Ok(false),
-        }
+        self.transition_run_with_tasks(expected, run, &[]).await
     }
 
     async fn transition_run_with_tasks(
