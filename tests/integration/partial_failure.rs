@@ -27,6 +27,17 @@ async fn lose_task_message(h: &Harness) {
     delivery.ack().await.unwrap();
 }
 
+/// Triggers `one` with the worker stopped, loses the task's message, and starts the worker
+/// again: the task is `queued` with no message. Answers the run and the queued instance.
+async fn queued_with_its_message_lost(h: &mut Harness) -> (String, dagmq_core::TaskInstance) {
+    h.stop_worker().await;
+    let run = h.trigger("one").await;
+    let queued = h.wait_task(&run, "a", |t| t.state == TaskState::Queued).await;
+    lose_task_message(h).await;
+    h.start_worker();
+    (run, queued)
+}
+
 /// Waits until the journal holds `entry`, failing after `limit` of tokio time; answers when.
 async fn wait_journal(journal: &Journal, entry: &str, limit: Duration) -> tokio::time::Instant {
     let deadline = tokio::time::Instant::now() + limit;
@@ -40,11 +51,7 @@ async fn wait_journal(journal: &Journal, entry: &str, limit: Duration) -> tokio:
 #[tokio::test(start_paused = true)]
 async fn a_queued_task_whose_message_is_lost_is_published_again_within_30s() {
     let (mut h, journal) = one_task(Duration::from_millis(10)).await;
-    h.stop_worker().await;
-    let run = h.trigger("one").await;
-    let queued = h.wait_task(&run, "a", |t| t.state == TaskState::Queued).await;
-    lose_task_message(&h).await;
-    h.start_worker();
+    let (run, queued) = queued_with_its_message_lost(&mut h).await;
     assert_eq!(h.wait_final(&run).await, RunState::Success);
     let task = &h.tasks(&run).await["a"];
     assert_eq!(task.try_number, 1, "the same try was published again");
@@ -69,11 +76,7 @@ async fn a_claim_that_applied_but_answered_an_error_still_runs_once() {
 #[tokio::test(start_paused = true)]
 async fn a_try_running_under_a_live_worker_that_does_not_run_it_is_requeued() {
     let (mut h, journal) = one_task(Duration::from_millis(10)).await;
-    h.stop_worker().await;
-    let run = h.trigger("one").await;
-    let queued = h.wait_task(&run, "a", |t| t.state == TaskState::Queued).await;
-    lose_task_message(&h).await;
-    h.start_worker();
+    let (run, queued) = queued_with_its_message_lost(&mut h).await;
     // The store says the live worker claimed the try, but the worker never ran it.
     let worker = loop {
         if let Some(w) = h.store.workers().await.unwrap().into_iter().next() {
