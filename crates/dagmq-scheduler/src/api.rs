@@ -222,18 +222,22 @@ fn host_name(host: &str) -> &str {
 
 /// Checks the bearer token in constant time when one is configured.
 async fn require_token(State(state): State<AppState>, request: Request, next: Next) -> Response {
-    if let Some(expected) = &state.config.token {
-        let given = request
-            .headers()
-            .get(header::AUTHORIZATION)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "))
-            .unwrap_or("");
-        if !constant_time_eq(given.as_bytes(), expected.as_bytes()) {
-            return ApiError(StatusCode::UNAUTHORIZED, "missing or wrong bearer token".to_string()).into_response();
-        }
+    if let Some(expected) = &state.config.token
+        && !bearer_is(request.headers(), expected)
+    {
+        return ApiError(StatusCode::UNAUTHORIZED, "missing or wrong bearer token".to_string()).into_response();
     }
     next.run(request).await
+}
+
+/// Whether the request's `Authorization: Bearer` token is `expected`, compared in constant time.
+fn bearer_is(headers: &axum::http::HeaderMap, expected: &str) -> bool {
+    let given = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .unwrap_or("");
+    constant_time_eq(given.as_bytes(), expected.as_bytes())
 }
 
 /// Compares without an early exit, so the time taken does not tell how much matched.
@@ -265,15 +269,10 @@ async fn openapi() -> Json<serde_json::Value> {
 /// Prometheus text: the loop's counters plus queue depths, tasks in flight and live workers
 /// read now.
 async fn metrics(State(state): State<AppState>, headers: axum::http::HeaderMap) -> ApiResult<Response> {
-    if let Some(expected) = &state.config.metrics_token {
-        let given = headers
-            .get(header::AUTHORIZATION)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "))
-            .unwrap_or("");
-        if !constant_time_eq(given.as_bytes(), expected.as_bytes()) {
-            return Err(ApiError(StatusCode::UNAUTHORIZED, "missing or wrong metrics token".to_string()));
-        }
+    if let Some(expected) = &state.config.metrics_token
+        && !bearer_is(&headers, expected)
+    {
+        return Err(ApiError(StatusCode::UNAUTHORIZED, "missing or wrong metrics token".to_string()));
     }
     let handle = &state.scheduler;
     let mut depths = Vec::new();
