@@ -219,8 +219,9 @@ struct Recorder(Arc<Mutex<Vec<Notification>>>);
 
 #[async_trait]
 impl Notifier for Recorder {
-    async fn notify(&self, notification: &Notification) {
+    async fn notify(&self, notification: &Notification) -> Result<(), String> {
         self.0.lock().unwrap().push(notification.clone());
+        Ok(())
     }
 }
 

@@ -19,6 +19,7 @@ pub mod store;
 pub mod task;
 pub mod task_registry;
 pub mod template;
+pub mod tls;
 
 pub use clock::{Clock, SystemClock, TokioClock};
 pub use dag::{Dag, DagBuilder, DagError, DagRegistry, TaskConfig, TaskKind, TaskSpec};
@@ -28,6 +29,7 @@ pub use state::{RunState, TaskState};
 pub use store::Store;
 pub use task::{CancelSignal, FollowUp, Params, Task, TaskContext, TaskError, TaskOutcome};
 pub use task_registry::TaskRegistry;
+pub use tls::TlsSettings;
 
 /// A queue or store that failed: unreachable, refused, or broken. Callers retry or give up;
 /// it never means bad input.

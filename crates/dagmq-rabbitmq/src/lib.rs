@@ -20,8 +20,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use dagmq_core::BackendError;
 use dagmq_core::queue::{Consumer, DEFAULT_DELIVERY_LIMIT, Queue, Topic};
+use dagmq_core::{BackendError, TlsSettings};
 use lapin::options::{BasicPublishOptions, ConfirmSelectOptions, ExchangeDeclareOptions, QueueDeclareOptions};
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 use lapin::{BasicProperties, Channel, Confirmation, Connection, ConnectionProperties, ExchangeKind};
@@ -37,6 +37,8 @@ pub struct RabbitConfig {
     pub delivery_limit: u32,
     /// Queues unused this long are deleted by the broker (`x-expires`); for tests.
     pub queue_expires: Option<Duration>,
+    /// Private CA and client certificate for an `amqps://` URL (the system's roots otherwise).
+    pub tls: TlsSettings,
 }
 
 impl RabbitConfig {
@@ -47,6 +49,7 @@ impl RabbitConfig {
             namespace: String::new(),
             delivery_limit: DEFAULT_DELIVERY_LIMIT,
             queue_expires: None,
+            tls: TlsSettings::default(),
         }
     }
 }
@@ -75,6 +78,17 @@ pub(crate) struct Live {
     publisher: Channel,
     /// Task pools declared on this connection.
     declared: Arc<Mutex<HashSet<String>>>,
+}
+
+/// The TLS settings as lapin takes them: the CA bundle is trusted besides the system's roots.
+fn tls_config(tls: &TlsSettings) -> lapin::tcp::OwnedTLSConfig {
+    lapin::tcp::OwnedTLSConfig {
+        identity: tls.client.as_ref().map(|client| lapin::tcp::OwnedIdentity::PKCS8 {
+            pem: client.cert_pem.clone(),
+            key: client.key_pem.clone(),
+        }),
+        cert_chain: tls.ca_pem.as_ref().map(|pem| String::from_utf8_lossy(pem).into_owned()),
+    }
 }
 
 /// Header carrying the reason a message was dead-lettered.
@@ -160,9 +174,22 @@ impl Inner {
 
     async fn connect(&self) -> Result<Live, BackendError> {
         let url = with_heartbeat(&self.config.url);
-        let connection = Connection::connect(&url, ConnectionProperties::default())
+        let cannot = |e: &dyn std::fmt::Display| {
+            BackendError::new(format!("rabbitmq {}: cannot connect: {e}", mask_url(&self.config.url)))
+        };
+        let connection = if self.config.tls.is_default() {
+            Connection::connect(&url, ConnectionProperties::default()).await
+        } else {
+            let runtime = lapin::runtime::default_runtime().map_err(|e| cannot(&e))?;
+            Connection::connect_with_config(
+                &url,
+                ConnectionProperties::default(),
+                tls_config(&self.config.tls),
+                runtime,
+            )
             .await
-            .map_err(|e| BackendError::new(format!("rabbitmq {}: cannot connect: {e}", mask_url(&self.config.url))))?;
+        }
+        .map_err(|e| cannot(&e))?;
         let channel = connection.create_channel().await.map_err(amqp_error)?;
         self.declare_queue(&channel, &Topic::Dead).await?;
         self.declare_queue(&channel, &Topic::Status).await?;

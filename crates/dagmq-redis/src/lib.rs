@@ -21,7 +21,7 @@ use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use dagmq_core::records::DagRecord;
 use dagmq_core::store::{CreateRun, Fence, LOG_CUT_MARKER, MAX_LOG_LINES_PER_TRY, RunFilter, Store, TaskChange};
-use dagmq_core::{BackendError, RunRecord, RunState, TaskInstance, TaskState, WorkerInfo};
+use dagmq_core::{BackendError, RunRecord, RunState, TaskInstance, TaskState, TlsSettings, WorkerInfo};
 use deadpool_redis::redis::{self, AsyncCommands, Script};
 use deadpool_redis::{Config, Pool, Runtime};
 use serde::Serialize;
@@ -94,11 +94,36 @@ impl RedisStore {
         retention: Option<Duration>,
         timeouts: RedisTimeouts,
     ) -> Result<RedisStore, BackendError> {
+        RedisStore::connect_tls(url, prefix, retention, timeouts, &TlsSettings::default()).await
+    }
+
+    /// Connects with explicit timeouts and, for a `rediss://` URL, these TLS settings (a CA
+    /// given here is the only root trusted for Redis: the client takes one root store, not
+    /// two), and checks that the server answers.
+    pub async fn connect_tls(
+        url: &str,
+        prefix: &str,
+        retention: Option<Duration>,
+        timeouts: RedisTimeouts,
+        tls: &TlsSettings,
+    ) -> Result<RedisStore, BackendError> {
+        let bad_url = |e: redis::RedisError| BackendError::new(format!("redis {}: {e}", mask_url(url)));
+        let info = if url.starts_with("rediss://") && !tls.is_default() {
+            let certificates = redis::TlsCertificates {
+                client_tls: tls.client.as_ref().map(|client| redis::ClientTlsConfig {
+                    client_cert: client.cert_pem.clone(),
+                    client_key: client.key_pem.clone(),
+                }),
+                root_cert: tls.ca_pem.clone(),
+            };
+            redis::Client::build_with_tls(url, certificates).map_err(bad_url)?.get_connection_info().clone()
+        } else {
+            redis::IntoConnectionInfo::into_connection_info(url).map_err(bad_url)?
+        };
         let connection = redis::AsyncConnectionConfig::new()
             .set_response_timeout(Some(timeouts.response))
             .set_connection_timeout(Some(timeouts.connect));
-        let manager = deadpool_redis::Manager::new_with_config(url, connection)
-            .map_err(|e| BackendError::new(format!("redis {}: {e}", mask_url(url))))?;
+        let manager = deadpool_redis::Manager::new_with_config(info, connection).map_err(bad_url)?;
         let pool = Pool::builder(manager)
             .max_size(Config::default().get_pool_config().max_size)
             .runtime(Runtime::Tokio1)

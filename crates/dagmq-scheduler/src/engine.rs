@@ -1496,7 +1496,16 @@ impl Engine {
             at: self.now_cache,
         };
         let notifier = self.config.notifier.clone();
-        tokio::spawn(async move { notifier.notify(&notification).await });
+        let metrics = self.metrics.clone();
+        tokio::spawn(async move {
+            match notifier.notify(&notification).await {
+                Ok(()) => metrics.notifications.inc(&["sent"]),
+                Err(err) => {
+                    tracing::error!(run = %notification.run_id, task = %notification.task_id, "notification not delivered: {err}");
+                    metrics.notifications.inc(&["failed"]);
+                }
+            }
+        });
     }
 }
 

@@ -28,6 +28,8 @@ pub struct SchedulerMetrics {
     pub republished: Family,
     /// Tries requeued because their worker is lost, stopped or not running them.
     pub requeued: Family,
+    /// Notifications by outcome (sent, failed).
+    pub notifications: Family,
 }
 
 impl Default for SchedulerMetrics {
@@ -72,6 +74,11 @@ impl Default for SchedulerMetrics {
                 "Running tries requeued as new tries, by reason (worker_lost, not_running).",
                 &["reason"],
             ),
+            notifications: Family::counter(
+                "dagmq_notifications_total",
+                "Failure and retry notifications, by outcome (sent; failed after the notifier's retries).",
+                &["outcome"],
+            ),
         }
     }
 }
@@ -91,6 +98,7 @@ impl SchedulerMetrics {
             &self.workers,
             &self.republished,
             &self.requeued,
+            &self.notifications,
         ] {
             family.render(&mut out);
         }

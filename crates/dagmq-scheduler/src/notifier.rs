@@ -33,11 +33,12 @@ pub struct Notification {
     pub at: DateTime<Utc>,
 }
 
-/// Receives notifications. Called off the scheduler's event loop, so it may be slow.
+/// Receives notifications. Called off the scheduler's event loop, so it may be slow (and retry).
 #[async_trait]
 pub trait Notifier: Send + Sync + 'static {
-    /// Sends one notification; failures are the notifier's to log.
-    async fn notify(&self, notification: &Notification);
+    /// Sends one notification. An error says why it was not delivered, after any retries the
+    /// notifier makes; the scheduler logs it and counts it in `dagmq_notifications_total`.
+    async fn notify(&self, notification: &Notification) -> Result<(), String>;
 }
 
 /// Writes notifications to the log at ERROR (failure) or WARN (retry) level.
@@ -46,7 +47,7 @@ pub struct LogNotifier;
 
 #[async_trait]
 impl Notifier for LogNotifier {
-    async fn notify(&self, n: &Notification) {
+    async fn notify(&self, n: &Notification) -> Result<(), String> {
         let error = n.error.as_deref().unwrap_or("");
         match n.kind {
             NotificationKind::Failure => tracing::error!(
@@ -58,17 +59,22 @@ impl Notifier for LogNotifier {
                 "task failed and will be retried: {error}"
             ),
         }
+        Ok(())
     }
 }
 
-/// Sends each notification to several notifiers.
+/// Sends each notification to several notifiers, all of them even when one fails.
 pub struct FanoutNotifier(pub Vec<Box<dyn Notifier>>);
 
 #[async_trait]
 impl Notifier for FanoutNotifier {
-    async fn notify(&self, notification: &Notification) {
+    async fn notify(&self, notification: &Notification) -> Result<(), String> {
+        let mut errors = Vec::new();
         for notifier in &self.0 {
-            notifier.notify(notification).await;
+            if let Err(err) = notifier.notify(notification).await {
+                errors.push(err);
+            }
         }
+        if errors.is_empty() { Ok(()) } else { Err(errors.join("; ")) }
     }
 }

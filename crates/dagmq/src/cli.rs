@@ -42,16 +42,45 @@ pub enum Command {
     Bench(BenchArgs),
 }
 
+/// TLS material for every `amqps://`, `rediss://` and `https://` connection the command makes.
+#[derive(Debug, Args, Clone, Default)]
+pub struct TlsArgs {
+    /// PEM file of a private CA to trust (besides the system's roots; for Redis, instead of them).
+    #[arg(long, global = true, env = "DAGMQ_TLS_CA", value_name = "FILE")]
+    pub tls_ca: Option<PathBuf>,
+    /// PEM file of a client certificate, for servers that require mutual TLS (with --tls-key).
+    #[arg(long, global = true, env = "DAGMQ_TLS_CERT", value_name = "FILE", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+    /// PEM file of the client certificate's private key (with --tls-cert).
+    #[arg(long, global = true, env = "DAGMQ_TLS_KEY", value_name = "FILE", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+}
+
+impl TlsArgs {
+    /// Reads the files; an error names the flag's file and what is wrong with it.
+    pub fn load(&self) -> Result<dagmq_core::TlsSettings, String> {
+        dagmq_core::TlsSettings::load(self.tls_ca.as_deref(), self.tls_cert.as_deref(), self.tls_key.as_deref())
+    }
+}
+
 /// Flags of the serving commands (`standalone`, `scheduler`, `worker`); each uses the ones that
 /// apply to its role.
 #[derive(Debug, Args)]
 pub struct ServeArgs {
-    /// RabbitMQ, e.g. amqp://guest:guest@127.0.0.1:5672/%2f.
-    #[arg(long, env = "DAGMQ_AMQP_URL", value_name = "URL")]
+    /// RabbitMQ, e.g. amqp://guest:guest@127.0.0.1:5672/%2f (amqps:// for TLS). A password
+    /// here shows in `ps`: prefer DAGMQ_AMQP_URL or --amqp-file.
+    #[arg(long, env = "DAGMQ_AMQP_URL", value_name = "URL", conflicts_with = "amqp_file")]
     pub amqp: Option<String>,
-    /// Redis, e.g. redis://127.0.0.1:6379.
-    #[arg(long, env = "DAGMQ_REDIS_URL", value_name = "URL")]
+    /// A file holding the RabbitMQ URL (a mounted secret), so the password is in no command line.
+    #[arg(long, env = "DAGMQ_AMQP_URL_FILE", value_name = "FILE")]
+    pub amqp_file: Option<PathBuf>,
+    /// Redis, e.g. redis://127.0.0.1:6379 (rediss:// for TLS). A password here shows in `ps`:
+    /// prefer DAGMQ_REDIS_URL or --redis-file.
+    #[arg(long, env = "DAGMQ_REDIS_URL", value_name = "URL", conflicts_with = "redis_file")]
     pub redis: Option<String>,
+    /// A file holding the Redis URL (a mounted secret), so the password is in no command line.
+    #[arg(long, env = "DAGMQ_REDIS_URL_FILE", value_name = "FILE")]
+    pub redis_file: Option<PathBuf>,
     /// Prefix of queue names and Redis keys, so several installations can share the services.
     #[arg(long, env = "DAGMQ_NAMESPACE", value_name = "NAME")]
     pub namespace: Option<String>,
@@ -97,6 +126,9 @@ pub struct ServeArgs {
     /// commands; repeat for more. Pages of any other origin are refused.
     #[arg(long, env = "DAGMQ_ALLOWED_ORIGINS", value_delimiter = ',', value_name = "ORIGIN")]
     pub allowed_origin: Vec<String>,
+    /// TLS flags.
+    #[command(flatten)]
+    pub tls: TlsArgs,
 }
 
 /// Flags of `validate`.
@@ -116,6 +148,9 @@ pub struct ClientArgs {
     /// Print JSON instead of tables.
     #[arg(long, global = true)]
     pub json: bool,
+    /// TLS flags, for an https:// API.
+    #[command(flatten)]
+    pub tls: TlsArgs,
 }
 
 /// Flags of `trigger`.

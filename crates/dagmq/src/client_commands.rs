@@ -7,16 +7,19 @@ use dagmq_core::Params;
 use serde_json::Value;
 
 use crate::cli::{ClientArgs, DagsCommand, LogsArgs, RunsCommand, TriggerArgs};
-use crate::client::{HttpUrl, request};
+use crate::client::HttpClient;
 use crate::{CliError, CliResult};
 
 /// The API address used when neither a flag, the environment nor a config file names one.
 pub(crate) const DEFAULT_API: &str = "http://127.0.0.1:9191";
 
+/// Longest a call to the API may take.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+
 /// Talks to one scheduler.
 pub(crate) struct Api {
     /// Where.
-    url: HttpUrl,
+    http: HttpClient,
     /// Bearer token from `DAGMQ_API_TOKEN`.
     token: Option<String>,
     /// Print JSON.
@@ -27,17 +30,18 @@ impl Api {
     /// From the client flags, falling back to the config file's `api`.
     pub(crate) fn new(args: &ClientArgs, file_api: Option<&str>) -> CliResult<Api> {
         let address = args.api.as_deref().or(file_api).unwrap_or(DEFAULT_API);
-        let url = HttpUrl::parse(address).map_err(|e| CliError::usage(format!("--api: {e}")))?;
-        let token = std::env::var("DAGMQ_API_TOKEN").ok().filter(|t| !t.is_empty());
-        Ok(Api { url, token, json: args.json })
+        let tls = args.tls.load().map_err(CliError::usage)?;
+        let http =
+            HttpClient::new(address, &tls, REQUEST_TIMEOUT).map_err(|e| CliError::usage(format!("--api: {e}")))?;
+        let token = crate::secrets::env_secret("DAGMQ_API_TOKEN").map_err(CliError::usage)?;
+        Ok(Api { http, token, json: args.json })
     }
 
     /// One call; a 4xx answer is bad input (exit 2), anything else that fails is exit 1.
     pub(crate) async fn call(&self, method: &str, path: &str, body: Option<Value>) -> CliResult<Value> {
         let body = body.map(|b| serde_json::to_vec(&b).unwrap_or_default());
-        let response = request(&self.url, method, path, body.as_deref(), self.token.as_deref())
-            .await
-            .map_err(CliError::runtime)?;
+        let response =
+            self.http.request(method, path, body.as_deref(), self.token.as_deref()).await.map_err(CliError::runtime)?;
         let value: Value = serde_json::from_slice(&response.body).unwrap_or(Value::Null);
         match response.status {
             200..=299 => Ok(value),

@@ -17,6 +17,7 @@ pub mod client;
 mod client_commands;
 mod config_file;
 pub mod load;
+mod secrets;
 mod standalone;
 mod webhook;
 
@@ -90,6 +91,7 @@ impl App {
             }
         };
         init_tracing(if matches!(cli.command, Command::Bench(_)) { "warn" } else { "info" });
+        client::install_crypto_provider();
         if let Err(message) = setup_fail_points() {
             eprintln!("error: {message}");
             return ExitCode::from(2);

@@ -67,22 +67,30 @@ pub(crate) async fn serve(app: &App, args: &ServeArgs, file: &ConfigFile, role: 
         ),
         None => None,
     };
-    let token = std::env::var("DAGMQ_API_TOKEN").ok().filter(|t| !t.is_empty());
+    let token = crate::secrets::env_secret("DAGMQ_API_TOKEN").map_err(CliError::usage)?;
+    let metrics_token = crate::secrets::env_secret("DAGMQ_METRICS_TOKEN").map_err(CliError::usage)?;
+    let amqp_url = crate::secrets::url_or_file(args.amqp.as_deref(), args.amqp_file.as_deref(), "--amqp-file")
+        .map_err(CliError::usage)?;
+    let redis_url = crate::secrets::url_or_file(args.redis.as_deref(), args.redis_file.as_deref(), "--redis-file")
+        .map_err(CliError::usage)?;
+    let tls = args.tls.load().map_err(CliError::usage)?;
     let address: IpAddr = bind.parse().map_err(|_| CliError::usage(format!("--bind {bind:?} is not an IP address")))?;
     if role != Role::Worker && !address.is_loopback() && token.is_none() && !args.insecure {
         return Err(CliError::usage(format!(
             "refusing to listen on {bind} without DAGMQ_API_TOKEN; set a token or pass --insecure"
         )));
     }
-    if role != Role::Standalone && (args.amqp.is_none() || args.redis.is_none()) {
+    if role != Role::Standalone && (amqp_url.is_none() || redis_url.is_none()) {
         return Err(CliError::usage(
-            "the scheduler and workers need --amqp URL and --redis URL (or DAGMQ_AMQP_URL and DAGMQ_REDIS_URL)",
+            "the scheduler and workers need --amqp URL and --redis URL (or DAGMQ_AMQP_URL and DAGMQ_REDIS_URL, \
+             or --amqp-file and --redis-file)",
         ));
     }
     let mut notifiers: Vec<Box<dyn Notifier>> = vec![Box::new(LogNotifier)];
     if let Some(url) = args.notify_webhook.as_ref().or(file.notify_webhook.as_ref()) {
-        notifiers
-            .push(Box::new(WebhookNotifier::new(url).map_err(|e| CliError::usage(format!("--notify-webhook: {e}")))?));
+        notifiers.push(Box::new(
+            WebhookNotifier::new(url, &tls).map_err(|e| CliError::usage(format!("--notify-webhook: {e}")))?,
+        ));
     }
 
     let loaded =
@@ -96,21 +104,22 @@ pub(crate) async fn serve(app: &App, args: &ServeArgs, file: &ConfigFile, role: 
     tracing::info!(dags = loaded.dags.len(), refused = loaded.errors.len(), "dags loaded");
 
     let namespace = args.namespace.clone().unwrap_or_default();
-    let queue: Arc<dyn Queue> = match &args.amqp {
+    let queue: Arc<dyn Queue> = match &amqp_url {
         Some(url) => {
             let mut config = RabbitConfig::new(url.clone());
             config.namespace = namespace.clone();
-            Arc::new(RabbitQueue::connect(config).await.map_err(|e| CliError::runtime(e.to_string()))?)
+            config.tls = tls.clone();
+            Arc::new(RabbitQueue::connect(config).await.map_err(|e| connect_error(&e.to_string()))?)
         }
         None => Arc::new(MemoryQueue::new()),
     };
-    let store: Arc<dyn Store> = match &args.redis {
+    let store: Arc<dyn Store> = match &redis_url {
         Some(url) => {
             let prefix = if namespace.is_empty() { "dagmq".to_string() } else { namespace.clone() };
             Arc::new(
-                RedisStore::connect_with(url, &prefix, retention, redis_timeouts)
+                RedisStore::connect_tls(url, &prefix, retention, redis_timeouts, &tls)
                     .await
-                    .map_err(|e| CliError::runtime(e.to_string()))?,
+                    .map_err(|e| connect_error(&e.to_string()))?,
             )
         }
         None => Arc::new(MemoryStore::with_retention(retention)),
@@ -138,12 +147,8 @@ pub(crate) async fn serve(app: &App, args: &ServeArgs, file: &ConfigFile, role: 
                 .filter_map(|o| o.split_once("://").map(|(_, rest)| rest.trim_end_matches('/').to_string()))
                 .collect()
         });
-        let api_config = ApiConfig {
-            token,
-            metrics_token: std::env::var("DAGMQ_METRICS_TOKEN").ok().filter(|t| !t.is_empty()),
-            allowed_origins: args.allowed_origin.clone(),
-            allowed_hosts,
-        };
+        let api_config =
+            ApiConfig { token, metrics_token, allowed_origins: args.allowed_origin.clone(), allowed_hosts };
         scheduler = Some(task);
         let listener = tokio::net::TcpListener::bind((address, port))
             .await
@@ -159,7 +164,7 @@ pub(crate) async fn serve(app: &App, args: &ServeArgs, file: &ConfigFile, role: 
         config.concurrency = concurrency;
         config.tasks = app.tasks.clone();
         config.grace_period = grace_period;
-        if args.amqp.is_none() {
+        if amqp_url.is_none() {
             // The only worker of an in-memory queue: there is nobody to leave work to.
             config.prefetch = u16::MAX;
         }
@@ -199,6 +204,19 @@ pub(crate) async fn serve(app: &App, args: &ServeArgs, file: &ConfigFile, role: 
         let _ = server.await;
     }
     Ok(())
+}
+
+/// A failed connection to the broker or the store, with a hint where the cause is a server
+/// certificate that does not verify.
+fn connect_error(message: &str) -> CliError {
+    if message.contains("invalid peer certificate") {
+        CliError::runtime(format!(
+            "{message} (the server's certificate does not verify against the system's trust roots or the CA \
+             given with --tls-ca)"
+        ))
+    } else {
+        CliError::runtime(message)
+    }
 }
 
 /// Completes on SIGINT or SIGTERM.

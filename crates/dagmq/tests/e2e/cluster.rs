@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use crate::support::{dagmq, free_port, text};
 
 /// Whether a test that cannot reach a service must fail rather than skip.
-fn required() -> bool {
+pub(crate) fn required() -> bool {
     std::env::var("DAGMQ_REQUIRE_SERVICES").is_ok_and(|v| v == "1")
 }
 
@@ -35,6 +35,8 @@ pub struct Cluster {
     scheduler: Option<Child>,
     workers: HashMap<String, Child>,
     extra: Vec<String>,
+    /// Flags of every process started (TLS files, say).
+    common: Vec<String>,
     /// Environment of the next process started.
     env: Vec<(String, String)>,
     /// Whether a RabbitMQ user and a Redis ACL user of this namespace exist (to delete).
@@ -103,6 +105,7 @@ impl Cluster {
             scheduler: None,
             workers: HashMap::new(),
             extra: Vec::new(),
+            common: Vec::new(),
             env: Vec::new(),
             users: false,
             _broker_lock: lock,
@@ -132,6 +135,11 @@ impl Cluster {
     /// Extra flags for the scheduler.
     pub fn scheduler_flags(&mut self, flags: &[&str]) {
         self.extra = flags.iter().map(|f| f.to_string()).collect();
+    }
+
+    /// Flags for every scheduler and worker started from now on.
+    pub fn common_flags(&mut self, flags: &[&str]) {
+        self.common = flags.iter().map(|f| f.to_string()).collect();
     }
 
     /// Environment for the next process started (e.g. `FAILPOINTS`); cleared by each start.
@@ -182,6 +190,7 @@ impl Cluster {
             .arg("--dags")
             .arg(&self.dags)
             .args(["--amqp", &self.amqp, "--redis", &self.redis, "--namespace", &self.namespace])
+            .args(&self.common)
             .args(extra)
             .env("DAGMQ_LOG", "info")
             .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))

@@ -9,4 +9,5 @@ mod distributed;
 mod failpoints;
 mod standalone;
 mod support;
+mod tls;
 mod validate;

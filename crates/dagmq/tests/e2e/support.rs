@@ -17,6 +17,14 @@ pub(crate) fn dagmq() -> Command {
         "DAGMQ_AMQP_URL",
         "DAGMQ_REDIS_URL",
         "DAGMQ_NAMESPACE",
+        "DAGMQ_AMQP_URL_FILE",
+        "DAGMQ_REDIS_URL_FILE",
+        "DAGMQ_API_TOKEN_FILE",
+        "DAGMQ_METRICS_TOKEN",
+        "DAGMQ_METRICS_TOKEN_FILE",
+        "DAGMQ_TLS_CA",
+        "DAGMQ_TLS_CERT",
+        "DAGMQ_TLS_KEY",
     ] {
         command.env_remove(variable);
     }
