@@ -37,6 +37,8 @@ pub struct Cluster {
     extra: Vec<String>,
     /// Flags of every process started (TLS files, say).
     common: Vec<String>,
+    /// Pass the service URLs and the API token in files, never on a command line.
+    secret_files: Option<String>,
     /// Environment of the next process started.
     env: Vec<(String, String)>,
     /// Whether a RabbitMQ user and a Redis ACL user of this namespace exist (to delete).
@@ -106,6 +108,7 @@ impl Cluster {
             workers: HashMap::new(),
             extra: Vec::new(),
             common: Vec::new(),
+            secret_files: None,
             env: Vec::new(),
             users: false,
             _broker_lock: lock,
@@ -135,6 +138,17 @@ impl Cluster {
     /// Extra flags for the scheduler.
     pub fn scheduler_flags(&mut self, flags: &[&str]) {
         self.extra = flags.iter().map(|f| f.to_string()).collect();
+    }
+
+    /// From now on, processes read the RabbitMQ URL from `--amqp-file`, the Redis URL from
+    /// `DAGMQ_REDIS_URL_FILE` and the API token `token` from `DAGMQ_API_TOKEN_FILE`, as a
+    /// deployment with mounted secrets would; the CLI reads the token the same way.
+    pub fn secrets_in_files(&mut self, token: &str) {
+        let dir = self.dags.parent().unwrap().to_path_buf();
+        std::fs::write(dir.join("amqp.url"), format!("{}\n", self.amqp)).unwrap();
+        std::fs::write(dir.join("redis.url"), format!("{}\n", self.redis)).unwrap();
+        std::fs::write(dir.join("api.token"), format!("{token}\n")).unwrap();
+        self.secret_files = Some(dir.display().to_string());
     }
 
     /// Flags for every scheduler and worker started from now on.
@@ -185,11 +199,20 @@ impl Cluster {
         let log =
             std::fs::OpenOptions::new().create(true).append(true).open(self.logs.join(format!("{name}.log"))).unwrap();
         let mut command = dagmq();
+        command.arg(role).arg("--dags").arg(&self.dags);
+        match &self.secret_files {
+            Some(dir) => {
+                command
+                    .args(["--amqp-file", &format!("{dir}/amqp.url")])
+                    .env("DAGMQ_REDIS_URL_FILE", format!("{dir}/redis.url"))
+                    .env("DAGMQ_API_TOKEN_FILE", format!("{dir}/api.token"));
+            }
+            None => {
+                command.args(["--amqp", &self.amqp, "--redis", &self.redis]);
+            }
+        }
         command
-            .arg(role)
-            .arg("--dags")
-            .arg(&self.dags)
-            .args(["--amqp", &self.amqp, "--redis", &self.redis, "--namespace", &self.namespace])
+            .args(["--namespace", &self.namespace])
             .args(&self.common)
             .args(extra)
             .env("DAGMQ_LOG", "info")
@@ -287,7 +310,11 @@ impl Cluster {
     }
 
     pub fn cli(&self, args: &[&str]) -> Output {
-        dagmq().args(args).env("DAGMQ_API", &self.api).output().unwrap()
+        let mut command = dagmq();
+        if let Some(dir) = &self.secret_files {
+            command.env("DAGMQ_API_TOKEN_FILE", format!("{dir}/api.token"));
+        }
+        command.args(args).env("DAGMQ_API", &self.api).output().unwrap()
     }
 
     pub fn json(&self, args: &[&str]) -> serde_json::Value {

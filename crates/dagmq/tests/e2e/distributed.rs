@@ -344,16 +344,44 @@ fn a_duplicated_task_message_runs_the_task_once() {
 }
 
 #[test]
-fn password_protected_services_work_and_passwords_stay_out_of_the_logs() {
+fn password_protected_services_work_and_secrets_stay_out_of_logs_ps_and_answers() {
     let password = "pw-Zq8xK2";
+    let token = "tok-Vb93hQ7";
     let Some(mut cluster) = Cluster::with_users(&[("chain.toml", CHAIN)], password) else { return };
+    cluster.secrets_in_files(token);
     cluster.start_scheduler();
     cluster.start_worker("w1");
-    let output = cluster.cli(&["trigger", "chain", "--wait"]);
+    let output = cluster.cli(&["trigger", "chain", "--wait", "--param", "api_key=k-Secret-991"]);
     assert!(output.status.success(), "{}\n{}", text(&output.stderr), cluster.logs_text());
     let logs = cluster.logs_text();
     assert!(logs.contains(":***@127.0.0.1:5672"), "the broker URL is logged masked: {logs}");
-    assert!(!logs.contains(password), "a password reached the logs: {logs}");
+    for secret in [password, token, "k-Secret-991"] {
+        assert!(!logs.contains(secret), "{secret} reached the logs: {logs}");
+    }
+    // `ps` shows command lines: neither password nor token is on one.
+    for pid in [cluster.scheduler_pid().unwrap(), cluster.worker_pid("w1").unwrap()] {
+        let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap();
+        let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
+        assert!(cmdline.contains("--amqp-file"), "{cmdline}");
+        assert!(!cmdline.contains(password) && !cmdline.contains(token), "{cmdline}");
+    }
+    // Nor does any API answer hold one.
+    let runs = cluster.json(&["runs", "list"]);
+    let run_id = runs[0]["run_id"].as_str().unwrap().to_string();
+    let answers = [
+        runs.to_string(),
+        cluster.json(&["runs", "show", &run_id]).to_string(),
+        cluster.json(&["workers"]).to_string(),
+    ];
+    for answer in &answers {
+        for secret in [password, token, "k-Secret-991"] {
+            assert!(!answer.contains(secret), "{secret} in an API answer: {answer}");
+        }
+    }
+    // The token read from the file is required.
+    let refused = crate::support::dagmq().args(["dags", "list", "--api", &cluster.api]).output().unwrap();
+    assert_eq!(refused.status.code(), Some(2), "{}", text(&refused.stderr));
+    assert!(text(&refused.stderr).contains("401"), "{}", text(&refused.stderr));
     // A wrong password is a clear startup error, with the password masked.
     let wrong = crate::support::dagmq()
         .args(["worker", "--amqp", &cluster.amqp.replace(password, "nope"), "--redis", &cluster.redis])
