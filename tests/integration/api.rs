@@ -270,3 +270,69 @@ async fn a_metrics_token_guards_metrics() {
     assert_eq!(raw(port, "GET", "/healthz", &[&host], "").await, 200);
     harness.stop().await;
 }
+
+#[tokio::test]
+async fn a_scrape_counts_tasks_in_flight_without_reading_a_task() {
+    let journal = Journal::default();
+    let clock = Arc::new(dagmq_core::TokioClock::starting_at(crate::support::origin()));
+    let hold = || Probe { work: Duration::from_secs(60), ..Probe::new(&journal, &clock) };
+    let mut dags = DagRegistry::new();
+    dags.add(
+        Dag::builder("hold")
+            .task(TaskSpec::rust("a", hold()))
+            .task(TaskSpec::rust("b", hold()))
+            .task(TaskSpec::rust("after", Probe::new(&journal, &clock)).after(["a", "b"]))
+            .build()
+            .unwrap(),
+    )
+    .unwrap();
+    let harness = crate::support::Harness::start(dags).await;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let (_stop, signal) = CancelSignal::new();
+    tokio::spawn(serve(listener, harness.scheduler.clone(), ApiConfig::default(), signal));
+    let mut runs = Vec::new();
+    for _ in 0..10 {
+        runs.push(harness.trigger("hold").await);
+    }
+    for run_id in &runs {
+        for task in ["a", "b"] {
+            harness.wait_task(run_id, task, |t| t.state == dagmq_core::TaskState::Running).await;
+        }
+    }
+    // Once a heartbeat lists the 20 tries, the scrape says so, read from the scheduler's counts.
+    let gauge = |body: &Value, state: &str| -> f64 {
+        let text = body.as_str().unwrap();
+        let line = format!("dagmq_tasks_in_flight{{state=\"{state}\"}} ");
+        text.lines().find_map(|l| l.strip_prefix(line.as_str())).unwrap().parse().unwrap()
+    };
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let (_, body) = get(port, "/metrics").await;
+        if gauge(&body, "running") == 20.0 {
+            assert_eq!(gauge(&body, "queued"), 0.0);
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "running never reached 20: {body}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let reads = &harness.scheduler_faults.store.task_reads;
+    let before = reads.load(std::sync::atomic::Ordering::SeqCst);
+    for _ in 0..5 {
+        let (status, body) = get(port, "/metrics").await;
+        assert_eq!((status, gauge(&body, "running")), (200, 20.0));
+        let (_, stats) = get(port, "/api/v1/stats").await;
+        assert_eq!((stats["tasks"]["running"].as_u64(), stats["tasks"]["pending"].as_u64()), (Some(20), Some(10)));
+    }
+    assert_eq!(reads.load(std::sync::atomic::Ordering::SeqCst), before, "a scrape read tasks from the store");
+    // Cancelled runs leave the counts.
+    for run_id in &runs {
+        harness.scheduler.cancel(run_id).await.unwrap();
+    }
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while gauge(&get(port, "/metrics").await.1, "running") != 0.0 {
+        assert!(tokio::time::Instant::now() < deadline, "the cancelled runs stayed in the counts");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    harness.stop().await;
+}

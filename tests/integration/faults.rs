@@ -34,6 +34,8 @@ pub struct Faults {
     pub stalled: AtomicBool,
     /// Writes the store refused because this process no longer holds the scheduler lease.
     pub fenced: AtomicU32,
+    /// Reads of whole runs' tasks (`unfinished_runs`, `tasks`, `tasks_by_id`, `task`).
+    pub task_reads: AtomicU32,
 }
 
 impl Faults {
@@ -121,16 +123,19 @@ impl Store for FaultyStore {
     async fn unfinished_runs(&self) -> Result<Vec<RunRecord>, BackendError> {
         self.faults.gate().await;
         self.faults.check("unfinished_runs")?;
+        self.faults.task_reads.fetch_add(1, Ordering::SeqCst);
         self.inner.unfinished_runs().await
     }
     async fn tasks(&self, run_id: &str) -> Result<Vec<TaskInstance>, BackendError> {
         self.faults.gate().await;
         self.faults.check("tasks")?;
+        self.faults.task_reads.fetch_add(1, Ordering::SeqCst);
         self.inner.tasks(run_id).await
     }
     async fn task(&self, run_id: &str, task_id: &str) -> Result<Option<TaskInstance>, BackendError> {
         self.faults.gate().await;
         self.faults.check("task")?;
+        self.faults.task_reads.fetch_add(1, Ordering::SeqCst);
         self.inner.task(run_id, task_id).await
     }
     async fn transition_task(
@@ -156,6 +161,7 @@ impl Store for FaultyStore {
     async fn tasks_by_id(&self, run_id: &str, task_ids: &[&str]) -> Result<Vec<Option<TaskInstance>>, BackendError> {
         self.faults.gate().await;
         self.faults.check("tasks_by_id")?;
+        self.faults.task_reads.fetch_add(1, Ordering::SeqCst);
         self.inner.tasks_by_id(run_id, task_ids).await
     }
     async fn transition_tasks(&self, run_id: &str, changes: &[TaskChange]) -> Result<Vec<bool>, BackendError> {

@@ -8,6 +8,8 @@ use std::sync::Arc;
 
 use dagmq_core::{Dag, FollowUp, RunRecord, TaskInstance, TaskState};
 
+use crate::metrics::{ViewCounts, state_index};
+
 /// One running run.
 pub(crate) struct ActiveRun {
     /// The run's record as last written.
@@ -24,11 +26,28 @@ pub(crate) struct ActiveRun {
     pub(crate) unmet: Vec<u32>,
     /// How many tasks are in a final state.
     pub(crate) final_count: usize,
+    /// The scheduler-wide counts by state this run's tasks are part of.
+    view: Arc<ViewCounts>,
+    /// This run's share of `view`, taken back out when the run is dropped.
+    counted: [i64; TaskState::ALL.len()],
+}
+
+impl Drop for ActiveRun {
+    fn drop(&mut self) {
+        for (state, count) in TaskState::ALL.into_iter().zip(self.counted) {
+            self.view.add(state, -count);
+        }
+    }
 }
 
 impl ActiveRun {
-    /// Builds the view from a run and its tasks.
-    pub(crate) fn new(record: RunRecord, dag: Arc<Dag>, mut tasks: Vec<TaskInstance>) -> ActiveRun {
+    /// Builds the view from a run and its tasks, counting them in `view`.
+    pub(crate) fn new(
+        record: RunRecord,
+        dag: Arc<Dag>,
+        mut tasks: Vec<TaskInstance>,
+        view: Arc<ViewCounts>,
+    ) -> ActiveRun {
         // Instances read from the store carry copies of their upstream lists: share the DAG's.
         for task in &mut tasks {
             if let Some(spec) = dag.task(&task.task_id) {
@@ -49,13 +68,21 @@ impl ActiveRun {
             }
         }
         let final_count = tasks.iter().filter(|t| t.state.is_final()).count();
-        ActiveRun { record, dag, tasks, index, downstream, unmet, final_count }
+        let mut counted = [0i64; TaskState::ALL.len()];
+        for task in &tasks {
+            counted[state_index(task.state)] += 1;
+        }
+        for (state, count) in TaskState::ALL.into_iter().zip(counted) {
+            view.add(state, count);
+        }
+        ActiveRun { record, dag, tasks, index, downstream, unmet, final_count, view, counted }
     }
 
     /// Rebuilds the graph after tasks were added or rewired.
     pub(crate) fn rebuild(&mut self) {
         let tasks = std::mem::take(&mut self.tasks);
-        let rebuilt = ActiveRun::new(self.record.clone(), self.dag.clone(), tasks);
+        // The new view counts every task; dropping the old one takes back what it counted.
+        let rebuilt = ActiveRun::new(self.record.clone(), self.dag.clone(), tasks, self.view.clone());
         *self = rebuilt;
     }
 
@@ -70,6 +97,12 @@ impl ActiveRun {
         share_after(&mut new.after, &self.tasks[i].after);
         let old = std::mem::replace(&mut self.tasks[i], new);
         let new_state = self.tasks[i].state;
+        if old.state != new_state {
+            self.counted[state_index(old.state)] -= 1;
+            self.counted[state_index(new_state)] += 1;
+            self.view.add(old.state, -1);
+            self.view.add(new_state, 1);
+        }
         match (old.state.is_final(), new_state.is_final()) {
             (false, true) => self.final_count += 1,
             (true, false) => self.final_count -= 1,
@@ -230,7 +263,7 @@ mod tests {
             .map(|t| decoded(&TaskInstance::pending(t.id.clone(), t.after.to_vec(), "default", 0)))
             .collect();
         assert!(!Arc::ptr_eq(&tasks[2].after, &spec_after));
-        let mut run = ActiveRun::new(record, dag.clone(), tasks);
+        let mut run = ActiveRun::new(record, dag.clone(), tasks, Arc::default());
         let c = run.index["c"];
         assert!(Arc::ptr_eq(&run.tasks[c].after, &spec_after));
         assert_eq!(run.unmet[c], 2);

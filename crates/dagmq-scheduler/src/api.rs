@@ -266,8 +266,9 @@ async fn openapi() -> Json<serde_json::Value> {
     Json(crate::openapi::document())
 }
 
-/// Prometheus text: the loop's counters plus queue depths, tasks in flight and live workers
-/// read now.
+/// Prometheus text: the loop's counters plus queue depths and live workers read now. Tasks in
+/// flight come from counts the scheduler keeps of its runs, so a scrape costs one depth query
+/// per queue and one read of the worker registry, however many runs are unfinished.
 async fn metrics(State(state): State<AppState>, headers: axum::http::HeaderMap) -> ApiResult<Response> {
     if let Some(expected) = &state.config.metrics_token
         && !bearer_is(&headers, expected)
@@ -280,13 +281,13 @@ async fn metrics(State(state): State<AppState>, headers: axum::http::HeaderMap) 
         depths.push((vec![topic.name()], handle.queue.depth(&topic).await? as f64));
     }
     handle.metrics.queue_depth.replace_all(depths);
-    let in_flight = unfinished_task_counts(&handle.store).await?;
-    handle.metrics.tasks_in_flight.replace_all(
-        [TaskState::Queued, TaskState::Running, TaskState::UpForRetry]
-            .into_iter()
-            .map(|s| (vec![s.as_str().to_string()], in_flight.get(&s).copied().unwrap_or(0) as f64)),
-    );
-    handle.metrics.workers.set(&[], live_workers(&state).await?.len() as f64);
+    let workers = live_workers(&state).await?;
+    let in_flight = in_flight_counts(handle, &workers);
+    handle
+        .metrics
+        .tasks_in_flight
+        .replace_all(in_flight.into_iter().map(|(state, count)| (vec![state.as_str().to_string()], count as f64)));
+    handle.metrics.workers.set(&[], workers.len() as f64);
     Ok(([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], handle.metrics.render()).into_response())
 }
 
@@ -494,14 +495,19 @@ async fn list_runs(State(state): State<AppState>, Query(query): Query<RunsQuery>
 }
 
 /// Tasks by state across every unfinished run.
-async fn unfinished_task_counts(store: &Arc<dyn dagmq_core::Store>) -> ApiResult<BTreeMap<TaskState, usize>> {
-    let mut counts = BTreeMap::new();
-    for run in store.unfinished_runs().await? {
-        for (state, count) in count_states(&store.tasks(&run.run_id).await?) {
-            *counts.entry(state).or_insert(0) += count;
-        }
-    }
-    Ok(counts)
+/// Tasks queued, running and waiting to retry, without reading a task. The scheduler's view
+/// holds a task `queued` until its outcome arrives, so the tries that live workers list in their
+/// heartbeats are counted `running` and taken from `queued`.
+fn in_flight_counts(handle: &SchedulerHandle, workers: &[WorkerInfo]) -> [(TaskState, u64); 3] {
+    let view = &handle.metrics.view;
+    let listed: u64 = workers.iter().map(|w| w.running.len() as u64).sum();
+    let started = view.get(TaskState::Queued) + view.get(TaskState::Running);
+    let running = listed.min(started);
+    [
+        (TaskState::Queued, started - running),
+        (TaskState::Running, running),
+        (TaskState::UpForRetry, view.get(TaskState::UpForRetry)),
+    ]
 }
 
 fn count_states(tasks: &[TaskInstance]) -> BTreeMap<TaskState, usize> {
@@ -611,7 +617,8 @@ async fn live_workers(state: &AppState) -> ApiResult<Vec<WorkerInfo>> {
 pub struct StatsView {
     /// Runs by state, among the newest 500.
     pub runs: BTreeMap<RunState, usize>,
-    /// Tasks by state, in unfinished runs.
+    /// Tasks by state, in the runs the scheduler is running (its own counts; tries listed by
+    /// live workers count as running).
     pub tasks: BTreeMap<TaskState, usize>,
     /// Waiting messages per queue.
     pub queues: BTreeMap<String, u64>,
@@ -626,19 +633,21 @@ async fn stats(State(state): State<AppState>) -> ApiResult<Json<StatsView>> {
     for run in store.list_runs(&RunFilter { limit: MAX_LIMIT, ..RunFilter::default() }).await? {
         *runs.entry(run.state).or_insert(0) += 1;
     }
-    let tasks = unfinished_task_counts(store).await?;
-    let mut topics: Vec<Topic> = vec![Topic::Status, Topic::Triggers, Topic::Dead];
-    let mut pools: Vec<String> =
-        handle.dags.iter().flat_map(|d| d.tasks().iter().map(|t| t.config.queue.clone())).collect();
-    pools.sort();
-    pools.dedup();
-    topics.extend(pools.into_iter().map(Topic::Tasks));
+    let live = live_workers(&state).await?;
+    let mut tasks: BTreeMap<TaskState, usize> = TaskState::ALL
+        .into_iter()
+        .map(|s| (s, handle.metrics.view.get(s) as usize))
+        .filter(|(_, count)| *count > 0)
+        .collect();
+    for (state, count) in in_flight_counts(handle, &live) {
+        tasks.insert(state, count as usize);
+    }
+    tasks.retain(|_, count| *count > 0);
     let mut queues = BTreeMap::new();
-    for topic in topics {
+    for topic in topics(handle) {
         queues.insert(topic.name(), handle.queue.depth(&topic).await?);
     }
-    let workers = live_workers(&state).await?.len();
-    Ok(Json(StatsView { runs, tasks, queues, workers }))
+    Ok(Json(StatsView { runs, tasks, queues, workers: live.len() }))
 }
 
 #[cfg(test)]

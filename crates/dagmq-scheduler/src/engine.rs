@@ -891,7 +891,7 @@ impl Engine {
             _ => self.store.tasks(&record.run_id).await?,
         };
         *self.running.entry(record.dag_id.clone()).or_default() += 1;
-        let mut run = ActiveRun::new(record, dag, tasks);
+        let mut run = ActiveRun::new(record, dag, tasks, self.metrics.view.clone());
         let result = self.settle(&mut run, recovering).await;
         self.put_back(run).await?;
         result

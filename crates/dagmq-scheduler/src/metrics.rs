@@ -1,6 +1,10 @@
 //! The scheduler's metrics, served at `/metrics`. Counters are kept by the event loop; gauges of
 //! queues, tasks in flight and workers are read from the queue and store at scrape time.
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicI64, Ordering};
+
+use dagmq_core::TaskState;
 use dagmq_core::metrics::Family;
 
 /// Buckets of task durations, in seconds.
@@ -30,6 +34,35 @@ pub struct SchedulerMetrics {
     pub requeued: Family,
     /// Notifications by outcome (sent, failed).
     pub notifications: Family,
+    /// Tasks of the runs the scheduler is running, by state, kept as its view changes: a
+    /// scrape reads these instead of every task of every unfinished run.
+    pub view: Arc<ViewCounts>,
+}
+
+/// Task counts by state over the scheduler's in-memory runs. Each run adds its tasks when it
+/// enters the view, moves one count per state change, and takes its own counts back out when
+/// it leaves (finished, cancelled, or the scheduler stops leading).
+#[derive(Debug, Default)]
+pub struct ViewCounts {
+    /// Indexed by the state's position in [`TaskState::ALL`].
+    counts: [AtomicI64; TaskState::ALL.len()],
+}
+
+impl ViewCounts {
+    /// Adds `delta` to `state`'s count.
+    pub(crate) fn add(&self, state: TaskState, delta: i64) {
+        self.counts[state_index(state)].fetch_add(delta, Ordering::Relaxed);
+    }
+
+    /// The count of tasks in `state` (never negative).
+    pub fn get(&self, state: TaskState) -> u64 {
+        self.counts[state_index(state)].load(Ordering::Relaxed).max(0) as u64
+    }
+}
+
+/// A state's position in [`TaskState::ALL`].
+pub(crate) fn state_index(state: TaskState) -> usize {
+    TaskState::ALL.iter().position(|s| *s == state).unwrap_or(0)
 }
 
 impl Default for SchedulerMetrics {
@@ -79,6 +112,7 @@ impl Default for SchedulerMetrics {
                 "Failure and retry notifications, by outcome (sent; failed after the notifier's retries).",
                 &["outcome"],
             ),
+            view: Arc::default(),
         }
     }
 }
