@@ -177,24 +177,24 @@ async fn refuse_cross_site(State(state): State<AppState>, request: Request, next
         && !["127.0.0.1", "localhost", "::1", "[::1]"].contains(&host_name)
         && !allowed.iter().any(|a| a == host || a == host_name)
     {
-        return ApiError(
+        return refuse(
+            &request,
             StatusCode::FORBIDDEN,
             format!(
                 "host {host:?} is not this API's (allowed: loopback names{})",
                 if allowed.is_empty() { String::new() } else { format!(", {}", allowed.join(", ")) }
             ),
-        )
-        .into_response();
+        );
     }
     if !matches!(*request.method(), axum::http::Method::GET | axum::http::Method::HEAD | axum::http::Method::OPTIONS) {
         if let Some(origin) = headers.get(header::ORIGIN).and_then(|v| v.to_str().ok()) {
             let own = [format!("http://{host}"), format!("https://{host}")];
             if !own.iter().any(|o| o == origin) && !state.config.allowed_origins.iter().any(|o| o == origin) {
-                return ApiError(
+                return refuse(
+                    &request,
                     StatusCode::FORBIDDEN,
                     format!("origin {origin:?} may not send commands to this API (see --allowed-origin)"),
-                )
-                .into_response();
+                );
             }
         }
         let has_body =
@@ -205,11 +205,20 @@ async fn refuse_cross_site(State(state): State<AppState>, request: Request, next
             .and_then(|v| v.to_str().ok())
             .is_some_and(|v| v.split(';').next().is_some_and(|t| t.trim().eq_ignore_ascii_case("application/json")));
         if has_body && !json {
-            return ApiError(StatusCode::UNSUPPORTED_MEDIA_TYPE, "a request body must be application/json".to_string())
-                .into_response();
+            return refuse(
+                &request,
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                "a request body must be application/json".to_string(),
+            );
         }
     }
     next.run(request).await
+}
+
+/// Logs a refused request (an attempt from a web page, most likely) and answers it.
+fn refuse(request: &Request, status: StatusCode, message: String) -> Response {
+    tracing::warn!(method = %request.method(), path = %request.uri().path(), "refused a cross-site request: {message}");
+    ApiError(status, message).into_response()
 }
 
 /// The name part of a `Host` header (`[::1]:9191` -> `[::1]`, `a:80` -> `a`).

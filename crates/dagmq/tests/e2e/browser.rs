@@ -58,6 +58,11 @@ fn http(port: u16, method: &str, path: &str, body: Option<&Value>) -> Value {
 impl Browser {
     /// Starts chromedriver and a headless Chromium; `None` (outside CI) when they are missing.
     fn start() -> Option<Browser> {
+        Browser::start_with(&[])
+    }
+
+    /// Like `start`, with extra Chromium flags.
+    fn start_with(extra_args: &[&str]) -> Option<Browser> {
         let (chromium, chromedriver) = ("/usr/bin/chromium", "/usr/bin/chromedriver");
         if !(std::path::Path::new(chromium).exists() && std::path::Path::new(chromedriver).exists()) {
             assert!(
@@ -82,11 +87,26 @@ impl Browser {
             std::thread::sleep(Duration::from_millis(100));
         }
         let profile = std::env::temp_dir().join(format!("dagmq-chromium-{}", port));
+        let mut args: Vec<String> = [
+            "--headless=new",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-quic",
+            "--no-first-run",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--disable-sync",
+            "--disable-dev-shm-usage",
+            "--window-size=1280,800",
+        ]
+        .into_iter()
+        .chain(extra_args.iter().copied())
+        .map(str::to_string)
+        .collect();
+        args.push(format!("--user-data-dir={}", profile.display()));
         let capabilities = json!({"capabilities": {"alwaysMatch": {"browserName": "chrome", "goog:chromeOptions": {
             "binary": chromium,
-            "args": ["--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                     "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                     "--disable-dev-shm-usage", format!("--user-data-dir={}", profile.display()), "--window-size=1280,800"]
+            "args": args
         }}}});
         let created = http(port, "POST", "/session", Some(&capabilities));
         let session =
@@ -228,4 +248,143 @@ fn the_ui_triggers_a_run_shows_its_graph_and_log_and_pauses_a_dag() {
     browser.wait_for("return document.querySelectorAll('tr[data-dag]').length", json!(5));
     browser.wait_for("return document.documentElement.scrollWidth <= window.innerWidth + 1", json!(true));
     browser.screenshot("dags-phone");
+}
+
+/// Serves `page` to every request on a free port of 127.0.0.1 (another origin than the API's).
+fn serve_page(page: String) -> u16 {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(mut stream) = stream else { continue };
+            let mut buffer = [0u8; 8192];
+            let _ = stream.read(&mut buffer);
+            let head = format!(
+                "HTTP/1.1 200 OK\r\nContent-Type: text/html\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+                page.len()
+            );
+            let _ = stream.write_all(head.as_bytes());
+            let _ = stream.write_all(page.as_bytes());
+        }
+    });
+    port
+}
+
+const TARGETS: &str = r#"
+id = "quick"
+[[task]]
+id = "say"
+command = ["echo", "hi"]
+"#;
+
+const SLOW_DAG: &str = r#"
+id = "slow"
+[[task]]
+id = "wait"
+command = ["sleep", "120"]
+"#;
+
+const BROKEN: &str = r#"
+id = "broken"
+[[task]]
+id = "boom"
+command = ["false"]
+"#;
+
+/// What a hostile page tries: a `text/plain` trigger and a JSON one, cancel, restart and pause
+/// without a body, a cancel by form, and reading the API. Each outcome lands in `window.results`.
+const HOSTILE: &str = r#"<!doctype html><html><body>
+<form id="form" method="POST" enctype="text/plain" action="API/api/v1/runs/SLOW/cancel" target="sink">
+<input name='{"x":"' value='"}'></form><iframe name="sink"></iframe>
+<script>
+const api = "API";
+window.results = {};
+async function attempt(name, request) {
+  try { const r = await request(); window.results[name] = r.type + " " + r.status; }
+  catch (e) { window.results[name] = "blocked"; }
+}
+(async () => {
+  await attempt("trigger_text", () => fetch(api + "/api/v1/dags/quick/runs",
+    {method: "POST", mode: "no-cors", headers: {"Content-Type": "text/plain"}, body: '{"params":{}}'}));
+  await attempt("trigger_json", () => fetch(api + "/api/v1/dags/quick/runs",
+    {method: "POST", headers: {"Content-Type": "application/json"}, body: "{}"}));
+  await attempt("cancel", () => fetch(api + "/api/v1/runs/SLOW/cancel", {method: "POST", mode: "no-cors"}));
+  await attempt("restart", () => fetch(api + "/api/v1/runs/BROKEN/restart", {method: "POST", mode: "no-cors"}));
+  await attempt("pause", () => fetch(api + "/api/v1/dags/quick/pause", {method: "POST", mode: "no-cors"}));
+  await attempt("read", () => fetch(api + "/api/v1/dags"));
+  document.getElementById("form").submit();
+  window.done = true;
+})();
+</script></body></html>"#;
+
+#[test]
+fn pages_of_other_origins_cannot_command_the_api_but_the_ui_can() {
+    let Some(browser) = Browser::start_with(&["--host-resolver-rules=MAP rebound.test 127.0.0.1"]) else { return };
+    let dir = std::env::temp_dir().join(format!("dagmq-hostile-{}", free_port()));
+    std::fs::create_dir_all(&dir).unwrap();
+    for (name, body) in [("quick.toml", TARGETS), ("slow.toml", SLOW_DAG), ("broken.toml", BROKEN)] {
+        std::fs::write(dir.join(name), body).unwrap();
+    }
+    let log = dir.join("dagmq.log");
+    let standalone = Standalone::start_logged(&dir, &log);
+    let base = standalone.api.clone();
+    let run_of = |dag: &str| standalone.json(&["trigger", dag])["run_id"].as_str().unwrap().to_string();
+    let state_of = |run: &str| standalone.json(&["runs", "show", run])["state"].as_str().unwrap().to_string();
+    let slow = run_of("slow");
+    let broken = run_of("broken");
+    standalone.wait_until(Duration::from_secs(30), || state_of(&broken) == "failed" && state_of(&slow) == "running");
+
+    // A page of another origin (another port of 127.0.0.1) tries everything.
+    let page = HOSTILE.replace("API", &base).replace("SLOW", &slow).replace("BROKEN", &broken);
+    let hostile = serve_page(page);
+    browser.open(&format!("http://127.0.0.1:{hostile}/"));
+    browser.wait_for("return window.done === true", json!(true));
+    let results = browser.script("return window.results");
+    // The JSON trigger and the read need a CORS grant, which the API never gives; the others are
+    // sent (opaque answers) and refused by the server.
+    assert_eq!(results["trigger_json"], "blocked", "{results}");
+    assert_eq!(results["read"], "blocked", "{results}");
+    for name in ["trigger_text", "cancel", "restart", "pause"] {
+        assert_eq!(results[name], "opaque 0", "{name}: {results}");
+    }
+    // They reached the API and were refused: five POSTs with a foreign Origin (the four fetches
+    // and the form), all logged.
+    standalone.wait_until(Duration::from_secs(10), || {
+        std::fs::read_to_string(&log).unwrap_or_default().matches("refused a cross-site request: origin").count() >= 5
+    });
+    // Nothing happened.
+    assert_eq!(state_of(&slow), "running");
+    assert_eq!(state_of(&broken), "failed");
+    assert_eq!(standalone.json(&["runs", "list", "--dag", "quick"]), json!([]));
+    let dags = standalone.json(&["dags", "list"]);
+    assert_eq!(dags.as_array().unwrap().iter().find(|d| d["dag_id"] == "quick").unwrap()["paused"], false);
+
+    // DNS rebinding: a name of the attacker's that resolves to 127.0.0.1 is the page's own origin,
+    // so its requests carry no foreign Origin; the Host check refuses them, page and API alike.
+    let port: u16 = base.rsplit(':').next().unwrap().parse().unwrap();
+    browser.open(&format!("http://rebound.test:{port}/"));
+    browser.wait_for("return document.body.textContent.includes('is not this API')", json!(true));
+    browser.script(
+        "window.rebound = null; fetch('/api/v1/dags/quick/runs', {method: 'POST', headers: {'Content-Type': \
+         'application/json'}, body: '{}'}).then(r => { window.rebound = r.status; }); return null",
+    );
+    browser.wait_for("return window.rebound", json!(403));
+    assert_eq!(standalone.json(&["runs", "list", "--dag", "quick"]), json!([]));
+
+    // The UI itself triggers, cancels and restarts.
+    browser.open(&format!("{base}/#/dags"));
+    browser.click("[data-test=\"trigger-quick\"]");
+    browser.wait_for("return document.querySelector('h2 .state')?.dataset.state ?? null", json!("success"));
+    browser.open(&format!("{base}/#/runs/{slow}"));
+    browser.click("[data-test=\"cancel\"]");
+    browser.wait_for("return document.querySelector('h2 .state')?.dataset.state ?? null", json!("cancelled"));
+    assert_eq!(state_of(&slow), "cancelled");
+    browser.open(&format!("{base}/#/runs/{broken}"));
+    browser.click("[data-test=\"restart\"]");
+    standalone.wait_until(Duration::from_secs(30), || {
+        let run = standalone.json(&["runs", "show", &broken]);
+        run["tasks"][0]["try_number"] == 2 && run["state"] == "failed"
+    });
+    browser.screenshot("restarted");
+    let _ = std::fs::remove_dir_all(&dir);
 }

@@ -58,7 +58,16 @@ impl Standalone {
         Standalone::launch(dags, &[], args)
     }
 
+    /// Like `start`, with its log (stderr) in `log`.
+    pub(crate) fn start_logged(dags: &Path, log: &Path) -> Standalone {
+        Standalone::spawn(dags, &[], &[], Stdio::from(std::fs::File::create(log).unwrap()))
+    }
+
     fn launch(dags: &Path, extra_env: &[(&str, &str)], args: &[&str]) -> Standalone {
+        Standalone::spawn(dags, extra_env, args, Stdio::null())
+    }
+
+    fn spawn(dags: &Path, extra_env: &[(&str, &str)], args: &[&str], stderr: Stdio) -> Standalone {
         let port = free_port();
         let mut command = dagmq();
         command
@@ -68,7 +77,7 @@ impl Standalone {
             .args(args)
             .env("DAGMQ_LOG", "info")
             .stdout(Stdio::null())
-            .stderr(Stdio::null());
+            .stderr(stderr);
         for (key, value) in extra_env {
             command.env(key, value);
         }
