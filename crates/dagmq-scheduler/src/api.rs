@@ -105,7 +105,7 @@ pub async fn serve_metrics(
         "/metrics",
         get(move || {
             let render = render.clone();
-            async move { ([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], render()) }
+            async move { ([(header::CONTENT_TYPE, dagmq_core::metrics::CONTENT_TYPE)], render()) }
         }),
     );
     axum::serve(listener, router).with_graceful_shutdown(async move { shutdown.cancelled().await }).await
@@ -297,7 +297,7 @@ async fn metrics(State(state): State<AppState>, headers: axum::http::HeaderMap) 
         .tasks_in_flight
         .replace_all(in_flight.into_iter().map(|(state, count)| (vec![state.as_str().to_string()], count as f64)));
     handle.metrics.workers.set(&[], workers.len() as f64);
-    Ok(([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], handle.metrics.render()).into_response())
+    Ok(([(header::CONTENT_TYPE, dagmq_core::metrics::CONTENT_TYPE)], handle.metrics.render()).into_response())
 }
 
 /// Every queue the scheduler knows of: its own and the pools of its DAGs' tasks.

@@ -120,8 +120,7 @@ impl Default for SchedulerMetrics {
 impl SchedulerMetrics {
     /// The text format of every family.
     pub fn render(&self) -> String {
-        let mut out = String::new();
-        for family in [
+        dagmq_core::metrics::render([
             &self.runs_finished,
             &self.tasks_finished,
             &self.task_duration,
@@ -133,10 +132,7 @@ impl SchedulerMetrics {
             &self.republished,
             &self.requeued,
             &self.notifications,
-        ] {
-            family.render(&mut out);
-        }
-        out
+        ])
     }
 }
 

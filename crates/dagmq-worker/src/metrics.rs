@@ -36,10 +36,6 @@ impl Default for WorkerMetrics {
 impl WorkerMetrics {
     /// The text format of every family.
     pub fn render(&self) -> String {
-        let mut out = String::new();
-        for family in [&self.tries, &self.dead_lettered, &self.running, &self.duplicates] {
-            family.render(&mut out);
-        }
-        out
+        dagmq_core::metrics::render([&self.tries, &self.dead_lettered, &self.running, &self.duplicates])
     }
 }

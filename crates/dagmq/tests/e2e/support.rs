@@ -130,11 +130,13 @@ pub(crate) fn http_get(port: u16, path: &str) -> (u16, String) {
     (status, body.to_string())
 }
 
-/// Parses the Prometheus text format: `name{labels}` to value; panics on a malformed line.
+/// Parses the OpenMetrics text format: `name{labels}` to value; panics on a malformed line or
+/// an exposition that does not end with `# EOF`.
 pub(crate) fn parse_metrics(text: &str) -> std::collections::BTreeMap<String, f64> {
     let mut values = std::collections::BTreeMap::new();
+    assert!(text.ends_with("# EOF\n"), "the exposition does not end with # EOF: {text}");
     for line in text.lines() {
-        if line.is_empty() || line.starts_with("# HELP ") || line.starts_with("# TYPE ") {
+        if line == "# EOF" || ["# HELP ", "# TYPE ", "# UNIT "].iter().any(|p| line.starts_with(p)) {
             continue;
         }
         let (series, value) = line.rsplit_once(' ').unwrap_or_else(|| panic!("malformed metrics line {line:?}"));
