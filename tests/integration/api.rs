@@ -262,12 +262,19 @@ async fn a_metrics_token_guards_metrics() {
     let port = listener.local_addr().unwrap().port();
     let (_stop, signal) = CancelSignal::new();
     let config = ApiConfig { metrics_token: Some("m3trics".into()), ..ApiConfig::default() };
-    tokio::spawn(serve(listener, harness.scheduler.clone(), config, signal));
+    tokio::spawn(serve(listener, harness.scheduler.clone(), config, signal.clone()));
     let host = format!("Host: 127.0.0.1:{port}");
     assert_eq!(raw(port, "GET", "/metrics", &[&host], "").await, 401);
     assert_eq!(raw(port, "GET", "/metrics", &[&host, "Authorization: Bearer wrong"], "").await, 401);
     assert_eq!(raw(port, "GET", "/metrics", &[&host, "Authorization: Bearer m3trics"], "").await, 200);
     assert_eq!(raw(port, "GET", "/healthz", &[&host], "").await, 200);
+    // A worker's own endpoint takes the same token.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let worker_port = listener.local_addr().unwrap().port();
+    let render: Arc<dyn Fn() -> String + Send + Sync> = Arc::new(|| "# EOF\n".to_string());
+    tokio::spawn(dagmq_scheduler::api::serve_metrics(listener, render, Some("m3trics".into()), signal.clone()));
+    assert_eq!(raw(worker_port, "GET", "/metrics", &[&host], "").await, 401);
+    assert_eq!(raw(worker_port, "GET", "/metrics", &[&host, "Authorization: Bearer m3trics"], "").await, 200);
     harness.stop().await;
 }
 

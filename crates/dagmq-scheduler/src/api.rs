@@ -95,17 +95,25 @@ pub async fn serve(
 }
 
 /// Serves `GET /metrics` with whatever `render` answers, until `shutdown` fires (a worker's own
-/// metrics endpoint).
+/// metrics endpoint); with a `token`, only to requests that bear it.
 pub async fn serve_metrics(
     listener: tokio::net::TcpListener,
     render: Arc<dyn Fn() -> String + Send + Sync>,
+    token: Option<String>,
     shutdown: dagmq_core::CancelSignal,
 ) -> std::io::Result<()> {
     let router = Router::new().route(
         "/metrics",
-        get(move || {
+        get(move |headers: axum::http::HeaderMap| {
             let render = render.clone();
-            async move { ([(header::CONTENT_TYPE, dagmq_core::metrics::CONTENT_TYPE)], render()) }
+            let allowed = token.as_deref().is_none_or(|token| bearer_is(&headers, token));
+            async move {
+                if allowed {
+                    ([(header::CONTENT_TYPE, dagmq_core::metrics::CONTENT_TYPE)], render()).into_response()
+                } else {
+                    ApiError(StatusCode::UNAUTHORIZED, "missing or wrong metrics token".to_string()).into_response()
+                }
+            }
         }),
     );
     axum::serve(listener, router).with_graceful_shutdown(async move { shutdown.cancelled().await }).await

@@ -147,8 +147,12 @@ pub(crate) async fn serve(app: &App, args: &ServeArgs, file: &ConfigFile, role: 
                 .filter_map(|o| o.split_once("://").map(|(_, rest)| rest.trim_end_matches('/').to_string()))
                 .collect()
         });
-        let api_config =
-            ApiConfig { token, metrics_token, allowed_origins: args.allowed_origin.clone(), allowed_hosts };
+        let api_config = ApiConfig {
+            token,
+            metrics_token: metrics_token.clone(),
+            allowed_origins: args.allowed_origin.clone(),
+            allowed_hosts,
+        };
         scheduler = Some(task);
         let listener = tokio::net::TcpListener::bind((address, port))
             .await
@@ -184,6 +188,7 @@ pub(crate) async fn serve(app: &App, args: &ServeArgs, file: &ConfigFile, role: 
             tokio::spawn(dagmq_scheduler::api::serve_metrics(
                 listener,
                 Arc::new(move || metrics.render()),
+                metrics_token.clone(),
                 worker_signal.clone(),
             ));
         }
