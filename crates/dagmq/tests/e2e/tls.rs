@@ -319,15 +319,16 @@ fn a_certificate_that_does_not_verify_is_a_clear_error_naming_the_server() {
     assert!(err.contains("--tls-ca"), "the error says what to check: {err}");
     assert!(!err.contains("guest:guest"), "no password in errors: {err}");
 
-    // The broker is reached (plain AMQP on the shared broker) and Redis refuses the same way.
-    if std::net::TcpStream::connect(("127.0.0.1", 5672)).is_ok() {
-        let err = scheduler_refused("amqp://guest:guest@127.0.0.1:5672/%2f", &rediss, &wrong_ca);
+    // The broker is reached (plain AMQP, in a vhost of this test's on the shared broker) and
+    // Redis refuses the same way.
+    if let Some(plain) = Cluster::new(&[]) {
+        let err = scheduler_refused(&plain.amqp, &rediss, &wrong_ca);
         assert!(err.contains(&format!("redis rediss://localhost:{}", redis.port)), "{err}");
         assert!(err.contains("invalid peer certificate: UnknownIssuer"), "{err}");
 
         // Without a client certificate, the server's refusal is named.
         let ca_only = vec!["--tls-ca".to_string(), ca.file("ca.pem")];
-        let err = scheduler_refused("amqp://guest:guest@127.0.0.1:5672/%2f", &rediss, &ca_only);
+        let err = scheduler_refused(&plain.amqp, &rediss, &ca_only);
         assert!(err.contains("CertificateRequired") || err.contains("certificate required"), "{err}");
     }
 
