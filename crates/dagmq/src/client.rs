@@ -89,7 +89,17 @@ impl HttpClient {
         if let Some(token) = token {
             request = request.bearer_auth(token);
         }
-        let fail = |e: reqwest::Error| format!("{method} {target}: {}", chain(&e));
+        let fail = |e: reqwest::Error| {
+            // reqwest's own text repeats the URL; the causes say what went wrong.
+            let cause = std::error::Error::source(&e).map_or_else(|| e.to_string(), chain);
+            if e.is_connect() {
+                format!("cannot connect to {} ({method} {target}): {cause}", self.base)
+            } else if e.is_timeout() {
+                format!("{method} {target}: no answer within the timeout")
+            } else {
+                format!("{method} {target}: {cause}")
+            }
+        };
         let mut response = request.send().await.map_err(fail)?;
         let status = response.status().as_u16();
         let mut body = Vec::new();
