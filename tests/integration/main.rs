@@ -5,6 +5,7 @@
 
 mod api;
 mod faults;
+mod outputs;
 mod partial_failure;
 mod queue_contract;
 mod redis_ambiguity;

@@ -99,7 +99,11 @@ async fn contract(store: Arc<dyn Store>) {
     // Follow-ups: added once, downstream rewired.
     let mut success = with(&a, TaskState::Success, 1);
     success.follow_ups = vec![FollowUp::new("x", "noop", serde_json::Value::Null)];
+    // An output with the shapes a Lua round trip could spoil (empty list, empty object, unicode).
+    let output = serde_json::json!({"rows": 3, "empty": [], "none": {}, "name": "Zürich"});
+    success.output = Some(output.clone());
     assert!(store.transition_task("r4", TaskState::Running, 1, &success).await.unwrap());
+    assert_eq!(store.task("r4", "a").await.unwrap().unwrap().output, Some(output));
     let follow = TaskInstance::pending("a.x", vec!["a".to_string()], "default", 0);
     let rewire = vec![("b".to_string(), vec!["a".to_string(), "a.x".to_string()])];
     store.add_tasks("r4", std::slice::from_ref(&follow), &rewire).await.unwrap();

@@ -112,6 +112,10 @@ pub struct TaskInstance {
     /// cannot lose them.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub follow_ups: Vec<FollowUp>,
+    /// What the successful try handed on (JSON, at most [`crate::task::MAX_OUTPUT_BYTES`]);
+    /// kept per try here in the store, never carried in a message.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub output: Option<serde_json::Value>,
 }
 
 impl TaskInstance {
@@ -141,6 +145,7 @@ impl TaskInstance {
             progress: None,
             interruptions: 0,
             follow_ups: Vec::new(),
+            output: None,
         }
     }
 

@@ -215,11 +215,16 @@ impl CancelHandle {
     }
 }
 
+/// Largest output a try may hand on, in bytes of compact JSON.
+pub const MAX_OUTPUT_BYTES: usize = 64 * 1024;
+
 /// What a successful try returns.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct TaskOutcome {
     /// Tasks to add to the run after this one, before its downstream tasks.
     pub follow_ups: Vec<FollowUp>,
+    /// What the try hands on to its downstream tasks and to whoever reads the run.
+    pub output: Option<serde_json::Value>,
 }
 
 impl TaskOutcome {
@@ -230,8 +235,40 @@ impl TaskOutcome {
 
     /// Success that adds follow-up tasks to the run.
     pub fn with_follow_ups(follow_ups: Vec<FollowUp>) -> TaskOutcome {
-        TaskOutcome { follow_ups }
+        TaskOutcome { follow_ups, output: None }
     }
+
+    /// Success that hands on `output`.
+    pub fn with_output(output: serde_json::Value) -> TaskOutcome {
+        TaskOutcome { follow_ups: Vec::new(), output: Some(output) }
+    }
+}
+
+/// Checks an output against [`MAX_OUTPUT_BYTES`]; the error says how large it is.
+pub fn check_output(output: &serde_json::Value) -> Result<(), String> {
+    let size = serde_json::to_vec(output).map_or(usize::MAX, |bytes| bytes.len());
+    if size > MAX_OUTPUT_BYTES {
+        return Err(format!("the output is {size} bytes of JSON, more than the limit of {MAX_OUTPUT_BYTES}"));
+    }
+    Ok(())
+}
+
+/// Reads a command task's output file: none or empty (blank) is no output; more than
+/// [`MAX_OUTPUT_BYTES`] or text that is not JSON is an error that says so.
+pub fn parse_output_file(bytes: &[u8]) -> Result<Option<serde_json::Value>, String> {
+    if bytes.len() > MAX_OUTPUT_BYTES {
+        return Err(format!(
+            "the output file (DAGMQ_OUTPUT) holds {} bytes, more than the limit of {MAX_OUTPUT_BYTES}",
+            bytes.len()
+        ));
+    }
+    if bytes.iter().all(u8::is_ascii_whitespace) {
+        return Ok(None);
+    }
+    let value: serde_json::Value =
+        serde_json::from_slice(bytes).map_err(|e| format!("the output file (DAGMQ_OUTPUT) is not JSON: {e}"))?;
+    check_output(&value)?;
+    Ok(Some(value))
 }
 
 /// A task created at run time by another task's success (dynamic tasks). It runs a task that
@@ -305,6 +342,25 @@ impl From<&str> for TaskError {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn output_files_parse_or_say_what_is_wrong() {
+        assert_eq!(parse_output_file(b""), Ok(None));
+        assert_eq!(parse_output_file(b" \n"), Ok(None));
+        assert_eq!(parse_output_file(br#"{"rows": 3}"#), Ok(Some(serde_json::json!({"rows": 3}))));
+        assert_eq!(parse_output_file(b"\"a string\"\n"), Ok(Some(serde_json::json!("a string"))));
+        let err = parse_output_file(b"rows=3").unwrap_err();
+        assert!(err.starts_with("the output file (DAGMQ_OUTPUT) is not JSON: "), "{err}");
+        let big = format!("\"{}\"", "x".repeat(MAX_OUTPUT_BYTES));
+        let err = parse_output_file(big.as_bytes()).unwrap_err();
+        assert!(err.contains(&format!("holds {} bytes, more than the limit of 65536", big.len())), "{err}");
+        // Exactly at the limit is allowed.
+        let fits = format!("\"{}\"", "x".repeat(MAX_OUTPUT_BYTES - 2));
+        assert!(parse_output_file(fits.as_bytes()).unwrap().is_some());
+        assert!(
+            check_output(&serde_json::json!("x".repeat(MAX_OUTPUT_BYTES))).unwrap_err().contains("more than the limit")
+        );
+    }
 
     #[tokio::test]
     async fn cancel_signal_fires_once_for_all_clones() {

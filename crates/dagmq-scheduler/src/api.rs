@@ -543,8 +543,24 @@ pub struct RunDetail {
     pub run: RunRecord,
     /// How many tasks are in each state.
     pub task_counts: BTreeMap<TaskState, usize>,
-    /// Every task.
+    /// Every task, each with `"output"` (null when it handed nothing on).
+    #[serde(serialize_with = "tasks_with_output")]
     pub tasks: Vec<TaskInstance>,
+}
+
+/// Writes tasks as the store keeps them, plus `"output": null` where a task has none, so that
+/// every task of a run's answer has the key.
+fn tasks_with_output<S: serde::Serializer>(tasks: &[TaskInstance], serializer: S) -> Result<S::Ok, S::Error> {
+    use serde::ser::{Error, SerializeSeq};
+    let mut seq = serializer.serialize_seq(Some(tasks.len()))?;
+    for task in tasks {
+        let mut value = serde_json::to_value(task).map_err(S::Error::custom)?;
+        if let Some(object) = value.as_object_mut() {
+            object.entry("output").or_insert(serde_json::Value::Null);
+        }
+        seq.serialize_element(&value)?;
+    }
+    seq.end()
 }
 
 async fn show_run(State(state): State<AppState>, Path(run_id): Path<String>) -> ApiResult<Json<RunDetail>> {

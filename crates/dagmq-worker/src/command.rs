@@ -15,6 +15,48 @@ use tokio::process::Command;
 /// How long a process gets between SIGTERM and SIGKILL.
 const KILL_GRACE: Duration = Duration::from_secs(5);
 
+/// The output file of one try, in a directory of its own (mode 0700, so no other user can
+/// plant or read it); both are removed when dropped.
+struct OutputFile(std::path::PathBuf);
+
+impl OutputFile {
+    fn new() -> std::io::Result<OutputFile> {
+        static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let dir = std::env::temp_dir().join(format!("dagmq-output-{}-{n}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let mut builder = std::fs::DirBuilder::new();
+        std::os::unix::fs::DirBuilderExt::mode(&mut builder, 0o700);
+        builder.create(&dir)?;
+        Ok(OutputFile(dir.join("output.json")))
+    }
+
+    /// The output the process left, if any (none when it wrote no file).
+    fn read(&self) -> Result<Option<serde_json::Value>, String> {
+        match std::fs::metadata(&self.0) {
+            Err(_) => return Ok(None),
+            Ok(meta) if meta.len() > dagmq_core::task::MAX_OUTPUT_BYTES as u64 => {
+                return Err(format!(
+                    "the output file (DAGMQ_OUTPUT) holds {} bytes, more than the limit of {}",
+                    meta.len(),
+                    dagmq_core::task::MAX_OUTPUT_BYTES
+                ));
+            }
+            Ok(_) => {}
+        }
+        let bytes = std::fs::read(&self.0).map_err(|e| format!("cannot read the output file (DAGMQ_OUTPUT): {e}"))?;
+        dagmq_core::task::parse_output_file(&bytes)
+    }
+}
+
+impl Drop for OutputFile {
+    fn drop(&mut self) {
+        if let Some(dir) = self.0.parent() {
+            let _ = std::fs::remove_dir_all(dir);
+        }
+    }
+}
+
 /// Runs `argv` for the try in `ctx` until it exits or the try is cancelled.
 pub(crate) async fn run_command(
     argv: &[String],
@@ -25,6 +67,7 @@ pub(crate) async fn run_command(
     let rendered =
         template::render_command(argv, &vars).map_err(|e| TaskError::fatal(format!("command template: {e}")))?;
     let (program, args) = rendered.split_first().ok_or_else(|| TaskError::fatal("empty command"))?;
+    let output = OutputFile::new().map_err(|e| TaskError::new(format!("cannot make the output file: {e}")))?;
     let mut command = Command::new(program);
     command
         .args(args)
@@ -37,7 +80,8 @@ pub(crate) async fn run_command(
         .env("DAGMQ_DAG_ID", &ctx.dag_id)
         .env("DAGMQ_TASK_ID", &ctx.task_id)
         .env("DAGMQ_TRY", ctx.try_number.to_string())
-        .env("DAGMQ_LOGICAL_DATE", logical_date);
+        .env("DAGMQ_LOGICAL_DATE", logical_date)
+        .env("DAGMQ_OUTPUT", &output.0);
     for (key, value) in &ctx.params {
         command.env(format!("DAGMQ_PARAM_{}", env_name(key)), param_text(value));
     }
@@ -61,7 +105,9 @@ pub(crate) async fn run_command(
         let _ = reader.await;
     }
     if status.success() {
-        Ok(TaskOutcome::done())
+        // Read only after exit 0: a failed try hands nothing on.
+        let output = output.read().map_err(TaskError::new)?;
+        Ok(TaskOutcome { follow_ups: Vec::new(), output })
     } else {
         match status.code() {
             Some(code) => Err(TaskError::new(format!("command exited with status {code}"))),

@@ -517,19 +517,31 @@ async fn record_outcome(
     done.ended_at = Some(now);
     match result {
         Ok(outcome) => match check_follow_ups(shared, &outcome.follow_ups) {
-            Ok(()) => {
-                done.state = TaskState::Success;
-                done.follow_ups = outcome.follow_ups.clone();
-            }
+            Ok(()) => match outcome.output.as_ref().map_or(Ok(()), dagmq_core::task::check_output) {
+                Ok(()) => {
+                    done.state = TaskState::Success;
+                    done.follow_ups = outcome.follow_ups.clone();
+                    done.output = outcome.output.clone();
+                }
+                Err(reason) => {
+                    // Like any failure: retried while tries are left.
+                    let retry = running.try_number < running.max_try;
+                    done.state = if retry { TaskState::UpForRetry } else { TaskState::Failed };
+                    done.error = Some(reason);
+                    done.output = None;
+                }
+            },
             Err(reason) => {
                 done.state = TaskState::Failed;
                 done.error = Some(reason);
+                done.output = None;
             }
         },
         Err(error) => {
             let retry = error.retryable && running.try_number < running.max_try;
             done.state = if retry { TaskState::UpForRetry } else { TaskState::Failed };
             done.error = Some(error.message.clone());
+            done.output = None;
         }
     }
     if store.transition_task(&message.run_id, TaskState::Running, running.try_number, &done).await? {

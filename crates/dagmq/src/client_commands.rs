@@ -112,6 +112,19 @@ pub(crate) async fn trigger(api: &Api, args: &TriggerArgs) -> CliResult<()> {
     }
 }
 
+/// A task's output in a table cell: compact JSON (a string as itself), cut at 60 characters.
+fn output_text(output: &Value) -> String {
+    let full = match output {
+        Value::Null => return String::new(),
+        Value::String(text) => text.clone(),
+        other => other.to_string(),
+    };
+    match full.char_indices().nth(60) {
+        Some((cut, _)) => format!("{}...", &full[..cut]),
+        None => full,
+    }
+}
+
 /// `dagmq dags ...`.
 pub(crate) async fn dags(api: &Api, command: &DagsCommand) -> CliResult<()> {
     match command {
@@ -219,11 +232,12 @@ pub(crate) async fn runs(api: &Api, command: &RunsCommand) -> CliResult<()> {
                         text(&t["worker"]),
                         text(&t["started_at"]),
                         text(&t["ended_at"]),
+                        output_text(&t["output"]),
                         text(&t["error"]),
                     ]
                 })
                 .collect();
-            print_table(&["TASK", "STATE", "TRY", "WORKER", "STARTED", "ENDED", "ERROR"], rows);
+            print_table(&["TASK", "STATE", "TRY", "WORKER", "STARTED", "ENDED", "OUTPUT", "ERROR"], rows);
         }
         RunsCommand::Restart { run_id } | RunsCommand::Cancel { run_id } => {
             let verb = if matches!(command, RunsCommand::Restart { .. }) { "restart" } else { "cancel" };

@@ -274,7 +274,7 @@ const TARGETS: &str = r#"
 id = "quick"
 [[task]]
 id = "say"
-command = ["echo", "hi"]
+command = ["sh", "-c", "echo '{\"said\": \"hi\"}' > \"$DAGMQ_OUTPUT\""]
 "#;
 
 const SLOW_DAG: &str = r#"
@@ -375,6 +375,11 @@ fn pages_of_other_origins_cannot_command_the_api_but_the_ui_can() {
     browser.open(&format!("{base}/#/dags"));
     browser.click("[data-test=\"trigger-quick\"]");
     browser.wait_for("return document.querySelector('h2 .state')?.dataset.state ?? null", json!("success"));
+    // The run page shows the task's output.
+    browser.wait_for(
+        "return document.querySelector('tr[data-task=\"say\"] [data-test=output]')?.textContent ?? null",
+        json!("{\"said\":\"hi\"}"),
+    );
     browser.open(&format!("{base}/#/runs/{slow}"));
     browser.click("[data-test=\"cancel\"]");
     browser.wait_for("return document.querySelector('h2 .state')?.dataset.state ?? null", json!("cancelled"));

@@ -316,3 +316,55 @@ fn a_sigkilled_worker_leaves_no_task_process_running() {
     }
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+const OUTPUTS: &str = r#"
+id = "outputs"
+[[task]]
+id = "count"
+command = ["sh", "-c", "printf '{\"path\": \"/data/x.csv\", \"rows\": 3}' > \"$DAGMQ_OUTPUT\""]
+[[task]]
+id = "silent"
+command = ["true"]
+[[task]]
+id = "garbled"
+command = ["sh", "-c", "echo 'rows=3' > \"$DAGMQ_OUTPUT\""]
+retries = 1
+retry_delay = "1s"
+[[task]]
+id = "huge"
+command = ["sh", "-c", "printf '\"%070000d\"' 0 > \"$DAGMQ_OUTPUT\""]
+[[task]]
+id = "failing"
+command = ["sh", "-c", "echo '{\"half\": true}' > \"$DAGMQ_OUTPUT\"; exit 3"]
+"#;
+
+#[test]
+fn command_outputs_are_read_after_exit_0_and_shown_by_the_api_and_the_cli() {
+    let dir = std::env::temp_dir().join(format!("dagmq-outputs-e2e-{}", crate::support::free_port()));
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("outputs.toml"), OUTPUTS).unwrap();
+    let standalone = Standalone::start(&dir, &[]);
+    // `trigger --wait --json` prints the finished run, outputs included.
+    let output = standalone.cli(&["trigger", "outputs", "--wait", "--json"]);
+    assert_eq!(output.status.code(), Some(1), "the run fails: {}", text(&output.stderr));
+    let run: Value = serde_json::from_slice(&output.stdout).unwrap();
+    assert_eq!(task(&run, "count")["output"], serde_json::json!({"path": "/data/x.csv", "rows": 3}));
+    assert_eq!(task(&run, "silent")["output"], Value::Null, "no file: no output (and the key is there)");
+    let garbled = task(&run, "garbled");
+    assert_eq!((garbled["state"].as_str(), garbled["try_number"].as_u64()), (Some("failed"), Some(2)), "{garbled}");
+    assert!(garbled["error"].as_str().unwrap().starts_with("the output file (DAGMQ_OUTPUT) is not JSON"), "{garbled}");
+    let huge = task(&run, "huge");
+    assert_eq!(huge["state"], "failed");
+    assert!(huge["error"].as_str().unwrap().contains("holds 70002 bytes, more than the limit of 65536"), "{huge}");
+    let failing = task(&run, "failing");
+    assert_eq!(
+        (failing["state"].as_str(), &failing["output"]),
+        (Some("failed"), &Value::Null),
+        "exit 3 hands nothing on"
+    );
+    // The table of `runs show` has the output column.
+    let run_id = run["run_id"].as_str().unwrap();
+    let shown = text(&standalone.cli(&["runs", "show", run_id]).stdout);
+    assert!(shown.contains("OUTPUT") && shown.contains(r#"{"path":"/data/x.csv","rows":3}"#), "{shown}");
+    let _ = std::fs::remove_dir_all(&dir);
+}

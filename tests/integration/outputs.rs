@@ -1,0 +1,55 @@
+//! Task outputs: what a Rust task returns is kept with its try in the store; an output over the
+//! limit fails the try like any failure.
+
+use async_trait::async_trait;
+use dagmq_core::task::MAX_OUTPUT_BYTES;
+use dagmq_core::{Dag, DagRegistry, Task, TaskContext, TaskError, TaskOutcome, TaskSpec, TaskState};
+use serde_json::{Value, json};
+
+use crate::support::Harness;
+
+/// Returns a fixed output.
+struct Emit(Value);
+
+#[async_trait]
+impl Task for Emit {
+    async fn run(&self, _ctx: TaskContext) -> Result<TaskOutcome, TaskError> {
+        Ok(TaskOutcome::with_output(self.0.clone()))
+    }
+}
+
+/// Hands nothing on.
+struct Quiet;
+
+#[async_trait]
+impl Task for Quiet {
+    async fn run(&self, _ctx: TaskContext) -> Result<TaskOutcome, TaskError> {
+        Ok(TaskOutcome::done())
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_rust_task_output_is_stored_and_an_oversize_one_fails_the_try() {
+    let rows = json!({"path": "/data/2026-12-02.csv", "rows": 3});
+    let mut dags = DagRegistry::new();
+    dags.add(
+        Dag::builder("etl")
+            .task(TaskSpec::rust("extract", Emit(rows.clone())))
+            .task(TaskSpec::rust("quiet", Quiet))
+            .task(TaskSpec::rust("big", Emit(json!("x".repeat(MAX_OUTPUT_BYTES)))).retries(1))
+            .build()
+            .unwrap(),
+    )
+    .unwrap();
+    let harness = Harness::start(dags).await;
+    let run_id = harness.trigger("etl").await;
+    let extract = harness.wait_task(&run_id, "extract", |t| t.state == TaskState::Success).await;
+    assert_eq!(extract.output, Some(rows));
+    let quiet = harness.wait_task(&run_id, "quiet", |t| t.state == TaskState::Success).await;
+    assert_eq!(quiet.output, None);
+    let big = harness.wait_task(&run_id, "big", |t| t.state == TaskState::Failed).await;
+    assert_eq!((big.try_number, big.output.as_ref()), (2, None), "retried once, then failed");
+    let error = big.error.unwrap_or_default();
+    assert!(error.contains(&format!("more than the limit of {MAX_OUTPUT_BYTES}")), "{error}");
+    harness.stop().await;
+}
