@@ -53,3 +53,37 @@ async fn a_rust_task_output_is_stored_and_an_oversize_one_fails_the_try() {
     assert!(error.contains(&format!("more than the limit of {MAX_OUTPUT_BYTES}")), "{error}");
     harness.stop().await;
 }
+
+/// Sums the `rows` of its inputs and hands the sum on.
+struct SumRows;
+
+#[async_trait]
+impl Task for SumRows {
+    async fn run(&self, ctx: TaskContext) -> Result<TaskOutcome, TaskError> {
+        let inputs = ctx.inputs().await?;
+        let rows: i64 = inputs.values().filter_map(|v| v["rows"].as_i64()).sum();
+        let names: Vec<&String> = inputs.keys().collect();
+        ctx.log(format!("inputs from {names:?}"));
+        Ok(TaskOutcome::with_output(json!({"rows": rows, "from": inputs.len()})))
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_rust_task_reads_its_upstream_outputs_from_its_context() {
+    let mut dags = DagRegistry::new();
+    dags.add(
+        Dag::builder("sum")
+            .task(TaskSpec::rust("a", Emit(json!({"rows": 3}))))
+            .task(TaskSpec::rust("b", Emit(json!({"rows": 4}))))
+            .task(TaskSpec::rust("nothing", Quiet))
+            .task(TaskSpec::rust("total", SumRows).after(["a", "b", "nothing"]))
+            .build()
+            .unwrap(),
+    )
+    .unwrap();
+    let harness = Harness::start(dags).await;
+    let run_id = harness.trigger("sum").await;
+    let total = harness.wait_task(&run_id, "total", |t| t.state == TaskState::Success).await;
+    assert_eq!(total.output, Some(json!({"rows": 7, "from": 3})), "a task without output is an input of null");
+    harness.stop().await;
+}

@@ -152,6 +152,19 @@ pub enum DagError {
         /// The tasks of the loop, first repeated at the end.
         path: Vec<String>,
     },
+    /// A command reads the output of a task that does not run before it.
+    #[error(
+        "dag {dag:?}, task {task:?}: {{{{ tasks.{referenced}.output }}}} names a task that is not upstream of it \
+         (directly or through others), so its output may not exist yet"
+    )]
+    NotAnAncestor {
+        /// The DAG.
+        dag: String,
+        /// The task whose command names it.
+        task: String,
+        /// The task named.
+        referenced: String,
+    },
     /// Any other bad setting.
     #[error("dag {dag:?}: {reason}")]
     Invalid {
@@ -414,8 +427,40 @@ impl DagBuilder {
         let mut slots: Vec<Option<TaskSpec>> = dag.tasks.drain(..).map(Some).collect();
         dag.tasks = order.into_iter().filter_map(|i| slots[i].take()).collect();
         dag.index = dag.tasks.iter().enumerate().map(|(i, t)| (t.id.clone(), i)).collect();
+        check_output_references(&dag)?;
         Ok(dag)
     }
+}
+
+/// Refuses a command that reads `{{ tasks.ID.output }}` of a task that is not its ancestor. Only
+/// commands with such references cost a walk up the graph.
+fn check_output_references(dag: &Dag) -> Result<(), DagError> {
+    for task in &dag.tasks {
+        let TaskKind::Command(argv) = &task.kind else { continue };
+        for referenced in argv.iter().flat_map(|arg| crate::template::output_references(arg)) {
+            if !is_ancestor(dag, &referenced, task) {
+                return Err(DagError::NotAnAncestor { dag: dag.id.clone(), task: task.id.clone(), referenced });
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Whether `ancestor` is reached by walking up from `task`'s upstreams.
+fn is_ancestor(dag: &Dag, ancestor: &str, task: &TaskSpec) -> bool {
+    let mut seen = std::collections::HashSet::new();
+    let mut stack: Vec<&str> = task.after.iter().map(String::as_str).collect();
+    while let Some(id) = stack.pop() {
+        if id == ancestor {
+            return true;
+        }
+        if seen.insert(id)
+            && let Some(up) = dag.task(id)
+        {
+            stack.extend(up.after.iter().map(String::as_str));
+        }
+    }
+    false
 }
 
 /// Ids are what URLs, queue names and Redis keys carry: letters, digits, `_`, `-` and `.`.

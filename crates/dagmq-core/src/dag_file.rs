@@ -228,6 +228,7 @@ pub fn parse_dag_file(file: &str, text: &str, registry: &TaskRegistry) -> Result
                 after_spans.get(&(task.clone(), upstream.clone())).map(|s| line_of(text, s.start))
             }
             DagError::Cycle { path, .. } => path.first().and_then(|t| task_lines.get(t)).copied(),
+            DagError::NotAnAncestor { task, .. } => task_lines.get(task).copied(),
             DagError::Invalid { reason, .. } if reason.contains("cron") || reason.contains("schedule") => {
                 schedule_span.clone().map(|s| line_of(text, s.start))
             }
@@ -360,5 +361,12 @@ queue = "heavy"
         );
         check("id = \"etl\"\n[[task]\n", "etl.toml:2: unclosed array table, expected `]`");
         check("id = \"etl\"\n", "etl.toml:1: dag \"etl\": a dag needs at least one task");
+        // Reading the output of a task that is not upstream (here a sibling).
+        check(
+            "id = \"etl\"\n[[task]]\nid = \"a\"\ncommand = [\"true\"]\n[[task]]\nid = \"b\"\ncommand = [\"true\"]\n\
+             [[task]]\nid = \"c\"\nafter = [\"a\"]\ncommand = [\"echo\", \"{{ tasks.a.output }} {{ tasks.b.output.rows }}\"]\n",
+            "etl.toml:9: dag \"etl\", task \"c\": {{ tasks.b.output }} names a task that is not upstream of it \
+             (directly or through others), so its output may not exist yet",
+        );
     }
 }

@@ -44,6 +44,21 @@ pub struct TaskContext {
     progress: Arc<dyn ProgressSink>,
     /// Fires when the try must stop (run cancelled, timeout, worker shutting down).
     cancel: CancelSignal,
+    /// The task's direct upstream tasks, whose outputs are its inputs.
+    upstream: Arc<[String]>,
+    /// Where other tasks' outputs are read from (the store), when the worker gives one.
+    outputs: Option<Arc<dyn OutputSource>>,
+}
+
+/// Reads the outputs of a run's tasks, for a try that asks (the worker reads the store).
+#[async_trait::async_trait]
+pub trait OutputSource: Send + Sync {
+    /// The output of each of `task_ids` in run `run_id` (`None` for a task without one).
+    async fn outputs(
+        &self,
+        run_id: &str,
+        task_ids: &[String],
+    ) -> Result<std::collections::BTreeMap<String, Option<serde_json::Value>>, String>;
 }
 
 impl TaskContext {
@@ -60,7 +75,57 @@ impl TaskContext {
         progress: Arc<dyn ProgressSink>,
         cancel: CancelSignal,
     ) -> TaskContext {
-        TaskContext { run_id, dag_id, task_id, try_number, params, args, log, progress, cancel }
+        TaskContext {
+            run_id,
+            dag_id,
+            task_id,
+            try_number,
+            params,
+            args,
+            log,
+            progress,
+            cancel,
+            upstream: Arc::from(Vec::new()),
+            outputs: None,
+        }
+    }
+
+    /// The same context, able to read the outputs of the run's tasks: `upstream` are the
+    /// task's direct upstream tasks.
+    pub fn with_outputs(mut self, upstream: Arc<[String]>, source: Arc<dyn OutputSource>) -> TaskContext {
+        self.upstream = upstream;
+        self.outputs = Some(source);
+        self
+    }
+
+    /// The task's direct upstream tasks.
+    pub fn upstream(&self) -> &[String] {
+        &self.upstream
+    }
+
+    /// The outputs of the direct upstream tasks, `{"ID": output}` (`null` for a task that
+    /// handed nothing on). Read when asked, so a try that does not ask costs nothing.
+    pub async fn inputs(&self) -> Result<serde_json::Map<String, serde_json::Value>, TaskError> {
+        let upstream = self.upstream.to_vec();
+        let outputs = self.outputs_of(&upstream).await?;
+        Ok(outputs.into_iter().map(|(id, output)| (id, output.unwrap_or(serde_json::Value::Null))).collect())
+    }
+
+    /// The outputs of these tasks of the run (`None` for a task that handed nothing on).
+    pub async fn outputs_of(
+        &self,
+        task_ids: &[String],
+    ) -> Result<std::collections::BTreeMap<String, Option<serde_json::Value>>, TaskError> {
+        if task_ids.is_empty() {
+            return Ok(Default::default());
+        }
+        let Some(source) = &self.outputs else {
+            return Ok(task_ids.iter().map(|id| (id.clone(), None)).collect());
+        };
+        source
+            .outputs(&self.run_id, task_ids)
+            .await
+            .map_err(|e| TaskError::new(format!("cannot read the outputs of {}: {e}", task_ids.join(", "))))
     }
 
     /// Appends one line to this try's log.

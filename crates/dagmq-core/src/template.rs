@@ -64,6 +64,47 @@ pub fn shell_script_index(argv: &[String]) -> Option<usize> {
     (command_flag && at < argv.len()).then_some(at)
 }
 
+/// The task ids that `{{ tasks.ID.output... }}` names in `text`, in order of appearance.
+pub fn output_references(text: &str) -> Vec<String> {
+    let mut ids = Vec::new();
+    let mut rest = text;
+    while let Some(open) = rest.find("{{") {
+        let after_open = &rest[open + 2..];
+        let Some(close) = after_open.find("}}") else { break };
+        let name = after_open[..close].trim();
+        if let Some(id) = name.strip_prefix("tasks.").and_then(|tail| tail.split_once(".output").map(|(id, _)| id))
+            && !ids.iter().any(|known| known == id)
+        {
+            ids.push(id.to_string());
+        }
+        rest = &after_open[close + 2..];
+    }
+    ids
+}
+
+/// Template variables for another task's output: `tasks.ID.output` (compact JSON; a string as
+/// itself; `null` when the task handed nothing on), and for an object, each field and sub-field
+/// as `tasks.ID.output.FIELD.SUB` (list items by index).
+pub fn output_vars(task_id: &str, output: Option<&serde_json::Value>, vars: &mut BTreeMap<String, String>) {
+    fn walk(prefix: String, value: &serde_json::Value, vars: &mut BTreeMap<String, String>) {
+        match value {
+            serde_json::Value::Object(fields) => {
+                for (key, field) in fields {
+                    walk(format!("{prefix}.{key}"), field, vars);
+                }
+            }
+            serde_json::Value::Array(items) => {
+                for (i, item) in items.iter().enumerate() {
+                    walk(format!("{prefix}.{i}"), item, vars);
+                }
+            }
+            _ => {}
+        }
+        vars.insert(prefix, crate::task::param_text(value));
+    }
+    walk(format!("tasks.{task_id}.output"), output.unwrap_or(&serde_json::Value::Null), vars);
+}
+
 /// [`render`] with each substituted value passed through `quote`.
 pub fn render_with(
     text: &str,
@@ -95,6 +136,26 @@ pub fn render_with(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn output_references_and_variables() {
+        assert_eq!(
+            output_references("{{ tasks.a.output }} {{params.x}} {{tasks.b.output.path}} {{ tasks.a.output.n }}"),
+            ["a", "b"]
+        );
+        let mut vars = BTreeMap::new();
+        output_vars("a", Some(&serde_json::json!({"path": "/x", "n": 3, "list": ["p", {"q": true}]})), &mut vars);
+        output_vars("s", Some(&serde_json::json!("plain")), &mut vars);
+        output_vars("none", None, &mut vars);
+        assert_eq!(vars["tasks.a.output"], r#"{"list":["p",{"q":true}],"n":3,"path":"/x"}"#);
+        assert_eq!(vars["tasks.a.output.path"], "/x");
+        assert_eq!(vars["tasks.a.output.n"], "3");
+        assert_eq!(vars["tasks.a.output.list.1.q"], "true");
+        assert_eq!(vars["tasks.s.output"], "plain");
+        assert_eq!(vars["tasks.none.output"], "null");
+        assert_eq!(render("wc -l {{ tasks.a.output.path }}", &vars).unwrap(), "wc -l /x");
+        assert!(render("{{ tasks.a.output.missing }}", &vars).unwrap_err().contains("unknown template variable"));
+    }
 
     fn argv(words: &[&str]) -> Vec<String> {
         words.iter().map(|w| w.to_string()).collect()

@@ -31,6 +31,11 @@ impl OutputFile {
         Ok(OutputFile(dir.join("output.json")))
     }
 
+    /// Another file in the try's directory.
+    fn sibling(&self, name: &str) -> std::path::PathBuf {
+        self.0.with_file_name(name)
+    }
+
     /// The output the process left, if any (none when it wrote no file).
     fn read(&self) -> Result<Option<serde_json::Value>, String> {
         match std::fs::metadata(&self.0) {
@@ -63,11 +68,30 @@ pub(crate) async fn run_command(
     ctx: TaskContext,
     logical_date: &str,
 ) -> Result<TaskOutcome, TaskError> {
-    let vars = template_vars(&ctx, logical_date);
+    let mut vars = template_vars(&ctx, logical_date);
+    // Outputs this try reads: its direct upstreams' (DAGMQ_INPUTS) and any its command names.
+    let mut wanted: Vec<String> = ctx.upstream().to_vec();
+    for id in argv.iter().flat_map(|arg| template::output_references(arg)) {
+        if !wanted.contains(&id) {
+            wanted.push(id);
+        }
+    }
+    let outputs = ctx.outputs_of(&wanted).await?;
+    for (id, output) in &outputs {
+        template::output_vars(id, output.as_ref(), &mut vars);
+    }
     let rendered =
         template::render_command(argv, &vars).map_err(|e| TaskError::fatal(format!("command template: {e}")))?;
     let (program, args) = rendered.split_first().ok_or_else(|| TaskError::fatal("empty command"))?;
     let output = OutputFile::new().map_err(|e| TaskError::new(format!("cannot make the output file: {e}")))?;
+    let inputs: serde_json::Map<String, serde_json::Value> = ctx
+        .upstream()
+        .iter()
+        .map(|id| (id.clone(), outputs.get(id).cloned().flatten().unwrap_or(serde_json::Value::Null)))
+        .collect();
+    let inputs_path = output.sibling("inputs.json");
+    std::fs::write(&inputs_path, serde_json::Value::Object(inputs).to_string())
+        .map_err(|e| TaskError::new(format!("cannot write the inputs file: {e}")))?;
     let mut command = Command::new(program);
     command
         .args(args)
@@ -81,7 +105,8 @@ pub(crate) async fn run_command(
         .env("DAGMQ_TASK_ID", &ctx.task_id)
         .env("DAGMQ_TRY", ctx.try_number.to_string())
         .env("DAGMQ_LOGICAL_DATE", logical_date)
-        .env("DAGMQ_OUTPUT", &output.0);
+        .env("DAGMQ_OUTPUT", &output.0)
+        .env("DAGMQ_INPUTS", &inputs_path);
     for (key, value) in &ctx.params {
         command.env(format!("DAGMQ_PARAM_{}", env_name(key)), param_text(value));
     }

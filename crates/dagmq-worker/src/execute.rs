@@ -455,7 +455,7 @@ async fn finish(
     reason: Arc<AtomicU8>,
 ) {
     shared.config.metrics.running.add(&[], 1.0);
-    let (result, reason) = run_try(shared, message, executable, signal, reason).await;
+    let (result, reason) = run_try(shared, message, running.after.clone(), executable, signal, reason).await;
     shared.config.metrics.running.add(&[], -1.0);
     let outcome = match (&result, reason) {
         (_, StopReason::Interrupted | StopReason::Fenced) => "interrupted",
@@ -582,6 +582,22 @@ fn resolve(shared: &Shared, message: &TaskToExec) -> Result<Executable, String> 
     })
 }
 
+/// Reads other tasks' outputs from the store, for a try that asks.
+struct StoreOutputs(Arc<dyn dagmq_core::Store>);
+
+#[async_trait::async_trait]
+impl dagmq_core::task::OutputSource for StoreOutputs {
+    async fn outputs(
+        &self,
+        run_id: &str,
+        task_ids: &[String],
+    ) -> Result<std::collections::BTreeMap<String, Option<serde_json::Value>>, String> {
+        let ids: Vec<&str> = task_ids.iter().map(String::as_str).collect();
+        let tasks = self.0.tasks_by_id(run_id, &ids).await.map_err(|e| e.to_string())?;
+        Ok(task_ids.iter().cloned().zip(tasks.into_iter().map(|t| t.and_then(|t| t.output))).collect())
+    }
+}
+
 /// Refuses follow-ups that no worker could run or that do not form a graph.
 fn check_follow_ups(shared: &Shared, follow_ups: &[FollowUp]) -> Result<(), String> {
     let mut seen = std::collections::HashSet::new();
@@ -605,6 +621,7 @@ fn check_follow_ups(shared: &Shared, follow_ups: &[FollowUp]) -> Result<(), Stri
 async fn run_try(
     shared: &Shared,
     message: &TaskToExec,
+    upstream: Arc<[String]>,
     executable: Executable,
     signal: CancelSignal,
     reason: Arc<AtomicU8>,
@@ -643,7 +660,8 @@ async fn run_try(
             Arc::new(sink.clone()),
             Arc::new(sink.clone()),
             signal.clone(),
-        );
+        )
+        .with_outputs(upstream, Arc::new(StoreOutputs(shared.store.clone())));
         // Polled here, not spawned: one task less per try; a panic is caught at the poll.
         let mut running = CatchPanic(match executable {
             Executable::Rust(task, _) => Box::pin(async move { task.run(ctx).await }),

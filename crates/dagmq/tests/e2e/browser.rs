@@ -200,7 +200,7 @@ fn the_ui_triggers_a_run_shows_its_graph_and_log_and_pauses_a_dag() {
     let base = standalone.api.clone();
 
     browser.open(&format!("{base}/#/dags"));
-    browser.wait_for("return document.querySelectorAll('tr[data-dag]').length", json!(5));
+    browser.wait_for("return document.querySelectorAll('tr[data-dag]').length", json!(6));
     browser.screenshot("dags");
 
     // Trigger from the page: the page moves to the new run, which reaches success.
@@ -245,7 +245,7 @@ fn the_ui_triggers_a_run_shows_its_graph_and_log_and_pauses_a_dag() {
     // Phone width: the page still lays out (no horizontal overflow of the page itself).
     browser.resize(390, 844);
     browser.open(&format!("{base}/#/dags"));
-    browser.wait_for("return document.querySelectorAll('tr[data-dag]').length", json!(5));
+    browser.wait_for("return document.querySelectorAll('tr[data-dag]').length", json!(6));
     browser.wait_for("return document.documentElement.scrollWidth <= window.innerWidth + 1", json!(true));
     browser.screenshot("dags-phone");
 }

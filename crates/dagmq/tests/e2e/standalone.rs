@@ -368,3 +368,23 @@ fn command_outputs_are_read_after_exit_0_and_shown_by_the_api_and_the_cli() {
     assert!(shown.contains("OUTPUT") && shown.contains(r#"{"path":"/data/x.csv","rows":3}"#), "{shown}");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn outputs_reach_downstream_tasks_through_templates_and_the_inputs_file() {
+    let standalone = Standalone::start(&examples(), &[]);
+    let run = trigger_and_wait(&standalone, &["etl_outputs"]);
+    assert_eq!(run["state"], "success", "{run}");
+    let run_id = run["run_id"].as_str().unwrap();
+    let path = format!("/tmp/dagmq-etl-{run_id}.csv");
+    assert_eq!(task(&run, "extract")["output"], serde_json::json!({"path": path, "rows": 3}));
+    assert_eq!(task(&run, "load")["output"], serde_json::json!({"loaded": 3}));
+    let load = text(&standalone.cli(&["logs", run_id, "load"]).stdout);
+    assert_eq!(
+        load,
+        format!("loading 3 rows from {path}\ninputs: {{\"extract\":{{\"path\":\"{path}\",\"rows\":3}}}}\n"),
+        "the template fields and DAGMQ_INPUTS"
+    );
+    let report = text(&standalone.cli(&["logs", run_id, "report"]).stdout);
+    assert_eq!(report, format!("extract said {{\"path\":\"{path}\",\"rows\":3}}, load said 3\n"), "two steps down");
+    assert!(!std::path::Path::new(&path).exists(), "load removed the file it was handed");
+}
