@@ -863,3 +863,22 @@ fn a_busy_worker_holds_few_unstarted_messages_and_a_later_worker_gets_the_rest()
     let by_w2 = tasks(&run).values().filter(|t| t["worker"] == "w2").count();
     assert!(by_w2 >= 40, "the later worker ran {by_w2} tasks");
 }
+
+#[test]
+fn outputs_pass_between_tasks_on_different_workers_through_redis() {
+    let example = std::fs::read_to_string(crate::support::examples().join("etl_outputs.toml")).unwrap();
+    let Some(mut cluster) = Cluster::new(&[("etl_outputs.toml", &example)]) else { return };
+    cluster.start_scheduler();
+    cluster.start_worker("w1");
+    cluster.start_worker("w2");
+    cluster.wait_for_workers(2);
+    let output = cluster.cli(&["trigger", "etl_outputs", "--wait", "--json"]);
+    assert!(output.status.success(), "{}\n{}", text(&output.stderr), cluster.logs_text());
+    let run: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+    let run_id = run["run_id"].as_str().unwrap();
+    let path = format!("/tmp/dagmq-etl-{run_id}.csv");
+    assert_eq!(tasks(&run)["extract"]["output"], serde_json::json!({"path": path, "rows": 3}));
+    assert_eq!(tasks(&run)["load"]["output"], serde_json::json!({"loaded": 3}));
+    let report = text(&cluster.cli(&["logs", run_id, "report"]).stdout);
+    assert_eq!(report, format!("extract said {{\"path\":\"{path}\",\"rows\":3}}, load said 3\n"));
+}
