@@ -64,20 +64,17 @@ pub fn shell_script_index(argv: &[String]) -> Option<usize> {
     (command_flag && at < argv.len()).then_some(at)
 }
 
-/// The task ids that `{{ tasks.ID.output... }}` names in `text`, in order of appearance.
+/// The task ids that `{{ tasks.ID.output... }}` names in `text`, in order of appearance (up to
+/// an unclosed `{{`, which rendering refuses).
 pub fn output_references(text: &str) -> Vec<String> {
-    let mut ids = Vec::new();
-    let mut rest = text;
-    while let Some(open) = rest.find("{{") {
-        let after_open = &rest[open + 2..];
-        let Some(close) = after_open.find("}}") else { break };
-        let name = after_open[..close].trim();
+    let mut ids: Vec<String> = Vec::new();
+    for piece in pieces(text) {
+        let Ok((_, Some(name))) = piece else { continue };
         if let Some(id) = name.strip_prefix("tasks.").and_then(|tail| tail.split_once(".output").map(|(id, _)| id))
             && !ids.iter().any(|known| known == id)
         {
             ids.push(id.to_string());
         }
-        rest = &after_open[close + 2..];
     }
     ids
 }
@@ -112,14 +109,10 @@ pub fn render_with(
     quote: impl Fn(&str) -> String,
 ) -> Result<String, String> {
     let mut out = String::with_capacity(text.len());
-    let mut rest = text;
-    while let Some(open) = rest.find("{{") {
-        out.push_str(&rest[..open]);
-        let after_open = &rest[open + 2..];
-        let Some(close) = after_open.find("}}") else {
-            return Err(format!("unclosed '{{{{' in {text:?}"));
-        };
-        let name = after_open[..close].trim();
+    for piece in pieces(text) {
+        let (literal, name) = piece?;
+        out.push_str(literal);
+        let Some(name) = name else { continue };
         match vars.get(name) {
             Some(value) => out.push_str(&quote(value)),
             None => {
@@ -127,10 +120,25 @@ pub fn render_with(
                 return Err(format!("unknown template variable {name:?} (known: {})", known.join(", ")));
             }
         }
-        rest = &after_open[close + 2..];
     }
-    out.push_str(rest);
     Ok(out)
+}
+
+/// `text` cut at its placeholders: each item is the text before a `{{ NAME }}` with the trimmed
+/// name, and the last one the text after the last placeholder (no name). An unclosed `{{` is an
+/// error, and the last item.
+fn pieces(text: &str) -> impl Iterator<Item = Result<(&str, Option<&str>), String>> {
+    let mut rest = Some(text);
+    std::iter::from_fn(move || {
+        let current = rest.take()?;
+        let Some(open) = current.find("{{") else { return Some(Ok((current, None))) };
+        let after_open = &current[open + 2..];
+        let Some(close) = after_open.find("}}") else {
+            return Some(Err(format!("unclosed '{{{{' in {text:?}")));
+        };
+        rest = Some(&after_open[close + 2..]);
+        Some(Ok((&current[..open], Some(after_open[..close].trim()))))
+    })
 }
 
 #[cfg(test)]
