@@ -106,8 +106,7 @@ impl TaskContext {
     /// The outputs of the direct upstream tasks, `{"ID": output}` (`null` for a task that
     /// handed nothing on). Read when asked, so a try that does not ask costs nothing.
     pub async fn inputs(&self) -> Result<serde_json::Map<String, serde_json::Value>, TaskError> {
-        let upstream = self.upstream.to_vec();
-        let outputs = self.outputs_of(&upstream).await?;
+        let outputs = self.outputs_of(&self.upstream).await?;
         Ok(outputs.into_iter().map(|(id, output)| (id, output.unwrap_or(serde_json::Value::Null))).collect())
     }
 
@@ -319,21 +318,32 @@ pub fn check_output(output: &serde_json::Value) -> Result<(), String> {
 }
 
 /// Reads a command task's output file: none or empty (blank) is no output; more than
-/// [`MAX_OUTPUT_BYTES`] or text that is not JSON is an error that says so.
+/// [`MAX_OUTPUT_BYTES`] (known from its size, before reading) or text that is not JSON is an
+/// error that says so.
+pub fn read_output_file(path: &std::path::Path) -> Result<Option<serde_json::Value>, String> {
+    let Ok(meta) = std::fs::metadata(path) else { return Ok(None) };
+    check_output_file_size(meta.len())?;
+    let bytes = std::fs::read(path).map_err(|e| format!("cannot read the output file (DAGMQ_OUTPUT): {e}"))?;
+    parse_output_file(&bytes)
+}
+
+/// Parses the bytes of an output file, as [`read_output_file`] does. The worker checks the
+/// size of every output it records, so the value is not measured again here.
 pub fn parse_output_file(bytes: &[u8]) -> Result<Option<serde_json::Value>, String> {
-    if bytes.len() > MAX_OUTPUT_BYTES {
-        return Err(format!(
-            "the output file (DAGMQ_OUTPUT) holds {} bytes, more than the limit of {MAX_OUTPUT_BYTES}",
-            bytes.len()
-        ));
-    }
+    check_output_file_size(bytes.len() as u64)?;
     if bytes.iter().all(u8::is_ascii_whitespace) {
         return Ok(None);
     }
-    let value: serde_json::Value =
-        serde_json::from_slice(bytes).map_err(|e| format!("the output file (DAGMQ_OUTPUT) is not JSON: {e}"))?;
-    check_output(&value)?;
-    Ok(Some(value))
+    serde_json::from_slice(bytes).map(Some).map_err(|e| format!("the output file (DAGMQ_OUTPUT) is not JSON: {e}"))
+}
+
+fn check_output_file_size(len: u64) -> Result<(), String> {
+    if len > MAX_OUTPUT_BYTES as u64 {
+        return Err(format!(
+            "the output file (DAGMQ_OUTPUT) holds {len} bytes, more than the limit of {MAX_OUTPUT_BYTES}"
+        ));
+    }
+    Ok(())
 }
 
 /// A task created at run time by another task's success (dynamic tasks). It runs a task that

@@ -35,23 +35,6 @@ impl OutputFile {
     fn sibling(&self, name: &str) -> std::path::PathBuf {
         self.0.with_file_name(name)
     }
-
-    /// The output the process left, if any (none when it wrote no file).
-    fn read(&self) -> Result<Option<serde_json::Value>, String> {
-        match std::fs::metadata(&self.0) {
-            Err(_) => return Ok(None),
-            Ok(meta) if meta.len() > dagmq_core::task::MAX_OUTPUT_BYTES as u64 => {
-                return Err(format!(
-                    "the output file (DAGMQ_OUTPUT) holds {} bytes, more than the limit of {}",
-                    meta.len(),
-                    dagmq_core::task::MAX_OUTPUT_BYTES
-                ));
-            }
-            Ok(_) => {}
-        }
-        let bytes = std::fs::read(&self.0).map_err(|e| format!("cannot read the output file (DAGMQ_OUTPUT): {e}"))?;
-        dagmq_core::task::parse_output_file(&bytes)
-    }
 }
 
 impl Drop for OutputFile {
@@ -131,7 +114,7 @@ pub(crate) async fn run_command(
     }
     if status.success() {
         // Read only after exit 0: a failed try hands nothing on.
-        let output = output.read().map_err(TaskError::new)?;
+        let output = dagmq_core::task::read_output_file(&output.0).map_err(TaskError::new)?;
         Ok(TaskOutcome { follow_ups: Vec::new(), output })
     } else {
         match status.code() {

@@ -456,6 +456,12 @@ async fn finish(
 ) {
     shared.config.metrics.running.add(&[], 1.0);
     let (result, reason) = run_try(shared, message, running.after.clone(), executable, signal, reason).await;
+    // An output over the limit fails the try like any failure (and is retried while tries
+    // are left); every output, a command's or a Rust task's, is measured here once.
+    let result = result.and_then(|outcome| match outcome.output.as_ref().map(dagmq_core::task::check_output) {
+        Some(Err(reason)) => Err(TaskError::new(reason)),
+        _ => Ok(outcome),
+    });
     shared.config.metrics.running.add(&[], -1.0);
     let outcome = match (&result, reason) {
         (_, StopReason::Interrupted | StopReason::Fenced) => "interrupted",
@@ -515,33 +521,24 @@ async fn record_outcome(
     }
     let mut done = running.clone();
     done.ended_at = Some(now);
+    // Only a success hands an output on.
+    done.output = None;
     match result {
         Ok(outcome) => match check_follow_ups(shared, &outcome.follow_ups) {
-            Ok(()) => match outcome.output.as_ref().map_or(Ok(()), dagmq_core::task::check_output) {
-                Ok(()) => {
-                    done.state = TaskState::Success;
-                    done.follow_ups = outcome.follow_ups.clone();
-                    done.output = outcome.output.clone();
-                }
-                Err(reason) => {
-                    // Like any failure: retried while tries are left.
-                    let retry = running.try_number < running.max_try;
-                    done.state = if retry { TaskState::UpForRetry } else { TaskState::Failed };
-                    done.error = Some(reason);
-                    done.output = None;
-                }
-            },
+            Ok(()) => {
+                done.state = TaskState::Success;
+                done.follow_ups = outcome.follow_ups.clone();
+                done.output = outcome.output.clone();
+            }
             Err(reason) => {
                 done.state = TaskState::Failed;
                 done.error = Some(reason);
-                done.output = None;
             }
         },
         Err(error) => {
             let retry = error.retryable && running.try_number < running.max_try;
             done.state = if retry { TaskState::UpForRetry } else { TaskState::Failed };
             done.error = Some(error.message.clone());
-            done.output = None;
         }
     }
     if store.transition_task(&message.run_id, TaskState::Running, running.try_number, &done).await? {
