@@ -106,13 +106,10 @@ pub async fn serve_metrics(
         "/metrics",
         get(move |headers: axum::http::HeaderMap| {
             let render = render.clone();
-            let allowed = token.as_deref().is_none_or(|token| bearer_is(&headers, token));
+            let allowed = check_metrics_token(token.as_deref(), &headers);
             async move {
-                if allowed {
-                    ([(header::CONTENT_TYPE, dagmq_core::metrics::CONTENT_TYPE)], render()).into_response()
-                } else {
-                    ApiError(StatusCode::UNAUTHORIZED, "missing or wrong metrics token".to_string()).into_response()
-                }
+                allowed?;
+                ApiResult::Ok(([(header::CONTENT_TYPE, dagmq_core::metrics::CONTENT_TYPE)], render()).into_response())
             }
         }),
     );
@@ -257,6 +254,16 @@ fn bearer_is(headers: &axum::http::HeaderMap, expected: &str) -> bool {
     constant_time_eq(given.as_bytes(), expected.as_bytes())
 }
 
+/// With a metrics token set, a scrape must bear it (the scheduler's `/metrics` and a worker's).
+fn check_metrics_token(expected: Option<&str>, headers: &axum::http::HeaderMap) -> ApiResult<()> {
+    match expected {
+        Some(expected) if !bearer_is(headers, expected) => {
+            Err(ApiError(StatusCode::UNAUTHORIZED, "missing or wrong metrics token".to_string()))
+        }
+        _ => Ok(()),
+    }
+}
+
 /// Compares without an early exit, so the time taken does not tell how much matched.
 fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     let mut diff = a.len() ^ b.len();
@@ -283,15 +290,11 @@ async fn openapi() -> Json<serde_json::Value> {
     Json(crate::openapi::document())
 }
 
-/// Prometheus text: the loop's counters plus queue depths and live workers read now. Tasks in
+/// OpenMetrics text: the loop's counters plus queue depths and live workers read now. Tasks in
 /// flight come from counts the scheduler keeps of its runs, so a scrape costs one depth query
 /// per queue and one read of the worker registry, however many runs are unfinished.
 async fn metrics(State(state): State<AppState>, headers: axum::http::HeaderMap) -> ApiResult<Response> {
-    if let Some(expected) = &state.config.metrics_token
-        && !bearer_is(&headers, expected)
-    {
-        return Err(ApiError(StatusCode::UNAUTHORIZED, "missing or wrong metrics token".to_string()));
-    }
+    check_metrics_token(state.config.metrics_token.as_deref(), &headers)?;
     let handle = &state.scheduler;
     let mut depths = Vec::new();
     for topic in topics(handle) {
@@ -511,7 +514,6 @@ async fn list_runs(State(state): State<AppState>, Query(query): Query<RunsQuery>
     Ok(Json(views))
 }
 
-/// Tasks by state across every unfinished run.
 /// Tasks queued, running and waiting to retry, without reading a task. The scheduler's view
 /// holds a task `queued` until its outcome arrives, so the tries that live workers list in their
 /// heartbeats are counted `running` and taken from `queued`.
@@ -667,11 +669,8 @@ async fn stats(State(state): State<AppState>) -> ApiResult<Json<StatsView>> {
         *runs.entry(run.state).or_insert(0) += 1;
     }
     let live = live_workers(&state).await?;
-    let mut tasks: BTreeMap<TaskState, usize> = TaskState::ALL
-        .into_iter()
-        .map(|s| (s, handle.metrics.view.get(s) as usize))
-        .filter(|(_, count)| *count > 0)
-        .collect();
+    let mut tasks: BTreeMap<TaskState, usize> =
+        TaskState::ALL.into_iter().map(|s| (s, handle.metrics.view.get(s) as usize)).collect();
     for (state, count) in in_flight_counts(handle, &live) {
         tasks.insert(state, count as usize);
     }

@@ -1,5 +1,6 @@
-//! The scheduler's metrics, served at `/metrics`. Counters are kept by the event loop; gauges of
-//! queues, tasks in flight and workers are read from the queue and store at scrape time.
+//! The scheduler's metrics, served at `/metrics`. Counters are kept by the event loop, and so are
+//! the task counts of its runs (`ViewCounts`); gauges of queues and workers are read from the
+//! queue and store at scrape time.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, Ordering};
