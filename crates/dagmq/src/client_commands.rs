@@ -114,11 +114,10 @@ pub(crate) async fn trigger(api: &Api, args: &TriggerArgs) -> CliResult<()> {
 
 /// A task's output in a table cell: compact JSON (a string as itself), cut at 60 characters.
 fn output_text(output: &Value) -> String {
-    let full = match output {
-        Value::Null => return String::new(),
-        Value::String(text) => text.clone(),
-        other => other.to_string(),
-    };
+    if output.is_null() {
+        return String::new();
+    }
+    let full = text(output);
     match full.char_indices().nth(60) {
         Some((cut, _)) => format!("{}...", &full[..cut]),
         None => full,

@@ -28,18 +28,12 @@ pub(crate) struct WebhookNotifier {
     http: HttpClient,
     /// Bounds the POSTs in flight.
     in_flight: Semaphore,
-    /// Wait before the second try.
-    backoff: Duration,
 }
 
 impl WebhookNotifier {
     /// A notifier for `url`, trusting `tls`'s CA besides the system's roots.
     pub(crate) fn new(url: &str, tls: &TlsSettings) -> Result<WebhookNotifier, String> {
-        Ok(WebhookNotifier {
-            http: HttpClient::new(url, tls, TIMEOUT)?,
-            in_flight: Semaphore::new(MAX_IN_FLIGHT),
-            backoff: FIRST_BACKOFF,
-        })
+        Ok(WebhookNotifier { http: HttpClient::new(url, tls, TIMEOUT)?, in_flight: Semaphore::new(MAX_IN_FLIGHT) })
     }
 }
 
@@ -50,7 +44,7 @@ impl Notifier for WebhookNotifier {
     async fn notify(&self, notification: &Notification) -> Result<(), String> {
         let body = serde_json::to_vec(notification).map_err(|e| e.to_string())?;
         let _permit = self.in_flight.acquire().await.map_err(|e| e.to_string())?;
-        let mut wait = self.backoff;
+        let mut wait = FIRST_BACKOFF;
         let mut last = String::new();
         for attempt in 1..=TRIES {
             match self.http.request("POST", "", Some(&body), None).await {
