@@ -141,97 +141,83 @@ fn kill_group(child: &mut Child) {
     let _ = child.wait();
 }
 
-/// A RabbitMQ node of its own with one TLS listener that requires a client certificate.
-struct TlsRabbit {
+/// A server this test started in a process group of its own, killed (group and all) when
+/// dropped.
+struct TestServer {
     port: u16,
     child: Child,
 }
 
-impl TlsRabbit {
-    fn start(ca: &TestCa) -> TlsRabbit {
-        let port = free_port();
-        let dir = ca.dir.join(format!("rabbit-{port}"));
-        std::fs::create_dir_all(dir.join("mnesia")).unwrap();
-        std::fs::write(
-            dir.join("rabbit.conf"),
-            format!(
-                "listeners.tcp = none\nlisteners.ssl.default = 127.0.0.1:{port}\n\
-                 ssl_options.cacertfile = {}\nssl_options.certfile = {}\nssl_options.keyfile = {}\n\
-                 ssl_options.verify = verify_peer\nssl_options.fail_if_no_peer_cert = true\n",
-                ca.file("ca.pem"),
-                ca.file("server.pem"),
-                ca.file("server.key")
-            ),
-        )
-        .unwrap();
-        // The script under /usr/lib runs the node as the calling user; the one in /usr/sbin
-        // switches to the rabbitmq user in a session of its own, out of reach of kill_group.
-        let program = ["/usr/lib/rabbitmq/bin/rabbitmq-server"]
-            .into_iter()
-            .find(|p| Path::new(p).exists())
-            .unwrap_or("rabbitmq-server");
-        let log = dir.join("out.log");
-        let d = |name: &str| dir.join(name).display().to_string();
-        let mut command = Command::new(program);
-        command
-            .env("HOME", &dir)
-            .env("RABBITMQ_NODENAME", format!("dagmq-tls-{port}@localhost"))
-            .env("RABBITMQ_NODE_PORT", free_port().to_string())
-            .env("RABBITMQ_DIST_PORT", free_port().to_string())
-            .env("RABBITMQ_CONFIG_FILE", d("rabbit"))
-            .env("RABBITMQ_MNESIA_BASE", d("mnesia"))
-            .env("RABBITMQ_LOG_BASE", d("log"))
-            .env("RABBITMQ_LOGS", "-")
-            .env("RABBITMQ_ENABLED_PLUGINS_FILE", d("plugins"))
-            .env("RABBITMQ_PID_FILE", d("pid"))
-            .env("RABBITMQ_FEATURE_FLAGS_FILE", d("mnesia/feature_flags"))
-            .stdin(Stdio::null())
-            .stdout(std::fs::File::create(&log).unwrap())
-            .stderr(Stdio::null());
+impl TestServer {
+    /// Starts `command` with its output in `log` and waits up to `limit` for `port` to open.
+    fn start(mut command: Command, port: u16, log: &Path, limit: Duration) -> TestServer {
+        command.stdin(Stdio::null()).stdout(std::fs::File::create(log).unwrap()).stderr(Stdio::null());
         std::os::unix::process::CommandExt::process_group(&mut command, 0);
-        let mut child = command.spawn().expect("start rabbitmq-server");
-        wait_for_port(port, Duration::from_secs(120), &mut child, &log);
-        TlsRabbit { port, child }
+        let mut child = command.spawn().unwrap_or_else(|e| panic!("start {command:?}: {e}"));
+        wait_for_port(port, limit, &mut child, log);
+        TestServer { port, child }
     }
 }
 
-impl Drop for TlsRabbit {
+impl Drop for TestServer {
     fn drop(&mut self) {
         kill_group(&mut self.child);
     }
+}
+
+/// A RabbitMQ node of its own with one TLS listener that requires a client certificate.
+fn start_tls_rabbit(ca: &TestCa) -> TestServer {
+    let port = free_port();
+    let dir = ca.dir.join(format!("rabbit-{port}"));
+    std::fs::create_dir_all(dir.join("mnesia")).unwrap();
+    std::fs::write(
+        dir.join("rabbit.conf"),
+        format!(
+            "listeners.tcp = none\nlisteners.ssl.default = 127.0.0.1:{port}\n\
+                 ssl_options.cacertfile = {}\nssl_options.certfile = {}\nssl_options.keyfile = {}\n\
+                 ssl_options.verify = verify_peer\nssl_options.fail_if_no_peer_cert = true\n",
+            ca.file("ca.pem"),
+            ca.file("server.pem"),
+            ca.file("server.key")
+        ),
+    )
+    .unwrap();
+    // The script under /usr/lib runs the node as the calling user; the one in /usr/sbin
+    // switches to the rabbitmq user in a session of its own, out of reach of kill_group.
+    let program = ["/usr/lib/rabbitmq/bin/rabbitmq-server"]
+        .into_iter()
+        .find(|p| Path::new(p).exists())
+        .unwrap_or("rabbitmq-server");
+    let log = dir.join("out.log");
+    let d = |name: &str| dir.join(name).display().to_string();
+    let mut command = Command::new(program);
+    command
+        .env("HOME", &dir)
+        .env("RABBITMQ_NODENAME", format!("dagmq-tls-{port}@localhost"))
+        .env("RABBITMQ_NODE_PORT", free_port().to_string())
+        .env("RABBITMQ_DIST_PORT", free_port().to_string())
+        .env("RABBITMQ_CONFIG_FILE", d("rabbit"))
+        .env("RABBITMQ_MNESIA_BASE", d("mnesia"))
+        .env("RABBITMQ_LOG_BASE", d("log"))
+        .env("RABBITMQ_LOGS", "-")
+        .env("RABBITMQ_ENABLED_PLUGINS_FILE", d("plugins"))
+        .env("RABBITMQ_PID_FILE", d("pid"))
+        .env("RABBITMQ_FEATURE_FLAGS_FILE", d("mnesia/feature_flags"));
+    TestServer::start(command, port, &log, Duration::from_secs(120))
 }
 
 /// A `redis-server` with only a TLS port, requiring a client certificate.
-struct TlsRedis {
-    port: u16,
-    child: Child,
-}
-
-impl TlsRedis {
-    fn start(ca: &TestCa) -> TlsRedis {
-        let port = free_port();
-        let log = ca.dir.join(format!("redis-{port}.log"));
-        let mut command = Command::new("redis-server");
-        command
-            .args(["--port", "0", "--tls-port", &port.to_string(), "--bind", "127.0.0.1"])
-            .args(["--tls-cert-file", &ca.file("server.pem"), "--tls-key-file", &ca.file("server.key")])
-            .args(["--tls-ca-cert-file", &ca.file("ca.pem"), "--tls-auth-clients", "yes"])
-            .args(["--save", "", "--appendonly", "no", "--dir"])
-            .arg(&ca.dir)
-            .stdin(Stdio::null())
-            .stdout(std::fs::File::create(&log).unwrap())
-            .stderr(Stdio::null());
-        std::os::unix::process::CommandExt::process_group(&mut command, 0);
-        let mut child = command.spawn().expect("start redis-server");
-        wait_for_port(port, Duration::from_secs(30), &mut child, &log);
-        TlsRedis { port, child }
-    }
-}
-
-impl Drop for TlsRedis {
-    fn drop(&mut self) {
-        kill_group(&mut self.child);
-    }
+fn start_tls_redis(ca: &TestCa) -> TestServer {
+    let port = free_port();
+    let log = ca.dir.join(format!("redis-{port}.log"));
+    let mut command = Command::new("redis-server");
+    command
+        .args(["--port", "0", "--tls-port", &port.to_string(), "--bind", "127.0.0.1"])
+        .args(["--tls-cert-file", &ca.file("server.pem"), "--tls-key-file", &ca.file("server.key")])
+        .args(["--tls-ca-cert-file", &ca.file("ca.pem"), "--tls-auth-clients", "yes"])
+        .args(["--save", "", "--appendonly", "no", "--dir"])
+        .arg(&ca.dir);
+    TestServer::start(command, port, &log, Duration::from_secs(30))
 }
 
 const FANOUT: &str = r#"
@@ -264,8 +250,8 @@ fn scheduler_and_two_workers_run_a_dag_over_tls_to_rabbitmq_and_redis() {
     }
     let Some(mut cluster) = Cluster::new(&[("fan.toml", FANOUT)]) else { return };
     let ca = TestCa::new();
-    let rabbit = TlsRabbit::start(&ca);
-    let redis = TlsRedis::start(&ca);
+    let rabbit = start_tls_rabbit(&ca);
+    let redis = start_tls_redis(&ca);
     cluster.amqp = format!("amqps://guest:guest@localhost:{}/%2f", rabbit.port);
     cluster.redis = format!("rediss://localhost:{}", redis.port);
     let flags = ca.flags();
@@ -306,8 +292,8 @@ fn a_certificate_that_does_not_verify_is_a_clear_error_naming_the_server() {
         return;
     }
     let ca = TestCa::new();
-    let rabbit = TlsRabbit::start(&ca);
-    let redis = TlsRedis::start(&ca);
+    let rabbit = start_tls_rabbit(&ca);
+    let redis = start_tls_redis(&ca);
     let amqps = format!("amqps://guest:guest@localhost:{}/%2f", rabbit.port);
     let rediss = format!("rediss://localhost:{}", redis.port);
     let mut wrong_ca = ca.flags();
