@@ -4,6 +4,7 @@
 //! - `cli_standalone`: the `dagmq` binary in standalone mode, driven through its CLI.
 
 mod api;
+mod control_flow;
 mod faults;
 mod outputs;
 mod partial_failure;

@@ -11,6 +11,7 @@ use chrono_tz::Tz;
 
 use crate::schedule::Schedule;
 use crate::task::Task;
+use crate::trigger::TriggerRule;
 
 /// The default worker pool.
 pub const DEFAULT_QUEUE: &str = "default";
@@ -96,6 +97,10 @@ pub struct TaskConfig {
     pub alert_on_failure: bool,
     /// Notify on each retry.
     pub alert_on_retry: bool,
+    /// When the task runs, given how its upstreams ended.
+    pub trigger_rule: TriggerRule,
+    /// The task's output names which of its direct downstream tasks run; the others are skipped.
+    pub branch: bool,
 }
 
 impl Default for TaskConfig {
@@ -110,6 +115,8 @@ impl Default for TaskConfig {
             priority: 0,
             alert_on_failure: true,
             alert_on_retry: false,
+            trigger_rule: TriggerRule::AllSuccess,
+            branch: false,
         }
     }
 }
@@ -186,7 +193,12 @@ impl Dag {
         &self.tasks
     }
 
-    /// One task by id.
+    /// Ids of the tasks that name `id` among their upstreams (its direct downstream tasks).
+    pub fn downstream_of(&self, id: &str) -> Vec<&str> {
+        self.tasks.iter().filter(|t| t.after.iter().any(|a| a == id)).map(|t| t.id.as_str()).collect()
+    }
+
+    /// The task with this id.
     pub fn task(&self, id: &str) -> Option<&TaskSpec> {
         self.index.get(id).map(|&i| &self.tasks[i])
     }
@@ -284,7 +296,20 @@ impl TaskSpec {
         self
     }
 
-    /// Whether to notify on final failure and on each retry.
+    /// Sets when the task runs, given how its upstreams ended (default `all_success`).
+    pub fn trigger_rule(mut self, rule: TriggerRule) -> TaskSpec {
+        self.config.trigger_rule = rule;
+        self
+    }
+
+    /// Makes this a branch task: its output (one id or a list of ids) names which of its direct
+    /// downstream tasks run; the others become `skipped`.
+    pub fn branch(mut self) -> TaskSpec {
+        self.config.branch = true;
+        self
+    }
+
+    /// Sets whether to notify on final failure and on each retry.
     pub fn alerts(mut self, on_failure: bool, on_retry: bool) -> TaskSpec {
         self.config.alert_on_failure = on_failure;
         self.config.alert_on_retry = on_retry;
@@ -428,6 +453,14 @@ impl DagBuilder {
         dag.tasks = order.into_iter().filter_map(|i| slots[i].take()).collect();
         dag.index = dag.tasks.iter().enumerate().map(|(i, t)| (t.id.clone(), i)).collect();
         check_output_references(&dag)?;
+        for task in dag.tasks.iter().filter(|t| t.config.branch) {
+            if dag.downstream_of(&task.id).is_empty() {
+                return Err(invalid(format!(
+                    "task {:?}: branch = true, but no task runs after it, so there is nothing to choose",
+                    task.id
+                )));
+            }
+        }
         Ok(dag)
     }
 }

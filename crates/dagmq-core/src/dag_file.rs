@@ -78,6 +78,8 @@ struct TaskEntry {
     priority: Option<u8>,
     alert_on_failure: Option<bool>,
     alert_on_retry: Option<bool>,
+    trigger_rule: Option<Spanned<String>>,
+    branch: Option<bool>,
 }
 
 /// A DAG parsed from a file, with the defaults its file declares for run parameters.
@@ -217,6 +219,10 @@ pub fn parse_dag_file(file: &str, text: &str, registry: &TaskRegistry) -> Result
         if let Some(on) = entry.alert_on_retry {
             config.alert_on_retry = on;
         }
+        if let Some(rule) = &entry.trigger_rule {
+            config.trigger_rule = rule.get_ref().parse().map_err(|e| task_error(rule.span(), e))?;
+        }
+        config.branch = entry.branch.unwrap_or(false);
         builder = builder.task(spec);
     }
 
@@ -232,7 +238,11 @@ pub fn parse_dag_file(file: &str, text: &str, registry: &TaskRegistry) -> Result
             DagError::Invalid { reason, .. } if reason.contains("cron") || reason.contains("schedule") => {
                 schedule_span.clone().map(|s| line_of(text, s.start))
             }
-            DagError::Invalid { .. } => Some(line_of(text, parsed.id.span().start)),
+            DagError::Invalid { reason, .. } => reason
+                .strip_prefix("task \"")
+                .and_then(|rest| rest.split('"').next())
+                .and_then(|task| task_lines.get(task).copied())
+                .or_else(|| Some(line_of(text, parsed.id.span().start))),
         };
         DagFileError { file: file.to_string(), line, reason: err.to_string() }
     })?;
@@ -305,6 +315,17 @@ after = ["extract"]
 run = "noop"
 args = { ms = 5 }
 queue = "heavy"
+trigger_rule = "all_done"
+
+[[task]]
+id = "pick"
+command = ["echo", "load"]
+branch = true
+
+[[task]]
+id = "chosen"
+after = ["pick"]
+run = "noop"
 "#;
 
     #[test]
@@ -321,6 +342,9 @@ queue = "heavy"
         let load = dag.task("load").unwrap();
         assert_eq!(load.config.queue, "heavy");
         assert_eq!(load.args, serde_json::json!({"ms": 5}));
+        assert_eq!(load.config.trigger_rule, crate::TriggerRule::AllDone);
+        assert_eq!(extract.config.trigger_rule, crate::TriggerRule::AllSuccess);
+        assert!(dag.task("pick").unwrap().config.branch && !load.config.branch);
         assert_eq!(loaded.default_params.get("date"), Some(&serde_json::json!("today")));
     }
 
@@ -360,6 +384,17 @@ queue = "heavy"
             "etl.toml:5: task \"a\": timeout: bad duration \"10 minutes\": unknown unit \" minutes\" (ms, s, m, h, d)",
         );
         check("id = \"etl\"\n[[task]\n", "etl.toml:2: unclosed array table, expected `]`");
+        check(
+            "id = \"etl\"\n[[task]]\nid = \"a\"\ncommand = [\"true\"]\ntrigger_rule = \"any\"\n",
+            "etl.toml:5: task \"a\": unknown trigger_rule \"any\" (one of all_success, all_done, all_failed, \
+             one_success, one_failed, none_failed)",
+        );
+        check(
+            "id = \"etl\"\n[[task]]\nid = \"a\"\ncommand = [\"true\"]\n[[task]]\nid = \"pick\"\nbranch = true\n\
+             command = [\"true\"]\nafter = [\"a\"]\n",
+            "etl.toml:6: dag \"etl\": task \"pick\": branch = true, but no task runs after it, so there is nothing to \
+             choose",
+        );
         check("id = \"etl\"\n", "etl.toml:1: dag \"etl\": a dag needs at least one task");
         // Reading the output of a task that is not upstream (here a sibling).
         check(

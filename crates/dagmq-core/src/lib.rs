@@ -20,6 +20,7 @@ pub mod task;
 pub mod task_registry;
 pub mod template;
 pub mod tls;
+pub mod trigger;
 
 pub use clock::{Clock, SystemClock, TokioClock};
 pub use dag::{Dag, DagBuilder, DagError, DagRegistry, TaskConfig, TaskKind, TaskSpec};
@@ -30,6 +31,7 @@ pub use store::Store;
 pub use task::{CancelSignal, FollowUp, Params, Task, TaskContext, TaskError, TaskOutcome};
 pub use task_registry::TaskRegistry;
 pub use tls::TlsSettings;
+pub use trigger::TriggerRule;
 
 /// A queue or store that failed: unreachable, refused, or broken. Callers retry or give up;
 /// it never means bad input.

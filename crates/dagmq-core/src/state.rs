@@ -24,6 +24,9 @@ pub enum RunState {
     Failed,
     /// Stopped on request.
     Cancelled,
+    /// Suspended on request: nothing new is queued and its running tries were stopped until it
+    /// is resumed.
+    Suspended,
 }
 
 /// State of one task in one run (a DRT).
@@ -46,6 +49,11 @@ pub enum TaskState {
     UpstreamFailed,
     /// The run was cancelled before this task finished.
     Cancelled,
+    /// Its trigger rule or a branch decided it does not run.
+    Skipped,
+    /// Its try was stopped (or never started) because the run was suspended; resuming gives it a
+    /// new try without using up a retry.
+    Suspended,
 }
 
 /// What happens to a task.
@@ -70,6 +78,10 @@ pub enum TaskEvent {
     /// The worker running the try stopped (shutdown past its grace period, or lost): the task
     /// is queued again as a new try, without spending its retry budget.
     Requeue,
+    /// Its trigger rule or a branch decided it does not run.
+    Skip,
+    /// The run was suspended while the task was queued or running.
+    Suspend,
 }
 
 /// A transition that the state machine does not allow.
@@ -87,7 +99,7 @@ pub fn task_transition(from: TaskState, event: TaskEvent) -> Result<TaskState, R
     use TaskEvent as E;
     use TaskState as S;
     let to = match (from, event) {
-        (S::Pending | S::UpForRetry, E::Queue) => S::Queued,
+        (S::Pending | S::UpForRetry | S::Suspended, E::Queue) => S::Queued,
         (S::Queued, E::Start) => S::Running,
         (S::Running, E::Succeed) => S::Success,
         (S::Running, E::FailWithRetry) => S::UpForRetry,
@@ -95,9 +107,11 @@ pub fn task_transition(from: TaskState, event: TaskEvent) -> Result<TaskState, R
         // A queued try that can never start (its message was dead-lettered) fails as a whole.
         (S::Queued, E::Fail) => S::Failed,
         (S::Pending, E::UpstreamFail) => S::UpstreamFailed,
-        (S::Pending | S::Queued | S::Running | S::UpForRetry, E::Cancel) => S::Cancelled,
-        (S::Failed | S::UpstreamFailed | S::Cancelled | S::Pending, E::Reset) => S::Pending,
+        (S::Pending, E::Skip) => S::Skipped,
+        (S::Pending | S::Queued | S::Running | S::UpForRetry | S::Suspended, E::Cancel) => S::Cancelled,
+        (S::Failed | S::UpstreamFailed | S::Cancelled | S::Skipped | S::Pending, E::Reset) => S::Pending,
         (S::Running, E::Requeue) => S::Queued,
+        (S::Queued | S::Running, E::Suspend) => S::Suspended,
         _ => return Err(Refused { from, event }),
     };
     Ok(to)
@@ -106,11 +120,18 @@ pub fn task_transition(from: TaskState, event: TaskEvent) -> Result<TaskState, R
 impl TaskState {
     /// Whether nothing more happens to the task unless the run is restarted.
     pub fn is_final(self) -> bool {
-        matches!(self, TaskState::Success | TaskState::Failed | TaskState::UpstreamFailed | TaskState::Cancelled)
+        matches!(
+            self,
+            TaskState::Success
+                | TaskState::Failed
+                | TaskState::UpstreamFailed
+                | TaskState::Cancelled
+                | TaskState::Skipped
+        )
     }
 
     /// Every state, in lifecycle order.
-    pub const ALL: [TaskState; 8] = [
+    pub const ALL: [TaskState; 10] = [
         TaskState::Pending,
         TaskState::Queued,
         TaskState::Running,
@@ -119,6 +140,8 @@ impl TaskState {
         TaskState::UpForRetry,
         TaskState::UpstreamFailed,
         TaskState::Cancelled,
+        TaskState::Skipped,
+        TaskState::Suspended,
     ];
 
     /// The snake_case name used on the wire and in the API.
@@ -132,6 +155,8 @@ impl TaskState {
             TaskState::UpForRetry => "up_for_retry",
             TaskState::UpstreamFailed => "upstream_failed",
             TaskState::Cancelled => "cancelled",
+            TaskState::Skipped => "skipped",
+            TaskState::Suspended => "suspended",
         }
     }
 }
@@ -143,8 +168,14 @@ impl RunState {
     }
 
     /// Every state, in lifecycle order.
-    pub const ALL: [RunState; 5] =
-        [RunState::Queued, RunState::Running, RunState::Success, RunState::Failed, RunState::Cancelled];
+    pub const ALL: [RunState; 6] = [
+        RunState::Queued,
+        RunState::Running,
+        RunState::Success,
+        RunState::Failed,
+        RunState::Cancelled,
+        RunState::Suspended,
+    ];
 
     /// The snake_case name used on the wire and in the API.
     pub fn as_str(self) -> &'static str {
@@ -154,30 +185,33 @@ impl RunState {
             RunState::Success => "success",
             RunState::Failed => "failed",
             RunState::Cancelled => "cancelled",
+            RunState::Suspended => "suspended",
         }
     }
 }
 
-/// Whether a run may move from `from` to `to`: forward only, and a finished run only back to
-/// `running` through a restart.
+/// Whether a run may move from `from` to `to`: forward only, between `running` and
+/// `suspended`, and a finished run only back to `running` through a restart.
 pub fn run_transition_allowed(from: RunState, to: RunState) -> bool {
     use RunState as R;
     matches!(
         (from, to),
         (R::Queued, R::Running | R::Cancelled)
-            | (R::Running, R::Success | R::Failed | R::Cancelled)
+            | (R::Running, R::Success | R::Failed | R::Cancelled | R::Suspended)
+            | (R::Suspended, R::Running | R::Success | R::Failed | R::Cancelled)
             | (R::Success | R::Failed | R::Cancelled, R::Running)
     )
 }
 
-/// The run's state once every task is final: success only if every task succeeded.
+/// The run's state once every task is final: success if every task succeeded or was skipped,
+/// failed when any task failed, was upstream_failed or was cancelled.
 pub fn run_outcome(tasks: impl IntoIterator<Item = TaskState>) -> Option<RunState> {
     let mut all_success = true;
     for state in tasks {
         if !state.is_final() {
             return None;
         }
-        if state != TaskState::Success {
+        if !matches!(state, TaskState::Success | TaskState::Skipped) {
             all_success = false;
         }
     }
@@ -214,7 +248,7 @@ impl FromStr for RunState {
 mod tests {
     use super::*;
 
-    const EVENTS: [TaskEvent; 9] = [
+    const EVENTS: [TaskEvent; 11] = [
         TaskEvent::Queue,
         TaskEvent::Start,
         TaskEvent::Succeed,
@@ -224,6 +258,8 @@ mod tests {
         TaskEvent::Cancel,
         TaskEvent::Reset,
         TaskEvent::Requeue,
+        TaskEvent::Skip,
+        TaskEvent::Suspend,
     ];
 
     /// The whole table: every (state, event) pair, allowed ones with their target, the rest refused.
@@ -236,6 +272,12 @@ mod tests {
             (S::Pending, E::UpstreamFail, S::UpstreamFailed),
             (S::Pending, E::Cancel, S::Cancelled),
             (S::Pending, E::Reset, S::Pending),
+            (S::Pending, E::Skip, S::Skipped),
+            (S::Queued, E::Suspend, S::Suspended),
+            (S::Running, E::Suspend, S::Suspended),
+            (S::Suspended, E::Queue, S::Queued),
+            (S::Suspended, E::Cancel, S::Cancelled),
+            (S::Skipped, E::Reset, S::Pending),
             (S::Queued, E::Start, S::Running),
             (S::Queued, E::Fail, S::Failed),
             (S::Queued, E::Cancel, S::Cancelled),
@@ -283,6 +325,11 @@ mod tests {
             (R::Running, R::Success),
             (R::Running, R::Failed),
             (R::Running, R::Cancelled),
+            (R::Running, R::Suspended),
+            (R::Suspended, R::Running),
+            (R::Suspended, R::Success),
+            (R::Suspended, R::Failed),
+            (R::Suspended, R::Cancelled),
             (R::Success, R::Running),
             (R::Failed, R::Running),
             (R::Cancelled, R::Running),
@@ -301,6 +348,9 @@ mod tests {
         assert_eq!(run_outcome([S::Success, S::UpstreamFailed, S::Failed]), Some(RunState::Failed));
         assert_eq!(run_outcome([S::Success, S::Running]), None);
         assert_eq!(run_outcome([S::UpForRetry]), None);
+        assert_eq!(run_outcome([S::Success, S::Skipped]), Some(RunState::Success));
+        assert_eq!(run_outcome([S::Skipped, S::Failed]), Some(RunState::Failed));
+        assert_eq!(run_outcome([S::Success, S::Suspended]), None);
     }
 
     #[test]

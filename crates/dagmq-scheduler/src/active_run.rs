@@ -1,11 +1,13 @@
 //! The scheduler's in-memory view of one running run: its tasks as last read from the store,
-//! the graph between them, and for each task how many upstreams have not succeeded yet. With
-//! those counters a status update makes the downstream tasks ready in time proportional to the
-//! number of downstream tasks, not to the size of the run.
+//! the graph between them, and for each task its upstreams counted by outcome. With those
+//! counters a status update decides the downstream tasks (run, skip, upstream_failed, wait, by
+//! their trigger rules) in time proportional to the number of downstream tasks, not to the size
+//! of the run or of any task's upstream list.
 
 use std::collections::HashMap;
 use std::sync::Arc;
 
+use dagmq_core::trigger::{Decision, TriggerRule, UpstreamCounts, decide};
 use dagmq_core::{Dag, FollowUp, RunRecord, TaskInstance, TaskState};
 
 use crate::metrics::{ViewCounts, state_index};
@@ -22,8 +24,8 @@ pub(crate) struct ActiveRun {
     pub(crate) index: HashMap<String, usize>,
     /// For each task, the indices of the tasks that wait for it.
     pub(crate) downstream: Vec<Vec<usize>>,
-    /// For each task, how many of its upstreams are not `success`.
-    pub(crate) unmet: Vec<u32>,
+    /// For each task, its upstreams counted by outcome.
+    pub(crate) upstream: Vec<UpstreamCounts>,
     /// How many tasks are in a final state.
     pub(crate) final_count: usize,
     /// The scheduler-wide counts by state this run's tasks are part of.
@@ -56,14 +58,13 @@ impl ActiveRun {
         }
         let index: HashMap<String, usize> = tasks.iter().enumerate().map(|(i, t)| (t.task_id.clone(), i)).collect();
         let mut downstream = vec![Vec::new(); tasks.len()];
-        let mut unmet = vec![0u32; tasks.len()];
+        let mut upstream = vec![UpstreamCounts::default(); tasks.len()];
         for (i, task) in tasks.iter().enumerate() {
             for up in task.after.iter() {
                 if let Some(&u) = index.get(up) {
                     downstream[u].push(i);
-                    if tasks[u].state != TaskState::Success {
-                        unmet[i] += 1;
-                    }
+                    upstream[i].total += 1;
+                    upstream[i].add(tasks[u].state, 1);
                 }
             }
         }
@@ -75,7 +76,7 @@ impl ActiveRun {
         for (state, count) in TaskState::ALL.into_iter().zip(counted) {
             view.add(state, count);
         }
-        ActiveRun { record, dag, tasks, index, downstream, unmet, final_count, view, counted }
+        ActiveRun { record, dag, tasks, index, downstream, upstream, final_count, view, counted }
     }
 
     /// Rebuilds the graph after tasks were added or rewired.
@@ -108,13 +109,10 @@ impl ActiveRun {
             (true, false) => self.final_count -= 1,
             _ => {}
         }
-        if old.state != TaskState::Success && new_state == TaskState::Success {
+        if old.state != new_state {
             for &d in &self.downstream[i] {
-                self.unmet[d] = self.unmet[d].saturating_sub(1);
-            }
-        } else if old.state == TaskState::Success && new_state != TaskState::Success {
-            for &d in &self.downstream[i] {
-                self.unmet[d] += 1;
+                self.upstream[d].add(old.state, -1);
+                self.upstream[d].add(new_state, 1);
             }
         }
         old
@@ -125,16 +123,24 @@ impl ActiveRun {
         self.final_count == self.tasks.len()
     }
 
-    /// Indices of pending tasks whose upstreams all succeeded, among `candidates`, highest
-    /// priority first.
-    pub(crate) fn ready_among(&self, candidates: impl IntoIterator<Item = usize>) -> Vec<usize> {
-        let mut ready: Vec<usize> = candidates
-            .into_iter()
-            .filter(|&i| self.tasks[i].state == TaskState::Pending && self.unmet[i] == 0)
-            .collect();
-        ready.sort_by_key(|&i| std::cmp::Reverse(self.priority(i)));
-        ready.dedup();
-        ready
+    /// What becomes of task `i` now: `Wait` unless it is pending and its trigger rule decides.
+    pub(crate) fn decision(&self, i: usize) -> Decision {
+        if self.tasks[i].state != TaskState::Pending {
+            return Decision::Wait;
+        }
+        decide(self.trigger_rule(i), self.upstream[i])
+    }
+
+    /// A task's trigger rule (follow-ups use the default).
+    fn trigger_rule(&self, i: usize) -> TriggerRule {
+        self.dag.task(&self.tasks[i].task_id).map_or(TriggerRule::AllSuccess, |t| t.config.trigger_rule)
+    }
+
+    /// Sorts task indices highest priority first, without repeats.
+    pub(crate) fn by_priority(&self, mut indices: Vec<usize>) -> Vec<usize> {
+        indices.sort_by_key(|&i| (std::cmp::Reverse(self.priority(i)), i));
+        indices.dedup();
+        indices
     }
 
     /// A task's priority (follow-ups inherit nothing and run at 0).
@@ -142,23 +148,36 @@ impl ActiveRun {
         self.dag.task(&self.tasks[i].task_id).map_or(0, |t| t.config.priority)
     }
 
-    /// All pending descendants of task `i`, in breadth-first order.
-    pub(crate) fn pending_descendants(&self, i: usize) -> Vec<usize> {
-        let mut seen = vec![false; self.tasks.len()];
-        let mut order = Vec::new();
-        let mut frontier = vec![i];
-        while let Some(node) = frontier.pop() {
-            for &d in &self.downstream[node] {
-                if !seen[d] {
-                    seen[d] = true;
-                    if self.tasks[d].state == TaskState::Pending {
-                        order.push(d);
-                    }
-                    frontier.push(d);
-                }
-            }
-        }
-        order
+    /// The pending direct downstream tasks that branch task `i` (a success) did not choose,
+    /// with the reason; empty when `i` is not a branch. An output the worker should have
+    /// refused chooses nothing.
+    pub(crate) fn not_chosen(&self, i: usize) -> Vec<usize> {
+        let task = &self.tasks[i];
+        let Some(spec) = self.dag.task(&task.task_id).filter(|s| s.config.branch && task.follow_up.is_none()) else {
+            return Vec::new();
+        };
+        let choices = self.dag.downstream_of(&spec.id);
+        let chosen = dagmq_core::trigger::branch_choice(task.output.as_ref(), &choices).unwrap_or_else(|reason| {
+            tracing::error!(run = %self.id(), task = %task.task_id, "branch output: {reason}; no downstream task runs");
+            Vec::new()
+        });
+        choices
+            .into_iter()
+            .filter(|id| !chosen.iter().any(|c| c == id))
+            .filter_map(|id| self.index.get(id).copied())
+            .filter(|&d| self.tasks[d].state == TaskState::Pending)
+            .collect()
+    }
+
+    /// The first upstream of task `i` that failed or was upstream_failed, for messages.
+    pub(crate) fn failed_upstream(&self, i: usize) -> Option<&str> {
+        self.tasks[i]
+            .after
+            .iter()
+            .filter_map(|up| self.index.get(up))
+            .map(|&u| &self.tasks[u])
+            .find(|t| matches!(t.state, TaskState::Failed | TaskState::UpstreamFailed))
+            .map(|t| t.task_id.as_str())
     }
 
     /// The follow-up instances and downstream rewiring for the follow-ups of task `i`, or
@@ -266,7 +285,7 @@ mod tests {
         let mut run = ActiveRun::new(record, dag.clone(), tasks, Arc::default());
         let c = run.index["c"];
         assert!(Arc::ptr_eq(&run.tasks[c].after, &spec_after));
-        assert_eq!(run.unmet[c], 2);
+        assert_eq!(run.upstream[c], UpstreamCounts { total: 2, ..Default::default() });
 
         // A fresh read of the same task keeps sharing; a changed list (a rewiring) is kept.
         let mut fresh = decoded(&run.tasks[c]);

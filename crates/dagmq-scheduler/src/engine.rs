@@ -18,6 +18,7 @@ use dagmq_core::queue::join_all;
 use dagmq_core::records::DagRecord;
 use dagmq_core::state::{TaskEvent, run_outcome, task_transition};
 use dagmq_core::store::{CreateRun, TaskChange};
+use dagmq_core::trigger::Decision;
 use dagmq_core::{
     BackendError, CancelSignal, Dag, DagRegistry, Delivery, Params, Queue, RunKind, RunRecord, RunState, Store,
     Subscription, TaskConfig, TaskInstance, TaskState, Topic, WorkerInfo,
@@ -698,8 +699,8 @@ impl Engine {
         match new.state {
             TaskState::Success => {
                 self.expand(run, i).await?;
-                let ready = run.ready_among(run.downstream[i].clone());
-                self.queue_tasks(run, ready).await?;
+                self.skip_not_chosen(run, i).await?;
+                self.advance(run, run.downstream[i].clone()).await?;
             }
             TaskState::UpForRetry if new.retry_at.is_none() => {
                 self.schedule_retry(run, i, notify).await?;
@@ -708,11 +709,90 @@ impl Engine {
                 if notify && task_config(run, i).alert_on_failure {
                     self.notify(run, i, NotificationKind::Failure);
                 }
-                self.upstream_fail(run, i).await?;
+                self.advance(run, run.downstream[i].clone()).await?;
+            }
+            TaskState::UpstreamFailed | TaskState::Skipped => {
+                self.advance(run, run.downstream[i].clone()).await?;
             }
             _ => {}
         }
         Ok(())
+    }
+
+    /// Skips the direct downstream tasks that branch task `i`, a success, did not choose.
+    async fn skip_not_chosen(&mut self, run: &mut ActiveRun, i: usize) -> Result<(), BackendError> {
+        let skipped = run.not_chosen(i);
+        if skipped.is_empty() {
+            return Ok(());
+        }
+        let changes = skipped.iter().map(|&d| (d, TaskState::Skipped, None)).collect();
+        let applied = self.end_pending(run, changes).await?;
+        self.advance(run, applied.into_iter().flat_map(|d| run.downstream[d].clone()).collect()).await
+    }
+
+    /// Decides the pending tasks among `candidates` by their trigger rules: queues those that
+    /// run, ends those that are skipped or upstream_failed, and goes on with the downstream
+    /// tasks of each ended one until nothing more is decided.
+    async fn advance(&mut self, run: &mut ActiveRun, candidates: Vec<usize>) -> Result<(), BackendError> {
+        let mut wave = candidates;
+        let mut ready = Vec::new();
+        while !wave.is_empty() {
+            let mut ends = Vec::new();
+            for i in run.by_priority(std::mem::take(&mut wave)) {
+                match run.decision(i) {
+                    Decision::Wait => {}
+                    Decision::Run => ready.push(i),
+                    Decision::Skip => ends.push((i, TaskState::Skipped, None)),
+                    Decision::UpstreamFailed => {
+                        let reason = match run.failed_upstream(i) {
+                            Some(up) => format!("upstream task {up:?} failed"),
+                            None => "an upstream task failed".to_string(),
+                        };
+                        ends.push((i, TaskState::UpstreamFailed, Some(reason)));
+                    }
+                }
+            }
+            let ended = self.end_pending(run, ends).await?;
+            wave = ended.into_iter().flat_map(|d| run.downstream[d].clone()).collect();
+        }
+        let ready = run.by_priority(ready);
+        self.queue_tasks(run, ready).await
+    }
+
+    /// Ends pending tasks without running them (`skipped` or `upstream_failed`, with an error
+    /// for the latter), in one batch of compare-and-sets. Returns the ones that applied; a
+    /// refused one is read again.
+    async fn end_pending(
+        &mut self,
+        run: &mut ActiveRun,
+        ends: Vec<(usize, TaskState, Option<String>)>,
+    ) -> Result<Vec<usize>, BackendError> {
+        if ends.is_empty() {
+            return Ok(Vec::new());
+        }
+        let changes: Vec<TaskChange> = ends
+            .iter()
+            .map(|(d, state, error)| {
+                let old = &run.tasks[*d];
+                let mut new = old.clone();
+                new.state = *state;
+                new.ended_at = Some(self.now_cache);
+                new.error = error.clone();
+                TaskChange { expected_state: TaskState::Pending, expected_try: old.try_number, task: new }
+            })
+            .collect();
+        let applied = self.store.transition_tasks(run.id(), &changes).await?;
+        let mut ended = Vec::with_capacity(ends.len());
+        for ((d, state, _), (change, applied)) in ends.into_iter().zip(changes.into_iter().zip(applied)) {
+            if applied {
+                self.metrics.tasks_finished.inc(&[run.record.dag_id.as_str(), state.as_str()]);
+                run.replace(d, change.task);
+                ended.push(d);
+            } else {
+                self.refresh_task(run, d).await?;
+            }
+        }
+        Ok(ended)
     }
 
     /// Adds task `i`'s follow-ups to the run, if it has any not added yet.
@@ -814,25 +894,6 @@ impl Engine {
         Ok(())
     }
 
-    /// Marks every pending task downstream of failed task `i` as `upstream_failed`.
-    async fn upstream_fail(&mut self, run: &mut ActiveRun, i: usize) -> Result<(), BackendError> {
-        let failed = run.tasks[i].task_id.clone();
-        for d in run.pending_descendants(i) {
-            let old = &run.tasks[d];
-            let mut new = old.clone();
-            new.state = TaskState::UpstreamFailed;
-            new.ended_at = Some(self.now_cache);
-            new.error = Some(format!("upstream task {failed:?} failed"));
-            if self.store.transition_task(run.id(), TaskState::Pending, old.try_number, &new).await? {
-                self.metrics.tasks_finished.inc(&[run.record.dag_id.as_str(), "upstream_failed"]);
-                run.replace(d, new);
-            } else {
-                self.refresh_task(run, d).await?;
-            }
-        }
-        Ok(())
-    }
-
     /// Brings a run's whole view in line with its tasks' states: follow-ups added, failures
     /// propagated, retries timed, ready tasks queued, and (when recovering) queued tasks
     /// published again.
@@ -840,12 +901,12 @@ impl Engine {
         for i in 0..run.tasks.len() {
             if run.tasks[i].state == TaskState::Success {
                 self.expand(run, i).await?;
+                self.skip_not_chosen(run, i).await?;
             }
         }
         for i in 0..run.tasks.len() {
             let task = &run.tasks[i];
             match task.state {
-                TaskState::Failed => self.upstream_fail(run, i).await?,
                 TaskState::UpForRetry => match task.retry_at {
                     Some(at) => {
                         let kind = TimerKind::Retry {
@@ -864,9 +925,7 @@ impl Engine {
                 _ => {}
             }
         }
-        let ready = run.ready_among(0..run.tasks.len());
-        self.queue_tasks(run, ready).await?;
-        Ok(())
+        self.advance(run, (0..run.tasks.len()).collect()).await
     }
 
     /// Starts a queued run (or takes over a running one on recovery) and loads its view.
@@ -1037,12 +1096,13 @@ impl Engine {
             return Err(CommandError::Conflict(format!("run {run_id:?} belongs to unknown dag {:?}", record.dag_id)));
         }
         let tasks = self.store.tasks(run_id).await.map_err(backend)?;
-        if !tasks.iter().any(|t| task_transition(t.state, TaskEvent::Reset).is_ok()) {
+        let reset = tasks_to_reset(&tasks);
+        if !reset.iter().any(|&r| r) {
             return Err(CommandError::Conflict(format!("run {run_id:?}: every task succeeded; nothing to restart")));
         }
         let mut changes = Vec::new();
-        for task in tasks {
-            if task_transition(task.state, TaskEvent::Reset).is_err() {
+        for (task, reset) in tasks.into_iter().zip(reset) {
+            if !reset {
                 continue;
             }
             let mut new = task.clone();
@@ -1561,6 +1621,32 @@ impl Drop for StopOnDrop {
 }
 
 /// A task's configuration: from the DAG, or the defaults for follow-up tasks.
+/// Which tasks a restart sets back to `pending`: those that failed, were upstream_failed or
+/// cancelled, and the skipped ones downstream of those (their rules decide again). A task
+/// skipped by a branch or rule whose upstreams all stay as they are stays skipped.
+fn tasks_to_reset(tasks: &[TaskInstance]) -> Vec<bool> {
+    let mut reset: Vec<bool> = tasks
+        .iter()
+        .map(|t| t.state != TaskState::Skipped && task_transition(t.state, TaskEvent::Reset).is_ok())
+        .collect();
+    let index: HashMap<&str, usize> = tasks.iter().enumerate().map(|(i, t)| (t.task_id.as_str(), i)).collect();
+    // Tasks come in no guaranteed order (follow-ups are appended): repeat until nothing changes.
+    let mut changed = true;
+    while changed {
+        changed = false;
+        for (i, task) in tasks.iter().enumerate() {
+            if !reset[i]
+                && task.state == TaskState::Skipped
+                && task.after.iter().any(|up| index.get(up.as_str()).is_some_and(|&u| reset[u]))
+            {
+                reset[i] = true;
+                changed = true;
+            }
+        }
+    }
+    reset
+}
+
 fn task_config(run: &ActiveRun, i: usize) -> TaskConfig {
     run.dag.task(&run.tasks[i].task_id).map(|t| t.config.clone()).unwrap_or_default()
 }

@@ -462,6 +462,11 @@ async fn finish(
         Some(Err(reason)) => Err(TaskError::new(reason)),
         _ => Ok(outcome),
     });
+    // A branch task's output must name its direct downstream tasks; anything else fails the try.
+    let result = result.and_then(|outcome| match check_branch(shared, message, outcome.output.as_ref()) {
+        Err(reason) => Err(TaskError::new(reason)),
+        Ok(()) => Ok(outcome),
+    });
     shared.config.metrics.running.add(&[], -1.0);
     let outcome = match (&result, reason) {
         (_, StopReason::Interrupted | StopReason::Fenced) => "interrupted",
@@ -577,6 +582,21 @@ fn resolve(shared: &Shared, message: &TaskToExec) -> Result<Executable, String> 
         TaskKind::Command(argv) => Executable::Command(argv.clone()),
         TaskKind::Rust { task, .. } => Executable::Rust(task.clone(), spec.args.clone()),
     })
+}
+
+/// Checks a successful try's output when its task is a branch: one or a list of its direct
+/// downstream tasks' ids.
+fn check_branch(shared: &Shared, message: &TaskToExec, output: Option<&serde_json::Value>) -> Result<(), String> {
+    if message.follow_up.is_some() {
+        return Ok(());
+    }
+    let Some(dag) = shared.config.dags.get(&message.dag_id) else { return Ok(()) };
+    match dag.task(&message.task_id) {
+        Some(spec) if spec.config.branch => {
+            dagmq_core::trigger::branch_choice(output, &dag.downstream_of(&spec.id)).map(drop)
+        }
+        _ => Ok(()),
+    }
 }
 
 /// Reads other tasks' outputs from the store, for a try that asks.

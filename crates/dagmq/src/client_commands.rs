@@ -93,8 +93,10 @@ pub(crate) async fn trigger(api: &Api, args: &TriggerArgs) -> CliResult<()> {
         let state = run["state"].as_str().unwrap_or("unknown").to_string();
         let counts = &run["task_counts"];
         let total: u64 = counts.as_object().map_or(0, |m| m.values().filter_map(Value::as_u64).sum());
-        let done: u64 =
-            ["success", "failed", "upstream_failed", "cancelled"].iter().filter_map(|s| counts[*s].as_u64()).sum();
+        let done: u64 = ["success", "failed", "upstream_failed", "cancelled", "skipped"]
+            .iter()
+            .filter_map(|s| counts[*s].as_u64())
+            .sum();
         let line = format!("{run_id}: {state}, {done}/{total} tasks done");
         if line != last_line && !api.json {
             eprintln!("{line}");
@@ -272,7 +274,10 @@ pub(crate) async fn logs(api: &Api, args: &LogsArgs) -> CliResult<()> {
         }
         from = log["next"].as_u64().unwrap_or(0) as usize;
         let state = log["state"].as_str().unwrap_or("");
-        let finished = matches!(state, "success" | "failed" | "upstream_failed" | "cancelled" | "up_for_retry");
+        let finished = matches!(
+            state,
+            "success" | "failed" | "upstream_failed" | "cancelled" | "skipped" | "up_for_retry" | "suspended"
+        );
         if !args.follow || finished {
             return Ok(());
         }
