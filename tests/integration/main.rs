@@ -15,4 +15,5 @@ mod services;
 mod shell_params;
 mod store_contract;
 mod support;
+mod suspend;
 mod trigger_ids;

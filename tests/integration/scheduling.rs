@@ -536,7 +536,7 @@ async fn graceful_worker_stop_finishes_in_flight_tries() {
 async fn worker_stop_past_the_grace_period_requeues_as_a_new_try() {
     let (mut h, journal) = harness_with(|j, c| {
         let slow = Probe { work: Duration::from_secs(120), ..Probe::new(j, c) };
-        vec![Dag::builder("slow").task(TaskSpec::rust("slow", slow)).build().unwrap()]
+        vec![Dag::builder("slow").task(TaskSpec::rust("slow", slow).retries(1)).build().unwrap()]
     })
     .await;
     let run = h.trigger("slow").await;
@@ -544,6 +544,7 @@ async fn worker_stop_past_the_grace_period_requeues_as_a_new_try() {
     h.stop_worker().await;
     let task = &h.tasks(&run).await["slow"];
     assert_eq!((task.state, task.try_number), (TaskState::Queued, 2), "interrupted try requeued as try 2");
+    assert_eq!(task.tries_left(), 1, "the stopped try does not count against the retries");
     assert_eq!(journal.entries(), vec!["start:slow", "stopped:slow"]);
     h.start_worker();
     assert_eq!(h.wait_final(&run).await, RunState::Success);

@@ -66,6 +66,8 @@ pub fn router(scheduler: SchedulerHandle, config: ApiConfig) -> Router {
         .route("/runs/{run_id}", get(show_run))
         .route("/runs/{run_id}/restart", post(restart_run))
         .route("/runs/{run_id}/cancel", post(cancel_run))
+        .route("/runs/{run_id}/suspend", post(suspend_run))
+        .route("/runs/{run_id}/resume", post(resume_run))
         .route("/runs/{run_id}/tasks/{task_id}/logs", get(task_logs))
         .route("/workers", get(list_workers))
         .route("/stats", get(stats))
@@ -583,6 +585,16 @@ async fn restart_run(State(state): State<AppState>, Path(run_id): Path<String>) 
 async fn cancel_run(State(state): State<AppState>, Path(run_id): Path<String>) -> ApiResult<Json<serde_json::Value>> {
     state.scheduler.cancel(&run_id).await?;
     Ok(Json(serde_json::json!({"run_id": run_id, "cancelled": true})))
+}
+
+async fn suspend_run(State(state): State<AppState>, Path(run_id): Path<String>) -> ApiResult<Json<serde_json::Value>> {
+    state.scheduler.suspend(&run_id).await?;
+    Ok(Json(serde_json::json!({"run_id": run_id, "suspended": true})))
+}
+
+async fn resume_run(State(state): State<AppState>, Path(run_id): Path<String>) -> ApiResult<Json<serde_json::Value>> {
+    state.scheduler.resume(&run_id).await?;
+    Ok(Json(serde_json::json!({"run_id": run_id, "resumed": true})))
 }
 
 /// Query of the logs route.

@@ -34,6 +34,15 @@ pub(crate) enum Command {
         /// Where the answer goes.
         reply: oneshot::Sender<Result<(), CommandError>>,
     },
+    /// Suspend a running run, or resume a suspended one.
+    SetSuspended {
+        /// The run.
+        run_id: String,
+        /// Suspend (true) or resume (false).
+        suspended: bool,
+        /// Where the answer goes.
+        reply: oneshot::Sender<Result<(), CommandError>>,
+    },
     /// Pause or unpause a DAG's schedule.
     SetPaused {
         /// The DAG.
@@ -103,7 +112,10 @@ impl Command {
             Command::Trigger { reply, .. } => {
                 let _ = reply.send(Err(error));
             }
-            Command::Restart { reply, .. } | Command::Cancel { reply, .. } | Command::SetPaused { reply, .. } => {
+            Command::Restart { reply, .. }
+            | Command::Cancel { reply, .. }
+            | Command::SetSuspended { reply, .. }
+            | Command::SetPaused { reply, .. } => {
                 let _ = reply.send(Err(error));
             }
         }
@@ -142,6 +154,19 @@ impl SchedulerHandle {
     pub async fn cancel(&self, run_id: &str) -> Result<(), CommandError> {
         let run_id = run_id.to_string();
         self.ask(|reply| Command::Cancel { run_id, reply }).await
+    }
+
+    /// Suspends a running run: nothing new is queued, and its queued and running tries are
+    /// stopped and become `suspended` without using up a retry.
+    pub async fn suspend(&self, run_id: &str) -> Result<(), CommandError> {
+        let run_id = run_id.to_string();
+        self.ask(|reply| Command::SetSuspended { run_id, suspended: true, reply }).await
+    }
+
+    /// Resumes a suspended run: its suspended tasks get new tries and scheduling goes on.
+    pub async fn resume(&self, run_id: &str) -> Result<(), CommandError> {
+        let run_id = run_id.to_string();
+        self.ask(|reply| Command::SetSuspended { run_id, suspended: false, reply }).await
     }
 
     /// Pauses or unpauses a DAG.

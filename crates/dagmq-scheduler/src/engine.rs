@@ -494,6 +494,12 @@ impl Engine {
             Command::Cancel { run_id, reply } => {
                 let _ = reply.send(self.cancel(&run_id, USER_CANCEL).await.map(|_| ()));
             }
+            Command::SetSuspended { run_id, suspended: true, reply } => {
+                let _ = reply.send(self.suspend(&run_id).await);
+            }
+            Command::SetSuspended { run_id, suspended: false, reply } => {
+                let _ = reply.send(self.resume(&run_id).await);
+            }
             Command::SetPaused { dag_id, paused, reply } => {
                 let _ = reply.send(self.set_paused(&dag_id, paused).await);
             }
@@ -822,6 +828,10 @@ impl Engine {
     /// is read again. A large outbox is published as it grows, so workers start early and the
     /// scheduler never holds every message of a wide DAG at once.
     async fn queue_tasks(&mut self, run: &mut ActiveRun, indices: Vec<usize>) -> Result<(), BackendError> {
+        if run.record.state == RunState::Suspended {
+            // Nothing new is queued in a suspended run; resuming queues what is ready then.
+            return Ok(());
+        }
         for chunk in indices.chunks(QUEUE_CHUNK) {
             let mut queued = Vec::with_capacity(chunk.len());
             let mut changes = Vec::with_capacity(chunk.len());
@@ -833,6 +843,10 @@ impl Engine {
                 let mut new = old.clone();
                 new.state = TaskState::Queued;
                 new.try_number += 1;
+                if old.state == TaskState::Suspended {
+                    // The try the suspension stopped does not count against the retries.
+                    new.max_try += 1;
+                }
                 new.queued_at = Some(self.now_cache);
                 new.started_at = None;
                 new.ended_at = None;
@@ -925,6 +939,13 @@ impl Engine {
                 _ => {}
             }
         }
+        if run.record.state == RunState::Suspended {
+            // Finishes a suspension a crash interrupted: no try of a suspended run goes on.
+            return self.suspend_tasks(run).await;
+        }
+        let suspended: Vec<usize> =
+            (0..run.tasks.len()).filter(|&i| run.tasks[i].state == TaskState::Suspended).collect();
+        self.queue_tasks(run, run.by_priority(suspended)).await?;
         self.advance(run, (0..run.tasks.len()).collect()).await
     }
 
@@ -975,7 +996,7 @@ impl Engine {
         finished.state = outcome;
         finished.ended_at = Some(self.now_cache);
         let dag_id = finished.dag_id.clone();
-        if let Err(err) = self.store.transition_run(RunState::Running, &finished).await {
+        if let Err(err) = self.store.transition_run(run.record.state, &finished).await {
             // Keep the run active; the sweep finishes it once the store answers.
             self.active.insert(run.id().to_string(), run);
             return Err(err);
@@ -1189,6 +1210,96 @@ impl Engine {
             tracing::warn!(run = %run_id, "broadcasting the cancel: {err}; workers learn it from the store");
         }
         Ok(())
+    }
+
+    /// Suspends a running run: the run first (so nothing new is queued), then its queued and
+    /// running tasks, then the broadcast that stops the tries. A crash in between leaves a
+    /// suspended run whose view `settle` finishes suspending on recovery.
+    async fn suspend(&mut self, run_id: &str) -> Result<(), CommandError> {
+        let backend = |e: BackendError| CommandError::Backend(e.to_string());
+        let Some(record) = self.store.run(run_id).await.map_err(backend)? else {
+            return Err(CommandError::NotFound(format!("unknown run {run_id:?}")));
+        };
+        if record.state != RunState::Running {
+            return Err(CommandError::Conflict(format!(
+                "run {run_id:?} is {}; only a running run can be suspended",
+                record.state
+            )));
+        }
+        let mut suspended = record.clone();
+        suspended.state = RunState::Suspended;
+        if !self.store.transition_run(RunState::Running, &suspended).await.map_err(backend)? {
+            return Err(CommandError::Conflict(format!("run {run_id:?} changed state meanwhile; try again")));
+        }
+        fail_point!("scheduler::suspend::after_run");
+        tracing::info!(run = %run_id, "run suspended");
+        let Some(mut run) = self.active.remove(run_id) else { return Ok(()) };
+        run.record = suspended;
+        let result = self.suspend_tasks(&mut run).await;
+        self.put_back(run).await.map_err(backend)?;
+        result.map_err(backend)
+    }
+
+    /// Moves the queued and running tasks of a suspended run to `suspended` (reading a task
+    /// again when a worker claimed it meanwhile) and tells workers to stop the run's tries.
+    async fn suspend_tasks(&mut self, run: &mut ActiveRun) -> Result<(), BackendError> {
+        let mut stopped = 0;
+        for i in 0..run.tasks.len() {
+            while let Ok(state) = task_transition(run.tasks[i].state, TaskEvent::Suspend) {
+                let old = &run.tasks[i];
+                let mut new = old.clone();
+                new.state = state;
+                new.ended_at = Some(self.now_cache);
+                new.error = Some(format!("try {} stopped: the run was suspended", old.try_number));
+                new.progress = None;
+                if self.store.transition_task(run.id(), old.state, old.try_number, &new).await? {
+                    run.replace(i, new);
+                    stopped += 1;
+                    break;
+                }
+                match self.store.task(run.id(), &run.tasks[i].task_id).await? {
+                    Some(fresh) => drop(run.replace(i, fresh)),
+                    None => break,
+                }
+            }
+        }
+        if stopped > 0 {
+            // As for a cancel, the broadcast only hastens the stop: workers stop a try the store
+            // no longer has running under them at their next heartbeat.
+            let control = Control::CancelRun { v: VERSION, run_id: run.id().to_string() };
+            if let Err(err) = self.queue.broadcast(messages::encode(&control)).await {
+                tracing::warn!(run = %run.id(), "broadcasting the suspension: {err}; workers learn it from the store");
+            }
+        }
+        Ok(())
+    }
+
+    /// Resumes a suspended run: the run goes back to `running`, its suspended tasks get new
+    /// tries (try numbers go on; the stopped try does not count against retries) and ready tasks
+    /// are queued.
+    async fn resume(&mut self, run_id: &str) -> Result<(), CommandError> {
+        let backend = |e: BackendError| CommandError::Backend(e.to_string());
+        let Some(record) = self.store.run(run_id).await.map_err(backend)? else {
+            return Err(CommandError::NotFound(format!("unknown run {run_id:?}")));
+        };
+        if record.state != RunState::Suspended {
+            return Err(CommandError::Conflict(format!(
+                "run {run_id:?} is {}; only a suspended run can be resumed",
+                record.state
+            )));
+        }
+        let mut running = record.clone();
+        running.state = RunState::Running;
+        if !self.store.transition_run(RunState::Suspended, &running).await.map_err(backend)? {
+            return Err(CommandError::Conflict(format!("run {run_id:?} changed state meanwhile; try again")));
+        }
+        fail_point!("scheduler::resume::after_run");
+        tracing::info!(run = %run_id, "run resumed");
+        let Some(mut run) = self.active.remove(run_id) else { return Ok(()) };
+        run.record = running;
+        let result = self.settle(&mut run, false).await;
+        self.put_back(run).await.map_err(backend)?;
+        result.map_err(backend)
     }
 
     async fn set_paused(&mut self, dag_id: &str, paused: bool) -> Result<(), CommandError> {

@@ -80,12 +80,14 @@ pub fn document() -> Value {
             )},
             "/api/v1/runs": {"get": operation("latest runs, newest first, with task counts by state", ("200", "runs"), &std_errors(&["400"]), json!([
                 query_param("dag_id", "string", "only this DAG"),
-                query_param("status", "string", "queued, running, success, failed or cancelled"),
+                query_param("status", "string", "queued, running, suspended, success, failed or cancelled"),
                 query_param("limit", "integer", "1 to 500, default 50")
             ]), None)},
             "/api/v1/runs/{run_id}": {"get": operation("a run with every task: state, try, times, worker, error", ("200", "the run"), &std_errors(&["404"]), json!([run]), None)},
             "/api/v1/runs/{run_id}/restart": {"post": operation("re-run failed and not-run tasks of a finished run", ("200", "restarted"), &std_errors(&["404", "409"]), json!([run]), None)},
-            "/api/v1/runs/{run_id}/cancel": {"post": operation("cancel a run; running tasks are told to stop", ("200", "cancelled"), &std_errors(&["404", "409"]), json!([run]), None)},
+            "/api/v1/runs/{run_id}/cancel": {"post": operation("cancel a run (also a suspended one); running tasks are told to stop", ("200", "cancelled"), &std_errors(&["404", "409"]), json!([run]), None)},
+            "/api/v1/runs/{run_id}/suspend": {"post": operation("suspend a running run: nothing new is queued; queued and running tries stop and their tasks become suspended without using up a retry", ("200", "suspended"), &std_errors(&["404", "409"]), json!([run]), None)},
+            "/api/v1/runs/{run_id}/resume": {"post": operation("resume a suspended run: suspended tasks get new tries", ("200", "resumed"), &std_errors(&["404", "409"]), json!([run]), None)},
             "/api/v1/runs/{run_id}/tasks/{task_id}/logs": {"get": operation("a try's log lines", ("200", "lines and the next offset"), &std_errors(&["404"]), json!([
                 run, path_param("task_id"),
                 query_param("try", "integer", "the try (default: the latest)"),

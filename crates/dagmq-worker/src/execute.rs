@@ -149,11 +149,12 @@ pub(crate) async fn stop_superseded(shared: &Shared) -> Result<usize, BackendErr
             if ours {
                 continue;
             }
-            let reason = if task.as_ref().is_some_and(|t| t.state == TaskState::Cancelled) {
-                StopReason::Cancelled
-            } else {
-                StopReason::Superseded
-            };
+            let reason =
+                if task.as_ref().is_some_and(|t| matches!(t.state, TaskState::Cancelled | TaskState::Suspended)) {
+                    StopReason::Cancelled
+                } else {
+                    StopReason::Superseded
+                };
             let key = (run_id.clone(), task_id.clone(), *try_number);
             if let Some(handle) = lock(&shared.running).get(&key)
                 && StopReason::from_u8(handle.reason.load(Ordering::SeqCst)) == StopReason::None
@@ -171,7 +172,7 @@ pub(crate) async fn stop_superseded(shared: &Shared) -> Result<usize, BackendErr
     Ok(stopped)
 }
 
-/// Listens for control broadcasts (run cancelled) and stops the affected tries.
+/// Listens for control broadcasts (run cancelled or suspended) and stops the affected tries.
 pub(crate) async fn control_loop(shared: Arc<Shared>, shutdown: CancelSignal) {
     let mut subscription = Subscription::broadcasts(shared.queue.clone());
     while let Some(delivery) = subscription.next(&shutdown).await {
@@ -179,7 +180,7 @@ pub(crate) async fn control_loop(shared: Arc<Shared>, shutdown: CancelSignal) {
             Ok(Control::CancelRun { run_id, .. }) => {
                 let count = stop_matching(&shared, StopReason::Cancelled, |r| r == run_id);
                 if count > 0 {
-                    tracing::info!(run = %run_id, count, "stopping tries of a cancelled run");
+                    tracing::info!(run = %run_id, count, "stopping tries of a cancelled or suspended run");
                 }
             }
             Err(err) => tracing::warn!("ignoring a control message: {err}"),

@@ -219,7 +219,7 @@ pub enum RunsCommand {
         /// Only this DAG.
         #[arg(long = "dag", value_name = "DAG_ID")]
         dag_id: Option<String>,
-        /// Only this state (queued, running, success, failed, cancelled).
+        /// Only this state (queued, running, suspended, success, failed, cancelled).
         #[arg(long, value_name = "STATE")]
         status: Option<String>,
         /// How many (at most 500).
@@ -236,8 +236,19 @@ pub enum RunsCommand {
         /// The run.
         run_id: String,
     },
-    /// Cancel a run; running tasks are told to stop.
+    /// Cancel a run (also a suspended one); running tasks are told to stop.
     Cancel {
+        /// The run.
+        run_id: String,
+    },
+    /// Suspend a running run: nothing new is queued; running tries are stopped and their tasks
+    /// become suspended without using up a retry.
+    Suspend {
+        /// The run.
+        run_id: String,
+    },
+    /// Resume a suspended run: suspended tasks get new tries.
+    Resume {
         /// The run.
         run_id: String,
     },

@@ -240,13 +240,21 @@ pub(crate) async fn runs(api: &Api, command: &RunsCommand) -> CliResult<()> {
                 .collect();
             print_table(&["TASK", "STATE", "TRY", "WORKER", "STARTED", "ENDED", "OUTPUT", "ERROR"], rows);
         }
-        RunsCommand::Restart { run_id } | RunsCommand::Cancel { run_id } => {
-            let verb = if matches!(command, RunsCommand::Restart { .. }) { "restart" } else { "cancel" };
+        RunsCommand::Restart { run_id }
+        | RunsCommand::Cancel { run_id }
+        | RunsCommand::Suspend { run_id }
+        | RunsCommand::Resume { run_id } => {
+            let (verb, done) = match command {
+                RunsCommand::Restart { .. } => ("restart", "restarted"),
+                RunsCommand::Cancel { .. } => ("cancel", "cancelled"),
+                RunsCommand::Suspend { .. } => ("suspend", "suspended"),
+                _ => ("resume", "resumed"),
+            };
             let answer = api.call("POST", &format!("/api/v1/runs/{run_id}/{verb}"), None).await?;
             if api.json {
                 api.print_json(&answer);
             } else {
-                println!("{run_id} {}", if verb == "restart" { "restarted" } else { "cancelled" });
+                println!("{run_id} {done}");
             }
         }
     }

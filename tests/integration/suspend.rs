@@ -1,0 +1,115 @@
+//! Suspending and resuming runs (spincycle's suspend and resume), over the in-memory backends on
+//! tokio's paused clock.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use dagmq_core::{Dag, DagRegistry, RunState, Store, Task, TaskContext, TaskError, TaskOutcome, TaskSpec, TaskState};
+use dagmq_scheduler::CommandError;
+
+use crate::support::Harness;
+
+/// Works for a minute unless stopped; counts its starts.
+struct Slow(Arc<AtomicU32>);
+
+#[async_trait]
+impl Task for Slow {
+    async fn run(&self, ctx: TaskContext) -> Result<TaskOutcome, TaskError> {
+        self.0.fetch_add(1, Ordering::SeqCst);
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_secs(60)) => Ok(TaskOutcome::done()),
+            _ = ctx.cancel_signal().cancelled() => Err(TaskError::fatal("stopped")),
+        }
+    }
+}
+
+fn harness_dags(starts: &Arc<AtomicU32>) -> DagRegistry {
+    let mut dags = DagRegistry::new();
+    dags.add(
+        Dag::builder("long")
+            .task(TaskSpec::rust("a", Slow(starts.clone())).retries(1))
+            .task(TaskSpec::rust("c", Slow(starts.clone())))
+            .task(TaskSpec::rust("b", Slow(starts.clone())).after(["a"]))
+            .build()
+            .unwrap(),
+    )
+    .unwrap();
+    dags
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_suspended_run_stops_its_tries_and_resumes_with_new_ones_that_keep_the_retry_budget() {
+    let starts = Arc::new(AtomicU32::new(0));
+    let mut h = Harness::start(harness_dags(&starts)).await;
+    let run = h.trigger("long").await;
+    h.wait_task(&run, "a", |t| t.state == TaskState::Running).await;
+    h.wait_task(&run, "c", |t| t.state == TaskState::Running).await;
+
+    let conflict = h.scheduler.resume(&run).await.unwrap_err();
+    assert_eq!(conflict.to_string(), format!("run {run:?} is running; only a suspended run can be resumed"));
+    h.scheduler.suspend(&run).await.unwrap();
+    assert_eq!(h.store.run(&run).await.unwrap().unwrap().state, RunState::Suspended);
+    let conflict = h.scheduler.suspend(&run).await.unwrap_err();
+    assert!(matches!(conflict, CommandError::Conflict(_)), "{conflict}");
+    assert_eq!(conflict.to_string(), format!("run {run:?} is suspended; only a running run can be suspended"));
+    let unknown = h.scheduler.suspend("long--nope").await.unwrap_err();
+    assert!(matches!(unknown, CommandError::NotFound(_)), "{unknown}");
+
+    let tasks = h.tasks(&run).await;
+    for id in ["a", "c"] {
+        assert_eq!((tasks[id].state, tasks[id].try_number), (TaskState::Suspended, 1), "{id}");
+        assert_eq!(tasks[id].error.as_deref(), Some("try 1 stopped: the run was suspended"));
+    }
+    assert_eq!(tasks["b"].state, TaskState::Pending);
+    // Nothing is queued or run while suspended, across a scheduler restart too.
+    tokio::time::sleep(Duration::from_secs(120)).await;
+    h.restart_scheduler().await;
+    tokio::time::sleep(Duration::from_secs(60)).await;
+    assert_eq!(starts.load(Ordering::SeqCst), 2, "no try started while suspended");
+    assert_eq!(h.store.run(&run).await.unwrap().unwrap().state, RunState::Suspended);
+    assert!(h.tasks(&run).await.values().all(|t| matches!(t.state, TaskState::Suspended | TaskState::Pending)));
+
+    h.scheduler.resume(&run).await.unwrap();
+    assert_eq!(h.wait_final(&run).await, RunState::Success);
+    let tasks = h.tasks(&run).await;
+    assert_eq!(tasks["a"].try_number, 2, "try numbers keep increasing");
+    assert_eq!(tasks["a"].tries_left(), 1, "the stopped try did not use up the retry");
+    assert_eq!((tasks["c"].try_number, tasks["b"].try_number), (2, 1));
+    assert_eq!(starts.load(Ordering::SeqCst), 5);
+    h.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_suspended_run_can_be_cancelled_and_a_lost_stop_broadcast_costs_one_heartbeat() {
+    let starts = Arc::new(AtomicU32::new(0));
+    let h = Harness::start(harness_dags(&starts)).await;
+    let run = h.trigger("long").await;
+    h.wait_task(&run, "a", |t| t.state == TaskState::Running).await;
+    h.wait_task(&run, "c", |t| t.state == TaskState::Running).await;
+    h.scheduler_faults.queue.broadcasts_failing.store(true, Ordering::SeqCst);
+    let suspended_at = tokio::time::Instant::now();
+    h.scheduler.suspend(&run).await.unwrap();
+    // The worker learns it from the store at its next heartbeat and stops both tries.
+    let worker = async {
+        loop {
+            let workers = h.store.workers().await.unwrap();
+            if workers.iter().all(|w| w.running.is_empty()) {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(30), worker).await.expect("the worker stops the suspended tries");
+    assert!(suspended_at.elapsed() <= Duration::from_secs(11), "stopped within a heartbeat and its grace");
+    assert_eq!(h.tasks(&run).await["a"].state, TaskState::Suspended, "the stopped try's failure is not recorded");
+
+    h.scheduler.cancel(&run).await.unwrap();
+    assert_eq!(h.wait_final(&run).await, RunState::Cancelled);
+    let tasks = h.tasks(&run).await;
+    assert!(tasks.values().all(|t| t.state == TaskState::Cancelled), "{tasks:?}");
+    let conflict = h.scheduler.resume(&run).await.unwrap_err();
+    assert_eq!(conflict.to_string(), format!("run {run:?} is cancelled; only a suspended run can be resumed"));
+    h.stop().await;
+}
