@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 
-use crate::support::{Standalone, examples, free_port};
+use crate::support::{Standalone, examples, free_port, text};
 
 const ELEMENT: &str = "element-6066-11e4-a52e-4f735466cecf";
 
@@ -200,7 +200,7 @@ fn the_ui_triggers_a_run_shows_its_graph_and_log_and_pauses_a_dag() {
     let base = standalone.api.clone();
 
     browser.open(&format!("{base}/#/dags"));
-    browser.wait_for("return document.querySelectorAll('tr[data-dag]').length", json!(6));
+    browser.wait_for("return document.querySelectorAll('tr[data-dag]').length", json!(8));
     browser.screenshot("dags");
 
     // Trigger from the page: the page moves to the new run, which reaches success.
@@ -213,6 +213,25 @@ fn the_ui_triggers_a_run_shows_its_graph_and_log_and_pauses_a_dag() {
         json!("success,success,success"),
     );
     browser.screenshot("run");
+
+    // A branch's skipped path, in its colour.
+    let hello_page = browser.script("return location.href").as_str().unwrap().to_string();
+    let branch = standalone.cli(&["trigger", "branch", "--wait"]);
+    assert!(branch.status.success(), "{}", String::from_utf8_lossy(&branch.stderr));
+    let branch_id = text(&branch.stdout).split_whitespace().next().unwrap().to_string();
+    browser.open(&format!("{base}/#/runs/{branch_id}"));
+    browser.wait_for(
+        "return [...document.querySelectorAll('[data-node]')].filter(n => n.dataset.state === 'skipped').length",
+        json!(2),
+    );
+    browser.wait_for(
+        "const b = document.querySelector('tr[data-task=\"bulk_load\"] .state'); \
+         return b ? getComputedStyle(b).backgroundColor : null",
+        json!("rgb(224, 123, 181)"),
+    );
+    browser.screenshot("branch-skipped");
+    browser.open(&hello_page);
+    browser.wait_for("return document.querySelectorAll('[data-test=graph] [data-node]').length", json!(3));
 
     // A task's log.
     browser.click("tr[data-task=\"greet\"] a");
@@ -245,7 +264,7 @@ fn the_ui_triggers_a_run_shows_its_graph_and_log_and_pauses_a_dag() {
     // Phone width: the page still lays out (no horizontal overflow of the page itself).
     browser.resize(390, 844);
     browser.open(&format!("{base}/#/dags"));
-    browser.wait_for("return document.querySelectorAll('tr[data-dag]').length", json!(6));
+    browser.wait_for("return document.querySelectorAll('tr[data-dag]').length", json!(8));
     browser.wait_for("return document.documentElement.scrollWidth <= window.innerWidth + 1", json!(true));
     browser.screenshot("dags-phone");
 }
@@ -380,7 +399,25 @@ fn pages_of_other_origins_cannot_command_the_api_but_the_ui_can() {
         "return document.querySelector('tr[data-task=\"say\"] [data-test=output]')?.textContent ?? null",
         json!("{\"said\":\"hi\"}"),
     );
+    // Suspend and resume from the run page: the task's try stops and shows `suspended` in its
+    // colour, and resuming starts a new try.
     browser.open(&format!("{base}/#/runs/{slow}"));
+    browser.click("[data-test=\"suspend\"]");
+    browser.wait_for("return document.querySelector('h2 .state')?.dataset.state ?? null", json!("suspended"));
+    browser.wait_for(
+        "const b = document.querySelector('tr[data-task] .state'); \
+         return b ? [b.dataset.state, getComputedStyle(b).backgroundColor] : null",
+        json!(["suspended", "rgb(184, 134, 11)"]),
+    );
+    browser.wait_for("return document.querySelector('[data-test=resume]').disabled", json!(false));
+    browser.screenshot("suspended");
+    assert_eq!(state_of(&slow), "suspended");
+    browser.click("[data-test=\"resume\"]");
+    browser.wait_for("return document.querySelector('h2 .state')?.dataset.state ?? null", json!("running"));
+    standalone.wait_until(Duration::from_secs(30), || {
+        let run = standalone.json(&["runs", "show", &slow]);
+        run["tasks"][0]["try_number"] == 2 && run["tasks"][0]["state"] == "running"
+    });
     browser.click("[data-test=\"cancel\"]");
     browser.wait_for("return document.querySelector('h2 .state')?.dataset.state ?? null", json!("cancelled"));
     assert_eq!(state_of(&slow), "cancelled");

@@ -264,9 +264,44 @@ fn crash_in_the_middle_of_a_cancel() {
     // The worker stopped the try (from the broadcast, or from the store at its next heartbeat).
     cluster.wait_until(Duration::from_secs(15), || {
         let logs = cluster.logs_text();
-        logs.contains("stopping tries of a cancelled run")
-            || logs.contains("the store no longer has this try running here")
+        logs.contains("stopping tries of a cancelled") || logs.contains("the store no longer has this try running here")
     });
+}
+
+/// A crash after a suspend reached the run but before its tasks: the next scheduler finishes the
+/// suspension (the task becomes `suspended` and its try is stopped). A crash after a resume
+/// reached the run but before its tasks were queued: the next scheduler queues them.
+#[test]
+fn crash_in_the_middle_of_a_suspend_and_of_a_resume() {
+    let Some(mut cluster) =
+        Cluster::new(&[("long.toml", "id = \"long\"\n[[task]]\nid = \"l\"\ncommand = [\"sleep\", \"60\"]\n")])
+    else {
+        return;
+    };
+    cluster.next_env(&[("FAILPOINTS", "scheduler::suspend::after_run=panic")]);
+    cluster.start_scheduler();
+    cluster.start_worker("w1");
+    let run_id = cluster.trigger("long");
+    cluster.wait_task_state(&run_id, "l", "running");
+    command_until_abort(&mut cluster, &["runs", "suspend", &run_id]);
+    cluster.reap_scheduler();
+    cluster.next_env(&[("FAILPOINTS", "scheduler::resume::after_run=panic")]);
+    cluster.start_scheduler();
+    cluster.wait_task_state(&run_id, "l", "suspended");
+    assert_eq!(cluster.json(&["runs", "show", &run_id])["state"], "suspended");
+    // The worker stopped the try (from the broadcast, or from the store at its next heartbeat).
+    cluster.wait_until(Duration::from_secs(15), || {
+        cluster.json(&["workers"]).as_array().unwrap().iter().all(|w| w["running"].as_array().unwrap().is_empty())
+    });
+
+    command_until_abort(&mut cluster, &["runs", "resume", &run_id]);
+    cluster.reap_scheduler();
+    cluster.start_scheduler();
+    cluster.wait_until(Duration::from_secs(30), || {
+        let run = cluster.json(&["runs", "show", &run_id]);
+        run["state"] == "running" && run["tasks"][0]["state"] == "running" && run["tasks"][0]["try_number"] == 2
+    });
+    assert!(cluster.cli(&["runs", "cancel", &run_id]).status.success());
 }
 
 /// Lease renewals that fail make the scheduler step down, take the lease again under a new

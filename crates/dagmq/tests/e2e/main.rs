@@ -5,6 +5,7 @@ mod bench;
 mod browser;
 mod chaos;
 mod cluster;
+mod control_flow;
 mod distributed;
 mod failpoints;
 mod standalone;

@@ -6,7 +6,7 @@ use crate::support::{dagmq, examples, text};
 fn examples_validate() {
     let output = dagmq().args(["validate", "--dags"]).arg(examples()).output().unwrap();
     assert!(output.status.success(), "{}", text(&output.stderr));
-    assert_eq!(text(&output.stdout), "6 dags ok\n");
+    assert_eq!(text(&output.stdout), "8 dags ok\n");
 }
 
 #[test]
