@@ -1,11 +1,16 @@
 //! Task outputs: what a Rust task returns is kept with its try in the store; an output over the
 //! limit fails the try like any failure.
 
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
 use async_trait::async_trait;
 use dagmq_core::task::MAX_OUTPUT_BYTES;
-use dagmq_core::{Dag, DagRegistry, Task, TaskContext, TaskError, TaskOutcome, TaskSpec, TaskState};
+use dagmq_core::{Dag, DagRegistry, RunState, Task, TaskContext, TaskError, TaskOutcome, TaskSpec, TaskState};
 use serde_json::{Value, json};
 
+use crate::faults::Faults;
 use crate::support::Harness;
 
 /// Returns a fixed output.
@@ -85,5 +90,46 @@ async fn a_rust_task_reads_its_upstream_outputs_from_its_context() {
     let run_id = harness.trigger("sum").await;
     let total = harness.wait_task(&run_id, "total", |t| t.state == TaskState::Success).await;
     assert_eq!(total.output, Some(json!({"rows": 7, "from": 3})), "a task without output is an input of null");
+    harness.stop().await;
+}
+
+/// Takes the worker's store down for three seconds, then reads its inputs.
+struct ReadsThroughAnOutage(Arc<OnceLock<Arc<Faults>>>);
+
+#[async_trait]
+impl Task for ReadsThroughAnOutage {
+    async fn run(&self, ctx: TaskContext) -> Result<TaskOutcome, TaskError> {
+        let faults = self.0.get().expect("the test sets the faults").clone();
+        faults.down.store(true, Ordering::SeqCst);
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_secs(3)).await;
+            faults.down.store(false, Ordering::SeqCst);
+        });
+        let inputs = ctx.inputs().await?;
+        Ok(TaskOutcome::with_output(Value::Object(inputs)))
+    }
+}
+
+/// A store that does not answer while a task reads its inputs is waited for: the try goes on
+/// once it answers, and no retry is used up.
+#[tokio::test(start_paused = true)]
+async fn reading_inputs_waits_out_a_short_store_outage_instead_of_failing_the_try() {
+    let faults = Arc::new(OnceLock::new());
+    let mut dags = DagRegistry::new();
+    dags.add(
+        Dag::builder("outage")
+            .task(TaskSpec::rust("a", Emit(json!({"rows": 3}))))
+            .task(TaskSpec::rust("b", ReadsThroughAnOutage(faults.clone())).after(["a"]))
+            .build()
+            .unwrap(),
+    )
+    .unwrap();
+    let harness = Harness::start(dags).await;
+    faults.set(harness.worker_faults.store.clone()).ok();
+    let run_id = harness.trigger("outage").await;
+    assert_eq!(harness.wait_final(&run_id).await, RunState::Success);
+    let b = harness.wait_task(&run_id, "b", |t| t.state == TaskState::Success).await;
+    assert_eq!((b.try_number, b.output), (1, Some(json!({"a": {"rows": 3}}))));
+    assert!(harness.worker_faults.store.refused.load(Ordering::SeqCst) > 0, "the outage was met");
     harness.stop().await;
 }

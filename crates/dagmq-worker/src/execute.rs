@@ -600,6 +600,10 @@ fn check_branch(shared: &Shared, message: &TaskToExec, output: Option<&serde_jso
     }
 }
 
+/// The longest wait between reads of upstream outputs from a store that does not answer
+/// (100 ms doubling: 9 reads over about 25 s).
+const INPUT_READ_BACKOFF_MAX: Duration = Duration::from_millis(12_800);
+
 /// Reads other tasks' outputs from the store, for a try that asks.
 struct StoreOutputs(Arc<dyn dagmq_core::Store>);
 
@@ -611,7 +615,20 @@ impl dagmq_core::task::OutputSource for StoreOutputs {
         task_ids: &[String],
     ) -> Result<std::collections::BTreeMap<String, Option<serde_json::Value>>, String> {
         let ids: Vec<&str> = task_ids.iter().map(String::as_str).collect();
-        let tasks = self.0.tasks_by_id(run_id, &ids).await.map_err(|e| e.to_string())?;
+        // A store that does not answer is not the task's fault: wait for it (about 30 s in
+        // all) before the try fails, so a short outage does not use up a retry.
+        let mut delay = Duration::from_millis(100);
+        let tasks = loop {
+            match self.0.tasks_by_id(run_id, &ids).await {
+                Ok(tasks) => break tasks,
+                Err(err) if delay <= INPUT_READ_BACKOFF_MAX => {
+                    tracing::warn!(run = %run_id, "reading upstream outputs: {err}; retrying in {delay:?}");
+                    tokio::time::sleep(delay).await;
+                    delay *= 2;
+                }
+                Err(err) => return Err(format!("reading upstream outputs: {err}")),
+            }
+        };
         Ok(task_ids.iter().cloned().zip(tasks.into_iter().map(|t| t.and_then(|t| t.output))).collect())
     }
 }
