@@ -867,7 +867,11 @@ fn a_busy_worker_holds_few_unstarted_messages_and_a_later_worker_gets_the_rest()
 #[test]
 fn outputs_pass_between_tasks_on_different_workers_through_redis() {
     let example = std::fs::read_to_string(crate::support::examples().join("etl_outputs.toml")).unwrap();
-    let Some(mut cluster) = Cluster::new(&[("etl_outputs.toml", &example)]) else { return };
+    let Some(mut cluster) =
+        Cluster::new(&[("etl_outputs.toml", &example), ("outputs.toml", crate::standalone::OUTPUTS)])
+    else {
+        return;
+    };
     cluster.start_scheduler();
     cluster.start_worker("w1");
     cluster.start_worker("w2");
@@ -881,4 +885,14 @@ fn outputs_pass_between_tasks_on_different_workers_through_redis() {
     assert_eq!(tasks(&run)["load"]["output"], serde_json::json!({"loaded": 3}));
     let report = text(&cluster.cli(&["logs", run_id, "report"]).stdout);
     assert_eq!(report, format!("extract said {{\"path\":\"{path}\",\"rows\":3}}, load said 3\n"));
+
+    // Malformed and oversize outputs fail their tries on whichever worker ran them.
+    let output = cluster.cli(&["trigger", "outputs", "--wait", "--json"]);
+    assert_eq!(output.status.code(), Some(1), "{}", text(&output.stderr));
+    let run: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+    let tasks = tasks(&run);
+    assert_eq!(tasks["count"]["output"], serde_json::json!({"path": "/data/x.csv", "rows": 3}));
+    assert_eq!((&tasks["garbled"]["state"], &tasks["garbled"]["try_number"]), (&"failed".into(), &2.into()));
+    assert!(tasks["garbled"]["error"].as_str().unwrap().starts_with("the output file (DAGMQ_OUTPUT) is not JSON"));
+    assert!(tasks["huge"]["error"].as_str().unwrap().contains("more than the limit of 65536"), "{}", tasks["huge"]);
 }

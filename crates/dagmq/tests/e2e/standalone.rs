@@ -317,7 +317,7 @@ fn a_sigkilled_worker_leaves_no_task_process_running() {
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
-const OUTPUTS: &str = r#"
+pub(crate) const OUTPUTS: &str = r#"
 id = "outputs"
 [[task]]
 id = "count"
