@@ -6,6 +6,7 @@
 mod api;
 mod control_flow;
 mod faults;
+mod operations;
 mod outputs;
 mod partial_failure;
 mod queue_contract;

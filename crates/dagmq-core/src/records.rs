@@ -17,6 +17,9 @@ pub enum RunKind {
     Scheduled,
     /// Created by a trigger (API, CLI or a message on `dagmq.triggers`).
     Manual,
+    /// Created by a backfill for a schedule point in a range (same id as the scheduled run of
+    /// that point would have, so a point never gets two runs).
+    Backfill,
 }
 
 /// Interrupted tries after which a task fails instead of being requeued again.

@@ -133,6 +133,34 @@ impl Schedule {
         points
     }
 
+    /// Every schedule point `t` with `from <= t <= to`, oldest first, for a DAG anchored at
+    /// `anchor` (its start: `@every` points are counted from it, also backwards, while cron
+    /// points do not depend on it). At most `limit` points are computed; more are cut off, so a
+    /// caller that wants to refuse a range above `limit` asks for `limit + 1`.
+    pub fn points_between(
+        &self,
+        anchor: DateTime<Utc>,
+        from: DateTime<Utc>,
+        to: DateTime<Utc>,
+        limit: usize,
+    ) -> Vec<DateTime<Utc>> {
+        if from > to {
+            return Vec::new();
+        }
+        let start = match self {
+            Schedule::Manual => return Vec::new(),
+            Schedule::Every(interval) => {
+                let step_ms = ChronoDuration::from_std(*interval).map_or(1, |d| d.num_milliseconds().max(1));
+                let behind_ms = (anchor - from).num_milliseconds().max(0);
+                // Whole intervals back from the anchor to at or before `from`.
+                let steps = (behind_ms + step_ms - 1) / step_ms;
+                anchor - ChronoDuration::milliseconds(steps * step_ms)
+            }
+            Schedule::Cron { .. } => from,
+        };
+        self.due_points(start, Some(from - ChronoDuration::milliseconds(1)), to, true, limit)
+    }
+
     /// The newest schedule point at or before `now` (and not before `start`).
     fn latest_at_or_before(&self, start: DateTime<Utc>, now: DateTime<Utc>) -> Option<DateTime<Utc>> {
         match self {
@@ -309,5 +337,22 @@ mod tests {
             let err = Schedule::parse(text, Tz::UTC).unwrap_err();
             assert!(err.contains(fragment), "{text}: {err}");
         }
+    }
+
+    #[test]
+    fn points_between_two_instants_for_backfills() {
+        let at = |text: &str| DateTime::parse_from_rfc3339(text).unwrap().with_timezone(&Utc);
+        let daily = Schedule::parse("0 0 2 * * *", chrono_tz::UTC).unwrap();
+        let anchor = at("2026-11-01T00:00:00Z");
+        let points = daily.points_between(anchor, at("2026-10-30T02:00:00Z"), at("2026-11-02T01:59:59Z"), 100);
+        assert_eq!(points, vec![at("2026-10-30T02:00:00Z"), at("2026-10-31T02:00:00Z"), at("2026-11-01T02:00:00Z")]);
+        assert_eq!(daily.points_between(anchor, at("2026-10-01T00:00:00Z"), at("2026-12-31T00:00:00Z"), 5).len(), 5);
+        assert!(daily.points_between(anchor, at("2026-11-05T00:00:00Z"), at("2026-11-01T00:00:00Z"), 5).is_empty());
+        // `@every` counts from the anchor, backwards too.
+        let every = Schedule::parse("@every 10m", chrono_tz::UTC).unwrap();
+        let anchor = at("2026-11-01T00:05:00Z");
+        let points = every.points_between(anchor, at("2026-10-31T23:50:00Z"), at("2026-11-01T00:15:00Z"), 100);
+        assert_eq!(points, vec![at("2026-10-31T23:55:00Z"), at("2026-11-01T00:05:00Z"), at("2026-11-01T00:15:00Z")]);
+        assert!(Schedule::Manual.points_between(anchor, anchor, anchor, 5).is_empty());
     }
 }

@@ -82,6 +82,8 @@ pub enum TaskEvent {
     Skip,
     /// The run was suspended while the task was queued or running.
     Suspend,
+    /// A user cleared the task (or an upstream of it) to run it again, even if it succeeded.
+    Clear,
 }
 
 /// A transition that the state machine does not allow.
@@ -112,6 +114,10 @@ pub fn task_transition(from: TaskState, event: TaskEvent) -> Result<TaskState, R
         (S::Failed | S::UpstreamFailed | S::Cancelled | S::Skipped | S::Pending, E::Reset) => S::Pending,
         (S::Running, E::Requeue) => S::Queued,
         (S::Queued | S::Running, E::Suspend) => S::Suspended,
+        (
+            S::Pending | S::Success | S::Failed | S::UpForRetry | S::UpstreamFailed | S::Cancelled | S::Skipped,
+            E::Clear,
+        ) => S::Pending,
         _ => return Err(Refused { from, event }),
     };
     Ok(to)
@@ -248,7 +254,7 @@ impl FromStr for RunState {
 mod tests {
     use super::*;
 
-    const EVENTS: [TaskEvent; 11] = [
+    const EVENTS: [TaskEvent; 12] = [
         TaskEvent::Queue,
         TaskEvent::Start,
         TaskEvent::Succeed,
@@ -260,6 +266,7 @@ mod tests {
         TaskEvent::Requeue,
         TaskEvent::Skip,
         TaskEvent::Suspend,
+        TaskEvent::Clear,
     ];
 
     /// The whole table: every (state, event) pair, allowed ones with their target, the rest refused.
@@ -278,6 +285,13 @@ mod tests {
             (S::Suspended, E::Queue, S::Queued),
             (S::Suspended, E::Cancel, S::Cancelled),
             (S::Skipped, E::Reset, S::Pending),
+            (S::Pending, E::Clear, S::Pending),
+            (S::Success, E::Clear, S::Pending),
+            (S::Failed, E::Clear, S::Pending),
+            (S::UpForRetry, E::Clear, S::Pending),
+            (S::UpstreamFailed, E::Clear, S::Pending),
+            (S::Cancelled, E::Clear, S::Pending),
+            (S::Skipped, E::Clear, S::Pending),
             (S::Queued, E::Start, S::Running),
             (S::Queued, E::Fail, S::Failed),
             (S::Queued, E::Cancel, S::Cancelled),
@@ -310,9 +324,9 @@ mod tests {
     }
 
     #[test]
-    fn success_is_never_left_except_by_nothing() {
+    fn success_is_left_only_by_a_clear() {
         for event in EVENTS {
-            assert!(task_transition(TaskState::Success, event).is_err(), "{event:?}");
+            assert_eq!(task_transition(TaskState::Success, event).is_ok(), event == TaskEvent::Clear, "{event:?}");
         }
     }
 

@@ -62,10 +62,12 @@ pub fn router(scheduler: SchedulerHandle, config: ApiConfig) -> Router {
         .route("/dags/{dag_id}/pause", post(pause_dag))
         .route("/dags/{dag_id}/unpause", post(unpause_dag))
         .route("/dags/{dag_id}/runs", post(trigger_run))
+        .route("/dags/{dag_id}/backfill", post(backfill_dag))
         .route("/runs", get(list_runs))
         .route("/runs/{run_id}", get(show_run))
         .route("/runs/{run_id}/restart", post(restart_run))
         .route("/runs/{run_id}/cancel", post(cancel_run))
+        .route("/runs/{run_id}/clear", post(clear_run))
         .route("/runs/{run_id}/suspend", post(suspend_run))
         .route("/runs/{run_id}/resume", post(resume_run))
         .route("/runs/{run_id}/tasks/{task_id}/logs", get(task_logs))
@@ -464,15 +466,64 @@ async fn trigger_run(
     Path(dag_id): Path<String>,
     body: Result<Bytes, BytesRejection>,
 ) -> ApiResult<(StatusCode, Json<serde_json::Value>)> {
-    let bytes = body.map_err(|rejection| ApiError(rejection.status(), rejection.body_text()))?;
-    let body: TriggerBody = if bytes.iter().all(u8::is_ascii_whitespace) {
-        TriggerBody::default()
-    } else {
-        serde_json::from_slice(&bytes).map_err(|e| bad_request(format!("bad trigger body: {e}")))?
+    let body: TriggerBody = match body {
+        Ok(bytes) if bytes.iter().all(u8::is_ascii_whitespace) => TriggerBody::default(),
+        body => json_body(body, "trigger")?,
     };
     let outcome = state.scheduler.trigger(&dag_id, body.params, body.key).await?;
     let status = if outcome.created { StatusCode::CREATED } else { StatusCode::OK };
     Ok((status, Json(serde_json::json!({"run_id": outcome.run_id, "created": outcome.created}))))
+}
+
+/// A request's JSON body, or a 400 that names the route (`what`) and the reason.
+fn json_body<T: serde::de::DeserializeOwned>(body: Result<Bytes, BytesRejection>, what: &str) -> ApiResult<T> {
+    let bytes = body.map_err(|rejection| ApiError(rejection.status(), rejection.body_text()))?;
+    serde_json::from_slice(&bytes).map_err(|e| bad_request(format!("bad {what} body: {e}")))
+}
+
+/// Body of `POST /api/v1/dags/{id}/backfill`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct BackfillBody {
+    /// First instant of the range (RFC 3339).
+    from: DateTime<Utc>,
+    /// Last instant of the range, inclusive (RFC 3339).
+    to: DateTime<Utc>,
+    /// Parameters over the DAG's defaults.
+    #[serde(default)]
+    params: Params,
+}
+
+async fn backfill_dag(
+    State(state): State<AppState>,
+    Path(dag_id): Path<String>,
+    body: Result<Bytes, BytesRejection>,
+) -> ApiResult<(StatusCode, Json<serde_json::Value>)> {
+    let body: BackfillBody = json_body(body, "backfill")?;
+    let outcome = state.scheduler.backfill(&dag_id, body.from, body.to, body.params).await?;
+    let answer = serde_json::json!({"runs": outcome.runs, "created": outcome.created, "existing": outcome.existing});
+    Ok((StatusCode::CREATED, Json(answer)))
+}
+
+/// Body of `POST /api/v1/runs/{id}/clear`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ClearBody {
+    /// The tasks to run again.
+    tasks: Vec<String>,
+    /// Every task after them too.
+    #[serde(default)]
+    downstream: bool,
+}
+
+async fn clear_run(
+    State(state): State<AppState>,
+    Path(run_id): Path<String>,
+    body: Result<Bytes, BytesRejection>,
+) -> ApiResult<Json<serde_json::Value>> {
+    let body: ClearBody = json_body(body, "clear")?;
+    let cleared = state.scheduler.clear(&run_id, body.tasks, body.downstream).await?;
+    Ok(Json(serde_json::json!({"run_id": run_id, "cleared": cleared})))
 }
 
 /// Query of `GET /api/v1/runs`.

@@ -34,6 +34,30 @@ pub(crate) enum Command {
         /// Where the answer goes.
         reply: oneshot::Sender<Result<(), CommandError>>,
     },
+    /// Create a run for every schedule point in a range.
+    Backfill {
+        /// The DAG.
+        dag_id: String,
+        /// First instant of the range.
+        from: chrono::DateTime<chrono::Utc>,
+        /// Last instant of the range (inclusive).
+        to: chrono::DateTime<chrono::Utc>,
+        /// Parameters over the DAG's defaults, for every run created.
+        params: Params,
+        /// Where the answer goes.
+        reply: oneshot::Sender<Result<BackfillOutcome, CommandError>>,
+    },
+    /// Run tasks of a run again (with their downstream tasks when asked).
+    Clear {
+        /// The run.
+        run_id: String,
+        /// The tasks named.
+        tasks: Vec<String>,
+        /// Every task after them too.
+        downstream: bool,
+        /// Where the answer goes: the ids of the tasks that will run again.
+        reply: oneshot::Sender<Result<Vec<String>, CommandError>>,
+    },
     /// Suspend a running run, or resume a suspended one.
     SetSuspended {
         /// The run.
@@ -62,6 +86,20 @@ pub struct TriggerOutcome {
     /// Whether the run is new.
     pub created: bool,
 }
+
+/// What a backfill did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BackfillOutcome {
+    /// The run of every schedule point in the range, oldest first: new or already there.
+    pub runs: Vec<String>,
+    /// How many were created.
+    pub created: usize,
+    /// How many points had a run already (scheduled, backfilled earlier).
+    pub existing: usize,
+}
+
+/// The most schedule points one backfill may cover.
+pub const MAX_BACKFILL_POINTS: usize = 10_000;
 
 /// Why a command was refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -112,6 +150,12 @@ impl Command {
             Command::Trigger { reply, .. } => {
                 let _ = reply.send(Err(error));
             }
+            Command::Backfill { reply, .. } => {
+                let _ = reply.send(Err(error));
+            }
+            Command::Clear { reply, .. } => {
+                let _ = reply.send(Err(error));
+            }
             Command::Restart { reply, .. }
             | Command::Cancel { reply, .. }
             | Command::SetSuspended { reply, .. }
@@ -154,6 +198,27 @@ impl SchedulerHandle {
     pub async fn cancel(&self, run_id: &str) -> Result<(), CommandError> {
         let run_id = run_id.to_string();
         self.ask(|reply| Command::Cancel { run_id, reply }).await
+    }
+
+    /// Creates a run (kind `backfill`) for every schedule point `t` of `dag_id` with
+    /// `from <= t <= to`, oldest first, skipping points that have a run already; the runs start
+    /// as `max_active_runs` allows.
+    pub async fn backfill(
+        &self,
+        dag_id: &str,
+        from: chrono::DateTime<chrono::Utc>,
+        to: chrono::DateTime<chrono::Utc>,
+        params: Params,
+    ) -> Result<BackfillOutcome, CommandError> {
+        let dag_id = dag_id.to_string();
+        self.ask(|reply| Command::Backfill { dag_id, from, to, params, reply }).await
+    }
+
+    /// Runs `tasks` of a run again with a fresh retry budget, even those that succeeded, and
+    /// with `downstream` every task after them; answers the ids of the tasks that run again.
+    pub async fn clear(&self, run_id: &str, tasks: Vec<String>, downstream: bool) -> Result<Vec<String>, CommandError> {
+        let run_id = run_id.to_string();
+        self.ask(|reply| Command::Clear { run_id, tasks, downstream, reply }).await
     }
 
     /// Suspends a running run: nothing new is queued, and its queued and running tries are

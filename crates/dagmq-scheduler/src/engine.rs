@@ -26,7 +26,7 @@ use dagmq_core::{
 use tokio::sync::mpsc;
 
 use crate::active_run::ActiveRun;
-use crate::commands::{Command, CommandError, SchedulerHandle, TriggerOutcome};
+use crate::commands::{BackfillOutcome, Command, CommandError, MAX_BACKFILL_POINTS, SchedulerHandle, TriggerOutcome};
 use crate::ids::{manual_run_id, scheduled_run_id};
 use crate::metrics::{SchedulerMetrics, reason_label};
 use crate::notifier::{Notification, NotificationKind, Notifier};
@@ -493,6 +493,12 @@ impl Engine {
             }
             Command::Cancel { run_id, reply } => {
                 let _ = reply.send(self.cancel(&run_id, USER_CANCEL).await.map(|_| ()));
+            }
+            Command::Backfill { dag_id, from, to, params, reply } => {
+                let _ = reply.send(self.backfill(&dag_id, from, to, params).await);
+            }
+            Command::Clear { run_id, tasks, downstream, reply } => {
+                let _ = reply.send(self.clear(&run_id, &tasks, downstream).await);
             }
             Command::SetSuspended { run_id, suspended: true, reply } => {
                 let _ = reply.send(self.suspend(&run_id).await);
@@ -1046,7 +1052,8 @@ impl Engine {
         key: Option<String>,
     ) -> Result<TriggerOutcome, BackendError> {
         let run_id = match kind {
-            RunKind::Scheduled => scheduled_run_id(&dag.id, logical_date),
+            // A backfilled point gets the id its scheduled run has, so a point never gets two.
+            RunKind::Scheduled | RunKind::Backfill => scheduled_run_id(&dag.id, logical_date),
             RunKind::Manual => manual_run_id(&dag.id, logical_date),
         };
         let record = RunRecord {
@@ -1100,6 +1107,150 @@ impl Engine {
         self.create_run(&dag, RunKind::Manual, self.now_cache, merged, key)
             .await
             .map_err(|e| CommandError::Backend(e.to_string()))
+    }
+
+    /// Creates the runs of a backfill, oldest first; existing points are counted, not touched.
+    async fn backfill(
+        &mut self,
+        dag_id: &str,
+        from: DateTime<Utc>,
+        to: DateTime<Utc>,
+        params: Params,
+    ) -> Result<BackfillOutcome, CommandError> {
+        let backend = |e: BackendError| CommandError::Backend(e.to_string());
+        let Some(dag) = self.config.dags.get(dag_id).cloned() else {
+            return Err(CommandError::NotFound(format!("unknown dag {dag_id:?}")));
+        };
+        if matches!(dag.schedule, dagmq_core::schedule::Schedule::Manual) {
+            return Err(CommandError::BadInput(format!(
+                "dag {dag_id:?} has no schedule, so it has no schedule points to backfill; trigger it instead"
+            )));
+        }
+        if from > to {
+            return Err(CommandError::BadInput(format!("backfill range is reversed: from {from} is after to {to}")));
+        }
+        let record = self.dag_record(&dag).await.map_err(backend)?;
+        let anchor = dag.start.unwrap_or(record.first_seen);
+        let points = dag.schedule.points_between(anchor, from, to, MAX_BACKFILL_POINTS + 1);
+        if points.len() > MAX_BACKFILL_POINTS {
+            return Err(CommandError::BadInput(format!(
+                "backfill from {from} to {to} covers more than {MAX_BACKFILL_POINTS} schedule points of dag \
+                 {dag_id:?}; split the range"
+            )));
+        }
+        let mut merged = self.config.default_params.get(dag_id).cloned().unwrap_or_default();
+        merged.extend(params);
+        let mut outcome = BackfillOutcome { runs: Vec::with_capacity(points.len()), created: 0, existing: 0 };
+        for point in points {
+            let created =
+                self.create_run(&dag, RunKind::Backfill, point, merged.clone(), None).await.map_err(backend)?;
+            if created.created {
+                outcome.created += 1;
+            } else {
+                outcome.existing += 1;
+            }
+            outcome.runs.push(created.run_id);
+        }
+        tracing::info!(dag = %dag_id, created = outcome.created, existing = outcome.existing, "backfill from {from} to {to}");
+        Ok(outcome)
+    }
+
+    /// Runs tasks of a run again: the named ones, with `downstream` all their descendants, and
+    /// in any case the descendants that ended without running (skipped, upstream_failed), whose
+    /// rules decide again. Each gets a fresh retry budget; the run is `running` again.
+    async fn clear(&mut self, run_id: &str, named: &[String], downstream: bool) -> Result<Vec<String>, CommandError> {
+        let backend = |e: BackendError| CommandError::Backend(e.to_string());
+        let Some(record) = self.store.run(run_id).await.map_err(backend)? else {
+            return Err(CommandError::NotFound(format!("unknown run {run_id:?}")));
+        };
+        if named.is_empty() {
+            return Err(CommandError::BadInput("name at least one task to clear".to_string()));
+        }
+        if !matches!(record.state, RunState::Running | RunState::Success | RunState::Failed | RunState::Cancelled) {
+            return Err(CommandError::Conflict(format!(
+                "run {run_id:?} is {}; only a running or finished run can be cleared",
+                record.state
+            )));
+        }
+        if self.config.dags.get(&record.dag_id).is_none() {
+            return Err(CommandError::Conflict(format!("run {run_id:?} belongs to unknown dag {:?}", record.dag_id)));
+        }
+        let tasks = self.store.tasks(run_id).await.map_err(backend)?;
+        let index: HashMap<&str, usize> = tasks.iter().enumerate().map(|(i, t)| (t.task_id.as_str(), i)).collect();
+        let mut clear = vec![false; tasks.len()];
+        for id in named {
+            match index.get(id.as_str()) {
+                Some(&i) => clear[i] = true,
+                None => return Err(CommandError::BadInput(format!("run {run_id:?} has no task {id:?}"))),
+            }
+        }
+        // Descendants: all of them with `downstream`, else those that never ran.
+        let mut changed = true;
+        while changed {
+            changed = false;
+            for (i, task) in tasks.iter().enumerate() {
+                let follows = downstream || matches!(task.state, TaskState::Skipped | TaskState::UpstreamFailed);
+                if !clear[i] && follows && task.after.iter().any(|up| index.get(up.as_str()).is_some_and(|&u| clear[u]))
+                {
+                    clear[i] = true;
+                    changed = true;
+                }
+            }
+        }
+        if let Some(busy) =
+            tasks.iter().zip(&clear).find(|(t, c)| **c && matches!(t.state, TaskState::Queued | TaskState::Running))
+        {
+            return Err(CommandError::Conflict(format!(
+                "task {:?} of run {run_id:?} is {}; wait for it to finish (or cancel the run) before clearing it",
+                busy.0.task_id, busy.0.state
+            )));
+        }
+        let mut changes = Vec::new();
+        for (task, _) in tasks.iter().zip(&clear).filter(|(_, c)| **c) {
+            let Ok(state) = task_transition(task.state, TaskEvent::Clear) else { continue };
+            let mut new = task.clone();
+            new.state = state;
+            new.max_try = task.try_number + task.retries + 1;
+            new.error = None;
+            new.ended_at = None;
+            new.retry_at = None;
+            new.worker = None;
+            new.progress = None;
+            new.output = None;
+            changes.push(TaskChange { expected_state: task.state, expected_try: task.try_number, task: new });
+        }
+        let cleared: Vec<String> = changes.iter().map(|c| c.task.task_id.clone()).collect();
+        if record.state == RunState::Running {
+            let Some(mut run) = self.active.remove(run_id) else {
+                return Err(CommandError::Conflict(format!("run {run_id:?} is not loaded yet; try again")));
+            };
+            let result = async {
+                let applied = self.store.transition_tasks(run_id, &changes).await?;
+                for (change, applied) in changes.into_iter().zip(&applied) {
+                    if let (true, Some(&i)) = (*applied, run.index.get(&change.task.task_id)) {
+                        run.replace(i, change.task);
+                    }
+                }
+                self.settle(&mut run, false).await.map(|()| applied)
+            }
+            .await;
+            self.put_back(run).await.map_err(backend)?;
+            if !result.map_err(backend)?.iter().all(|&a| a) {
+                return Err(CommandError::Conflict(format!(
+                    "run {run_id:?}: a task changed meanwhile; the others were cleared, try again"
+                )));
+            }
+        } else {
+            let mut restarted = record.clone();
+            restarted.state = RunState::Running;
+            restarted.ended_at = None;
+            if !self.store.transition_run_with_tasks(record.state, &restarted, &changes).await.map_err(backend)? {
+                return Err(CommandError::Conflict(format!("run {run_id:?} changed state meanwhile; try again")));
+            }
+            self.activate(restarted, false).await.map_err(backend)?;
+        }
+        tracing::info!(run = %run_id, tasks = ?cleared, "tasks cleared");
+        Ok(cleared)
     }
 
     async fn restart(&mut self, run_id: &str) -> Result<(), CommandError> {

@@ -13,7 +13,7 @@ pub mod metrics;
 pub mod notifier;
 pub mod openapi;
 
-pub use commands::{CommandError, SchedulerHandle, TriggerOutcome};
+pub use commands::{BackfillOutcome, CommandError, MAX_BACKFILL_POINTS, SchedulerHandle, TriggerOutcome};
 pub use dagmq_core::clock::{Clock, SystemClock, TokioClock};
 pub use engine::{SchedulerConfig, spawn};
 pub use metrics::SchedulerMetrics;

@@ -78,6 +78,17 @@ pub fn document() -> Value {
                     "properties": {"params": {"type": "object"}, "key": {"type": "string", "maxLength": 200}}
                 }}}}))
             )},
+            "/api/v1/dags/{dag_id}/backfill": {"post": operation(
+                "a run (kind backfill) for every schedule point t with from <= t <= to, oldest first, never a second run for a point; max_active_runs holds; 400 for a manual-only DAG, a reversed range or more than 10,000 points",
+                ("201", "{\"runs\": [run ids], \"created\": N, \"existing\": M}"),
+                &std_errors(&["400", "404", "413"]),
+                json!([dag]),
+                Some(json!({"required": true, "content": {"application/json": {"schema": {
+                    "type": "object",
+                    "required": ["from", "to"],
+                    "properties": {"from": {"type": "string", "format": "date-time"}, "to": {"type": "string", "format": "date-time"}, "params": {"type": "object"}}
+                }}}}))
+            )},
             "/api/v1/runs": {"get": operation("latest runs, newest first, with task counts by state", ("200", "runs"), &std_errors(&["400"]), json!([
                 query_param("dag_id", "string", "only this DAG"),
                 query_param("status", "string", "queued, running, suspended, success, failed or cancelled"),
@@ -86,6 +97,17 @@ pub fn document() -> Value {
             "/api/v1/runs/{run_id}": {"get": operation("a run with every task: state, try, times, worker, error", ("200", "the run"), &std_errors(&["404"]), json!([run]), None)},
             "/api/v1/runs/{run_id}/restart": {"post": operation("re-run failed and not-run tasks of a finished run", ("200", "restarted"), &std_errors(&["404", "409"]), json!([run]), None)},
             "/api/v1/runs/{run_id}/cancel": {"post": operation("cancel a run (also a suspended one); running tasks are told to stop", ("200", "cancelled"), &std_errors(&["404", "409"]), json!([run]), None)},
+            "/api/v1/runs/{run_id}/clear": {"post": operation(
+                "run tasks again with a fresh retry budget, even if they succeeded; with downstream, every task after them too (tasks after them that never ran are decided again in any case); the run is running again; 409 when one of them is queued or running",
+                ("200", "{\"run_id\", \"cleared\": [task ids]}"),
+                &std_errors(&["400", "404", "409"]),
+                json!([run]),
+                Some(json!({"required": true, "content": {"application/json": {"schema": {
+                    "type": "object",
+                    "required": ["tasks"],
+                    "properties": {"tasks": {"type": "array", "items": {"type": "string"}}, "downstream": {"type": "boolean"}}
+                }}}}))
+            )},
             "/api/v1/runs/{run_id}/suspend": {"post": operation("suspend a running run: nothing new is queued; queued and running tries stop and their tasks become suspended without using up a retry", ("200", "suspended"), &std_errors(&["404", "409"]), json!([run]), None)},
             "/api/v1/runs/{run_id}/resume": {"post": operation("resume a suspended run: suspended tasks get new tries", ("200", "resumed"), &std_errors(&["404", "409"]), json!([run]), None)},
             "/api/v1/runs/{run_id}/tasks/{task_id}/logs": {"get": operation("a try's log lines", ("200", "lines and the next offset"), &std_errors(&["404"]), json!([

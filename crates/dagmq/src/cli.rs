@@ -198,6 +198,24 @@ pub enum DagsCommand {
         /// The DAG.
         dag_id: String,
     },
+    /// A run for every schedule point from FROM to TO (both included), oldest first; points
+    /// that have a run already are left alone; `max_active_runs` holds.
+    Backfill {
+        /// The DAG.
+        dag_id: String,
+        /// First instant, RFC 3339 (`2026-11-01T00:00:00Z`).
+        #[arg(long, value_name = "TIME")]
+        from: String,
+        /// Last instant, RFC 3339, included.
+        #[arg(long, value_name = "TIME")]
+        to: String,
+        /// A parameter, KEY=VALUE; repeat for more.
+        #[arg(long = "param", value_name = "KEY=VALUE")]
+        params: Vec<String>,
+        /// Wait for every run to finish, showing progress; exit 0 if all succeeded, 1 otherwise.
+        #[arg(long)]
+        wait: bool,
+    },
 }
 
 /// `runs` subcommands.
@@ -240,6 +258,17 @@ pub enum RunsCommand {
     Cancel {
         /// The run.
         run_id: String,
+    },
+    /// Run tasks of a run again with a fresh retry budget, even if they succeeded.
+    Clear {
+        /// The run.
+        run_id: String,
+        /// A task to run again; repeat for more.
+        #[arg(long = "task", value_name = "ID", required = true)]
+        tasks: Vec<String>,
+        /// Every task after them runs again too.
+        #[arg(long)]
+        downstream: bool,
     },
     /// Suspend a running run: nothing new is queued; running tries are stopped and their tasks
     /// become suspended without using up a retry.

@@ -62,15 +62,21 @@ impl Api {
     }
 }
 
-/// `dagmq trigger`.
-pub(crate) async fn trigger(api: &Api, args: &TriggerArgs) -> CliResult<()> {
+/// `--param KEY=VALUE` flags as parameters.
+fn parse_params(pairs: &[String]) -> CliResult<Params> {
     let mut params = Params::new();
-    for pair in &args.params {
+    for pair in pairs {
         let Some((key, value)) = pair.split_once('=') else {
             return Err(CliError::usage(format!("--param {pair:?}: expected KEY=VALUE")));
         };
         params.insert(key.to_string(), Value::String(value.to_string()));
     }
+    Ok(params)
+}
+
+/// `dagmq trigger`.
+pub(crate) async fn trigger(api: &Api, args: &TriggerArgs) -> CliResult<()> {
+    let params = parse_params(&args.params)?;
     let mut body = serde_json::json!({ "params": params });
     if let Some(key) = &args.key {
         body["key"] = Value::String(key.clone());
@@ -114,6 +120,54 @@ pub(crate) async fn trigger(api: &Api, args: &TriggerArgs) -> CliResult<()> {
     }
 }
 
+/// Waits until every run is finished, printing progress to stderr as it changes; prints each
+/// run with its state (or, with `--json`, the runs) and fails unless all succeeded.
+async fn wait_for_runs(api: &Api, runs: &[String]) -> CliResult<()> {
+    let mut states: Vec<String> = vec![String::new(); runs.len()];
+    let mut last_line = String::new();
+    loop {
+        for (run_id, state) in runs.iter().zip(states.iter_mut()) {
+            if !matches!(state.as_str(), "success" | "failed" | "cancelled") {
+                let run = api.call("GET", &format!("/api/v1/runs/{run_id}"), None).await?;
+                *state = run["state"].as_str().unwrap_or("unknown").to_string();
+            }
+        }
+        let count = |wanted: &str| states.iter().filter(|s| *s == wanted).count();
+        let finished = count("success") + count("failed") + count("cancelled");
+        let line = format!(
+            "{finished}/{} runs finished: {} success, {} failed, {} cancelled, {} running, {} queued",
+            runs.len(),
+            count("success"),
+            count("failed"),
+            count("cancelled"),
+            count("running") + count("suspended"),
+            count("queued"),
+        );
+        if line != last_line && !api.json {
+            eprintln!("{line}");
+            last_line = line;
+        }
+        if finished == runs.len() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    if api.json {
+        let list: Vec<Value> =
+            runs.iter().zip(&states).map(|(run, state)| serde_json::json!({"run_id": run, "state": state})).collect();
+        api.print_json(&Value::Array(list));
+    } else {
+        for (run, state) in runs.iter().zip(&states) {
+            println!("{run} {state}");
+        }
+    }
+    let bad = states.iter().filter(|s| *s != "success").count();
+    if bad > 0 {
+        return Err(CliError::runtime(format!("{bad} of {} runs did not succeed", runs.len())));
+    }
+    Ok(())
+}
+
 /// A task's output in a table cell: compact JSON (a string as itself), cut at 60 characters.
 fn output_text(output: &Value) -> String {
     if output.is_null() {
@@ -154,6 +208,27 @@ pub(crate) async fn dags(api: &Api, command: &DagsCommand) -> CliResult<()> {
             print_table(&["DAG", "SCHEDULE", "PAUSED", "NEXT RUN", "LAST RUN", "TASKS"], rows);
             for refused in dags.as_array().cloned().unwrap_or_default().iter().filter(|d| d["error"].is_string()) {
                 eprintln!("refused: {}", text(&refused["error"]));
+            }
+        }
+        DagsCommand::Backfill { dag_id, from, to, params, wait } => {
+            let body = serde_json::json!({"from": from, "to": to, "params": parse_params(params)?});
+            let answer = api.call("POST", &format!("/api/v1/dags/{dag_id}/backfill"), Some(body)).await?;
+            let runs: Vec<String> = answer["runs"]
+                .as_array()
+                .map(|runs| runs.iter().filter_map(Value::as_str).map(str::to_string).collect())
+                .unwrap_or_default();
+            if !api.json {
+                eprintln!("{} runs: {} created, {} existing", runs.len(), answer["created"], answer["existing"]);
+            }
+            if *wait {
+                return wait_for_runs(api, &runs).await;
+            }
+            if api.json {
+                api.print_json(&answer);
+            } else {
+                for run in &runs {
+                    println!("{run}");
+                }
             }
         }
         DagsCommand::Pause { dag_id } | DagsCommand::Unpause { dag_id } => {
@@ -239,6 +314,19 @@ pub(crate) async fn runs(api: &Api, command: &RunsCommand) -> CliResult<()> {
                 })
                 .collect();
             print_table(&["TASK", "STATE", "TRY", "WORKER", "STARTED", "ENDED", "OUTPUT", "ERROR"], rows);
+        }
+        RunsCommand::Clear { run_id, tasks, downstream } => {
+            let body = serde_json::json!({"tasks": tasks, "downstream": downstream});
+            let answer = api.call("POST", &format!("/api/v1/runs/{run_id}/clear"), Some(body)).await?;
+            if api.json {
+                api.print_json(&answer);
+            } else {
+                let cleared: Vec<&str> = answer["cleared"]
+                    .as_array()
+                    .map(|c| c.iter().filter_map(Value::as_str).collect())
+                    .unwrap_or_default();
+                println!("{run_id} cleared: {}", cleared.join(", "));
+            }
         }
         RunsCommand::Restart { run_id }
         | RunsCommand::Cancel { run_id }

@@ -8,6 +8,7 @@ mod cluster;
 mod control_flow;
 mod distributed;
 mod failpoints;
+mod operations;
 mod standalone;
 mod support;
 mod tls;

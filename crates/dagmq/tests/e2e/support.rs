@@ -121,8 +121,23 @@ impl Drop for Standalone {
 
 /// A plain `GET`: status code and body.
 pub(crate) fn http_get(port: u16, path: &str) -> (u16, String) {
+    http_request(port, &format!("GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n"))
+}
+
+/// A `POST` of a JSON body to the API at `base` (`http://127.0.0.1:PORT`): status code and body.
+pub(crate) fn http_post_json(base: &str, path: &str, body: &str) -> (u16, String) {
+    let port: u16 = base.rsplit(':').next().and_then(|p| p.parse().ok()).expect("a base URL with a port");
+    let request = format!(
+        "POST {path} HTTP/1.0\r\nHost: localhost\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    http_request(port, &request)
+}
+
+/// Sends one HTTP/1.0 request as written and reads the whole answer.
+fn http_request(port: u16, request: &str) -> (u16, String) {
     let mut stream = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
-    stream.write_all(format!("GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n").as_bytes()).unwrap();
+    stream.write_all(request.as_bytes()).unwrap();
     let mut response = String::new();
     stream.read_to_string(&mut response).unwrap();
     let (head, body) = response.split_once("\r\n\r\n").unwrap();

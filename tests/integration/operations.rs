@@ -1,0 +1,185 @@
+//! Day-two operations over the in-memory backends on tokio's paused clock: backfill and clear.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use dagmq_core::{
+    Dag, DagRegistry, RunKind, RunState, Store, Task, TaskContext, TaskError, TaskOutcome, TaskSpec, TaskState,
+};
+use dagmq_scheduler::CommandError;
+
+use crate::support::{Harness, origin};
+
+/// Counts its runs; fails while it has failures left.
+struct Counted {
+    runs: Arc<AtomicU32>,
+    failures: AtomicU32,
+}
+
+impl Counted {
+    fn new(runs: &Arc<AtomicU32>, failures: u32) -> Counted {
+        Counted { runs: runs.clone(), failures: AtomicU32::new(failures) }
+    }
+}
+
+#[async_trait]
+impl Task for Counted {
+    async fn run(&self, _ctx: TaskContext) -> Result<TaskOutcome, TaskError> {
+        self.runs.fetch_add(1, Ordering::SeqCst);
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        if self.failures.load(Ordering::SeqCst) > 0 {
+            self.failures.fetch_sub(1, Ordering::SeqCst);
+            return Err(TaskError::fatal("failing on purpose"));
+        }
+        Ok(TaskOutcome::done())
+    }
+}
+
+fn at(text: &str) -> DateTime<Utc> {
+    DateTime::parse_from_rfc3339(text).unwrap().with_timezone(&Utc)
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_backfill_makes_one_run_per_point_in_order_and_never_a_second_one() {
+    let runs = Arc::new(AtomicU32::new(0));
+    let mut dags = DagRegistry::new();
+    // Daily at 02:00 UTC since the day before the test's clock starts: one scheduled run is due.
+    let start = origin() - chrono::Duration::days(1);
+    dags.add(
+        Dag::builder("daily")
+            .schedule("0 0 2 * * *")
+            .start(start)
+            .catch_up(false)
+            .max_active_runs(1)
+            .task(TaskSpec::rust("work", Counted::new(&runs, 0)))
+            .build()
+            .unwrap(),
+    )
+    .unwrap();
+    dags.add(Dag::builder("manual").task(TaskSpec::rust("work", Counted::new(&runs, 0))).build().unwrap()).unwrap();
+    let h = Harness::start(dags).await;
+    // The schedule's own run for 2026-11-23T02:00.
+    let scheduled = dagmq_scheduler::ids::scheduled_run_id("daily", at("2026-11-23T02:00:00Z"));
+    h.wait_run(&scheduled, |r| r.state == RunState::Success).await;
+
+    let outcome = h
+        .scheduler
+        .backfill("daily", at("2026-11-19T00:00:00Z"), at("2026-11-23T02:00:00Z"), Default::default())
+        .await
+        .unwrap();
+    assert_eq!((outcome.created, outcome.existing), (4, 1), "{outcome:?}");
+    assert_eq!(outcome.runs.len(), 5);
+    assert_eq!(outcome.runs[4], scheduled, "the scheduled point kept its run");
+    assert_eq!(outcome.runs[0], dagmq_scheduler::ids::scheduled_run_id("daily", at("2026-11-19T02:00:00Z")));
+    // max_active_runs = 1: one at a time, oldest first.
+    let mut started = Vec::new();
+    for run_id in &outcome.runs[..4] {
+        let run = h.wait_run(run_id, |r| r.state == RunState::Success).await;
+        assert_eq!(run.kind, RunKind::Backfill);
+        started.push((run.started_at.unwrap(), run.ended_at.unwrap()));
+    }
+    for pair in started.windows(2) {
+        assert!(pair[0].1 <= pair[1].0, "one run at a time, in order: {started:?}");
+    }
+
+    // Again: nothing new.
+    let again = h
+        .scheduler
+        .backfill("daily", at("2026-11-19T00:00:00Z"), at("2026-11-23T02:00:00Z"), Default::default())
+        .await
+        .unwrap();
+    assert_eq!((again.created, again.existing), (0, 5));
+    assert_eq!(runs.load(Ordering::SeqCst), 5);
+
+    let refused = |result: Result<_, CommandError>| match result {
+        Err(CommandError::BadInput(reason)) => reason,
+        other => panic!("expected a 400, got {other:?}"),
+    };
+    let manual =
+        h.scheduler.backfill("manual", at("2026-11-19T00:00:00Z"), at("2026-11-20T00:00:00Z"), Default::default());
+    assert!(refused(manual.await).contains("has no schedule"));
+    let reversed =
+        h.scheduler.backfill("daily", at("2026-11-20T00:00:00Z"), at("2026-11-19T00:00:00Z"), Default::default());
+    assert!(refused(reversed.await).contains("reversed"));
+    let huge =
+        h.scheduler.backfill("daily", at("1990-01-01T00:00:00Z"), at("2026-11-19T00:00:00Z"), Default::default());
+    assert!(refused(huge.await).contains("more than 10000 schedule points"));
+    let unknown =
+        h.scheduler.backfill("nope", at("2026-11-19T00:00:00Z"), at("2026-11-20T00:00:00Z"), Default::default());
+    assert!(matches!(unknown.await, Err(CommandError::NotFound(_))));
+    h.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn clear_with_downstream_reruns_the_named_task_and_what_follows_in_a_diamond() {
+    let counts: Vec<Arc<AtomicU32>> = (0..4).map(|_| Arc::new(AtomicU32::new(0))).collect();
+    let mut dags = DagRegistry::new();
+    dags.add(
+        Dag::builder("diamond")
+            .task(TaskSpec::rust("a", Counted::new(&counts[0], 0)))
+            .task(TaskSpec::rust("b", Counted::new(&counts[1], 0)).after(["a"]))
+            .task(TaskSpec::rust("c", Counted::new(&counts[2], 0)).after(["a"]))
+            .task(TaskSpec::rust("d", Counted::new(&counts[3], 0)).after(["b", "c"]).retries(1))
+            .build()
+            .unwrap(),
+    )
+    .unwrap();
+    let h = Harness::start(dags).await;
+    let run = h.trigger("diamond").await;
+    assert_eq!(h.wait_final(&run).await, RunState::Success);
+
+    let cleared = h.scheduler.clear(&run, vec!["b".to_string()], true).await.unwrap();
+    assert_eq!(cleared, vec!["b".to_string(), "d".to_string()]);
+    assert_eq!(h.store.run(&run).await.unwrap().unwrap().state, RunState::Running, "the run is running again");
+    // A task that is queued or running cannot be cleared meanwhile.
+    h.wait_task(&run, "b", |t| t.state == TaskState::Running).await;
+    let busy = h.scheduler.clear(&run, vec!["b".to_string()], false).await.unwrap_err();
+    assert!(matches!(busy, CommandError::Conflict(_)), "{busy}");
+    assert!(busy.to_string().contains("task \"b\" of run"), "{busy}");
+    assert_eq!(h.wait_final(&run).await, RunState::Success);
+    let tasks = h.tasks(&run).await;
+    let tries: Vec<u32> = ["a", "b", "c", "d"].iter().map(|id| tasks[*id].try_number).collect();
+    assert_eq!(tries, vec![1, 2, 1, 2], "b and d ran again, a and c did not");
+    assert_eq!(tasks["d"].tries_left(), 1, "a fresh retry budget");
+    let ran: Vec<u32> = counts.iter().map(|c| c.load(Ordering::SeqCst)).collect();
+    assert_eq!(ran, vec![1, 2, 1, 2]);
+
+    // Without --downstream, only the named task (of a running run, too).
+    h.scheduler.clear(&run, vec!["c".to_string()], false).await.unwrap();
+    assert_eq!(h.wait_final(&run).await, RunState::Success);
+    assert_eq!(h.tasks(&run).await["c"].try_number, 2);
+    assert_eq!(h.tasks(&run).await["d"].try_number, 2);
+
+    let unknown = h.scheduler.clear(&run, vec!["z".to_string()], false).await.unwrap_err();
+    assert_eq!(unknown.to_string(), format!("run {run:?} has no task \"z\""));
+    assert!(matches!(
+        h.scheduler.clear("diamond--x", vec!["a".to_string()], false).await,
+        Err(CommandError::NotFound(_))
+    ));
+    h.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn clearing_a_failed_task_decides_again_the_tasks_after_it_that_never_ran() {
+    let runs = Arc::new(AtomicU32::new(0));
+    let mut dags = DagRegistry::new();
+    dags.add(
+        Dag::builder("chain")
+            .task(TaskSpec::rust("a", Counted::new(&runs, 1)))
+            .task(TaskSpec::rust("b", Counted::new(&runs, 0)).after(["a"]))
+            .build()
+            .unwrap(),
+    )
+    .unwrap();
+    let h = Harness::start(dags).await;
+    let run = h.trigger("chain").await;
+    assert_eq!(h.wait_final(&run).await, RunState::Failed);
+    assert_eq!(h.tasks(&run).await["b"].state, TaskState::UpstreamFailed);
+    let cleared = h.scheduler.clear(&run, vec!["a".to_string()], false).await.unwrap();
+    assert_eq!(cleared, vec!["a".to_string(), "b".to_string()], "b never ran, so it is decided again");
+    assert_eq!(h.wait_final(&run).await, RunState::Success);
+    h.stop().await;
+}
