@@ -183,3 +183,80 @@ async fn clearing_a_failed_task_decides_again_the_tasks_after_it_that_never_ran(
     assert_eq!(h.wait_final(&run).await, RunState::Success);
     h.stop().await;
 }
+
+/// Records how many of its kind run at once, by the tasks' own count.
+struct Gauge {
+    now: Arc<AtomicU32>,
+    max: Arc<AtomicU32>,
+}
+
+#[async_trait]
+impl Task for Gauge {
+    async fn run(&self, _ctx: TaskContext) -> Result<TaskOutcome, TaskError> {
+        let now = self.now.fetch_add(1, Ordering::SeqCst) + 1;
+        self.max.fetch_max(now, Ordering::SeqCst);
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        self.now.fetch_sub(1, Ordering::SeqCst);
+        Ok(TaskOutcome::done())
+    }
+}
+
+fn gauge() -> (Arc<AtomicU32>, Arc<AtomicU32>) {
+    (Arc::new(AtomicU32::new(0)), Arc::new(AtomicU32::new(0)))
+}
+
+#[tokio::test(start_paused = true)]
+async fn pools_and_task_limits_hold_under_200_ready_tasks_and_across_a_scheduler_restart() {
+    let (pool_now, pool_max) = gauge();
+    let (dag_now, dag_max) = gauge();
+    let (task_now, task_max) = gauge();
+    let mut dags = DagRegistry::new();
+    // 200 ready tasks in pool "db" (3 slots); two of them take 2 slots each.
+    let mut wide = Dag::builder("wide");
+    for i in 0..200 {
+        let slots = if i < 2 { 2 } else { 1 };
+        let spec = TaskSpec::rust(format!("t{i}"), Gauge { now: pool_now.clone(), max: pool_max.clone() });
+        wide = wide.task(spec.pool("db", slots));
+    }
+    dags.add(wide.build().unwrap()).unwrap();
+    let mut capped = Dag::builder("capped").max_active_tasks(4);
+    for i in 0..20 {
+        capped = capped.task(TaskSpec::rust(format!("c{i}"), Gauge { now: dag_now.clone(), max: dag_max.clone() }));
+    }
+    dags.add(capped.build().unwrap()).unwrap();
+    dags.add(
+        Dag::builder("single")
+            .task(TaskSpec::rust("only", Gauge { now: task_now.clone(), max: task_max.clone() }).max_active(1))
+            .build()
+            .unwrap(),
+    )
+    .unwrap();
+    let pools: dagmq_core::Pools = [("db".to_string(), 3)].into();
+    let mut h = Harness::start_with_pools(dags, dagmq_worker::builtin_tasks(), pools).await;
+    let wide_run = h.trigger("wide").await;
+    let capped_runs = [h.trigger("capped").await, h.trigger("capped").await];
+    let mut single_runs = Vec::new();
+    for _ in 0..3 {
+        single_runs.push(h.trigger("single").await);
+    }
+    // A waiting task says why, in the API.
+    let waiting = h
+        .wait_task(&wide_run, "t199", |t| {
+            t.state == TaskState::Pending && h.scheduler.waiting_reason(&wide_run, "t199").is_some()
+        })
+        .await;
+    assert_eq!(waiting.state, TaskState::Pending);
+    assert_eq!(h.scheduler.waiting_reason(&wide_run, "t199").as_deref(), Some("pool db"));
+    // A takeover halfway: the new scheduler counts what is queued and running from the store.
+    h.wait_task(&wide_run, "t100", |t| t.state == TaskState::Success).await;
+    h.restart_scheduler().await;
+    assert_eq!(h.wait_final(&wide_run).await, RunState::Success);
+    for run in capped_runs.iter().chain(&single_runs) {
+        assert_eq!(h.wait_final(run).await, RunState::Success);
+    }
+    assert_eq!(pool_max.load(Ordering::SeqCst), 3, "never more than the pool's slots running");
+    assert_eq!(dag_max.load(Ordering::SeqCst), 4, "max_active_tasks across the dag's runs");
+    assert_eq!(task_max.load(Ordering::SeqCst), 1, "max_active across runs");
+    assert_eq!(h.scheduler.waiting_reason(&wide_run, "t199"), None);
+    h.stop().await;
+}

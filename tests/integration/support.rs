@@ -55,6 +55,8 @@ pub struct Harness {
     pub scheduler_faults: ProcessFaults,
     /// Faults injected into the worker's store and queue.
     pub worker_faults: ProcessFaults,
+    /// Concurrency pools of the scheduler (and of those started after it).
+    pub pools: dagmq_core::Pools,
     scheduler_stop: CancelHandle,
     scheduler_task: tokio::task::JoinHandle<Result<(), dagmq_core::BackendError>>,
     worker_stop: Option<CancelHandle>,
@@ -69,17 +71,23 @@ impl Harness {
 
     /// Starts both with these named tasks.
     pub async fn start_with(dags: DagRegistry, tasks: TaskRegistry) -> Harness {
+        Harness::start_with_pools(dags, tasks, dagmq_core::Pools::new()).await
+    }
+
+    /// Starts both with these named tasks and concurrency pools.
+    pub async fn start_with_pools(dags: DagRegistry, tasks: TaskRegistry, pools: dagmq_core::Pools) -> Harness {
         let queue = Arc::new(MemoryQueue::new());
         let store = Arc::new(MemoryStore::new());
         let clock = Arc::new(TokioClock::starting_at(origin()));
         let notifications = Arc::new(Mutex::new(Vec::new()));
         let scheduler_faults = ProcessFaults::default();
         let (scheduler_stop, scheduler, scheduler_task) =
-            spawn_scheduler(&dags, &scheduler_faults, &queue, &store, &clock, &notifications);
+            spawn_scheduler(&dags, &pools, &scheduler_faults, &queue, &store, &clock, &notifications);
         let mut harness = Harness {
             notifications,
             scheduler_faults,
             worker_faults: ProcessFaults::default(),
+            pools,
             queue,
             store,
             clock,
@@ -122,6 +130,7 @@ impl Harness {
         (&mut self.scheduler_task).await.unwrap().unwrap();
         let (stop, handle, task) = spawn_scheduler(
             &self.dags,
+            &self.pools,
             &self.scheduler_faults,
             &self.queue,
             &self.store,
@@ -139,7 +148,7 @@ impl Harness {
         &self,
         faults: &ProcessFaults,
     ) -> (CancelHandle, SchedulerHandle, tokio::task::JoinHandle<Result<(), dagmq_core::BackendError>>) {
-        spawn_scheduler(&self.dags, faults, &self.queue, &self.store, &self.clock, &self.notifications)
+        spawn_scheduler(&self.dags, &self.pools, faults, &self.queue, &self.store, &self.clock, &self.notifications)
     }
 
     /// Triggers a run and answers its id.
@@ -199,6 +208,7 @@ impl Harness {
 
 fn spawn_scheduler(
     dags: &DagRegistry,
+    pools: &dagmq_core::Pools,
     faults: &ProcessFaults,
     queue: &Arc<MemoryQueue>,
     store: &Arc<MemoryStore>,
@@ -208,6 +218,7 @@ fn spawn_scheduler(
     let mut config = SchedulerConfig::new(dags.clone(), clock.clone() as Arc<dyn Clock>);
     config.notifier = Arc::new(Recorder(notifications.clone()));
     config.sweep_interval = Duration::from_secs(5);
+    config.pools = pools.clone();
     let (stop, signal) = CancelSignal::new();
     let (queue, store) = faults.wrap(queue, store);
     let (handle, task) = dagmq_scheduler::spawn(config, queue, store, signal);

@@ -33,6 +33,8 @@ pub struct Dag {
     pub catch_up: bool,
     /// At most this many runs of the DAG are `running` at once; more wait as `queued`.
     pub max_active_runs: u32,
+    /// At most this many of the DAG's tasks are queued or running at once, across its runs.
+    pub max_active_tasks: Option<u32>,
     /// A paused DAG gets no scheduled runs (triggers still queue runs).
     pub paused: bool,
     /// Labels for people and filters.
@@ -101,6 +103,12 @@ pub struct TaskConfig {
     pub trigger_rule: TriggerRule,
     /// The task's output names which of its direct downstream tasks run; the others are skipped.
     pub branch: bool,
+    /// The named pool whose slots the task takes while queued or running.
+    pub pool: Option<String>,
+    /// How many slots of its pool the task takes (default 1).
+    pub pool_slots: u32,
+    /// At most this many tries of this task queued or running at once, across the DAG's runs.
+    pub max_active: Option<u32>,
 }
 
 impl Default for TaskConfig {
@@ -117,6 +125,9 @@ impl Default for TaskConfig {
             alert_on_retry: false,
             trigger_rule: TriggerRule::AllSuccess,
             branch: false,
+            pool: None,
+            pool_slots: 1,
+            max_active: None,
         }
     }
 }
@@ -302,6 +313,19 @@ impl TaskSpec {
         self
     }
 
+    /// Takes `slots` slots of the named pool while queued or running.
+    pub fn pool(mut self, pool: impl Into<String>, slots: u32) -> TaskSpec {
+        self.config.pool = Some(pool.into());
+        self.config.pool_slots = slots;
+        self
+    }
+
+    /// At most `max` tries of this task queued or running at once, across the DAG's runs.
+    pub fn max_active(mut self, max: u32) -> TaskSpec {
+        self.config.max_active = Some(max);
+        self
+    }
+
     /// Makes this a branch task: its output (one id or a list of ids) names which of its direct
     /// downstream tasks run; the others become `skipped`.
     pub fn branch(mut self) -> TaskSpec {
@@ -339,6 +363,7 @@ impl DagBuilder {
                 start: None,
                 catch_up: true,
                 max_active_runs: 16,
+                max_active_tasks: None,
                 paused: false,
                 tags: Vec::new(),
                 run_timeout: None,
@@ -387,6 +412,12 @@ impl DagBuilder {
         self
     }
 
+    /// At most `max` of the DAG's tasks queued or running at once, across its runs.
+    pub fn max_active_tasks(mut self, max: u32) -> DagBuilder {
+        self.dag.max_active_tasks = Some(max);
+        self
+    }
+
     /// Whether the DAG starts paused.
     pub fn paused(mut self, paused: bool) -> DagBuilder {
         self.dag.paused = paused;
@@ -429,6 +460,9 @@ impl DagBuilder {
         if dag.max_active_runs == 0 {
             return Err(invalid("max_active_runs must be at least 1".to_string()));
         }
+        if dag.max_active_tasks == Some(0) {
+            return Err(invalid("max_active_tasks must be at least 1".to_string()));
+        }
         if dag.tasks.is_empty() {
             return Err(invalid("a dag needs at least one task".to_string()));
         }
@@ -438,6 +472,15 @@ impl DagBuilder {
                 && argv.is_empty()
             {
                 return Err(invalid(format!("task {:?}: empty command", task.id)));
+            }
+            if task.config.pool_slots == 0 {
+                return Err(invalid(format!("task {:?}: pool_slots must be at least 1", task.id)));
+            }
+            if task.config.max_active == Some(0) {
+                return Err(invalid(format!("task {:?}: max_active must be at least 1", task.id)));
+            }
+            if let Some(pool) = &task.config.pool {
+                check_id(pool).map_err(|reason| invalid(format!("task {:?}: bad pool name: {reason}", task.id)))?;
             }
             if task.config.priority > 9 {
                 return Err(invalid(format!("task {:?}: priority must be 0-9", task.id)));
@@ -494,6 +537,43 @@ fn is_ancestor(dag: &Dag, ancestor: &str, task: &TaskSpec) -> bool {
         }
     }
     false
+}
+
+/// The pools a process knows, by name, with their slots.
+pub type Pools = BTreeMap<String, u32>;
+
+/// The first task of `dag` that names a pool not in `pools`, as an error that says where pools
+/// come from.
+pub fn check_pools(dag: &Dag, pools: &Pools) -> Result<(), DagError> {
+    for task in &dag.tasks {
+        if let Some(pool) = &task.config.pool {
+            match pools.get(pool) {
+                None => {
+                    let known: Vec<&str> = pools.keys().map(String::as_str).collect();
+                    let known = if known.is_empty() { "none".to_string() } else { known.join(", ") };
+                    return Err(DagError::Invalid {
+                        dag: dag.id.clone(),
+                        reason: format!(
+                            "task {:?}: unknown pool {pool:?} (pools: {known}; declare it under [pools] in the \
+                             config file or with --pool {pool}=SLOTS)",
+                            task.id
+                        ),
+                    });
+                }
+                Some(&slots) if slots < task.config.pool_slots => {
+                    return Err(DagError::Invalid {
+                        dag: dag.id.clone(),
+                        reason: format!(
+                            "task {:?}: pool_slots {} is more than pool {pool:?} has ({slots}), so it could never run",
+                            task.id, task.config.pool_slots
+                        ),
+                    });
+                }
+                Some(_) => {}
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Ids are what URLs, queue names and Redis keys carry: letters, digits, `_`, `-` and `.`.

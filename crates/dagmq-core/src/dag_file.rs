@@ -9,7 +9,7 @@ use chrono::{DateTime, Utc};
 use serde::Deserialize;
 use toml::Spanned;
 
-use crate::dag::{Dag, DagError, TaskKind, TaskSpec};
+use crate::dag::{Dag, DagError, Pools, TaskKind, TaskSpec};
 use crate::duration::parse_duration;
 use crate::task::Params;
 use crate::task_registry::TaskRegistry;
@@ -48,6 +48,7 @@ struct DagFile {
     start: Option<Spanned<toml::Value>>,
     catch_up: Option<bool>,
     max_active_runs: Option<Spanned<u32>>,
+    max_active_tasks: Option<u32>,
     paused: Option<bool>,
     #[serde(default)]
     tags: Vec<String>,
@@ -80,6 +81,9 @@ struct TaskEntry {
     alert_on_retry: Option<bool>,
     trigger_rule: Option<Spanned<String>>,
     branch: Option<bool>,
+    pool: Option<String>,
+    pool_slots: Option<u32>,
+    max_active: Option<u32>,
 }
 
 /// A DAG parsed from a file, with the defaults its file declares for run parameters.
@@ -92,6 +96,16 @@ pub struct LoadedDag {
 
 /// Parses and validates one DAG file. `run = "NAME"` tasks are built from `registry`.
 pub fn parse_dag_file(file: &str, text: &str, registry: &TaskRegistry) -> Result<LoadedDag, DagFileError> {
+    parse_dag_file_with_pools(file, text, registry, None)
+}
+
+/// Like [`parse_dag_file`], and with `pools` every `pool` a task names must be one of them.
+pub fn parse_dag_file_with_pools(
+    file: &str,
+    text: &str,
+    registry: &TaskRegistry,
+    pools: Option<&Pools>,
+) -> Result<LoadedDag, DagFileError> {
     let error = |span: Option<Range<usize>>, reason: String| DagFileError {
         file: file.to_string(),
         line: span.map(|s| line_of(text, s.start)),
@@ -131,6 +145,9 @@ pub fn parse_dag_file(file: &str, text: &str, registry: &TaskRegistry) -> Result
     }
     if let Some(max) = &parsed.max_active_runs {
         builder = builder.max_active_runs(*max.get_ref());
+    }
+    if let Some(max) = parsed.max_active_tasks {
+        builder = builder.max_active_tasks(max);
     }
     if let Some(paused) = parsed.paused {
         builder = builder.paused(paused);
@@ -223,11 +240,14 @@ pub fn parse_dag_file(file: &str, text: &str, registry: &TaskRegistry) -> Result
             config.trigger_rule = rule.get_ref().parse().map_err(|e| task_error(rule.span(), e))?;
         }
         config.branch = entry.branch.unwrap_or(false);
+        config.pool = entry.pool;
+        config.pool_slots = entry.pool_slots.unwrap_or(1);
+        config.max_active = entry.max_active;
         builder = builder.task(spec);
     }
 
     let schedule_span = parsed.schedule.as_ref().map(Spanned::span);
-    let dag = builder.build().map_err(|err| {
+    let locate = |err: DagError| {
         let line = match &err {
             DagError::DuplicateTask { task, .. } => task_lines.get(task).copied(),
             DagError::UnknownUpstream { task, upstream, .. } => {
@@ -245,7 +265,11 @@ pub fn parse_dag_file(file: &str, text: &str, registry: &TaskRegistry) -> Result
                 .or_else(|| Some(line_of(text, parsed.id.span().start))),
         };
         DagFileError { file: file.to_string(), line, reason: err.to_string() }
-    })?;
+    };
+    let dag = builder.build().map_err(locate)?;
+    if let Some(pools) = pools {
+        crate::dag::check_pools(&dag, pools).map_err(locate)?;
+    }
     let default_params = parsed
         .params
         .into_iter()
@@ -369,7 +393,7 @@ run = "noop"
         check("id = \"etl\"\ntimezone = \"Europe/Warsawa\"\n", "etl.toml:2: unknown timezone \"Europe/Warsawa\"");
         check(
             "id = \"etl\"\nscheduel = \"@daily\"\n",
-            "etl.toml:2: unknown field `scheduel`, expected one of `id`, `description`, `schedule`, `timezone`, `start`, `catch_up`, `max_active_runs`, `paused`, `tags`, `run_timeout`, `params`, `task`",
+            "etl.toml:2: unknown field `scheduel`, expected one of `id`, `description`, `schedule`, `timezone`, `start`, `catch_up`, `max_active_runs`, `max_active_tasks`, `paused`, `tags`, `run_timeout`, `params`, `task`",
         );
         check(
             "id = \"etl\"\n[[task]]\nid = \"a\"\n",
@@ -384,6 +408,20 @@ run = "noop"
             "etl.toml:5: task \"a\": timeout: bad duration \"10 minutes\": unknown unit \" minutes\" (ms, s, m, h, d)",
         );
         check("id = \"etl\"\n[[task]\n", "etl.toml:2: unclosed array table, expected `]`");
+        let pools: Pools = [("db".to_string(), 2)].into();
+        let err = parse_dag_file_with_pools(
+            "etl.toml",
+            "id = \"etl\"\n[[task]]\nid = \"a\"\ncommand = [\"true\"]\n[[task]]\nid = \"b\"\ncommand = [\"true\"]\npool = \"dbx\"\n",
+            &registry(),
+            Some(&pools),
+        )
+        .err()
+        .unwrap();
+        assert_eq!(
+            err.to_string(),
+            "etl.toml:6: dag \"etl\": task \"b\": unknown pool \"dbx\" (pools: db; declare it under [pools] in the \
+             config file or with --pool dbx=SLOTS)"
+        );
         check(
             "id = \"etl\"\n[[task]]\nid = \"a\"\ncommand = [\"true\"]\ntrigger_rule = \"any\"\n",
             "etl.toml:5: task \"a\": unknown trigger_rule \"any\" (one of all_success, all_done, all_failed, \

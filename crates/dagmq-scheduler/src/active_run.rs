@@ -5,11 +5,12 @@
 //! of the run or of any task's upstream list.
 
 use std::collections::HashMap;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use dagmq_core::trigger::{Decision, TriggerRule, UpstreamCounts, decide};
 use dagmq_core::{Dag, FollowUp, RunRecord, TaskInstance, TaskState};
 
+use crate::limits::{Usage, claim_of, occupies};
 use crate::metrics::{ViewCounts, state_index};
 
 /// One running run.
@@ -32,12 +33,20 @@ pub(crate) struct ActiveRun {
     view: Arc<ViewCounts>,
     /// This run's share of `view`, taken back out when the run is dropped.
     counted: [i64; TaskState::ALL.len()],
+    /// The scheduler-wide usage of concurrency limits this run's queued and running tasks
+    /// take part in.
+    usage: Arc<Mutex<Usage>>,
 }
 
 impl Drop for ActiveRun {
     fn drop(&mut self) {
         for (state, count) in TaskState::ALL.into_iter().zip(self.counted) {
             self.view.add(state, -count);
+        }
+        for i in 0..self.tasks.len() {
+            if occupies(self.tasks[i].state) {
+                self.count_limits(i, -1);
+            }
         }
     }
 }
@@ -49,6 +58,7 @@ impl ActiveRun {
         dag: Arc<Dag>,
         mut tasks: Vec<TaskInstance>,
         view: Arc<ViewCounts>,
+        usage: Arc<Mutex<Usage>>,
     ) -> ActiveRun {
         // Instances read from the store carry copies of their upstream lists: share the DAG's.
         for task in &mut tasks {
@@ -76,14 +86,36 @@ impl ActiveRun {
         for (state, count) in TaskState::ALL.into_iter().zip(counted) {
             view.add(state, count);
         }
-        ActiveRun { record, dag, tasks, index, downstream, upstream, final_count, view, counted }
+        let run = ActiveRun { record, dag, tasks, index, downstream, upstream, final_count, view, counted, usage };
+        for i in 0..run.tasks.len() {
+            if occupies(run.tasks[i].state) {
+                run.count_limits(i, 1);
+            }
+        }
+        run
+    }
+
+    /// Takes (1) or gives back (-1) task `i`'s share of the concurrency limits that apply to it.
+    fn count_limits(&self, i: usize, sign: i64) {
+        let claim = claim_of(&self.dag, &self.tasks[i].task_id, &dagmq_core::Pools::new());
+        if !claim.is_empty() {
+            crate::limits::lock(&self.usage).add(&claim, sign);
+        }
     }
 
     /// Rebuilds the graph after tasks were added or rewired.
     pub(crate) fn rebuild(&mut self) {
+        // The new view takes the limits its tasks hold; this one gives them back first (its
+        // drop below sees no tasks).
+        for i in 0..self.tasks.len() {
+            if occupies(self.tasks[i].state) {
+                self.count_limits(i, -1);
+            }
+        }
         let tasks = std::mem::take(&mut self.tasks);
         // The new view counts every task; dropping the old one takes back what it counted.
-        let rebuilt = ActiveRun::new(self.record.clone(), self.dag.clone(), tasks, self.view.clone());
+        let rebuilt =
+            ActiveRun::new(self.record.clone(), self.dag.clone(), tasks, self.view.clone(), self.usage.clone());
         *self = rebuilt;
     }
 
@@ -98,6 +130,9 @@ impl ActiveRun {
         share_after(&mut new.after, &self.tasks[i].after);
         let old = std::mem::replace(&mut self.tasks[i], new);
         let new_state = self.tasks[i].state;
+        if occupies(old.state) != occupies(new_state) {
+            self.count_limits(i, if occupies(new_state) { 1 } else { -1 });
+        }
         if old.state != new_state {
             self.counted[state_index(old.state)] -= 1;
             self.counted[state_index(new_state)] += 1;
@@ -282,7 +317,7 @@ mod tests {
             .map(|t| decoded(&TaskInstance::pending(t.id.clone(), t.after.to_vec(), "default", 0)))
             .collect();
         assert!(!Arc::ptr_eq(&tasks[2].after, &spec_after));
-        let mut run = ActiveRun::new(record, dag.clone(), tasks, Arc::default());
+        let mut run = ActiveRun::new(record, dag.clone(), tasks, Arc::default(), Arc::default());
         let c = run.index["c"];
         assert!(Arc::ptr_eq(&run.tasks[c].after, &spec_after));
         assert_eq!(run.upstream[c], UpstreamCounts { total: 2, ..Default::default() });

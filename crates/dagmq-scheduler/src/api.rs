@@ -598,24 +598,9 @@ pub struct RunDetail {
     pub run: RunRecord,
     /// How many tasks are in each state.
     pub task_counts: BTreeMap<TaskState, usize>,
-    /// Every task, each with `"output"` (null when it handed nothing on).
-    #[serde(serialize_with = "tasks_with_output")]
-    pub tasks: Vec<TaskInstance>,
-}
-
-/// Writes tasks as the store keeps them, plus `"output": null` where a task has none, so that
-/// every task of a run's answer has the key.
-fn tasks_with_output<S: serde::Serializer>(tasks: &[TaskInstance], serializer: S) -> Result<S::Ok, S::Error> {
-    use serde::ser::{Error, SerializeSeq};
-    let mut seq = serializer.serialize_seq(Some(tasks.len()))?;
-    for task in tasks {
-        let mut value = serde_json::to_value(task).map_err(S::Error::custom)?;
-        if let Some(object) = value.as_object_mut() {
-            object.entry("output").or_insert(serde_json::Value::Null);
-        }
-        seq.serialize_element(&value)?;
-    }
-    seq.end()
+    /// Every task as the store keeps it, each with `"output"` (null when it handed nothing on)
+    /// and `"waiting_for"` (the concurrency limit a ready task waits for, else null).
+    pub tasks: Vec<serde_json::Value>,
 }
 
 async fn show_run(State(state): State<AppState>, Path(run_id): Path<String>) -> ApiResult<Json<RunDetail>> {
@@ -625,7 +610,23 @@ async fn show_run(State(state): State<AppState>, Path(run_id): Path<String>) -> 
     };
     run.params = mask_params(&run.params);
     let tasks = store.tasks(&run_id).await?;
-    Ok(Json(RunDetail { task_counts: count_states(&tasks), run, tasks }))
+    let task_counts = count_states(&tasks);
+    let mut views = Vec::with_capacity(tasks.len());
+    for task in &tasks {
+        let mut value =
+            serde_json::to_value(task).map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
+        if let Some(object) = value.as_object_mut() {
+            object.entry("output").or_insert(serde_json::Value::Null);
+            let waiting = match task.state {
+                TaskState::Pending => state.scheduler.waiting_reason(&run_id, &task.task_id),
+                _ => None,
+            };
+            object
+                .insert("waiting_for".to_string(), waiting.map_or(serde_json::Value::Null, serde_json::Value::String));
+        }
+        views.push(value);
+    }
+    Ok(Json(RunDetail { run, task_counts, tasks: views }))
 }
 
 async fn restart_run(State(state): State<AppState>, Path(run_id): Path<String>) -> ApiResult<Json<serde_json::Value>> {

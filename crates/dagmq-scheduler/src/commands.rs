@@ -141,6 +141,8 @@ pub struct SchedulerHandle {
     pub clock: Arc<dyn Clock>,
     /// The scheduler's metrics.
     pub metrics: Arc<crate::metrics::SchedulerMetrics>,
+    /// Why tasks wait for a concurrency limit, by (run, task): the API's `waiting_for`.
+    pub waiting_for: crate::limits::WaitingFor,
 }
 
 impl Command {
@@ -167,6 +169,12 @@ impl Command {
 }
 
 impl SchedulerHandle {
+    /// Why task `task_id` of run `run_id` waits to be queued (`"pool db"`, `"max_active_tasks"`,
+    /// `"max_active"`), if it waits for a concurrency limit.
+    pub fn waiting_reason(&self, run_id: &str, task_id: &str) -> Option<String> {
+        crate::limits::waiting_reason(&self.waiting_for, run_id, task_id)
+    }
+
     /// Sends a command and waits for its answer.
     async fn ask<T>(
         &self,

@@ -28,6 +28,7 @@ use tokio::sync::mpsc;
 use crate::active_run::ActiveRun;
 use crate::commands::{BackfillOutcome, Command, CommandError, MAX_BACKFILL_POINTS, SchedulerHandle, TriggerOutcome};
 use crate::ids::{manual_run_id, scheduled_run_id};
+use crate::limits::{LimitKey, Limits, claim_of};
 use crate::metrics::{SchedulerMetrics, reason_label};
 use crate::notifier::{Notification, NotificationKind, Notifier};
 use dagmq_core::Clock;
@@ -66,6 +67,8 @@ pub struct SchedulerConfig {
     /// is not being run (its claim applied but the worker took it for failed): it is requeued
     /// as a new try.
     pub unlisted_grace: Duration,
+    /// Named pools and their slots (`[pools]`, `--pool NAME=SLOTS`).
+    pub pools: dagmq_core::Pools,
 }
 
 impl SchedulerConfig {
@@ -84,6 +87,7 @@ impl SchedulerConfig {
             refused_dags: Vec::new(),
             republish_after: Duration::from_secs(20),
             unlisted_grace: Duration::from_secs(10),
+            pools: dagmq_core::Pools::new(),
         }
     }
 }
@@ -107,7 +111,9 @@ pub fn spawn(
 ) -> (SchedulerHandle, tokio::task::JoinHandle<Result<(), BackendError>>) {
     let (commands_tx, commands) = mpsc::channel(256);
     let metrics = Arc::new(SchedulerMetrics::default());
+    let limits = Limits { pools: config.pools.clone(), ..Limits::default() };
     let handle = SchedulerHandle {
+        waiting_for: limits.waiting_for.clone(),
         metrics: metrics.clone(),
         commands: commands_tx,
         store: store.clone(),
@@ -142,6 +148,7 @@ pub fn spawn(
         shutdown: shutdown.clone(),
         dirty: BTreeSet::new(),
         watch_at: None,
+        limits,
     };
     let task = tokio::spawn(engine.supervise(commands, shutdown));
     (handle, task)
@@ -252,6 +259,8 @@ struct Engine {
     deposed: CancelSignal,
     /// `now` at the start of the current event, so one event sees one instant.
     now_cache: DateTime<Utc>,
+    /// Pools, the usage of every concurrency limit, and the tasks waiting for room.
+    limits: Limits,
 }
 
 impl Engine {
@@ -389,6 +398,10 @@ impl Engine {
             if let Err(err) = self.start_dirty().await {
                 tracing::error!("starting queued runs: {err}");
             }
+            if let Err(err) = self.wake_waiting().await {
+                // The sweep finds the waiting tasks again.
+                tracing::error!("queueing tasks that waited for a limit: {err}");
+            }
             self.flush().await;
         }
         tracing::info!("scheduler stopped");
@@ -439,6 +452,7 @@ impl Engine {
     /// messages may never have reached the queue.
     async fn recover(&mut self) -> Result<(), BackendError> {
         self.active.clear();
+        self.limits.clear_waiting();
         self.queued.clear();
         self.running.clear();
         self.timers.clear();
@@ -838,6 +852,8 @@ impl Engine {
             // Nothing new is queued in a suspended run; resuming queues what is ready then.
             return Ok(());
         }
+        // Shares of concurrency limits taken by tasks of this call that are not queued yet.
+        let mut reserved: HashMap<LimitKey, u32> = HashMap::new();
         for chunk in indices.chunks(QUEUE_CHUNK) {
             let mut queued = Vec::with_capacity(chunk.len());
             let mut changes = Vec::with_capacity(chunk.len());
@@ -845,6 +861,18 @@ impl Engine {
                 let old = &run.tasks[i];
                 if task_transition(old.state, TaskEvent::Queue).is_err() {
                     continue;
+                }
+                let claim = claim_of(&run.dag, &old.task_id, &self.limits.pools);
+                if !claim.is_empty() {
+                    let blocking = crate::limits::lock(&self.limits.usage).blocking(&claim, &reserved);
+                    if let Some(key) = blocking {
+                        self.limits.wait(run.id(), &old.task_id, key);
+                        continue;
+                    }
+                    for (key, amount, _) in &claim {
+                        *reserved.entry(key.clone()).or_default() += amount;
+                    }
+                    self.limits.stop_waiting(run.id(), &old.task_id);
                 }
                 let mut new = old.clone();
                 new.state = TaskState::Queued;
@@ -877,8 +905,41 @@ impl Engine {
                     self.refresh_task(run, i).await?;
                 }
             }
+            // The usage counts the tasks that are queued now; the others took nothing.
+            reserved.clear();
             if self.outbox.len() >= OUTBOX_HIGH_WATER {
                 self.flush().await;
+            }
+        }
+        Ok(())
+    }
+
+    /// Queues tasks waiting behind limits that had room given back, oldest first, until a
+    /// limit is full again. A task found blocked behind another limit moves to its queue.
+    async fn wake_waiting(&mut self) -> Result<(), BackendError> {
+        let freed = crate::limits::lock(&self.limits.usage).take_freed();
+        for key in freed {
+            let Some(mut queue) = self.limits.waiting.remove(&key) else { continue };
+            while let Some((run_id, task_id)) = queue.pop_front() {
+                // Waiting no more unless it is found blocked again (the deque is out of the map).
+                self.limits.stop_waiting(&run_id, &task_id);
+                let Some(mut run) = self.active.remove(&run_id) else { continue };
+                let result = match run.index.get(&task_id).copied() {
+                    Some(i) if run.decision(i) == Decision::Run => self.queue_tasks(&mut run, vec![i]).await,
+                    _ => Ok(()),
+                };
+                self.put_back(run).await?;
+                result?;
+                if self.limits.blocked_on.get(&(run_id, task_id)) == Some(&key) {
+                    // Full again: the rest keep their places behind it.
+                    break;
+                }
+            }
+            if !queue.is_empty() {
+                let again = self.limits.waiting.entry(key).or_default();
+                for entry in queue {
+                    again.push_back(entry);
+                }
             }
         }
         Ok(())
@@ -977,7 +1038,7 @@ impl Engine {
             _ => self.store.tasks(&record.run_id).await?,
         };
         *self.running.entry(record.dag_id.clone()).or_default() += 1;
-        let mut run = ActiveRun::new(record, dag, tasks, self.metrics.view.clone());
+        let mut run = ActiveRun::new(record, dag, tasks, self.metrics.view.clone(), self.limits.usage.clone());
         let result = self.settle(&mut run, recovering).await;
         self.put_back(run).await?;
         result
@@ -1007,6 +1068,7 @@ impl Engine {
             self.active.insert(run.id().to_string(), run);
             return Err(err);
         }
+        self.limits.forget_run(&finished.run_id);
         tracing::info!(dag = %dag_id, run = %finished.run_id, state = %outcome, "run finished");
         self.metrics.runs_finished.inc(&[dag_id.as_str(), outcome.as_str()]);
         if let Some(count) = self.running.get_mut(&dag_id) {
@@ -1319,6 +1381,7 @@ impl Engine {
         if !self.store.transition_run(record.state, &cancelled).await.map_err(backend)? {
             return Err(CommandError::Conflict(format!("run {run_id:?} changed state meanwhile; try again")));
         }
+        self.limits.forget_run(run_id);
         if self.active.remove(run_id).is_some()
             && let Some(count) = self.running.get_mut(&record.dag_id)
         {

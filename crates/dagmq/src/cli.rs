@@ -95,6 +95,10 @@ pub struct ServeArgs {
     /// Worker pools this worker consumes, comma-separated (default: default).
     #[arg(long, value_delimiter = ',', value_name = "POOLS")]
     pub queues: Vec<String>,
+    /// A named concurrency pool with its slots, NAME=SLOTS; repeat for more (beside `[pools]` of
+    /// the config file). Tasks take slots with `pool` and `pool_slots`; the scheduler enforces them.
+    #[arg(long = "pool", value_name = "NAME=SLOTS")]
+    pub pools: Vec<String>,
     /// The scheduler treats a worker silent this long as lost and requeues its tries (default 20s).
     #[arg(long, value_name = "DURATION")]
     pub worker_timeout: Option<String>,
@@ -137,6 +141,10 @@ pub struct ValidateArgs {
     /// Directory of DAG files (*.toml).
     #[arg(long, env = "DAGMQ_DAGS", value_name = "DIR")]
     pub dags: Option<PathBuf>,
+    /// A named pool with its slots, NAME=SLOTS; repeat for more (beside `[pools]` of the config
+    /// file). A task naming a pool that is not declared is refused.
+    #[arg(long = "pool", value_name = "NAME=SLOTS")]
+    pub pools: Vec<String>,
 }
 
 /// Flags every client command takes.

@@ -23,6 +23,31 @@ pub(crate) struct ConfigFile {
     pub notify_webhook: Option<String>,
     /// How long a stopping worker waits for running tasks, e.g. "30s".
     pub grace_period: Option<String>,
+    /// Named concurrency pools and their slots (`[pools]`, e.g. `db = 4`).
+    #[serde(default)]
+    pub pools: dagmq_core::Pools,
+}
+
+impl ConfigFile {
+    /// The pools of the file with `--pool NAME=SLOTS` flags over them.
+    pub(crate) fn pools(&self, flags: &[String]) -> Result<dagmq_core::Pools, String> {
+        let mut pools = self.pools.clone();
+        for flag in flags {
+            let Some((name, slots)) = flag.split_once('=') else {
+                return Err(format!("--pool {flag:?}: expected NAME=SLOTS"));
+            };
+            let slots: u32 =
+                slots.trim().parse().map_err(|_| format!("--pool {flag:?}: SLOTS must be a whole number"))?;
+            pools.insert(name.trim().to_string(), slots);
+        }
+        for (name, slots) in &pools {
+            dagmq_core::dag::check_id(name).map_err(|reason| format!("pool {name:?}: bad name: {reason}"))?;
+            if *slots == 0 {
+                return Err(format!("pool {name:?}: needs at least 1 slot"));
+            }
+        }
+        Ok(pools)
+    }
 }
 
 impl ConfigFile {

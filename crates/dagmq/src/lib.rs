@@ -121,7 +121,10 @@ impl App {
             Command::Standalone(args) => standalone::serve(&self, args, &file, standalone::Role::Standalone).await,
             Command::Scheduler(args) => standalone::serve(&self, args, &file, standalone::Role::Scheduler).await,
             Command::Worker(args) => standalone::serve(&self, args, &file, standalone::Role::Worker).await,
-            Command::Validate(args) => self.validate(args.dags.as_deref().or(file.dags.as_deref())),
+            Command::Validate(args) => {
+                let pools = file.pools(&args.pools).map_err(CliError::usage)?;
+                self.validate(args.dags.as_deref().or(file.dags.as_deref()), &pools)
+            }
             Command::Trigger(args) => {
                 client_commands::trigger(&Api::new(&args.client, file.api.as_deref())?, args).await
             }
@@ -138,12 +141,12 @@ impl App {
     }
 
     /// `dagmq validate`: every refused file on its own line, exit 2 if any.
-    fn validate(&self, dir: Option<&std::path::Path>) -> CliResult<()> {
+    fn validate(&self, dir: Option<&std::path::Path>, pools: &dagmq_core::Pools) -> CliResult<()> {
         let Some(dir) = dir else {
             return Err(CliError::usage("validate needs --dags DIR (or DAGMQ_DAGS)"));
         };
-        let loaded =
-            load::load_dags(Some(dir), &self.dags, &self.tasks).map_err(|e| CliError::usage(format!("{e:#}")))?;
+        let loaded = load::load_dags(Some(dir), &self.dags, &self.tasks, Some(pools))
+            .map_err(|e| CliError::usage(format!("{e:#}")))?;
         for error in &loaded.errors {
             eprintln!("{error}");
         }

@@ -5,8 +5,8 @@ use std::collections::HashMap;
 use std::path::Path;
 
 use anyhow::Context;
-use dagmq_core::dag_file::parse_dag_file;
-use dagmq_core::{Dag, DagRegistry, Params, TaskRegistry};
+use dagmq_core::dag_file::parse_dag_file_with_pools;
+use dagmq_core::{Dag, DagRegistry, Params, Pools, TaskRegistry};
 
 /// What a directory held.
 pub struct LoadedDags {
@@ -20,9 +20,20 @@ pub struct LoadedDags {
     pub refused: Vec<(String, String)>,
 }
 
-/// Loads every `*.toml` file of `dir` (in name order) beside `rust_dags`. Fails only when the
-/// directory cannot be read.
-pub fn load_dags(dir: Option<&Path>, rust_dags: &DagRegistry, tasks: &TaskRegistry) -> anyhow::Result<LoadedDags> {
+/// Loads every `*.toml` file of `dir` (in name order) beside `rust_dags`. With `pools`, a task
+/// naming a pool not among them is refused (a file), or fails the load (a Rust DAG, compiled
+/// in). Fails otherwise only when the directory cannot be read.
+pub fn load_dags(
+    dir: Option<&Path>,
+    rust_dags: &DagRegistry,
+    tasks: &TaskRegistry,
+    pools: Option<&Pools>,
+) -> anyhow::Result<LoadedDags> {
+    if let Some(pools) = pools {
+        for dag in rust_dags.iter() {
+            dagmq_core::dag::check_pools(dag, pools).map_err(|e| anyhow::anyhow!("{e}"))?;
+        }
+    }
     let mut loaded =
         LoadedDags { dags: rust_dags.clone(), default_params: HashMap::new(), errors: Vec::new(), refused: Vec::new() };
     let Some(dir) = dir else { return Ok(loaded) };
@@ -43,7 +54,7 @@ pub fn load_dags(dir: Option<&Path>, rust_dags: &DagRegistry, tasks: &TaskRegist
                 continue;
             }
         };
-        match parse_dag_file(&name, &text, tasks) {
+        match parse_dag_file_with_pools(&name, &text, tasks, pools) {
             Ok(file) => {
                 let id = file.dag.id.clone();
                 add(&mut loaded, file.dag, &name);

@@ -93,8 +93,11 @@ pub(crate) async fn serve(app: &App, args: &ServeArgs, file: &ConfigFile, role: 
         ));
     }
 
-    let loaded =
-        load_dags(dags_dir.as_deref(), &app.dags, &app.tasks).map_err(|e| CliError::usage(format!("{e:#}")))?;
+    let pools = file.pools(&args.pools).map_err(CliError::usage)?;
+    // Workers do not enforce pools, so they load DAGs whatever pools they name.
+    let checked_pools = (role != Role::Worker).then_some(&pools);
+    let loaded = load_dags(dags_dir.as_deref(), &app.dags, &app.tasks, checked_pools)
+        .map_err(|e| CliError::usage(format!("{e:#}")))?;
     for error in &loaded.errors {
         tracing::error!("dag file refused: {error}");
     }
@@ -133,6 +136,7 @@ pub(crate) async fn serve(app: &App, args: &ServeArgs, file: &ConfigFile, role: 
     if role != Role::Worker {
         let mut config = SchedulerConfig::new(loaded.dags.clone(), clock.clone());
         config.default_params = loaded.default_params;
+        config.pools = pools.clone();
         config.refused_dags = loaded.refused;
         config.notifier = Arc::new(FanoutNotifier(notifiers));
         if let Some(timeout) = worker_timeout {
