@@ -1281,6 +1281,13 @@ impl Engine {
             new.output = None;
             changes.push(TaskChange { expected_state: task.state, expected_try: task.try_number, task: new });
         }
+        // In the DAG's order (the store's listing has none of its own), follow-ups after.
+        if let Some(dag) = self.config.dags.get(&record.dag_id) {
+            let order: HashMap<&str, usize> = dag.tasks().iter().enumerate().map(|(i, t)| (t.id.as_str(), i)).collect();
+            changes.sort_by_key(|c| {
+                (order.get(c.task.task_id.as_str()).copied().unwrap_or(usize::MAX), c.task.task_id.clone())
+            });
+        }
         let cleared: Vec<String> = changes.iter().map(|c| c.task.task_id.clone()).collect();
         if record.state == RunState::Running {
             let Some(mut run) = self.active.remove(run_id) else {
