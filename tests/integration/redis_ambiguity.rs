@@ -80,6 +80,7 @@ fn run(id: &str, key: Option<&str>) -> RunRecord {
         created_at: at(0),
         started_at: None,
         ended_at: None,
+        dag_version: Some("v1".to_string()),
     }
 }
 

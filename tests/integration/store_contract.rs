@@ -26,6 +26,7 @@ fn run(id: &str, dag: &str, created: i64, key: Option<&str>) -> RunRecord {
         created_at: at(created),
         started_at: None,
         ended_at: None,
+        dag_version: Some("v1".to_string()),
     }
 }
 

@@ -43,6 +43,9 @@ pub struct Dag {
     pub run_timeout: Option<Duration>,
     /// Where the DAG came from (a file path, or "rust"), for error messages.
     pub source: String,
+    /// Which definition this is: a hash of the DAG file's text (`rust` for DAGs compiled in).
+    /// Every run records it and completes with that definition.
+    pub version: String,
     /// Tasks in topological order.
     tasks: Vec<TaskSpec>,
     /// Task id to index in `tasks`.
@@ -368,6 +371,7 @@ impl DagBuilder {
                 tags: Vec::new(),
                 run_timeout: None,
                 source: "rust".to_string(),
+                version: "rust".to_string(),
                 tasks: Vec::new(),
                 index: HashMap::new(),
             },
@@ -433,6 +437,12 @@ impl DagBuilder {
     /// Fails a run that is still unfinished this long after it started.
     pub fn run_timeout(mut self, timeout: Duration) -> DagBuilder {
         self.dag.run_timeout = Some(timeout);
+        self
+    }
+
+    /// Sets the version (what a DAG file's loader derives from its text).
+    pub fn version(mut self, version: impl Into<String>) -> DagBuilder {
+        self.dag.version = version.into();
         self
     }
 
@@ -658,6 +668,101 @@ fn topological_order(dag: &str, tasks: &[TaskSpec]) -> Result<Vec<usize>, DagErr
     Ok(order)
 }
 
+/// A DAG file's version: the FNV-1a 64-bit hash of its text, in hex. Stable across builds and
+/// machines, so a scheduler and its workers agree on it.
+pub fn content_version(text: &str) -> String {
+    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+    for byte in text.as_bytes() {
+        hash ^= u64::from(*byte);
+        hash = hash.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    format!("{hash:016x}")
+}
+
+/// The DAGs a process has loaded, replaced as a whole when its DAG files change (live reload),
+/// with every version it has loaded, so a run completes with the definition it was created
+/// with. Readers take a snapshot (`current`); a reload bumps `generation`.
+#[derive(Default)]
+pub struct LiveDags {
+    state: std::sync::RwLock<LiveState>,
+}
+
+#[derive(Default)]
+struct LiveState {
+    current: Arc<DagRegistry>,
+    refused: Arc<Vec<(String, String)>>,
+    default_params: Arc<HashMap<String, crate::task::Params>>,
+    versions: HashMap<(String, String), Arc<Dag>>,
+    generation: u64,
+}
+
+impl LiveDags {
+    /// The DAGs loaded at start, the files refused, and the files' `[params]` defaults.
+    pub fn new(
+        dags: DagRegistry,
+        refused: Vec<(String, String)>,
+        default_params: HashMap<String, crate::task::Params>,
+    ) -> LiveDags {
+        let live = LiveDags::default();
+        live.replace(dags, refused, default_params);
+        live
+    }
+
+    fn read(&self) -> std::sync::RwLockReadGuard<'_, LiveState> {
+        self.state.read().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// The DAGs loaded now.
+    pub fn current(&self) -> Arc<DagRegistry> {
+        self.read().current.clone()
+    }
+
+    /// The files refused at the last (re)load, as (file, `file:line: reason`).
+    pub fn refused(&self) -> Arc<Vec<(String, String)>> {
+        self.read().refused.clone()
+    }
+
+    /// `[params]` defaults per DAG.
+    pub fn default_params(&self) -> Arc<HashMap<String, crate::task::Params>> {
+        self.read().default_params.clone()
+    }
+
+    /// Bumped by every reload.
+    pub fn generation(&self) -> u64 {
+        self.read().generation
+    }
+
+    /// The definition of `dag_id` at `version`, if this process has loaded it at some point.
+    pub fn version(&self, dag_id: &str, version: &str) -> Option<Arc<Dag>> {
+        self.read().versions.get(&(dag_id.to_string(), version.to_string())).cloned()
+    }
+
+    /// The versions of `dag_id` this process has loaded.
+    pub fn versions_of(&self, dag_id: &str) -> Vec<String> {
+        let mut versions: Vec<String> =
+            self.read().versions.keys().filter(|(id, _)| id == dag_id).map(|(_, v)| v.clone()).collect();
+        versions.sort();
+        versions
+    }
+
+    /// Puts a new set in place; earlier versions stay known.
+    pub fn replace(
+        &self,
+        dags: DagRegistry,
+        refused: Vec<(String, String)>,
+        default_params: HashMap<String, crate::task::Params>,
+    ) {
+        let mut state = self.state.write().unwrap_or_else(|poisoned| poisoned.into_inner());
+        for dag in dags.iter() {
+            state.versions.entry((dag.id.clone(), dag.version.clone())).or_insert_with(|| dag.clone());
+        }
+        state.current = Arc::new(dags);
+        state.refused = Arc::new(refused);
+        state.default_params = Arc::new(default_params);
+        state.generation += 1;
+    }
+}
+
 /// DAGs by id, as the scheduler and workers load them.
 #[derive(Default, Clone)]
 pub struct DagRegistry {
@@ -669,6 +774,18 @@ impl DagRegistry {
     /// An empty registry.
     pub fn new() -> DagRegistry {
         DagRegistry::default()
+    }
+
+    /// Adds a DAG that is shared already (a reload keeping the last good version).
+    pub fn add_shared(&mut self, dag: Arc<Dag>) -> Result<(), DagError> {
+        if let Some(existing) = self.dags.get(&dag.id) {
+            return Err(DagError::Invalid {
+                dag: dag.id.clone(),
+                reason: format!("defined twice: in {} and in {}", existing.source, dag.source),
+            });
+        }
+        self.dags.insert(dag.id.clone(), dag);
+        Ok(())
     }
 
     /// Adds a DAG; refuses a second DAG with the same id.

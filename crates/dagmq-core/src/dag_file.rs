@@ -114,7 +114,10 @@ pub fn parse_dag_file_with_pools(
     let parsed: DagFile = toml::from_str(text).map_err(|e| error(e.span(), e.message().trim().to_string()))?;
 
     let dag_id = parsed.id.get_ref().clone();
-    let mut builder = Dag::builder(dag_id.clone()).description(parsed.description).source(file);
+    let mut builder = Dag::builder(dag_id.clone())
+        .description(parsed.description)
+        .source(file)
+        .version(crate::dag::content_version(text));
     if let Some(schedule) = &parsed.schedule {
         builder = builder.schedule(schedule.get_ref());
     }

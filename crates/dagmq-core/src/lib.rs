@@ -23,7 +23,7 @@ pub mod tls;
 pub mod trigger;
 
 pub use clock::{Clock, SystemClock, TokioClock};
-pub use dag::{Dag, DagBuilder, DagError, DagRegistry, Pools, TaskConfig, TaskKind, TaskSpec};
+pub use dag::{Dag, DagBuilder, DagError, DagRegistry, LiveDags, Pools, TaskConfig, TaskKind, TaskSpec};
 pub use queue::{Consumer, Delivery, Queue, Subscription, Topic};
 pub use records::{RunKind, RunRecord, TaskInstance, WorkerInfo};
 pub use state::{RunState, TaskState};

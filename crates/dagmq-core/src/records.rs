@@ -57,6 +57,10 @@ pub struct RunRecord {
     /// When it finished.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ended_at: Option<DateTime<Utc>>,
+    /// The version of the DAG the run was created with ([`crate::Dag::version`]); it completes
+    /// with that definition. Absent in runs created before versions were recorded.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dag_version: Option<String>,
 }
 
 /// One task in one run (DRT): its state and the bookkeeping of its tries.

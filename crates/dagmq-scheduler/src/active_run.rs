@@ -309,6 +309,7 @@ mod tests {
             created_at: at,
             started_at: None,
             ended_at: None,
+            dag_version: None,
         };
         // As read from a store: every list a copy of its own.
         let tasks: Vec<TaskInstance> = dag

@@ -319,7 +319,7 @@ async fn metrics(State(state): State<AppState>, headers: axum::http::HeaderMap) 
 fn topics(handle: &SchedulerHandle) -> Vec<Topic> {
     let mut topics: Vec<Topic> = vec![Topic::Status, Topic::Triggers, Topic::Dead];
     let mut pools: Vec<String> =
-        handle.dags.iter().flat_map(|d| d.tasks().iter().map(|t| t.config.queue.clone())).collect();
+        handle.dags().iter().flat_map(|d| d.tasks().iter().map(|t| t.config.queue.clone())).collect();
     pools.sort();
     pools.dedup();
     topics.extend(pools.into_iter().map(Topic::Tasks));
@@ -331,6 +331,10 @@ fn topics(handle: &SchedulerHandle) -> Vec<Topic> {
 pub struct DagView {
     /// Id.
     pub dag_id: String,
+    /// The loaded definition's version (a hash of its file; `rust` when compiled in); empty for
+    /// a refused file.
+    #[serde(default)]
+    pub version: String,
     /// Description.
     pub description: String,
     /// Schedule as written; absent for manual-only DAGs.
@@ -382,7 +386,7 @@ async fn list_dags(State(state): State<AppState>) -> ApiResult<Json<Vec<DagView>
     let handle = &state.scheduler;
     let now = handle.clock.now();
     let mut views = Vec::new();
-    for dag in handle.dags.iter() {
+    for dag in handle.dags().iter() {
         let record: Option<DagRecord> = handle.store.dag_record(&dag.id).await?;
         let paused = record.as_ref().map_or(dag.paused, |r| r.paused);
         let start = record.as_ref().map_or(now, |r| r.first_seen);
@@ -395,6 +399,7 @@ async fn list_dags(State(state): State<AppState>) -> ApiResult<Json<Vec<DagView>
             .map(|r| RunSummary { run_id: r.run_id, state: r.state });
         views.push(DagView {
             dag_id: dag.id.clone(),
+            version: dag.version.clone(),
             description: dag.description.clone(),
             schedule: dag.schedule.describe(),
             timezone: dag.timezone.name().to_string(),
@@ -420,10 +425,11 @@ async fn list_dags(State(state): State<AppState>) -> ApiResult<Json<Vec<DagView>
             error: None,
         });
     }
-    for (file, error) in handle.refused_dags.iter() {
+    for (file, error) in handle.refused_dags().iter() {
         let stem = std::path::Path::new(file).file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
         views.push(DagView {
             dag_id: stem,
+            version: String::new(),
             description: String::new(),
             schedule: None,
             timezone: "UTC".to_string(),

@@ -67,6 +67,8 @@ pub(crate) enum Command {
         /// Where the answer goes.
         reply: oneshot::Sender<Result<(), CommandError>>,
     },
+    /// The live DAG set was reloaded: take it.
+    DagsChanged,
     /// Pause or unpause a DAG's schedule.
     SetPaused {
         /// The DAG.
@@ -133,10 +135,8 @@ pub struct SchedulerHandle {
     pub store: Arc<dyn Store>,
     /// The queue, for health and depths.
     pub queue: Arc<dyn Queue>,
-    /// The DAGs the scheduler runs.
-    pub dags: Arc<DagRegistry>,
-    /// DAG files that were refused: (file, `file:line: reason`).
-    pub refused_dags: Arc<Vec<(String, String)>>,
+    /// The DAGs the scheduler runs, as loaded and reloaded.
+    pub live: Arc<dagmq_core::LiveDags>,
     /// The scheduler's clock.
     pub clock: Arc<dyn Clock>,
     /// The scheduler's metrics.
@@ -149,6 +149,7 @@ impl Command {
     /// Answers the command with `error` without doing it.
     pub(crate) fn refuse(self, error: CommandError) {
         match self {
+            Command::DagsChanged => {}
             Command::Trigger { reply, .. } => {
                 let _ = reply.send(Err(error));
             }
@@ -240,6 +241,21 @@ impl SchedulerHandle {
     pub async fn resume(&self, run_id: &str) -> Result<(), CommandError> {
         let run_id = run_id.to_string();
         self.ask(|reply| Command::SetSuspended { run_id, suspended: false, reply }).await
+    }
+
+    /// The DAGs loaded now.
+    pub fn dags(&self) -> Arc<DagRegistry> {
+        self.live.current()
+    }
+
+    /// DAG files refused at the last (re)load: (file, `file:line: reason`).
+    pub fn refused_dags(&self) -> Arc<Vec<(String, String)>> {
+        self.live.refused()
+    }
+
+    /// Tells the scheduler that its live DAG set was reloaded; it takes the new set at once.
+    pub async fn dags_changed(&self) {
+        let _ = self.commands.send(Command::DagsChanged).await;
     }
 
     /// Pauses or unpauses a DAG.

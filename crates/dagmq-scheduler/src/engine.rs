@@ -20,8 +20,8 @@ use dagmq_core::state::{TaskEvent, run_outcome, task_transition};
 use dagmq_core::store::{CreateRun, TaskChange};
 use dagmq_core::trigger::Decision;
 use dagmq_core::{
-    BackendError, CancelSignal, Dag, DagRegistry, Delivery, Params, Queue, RunKind, RunRecord, RunState, Store,
-    Subscription, TaskConfig, TaskInstance, TaskState, Topic, WorkerInfo,
+    BackendError, CancelSignal, Dag, DagRegistry, Delivery, LiveDags, Params, Queue, RunKind, RunRecord, RunState,
+    Store, Subscription, TaskConfig, TaskInstance, TaskState, Topic, WorkerInfo,
 };
 use tokio::sync::mpsc;
 
@@ -69,6 +69,9 @@ pub struct SchedulerConfig {
     pub unlisted_grace: Duration,
     /// Named pools and their slots (`[pools]`, `--pool NAME=SLOTS`).
     pub pools: dagmq_core::Pools,
+    /// The DAGs as a live set that a reload replaces (see [`SchedulerHandle::dags_changed`]);
+    /// when absent, `dags`, `default_params` and `refused_dags` are the set for good.
+    pub live: Option<Arc<LiveDags>>,
 }
 
 impl SchedulerConfig {
@@ -88,6 +91,7 @@ impl SchedulerConfig {
             republish_after: Duration::from_secs(20),
             unlisted_grace: Duration::from_secs(10),
             pools: dagmq_core::Pools::new(),
+            live: None,
         }
     }
 }
@@ -112,14 +116,16 @@ pub fn spawn(
     let (commands_tx, commands) = mpsc::channel(256);
     let metrics = Arc::new(SchedulerMetrics::default());
     let limits = Limits { pools: config.pools.clone(), ..Limits::default() };
+    let live = config.live.clone().unwrap_or_else(|| {
+        Arc::new(LiveDags::new((*config.dags).clone(), config.refused_dags.clone(), config.default_params.clone()))
+    });
     let handle = SchedulerHandle {
+        live: live.clone(),
         waiting_for: limits.waiting_for.clone(),
         metrics: metrics.clone(),
         commands: commands_tx,
         store: store.clone(),
         queue: queue.clone(),
-        dags: config.dags.clone(),
-        refused_dags: Arc::new(config.refused_dags.clone()),
         clock: config.clock.clone(),
     };
     let engine = Engine {
@@ -149,6 +155,8 @@ pub fn spawn(
         dirty: BTreeSet::new(),
         watch_at: None,
         limits,
+        dags_generation: live.generation(),
+        live,
     };
     let task = tokio::spawn(engine.supervise(commands, shutdown));
     (handle, task)
@@ -261,6 +269,10 @@ struct Engine {
     now_cache: DateTime<Utc>,
     /// Pools, the usage of every concurrency limit, and the tasks waiting for room.
     limits: Limits,
+    /// The DAGs as loaded and reloaded, with every version seen.
+    live: Arc<LiveDags>,
+    /// The reload whose DAGs `config.dags` holds.
+    dags_generation: u64,
 }
 
 impl Engine {
@@ -451,6 +463,7 @@ impl Engine {
     /// Loads the DAG bookkeeping and every unfinished run; republishes queued tasks, whose
     /// messages may never have reached the queue.
     async fn recover(&mut self) -> Result<(), BackendError> {
+        self.sync_dags();
         self.active.clear();
         self.limits.clear_waiting();
         self.queued.clear();
@@ -464,7 +477,7 @@ impl Engine {
             self.dag_record(dag).await?;
         }
         for record in self.store.unfinished_runs().await? {
-            if self.config.dags.get(&record.dag_id).is_none() {
+            if self.dag_of(&record).is_none() {
                 tracing::warn!(run = %record.run_id, dag = %record.dag_id, "run of an unknown dag left as it is");
                 continue;
             }
@@ -520,6 +533,7 @@ impl Engine {
             Command::SetSuspended { run_id, suspended: false, reply } => {
                 let _ = reply.send(self.resume(&run_id).await);
             }
+            Command::DagsChanged => self.sync_dags(),
             Command::SetPaused { dag_id, paused, reply } => {
                 let _ = reply.send(self.set_paused(&dag_id, paused).await);
             }
@@ -1018,7 +1032,7 @@ impl Engine {
 
     /// Starts a queued run (or takes over a running one on recovery) and loads its view.
     async fn activate(&mut self, mut record: RunRecord, recovering: bool) -> Result<(), BackendError> {
-        let Some(dag) = self.config.dags.get(&record.dag_id).cloned() else { return Ok(()) };
+        let Some(dag) = self.dag_of(&record) else { return Ok(()) };
         if record.state == RunState::Queued {
             let mut started = record.clone();
             started.state = RunState::Running;
@@ -1042,6 +1056,36 @@ impl Engine {
         let result = self.settle(&mut run, recovering).await;
         self.put_back(run).await?;
         result
+    }
+
+    /// The definition a run completes with: the version it was created with when this
+    /// scheduler has loaded it (the current file, or an earlier version it saw before a
+    /// reload), else the current one. After a restart, a run of a version that is no longer on
+    /// disk completes with its recorded graph (task instances carry their upstreams) and the
+    /// current file's task settings.
+    fn dag_of(&self, record: &RunRecord) -> Option<Arc<Dag>> {
+        let current = self.config.dags.get(&record.dag_id).cloned();
+        match &record.dag_version {
+            Some(version) if current.as_ref().is_none_or(|dag| &dag.version != version) => {
+                self.live.version(&record.dag_id, version).or(current)
+            }
+            _ => current,
+        }
+    }
+
+    /// Takes the DAGs of the latest reload: new runs use them, runs in flight keep theirs, the
+    /// watcher looks at the schedules again.
+    fn sync_dags(&mut self) {
+        let generation = self.live.generation();
+        if generation == self.dags_generation {
+            return;
+        }
+        self.dags_generation = generation;
+        self.config.dags = self.live.current();
+        self.config.default_params = (*self.live.default_params()).clone();
+        self.watch_at = Some(self.now_cache);
+        self.dirty.extend(self.config.dags.iter().map(|d| d.id.clone()));
+        tracing::info!(dags = self.config.dags.len(), refused = self.live.refused().len(), "dags reloaded");
     }
 
     /// Keeps a run in the active set, or finishes it once every task is final.
@@ -1129,6 +1173,7 @@ impl Engine {
             created_at: self.now_cache,
             started_at: None,
             ended_at: None,
+            dag_version: Some(dag.version.clone()),
         };
         let tasks: Vec<TaskInstance> = dag
             .tasks()
@@ -1234,7 +1279,7 @@ impl Engine {
                 record.state
             )));
         }
-        if self.config.dags.get(&record.dag_id).is_none() {
+        if self.dag_of(&record).is_none() {
             return Err(CommandError::Conflict(format!("run {run_id:?} belongs to unknown dag {:?}", record.dag_id)));
         }
         let tasks = self.store.tasks(run_id).await.map_err(backend)?;
@@ -1282,7 +1327,7 @@ impl Engine {
             changes.push(TaskChange { expected_state: task.state, expected_try: task.try_number, task: new });
         }
         // In the DAG's order (the store's listing has none of its own), follow-ups after.
-        if let Some(dag) = self.config.dags.get(&record.dag_id) {
+        if let Some(dag) = self.dag_of(&record) {
             let order: HashMap<&str, usize> = dag.tasks().iter().enumerate().map(|(i, t)| (t.id.as_str(), i)).collect();
             changes.sort_by_key(|c| {
                 (order.get(c.task.task_id.as_str()).copied().unwrap_or(usize::MAX), c.task.task_id.clone())
@@ -1333,7 +1378,7 @@ impl Engine {
                 record.state
             )));
         }
-        if self.config.dags.get(&record.dag_id).is_none() {
+        if self.dag_of(&record).is_none() {
             return Err(CommandError::Conflict(format!("run {run_id:?} belongs to unknown dag {:?}", record.dag_id)));
         }
         let tasks = self.store.tasks(run_id).await.map_err(backend)?;

@@ -351,7 +351,7 @@ async fn claim(shared: &Shared, message: &TaskToExec) -> Result<Claim, BackendEr
         shared.config.metrics.duplicates.inc(&[]);
         return Ok(Claim::Settle(Settle::Ack));
     }
-    let executable = match resolve(shared, message) {
+    let executable = match resolve(shared, message, run.dag_version.as_deref()) {
         Ok(executable) => executable,
         Err(reason) => {
             // The run must not hang on a task no worker can run: fail the try, then set the
@@ -568,10 +568,8 @@ async fn record_outcome(
 
 /// Finds what the message asks to run among this worker's DAGs and registered tasks; anything
 /// else is refused, so a message can never make a worker run something unregistered.
-fn resolve(shared: &Shared, message: &TaskToExec) -> Result<Executable, String> {
-    let Some(dag) = shared.config.dags.get(&message.dag_id) else {
-        return Err(format!("worker {:?} does not know dag {:?}", shared.config.name, message.dag_id));
-    };
+fn resolve(shared: &Shared, message: &TaskToExec, version: Option<&str>) -> Result<Executable, String> {
+    let dag = dag_version(shared, &message.dag_id, version)?;
     if let Some(follow_up) = &message.follow_up {
         let task = shared.config.tasks.build(&follow_up.run, &follow_up.args)?;
         return Ok(Executable::Rust(task, follow_up.args.clone()));
@@ -585,13 +583,39 @@ fn resolve(shared: &Shared, message: &TaskToExec) -> Result<Executable, String> 
     })
 }
 
+/// The definition of `dag_id` a run created with `version` completes with: that version, which
+/// this worker must have loaded (now or before a reload). A worker never runs another one.
+fn dag_version(shared: &Shared, dag_id: &str, version: Option<&str>) -> Result<Arc<dagmq_core::Dag>, String> {
+    let current = shared.live.current().get(dag_id).cloned();
+    let Some(version) = version else {
+        return current.ok_or_else(|| format!("worker {:?} does not know dag {dag_id:?}", shared.config.name));
+    };
+    if let Some(dag) = shared.live.version(dag_id, version) {
+        return Ok(dag);
+    }
+    match current {
+        None => Err(format!("worker {:?} does not know dag {dag_id:?}", shared.config.name)),
+        Some(dag) => Err(format!(
+            "worker {:?} has not loaded version {version} of dag {dag_id:?}, which the run was created with (it has \
+             version {}); the DAG file changed, and a worker runs only a definition it loaded",
+            shared.config.name, dag.version
+        )),
+    }
+}
+
 /// Checks a successful try's output when its task is a branch: one or a list of its direct
 /// downstream tasks' ids.
 fn check_branch(shared: &Shared, message: &TaskToExec, output: Option<&serde_json::Value>) -> Result<(), String> {
     if message.follow_up.is_some() {
         return Ok(());
     }
-    let Some(dag) = shared.config.dags.get(&message.dag_id) else { return Ok(()) };
+    let version = shared
+        .runs
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .get(&message.run_id)
+        .and_then(|run| run.dag_version.clone());
+    let Ok(dag) = dag_version(shared, &message.dag_id, version.as_deref()) else { return Ok(()) };
     match dag.task(&message.task_id) {
         Some(spec) if spec.config.branch => {
             dagmq_core::trigger::branch_choice(output, &dag.downstream_of(&spec.id)).map(drop)

@@ -57,6 +57,9 @@ pub struct WorkerConfig {
     pub prefetch: u16,
     /// Counters of what the worker did.
     pub metrics: Arc<WorkerMetrics>,
+    /// The DAGs as a live set that a reload replaces; when absent, `dags` for good. Every
+    /// version loaded stays known, and a try runs the version its run was created with.
+    pub live: Option<Arc<dagmq_core::LiveDags>>,
 }
 
 /// The default [`WorkerConfig::prefetch`]: enough to keep claims pipelined, few enough that a
@@ -79,6 +82,7 @@ impl WorkerConfig {
             worker_timeout: Duration::from_secs(20),
             prefetch: DEFAULT_PREFETCH,
             metrics: Arc::new(WorkerMetrics::default()),
+            live: None,
         }
     }
 }
@@ -97,6 +101,8 @@ pub(crate) struct Shared {
     pub(crate) instance: String,
     /// Records of runs this worker ran tries of (immutable parts only are used).
     pub(crate) runs: Mutex<HashMap<String, Arc<dagmq_core::RunRecord>>>,
+    /// The DAGs this worker has loaded, every version of them.
+    pub(crate) live: Arc<dagmq_core::LiveDags>,
 }
 
 /// Runs the worker until `shutdown` fires, then stops taking work, lets running tries finish
@@ -110,7 +116,12 @@ pub async fn run(
     let concurrency = config.concurrency.max(1);
     let started_at = config.clock.now();
     let instance = format!("{}@{}-{}", config.name, started_at.timestamp_micros(), std::process::id());
+    let live = config
+        .live
+        .clone()
+        .unwrap_or_else(|| Arc::new(dagmq_core::LiveDags::new((*config.dags).clone(), Vec::new(), HashMap::new())));
     let shared = Arc::new(Shared {
+        live,
         config,
         queue,
         store,

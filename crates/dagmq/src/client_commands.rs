@@ -197,6 +197,7 @@ pub(crate) async fn dags(api: &Api, command: &DagsCommand) -> CliResult<()> {
                 .map(|d| {
                     vec![
                         text(&d["dag_id"]),
+                        text(&d["version"]),
                         d["schedule"].as_str().unwrap_or("manual").to_string(),
                         if d["paused"].as_bool() == Some(true) { "yes".into() } else { "no".into() },
                         text(&d["next_run"]),
@@ -205,7 +206,7 @@ pub(crate) async fn dags(api: &Api, command: &DagsCommand) -> CliResult<()> {
                     ]
                 })
                 .collect();
-            print_table(&["DAG", "SCHEDULE", "PAUSED", "NEXT RUN", "LAST RUN", "TASKS"], rows);
+            print_table(&["DAG", "VERSION", "SCHEDULE", "PAUSED", "NEXT RUN", "LAST RUN", "TASKS"], rows);
             for refused in dags.as_array().cloned().unwrap_or_default().iter().filter(|d| d["error"].is_string()) {
                 eprintln!("refused: {}", text(&refused["error"]));
             }

@@ -17,6 +17,7 @@ pub mod client;
 mod client_commands;
 mod config_file;
 pub mod load;
+mod reload;
 mod secrets;
 mod standalone;
 mod webhook;

@@ -29,14 +29,39 @@ pub fn load_dags(
     tasks: &TaskRegistry,
     pools: Option<&Pools>,
 ) -> anyhow::Result<LoadedDags> {
+    check_rust_pools(rust_dags, pools)?;
+    let mut loaded =
+        LoadedDags { dags: rust_dags.clone(), default_params: HashMap::new(), errors: Vec::new(), refused: Vec::new() };
+    let Some(dir) = dir else { return Ok(loaded) };
+    for (name, result) in load_files(dir, tasks, pools)? {
+        match result {
+            Ok(file) => {
+                let id = file.dag.id.clone();
+                add(&mut loaded, file.dag, &name);
+                loaded.default_params.insert(id, file.default_params);
+            }
+            Err(message) => refuse(&mut loaded, &name, message),
+        }
+    }
+    Ok(loaded)
+}
+
+/// Refuses Rust DAGs (compiled in) that name a pool not among `pools`.
+pub(crate) fn check_rust_pools(rust_dags: &DagRegistry, pools: Option<&Pools>) -> anyhow::Result<()> {
     if let Some(pools) = pools {
         for dag in rust_dags.iter() {
             dagmq_core::dag::check_pools(dag, pools).map_err(|e| anyhow::anyhow!("{e}"))?;
         }
     }
-    let mut loaded =
-        LoadedDags { dags: rust_dags.clone(), default_params: HashMap::new(), errors: Vec::new(), refused: Vec::new() };
-    let Some(dir) = dir else { return Ok(loaded) };
+    Ok(())
+}
+
+/// Every `*.toml` file of `dir` in name order, each parsed or refused with `file:line: reason`.
+pub(crate) fn load_files(
+    dir: &Path,
+    tasks: &TaskRegistry,
+    pools: Option<&Pools>,
+) -> anyhow::Result<Vec<(String, Result<dagmq_core::dag_file::LoadedDag, String>)>> {
     let entries =
         std::fs::read_dir(dir).with_context(|| format!("cannot read the dags directory {}", dir.display()))?;
     let mut files: Vec<_> = entries
@@ -45,25 +70,17 @@ pub fn load_dags(
         .filter(|p| p.extension().is_some_and(|x| x == "toml"))
         .collect();
     files.sort();
-    for path in files {
-        let name = path.display().to_string();
-        let text = match std::fs::read_to_string(&path) {
-            Ok(text) => text,
-            Err(err) => {
-                refuse(&mut loaded, &name, format!("{name}: cannot read: {err}"));
-                continue;
-            }
-        };
-        match parse_dag_file_with_pools(&name, &text, tasks, pools) {
-            Ok(file) => {
-                let id = file.dag.id.clone();
-                add(&mut loaded, file.dag, &name);
-                loaded.default_params.insert(id, file.default_params);
-            }
-            Err(err) => refuse(&mut loaded, &name, err.to_string()),
-        }
-    }
-    Ok(loaded)
+    Ok(files
+        .into_iter()
+        .map(|path| {
+            let name = path.display().to_string();
+            let result = match std::fs::read_to_string(&path) {
+                Ok(text) => parse_dag_file_with_pools(&name, &text, tasks, pools).map_err(|e| e.to_string()),
+                Err(err) => Err(format!("{name}: cannot read: {err}")),
+            };
+            (name, result)
+        })
+        .collect())
 }
 
 fn add(loaded: &mut LoadedDags, dag: Dag, file: &str) {

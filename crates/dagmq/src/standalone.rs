@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use dagmq_core::memory::{MemoryQueue, MemoryStore};
-use dagmq_core::{CancelSignal, Clock, Queue, Store, SystemClock};
+use dagmq_core::{CancelSignal, Clock, LiveDags, Queue, Store, SystemClock};
 use dagmq_rabbitmq::{RabbitConfig, RabbitQueue};
 use dagmq_redis::{RedisStore, RedisTimeouts};
 use dagmq_scheduler::SchedulerConfig;
@@ -18,6 +18,7 @@ use dagmq_worker::WorkerConfig;
 use crate::cli::ServeArgs;
 use crate::config_file::ConfigFile;
 use crate::load::load_dags;
+use crate::reload::Reloader;
 use crate::webhook::WebhookNotifier;
 use crate::{App, CliError, CliResult};
 
@@ -96,15 +97,23 @@ pub(crate) async fn serve(app: &App, args: &ServeArgs, file: &ConfigFile, role: 
     let pools = file.pools(&args.pools).map_err(CliError::usage)?;
     // Workers do not enforce pools, so they load DAGs whatever pools they name.
     let checked_pools = (role != Role::Worker).then_some(&pools);
-    let loaded = load_dags(dags_dir.as_deref(), &app.dags, &app.tasks, checked_pools)
-        .map_err(|e| CliError::usage(format!("{e:#}")))?;
-    for error in &loaded.errors {
-        tracing::error!("dag file refused: {error}");
-    }
-    if loaded.dags.is_empty() {
+    // With a directory, the DAGs are live: read again every 2 s and on SIGHUP.
+    let (live, reloader) = match dags_dir.as_deref() {
+        Some(dir) => {
+            let reloader = Reloader::new(dir, &app.dags, &app.tasks, checked_pools)
+                .map_err(|e| CliError::usage(format!("{e:#}")))?;
+            (reloader.live(), Some(reloader))
+        }
+        None => {
+            let loaded =
+                load_dags(None, &app.dags, &app.tasks, checked_pools).map_err(|e| CliError::usage(format!("{e:#}")))?;
+            (Arc::new(LiveDags::new(loaded.dags, loaded.refused, loaded.default_params)), None)
+        }
+    };
+    if live.current().is_empty() {
         tracing::warn!("no dags loaded; pass --dags DIR");
     }
-    tracing::info!(dags = loaded.dags.len(), refused = loaded.errors.len(), "dags loaded");
+    tracing::info!(dags = live.current().len(), refused = live.refused().len(), "dags loaded");
 
     let namespace = args.namespace.clone().unwrap_or_default();
     let queue: Arc<dyn Queue> = match &amqp_url {
@@ -132,17 +141,21 @@ pub(crate) async fn serve(app: &App, args: &ServeArgs, file: &ConfigFile, role: 
     let (stop_worker, worker_signal) = CancelSignal::new();
 
     let mut scheduler = None;
+    let mut scheduler_handle: Option<dagmq_scheduler::SchedulerHandle> = None;
+    let mut reload_stop = None;
     let mut server = None;
     if role != Role::Worker {
-        let mut config = SchedulerConfig::new(loaded.dags.clone(), clock.clone());
-        config.default_params = loaded.default_params;
+        let mut config = SchedulerConfig::new((*live.current()).clone(), clock.clone());
+        config.default_params = (*live.default_params()).clone();
         config.pools = pools.clone();
-        config.refused_dags = loaded.refused;
+        config.refused_dags = (*live.refused()).clone();
+        config.live = Some(live.clone());
         config.notifier = Arc::new(FanoutNotifier(notifiers));
         if let Some(timeout) = worker_timeout {
             config.worker_timeout = timeout;
         }
         let (handle, task) = dagmq_scheduler::spawn(config, queue.clone(), store.clone(), scheduler_signal.clone());
+        scheduler_handle = Some(handle.clone());
         // Without a token, a loopback API checks `Host` against loopback names and the allowed
         // origins' hosts, so no page can reach it by rebinding another name to 127.0.0.1.
         let allowed_hosts = (token.is_none() && address.is_loopback()).then(|| {
@@ -167,7 +180,9 @@ pub(crate) async fn serve(app: &App, args: &ServeArgs, file: &ConfigFile, role: 
     }
     let mut worker = None;
     if role != Role::Scheduler {
-        let mut config = WorkerConfig::new(args.name.clone().unwrap_or_else(worker_name), loaded.dags, clock);
+        let mut config =
+            WorkerConfig::new(args.name.clone().unwrap_or_else(worker_name), (*live.current()).clone(), clock);
+        config.live = Some(live.clone());
         config.host = host_name();
         config.concurrency = concurrency;
         config.tasks = app.tasks.clone();
@@ -199,8 +214,25 @@ pub(crate) async fn serve(app: &App, args: &ServeArgs, file: &ConfigFile, role: 
         worker = Some(tokio::spawn(dagmq_worker::run(config, queue, store, worker_signal)));
     }
 
+    if let Some(reloader) = reloader {
+        let (stop_reloads, reload_signal) = CancelSignal::new();
+        let scheduler = scheduler_handle.clone();
+        tokio::spawn(reloader.watch(reload_signal, move || {
+            let scheduler = scheduler.clone();
+            async move {
+                if let Some(scheduler) = scheduler {
+                    scheduler.dags_changed().await;
+                }
+            }
+        }));
+        reload_stop = Some(stop_reloads);
+    }
+
     wait_for_signal().await;
     tracing::info!("shutting down");
+    if let Some(stop) = reload_stop {
+        stop.cancel();
+    }
     stop_worker.cancel();
     if let Some(worker) = worker {
         let _ = worker.await;

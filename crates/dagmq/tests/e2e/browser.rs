@@ -146,12 +146,23 @@ impl Browser {
         }
     }
 
-    /// Clicks the element matching `selector` with a real WebDriver click.
+    /// Clicks the element matching `selector` with a real WebDriver click. The page renders
+    /// itself again every few seconds, so an element found just before a render is stale by
+    /// the click: find it again then.
     fn click(&self, selector: &str) {
-        self.wait_for(&format!("return document.querySelector('{selector}') !== null"), json!(true));
-        let element = self.command("POST", "/element", Some(json!({"using": "css selector", "value": selector})));
-        let id = element[ELEMENT].as_str().unwrap().to_string();
-        self.command("POST", &format!("/element/{id}/click"), Some(json!({})));
+        for _ in 0..5 {
+            self.wait_for(&format!("return document.querySelector('{selector}') !== null"), json!(true));
+            let element = self.command("POST", "/element", Some(json!({"using": "css selector", "value": selector})));
+            let id = element[ELEMENT].as_str().unwrap().to_string();
+            let path = format!("/session/{}/element/{id}/click", self.session);
+            let answer = http(self.port, "POST", &path, Some(&json!({})));
+            match answer["value"]["error"].as_str() {
+                None => return,
+                Some("stale element reference") => continue,
+                Some(_) => panic!("webdriver click {selector}: {answer}"),
+            }
+        }
+        panic!("{selector} went stale five times in a row");
     }
 
     fn screenshot(&self, name: &str) {

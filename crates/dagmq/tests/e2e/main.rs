@@ -9,6 +9,7 @@ mod control_flow;
 mod distributed;
 mod failpoints;
 mod operations;
+mod reload;
 mod standalone;
 mod support;
 mod tls;
