@@ -123,9 +123,58 @@ pub struct TaskInstance {
     /// kept per try here in the store, never carried in a message.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub output: Option<serde_json::Value>,
+    /// The task's earlier tries, oldest first (at most [`MAX_TRY_HISTORY`]): what the Gantt
+    /// chart draws beside the current try.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tries: Vec<TryRecord>,
+}
+
+/// How many earlier tries a task keeps.
+pub const MAX_TRY_HISTORY: usize = 50;
+
+/// One earlier try of a task: when it was queued, ran and ended, and how.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TryRecord {
+    /// The try.
+    pub try_number: u32,
+    /// How it ended: a task state's name (`success`, `failed`, `up_for_retry`, `suspended`,
+    /// `cancelled`), or `interrupted` (its worker stopped or was lost).
+    pub outcome: String,
+    /// When it was queued.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub queued_at: Option<DateTime<Utc>>,
+    /// When a worker started it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub started_at: Option<DateTime<Utc>>,
+    /// When it ended.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ended_at: Option<DateTime<Utc>>,
+    /// The worker that ran it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub worker: Option<String>,
 }
 
 impl TaskInstance {
+    /// Files the current try in `tries` before a new one replaces it (a retry, a requeue, a
+    /// resume, a restart or a clear); `outcome` says how it ended, `now` stands in for an end
+    /// the try did not record. Nothing happens before the first try, or when it is filed.
+    pub fn close_try(&mut self, outcome: &str, now: DateTime<Utc>) {
+        if self.try_number == 0 || self.tries.last().is_some_and(|t| t.try_number >= self.try_number) {
+            return;
+        }
+        if self.tries.len() >= MAX_TRY_HISTORY {
+            self.tries.remove(0);
+        }
+        self.tries.push(TryRecord {
+            try_number: self.try_number,
+            outcome: outcome.to_string(),
+            queued_at: self.queued_at,
+            started_at: self.started_at,
+            ended_at: self.ended_at.or(self.started_at.map(|_| now)),
+            worker: self.worker.clone(),
+        });
+    }
+
     /// A task that has not run yet, with a budget of `retries` tries after the first.
     pub fn pending(
         task_id: impl Into<String>,
@@ -153,6 +202,7 @@ impl TaskInstance {
             interruptions: 0,
             follow_ups: Vec::new(),
             output: None,
+            tries: Vec::new(),
         }
     }
 
@@ -161,6 +211,7 @@ impl TaskInstance {
     /// [`MAX_INTERRUPTIONS`], the task failed for good. `reason` says what interrupted it.
     pub fn after_interruption(&self, now: DateTime<Utc>, reason: String) -> TaskInstance {
         let mut next = self.clone();
+        next.close_try("interrupted", now);
         if self.interruptions >= MAX_INTERRUPTIONS {
             next.state = TaskState::Failed;
             next.ended_at = Some(now);

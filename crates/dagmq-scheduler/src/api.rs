@@ -729,6 +729,18 @@ pub struct StatsView {
     pub queues: BTreeMap<String, u64>,
     /// Live workers.
     pub workers: usize,
+    /// Tasks that ended in each of the last 60 minutes, oldest first (since this scheduler
+    /// started leading).
+    pub finished_per_minute: Vec<MinuteCount>,
+}
+
+/// Tasks that ended in one minute.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct MinuteCount {
+    /// The minute's start.
+    pub minute: DateTime<Utc>,
+    /// How many tasks ended in it.
+    pub count: u64,
 }
 
 async fn stats(State(state): State<AppState>) -> ApiResult<Json<StatsView>> {
@@ -749,7 +761,14 @@ async fn stats(State(state): State<AppState>) -> ApiResult<Json<StatsView>> {
     for topic in topics(handle) {
         queues.insert(topic.name(), handle.queue.depth(&topic).await?);
     }
-    Ok(Json(StatsView { runs, tasks, queues, workers: live.len() }))
+    let finished_per_minute = handle
+        .metrics
+        .throughput
+        .last_hour(handle.clock.now())
+        .into_iter()
+        .map(|(minute, count)| MinuteCount { minute, count })
+        .collect();
+    Ok(Json(StatsView { runs, tasks, queues, workers: live.len(), finished_per_minute }))
 }
 
 #[cfg(test)]

@@ -731,6 +731,9 @@ impl Engine {
         if matches!(new.state, TaskState::Success | TaskState::Failed | TaskState::UpForRetry) {
             let dag = run.record.dag_id.as_str();
             self.metrics.tasks_finished.inc(&[dag, new.state.as_str()]);
+            if new.state != TaskState::UpForRetry {
+                self.metrics.throughput.note(self.now_cache);
+            }
             if let (Some(start), Some(end)) = (new.started_at, new.ended_at) {
                 let seconds = (end - start).num_microseconds().unwrap_or(0).max(0) as f64 / 1e6;
                 self.metrics.task_duration.observe(&[dag], seconds);
@@ -826,6 +829,7 @@ impl Engine {
         for ((d, state, _), (change, applied)) in ends.into_iter().zip(changes.into_iter().zip(applied)) {
             if applied {
                 self.metrics.tasks_finished.inc(&[run.record.dag_id.as_str(), state.as_str()]);
+                self.metrics.throughput.note(self.now_cache);
                 run.replace(d, change.task);
                 ended.push(d);
             } else {
@@ -889,6 +893,7 @@ impl Engine {
                     self.limits.stop_waiting(run.id(), &old.task_id);
                 }
                 let mut new = old.clone();
+                new.close_try(old.state.as_str(), self.now_cache);
                 new.state = TaskState::Queued;
                 new.try_number += 1;
                 if old.state == TaskState::Suspended {
@@ -1316,6 +1321,7 @@ impl Engine {
         for (task, _) in tasks.iter().zip(&clear).filter(|(_, c)| **c) {
             let Ok(state) = task_transition(task.state, TaskEvent::Clear) else { continue };
             let mut new = task.clone();
+            new.close_try(task.state.as_str(), self.now_cache);
             new.state = state;
             new.max_try = task.try_number + task.retries + 1;
             new.error = None;
@@ -1392,6 +1398,7 @@ impl Engine {
                 continue;
             }
             let mut new = task.clone();
+            new.close_try(task.state.as_str(), self.now_cache);
             new.state = TaskState::Pending;
             new.max_try = task.try_number + task.retries + 1;
             new.error = None;
@@ -1461,6 +1468,7 @@ impl Engine {
                 new.error = Some(reason.to_string());
                 if self.store.transition_task(run_id, task.state, task.try_number, &new).await? {
                     self.metrics.tasks_finished.inc(&[dag_id.as_str(), "cancelled"]);
+                    self.metrics.throughput.note(self.now_cache);
                     break;
                 }
                 match self.store.task(run_id, &task.task_id).await? {

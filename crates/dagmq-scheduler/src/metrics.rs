@@ -5,6 +5,7 @@
 use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, Ordering};
 
+use chrono::{DateTime, Utc};
 use dagmq_core::TaskState;
 use dagmq_core::metrics::Family;
 
@@ -38,6 +39,42 @@ pub struct SchedulerMetrics {
     /// Tasks of the runs the scheduler is running, by state, kept as its view changes: a
     /// scrape reads these instead of every task of every unfinished run.
     pub view: Arc<ViewCounts>,
+    /// Tasks that ended per minute over the last hour, for the stats page.
+    pub throughput: Throughput,
+}
+
+/// Tasks that reached a final state, per minute, over the last hour (kept in memory: a new
+/// scheduler starts from zero).
+#[derive(Debug, Default)]
+pub struct Throughput {
+    minutes: std::sync::Mutex<std::collections::VecDeque<(i64, u64)>>,
+}
+
+impl Throughput {
+    /// Counts one task that ended at `at`.
+    pub fn note(&self, at: DateTime<Utc>) {
+        let minute = at.timestamp().div_euclid(60);
+        let mut minutes = self.minutes.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        match minutes.back_mut() {
+            Some((last, count)) if *last == minute => *count += 1,
+            _ => minutes.push_back((minute, 1)),
+        }
+        while minutes.front().is_some_and(|(first, _)| *first <= minute - 60) {
+            minutes.pop_front();
+        }
+    }
+
+    /// The 60 minutes up to `now`, oldest first, each with its count (0 when none ended).
+    pub fn last_hour(&self, now: DateTime<Utc>) -> Vec<(DateTime<Utc>, u64)> {
+        let current = now.timestamp().div_euclid(60);
+        let minutes = self.minutes.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        (current - 59..=current)
+            .map(|minute| {
+                let count = minutes.iter().find(|(m, _)| *m == minute).map_or(0, |(_, c)| *c);
+                (DateTime::from_timestamp(minute * 60, 0).unwrap_or_default(), count)
+            })
+            .collect()
+    }
 }
 
 /// Task counts by state over the scheduler's in-memory runs. Each run adds its tasks when it
@@ -114,6 +151,7 @@ impl Default for SchedulerMetrics {
                 &["outcome"],
             ),
             view: Arc::default(),
+            throughput: Throughput::default(),
         }
     }
 }
@@ -151,5 +189,27 @@ pub(crate) fn reason_label(reason: &str) -> &'static str {
         "unknown_task"
     } else {
         "other"
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn throughput_counts_the_last_hour_by_minute() {
+        let at = |secs: i64| DateTime::from_timestamp(1_800_000_000 + secs, 0).unwrap();
+        let throughput = Throughput::default();
+        for secs in [0, 10, 70] {
+            throughput.note(at(secs));
+        }
+        let hour = throughput.last_hour(at(90));
+        assert_eq!(hour.len(), 60);
+        assert_eq!(hour.iter().map(|(_, n)| n).sum::<u64>(), 3);
+        assert_eq!(hour[59].1, 1, "the current minute");
+        throughput.note(at(3_600 * 2));
+        let later = throughput.last_hour(at(3_600 * 2 + 5));
+        assert_eq!(later.iter().map(|(_, n)| n).sum::<u64>(), 1, "older minutes fall out");
     }
 }

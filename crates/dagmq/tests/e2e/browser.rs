@@ -252,6 +252,48 @@ fn the_ui_triggers_a_run_shows_its_graph_and_log_and_pauses_a_dag() {
     );
     browser.screenshot("task-log");
 
+    // A run's timeline: the flaky task of diamond_retry has a bar per try, the failed one and
+    // then, after the retry delay, the successful one; durations have units.
+    let diamond = standalone.json(&["trigger", "diamond_retry", "--wait"]);
+    let diamond_id = diamond["run_id"].as_str().unwrap();
+    browser.open(&format!("{base}/#/runs/{diamond_id}"));
+    browser.wait_for(
+        "return [...document.querySelectorAll('[data-test=gantt] rect[data-try^=\"flaky:\"]')].map(r => r.dataset.outcome).join(',')",
+        json!("up_for_retry,success"),
+    );
+    let gap = browser.script(
+        "const [a, b] = [...document.querySelectorAll('[data-test=gantt] rect[data-try^=\"flaky:\"]')]; \
+         return b.x.baseVal.value - (a.x.baseVal.value + a.width.baseVal.value)",
+    );
+    assert!(gap.as_f64().unwrap() > 1.0, "the retry delay shows as a gap: {gap}");
+    assert_eq!(browser.script("return document.querySelectorAll('[data-test=gantt] rect[data-try]').length"), json!(5));
+    let took = browser.script("return document.querySelector('tr[data-task=\"left\"] td:nth-child(5)').textContent");
+    assert!(took.as_str().unwrap().ends_with(" ms") || took.as_str().unwrap().ends_with(" s"), "{took}");
+    browser.screenshot("gantt");
+
+    // The DAG page: graph, schedule, and the grid of its latest runs by task, each cell a link;
+    // the run durations as a chart.
+    browser.open(&format!("{base}/#/dags"));
+    browser.click("tr[data-dag=\"diamond_retry\"] [data-test=dag-link]");
+    browser.wait_for("return document.querySelectorAll('[data-test=grid] tr[data-grid-task]').length", json!(4));
+    browser.wait_for("return document.querySelectorAll('[data-test=dag-graph] [data-node]').length", json!(4));
+    browser.wait_for("return document.querySelectorAll('[data-test=durations] rect[data-bar]').length", json!(1));
+    assert_eq!(
+        browser.script("return document.querySelector('tr[data-grid-task=\"flaky\"] a[data-cell]').dataset.cell"),
+        json!("success")
+    );
+    browser.screenshot("dag");
+    browser.click("tr[data-grid-task=\"flaky\"] a[data-cell]");
+    browser.wait_for("return location.hash.endsWith('/tasks/flaky')", json!(true));
+
+    // The stats page: tasks finished per minute over the last hour.
+    browser.open(&format!("{base}/#/stats"));
+    browser.wait_for("return document.querySelectorAll('[data-test=throughput] rect[data-bar]').length", json!(60));
+    let finished = browser.script(
+        "return [...document.querySelectorAll('[data-test=throughput] rect[data-bar]')].reduce((n, r) => n + Number(r.textContent.split(' ')[0]), 0)",
+    );
+    assert!(finished.as_f64().unwrap() >= 8.0, "hello and diamond_retry's tasks: {finished}");
+
     // Pause a DAG from the page; the API agrees.
     browser.open(&format!("{base}/#/dags"));
     browser.click("[data-test=\"pause-every_10s\"]");
