@@ -1490,28 +1490,42 @@ impl Engine {
     /// running tasks, then the broadcast that stops the tries. A crash in between leaves a
     /// suspended run whose view `settle` finishes suspending on recovery.
     async fn suspend(&mut self, run_id: &str) -> Result<(), CommandError> {
-        let backend = |e: BackendError| CommandError::Backend(e.to_string());
-        let Some(record) = self.store.run(run_id).await.map_err(backend)? else {
-            return Err(CommandError::NotFound(format!("unknown run {run_id:?}")));
-        };
-        if record.state != RunState::Running {
-            return Err(CommandError::Conflict(format!(
-                "run {run_id:?} is {}; only a running run can be suspended",
-                record.state
-            )));
-        }
-        let mut suspended = record.clone();
-        suspended.state = RunState::Suspended;
-        if !self.store.transition_run(RunState::Running, &suspended).await.map_err(backend)? {
-            return Err(CommandError::Conflict(format!("run {run_id:?} changed state meanwhile; try again")));
-        }
+        let suspended = self.move_run(run_id, RunState::Running, RunState::Suspended, "suspended").await?;
         fail_point!("scheduler::suspend::after_run");
         tracing::info!(run = %run_id, "run suspended");
         let Some(mut run) = self.active.remove(run_id) else { return Ok(()) };
         run.record = suspended;
         let result = self.suspend_tasks(&mut run).await;
-        self.put_back(run).await.map_err(backend)?;
-        result.map_err(backend)
+        self.put_back(run).await.map_err(|e| CommandError::Backend(e.to_string()))?;
+        result.map_err(|e| CommandError::Backend(e.to_string()))
+    }
+
+    /// Moves a run from `from` to `to` with a compare-and-set and answers its new record: a
+    /// 404 for an unknown run, a 409 for one in another state (`verb`: what only a run in
+    /// `from` can be) or that changed meanwhile.
+    async fn move_run(
+        &mut self,
+        run_id: &str,
+        from: RunState,
+        to: RunState,
+        verb: &str,
+    ) -> Result<RunRecord, CommandError> {
+        let backend = |e: BackendError| CommandError::Backend(e.to_string());
+        let Some(record) = self.store.run(run_id).await.map_err(backend)? else {
+            return Err(CommandError::NotFound(format!("unknown run {run_id:?}")));
+        };
+        if record.state != from {
+            return Err(CommandError::Conflict(format!(
+                "run {run_id:?} is {}; only a {from} run can be {verb}",
+                record.state
+            )));
+        }
+        let mut moved = record;
+        moved.state = to;
+        if !self.store.transition_run(from, &moved).await.map_err(backend)? {
+            return Err(CommandError::Conflict(format!("run {run_id:?} changed state meanwhile; try again")));
+        }
+        Ok(moved)
     }
 
     /// Moves the queued and running tasks of a suspended run to `suspended` (reading a task
@@ -1553,20 +1567,7 @@ impl Engine {
     /// are queued.
     async fn resume(&mut self, run_id: &str) -> Result<(), CommandError> {
         let backend = |e: BackendError| CommandError::Backend(e.to_string());
-        let Some(record) = self.store.run(run_id).await.map_err(backend)? else {
-            return Err(CommandError::NotFound(format!("unknown run {run_id:?}")));
-        };
-        if record.state != RunState::Suspended {
-            return Err(CommandError::Conflict(format!(
-                "run {run_id:?} is {}; only a suspended run can be resumed",
-                record.state
-            )));
-        }
-        let mut running = record.clone();
-        running.state = RunState::Running;
-        if !self.store.transition_run(RunState::Suspended, &running).await.map_err(backend)? {
-            return Err(CommandError::Conflict(format!("run {run_id:?} changed state meanwhile; try again")));
-        }
+        let running = self.move_run(run_id, RunState::Suspended, RunState::Running, "resumed").await?;
         fail_point!("scheduler::resume::after_run");
         tracing::info!(run = %run_id, "run resumed");
         let Some(mut run) = self.active.remove(run_id) else { return Ok(()) };

@@ -4,27 +4,15 @@
 
 use std::collections::BTreeMap;
 use std::path::Path;
-use std::process::Output;
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
 use crate::cluster::Cluster;
-use crate::support::{Standalone, examples, free_port, text};
+use crate::support::{Cli, Standalone, cli_json as json, examples, free_port, text};
 
 #[path = "../../../../tests/rule_table.rs"]
 mod rule_table;
-
-/// Runs a `dagmq` client command against the mode under test.
-type Cli<'a> = &'a dyn Fn(&[&str]) -> Output;
-
-fn json(cli: Cli, args: &[&str]) -> Value {
-    let mut all = args.to_vec();
-    all.push("--json");
-    let output = cli(&all);
-    assert!(output.status.success(), "{args:?}: {}", text(&output.stderr));
-    serde_json::from_slice(&output.stdout).unwrap()
-}
 
 /// `dagmq trigger ... --wait --json`: the finished run, whether it succeeded (exit 0) or not.
 fn trigger_wait(cli: Cli, args: &[&str]) -> (bool, Value) {

@@ -1,12 +1,11 @@
 //! Backfill and clear end to end in both modes, through the CLI and the HTTP API.
 
-use std::process::Output;
 use std::time::Duration;
 
 use serde_json::Value;
 
 use crate::cluster::Cluster;
-use crate::support::{Standalone, free_port, text};
+use crate::support::{Cli, Standalone, cli_json as json, free_port, text};
 
 const DAILY: &str = r#"id = "daily"
 schedule = "@daily"
@@ -35,17 +34,6 @@ id = "d"
 after = ["b", "c"]
 command = ["true"]
 "#;
-
-/// Runs a `dagmq` client command against the mode under test.
-type Cli<'a> = &'a dyn Fn(&[&str]) -> Output;
-
-fn json(cli: Cli, args: &[&str]) -> Value {
-    let mut all = args.to_vec();
-    all.push("--json");
-    let output = cli(&all);
-    assert!(output.status.success(), "{args:?}: {}", text(&output.stderr));
-    serde_json::from_slice(&output.stdout).unwrap()
-}
 
 fn scenario(cli: Cli, api: &str) {
     // Five days, waited for with progress; a second backfill of an overlapping range adds only

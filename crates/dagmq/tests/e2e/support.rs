@@ -182,3 +182,16 @@ fn healthy(port: u16) -> bool {
 pub(crate) fn text(bytes: &[u8]) -> String {
     String::from_utf8_lossy(bytes).into_owned()
 }
+
+/// Runs a `dagmq` client command against the mode under test (standalone or a cluster), so one
+/// scenario checks both.
+pub(crate) type Cli<'a> = &'a dyn Fn(&[&str]) -> Output;
+
+/// A client command through `cli` with `--json`, which must succeed, parsed.
+pub(crate) fn cli_json(cli: Cli, args: &[&str]) -> serde_json::Value {
+    let mut all = args.to_vec();
+    all.push("--json");
+    let output = cli(&all);
+    assert!(output.status.success(), "{args:?}: {}", text(&output.stderr));
+    serde_json::from_slice(&output.stdout).unwrap()
+}
