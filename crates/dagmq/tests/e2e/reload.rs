@@ -87,6 +87,10 @@ fn changed_broken_added_and_removed_dag_files_are_picked_up_while_runs_are_in_fl
         })
     });
     assert_eq!(dag(&cli(&["dags", "list"]), "live").unwrap()["version"], v2.as_str());
+    let table = standalone.cli(&["dags", "list"]);
+    assert!(text(&table.stdout).contains(&v2), "the table shows the version: {}", text(&table.stdout));
+    let stderr = text(&table.stderr);
+    assert!(stderr.contains("refused: ") && stderr.contains("the last good version stays loaded"), "{stderr}");
     let third = cli(&["trigger", "live", "--wait"]);
     assert_eq!((&third["state"], &third["dag_version"]), (&Value::from("success"), &Value::from(v2.as_str())));
 
