@@ -10,7 +10,7 @@ use std::sync::{Arc, Mutex};
 use dagmq_core::trigger::{Decision, TriggerRule, UpstreamCounts, decide};
 use dagmq_core::{Dag, FollowUp, RunRecord, TaskInstance, TaskState};
 
-use crate::limits::{Usage, claim_of, occupies};
+use crate::limits::{Claim, Usage, claim_of, occupies};
 use crate::metrics::{ViewCounts, state_index};
 
 /// One running run.
@@ -36,6 +36,9 @@ pub(crate) struct ActiveRun {
     /// The scheduler-wide usage of concurrency limits this run's queued and running tasks
     /// take part in.
     usage: Arc<Mutex<Usage>>,
+    /// The claims this view added to `usage`, by task: given back exactly as taken, whatever
+    /// the tasks say by then (a sweep puts fresh tasks in place before it rebuilds).
+    held: HashMap<String, Claim>,
 }
 
 impl Drop for ActiveRun {
@@ -43,9 +46,10 @@ impl Drop for ActiveRun {
         for (state, count) in TaskState::ALL.into_iter().zip(self.counted) {
             self.view.add(state, -count);
         }
-        for i in 0..self.tasks.len() {
-            if occupies(self.tasks[i].state) {
-                self.count_limits(i, -1);
+        if !self.held.is_empty() {
+            let mut usage = crate::limits::lock(&self.usage);
+            for claim in self.held.values() {
+                usage.add(claim, -1);
             }
         }
     }
@@ -86,32 +90,48 @@ impl ActiveRun {
         for (state, count) in TaskState::ALL.into_iter().zip(counted) {
             view.add(state, count);
         }
-        let run = ActiveRun { record, dag, tasks, index, downstream, upstream, final_count, view, counted, usage };
+        let mut run = ActiveRun {
+            record,
+            dag,
+            tasks,
+            index,
+            downstream,
+            upstream,
+            final_count,
+            view,
+            counted,
+            usage,
+            held: HashMap::new(),
+        };
         for i in 0..run.tasks.len() {
-            if occupies(run.tasks[i].state) {
-                run.count_limits(i, 1);
-            }
+            run.hold_limits(i);
         }
         run
     }
 
-    /// Takes (1) or gives back (-1) task `i`'s share of the concurrency limits that apply to it.
-    fn count_limits(&self, i: usize, sign: i64) {
-        let claim = claim_of(&self.dag, &self.tasks[i].task_id, &dagmq_core::Pools::new());
-        if !claim.is_empty() {
-            crate::limits::lock(&self.usage).add(&claim, sign);
+    /// Makes the limits task `i` holds match its state: a queued or running task holds its
+    /// share of each limit that applies to it, any other holds none.
+    fn hold_limits(&mut self, i: usize) {
+        let task = &self.tasks[i];
+        let holds = self.held.contains_key(&task.task_id);
+        if occupies(task.state) && !holds {
+            let claim = claim_of(&self.dag, &task.task_id, &dagmq_core::Pools::new());
+            if !claim.is_empty() {
+                crate::limits::lock(&self.usage).add(&claim, 1);
+                self.held.insert(task.task_id.clone(), claim);
+            }
+        } else if !occupies(task.state)
+            && holds
+            && let Some(claim) = self.held.remove(&task.task_id)
+        {
+            crate::limits::lock(&self.usage).add(&claim, -1);
         }
     }
 
     /// Rebuilds the graph after tasks were added or rewired.
     pub(crate) fn rebuild(&mut self) {
-        // The new view takes the limits its tasks hold; this one gives them back first (its
-        // drop below sees no tasks).
-        for i in 0..self.tasks.len() {
-            if occupies(self.tasks[i].state) {
-                self.count_limits(i, -1);
-            }
-        }
+        // The new view takes the limits its tasks hold; this one gives back what it took when
+        // it is dropped below.
         let tasks = std::mem::take(&mut self.tasks);
         // The new view counts every task; dropping the old one takes back what it counted.
         let rebuilt =
@@ -131,7 +151,7 @@ impl ActiveRun {
         let old = std::mem::replace(&mut self.tasks[i], new);
         let new_state = self.tasks[i].state;
         if occupies(old.state) != occupies(new_state) {
-            self.count_limits(i, if occupies(new_state) { 1 } else { -1 });
+            self.hold_limits(i);
         }
         if old.state != new_state {
             self.counted[state_index(old.state)] -= 1;
@@ -332,5 +352,58 @@ mod tests {
         rewired.after = vec!["a".to_string(), "b".to_string(), "a.x".to_string()].into();
         run.replace(c, rewired);
         assert_eq!(run.tasks[c].after.len(), 3);
+    }
+
+    /// The sweep puts the store's tasks in place of a stale view and rebuilds it: the limits the
+    /// old view took must be given back whatever the new tasks say.
+    #[test]
+    fn a_rebuild_over_fresh_tasks_gives_back_exactly_what_the_view_took() {
+        use crate::limits::{LimitKey, Usage};
+        let dag = Arc::new(
+            Dag::builder("d")
+                .task(TaskSpec::command("a", ["true"]).pool("db", 1))
+                .task(TaskSpec::command("b", ["true"]).pool("db", 1))
+                .build()
+                .unwrap(),
+        );
+        let at = chrono::DateTime::from_timestamp(0, 0).unwrap();
+        let record = RunRecord {
+            run_id: "r".into(),
+            dag_id: "d".into(),
+            state: RunState::Running,
+            kind: RunKind::Manual,
+            logical_date: at,
+            params: Default::default(),
+            key: None,
+            created_at: at,
+            started_at: None,
+            ended_at: None,
+            dag_version: None,
+        };
+        let task = |id: &str, state: TaskState| {
+            let mut t = TaskInstance::pending(id, Vec::<String>::new(), "default", 0);
+            t.state = state;
+            t
+        };
+        let usage: Arc<Mutex<Usage>> = Arc::default();
+        let db = LimitKey::Pool("db".into());
+        let mut run = ActiveRun::new(
+            record,
+            dag,
+            vec![task("a", TaskState::Running), task("b", TaskState::Pending)],
+            Arc::default(),
+            usage.clone(),
+        );
+        assert_eq!(crate::limits::lock(&usage).used(&db), 1);
+        // The store says a finished (a status update the view missed): its slot is free.
+        run.tasks = vec![task("a", TaskState::Success), task("b", TaskState::Pending)];
+        run.rebuild();
+        assert_eq!(crate::limits::lock(&usage).used(&db), 0, "a gave its slot back");
+        // And b was queued meanwhile: it holds the slot.
+        run.tasks = vec![task("a", TaskState::Success), task("b", TaskState::Queued)];
+        run.rebuild();
+        assert_eq!(crate::limits::lock(&usage).used(&db), 1);
+        drop(run);
+        assert_eq!(crate::limits::lock(&usage).used(&db), 0);
     }
 }

@@ -937,7 +937,13 @@ impl Engine {
     /// limit is full again. A task found blocked behind another limit moves to its queue.
     async fn wake_waiting(&mut self) -> Result<(), BackendError> {
         let freed = crate::limits::lock(&self.limits.usage).take_freed();
+        let mut failure = None;
         for key in freed {
+            if failure.is_some() {
+                // Look at this limit again next time.
+                crate::limits::lock(&self.limits.usage).mark_freed(key);
+                continue;
+            }
             let Some(mut queue) = self.limits.waiting.remove(&key) else { continue };
             while let Some((run_id, task_id)) = queue.pop_front() {
                 // Waiting no more unless it is found blocked again (the deque is out of the map).
@@ -947,8 +953,12 @@ impl Engine {
                     Some(i) if run.decision(i) == Decision::Run => self.queue_tasks(&mut run, vec![i]).await,
                     _ => Ok(()),
                 };
-                self.put_back(run).await?;
-                result?;
+                if let Err(err) = self.put_back(run).await.and(result) {
+                    // The rest keep their places; the sweep finds this one again.
+                    failure = Some(err);
+                    crate::limits::lock(&self.limits.usage).mark_freed(key.clone());
+                    break;
+                }
                 if self.limits.blocked_on.get(&(run_id, task_id)) == Some(&key) {
                     // Full again: the rest keep their places behind it.
                     break;
@@ -961,7 +971,7 @@ impl Engine {
                 }
             }
         }
-        Ok(())
+        failure.map_or(Ok(()), Err)
     }
 
     /// Re-reads task `i` after a refused compare-and-set.

@@ -98,6 +98,11 @@ impl Usage {
         self.freed.drain().collect()
     }
 
+    /// Has the engine look at `key`'s waiting tasks again (after a pass it could not finish).
+    pub(crate) fn mark_freed(&mut self, key: LimitKey) {
+        self.freed.insert(key);
+    }
+
     /// How much of `key` is taken.
     #[cfg(test)]
     pub(crate) fn used(&self, key: &LimitKey) -> u32 {
