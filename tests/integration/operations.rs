@@ -260,3 +260,29 @@ async fn pools_and_task_limits_hold_under_200_ready_tasks_and_across_a_scheduler
     assert_eq!(h.scheduler.waiting_reason(&wide_run, "t199"), None);
     h.stop().await;
 }
+
+/// A DAG removed by a reload while a run of it is in flight and another waits `queued` behind
+/// `max_active_runs`: both complete with the definition they were created with; none is stuck.
+#[tokio::test(start_paused = true)]
+async fn runs_of_a_dag_removed_by_a_reload_complete_even_those_still_queued() {
+    let runs = Arc::new(AtomicU32::new(0));
+    let dag =
+        Dag::builder("gone").max_active_runs(1).task(TaskSpec::rust("work", Counted::new(&runs, 0))).build().unwrap();
+    let mut dags = DagRegistry::new();
+    dags.add(dag).unwrap();
+    let live = Arc::new(dagmq_core::LiveDags::new(dags.clone(), Vec::new(), Default::default()));
+    let h = Harness::start_live(dags, live.clone()).await;
+    let first = h.trigger("gone").await;
+    let second = h.trigger("gone").await;
+    h.wait_task(&first, "work", |t| t.state == TaskState::Running).await;
+    assert_eq!(h.store.run(&second).await.unwrap().unwrap().state, RunState::Queued);
+    live.replace(DagRegistry::new(), Vec::new(), Default::default());
+    h.scheduler.dags_changed().await;
+    assert!(h.scheduler.dags().get("gone").is_none());
+    assert_eq!(h.wait_final(&first).await, RunState::Success);
+    assert_eq!(h.wait_final(&second).await, RunState::Success);
+    assert_eq!(runs.load(Ordering::SeqCst), 2);
+    // No new run can be made of it.
+    assert!(matches!(h.scheduler.trigger("gone", Default::default(), None).await, Err(CommandError::NotFound(_))));
+    h.stop().await;
+}

@@ -57,6 +57,8 @@ pub struct Harness {
     pub worker_faults: ProcessFaults,
     /// Concurrency pools of the scheduler (and of those started after it).
     pub pools: dagmq_core::Pools,
+    /// The live DAG set the scheduler and worker share, when a test reloads DAGs.
+    pub live: Option<Arc<dagmq_core::LiveDags>>,
     scheduler_stop: CancelHandle,
     scheduler_task: tokio::task::JoinHandle<Result<(), dagmq_core::BackendError>>,
     worker_stop: Option<CancelHandle>,
@@ -74,20 +76,37 @@ impl Harness {
         Harness::start_with_pools(dags, tasks, dagmq_core::Pools::new()).await
     }
 
+    /// Starts both over a live DAG set the test can replace (then tell the scheduler with
+    /// `dags_changed`).
+    pub async fn start_live(dags: DagRegistry, live: Arc<dagmq_core::LiveDags>) -> Harness {
+        Harness::start_full(dags, dagmq_worker::builtin_tasks(), dagmq_core::Pools::new(), Some(live)).await
+    }
+
     /// Starts both with these named tasks and concurrency pools.
     pub async fn start_with_pools(dags: DagRegistry, tasks: TaskRegistry, pools: dagmq_core::Pools) -> Harness {
+        Harness::start_full(dags, tasks, pools, None).await
+    }
+
+    /// Starts both with everything given.
+    async fn start_full(
+        dags: DagRegistry,
+        tasks: TaskRegistry,
+        pools: dagmq_core::Pools,
+        live: Option<Arc<dagmq_core::LiveDags>>,
+    ) -> Harness {
         let queue = Arc::new(MemoryQueue::new());
         let store = Arc::new(MemoryStore::new());
         let clock = Arc::new(TokioClock::starting_at(origin()));
         let notifications = Arc::new(Mutex::new(Vec::new()));
         let scheduler_faults = ProcessFaults::default();
         let (scheduler_stop, scheduler, scheduler_task) =
-            spawn_scheduler(&dags, &pools, &scheduler_faults, &queue, &store, &clock, &notifications);
+            spawn_scheduler(&dags, &pools, &live, &scheduler_faults, &queue, &store, &clock, &notifications);
         let mut harness = Harness {
             notifications,
             scheduler_faults,
             worker_faults: ProcessFaults::default(),
             pools,
+            live,
             queue,
             store,
             clock,
@@ -108,6 +127,7 @@ impl Harness {
         let mut config = WorkerConfig::new("worker-1", self.dags.clone(), self.clock.clone());
         config.tasks = self.tasks.clone();
         config.concurrency = 64;
+        config.live = self.live.clone();
         let (stop, signal) = CancelSignal::new();
         let (queue, store) = self.worker_faults.wrap(&self.queue, &self.store);
         self.worker_task = Some(tokio::spawn(dagmq_worker::run(config, queue, store, signal)));
@@ -131,6 +151,7 @@ impl Harness {
         let (stop, handle, task) = spawn_scheduler(
             &self.dags,
             &self.pools,
+            &self.live,
             &self.scheduler_faults,
             &self.queue,
             &self.store,
@@ -148,7 +169,16 @@ impl Harness {
         &self,
         faults: &ProcessFaults,
     ) -> (CancelHandle, SchedulerHandle, tokio::task::JoinHandle<Result<(), dagmq_core::BackendError>>) {
-        spawn_scheduler(&self.dags, &self.pools, faults, &self.queue, &self.store, &self.clock, &self.notifications)
+        spawn_scheduler(
+            &self.dags,
+            &self.pools,
+            &self.live,
+            faults,
+            &self.queue,
+            &self.store,
+            &self.clock,
+            &self.notifications,
+        )
     }
 
     /// Triggers a run and answers its id.
@@ -206,9 +236,11 @@ impl Harness {
     }
 }
 
+#[allow(clippy::too_many_arguments)]
 fn spawn_scheduler(
     dags: &DagRegistry,
     pools: &dagmq_core::Pools,
+    live: &Option<Arc<dagmq_core::LiveDags>>,
     faults: &ProcessFaults,
     queue: &Arc<MemoryQueue>,
     store: &Arc<MemoryStore>,
@@ -219,6 +251,7 @@ fn spawn_scheduler(
     config.notifier = Arc::new(Recorder(notifications.clone()));
     config.sweep_interval = Duration::from_secs(5);
     config.pools = pools.clone();
+    config.live = live.clone();
     let (stop, signal) = CancelSignal::new();
     let (queue, store) = faults.wrap(queue, store);
     let (handle, task) = dagmq_scheduler::spawn(config, queue, store, signal);

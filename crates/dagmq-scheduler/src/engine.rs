@@ -1100,6 +1100,7 @@ impl Engine {
         self.config.default_params = (*self.live.default_params()).clone();
         self.watch_at = Some(self.now_cache);
         self.dirty.extend(self.config.dags.iter().map(|d| d.id.clone()));
+        self.dirty.extend(self.queued.keys().cloned());
         tracing::info!(dags = self.config.dags.len(), refused = self.live.refused().len(), "dags reloaded");
     }
 
@@ -1147,7 +1148,12 @@ impl Engine {
     /// The work of `start_dirty`.
     async fn start_dirty_runs(&mut self) -> Result<(), BackendError> {
         while let Some(dag_id) = self.dirty.pop_first() {
-            let Some(dag) = self.config.dags.get(&dag_id).cloned() else { continue };
+            // A DAG a reload removed still starts the runs it queued, with the definition they
+            // were created with (each run's own version, in `activate`).
+            let known = self.config.dags.get(&dag_id).cloned().or_else(|| {
+                self.live.versions_of(&dag_id).first().and_then(|version| self.live.version(&dag_id, version))
+            });
+            let Some(dag) = known else { continue };
             loop {
                 let running = self.running.get(&dag_id).copied().unwrap_or(0);
                 if running >= dag.max_active_runs {
