@@ -28,6 +28,8 @@ pub struct Faults {
     pub broadcasts_failing: AtomicBool,
     /// Run creation fails (the rest of the store answers).
     pub create_run_failing: AtomicBool,
+    /// The next this many run creations apply, then answer an error.
+    pub creations_applied_then_failed: AtomicU32,
     /// Calls refused while down.
     pub refused: AtomicU32,
     /// Every call waits while set, as with a process stopped by SIGSTOP mid-call.
@@ -93,7 +95,11 @@ impl Store for FaultyStore {
             self.faults.refused.fetch_add(1, Ordering::SeqCst);
             return Err(BackendError::new("injected: create_run: no answer"));
         }
-        self.faults.track(self.inner.create_run(run, tasks).await)
+        let created = self.faults.track(self.inner.create_run(run, tasks).await)?;
+        if Faults::take(&self.faults.creations_applied_then_failed) {
+            return Err(BackendError::new("injected: create_run applied, then the answer was lost"));
+        }
+        Ok(created)
     }
     async fn run(&self, run_id: &str) -> Result<Option<RunRecord>, BackendError> {
         self.faults.gate().await;

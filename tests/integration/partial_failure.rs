@@ -306,3 +306,27 @@ async fn a_stalled_scheduler_is_fenced_and_its_standby_finishes_every_run() {
     standby_task.await.unwrap().unwrap();
     h.stop().await;
 }
+
+/// A run creation that applied but answered an error: the trigger is delivered again and finds
+/// the run by its key, so no second run is made; the run itself must still start (it was only in
+/// the store, not in the scheduler's queue of runs to start). The sweep finds it.
+#[tokio::test(start_paused = true)]
+async fn a_run_whose_creation_answered_an_error_is_started_by_the_sweep() {
+    let (h, _journal) = one_task(Duration::from_millis(10)).await;
+    h.scheduler_faults.store.creations_applied_then_failed.store(1, Ordering::SeqCst);
+    let trigger = br#"{"v":1,"dag_id":"one","key":"ambiguous"}"#;
+    h.queue.publish(&Topic::Triggers, trigger.to_vec()).await.unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    let run = loop {
+        let runs = h.store.list_runs(&dagmq_core::store::RunFilter { limit: 10, ..Default::default() }).await.unwrap();
+        if let Some(run) = runs.first() {
+            break run.clone();
+        }
+        assert!(tokio::time::Instant::now() < deadline, "no run");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(h.wait_final(&run.run_id).await, RunState::Success, "started within a sweep");
+    let runs = h.store.list_runs(&dagmq_core::store::RunFilter { limit: 10, ..Default::default() }).await.unwrap();
+    assert_eq!(runs.len(), 1, "one run for the key");
+    h.stop().await;
+}

@@ -7,7 +7,7 @@
 //! a redelivered trigger or a restart of the scheduler repeats nothing that already happened.
 
 use std::cmp::Reverse;
-use std::collections::{BTreeSet, BinaryHeap, HashMap, VecDeque};
+use std::collections::{BTreeSet, BinaryHeap, HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -1936,6 +1936,31 @@ impl Engine {
             .await;
             self.put_back(run).await?;
             result?;
+        }
+        self.adopt_unknown_runs().await
+    }
+
+    /// Takes up unfinished runs the store has and this scheduler's view does not: a run whose
+    /// creation applied but answered an error (the trigger's retry finds it by key and does
+    /// not queue it again), or a restarted or cleared run whose loading failed. Queued ones join
+    /// their DAG's queue; running and suspended ones are loaded as on recovery.
+    async fn adopt_unknown_runs(&mut self) -> Result<(), BackendError> {
+        let known: HashSet<String> = self.queued.values().flatten().cloned().collect();
+        for record in self.store.unfinished_runs().await? {
+            if self.active.contains_key(&record.run_id) || known.contains(&record.run_id) {
+                continue;
+            }
+            if self.dag_of(&record).is_none() {
+                continue;
+            }
+            tracing::warn!(run = %record.run_id, state = %record.state, "run missing from the scheduler's view: taking it up");
+            match record.state {
+                RunState::Queued => {
+                    self.dirty.insert(record.dag_id.clone());
+                    self.queued.entry(record.dag_id.clone()).or_default().push_back(record.run_id);
+                }
+                _ => self.activate(record, true).await?,
+            }
         }
         Ok(())
     }
