@@ -80,6 +80,14 @@ enum Executable {
     Command(Vec<String>),
 }
 
+/// A claimed try's task, resolved once at the claim against the DAG version of its run.
+struct Resolved {
+    /// What runs.
+    executable: Executable,
+    /// For a branch task: the direct downstream tasks its output must choose among.
+    branch: Option<Vec<String>>,
+}
+
 /// How long a stopped try may take to wind down before it is aborted.
 const STOP_GRACE: Duration = Duration::from_secs(10);
 
@@ -264,12 +272,12 @@ pub(crate) async fn execute(shared: &Shared, delivery: Delivery) {
             tracing::warn!(run = %message.run_id, task = %message.task_id, "dead-lettering: {reason}");
             settle(delivery.dead_letter(&reason).await)
         }
-        Claim::Run(running, executable, trusted) => {
+        Claim::Run(running, resolved, trusted) => {
             fail_point!("worker::claim::before_ack");
             claimed.store(true, Ordering::SeqCst);
             // The try is ours: it starts while the ack is on its way.
             let (acked, ()) =
-                tokio::join!(delivery.ack(), finish(shared, &trusted, *running, executable, signal, reason));
+                tokio::join!(delivery.ack(), finish(shared, &trusted, *running, resolved, signal, reason));
             lock(&shared.running).remove(&key);
             settle(acked);
         }
@@ -316,7 +324,7 @@ enum Claim {
     /// Nothing to run: settle the delivery so.
     Settle(Settle),
     /// The try is ours (`running` in the store): run it, as the store describes it.
-    Run(Box<TaskInstance>, Executable, Box<TaskToExec>),
+    Run(Box<TaskInstance>, Resolved, Box<TaskToExec>),
 }
 
 /// Claims the try with a compare-and-set `queued` -> `running`; a message whose try is not
@@ -351,8 +359,8 @@ async fn claim(shared: &Shared, message: &TaskToExec) -> Result<Claim, BackendEr
         shared.config.metrics.duplicates.inc(&[]);
         return Ok(Claim::Settle(Settle::Ack));
     }
-    let executable = match resolve(shared, message, run.dag_version.as_deref()) {
-        Ok(executable) => executable,
+    let resolved = match resolve(shared, message, run.dag_version.as_deref()) {
+        Ok(resolved) => resolved,
         Err(reason) => {
             // The run must not hang on a task no worker can run: fail the try, then set the
             // message aside.
@@ -377,7 +385,7 @@ async fn claim(shared: &Shared, message: &TaskToExec) -> Result<Claim, BackendEr
         tracing::info!(run = %message.run_id, task = %message.task_id, "another worker claimed the try first");
         return Ok(Claim::Settle(Settle::Ack));
     }
-    Ok(Claim::Run(Box::new(running), executable, Box::new(message.clone())))
+    Ok(Claim::Run(Box::new(running), resolved, Box::new(message.clone())))
 }
 
 /// A queued try as this worker claims it: `running`, started now, under this worker instance.
@@ -451,11 +459,12 @@ async fn finish(
     shared: &Shared,
     message: &TaskToExec,
     running: TaskInstance,
-    executable: Executable,
+    resolved: Resolved,
     signal: CancelSignal,
     reason: Arc<AtomicU8>,
 ) {
     shared.config.metrics.running.add(&[], 1.0);
+    let Resolved { executable, branch } = resolved;
     let (result, reason) = run_try(shared, message, running.after.clone(), executable, signal, reason).await;
     // An output over the limit fails the try like any failure (and is retried while tries
     // are left); every output, a command's or a Rust task's, is measured here once.
@@ -464,9 +473,15 @@ async fn finish(
         _ => Ok(outcome),
     });
     // A branch task's output must name its direct downstream tasks; anything else fails the try.
-    let result = result.and_then(|outcome| match check_branch(shared, message, outcome.output.as_ref()) {
-        Err(reason) => Err(TaskError::new(reason)),
-        Ok(()) => Ok(outcome),
+    let result = result.and_then(|outcome| match &branch {
+        Some(downstream) => {
+            let choices: Vec<&str> = downstream.iter().map(String::as_str).collect();
+            match dagmq_core::trigger::branch_choice(outcome.output.as_ref(), &choices) {
+                Err(reason) => Err(TaskError::new(reason)),
+                Ok(_) => Ok(outcome),
+            }
+        }
+        None => Ok(outcome),
     });
     shared.config.metrics.running.add(&[], -1.0);
     let outcome = match (&result, reason) {
@@ -568,19 +583,21 @@ async fn record_outcome(
 
 /// Finds what the message asks to run among this worker's DAGs and registered tasks; anything
 /// else is refused, so a message can never make a worker run something unregistered.
-fn resolve(shared: &Shared, message: &TaskToExec, version: Option<&str>) -> Result<Executable, String> {
+fn resolve(shared: &Shared, message: &TaskToExec, version: Option<&str>) -> Result<Resolved, String> {
     let dag = dag_version(shared, &message.dag_id, version)?;
     if let Some(follow_up) = &message.follow_up {
         let task = shared.config.tasks.build(&follow_up.run, &follow_up.args)?;
-        return Ok(Executable::Rust(task, follow_up.args.clone()));
+        return Ok(Resolved { executable: Executable::Rust(task, follow_up.args.clone()), branch: None });
     }
     let Some(spec) = dag.task(&message.task_id) else {
         return Err(format!("dag {:?} has no task {:?}", message.dag_id, message.task_id));
     };
-    Ok(match &spec.kind {
+    let executable = match &spec.kind {
         TaskKind::Command(argv) => Executable::Command(argv.clone()),
         TaskKind::Rust { task, .. } => Executable::Rust(task.clone(), spec.args.clone()),
-    })
+    };
+    let branch = spec.config.branch.then(|| dag.downstream_of(&spec.id).into_iter().map(str::to_string).collect());
+    Ok(Resolved { executable, branch })
 }
 
 /// The definition of `dag_id` a run created with `version` completes with: that version, which
@@ -600,27 +617,6 @@ fn dag_version(shared: &Shared, dag_id: &str, version: Option<&str>) -> Result<A
              version {}); the DAG file changed, and a worker runs only a definition it loaded",
             shared.config.name, dag.version
         )),
-    }
-}
-
-/// Checks a successful try's output when its task is a branch: one or a list of its direct
-/// downstream tasks' ids.
-fn check_branch(shared: &Shared, message: &TaskToExec, output: Option<&serde_json::Value>) -> Result<(), String> {
-    if message.follow_up.is_some() {
-        return Ok(());
-    }
-    let version = shared
-        .runs
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .get(&message.run_id)
-        .and_then(|run| run.dag_version.clone());
-    let Ok(dag) = dag_version(shared, &message.dag_id, version.as_deref()) else { return Ok(()) };
-    match dag.task(&message.task_id) {
-        Some(spec) if spec.config.branch => {
-            dagmq_core::trigger::branch_choice(output, &dag.downstream_of(&spec.id)).map(drop)
-        }
-        _ => Ok(()),
     }
 }
 
