@@ -303,6 +303,24 @@ mod tests {
     use super::*;
     use dagmq_core::{RunKind, RunState, TaskSpec};
 
+    /// A running run `r` of dag `d`.
+    fn running_record() -> RunRecord {
+        let at = chrono::DateTime::from_timestamp(0, 0).unwrap();
+        RunRecord {
+            run_id: "r".into(),
+            dag_id: "d".into(),
+            state: RunState::Running,
+            kind: RunKind::Manual,
+            logical_date: at,
+            params: Default::default(),
+            key: None,
+            created_at: at,
+            started_at: None,
+            ended_at: None,
+            dag_version: None,
+        }
+    }
+
     fn decoded(task: &TaskInstance) -> TaskInstance {
         serde_json::from_str(&serde_json::to_string(task).unwrap()).unwrap()
     }
@@ -317,20 +335,7 @@ mod tests {
             .unwrap();
         let dag = Arc::new(dag);
         let spec_after = dag.task("c").unwrap().after.clone();
-        let at = chrono::DateTime::from_timestamp(0, 0).unwrap();
-        let record = RunRecord {
-            run_id: "r".into(),
-            dag_id: "d".into(),
-            state: RunState::Running,
-            kind: RunKind::Manual,
-            logical_date: at,
-            params: Default::default(),
-            key: None,
-            created_at: at,
-            started_at: None,
-            ended_at: None,
-            dag_version: None,
-        };
+        let record = running_record();
         // As read from a store: every list a copy of its own.
         let tasks: Vec<TaskInstance> = dag
             .tasks()
@@ -366,20 +371,7 @@ mod tests {
                 .build()
                 .unwrap(),
         );
-        let at = chrono::DateTime::from_timestamp(0, 0).unwrap();
-        let record = RunRecord {
-            run_id: "r".into(),
-            dag_id: "d".into(),
-            state: RunState::Running,
-            kind: RunKind::Manual,
-            logical_date: at,
-            params: Default::default(),
-            key: None,
-            created_at: at,
-            started_at: None,
-            ended_at: None,
-            dag_version: None,
-        };
+        let record = running_record();
         let task = |id: &str, state: TaskState| {
             let mut t = TaskInstance::pending(id, Vec::<String>::new(), "default", 0);
             t.state = state;

@@ -1313,18 +1313,9 @@ impl Engine {
             }
         }
         // Descendants: all of them with `downstream`, else those that never ran.
-        let mut changed = true;
-        while changed {
-            changed = false;
-            for (i, task) in tasks.iter().enumerate() {
-                let follows = downstream || matches!(task.state, TaskState::Skipped | TaskState::UpstreamFailed);
-                if !clear[i] && follows && task.after.iter().any(|up| index.get(up.as_str()).is_some_and(|&u| clear[u]))
-                {
-                    clear[i] = true;
-                    changed = true;
-                }
-            }
-        }
+        mark_descendants(&tasks, &mut clear, |task| {
+            downstream || matches!(task.state, TaskState::Skipped | TaskState::UpstreamFailed)
+        });
         if let Some(busy) =
             tasks.iter().zip(&clear).find(|(t, c)| **c && matches!(t.state, TaskState::Queued | TaskState::Running))
         {
@@ -1335,18 +1326,9 @@ impl Engine {
         }
         let mut changes = Vec::new();
         for (task, _) in tasks.iter().zip(&clear).filter(|(_, c)| **c) {
-            let Ok(state) = task_transition(task.state, TaskEvent::Clear) else { continue };
-            let mut new = task.clone();
-            new.close_try(task.state.as_str(), self.now_cache);
-            new.state = state;
-            new.max_try = task.try_number + task.retries + 1;
-            new.error = None;
-            new.ended_at = None;
-            new.retry_at = None;
-            new.worker = None;
-            new.progress = None;
-            new.output = None;
-            changes.push(TaskChange { expected_state: task.state, expected_try: task.try_number, task: new });
+            if task_transition(task.state, TaskEvent::Clear).is_ok() {
+                changes.push(fresh_budget(task, self.now_cache));
+            }
         }
         // In the DAG's order (the store's listing has none of its own), follow-ups after.
         if let Some(dag) = self.dag_of(&record) {
@@ -1409,20 +1391,10 @@ impl Engine {
             return Err(CommandError::Conflict(format!("run {run_id:?}: every task succeeded; nothing to restart")));
         }
         let mut changes = Vec::new();
-        for (task, reset) in tasks.into_iter().zip(reset) {
-            if !reset {
-                continue;
+        for (task, reset) in tasks.iter().zip(reset) {
+            if reset {
+                changes.push(fresh_budget(task, self.now_cache));
             }
-            let mut new = task.clone();
-            new.close_try(task.state.as_str(), self.now_cache);
-            new.state = TaskState::Pending;
-            new.max_try = task.try_number + task.retries + 1;
-            new.error = None;
-            new.ended_at = None;
-            new.retry_at = None;
-            new.worker = None;
-            new.progress = None;
-            changes.push(TaskChange { expected_state: task.state, expected_try: task.try_number, task: new });
         }
         let mut restarted = record.clone();
         restarted.state = RunState::Running;
@@ -2056,22 +2028,43 @@ fn tasks_to_reset(tasks: &[TaskInstance]) -> Vec<bool> {
         .iter()
         .map(|t| t.state != TaskState::Skipped && task_transition(t.state, TaskEvent::Reset).is_ok())
         .collect();
+    mark_descendants(tasks, &mut reset, |task| task.state == TaskState::Skipped);
+    reset
+}
+
+/// Marks, transitively, every task that `follows` allows and that has a marked upstream.
+/// Tasks come in no guaranteed order (follow-ups are appended): repeats until nothing changes.
+fn mark_descendants(tasks: &[TaskInstance], marked: &mut [bool], follows: impl Fn(&TaskInstance) -> bool) {
     let index: HashMap<&str, usize> = tasks.iter().enumerate().map(|(i, t)| (t.task_id.as_str(), i)).collect();
-    // Tasks come in no guaranteed order (follow-ups are appended): repeat until nothing changes.
     let mut changed = true;
     while changed {
         changed = false;
         for (i, task) in tasks.iter().enumerate() {
-            if !reset[i]
-                && task.state == TaskState::Skipped
-                && task.after.iter().any(|up| index.get(up.as_str()).is_some_and(|&u| reset[u]))
+            if !marked[i]
+                && follows(task)
+                && task.after.iter().any(|up| index.get(up.as_str()).is_some_and(|&u| marked[u]))
             {
-                reset[i] = true;
+                marked[i] = true;
                 changed = true;
             }
         }
     }
-    reset
+}
+
+/// The change that sets a task back to `pending` with a fresh retry budget (a restart or a
+/// clear): its current try is filed in its history, and what the try left is cleared.
+fn fresh_budget(task: &TaskInstance, now: DateTime<Utc>) -> TaskChange {
+    let mut new = task.clone();
+    new.close_try(task.state.as_str(), now);
+    new.state = TaskState::Pending;
+    new.max_try = task.try_number + task.retries + 1;
+    new.error = None;
+    new.ended_at = None;
+    new.retry_at = None;
+    new.worker = None;
+    new.progress = None;
+    new.output = None;
+    TaskChange { expected_state: task.state, expected_try: task.try_number, task: new }
 }
 
 fn task_config(run: &ActiveRun, i: usize) -> TaskConfig {
