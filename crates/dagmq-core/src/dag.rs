@@ -692,7 +692,8 @@ struct LiveState {
     current: Arc<DagRegistry>,
     refused: Arc<Vec<(String, String)>>,
     default_params: Arc<HashMap<String, crate::task::Params>>,
-    versions: HashMap<(String, String), Arc<Dag>>,
+    /// Every version loaded, by DAG id and version (looked up by `&str` on a worker's hot path).
+    versions: HashMap<String, HashMap<String, Arc<Dag>>>,
     generation: u64,
 }
 
@@ -734,13 +735,13 @@ impl LiveDags {
 
     /// The definition of `dag_id` at `version`, if this process has loaded it at some point.
     pub fn version(&self, dag_id: &str, version: &str) -> Option<Arc<Dag>> {
-        self.read().versions.get(&(dag_id.to_string(), version.to_string())).cloned()
+        self.read().versions.get(dag_id).and_then(|versions| versions.get(version)).cloned()
     }
 
     /// The versions of `dag_id` this process has loaded.
     pub fn versions_of(&self, dag_id: &str) -> Vec<String> {
         let mut versions: Vec<String> =
-            self.read().versions.keys().filter(|(id, _)| id == dag_id).map(|(_, v)| v.clone()).collect();
+            self.read().versions.get(dag_id).map(|v| v.keys().cloned().collect()).unwrap_or_default();
         versions.sort();
         versions
     }
@@ -754,7 +755,7 @@ impl LiveDags {
     ) {
         let mut state = self.state.write().unwrap_or_else(|poisoned| poisoned.into_inner());
         for dag in dags.iter() {
-            state.versions.entry((dag.id.clone(), dag.version.clone())).or_insert_with(|| dag.clone());
+            state.versions.entry(dag.id.clone()).or_default().entry(dag.version.clone()).or_insert_with(|| dag.clone());
         }
         state.current = Arc::new(dags);
         state.refused = Arc::new(refused);
