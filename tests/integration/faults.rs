@@ -10,7 +10,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use dagmq_core::records::DagRecord;
-use dagmq_core::store::{CreateRun, RunFilter, TaskChange};
+use dagmq_core::store::{CreateRun, EagerClaim, FinishedTry, RunFilter, TaskChange};
 use dagmq_core::{
     BackendError, Consumer, Queue, RunRecord, RunState, Store, TaskInstance, TaskState, Topic, WorkerInfo,
 };
@@ -38,6 +38,8 @@ pub struct Faults {
     pub fenced: AtomicU32,
     /// Reads of whole runs' tasks (`unfinished_runs`, `tasks`, `tasks_by_id`, `task`).
     pub task_reads: AtomicU32,
+    /// Publishes of status updates fail while set.
+    pub status_publishes_failing: AtomicBool,
 }
 
 impl Faults {
@@ -164,6 +166,16 @@ impl Store for FaultyStore {
         }
         Ok(applied)
     }
+    async fn finish_try(
+        &self,
+        run_id: &str,
+        done: &TaskInstance,
+        candidates: &[EagerClaim],
+    ) -> Result<FinishedTry, BackendError> {
+        self.faults.gate().await;
+        self.faults.check("finish_try")?;
+        self.inner.finish_try(run_id, done, candidates).await
+    }
     async fn tasks_by_id(&self, run_id: &str, task_ids: &[&str]) -> Result<Vec<Option<TaskInstance>>, BackendError> {
         self.faults.gate().await;
         self.faults.check("tasks_by_id")?;
@@ -271,6 +283,9 @@ impl Queue for FaultyQueue {
         self.faults.check("publish")?;
         if matches!(topic, Topic::Tasks(_)) && Faults::take(&self.faults.task_publishes_failing) {
             return Err(BackendError::new("injected: publish to a task pool failed"));
+        }
+        if *topic == Topic::Status && self.faults.status_publishes_failing.load(Ordering::SeqCst) {
+            return Err(BackendError::new("injected: publish of a status update failed"));
         }
         self.inner.publish(topic, payload).await
     }

@@ -5,6 +5,7 @@
 
 mod api;
 mod control_flow;
+mod eager;
 mod faults;
 mod operations;
 mod outputs;

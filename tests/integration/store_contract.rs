@@ -5,7 +5,9 @@ use std::sync::Arc;
 use chrono::{DateTime, Duration, Utc};
 use dagmq_core::memory::MemoryStore;
 use dagmq_core::records::{DagRecord, RunningTry};
-use dagmq_core::store::{CreateRun, LOG_CUT_MARKER, MAX_LOG_LINES_PER_TRY, RunFilter, TaskChange};
+use dagmq_core::store::{
+    CreateRun, EagerClaim, FinishedTry, LOG_CUT_MARKER, MAX_LOG_LINES_PER_TRY, RunFilter, TaskChange,
+};
 use dagmq_core::{FollowUp, RunKind, RunRecord, RunState, Store, TaskInstance, TaskState, WorkerInfo};
 
 use crate::services::redis_store;
@@ -193,7 +195,90 @@ async fn contract(store: Arc<dyn Store>) {
     assert!(store.acquire_lease("a", at(1), ttl).await.unwrap(), "an expired lease is free");
     store.release_lease("a").await.unwrap();
     store.ping().await.unwrap();
-    batches(store).await;
+    batches(store.clone()).await;
+    eager_claims(store).await;
+}
+
+/// Eager dispatch: an outcome and the claim of a downstream task it made ready, in one step.
+async fn eager_claims(store: Arc<dyn Store>) {
+    let after = |ids: &[&str]| ids.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+    let mut b = TaskInstance::pending("b", after(&["a"]), "default", 2);
+    // An instance with a try history and an output left from a cleared try: what the worker
+    // read must compare equal to what the store holds, field for field.
+    b.tries = vec![dagmq_core::records::TryRecord {
+        try_number: 1,
+        outcome: "success".into(),
+        queued_at: Some(at(1)),
+        started_at: Some(at(2)),
+        ended_at: Some(at(3)),
+        worker: Some("w".into()),
+    }];
+    b.try_number = 1;
+    b.max_try = 4;
+    b.output = Some(serde_json::json!({"z": 0.1, "a": [1.5e300, -0.0, "x"], "m": {}}));
+    let tasks = vec![
+        with(&TaskInstance::pending("a", vec![], "default", 0), TaskState::Running, 1),
+        with(&TaskInstance::pending("x", vec![], "default", 0), TaskState::Running, 1),
+        b,
+        TaskInstance::pending("c", after(&["a", "x"]), "default", 0),
+        TaskInstance::pending("d", after(&["a"]), "default", 0),
+    ];
+    let mut record = run("eager", "etl", 20, None);
+    record.state = RunState::Running;
+    assert_eq!(store.create_run(&record, &tasks).await.unwrap(), CreateRun::Created);
+    let read = |id: &'static str| {
+        let store = store.clone();
+        async move { store.task("eager", id).await.unwrap().unwrap() }
+    };
+    let claim_of = |expected: TaskInstance, worker: &str| {
+        let mut claimed = expected.next_try(at(30));
+        claimed.state = TaskState::Running;
+        claimed.worker = Some(worker.to_string());
+        EagerClaim { expected, claimed, then: vec!["c".to_string(), "nope".to_string()] }
+    };
+    let (a, b, c, d) = (read("a").await, read("b").await, read("c").await, read("d").await);
+    let done = |task: &TaskInstance, state: TaskState| TaskInstance { state, ended_at: Some(at(29)), ..task.clone() };
+
+    // The outcome of another try applies to nothing and claims nothing.
+    let stale = TaskInstance { try_number: 7, ..done(&a, TaskState::Success) };
+    let candidates = [claim_of(c.clone(), "w1"), claim_of(b.clone(), "w1")];
+    let finished = store.finish_try("eager", &stale, &candidates).await.unwrap();
+    assert_eq!(finished, FinishedTry::default());
+    assert_eq!(read("b").await, b);
+
+    // `c` also waits for `x`, still running: the first ready candidate, `b`, is claimed.
+    let finished = store.finish_try("eager", &done(&a, TaskState::Success), &candidates).await.unwrap();
+    assert_eq!(finished, FinishedTry { applied: true, claimed: Some(1), then: vec![Some(c.clone()), None] });
+    assert_eq!(read("a").await.state, TaskState::Success);
+    assert_eq!(read("b").await, candidates[1].claimed, "b is the claimed try, try 2 with its history");
+    assert_eq!(read("c").await, c, "c is untouched");
+
+    // A candidate changed since it was read is not claimed; a failure claims nothing; a
+    // suspended run claims nothing.
+    let x = read("x").await;
+    let moved = TaskInstance { retries: 5, ..d.clone() };
+    assert!(store.transition_task("eager", TaskState::Pending, 0, &moved).await.unwrap());
+    let finished = store.finish_try("eager", &done(&x, TaskState::Success), &[claim_of(d.clone(), "w2")]).await;
+    assert_eq!(finished.unwrap(), FinishedTry { applied: true, ..FinishedTry::default() });
+    assert_eq!(read("d").await, moved);
+    let mut suspended = store.run("eager").await.unwrap().unwrap();
+    suspended.state = RunState::Suspended;
+    assert!(store.transition_run(RunState::Running, &suspended).await.unwrap());
+    let b_running = read("b").await;
+    let b_done = done(&b_running, TaskState::Success);
+    let finished = store.finish_try("eager", &b_done, &[claim_of(moved.clone(), "w2")]).await.unwrap();
+    assert_eq!(finished, FinishedTry { applied: true, ..FinishedTry::default() });
+    assert_eq!(read("d").await, moved, "nothing is claimed in a suspended run");
+    // Back to running, a failure claims nothing.
+    suspended.state = RunState::Running;
+    assert!(store.transition_run(RunState::Suspended, &suspended).await.unwrap());
+    let y = TaskInstance::pending("y", vec![], "default", 0);
+    let z = TaskInstance::pending("z", after(&["y"]), "default", 0);
+    store.add_tasks("eager", &[with(&y, TaskState::Running, 1), z.clone()], &[]).await.unwrap();
+    let (y, z) = (read("y").await, read("z").await);
+    let finished = store.finish_try("eager", &done(&y, TaskState::Failed), &[claim_of(z.clone(), "w3")]).await;
+    assert_eq!(finished.unwrap(), FinishedTry { applied: true, ..FinishedTry::default() });
+    assert_eq!(read("z").await, z, "a failure claims nothing");
 }
 
 /// Batched reads and compare-and-sets answer as one call each would, in order.

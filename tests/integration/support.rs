@@ -59,6 +59,10 @@ pub struct Harness {
     pub pools: dagmq_core::Pools,
     /// The live DAG set the scheduler and worker share, when a test reloads DAGs.
     pub live: Option<Arc<dagmq_core::LiveDags>>,
+    /// Whether workers started from now on claim downstream tasks eagerly (the default).
+    pub eager: bool,
+    /// The metrics of the worker started last.
+    pub worker_metrics: Arc<dagmq_worker::WorkerMetrics>,
     scheduler_stop: CancelHandle,
     scheduler_task: tokio::task::JoinHandle<Result<(), dagmq_core::BackendError>>,
     worker_stop: Option<CancelHandle>,
@@ -107,6 +111,8 @@ impl Harness {
             worker_faults: ProcessFaults::default(),
             pools,
             live,
+            eager: true,
+            worker_metrics: Arc::default(),
             queue,
             store,
             clock,
@@ -128,6 +134,8 @@ impl Harness {
         config.tasks = self.tasks.clone();
         config.concurrency = 64;
         config.live = self.live.clone();
+        config.eager = self.eager;
+        self.worker_metrics = config.metrics.clone();
         let (stop, signal) = CancelSignal::new();
         let (queue, store) = self.worker_faults.wrap(&self.queue, &self.store);
         self.worker_task = Some(tokio::spawn(dagmq_worker::run(config, queue, store, signal)));

@@ -50,6 +50,8 @@ pub struct Dag {
     tasks: Vec<TaskSpec>,
     /// Task id to index in `tasks`.
     index: HashMap<String, usize>,
+    /// For each task (by index), the indices of the tasks that wait for it, in topological order.
+    downstream: Vec<Vec<usize>>,
 }
 
 /// One task of a DAG: what it runs, what it waits for, how it is retried.
@@ -209,7 +211,8 @@ impl Dag {
 
     /// Ids of the tasks that name `id` among their upstreams (its direct downstream tasks).
     pub fn downstream_of(&self, id: &str) -> Vec<&str> {
-        self.tasks.iter().filter(|t| t.after.iter().any(|a| a == id)).map(|t| t.id.as_str()).collect()
+        let Some(&i) = self.index.get(id) else { return Vec::new() };
+        self.downstream[i].iter().map(|&d| self.tasks[d].id.as_str()).collect()
     }
 
     /// The task with this id.
@@ -374,6 +377,7 @@ impl DagBuilder {
                 version: "rust".to_string(),
                 tasks: Vec::new(),
                 index: HashMap::new(),
+                downstream: Vec::new(),
             },
             schedule: None,
             timezone: "UTC".to_string(),
@@ -505,6 +509,14 @@ impl DagBuilder {
         let mut slots: Vec<Option<TaskSpec>> = dag.tasks.drain(..).map(Some).collect();
         dag.tasks = order.into_iter().filter_map(|i| slots[i].take()).collect();
         dag.index = dag.tasks.iter().enumerate().map(|(i, t)| (t.id.clone(), i)).collect();
+        dag.downstream = vec![Vec::new(); dag.tasks.len()];
+        for (i, task) in dag.tasks.iter().enumerate() {
+            for up in task.after.iter() {
+                if let Some(&u) = dag.index.get(up) {
+                    dag.downstream[u].push(i);
+                }
+            }
+        }
         check_output_references(&dag)?;
         for task in dag.tasks.iter().filter(|t| t.config.branch) {
             if dag.downstream_of(&task.id).is_empty() {

@@ -62,6 +62,55 @@ pub struct StatusUpdate {
     pub error: Option<String>,
 }
 
+/// Several status updates in one message, worker to scheduler on `dagmq.status`: a worker
+/// sends the outcomes that finished while its previous status message was being confirmed
+/// together. Each update is a whole [`StatusUpdate`]; a message with one update is sent as that
+/// update alone.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StatusBatch {
+    /// Schema version.
+    pub v: u32,
+    /// The updates, oldest first.
+    pub updates: Vec<StatusUpdate>,
+}
+
+/// Decodes a message of `dagmq.status`, one update or a [`StatusBatch`], with the checks of
+/// [`decode`]; an update inside a batch with another `v` is refused as the whole message is.
+pub fn decode_status(payload: &[u8]) -> Result<Vec<StatusUpdate>, DecodeError> {
+    #[derive(Deserialize)]
+    struct Shape {
+        updates: Option<serde::de::IgnoredAny>,
+    }
+    let batch = decode::<Shape>(payload)?.updates.is_some();
+    if !batch {
+        return decode::<StatusUpdate>(payload).map(|update| vec![update]);
+    }
+    let batch: StatusBatch = serde_json::from_slice(payload).map_err(|e| DecodeError::Malformed(e.to_string()))?;
+    if let Some(other) = batch.updates.iter().find(|u| u.v != VERSION) {
+        return Err(DecodeError::Version(u64::from(other.v)));
+    }
+    Ok(batch.updates)
+}
+
+/// Encodes status updates, each encoded already, as one message: the update alone when there is
+/// one, a [`StatusBatch`] otherwise.
+pub fn encode_status(encoded: &[Vec<u8>]) -> Vec<u8> {
+    if let [one] = encoded {
+        return one.clone();
+    }
+    let mut payload = Vec::with_capacity(encoded.iter().map(|e| e.len() + 1).sum::<usize>() + 24);
+    payload.extend_from_slice(format!("{{\"v\":{VERSION},\"updates\":[").as_bytes());
+    for (n, update) in encoded.iter().enumerate() {
+        if n > 0 {
+            payload.push(b',');
+        }
+        payload.extend_from_slice(update);
+    }
+    payload.extend_from_slice(b"]}");
+    payload
+}
+
 /// "Start a run of this DAG": anyone to the scheduler, on `dagmq.triggers`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -181,6 +230,46 @@ mod tests {
         );
         let big = vec![b' '; MAX_MESSAGE_BYTES + 1];
         check(&big, Err("payload of 1048577 bytes exceeds the limit of 1048576 bytes"));
+    }
+
+    fn update(task_id: &str) -> StatusUpdate {
+        StatusUpdate {
+            v: VERSION,
+            run_id: "r".into(),
+            task_id: task_id.into(),
+            try_number: 1,
+            state: TaskState::Success,
+            worker: Some("w".into()),
+            error: None,
+        }
+    }
+
+    #[test]
+    fn status_messages_carry_one_update_or_a_batch() {
+        let (a, b) = (update("a"), update("b"));
+        let one = encode_status(&[encode(&a)]);
+        assert_eq!(one, encode(&a), "one update goes alone, as before batches existed");
+        assert_eq!(decode_status(&one), Ok(vec![a.clone()]));
+        let both = encode_status(&[encode(&a), encode(&b)]);
+        assert_eq!(decode_status(&both), Ok(vec![a.clone(), b.clone()]));
+        assert_eq!(decode::<StatusBatch>(&both), Ok(StatusBatch { v: VERSION, updates: vec![a, b] }));
+        // Bad batches are refused whole, with the first failing check.
+        assert_eq!(decode_status(br#"{"v":2,"updates":[]}"#), Err(DecodeError::Version(2)));
+        assert_eq!(
+            decode_status(
+                br#"{"v":1,"updates":[{"v":3,"run_id":"r","task_id":"a","try_number":1,"state":"success"}]}"#
+            ),
+            Err(DecodeError::Version(3))
+        );
+        assert!(matches!(
+            decode_status(br#"{"v":1,"updates":[{"v":1,"run_id":"r"}]}"#),
+            Err(DecodeError::Malformed(m)) if m.contains("missing field `task_id`")
+        ));
+        assert!(matches!(
+            decode_status(br#"{"v":1,"updates":{}}"#),
+            Err(DecodeError::Malformed(m)) if m.contains("expected a sequence")
+        ));
+        assert!(matches!(decode_status(br#"{"v":1,"task_id":"a"}"#), Err(DecodeError::Malformed(_))));
     }
 
     #[test]

@@ -175,6 +175,29 @@ impl TaskInstance {
         });
     }
 
+    /// The next try of this task, `queued` at `now`: the current try is filed in the history and
+    /// what it left is cleared. A try that a suspension stopped does not count against the
+    /// retries. The scheduler queues tasks so, and a worker that claims a downstream task as
+    /// it records its upstream's success (eager dispatch) makes the same try of it.
+    pub fn next_try(&self, now: DateTime<Utc>) -> TaskInstance {
+        let mut new = self.clone();
+        new.close_try(self.state.as_str(), now);
+        new.state = TaskState::Queued;
+        new.try_number += 1;
+        if self.state == TaskState::Suspended {
+            new.max_try += 1;
+        }
+        new.queued_at = Some(now);
+        new.started_at = None;
+        new.ended_at = None;
+        new.retry_at = None;
+        new.worker = None;
+        new.error = None;
+        new.progress = None;
+        new.follow_ups.clear();
+        new
+    }
+
     /// A task that has not run yet, with a budget of `retries` tries after the first.
     pub fn pending(
         task_id: impl Into<String>,

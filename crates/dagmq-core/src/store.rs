@@ -96,6 +96,32 @@ pub struct TaskChange {
     pub task: TaskInstance,
 }
 
+/// A downstream task that a worker may claim in the same atomic step that records its
+/// upstream's success (eager dispatch), so it runs next in the worker's own slot without a
+/// round through the scheduler and the broker.
+#[derive(Debug, Clone, PartialEq)]
+pub struct EagerClaim {
+    /// The task as the worker read it, `pending`: the claim applies only while the store still
+    /// has exactly this instance (no other try, no restart or rewiring meanwhile).
+    pub expected: TaskInstance,
+    /// The try it becomes: [`TaskInstance::next_try`] of `expected`, `running` under the worker.
+    pub claimed: TaskInstance,
+    /// Ids of the tasks that this one may claim in turn when it succeeds: read in the same step
+    /// when it is claimed, so a chain of eager claims costs one round trip a task.
+    pub then: Vec<String>,
+}
+
+/// What [`Store::finish_try`] did.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct FinishedTry {
+    /// Whether the outcome applied (the try was still `running` at its number).
+    pub applied: bool,
+    /// The index, among the candidates, of the downstream task claimed, if any.
+    pub claimed: Option<usize>,
+    /// For a claim: the tasks its `then` names, as stored (`None` for an unknown id).
+    pub then: Vec<Option<TaskInstance>>,
+}
+
 /// Durable state of the system. Every task transition is a compare-and-set on
 /// (run, task, state, try): a store applies it only if both still match.
 #[async_trait]
@@ -173,6 +199,24 @@ pub trait Store: Send + Sync + 'static {
             applied.push(self.transition_task(run_id, change.expected_state, change.expected_try, &change.task).await?);
         }
         Ok(applied)
+    }
+
+    /// Records a finished try: `done` replaces the stored instance if that is still `running` at
+    /// `done.try_number`. Then, only if it applied, `done` is a success and the run is
+    /// `running`, claims the first of `candidates` whose stored instance is still exactly its
+    /// `expected` one and whose upstream tasks (its `after`) are all `success`: that task
+    /// becomes its `claimed` try, and the tasks its `then` names are read. All in one atomic step, so no cancel, suspension, restart or
+    /// other claim can come between the check and the claim. A store that cannot do this
+    /// atomically records the outcome and claims nothing.
+    async fn finish_try(
+        &self,
+        run_id: &str,
+        done: &TaskInstance,
+        candidates: &[EagerClaim],
+    ) -> Result<FinishedTry, BackendError> {
+        let _ = candidates;
+        let applied = self.transition_task(run_id, TaskState::Running, done.try_number, done).await?;
+        Ok(FinishedTry { applied, ..FinishedTry::default() })
     }
 
     /// Adds follow-up tasks to a run and gives existing tasks new upstream lists, atomically.

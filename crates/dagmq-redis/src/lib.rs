@@ -20,7 +20,9 @@ use std::time::Duration;
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use dagmq_core::records::DagRecord;
-use dagmq_core::store::{CreateRun, Fence, LOG_CUT_MARKER, MAX_LOG_LINES_PER_TRY, RunFilter, Store, TaskChange};
+use dagmq_core::store::{
+    CreateRun, EagerClaim, Fence, FinishedTry, LOG_CUT_MARKER, MAX_LOG_LINES_PER_TRY, RunFilter, Store, TaskChange,
+};
 use dagmq_core::{BackendError, RunRecord, RunState, TaskInstance, TaskState, TlsSettings, WorkerInfo};
 use deadpool_redis::redis::{self, AsyncCommands, Script};
 use deadpool_redis::{Config, Pool, Runtime};
@@ -48,6 +50,7 @@ pub struct RedisStore {
 /// The Lua scripts.
 struct Scripts {
     transition_task: Script,
+    finish_try: Script,
     transition_tasks: Script,
     transition_run: Script,
     create_run: Script,
@@ -139,6 +142,7 @@ impl RedisStore {
             fence: None,
             scripts: Arc::new(Scripts {
                 transition_task: Script::new(scripts::TRANSITION_TASK),
+                finish_try: Script::new(scripts::FINISH_TRY),
                 transition_tasks: Script::new(scripts::TRANSITION_TASKS),
                 transition_run: Script::new(scripts::TRANSITION_RUN),
                 create_run: Script::new(scripts::CREATE_RUN),
@@ -493,6 +497,39 @@ impl Store for RedisStore {
             .await
             .map_err(|e| self.write_error("task transition", e))?;
         Ok(applied == 1)
+    }
+
+    async fn finish_try(
+        &self,
+        run_id: &str,
+        done: &TaskInstance,
+        candidates: &[EagerClaim],
+    ) -> Result<FinishedTry, BackendError> {
+        let mut conn = self.conn().await?;
+        let mut invocation = self.scripts.finish_try.key(self.tasks_key(run_id));
+        invocation.key(self.meta_key(run_id)).arg(&done.task_id).arg(done.try_number).arg(encode(done)?);
+        for candidate in candidates {
+            invocation
+                .arg(&candidate.expected.task_id)
+                .arg(encode(&candidate.expected)?)
+                .arg(encode(&candidate.claimed)?)
+                .arg(candidate.expected.after.len());
+            for upstream in candidate.expected.after.iter() {
+                invocation.arg(upstream);
+            }
+            invocation.arg(candidate.then.len());
+            for id in &candidate.then {
+                invocation.arg(id);
+            }
+        }
+        let answer: Vec<Option<String>> =
+            invocation.invoke_async(&mut conn).await.map_err(|e| self.write_error("finishing a try", e))?;
+        let code: usize = answer.first().cloned().flatten().and_then(|c| c.parse().ok()).unwrap_or(0);
+        let mut then = Vec::with_capacity(answer.len().saturating_sub(1));
+        for json in answer.into_iter().skip(1) {
+            then.push(json.as_deref().map(decode::<TaskInstance>).transpose()?);
+        }
+        Ok(FinishedTry { applied: code >= 1, claimed: code.checked_sub(2), then })
     }
 
     async fn tasks_by_id(&self, run_id: &str, task_ids: &[&str]) -> Result<Vec<Option<TaskInstance>>, BackendError> {

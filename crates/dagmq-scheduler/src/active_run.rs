@@ -39,6 +39,11 @@ pub(crate) struct ActiveRun {
     /// The claims this view added to `usage`, by task: given back exactly as taken, whatever
     /// the tasks say by then (a sweep puts fresh tasks in place before it rebuilds).
     held: HashMap<String, Claim>,
+    /// Changes found when a compare-and-set to queue a task was refused because the task had
+    /// moved on (a worker claimed it as its upstream succeeded, and it may have finished since),
+    /// kept to be acted on as a status update would be before the run goes back into the active
+    /// set: the view never takes in an outcome without acting on it.
+    pub(crate) deferred: Vec<(usize, TaskInstance)>,
 }
 
 impl Drop for ActiveRun {
@@ -102,6 +107,7 @@ impl ActiveRun {
             counted,
             usage,
             held: HashMap::new(),
+            deferred: Vec::new(),
         };
         for i in 0..run.tasks.len() {
             run.hold_limits(i);
@@ -134,8 +140,9 @@ impl ActiveRun {
         // it is dropped below.
         let tasks = std::mem::take(&mut self.tasks);
         // The new view counts every task; dropping the old one takes back what it counted.
-        let rebuilt =
+        let mut rebuilt =
             ActiveRun::new(self.record.clone(), self.dag.clone(), tasks, self.view.clone(), self.usage.clone());
+        rebuilt.deferred = std::mem::take(&mut self.deferred);
         *self = rebuilt;
     }
 

@@ -546,42 +546,56 @@ impl Engine {
         for incoming in batch {
             match incoming {
                 Incoming::Status(delivery) => {
-                    let update = messages::decode::<StatusUpdate>(&delivery.payload);
-                    decoded.push((delivery, Some(update)));
+                    let updates = messages::decode_status(&delivery.payload);
+                    decoded.push((delivery, Some(updates)));
                 }
                 Incoming::Trigger(delivery) => decoded.push((delivery, None)),
             }
         }
         let mut wanted: HashMap<String, Vec<String>> = HashMap::new();
-        for (_, update) in &decoded {
-            if let Some(Ok(update)) = update
-                && self.active.contains_key(&update.run_id)
-            {
-                wanted.entry(update.run_id.clone()).or_default().push(update.task_id.clone());
+        for (_, updates) in &decoded {
+            for update in updates.iter().flat_map(|u| u.iter().flatten()) {
+                if self.active.contains_key(&update.run_id) {
+                    wanted.entry(update.run_id.clone()).or_default().push(update.task_id.clone());
+                }
             }
         }
         let mut fresh = self.prefetch(wanted).await;
-        for (delivery, update) in decoded {
-            let prefetched = match &update {
-                Some(Ok(update)) => fresh.remove(&(update.run_id.clone(), update.task_id.clone())),
-                _ => None,
-            };
-            let (payload, message_id) = (&delivery.payload, delivery.message_id.as_deref());
-            let mut settle = self.on_delivery(payload, message_id, &update, prefetched).await;
-            // A store that does not answer must not turn a valid message into a dead letter
-            // (a requeue counts against the broker's delivery limit): keep the delivery and try
-            // again with backoff until the store answers or the scheduler stops.
-            let mut delay = Duration::from_millis(100);
-            while matches!(settle, Settle::Requeue) && !self.shutdown.is_cancelled() && !self.deposed.is_cancelled() {
-                tokio::select! {
-                    _ = self.shutdown.cancelled() => break,
-                    _ = self.deposed.cancelled() => break,
-                    _ = tokio::time::sleep(delay) => {}
+        for (delivery, updates) in decoded {
+            let settle = match updates {
+                None => {
+                    let mut settle = self.on_trigger_message(&delivery.payload, delivery.message_id.as_deref()).await;
+                    let mut delay = Duration::from_millis(100);
+                    while self.keep_trying(&settle, &mut delay).await {
+                        settle = self.on_trigger_message(&delivery.payload, delivery.message_id.as_deref()).await;
+                    }
+                    settle
                 }
-                delay = (delay * 2).min(Duration::from_secs(5));
-                self.now_cache = self.config.clock.now();
-                settle = self.on_delivery(payload, message_id, &update, None).await;
-            }
+                Some(Err(err)) => Settle::DeadLetter(format!("status: {err}")),
+                Some(Ok(updates)) => {
+                    // Every update of a message is acted on; a bad one sets the whole message
+                    // aside once the others' effects are durable (they are wake-ups: acting on
+                    // them again does nothing).
+                    let mut outcome = Settle::Ack;
+                    for update in updates {
+                        let prefetched = fresh.remove(&(update.run_id.clone(), update.task_id.clone()));
+                        let mut settle = self.on_status_message(update.clone(), prefetched).await;
+                        let mut delay = Duration::from_millis(100);
+                        while self.keep_trying(&settle, &mut delay).await {
+                            settle = self.on_status_message(update.clone(), None).await;
+                        }
+                        match settle {
+                            Settle::Ack => {}
+                            Settle::DeadLetter(reason) if matches!(outcome, Settle::Ack) => {
+                                outcome = Settle::DeadLetter(reason)
+                            }
+                            Settle::DeadLetter(_) => {}
+                            Settle::Requeue => outcome = Settle::Requeue,
+                        }
+                    }
+                    outcome
+                }
+            };
             settled.push((delivery, settle));
         }
         // Effects must be durable before the messages that caused them are acknowledged.
@@ -618,20 +632,22 @@ impl Engine {
         }
     }
 
-    /// Handles one delivery of a batch (its payload and producer's message id): a status update
-    /// (decoded already, with its task as prefetched) or a trigger.
-    async fn on_delivery(
-        &mut self,
-        payload: &[u8],
-        message_id: Option<&str>,
-        update: &Option<Result<StatusUpdate, messages::DecodeError>>,
-        prefetched: Option<TaskInstance>,
-    ) -> Settle {
-        match update {
-            Some(Ok(update)) => self.on_status_message(update.clone(), prefetched).await,
-            Some(Err(err)) => Settle::DeadLetter(format!("status: {err}")),
-            None => self.on_trigger_message(payload, message_id).await,
+    /// Whether to act on a delivery again after `settle`: a store that does not answer must not
+    /// turn a valid message into a dead letter (a requeue counts against the broker's delivery
+    /// limit), so a requeue waits (`delay`, doubling up to 5 s) and tries again, until the store
+    /// answers or the scheduler stops.
+    async fn keep_trying(&mut self, settle: &Settle, delay: &mut Duration) -> bool {
+        if !matches!(settle, Settle::Requeue) || self.shutdown.is_cancelled() || self.deposed.is_cancelled() {
+            return false;
         }
+        tokio::select! {
+            _ = self.shutdown.cancelled() => return false,
+            _ = self.deposed.cancelled() => return false,
+            _ = tokio::time::sleep(*delay) => {}
+        }
+        *delay = (*delay * 2).min(Duration::from_secs(5));
+        self.now_cache = self.config.clock.now();
+        true
     }
 
     /// Creates the run a trigger message asks for. A trigger without a `key` is deduplicated by
@@ -892,22 +908,7 @@ impl Engine {
                     }
                     self.limits.stop_waiting(run.id(), &old.task_id);
                 }
-                let mut new = old.clone();
-                new.close_try(old.state.as_str(), self.now_cache);
-                new.state = TaskState::Queued;
-                new.try_number += 1;
-                if old.state == TaskState::Suspended {
-                    // The try the suspension stopped does not count against the retries.
-                    new.max_try += 1;
-                }
-                new.queued_at = Some(self.now_cache);
-                new.started_at = None;
-                new.ended_at = None;
-                new.retry_at = None;
-                new.worker = None;
-                new.error = None;
-                new.progress = None;
-                new.follow_ups.clear();
+                let new = old.next_try(self.now_cache);
                 queued.push(i);
                 changes.push(TaskChange { expected_state: old.state, expected_try: old.try_number, task: new });
             }
@@ -921,7 +922,7 @@ impl Engine {
                     self.outbox.push((Topic::Tasks(change.task.queue.clone()), task_message(run, &change.task)));
                     run.replace(i, change.task);
                 } else {
-                    self.refresh_task(run, i).await?;
+                    self.refresh_refused(run, i).await?;
                 }
             }
             // The usage counts the tasks that are queued now; the others took nothing.
@@ -972,6 +973,22 @@ impl Engine {
             }
         }
         failure.map_or(Ok(()), Err)
+    }
+
+    /// Re-reads task `i` after a refused compare-and-set to queue it. A try queued or running
+    /// meanwhile (a worker claimed it as its upstream succeeded) joins the view at once; any
+    /// other change waits in the run's `deferred` list and is acted on before the run goes back
+    /// (`put_back`), as its status update would be: taking it into the view now would make that
+    /// update look like a duplicate.
+    async fn refresh_refused(&mut self, run: &mut ActiveRun, i: usize) -> Result<(), BackendError> {
+        if let Some(fresh) = self.store.task(run.id(), &run.tasks[i].task_id).await? {
+            if matches!(fresh.state, TaskState::Queued | TaskState::Running) {
+                run.replace(i, fresh);
+            } else {
+                run.deferred.push((i, fresh));
+            }
+        }
+        Ok(())
     }
 
     /// Re-reads task `i` after a refused compare-and-set.
@@ -1104,8 +1121,20 @@ impl Engine {
         tracing::info!(dags = self.config.dags.len(), refused = self.live.refused().len(), "dags reloaded");
     }
 
-    /// Keeps a run in the active set, or finishes it once every task is final.
-    async fn put_back(&mut self, run: ActiveRun) -> Result<(), BackendError> {
+    /// Keeps a run in the active set, or finishes it once every task is final. Changes found on
+    /// the way (`deferred`) are acted on first.
+    async fn put_back(&mut self, mut run: ActiveRun) -> Result<(), BackendError> {
+        while !run.deferred.is_empty() {
+            let (i, fresh) = run.deferred.remove(0);
+            if fresh.try_number < run.tasks[i].try_number {
+                continue;
+            }
+            if let Err(err) = self.on_task_changed(&mut run, i, fresh, true).await {
+                // The rest stay deferred; the sweep reads the whole run again anyway.
+                self.active.insert(run.id().to_string(), run);
+                return Err(err);
+            }
+        }
         if !run.all_final() {
             self.active.insert(run.id().to_string(), run);
             return Ok(());
@@ -1519,6 +1548,16 @@ impl Engine {
     /// Moves the queued and running tasks of a suspended run to `suspended` (reading a task
     /// again when a worker claimed it meanwhile) and tells workers to stop the run's tries.
     async fn suspend_tasks(&mut self, run: &mut ActiveRun) -> Result<(), BackendError> {
+        // A worker may have claimed a task as its upstream succeeded, which the view does not
+        // know yet: read them all (the run is suspended in the store, so none is claimed now).
+        for task in self.store.tasks(run.id()).await? {
+            if let Some(&i) = run.index.get(&task.task_id)
+                && matches!(task.state, TaskState::Queued | TaskState::Running)
+                && run.tasks[i].state == TaskState::Pending
+            {
+                run.replace(i, task);
+            }
+        }
         let mut stopped = 0;
         for i in 0..run.tasks.len() {
             while let Ok(state) = task_transition(run.tasks[i].state, TaskEvent::Suspend) {

@@ -14,7 +14,9 @@ use dagmq_core::fail_point;
 use dagmq_core::messages::{self, Control, StatusUpdate, TaskToExec, VERSION};
 use dagmq_core::records::RunningTry;
 use dagmq_core::state::{TaskEvent, task_transition};
+use dagmq_core::store::EagerClaim;
 use dagmq_core::task::CancelHandle;
+use dagmq_core::trigger::TriggerRule;
 use dagmq_core::{
     BackendError, CancelSignal, Delivery, FollowUp, Subscription, Task, TaskContext, TaskError, TaskInstance, TaskKind,
     TaskOutcome, TaskState, Topic,
@@ -25,7 +27,10 @@ use crate::command::run_command;
 use crate::log_sink;
 
 /// Tries running on this worker, by (run, task, try).
-pub(crate) type RunningTries = Arc<Mutex<HashMap<(String, String, u32), TryHandle>>>;
+pub(crate) type RunningTries = Arc<Mutex<HashMap<TryKey, TryHandle>>>;
+
+/// A try: (run, task, try number).
+pub(crate) type TryKey = (String, String, u32);
 
 /// How to stop one running try, and why it was stopped. A try is registered before its
 /// claim, so every heartbeat written after the claim lists it, and leaves once its outcome is
@@ -94,7 +99,7 @@ const STOP_GRACE: Duration = Duration::from_secs(10);
 /// How long a try stopped by self-fencing may take to wind down before it is aborted.
 pub(crate) const FENCED_STOP_GRACE: Duration = Duration::from_secs(5);
 
-fn lock(running: &RunningTries) -> MutexGuard<'_, HashMap<(String, String, u32), TryHandle>> {
+fn lock(running: &RunningTries) -> MutexGuard<'_, HashMap<TryKey, TryHandle>> {
     running.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
@@ -203,7 +208,7 @@ pub(crate) async fn control_loop(shared: Arc<Shared>, shutdown: CancelSignal) {
 /// worker's name): from then on the store and this worker's heartbeat carry the try, so a try
 /// longer than the broker's consumer timeout is never redelivered, and a lost worker's tries
 /// are requeued by the scheduler.
-pub(crate) async fn execute(shared: &Shared, delivery: Delivery) {
+pub(crate) async fn execute(shared: &Arc<Shared>, delivery: Delivery) {
     let message: TaskToExec = match messages::decode(&delivery.payload) {
         Ok(message) => message,
         Err(err) => {
@@ -213,29 +218,12 @@ pub(crate) async fn execute(shared: &Shared, delivery: Delivery) {
         }
     };
     let key = (message.run_id.clone(), message.task_id.clone(), message.try_number);
-    let (cancel, signal) = CancelSignal::new();
-    let handle = TryHandle {
-        cancel,
-        reason: Arc::new(AtomicU8::new(StopReason::None as u8)),
-        claimed: Arc::new(AtomicBool::new(false)),
-    };
-    let (reason, claimed) = (handle.reason.clone(), handle.claimed.clone());
-    let registered = {
-        let mut running = lock(&shared.running);
-        match running.entry(key.clone()) {
-            std::collections::hash_map::Entry::Occupied(_) => false,
-            std::collections::hash_map::Entry::Vacant(entry) => {
-                entry.insert(handle);
-                true
-            }
-        }
-    };
-    if !registered {
+    let Some(Registered { signal, reason, claimed }) = register(shared, &key) else {
         // Another delivery of this very try is being handled here: this one is a duplicate.
         shared.config.metrics.duplicates.inc(&[]);
         settle(delivery.ack().await);
         return;
-    }
+    };
     // A store that does not answer must not turn the message into a dead letter (a requeue
     // counts against the broker's delivery limit): keep it and try again with backoff.
     let mut delay = Duration::from_millis(100);
@@ -272,16 +260,65 @@ pub(crate) async fn execute(shared: &Shared, delivery: Delivery) {
             tracing::warn!(run = %message.run_id, task = %message.task_id, "dead-lettering: {reason}");
             settle(delivery.dead_letter(&reason).await)
         }
-        Claim::Run(running, resolved, trusted) => {
+        Claim::Run(running, resolved, trusted, eager) => {
             fail_point!("worker::claim::before_ack");
             claimed.store(true, Ordering::SeqCst);
+            let first = ClaimedTry { key, message: *trusted, running: *running, resolved, signal, reason, eager };
             // The try is ours: it starts while the ack is on its way.
-            let (acked, ()) =
-                tokio::join!(delivery.ack(), finish(shared, &trusted, *running, resolved, signal, reason));
-            lock(&shared.running).remove(&key);
+            let (acked, mut next) = tokio::join!(delivery.ack(), finish(shared, first));
             settle(acked);
+            // Downstream tasks claimed as their upstream succeeded run here, one after the other,
+            // while the status update of the try before is on its way.
+            while let Some((claimed, update)) = next {
+                tokio::spawn(publish_status_until_sent(shared.clone(), update));
+                next = finish(shared, claimed).await;
+            }
         }
     }
+}
+
+/// A try registered on this worker: how it is stopped and whether its claim applied.
+struct Registered {
+    signal: CancelSignal,
+    reason: Arc<AtomicU8>,
+    claimed: Arc<AtomicBool>,
+}
+
+/// Registers a try before its claim, so every heartbeat written after the claim lists it;
+/// `None` when this try is registered already (a duplicate delivery being handled here).
+fn register(shared: &Shared, key: &TryKey) -> Option<Registered> {
+    let (cancel, signal) = CancelSignal::new();
+    let handle = TryHandle {
+        cancel,
+        reason: Arc::new(AtomicU8::new(StopReason::None as u8)),
+        claimed: Arc::new(AtomicBool::new(false)),
+    };
+    let registered = Registered { signal, reason: handle.reason.clone(), claimed: handle.claimed.clone() };
+    match lock(&shared.running).entry(key.clone()) {
+        std::collections::hash_map::Entry::Occupied(_) => None,
+        std::collections::hash_map::Entry::Vacant(entry) => {
+            entry.insert(handle);
+            Some(registered)
+        }
+    }
+}
+
+/// A try this worker holds `running` in the store, ready to run.
+struct ClaimedTry {
+    /// (run, task, try), its entry among the running tries.
+    key: TryKey,
+    /// What it runs, as the store and this worker's DAGs describe it.
+    message: TaskToExec,
+    /// The instance as claimed.
+    running: TaskInstance,
+    /// The task, resolved at the claim.
+    resolved: Resolved,
+    /// Fires when the try must stop; `reason` says why.
+    signal: CancelSignal,
+    reason: Arc<AtomicU8>,
+    /// Downstream tasks that this worker may claim as the try succeeds, as read at the claim
+    /// (`pending` then).
+    eager: Vec<TaskInstance>,
 }
 
 /// A try's future, polled in place; a panic while polling ends it with the panic's text.
@@ -323,23 +360,36 @@ enum Settle {
 enum Claim {
     /// Nothing to run: settle the delivery so.
     Settle(Settle),
-    /// The try is ours (`running` in the store): run it, as the store describes it.
-    Run(Box<TaskInstance>, Resolved, Box<TaskToExec>),
+    /// The try is ours (`running` in the store): run it, as the store describes it, with the
+    /// downstream tasks it may claim as it succeeds.
+    Run(Box<TaskInstance>, Resolved, Box<TaskToExec>, Vec<TaskInstance>),
 }
 
 /// Claims the try with a compare-and-set `queued` -> `running`; a message whose try is not
 /// `queued` is a duplicate or stale and runs nothing.
 async fn claim(shared: &Shared, message: &TaskToExec) -> Result<Claim, BackendError> {
     let store = &shared.store;
-    let Some(current) = store.task(&message.run_id, &message.task_id).await? else {
+    let run = run_record(shared, &message.run_id).await?;
+    // The downstream tasks this try may claim as it succeeds are read with it, in one round trip.
+    let dag = run.as_ref().and_then(|run| dag_version(shared, &run.dag_id, run.dag_version.as_deref()).ok());
+    let candidates = match &dag {
+        Some(dag) if message.follow_up.is_none() => eager_candidates(shared, dag, &message.task_id),
+        _ => Vec::new(),
+    };
+    let mut ids = Vec::with_capacity(1 + candidates.len());
+    ids.push(message.task_id.as_str());
+    ids.extend(candidates.iter().map(String::as_str));
+    let mut found = store.tasks_by_id(&message.run_id, &ids).await?.into_iter();
+    let Some(current) = found.next().flatten() else {
         return Ok(Claim::Settle(Settle::DeadLetter(format!(
             "task: run {:?} has no task {:?}",
             message.run_id, message.task_id
         ))));
     };
-    let Some(run) = run_record(shared, &message.run_id).await? else {
+    let Some(run) = run else {
         return Ok(Claim::Settle(Settle::DeadLetter(format!("task: no run {:?}", message.run_id))));
     };
+    let eager: Vec<TaskInstance> = found.flatten().filter(|t| t.state == TaskState::Pending).collect();
     // The message only names the run, the task and the try; what runs, with which parameters,
     // is what the store and this worker's DAG files say, so a forged message changes nothing.
     let message = &TaskToExec {
@@ -385,7 +435,7 @@ async fn claim(shared: &Shared, message: &TaskToExec) -> Result<Claim, BackendEr
         tracing::info!(run = %message.run_id, task = %message.task_id, "another worker claimed the try first");
         return Ok(Claim::Settle(Settle::Ack));
     }
-    Ok(Claim::Run(Box::new(running), resolved, Box::new(message.clone())))
+    Ok(Claim::Run(Box::new(running), resolved, Box::new(message.clone()), eager))
 }
 
 /// A queued try as this worker claims it: `running`, started now, under this worker instance.
@@ -454,15 +504,14 @@ async fn claim_outcome(shared: &Shared, message: &TaskToExec, first: &BackendErr
 }
 
 /// Runs a claimed try and records its outcome, retrying the store and queue until they answer:
-/// the message is acknowledged already, so the outcome must not be dropped.
-async fn finish(
-    shared: &Shared,
-    message: &TaskToExec,
-    running: TaskInstance,
-    resolved: Resolved,
-    signal: CancelSignal,
-    reason: Arc<AtomicU8>,
-) {
+/// the message is acknowledged already, so the outcome must not be dropped. Answers the
+/// downstream try claimed as this one succeeded, if any, with this try's status update, which
+/// is sent while that one runs.
+async fn finish(shared: &Shared, claimed: ClaimedTry) -> Option<(ClaimedTry, StatusUpdate)> {
+    let ClaimedTry { key, message, mut running, resolved, signal, reason, mut eager } = claimed;
+    let message = &message;
+    // The try starts now (the claim's time is when it was claimed); the outcome records this.
+    running.started_at = Some(shared.config.clock.now());
     shared.config.metrics.running.add(&[], 1.0);
     let Resolved { executable, branch } = resolved;
     let (result, reason) = run_try(shared, message, running.after.clone(), executable, signal, reason).await;
@@ -493,26 +542,33 @@ async fn finish(
     };
     shared.config.metrics.tries.inc(&[outcome]);
     let mut delay = Duration::from_millis(100);
-    loop {
-        match record_outcome(shared, message, &running, &result, reason).await {
-            Ok(()) => return,
+    let next = loop {
+        match record_outcome(shared, message, &running, &result, reason, &mut eager).await {
+            Ok(next) => break next,
             Err(err) => {
                 tracing::error!(run = %message.run_id, task = %message.task_id, "recording the outcome: {err}; retrying in {delay:?}");
                 tokio::time::sleep(delay).await;
                 delay = (delay * 2).min(Duration::from_secs(5));
             }
         }
-    }
+    };
+    lock(&shared.running).remove(&key);
+    next
 }
 
 /// Writes a finished try's outcome (or its requeue, when interrupted) and tells the scheduler.
+/// A success claims, in the same store step, the first of the `eager` downstream tasks that
+/// it made ready (taken on the first attempt only); that try is answered, with the status
+/// update the caller then sends.
 async fn record_outcome(
     shared: &Shared,
     message: &TaskToExec,
     running: &TaskInstance,
     result: &Result<TaskOutcome, TaskError>,
     reason: StopReason,
-) -> Result<(), BackendError> {
+    eager: &mut Vec<TaskInstance>,
+) -> Result<Option<(ClaimedTry, StatusUpdate)>, BackendError> {
+    let eager = std::mem::take(eager);
     let store = &shared.store;
     let now = shared.config.clock.now();
     if matches!(reason, StopReason::Interrupted | StopReason::Fenced) {
@@ -527,7 +583,7 @@ async fn record_outcome(
             let current = store.task(&message.run_id, &message.task_id).await?;
             let ours = current.is_some_and(|c| c.state == next.state && c.try_number == next.try_number);
             if !ours {
-                return Ok(());
+                return Ok(None);
             }
         }
         fail_point!("worker::requeue::before_publish");
@@ -538,7 +594,7 @@ async fn record_outcome(
         } else {
             publish_status(shared, &next, &message.run_id).await?;
         }
-        return Ok(());
+        return Ok(None);
     }
     let mut done = running.clone();
     done.ended_at = Some(now);
@@ -562,7 +618,30 @@ async fn record_outcome(
             done.error = Some(error.message.clone());
         }
     }
-    if store.transition_task(&message.run_id, TaskState::Running, running.try_number, &done).await? {
+    let candidates = if done.state == TaskState::Success && done.follow_ups.is_empty() && !shared.stopping() {
+        prepare_eager(shared, message, eager)
+    } else {
+        Vec::new()
+    };
+    let claims: Vec<EagerClaim> = candidates.iter().map(|c| c.claim.clone()).collect();
+    let finished = store.finish_try(&message.run_id, &done, &claims).await;
+    // Only the claimed candidate stays registered; an error claimed none that this worker knows
+    // of (should the store have applied one, the scheduler requeues it: no heartbeat lists it).
+    let mut next = None;
+    for (n, candidate) in candidates.into_iter().enumerate() {
+        if Some(n) == finished.as_ref().ok().and_then(|f| f.claimed) {
+            let then = finished.as_ref().map(|f| f.then.clone()).unwrap_or_default();
+            next = Some(candidate.into_claimed(then.into_iter().flatten().filter(|t| t.state == TaskState::Pending)));
+        } else {
+            lock(&shared.running).remove(&candidate.key);
+        }
+    }
+    if finished?.applied {
+        if let Some(next) = next {
+            shared.config.metrics.eager.inc(&[]);
+            fail_point!("worker::eager::after_claim");
+            return Ok(Some((next, status_update(shared, &done, &message.run_id))));
+        }
         fail_point!("worker::outcome::before_publish");
         publish_status(shared, &done, &message.run_id).await?;
     } else {
@@ -578,7 +657,91 @@ async fn record_outcome(
             ),
         }
     }
-    Ok(())
+    Ok(None)
+}
+
+/// A downstream task made ready to claim as its upstream's outcome is written: registered
+/// already, so a heartbeat written after the claim lists it.
+struct EagerCandidate {
+    key: TryKey,
+    claim: EagerClaim,
+    message: TaskToExec,
+    resolved: Resolved,
+    registered: Registered,
+}
+
+impl EagerCandidate {
+    /// The candidate as the try this worker runs next, once the store claimed it, with the
+    /// downstream tasks it may claim in turn (read in the same step).
+    fn into_claimed(self, eager: impl Iterator<Item = TaskInstance>) -> ClaimedTry {
+        self.registered.claimed.store(true, Ordering::SeqCst);
+        ClaimedTry {
+            key: self.key,
+            message: self.message,
+            running: self.claim.claimed,
+            resolved: self.resolved,
+            signal: self.registered.signal,
+            reason: self.registered.reason,
+            eager: eager.collect(),
+        }
+    }
+}
+
+/// Most downstream tasks a try offers to claim as it succeeds.
+const EAGER_MAX_CANDIDATES: usize = 4;
+
+/// Most upstream tasks of a task claimed eagerly (the store checks each of them).
+const EAGER_MAX_UPSTREAMS: usize = 16;
+
+/// The direct downstream tasks of `task_id` that this worker may claim eagerly as it succeeds:
+/// those that run when all their upstreams succeed (the default rule), in a pool this worker
+/// consumes, under no concurrency limit (limits are counted by the scheduler), with few
+/// upstreams. A branch task's choice is the scheduler's to apply, so it offers none.
+fn eager_candidates(shared: &Shared, dag: &dagmq_core::Dag, task_id: &str) -> Vec<String> {
+    let Some(spec) = dag.task(task_id) else { return Vec::new() };
+    if !shared.config.eager || spec.config.branch || dag.max_active_tasks.is_some() {
+        return Vec::new();
+    }
+    dag.downstream_of(task_id)
+        .into_iter()
+        .filter_map(|id| dag.task(id))
+        .filter(|d| {
+            d.config.trigger_rule == TriggerRule::AllSuccess
+                && d.config.pool.is_none()
+                && d.config.max_active.is_none()
+                && d.after.len() <= EAGER_MAX_UPSTREAMS
+                && shared.config.queues.contains(&d.config.queue)
+        })
+        .take(EAGER_MAX_CANDIDATES)
+        .map(|d| d.id.clone())
+        .collect()
+}
+
+/// Makes each pending downstream task read at the claim a candidate: its next try as this
+/// worker would claim it, resolved against the run's DAG version, and registered.
+fn prepare_eager(shared: &Shared, message: &TaskToExec, eager: Vec<TaskInstance>) -> Vec<EagerCandidate> {
+    let mut candidates = Vec::with_capacity(eager.len());
+    let now = shared.config.clock.now();
+    let run = shared.runs.lock().unwrap_or_else(|p| p.into_inner()).get(&message.run_id).cloned();
+    let Some(run) = run else { return candidates };
+    let Ok(dag) = dag_version(shared, &run.dag_id, run.dag_version.as_deref()) else { return candidates };
+    for expected in eager {
+        let claimed = claimed_instance(shared, &expected.next_try(now));
+        let next = TaskToExec {
+            task_id: expected.task_id.clone(),
+            try_number: claimed.try_number,
+            max_try: claimed.max_try,
+            follow_up: None,
+            ..message.clone()
+        };
+        let Ok(resolved) = resolve(shared, &next, run.dag_version.as_deref()) else { continue };
+        let key = (next.run_id.clone(), next.task_id.clone(), next.try_number);
+        let Some(registered) = register(shared, &key) else { continue };
+        let then = eager_candidates(shared, &dag, &expected.task_id);
+        let claim = EagerClaim { expected, claimed, then };
+        candidates.push(EagerCandidate { key, claim, message: next, resolved, registered });
+    }
+    candidates
 }
 
 /// Finds what the message asks to run among this worker's DAGs and registered tasks; anything
@@ -779,9 +942,9 @@ async fn run_try(
     (result, stop)
 }
 
-/// Tells the scheduler that a try changed state; returns once the queue has it durably.
-async fn publish_status(shared: &Shared, task: &TaskInstance, run_id: &str) -> Result<(), BackendError> {
-    let update = StatusUpdate {
+/// The status update that tells the scheduler a try changed state.
+fn status_update(shared: &Shared, task: &TaskInstance, run_id: &str) -> StatusUpdate {
+    StatusUpdate {
         v: VERSION,
         run_id: run_id.to_string(),
         task_id: task.task_id.clone(),
@@ -789,6 +952,21 @@ async fn publish_status(shared: &Shared, task: &TaskInstance, run_id: &str) -> R
         state: task.state,
         worker: Some(shared.config.name.clone()),
         error: task.error.clone(),
-    };
-    shared.queue.publish(&Topic::Status, messages::encode(&update)).await
+    }
+}
+
+/// Tells the scheduler that a try changed state; returns once the queue has it durably.
+async fn publish_status(shared: &Shared, task: &TaskInstance, run_id: &str) -> Result<(), BackendError> {
+    shared.status.send(&status_update(shared, task, run_id)).await
+}
+
+/// Sends a status update, trying again with backoff until the queue takes it: the outcome is
+/// in the store already, and the update is what wakes the scheduler up sooner than its sweep.
+async fn publish_status_until_sent(shared: Arc<Shared>, update: StatusUpdate) {
+    let mut delay = Duration::from_millis(100);
+    while let Err(err) = shared.status.send(&update).await {
+        tracing::error!(run = %update.run_id, task = %update.task_id, "publishing a status update: {err}; retrying in {delay:?}");
+        tokio::time::sleep(delay).await;
+        delay = (delay * 2).min(Duration::from_secs(5));
+    }
 }

@@ -10,6 +10,7 @@ mod execute;
 mod guard;
 mod log_sink;
 mod metrics;
+mod status;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -60,6 +61,10 @@ pub struct WorkerConfig {
     /// The DAGs as a live set that a reload replaces; when absent, `dags` for good. Every
     /// version loaded stays known, and a try runs the version its run was created with.
     pub live: Option<Arc<dagmq_core::LiveDags>>,
+    /// Eager dispatch: a try that succeeds claims, in the same store step, a downstream task it
+    /// made ready (default rule, this worker's pools, no concurrency limit) and runs it next in
+    /// its own slot, without a task message. Off, every task goes through the scheduler.
+    pub eager: bool,
 }
 
 /// The default [`WorkerConfig::prefetch`]: enough to keep claims pipelined, few enough that a
@@ -83,6 +88,7 @@ impl WorkerConfig {
             prefetch: DEFAULT_PREFETCH,
             metrics: Arc::new(WorkerMetrics::default()),
             live: None,
+            eager: true,
         }
     }
 }
@@ -103,6 +109,17 @@ pub(crate) struct Shared {
     pub(crate) runs: Mutex<HashMap<String, Arc<dagmq_core::RunRecord>>>,
     /// The DAGs this worker has loaded, every version of them.
     pub(crate) live: Arc<dagmq_core::LiveDags>,
+    /// Sends status updates, batched.
+    pub(crate) status: status::StatusSender,
+    /// Fires when the worker is shutting down: it claims no more downstream tries then.
+    pub(crate) shutdown: CancelSignal,
+}
+
+impl Shared {
+    /// Whether the worker is shutting down.
+    pub(crate) fn stopping(&self) -> bool {
+        self.shutdown.is_cancelled()
+    }
 }
 
 /// Runs the worker until `shutdown` fires, then stops taking work, lets running tries finish
@@ -122,6 +139,8 @@ pub async fn run(
         .unwrap_or_else(|| Arc::new(dagmq_core::LiveDags::new((*config.dags).clone(), Vec::new(), HashMap::new())));
     let shared = Arc::new(Shared {
         live,
+        status: status::StatusSender::start(queue.clone()),
+        shutdown: shutdown.clone(),
         config,
         queue,
         store,

@@ -12,6 +12,9 @@ pub struct WorkerMetrics {
     pub running: Family,
     /// Duplicate or stale task messages acknowledged without running.
     pub duplicates: Family,
+    /// Downstream tries this worker claimed as it recorded their upstream's success (eager
+    /// dispatch), without a task message.
+    pub eager: Family,
 }
 
 impl Default for WorkerMetrics {
@@ -29,6 +32,11 @@ impl Default for WorkerMetrics {
                 "Task messages acknowledged without running (duplicate or stale).",
                 &[],
             ),
+            eager: Family::counter(
+                "dagmq_worker_eager_claims_total",
+                "Downstream tries claimed as their upstream's success was recorded, without a task message.",
+                &[],
+            ),
         }
     }
 }
@@ -36,6 +44,6 @@ impl Default for WorkerMetrics {
 impl WorkerMetrics {
     /// The text format of every family.
     pub fn render(&self) -> String {
-        dagmq_core::metrics::render([&self.tries, &self.dead_lettered, &self.running, &self.duplicates])
+        dagmq_core::metrics::render([&self.tries, &self.dead_lettered, &self.running, &self.duplicates, &self.eager])
     }
 }

@@ -99,6 +99,7 @@ impl Rig {
             Backends::Memory => {
                 let mut worker = WorkerConfig::new("bench-worker-0", dags, clock);
                 worker.concurrency = args.concurrency;
+                worker.eager = !args.no_eager;
                 // The only worker of an in-memory queue: there is nobody to leave work to.
                 worker.prefetch = u16::MAX;
                 tokio::spawn(dagmq_worker::run(worker, queue.clone(), store.clone(), signal.clone()));
@@ -161,6 +162,7 @@ fn spawn_worker_process(
         .args(args.workload.to_args())
         .arg("--concurrency")
         .arg(args.concurrency.to_string())
+        .args(args.no_eager.then_some("--no-eager"))
         .args(["--amqp", amqp, "--redis", redis, "--worker-of"])
         .arg(format!("{namespace}/{index}"))
         .stdin(std::process::Stdio::piped());
@@ -198,6 +200,7 @@ async fn worker_process(args: &BenchArgs, of: &str) -> CliResult<()> {
     let dags = registry(workload_dag(args.workload)?);
     let mut worker = WorkerConfig::new(format!("bench-worker-{index}"), dags, Arc::new(SystemClock));
     worker.concurrency = args.concurrency;
+    worker.eager = !args.no_eager;
     let running = tokio::spawn(dagmq_worker::run(worker, queue, store, signal));
     let _ = closed.await;
     stop.cancel();

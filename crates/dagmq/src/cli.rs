@@ -120,6 +120,12 @@ pub struct ServeArgs {
     /// Most tasks the worker runs at once (default: 4 per core).
     #[arg(long, value_name = "N")]
     pub concurrency: Option<usize>,
+    /// Turn eager dispatch off: by default a worker whose try succeeds claims, in the same store
+    /// step, a downstream task that became ready (default trigger rule, a pool it consumes, no
+    /// concurrency limit) and runs it next without a round through the scheduler and the broker.
+    /// Off, every task is queued by the scheduler in priority order.
+    #[arg(long)]
+    pub no_eager: bool,
     /// POST a JSON notification here on task failure (and retry, where asked for).
     #[arg(long, value_name = "URL")]
     pub notify_webhook: Option<String>,
@@ -318,6 +324,9 @@ pub struct BenchArgs {
     /// Most tasks each worker runs at once.
     #[arg(long, global = true, default_value_t = 1000)]
     pub concurrency: usize,
+    /// Workers without eager dispatch (every task through the scheduler), for comparison.
+    #[arg(long, global = true)]
+    pub no_eager: bool,
     /// Distributed mode: RabbitMQ for the queue (with --redis); one scheduler and two workers,
     /// each with connections of its own, and the raw broker limit measured first.
     #[arg(long, global = true, value_name = "URL", requires = "redis")]

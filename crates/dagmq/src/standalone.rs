@@ -187,6 +187,7 @@ pub(crate) async fn serve(app: &App, args: &ServeArgs, file: &ConfigFile, role: 
         config.concurrency = concurrency;
         config.tasks = app.tasks.clone();
         config.grace_period = grace_period;
+        config.eager = !args.no_eager;
         if amqp_url.is_none() {
             // The only worker of an in-memory queue: there is nobody to leave work to.
             config.prefetch = u16::MAX;

@@ -12,7 +12,7 @@ use chrono::{DateTime, Utc};
 use crate::BackendError;
 use crate::records::{DagRecord, RunRecord, TaskInstance, WorkerInfo};
 use crate::state::{RunState, TaskState};
-use crate::store::{CreateRun, Fence, RunFilter, Store, TaskChange, append_capped};
+use crate::store::{CreateRun, EagerClaim, Fence, FinishedTry, RunFilter, Store, TaskChange, append_capped};
 
 /// An in-memory store.
 #[derive(Default)]
@@ -233,6 +233,36 @@ impl Store for MemoryStore {
     ) -> Result<bool, BackendError> {
         let mut inner = self.writable("task transition")?;
         Ok(inner.runs.get_mut(run_id).is_some_and(|entry| entry.transition(expected_state, expected_try, task)))
+    }
+
+    async fn finish_try(
+        &self,
+        run_id: &str,
+        done: &TaskInstance,
+        candidates: &[EagerClaim],
+    ) -> Result<FinishedTry, BackendError> {
+        let mut inner = self.writable("task transition")?;
+        let Some(entry) = inner.runs.get_mut(run_id) else { return Ok(FinishedTry::default()) };
+        if !entry.transition(TaskState::Running, done.try_number, done) {
+            return Ok(FinishedTry::default());
+        }
+        let applied = FinishedTry { applied: true, ..FinishedTry::default() };
+        if done.state != TaskState::Success || entry.record.state != RunState::Running {
+            return Ok(applied);
+        }
+        let succeeded = |entry: &RunEntry, id: &str| {
+            entry.index.get(id).is_some_and(|&i| entry.tasks[i].state == TaskState::Success)
+        };
+        for (n, candidate) in candidates.iter().enumerate() {
+            let Some(&i) = entry.index.get(&candidate.expected.task_id) else { continue };
+            if entry.tasks[i] == candidate.expected && candidate.expected.after.iter().all(|up| succeeded(entry, up)) {
+                entry.tasks[i] = candidate.claimed.clone();
+                let then =
+                    candidate.then.iter().map(|id| entry.index.get(id).map(|&t| entry.tasks[t].clone())).collect();
+                return Ok(FinishedTry { applied: true, claimed: Some(n), then });
+            }
+        }
+        Ok(applied)
     }
 
     async fn tasks_by_id(&self, run_id: &str, task_ids: &[&str]) -> Result<Vec<Option<TaskInstance>>, BackendError> {
