@@ -12,6 +12,7 @@
 //! Every state transition is a Lua compare-and-set (see `scripts`); WATCH/MULTI is unsound on
 //! pooled, multiplexed connections. Finished runs expire after the retention period, if set.
 
+mod pool;
 mod scripts;
 
 use std::sync::Arc;
@@ -25,7 +26,8 @@ use dagmq_core::store::{
 };
 use dagmq_core::{BackendError, RunRecord, RunState, TaskInstance, TaskState, TlsSettings, WorkerInfo};
 use deadpool_redis::redis::{self, AsyncCommands, Script};
-use deadpool_redis::{Config, Pool, Runtime};
+use deadpool_redis::{Config, Runtime};
+use pool::Pool;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
@@ -127,7 +129,7 @@ impl RedisStore {
             .set_response_timeout(Some(timeouts.response))
             .set_connection_timeout(Some(timeouts.connect));
         let manager = deadpool_redis::Manager::new_with_config(info, connection).map_err(bad_url)?;
-        let pool = Pool::builder(manager)
+        let pool = Pool::builder(pool::Manager(manager))
             .max_size(Config::default().get_pool_config().max_size)
             .runtime(Runtime::Tokio1)
             .wait_timeout(Some(timeouts.response))
@@ -184,8 +186,9 @@ impl RedisStore {
         }
     }
 
-    async fn conn(&self) -> Result<deadpool_redis::Connection, BackendError> {
-        self.pool.get().await.map_err(|e| BackendError::new(format!("redis: no connection: {e}")))
+    async fn conn(&self) -> Result<pool::Conn, BackendError> {
+        let object = self.pool.get().await.map_err(|e| BackendError::new(format!("redis: no connection: {e}")))?;
+        Ok(pool::Conn::new(object))
     }
 
     fn meta_key(&self, run_id: &str) -> String {

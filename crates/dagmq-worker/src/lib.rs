@@ -69,7 +69,7 @@ pub struct WorkerConfig {
 
 /// The default [`WorkerConfig::prefetch`]: enough to keep claims pipelined, few enough that a
 /// busy worker does not hoard work.
-pub const DEFAULT_PREFETCH: u16 = 16;
+pub const DEFAULT_PREFETCH: u16 = 64;
 
 impl WorkerConfig {
     /// Defaults: pool `default`, 1000 tries at once, builtin tasks, 30 s grace, 5 s heartbeat.

@@ -820,20 +820,20 @@ fn a_scheduler_stopped_past_its_lease_is_fenced_when_it_resumes_and_nothing_is_s
     assert_eq!(listed.as_array().unwrap().len(), 4, "no run doubled: {listed}");
 }
 
-/// A worker whose slots are all busy holds at most its prefetch (16) of unstarted messages,
+/// A worker whose slots are all busy holds at most its prefetch (64) of unstarted messages,
 /// not as many as it has slots: a worker that starts later gets the rest of the work.
 #[test]
 fn a_busy_worker_holds_few_unstarted_messages_and_a_later_worker_gets_the_rest() {
     let mut busy = String::from("id = \"busy\"\n");
-    for i in 0..100 {
+    for i in 0..300 {
         busy.push_str(&format!("[[task]]\nid = \"t{i}\"\nrun = \"sleep\"\nargs = {{ ms = 4000 }}\n"));
     }
     let Some(mut cluster) = Cluster::new(&[("busy.toml", &busy)]) else { return };
     cluster.start_scheduler();
-    cluster.start_worker_with("w1", &["--concurrency", "40"]);
+    cluster.start_worker_with("w1", &["--concurrency", "100"]);
     let run_id = cluster.trigger("busy");
     cluster.wait_until(Duration::from_secs(60), || {
-        cluster.json(&["runs", "show", &run_id])["task_counts"]["running"].as_u64() == Some(40)
+        cluster.json(&["runs", "show", &run_id])["task_counts"]["running"].as_u64() == Some(100)
     });
     let unacked = || -> u64 {
         let output = std::process::Command::new("rabbitmqctl")
@@ -855,13 +855,13 @@ fn a_busy_worker_holds_few_unstarted_messages_and_a_later_worker_gets_the_rest()
             .sum()
     };
     let held = unacked();
-    assert!(held <= 16, "a busy worker holds {held} unstarted messages");
-    cluster.start_worker_with("w2", &["--concurrency", "60"]);
+    assert!(held <= 64, "a busy worker holds {held} unstarted messages");
+    cluster.start_worker_with("w2", &["--concurrency", "150"]);
     let run = cluster.wait_run(&run_id, Duration::from_secs(120));
     assert_eq!(run["state"], "success");
     assert_every_task_succeeded_once(&run);
     let by_w2 = tasks(&run).values().filter(|t| t["worker"] == "w2").count();
-    assert!(by_w2 >= 40, "the later worker ran {by_w2} tasks");
+    assert!(by_w2 >= 100, "the later worker ran {by_w2} tasks");
 }
 
 #[test]
