@@ -222,6 +222,7 @@ async fn eager_claims(store: Arc<dyn Store>) {
         b,
         TaskInstance::pending("c", after(&["a", "x"]), "default", 0),
         TaskInstance::pending("d", after(&["a"]), "default", 0),
+        TaskInstance::pending("e", after(&["a"]), "default", 1),
     ];
     let mut record = run("eager", "etl", 20, None);
     record.state = RunState::Running;
@@ -236,19 +237,22 @@ async fn eager_claims(store: Arc<dyn Store>) {
         claimed.worker = Some(worker.to_string());
         EagerClaim { expected, claimed, then: vec!["c".to_string(), "nope".to_string()] }
     };
-    let (a, b, c, d) = (read("a").await, read("b").await, read("c").await, read("d").await);
+    let (a, b, c, d, e) = (read("a").await, read("b").await, read("c").await, read("d").await, read("e").await);
     let done = |task: &TaskInstance, state: TaskState| TaskInstance { state, ended_at: Some(at(29)), ..task.clone() };
 
     // The outcome of another try applies to nothing and claims nothing.
     let stale = TaskInstance { try_number: 7, ..done(&a, TaskState::Success) };
-    let candidates = [claim_of(c.clone(), "w1"), claim_of(b.clone(), "w1")];
+    let candidates = [claim_of(c.clone(), "w1"), claim_of(b.clone(), "w1"), claim_of(e.clone(), "w1")];
     let finished = store.finish_try("eager", &stale, &candidates).await.unwrap();
     assert_eq!(finished, FinishedTry::default());
     assert_eq!(read("b").await, b);
 
-    // `c` also waits for `x`, still running: the first ready candidate, `b`, is claimed.
+    // `c` also waits for `x`, still running: the ready candidates, `b` and `e`, are claimed,
+    // each with the tasks it names read.
     let finished = store.finish_try("eager", &done(&a, TaskState::Success), &candidates).await.unwrap();
-    assert_eq!(finished, FinishedTry { applied: true, claimed: Some(1), then: vec![Some(c.clone()), None] });
+    let reads = vec![Some(c.clone()), None];
+    assert_eq!(finished, FinishedTry { applied: true, claimed: vec![(1, reads.clone()), (2, reads)] });
+    assert_eq!(read("e").await, candidates[2].claimed);
     assert_eq!(read("a").await.state, TaskState::Success);
     assert_eq!(read("b").await, candidates[1].claimed, "b is the claimed try, try 2 with its history");
     assert_eq!(read("c").await, c, "c is untouched");

@@ -60,6 +60,10 @@ pub struct StatusUpdate {
     /// Why it failed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
+    /// The downstream tasks the worker claimed as this try succeeded (eager dispatch), so the
+    /// scheduler reads them with this one instead of trying to queue them.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub next: Vec<String>,
 }
 
 /// Several status updates in one message, worker to scheduler on `dagmq.status`: a worker
@@ -241,6 +245,7 @@ mod tests {
             state: TaskState::Success,
             worker: Some("w".into()),
             error: None,
+            next: Vec::new(),
         }
     }
 

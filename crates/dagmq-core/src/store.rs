@@ -116,10 +116,9 @@ pub struct EagerClaim {
 pub struct FinishedTry {
     /// Whether the outcome applied (the try was still `running` at its number).
     pub applied: bool,
-    /// The index, among the candidates, of the downstream task claimed, if any.
-    pub claimed: Option<usize>,
-    /// For a claim: the tasks its `then` names, as stored (`None` for an unknown id).
-    pub then: Vec<Option<TaskInstance>>,
+    /// The candidates claimed, by index among the candidates, in order, each with the tasks
+    /// its `then` names as stored (`None` for an unknown id).
+    pub claimed: Vec<(usize, Vec<Option<TaskInstance>>)>,
 }
 
 /// Durable state of the system. Every task transition is a compare-and-set on
@@ -203,11 +202,12 @@ pub trait Store: Send + Sync + 'static {
 
     /// Records a finished try: `done` replaces the stored instance if that is still `running` at
     /// `done.try_number`. Then, only if it applied, `done` is a success and the run is
-    /// `running`, claims the first of `candidates` whose stored instance is still exactly its
+    /// `running`, claims each of `candidates` whose stored instance is still exactly its
     /// `expected` one and whose upstream tasks (its `after`) are all `success`: that task
-    /// becomes its `claimed` try, and the tasks its `then` names are read. All in one atomic step, so no cancel, suspension, restart or
-    /// other claim can come between the check and the claim. A store that cannot do this
-    /// atomically records the outcome and claims nothing.
+    /// becomes its `claimed` try, and the tasks its `then` names are read. All in one atomic
+    /// step, so no cancel, suspension, restart or other claim can come between the checks and
+    /// the claims. A store that cannot do this atomically records the outcome and claims
+    /// nothing.
     async fn finish_try(
         &self,
         run_id: &str,

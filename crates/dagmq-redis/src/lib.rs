@@ -527,12 +527,18 @@ impl Store for RedisStore {
         }
         let answer: Vec<Option<String>> =
             invocation.invoke_async(&mut conn).await.map_err(|e| self.write_error("finishing a try", e))?;
-        let code: usize = answer.first().cloned().flatten().and_then(|c| c.parse().ok()).unwrap_or(0);
-        let mut then = Vec::with_capacity(answer.len().saturating_sub(1));
-        for json in answer.into_iter().skip(1) {
-            then.push(json.as_deref().map(decode::<TaskInstance>).transpose()?);
+        let mut answer = answer.into_iter();
+        let number = |value: Option<Option<String>>| value.flatten().and_then(|v| v.parse::<usize>().ok());
+        let mut finished = FinishedTry { applied: number(answer.next()) == Some(1), claimed: Vec::new() };
+        while let Some(n) = number(answer.next()) {
+            let reads = number(answer.next()).unwrap_or(0);
+            let mut then = Vec::with_capacity(reads);
+            for json in answer.by_ref().take(reads) {
+                then.push(json.as_deref().map(decode::<TaskInstance>).transpose()?);
+            }
+            finished.claimed.push((n.saturating_sub(1), then));
         }
-        Ok(FinishedTry { applied: code >= 1, claimed: code.checked_sub(2), then })
+        Ok(finished)
     }
 
     async fn tasks_by_id(&self, run_id: &str, task_ids: &[&str]) -> Result<Vec<Option<TaskInstance>>, BackendError> {

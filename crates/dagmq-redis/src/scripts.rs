@@ -59,14 +59,14 @@ return 1
 ));
 
 /// A worker records a finished try and, when it is a success in a running run, claims the
-/// first ready downstream candidate (eager dispatch), in one step. KEYS[1] tasks hash, KEYS[2]
-/// the run's meta. ARGV: task id, try, new JSON, then per candidate: task id, the JSON the
-/// worker read (the claim applies only if the stored instance is still exactly that), the JSON
-/// of the claimed try, the number of its upstream tasks and their ids (each must be `success`),
-/// the number of tasks to read should it be claimed and their ids. Answers `{'0'}` when the
-/// outcome did not apply, `{'1'}` when it applied and nothing was claimed, and `{1 + n, ...}`
-/// when candidate n (from 1) was claimed, followed by the JSON of each task it named to read
-/// (nil for an unknown one).
+/// downstream candidates that are ready (eager dispatch), in one step. KEYS[1] tasks hash,
+/// KEYS[2] the run's meta. ARGV: task id, try, new JSON, then per candidate: task id, the JSON
+/// the worker read (a claim applies only if the stored instance is still exactly that), the
+/// JSON of the claimed try, the number of its upstream tasks and their ids (each must be
+/// `success`), the number of tasks to read should it be claimed and their ids. Answers `{'0'}`
+/// when the outcome did not apply, else `{'1', ...}` followed, for each candidate claimed, by
+/// its number (from 1), how many tasks were read for it, and the JSON of each (nil for an
+/// unknown one).
 pub(crate) const FINISH_TRY: &str = task_script!(
     r#"
 local current = redis.call('HGET', KEYS[1], ARGV[1])
@@ -74,9 +74,10 @@ if not current then return {'0'} end
 local state, try = head(current)
 if state ~= 'running' or try ~= ARGV[2] then return {'0'} end
 redis.call('HSET', KEYS[1], ARGV[1], ARGV[3])
-if #ARGV < 4 or head(ARGV[3]) ~= 'success' then return {'1'} end
+local answer = {'1'}
+if #ARGV < 4 or head(ARGV[3]) ~= 'success' then return answer end
 local meta = redis.call('GET', KEYS[2])
-if not meta or cjson.decode(meta).state ~= 'running' then return {'1'} end
+if not meta or cjson.decode(meta).state ~= 'running' then return answer end
 local at, n = 4, 0
 while at <= #ARGV do
   n = n + 1
@@ -91,13 +92,15 @@ while at <= #ARGV do
   end
   if ready then
     redis.call('HSET', KEYS[1], ARGV[at], ARGV[at + 2])
-    local answer = {tostring(1 + n)}
-    for k = 1, reads do answer[k + 1] = redis.call('HGET', KEYS[1], ARGV[reads_at + k]) end
-    return answer
+    answer[#answer + 1] = tostring(n)
+    answer[#answer + 1] = tostring(reads)
+    for k = 1, reads do
+      answer[#answer + 1] = redis.call('HGET', KEYS[1], ARGV[reads_at + k])
+    end
   end
   at = reads_at + 1 + reads
 end
-return {'1'}
+return answer
 "#
 );
 

@@ -237,9 +237,9 @@ struct Engine {
     outbox: Vec<(Topic, Vec<u8>)>,
     /// Fires when the scheduler must stop; ends a publish that keeps failing.
     shutdown: CancelSignal,
-    /// The task instances of runs created in this turn of the loop, so a run that starts at
-    /// once is not read back from the store; emptied at the end of every `start_dirty`.
-    created: HashMap<String, Vec<TaskInstance>>,
+    /// The records and task instances of runs created in this turn of the loop, so a run that
+    /// starts at once is not read back from the store; emptied at the end of every `start_dirty`.
+    created: HashMap<String, (RunRecord, Vec<TaskInstance>)>,
     /// DAGs whose queued runs may be able to start.
     dirty: BTreeSet<String>,
     /// When the run watcher must look again; `None` when no DAG has a future schedule point.
@@ -556,7 +556,9 @@ impl Engine {
         for (_, updates) in &decoded {
             for update in updates.iter().flat_map(|u| u.iter().flatten()) {
                 if self.active.contains_key(&update.run_id) {
-                    wanted.entry(update.run_id.clone()).or_default().push(update.task_id.clone());
+                    let ids = wanted.entry(update.run_id.clone()).or_default();
+                    ids.push(update.task_id.clone());
+                    ids.extend(update.next.iter().cloned());
                 }
             }
         }
@@ -579,10 +581,15 @@ impl Engine {
                     let mut outcome = Settle::Ack;
                     for update in updates {
                         let prefetched = fresh.remove(&(update.run_id.clone(), update.task_id.clone()));
-                        let mut settle = self.on_status_message(update.clone(), prefetched).await;
+                        let claimed: Vec<TaskInstance> = update
+                            .next
+                            .iter()
+                            .filter_map(|next| fresh.remove(&(update.run_id.clone(), next.clone())))
+                            .collect();
+                        let mut settle = self.on_status_message(update.clone(), prefetched, claimed).await;
                         let mut delay = Duration::from_millis(100);
                         while self.keep_trying(&settle, &mut delay).await {
-                            settle = self.on_status_message(update.clone(), None).await;
+                            settle = self.on_status_message(update.clone(), None, Vec::new()).await;
                         }
                         match settle {
                             Settle::Ack => {}
@@ -676,27 +683,40 @@ impl Engine {
     /// Reads, in one call per run, the store's instances of the tasks (by run) that a batch of
     /// status updates is about. A failed read is no error: each update then reads its task alone.
     async fn prefetch(&self, wanted: HashMap<String, Vec<String>>) -> HashMap<(String, String), TaskInstance> {
-        let mut fresh = HashMap::new();
-        for (run_id, task_ids) in wanted {
+        // The reads of all runs go out together (the store pipelines them on its connections).
+        let reads = wanted.into_iter().map(|(run_id, task_ids)| async move {
             let ids: Vec<&str> = task_ids.iter().map(String::as_str).collect();
-            match self.store.tasks_by_id(&run_id, &ids).await {
+            let found = self.store.tasks_by_id(&run_id, &ids).await;
+            (run_id, task_ids.len(), found)
+        });
+        let mut fresh = HashMap::new();
+        for (run_id, count, found) in join_all(reads).await {
+            match found {
                 Ok(found) => {
                     for task in found.into_iter().flatten() {
                         fresh.insert((run_id.clone(), task.task_id.clone()), task);
                     }
                 }
-                Err(err) => tracing::warn!(run = %run_id, "reading {} tasks at once: {err}", task_ids.len()),
+                Err(err) => tracing::warn!(run = %run_id, "reading {count} tasks at once: {err}"),
             }
         }
         fresh
     }
 
-    async fn on_status_message(&mut self, update: StatusUpdate, prefetched: Option<TaskInstance>) -> Settle {
+    async fn on_status_message(
+        &mut self,
+        update: StatusUpdate,
+        prefetched: Option<TaskInstance>,
+        claimed: Vec<TaskInstance>,
+    ) -> Settle {
         let Some(mut run) = self.active.remove(&update.run_id) else {
             // A finished, cancelled or unknown run: nothing left to schedule.
             tracing::debug!(run = %update.run_id, task = %update.task_id, "status for an inactive run ignored");
             return Settle::Ack;
         };
+        for claimed in claimed {
+            take_claimed(&mut run, claimed);
+        }
         let result = self.on_status(&mut run, &update, prefetched).await;
         let put_back = self.put_back(run).await;
         match put_back.and(result) {
@@ -1080,7 +1100,7 @@ impl Engine {
             self.add_timer(at, TimerKind::RunTimeout { run_id: record.run_id.clone() });
         }
         let tasks = match self.created.remove(&record.run_id) {
-            Some(tasks) if !recovering => tasks,
+            Some((_, tasks)) if !recovering => tasks,
             _ => self.store.tasks(&record.run_id).await?,
         };
         *self.running.entry(record.dag_id.clone()).or_default() += 1;
@@ -1189,7 +1209,13 @@ impl Engine {
                     break;
                 }
                 let Some(run_id) = self.queued.get_mut(&dag_id).and_then(VecDeque::pop_front) else { break };
-                let Some(record) = self.store.run(&run_id).await? else { continue };
+                let record = match self.created.get(&run_id) {
+                    Some((record, _)) => record.clone(),
+                    None => match self.store.run(&run_id).await? {
+                        Some(record) => record,
+                        None => continue,
+                    },
+                };
                 if record.state == RunState::Queued {
                     self.activate(record, false).await?;
                 }
@@ -1236,7 +1262,7 @@ impl Engine {
         match created {
             CreateRun::Created => {
                 tracing::info!(dag = %dag.id, run = %run_id, "run created");
-                self.created.insert(run_id.clone(), tasks);
+                self.created.insert(run_id.clone(), (record, tasks));
                 self.queued.entry(dag.id.clone()).or_default().push_back(run_id.clone());
                 self.dirty.insert(dag.id.clone());
                 Ok(TriggerOutcome { run_id, created: true })
@@ -2056,6 +2082,30 @@ impl Drop for StopOnDrop {
     fn drop(&mut self) {
         self.0.cancel();
     }
+}
+
+/// Takes into the view a try that a worker claimed as its upstream succeeded (eager dispatch),
+/// read with that upstream's status update, so the scheduler does not try to queue it. A try
+/// that has finished since is taken in as running and its outcome deferred, to be acted on
+/// once the upstream's is (`put_back`).
+fn take_claimed(run: &mut ActiveRun, claimed: TaskInstance) {
+    let Some(&j) = run.index.get(&claimed.task_id) else { return };
+    if claimed.try_number <= run.tasks[j].try_number {
+        return;
+    }
+    if matches!(claimed.state, TaskState::Queued | TaskState::Running) {
+        run.replace(j, claimed);
+        return;
+    }
+    let mut running = claimed.clone();
+    running.state = TaskState::Running;
+    running.ended_at = None;
+    running.error = None;
+    running.output = None;
+    running.retry_at = None;
+    running.follow_ups.clear();
+    run.replace(j, running);
+    run.deferred.push((j, claimed));
 }
 
 /// A task's configuration: from the DAG, or the defaults for follow-up tasks.

@@ -265,16 +265,31 @@ pub(crate) async fn execute(shared: &Arc<Shared>, delivery: Delivery) {
             claimed.store(true, Ordering::SeqCst);
             let first = ClaimedTry { key, message: *trusted, running: *running, resolved, signal, reason, eager };
             // The try is ours: it starts while the ack is on its way.
-            let (acked, mut next) = tokio::join!(delivery.ack(), finish(shared, first));
+            let (acked, next) = tokio::join!(delivery.ack(), finish(shared, first));
             settle(acked);
-            // Downstream tasks claimed as their upstream succeeded run here, one after the other,
-            // while the status update of the try before is on its way.
-            while let Some((claimed, update)) = next {
-                tokio::spawn(publish_status_until_sent(shared.clone(), update));
-                next = finish(shared, claimed).await;
-            }
+            run_claimed(shared, next).await;
         }
     }
+}
+
+/// Runs the tries claimed as their upstream succeeded: the first here, one after the other
+/// (each may claim more), the others each in a task of its own with the slot taken for it,
+/// while the status update of the try before is on its way.
+fn run_claimed(shared: &Arc<Shared>, mut next: Option<Next>) -> Pin<Box<dyn Future<Output = ()> + Send + '_>> {
+    Box::pin(async move {
+        while let Some(Next { first, others, update }) = next {
+            tokio::spawn(publish_status_until_sent(shared.clone(), update));
+            for (claimed, permit) in others {
+                let shared = shared.clone();
+                tokio::spawn(async move {
+                    let next = finish(&shared, claimed).await;
+                    run_claimed(&shared, next).await;
+                    drop(permit);
+                });
+            }
+            next = finish(shared, first).await;
+        }
+    })
 }
 
 /// A try registered on this worker: how it is stopped and whether its claim applied.
@@ -507,7 +522,7 @@ async fn claim_outcome(shared: &Shared, message: &TaskToExec, first: &BackendErr
 /// the message is acknowledged already, so the outcome must not be dropped. Answers the
 /// downstream try claimed as this one succeeded, if any, with this try's status update, which
 /// is sent while that one runs.
-async fn finish(shared: &Shared, claimed: ClaimedTry) -> Option<(ClaimedTry, StatusUpdate)> {
+async fn finish(shared: &Shared, claimed: ClaimedTry) -> Option<Next> {
     let ClaimedTry { key, message, mut running, resolved, signal, reason, mut eager } = claimed;
     let message = &message;
     // The try starts now (the claim's time is when it was claimed); the outcome records this.
@@ -567,7 +582,7 @@ async fn record_outcome(
     result: &Result<TaskOutcome, TaskError>,
     reason: StopReason,
     eager: &mut Vec<TaskInstance>,
-) -> Result<Option<(ClaimedTry, StatusUpdate)>, BackendError> {
+) -> Result<Option<Next>, BackendError> {
     let eager = std::mem::take(eager);
     let store = &shared.store;
     let now = shared.config.clock.now();
@@ -618,29 +633,46 @@ async fn record_outcome(
             done.error = Some(error.message.clone());
         }
     }
+    // The first candidate claimed runs next in this try's slot; each further one needs a free
+    // slot of this worker, taken now (and given back if it is not claimed).
+    let mut permits = Vec::new();
     let candidates = if done.state == TaskState::Success && done.follow_ups.is_empty() && !shared.stopping() {
+        while permits.len() + 1 < eager.len() {
+            match shared.slots.clone().try_acquire_owned() {
+                Ok(permit) => permits.push(permit),
+                Err(_) => break,
+            }
+        }
+        let mut eager = eager;
+        eager.truncate(permits.len() + 1);
         prepare_eager(shared, message, eager)
     } else {
         Vec::new()
     };
     let claims: Vec<EagerClaim> = candidates.iter().map(|c| c.claim.clone()).collect();
     let finished = store.finish_try(&message.run_id, &done, &claims).await;
-    // Only the claimed candidate stays registered; an error claimed none that this worker knows
+    // Only the claimed candidates stay registered; an error claimed none that this worker knows
     // of (should the store have applied one, the scheduler requeues it: no heartbeat lists it).
-    let mut next = None;
+    let mut reads: HashMap<usize, Vec<Option<TaskInstance>>> =
+        finished.as_ref().map(|f| f.claimed.iter().cloned().collect()).unwrap_or_default();
+    let mut claimed = Vec::new();
     for (n, candidate) in candidates.into_iter().enumerate() {
-        if Some(n) == finished.as_ref().ok().and_then(|f| f.claimed) {
-            let then = finished.as_ref().map(|f| f.then.clone()).unwrap_or_default();
-            next = Some(candidate.into_claimed(then.into_iter().flatten().filter(|t| t.state == TaskState::Pending)));
-        } else {
-            lock(&shared.running).remove(&candidate.key);
+        match reads.remove(&n) {
+            Some(then) => claimed
+                .push(candidate.into_claimed(then.into_iter().flatten().filter(|t| t.state == TaskState::Pending))),
+            None => drop(lock(&shared.running).remove(&candidate.key)),
         }
     }
     if finished?.applied {
-        if let Some(next) = next {
-            shared.config.metrics.eager.inc(&[]);
+        if !claimed.is_empty() {
+            shared.config.metrics.eager.add(&[], claimed.len() as f64);
             fail_point!("worker::eager::after_claim");
-            return Ok(Some((next, status_update(shared, &done, &message.run_id))));
+            let mut update = status_update(shared, &done, &message.run_id);
+            update.next = claimed.iter().map(|c| c.message.task_id.clone()).collect();
+            let mut claimed = claimed.into_iter();
+            let first = claimed.next().unwrap_or_else(|| unreachable!("claimed is not empty"));
+            let others = claimed.zip(permits).collect();
+            return Ok(Some(Next { first, others, update }));
         }
         fail_point!("worker::outcome::before_publish");
         publish_status(shared, &done, &message.run_id).await?;
@@ -658,6 +690,14 @@ async fn record_outcome(
         }
     }
     Ok(None)
+}
+
+/// What a try that succeeded claimed: the try to run next in its slot, the others claimed with
+/// slots of their own, and its status update (naming them), which is sent as they run.
+struct Next {
+    first: ClaimedTry,
+    others: Vec<(ClaimedTry, tokio::sync::OwnedSemaphorePermit)>,
+    update: StatusUpdate,
 }
 
 /// A downstream task made ready to claim as its upstream's outcome is written: registered
@@ -688,7 +728,7 @@ impl EagerCandidate {
 }
 
 /// Most downstream tasks a try offers to claim as it succeeds.
-const EAGER_MAX_CANDIDATES: usize = 4;
+const EAGER_MAX_CANDIDATES: usize = 8;
 
 /// Most upstream tasks of a task claimed eagerly (the store checks each of them).
 const EAGER_MAX_UPSTREAMS: usize = 16;
@@ -952,6 +992,7 @@ fn status_update(shared: &Shared, task: &TaskInstance, run_id: &str) -> StatusUp
         state: task.state,
         worker: Some(shared.config.name.clone()),
         error: task.error.clone(),
+        next: Vec::new(),
     }
 }
 

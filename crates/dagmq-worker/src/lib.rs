@@ -113,6 +113,8 @@ pub(crate) struct Shared {
     pub(crate) status: status::StatusSender,
     /// Fires when the worker is shutting down: it claims no more downstream tries then.
     pub(crate) shutdown: CancelSignal,
+    /// The worker's slots (its concurrency): one per try running.
+    pub(crate) slots: Arc<Semaphore>,
 }
 
 impl Shared {
@@ -141,6 +143,7 @@ pub async fn run(
         live,
         status: status::StatusSender::start(queue.clone()),
         shutdown: shutdown.clone(),
+        slots: Arc::new(Semaphore::new(concurrency)),
         config,
         queue,
         store,
@@ -148,7 +151,7 @@ pub async fn run(
         instance,
         runs: Mutex::new(HashMap::new()),
     });
-    let slots = Arc::new(Semaphore::new(concurrency));
+    let slots = shared.slots.clone();
     tracing::info!(worker = %shared.config.name, queues = ?shared.config.queues, concurrency, "worker started");
 
     heartbeat(&shared, started_at).await;

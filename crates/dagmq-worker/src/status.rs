@@ -89,6 +89,7 @@ mod tests {
             state: TaskState::Success,
             worker: None,
             error: None,
+            next: Vec::new(),
         }
     }
 

@@ -253,16 +253,17 @@ impl Store for MemoryStore {
         let succeeded = |entry: &RunEntry, id: &str| {
             entry.index.get(id).is_some_and(|&i| entry.tasks[i].state == TaskState::Success)
         };
+        let mut finished = applied;
         for (n, candidate) in candidates.iter().enumerate() {
             let Some(&i) = entry.index.get(&candidate.expected.task_id) else { continue };
             if entry.tasks[i] == candidate.expected && candidate.expected.after.iter().all(|up| succeeded(entry, up)) {
                 entry.tasks[i] = candidate.claimed.clone();
                 let then =
                     candidate.then.iter().map(|id| entry.index.get(id).map(|&t| entry.tasks[t].clone())).collect();
-                return Ok(FinishedTry { applied: true, claimed: Some(n), then });
+                finished.claimed.push((n, then));
             }
         }
-        Ok(applied)
+        Ok(finished)
     }
 
     async fn tasks_by_id(&self, run_id: &str, task_ids: &[&str]) -> Result<Vec<Option<TaskInstance>>, BackendError> {
