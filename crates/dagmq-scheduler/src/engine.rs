@@ -1815,6 +1815,7 @@ impl Engine {
         let grace = chrono::Duration::from_std(self.config.unlisted_grace).unwrap_or_default();
         let mut seen = std::collections::HashSet::new();
         let mut due: Vec<TryKey> = Vec::new();
+        let mut restarted: Vec<TryKey> = Vec::new();
         for run in self.active.values() {
             for task in &run.tasks {
                 if task.state != TaskState::Running {
@@ -1822,6 +1823,12 @@ impl Engine {
                 }
                 let Some(worker) = task.worker.as_ref().and_then(|name| live.get(name)) else { continue };
                 if task.worker_instance.as_deref() != Some(worker.instance.as_str()) {
+                    // A try of an earlier process of a worker that has started again (one the
+                    // view learned of after the restart was seen: a try claimed eagerly, whose
+                    // upstream's status update died with that process).
+                    if task.worker_instance.is_some() {
+                        restarted.push((run.id().to_string(), task.task_id.clone(), task.try_number));
+                    }
                     continue;
                 }
                 let listed = worker
@@ -1846,6 +1853,20 @@ impl Engine {
             }
         }
         self.unlisted.retain(|key, _| seen.contains(key));
+        for (run_id, task_id, try_number) in restarted {
+            let Some(task) = self.store.task(&run_id, &task_id).await? else { continue };
+            let current = task.worker.as_ref().and_then(|name| live.get(name)).map(|w| w.instance.as_str());
+            if task.state != TaskState::Running
+                || task.try_number != try_number
+                || current.is_none()
+                || task.worker_instance.as_deref() == current
+            {
+                continue;
+            }
+            let worker = task.worker.clone().unwrap_or_default();
+            let reason = format!("try {try_number} interrupted: worker {worker} restarted");
+            self.requeue_interrupted(&run_id, &task, reason, "worker_lost").await?;
+        }
         for (run_id, task_id, try_number) in due {
             self.unlisted.remove(&(run_id.clone(), task_id.clone(), try_number));
             let Some(task) = self.store.task(&run_id, &task_id).await? else { continue };

@@ -184,6 +184,15 @@ fn crash_between_the_outcome_and_the_status_publish() {
     worker_crash_at("worker::outcome::before_publish");
 }
 
+/// The worker claims the next task as the one before succeeds (eager dispatch), and dies
+/// before the status update of the one before is sent: the scheduler learns of the success when
+/// it reads the queued try again, finds the next task running under the dead process, and
+/// requeues it.
+#[test]
+fn crash_between_an_eager_claim_and_the_status_publish() {
+    worker_crash_at("worker::eager::after_claim");
+}
+
 /// A worker stopping gracefully past its grace period requeues its try as a new one and dies
 /// before publishing the message: the scheduler republishes the queued try.
 #[test]
