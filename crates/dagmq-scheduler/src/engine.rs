@@ -1816,12 +1816,27 @@ impl Engine {
         let mut seen = std::collections::HashSet::new();
         let mut due: Vec<TryKey> = Vec::new();
         let mut restarted: Vec<TryKey> = Vec::new();
+        let mut gone: Vec<TryKey> = Vec::new();
         for run in self.active.values() {
             for task in &run.tasks {
                 if task.state != TaskState::Running {
                     continue;
                 }
-                let Some(worker) = task.worker.as_ref().and_then(|name| live.get(name)) else { continue };
+                let key = (run.id().to_string(), task.task_id.clone(), task.try_number);
+                let Some(worker) = task.worker.as_ref().and_then(|name| live.get(name)) else {
+                    // Running under a worker that left the registry (lost): a try the view learned
+                    // of after the loss was handled (claimed eagerly, its upstream's status lost
+                    // with the worker). Requeued once `unlisted_grace` has passed.
+                    if task.worker.is_some() {
+                        seen.insert(key.clone());
+                        match self.unlisted.get(&key) {
+                            None => drop(self.unlisted.insert(key, (now, DateTime::<Utc>::MIN_UTC))),
+                            Some((since, _)) if now - *since >= grace => gone.push(key),
+                            Some(_) => {}
+                        }
+                    }
+                    continue;
+                };
                 if task.worker_instance.as_deref() != Some(worker.instance.as_str()) {
                     // A try of an earlier process of a worker that has started again (one the
                     // view learned of after the restart was seen: a try claimed eagerly, whose
@@ -1838,7 +1853,6 @@ impl Engine {
                 if listed {
                     continue;
                 }
-                let key = (run.id().to_string(), task.task_id.clone(), task.try_number);
                 seen.insert(key.clone());
                 match self.unlisted.get(&key) {
                     None => {
@@ -1853,6 +1867,17 @@ impl Engine {
             }
         }
         self.unlisted.retain(|key, _| seen.contains(key));
+        for (run_id, task_id, try_number) in gone {
+            self.unlisted.remove(&(run_id.clone(), task_id.clone(), try_number));
+            let Some(task) = self.store.task(&run_id, &task_id).await? else { continue };
+            let known = task.worker.as_ref().is_some_and(|name| live.contains_key(name));
+            if task.state != TaskState::Running || task.try_number != try_number || known {
+                continue;
+            }
+            let worker = task.worker.clone().unwrap_or_default();
+            let reason = format!("try {try_number} interrupted: worker {worker} lost");
+            self.requeue_interrupted(&run_id, &task, reason, "worker_lost").await?;
+        }
         for (run_id, task_id, try_number) in restarted {
             let Some(task) = self.store.task(&run_id, &task_id).await? else { continue };
             let current = task.worker.as_ref().and_then(|name| live.get(name)).map(|w| w.instance.as_str());

@@ -193,6 +193,34 @@ fn crash_between_an_eager_claim_and_the_status_publish() {
     worker_crash_at("worker::eager::after_claim");
 }
 
+/// The same crash, with the worker gone for good: another worker, started after the crash,
+/// runs the next task once the scheduler has taken the dead worker for lost.
+#[test]
+fn crash_between_an_eager_claim_and_the_status_publish_with_the_worker_gone() {
+    let log = side_log("eager-gone");
+    let Some(mut cluster) = Cluster::new(&[("steps.toml", &steps_dag(&log))]) else { return };
+    cluster.start_scheduler();
+    cluster.next_env(&[("FAILPOINTS", "worker::eager::after_claim=panic")]);
+    cluster.start_worker("w1");
+    publish_trigger(&cluster, "steps", "k1");
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while !cluster.worker_exited("w1") {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the worker never reached the fail point:\n{}",
+            cluster.logs_text()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    cluster.start_worker("w2");
+    let run_id = the_run(&cluster, "steps");
+    let run = cluster.wait_run(&run_id, Duration::from_secs(120));
+    check_history(&run, &log);
+    let s2 = run["tasks"].as_array().unwrap().iter().find(|t| t["task_id"] == "s2").unwrap();
+    assert_eq!(s2["worker"], "w2", "{s2}");
+    let _ = std::fs::remove_file(&log);
+}
+
 /// A worker stopping gracefully past its grace period requeues its try as a new one and dies
 /// before publishing the message: the scheduler republishes the queued try.
 #[test]
