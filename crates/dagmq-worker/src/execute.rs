@@ -637,7 +637,7 @@ async fn record_outcome(
     // slot of this worker, taken now (and given back if it is not claimed).
     let mut permits = Vec::new();
     let candidates = if done.state == TaskState::Success && done.follow_ups.is_empty() && !shared.stopping() {
-        while permits.len() + 1 < eager.len() {
+        while permits.len() + 1 < eager.len().min(shared.config.eager_claims) {
             match shared.slots.clone().try_acquire_owned() {
                 Ok(permit) => permits.push(permit),
                 Err(_) => break,

@@ -65,6 +65,14 @@ pub struct WorkerConfig {
     /// made ready (default rule, this worker's pools, no concurrency limit) and runs it next in
     /// its own slot, without a task message. Off, every task goes through the scheduler.
     pub eager: bool,
+    /// With eager dispatch, most downstream tries claimed as one try succeeds: the first runs
+    /// in that try's slot, each other in a free slot of the worker, in a task of its own. Over an
+    /// in-memory queue, where a round through the scheduler costs microseconds, 1 is faster.
+    pub eager_claims: usize,
+    /// Send status updates together (one confirmed message for every outcome that finished
+    /// while the previous one was confirmed). Off, each goes alone, as over an in-memory queue,
+    /// where a publish costs no round trip to save.
+    pub batch_status: bool,
 }
 
 /// The default [`WorkerConfig::prefetch`]: enough to keep claims pipelined, few enough that a
@@ -89,6 +97,8 @@ impl WorkerConfig {
             metrics: Arc::new(WorkerMetrics::default()),
             live: None,
             eager: true,
+            eager_claims: 8,
+            batch_status: true,
         }
     }
 }
@@ -141,7 +151,7 @@ pub async fn run(
         .unwrap_or_else(|| Arc::new(dagmq_core::LiveDags::new((*config.dags).clone(), Vec::new(), HashMap::new())));
     let shared = Arc::new(Shared {
         live,
-        status: status::StatusSender::start(queue.clone()),
+        status: status::StatusSender::start(queue.clone(), config.batch_status),
         shutdown: shutdown.clone(),
         slots: Arc::new(Semaphore::new(concurrency)),
         config,

@@ -19,27 +19,38 @@ const MAX_BATCH_UPDATES: usize = 1000;
 /// An update waiting to be sent, with who waits for its confirmation.
 type Pending = (Vec<u8>, oneshot::Sender<Result<(), BackendError>>);
 
-/// Hands status updates to the worker's one publisher of `dagmq.status`.
+/// Hands status updates to the worker's one publisher of `dagmq.status`, or, unbatched,
+/// publishes each itself.
 #[derive(Clone)]
-pub(crate) struct StatusSender {
-    tx: mpsc::UnboundedSender<Pending>,
+pub(crate) enum StatusSender {
+    /// Through the publisher.
+    Batched(mpsc::UnboundedSender<Pending>),
+    /// One message each (an in-memory queue, whose publish costs no round trip to save).
+    Direct(Arc<dyn Queue>),
 }
 
 impl StatusSender {
-    /// Starts the publisher; it ends once every sender is dropped.
-    pub(crate) fn start(queue: Arc<dyn Queue>) -> StatusSender {
+    /// Starts the publisher (it ends once every sender is dropped), or none when `batched` is off.
+    pub(crate) fn start(queue: Arc<dyn Queue>, batched: bool) -> StatusSender {
+        if !batched {
+            return StatusSender::Direct(queue);
+        }
         let (tx, rx) = mpsc::unbounded_channel();
         tokio::spawn(publish_loop(queue, rx));
-        StatusSender { tx }
+        StatusSender::Batched(tx)
     }
 
     /// Sends one update; returns once the queue has it durably (in a message with others).
     pub(crate) async fn send(&self, update: &StatusUpdate) -> Result<(), BackendError> {
-        let (done, confirmed) = oneshot::channel();
-        self.tx
-            .send((messages::encode(update), done))
-            .map_err(|_| BackendError::new("the status publisher has stopped"))?;
-        confirmed.await.map_err(|_| BackendError::new("the status publisher has stopped"))?
+        match self {
+            StatusSender::Direct(queue) => queue.publish(&Topic::Status, messages::encode(update)).await,
+            StatusSender::Batched(tx) => {
+                let (done, confirmed) = oneshot::channel();
+                tx.send((messages::encode(update), done))
+                    .map_err(|_| BackendError::new("the status publisher has stopped"))?;
+                confirmed.await.map_err(|_| BackendError::new("the status publisher has stopped"))?
+            }
+        }
     }
 }
 
@@ -97,7 +108,7 @@ mod tests {
     async fn updates_sent_together_arrive_in_fewer_messages_and_in_order() {
         let queue: Arc<dyn Queue> = Arc::new(MemoryQueue::new());
         let mut consumer = queue.consume(&Topic::Status, 1000).await.unwrap();
-        let sender = StatusSender::start(queue.clone());
+        let sender = StatusSender::start(queue.clone(), true);
         let ids: Vec<String> = (0..200).map(|n| format!("t{n}")).collect();
         let sends: Vec<_> = ids
             .iter()

@@ -100,6 +100,9 @@ impl Rig {
                 let mut worker = WorkerConfig::new("bench-worker-0", dags, clock);
                 worker.concurrency = args.concurrency;
                 worker.eager = !args.no_eager;
+                // As `dagmq standalone` does over its in-memory queue.
+                worker.eager_claims = 1;
+                worker.batch_status = false;
                 // The only worker of an in-memory queue: there is nobody to leave work to.
                 worker.prefetch = u16::MAX;
                 tokio::spawn(dagmq_worker::run(worker, queue.clone(), store.clone(), signal.clone()));
