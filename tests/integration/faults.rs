@@ -10,7 +10,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use dagmq_core::records::DagRecord;
-use dagmq_core::store::{CreateRun, EagerClaim, FinishedTry, RunFilter, TaskChange};
+use dagmq_core::store::{ClaimAnswer, Claimant, CreateRun, EagerClaim, FinishedTry, RunFilter, TaskChange};
 use dagmq_core::{
     BackendError, Consumer, Queue, RunRecord, RunState, Store, TaskInstance, TaskState, Topic, WorkerInfo,
 };
@@ -165,6 +165,22 @@ impl Store for FaultyStore {
             return Err(BackendError::new("injected: the claim applied, its answer timed out"));
         }
         Ok(applied)
+    }
+    async fn claim_try(
+        &self,
+        run_id: &str,
+        task_id: &str,
+        try_number: u32,
+        claimant: &Claimant,
+        read: &[&str],
+    ) -> Result<ClaimAnswer, BackendError> {
+        self.faults.gate().await;
+        self.faults.check("claim_try")?;
+        let answer = self.inner.claim_try(run_id, task_id, try_number, claimant, read).await?;
+        if answer.claimed && Faults::take(&self.faults.claims_applied_then_failed) {
+            return Err(BackendError::new("injected: the claim applied, its answer timed out"));
+        }
+        Ok(answer)
     }
     async fn finish_try(
         &self,

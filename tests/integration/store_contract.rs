@@ -6,7 +6,7 @@ use chrono::{DateTime, Duration, Utc};
 use dagmq_core::memory::MemoryStore;
 use dagmq_core::records::{DagRecord, RunningTry};
 use dagmq_core::store::{
-    CreateRun, EagerClaim, FinishedTry, LOG_CUT_MARKER, MAX_LOG_LINES_PER_TRY, RunFilter, TaskChange,
+    Claimant, CreateRun, EagerClaim, FinishedTry, LOG_CUT_MARKER, MAX_LOG_LINES_PER_TRY, RunFilter, TaskChange,
 };
 use dagmq_core::{FollowUp, RunKind, RunRecord, RunState, Store, TaskInstance, TaskState, WorkerInfo};
 
@@ -196,7 +196,42 @@ async fn contract(store: Arc<dyn Store>) {
     store.release_lease("a").await.unwrap();
     store.ping().await.unwrap();
     batches(store.clone()).await;
-    eager_claims(store).await;
+    eager_claims(store.clone()).await;
+    claims(store).await;
+}
+
+/// A claim in one call: a queued try becomes exactly `claimed_by` the claimant; anything else
+/// is answered unchanged; other tasks are read with it.
+async fn claims(store: Arc<dyn Store>) {
+    let claimant = Claimant { worker: "w1".into(), instance: "w1@1-2".into(), at: at(40) };
+    let mut queued = TaskInstance::pending("q", vec!["p".to_string()], "default", 2).next_try(at(39));
+    queued.output = Some(serde_json::json!({"kept": [1.5, "x"]}));
+    // A try of an earlier worker left its instance name behind: claimed all the same.
+    let mut stale = TaskInstance::pending("s", vec![], "default", 0).next_try(at(39));
+    stale.worker_instance = Some("w0@0-1".into());
+    let tasks = vec![TaskInstance::pending("p", vec![], "default", 0), queued.clone(), stale.clone()];
+    assert_eq!(store.create_run(&run("claims", "etl", 30, None), &tasks).await.unwrap(), CreateRun::Created);
+
+    let answer = store.claim_try("claims", "q", 1, &claimant, &["p", "nope"]).await.unwrap();
+    assert!(answer.claimed);
+    assert_eq!(answer.task, Some(queued.claimed_by(&claimant)));
+    assert_eq!(store.task("claims", "q").await.unwrap(), Some(queued.claimed_by(&claimant)));
+    assert_eq!(answer.read, vec![Some(tasks[0].clone()), None]);
+    // The claimed instance still takes compare-and-sets as any other.
+    let mut done = queued.claimed_by(&claimant);
+    done.state = TaskState::Success;
+    assert!(store.transition_task("claims", TaskState::Running, 1, &done).await.unwrap());
+
+    let other = Claimant { worker: "w2".into(), ..claimant.clone() };
+    let again = store.claim_try("claims", "q", 1, &other, &[]).await.unwrap();
+    assert_eq!((again.claimed, again.task), (false, Some(done)));
+    let wrong_try = store.claim_try("claims", "s", 2, &claimant, &[]).await.unwrap();
+    assert_eq!((wrong_try.claimed, wrong_try.task), (false, Some(stale.clone())));
+    let answer = store.claim_try("claims", "s", 1, &claimant, &[]).await.unwrap();
+    assert!(answer.claimed);
+    assert_eq!(store.task("claims", "s").await.unwrap(), Some(stale.claimed_by(&claimant)));
+    let unknown = store.claim_try("claims", "nope", 1, &claimant, &["p"]).await.unwrap();
+    assert_eq!((unknown.claimed, unknown.task, unknown.read.len()), (false, None, 1));
 }
 
 /// Eager dispatch: an outcome and the claim of a downstream task it made ready, in one step.

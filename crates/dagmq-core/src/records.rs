@@ -192,10 +192,23 @@ impl TaskInstance {
         new.ended_at = None;
         new.retry_at = None;
         new.worker = None;
+        new.worker_instance = None;
         new.error = None;
         new.progress = None;
         new.follow_ups.clear();
         new
+    }
+
+    /// This queued try as `claimant` claims it: `running`, started at the claimant's time, under
+    /// its name and process instance.
+    pub fn claimed_by(&self, claimant: &crate::store::Claimant) -> TaskInstance {
+        let mut running = self.clone();
+        running.state = TaskState::Running;
+        running.started_at = Some(claimant.at);
+        running.worker = Some(claimant.worker.clone());
+        running.worker_instance = Some(claimant.instance.clone());
+        running.progress = None;
+        running
     }
 
     /// A task that has not run yet, with a budget of `retries` tries after the first.

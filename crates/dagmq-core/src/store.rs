@@ -121,6 +121,29 @@ pub struct FinishedTry {
     pub claimed: Vec<(usize, Vec<Option<TaskInstance>>)>,
 }
 
+/// Who claims a try, and when (see [`Store::claim_try`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Claimant {
+    /// The worker's name.
+    pub worker: String,
+    /// The worker process's instance.
+    pub instance: String,
+    /// When it claims.
+    pub at: DateTime<Utc>,
+}
+
+/// What [`Store::claim_try`] found and did.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct ClaimAnswer {
+    /// The task after the call: the claimed try, or the instance that was not claimable
+    /// (`None` for an unknown task).
+    pub task: Option<TaskInstance>,
+    /// Whether this call claimed it.
+    pub claimed: bool,
+    /// The tasks asked to be read with it, in order (`None` for an unknown id).
+    pub read: Vec<Option<TaskInstance>>,
+}
+
 /// Durable state of the system. Every task transition is a compare-and-set on
 /// (run, task, state, try): a store applies it only if both still match.
 #[async_trait]
@@ -198,6 +221,32 @@ pub trait Store: Send + Sync + 'static {
             applied.push(self.transition_task(run_id, change.expected_state, change.expected_try, &change.task).await?);
         }
         Ok(applied)
+    }
+
+    /// Claims a try for a worker: if the task is `queued` at `try_number` it becomes
+    /// [`TaskInstance::claimed_by`] `claimant`, atomically; otherwise nothing changes. The tasks
+    /// named by `read` are read in the same call. One round trip where the backend allows it.
+    async fn claim_try(
+        &self,
+        run_id: &str,
+        task_id: &str,
+        try_number: u32,
+        claimant: &Claimant,
+        read: &[&str],
+    ) -> Result<ClaimAnswer, BackendError> {
+        let mut ids = Vec::with_capacity(1 + read.len());
+        ids.push(task_id);
+        ids.extend_from_slice(read);
+        let mut found = self.tasks_by_id(run_id, &ids).await?.into_iter();
+        let task = found.next().flatten();
+        let read = found.collect();
+        let Some(current) = task else { return Ok(ClaimAnswer { task: None, claimed: false, read }) };
+        if current.state != TaskState::Queued || current.try_number != try_number {
+            return Ok(ClaimAnswer { task: Some(current), claimed: false, read });
+        }
+        let running = current.claimed_by(claimant);
+        let claimed = self.transition_task(run_id, TaskState::Queued, try_number, &running).await?;
+        Ok(ClaimAnswer { task: Some(if claimed { running } else { current }), claimed, read })
     }
 
     /// Records a finished try: `done` replaces the stored instance if that is still `running` at

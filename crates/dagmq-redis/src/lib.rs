@@ -22,7 +22,8 @@ use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use dagmq_core::records::DagRecord;
 use dagmq_core::store::{
-    CreateRun, EagerClaim, Fence, FinishedTry, LOG_CUT_MARKER, MAX_LOG_LINES_PER_TRY, RunFilter, Store, TaskChange,
+    ClaimAnswer, Claimant, CreateRun, EagerClaim, Fence, FinishedTry, LOG_CUT_MARKER, MAX_LOG_LINES_PER_TRY, RunFilter,
+    Store, TaskChange,
 };
 use dagmq_core::{BackendError, RunRecord, RunState, TaskInstance, TaskState, TlsSettings, WorkerInfo};
 use deadpool_redis::redis::{self, AsyncCommands, Script};
@@ -53,6 +54,7 @@ pub struct RedisStore {
 struct Scripts {
     transition_task: Script,
     finish_try: Script,
+    claim_try: Script,
     transition_tasks: Script,
     transition_run: Script,
     create_run: Script,
@@ -145,6 +147,7 @@ impl RedisStore {
             scripts: Arc::new(Scripts {
                 transition_task: Script::new(scripts::TRANSITION_TASK),
                 finish_try: Script::new(scripts::FINISH_TRY),
+                claim_try: Script::new(scripts::CLAIM_TRY),
                 transition_tasks: Script::new(scripts::TRANSITION_TASKS),
                 transition_run: Script::new(scripts::TRANSITION_RUN),
                 create_run: Script::new(scripts::CREATE_RUN),
@@ -500,6 +503,55 @@ impl Store for RedisStore {
             .await
             .map_err(|e| self.write_error("task transition", e))?;
         Ok(applied == 1)
+    }
+
+    async fn claim_try(
+        &self,
+        run_id: &str,
+        task_id: &str,
+        try_number: u32,
+        claimant: &Claimant,
+        read: &[&str],
+    ) -> Result<ClaimAnswer, BackendError> {
+        let fields = format!(
+            r#","started_at":{},"worker":{},"worker_instance":{}"#,
+            encode(&claimant.at)?,
+            encode(&claimant.worker)?,
+            encode(&claimant.instance)?
+        );
+        let mut conn = self.conn().await?;
+        let mut invocation = self.scripts.claim_try.key(self.tasks_key(run_id));
+        invocation.arg(task_id).arg(try_number).arg(fields);
+        for id in read {
+            invocation.arg(*id);
+        }
+        let answer: Vec<Option<String>> =
+            invocation.invoke_async(&mut conn).await.map_err(|e| self.write_error("claiming a try", e))?;
+        let instance = |id: &str, json: &Option<String>, progress: &Option<String>| -> Result<_, BackendError> {
+            let Some(json) = json else { return Ok(None) };
+            let mut fields = vec![(id.to_string(), json.clone())];
+            if let Some(progress) = progress {
+                fields.push((format!("{id}#progress"), progress.clone()));
+            }
+            Ok(tasks_from_hash(fields)?.pop())
+        };
+        let code = answer.first().cloned().flatten().unwrap_or_default();
+        let task = instance(task_id, answer.get(1).unwrap_or(&None), answer.get(2).unwrap_or(&None))?;
+        let mut reads = Vec::with_capacity(read.len());
+        for (n, id) in read.iter().enumerate() {
+            let at = 3 + 2 * n;
+            reads.push(instance(id, answer.get(at).unwrap_or(&None), answer.get(at + 1).unwrap_or(&None))?);
+        }
+        match (code.as_str(), task) {
+            ("1", task) => Ok(ClaimAnswer { task, claimed: true, read: reads }),
+            ("3", Some(current)) => {
+                // An instance the script does not rewrite: claim it with a compare-and-set.
+                let running = current.claimed_by(claimant);
+                let claimed = self.transition_task(run_id, TaskState::Queued, try_number, &running).await?;
+                Ok(ClaimAnswer { task: Some(if claimed { running } else { current }), claimed, read: reads })
+            }
+            (_, task) => Ok(ClaimAnswer { task, claimed: false, read: reads }),
+        }
     }
 
     async fn finish_try(

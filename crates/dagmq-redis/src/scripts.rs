@@ -58,6 +58,54 @@ return 1
 "#
 ));
 
+/// A worker claims a try and reads other tasks, in one step. KEYS[1] tasks hash. ARGV: task id,
+/// try, the claim's fields as JSON members (`,"started_at":...,"worker":...,"worker_instance":...`),
+/// then the ids of tasks to read. When the task is `queued` at that try, with its state first
+/// after its id (serde's order) and none of the claim's fields or a progress of its own, the
+/// claim is made here by rewriting the state and appending the fields (no re-encoding, so the
+/// rest of the instance stays byte for byte); otherwise nothing is written. Answers a code
+/// (`0` unknown task, `1` claimed, `2` not claimable, `3` claimable but not in that shape: the
+/// caller claims with a compare-and-set), the task's JSON after the call (or nil), the task's
+/// `#progress` field, then the JSON and `#progress` field of each task read.
+pub(crate) const CLAIM_TRY: &str = task_script!(
+    r#"
+local answer = {}
+local current = redis.call('HGET', KEYS[1], ARGV[1])
+if not current then
+  answer[1] = '0'
+  answer[2] = false
+  answer[3] = false
+else
+  local state, try = head(current)
+  local prefix = '{"task_id":"' .. ARGV[1] .. '","state":"queued"'
+  if state ~= 'queued' or try ~= ARGV[2] then
+    answer[1] = '2'
+    answer[2] = current
+  elseif string.sub(current, 1, #prefix) ~= prefix or string.sub(current, -1) ~= '}' then
+    answer[1] = '3'
+    answer[2] = current
+  else
+    local task = cjson.decode(current)
+    if task.started_at ~= nil or task.worker ~= nil or task.worker_instance ~= nil or task.progress ~= nil then
+      answer[1] = '3'
+      answer[2] = current
+    else
+      local claimed = '{"task_id":"' .. ARGV[1] .. '","state":"running"' .. string.sub(current, #prefix + 1, -2) .. ARGV[3] .. '}'
+      redis.call('HSET', KEYS[1], ARGV[1], claimed)
+      answer[1] = '1'
+      answer[2] = claimed
+    end
+  end
+  answer[3] = redis.call('HGET', KEYS[1], ARGV[1] .. '#progress')
+end
+for i = 4, #ARGV do
+  answer[#answer + 1] = redis.call('HGET', KEYS[1], ARGV[i])
+  answer[#answer + 1] = redis.call('HGET', KEYS[1], ARGV[i] .. '#progress')
+end
+return answer
+"#
+);
+
 /// A worker records a finished try and, when it is a success in a running run, claims the
 /// downstream candidates that are ready (eager dispatch), in one step. KEYS[1] tasks hash,
 /// KEYS[2] the run's meta. ARGV: task id, try, new JSON, then per candidate: task id, the JSON

@@ -13,8 +13,7 @@ use std::time::Duration;
 use dagmq_core::fail_point;
 use dagmq_core::messages::{self, Control, StatusUpdate, TaskToExec, VERSION};
 use dagmq_core::records::RunningTry;
-use dagmq_core::state::{TaskEvent, task_transition};
-use dagmq_core::store::EagerClaim;
+use dagmq_core::store::{Claimant, EagerClaim};
 use dagmq_core::task::CancelHandle;
 use dagmq_core::trigger::TriggerRule;
 use dagmq_core::{
@@ -385,26 +384,40 @@ enum Claim {
 async fn claim(shared: &Shared, message: &TaskToExec) -> Result<Claim, BackendError> {
     let store = &shared.store;
     let run = run_record(shared, &message.run_id).await?;
-    // The downstream tasks this try may claim as it succeeds are read with it, in one round trip.
+    // The downstream tasks this try may claim as it succeeds are read with the claim, in one
+    // round trip.
     let dag = run.as_ref().and_then(|run| dag_version(shared, &run.dag_id, run.dag_version.as_deref()).ok());
     let candidates = match &dag {
         Some(dag) if message.follow_up.is_none() => eager_candidates(shared, dag, &message.task_id),
         _ => Vec::new(),
     };
-    let mut ids = Vec::with_capacity(1 + candidates.len());
-    ids.push(message.task_id.as_str());
-    ids.extend(candidates.iter().map(String::as_str));
-    let mut found = store.tasks_by_id(&message.run_id, &ids).await?.into_iter();
-    let Some(current) = found.next().flatten() else {
+    let ids: Vec<&str> = candidates.iter().map(String::as_str).collect();
+    let claimant = Claimant {
+        worker: shared.config.name.clone(),
+        instance: shared.instance.clone(),
+        at: shared.config.clock.now(),
+    };
+    let answer = store.claim_try(&message.run_id, &message.task_id, message.try_number, &claimant, &ids).await?;
+    let Some(current) = answer.task else {
         return Ok(Claim::Settle(Settle::DeadLetter(format!(
             "task: run {:?} has no task {:?}",
             message.run_id, message.task_id
         ))));
     };
+    // A claim of ours whose answer was lost (an error after the script applied) is found
+    // running under this worker instance when the delivery is handled again.
+    let ours = answer.claimed
+        || (current.state == TaskState::Running
+            && current.try_number == message.try_number
+            && current.worker_instance.as_deref() == Some(shared.instance.as_str()));
     let Some(run) = run else {
+        if ours {
+            fail_claimed(shared, &message.run_id, &current, format!("no run {:?}", message.run_id)).await?;
+        }
         return Ok(Claim::Settle(Settle::DeadLetter(format!("task: no run {:?}", message.run_id))));
     };
-    let eager: Vec<TaskInstance> = found.flatten().filter(|t| t.state == TaskState::Pending).collect();
+    let eager: Vec<TaskInstance> =
+        answer.read.into_iter().flatten().filter(|t| t.state == TaskState::Pending).collect();
     // The message only names the run, the task and the try; what runs, with which parameters,
     // is what the store and this worker's DAG files say, so a forged message changes nothing.
     let message = &TaskToExec {
@@ -415,53 +428,50 @@ async fn claim(shared: &Shared, message: &TaskToExec) -> Result<Claim, BackendEr
         max_try: current.max_try,
         ..message.clone()
     };
-    if current.state != TaskState::Queued || current.try_number != message.try_number {
+    if !ours {
         tracing::info!(
             run = %message.run_id, task = %message.task_id, try_number = message.try_number,
             state = %current.state, current_try = current.try_number,
-            "duplicate or stale task message acknowledged without running"
+            "duplicate or stale task message (or another worker claimed the try first) acknowledged without running"
         );
         shared.config.metrics.duplicates.inc(&[]);
         return Ok(Claim::Settle(Settle::Ack));
     }
-    let resolved = match resolve(shared, message, run.dag_version.as_deref()) {
-        Ok(resolved) => resolved,
+    match resolve(shared, message, run.dag_version.as_deref()) {
+        Ok(resolved) => Ok(Claim::Run(Box::new(current), resolved, Box::new(message.clone()), eager)),
         Err(reason) => {
             // The run must not hang on a task no worker can run: fail the try, then set the
             // message aside.
-            let mut failed = current.clone();
-            failed.state = TaskState::Failed;
-            failed.ended_at = Some(shared.config.clock.now());
-            failed.error = Some(reason.clone());
-            if store.transition_task(&message.run_id, TaskState::Queued, current.try_number, &failed).await? {
-                publish_status(shared, &failed, &message.run_id).await?;
-            }
-            return Ok(Claim::Settle(Settle::DeadLetter(format!("task: {reason}"))));
+            fail_claimed(shared, &message.run_id, &current, reason.clone()).await?;
+            Ok(Claim::Settle(Settle::DeadLetter(format!("task: {reason}"))))
         }
-    };
-    let running = claimed_instance(shared, &current);
-    let applied = match store.transition_task(&message.run_id, TaskState::Queued, current.try_number, &running).await {
-        Ok(applied) => applied,
-        // The script may have applied before the error (a timeout, a dropped connection):
-        // the store's state tells. Read it again until the store answers.
-        Err(err) => claim_outcome(shared, message, &err).await,
-    };
-    if !applied {
-        tracing::info!(run = %message.run_id, task = %message.task_id, "another worker claimed the try first");
-        return Ok(Claim::Settle(Settle::Ack));
     }
-    Ok(Claim::Run(Box::new(running), resolved, Box::new(message.clone()), eager))
+}
+
+/// Fails a try this worker claimed but cannot run, and tells the scheduler.
+async fn fail_claimed(
+    shared: &Shared,
+    run_id: &str,
+    running: &TaskInstance,
+    reason: String,
+) -> Result<(), BackendError> {
+    let mut failed = running.clone();
+    failed.state = TaskState::Failed;
+    failed.ended_at = Some(shared.config.clock.now());
+    failed.error = Some(reason);
+    if shared.store.transition_task(run_id, TaskState::Running, running.try_number, &failed).await? {
+        publish_status(shared, &failed, run_id).await?;
+    }
+    Ok(())
 }
 
 /// A queued try as this worker claims it: `running`, started now, under this worker instance.
 fn claimed_instance(shared: &Shared, queued: &TaskInstance) -> TaskInstance {
-    let mut running = queued.clone();
-    running.state = task_transition(queued.state, TaskEvent::Start).unwrap_or(TaskState::Running);
-    running.started_at = Some(shared.config.clock.now());
-    running.worker = Some(shared.config.name.clone());
-    running.worker_instance = Some(shared.instance.clone());
-    running.progress = None;
-    running
+    queued.claimed_by(&Claimant {
+        worker: shared.config.name.clone(),
+        instance: shared.instance.clone(),
+        at: shared.config.clock.now(),
+    })
 }
 
 /// A run's record, from a small cache: a run's DAG, parameters and logical date never change.
@@ -478,44 +488,6 @@ async fn run_record(shared: &Shared, run_id: &str) -> Result<Option<Arc<dagmq_co
     }
     runs.insert(run_id.to_string(), record.clone());
     Ok(Some(record))
-}
-
-/// Whether a claim whose answer was lost applied: the store has the try `running` under this
-/// worker instance. Reads again, with backoff, until the store answers; a try still `queued`
-/// is claimed again.
-async fn claim_outcome(shared: &Shared, message: &TaskToExec, first: &BackendError) -> bool {
-    tracing::warn!(run = %message.run_id, task = %message.task_id, "claim answer lost ({first}): reading the try again");
-    let mut delay = Duration::from_millis(100);
-    loop {
-        tokio::time::sleep(delay).await;
-        delay = (delay * 2).min(Duration::from_secs(5));
-        let current = match shared.store.task(&message.run_id, &message.task_id).await {
-            Ok(Some(current)) => current,
-            Ok(None) => return false,
-            Err(err) => {
-                tracing::warn!(run = %message.run_id, task = %message.task_id, "reading the try again: {err}");
-                continue;
-            }
-        };
-        if current.try_number != message.try_number {
-            return false;
-        }
-        match current.state {
-            TaskState::Running => return current.worker_instance.as_deref() == Some(shared.instance.as_str()),
-            TaskState::Queued => {
-                let running = claimed_instance(shared, &current);
-                match shared
-                    .store
-                    .transition_task(&message.run_id, TaskState::Queued, current.try_number, &running)
-                    .await
-                {
-                    Ok(applied) => return applied,
-                    Err(err) => tracing::warn!(run = %message.run_id, task = %message.task_id, "claiming again: {err}"),
-                }
-            }
-            _ => return false,
-        }
-    }
 }
 
 /// Runs a claimed try and records its outcome, retrying the store and queue until they answer:

@@ -12,7 +12,9 @@ use chrono::{DateTime, Utc};
 use crate::BackendError;
 use crate::records::{DagRecord, RunRecord, TaskInstance, WorkerInfo};
 use crate::state::{RunState, TaskState};
-use crate::store::{CreateRun, EagerClaim, Fence, FinishedTry, RunFilter, Store, TaskChange, append_capped};
+use crate::store::{
+    ClaimAnswer, Claimant, CreateRun, EagerClaim, Fence, FinishedTry, RunFilter, Store, TaskChange, append_capped,
+};
 
 /// An in-memory store.
 #[derive(Default)]
@@ -233,6 +235,29 @@ impl Store for MemoryStore {
     ) -> Result<bool, BackendError> {
         let mut inner = self.writable("task transition")?;
         Ok(inner.runs.get_mut(run_id).is_some_and(|entry| entry.transition(expected_state, expected_try, task)))
+    }
+
+    async fn claim_try(
+        &self,
+        run_id: &str,
+        task_id: &str,
+        try_number: u32,
+        claimant: &Claimant,
+        read: &[&str],
+    ) -> Result<ClaimAnswer, BackendError> {
+        let mut inner = self.writable("claim")?;
+        let Some(entry) = inner.runs.get_mut(run_id) else {
+            return Ok(ClaimAnswer { task: None, claimed: false, read: vec![None; read.len()] });
+        };
+        let read: Vec<Option<TaskInstance>> =
+            read.iter().map(|id| entry.index.get(*id).map(|&i| entry.tasks[i].clone())).collect();
+        let Some(&i) = entry.index.get(task_id) else { return Ok(ClaimAnswer { task: None, claimed: false, read }) };
+        let current = &mut entry.tasks[i];
+        if current.state != TaskState::Queued || current.try_number != try_number {
+            return Ok(ClaimAnswer { task: Some(current.clone()), claimed: false, read });
+        }
+        *current = current.claimed_by(claimant);
+        Ok(ClaimAnswer { task: Some(current.clone()), claimed: true, read })
     }
 
     async fn finish_try(
