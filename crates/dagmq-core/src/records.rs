@@ -180,13 +180,19 @@ impl TaskInstance {
     /// retries. The scheduler queues tasks so, and a worker that claims a downstream task as
     /// it records its upstream's success (eager dispatch) makes the same try of it.
     pub fn next_try(&self, now: DateTime<Utc>) -> TaskInstance {
-        let mut new = self.clone();
-        new.close_try(self.state.as_str(), now);
-        new.state = TaskState::Queued;
-        new.try_number += 1;
+        let mut new = self.queued_again(self.state.as_str(), now);
         if self.state == TaskState::Suspended {
             new.max_try += 1;
         }
+        new
+    }
+
+    /// The next try, `queued` at `now`, with the current one filed as `outcome`.
+    fn queued_again(&self, outcome: &str, now: DateTime<Utc>) -> TaskInstance {
+        let mut new = self.clone();
+        new.close_try(outcome, now);
+        new.state = TaskState::Queued;
+        new.try_number += 1;
         new.queued_at = Some(now);
         new.started_at = None;
         new.ended_at = None;
@@ -246,24 +252,17 @@ impl TaskInstance {
     /// the next try, queued with one more try granted; or, once interruptions reach
     /// [`MAX_INTERRUPTIONS`], the task failed for good. `reason` says what interrupted it.
     pub fn after_interruption(&self, now: DateTime<Utc>, reason: String) -> TaskInstance {
-        let mut next = self.clone();
-        next.close_try("interrupted", now);
         if self.interruptions >= MAX_INTERRUPTIONS {
+            let mut next = self.clone();
+            next.close_try("interrupted", now);
             next.state = TaskState::Failed;
             next.ended_at = Some(now);
             next.error = Some(format!("{reason}; interrupted {} times, giving up", self.interruptions + 1));
             return next;
         }
-        next.state = TaskState::Queued;
-        next.try_number += 1;
+        let mut next = self.queued_again("interrupted", now);
         next.max_try += 1;
         next.interruptions += 1;
-        next.queued_at = Some(now);
-        next.started_at = None;
-        next.ended_at = None;
-        next.worker = None;
-        next.worker_instance = None;
-        next.progress = None;
         next.error = Some(reason);
         next
     }
