@@ -86,7 +86,9 @@ pub fn decode_status(payload: &[u8]) -> Result<Vec<StatusUpdate>, DecodeError> {
     struct Shape {
         updates: Option<serde::de::IgnoredAny>,
     }
-    let batch = decode::<Shape>(payload)?.updates.is_some();
+    // Most messages are one update: only a payload that names `updates` is looked at twice.
+    let named = payload.windows(9).any(|w| w == b"\"updates\"");
+    let batch = named && decode::<Shape>(payload)?.updates.is_some();
     if !batch {
         return decode::<StatusUpdate>(payload).map(|update| vec![update]);
     }

@@ -277,7 +277,12 @@ pub(crate) async fn execute(shared: &Arc<Shared>, delivery: Delivery) {
 fn run_claimed(shared: &Arc<Shared>, mut next: Option<Next>) -> Pin<Box<dyn Future<Output = ()> + Send + '_>> {
     Box::pin(async move {
         while let Some(Next { first, others, update }) = next {
-            tokio::spawn(publish_status_until_sent(shared.clone(), update));
+            if shared.status.confirms_take_time() {
+                tokio::spawn(publish_status_until_sent(shared.clone(), update));
+            } else {
+                // An in-memory publish: done at once, not worth a task.
+                publish_status_until_sent(shared.clone(), update).await;
+            }
             for (claimed, permit) in others {
                 let shared = shared.clone();
                 tokio::spawn(async move {

@@ -40,6 +40,12 @@ impl StatusSender {
         StatusSender::Batched(tx)
     }
 
+    /// Whether a send waits for a broker's confirm (batched), rather than for an in-memory
+    /// publish.
+    pub(crate) fn confirms_take_time(&self) -> bool {
+        matches!(self, StatusSender::Batched(_))
+    }
+
     /// Sends one update; returns once the queue has it durably (in a message with others).
     pub(crate) async fn send(&self, update: &StatusUpdate) -> Result<(), BackendError> {
         match self {
