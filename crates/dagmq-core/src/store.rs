@@ -244,9 +244,7 @@ pub trait Store: Send + Sync + 'static {
         if current.state != TaskState::Queued || current.try_number != try_number {
             return Ok(ClaimAnswer { task: Some(current), claimed: false, read });
         }
-        let running = current.claimed_by(claimant);
-        let claimed = self.transition_task(run_id, TaskState::Queued, try_number, &running).await?;
-        Ok(ClaimAnswer { task: Some(if claimed { running } else { current }), claimed, read })
+        claim_queued(self, run_id, current, claimant, read).await
     }
 
     /// Records a finished try: `done` replaces the stored instance if that is still `running` at
@@ -337,6 +335,21 @@ pub trait Store: Send + Sync + 'static {
 
     /// Whether the store answers.
     async fn ping(&self) -> Result<(), BackendError>;
+}
+
+/// Claims `current`, a queued instance as read, with a compare-and-set, and answers as
+/// [`Store::claim_try`] does (with `read`, the tasks read beside it); shared by the default
+/// `claim_try` and stores whose one-step claim cannot take every instance.
+pub async fn claim_queued<S: Store + ?Sized>(
+    store: &S,
+    run_id: &str,
+    current: TaskInstance,
+    claimant: &Claimant,
+    read: Vec<Option<TaskInstance>>,
+) -> Result<ClaimAnswer, BackendError> {
+    let running = current.claimed_by(claimant);
+    let claimed = store.transition_task(run_id, TaskState::Queued, current.try_number, &running).await?;
+    Ok(ClaimAnswer { task: Some(if claimed { running } else { current }), claimed, read })
 }
 
 /// Appends `lines` to `log` under the per-try cap; shared by store implementations.

@@ -544,12 +544,8 @@ impl Store for RedisStore {
         }
         match (code.as_str(), task) {
             ("1", task) => Ok(ClaimAnswer { task, claimed: true, read: reads }),
-            ("3", Some(current)) => {
-                // An instance the script does not rewrite: claim it with a compare-and-set.
-                let running = current.claimed_by(claimant);
-                let claimed = self.transition_task(run_id, TaskState::Queued, try_number, &running).await?;
-                Ok(ClaimAnswer { task: Some(if claimed { running } else { current }), claimed, read: reads })
-            }
+            // An instance the script does not rewrite: claim it with a compare-and-set.
+            ("3", Some(current)) => dagmq_core::store::claim_queued(self, run_id, current, claimant, reads).await,
             (_, task) => Ok(ClaimAnswer { task, claimed: false, read: reads }),
         }
     }

@@ -995,18 +995,11 @@ impl Engine {
         failure.map_or(Ok(()), Err)
     }
 
-    /// Re-reads task `i` after a refused compare-and-set to queue it. A try queued or running
-    /// meanwhile (a worker claimed it as its upstream succeeded) joins the view at once; any
-    /// other change waits in the run's `deferred` list and is acted on before the run goes back
-    /// (`put_back`), as its status update would be: taking it into the view now would make that
-    /// update look like a duplicate.
+    /// Re-reads task `i` after a refused compare-and-set to queue it, and takes what it finds
+    /// into the view with `take_moved_on`.
     async fn refresh_refused(&mut self, run: &mut ActiveRun, i: usize) -> Result<(), BackendError> {
         if let Some(fresh) = self.store.task(run.id(), &run.tasks[i].task_id).await? {
-            if matches!(fresh.state, TaskState::Queued | TaskState::Running) {
-                run.replace(i, fresh);
-            } else {
-                run.deferred.push((i, fresh));
-            }
+            take_moved_on(run, i, fresh);
         }
         Ok(())
     }
@@ -1814,9 +1807,7 @@ impl Engine {
         let now = self.now_cache;
         let grace = chrono::Duration::from_std(self.config.unlisted_grace).unwrap_or_default();
         let mut seen = std::collections::HashSet::new();
-        let mut due: Vec<TryKey> = Vec::new();
-        let mut restarted: Vec<TryKey> = Vec::new();
-        let mut gone: Vec<TryKey> = Vec::new();
+        let mut due: Vec<(TryKey, Unrun)> = Vec::new();
         for run in self.active.values() {
             for task in &run.tasks {
                 if task.state != TaskState::Running {
@@ -1831,7 +1822,7 @@ impl Engine {
                         seen.insert(key.clone());
                         match self.unlisted.get(&key) {
                             None => drop(self.unlisted.insert(key, (now, DateTime::<Utc>::MIN_UTC))),
-                            Some((since, _)) if now - *since >= grace => gone.push(key),
+                            Some((since, _)) if now - *since >= grace => due.push((key, Unrun::Gone)),
                             Some(_) => {}
                         }
                     }
@@ -1842,7 +1833,7 @@ impl Engine {
                     // view learned of after the restart was seen: a try claimed eagerly, whose
                     // upstream's status update died with that process).
                     if task.worker_instance.is_some() {
-                        restarted.push((run.id().to_string(), task.task_id.clone(), task.try_number));
+                        due.push((key, Unrun::Restarted));
                     }
                     continue;
                 }
@@ -1860,47 +1851,22 @@ impl Engine {
                     }
                     Some((since, stamp)) => {
                         if now - *since >= grace && worker.last_heartbeat != *stamp {
-                            due.push(key);
+                            due.push((key, Unrun::Unlisted));
                         }
                     }
                 }
             }
         }
         self.unlisted.retain(|key, _| seen.contains(key));
-        for (run_id, task_id, try_number) in gone {
+        for ((run_id, task_id, try_number), unrun) in due {
             self.unlisted.remove(&(run_id.clone(), task_id.clone(), try_number));
             let Some(task) = self.store.task(&run_id, &task_id).await? else { continue };
-            let known = task.worker.as_ref().is_some_and(|name| live.contains_key(name));
-            if task.state != TaskState::Running || task.try_number != try_number || known {
+            if !unrun.holds(&task, try_number, live) {
                 continue;
             }
             let worker = task.worker.clone().unwrap_or_default();
-            let reason = format!("try {try_number} interrupted: worker {worker} lost");
-            self.requeue_interrupted(&run_id, &task, reason, "worker_lost").await?;
-        }
-        for (run_id, task_id, try_number) in restarted {
-            let Some(task) = self.store.task(&run_id, &task_id).await? else { continue };
-            let current = task.worker.as_ref().and_then(|name| live.get(name)).map(|w| w.instance.as_str());
-            if task.state != TaskState::Running
-                || task.try_number != try_number
-                || current.is_none()
-                || task.worker_instance.as_deref() == current
-            {
-                continue;
-            }
-            let worker = task.worker.clone().unwrap_or_default();
-            let reason = format!("try {try_number} interrupted: worker {worker} restarted");
-            self.requeue_interrupted(&run_id, &task, reason, "worker_lost").await?;
-        }
-        for (run_id, task_id, try_number) in due {
-            self.unlisted.remove(&(run_id.clone(), task_id.clone(), try_number));
-            let Some(task) = self.store.task(&run_id, &task_id).await? else { continue };
-            if task.state != TaskState::Running || task.try_number != try_number {
-                continue;
-            }
-            let worker = task.worker.clone().unwrap_or_default();
-            let reason = format!("try {try_number} interrupted: worker {worker} is not running it");
-            self.requeue_interrupted(&run_id, &task, reason, "not_running").await?;
+            let reason = format!("try {try_number} interrupted: worker {worker} {}", unrun.reason());
+            self.requeue_interrupted(&run_id, &task, reason, unrun.label()).await?;
         }
         Ok(())
     }
@@ -2130,31 +2096,82 @@ impl Drop for StopOnDrop {
     }
 }
 
-/// Takes into the view a try that a worker claimed as its upstream succeeded (eager dispatch),
-/// read with that upstream's status update, so the scheduler does not try to queue it. A try
-/// that has finished since is taken in as running and its outcome deferred, to be acted on
-/// once the upstream's is (`put_back`).
-fn take_claimed(run: &mut ActiveRun, claimed: TaskInstance) {
-    let Some(&j) = run.index.get(&claimed.task_id) else { return };
-    if claimed.try_number <= run.tasks[j].try_number {
-        return;
-    }
-    if matches!(claimed.state, TaskState::Queued | TaskState::Running) {
-        run.replace(j, claimed);
-        return;
-    }
-    let mut running = claimed.clone();
-    running.state = TaskState::Running;
-    running.ended_at = None;
-    running.error = None;
-    running.output = None;
-    running.retry_at = None;
-    running.follow_ups.clear();
-    run.replace(j, running);
-    run.deferred.push((j, claimed));
+/// Why the zombie check takes a `running` try for one that nobody runs.
+#[derive(Debug, Clone, Copy)]
+enum Unrun {
+    /// Its worker left the registry.
+    Gone,
+    /// Its worker started again: the try belongs to an earlier process.
+    Restarted,
+    /// Its live worker keeps not listing it in its heartbeats.
+    Unlisted,
 }
 
-/// A task's configuration: from the DAG, or the defaults for follow-up tasks.
+impl Unrun {
+    /// Whether `task`, read again, is still such a try at `try_number`.
+    fn holds(self, task: &TaskInstance, try_number: u32, live: &HashMap<String, WorkerInfo>) -> bool {
+        if task.state != TaskState::Running || task.try_number != try_number {
+            return false;
+        }
+        let worker = task.worker.as_ref().and_then(|name| live.get(name));
+        match self {
+            Unrun::Gone => worker.is_none(),
+            Unrun::Restarted => worker.is_some_and(|w| task.worker_instance.as_deref() != Some(w.instance.as_str())),
+            Unrun::Unlisted => true,
+        }
+    }
+
+    /// What happened to the worker, for the try's error.
+    fn reason(self) -> &'static str {
+        match self {
+            Unrun::Gone => "lost",
+            Unrun::Restarted => "restarted",
+            Unrun::Unlisted => "is not running it",
+        }
+    }
+
+    /// The `dagmq_tries_requeued_total` label.
+    fn label(self) -> &'static str {
+        match self {
+            Unrun::Gone | Unrun::Restarted => "worker_lost",
+            Unrun::Unlisted => "not_running",
+        }
+    }
+}
+
+/// Takes into the view a try that a worker claimed as its upstream succeeded (eager dispatch),
+/// read with that upstream's status update, so the scheduler does not try to queue it.
+fn take_claimed(run: &mut ActiveRun, claimed: TaskInstance) {
+    let Some(&j) = run.index.get(&claimed.task_id) else { return };
+    if claimed.try_number > run.tasks[j].try_number {
+        take_moved_on(run, j, claimed);
+    }
+}
+
+/// Takes into the view task `i` as found in the store after it moved on without the scheduler
+/// (a worker claimed it as its upstream succeeded, and it may have finished since). A queued or
+/// running try joins the view at once. Any other change waits in the run's `deferred` list and
+/// is acted on before the run goes back (`put_back`), as its status update would be: taking it
+/// into the view now would make that update look like a duplicate. Until then a newer try is
+/// shown as running, so nothing tries to queue it again.
+fn take_moved_on(run: &mut ActiveRun, i: usize, fresh: TaskInstance) {
+    if matches!(fresh.state, TaskState::Queued | TaskState::Running) {
+        run.replace(i, fresh);
+        return;
+    }
+    if fresh.try_number > run.tasks[i].try_number {
+        let mut running = fresh.clone();
+        running.state = TaskState::Running;
+        running.ended_at = None;
+        running.error = None;
+        running.output = None;
+        running.retry_at = None;
+        running.follow_ups.clear();
+        run.replace(i, running);
+    }
+    run.deferred.push((i, fresh));
+}
+
 /// Which tasks a restart sets back to `pending`: those that failed, were upstream_failed or
 /// cancelled, and the skipped ones downstream of those (their rules decide again). A task
 /// skipped by a branch or rule whose upstreams all stay as they are stays skipped.
@@ -2202,6 +2219,7 @@ fn fresh_budget(task: &TaskInstance, now: DateTime<Utc>) -> TaskChange {
     TaskChange { expected_state: task.state, expected_try: task.try_number, task: new }
 }
 
+/// A task's configuration: from the DAG, or the defaults for follow-up tasks.
 fn task_config(run: &ActiveRun, i: usize) -> TaskConfig {
     run.dag.task(&run.tasks[i].task_id).map(|t| t.config.clone()).unwrap_or_default()
 }

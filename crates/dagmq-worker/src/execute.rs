@@ -384,8 +384,9 @@ enum Claim {
     Run(Box<TaskInstance>, Resolved, Box<TaskToExec>, Vec<TaskInstance>),
 }
 
-/// Claims the try with a compare-and-set `queued` -> `running`; a message whose try is not
-/// `queued` is a duplicate or stale and runs nothing.
+/// Claims the try (`queued` -> `running`, `Store::claim_try`, which also reads the downstream
+/// tasks it may claim eagerly); a message whose try is not `queued` (nor ours from a claim whose
+/// answer was lost) is a duplicate or stale and runs nothing.
 async fn claim(shared: &Shared, message: &TaskToExec) -> Result<Claim, BackendError> {
     let store = &shared.store;
     let run = run_record(shared, &message.run_id).await?;
@@ -397,12 +398,8 @@ async fn claim(shared: &Shared, message: &TaskToExec) -> Result<Claim, BackendEr
         _ => Vec::new(),
     };
     let ids: Vec<&str> = candidates.iter().map(String::as_str).collect();
-    let claimant = Claimant {
-        worker: shared.config.name.clone(),
-        instance: shared.instance.clone(),
-        at: shared.config.clock.now(),
-    };
-    let answer = store.claim_try(&message.run_id, &message.task_id, message.try_number, &claimant, &ids).await?;
+    let answer =
+        store.claim_try(&message.run_id, &message.task_id, message.try_number, &claimant(shared), &ids).await?;
     let Some(current) = answer.task else {
         return Ok(Claim::Settle(Settle::DeadLetter(format!(
             "task: run {:?} has no task {:?}",
@@ -470,13 +467,9 @@ async fn fail_claimed(
     Ok(())
 }
 
-/// A queued try as this worker claims it: `running`, started now, under this worker instance.
-fn claimed_instance(shared: &Shared, queued: &TaskInstance) -> TaskInstance {
-    queued.claimed_by(&Claimant {
-        worker: shared.config.name.clone(),
-        instance: shared.instance.clone(),
-        at: shared.config.clock.now(),
-    })
+/// This worker instance as it claims a try now.
+fn claimant(shared: &Shared) -> Claimant {
+    Claimant { worker: shared.config.name.clone(), instance: shared.instance.clone(), at: shared.config.clock.now() }
 }
 
 /// A run's record, from a small cache: a run's DAG, parameters and logical date never change.
@@ -497,8 +490,8 @@ async fn run_record(shared: &Shared, run_id: &str) -> Result<Option<Arc<dagmq_co
 
 /// Runs a claimed try and records its outcome, retrying the store and queue until they answer:
 /// the message is acknowledged already, so the outcome must not be dropped. Answers the
-/// downstream try claimed as this one succeeded, if any, with this try's status update, which
-/// is sent while that one runs.
+/// downstream tries claimed as this one succeeded, if any, with this try's status update, which
+/// is sent while they run.
 async fn finish(shared: &Shared, claimed: ClaimedTry) -> Option<Next> {
     let ClaimedTry { key, message, mut running, resolved, signal, reason, mut eager } = claimed;
     let message = &message;
@@ -549,9 +542,9 @@ async fn finish(shared: &Shared, claimed: ClaimedTry) -> Option<Next> {
 }
 
 /// Writes a finished try's outcome (or its requeue, when interrupted) and tells the scheduler.
-/// A success claims, in the same store step, the first of the `eager` downstream tasks that
-/// it made ready (taken on the first attempt only); that try is answered, with the status
-/// update the caller then sends.
+/// A success claims, in the same store step, the `eager` downstream tasks that it made ready
+/// (as many as it has slots for; taken on the first attempt only); those tries are answered,
+/// with the status update the caller then sends.
 async fn record_outcome(
     shared: &Shared,
     message: &TaskToExec,
@@ -743,7 +736,7 @@ fn prepare_eager(shared: &Shared, message: &TaskToExec, eager: Vec<TaskInstance>
     let Some(run) = run else { return candidates };
     let Ok(dag) = dag_version(shared, &run.dag_id, run.dag_version.as_deref()) else { return candidates };
     for expected in eager {
-        let claimed = claimed_instance(shared, &expected.next_try(now));
+        let claimed = expected.next_try(now).claimed_by(&claimant(shared));
         let next = TaskToExec {
             task_id: expected.task_id.clone(),
             try_number: claimed.try_number,
