@@ -91,14 +91,74 @@ async fn contract(queue: &dyn Queue, delivery_limit: u32) {
     queue.ping().await.unwrap();
 }
 
+/// Many deliveries settled at once, in a scrambled order, some acknowledged and some put back
+/// (requeued or dropped): every acknowledgement reaches the broker once (a lost one would fill
+/// the prefetch and stall the consumer; a repeated one would close the channel), and exactly
+/// the ones put back come again.
+async fn concurrent_settlement(queue: &dyn Queue) {
+    let topic = Topic::Tasks("settle".into());
+    let total = 200usize;
+    let prefetch = 20u16;
+    queue.publish_many((0..total).map(|i| (topic.clone(), i.to_string().into_bytes())).collect()).await.unwrap();
+    let mut consumer = queue.consume(&topic, prefetch).await.unwrap();
+    let mut acked = std::collections::BTreeSet::new();
+    let mut put_back = std::collections::BTreeMap::<usize, u32>::new();
+    let mut seed = 7u64;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    while acked.len() < total {
+        assert!(tokio::time::Instant::now() < deadline, "only {} of {total} acknowledged", acked.len());
+        // A prefetch's worth (or what is left), settled all at once in a scrambled order.
+        let mut batch = Vec::new();
+        while batch.len() < usize::from(prefetch) && acked.len() + batch.len() < total {
+            batch.push(next(&mut consumer).await);
+        }
+        for i in (1..batch.len()).rev() {
+            seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            batch.swap(i, (seed >> 33) as usize % (i + 1));
+        }
+        let mut settling = tokio::task::JoinSet::new();
+        for delivery in batch {
+            let n: usize = std::str::from_utf8(&delivery.payload).unwrap().parse().unwrap();
+            let times_back = put_back.get(&n).copied().unwrap_or(0);
+            assert_eq!(delivery.redelivered, times_back > 0, "message {n} redelivered only if put back");
+            // Every seventh message is put back once: requeued or dropped, alternately.
+            if n.is_multiple_of(7) && times_back == 0 {
+                put_back.insert(n, 1);
+                settling.spawn(async move {
+                    if n.is_multiple_of(2) {
+                        delivery.requeue().await.unwrap();
+                    } else {
+                        drop(delivery);
+                    }
+                });
+            } else {
+                assert!(acked.insert(n), "message {n} delivered again after its acknowledgement");
+                settling.spawn(async move { delivery.ack().await.unwrap() });
+            }
+        }
+        while let Some(done) = settling.join_next().await {
+            done.unwrap();
+        }
+    }
+    assert_eq!(put_back.len(), total.div_ceil(7));
+    wait_depth(queue, &topic, 0).await;
+    // The consumer still works: nothing closed its channel.
+    queue.publish(&topic, b"last".to_vec()).await.unwrap();
+    let last = next(&mut consumer).await;
+    assert_eq!(last.payload, b"last");
+    last.ack().await.unwrap();
+}
+
 #[tokio::test]
 async fn memory_queue_keeps_the_contract() {
     contract(&MemoryQueue::with_delivery_limit(3), 3).await;
+    concurrent_settlement(&MemoryQueue::with_delivery_limit(3)).await;
 }
 
 #[tokio::test]
 async fn rabbitmq_queue_keeps_the_contract() {
     let Some(queue) = rabbit_queue(3).await else { return };
     contract(&queue, 3).await;
-    queue.delete_topology(&["contract"]).await.unwrap();
+    concurrent_settlement(&queue).await;
+    queue.delete_topology(&["contract", "settle"]).await.unwrap();
 }

@@ -1,7 +1,17 @@
 //! Consumers: manual acknowledgement with prefetch, dead-lettering with a reason header, and
 //! requeue on drop; broadcast subscriptions on an exclusive queue.
+//!
+//! Acknowledgements are batched per channel ([`AckBatch`]): while one acknowledgement is being
+//! sent, the others that arrive wait and go out together, as one `multiple` acknowledgement of
+//! the longest run of settled deliveries at the head of the channel's unsettled ones and single
+//! acknowledgements for the rest. A quorum queue appends one settlement to its log per
+//! acknowledgement frame, so this saves the broker work on every busy consumer.
 
-use std::sync::Arc;
+use std::collections::{BTreeMap, BTreeSet};
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::task::Poll;
 
 use async_trait::async_trait;
 use dagmq_core::BackendError;
@@ -11,7 +21,8 @@ use lapin::Channel;
 use lapin::options::{
     BasicAckOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions, QueueBindOptions, QueueDeclareOptions,
 };
-use lapin::types::{AMQPValue, FieldTable, LongString};
+use lapin::types::{AMQPValue, DeliveryTag, FieldTable, LongString};
+use tokio::sync::oneshot;
 
 use crate::{ERROR_HEADER, Inner, amqp_error};
 
@@ -23,10 +34,8 @@ struct RabbitConsumer {
     name: String,
     /// The lapin consumer stream.
     stream: lapin::Consumer,
-    /// Kept so the channel lives as long as the consumer.
-    _channel: Channel,
-    /// Whether deliveries need settling (false for broadcasts).
-    manual_ack: bool,
+    /// Acknowledgements on the consumer's channel; `None` for broadcasts (nothing to settle).
+    acks: Option<Arc<AckBatch>>,
 }
 
 pub(crate) async fn consume(
@@ -43,7 +52,7 @@ pub(crate) async fn consume(
         .basic_consume(name.as_str().into(), "".into(), BasicConsumeOptions::default(), FieldTable::default())
         .await
         .map_err(|e| BackendError::new(format!("rabbitmq: consuming {name}: {e}")))?;
-    Ok(Box::new(RabbitConsumer { inner, name, stream, _channel: channel, manual_ack: true }))
+    Ok(Box::new(RabbitConsumer { inner, name, stream, acks: Some(Arc::new(AckBatch::new(channel))) }))
 }
 
 pub(crate) async fn subscribe(inner: Arc<Inner>) -> Result<Box<dyn Consumer>, BackendError> {
@@ -77,7 +86,8 @@ pub(crate) async fn subscribe(inner: Arc<Inner>) -> Result<Box<dyn Consumer>, Ba
         )
         .await
         .map_err(amqp_error)?;
-    Ok(Box::new(RabbitConsumer { inner, name: exchange, stream, _channel: channel, manual_ack: false }))
+    // The consumer stream keeps its channel open.
+    Ok(Box::new(RabbitConsumer { inner, name: exchange, stream, acks: None }))
 }
 
 #[async_trait]
@@ -97,15 +107,19 @@ impl Consumer for RabbitConsumer {
                 let error = header(ERROR_HEADER).or_else(|| {
                     header("x-first-death-reason").map(|reason| format!("dead-lettered by the broker: {reason}"))
                 });
-                let acker: Box<dyn Acker> = if self.manual_ack {
-                    Box::new(RabbitAcker {
-                        inner: self.inner.clone(),
-                        source: self.name.clone(),
-                        payload: delivery.data.clone(),
-                        acker: Some(delivery.acker),
-                    })
-                } else {
-                    Box::new(NoAck)
+                let acker: Box<dyn Acker> = match &self.acks {
+                    Some(acks) => {
+                        acks.delivered(delivery.delivery_tag);
+                        Box::new(RabbitAcker {
+                            inner: self.inner.clone(),
+                            source: self.name.clone(),
+                            payload: delivery.data.clone(),
+                            tag: delivery.delivery_tag,
+                            acks: acks.clone(),
+                            acker: Some(delivery.acker),
+                        })
+                    }
+                    None => Box::new(NoAck),
                 };
                 let message_id = delivery.properties.message_id().as_ref().map(|id| id.to_string());
                 Some(Ok(Delivery::new(delivery.data, delivery.redelivered, error, acker).with_message_id(message_id)))
@@ -125,15 +139,29 @@ struct RabbitAcker {
     source: String,
     /// The body, for dead-lettering.
     payload: Vec<u8>,
-    /// lapin's acker, until settled.
+    /// The delivery's tag on its channel.
+    tag: DeliveryTag,
+    /// The channel's acknowledgements.
+    acks: Arc<AckBatch>,
+    /// lapin's acker (for requeueing), until settled.
     acker: Option<lapin::Acker>,
+}
+
+impl RabbitAcker {
+    /// Sends a requeueing negative acknowledgement and then takes the delivery off the
+    /// unsettled ones (not before: a `multiple` acknowledgement must not overtake it).
+    async fn requeue_now(acker: lapin::Acker, acks: &AckBatch, tag: DeliveryTag) -> Result<(), BackendError> {
+        let sent = acker.nack(BasicNackOptions { requeue: true, ..BasicNackOptions::default() }).await;
+        acks.settled(tag);
+        sent.map(|_| ()).map_err(amqp_error)
+    }
 }
 
 #[async_trait]
 impl Acker for RabbitAcker {
     async fn ack(mut self: Box<Self>) -> Result<(), BackendError> {
         match self.acker.take() {
-            Some(acker) => acker.ack(BasicAckOptions::default()).await.map(|_| ()).map_err(amqp_error),
+            Some(_) => self.acks.ack(self.tag).await,
             None => Ok(()),
         }
     }
@@ -145,19 +173,15 @@ impl Acker for RabbitAcker {
         headers.insert("x-dagmq-source".into(), AMQPValue::LongString(LongString::from(self.source.as_str())));
         let payload = std::mem::take(&mut self.payload);
         if let Err(err) = self.inner.publish_batch(vec![(Topic::Dead, payload, Some(headers))]).await {
-            let _ = acker.nack(BasicNackOptions { requeue: true, ..BasicNackOptions::default() }).await;
+            let _ = RabbitAcker::requeue_now(acker, &self.acks, self.tag).await;
             return Err(err);
         }
-        acker.ack(BasicAckOptions::default()).await.map(|_| ()).map_err(amqp_error)
+        self.acks.ack(self.tag).await
     }
 
     async fn requeue(mut self: Box<Self>) -> Result<(), BackendError> {
         match self.acker.take() {
-            Some(acker) => acker
-                .nack(BasicNackOptions { requeue: true, ..BasicNackOptions::default() })
-                .await
-                .map(|_| ())
-                .map_err(amqp_error),
+            Some(acker) => RabbitAcker::requeue_now(acker, &self.acks, self.tag).await,
             None => Ok(()),
         }
     }
@@ -168,9 +192,188 @@ impl Drop for RabbitAcker {
         if let Some(acker) = self.acker.take()
             && let Ok(runtime) = tokio::runtime::Handle::try_current()
         {
+            let (acks, tag) = (self.acks.clone(), self.tag);
             runtime.spawn(async move {
-                let _ = acker.nack(BasicNackOptions { requeue: true, ..BasicNackOptions::default() }).await;
+                let _ = RabbitAcker::requeue_now(acker, &acks, tag).await;
             });
         }
     }
+}
+
+/// The acknowledgements of one consumer's channel, sent in batches.
+///
+/// A delivery is *unsettled* from its arrival until it is acknowledged or its requeue has been
+/// sent. Whoever acknowledges while no batch is being sent sends the batch itself (no task, no
+/// timer), then the acknowledgements that arrived meanwhile, until none is left; the others
+/// wait for theirs. A `multiple` acknowledgement covers only settled deliveries: the tags of the
+/// channel's deliveries rise, and everything at or below the tag it names is acknowledged here
+/// and not being requeued.
+struct AckBatch {
+    /// The consumer's channel.
+    channel: Channel,
+    /// Unsettled deliveries and acknowledgements not yet sent.
+    state: Mutex<AckState>,
+}
+
+/// What [`AckBatch`] guards.
+#[derive(Default)]
+struct AckState {
+    /// Tags of the deliveries not yet settled (acknowledgements waiting to be sent included).
+    unsettled: BTreeSet<DeliveryTag>,
+    /// Acknowledgements waiting to be sent, each with whoever waits for it.
+    waiting: BTreeMap<DeliveryTag, oneshot::Sender<Result<(), String>>>,
+    /// Whether someone is sending a batch.
+    sending: bool,
+}
+
+/// The acknowledgements of one batch: the head run as one frame, the rest one frame each.
+struct Batch {
+    /// The highest tag of the settled run at the head of the unsettled deliveries.
+    head: Option<DeliveryTag>,
+    /// The tags acknowledged singly (each above a delivery still unsettled).
+    singles: Vec<DeliveryTag>,
+    /// Everyone waiting for an acknowledgement of this batch.
+    waiters: Vec<oneshot::Sender<Result<(), String>>>,
+}
+
+impl AckBatch {
+    fn new(channel: Channel) -> AckBatch {
+        AckBatch { channel, state: Mutex::new(AckState::default()) }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, AckState> {
+        self.state.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// A delivery arrived.
+    fn delivered(&self, tag: DeliveryTag) {
+        self.lock().unsettled.insert(tag);
+    }
+
+    /// A delivery's requeue was sent.
+    fn settled(&self, tag: DeliveryTag) {
+        self.lock().unsettled.remove(&tag);
+    }
+
+    /// Acknowledges one delivery; returns once its acknowledgement was handed to the connection.
+    async fn ack(self: &Arc<Self>, tag: DeliveryTag) -> Result<(), BackendError> {
+        let (sender, receiver) = oneshot::channel();
+        let lead = {
+            let mut state = self.lock();
+            state.waiting.insert(tag, sender);
+            !std::mem::replace(&mut state.sending, true)
+        };
+        if lead {
+            Sending { acks: self.clone(), done: false }.first().await;
+        }
+        match receiver.await {
+            Ok(result) => result.map_err(BackendError::new),
+            Err(_) => Err(BackendError::new("rabbitmq: acknowledgement abandoned".to_string())),
+        }
+    }
+
+    /// Takes the waiting acknowledgements as a batch; none left ends the sending.
+    fn take_batch(&self) -> Option<Batch> {
+        let mut state = self.lock();
+        if state.waiting.is_empty() {
+            state.sending = false;
+            return None;
+        }
+        let state = &mut *state;
+        let mut batch = Batch { head: None, singles: Vec::new(), waiters: Vec::with_capacity(state.waiting.len()) };
+        while let Some(&first) = state.unsettled.first() {
+            let Some(waiter) = state.waiting.remove(&first) else { break };
+            state.unsettled.pop_first();
+            batch.head = Some(first);
+            batch.waiters.push(waiter);
+        }
+        for (tag, waiter) in std::mem::take(&mut state.waiting) {
+            state.unsettled.remove(&tag);
+            batch.singles.push(tag);
+            batch.waiters.push(waiter);
+        }
+        Some(batch)
+    }
+
+    /// Sends one batch and tells its waiters.
+    async fn send(&self, batch: Batch) {
+        let mut frames: Vec<Pin<Box<dyn Future<Output = lapin::Result<()>> + Send + '_>>> =
+            Vec::with_capacity(1 + batch.singles.len());
+        if let Some(head) = batch.head {
+            frames.push(Box::pin(self.channel.basic_ack(head, BasicAckOptions { multiple: true })));
+        }
+        for &tag in &batch.singles {
+            frames.push(Box::pin(self.channel.basic_ack(tag, BasicAckOptions::default())));
+        }
+        let result = all_in_order(frames).await.map_err(|err| format!("rabbitmq: acknowledging: {err}"));
+        for waiter in batch.waiters {
+            let _ = waiter.send(result.clone());
+        }
+    }
+}
+
+/// The sender of batches. The caller that leads sends the first batch (its own acknowledgement
+/// in it) and hands what arrived meanwhile to a task, so no caller waits for others' batches;
+/// a caller that goes away mid-send hands over the same way.
+struct Sending {
+    /// The batcher.
+    acks: Arc<AckBatch>,
+    /// Set once nothing is left to send.
+    done: bool,
+}
+
+impl Sending {
+    /// Sends one batch; what arrives meanwhile goes to a task (on drop).
+    async fn first(mut self) {
+        if let Some(batch) = self.acks.take_batch() {
+            self.acks.send(batch).await;
+        }
+        let mut state = self.acks.lock();
+        if state.waiting.is_empty() {
+            state.sending = false;
+            self.done = true;
+        }
+    }
+
+    /// Sends batches until none is left.
+    async fn run(mut self) {
+        while let Some(batch) = self.acks.take_batch() {
+            self.acks.send(batch).await;
+        }
+        self.done = true;
+    }
+}
+
+impl Drop for Sending {
+    fn drop(&mut self) {
+        // A batch already taken had its frames handed to the connection at its first poll;
+        // what waits still needs sending.
+        if !self.done
+            && let Ok(runtime) = tokio::runtime::Handle::try_current()
+        {
+            let rest = Sending { acks: self.acks.clone(), done: false };
+            runtime.spawn(rest.run());
+        }
+    }
+}
+
+/// Polls every future, first polls in order (each sends its frame on its first poll), until all
+/// are done; the first error wins.
+async fn all_in_order<'a>(
+    mut frames: Vec<Pin<Box<dyn Future<Output = lapin::Result<()>> + Send + 'a>>>,
+) -> lapin::Result<()> {
+    let mut outcome = Ok(());
+    std::future::poll_fn(|cx| {
+        frames.retain_mut(|frame| match frame.as_mut().poll(cx) {
+            Poll::Ready(result) => {
+                if outcome.is_ok() {
+                    outcome = result;
+                }
+                false
+            }
+            Poll::Pending => true,
+        });
+        if frames.is_empty() { Poll::Ready(std::mem::replace(&mut outcome, Ok(()))) } else { Poll::Pending }
+    })
+    .await
 }
