@@ -8,14 +8,11 @@
 //! acknowledgement frame, so this saves the broker work on every busy consumer.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::future::Future;
-use std::pin::Pin;
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::task::Poll;
 
 use async_trait::async_trait;
 use dagmq_core::BackendError;
-use dagmq_core::queue::{Acker, Consumer, Delivery, NoAck, Topic};
+use dagmq_core::queue::{Acker, Consumer, Delivery, NoAck, Topic, join_all};
 use futures_lite::StreamExt;
 use lapin::Channel;
 use lapin::options::{
@@ -203,11 +200,11 @@ impl Drop for RabbitAcker {
 /// The acknowledgements of one consumer's channel, sent in batches.
 ///
 /// A delivery is *unsettled* from its arrival until it is acknowledged or its requeue has been
-/// sent. Whoever acknowledges while no batch is being sent sends the batch itself (no task, no
-/// timer), then the acknowledgements that arrived meanwhile, until none is left; the others
-/// wait for theirs. A `multiple` acknowledgement covers only settled deliveries: the tags of the
-/// channel's deliveries rise, and everything at or below the tag it names is acknowledged here
-/// and not being requeued.
+/// sent. Whoever acknowledges while no batch is being sent sends a batch itself (no task, no
+/// timer); the acknowledgements that arrived meanwhile go out from a task, batch after batch,
+/// until none is left (`Sending`); the others wait for theirs. A `multiple` acknowledgement
+/// covers only settled deliveries: the tags of the channel's deliveries rise, and everything at
+/// or below the tag it names is acknowledged here and not being requeued.
 struct AckBatch {
     /// The consumer's channel.
     channel: Channel,
@@ -295,17 +292,21 @@ impl AckBatch {
         Some(batch)
     }
 
-    /// Sends one batch and tells its waiters.
+    /// Sends one batch and tells its waiters. `join_all` polls the frames in order, and each
+    /// frame is queued on the connection at its first poll, so the `multiple` one goes first.
     async fn send(&self, batch: Batch) {
-        let mut frames: Vec<Pin<Box<dyn Future<Output = lapin::Result<()>> + Send + '_>>> =
-            Vec::with_capacity(1 + batch.singles.len());
-        if let Some(head) = batch.head {
-            frames.push(Box::pin(self.channel.basic_ack(head, BasicAckOptions { multiple: true })));
-        }
-        for &tag in &batch.singles {
-            frames.push(Box::pin(self.channel.basic_ack(tag, BasicAckOptions::default())));
-        }
-        let result = all_in_order(frames).await.map_err(|err| format!("rabbitmq: acknowledging: {err}"));
+        let head = batch.head.map(|tag| (tag, true));
+        let singles = batch.singles.iter().map(|&tag| (tag, false));
+        let frames = head
+            .into_iter()
+            .chain(singles)
+            .map(|(tag, multiple)| self.channel.basic_ack(tag, BasicAckOptions { multiple }));
+        let result = join_all(frames)
+            .await
+            .into_iter()
+            .collect::<Result<Vec<()>, _>>()
+            .map(drop)
+            .map_err(|err| format!("rabbitmq: acknowledging: {err}"));
         for waiter in batch.waiters {
             let _ = waiter.send(result.clone());
         }
@@ -355,25 +356,4 @@ impl Drop for Sending {
             runtime.spawn(rest.run());
         }
     }
-}
-
-/// Polls every future, first polls in order (each sends its frame on its first poll), until all
-/// are done; the first error wins.
-async fn all_in_order<'a>(
-    mut frames: Vec<Pin<Box<dyn Future<Output = lapin::Result<()>> + Send + 'a>>>,
-) -> lapin::Result<()> {
-    let mut outcome = Ok(());
-    std::future::poll_fn(|cx| {
-        frames.retain_mut(|frame| match frame.as_mut().poll(cx) {
-            Poll::Ready(result) => {
-                if outcome.is_ok() {
-                    outcome = result;
-                }
-                false
-            }
-            Poll::Pending => true,
-        });
-        if frames.is_empty() { Poll::Ready(std::mem::replace(&mut outcome, Ok(()))) } else { Poll::Pending }
-    })
-    .await
 }
