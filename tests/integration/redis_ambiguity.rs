@@ -1,7 +1,8 @@
 //! A Redis call that times out may still apply: a script runs to its end once the server reads
 //! it. These tests give a Redis server of their own (the shared one is never blocked) scripts
 //! that outlast a short response timeout, and check that what applied is whole and that a
-//! retry finds it.
+//! retry finds it. The last one checks how a store shares its connections, and that it
+//! connects again when Redis drops them.
 
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -222,4 +223,57 @@ async fn a_worker_whose_clock_is_30s_behind_is_not_taken_for_lost() {
     worker.await.unwrap().unwrap();
     stop_scheduler.cancel();
     scheduler.await.unwrap().unwrap();
+}
+
+/// The clients connected to `redis` besides the `redis-cli` that asks.
+fn store_connections(redis: &OwnRedis) -> usize {
+    let info = redis.cli(&["INFO", "clients"]);
+    let connected = info
+        .lines()
+        .find_map(|line| line.strip_prefix("connected_clients:"))
+        .and_then(|count| count.trim().parse::<usize>().ok())
+        .unwrap_or_else(|| panic!("no client count in {info:?}"));
+    connected - 1
+}
+
+/// A store's calls share a few multiplexed connections: 400 calls at once open no more than
+/// `dagmq_redis::CONNECTIONS` (a pool that hands each call a connection of its own opens one
+/// per concurrent call, up to its size, and pipelines nothing). When Redis drops them, the
+/// calls that were on them fail and later calls connect again.
+#[tokio::test(flavor = "multi_thread")]
+async fn calls_share_a_few_connections_and_a_dropped_one_is_made_again() {
+    let Some(redis) = OwnRedis::start() else { return };
+    let store = std::sync::Arc::new(RedisStore::connect(&redis.url(), "conns", None).await.unwrap());
+    for i in 0..40 {
+        store.create_run(&run(&format!("r{i}"), None), &tasks(3)).await.unwrap();
+    }
+    let calls: Vec<_> = (0..400)
+        .map(|i| {
+            let store = store.clone();
+            tokio::spawn(async move { store.tasks(&format!("r{}", i % 40)).await.map(|tasks| tasks.len()) })
+        })
+        .collect();
+    for call in calls {
+        assert_eq!(call.await.unwrap().unwrap(), 3);
+    }
+    let connections = store_connections(&redis);
+    assert!(
+        (1..=dagmq_redis::CONNECTIONS).contains(&connections),
+        "{connections} connections for 400 concurrent calls"
+    );
+
+    // Redis drops every connection but the asking one (`SKIPME yes` is the default).
+    assert!(redis.cli(&["CLIENT", "KILL", "TYPE", "normal"]).trim().parse::<usize>().unwrap() >= 1);
+    let mut failed = 0;
+    eventually("the store answers again", async || {
+        let answer = store.run("r1").await;
+        failed += usize::from(answer.is_err());
+        answer.is_ok_and(|run| run.is_some())
+    })
+    .await;
+    assert!(failed <= dagmq_redis::CONNECTIONS, "{failed} calls failed after the connections were dropped");
+    for i in 0..40 {
+        assert_eq!(store.tasks(&format!("r{i}")).await.unwrap().len(), 3);
+    }
+    assert!((1..=dagmq_redis::CONNECTIONS).contains(&store_connections(&redis)));
 }

@@ -10,7 +10,7 @@
 //! - `P:dag:DAG` — the scheduler's per-DAG bookkeeping; `P:workers` — hash of worker entries.
 //!
 //! Every state transition is a Lua compare-and-set (see `scripts`); WATCH/MULTI is unsound on
-//! pooled, multiplexed connections. Finished runs expire after the retention period, if set.
+//! shared, multiplexed connections. Finished runs expire after the retention period, if set.
 
 mod pool;
 mod scripts;
@@ -26,9 +26,9 @@ use dagmq_core::store::{
     Store, TaskChange,
 };
 use dagmq_core::{BackendError, RunRecord, RunState, TaskInstance, TaskState, TlsSettings, WorkerInfo};
-use deadpool_redis::redis::{self, AsyncCommands, Script};
-use deadpool_redis::{Config, Runtime};
+pub use pool::CONNECTIONS;
 use pool::Pool;
+use redis::{AsyncCommands, Script};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
@@ -115,7 +115,7 @@ impl RedisStore {
         tls: &TlsSettings,
     ) -> Result<RedisStore, BackendError> {
         let bad_url = |e: redis::RedisError| BackendError::new(format!("redis {}: {e}", mask_url(url)));
-        let info = if url.starts_with("rediss://") && !tls.is_default() {
+        let client = if url.starts_with("rediss://") && !tls.is_default() {
             let certificates = redis::TlsCertificates {
                 client_tls: tls.client.as_ref().map(|client| redis::ClientTlsConfig {
                     client_cert: client.cert_pem.clone(),
@@ -123,22 +123,14 @@ impl RedisStore {
                 }),
                 root_cert: tls.ca_pem.clone(),
             };
-            redis::Client::build_with_tls(url, certificates).map_err(bad_url)?.get_connection_info().clone()
+            redis::Client::build_with_tls(url, certificates).map_err(bad_url)?
         } else {
-            redis::IntoConnectionInfo::into_connection_info(url).map_err(bad_url)?
+            redis::Client::open(url).map_err(bad_url)?
         };
         let connection = redis::AsyncConnectionConfig::new()
             .set_response_timeout(Some(timeouts.response))
             .set_connection_timeout(Some(timeouts.connect));
-        let manager = deadpool_redis::Manager::new_with_config(info, connection).map_err(bad_url)?;
-        let pool = Pool::builder(pool::Manager(manager))
-            .max_size(Config::default().get_pool_config().max_size)
-            .runtime(Runtime::Tokio1)
-            .wait_timeout(Some(timeouts.response))
-            .create_timeout(Some(timeouts.connect))
-            .recycle_timeout(Some(timeouts.connect))
-            .build()
-            .map_err(|e| BackendError::new(format!("redis {}: {e}", mask_url(url))))?;
+        let pool = Pool::new(client, connection);
         let store = RedisStore {
             pool,
             prefix: prefix.to_string(),
@@ -190,8 +182,7 @@ impl RedisStore {
     }
 
     async fn conn(&self) -> Result<pool::Conn, BackendError> {
-        let object = self.pool.get().await.map_err(|e| BackendError::new(format!("redis: no connection: {e}")))?;
-        Ok(pool::Conn::new(object))
+        self.pool.get().await.map_err(|e| BackendError::new(format!("redis: no connection: {e}")))
     }
 
     fn meta_key(&self, run_id: &str) -> String {

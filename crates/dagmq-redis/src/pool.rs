@@ -1,58 +1,96 @@
-//! The connection pool: deadpool over multiplexed connections, without a round trip per
-//! checkout. deadpool-redis checks every connection it hands out with `UNWATCH` and `PING`,
-//! one round trip before every store call (a third of the commands Redis served in a
-//! benchmark). Here a connection that failed is taken out of the pool at once instead, so one
-//! used within [`TRUSTED_FOR`] is handed out as it is; one idle for longer is checked as before.
+//! Connections: a few multiplexed connections that every call shares.
+//!
+//! A multiplexed connection writes every command queued while it was busy in one write, and
+//! Redis answers a batch read in one go. Sharing it between concurrent calls therefore
+//! pipelines them without any call waiting for another: a worker's claims and outcomes, sent
+//! at the same moment by many tries, cost Redis one read and one write instead of one each.
+//! A pool that hands each call a connection of its own gives that up (each call is a round
+//! trip on its own socket), and checking a connection out costs a round trip or a lock.
+//!
+//! A connection on which a call failed for anything but a reply of the server (a broken or
+//! timed-out connection) is replaced: the next call on its slot connects again.
 
-use std::time::Duration;
+use std::sync::Arc;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
-use deadpool::managed::{self, Metrics, Object, RecycleResult};
 use redis::aio::{ConnectionLike, MultiplexedConnection};
-use redis::{Cmd, Pipeline, RedisError, RedisFuture, Value};
+use redis::{AsyncConnectionConfig, Client, Cmd, Pipeline, RedisError, RedisFuture, Value};
 
-/// A connection used this recently without an error is handed out without a check.
-const TRUSTED_FOR: Duration = Duration::from_secs(5);
+/// Connections per store. One carries a process's load with room to spare (Redis runs
+/// commands one at a time anyway); a second keeps one large reply (a long log, a big run)
+/// from holding up every other call.
+pub const CONNECTIONS: usize = 2;
 
-/// Makes and recycles connections; wraps deadpool-redis's manager.
-pub(crate) struct Manager(pub(crate) deadpool_redis::Manager);
+/// One shared connection, with the number of the connect that made it.
+#[derive(Default)]
+struct Slot {
+    /// The connection and its generation; `None` until the first call, or after a failure.
+    current: Mutex<Option<(u64, MultiplexedConnection)>>,
+    /// Held while connecting, so that calls arriving meanwhile wait for one connect.
+    connecting: tokio::sync::Mutex<u64>,
+}
 
-impl managed::Manager for Manager {
-    type Type = MultiplexedConnection;
-    type Error = RedisError;
+/// The shared connections of one store. Clones share them.
+#[derive(Clone)]
+pub(crate) struct Pool {
+    client: Client,
+    config: AsyncConnectionConfig,
+    slots: Arc<[Slot]>,
+    next: Arc<AtomicUsize>,
+}
 
-    async fn create(&self) -> Result<MultiplexedConnection, RedisError> {
-        managed::Manager::create(&self.0).await
+impl Pool {
+    /// A pool of [`CONNECTIONS`] connections to `client`'s server, each made on first use.
+    pub(crate) fn new(client: Client, config: AsyncConnectionConfig) -> Pool {
+        let slots: Vec<Slot> = (0..CONNECTIONS).map(|_| Slot::default()).collect();
+        Pool { client, config, slots: slots.into(), next: Arc::new(AtomicUsize::new(0)) }
     }
 
-    async fn recycle(&self, conn: &mut MultiplexedConnection, metrics: &Metrics) -> RecycleResult<RedisError> {
-        if metrics.last_used() < TRUSTED_FOR {
-            return Ok(());
+    /// A connection to use for one call (or a few): the slots take turns.
+    pub(crate) async fn get(&self) -> Result<Conn, RedisError> {
+        let index = self.next.fetch_add(1, Ordering::Relaxed) % self.slots.len();
+        let slot = &self.slots[index];
+        if let Some((generation, conn)) = lock(&slot.current).as_ref() {
+            return Ok(Conn { conn: conn.clone(), pool: self.clone(), index, generation: *generation, broken: false });
         }
-        managed::Manager::recycle(&self.0, conn, metrics).await
+        let mut made = slot.connecting.lock().await;
+        // Another call may have connected while this one waited.
+        if let Some((generation, conn)) = lock(&slot.current).as_ref() {
+            return Ok(Conn { conn: conn.clone(), pool: self.clone(), index, generation: *generation, broken: false });
+        }
+        let conn = self.client.get_multiplexed_async_connection_with_config(&self.config).await?;
+        *made += 1;
+        let generation = *made;
+        *lock(&slot.current) = Some((generation, conn.clone()));
+        Ok(Conn { conn, pool: self.clone(), index, generation, broken: false })
+    }
+
+    /// Drops the slot's connection if it is still the one of `generation`.
+    fn discard(&self, index: usize, generation: u64) {
+        let mut current = lock(&self.slots[index].current);
+        if current.as_ref().is_some_and(|(made, _)| *made == generation) {
+            *current = None;
+        }
     }
 }
 
-/// The pool.
-pub(crate) type Pool = managed::Pool<Manager>;
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
 
-/// A connection checked out of the pool. A call that fails for anything but a reply of the
-/// server (a broken or timed-out connection) takes the connection out of the pool when it is
-/// dropped, so it is never handed out again unchecked.
+/// A shared connection as one call uses it. A call that fails for anything but a reply of the
+/// server takes the connection out of its slot when this is dropped, so the next call
+/// connects again.
 pub(crate) struct Conn {
-    inner: Option<Object<Manager>>,
+    conn: MultiplexedConnection,
+    pool: Pool,
+    index: usize,
+    generation: u64,
     broken: bool,
 }
 
 impl Conn {
-    pub(crate) fn new(inner: Object<Manager>) -> Conn {
-        Conn { inner: Some(inner), broken: false }
-    }
-
-    fn connection(&mut self) -> &mut MultiplexedConnection {
-        // Present until drop.
-        self.inner.as_deref_mut().unwrap_or_else(|| unreachable!("a connection after drop"))
-    }
-
     fn note<T>(&mut self, result: &Result<T, RedisError>) {
         if let Err(err) = result
             && (err.is_io_error()
@@ -68,10 +106,8 @@ impl Conn {
 
 impl Drop for Conn {
     fn drop(&mut self) {
-        if self.broken
-            && let Some(object) = self.inner.take()
-        {
-            drop(Object::take(object));
+        if self.broken {
+            self.pool.discard(self.index, self.generation);
         }
     }
 }
@@ -79,7 +115,7 @@ impl Drop for Conn {
 impl ConnectionLike for Conn {
     fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
         Box::pin(async move {
-            let result = self.connection().req_packed_command(cmd).await;
+            let result = self.conn.req_packed_command(cmd).await;
             self.note(&result);
             result
         })
@@ -92,13 +128,13 @@ impl ConnectionLike for Conn {
         count: usize,
     ) -> RedisFuture<'a, Vec<Value>> {
         Box::pin(async move {
-            let result = self.connection().req_packed_commands(pipeline, offset, count).await;
+            let result = self.conn.req_packed_commands(pipeline, offset, count).await;
             self.note(&result);
             result
         })
     }
 
     fn get_db(&self) -> i64 {
-        self.inner.as_ref().map_or(0, |object| object.get_db())
+        self.conn.get_db()
     }
 }
