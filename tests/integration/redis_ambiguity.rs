@@ -239,7 +239,8 @@ fn store_connections(redis: &OwnRedis) -> usize {
 /// A store's calls share a few multiplexed connections: 400 calls at once open no more than
 /// `dagmq_redis::CONNECTIONS` (a pool that hands each call a connection of its own opens one
 /// per concurrent call, up to its size, and pipelines nothing). When Redis drops them, the
-/// calls that were on them fail and later calls connect again.
+/// calls that were on them fail and later calls connect again; when it drops them while they
+/// are idle, no call fails.
 #[tokio::test(flavor = "multi_thread")]
 async fn calls_share_a_few_connections_and_a_dropped_one_is_made_again() {
     let Some(redis) = OwnRedis::start() else { return };
@@ -276,4 +277,13 @@ async fn calls_share_a_few_connections_and_a_dropped_one_is_made_again() {
         assert_eq!(store.tasks(&format!("r{i}")).await.unwrap().len(), 3);
     }
     assert!((1..=dagmq_redis::CONNECTIONS).contains(&store_connections(&redis)));
+
+    // Dropped while idle (a server's idle timeout, a restart between calls): the check before
+    // the next call finds it, and no call fails.
+    assert!(redis.cli(&["CLIENT", "KILL", "TYPE", "normal"]).trim().parse::<usize>().unwrap() >= 1);
+    tokio::time::sleep(dagmq_redis::IDLE_CHECK_AFTER + Duration::from_millis(500)).await;
+    for i in 0..40 {
+        let answer = store.tasks(&format!("r{i}")).await;
+        assert_eq!(answer.map(|tasks| tasks.len()), Ok(3), "call {i} after an idle drop");
+    }
 }

@@ -26,8 +26,8 @@ use dagmq_core::store::{
     Store, TaskChange,
 };
 use dagmq_core::{BackendError, RunRecord, RunState, TaskInstance, TaskState, TlsSettings, WorkerInfo};
-pub use pool::CONNECTIONS;
 use pool::Pool;
+pub use pool::{CONNECTIONS, IDLE_CHECK_AFTER};
 use redis::{AsyncCommands, Script};
 use serde::Serialize;
 use serde::de::DeserializeOwned;

@@ -8,11 +8,15 @@
 //! trip on its own socket), and checking a connection out costs a round trip or a lock.
 //!
 //! A connection on which a call failed for anything but a reply of the server (a broken or
-//! timed-out connection) is replaced: the next call on its slot connects again.
+//! timed-out connection) is replaced: the next call on its slot connects again. One that has
+//! been idle for [`IDLE_CHECK_AFTER`] is checked with a `PING` before it is used again, so a
+//! connection the server or the network dropped while nothing was sent (an idle timeout, a
+//! restarted server) costs no call an error.
 
 use std::sync::Arc;
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
 
 use redis::aio::{ConnectionLike, MultiplexedConnection};
 use redis::{AsyncConnectionConfig, Client, Cmd, Pipeline, RedisError, RedisFuture, Value};
@@ -22,13 +26,19 @@ use redis::{AsyncConnectionConfig, Client, Cmd, Pipeline, RedisError, RedisFutur
 /// from holding up every other call.
 pub const CONNECTIONS: usize = 2;
 
+/// A connection unused for this long is checked with a `PING` before its next call.
+pub const IDLE_CHECK_AFTER: Duration = Duration::from_secs(5);
+
 /// One shared connection, with the number of the connect that made it.
 #[derive(Default)]
 struct Slot {
     /// The connection and its generation; `None` until the first call, or after a failure.
     current: Mutex<Option<(u64, MultiplexedConnection)>>,
-    /// Held while connecting, so that calls arriving meanwhile wait for one connect.
+    /// Held while connecting or checking, so that calls arriving meanwhile wait for one
+    /// connect; counts the connects.
     connecting: tokio::sync::Mutex<u64>,
+    /// When the slot was last handed out, in milliseconds since the pool was made.
+    last_used: AtomicU64,
 }
 
 /// The shared connections of one store. Clones share them.
@@ -38,32 +48,61 @@ pub(crate) struct Pool {
     config: AsyncConnectionConfig,
     slots: Arc<[Slot]>,
     next: Arc<AtomicUsize>,
+    /// The origin of [`Slot::last_used`].
+    origin: Instant,
 }
 
 impl Pool {
     /// A pool of [`CONNECTIONS`] connections to `client`'s server, each made on first use.
     pub(crate) fn new(client: Client, config: AsyncConnectionConfig) -> Pool {
         let slots: Vec<Slot> = (0..CONNECTIONS).map(|_| Slot::default()).collect();
-        Pool { client, config, slots: slots.into(), next: Arc::new(AtomicUsize::new(0)) }
+        Pool { client, config, slots: slots.into(), next: Arc::new(AtomicUsize::new(0)), origin: Instant::now() }
     }
 
     /// A connection to use for one call (or a few): the slots take turns.
     pub(crate) async fn get(&self) -> Result<Conn, RedisError> {
         let index = self.next.fetch_add(1, Ordering::Relaxed) % self.slots.len();
         let slot = &self.slots[index];
-        if let Some((generation, conn)) = lock(&slot.current).as_ref() {
-            return Ok(Conn { conn: conn.clone(), pool: self.clone(), index, generation: *generation, broken: false });
+        let now = self.millis();
+        let idle = Duration::from_millis(now.saturating_sub(slot.last_used.swap(now, Ordering::Relaxed)));
+        if idle < IDLE_CHECK_AFTER
+            && let Some(conn) = self.current(index)
+        {
+            return Ok(conn);
         }
         let mut made = slot.connecting.lock().await;
         // Another call may have connected while this one waited.
-        if let Some((generation, conn)) = lock(&slot.current).as_ref() {
-            return Ok(Conn { conn: conn.clone(), pool: self.clone(), index, generation: *generation, broken: false });
+        if let Some(mut conn) = self.current(index) {
+            if idle < IDLE_CHECK_AFTER {
+                return Ok(conn);
+            }
+            let _: Result<(), RedisError> = redis::cmd("PING").query_async(&mut conn).await;
+            if !conn.broken {
+                return Ok(conn);
+            }
+            // Dropping it takes the broken connection out of the slot.
+            drop(conn);
         }
         let conn = self.client.get_multiplexed_async_connection_with_config(&self.config).await?;
         *made += 1;
         let generation = *made;
         *lock(&slot.current) = Some((generation, conn.clone()));
         Ok(Conn { conn, pool: self.clone(), index, generation, broken: false })
+    }
+
+    /// The slot's connection, if it has one.
+    fn current(&self, index: usize) -> Option<Conn> {
+        lock(&self.slots[index].current).as_ref().map(|(generation, conn)| Conn {
+            conn: conn.clone(),
+            pool: self.clone(),
+            index,
+            generation: *generation,
+            broken: false,
+        })
+    }
+
+    fn millis(&self) -> u64 {
+        u64::try_from(self.origin.elapsed().as_millis()).unwrap_or(u64::MAX)
     }
 
     /// Drops the slot's connection if it is still the one of `generation`.
