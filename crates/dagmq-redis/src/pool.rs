@@ -43,11 +43,14 @@ struct Slot {
 
 /// The shared connections of one store. Clones share them.
 #[derive(Clone)]
-pub(crate) struct Pool {
+pub(crate) struct Pool(Arc<Inner>);
+
+/// What a pool's clones share.
+struct Inner {
     client: Client,
     config: AsyncConnectionConfig,
-    slots: Arc<[Slot]>,
-    next: Arc<AtomicUsize>,
+    slots: Vec<Slot>,
+    next: AtomicUsize,
     /// The origin of [`Slot::last_used`].
     origin: Instant,
 }
@@ -55,14 +58,14 @@ pub(crate) struct Pool {
 impl Pool {
     /// A pool of [`CONNECTIONS`] connections to `client`'s server, each made on first use.
     pub(crate) fn new(client: Client, config: AsyncConnectionConfig) -> Pool {
-        let slots: Vec<Slot> = (0..CONNECTIONS).map(|_| Slot::default()).collect();
-        Pool { client, config, slots: slots.into(), next: Arc::new(AtomicUsize::new(0)), origin: Instant::now() }
+        let slots = (0..CONNECTIONS).map(|_| Slot::default()).collect();
+        Pool(Arc::new(Inner { client, config, slots, next: AtomicUsize::new(0), origin: Instant::now() }))
     }
 
     /// A connection to use for one call (or a few): the slots take turns.
     pub(crate) async fn get(&self) -> Result<Conn, RedisError> {
-        let index = self.next.fetch_add(1, Ordering::Relaxed) % self.slots.len();
-        let slot = &self.slots[index];
+        let index = self.0.next.fetch_add(1, Ordering::Relaxed) % self.0.slots.len();
+        let slot = &self.0.slots[index];
         let now = self.millis();
         let idle = Duration::from_millis(now.saturating_sub(slot.last_used.swap(now, Ordering::Relaxed)));
         if idle < IDLE_CHECK_AFTER
@@ -83,7 +86,7 @@ impl Pool {
             // Dropping it takes the broken connection out of the slot.
             drop(conn);
         }
-        let conn = self.client.get_multiplexed_async_connection_with_config(&self.config).await?;
+        let conn = self.0.client.get_multiplexed_async_connection_with_config(&self.0.config).await?;
         *made += 1;
         let generation = *made;
         *lock(&slot.current) = Some((generation, conn.clone()));
@@ -92,7 +95,7 @@ impl Pool {
 
     /// The slot's connection, if it has one.
     fn current(&self, index: usize) -> Option<Conn> {
-        lock(&self.slots[index].current).as_ref().map(|(generation, conn)| Conn {
+        lock(&self.0.slots[index].current).as_ref().map(|(generation, conn)| Conn {
             conn: conn.clone(),
             pool: self.clone(),
             index,
@@ -102,12 +105,12 @@ impl Pool {
     }
 
     fn millis(&self) -> u64 {
-        u64::try_from(self.origin.elapsed().as_millis()).unwrap_or(u64::MAX)
+        u64::try_from(self.0.origin.elapsed().as_millis()).unwrap_or(u64::MAX)
     }
 
     /// Drops the slot's connection if it is still the one of `generation`.
     fn discard(&self, index: usize, generation: u64) {
-        let mut current = lock(&self.slots[index].current);
+        let mut current = lock(&self.0.slots[index].current);
         if current.as_ref().is_some_and(|(made, _)| *made == generation) {
             *current = None;
         }
