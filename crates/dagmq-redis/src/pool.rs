@@ -23,7 +23,8 @@ use redis::{AsyncConnectionConfig, Client, Cmd, Pipeline, RedisError, RedisFutur
 
 /// Connections per store. One carries a process's load with room to spare (Redis runs
 /// commands one at a time anyway); a second keeps one large reply (a long log, a big run)
-/// from holding up every other call.
+/// from holding up every other call. A call waits behind the calls queued before it on its
+/// connection, and its response timeout counts that wait.
 pub const CONNECTIONS: usize = 2;
 
 /// A connection unused for this long is checked with a `PING` before its next call.
