@@ -1,0 +1,200 @@
+//! The DAG routes: listing the DAGs (with refused files), pausing and unpausing, triggering a run
+//! and backfilling.
+
+use axum::Json;
+use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use chrono::{DateTime, Utc};
+use dagmq_core::records::DagRecord;
+use dagmq_core::store::RunFilter;
+use dagmq_core::{Params, RunState, TaskKind};
+use serde::{Deserialize, Serialize};
+
+use super::{ApiResult, AppState, json_body};
+
+/// A DAG as the API lists it.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct DagView {
+    /// Id.
+    pub dag_id: String,
+    /// The loaded definition's version (a hash of its file; `rust` when compiled in); empty for
+    /// a refused file.
+    #[serde(default)]
+    pub version: String,
+    /// Description.
+    pub description: String,
+    /// Schedule as written; absent for manual-only DAGs.
+    pub schedule: Option<String>,
+    /// IANA timezone of the schedule.
+    pub timezone: String,
+    /// Whether scheduled runs are paused.
+    pub paused: bool,
+    /// Next schedule point (absent when paused or manual).
+    pub next_run: Option<DateTime<Utc>>,
+    /// The newest run, if any.
+    pub last_run: Option<RunSummary>,
+    /// Tags.
+    pub tags: Vec<String>,
+    /// Tasks with their upstreams and kinds.
+    pub tasks: Vec<TaskView>,
+    /// Where the DAG was defined.
+    pub source: String,
+    /// For a DAG file that was refused: why (`file:line: reason`); the DAG does not run.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+/// A task of a DAG.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct TaskView {
+    /// Id.
+    pub task_id: String,
+    /// Upstream ids.
+    pub after: Vec<String>,
+    /// `command` or `rust`.
+    pub kind: String,
+    /// Worker pool.
+    pub queue: String,
+    /// Tries after the first.
+    pub retries: u32,
+}
+
+/// A run's id and state.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct RunSummary {
+    /// Run id.
+    pub run_id: String,
+    /// State.
+    pub state: RunState,
+}
+
+pub(super) async fn list_dags(State(state): State<AppState>) -> ApiResult<Json<Vec<DagView>>> {
+    let handle = &state.scheduler;
+    let now = handle.clock.now();
+    let mut views = Vec::new();
+    for dag in handle.dags().iter() {
+        let record: Option<DagRecord> = handle.store.dag_record(&dag.id).await?;
+        let paused = record.as_ref().map_or(dag.paused, |r| r.paused);
+        let start = record.as_ref().map_or(now, |r| r.first_seen);
+        let last = handle
+            .store
+            .list_runs(&RunFilter { dag_id: Some(dag.id.clone()), state: None, limit: 1 })
+            .await?
+            .into_iter()
+            .next()
+            .map(|r| RunSummary { run_id: r.run_id, state: r.state });
+        views.push(DagView {
+            dag_id: dag.id.clone(),
+            version: dag.version.clone(),
+            description: dag.description.clone(),
+            schedule: dag.schedule.describe(),
+            timezone: dag.timezone.name().to_string(),
+            paused,
+            next_run: if paused { None } else { dag.next_run_after(start, now) },
+            last_run: last,
+            tags: dag.tags.clone(),
+            tasks: dag
+                .tasks()
+                .iter()
+                .map(|t| TaskView {
+                    task_id: t.id.clone(),
+                    after: t.after.to_vec(),
+                    kind: match &t.kind {
+                        TaskKind::Command(_) => "command".to_string(),
+                        TaskKind::Rust { name, .. } => name.clone().map_or("rust".to_string(), |n| format!("rust:{n}")),
+                    },
+                    queue: t.config.queue.clone(),
+                    retries: t.config.retries,
+                })
+                .collect(),
+            source: dag.source.clone(),
+            error: None,
+        });
+    }
+    for (file, error) in handle.refused_dags().iter() {
+        let stem = std::path::Path::new(file).file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
+        views.push(DagView {
+            dag_id: stem,
+            version: String::new(),
+            description: String::new(),
+            schedule: None,
+            timezone: "UTC".to_string(),
+            paused: true,
+            next_run: None,
+            last_run: None,
+            tags: Vec::new(),
+            tasks: Vec::new(),
+            source: file.clone(),
+            error: Some(error.clone()),
+        });
+    }
+    Ok(Json(views))
+}
+
+pub(super) async fn pause_dag(
+    State(state): State<AppState>,
+    Path(dag_id): Path<String>,
+) -> ApiResult<Json<serde_json::Value>> {
+    state.scheduler.set_paused(&dag_id, true).await?;
+    Ok(Json(serde_json::json!({"dag_id": dag_id, "paused": true})))
+}
+
+pub(super) async fn unpause_dag(
+    State(state): State<AppState>,
+    Path(dag_id): Path<String>,
+) -> ApiResult<Json<serde_json::Value>> {
+    state.scheduler.set_paused(&dag_id, false).await?;
+    Ok(Json(serde_json::json!({"dag_id": dag_id, "paused": false})))
+}
+
+/// Body of `POST /api/v1/dags/{dag_id}/runs`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TriggerBody {
+    /// Parameters.
+    #[serde(default)]
+    params: Params,
+    /// Idempotency key.
+    #[serde(default)]
+    key: Option<String>,
+}
+
+pub(super) async fn trigger_run(
+    State(state): State<AppState>,
+    Path(dag_id): Path<String>,
+    body: Result<Bytes, BytesRejection>,
+) -> ApiResult<(StatusCode, Json<serde_json::Value>)> {
+    let body: TriggerBody = match body {
+        Ok(bytes) if bytes.iter().all(u8::is_ascii_whitespace) => TriggerBody::default(),
+        body => json_body(body, "trigger")?,
+    };
+    let outcome = state.scheduler.trigger(&dag_id, body.params, body.key).await?;
+    let status = if outcome.created { StatusCode::CREATED } else { StatusCode::OK };
+    Ok((status, Json(serde_json::json!({"run_id": outcome.run_id, "created": outcome.created}))))
+}
+
+/// Body of `POST /api/v1/dags/{id}/backfill`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct BackfillBody {
+    /// First instant of the range (RFC 3339).
+    from: DateTime<Utc>,
+    /// Last instant of the range, inclusive (RFC 3339).
+    to: DateTime<Utc>,
+    /// Parameters over the DAG's defaults.
+    #[serde(default)]
+    params: Params,
+}
+
+pub(super) async fn backfill_dag(
+    State(state): State<AppState>,
+    Path(dag_id): Path<String>,
+    body: Result<Bytes, BytesRejection>,
+) -> ApiResult<(StatusCode, Json<serde_json::Value>)> {
+    let body: BackfillBody = json_body(body, "backfill")?;
+    let outcome = state.scheduler.backfill(&dag_id, body.from, body.to, body.params).await?;
+    let answer = serde_json::json!({"runs": outcome.runs, "created": outcome.created, "existing": outcome.existing});
+    Ok((StatusCode::CREATED, Json(answer)))
+}

@@ -1,0 +1,212 @@
+//! The run routes: listing runs, a run with its tasks, a try's logs, and the commands on a run
+//! (clear, restart, cancel, suspend, resume).
+
+use std::collections::BTreeMap;
+
+use axum::Json;
+use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{Path, Query, State};
+use axum::http::StatusCode;
+use dagmq_core::store::RunFilter;
+use dagmq_core::task::mask_params;
+use dagmq_core::{RunRecord, RunState, TaskInstance, TaskState};
+use serde::{Deserialize, Serialize};
+
+use super::{ApiError, ApiResult, AppState, MAX_LIMIT, bad_request, json_body, not_found_error};
+
+/// Body of `POST /api/v1/runs/{id}/clear`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ClearBody {
+    /// The tasks to run again.
+    tasks: Vec<String>,
+    /// Every task after them too.
+    #[serde(default)]
+    downstream: bool,
+}
+
+pub(super) async fn clear_run(
+    State(state): State<AppState>,
+    Path(run_id): Path<String>,
+    body: Result<Bytes, BytesRejection>,
+) -> ApiResult<Json<serde_json::Value>> {
+    let body: ClearBody = json_body(body, "clear")?;
+    let cleared = state.scheduler.clear(&run_id, body.tasks, body.downstream).await?;
+    Ok(Json(serde_json::json!({"run_id": run_id, "cleared": cleared})))
+}
+
+/// Query of `GET /api/v1/runs`.
+#[derive(Debug, Deserialize)]
+pub(super) struct RunsQuery {
+    /// Only this DAG.
+    dag_id: Option<String>,
+    /// Only this state.
+    status: Option<String>,
+    /// How many (default 50, at most 500).
+    limit: Option<usize>,
+}
+
+/// A run as the API lists it.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct RunView {
+    /// The run.
+    #[serde(flatten)]
+    pub run: RunRecord,
+    /// How many tasks are in each state.
+    pub task_counts: BTreeMap<TaskState, usize>,
+}
+
+pub(super) async fn list_runs(
+    State(state): State<AppState>,
+    Query(query): Query<RunsQuery>,
+) -> ApiResult<Json<Vec<RunView>>> {
+    let status = match &query.status {
+        Some(text) if !text.is_empty() => Some(text.parse::<RunState>().map_err(bad_request)?),
+        _ => None,
+    };
+    let limit = query.limit.unwrap_or(50);
+    if limit == 0 || limit > MAX_LIMIT {
+        return Err(bad_request(format!("limit must be 1 to {MAX_LIMIT}")));
+    }
+    let filter = RunFilter { dag_id: query.dag_id.filter(|d| !d.is_empty()), state: status, limit };
+    let store = &state.scheduler.store;
+    let mut views = Vec::new();
+    for mut run in store.list_runs(&filter).await? {
+        let tasks = store.tasks(&run.run_id).await?;
+        run.params = mask_params(&run.params);
+        views.push(RunView { task_counts: count_states(&tasks), run });
+    }
+    Ok(Json(views))
+}
+
+fn count_states(tasks: &[TaskInstance]) -> BTreeMap<TaskState, usize> {
+    let mut counts = BTreeMap::new();
+    for task in tasks {
+        *counts.entry(task.state).or_insert(0) += 1;
+    }
+    counts
+}
+
+/// A run with all its tasks.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct RunDetail {
+    /// The run.
+    #[serde(flatten)]
+    pub run: RunRecord,
+    /// How many tasks are in each state.
+    pub task_counts: BTreeMap<TaskState, usize>,
+    /// Every task as the store keeps it, each with `"output"` (null when it handed nothing on)
+    /// and `"waiting_for"` (the concurrency limit a ready task waits for, else null).
+    pub tasks: Vec<serde_json::Value>,
+}
+
+pub(super) async fn show_run(State(state): State<AppState>, Path(run_id): Path<String>) -> ApiResult<Json<RunDetail>> {
+    let store = &state.scheduler.store;
+    let Some(mut run) = store.run(&run_id).await? else {
+        return Err(not_found_error(format!("unknown run {run_id:?}")));
+    };
+    run.params = mask_params(&run.params);
+    let tasks = store.tasks(&run_id).await?;
+    let task_counts = count_states(&tasks);
+    let mut views = Vec::with_capacity(tasks.len());
+    for task in &tasks {
+        let mut value =
+            serde_json::to_value(task).map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
+        if let Some(object) = value.as_object_mut() {
+            object.entry("output").or_insert(serde_json::Value::Null);
+            let waiting = match task.state {
+                TaskState::Pending => state.scheduler.waiting_reason(&run_id, &task.task_id),
+                _ => None,
+            };
+            object
+                .insert("waiting_for".to_string(), waiting.map_or(serde_json::Value::Null, serde_json::Value::String));
+        }
+        views.push(value);
+    }
+    Ok(Json(RunDetail { run, task_counts, tasks: views }))
+}
+
+pub(super) async fn restart_run(
+    State(state): State<AppState>,
+    Path(run_id): Path<String>,
+) -> ApiResult<Json<serde_json::Value>> {
+    state.scheduler.restart(&run_id).await?;
+    Ok(Json(serde_json::json!({"run_id": run_id, "restarted": true})))
+}
+
+pub(super) async fn cancel_run(
+    State(state): State<AppState>,
+    Path(run_id): Path<String>,
+) -> ApiResult<Json<serde_json::Value>> {
+    state.scheduler.cancel(&run_id).await?;
+    Ok(Json(serde_json::json!({"run_id": run_id, "cancelled": true})))
+}
+
+pub(super) async fn suspend_run(
+    State(state): State<AppState>,
+    Path(run_id): Path<String>,
+) -> ApiResult<Json<serde_json::Value>> {
+    state.scheduler.suspend(&run_id).await?;
+    Ok(Json(serde_json::json!({"run_id": run_id, "suspended": true})))
+}
+
+pub(super) async fn resume_run(
+    State(state): State<AppState>,
+    Path(run_id): Path<String>,
+) -> ApiResult<Json<serde_json::Value>> {
+    state.scheduler.resume(&run_id).await?;
+    Ok(Json(serde_json::json!({"run_id": run_id, "resumed": true})))
+}
+
+/// Query of the logs route.
+#[derive(Debug, Deserialize)]
+pub(super) struct LogsQuery {
+    /// The try (default: the task's current try).
+    #[serde(rename = "try")]
+    try_number: Option<u32>,
+    /// First line to return, 0-based (for tailing).
+    from: Option<usize>,
+}
+
+/// A try's log lines.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct LogView {
+    /// The run.
+    pub run_id: String,
+    /// The task.
+    pub task_id: String,
+    /// The try.
+    pub try_number: u32,
+    /// The task's state now.
+    pub state: TaskState,
+    /// Lines from `from` on.
+    pub lines: Vec<String>,
+    /// Where the next read should start.
+    pub next: usize,
+}
+
+pub(super) async fn task_logs(
+    State(state): State<AppState>,
+    Path((run_id, task_id)): Path<(String, String)>,
+    Query(query): Query<LogsQuery>,
+) -> ApiResult<Json<LogView>> {
+    let store = &state.scheduler.store;
+    if store.run(&run_id).await?.is_none() {
+        return Err(not_found_error(format!("unknown run {run_id:?}")));
+    }
+    let Some(task) = store.task(&run_id, &task_id).await? else {
+        return Err(not_found_error(format!("run {run_id:?} has no task {task_id:?}")));
+    };
+    let try_number = query.try_number.unwrap_or(task.try_number);
+    if try_number == 0 || try_number > task.try_number {
+        return Err(not_found_error(format!(
+            "task {task_id:?} of run {run_id:?} has no try {try_number} (tries so far: {})",
+            task.try_number
+        )));
+    }
+    let from = query.from.unwrap_or(0);
+    let lines = store.read_log(&run_id, &task_id, try_number, from).await?;
+    let next = from + lines.len();
+    Ok(Json(LogView { run_id, task_id, try_number, state: task.state, lines, next }))
+}

@@ -1,0 +1,71 @@
+//! The scheduler lease: the holder name of a leadership term (the fence its writes carry), the
+//! task that renews the lease and fires `deposed` when it is lost, and the guard that ends a
+//! term's consumers.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+#[cfg(feature = "failpoints")]
+use dagmq_core::BackendError;
+use dagmq_core::fail_point;
+use dagmq_core::{CancelSignal, Clock, Store};
+
+use super::Engine;
+
+impl Engine {
+    /// The lease holder of this scheduler's current term.
+    pub(super) fn holder(&self) -> String {
+        format!("{}-{}", self.lease_name, self.term)
+    }
+}
+
+/// Renews the lease every third of its time until the term ends; fires `deposed` when another
+/// scheduler holds it, or when no renewal has succeeded for two thirds of its time (it may have
+/// lapsed by then; the fence refuses any write after it did).
+pub(super) async fn renew_lease(
+    store: Arc<dyn Store>,
+    clock: Arc<dyn Clock>,
+    holder: String,
+    ttl: Duration,
+    deposed: Arc<dagmq_core::task::CancelHandle>,
+    term: CancelSignal,
+) {
+    let mut last_ok = tokio::time::Instant::now();
+    loop {
+        tokio::select! {
+            _ = term.cancelled() => return,
+            _ = tokio::time::sleep(ttl / 3) => {}
+        }
+        let attempt = tokio::time::Instant::now();
+        // The lease's own clock is Redis's; `now` matters only to stores without one.
+        let renewed = tokio::time::timeout(ttl / 3, async {
+            fail_point!("scheduler::lease::renew", BackendError::new("injected: lease renewal failed"));
+            store.acquire_lease(&holder, clock.now(), ttl).await
+        })
+        .await;
+        match renewed {
+            Ok(Ok(true)) => last_ok = attempt,
+            Ok(Ok(false)) => {
+                tracing::warn!(holder = %holder, "another scheduler holds the lease");
+                deposed.cancel();
+                return;
+            }
+            Ok(Err(err)) => tracing::error!("renewing the scheduler lease: {err}"),
+            Err(_) => tracing::error!("renewing the scheduler lease: no answer within {:?}", ttl / 3),
+        }
+        if last_ok.elapsed() >= ttl * 2 / 3 {
+            tracing::warn!(holder = %holder, "the lease was not renewed for {:?}: stepping down", last_ok.elapsed());
+            deposed.cancel();
+            return;
+        }
+    }
+}
+
+/// Fires a cancel handle when dropped: ends a leadership term's consumers on every exit path.
+pub(super) struct StopOnDrop(pub(super) dagmq_core::task::CancelHandle);
+
+impl Drop for StopOnDrop {
+    fn drop(&mut self) {
+        self.0.cancel();
+    }
+}

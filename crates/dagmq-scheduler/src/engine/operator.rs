@@ -1,0 +1,376 @@
+//! Operator commands on runs and DAGs: clear, restart, cancel, suspend, resume and pause, with the
+//! helpers that choose which tasks a restart or a clear sets back to `pending`.
+
+use std::collections::HashMap;
+
+use chrono::{DateTime, Utc};
+use dagmq_core::fail_point;
+use dagmq_core::messages::{self, Control, VERSION};
+use dagmq_core::state::{TaskEvent, task_transition};
+use dagmq_core::store::TaskChange;
+use dagmq_core::{BackendError, RunRecord, RunState, TaskInstance, TaskState};
+
+use crate::active_run::ActiveRun;
+use crate::commands::CommandError;
+
+use super::Engine;
+
+impl Engine {
+    /// Runs tasks of a run again: the named ones, with `downstream` all their descendants, and
+    /// in any case the descendants that ended without running (skipped, upstream_failed), whose
+    /// rules decide again. Each gets a fresh retry budget; the run is `running` again.
+    pub(super) async fn clear(
+        &mut self,
+        run_id: &str,
+        named: &[String],
+        downstream: bool,
+    ) -> Result<Vec<String>, CommandError> {
+        let backend = |e: BackendError| CommandError::Backend(e.to_string());
+        let Some(record) = self.store.run(run_id).await.map_err(backend)? else {
+            return Err(CommandError::NotFound(format!("unknown run {run_id:?}")));
+        };
+        if named.is_empty() {
+            return Err(CommandError::BadInput("name at least one task to clear".to_string()));
+        }
+        if !matches!(record.state, RunState::Running | RunState::Success | RunState::Failed | RunState::Cancelled) {
+            return Err(CommandError::Conflict(format!(
+                "run {run_id:?} is {}; only a running or finished run can be cleared",
+                record.state
+            )));
+        }
+        if self.dag_of(&record).is_none() {
+            return Err(CommandError::Conflict(format!("run {run_id:?} belongs to unknown dag {:?}", record.dag_id)));
+        }
+        let tasks = self.store.tasks(run_id).await.map_err(backend)?;
+        let index: HashMap<&str, usize> = tasks.iter().enumerate().map(|(i, t)| (t.task_id.as_str(), i)).collect();
+        let mut clear = vec![false; tasks.len()];
+        for id in named {
+            match index.get(id.as_str()) {
+                Some(&i) => clear[i] = true,
+                None => return Err(CommandError::BadInput(format!("run {run_id:?} has no task {id:?}"))),
+            }
+        }
+        // Descendants: all of them with `downstream`, else those that never ran.
+        mark_descendants(&tasks, &mut clear, |task| {
+            downstream || matches!(task.state, TaskState::Skipped | TaskState::UpstreamFailed)
+        });
+        if let Some(busy) =
+            tasks.iter().zip(&clear).find(|(t, c)| **c && matches!(t.state, TaskState::Queued | TaskState::Running))
+        {
+            return Err(CommandError::Conflict(format!(
+                "task {:?} of run {run_id:?} is {}; wait for it to finish (or cancel the run) before clearing it",
+                busy.0.task_id, busy.0.state
+            )));
+        }
+        let mut changes = Vec::new();
+        for (task, _) in tasks.iter().zip(&clear).filter(|(_, c)| **c) {
+            if task_transition(task.state, TaskEvent::Clear).is_ok() {
+                changes.push(fresh_budget(task, self.now_cache));
+            }
+        }
+        // In the DAG's order (the store's listing has none of its own), follow-ups after.
+        if let Some(dag) = self.dag_of(&record) {
+            let order: HashMap<&str, usize> = dag.tasks().iter().enumerate().map(|(i, t)| (t.id.as_str(), i)).collect();
+            changes.sort_by_key(|c| {
+                (order.get(c.task.task_id.as_str()).copied().unwrap_or(usize::MAX), c.task.task_id.clone())
+            });
+        }
+        let cleared: Vec<String> = changes.iter().map(|c| c.task.task_id.clone()).collect();
+        if record.state == RunState::Running {
+            let Some(mut run) = self.active.remove(run_id) else {
+                return Err(CommandError::Conflict(format!("run {run_id:?} is not loaded yet; try again")));
+            };
+            let result = async {
+                let applied = self.store.transition_tasks(run_id, &changes).await?;
+                for (change, applied) in changes.into_iter().zip(&applied) {
+                    if let (true, Some(&i)) = (*applied, run.index.get(&change.task.task_id)) {
+                        run.replace(i, change.task);
+                    }
+                }
+                self.settle(&mut run, false).await.map(|()| applied)
+            }
+            .await;
+            self.put_back(run).await.map_err(backend)?;
+            if !result.map_err(backend)?.iter().all(|&a| a) {
+                return Err(CommandError::Conflict(format!(
+                    "run {run_id:?}: a task changed meanwhile; the others were cleared, try again"
+                )));
+            }
+        } else {
+            let mut restarted = record.clone();
+            restarted.state = RunState::Running;
+            restarted.ended_at = None;
+            if !self.store.transition_run_with_tasks(record.state, &restarted, &changes).await.map_err(backend)? {
+                return Err(CommandError::Conflict(format!("run {run_id:?} changed state meanwhile; try again")));
+            }
+            self.activate(restarted, false).await.map_err(backend)?;
+        }
+        tracing::info!(run = %run_id, tasks = ?cleared, "tasks cleared");
+        Ok(cleared)
+    }
+
+    pub(super) async fn restart(&mut self, run_id: &str) -> Result<(), CommandError> {
+        let backend = |e: BackendError| CommandError::Backend(e.to_string());
+        let Some(record) = self.store.run(run_id).await.map_err(backend)? else {
+            return Err(CommandError::NotFound(format!("unknown run {run_id:?}")));
+        };
+        if !record.state.is_final() {
+            return Err(CommandError::Conflict(format!(
+                "run {run_id:?} is {}; only a finished run can be restarted",
+                record.state
+            )));
+        }
+        if self.dag_of(&record).is_none() {
+            return Err(CommandError::Conflict(format!("run {run_id:?} belongs to unknown dag {:?}", record.dag_id)));
+        }
+        let tasks = self.store.tasks(run_id).await.map_err(backend)?;
+        let reset = tasks_to_reset(&tasks);
+        if !reset.iter().any(|&r| r) {
+            return Err(CommandError::Conflict(format!("run {run_id:?}: every task succeeded; nothing to restart")));
+        }
+        let mut changes = Vec::new();
+        for (task, reset) in tasks.iter().zip(reset) {
+            if reset {
+                changes.push(fresh_budget(task, self.now_cache));
+            }
+        }
+        let mut restarted = record.clone();
+        restarted.state = RunState::Running;
+        restarted.started_at = Some(self.now_cache);
+        restarted.ended_at = None;
+        // The run and its reset tasks change in one step: a crash cannot leave one without the
+        // other.
+        if !self.store.transition_run_with_tasks(record.state, &restarted, &changes).await.map_err(backend)? {
+            return Err(CommandError::Conflict(format!("run {run_id:?} changed state meanwhile; try again")));
+        }
+        fail_point!("scheduler::restart::after");
+        tracing::info!(run = %run_id, "run restarted");
+        self.activate(restarted, false).await.map_err(backend)
+    }
+
+    /// Cancels a queued or running run: unfinished tasks become `cancelled` and workers are
+    /// told to stop the ones running. Answers whether anything was cancelled.
+    pub(super) async fn cancel(&mut self, run_id: &str, reason: &str) -> Result<bool, CommandError> {
+        let backend = |e: BackendError| CommandError::Backend(e.to_string());
+        let Some(record) = self.store.run(run_id).await.map_err(backend)? else {
+            return Err(CommandError::NotFound(format!("unknown run {run_id:?}")));
+        };
+        if record.state.is_final() {
+            return Err(CommandError::Conflict(format!("run {run_id:?} is already {}", record.state)));
+        }
+        self.cancel_tasks(run_id, reason).await.map_err(backend)?;
+        fail_point!("scheduler::cancel::after_tasks");
+        let mut cancelled = record.clone();
+        cancelled.state = RunState::Cancelled;
+        cancelled.ended_at = Some(self.now_cache);
+        if !self.store.transition_run(record.state, &cancelled).await.map_err(backend)? {
+            return Err(CommandError::Conflict(format!("run {run_id:?} changed state meanwhile; try again")));
+        }
+        self.limits.forget_run(run_id);
+        if self.active.remove(run_id).is_some()
+            && let Some(count) = self.running.get_mut(&record.dag_id)
+        {
+            *count = count.saturating_sub(1);
+        }
+        if let Some(queued) = self.queued.get_mut(&record.dag_id) {
+            queued.retain(|id| id != run_id);
+        }
+        self.dirty.insert(record.dag_id.clone());
+        self.metrics.runs_finished.inc(&[record.dag_id.as_str(), "cancelled"]);
+        tracing::info!(run = %run_id, "run cancelled: {reason}");
+        Ok(true)
+    }
+
+    /// Moves every unfinished task of a run to `cancelled` and broadcasts the stop.
+    pub(super) async fn cancel_tasks(&mut self, run_id: &str, reason: &str) -> Result<(), BackendError> {
+        let dag_id = self.store.run(run_id).await?.map(|r| r.dag_id).unwrap_or_default();
+        for mut task in self.store.tasks(run_id).await? {
+            // A worker may claim a queued try meanwhile: read it again until the cancel
+            // applies, so no try runs on inside a cancelled run.
+            while let Ok(state) = task_transition(task.state, TaskEvent::Cancel) {
+                let mut new = task.clone();
+                new.state = state;
+                new.ended_at = Some(self.now_cache);
+                new.error = Some(reason.to_string());
+                if self.store.transition_task(run_id, task.state, task.try_number, &new).await? {
+                    self.metrics.tasks_finished.inc(&[dag_id.as_str(), "cancelled"]);
+                    self.metrics.throughput.note(self.now_cache);
+                    break;
+                }
+                match self.store.task(run_id, &task.task_id).await? {
+                    Some(fresh) => task = fresh,
+                    None => break,
+                }
+            }
+        }
+        // The broadcast only hastens the stop: workers check their tries against the store at
+        // every heartbeat, so a lost broadcast delays the stop by one heartbeat interval.
+        let control = Control::CancelRun { v: VERSION, run_id: run_id.to_string() };
+        if let Err(err) = self.queue.broadcast(messages::encode(&control)).await {
+            tracing::warn!(run = %run_id, "broadcasting the cancel: {err}; workers learn it from the store");
+        }
+        Ok(())
+    }
+
+    /// Suspends a running run: the run first (so nothing new is queued), then its queued and
+    /// running tasks, then the broadcast that stops the tries. A crash in between leaves a
+    /// suspended run whose view `settle` finishes suspending on recovery.
+    pub(super) async fn suspend(&mut self, run_id: &str) -> Result<(), CommandError> {
+        let suspended = self.move_run(run_id, RunState::Running, RunState::Suspended, "suspended").await?;
+        fail_point!("scheduler::suspend::after_run");
+        tracing::info!(run = %run_id, "run suspended");
+        let Some(mut run) = self.active.remove(run_id) else { return Ok(()) };
+        run.record = suspended;
+        let result = self.suspend_tasks(&mut run).await;
+        self.put_back(run).await.map_err(|e| CommandError::Backend(e.to_string()))?;
+        result.map_err(|e| CommandError::Backend(e.to_string()))
+    }
+
+    /// Moves a run from `from` to `to` with a compare-and-set and answers its new record: a
+    /// 404 for an unknown run, a 409 for one in another state (`verb`: what only a run in
+    /// `from` can be) or that changed meanwhile.
+    async fn move_run(
+        &mut self,
+        run_id: &str,
+        from: RunState,
+        to: RunState,
+        verb: &str,
+    ) -> Result<RunRecord, CommandError> {
+        let backend = |e: BackendError| CommandError::Backend(e.to_string());
+        let Some(record) = self.store.run(run_id).await.map_err(backend)? else {
+            return Err(CommandError::NotFound(format!("unknown run {run_id:?}")));
+        };
+        if record.state != from {
+            return Err(CommandError::Conflict(format!(
+                "run {run_id:?} is {}; only a {from} run can be {verb}",
+                record.state
+            )));
+        }
+        let mut moved = record;
+        moved.state = to;
+        if !self.store.transition_run(from, &moved).await.map_err(backend)? {
+            return Err(CommandError::Conflict(format!("run {run_id:?} changed state meanwhile; try again")));
+        }
+        Ok(moved)
+    }
+
+    /// Moves the queued and running tasks of a suspended run to `suspended` (reading a task
+    /// again when a worker claimed it meanwhile) and tells workers to stop the run's tries.
+    pub(super) async fn suspend_tasks(&mut self, run: &mut ActiveRun) -> Result<(), BackendError> {
+        // A worker may have claimed a task as its upstream succeeded, which the view does not
+        // know yet: read them all (the run is suspended in the store, so none is claimed now).
+        for task in self.store.tasks(run.id()).await? {
+            if let Some(&i) = run.index.get(&task.task_id)
+                && matches!(task.state, TaskState::Queued | TaskState::Running)
+                && run.tasks[i].state == TaskState::Pending
+            {
+                run.replace(i, task);
+            }
+        }
+        let mut stopped = 0;
+        for i in 0..run.tasks.len() {
+            while let Ok(state) = task_transition(run.tasks[i].state, TaskEvent::Suspend) {
+                let old = &run.tasks[i];
+                let mut new = old.clone();
+                new.state = state;
+                new.ended_at = Some(self.now_cache);
+                new.error = Some(format!("try {} stopped: the run was suspended", old.try_number));
+                new.progress = None;
+                if self.store.transition_task(run.id(), old.state, old.try_number, &new).await? {
+                    run.replace(i, new);
+                    stopped += 1;
+                    break;
+                }
+                match self.store.task(run.id(), &run.tasks[i].task_id).await? {
+                    Some(fresh) => drop(run.replace(i, fresh)),
+                    None => break,
+                }
+            }
+        }
+        if stopped > 0 {
+            // As for a cancel, the broadcast only hastens the stop: workers stop a try the store
+            // no longer has running under them at their next heartbeat.
+            let control = Control::CancelRun { v: VERSION, run_id: run.id().to_string() };
+            if let Err(err) = self.queue.broadcast(messages::encode(&control)).await {
+                tracing::warn!(run = %run.id(), "broadcasting the suspension: {err}; workers learn it from the store");
+            }
+        }
+        Ok(())
+    }
+
+    /// Resumes a suspended run: the run goes back to `running`, its suspended tasks get new
+    /// tries (try numbers go on; the stopped try does not count against retries) and ready tasks
+    /// are queued.
+    pub(super) async fn resume(&mut self, run_id: &str) -> Result<(), CommandError> {
+        let backend = |e: BackendError| CommandError::Backend(e.to_string());
+        let running = self.move_run(run_id, RunState::Suspended, RunState::Running, "resumed").await?;
+        fail_point!("scheduler::resume::after_run");
+        tracing::info!(run = %run_id, "run resumed");
+        let Some(mut run) = self.active.remove(run_id) else { return Ok(()) };
+        run.record = running;
+        let result = self.settle(&mut run, false).await;
+        self.put_back(run).await.map_err(backend)?;
+        result.map_err(backend)
+    }
+
+    pub(super) async fn set_paused(&mut self, dag_id: &str, paused: bool) -> Result<(), CommandError> {
+        let Some(dag) = self.config.dags.get(dag_id).cloned() else {
+            return Err(CommandError::NotFound(format!("unknown dag {dag_id:?}")));
+        };
+        let backend = |e: BackendError| CommandError::Backend(e.to_string());
+        let mut record = self.dag_record(&dag).await.map_err(backend)?;
+        record.paused = paused;
+        self.store.put_dag_record(&record).await.map_err(backend)?;
+        self.dag_records.insert(dag_id.to_string(), record);
+        self.watch_at = Some(self.now_cache);
+        tracing::info!(dag = %dag_id, paused, "dag {}", if paused { "paused" } else { "unpaused" });
+        Ok(())
+    }
+}
+
+/// Which tasks a restart sets back to `pending`: those that failed, were upstream_failed or
+/// cancelled, and the skipped ones downstream of those (their rules decide again). A task
+/// skipped by a branch or rule whose upstreams all stay as they are stays skipped.
+fn tasks_to_reset(tasks: &[TaskInstance]) -> Vec<bool> {
+    let mut reset: Vec<bool> = tasks
+        .iter()
+        .map(|t| t.state != TaskState::Skipped && task_transition(t.state, TaskEvent::Reset).is_ok())
+        .collect();
+    mark_descendants(tasks, &mut reset, |task| task.state == TaskState::Skipped);
+    reset
+}
+
+/// Marks, transitively, every task that `follows` allows and that has a marked upstream.
+/// Tasks come in no guaranteed order (follow-ups are appended): repeats until nothing changes.
+fn mark_descendants(tasks: &[TaskInstance], marked: &mut [bool], follows: impl Fn(&TaskInstance) -> bool) {
+    let index: HashMap<&str, usize> = tasks.iter().enumerate().map(|(i, t)| (t.task_id.as_str(), i)).collect();
+    let mut changed = true;
+    while changed {
+        changed = false;
+        for (i, task) in tasks.iter().enumerate() {
+            if !marked[i]
+                && follows(task)
+                && task.after.iter().any(|up| index.get(up.as_str()).is_some_and(|&u| marked[u]))
+            {
+                marked[i] = true;
+                changed = true;
+            }
+        }
+    }
+}
+
+/// The change that sets a task back to `pending` with a fresh retry budget (a restart or a
+/// clear): its current try is filed in its history, and what the try left is cleared.
+fn fresh_budget(task: &TaskInstance, now: DateTime<Utc>) -> TaskChange {
+    let mut new = task.clone();
+    new.close_try(task.state.as_str(), now);
+    new.state = TaskState::Pending;
+    new.max_try = task.try_number + task.retries + 1;
+    new.error = None;
+    new.ended_at = None;
+    new.retry_at = None;
+    new.worker = None;
+    new.progress = None;
+    new.output = None;
+    TaskChange { expected_state: task.state, expected_try: task.try_number, task: new }
+}
