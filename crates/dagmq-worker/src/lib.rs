@@ -225,8 +225,8 @@ async fn consume_loop(shared: Arc<Shared>, topic: Topic, prefetch: u16, slots: A
 /// has running here. A worker whose heartbeats have not reached the store for half the worker
 /// timeout stops every running try (self-fencing): the scheduler requeues a lost worker's
 /// tries only after the whole timeout, and a fenced try is aborted within
-/// [`execute::FENCED_STOP_GRACE`], so two copies of one try never run at once as long as that
-/// grace is shorter than the other half.
+/// [`execute::running::FENCED_STOP_GRACE`], so two copies of one try never run at once as long
+/// as that grace is shorter than the other half.
 async fn heartbeat_loop(shared: Arc<Shared>, started_at: chrono::DateTime<chrono::Utc>, shutdown: CancelSignal) {
     let interval = shared.config.heartbeat_interval;
     let fence_after = shared.config.worker_timeout / 2;

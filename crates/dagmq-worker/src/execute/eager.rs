@@ -1,0 +1,138 @@
+//! Eager dispatch: the downstream tasks a try claims in the same store step that writes its
+//! success, and running them in this worker's slots without a task message.
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use dagmq_core::TaskInstance;
+use dagmq_core::messages::{StatusUpdate, TaskToExec};
+use dagmq_core::store::EagerClaim;
+use dagmq_core::trigger::TriggerRule;
+
+use crate::Shared;
+
+use super::claim::{claimant, dag_version, resolve};
+use super::outcome::{finish, publish_status_until_sent};
+use super::running::{TryKey, register};
+use super::{ClaimedTry, Registered, Resolved};
+
+/// Runs the tries claimed as their upstream succeeded: the first here, one after the other
+/// (each may claim more), the others each in a task of its own with the slot taken for it,
+/// while the status update of the try before is on its way.
+pub(super) fn run_claimed(
+    shared: &Arc<Shared>,
+    mut next: Option<Next>,
+) -> Pin<Box<dyn Future<Output = ()> + Send + '_>> {
+    Box::pin(async move {
+        while let Some(Next { first, others, update }) = next {
+            if shared.status.confirms_take_time() {
+                tokio::spawn(publish_status_until_sent(shared.clone(), update));
+            } else {
+                // An in-memory publish: done at once, not worth a task.
+                publish_status_until_sent(shared.clone(), update).await;
+            }
+            for (claimed, permit) in others {
+                let shared = shared.clone();
+                tokio::spawn(async move {
+                    let next = finish(&shared, claimed).await;
+                    run_claimed(&shared, next).await;
+                    drop(permit);
+                });
+            }
+            next = finish(shared, first).await;
+        }
+    })
+}
+
+/// What a try that succeeded claimed: the try to run next in its slot, the others claimed with
+/// slots of their own, and its status update (naming them), which is sent as they run.
+pub(super) struct Next {
+    pub(super) first: ClaimedTry,
+    pub(super) others: Vec<(ClaimedTry, tokio::sync::OwnedSemaphorePermit)>,
+    pub(super) update: StatusUpdate,
+}
+
+/// A downstream task made ready to claim as its upstream's outcome is written: registered
+/// already, so a heartbeat written after the claim lists it.
+pub(super) struct EagerCandidate {
+    pub(super) key: TryKey,
+    pub(super) claim: EagerClaim,
+    message: TaskToExec,
+    resolved: Resolved,
+    registered: Registered,
+}
+
+impl EagerCandidate {
+    /// The candidate as the try this worker runs next, once the store claimed it, with the
+    /// downstream tasks it may claim in turn (read in the same step).
+    pub(super) fn into_claimed(self, eager: impl Iterator<Item = TaskInstance>) -> ClaimedTry {
+        self.registered.claimed.store(true, Ordering::SeqCst);
+        ClaimedTry {
+            key: self.key,
+            message: self.message,
+            running: self.claim.claimed,
+            resolved: self.resolved,
+            signal: self.registered.signal,
+            reason: self.registered.reason,
+            eager: eager.collect(),
+        }
+    }
+}
+
+/// Most downstream tasks a try offers to claim as it succeeds.
+const EAGER_MAX_CANDIDATES: usize = 8;
+
+/// Most upstream tasks of a task claimed eagerly (the store checks each of them).
+const EAGER_MAX_UPSTREAMS: usize = 16;
+
+/// The direct downstream tasks of `task_id` that this worker may claim eagerly as it succeeds:
+/// those that run when all their upstreams succeed (the default rule), in a pool this worker
+/// consumes, under no concurrency limit (limits are counted by the scheduler), with few
+/// upstreams. A branch task's choice is the scheduler's to apply, so it offers none.
+pub(super) fn eager_candidates(shared: &Shared, dag: &dagmq_core::Dag, task_id: &str) -> Vec<String> {
+    let Some(spec) = dag.task(task_id) else { return Vec::new() };
+    if !shared.config.eager || spec.config.branch || dag.max_active_tasks.is_some() {
+        return Vec::new();
+    }
+    dag.downstream_of(task_id)
+        .into_iter()
+        .filter_map(|id| dag.task(id))
+        .filter(|d| {
+            d.config.trigger_rule == TriggerRule::AllSuccess
+                && d.config.pool.is_none()
+                && d.config.max_active.is_none()
+                && d.after.len() <= EAGER_MAX_UPSTREAMS
+                && shared.config.queues.contains(&d.config.queue)
+        })
+        .take(EAGER_MAX_CANDIDATES)
+        .map(|d| d.id.clone())
+        .collect()
+}
+
+/// Makes each pending downstream task read at the claim a candidate: its next try as this
+/// worker would claim it, resolved against the run's DAG version, and registered.
+pub(super) fn prepare_eager(shared: &Shared, message: &TaskToExec, eager: Vec<TaskInstance>) -> Vec<EagerCandidate> {
+    let mut candidates = Vec::with_capacity(eager.len());
+    let now = shared.config.clock.now();
+    let run = shared.runs.lock().unwrap_or_else(|p| p.into_inner()).get(&message.run_id).cloned();
+    let Some(run) = run else { return candidates };
+    let Ok(dag) = dag_version(shared, &run.dag_id, run.dag_version.as_deref()) else { return candidates };
+    for expected in eager {
+        let claimed = expected.next_try(now).claimed_by(&claimant(shared));
+        let next = TaskToExec {
+            task_id: expected.task_id.clone(),
+            try_number: claimed.try_number,
+            max_try: claimed.max_try,
+            follow_up: None,
+            ..message.clone()
+        };
+        let Ok(resolved) = resolve(shared, &next, run.dag_version.as_deref()) else { continue };
+        let key = (next.run_id.clone(), next.task_id.clone(), next.try_number);
+        let Some(registered) = register(shared, &key) else { continue };
+        let then = eager_candidates(shared, &dag, &expected.task_id);
+        let claim = EagerClaim { expected, claimed, then };
+        candidates.push(EagerCandidate { key, claim, message: next, resolved, registered });
+    }
+    candidates
+}

@@ -1,0 +1,147 @@
+//! One delivery from decoding to the try's outcome: claim the try with a compare-and-set,
+//! acknowledge the message while the try starts, run it, write the outcome, publish the status
+//! update.
+//!
+//! The delivery itself is here; the rest lives in a file per step: `running` (the tries running
+//! here and stopping them), `claim` (the claim and resolving what runs), `run_try` (running a try
+//! to its end), `outcome` (writing and publishing its outcome) and `eager` (the downstream tries a
+//! success claims and runs at once).
+
+mod claim;
+mod eager;
+mod outcome;
+mod run_try;
+mod running;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
+use std::time::Duration;
+
+use dagmq_core::fail_point;
+use dagmq_core::messages::{self, TaskToExec};
+use dagmq_core::{BackendError, CancelSignal, Delivery, Task, TaskInstance};
+
+use crate::Shared;
+use claim::{Claim, Settle, claim};
+use eager::run_claimed;
+use outcome::finish;
+pub(crate) use running::{RunningTries, StopReason, control_loop, running_tries, stop_all, stop_superseded};
+use running::{TryKey, lock, register};
+
+/// What a message asks to run.
+enum Executable {
+    /// A Rust task with its args.
+    Rust(Arc<dyn Task>, serde_json::Value),
+    /// A process.
+    Command(Vec<String>),
+}
+
+/// A claimed try's task, resolved once at the claim against the DAG version of its run.
+struct Resolved {
+    /// What runs.
+    executable: Executable,
+    /// For a branch task: the direct downstream tasks its output must choose among.
+    branch: Option<Vec<String>>,
+}
+
+/// Handles one delivery; never fails: whatever goes wrong costs this message only.
+///
+/// The message is acknowledged as soon as the try is claimed (`running` in the store, with this
+/// worker's name): from then on the store and this worker's heartbeat carry the try, so a try
+/// longer than the broker's consumer timeout is never redelivered, and a lost worker's tries
+/// are requeued by the scheduler.
+pub(crate) async fn execute(shared: &Arc<Shared>, delivery: Delivery) {
+    let message: TaskToExec = match messages::decode(&delivery.payload) {
+        Ok(message) => message,
+        Err(err) => {
+            shared.config.metrics.dead_lettered.inc(&[err.label()]);
+            settle(delivery.dead_letter(&format!("task: {err}")).await);
+            return;
+        }
+    };
+    let key = (message.run_id.clone(), message.task_id.clone(), message.try_number);
+    let Some(Registered { signal, reason, claimed }) = register(shared, &key) else {
+        // Another delivery of this very try is being handled here: this one is a duplicate.
+        shared.config.metrics.duplicates.inc(&[]);
+        settle(delivery.ack().await);
+        return;
+    };
+    // A store that does not answer must not turn the message into a dead letter (a requeue
+    // counts against the broker's delivery limit): keep it and try again with backoff.
+    let mut delay = Duration::from_millis(100);
+    let claimed_try = loop {
+        match claim(shared, &message).await {
+            Ok(claim) => break claim,
+            Err(err) => {
+                if signal.is_cancelled() {
+                    lock(&shared.running).remove(&key);
+                    settle(delivery.requeue().await);
+                    return;
+                }
+                tracing::error!(run = %message.run_id, task = %message.task_id, "claiming: {err}; trying again in {delay:?}");
+                tokio::select! {
+                    _ = tokio::time::sleep(delay) => {}
+                    _ = signal.cancelled() => {}
+                }
+                delay = (delay * 2).min(Duration::from_secs(5));
+            }
+        }
+    };
+    match claimed_try {
+        Claim::Settle(Settle::Ack) => {
+            lock(&shared.running).remove(&key);
+            settle(delivery.ack().await)
+        }
+        Claim::Settle(Settle::DeadLetter(reason)) => {
+            lock(&shared.running).remove(&key);
+            shared.config.metrics.dead_lettered.inc(&[if reason.contains("has no task") {
+                "unknown_task"
+            } else {
+                "unresolvable"
+            }]);
+            tracing::warn!(run = %message.run_id, task = %message.task_id, "dead-lettering: {reason}");
+            settle(delivery.dead_letter(&reason).await)
+        }
+        Claim::Run(running, resolved, trusted, eager) => {
+            fail_point!("worker::claim::before_ack");
+            claimed.store(true, Ordering::SeqCst);
+            let first = ClaimedTry { key, message: *trusted, running: *running, resolved, signal, reason, eager };
+            // The try is ours: it starts while the ack is on its way.
+            let (acked, next) = tokio::join!(delivery.ack(), finish(shared, first));
+            settle(acked);
+            run_claimed(shared, next).await;
+        }
+    }
+}
+
+/// A try registered on this worker: how it is stopped and whether its claim applied.
+struct Registered {
+    signal: CancelSignal,
+    reason: Arc<AtomicU8>,
+    claimed: Arc<AtomicBool>,
+}
+
+/// A try this worker holds `running` in the store, ready to run.
+struct ClaimedTry {
+    /// (run, task, try), its entry among the running tries.
+    key: TryKey,
+    /// What it runs, as the store and this worker's DAGs describe it.
+    message: TaskToExec,
+    /// The instance as claimed.
+    running: TaskInstance,
+    /// The task, resolved at the claim.
+    resolved: Resolved,
+    /// Fires when the try must stop; `reason` says why.
+    signal: CancelSignal,
+    reason: Arc<AtomicU8>,
+    /// Downstream tasks that this worker may claim as the try succeeds, as read at the claim
+    /// (`pending` then).
+    eager: Vec<TaskInstance>,
+}
+
+/// Logs a failure to settle a delivery; the queue redelivers it and the claim dedupes.
+fn settle(result: Result<(), BackendError>) {
+    if let Err(err) = result {
+        tracing::error!("settling a delivery: {err}");
+    }
+}

@@ -1,0 +1,240 @@
+//! A try's outcome: written to the store (with the eager claims of a success) and published as a
+//! status update, each retried until it is taken, since the message is acknowledged already.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use dagmq_core::fail_point;
+use dagmq_core::messages::{self, StatusUpdate, TaskToExec, VERSION};
+use dagmq_core::store::EagerClaim;
+use dagmq_core::{BackendError, FollowUp, TaskError, TaskInstance, TaskOutcome, TaskState, Topic};
+
+use crate::Shared;
+
+use super::eager::{Next, prepare_eager};
+use super::run_try::run_try;
+use super::running::{StopReason, lock};
+use super::{ClaimedTry, Resolved};
+
+/// Runs a claimed try and records its outcome, retrying the store and queue until they answer:
+/// the message is acknowledged already, so the outcome must not be dropped. Answers the
+/// downstream tries claimed as this one succeeded, if any, with this try's status update, which
+/// is sent while they run.
+pub(super) async fn finish(shared: &Shared, claimed: ClaimedTry) -> Option<Next> {
+    let ClaimedTry { key, message, mut running, resolved, signal, reason, mut eager } = claimed;
+    let message = &message;
+    // The try starts now (the claim's time is when it was claimed); the outcome records this.
+    running.started_at = Some(shared.config.clock.now());
+    shared.config.metrics.running.add(&[], 1.0);
+    let Resolved { executable, branch } = resolved;
+    let (result, reason) = run_try(shared, message, running.after.clone(), executable, signal, reason).await;
+    // An output over the limit fails the try like any failure (and is retried while tries
+    // are left); every output, a command's or a Rust task's, is measured here once.
+    let result = result.and_then(|outcome| match outcome.output.as_ref().map(dagmq_core::task::check_output) {
+        Some(Err(reason)) => Err(TaskError::new(reason)),
+        _ => Ok(outcome),
+    });
+    // A branch task's output must name its direct downstream tasks; anything else fails the try.
+    let result = result.and_then(|outcome| match &branch {
+        Some(downstream) => {
+            let choices: Vec<&str> = downstream.iter().map(String::as_str).collect();
+            match dagmq_core::trigger::branch_choice(outcome.output.as_ref(), &choices) {
+                Err(reason) => Err(TaskError::new(reason)),
+                Ok(_) => Ok(outcome),
+            }
+        }
+        None => Ok(outcome),
+    });
+    shared.config.metrics.running.add(&[], -1.0);
+    let outcome = match (&result, reason) {
+        (_, StopReason::Interrupted | StopReason::Fenced) => "interrupted",
+        (_, StopReason::Superseded) => "superseded",
+        (Ok(_), _) => "success",
+        (Err(e), _) if e.retryable && running.try_number < running.max_try => "up_for_retry",
+        (Err(_), _) => "failed",
+    };
+    shared.config.metrics.tries.inc(&[outcome]);
+    let mut delay = Duration::from_millis(100);
+    let next = loop {
+        match record_outcome(shared, message, &running, &result, reason, &mut eager).await {
+            Ok(next) => break next,
+            Err(err) => {
+                tracing::error!(run = %message.run_id, task = %message.task_id, "recording the outcome: {err}; retrying in {delay:?}");
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(Duration::from_secs(5));
+            }
+        }
+    };
+    lock(&shared.running).remove(&key);
+    next
+}
+
+/// Writes a finished try's outcome (or its requeue, when interrupted) and tells the scheduler.
+/// A success claims, in the same store step, the `eager` downstream tasks that it made ready
+/// (as many as it has slots for; taken on the first attempt only); those tries are answered,
+/// with the status update the caller then sends.
+async fn record_outcome(
+    shared: &Shared,
+    message: &TaskToExec,
+    running: &TaskInstance,
+    result: &Result<TaskOutcome, TaskError>,
+    reason: StopReason,
+    eager: &mut Vec<TaskInstance>,
+) -> Result<Option<Next>, BackendError> {
+    let eager = std::mem::take(eager);
+    let store = &shared.store;
+    let now = shared.config.clock.now();
+    if matches!(reason, StopReason::Interrupted | StopReason::Fenced) {
+        let why = if reason == StopReason::Fenced {
+            format!("try {} interrupted: worker {} lost the store", running.try_number, shared.config.name)
+        } else {
+            format!("try {} interrupted: worker {} shut down", running.try_number, shared.config.name)
+        };
+        let next = running.after_interruption(now, why);
+        if !store.transition_task(&message.run_id, TaskState::Running, running.try_number, &next).await? {
+            // Applied by an earlier attempt whose publish failed, or the task moved on.
+            let current = store.task(&message.run_id, &message.task_id).await?;
+            let ours = current.is_some_and(|c| c.state == next.state && c.try_number == next.try_number);
+            if !ours {
+                return Ok(None);
+            }
+        }
+        fail_point!("worker::requeue::before_publish");
+        if next.state == TaskState::Queued {
+            let message = TaskToExec { try_number: next.try_number, max_try: next.max_try, ..message.clone() };
+            shared.queue.publish(&Topic::Tasks(next.queue.clone()), messages::encode(&message)).await?;
+            tracing::info!(run = %message.run_id, task = %message.task_id, try_number = next.try_number, "requeued as a new try");
+        } else {
+            publish_status(shared, &next, &message.run_id).await?;
+        }
+        return Ok(None);
+    }
+    let mut done = running.clone();
+    done.ended_at = Some(now);
+    // Only a success hands an output on.
+    done.output = None;
+    match result {
+        Ok(outcome) => match check_follow_ups(shared, &outcome.follow_ups) {
+            Ok(()) => {
+                done.state = TaskState::Success;
+                done.follow_ups = outcome.follow_ups.clone();
+                done.output = outcome.output.clone();
+            }
+            Err(reason) => {
+                done.state = TaskState::Failed;
+                done.error = Some(reason);
+            }
+        },
+        Err(error) => {
+            let retry = error.retryable && running.try_number < running.max_try;
+            done.state = if retry { TaskState::UpForRetry } else { TaskState::Failed };
+            done.error = Some(error.message.clone());
+        }
+    }
+    // The first candidate claimed runs next in this try's slot; each further one needs a free
+    // slot of this worker, taken now (and given back if it is not claimed).
+    let mut permits = Vec::new();
+    let candidates = if done.state == TaskState::Success && done.follow_ups.is_empty() && !shared.stopping() {
+        while permits.len() + 1 < eager.len().min(shared.config.eager_claims) {
+            match shared.slots.clone().try_acquire_owned() {
+                Ok(permit) => permits.push(permit),
+                Err(_) => break,
+            }
+        }
+        let mut eager = eager;
+        eager.truncate(permits.len() + 1);
+        prepare_eager(shared, message, eager)
+    } else {
+        Vec::new()
+    };
+    let claims: Vec<EagerClaim> = candidates.iter().map(|c| c.claim.clone()).collect();
+    let finished = store.finish_try(&message.run_id, &done, &claims).await;
+    // Only the claimed candidates stay registered; an error claimed none that this worker knows
+    // of (should the store have applied one, the scheduler requeues it: no heartbeat lists it).
+    let mut reads: HashMap<usize, Vec<Option<TaskInstance>>> =
+        finished.as_ref().map(|f| f.claimed.iter().cloned().collect()).unwrap_or_default();
+    let mut claimed = Vec::new();
+    for (n, candidate) in candidates.into_iter().enumerate() {
+        match reads.remove(&n) {
+            Some(then) => claimed
+                .push(candidate.into_claimed(then.into_iter().flatten().filter(|t| t.state == TaskState::Pending))),
+            None => drop(lock(&shared.running).remove(&candidate.key)),
+        }
+    }
+    if finished?.applied {
+        if !claimed.is_empty() {
+            shared.config.metrics.eager.add(&[], claimed.len() as f64);
+            fail_point!("worker::eager::after_claim");
+            let mut update = status_update(shared, &done, &message.run_id);
+            update.next = claimed.iter().map(|c| c.message.task_id.clone()).collect();
+            let mut claimed = claimed.into_iter();
+            let first = claimed.next().unwrap_or_else(|| unreachable!("claimed is not empty"));
+            let others = claimed.zip(permits).collect();
+            return Ok(Some(Next { first, others, update }));
+        }
+        fail_point!("worker::outcome::before_publish");
+        publish_status(shared, &done, &message.run_id).await?;
+    } else {
+        // Already recorded by an earlier attempt of this loop, or the task moved on.
+        let current = store.task(&message.run_id, &message.task_id).await?;
+        match current {
+            Some(current) if current.try_number == done.try_number && current.state == done.state => {
+                publish_status(shared, &done, &message.run_id).await?;
+            }
+            _ => tracing::info!(
+                run = %message.run_id, task = %message.task_id,
+                "try outcome not recorded: the task moved on (cancelled or requeued)"
+            ),
+        }
+    }
+    Ok(None)
+}
+
+/// Refuses follow-ups that no worker could run or that do not form a graph.
+fn check_follow_ups(shared: &Shared, follow_ups: &[FollowUp]) -> Result<(), String> {
+    let mut seen = std::collections::HashSet::new();
+    for f in follow_ups {
+        dagmq_core::dag::check_id(&f.id).map_err(|e| format!("follow-up id: {e}"))?;
+        if !shared.config.tasks.contains(&f.run) {
+            return Err(format!("follow-up {:?}: unknown task {:?}", f.id, f.run));
+        }
+        if let Some(up) = f.after.iter().find(|a| !seen.contains(a.as_str())) {
+            return Err(format!("follow-up {:?}: waits for {up:?}, which is not an earlier follow-up", f.id));
+        }
+        if !seen.insert(f.id.as_str()) {
+            return Err(format!("follow-up id {:?} repeated", f.id));
+        }
+    }
+    Ok(())
+}
+
+/// The status update that tells the scheduler a try changed state.
+fn status_update(shared: &Shared, task: &TaskInstance, run_id: &str) -> StatusUpdate {
+    StatusUpdate {
+        v: VERSION,
+        run_id: run_id.to_string(),
+        task_id: task.task_id.clone(),
+        try_number: task.try_number,
+        state: task.state,
+        worker: Some(shared.config.name.clone()),
+        error: task.error.clone(),
+        next: Vec::new(),
+    }
+}
+
+/// Tells the scheduler that a try changed state; returns once the queue has it durably.
+pub(super) async fn publish_status(shared: &Shared, task: &TaskInstance, run_id: &str) -> Result<(), BackendError> {
+    shared.status.send(&status_update(shared, task, run_id)).await
+}
+
+/// Sends a status update, trying again with backoff until the queue takes it: the outcome is
+/// in the store already, and the update is what wakes the scheduler up sooner than its sweep.
+pub(super) async fn publish_status_until_sent(shared: Arc<Shared>, update: StatusUpdate) {
+    let mut delay = Duration::from_millis(100);
+    while let Err(err) = shared.status.send(&update).await {
+        tracing::error!(run = %update.run_id, task = %update.task_id, "publishing a status update: {err}; retrying in {delay:?}");
+        tokio::time::sleep(delay).await;
+        delay = (delay * 2).min(Duration::from_secs(5));
+    }
+}
