@@ -1,0 +1,49 @@
+//! Key names, as laid out in the crate documentation.
+
+use crate::RedisStore;
+
+impl RedisStore {
+    pub(crate) fn meta_key(&self, run_id: &str) -> String {
+        format!("{}:run:{{{run_id}}}:meta", self.prefix)
+    }
+
+    pub(crate) fn tasks_key(&self, run_id: &str) -> String {
+        format!("{}:run:{{{run_id}}}:tasks", self.prefix)
+    }
+
+    pub(crate) fn logs_key(&self, run_id: &str) -> String {
+        format!("{}:run:{{{run_id}}}:logs", self.prefix)
+    }
+
+    pub(crate) fn log_key(&self, run_id: &str, task_id: &str, try_number: u32) -> String {
+        format!("{}:run:{{{run_id}}}:log:{task_id}:{try_number}", self.prefix)
+    }
+
+    pub(crate) fn runs_key(&self) -> String {
+        format!("{}:runs", self.prefix)
+    }
+
+    pub(crate) fn dag_runs_key(&self, dag_id: &str) -> String {
+        format!("{}:runs:dag:{dag_id}", self.prefix)
+    }
+
+    pub(crate) fn unfinished_key(&self) -> String {
+        format!("{}:runs:unfinished", self.prefix)
+    }
+
+    pub(crate) fn idempotency_key(&self, dag_id: &str, key: &str) -> String {
+        format!("{}:key:{dag_id}:{key}", self.prefix)
+    }
+
+    pub(crate) fn lease_key(&self) -> String {
+        format!("{}:scheduler:lease", self.prefix)
+    }
+
+    pub(crate) fn workers_key(&self) -> String {
+        format!("{}:workers", self.prefix)
+    }
+
+    pub(crate) fn heartbeats_key(&self) -> String {
+        format!("{}:workers:seen", self.prefix)
+    }
+}
