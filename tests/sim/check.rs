@@ -1,0 +1,394 @@
+//! The referee: a reference model of dagmq's semantics written plainly, without the scheduler's
+//! code (trigger rules, branch choice, follow-ups before downstream, skip propagation, the final
+//! run state), and the checks every history must pass. Limits are checked at every write, at the
+//! instant it applied; everything else once the simulation has settled.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::Mutex;
+
+use dagmq_core::memory::MemoryStore;
+use dagmq_core::store::RunFilter;
+use dagmq_core::{RunRecord, RunState, Store, TaskInstance, TaskState, TriggerRule};
+
+use crate::workload::{DagPlan, Event, History};
+use crate::world::LeaseGrant;
+
+/// Checks every write against the limits: pools, `max_active`, `max_active_tasks` and
+/// `max_active_runs`, counted as the scheduler counts them (queued and running tasks of the
+/// DAG's tasks, not of follow-ups, in running runs; running runs), at the instant the write
+/// applied.
+pub struct LimitWatch {
+    plans: HashMap<String, DagPlan>,
+    pools: dagmq_core::Pools,
+    /// What was exceeded, where (at most a few kept).
+    pub violations: Mutex<Vec<String>>,
+}
+
+impl LimitWatch {
+    /// A watch over these DAGs and pools.
+    pub fn new(plans: &[DagPlan], pools: dagmq_core::Pools) -> LimitWatch {
+        LimitWatch {
+            plans: plans.iter().map(|p| (p.id.clone(), p.clone())).collect(),
+            pools,
+            violations: Mutex::new(Vec::new()),
+        }
+    }
+
+    /// Counts usage in the store as it is now; records any limit exceeded.
+    pub async fn check(&self, store: &MemoryStore, after: &str) {
+        // A suspended run keeps its place under `max_active_runs` (the scheduler counts it
+        // until it ends), so it is counted with the running ones.
+        let mut runs = Vec::new();
+        for state in [RunState::Running, RunState::Suspended] {
+            let filter = RunFilter { state: Some(state), limit: usize::MAX, ..RunFilter::default() };
+            let Ok(found) = store.list_runs(&filter).await else { return };
+            runs.extend(found);
+        }
+        let mut pool_use: BTreeMap<String, u32> = BTreeMap::new();
+        let mut task_use: BTreeMap<(String, String), u32> = BTreeMap::new();
+        let mut running_runs: BTreeMap<String, u32> = BTreeMap::new();
+        // `max_active_tasks` counts the DAG's tasks across all its runs, as Airflow's does.
+        let mut dag_use: BTreeMap<String, Vec<String>> = BTreeMap::new();
+        let mut found = Vec::new();
+        for run in &runs {
+            let Some(plan) = self.plans.get(&run.dag_id) else { continue };
+            *running_runs.entry(run.dag_id.clone()).or_default() += 1;
+            let Ok(tasks) = store.tasks(&run.run_id).await else { continue };
+            let busy: Vec<&TaskInstance> =
+                tasks.iter().filter(|t| matches!(t.state, TaskState::Queued | TaskState::Running)).collect();
+            for task in busy {
+                // Follow-ups take no share of any limit.
+                let Some(spec) = plan.task(&task.task_id) else { continue };
+                if plan.max_active_tasks.is_some() {
+                    dag_use
+                        .entry(run.dag_id.clone())
+                        .or_default()
+                        .push(format!("{}/{}#{}", run.run_id, task.task_id, task.try_number));
+                }
+                if let Some((pool, slots)) = &spec.pool {
+                    *pool_use.entry(pool.clone()).or_default() += slots;
+                }
+                if spec.max_active.is_some() {
+                    *task_use.entry((run.dag_id.clone(), task.task_id.clone())).or_default() += 1;
+                }
+            }
+        }
+        for (pool, used) in &pool_use {
+            let slots = self.pools.get(pool).copied().unwrap_or(0);
+            if *used > slots {
+                found.push(format!("pool {pool}: {used} slots used of {slots}"));
+            }
+        }
+        for (dag, busy) in &dag_use {
+            let max = self.plans[dag].max_active_tasks.unwrap_or(u32::MAX);
+            if busy.len() as u32 > max {
+                found.push(format!(
+                    "dag {dag}: {} tasks busy ({}), max_active_tasks {max}",
+                    busy.len(),
+                    busy.join(" ")
+                ));
+            }
+        }
+        for ((dag, task), used) in &task_use {
+            let max = self.plans[dag].task(task).and_then(|t| t.max_active).unwrap_or(u32::MAX);
+            if *used > max {
+                found.push(format!("task {dag}/{task}: {used} busy, max_active {max}"));
+            }
+        }
+        for (dag, running) in &running_runs {
+            let max = self.plans[dag].max_active_runs;
+            if *running > max {
+                found.push(format!("dag {dag}: {running} runs running, max_active_runs {max}"));
+            }
+        }
+        if !found.is_empty() {
+            let mut violations = self.violations.lock().unwrap();
+            if violations.len() < 20 {
+                violations.extend(found.into_iter().map(|f| format!("limit exceeded after {after}: {f}")));
+            }
+        }
+    }
+}
+
+/// The store's final state: every run with its tasks.
+pub struct Final {
+    /// Runs by id.
+    pub runs: BTreeMap<String, (RunRecord, Vec<TaskInstance>)>,
+}
+
+impl Final {
+    /// Reads every run and task from the store.
+    pub async fn read(store: &MemoryStore) -> Final {
+        let mut runs = BTreeMap::new();
+        let filter = RunFilter { limit: usize::MAX, ..RunFilter::default() };
+        for run in store.list_runs(&filter).await.expect("memory store answers") {
+            let tasks = store.tasks(&run.run_id).await.expect("memory store answers");
+            runs.insert(run.run_id.clone(), (run, tasks));
+        }
+        Final { runs }
+    }
+}
+
+/// A try that ended well: when (simulated ms), and what it chose if it is a branch.
+type Success<'a> = (u64, Option<&'a Vec<String>>);
+
+/// Every violation of the contract the history and the final state show.
+pub fn check(plans: &[DagPlan], history: &History, done: &Final, leases: &[LeaseGrant]) -> Vec<String> {
+    let plans: HashMap<&str, &DagPlan> = plans.iter().map(|p| (p.id.as_str(), p)).collect();
+    let events = history.events.lock().unwrap().clone();
+    let commands = history.commands.lock().unwrap().clone();
+    let mut violations = Vec::new();
+
+    // Runs an operator reset (restart, clear) or cancelled: some checks do not apply to them.
+    let reset: HashSet<&str> =
+        commands.iter().filter(|c| matches!(c.kind, "restart" | "clear")).map(|c| c.target.as_str()).collect();
+    let cancelled: HashSet<&str> = commands.iter().filter(|c| c.kind == "cancel").map(|c| c.target.as_str()).collect();
+
+    // Every trigger key made exactly one run.
+    let mut keys: HashMap<(&str, &str), Vec<&str>> = HashMap::new();
+    for (run, _) in done.runs.values() {
+        if let Some(key) = &run.key {
+            keys.entry((&run.dag_id, key)).or_default().push(&run.run_id);
+        }
+    }
+    for ((dag, key), runs) in &keys {
+        if runs.len() > 1 {
+            violations.push(format!("trigger key {key:?} of {dag} made {} runs: {runs:?}", runs.len()));
+        }
+    }
+
+    // Every run ended.
+    for (run, tasks) in done.runs.values() {
+        if !run.state.is_final() {
+            let states: Vec<String> =
+                tasks.iter().map(|t| format!("{}={}#{}", t.task_id, t.state, t.try_number)).collect();
+            violations.push(format!(
+                "run {} of {} is stuck in {}: {}",
+                run.run_id,
+                run.dag_id,
+                run.state,
+                states.join(" ")
+            ));
+        }
+    }
+
+    // Try numbers: each try runs at most once, tries start in increasing order, and the store's
+    // try number is never below one that ran.
+    let mut last_try: HashMap<(&str, &str), u32> = HashMap::new();
+    for event in &events {
+        if let Event::Start { run, task, try_number, worker, at } = event {
+            let key = (run.as_str(), task.as_str());
+            if let Some(last) = last_try.get(&key)
+                && *try_number <= *last
+            {
+                violations.push(format!(
+                    "run {run} task {task}: try {try_number} started on {worker} at {at} ms after try {last} had started"
+                ));
+            }
+            last_try.insert(key, *try_number);
+        }
+    }
+    for (run, tasks) in done.runs.values() {
+        for task in tasks {
+            if let Some(ran) = last_try.get(&(run.run_id.as_str(), task.task_id.as_str()))
+                && task.try_number < *ran
+            {
+                violations.push(format!(
+                    "run {} task {}: stored try {} is below try {ran}, which ran",
+                    run.run_id, task.task_id, task.try_number
+                ));
+            }
+        }
+    }
+
+    // When each try ended successfully, and what each branch chose.
+    let mut successes: HashMap<(&str, &str), Vec<Success<'_>>> = HashMap::new();
+    for event in &events {
+        if let Event::End { run, task, ok: true, chose, at, .. } = event {
+            successes.entry((run.as_str(), task.as_str())).or_default().push((*at, chose.as_ref()));
+        }
+    }
+
+    // A task ran only when the model says it may.
+    for event in &events {
+        let Event::Start { run, task, try_number, at, .. } = event else { continue };
+        let Some((record, tasks)) = done.runs.get(run) else {
+            violations.push(format!("try {try_number} of {run}/{task} ran, but the store has no run {run}"));
+            continue;
+        };
+        let Some(plan) = plans.get(record.dag_id.as_str()) else { continue };
+        let Some(stored) = tasks.iter().find(|t| &t.task_id == task) else {
+            violations.push(format!("try {try_number} of {run}/{task} ran, but the run has no task {task}"));
+            continue;
+        };
+        let rule = plan.task(task).map(|t| t.rule).unwrap_or(TriggerRule::AllSuccess);
+        let succeeded_before =
+            |up: &str| successes.get(&(run.as_str(), up)).is_some_and(|ends| ends.iter().any(|(end, _)| end <= at));
+        if rule == TriggerRule::AllSuccess {
+            for up in stored.after.iter() {
+                if !succeeded_before(up) {
+                    violations.push(format!(
+                        "run {run}: {task} (try {try_number}) started at {at} ms before its upstream {up} had succeeded"
+                    ));
+                }
+            }
+        }
+        // A branch's unchosen direct downstream never runs.
+        for up in stored.after.iter() {
+            if !plan.task(up).is_some_and(|t| t.branch) {
+                continue;
+            }
+            let latest = successes
+                .get(&(run.as_str(), up.as_str()))
+                .and_then(|ends| ends.iter().filter(|(end, _)| end <= at).max_by_key(|(end, _)| *end));
+            if let Some((_, Some(chose))) = latest
+                && !chose.contains(task)
+            {
+                violations.push(format!(
+                    "run {run}: {task} (try {try_number}) started at {at} ms though branch {up} chose {chose:?}"
+                ));
+            }
+        }
+    }
+
+    for (run, tasks) in done.runs.values() {
+        if !run.state.is_final() || run.state == RunState::Cancelled || cancelled.contains(run.run_id.as_str()) {
+            continue;
+        }
+        let Some(plan) = plans.get(run.dag_id.as_str()) else { continue };
+        let by_id: HashMap<&str, &TaskInstance> = tasks.iter().map(|t| (t.task_id.as_str(), t)).collect();
+        for task in tasks {
+            if let Some(expected) = expected_states(plan, task, &by_id)
+                && !expected.contains(&task.state)
+            {
+                violations.push(format!(
+                    "run {} ({}): task {} ({}) ended {} but the model says {:?} (upstreams: {})",
+                    run.run_id,
+                    run.state,
+                    task.task_id,
+                    plan.task(&task.task_id).map_or("follow-up".to_string(), |t| format!(
+                        "{}{}",
+                        t.rule,
+                        if t.branch { ", branch" } else { "" }
+                    )),
+                    task.state,
+                    expected,
+                    task.after
+                        .iter()
+                        .map(|u| format!("{u}={}", by_id.get(u.as_str()).map_or("?".into(), |t| t.state.to_string())))
+                        .collect::<Vec<_>>()
+                        .join(" ")
+                ));
+            }
+            if task.state == TaskState::Success
+                && !successes.contains_key(&(run.run_id.as_str(), task.task_id.as_str()))
+            {
+                violations
+                    .push(format!("run {}: task {} is success but no try of it succeeded", run.run_id, task.task_id));
+            }
+        }
+        let all_fine = tasks.iter().all(|t| matches!(t.state, TaskState::Success | TaskState::Skipped));
+        let expected = if all_fine { RunState::Success } else { RunState::Failed };
+        if run.state != expected {
+            violations.push(format!("run {} ended {} but its tasks say {expected}", run.run_id, run.state));
+        }
+        // Every task of a successful run has exactly one successful try (unless an operator
+        // asked for it to run again).
+        if run.state == RunState::Success && !reset.contains(run.run_id.as_str()) {
+            for task in tasks.iter().filter(|t| t.state == TaskState::Success) {
+                let stored = task.tries.iter().filter(|t| t.outcome == "success").count() + 1;
+                if stored != 1 {
+                    violations.push(format!("run {}: task {} has {stored} successful tries", run.run_id, task.task_id));
+                }
+                let ran = successes.get(&(run.run_id.as_str(), task.task_id.as_str())).map_or(0, Vec::len);
+                if ran > 1 && task.interruptions == 0 {
+                    violations.push(format!(
+                        "run {}: task {} succeeded {ran} times though no try of it was interrupted",
+                        run.run_id, task.task_id
+                    ));
+                }
+            }
+        }
+    }
+
+    // Lease terms: once another holder was granted the lease, an earlier holder never is again
+    // (a term is an epoch, not a name).
+    let mut ended: HashSet<&str> = HashSet::new();
+    let mut current: Option<&str> = None;
+    for grant in leases {
+        if current != Some(grant.holder.as_str()) {
+            if ended.contains(grant.holder.as_str()) {
+                violations.push(format!(
+                    "lease granted to {} ({}) again at {} ms after another holder had it",
+                    grant.holder, grant.process, grant.at_ms
+                ));
+            }
+            if let Some(previous) = current {
+                ended.insert(previous);
+            }
+            current = Some(&grant.holder);
+        }
+    }
+    violations
+}
+
+/// The final states the model allows for `task`, given its upstreams' final states; `None`
+/// when the model has nothing to say (an upstream unknown to the store).
+fn expected_states(
+    plan: &DagPlan,
+    task: &TaskInstance,
+    by_id: &HashMap<&str, &TaskInstance>,
+) -> Option<Vec<TaskState>> {
+    let mut ups = Vec::new();
+    for up in task.after.iter() {
+        ups.push(*by_id.get(up.as_str())?);
+    }
+    let by_rule = by_rule(plan, task, &ups);
+    // An unchosen direct downstream of a successful branch is skipped, unless its trigger rule
+    // had decided it before the branch ended (an upstream failed first): then either is right,
+    // depending on which upstream ended first, as in Airflow.
+    for up in &ups {
+        if plan.task(&up.task_id).is_some_and(|t| t.branch) && up.state == TaskState::Success {
+            let chose: Vec<String> = match &up.output {
+                Some(serde_json::Value::Array(ids)) => {
+                    ids.iter().filter_map(|v| v.as_str().map(String::from)).collect()
+                }
+                Some(serde_json::Value::String(id)) => vec![id.clone()],
+                _ => Vec::new(),
+            };
+            if !chose.contains(&task.task_id) {
+                let mut states = vec![TaskState::Skipped];
+                if by_rule == [TaskState::UpstreamFailed] {
+                    states.push(TaskState::UpstreamFailed);
+                }
+                return Some(states);
+            }
+        }
+    }
+    Some(by_rule)
+}
+
+/// What the task's trigger rule makes of its upstreams' final states.
+fn by_rule(plan: &DagPlan, task: &TaskInstance, ups: &[&TaskInstance]) -> Vec<TaskState> {
+    const RAN: [TaskState; 2] = [TaskState::Success, TaskState::Failed];
+    let total = ups.len();
+    let succeeded = ups.iter().filter(|u| u.state == TaskState::Success).count();
+    let failed = ups.iter().filter(|u| matches!(u.state, TaskState::Failed | TaskState::UpstreamFailed)).count();
+    let rule = plan.task(&task.task_id).map(|t| t.rule).unwrap_or(TriggerRule::AllSuccess);
+    let ran = RAN.to_vec();
+    match rule {
+        TriggerRule::AllSuccess if succeeded == total => ran,
+        TriggerRule::AllSuccess if failed > 0 => vec![TaskState::UpstreamFailed],
+        TriggerRule::AllSuccess => vec![TaskState::Skipped],
+        TriggerRule::AllDone => ran,
+        TriggerRule::AllFailed if failed == total => ran,
+        TriggerRule::AllFailed => vec![TaskState::Skipped],
+        TriggerRule::OneSuccess if succeeded > 0 || total == 0 => ran,
+        TriggerRule::OneSuccess if failed > 0 => vec![TaskState::UpstreamFailed],
+        TriggerRule::OneSuccess => vec![TaskState::Skipped],
+        TriggerRule::OneFailed if failed > 0 || total == 0 => ran,
+        TriggerRule::OneFailed => vec![TaskState::Skipped],
+        TriggerRule::NoneFailed if failed > 0 => vec![TaskState::UpstreamFailed],
+        TriggerRule::NoneFailed => ran,
+    }
+}
