@@ -140,8 +140,11 @@ pub fn check(plans: &[DagPlan], history: &History, done: &Final, leases: &[Lease
     let mut violations = Vec::new();
 
     // Runs an operator reset (restart, clear) or cancelled: some checks do not apply to them.
-    let reset: HashSet<&str> =
-        commands.iter().filter(|c| matches!(c.kind, "restart" | "clear")).map(|c| c.target.as_str()).collect();
+    let reset: HashSet<&str> = commands
+        .iter()
+        .filter(|c| matches!(c.kind, "restart" | "clear" | "clear_downstream"))
+        .map(|c| c.target.as_str())
+        .collect();
     let cancelled: HashSet<&str> = commands.iter().filter(|c| c.kind == "cancel").map(|c| c.target.as_str()).collect();
 
     // Every trigger key made exactly one run.
@@ -172,20 +175,20 @@ pub fn check(plans: &[DagPlan], history: &History, done: &Final, leases: &[Lease
         }
     }
 
-    // Try numbers: each try runs at most once, tries start in increasing order, and the store's
-    // try number is never below one that ran.
+    // Try numbers: each try runs at most once, and the store's try number is never below one
+    // that ran. (An older try may start after a newer one when its worker was frozen between
+    // the claim and the start: the documented two-copies window; its outcome is refused.)
     let mut last_try: HashMap<(&str, &str), u32> = HashMap::new();
+    let mut started: HashSet<(&str, &str, u32)> = HashSet::new();
     for event in &events {
         if let Event::Start { run, task, try_number, worker, at } = event {
-            let key = (run.as_str(), task.as_str());
-            if let Some(last) = last_try.get(&key)
-                && *try_number <= *last
-            {
+            if !started.insert((run.as_str(), task.as_str(), *try_number)) {
                 violations.push(format!(
-                    "run {run} task {task}: try {try_number} started on {worker} at {at} ms after try {last} had started"
+                    "run {run} task {task}: try {try_number} started a second time, on {worker} at {at} ms"
                 ));
             }
-            last_try.insert(key, *try_number);
+            let last = last_try.entry((run.as_str(), task.as_str())).or_default();
+            *last = (*last).max(*try_number);
         }
     }
     for (run, tasks) in done.runs.values() {
@@ -206,6 +209,36 @@ pub fn check(plans: &[DagPlan], history: &History, done: &Final, leases: &[Lease
     for event in &events {
         if let Event::End { run, task, ok: true, chose, at, .. } = event {
             successes.entry((run.as_str(), task.as_str())).or_default().push((*at, chose.as_ref()));
+        }
+    }
+
+    // No try starts after its task's successful try ended (outside a restart or a clear).
+    for (run, tasks) in done.runs.values() {
+        if reset.contains(run.run_id.as_str()) {
+            continue;
+        }
+        for task in tasks.iter().filter(|t| t.state == TaskState::Success) {
+            let won = events.iter().find_map(|e| match e {
+                Event::End { run: r, task: t, try_number, ok: true, at, .. }
+                    if *r == run.run_id && *t == task.task_id && *try_number == task.try_number =>
+                {
+                    Some(*at)
+                }
+                _ => None,
+            });
+            let Some(won) = won else { continue };
+            for event in &events {
+                if let Event::Start { run: r, task: t, try_number, worker, at } = event
+                    && *r == run.run_id
+                    && *t == task.task_id
+                    && *at > won
+                {
+                    violations.push(format!(
+                        "run {r} task {t}: try {try_number} started on {worker} at {at} ms, after try {} had succeeded at {won} ms",
+                        task.try_number
+                    ));
+                }
+            }
         }
     }
 
@@ -233,8 +266,11 @@ pub fn check(plans: &[DagPlan], history: &History, done: &Final, leases: &[Lease
                 }
             }
         }
-        // A branch's unchosen direct downstream never runs.
-        for up in stored.after.iter() {
+        // A branch's unchosen direct downstream never runs, unless its rule can decide to run
+        // it before every upstream ended (one_success, one_failed): then it may have been
+        // decided before the branch's choice was known.
+        let early = matches!(rule, TriggerRule::OneSuccess | TriggerRule::OneFailed);
+        for up in stored.after.iter().filter(|_| !early) {
             if !plan.task(up).is_some_and(|t| t.branch) {
                 continue;
             }
@@ -257,8 +293,13 @@ pub fn check(plans: &[DagPlan], history: &History, done: &Final, leases: &[Lease
         }
         let Some(plan) = plans.get(run.dag_id.as_str()) else { continue };
         let by_id: HashMap<&str, &TaskInstance> = tasks.iter().map(|t| (t.task_id.as_str(), t)).collect();
+        // A restart or a clear keeps the tasks it does not reset as they ended (a success
+        // stays, whatever its upstreams do next, as in Airflow): the final states of such a
+        // run need not agree with the rules.
+        let rules_hold = !reset.contains(run.run_id.as_str());
         for task in tasks {
-            if let Some(expected) = expected_states(plan, task, &by_id)
+            if rules_hold
+                && let Some(expected) = expected_states(plan, task, &by_id)
                 && !expected.contains(&task.state)
             {
                 violations.push(format!(
@@ -300,13 +341,6 @@ pub fn check(plans: &[DagPlan], history: &History, done: &Final, leases: &[Lease
                 if stored != 1 {
                     violations.push(format!("run {}: task {} has {stored} successful tries", run.run_id, task.task_id));
                 }
-                let ran = successes.get(&(run.run_id.as_str(), task.task_id.as_str())).map_or(0, Vec::len);
-                if ran > 1 && task.interruptions == 0 {
-                    violations.push(format!(
-                        "run {}: task {} succeeded {ran} times though no try of it was interrupted",
-                        run.run_id, task.task_id
-                    ));
-                }
             }
         }
     }
@@ -343,10 +377,10 @@ fn expected_states(
     for up in task.after.iter() {
         ups.push(*by_id.get(up.as_str())?);
     }
-    let by_rule = by_rule(plan, task, &ups);
     // An unchosen direct downstream of a successful branch is skipped, unless its trigger rule
-    // had decided it before the branch ended (an upstream failed first): then either is right,
-    // depending on which upstream ended first, as in Airflow.
+    // could decide it before the branch ended (an upstream failed first, or one_success met
+    // by another upstream): then either is right, depending on which upstream ended first, as
+    // in Airflow.
     for up in &ups {
         if plan.task(&up.task_id).is_some_and(|t| t.branch) && up.state == TaskState::Success {
             let chose: Vec<String> = match &up.output {
@@ -358,14 +392,28 @@ fn expected_states(
             };
             if !chose.contains(&task.task_id) {
                 let mut states = vec![TaskState::Skipped];
-                if by_rule == [TaskState::UpstreamFailed] {
-                    states.push(TaskState::UpstreamFailed);
-                }
+                let others: Vec<&TaskInstance> = ups.iter().filter(|u| u.task_id != up.task_id).copied().collect();
+                states.extend(early_decision(plan, task, &others, ups.len()));
                 return Some(states);
             }
         }
     }
-    Some(by_rule)
+    Some(by_rule(plan, task, &ups))
+}
+
+/// What the task's trigger rule could decide while some of its `total` upstreams had not
+/// ended yet, from the ones in `known`: nothing when the rule has to wait for them.
+fn early_decision(plan: &DagPlan, task: &TaskInstance, known: &[&TaskInstance], total: usize) -> Vec<TaskState> {
+    let succeeded = known.iter().filter(|u| u.state == TaskState::Success).count();
+    let failed = known.iter().filter(|u| matches!(u.state, TaskState::Failed | TaskState::UpstreamFailed)).count();
+    let rule = plan.task(&task.task_id).map(|t| t.rule).unwrap_or(TriggerRule::AllSuccess);
+    let _ = total;
+    match rule {
+        TriggerRule::AllSuccess | TriggerRule::NoneFailed if failed > 0 => vec![TaskState::UpstreamFailed],
+        TriggerRule::OneSuccess if succeeded > 0 => vec![TaskState::Success, TaskState::Failed],
+        TriggerRule::OneFailed if failed > 0 => vec![TaskState::Success, TaskState::Failed],
+        _ => Vec::new(),
+    }
 }
 
 /// What the task's trigger rule makes of its upstreams' final states.

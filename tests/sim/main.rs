@@ -318,8 +318,9 @@ impl Sim {
                 if let Some(plan) = plan {
                     let task = rng.pick(&plan.tasks).id.clone();
                     let downstream = rng.chance(0.5);
+                    let kind = if downstream { "clear_downstream" } else { "clear" };
                     let _ = self
-                        .command("clear", &run, |h, id| {
+                        .command(kind, &run, |h, id| {
                             let task = task.clone();
                             async move { h.clear(&id, vec![task], downstream).await }
                         })
@@ -442,7 +443,7 @@ fn report(outcome: &Outcome, verbose: bool) -> bool {
         eprintln!("{}", outcome.summary);
     }
     for violation in &outcome.violations {
-        eprintln!("  violation: {violation}");
+        eprintln!("  seed {} violation: {violation}", outcome.seed);
     }
     if !outcome.violations.is_empty() {
         eprintln!("  replay: DAGMQ_SIM_SEED={} cargo test -p dagmq-tests --test sim -- --nocapture", outcome.seed);
