@@ -3,12 +3,13 @@
 //! run state), and the checks every history must pass. Limits are checked at every write, at the
 //! instant it applied; everything else once the simulation has settled.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::Mutex;
 
 use dagmq_core::memory::MemoryStore;
 use dagmq_core::store::RunFilter;
-use dagmq_core::{RunRecord, RunState, Store, TaskInstance, TaskState, TriggerRule};
+use chrono::{DateTime, Utc};
+use dagmq_core::{RunKind, RunRecord, RunState, Store, TaskInstance, TaskState, TriggerRule};
 
 use crate::workload::{DagPlan, Event, History};
 use crate::world::LeaseGrant;
@@ -133,7 +134,13 @@ impl Final {
 type Success<'a> = (u64, Option<&'a Vec<String>>);
 
 /// Every violation of the contract the history and the final state show.
-pub fn check(plans: &[DagPlan], history: &History, done: &Final, leases: &[LeaseGrant]) -> Vec<String> {
+pub fn check(
+    plans: &[DagPlan],
+    history: &History,
+    done: &Final,
+    leases: &[LeaseGrant],
+    bounded: &BTreeSet<String>,
+) -> Vec<String> {
     let plans: HashMap<&str, &DagPlan> = plans.iter().map(|p| (p.id.as_str(), p)).collect();
     let events = history.events.lock().unwrap().clone();
     let commands = history.commands.lock().unwrap().clone();
@@ -160,9 +167,23 @@ pub fn check(plans: &[DagPlan], history: &History, done: &Final, leases: &[Lease
         }
     }
 
-    // Every run ended.
+    // Every schedule point made at most one run (scheduled or backfilled), and no two runs of
+    // one point ran tasks.
+    let mut points: HashMap<(&str, DateTime<Utc>), Vec<&str>> = HashMap::new();
+    for (run, _) in done.runs.values() {
+        if matches!(run.kind, RunKind::Scheduled | RunKind::Backfill) {
+            points.entry((&run.dag_id, run.logical_date)).or_default().push(&run.run_id);
+        }
+    }
+    for ((dag, point), runs) in &points {
+        if runs.len() > 1 {
+            violations.push(format!("schedule point {point} of {dag} has {} runs: {runs:?}", runs.len()));
+        }
+    }
+
+    // Every run that existed when the faults stopped ended.
     for (run, tasks) in done.runs.values() {
-        if !run.state.is_final() {
+        if bounded.contains(&run.run_id) && !run.state.is_final() {
             let states: Vec<String> =
                 tasks.iter().map(|t| format!("{}={}#{}", t.task_id, t.state, t.try_number)).collect();
             violations.push(format!(

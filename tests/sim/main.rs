@@ -146,16 +146,16 @@ impl Sim {
         *sim.world.rates.lock().unwrap() = FaultRates::NONE;
         sim.world.note("the storm ends: no more faults, every process back");
         sim.heal();
+        // Scheduled DAGs go on making runs: the bound is on the runs that exist now.
+        let all = RunFilter { limit: usize::MAX, ..RunFilter::default() };
+        let bounded: std::collections::BTreeSet<String> =
+            sim.world.store.list_runs(&all).await.expect("memory store answers").into_iter().map(|r| r.run_id).collect();
         let settle_end = tokio::time::Instant::now() + SETTLE_BOUND;
         loop {
-            let unfinished = sim.world.store.unfinished_runs().await.expect("memory store answers");
-            let suspended = sim
-                .world
-                .store
-                .list_runs(&RunFilter { state: Some(RunState::Suspended), limit: usize::MAX, ..RunFilter::default() })
-                .await
-                .expect("memory store answers");
-            if unfinished.is_empty() && suspended.is_empty() {
+            let runs = sim.world.store.list_runs(&all).await.expect("memory store answers");
+            let open: Vec<_> = runs.iter().filter(|r| bounded.contains(&r.run_id) && !r.state.is_final()).collect();
+            let suspended: Vec<_> = runs.iter().filter(|r| r.state == RunState::Suspended).collect();
+            if open.is_empty() {
                 break;
             }
             if tokio::time::Instant::now() >= settle_end {
@@ -172,7 +172,7 @@ impl Sim {
 
         let done = Final::read(&sim.world.store).await;
         let leases = sim.world.leases.lock().unwrap().clone();
-        let mut violations = check::check(&sim.plans, &sim.history, &done, &leases);
+        let mut violations = check::check(&sim.plans, &sim.history, &done, &leases, &bounded);
         violations.extend(sim.world.limits.violations.lock().unwrap().iter().cloned());
         let mut by_state: BTreeMap<String, u32> = BTreeMap::new();
         for (run, _) in done.runs.values() {
@@ -326,6 +326,16 @@ impl Sim {
                         })
                         .await;
                 }
+            }
+            (77..=78, Some(_)) if self.plans.iter().any(|p| p.schedule.is_some()) => {
+                let scheduled: Vec<DagPlan> = self.plans.iter().filter(|p| p.schedule.is_some()).cloned().collect();
+                let plan = rng.pick(&scheduled).clone();
+                let every = plan.schedule.map_or(60, |(every, _)| every) as i64;
+                let from = origin() - chrono::Duration::seconds(every * rng.between(0, 4) as i64);
+                let to = from + chrono::Duration::seconds(every * rng.between(0, 3) as i64);
+                let _ = self
+                    .command("backfill", &plan.id, |h, id| async move { h.backfill(&id, from, to, Default::default()).await })
+                    .await;
             }
             (77..=79, Some(_)) => {
                 let plan = rng.pick(&self.plans).id.clone();

@@ -51,6 +51,9 @@ pub struct DagPlan {
     pub max_active_runs: u32,
     /// Most tasks queued or running at once in one run.
     pub max_active_tasks: Option<u32>,
+    /// `@every` this many seconds from the simulation's start, and whether missed points are
+    /// caught up; manual only when absent.
+    pub schedule: Option<(u64, bool)>,
     /// Tasks in topological order.
     pub tasks: Vec<TaskPlan>,
 }
@@ -129,6 +132,7 @@ fn plan_dag(rng: &Rng, id: &str) -> DagPlan {
         id: id.to_string(),
         max_active_runs: rng.between(1, 4) as u32,
         max_active_tasks: rng.chance(0.3).then(|| rng.between(1, 3) as u32),
+        schedule: rng.chance(0.4).then(|| (rng.between(15, 90), rng.chance(0.5))),
         tasks,
     }
 }
@@ -146,6 +150,9 @@ pub fn build_dags(
         let mut builder = Dag::builder(&plan.id).version(VERSION).max_active_runs(plan.max_active_runs);
         if let Some(max) = plan.max_active_tasks {
             builder = builder.max_active_tasks(max);
+        }
+        if let Some((every, catch_up)) = plan.schedule {
+            builder = builder.schedule(format!("@every {every}s")).start(crate::origin()).catch_up(catch_up);
         }
         for task in &plan.tasks {
             let sim = SimTask {
