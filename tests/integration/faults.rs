@@ -1,10 +1,10 @@
 //! Fault injection for the in-memory backends: a store and a queue that wrap the real in-memory
-//! ones and, when told, fail calls, or apply a call and then report an error (an ambiguous
-//! result, as a timed-out Redis script that still ran). Each process of a test gets its own
+//! ones and, when told, fail calls, hold them, or apply a call and then report an error (an
+//! ambiguous result, as a timed-out Redis script that still ran). Each process of a test gets its own
 //! wrapper, so a fault can hit the worker and spare the scheduler, or the other way round.
 
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -40,6 +40,28 @@ pub struct Faults {
     pub task_reads: AtomicU32,
     /// Publishes of status updates fail while set.
     pub status_publishes_failing: AtomicBool,
+    /// The next run transition to this state applies, then answers an error (its answer is
+    /// lost, as a Redis script that ran but timed out).
+    pub lose_run_answer_to: Mutex<Option<RunState>>,
+    /// Reads of a whole run's tasks (`tasks`) fail while set.
+    pub task_lists_failing: AtomicBool,
+    /// `tasks` answers in reverse order while set. The store contract gives the listing no order
+    /// (Redis answers `HGETALL` in its hash's order, which changes as the hash grows).
+    pub task_lists_reversed: AtomicBool,
+    /// The next `transition_tasks` batch that changes one of these tasks fails before applying
+    /// (each id once).
+    pub batches_failing_for: Mutex<Vec<String>>,
+    /// Every call but the lease's waits while set: a scheduler's loop frozen mid-call while its
+    /// lease renewal goes on.
+    pub calls_stalled: AtomicBool,
+    /// Lease calls (`acquire_lease`, `release_lease`) wait while set, before they apply.
+    pub lease_held: AtomicBool,
+    /// Lease calls that waited on `lease_held`.
+    pub lease_waits: AtomicU32,
+    /// `acquire_lease` calls that answered that the caller holds the lease.
+    pub leases_taken: AtomicU32,
+    /// Reads of run records (`run`).
+    pub run_reads: AtomicU32,
 }
 
 impl Faults {
@@ -50,9 +72,37 @@ impl Faults {
 
     /// Waits while the process is stalled.
     async fn gate(&self) {
-        while self.stalled.load(Ordering::SeqCst) {
+        while self.stalled.load(Ordering::SeqCst) || self.calls_stalled.load(Ordering::SeqCst) {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
+    }
+
+    /// Waits while the process is stalled or its lease calls are held.
+    async fn lease_gate(&self) {
+        if self.lease_held.load(Ordering::SeqCst) {
+            self.lease_waits.fetch_add(1, Ordering::SeqCst);
+        }
+        while self.stalled.load(Ordering::SeqCst) || self.lease_held.load(Ordering::SeqCst) {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    /// Whether the answer to a run transition to `state` that applied is to be lost (once).
+    fn lose_answer_to(&self, state: RunState) -> bool {
+        let mut target = self.lose_run_answer_to.lock().unwrap();
+        if *target == Some(state) {
+            *target = None;
+            return true;
+        }
+        false
+    }
+
+    /// Whether a batch changing these tasks is to fail (once per listed id).
+    fn batch_fails(&self, changes: &[TaskChange]) -> bool {
+        let mut failing = self.batches_failing_for.lock().unwrap();
+        let before = failing.len();
+        failing.retain(|id| !changes.iter().any(|c| c.task.task_id == *id));
+        failing.len() != before
     }
 
     /// Counts a fenced refusal.
@@ -106,12 +156,20 @@ impl Store for FaultyStore {
     async fn run(&self, run_id: &str) -> Result<Option<RunRecord>, BackendError> {
         self.faults.gate().await;
         self.faults.check("run")?;
+        self.faults.run_reads.fetch_add(1, Ordering::SeqCst);
         self.inner.run(run_id).await
     }
     async fn transition_run(&self, expected: RunState, run: &RunRecord) -> Result<bool, BackendError> {
         self.faults.gate().await;
         self.faults.check("transition_run")?;
-        self.faults.track(self.inner.transition_run(expected, run).await)
+        let applied = self.faults.track(self.inner.transition_run(expected, run).await)?;
+        if applied && self.faults.lose_answer_to(run.state) {
+            return Err(BackendError::new(format!(
+                "injected: the run's move to {} applied, its answer was lost",
+                run.state
+            )));
+        }
+        Ok(applied)
     }
     async fn transition_run_with_tasks(
         &self,
@@ -138,7 +196,14 @@ impl Store for FaultyStore {
         self.faults.gate().await;
         self.faults.check("tasks")?;
         self.faults.task_reads.fetch_add(1, Ordering::SeqCst);
-        self.inner.tasks(run_id).await
+        if self.faults.task_lists_failing.load(Ordering::SeqCst) {
+            return Err(BackendError::new("injected: tasks: no answer"));
+        }
+        let mut tasks = self.inner.tasks(run_id).await?;
+        if self.faults.task_lists_reversed.load(Ordering::SeqCst) {
+            tasks.reverse();
+        }
+        Ok(tasks)
     }
     async fn task(&self, run_id: &str, task_id: &str) -> Result<Option<TaskInstance>, BackendError> {
         self.faults.gate().await;
@@ -201,6 +266,9 @@ impl Store for FaultyStore {
     async fn transition_tasks(&self, run_id: &str, changes: &[TaskChange]) -> Result<Vec<bool>, BackendError> {
         self.faults.gate().await;
         self.faults.check("transition_tasks")?;
+        if self.faults.batch_fails(changes) {
+            return Err(BackendError::new("injected: transition_tasks: no answer"));
+        }
         self.faults.track(self.inner.transition_tasks(run_id, changes).await)
     }
     async fn add_tasks(
@@ -262,12 +330,16 @@ impl Store for FaultyStore {
         self.inner.workers().await
     }
     async fn acquire_lease(&self, holder: &str, now: DateTime<Utc>, ttl: Duration) -> Result<bool, BackendError> {
-        self.faults.gate().await;
+        self.faults.lease_gate().await;
         self.faults.check("acquire_lease")?;
-        self.inner.acquire_lease(holder, now, ttl).await
+        let taken = self.inner.acquire_lease(holder, now, ttl).await?;
+        if taken {
+            self.faults.leases_taken.fetch_add(1, Ordering::SeqCst);
+        }
+        Ok(taken)
     }
     async fn release_lease(&self, holder: &str) -> Result<(), BackendError> {
-        self.faults.gate().await;
+        self.faults.lease_gate().await;
         self.faults.check("release_lease")?;
         self.inner.release_lease(holder).await
     }

@@ -11,6 +11,7 @@ mod operations;
 mod outputs;
 mod partial_failure;
 mod queue_contract;
+mod races;
 mod redis_ambiguity;
 mod scheduling;
 mod services;

@@ -189,6 +189,25 @@ impl Harness {
         )
     }
 
+    /// Starts another scheduler as `extra_scheduler` does, whose wall clock is `clock` (one
+    /// that runs ahead of or behind the harness's: clock skew between processes).
+    pub fn extra_scheduler_with_clock(
+        &self,
+        faults: &ProcessFaults,
+        clock: &Arc<TokioClock>,
+    ) -> (CancelHandle, SchedulerHandle, tokio::task::JoinHandle<Result<(), dagmq_core::BackendError>>) {
+        spawn_scheduler(
+            &self.dags,
+            &self.pools,
+            &self.live,
+            faults,
+            &self.queue,
+            &self.store,
+            clock,
+            &self.notifications,
+        )
+    }
+
     /// Triggers a run and answers its id.
     pub async fn trigger(&self, dag_id: &str) -> String {
         self.scheduler.trigger(dag_id, Default::default(), None).await.unwrap().run_id
