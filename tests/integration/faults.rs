@@ -62,6 +62,8 @@ pub struct Faults {
     pub leases_taken: AtomicU32,
     /// Reads of run records (`run`).
     pub run_reads: AtomicU32,
+    /// The next this many `add_tasks` calls (follow-ups added to a run) fail before applying.
+    pub add_tasks_failing: AtomicU32,
 }
 
 impl Faults {
@@ -279,6 +281,9 @@ impl Store for FaultyStore {
     ) -> Result<(), BackendError> {
         self.faults.gate().await;
         self.faults.check("add_tasks")?;
+        if Faults::take(&self.faults.add_tasks_failing) {
+            return Err(BackendError::new("injected: add_tasks: no answer"));
+        }
         self.faults.track(self.inner.add_tasks(run_id, new_tasks, new_upstreams).await)
     }
     async fn set_progress(

@@ -393,6 +393,32 @@ async fn follow_up_tasks_run_before_downstream() {
     h.stop().await;
 }
 
+/// Found by the simulator (seed 35): the last task of a run succeeds with follow-ups, and the
+/// store does not answer when the scheduler adds them. The run must not end before they ran: it
+/// ended `success` with the follow-ups never added (or left `pending`).
+#[tokio::test(start_paused = true)]
+async fn a_run_does_not_end_before_the_follow_ups_of_its_last_task_are_added_and_run() {
+    let journal = Journal::default();
+    let clock = Arc::new(dagmq_core::TokioClock::starting_at(origin()));
+    let mut tasks = dagmq_worker::builtin_tasks();
+    let (j, c) = (journal.clone(), clock.clone());
+    tasks.register("probe", move |_| Ok(Arc::new(Probe::new(&j, &c)) as Arc<dyn Task>));
+    let spawner = Probe {
+        follow_ups: vec![FollowUp::new("part1", "probe", serde_json::json!({}))],
+        ..Probe::new(&journal, &clock)
+    };
+    let dag = Dag::builder("dynamic_last").task(TaskSpec::rust("plan", spawner)).build().unwrap();
+    let h = Harness::start_with(registry(vec![dag]), tasks).await;
+    h.scheduler_faults.store.add_tasks_failing.store(2, std::sync::atomic::Ordering::SeqCst);
+    let run = h.trigger("dynamic_last").await;
+    assert_eq!(h.wait_final(&run).await, RunState::Success);
+    let states = h.tasks(&run).await;
+    let part1 = states.get("plan.part1").map(|t| t.state);
+    assert_eq!(part1, Some(TaskState::Success), "the follow-up of the last task never ran: {states:?}");
+    assert_before(&journal, "plan", "plan.part1");
+    h.stop().await;
+}
+
 #[tokio::test(start_paused = true)]
 async fn follow_up_naming_an_unknown_task_fails_the_parent() {
     let (h, _journal) = harness_with(|j, c| {

@@ -185,6 +185,13 @@ impl ActiveRun {
         self.final_count == self.tasks.len()
     }
 
+    /// Whether a task succeeded with follow-ups that are not in the run yet (their addition
+    /// failed or is still to come): the run is not done, whatever the states say.
+    pub(crate) fn expansion_pending(&self) -> bool {
+        (0..self.tasks.len())
+            .any(|i| self.tasks[i].state == TaskState::Success && matches!(self.expansion(i), Ok(Some(_))))
+    }
+
     /// What becomes of task `i` now: `Wait` unless it is pending and its trigger rule decides.
     pub(crate) fn decision(&self, i: usize) -> Decision {
         if self.tasks[i].state != TaskState::Pending {

@@ -160,7 +160,9 @@ impl Engine {
                 return Err(err);
             }
         }
-        if !run.all_final() {
+        // Follow-ups a success returned but the store did not take yet keep the run going: the
+        // sweep adds them (`settle`), and the run ends after they do.
+        if !run.all_final() || run.expansion_pending() {
             self.active.insert(run.id().to_string(), run);
             return Ok(());
         }
