@@ -673,3 +673,36 @@ async fn progress_and_worker_are_visible_while_running() {
     assert_eq!(h.wait_final(&run).await, RunState::Success);
     h.stop().await;
 }
+
+/// Found by the simulator (seed 117): the store starts a queued run (`queued` -> `running`) but
+/// the answer is lost. The scheduler must still count that run under `max_active_runs`: it
+/// started the next queued run of the DAG at once, so two ran while the DAG allows one.
+#[tokio::test(start_paused = true)]
+async fn a_run_start_whose_answer_was_lost_still_holds_its_place_under_max_active_runs() {
+    let journal = Journal::default();
+    let clock = Arc::new(dagmq_core::TokioClock::starting_at(origin()));
+    let slow = Probe { work: Duration::from_secs(30), ..Probe::new(&journal, &clock) };
+    let dag = Dag::builder("one_at_a_time").max_active_runs(1).task(TaskSpec::rust("work", slow)).build().unwrap();
+    let h = Harness::start_with(registry(vec![dag]), dagmq_worker::builtin_tasks()).await;
+    *h.scheduler_faults.store.lose_run_answer_to.lock().unwrap() = Some(RunState::Running);
+    let first = h.trigger("one_at_a_time").await;
+    let second = h.trigger("one_at_a_time").await;
+    let first_done = h.wait_run(&first, |r| r.state.is_final()).await;
+    let second_done = h.wait_run(&second, |r| r.state.is_final()).await;
+    assert_eq!((first_done.state, second_done.state), (RunState::Success, RunState::Success));
+    let (a, b) = if first_done.started_at <= second_done.started_at {
+        (first_done, second_done)
+    } else {
+        (second_done, first_done)
+    };
+    assert!(
+        b.started_at >= a.ended_at,
+        "two runs of a DAG with max_active_runs 1 ran at once: {} ran {:?}..{:?}, {} started {:?}",
+        a.run_id,
+        a.started_at,
+        a.ended_at,
+        b.run_id,
+        b.started_at
+    );
+    h.stop().await;
+}

@@ -35,25 +35,26 @@ impl LimitWatch {
         }
     }
 
-    /// Counts usage in the store as it is now; records any limit exceeded.
-    pub async fn check(&self, store: &MemoryStore, after: &str) {
+    /// Counts usage in the store as it is now; records any limit exceeded, and answers what
+    /// it found.
+    pub async fn check(&self, store: &MemoryStore, after: &str) -> Vec<String> {
         // A suspended run keeps its place under `max_active_runs` (the scheduler counts it
         // until it ends), so it is counted with the running ones.
         let mut runs = Vec::new();
         for state in [RunState::Running, RunState::Suspended] {
             let filter = RunFilter { state: Some(state), limit: usize::MAX, ..RunFilter::default() };
-            let Ok(found) = store.list_runs(&filter).await else { return };
+            let Ok(found) = store.list_runs(&filter).await else { return Vec::new() };
             runs.extend(found);
         }
         let mut pool_use: BTreeMap<String, u32> = BTreeMap::new();
         let mut task_use: BTreeMap<(String, String), u32> = BTreeMap::new();
-        let mut running_runs: BTreeMap<String, u32> = BTreeMap::new();
+        let mut running_runs: BTreeMap<String, Vec<String>> = BTreeMap::new();
         // `max_active_tasks` counts the DAG's tasks across all its runs, as Airflow's does.
         let mut dag_use: BTreeMap<String, Vec<String>> = BTreeMap::new();
         let mut found = Vec::new();
         for run in &runs {
             let Some(plan) = self.plans.get(&run.dag_id) else { continue };
-            *running_runs.entry(run.dag_id.clone()).or_default() += 1;
+            running_runs.entry(run.dag_id.clone()).or_default().push(format!("{}={}", run.run_id, run.state));
             let Ok(tasks) = store.tasks(&run.run_id).await else { continue };
             let busy: Vec<&TaskInstance> =
                 tasks.iter().filter(|t| matches!(t.state, TaskState::Queued | TaskState::Running)).collect();
@@ -98,16 +99,20 @@ impl LimitWatch {
         }
         for (dag, running) in &running_runs {
             let max = self.plans[dag].max_active_runs;
-            if *running > max {
-                found.push(format!("dag {dag}: {running} runs running, max_active_runs {max}"));
+            if running.len() as u32 > max {
+                found.push(format!(
+                    "dag {dag}: {} runs running ({}), max_active_runs {max}",
+                    running.len(),
+                    running.join(" ")
+                ));
             }
         }
-        if !found.is_empty() {
-            let mut violations = self.violations.lock().unwrap();
-            if violations.len() < 20 {
-                violations.extend(found.into_iter().map(|f| format!("limit exceeded after {after}: {f}")));
-            }
+        let found: Vec<String> = found.into_iter().map(|f| format!("limit exceeded after {after}: {f}")).collect();
+        let mut violations = self.violations.lock().unwrap();
+        if violations.len() < 20 {
+            violations.extend(found.iter().cloned());
         }
+        found
     }
 }
 

@@ -236,6 +236,13 @@ impl SimStore {
         Arc::new(SimStore { inner: world.store.clone(), world: world.clone(), proc: proc.clone() })
     }
 
+    /// Checks the limits after a write of this process, and notes what it found in the trace.
+    async fn check_limits(&self, what: &str) {
+        for found in self.world.limits.check(&self.world.store, what).await {
+            self.world.note(format_args!("  {} {found}", self.proc.name));
+        }
+    }
+
     /// One call: gate, jitter, faults before, the call, faults after, the limit check.
     async fn call<T>(
         &self,
@@ -258,14 +265,14 @@ impl SimStore {
             if self.world.rng.chance(0.5) {
                 let _ = call.await;
                 if write {
-                    self.world.limits.check(&self.world.store, what).await;
+                    self.check_limits(what).await;
                 }
             }
             return Err(BackendError::new(format!("simulated: {what}: response timed out")));
         }
         let result = call.await;
         if write && result.is_ok() {
-            self.world.limits.check(&self.world.store, what).await;
+            self.check_limits(what).await;
         }
         // A process that crashed during the call never sees the answer.
         self.proc.gate().await;

@@ -94,10 +94,18 @@ impl Engine {
             let mut started = record.clone();
             started.state = RunState::Running;
             started.started_at = Some(self.now_cache);
-            if !self.store.transition_run(RunState::Queued, &started).await? {
-                return Ok(());
+            if self.store.transition_run(RunState::Queued, &started).await? {
+                record = started;
+            } else {
+                // Started already: by an earlier try of this start whose answer was lost (then
+                // it is ours to load), or it ended meanwhile (cancelled: nothing to do).
+                match self.store.run(&record.run_id).await? {
+                    Some(current) if current.state == RunState::Running && !self.active.contains_key(&current.run_id) => {
+                        record = current;
+                    }
+                    _ => return Ok(()),
+                }
             }
-            record = started;
             tracing::info!(dag = %record.dag_id, run = %record.run_id, "run started");
         }
         if let (Some(timeout), Some(started_at)) = (dag.run_timeout, record.started_at) {

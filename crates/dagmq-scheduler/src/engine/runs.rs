@@ -81,20 +81,37 @@ impl Engine {
                 if running >= dag.max_active_runs {
                     break;
                 }
-                let Some(run_id) = self.queued.get_mut(&dag_id).and_then(VecDeque::pop_front) else { break };
-                let record = match self.created.get(&run_id) {
-                    Some((record, _)) => record.clone(),
-                    None => match self.store.run(&run_id).await? {
-                        Some(record) => record,
-                        None => continue,
-                    },
-                };
-                if record.state == RunState::Queued {
-                    self.activate(record, false).await?;
+                // The run leaves the queue only once it started: a start whose answer was lost
+                // (it may have applied) is tried again before any other run of the DAG starts,
+                // so that run holds its place under `max_active_runs` meanwhile.
+                let Some(run_id) = self.queued.get(&dag_id).and_then(VecDeque::front).cloned() else { break };
+                if let Err(err) = self.start_queued(&run_id).await {
+                    self.dirty.insert(dag_id);
+                    return Err(err);
+                }
+                if let Some(queue) = self.queued.get_mut(&dag_id) {
+                    queue.pop_front();
                 }
             }
         }
         Ok(())
+    }
+
+    /// Starts a queued run: it becomes `running` and its view is loaded. A run the store has
+    /// `running` already (an earlier start applied, its answer lost) is taken into the view.
+    async fn start_queued(&mut self, run_id: &str) -> Result<(), BackendError> {
+        let record = match self.created.get(run_id) {
+            Some((record, _)) => record.clone(),
+            None => match self.store.run(run_id).await? {
+                Some(record) => record,
+                None => return Ok(()),
+            },
+        };
+        match record.state {
+            RunState::Queued => self.activate(record, false).await,
+            RunState::Running if !self.active.contains_key(run_id) => self.activate(record, true).await,
+            _ => Ok(()),
+        }
     }
 
     /// Creates a run in `queued`; it starts when its DAG has a free slot.
