@@ -4,7 +4,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use dagmq_core::messages::{self, TaskToExec, VERSION};
-use dagmq_core::{Dag, DagRegistry, FollowUp, Queue, RunState, Store, Task, TaskSpec, TaskState, Topic};
+use dagmq_core::{Dag, DagRegistry, FollowUp, Queue, RunState, Store, Task, TaskSpec, TaskState, Topic, TriggerRule};
 
 use crate::support::{Harness, Journal, Probe, origin};
 
@@ -704,5 +704,35 @@ async fn a_run_start_whose_answer_was_lost_still_holds_its_place_under_max_activ
         b.run_id,
         b.started_at
     );
+    h.stop().await;
+}
+
+/// Found by the simulator: a restart (or a clear) made a finished run `running` at once, though
+/// its DAG's `max_active_runs` was taken by another run. It must wait `queued` for a slot, as a
+/// new run does (Airflow's cleared runs go back to `queued` too).
+#[tokio::test(start_paused = true)]
+async fn a_restarted_run_waits_for_a_slot_under_max_active_runs() {
+    let journal = Journal::default();
+    let clock = Arc::new(dagmq_core::TokioClock::starting_at(origin()));
+    let failing = Probe { failures: 1, ..Probe::new(&journal, &clock) };
+    let slow = Probe { work: Duration::from_secs(60), ..Probe::new(&journal, &clock) };
+    let dag = Dag::builder("single")
+        .max_active_runs(1)
+        .task(TaskSpec::rust("flaky", failing))
+        .task(TaskSpec::rust("long", slow).after(["flaky"]).trigger_rule(TriggerRule::AllDone))
+        .build()
+        .unwrap();
+    let h = Harness::start_with(registry(vec![dag]), dagmq_worker::builtin_tasks()).await;
+    let first = h.trigger("single").await;
+    assert_eq!(h.wait_final(&first).await, RunState::Failed);
+    let second = h.trigger("single").await;
+    h.wait_run(&second, |r| r.state == RunState::Running).await;
+    h.scheduler.restart(&first).await.unwrap();
+    let restarted = h.store.run(&first).await.unwrap().unwrap();
+    assert_eq!(restarted.state, RunState::Queued, "the restarted run took a slot max_active_runs does not have");
+    let second_done = h.wait_run(&second, |r| r.state.is_final()).await;
+    let first_done = h.wait_run(&first, |r| r.state.is_final()).await;
+    assert_eq!(first_done.state, RunState::Success);
+    assert!(first_done.started_at >= second_done.ended_at, "{first_done:?} started before {second_done:?} ended");
     h.stop().await;
 }

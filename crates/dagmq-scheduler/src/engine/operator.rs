@@ -97,13 +97,7 @@ impl Engine {
                 )));
             }
         } else {
-            let mut restarted = record.clone();
-            restarted.state = RunState::Running;
-            restarted.ended_at = None;
-            if !self.store.transition_run_with_tasks(record.state, &restarted, &changes).await.map_err(backend)? {
-                return Err(CommandError::Conflict(format!("run {run_id:?} changed state meanwhile; try again")));
-            }
-            self.activate(restarted, false).await.map_err(backend)?;
+            self.reopen(&record, &changes, false).await?;
         }
         tracing::info!(run = %run_id, tasks = ?cleared, "tasks cleared");
         Ok(cleared)
@@ -134,18 +128,36 @@ impl Engine {
                 changes.push(fresh_budget(task, self.now_cache));
             }
         }
-        let mut restarted = record.clone();
-        restarted.state = RunState::Running;
-        restarted.started_at = Some(self.now_cache);
-        restarted.ended_at = None;
-        // The run and its reset tasks change in one step: a crash cannot leave one without the
-        // other.
-        if !self.store.transition_run_with_tasks(record.state, &restarted, &changes).await.map_err(backend)? {
+        self.reopen(&record, &changes, true).await
+    }
+
+    /// Opens a finished run again with `changes` (its reset tasks) applied, in one store step
+    /// so that a crash cannot leave one without the other: `running` at once when its DAG has
+    /// room under `max_active_runs`, else `queued` behind the DAG's queued runs (as Airflow's
+    /// cleared runs), started by `start_dirty` when a slot frees.
+    async fn reopen(&mut self, record: &RunRecord, changes: &[TaskChange], restart: bool) -> Result<(), CommandError> {
+        let backend = |e: BackendError| CommandError::Backend(e.to_string());
+        let run_id = record.run_id.as_str();
+        let max = self.dag_of(record).map_or(u32::MAX, |dag| dag.max_active_runs);
+        let room = self.running.get(&record.dag_id).copied().unwrap_or(0) < max;
+        let mut reopened = record.clone();
+        reopened.state = if room { RunState::Running } else { RunState::Queued };
+        if restart && room {
+            reopened.started_at = Some(self.now_cache);
+        }
+        reopened.ended_at = None;
+        if !self.store.transition_run_with_tasks(record.state, &reopened, changes).await.map_err(backend)? {
             return Err(CommandError::Conflict(format!("run {run_id:?} changed state meanwhile; try again")));
         }
         fail_point!("scheduler::restart::after");
-        tracing::info!(run = %run_id, "run restarted");
-        self.activate(restarted, false).await.map_err(backend)
+        tracing::info!(run = %run_id, state = %reopened.state, "run {}", if restart { "restarted" } else { "cleared" });
+        if room {
+            self.activate(reopened, false).await.map_err(backend)
+        } else {
+            self.queued.entry(reopened.dag_id.clone()).or_default().push_back(reopened.run_id.clone());
+            self.dirty.insert(reopened.dag_id);
+            Ok(())
+        }
     }
 
     /// Cancels a queued or running run: unfinished tasks become `cancelled` and workers are

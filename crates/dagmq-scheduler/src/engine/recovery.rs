@@ -100,7 +100,9 @@ impl Engine {
                 // Started already: by an earlier try of this start whose answer was lost (then
                 // it is ours to load), or it ended meanwhile (cancelled: nothing to do).
                 match self.store.run(&record.run_id).await? {
-                    Some(current) if current.state == RunState::Running && !self.active.contains_key(&current.run_id) => {
+                    Some(current)
+                        if current.state == RunState::Running && !self.active.contains_key(&current.run_id) =>
+                    {
                         record = current;
                     }
                     _ => return Ok(()),
