@@ -181,7 +181,14 @@ impl Store for FaultyStore {
     ) -> Result<bool, BackendError> {
         self.faults.gate().await;
         self.faults.check("transition_run_with_tasks")?;
-        self.faults.track(self.inner.transition_run_with_tasks(expected, run, changes).await)
+        let applied = self.faults.track(self.inner.transition_run_with_tasks(expected, run, changes).await)?;
+        if applied && self.faults.lose_answer_to(run.state) {
+            return Err(BackendError::new(format!(
+                "injected: the run's move to {} (with its tasks) applied, its answer was lost",
+                run.state
+            )));
+        }
+        Ok(applied)
     }
     async fn list_runs(&self, filter: &RunFilter) -> Result<Vec<RunRecord>, BackendError> {
         self.faults.gate().await;

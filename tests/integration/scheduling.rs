@@ -736,3 +736,34 @@ async fn a_restarted_run_waits_for_a_slot_under_max_active_runs() {
     assert!(first_done.started_at >= second_done.ended_at, "{first_done:?} started before {second_done:?} ended");
     h.stop().await;
 }
+
+/// Found by the simulator (seed 18): a restart whose store step applied but whose answer was
+/// lost left the run `running` in the store and unknown to the scheduler, which then started
+/// another run of the DAG beside it, over `max_active_runs`.
+#[tokio::test(start_paused = true)]
+async fn a_restart_whose_answer_was_lost_still_holds_its_place_under_max_active_runs() {
+    let journal = Journal::default();
+    let clock = Arc::new(dagmq_core::TokioClock::starting_at(origin()));
+    let failing = Probe { failures: 1, ..Probe::new(&journal, &clock) };
+    let slow = Probe { work: Duration::from_secs(60), ..Probe::new(&journal, &clock) };
+    let dag = Dag::builder("single_restart")
+        .max_active_runs(1)
+        .task(TaskSpec::rust("flaky", failing))
+        .task(TaskSpec::rust("long", slow).after(["flaky"]).trigger_rule(TriggerRule::AllDone))
+        .build()
+        .unwrap();
+    let h = Harness::start_with(registry(vec![dag]), dagmq_worker::builtin_tasks()).await;
+    let first = h.trigger("single_restart").await;
+    assert_eq!(h.wait_final(&first).await, RunState::Failed);
+    *h.scheduler_faults.store.lose_run_answer_to.lock().unwrap() = Some(RunState::Running);
+    assert!(h.scheduler.restart(&first).await.is_err(), "the restart's answer was to be lost");
+    let second = h.trigger("single_restart").await;
+    let first_done = h.wait_run(&first, |r| r.state.is_final()).await;
+    let second_done = h.wait_run(&second, |r| r.state.is_final()).await;
+    assert_eq!((first_done.state, second_done.state), (RunState::Success, RunState::Success));
+    assert!(
+        second_done.started_at >= first_done.ended_at,
+        "two runs of a DAG with max_active_runs 1 ran at once: {first_done:?} and {second_done:?}"
+    );
+    h.stop().await;
+}

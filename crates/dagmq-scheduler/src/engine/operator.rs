@@ -146,8 +146,19 @@ impl Engine {
             reopened.started_at = Some(self.now_cache);
         }
         reopened.ended_at = None;
-        if !self.store.transition_run_with_tasks(record.state, &reopened, changes).await.map_err(backend)? {
-            return Err(CommandError::Conflict(format!("run {run_id:?} changed state meanwhile; try again")));
+        match self.store.transition_run_with_tasks(record.state, &reopened, changes).await {
+            Ok(true) => {}
+            Ok(false) => {
+                return Err(CommandError::Conflict(format!("run {run_id:?} changed state meanwhile; try again")));
+            }
+            Err(err) => {
+                // The answer is unknown: the run may be open again. It goes to the head of its
+                // DAG's queue, so that it is settled (loaded if running, started if queued,
+                // dropped if still finished) before any other run of the DAG starts.
+                self.queued.entry(record.dag_id.clone()).or_default().push_front(record.run_id.clone());
+                self.dirty.insert(record.dag_id.clone());
+                return Err(backend(err));
+            }
         }
         fail_point!("scheduler::restart::after");
         tracing::info!(run = %run_id, state = %reopened.state, "run {}", if restart { "restarted" } else { "cleared" });
