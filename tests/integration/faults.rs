@@ -64,6 +64,9 @@ pub struct Faults {
     pub run_reads: AtomicU32,
     /// The next this many `add_tasks` calls (follow-ups added to a run) fail before applying.
     pub add_tasks_failing: AtomicU32,
+    /// The next this many `transition_tasks` batches that queue a task apply, then answer an
+    /// error (the answer is lost).
+    pub queue_answers_lost: AtomicU32,
 }
 
 impl Faults {
@@ -278,7 +281,11 @@ impl Store for FaultyStore {
         if self.faults.batch_fails(changes) {
             return Err(BackendError::new("injected: transition_tasks: no answer"));
         }
-        self.faults.track(self.inner.transition_tasks(run_id, changes).await)
+        let applied = self.faults.track(self.inner.transition_tasks(run_id, changes).await)?;
+        if changes.iter().any(|c| c.task.state == TaskState::Queued) && Faults::take(&self.faults.queue_answers_lost) {
+            return Err(BackendError::new("injected: transition_tasks applied, its answer was lost"));
+        }
+        Ok(applied)
     }
     async fn add_tasks(
         &self,

@@ -767,3 +767,26 @@ async fn a_restart_whose_answer_was_lost_still_holds_its_place_under_max_active_
     );
     h.stop().await;
 }
+
+/// Found by the simulator (seeds 83, 119): the store queued a task (compare-and-set applied)
+/// but the answer was lost, so the scheduler did not count the task under its pool and queued
+/// another one into the full pool. Two tasks of a one-slot pool ran at once.
+#[tokio::test(start_paused = true)]
+async fn a_queueing_whose_answer_was_lost_still_takes_its_pool_slot() {
+    let journal = Journal::default();
+    let clock = Arc::new(dagmq_core::TokioClock::starting_at(origin()));
+    let work = Probe { work: Duration::from_secs(30), ..Probe::new(&journal, &clock) };
+    let dag = Dag::builder("pooled").task(TaskSpec::rust("a", work).pool("db", 1)).build().unwrap();
+    let pools: dagmq_core::Pools = [("db".to_string(), 1)].into_iter().collect();
+    let h = Harness::start_with_pools(registry(vec![dag]), dagmq_worker::builtin_tasks(), pools).await;
+    h.scheduler_faults.store.queue_answers_lost.store(1, std::sync::atomic::Ordering::SeqCst);
+    let first = h.trigger("pooled").await;
+    let second = h.trigger("pooled").await;
+    assert_eq!(h.wait_final(&first).await, RunState::Success);
+    assert_eq!(h.wait_final(&second).await, RunState::Success);
+    let starts = journal.times_of("start:a");
+    let ends = journal.times_of("end:a");
+    assert_eq!(starts.len(), 2, "{:?}", journal.entries());
+    assert!(starts[1] >= ends[0], "a ran twice at once in a one-slot pool: starts {starts:?}, ends {ends:?}");
+    h.stop().await;
+}

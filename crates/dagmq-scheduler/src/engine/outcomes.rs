@@ -221,7 +221,7 @@ fn take_claimed(run: &mut ActiveRun, claimed: TaskInstance) {
 /// is acted on before the run goes back (`put_back`), as its status update would be: taking it
 /// into the view now would make that update look like a duplicate. Until then a newer try is
 /// shown as running, so nothing tries to queue it again.
-fn take_moved_on(run: &mut ActiveRun, i: usize, fresh: TaskInstance) {
+pub(super) fn take_moved_on(run: &mut ActiveRun, i: usize, fresh: TaskInstance) {
     if matches!(fresh.state, TaskState::Queued | TaskState::Running) {
         run.replace(i, fresh);
         return;

@@ -14,6 +14,7 @@ use dagmq_core::{BackendError, RunState, TaskInstance, TaskState, Topic};
 use crate::active_run::ActiveRun;
 use crate::limits::{LimitKey, claim_of};
 
+use super::outcomes::take_moved_on;
 use super::{Engine, OUTBOX_HIGH_WATER, QUEUE_CHUNK};
 
 impl Engine {
@@ -154,7 +155,13 @@ impl Engine {
             if changes.is_empty() {
                 continue;
             }
-            let applied = self.store.transition_tasks(run.id(), &changes).await?;
+            let applied = match self.store.transition_tasks(run.id(), &changes).await {
+                Ok(applied) => applied,
+                Err(err) => {
+                    self.after_unknown_queueing(run, queued, changes).await;
+                    return Err(err);
+                }
+            };
             fail_point!("scheduler::queue::after_cas");
             for ((i, change), applied) in queued.into_iter().zip(changes).zip(applied) {
                 if applied {
@@ -171,6 +178,38 @@ impl Engine {
             }
         }
         Ok(())
+    }
+
+    /// After a queueing batch that answered an error: each change may have applied (a lost
+    /// answer) or not. The tasks are read back; one the store has queued (or further on) joins
+    /// the view, so its shares of the limits stay taken and nothing else is queued in its
+    /// place, and its message goes out. When even the read fails, the view takes every change
+    /// as applied, the safe side for the limits: the sweep reads the run again, and a message
+    /// for a try the store does not have queued costs nothing (a worker's claim is refused).
+    async fn after_unknown_queueing(&mut self, run: &mut ActiveRun, queued: Vec<usize>, changes: Vec<TaskChange>) {
+        let ids: Vec<&str> = changes.iter().map(|c| c.task.task_id.as_str()).collect();
+        match self.store.tasks_by_id(run.id(), &ids).await {
+            Ok(found) => {
+                for ((i, change), fresh) in queued.into_iter().zip(changes).zip(found) {
+                    let Some(fresh) = fresh else { continue };
+                    if fresh.try_number < change.task.try_number {
+                        // Not applied: the task is decided again when the caller tries again.
+                        continue;
+                    }
+                    if fresh.state == TaskState::Queued && fresh.try_number == change.task.try_number {
+                        self.outbox.push((Topic::Tasks(fresh.queue.clone()), task_message(run, &fresh)));
+                    }
+                    take_moved_on(run, i, fresh);
+                }
+            }
+            Err(err) => {
+                tracing::warn!(run = %run.id(), "queueing answered no and the tasks cannot be read back: {err}");
+                for (i, change) in queued.into_iter().zip(changes) {
+                    self.outbox.push((Topic::Tasks(change.task.queue.clone()), task_message(run, &change.task)));
+                    run.replace(i, change.task);
+                }
+            }
+        }
     }
 
     /// Queues tasks waiting behind limits that had room given back, oldest first, until a
