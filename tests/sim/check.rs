@@ -19,7 +19,8 @@ use crate::world::LeaseGrant;
 /// DAG's tasks, not of follow-ups, in running runs; running runs), at the instant the write
 /// applied.
 pub struct LimitWatch {
-    plans: HashMap<String, DagPlan>,
+    /// Every version of every DAG, by (id, version).
+    plans: Mutex<HashMap<(String, String), DagPlan>>,
     pools: dagmq_core::Pools,
     /// What was exceeded, where (at most a few kept).
     pub violations: Mutex<Vec<String>>,
@@ -29,10 +30,15 @@ impl LimitWatch {
     /// A watch over these DAGs and pools.
     pub fn new(plans: &[DagPlan], pools: dagmq_core::Pools) -> LimitWatch {
         LimitWatch {
-            plans: plans.iter().map(|p| (p.id.clone(), p.clone())).collect(),
+            plans: Mutex::new(plans.iter().map(|p| ((p.id.clone(), p.version.clone()), p.clone())).collect()),
             pools,
             violations: Mutex::new(Vec::new()),
         }
+    }
+
+    /// Adds a version a reload made.
+    pub fn add_plan(&self, plan: &DagPlan) {
+        self.plans.lock().unwrap().insert((plan.id.clone(), plan.version.clone()), plan.clone());
     }
 
     /// Counts usage in the store as it is now; records any limit exceeded, and answers what
@@ -52,8 +58,12 @@ impl LimitWatch {
         // `max_active_tasks` counts the DAG's tasks across all its runs, as Airflow's does.
         let mut dag_use: BTreeMap<String, Vec<String>> = BTreeMap::new();
         let mut found = Vec::new();
+        let plans = self.plans.lock().unwrap().clone();
+        // Limits are the same in every version of a DAG (reloads change other settings).
+        let limits_of = |dag: &str| plans.values().find(|p| p.id == dag).cloned();
         for run in &runs {
-            let Some(plan) = self.plans.get(&run.dag_id) else { continue };
+            let version = run.dag_version.clone().unwrap_or_default();
+            let Some(plan) = plans.get(&(run.dag_id.clone(), version)) else { continue };
             running_runs.entry(run.dag_id.clone()).or_default().push(format!("{}={}", run.run_id, run.state));
             let Ok(tasks) = store.tasks(&run.run_id).await else { continue };
             let busy: Vec<&TaskInstance> =
@@ -82,7 +92,7 @@ impl LimitWatch {
             }
         }
         for (dag, busy) in &dag_use {
-            let max = self.plans[dag].max_active_tasks.unwrap_or(u32::MAX);
+            let max = limits_of(dag).and_then(|p| p.max_active_tasks).unwrap_or(u32::MAX);
             if busy.len() as u32 > max {
                 found.push(format!(
                     "dag {dag}: {} tasks busy ({}), max_active_tasks {max}",
@@ -92,13 +102,13 @@ impl LimitWatch {
             }
         }
         for ((dag, task), used) in &task_use {
-            let max = self.plans[dag].task(task).and_then(|t| t.max_active).unwrap_or(u32::MAX);
+            let max = limits_of(dag).and_then(|p| p.task(task).and_then(|t| t.max_active)).unwrap_or(u32::MAX);
             if *used > max {
                 found.push(format!("task {dag}/{task}: {used} busy, max_active {max}"));
             }
         }
         for (dag, running) in &running_runs {
-            let max = self.plans[dag].max_active_runs;
+            let max = limits_of(dag).map_or(u32::MAX, |p| p.max_active_runs);
             if running.len() as u32 > max {
                 found.push(format!(
                     "dag {dag}: {} runs running ({}), max_active_runs {max}",
@@ -146,7 +156,11 @@ pub fn check(
     leases: &[LeaseGrant],
     bounded: &BTreeSet<String>,
 ) -> Vec<String> {
-    let plans: HashMap<&str, &DagPlan> = plans.iter().map(|p| (p.id.as_str(), p)).collect();
+    // Every version of every DAG: a run is held against its own version.
+    let by_version: HashMap<(&str, &str), &DagPlan> =
+        plans.iter().map(|p| ((p.id.as_str(), p.version.as_str()), p)).collect();
+    let plan_of =
+        |run: &RunRecord| by_version.get(&(run.dag_id.as_str(), run.dag_version.as_deref().unwrap_or(""))).copied();
     let events = history.events.lock().unwrap().clone();
     let commands = history.commands.lock().unwrap().clone();
     let mut violations = Vec::new();
@@ -275,7 +289,7 @@ pub fn check(
             violations.push(format!("try {try_number} of {run}/{task} ran, but the store has no run {run}"));
             continue;
         };
-        let Some(plan) = plans.get(record.dag_id.as_str()) else { continue };
+        let Some(plan) = plan_of(record) else { continue };
         let Some(stored) = tasks.iter().find(|t| &t.task_id == task) else {
             violations.push(format!("try {try_number} of {run}/{task} ran, but the run has no task {task}"));
             continue;
@@ -317,7 +331,7 @@ pub fn check(
         if !run.state.is_final() || run.state == RunState::Cancelled || cancelled.contains(run.run_id.as_str()) {
             continue;
         }
-        let Some(plan) = plans.get(run.dag_id.as_str()) else { continue };
+        let Some(plan) = plan_of(run) else { continue };
         let by_id: HashMap<&str, &TaskInstance> = tasks.iter().map(|t| (t.task_id.as_str(), t)).collect();
         // A restart or a clear keeps the tasks it does not reset as they ended (a success
         // stays, whatever its upstreams do next, as in Airflow): the final states of such a
@@ -352,6 +366,22 @@ pub fn check(
             {
                 violations
                     .push(format!("run {}: task {} is success but no try of it succeeded", run.run_id, task.task_id));
+            }
+        }
+        // A task fails only when a try of it failed, ran past its timeout or was interrupted
+        // too often: never for a reason of dagmq's own (a worker that had not loaded the run's
+        // version, a lost answer).
+        for task in tasks.iter().filter(|t| t.state == TaskState::Failed) {
+            let tried_and_failed = events.iter().any(|e| {
+                matches!(e, Event::End { run: r, task: t, ok: false, .. } if *r == run.run_id && *t == task.task_id)
+            });
+            let error = task.error.clone().unwrap_or_default();
+            let allowed = ["timed out", "timeout", "interrupted", "stopped"].iter().any(|w| error.contains(w));
+            if !tried_and_failed && !allowed {
+                violations.push(format!(
+                    "run {}: task {} failed though no try of it failed: {error}",
+                    run.run_id, task.task_id
+                ));
             }
         }
         let all_fine = tasks.iter().all(|t| matches!(t.state, TaskState::Success | TaskState::Skipped));

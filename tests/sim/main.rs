@@ -13,14 +13,14 @@ mod rng;
 mod workload;
 mod world;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use dagmq_core::store::RunFilter;
 use dagmq_core::task::CancelHandle;
-use dagmq_core::{CancelSignal, Clock, RunState, Store, TokioClock};
+use dagmq_core::{CancelSignal, Clock, LiveDags, RunState, Store, TokioClock};
 use dagmq_scheduler::{CommandError, SchedulerConfig, SchedulerHandle};
 use dagmq_worker::WorkerConfig;
 
@@ -72,12 +72,16 @@ fn simulate_here(seed: u64) -> Outcome {
 struct SchedulerProc {
     proc: Arc<Proc>,
     handle: SchedulerHandle,
+    /// The DAGs it has loaded, which a reload replaces.
+    live: Arc<LiveDags>,
     _stop: CancelHandle,
 }
 
 /// A worker process.
 struct WorkerProc {
     proc: Arc<Proc>,
+    /// The DAGs it has loaded, which a reload replaces (later than the schedulers').
+    live: Arc<LiveDags>,
     _stop: CancelHandle,
 }
 
@@ -87,7 +91,10 @@ struct Sim {
     rng: Rng,
     world: Arc<World>,
     history: History,
+    /// The DAGs as their files say now.
     plans: Vec<DagPlan>,
+    /// The DAG sets of every reload so far, oldest first (the first is the start's).
+    generations: Vec<Vec<DagPlan>>,
     schedulers: Vec<SchedulerProc>,
     workers: Vec<WorkerProc>,
     /// Workers run tasks claimed eagerly.
@@ -112,6 +119,7 @@ impl Sim {
             rng: rng.clone(),
             world,
             history: History::default(),
+            generations: vec![plans.clone()],
             plans,
             schedulers: Vec::new(),
             workers: Vec::new(),
@@ -179,7 +187,8 @@ impl Sim {
 
         let done = Final::read(&sim.world.store).await;
         let leases = sim.world.leases.lock().unwrap().clone();
-        let mut violations = check::check(&sim.plans, &sim.history, &done, &leases, &bounded);
+        let every_version: Vec<DagPlan> = sim.generations.iter().flatten().cloned().collect();
+        let mut violations = check::check(&every_version, &sim.history, &done, &leases, &bounded);
         violations.extend(sim.world.limits.violations.lock().unwrap().iter().cloned());
         let mut by_state: BTreeMap<String, u32> = BTreeMap::new();
         for (run, _) in done.runs.values() {
@@ -216,21 +225,61 @@ impl Sim {
         self.started += 1;
         let proc = Proc::new(format!("scheduler-{}", self.started));
         self.world.note(format_args!("start {}", proc.name));
-        let dags = workload::build_dags(&self.plans, self.seed, &self.world, &self.history, &proc);
-        let mut config = SchedulerConfig::new(dags, self.skewed_clock());
+        let live = self.load(&proc);
+        let mut config = SchedulerConfig::new((*live.current()).clone(), self.skewed_clock());
+        config.live = Some(live.clone());
         config.pools = workload::pools();
         config.sweep_interval = Duration::from_secs(10);
         let (stop, signal) = CancelSignal::new();
         let (handle, _task) =
             dagmq_scheduler::spawn(config, SimQueue::of(&self.world, &proc), SimStore::of(&self.world, &proc), signal);
-        self.schedulers.push(SchedulerProc { proc, handle, _stop: stop });
+        self.schedulers.push(SchedulerProc { proc, handle, live, _stop: stop });
+    }
+
+    /// The DAGs a process starting now loads: every version seen so far, the newest current.
+    /// (A real process reads only the current files; one that starts after a reload knowing
+    /// the older versions too is what lets old runs finish in the simulation, see RELIABILITY.md.)
+    fn load(&self, proc: &Arc<Proc>) -> Arc<LiveDags> {
+        let build = |plans: &[DagPlan]| workload::build_dags(plans, self.seed, &self.world, &self.history, proc);
+        let live = Arc::new(LiveDags::new(build(&self.generations[0]), Vec::new(), HashMap::new()));
+        for generation in &self.generations[1..] {
+            live.replace(build(generation), Vec::new(), HashMap::new());
+        }
+        live
+    }
+
+    /// A DAG file changes: its next version is loaded by the schedulers at once and by each
+    /// worker a few seconds later (as its own reload finds it).
+    async fn reload(&mut self) {
+        let i = self.rng.below(self.plans.len() as u64) as usize;
+        let next = workload::mutate(&self.rng, &self.plans[i]);
+        self.world.note(format_args!("operator: reload {} -> {}", next.id, next.version));
+        self.world.faults.add("DAG file changed (reload)");
+        self.world.limits.add_plan(&next);
+        self.plans[i] = next;
+        self.generations.push(self.plans.clone());
+        for scheduler in self.schedulers.iter().filter(|s| !s.proc.is_dead()) {
+            let dags = workload::build_dags(&self.plans, self.seed, &self.world, &self.history, &scheduler.proc);
+            scheduler.live.replace(dags, Vec::new(), HashMap::new());
+            let _ = tokio::time::timeout(Duration::from_secs(1), scheduler.handle.dags_changed()).await;
+        }
+        for worker in self.workers.iter().filter(|w| !w.proc.is_dead()) {
+            let dags = workload::build_dags(&self.plans, self.seed, &self.world, &self.history, &worker.proc);
+            let live = worker.live.clone();
+            let lag = Duration::from_millis(self.rng.between(0, 5000));
+            tokio::spawn(async move {
+                tokio::time::sleep(lag).await;
+                live.replace(dags, Vec::new(), HashMap::new());
+            });
+        }
     }
 
     fn start_worker(&mut self, name: &str) {
         let proc = Proc::new(name);
         self.world.note(format_args!("start {name}"));
-        let dags = workload::build_dags(&self.plans, self.seed, &self.world, &self.history, &proc);
-        let mut config = WorkerConfig::new(name, dags, self.skewed_clock());
+        let live = self.load(&proc);
+        let mut config = WorkerConfig::new(name, (*live.current()).clone(), self.skewed_clock());
+        config.live = Some(live.clone());
         config.tasks = workload::task_registry(self.seed, &self.world, &self.history, &proc);
         config.concurrency = self.concurrency;
         config.eager = self.eager;
@@ -242,7 +291,7 @@ impl Sim {
             SimStore::of(&self.world, &proc),
             signal,
         ));
-        self.workers.push(WorkerProc { proc, _stop: stop });
+        self.workers.push(WorkerProc { proc, live, _stop: stop });
     }
 
     /// Sends a command to whichever scheduler is active, waiting at most 20 s for an answer.
@@ -346,12 +395,13 @@ impl Sim {
                     })
                     .await;
             }
-            (77..=79, Some(_)) => {
+            (77..=78, Some(_)) => {
                 let plan = rng.pick(&self.plans).id.clone();
                 let paused = rng.chance(0.5);
                 let kind = if paused { "pause" } else { "unpause" };
                 let _ = self.command(kind, &plan, |h, id| async move { h.set_paused(&id, paused).await }).await;
             }
+            (79, _) => self.reload().await,
             (80..=84, _) => self.crash_worker(),
             (85..=86, _) => self.crash_scheduler(),
             (87..=89, _) => self.freeze_a_process(),

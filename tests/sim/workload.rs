@@ -14,8 +14,8 @@ use dagmq_core::{Dag, DagRegistry, FollowUp, Task, TaskContext, TaskError, TaskO
 use crate::rng::{Rng, hash};
 use crate::world::{Proc, World};
 
-/// The version every process gives the DAGs it builds, so a run's version resolves everywhere.
-pub const VERSION: &str = "sim-1";
+/// The version of every DAG before its first reload; a reload makes `sim-2`, `sim-3`, ...
+pub const FIRST_VERSION: &str = "sim-1";
 
 /// One task of a generated DAG, as plain data (the model reads it too).
 #[derive(Debug, Clone)]
@@ -47,6 +47,8 @@ pub struct TaskPlan {
 pub struct DagPlan {
     /// DAG id.
     pub id: String,
+    /// The version every process gives this definition, so a run's version resolves everywhere.
+    pub version: String,
     /// Most runs `running` at once.
     pub max_active_runs: u32,
     /// Most tasks queued or running at once in one run.
@@ -130,11 +132,45 @@ fn plan_dag(rng: &Rng, id: &str) -> DagPlan {
     }
     DagPlan {
         id: id.to_string(),
+        version: FIRST_VERSION.to_string(),
         max_active_runs: rng.between(1, 4) as u32,
         max_active_tasks: rng.chance(0.3).then(|| rng.between(1, 3) as u32),
         schedule: rng.chance(0.4).then(|| (rng.between(15, 90), rng.chance(0.5))),
         tasks,
     }
+}
+
+/// The next version of a DAG, as a reload would find its file changed: retries, retry delays
+/// and timeouts drawn again, and now and then a task added at the end. Limits and pools stay
+/// as they were (the checks count them per DAG, whatever the version).
+pub fn mutate(rng: &Rng, plan: &DagPlan) -> DagPlan {
+    let mut next = plan.clone();
+    let n: u32 = plan.version.trim_start_matches("sim-").parse().unwrap_or(1);
+    next.version = format!("sim-{}", n + 1);
+    for task in &mut next.tasks {
+        if rng.chance(0.5) {
+            task.retries = if rng.chance(0.4) { rng.between(1, 2) as u32 } else { 0 };
+            task.retry_delay = Duration::from_secs(rng.between(1, 10));
+            task.timeout = rng.chance(0.2).then(|| Duration::from_secs(rng.between(2, 8)));
+        }
+    }
+    if rng.chance(0.5) {
+        let id = format!("t{}", next.tasks.len());
+        let up = rng.pick(&next.tasks).id.clone();
+        next.tasks.push(TaskPlan {
+            id,
+            after: vec![up],
+            rule: TriggerRule::AllSuccess,
+            retries: 0,
+            retry_delay: Duration::from_secs(1),
+            timeout: None,
+            pool: None,
+            max_active: None,
+            branch: false,
+            follow_ups: false,
+        });
+    }
+    next
 }
 
 /// Builds the DAGs of `plans` for one process, their tasks running as `proc`.
@@ -147,7 +183,7 @@ pub fn build_dags(
 ) -> DagRegistry {
     let mut registry = DagRegistry::new();
     for plan in plans {
-        let mut builder = Dag::builder(&plan.id).version(VERSION).max_active_runs(plan.max_active_runs);
+        let mut builder = Dag::builder(&plan.id).version(&plan.version).max_active_runs(plan.max_active_runs);
         if let Some(max) = plan.max_active_tasks {
             builder = builder.max_active_tasks(max);
         }
