@@ -52,6 +52,8 @@ pub struct Outcome {
     pub simulated: Duration,
     /// Faults that happened, by kind.
     pub faults: BTreeMap<&'static str, u64>,
+    /// A hash of every try event in order: equal for two runs of a seed when it replays exactly.
+    pub fingerprint: u64,
 }
 
 /// Runs the simulation of `seed` in a runtime of its own.
@@ -212,7 +214,7 @@ impl Sim {
                 eprintln!("{line}");
             }
         }
-        Outcome { seed, violations, summary, simulated: sim.world.start.elapsed(), faults }
+        Outcome { seed, violations, summary, simulated: sim.world.start.elapsed(), faults, fingerprint }
     }
 
     /// A clock for a new process, a few seconds off the store's.
@@ -540,17 +542,35 @@ fn simulated_histories_keep_the_contract() {
         FIXED_SEEDS.collect()
     };
     let verbose = seeds.len() == 1 || std::env::var_os("DAGMQ_SIM_VERBOSE").is_some();
+    // Seeds run side by side, one thread each, as many at once as there are cores: each is
+    // deterministic on its own thread whatever runs beside it.
+    let workers = std::thread::available_parallelism().map_or(1, |n| n.get()).min(seeds.len().max(1));
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    let outcomes = std::sync::Mutex::new(Vec::new());
+    std::thread::scope(|scope| {
+        for _ in 0..workers {
+            scope.spawn(|| {
+                loop {
+                    let i = next.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                    let Some(seed) = seeds.get(i) else { break };
+                    let outcome = simulate(*seed);
+                    outcomes.lock().unwrap_or_else(|e| e.into_inner()).push(outcome);
+                }
+            });
+        }
+    });
+    let mut outcomes = outcomes.into_inner().unwrap_or_else(|e| e.into_inner());
+    outcomes.sort_by_key(|o| o.seed);
     let mut failed = Vec::new();
     let mut simulated = Duration::ZERO;
     let mut faults: BTreeMap<&'static str, u64> = BTreeMap::new();
-    for seed in &seeds {
-        let outcome = simulate(*seed);
+    for outcome in &outcomes {
         simulated += outcome.simulated;
         for (kind, n) in &outcome.faults {
             *faults.entry(kind).or_default() += n;
         }
-        if !report(&outcome, verbose) {
-            failed.push(*seed);
+        if !report(outcome, verbose) {
+            failed.push(outcome.seed);
         }
     }
     eprintln!(
@@ -561,23 +581,26 @@ fn simulated_histories_keep_the_contract() {
     assert!(failed.is_empty(), "seeds {failed:?} broke the contract (replay each with DAGMQ_SIM_SEED=N)");
 }
 
-/// The entropy every `getrandom` call of this test binary gets: drawn from the seed of the
-/// simulation running now, so that what the code under test draws (hash map keys, tokio's
-/// `select!` order, run ids) is the same on every replay of a seed.
-static ENTROPY: std::sync::Mutex<u64> = std::sync::Mutex::new(0);
+thread_local! {
+    /// The entropy every `getrandom` call on this thread gets: drawn from the seed of the
+    /// simulation running on it (each seed has a thread of its own), so that what the code under
+    /// test draws (hash map keys, tokio's `select!` order, run ids) is the same on every replay.
+    static ENTROPY: std::cell::Cell<u64> = const { std::cell::Cell::new(0x5EED) };
+}
 
-/// Sets the entropy source for the seed about to run.
+/// Sets this thread's entropy source for the seed about to run on it.
 fn seed_entropy(seed: u64) {
-    *ENTROPY.lock().unwrap_or_else(|e| e.into_inner()) = rng::mix(seed ^ 0xD1B5_4A32_D192_ED03);
+    ENTROPY.with(|e| e.set(rng::mix(seed ^ 0xD1B5_4A32_D192_ED03)));
 }
 
 fn fill_entropy(buf: &mut [u8]) {
-    let mut state = ENTROPY.lock().unwrap_or_else(|e| e.into_inner());
+    let mut state = ENTROPY.try_with(|e| e.get()).unwrap_or(0x5EED);
     for chunk in buf.chunks_mut(8) {
-        *state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let bytes = rng::mix(*state).to_le_bytes();
+        state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let bytes = rng::mix(state).to_le_bytes();
         chunk.copy_from_slice(&bytes[..chunk.len()]);
     }
+    let _ = ENTROPY.try_with(|e| e.set(state));
 }
 
 /// Replaces libc's `getrandom` in this test binary (the approach of madsim): std's hash map
@@ -605,4 +628,19 @@ pub unsafe extern "C" fn getentropy(buf: *mut u8, len: usize) -> i32 {
     let slice = unsafe { std::slice::from_raw_parts_mut(buf, len) };
     fill_entropy(slice);
     0
+}
+
+/// A seed names one history: two runs of it, alone or beside other seeds, do the same things in
+/// the same order (the fingerprint hashes every try event), and another seed does not.
+#[test]
+fn a_seed_replays_exactly() {
+    let first = simulate(3);
+    let again = std::thread::scope(|scope| {
+        let beside = scope.spawn(|| simulate(4));
+        let again = simulate(3);
+        let _ = beside.join();
+        again
+    });
+    assert_eq!(first.fingerprint, again.fingerprint, "seed 3 did not replay: {} / {}", first.summary, again.summary);
+    assert_ne!(first.fingerprint, simulate(4).fingerprint, "seeds 3 and 4 made the same history");
 }
