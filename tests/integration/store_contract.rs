@@ -270,7 +270,7 @@ async fn eager_claims(store: Arc<dyn Store>) {
         let mut claimed = expected.next_try(at(30));
         claimed.state = TaskState::Running;
         claimed.worker = Some(worker.to_string());
-        EagerClaim { expected, claimed, then: vec!["c".to_string(), "nope".to_string()] }
+        EagerClaim { expected, claimed, then: vec!["c".to_string(), "nope".to_string()], branches: Vec::new() }
     };
     let (a, b, c, d, e) = (read("a").await, read("b").await, read("c").await, read("d").await, read("e").await);
     let done = |task: &TaskInstance, state: TaskState| TaskInstance { state, ended_at: Some(at(29)), ..task.clone() };
@@ -318,6 +318,71 @@ async fn eager_claims(store: Arc<dyn Store>) {
     let finished = store.finish_try("eager", &done(&y, TaskState::Failed), &[claim_of(z.clone(), "w3")]).await;
     assert_eq!(finished.unwrap(), FinishedTry { applied: true, ..FinishedTry::default() });
     assert_eq!(read("z").await, z, "a failure claims nothing");
+    eager_claims_of_joins(store.clone()).await;
+}
+
+/// Eager claims of a join whose other upstream is a branch or returned follow-ups: the store
+/// reads the branch's choice and the follow-ups itself, whether or not the scheduler has acted
+/// on them yet (issue 22, races 1 and 2).
+async fn eager_claims_of_joins(store: Arc<dyn Store>) {
+    let after = |ids: &[&str]| ids.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+    let read = |run: &'static str, id: &'static str| {
+        let store = store.clone();
+        async move { store.task(run, id).await.unwrap().unwrap() }
+    };
+    let claim_of = |expected: &TaskInstance, branches: &[&str]| {
+        let mut claimed = expected.next_try(at(50));
+        claimed.state = TaskState::Running;
+        claimed.worker = Some("w".to_string());
+        EagerClaim { expected: expected.clone(), claimed, then: Vec::new(), branches: after(branches) }
+    };
+    let succeeded = |task: &TaskInstance, output: serde_json::Value| TaskInstance {
+        state: TaskState::Success,
+        ended_at: Some(at(49)),
+        output: Some(output),
+        ..task.clone()
+    };
+    let mut record = run("joins", "etl", 40, None);
+    record.state = RunState::Running;
+
+    // `pick` (a branch) chose `ba` and `bc`; the scheduler has skipped nothing yet. `extract`
+    // succeeds: of its downstream tasks only the chosen ones are claimed. Its output mentions
+    // follow-ups inside a value, which are not its own.
+    let pick = with(&TaskInstance::pending("pick", vec![], "default", 0), TaskState::Running, 1);
+    let pick = succeeded(&pick, serde_json::json!(["ba", "bc"]));
+    let extract = with(&TaskInstance::pending("extract", vec![], "default", 0), TaskState::Running, 1);
+    let join = |id: &str| TaskInstance::pending(id, after(&["pick", "extract"]), "default", 0);
+    let tasks = vec![pick, extract.clone(), join("ba"), join("bb"), join("bc")];
+    assert_eq!(store.create_run(&record, &tasks).await.unwrap(), CreateRun::Created);
+    let (ba, bb, bc) = (read("joins", "ba").await, read("joins", "bb").await, read("joins", "bc").await);
+    let candidates = [claim_of(&ba, &["pick"]), claim_of(&bb, &["pick"]), claim_of(&bc, &["pick"])];
+    let extract_done = succeeded(&extract, serde_json::json!({"follow_ups": [{"id": "not-mine"}]}));
+    let finished = store.finish_try("joins", &extract_done, &candidates).await.unwrap();
+    assert_eq!(finished, FinishedTry { applied: true, claimed: vec![(0, vec![]), (2, vec![])] });
+    assert_eq!(read("joins", "bb").await, bb, "bb, which pick did not choose, is not claimed");
+    assert_eq!(read("joins", "ba").await, candidates[0].claimed);
+
+    // `p` succeeded with follow-up `x`, which the scheduler has not added yet; `q` succeeds:
+    // `d`, downstream of both, waits for `p.x`. Once `p.x` is added before `d` and succeeds,
+    // `d` is claimed with it.
+    let mut p = with(&TaskInstance::pending("p", vec![], "default", 0), TaskState::Running, 1);
+    p.follow_ups = vec![FollowUp::new("x", "step", serde_json::Value::Null)];
+    let p = succeeded(&p, serde_json::Value::Null);
+    let q = with(&TaskInstance::pending("q", vec![], "default", 0), TaskState::Running, 1);
+    let d = TaskInstance::pending("d", after(&["p", "q"]), "default", 0);
+    record.run_id = "follow".to_string();
+    assert_eq!(store.create_run(&record, &[p, q.clone(), d.clone()]).await.unwrap(), CreateRun::Created);
+    let finished = store.finish_try("follow", &succeeded(&q, serde_json::Value::Null), &[claim_of(&d, &[])]).await;
+    assert_eq!(finished.unwrap(), FinishedTry { applied: true, ..FinishedTry::default() });
+    assert_eq!(read("follow", "d").await, d, "d waits for p's follow-up, not added yet");
+    let x = with(&TaskInstance::pending("p.x", after(&["p"]), "default", 0), TaskState::Running, 1);
+    store.add_tasks("follow", std::slice::from_ref(&x), &[("d".to_string(), after(&["p", "q", "p.x"]))]).await.unwrap();
+    let d = read("follow", "d").await;
+    let claim = claim_of(&d, &[]);
+    let finished =
+        store.finish_try("follow", &succeeded(&x, serde_json::Value::Null), std::slice::from_ref(&claim)).await;
+    assert_eq!(finished.unwrap(), FinishedTry { applied: true, claimed: vec![(0, vec![])] });
+    assert_eq!(read("follow", "d").await, claim.claimed);
 }
 
 /// Batched reads and compare-and-sets answer as one call each would, in order.

@@ -116,6 +116,9 @@ impl Sim {
         let rng = Rng::new(seed);
         let plans = workload::plan_dags(&rng, rng.between(1, 3) as usize);
         let world = World::new(seed, LimitWatch::new(&plans, workload::pools()));
+        for plan in &plans {
+            world.note(format_args!("dag {}: {}", plan.id, plan.describe()));
+        }
         let mut sim = Sim {
             seed,
             rng: rng.clone(),

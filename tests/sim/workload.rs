@@ -66,6 +66,29 @@ impl DagPlan {
         self.tasks.iter().find(|t| t.id == id)
     }
 
+    /// The tasks in one line, for the trace: id, upstreams, rule (when not all_success), and
+    /// whether it is a branch or returns follow-ups.
+    pub fn describe(&self) -> String {
+        let tasks: Vec<String> = self
+            .tasks
+            .iter()
+            .map(|t| {
+                let mut line = format!("{}<-[{}]", t.id, t.after.join(","));
+                if t.rule != TriggerRule::AllSuccess {
+                    line.push_str(&format!(" {}", t.rule));
+                }
+                if t.branch {
+                    line.push_str(" branch");
+                }
+                if t.follow_ups {
+                    line.push_str(" follow-ups");
+                }
+                line
+            })
+            .collect();
+        tasks.join("; ")
+    }
+
     /// Direct downstream task ids of `id`.
     pub fn downstream(&self, id: &str) -> Vec<String> {
         self.tasks.iter().filter(|t| t.after.iter().any(|a| a == id)).map(|t| t.id.clone()).collect()

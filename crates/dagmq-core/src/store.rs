@@ -109,6 +109,32 @@ pub struct EagerClaim {
     /// Ids of the tasks that this one may claim in turn when it succeeds: read in the same step
     /// when it is claimed, so a chain of eager claims costs one round trip a task.
     pub then: Vec<String>,
+    /// Those of its upstream tasks that are branch tasks in the run's DAG version: the claim
+    /// applies only if each one's stored output chose this task (whether or not the scheduler
+    /// has skipped the tasks it did not choose yet).
+    pub branches: Vec<String>,
+}
+
+impl EagerClaim {
+    /// Whether the upstream tasks let the candidate run now, by their stored instances
+    /// (`upstream` answers one by id): every upstream is `success`; every branch among them
+    /// (`branches`) chose it; and every upstream that returned follow-ups has them among the
+    /// candidate's upstreams already (the scheduler adds them and rewires in one step, after
+    /// the parent's success is recorded, so until then the candidate must wait for them too).
+    /// The memory store checks this; the Redis `finish_try` script checks the same.
+    pub fn upstreams_allow<'a>(&self, upstream: impl Fn(&str) -> Option<&'a TaskInstance>) -> bool {
+        let after = &self.expected.after;
+        let ready = |id: &String| {
+            upstream(id).is_some_and(|up| {
+                up.state == TaskState::Success
+                    && up.follow_ups.iter().all(|f| after.contains(&crate::task::follow_up_task_id(&up.task_id, &f.id)))
+            })
+        };
+        let chose = |id: &String| {
+            upstream(id).is_some_and(|up| crate::trigger::chooses(up.output.as_ref(), &self.expected.task_id))
+        };
+        after.iter().all(ready) && self.branches.iter().all(chose)
+    }
 }
 
 /// What [`Store::finish_try`] did.
@@ -250,11 +276,12 @@ pub trait Store: Send + Sync + 'static {
     /// Records a finished try: `done` replaces the stored instance if that is still `running` at
     /// `done.try_number`. Then, only if it applied, `done` is a success and the run is
     /// `running`, claims each of `candidates` whose stored instance is still exactly its
-    /// `expected` one and whose upstream tasks (its `after`) are all `success`: that task
-    /// becomes its `claimed` try, and the tasks its `then` names are read. All in one atomic
-    /// step, so no cancel, suspension, restart or other claim can come between the checks and
-    /// the claims. A store that cannot do this atomically records the outcome and claims
-    /// nothing.
+    /// `expected` one and whose upstream tasks allow it ([`EagerClaim::upstreams_allow`]: all
+    /// `success`, each branch among them chose it, and every follow-up they returned is among
+    /// its upstreams already): that task becomes its `claimed` try, and the tasks its `then`
+    /// names are read. All in one atomic step, so no cancel, suspension, restart, branch
+    /// choice, follow-up or other claim can come between the checks and the claims. A store
+    /// that cannot do this atomically records the outcome and claims nothing.
     async fn finish_try(
         &self,
         run_id: &str,

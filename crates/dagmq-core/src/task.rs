@@ -373,6 +373,12 @@ impl FollowUp {
     }
 }
 
+/// The id in the run of follow-up `id` returned by task `parent`: the parent's id, a dot, its
+/// own id (so two parents' follow-ups cannot clash).
+pub fn follow_up_task_id(parent: &str, id: &str) -> String {
+    format!("{parent}.{id}")
+}
+
 /// Why a try failed, and whether it may be tried again.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TaskError {

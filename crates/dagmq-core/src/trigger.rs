@@ -151,6 +151,17 @@ pub fn decide(rule: TriggerRule, counts: UpstreamCounts) -> Decision {
     }
 }
 
+/// Whether a branch task's `output` chooses task `id`: names it alone or in its list. Unlike
+/// [`branch_choice`] it does not check the rest of the output (the worker did, before it
+/// recorded the branch's success); an output that names nothing chooses nothing.
+pub fn chooses(output: Option<&Value>, id: &str) -> bool {
+    match output {
+        Some(Value::String(chosen)) => chosen == id,
+        Some(Value::Array(items)) => items.iter().any(|item| item.as_str() == Some(id)),
+        _ => false,
+    }
+}
+
 /// The direct downstream tasks a branch task's `output` chooses: one id or a list of ids, each
 /// one of `downstream`. Anything else is an error that says what was expected.
 pub fn branch_choice(output: Option<&Value>, downstream: &[&str]) -> Result<Vec<String>, String> {
@@ -261,6 +272,17 @@ mod tests {
         }
         let err = "any_success".parse::<TriggerRule>().unwrap_err();
         assert!(err.contains("one of all_success, all_done"), "{err}");
+    }
+
+    #[test]
+    fn a_branch_chooses_the_tasks_its_output_names() {
+        assert!(chooses(Some(&Value::from("load")), "load"));
+        assert!(chooses(Some(&serde_json::json!(["skip_load", "load"])), "load"));
+        assert!(!chooses(Some(&serde_json::json!(["skip_load"])), "load"));
+        assert!(!chooses(Some(&serde_json::json!([])), "load"));
+        assert!(!chooses(Some(&serde_json::json!({"load": true})), "load"));
+        assert!(!chooses(Some(&Value::Null), "load"));
+        assert!(!chooses(None, "load"));
     }
 
     #[test]

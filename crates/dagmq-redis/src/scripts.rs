@@ -110,13 +110,43 @@ return answer
 /// downstream candidates that are ready (eager dispatch), in one step. KEYS[1] tasks hash,
 /// KEYS[2] the run's meta. ARGV: task id, try, new JSON, then per candidate: task id, the JSON
 /// the worker read (a claim applies only if the stored instance is still exactly that), the
-/// JSON of the claimed try, the number of its upstream tasks and their ids (each must be
-/// `success`), the number of tasks to read should it be claimed and their ids. Answers `{'0'}`
+/// JSON of the claimed try, the number of its upstream tasks and their ids, the number of those
+/// that are branch tasks and their ids, the number of tasks to read should it be claimed and
+/// their ids. A candidate is ready when each upstream is `success` and has no follow-ups, or has
+/// them all among the candidate's upstreams already (the parent's id, a dot, the follow-up's
+/// id), and each branch upstream's output names it (alone or in a list): `Store::finish_try`
+/// and `EagerClaim::upstreams_allow`. An upstream is decoded only when its JSON mentions
+/// `"follow_ups":[` (serde writes no empty list), and a branch upstream always. Answers `{'0'}`
 /// when the outcome did not apply, else `{'1', ...}` followed, for each candidate claimed, by
 /// its number (from 1), how many tasks were read for it, and the JSON of each (nil for an
 /// unknown one).
 pub(crate) const FINISH_TRY: &str = task_script!(
     r#"
+local function follow_ups_added(id, json, at, ups)
+  local follow_ups = cjson.decode(json).follow_ups
+  if type(follow_ups) ~= 'table' then return true end
+  for _, f in ipairs(follow_ups) do
+    local wanted, found = id .. '.' .. tostring(f.id), false
+    for k = 1, ups do
+      if ARGV[at + 3 + k] == wanted then
+        found = true
+        break
+      end
+    end
+    if not found then return false end
+  end
+  return true
+end
+local function chose(json, id)
+  if not json then return false end
+  local output = cjson.decode(json).output
+  if output == id then return true end
+  if type(output) ~= 'table' then return false end
+  for _, chosen in ipairs(output) do
+    if chosen == id then return true end
+  end
+  return false
+end
 local current = redis.call('HGET', KEYS[1], ARGV[1])
 if not current then return {'0'} end
 local state, try = head(current)
@@ -130,13 +160,26 @@ local at, n = 4, 0
 while at <= #ARGV do
   n = n + 1
   local ups = tonumber(ARGV[at + 3])
-  local reads_at = at + 4 + ups
+  local branches_at = at + 4 + ups
+  local branches = tonumber(ARGV[branches_at])
+  local reads_at = branches_at + 1 + branches
   local reads = tonumber(ARGV[reads_at])
   local ready = redis.call('HGET', KEYS[1], ARGV[at]) == ARGV[at + 1]
+  local stored = {}
   for k = 1, ups do
     if not ready then break end
-    local up = redis.call('HGET', KEYS[1], ARGV[at + 3 + k])
+    local id = ARGV[at + 3 + k]
+    local up = redis.call('HGET', KEYS[1], id)
     ready = up ~= false and head(up) == 'success'
+    if ready and string.find(up, '"follow_ups":[', 1, true) then ready = follow_ups_added(id, up, at, ups) end
+    if branches > 0 then stored[id] = up end
+  end
+  for k = 1, branches do
+    if not ready then break end
+    local id = ARGV[branches_at + k]
+    local up = stored[id]
+    if up == nil then up = redis.call('HGET', KEYS[1], id) end
+    ready = chose(up, ARGV[at])
   end
   if ready then
     redis.call('HSET', KEYS[1], ARGV[at], ARGV[at + 2])

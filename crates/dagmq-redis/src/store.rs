@@ -316,6 +316,10 @@ impl Store for RedisStore {
             for upstream in candidate.expected.after.iter() {
                 invocation.arg(upstream);
             }
+            invocation.arg(candidate.branches.len());
+            for branch in &candidate.branches {
+                invocation.arg(branch);
+            }
             invocation.arg(candidate.then.len());
             for id in &candidate.then {
                 invocation.arg(id);

@@ -261,7 +261,7 @@ impl ActiveRun {
         if parent.follow_ups.is_empty() {
             return Ok(None);
         }
-        let prefixed = |id: &str| format!("{}.{}", parent.task_id, id);
+        let prefixed = |id: &str| dagmq_core::task::follow_up_task_id(&parent.task_id, id);
         let ids: Vec<String> = parent.follow_ups.iter().map(|f| prefixed(&f.id)).collect();
         if ids.iter().all(|id| self.index.contains_key(id)) {
             return Ok(None);

@@ -275,13 +275,11 @@ impl Store for MemoryStore {
         if done.state != TaskState::Success || entry.record.state != RunState::Running {
             return Ok(applied);
         }
-        let succeeded = |entry: &RunEntry, id: &str| {
-            entry.index.get(id).is_some_and(|&i| entry.tasks[i].state == TaskState::Success)
-        };
         let mut finished = applied;
         for (n, candidate) in candidates.iter().enumerate() {
             let Some(&i) = entry.index.get(&candidate.expected.task_id) else { continue };
-            if entry.tasks[i] == candidate.expected && candidate.expected.after.iter().all(|up| succeeded(entry, up)) {
+            let upstream = |id: &str| entry.index.get(id).map(|&u| &entry.tasks[u]);
+            if entry.tasks[i] == candidate.expected && candidate.upstreams_allow(upstream) {
                 entry.tasks[i] = candidate.claimed.clone();
                 let then =
                     candidate.then.iter().map(|id| entry.index.get(id).map(|&t| entry.tasks[t].clone())).collect();

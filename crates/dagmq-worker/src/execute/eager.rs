@@ -131,8 +131,15 @@ pub(super) fn prepare_eager(shared: &Shared, message: &TaskToExec, eager: Vec<Ta
         let key = (next.run_id.clone(), next.task_id.clone(), next.try_number);
         let Some(registered) = register(shared, &key) else { continue };
         let then = eager_candidates(shared, &dag, &expected.task_id);
-        let claim = EagerClaim { expected, claimed, then };
+        let branches = branch_upstreams(&dag, &expected);
+        let claim = EagerClaim { expected, claimed, then, branches };
         candidates.push(EagerCandidate { key, claim, message: next, resolved, registered });
     }
     candidates
+}
+
+/// The upstream tasks of `task` that are branch tasks in the run's DAG version: the store claims
+/// it only if each of them chose it.
+fn branch_upstreams(dag: &dagmq_core::Dag, task: &TaskInstance) -> Vec<String> {
+    task.after.iter().filter(|up| dag.task(up).is_some_and(|spec| spec.config.branch)).cloned().collect()
 }
