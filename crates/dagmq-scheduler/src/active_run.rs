@@ -42,8 +42,10 @@ pub(crate) struct ActiveRun {
     /// Changes found when a compare-and-set to queue a task was refused because the task had
     /// moved on (a worker claimed it as its upstream succeeded, and it may have finished since),
     /// kept to be acted on as a status update would be before the run goes back into the active
-    /// set: the view never takes in an outcome without acting on it.
-    pub(crate) deferred: Vec<(usize, TaskInstance)>,
+    /// set: the view never takes in an outcome without acting on it. Kept by task id, not by
+    /// index: a sweep may rebuild the view from a listing in another order before they are
+    /// acted on.
+    pub(crate) deferred: Vec<(String, TaskInstance)>,
 }
 
 impl Drop for ActiveRun {

@@ -150,7 +150,9 @@ impl Engine {
     /// the way (`deferred`) are acted on first.
     pub(super) async fn put_back(&mut self, mut run: ActiveRun) -> Result<(), BackendError> {
         while !run.deferred.is_empty() {
-            let (i, fresh) = run.deferred.remove(0);
+            let (task_id, fresh) = run.deferred.remove(0);
+            // By id: a sweep may have rebuilt the view in another order since it was deferred.
+            let Some(&i) = run.index.get(&task_id) else { continue };
             if fresh.try_number < run.tasks[i].try_number {
                 continue;
             }
