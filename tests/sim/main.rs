@@ -174,6 +174,7 @@ impl Sim {
         let leases = sim.world.leases.lock().unwrap().clone();
         let mut violations = check::check(&sim.plans, &sim.history, &done, &leases, &bounded);
         violations.extend(sim.world.limits.violations.lock().unwrap().iter().cloned());
+        violations.extend(sim.world.violations.lock().unwrap().iter().cloned());
         let mut by_state: BTreeMap<String, u32> = BTreeMap::new();
         for (run, _) in done.runs.values() {
             *by_state.entry(run.state.to_string()).or_default() += 1;
