@@ -46,6 +46,11 @@ pub(crate) struct ActiveRun {
     /// index: a sweep may rebuild the view from a listing in another order before they are
     /// acted on.
     pub(crate) deferred: Vec<(String, TaskInstance)>,
+    /// The store may hold another state for the run than `record` says: a suspend or resume
+    /// whose answer was lost, and whose run could not be read again. `record` then says
+    /// `suspended` (safe whichever way the write went: nothing new is queued) until the run is
+    /// read again, by a retried command (which finishes what the first one began) or the sweep.
+    pub(crate) in_doubt: bool,
 }
 
 impl Drop for ActiveRun {
@@ -110,6 +115,7 @@ impl ActiveRun {
             usage,
             held: HashMap::new(),
             deferred: Vec::new(),
+            in_doubt: false,
         };
         for i in 0..run.tasks.len() {
             run.hold_limits(i);
@@ -145,6 +151,7 @@ impl ActiveRun {
         let mut rebuilt =
             ActiveRun::new(self.record.clone(), self.dag.clone(), tasks, self.view.clone(), self.usage.clone());
         rebuilt.deferred = std::mem::take(&mut self.deferred);
+        rebuilt.in_doubt = self.in_doubt;
         *self = rebuilt;
     }
 
