@@ -481,6 +481,38 @@ async fn a_suspension_in_doubt_is_finished_by_the_sweep() {
     h.stop().await;
 }
 
+/// Race 3, suspend in doubt, and the worker running `a` is lost meanwhile (its store calls
+/// fail, so its heartbeat ages past the worker timeout). The scheduler's view holds the run
+/// suspended, so the lost worker's try must not come back as a new queued try (the zombie
+/// check's requeue is a queueing too): it is stopped as the suspension would stop it.
+#[tokio::test(start_paused = true)]
+async fn a_try_interrupted_in_a_run_suspended_in_doubt_is_not_queued_again() {
+    let journal = Journal::default();
+    let clock = clock();
+    let h = Harness::start(two_steps("doubtful", &journal, &clock, None)).await;
+    let faults = &h.scheduler_faults.store;
+    let run = h.trigger("doubtful").await;
+    h.wait_task(&run, "a", |t| t.state == TaskState::Running).await;
+
+    faults.lost_run_answer_hides_run.store(true, Ordering::SeqCst);
+    *faults.lose_run_answer_to.lock().unwrap() = Some(RunState::Suspended);
+    let lost = h.scheduler.suspend(&run).await;
+    assert!(faults.run_reads_failing.load(Ordering::SeqCst), "precondition: the answer was lost ({lost:?})");
+    h.worker_faults.store.down.store(true, Ordering::SeqCst);
+    let a = h.wait_task(&run, "a", |t| t.state != TaskState::Running).await;
+    assert_eq!(
+        (a.state, a.try_number),
+        (TaskState::Suspended, 1),
+        "the lost worker's try in a suspended run was handled as in a running one: {a:?}"
+    );
+
+    h.worker_faults.store.down.store(false, Ordering::SeqCst);
+    faults.run_reads_failing.store(false, Ordering::SeqCst);
+    h.scheduler.resume(&run).await.unwrap();
+    assert_eq!(final_within(&h, &run, Duration::from_secs(120)).await, RunState::Success);
+    h.stop().await;
+}
+
 /// Race 3, resume, when the run cannot be read again either. The view stays suspended (safe:
 /// nothing is queued), and the operator's retry finishes the resume rather than answer that
 /// the run is running already; without a retry, the sweep does.

@@ -310,11 +310,7 @@ impl Engine {
         for i in 0..run.tasks.len() {
             while let Ok(state) = task_transition(run.tasks[i].state, TaskEvent::Suspend) {
                 let old = &run.tasks[i];
-                let mut new = old.clone();
-                new.state = state;
-                new.ended_at = Some(self.now_cache);
-                new.error = Some(format!("try {} stopped: the run was suspended", old.try_number));
-                new.progress = None;
+                let new = stopped_by_suspension(old, state, self.now_cache);
                 if self.store.transition_task(run.id(), old.state, old.try_number, &new).await? {
                     run.replace(i, new);
                     stopped += 1;
@@ -370,6 +366,17 @@ impl Engine {
         tracing::info!(dag = %dag_id, paused, "dag {}", if paused { "paused" } else { "unpaused" });
         Ok(())
     }
+}
+
+/// Task `task`'s instance once the run's suspension stopped its try: `state` (`suspended`),
+/// ended now, with the reason. Resuming the run queues a new try.
+pub(super) fn stopped_by_suspension(task: &TaskInstance, state: TaskState, now: DateTime<Utc>) -> TaskInstance {
+    let mut new = task.clone();
+    new.state = state;
+    new.ended_at = Some(now);
+    new.error = Some(format!("try {} stopped: the run was suspended", task.try_number));
+    new.progress = None;
+    new
 }
 
 /// Which tasks a restart sets back to `pending`: those that failed, were upstream_failed or
