@@ -441,7 +441,11 @@ async fn a_suspension_in_doubt_queues_nothing_and_its_retry_finishes_it() {
         h.store.task(&run, "b").await.unwrap().unwrap().state == TaskState::Pending
     })
     .await;
-    assert!(untouched, "b was queued in a suspended run while the scheduler could not read it: {:?}", journal.entries());
+    assert!(
+        untouched,
+        "b was queued in a suspended run while the scheduler could not read it: {:?}",
+        journal.entries()
+    );
 
     faults.run_reads_failing.store(false, Ordering::SeqCst);
     let again = h.scheduler.suspend(&run).await;
