@@ -67,6 +67,11 @@ pub struct Faults {
     /// The next this many `transition_tasks` batches that queue a task apply, then answer an
     /// error (the answer is lost).
     pub queue_answers_lost: AtomicU32,
+    /// Reads of run records (`run`) fail while set.
+    pub run_reads_failing: AtomicBool,
+    /// When set, a run transition whose answer is lost (`lose_run_answer_to`) also sets
+    /// `run_reads_failing`: the caller cannot read the run again to learn whether it applied.
+    pub lost_run_answer_hides_run: AtomicBool,
 }
 
 impl Faults {
@@ -162,6 +167,9 @@ impl Store for FaultyStore {
         self.faults.gate().await;
         self.faults.check("run")?;
         self.faults.run_reads.fetch_add(1, Ordering::SeqCst);
+        if self.faults.run_reads_failing.load(Ordering::SeqCst) {
+            return Err(BackendError::new("injected: run: no answer"));
+        }
         self.inner.run(run_id).await
     }
     async fn transition_run(&self, expected: RunState, run: &RunRecord) -> Result<bool, BackendError> {
@@ -169,6 +177,9 @@ impl Store for FaultyStore {
         self.faults.check("transition_run")?;
         let applied = self.faults.track(self.inner.transition_run(expected, run).await)?;
         if applied && self.faults.lose_answer_to(run.state) {
+            if self.faults.lost_run_answer_hides_run.load(Ordering::SeqCst) {
+                self.faults.run_reads_failing.store(true, Ordering::SeqCst);
+            }
             return Err(BackendError::new(format!(
                 "injected: the run's move to {} applied, its answer was lost",
                 run.state

@@ -13,6 +13,7 @@ use dagmq_core::{
     Clock, Dag, DagRegistry, FollowUp, LiveDags, RunState, Store, Task, TaskContext, TaskError, TaskOutcome, TaskSpec,
     TaskState, TokioClock,
 };
+use dagmq_scheduler::CommandError;
 use serde_json::{Value, json};
 
 use crate::support::{Harness, Journal, ProcessFaults, origin};
@@ -410,6 +411,153 @@ async fn a_suspension_whose_answer_was_lost_queues_nothing_more_in_the_run() {
     h.scheduler.resume(&run).await.unwrap();
     assert_eq!(final_within(&h, &run, Duration::from_secs(120)).await, RunState::Success);
     h.stop().await;
+}
+
+/// Race 3, suspend, when the run cannot be read again either: the suspension applied, its
+/// answer was lost, and the scheduler's read of the run fails too, so it does not know which
+/// way the write went. Its view must be safe both ways (nothing new is queued; here the sweep
+/// cannot read the run either, and `a` ends meanwhile), and the operator's retry must finish
+/// the suspension rather than answer that the run is suspended already.
+#[tokio::test(start_paused = true)]
+async fn a_suspension_in_doubt_queues_nothing_and_its_retry_finishes_it() {
+    let journal = Journal::default();
+    let clock = clock();
+    let a_done = Gate::default();
+    let h = Harness::start(two_steps("doubtful", &journal, &clock, Some(&a_done))).await;
+    let faults = &h.scheduler_faults.store;
+    let run = h.trigger("doubtful").await;
+    h.wait_task(&run, "a", |t| t.state == TaskState::Running).await;
+
+    faults.lost_run_answer_hides_run.store(true, Ordering::SeqCst);
+    *faults.lose_run_answer_to.lock().unwrap() = Some(RunState::Suspended);
+    let lost = h.scheduler.suspend(&run).await;
+    assert!(faults.run_reads_failing.load(Ordering::SeqCst), "precondition: the answer was lost ({lost:?})");
+    assert!(lost.is_err(), "the scheduler cannot know that the suspension applied: {lost:?}");
+    assert_eq!(h.store.run(&run).await.unwrap().unwrap().state, RunState::Suspended, "precondition: it applied");
+
+    a_done.open();
+    h.wait_task(&run, "a", |t| t.state == TaskState::Success).await;
+    let untouched = holds_for(Duration::from_secs(30), async || {
+        h.store.task(&run, "b").await.unwrap().unwrap().state == TaskState::Pending
+    })
+    .await;
+    assert!(
+        untouched,
+        "b was queued in a suspended run while the scheduler could not read it: {:?}",
+        journal.entries()
+    );
+
+    faults.run_reads_failing.store(false, Ordering::SeqCst);
+    let again = h.scheduler.suspend(&run).await;
+    assert!(again.is_ok(), "the retry finishes the suspension whose answer was lost: {again:?}");
+    assert_eq!(h.store.run(&run).await.unwrap().unwrap().state, RunState::Suspended);
+    let conflict = h.scheduler.suspend(&run).await.unwrap_err();
+    assert!(matches!(conflict, CommandError::Conflict(_)), "once finished, a suspend is a conflict again: {conflict}");
+    h.scheduler.resume(&run).await.unwrap();
+    assert_eq!(final_within(&h, &run, Duration::from_secs(120)).await, RunState::Success);
+    h.stop().await;
+}
+
+/// Race 3, suspend in doubt, without a retry: the sweep reads the run again once it can, and
+/// finishes the suspension (the try of `a` is stopped).
+#[tokio::test(start_paused = true)]
+async fn a_suspension_in_doubt_is_finished_by_the_sweep() {
+    let journal = Journal::default();
+    let clock = clock();
+    let h = Harness::start(two_steps("doubtful", &journal, &clock, None)).await;
+    let faults = &h.scheduler_faults.store;
+    let run = h.trigger("doubtful").await;
+    h.wait_task(&run, "a", |t| t.state == TaskState::Running).await;
+
+    faults.lost_run_answer_hides_run.store(true, Ordering::SeqCst);
+    *faults.lose_run_answer_to.lock().unwrap() = Some(RunState::Suspended);
+    let lost = h.scheduler.suspend(&run).await;
+    assert!(faults.run_reads_failing.load(Ordering::SeqCst), "precondition: the answer was lost ({lost:?})");
+    faults.run_reads_failing.store(false, Ordering::SeqCst);
+    wait_until(
+        Duration::from_secs(30),
+        || format!("the sweep did not finish the suspension whose answer was lost: {:?}", journal.entries()),
+        async || h.store.task(&run, "a").await.unwrap().unwrap().state == TaskState::Suspended,
+    )
+    .await;
+    h.scheduler.resume(&run).await.unwrap();
+    assert_eq!(final_within(&h, &run, Duration::from_secs(120)).await, RunState::Success);
+    h.stop().await;
+}
+
+/// Race 3, suspend in doubt, and the worker running `a` is lost meanwhile (its store calls
+/// fail, so its heartbeat ages past the worker timeout). The scheduler's view holds the run
+/// suspended, so the lost worker's try must not come back as a new queued try (the zombie
+/// check's requeue is a queueing too): it is stopped as the suspension would stop it.
+#[tokio::test(start_paused = true)]
+async fn a_try_interrupted_in_a_run_suspended_in_doubt_is_not_queued_again() {
+    let journal = Journal::default();
+    let clock = clock();
+    let h = Harness::start(two_steps("doubtful", &journal, &clock, None)).await;
+    let faults = &h.scheduler_faults.store;
+    let run = h.trigger("doubtful").await;
+    h.wait_task(&run, "a", |t| t.state == TaskState::Running).await;
+
+    faults.lost_run_answer_hides_run.store(true, Ordering::SeqCst);
+    *faults.lose_run_answer_to.lock().unwrap() = Some(RunState::Suspended);
+    let lost = h.scheduler.suspend(&run).await;
+    assert!(faults.run_reads_failing.load(Ordering::SeqCst), "precondition: the answer was lost ({lost:?})");
+    h.worker_faults.store.down.store(true, Ordering::SeqCst);
+    let a = h.wait_task(&run, "a", |t| t.state != TaskState::Running).await;
+    assert_eq!(
+        (a.state, a.try_number),
+        (TaskState::Suspended, 1),
+        "the lost worker's try in a suspended run was handled as in a running one: {a:?}"
+    );
+
+    h.worker_faults.store.down.store(false, Ordering::SeqCst);
+    faults.run_reads_failing.store(false, Ordering::SeqCst);
+    h.scheduler.resume(&run).await.unwrap();
+    assert_eq!(final_within(&h, &run, Duration::from_secs(120)).await, RunState::Success);
+    h.stop().await;
+}
+
+/// Race 3, resume, when the run cannot be read again either. The view stays suspended (safe:
+/// nothing is queued), and the operator's retry finishes the resume rather than answer that
+/// the run is running already; without a retry, the sweep does.
+#[tokio::test(start_paused = true)]
+async fn a_resume_in_doubt_is_finished_by_its_retry_or_by_the_sweep() {
+    for retried in [true, false] {
+        let journal = Journal::default();
+        let clock = clock();
+        let h = Harness::start(two_steps("doubtful", &journal, &clock, None)).await;
+        let faults = &h.scheduler_faults.store;
+        let run = h.trigger("doubtful").await;
+        h.wait_task(&run, "a", |t| t.state == TaskState::Running).await;
+        h.scheduler.suspend(&run).await.unwrap();
+        h.wait_task(&run, "a", |t| t.state == TaskState::Suspended).await;
+
+        faults.lost_run_answer_hides_run.store(true, Ordering::SeqCst);
+        *faults.lose_run_answer_to.lock().unwrap() = Some(RunState::Running);
+        let lost = h.scheduler.resume(&run).await;
+        assert!(faults.run_reads_failing.load(Ordering::SeqCst), "precondition: the answer was lost ({lost:?})");
+        assert!(lost.is_err(), "the scheduler cannot know that the resume applied: {lost:?}");
+        assert_eq!(h.store.run(&run).await.unwrap().unwrap().state, RunState::Running, "precondition: it applied");
+        let waiting = holds_for(Duration::from_secs(20), async || {
+            h.store.task(&run, "a").await.unwrap().unwrap().state == TaskState::Suspended
+        })
+        .await;
+        assert!(waiting, "a was queued while the scheduler did not know whether the run was resumed");
+
+        faults.run_reads_failing.store(false, Ordering::SeqCst);
+        if retried {
+            let again = h.scheduler.resume(&run).await;
+            assert!(again.is_ok(), "the retry finishes the resume whose answer was lost: {again:?}");
+            let a = h.store.task(&run, "a").await.unwrap().unwrap();
+            assert!(
+                matches!(a.state, TaskState::Queued | TaskState::Running) && a.try_number == 2,
+                "the retried resume queued a's next try at once: {a:?}"
+            );
+        }
+        let state = final_within(&h, &run, Duration::from_secs(120)).await;
+        assert_eq!(state, RunState::Success, "retried: {retried}; tasks {:?}", summary(&h, &run).await);
+        h.stop().await;
+    }
 }
 
 /// Race 4. An outcome the scheduler found while queueing a task that had moved on is kept in

@@ -77,6 +77,15 @@ async fn contract(store: Arc<dyn Store>) {
     let success = RunFilter { state: Some(RunState::Success), limit: 10, ..RunFilter::default() };
     assert_eq!(ids(store.list_runs(&success).await.unwrap()), vec!["r1"]);
     assert_eq!(ids(store.unfinished_runs().await.unwrap()), vec!["r3", "r4"]);
+    // A suspended run is unfinished: a scheduler that starts loads it with the running ones.
+    let mut suspended = store.run("r3").await.unwrap().unwrap();
+    suspended.state = RunState::Running;
+    assert!(store.transition_run(RunState::Queued, &suspended).await.unwrap());
+    suspended.state = RunState::Suspended;
+    assert!(store.transition_run(RunState::Running, &suspended).await.unwrap());
+    let unfinished = store.unfinished_runs().await.unwrap();
+    assert_eq!(ids(unfinished.clone()), vec!["r3", "r4"]);
+    assert_eq!(unfinished[0].state, RunState::Suspended);
 
     // Task compare-and-set on (state, try).
     let a = store.task("r4", "a").await.unwrap().unwrap();

@@ -113,3 +113,38 @@ async fn a_suspended_run_can_be_cancelled_and_a_lost_stop_broadcast_costs_one_he
     assert_eq!(conflict.to_string(), format!("run {run:?} is cancelled; only a suspended run can be resumed"));
     h.stop().await;
 }
+
+/// The store lists a suspended run among the unfinished ones, so a scheduler that starts (after
+/// a crash, or taking over) loads it like a running one: a resume right after the restart
+/// queues its stopped tasks before it answers, and a cancel ends it before it answers.
+#[tokio::test(start_paused = true)]
+async fn after_a_scheduler_restart_a_suspended_run_resumes_or_cancels_at_once() {
+    for resume in [true, false] {
+        let starts = Arc::new(AtomicU32::new(0));
+        let mut h = Harness::start(harness_dags(&starts)).await;
+        let run = h.trigger("long").await;
+        h.wait_task(&run, "a", |t| t.state == TaskState::Running).await;
+        h.wait_task(&run, "c", |t| t.state == TaskState::Running).await;
+        h.scheduler.suspend(&run).await.unwrap();
+        h.restart_scheduler().await;
+
+        if resume {
+            h.scheduler.resume(&run).await.unwrap();
+            let tasks = h.tasks(&run).await;
+            for id in ["a", "c"] {
+                assert!(
+                    matches!(tasks[id].state, TaskState::Queued | TaskState::Running) && tasks[id].try_number == 2,
+                    "the resume queued {id}'s next try before it answered: {:?}",
+                    tasks[id]
+                );
+            }
+            assert_eq!(h.wait_final(&run).await, RunState::Success);
+        } else {
+            h.scheduler.cancel(&run).await.unwrap();
+            assert_eq!(h.store.run(&run).await.unwrap().unwrap().state, RunState::Cancelled);
+            let tasks = h.tasks(&run).await;
+            assert!(tasks.values().all(|t| t.state == TaskState::Cancelled), "{tasks:?}");
+        }
+        h.stop().await;
+    }
+}

@@ -195,6 +195,7 @@ impl Sim {
         let every_version: Vec<DagPlan> = sim.generations.iter().flatten().cloned().collect();
         let mut violations = check::check(&every_version, &sim.history, &done, &leases, &bounded);
         violations.extend(sim.world.limits.violations.lock().unwrap().iter().cloned());
+        violations.extend(sim.world.violations.lock().unwrap().iter().cloned());
         let mut by_state: BTreeMap<String, u32> = BTreeMap::new();
         for (run, _) in done.runs.values() {
             *by_state.entry(run.state.to_string()).or_default() += 1;

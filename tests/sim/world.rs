@@ -108,6 +108,9 @@ pub struct World {
     pub calls: AtomicU64,
     /// A line for each crash, freeze, restart, command and try, for `DAGMQ_SIM_TRACE`.
     pub trace: Mutex<Vec<String>>,
+    /// What writes did that they must not, found at the instant they applied (at most a few
+    /// kept): a task queued in a run the store has suspended.
+    pub violations: Mutex<Vec<String>>,
 }
 
 impl World {
@@ -124,7 +127,29 @@ impl World {
             start: tokio::time::Instant::now(),
             calls: AtomicU64::new(0),
             trace: Mutex::new(Vec::new()),
+            violations: Mutex::new(Vec::new()),
         })
+    }
+
+    /// Records a violation for each of `queued`, tries a write just queued, when the store has
+    /// their run suspended: a suspended run queues nothing (resuming it queues what is ready).
+    pub async fn check_queued(&self, process: &str, run_id: &str, queued: Vec<(String, u32)>) {
+        if queued.is_empty() {
+            return;
+        }
+        let Ok(Some(run)) = self.store.run(run_id).await else { return };
+        if run.state != RunState::Suspended {
+            return;
+        }
+        let mut violations = self.violations.lock().unwrap();
+        for (task, try_number) in queued {
+            if violations.len() < 20 {
+                violations.push(format!(
+                    "{process} queued try {try_number} of {run_id}/{task} at {} ms while the run was suspended",
+                    self.now_ms()
+                ));
+            }
+        }
     }
 
     /// Simulated milliseconds since the start.
@@ -328,13 +353,31 @@ impl Store for SimStore {
         expected_try: u32,
         task: &TaskInstance,
     ) -> Result<bool, BackendError> {
-        self.call("transition_task", true, self.inner.transition_task(run_id, expected_state, expected_try, task)).await
+        let write = async {
+            let applied = self.inner.transition_task(run_id, expected_state, expected_try, task).await?;
+            if applied && task.state == TaskState::Queued && expected_state != TaskState::Queued {
+                self.world.check_queued(&self.proc.name, run_id, vec![(task.task_id.clone(), task.try_number)]).await;
+            }
+            Ok(applied)
+        };
+        self.call("transition_task", true, write).await
     }
     async fn tasks_by_id(&self, run_id: &str, task_ids: &[&str]) -> Result<Vec<Option<TaskInstance>>, BackendError> {
         self.call("tasks_by_id", false, self.inner.tasks_by_id(run_id, task_ids)).await
     }
     async fn transition_tasks(&self, run_id: &str, changes: &[TaskChange]) -> Result<Vec<bool>, BackendError> {
-        self.call("transition_tasks", true, self.inner.transition_tasks(run_id, changes)).await
+        let write = async {
+            let applied = self.inner.transition_tasks(run_id, changes).await?;
+            let queued = changes
+                .iter()
+                .zip(&applied)
+                .filter(|(c, a)| **a && c.task.state == TaskState::Queued && c.expected_state != TaskState::Queued)
+                .map(|(c, _)| (c.task.task_id.clone(), c.task.try_number))
+                .collect();
+            self.world.check_queued(&self.proc.name, run_id, queued).await;
+            Ok(applied)
+        };
+        self.call("transition_tasks", true, write).await
     }
     async fn claim_try(
         &self,

@@ -209,7 +209,7 @@ pub trait Store: Send + Sync + 'static {
     /// Runs matching `filter`, newest first.
     async fn list_runs(&self, filter: &RunFilter) -> Result<Vec<RunRecord>, BackendError>;
 
-    /// Every run in `queued` or `running`, oldest first.
+    /// Every run not in a final state (`queued`, `running` or `suspended`), oldest first.
     async fn unfinished_runs(&self) -> Result<Vec<RunRecord>, BackendError>;
 
     /// Every task of a run.

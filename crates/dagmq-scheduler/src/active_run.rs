@@ -42,8 +42,15 @@ pub(crate) struct ActiveRun {
     /// Changes found when a compare-and-set to queue a task was refused because the task had
     /// moved on (a worker claimed it as its upstream succeeded, and it may have finished since),
     /// kept to be acted on as a status update would be before the run goes back into the active
-    /// set: the view never takes in an outcome without acting on it.
-    pub(crate) deferred: Vec<(usize, TaskInstance)>,
+    /// set: the view never takes in an outcome without acting on it. Kept by task id, not by
+    /// index: a sweep may rebuild the view from a listing in another order before they are
+    /// acted on.
+    pub(crate) deferred: Vec<(String, TaskInstance)>,
+    /// The store may hold another state for the run than `record` says: a suspend or resume
+    /// whose answer was lost, and whose run could not be read again. `record` then says
+    /// `suspended` (safe whichever way the write went: nothing new is queued) until the run is
+    /// read again, by a retried command (which finishes what the first one began) or the sweep.
+    pub(crate) in_doubt: bool,
 }
 
 impl Drop for ActiveRun {
@@ -108,6 +115,7 @@ impl ActiveRun {
             usage,
             held: HashMap::new(),
             deferred: Vec::new(),
+            in_doubt: false,
         };
         for i in 0..run.tasks.len() {
             run.hold_limits(i);
@@ -143,6 +151,7 @@ impl ActiveRun {
         let mut rebuilt =
             ActiveRun::new(self.record.clone(), self.dag.clone(), tasks, self.view.clone(), self.usage.clone());
         rebuilt.deferred = std::mem::take(&mut self.deferred);
+        rebuilt.in_doubt = self.in_doubt;
         *self = rebuilt;
     }
 

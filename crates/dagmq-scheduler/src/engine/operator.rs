@@ -80,6 +80,11 @@ impl Engine {
             let Some(mut run) = self.active.remove(run_id) else {
                 return Err(CommandError::Conflict(format!("run {run_id:?} is not loaded yet; try again")));
             };
+            if run.in_doubt {
+                // A resume whose answer was lost applied: the record just read says so.
+                run.record = record.clone();
+                run.in_doubt = false;
+            }
             let result = async {
                 let applied = self.store.transition_tasks(run_id, &changes).await?;
                 for (change, applied) in changes.into_iter().zip(&applied) {
@@ -237,21 +242,33 @@ impl Engine {
 
     /// Suspends a running run: the run first (so nothing new is queued), then its queued and
     /// running tasks, then the broadcast that stops the tries. A crash in between leaves a
-    /// suspended run whose view `settle` finishes suspending on recovery.
+    /// suspended run whose view `settle` finishes suspending on recovery; a suspend whose answer
+    /// was lost is finished by the next suspend of the run, or by the sweep.
     pub(super) async fn suspend(&mut self, run_id: &str) -> Result<(), CommandError> {
         let suspended = self.move_run(run_id, RunState::Running, RunState::Suspended, "suspended").await?;
         fail_point!("scheduler::suspend::after_run");
         tracing::info!(run = %run_id, "run suspended");
-        let Some(mut run) = self.active.remove(run_id) else { return Ok(()) };
+        let backend = |e: BackendError| CommandError::Backend(e.to_string());
+        let Some(mut run) = self.active.remove(run_id) else {
+            // Not in the view (its loading failed): load it now, which stops its tries.
+            return self.activate(suspended, false).await.map_err(backend);
+        };
         run.record = suspended;
+        run.in_doubt = false;
         let result = self.suspend_tasks(&mut run).await;
-        self.put_back(run).await.map_err(|e| CommandError::Backend(e.to_string()))?;
-        result.map_err(|e| CommandError::Backend(e.to_string()))
+        self.put_back(run).await.map_err(backend)?;
+        result.map_err(backend)
     }
 
     /// Moves a run from `from` to `to` with a compare-and-set and answers its new record: a
     /// 404 for an unknown run, a 409 for one in another state (`verb`: what only a run in
     /// `from` can be) or that changed meanwhile.
+    ///
+    /// `from` and `to` are `running` and `suspended`, one way or the other. An error from the
+    /// store leaves it unknown whether the move applied: the run is read again, and when that
+    /// read fails too, the view is left `suspended` and in doubt (`ActiveRun::in_doubt`), which
+    /// is safe whichever way the write went. A run already in `to` whose view is in doubt is
+    /// answered as moved: the command is a retry of one whose answer was lost, and finishes it.
     async fn move_run(
         &mut self,
         run_id: &str,
@@ -263,6 +280,9 @@ impl Engine {
         let Some(record) = self.store.run(run_id).await.map_err(backend)? else {
             return Err(CommandError::NotFound(format!("unknown run {run_id:?}")));
         };
+        if record.state == to && self.active.get(run_id).is_some_and(|run| run.in_doubt) {
+            return Ok(record);
+        }
         if record.state != from {
             return Err(CommandError::Conflict(format!(
                 "run {run_id:?} is {}; only a {from} run can be {verb}",
@@ -271,10 +291,29 @@ impl Engine {
         }
         let mut moved = record;
         moved.state = to;
-        if !self.store.transition_run(from, &moved).await.map_err(backend)? {
-            return Err(CommandError::Conflict(format!("run {run_id:?} changed state meanwhile; try again")));
+        let err = match self.store.transition_run(from, &moved).await {
+            Ok(true) => return Ok(moved),
+            Ok(false) => {
+                return Err(CommandError::Conflict(format!("run {run_id:?} changed state meanwhile; try again")));
+            }
+            Err(err) => err,
+        };
+        match self.store.run(run_id).await {
+            Ok(Some(found)) if found.state == to => {
+                tracing::warn!(run = %run_id, "moving the run to {to}: {err}; read again, it applied");
+                Ok(found)
+            }
+            Ok(Some(found)) if found.state == from => Err(backend(err)),
+            Ok(_) => Err(CommandError::Conflict(format!("run {run_id:?} changed state meanwhile; try again"))),
+            Err(again) => {
+                tracing::warn!(run = %run_id, "moving the run to {to}: {err}; reading it again: {again}; in doubt");
+                if let Some(run) = self.active.get_mut(run_id) {
+                    run.record.state = RunState::Suspended;
+                    run.in_doubt = true;
+                }
+                Err(backend(err))
+            }
         }
-        Ok(moved)
     }
 
     /// Moves the queued and running tasks of a suspended run to `suspended` (reading a task
@@ -294,11 +333,7 @@ impl Engine {
         for i in 0..run.tasks.len() {
             while let Ok(state) = task_transition(run.tasks[i].state, TaskEvent::Suspend) {
                 let old = &run.tasks[i];
-                let mut new = old.clone();
-                new.state = state;
-                new.ended_at = Some(self.now_cache);
-                new.error = Some(format!("try {} stopped: the run was suspended", old.try_number));
-                new.progress = None;
+                let new = stopped_by_suspension(old, state, self.now_cache);
                 if self.store.transition_task(run.id(), old.state, old.try_number, &new).await? {
                     run.replace(i, new);
                     stopped += 1;
@@ -323,14 +358,19 @@ impl Engine {
 
     /// Resumes a suspended run: the run goes back to `running`, its suspended tasks get new
     /// tries (try numbers go on; the stopped try does not count against retries) and ready tasks
-    /// are queued.
+    /// are queued. A resume whose answer was lost is finished by the next resume of the run, or
+    /// by the sweep.
     pub(super) async fn resume(&mut self, run_id: &str) -> Result<(), CommandError> {
         let backend = |e: BackendError| CommandError::Backend(e.to_string());
         let running = self.move_run(run_id, RunState::Suspended, RunState::Running, "resumed").await?;
         fail_point!("scheduler::resume::after_run");
         tracing::info!(run = %run_id, "run resumed");
-        let Some(mut run) = self.active.remove(run_id) else { return Ok(()) };
+        let Some(mut run) = self.active.remove(run_id) else {
+            // Not in the view (its loading failed): load it now, which queues what is ready.
+            return self.activate(running, false).await.map_err(backend);
+        };
         run.record = running;
+        run.in_doubt = false;
         let result = self.settle(&mut run, false).await;
         self.put_back(run).await.map_err(backend)?;
         result.map_err(backend)
@@ -349,6 +389,17 @@ impl Engine {
         tracing::info!(dag = %dag_id, paused, "dag {}", if paused { "paused" } else { "unpaused" });
         Ok(())
     }
+}
+
+/// Task `task`'s instance once the run's suspension stopped its try: `state` (`suspended`),
+/// ended now, with the reason. Resuming the run queues a new try.
+pub(super) fn stopped_by_suspension(task: &TaskInstance, state: TaskState, now: DateTime<Utc>) -> TaskInstance {
+    let mut new = task.clone();
+    new.state = state;
+    new.ended_at = Some(now);
+    new.error = Some(format!("try {} stopped: the run was suspended", task.try_number));
+    new.progress = None;
+    new
 }
 
 /// Which tasks a restart sets back to `pending`: those that failed, were upstream_failed or

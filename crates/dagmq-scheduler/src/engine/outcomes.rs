@@ -236,7 +236,7 @@ pub(super) fn take_moved_on(run: &mut ActiveRun, i: usize, fresh: TaskInstance) 
         running.follow_ups.clear();
         run.replace(i, running);
     }
-    run.deferred.push((i, fresh));
+    run.deferred.push((fresh.task_id.clone(), fresh));
 }
 
 /// A task's configuration: from the DAG, or the defaults for follow-up tasks.

@@ -160,7 +160,9 @@ impl Engine {
     /// the way (`deferred`) are acted on first.
     pub(super) async fn put_back(&mut self, mut run: ActiveRun) -> Result<(), BackendError> {
         while !run.deferred.is_empty() {
-            let (i, fresh) = run.deferred.remove(0);
+            let (task_id, fresh) = run.deferred.remove(0);
+            // By id: a sweep may have rebuilt the view in another order since it was deferred.
+            let Some(&i) = run.index.get(&task_id) else { continue };
             if fresh.try_number < run.tasks[i].try_number {
                 continue;
             }
@@ -175,6 +177,11 @@ impl Engine {
         if !run.all_final() || run.expansion_pending() {
             self.active.insert(run.id().to_string(), run);
             return Ok(());
+        }
+        // The run is finished from the state the store has, which a view in doubt does not know.
+        if let Err(err) = self.resolve_doubt(&mut run).await {
+            self.active.insert(run.id().to_string(), run);
+            return Err(err);
         }
         // A run whose tasks a user's cancel reached ends cancelled, even when the scheduler
         // died between cancelling the tasks and the run.
@@ -204,13 +211,31 @@ impl Engine {
         Ok(())
     }
 
+    /// Reads the record of a run whose view is in doubt (`ActiveRun::in_doubt`: a suspend or
+    /// resume whose answer was lost) and takes the store's state, so that `settle` finishes
+    /// what the command began: it stops the tries of a suspended run and queues what is ready
+    /// in a running one.
+    pub(super) async fn resolve_doubt(&mut self, run: &mut ActiveRun) -> Result<(), BackendError> {
+        if !run.in_doubt {
+            return Ok(());
+        }
+        if let Some(record) = self.store.run(run.id()).await? {
+            tracing::info!(run = %run.id(), state = %record.state, "run read again after a lost answer");
+            run.record = record;
+        }
+        run.in_doubt = false;
+        Ok(())
+    }
+
     /// Re-reads every running run from the store and settles it: the safety net for status
-    /// messages that were lost between a worker's store write and its publish.
+    /// messages that were lost between a worker's store write and its publish, and for the
+    /// state of a run whose suspend or resume lost its answer.
     pub(super) async fn sweep(&mut self) -> Result<(), BackendError> {
         let ids: Vec<String> = self.active.keys().cloned().collect();
         for run_id in ids {
             let Some(mut run) = self.active.remove(&run_id) else { continue };
             let result = async {
+                self.resolve_doubt(&mut run).await?;
                 run.tasks = self.store.tasks(&run_id).await?;
                 run.rebuild();
                 self.settle(&mut run, false).await

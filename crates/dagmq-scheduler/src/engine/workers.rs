@@ -5,8 +5,10 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
-use dagmq_core::{BackendError, TaskInstance, TaskState, Topic, WorkerInfo};
+use dagmq_core::state::{TaskEvent, task_transition};
+use dagmq_core::{BackendError, RunState, TaskInstance, TaskState, Topic, WorkerInfo};
 
+use super::operator::stopped_by_suspension;
 use super::queueing::task_message;
 use super::{Engine, TryKey};
 
@@ -233,7 +235,13 @@ impl Engine {
         reason: String,
         why: &str,
     ) -> Result<(), BackendError> {
-        let next = task.after_interruption(self.now_cache, reason);
+        // A suspended run queues nothing, a new try of an interrupted one included: the try is
+        // stopped as the suspension stops it, and resuming the run queues the next.
+        let suspended = self.active.get(run_id).is_some_and(|run| run.record.state == RunState::Suspended);
+        let next = match task_transition(task.state, TaskEvent::Suspend) {
+            Ok(state) if suspended => stopped_by_suspension(task, state, self.now_cache),
+            _ => task.after_interruption(self.now_cache, reason),
+        };
         if !self.store.transition_task(run_id, TaskState::Running, task.try_number, &next).await? {
             return Ok(());
         }
