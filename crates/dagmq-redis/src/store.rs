@@ -8,13 +8,13 @@ use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use dagmq_core::records::DagRecord;
 use dagmq_core::store::{
-    ClaimAnswer, Claimant, CreateRun, EagerClaim, Fence, FinishedTry, LOG_CUT_MARKER, MAX_LOG_LINES_PER_TRY, RunFilter,
-    Store, TaskChange,
+    ClaimAnswer, Claimant, CreateRun, EagerClaim, Fence, FinishedTry, LOG_CUT_MARKER, LeaseTerm, MAX_LOG_LINES_PER_TRY,
+    RunFilter, Store, TaskChange,
 };
 use dagmq_core::{BackendError, RunRecord, RunState, TaskInstance, TaskState, WorkerInfo};
 use redis::AsyncCommands;
 
-use crate::{RedisStore, decode, encode, redis_error};
+use crate::{RedisStore, decode, encode, lease_value, redis_error};
 
 /// Task transitions per script call in [`RedisStore::transition_tasks`].
 const TRANSITION_BATCH: usize = 500;
@@ -523,28 +523,48 @@ impl Store for RedisStore {
         Ok(workers)
     }
 
-    async fn acquire_lease(&self, holder: &str, _now: DateTime<Utc>, ttl: Duration) -> Result<bool, BackendError> {
+    async fn acquire_lease(
+        &self,
+        holder: &str,
+        _now: DateTime<Utc>,
+        ttl: Duration,
+    ) -> Result<Option<LeaseTerm>, BackendError> {
         // Redis's own clock times the lease, so schedulers' clocks need not agree.
         let mut conn = self.conn().await?;
-        let taken: i32 = self
+        let term: u64 = self
             .scripts
             .acquire_lease
             .key(self.lease_key())
+            .key(self.lease_terms_key())
             .arg(holder)
             .arg(ttl.as_millis().max(1) as u64)
             .invoke_async(&mut conn)
             .await
             .map_err(redis_error)?;
-        Ok(taken == 1)
+        Ok((term > 0).then(|| LeaseTerm { holder: holder.to_string(), term }))
     }
 
-    async fn release_lease(&self, holder: &str) -> Result<(), BackendError> {
+    async fn renew_lease(&self, lease: &LeaseTerm, _now: DateTime<Utc>, ttl: Duration) -> Result<bool, BackendError> {
+        let mut conn = self.conn().await?;
+        let renewed: i32 = self
+            .scripts
+            .renew_lease
+            .key(self.lease_key())
+            .arg(lease_value(lease))
+            .arg(ttl.as_millis().max(1) as u64)
+            .invoke_async(&mut conn)
+            .await
+            .map_err(redis_error)?;
+        Ok(renewed == 1)
+    }
+
+    async fn release_lease(&self, lease: &LeaseTerm) -> Result<(), BackendError> {
         let mut conn = self.conn().await?;
         let _: i32 = self
             .scripts
             .release_lease
             .key(self.lease_key())
-            .arg(holder)
+            .arg(lease_value(lease))
             .invoke_async(&mut conn)
             .await
             .map_err(redis_error)?;
@@ -552,7 +572,8 @@ impl Store for RedisStore {
     }
 
     fn fenced(&self, fence: Fence) -> Option<Arc<dyn Store>> {
-        Some(Arc::new(RedisStore { fence: Some(fence), ..self.clone() }))
+        let fence_arg = lease_value(&fence.lease);
+        Some(Arc::new(RedisStore { fence: Some(fence), fence_arg, ..self.clone() }))
     }
 
     async fn now(&self) -> Result<Option<DateTime<Utc>>, BackendError> {
