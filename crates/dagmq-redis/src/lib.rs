@@ -186,6 +186,11 @@ impl RedisStore {
         self.pool.get().await.map_err(|e| BackendError::new(format!("redis: no connection: {e}")))
     }
 
+    /// The connection of liveness calls (see [`pool::Pool::liveness`]).
+    async fn liveness_conn(&self) -> Result<pool::Conn, BackendError> {
+        self.pool.liveness().await.map_err(|e| BackendError::new(format!("redis: no connection: {e}")))
+    }
+
     /// The first argument of a fenced script: this view's fence, or none.
     fn fence_arg(&self) -> &str {
         &self.fence_arg

@@ -474,7 +474,7 @@ impl Store for RedisStore {
     async fn heartbeat(&self, worker: &WorkerInfo) -> Result<(), BackendError> {
         // Stamped with the server's clock too: liveness is judged by one clock, whatever the
         // workers' clocks say.
-        let mut conn = self.conn().await?;
+        let mut conn = self.liveness_conn().await?;
         let _: i32 = self
             .scripts
             .heartbeat
@@ -530,7 +530,7 @@ impl Store for RedisStore {
         ttl: Duration,
     ) -> Result<Option<LeaseTerm>, BackendError> {
         // Redis's own clock times the lease, so schedulers' clocks need not agree.
-        let mut conn = self.conn().await?;
+        let mut conn = self.liveness_conn().await?;
         let term: u64 = self
             .scripts
             .acquire_lease
@@ -545,7 +545,7 @@ impl Store for RedisStore {
     }
 
     async fn renew_lease(&self, lease: &LeaseTerm, _now: DateTime<Utc>, ttl: Duration) -> Result<bool, BackendError> {
-        let mut conn = self.conn().await?;
+        let mut conn = self.liveness_conn().await?;
         let renewed: i32 = self
             .scripts
             .renew_lease
@@ -559,7 +559,7 @@ impl Store for RedisStore {
     }
 
     async fn release_lease(&self, lease: &LeaseTerm) -> Result<(), BackendError> {
-        let mut conn = self.conn().await?;
+        let mut conn = self.liveness_conn().await?;
         let _: i32 = self
             .scripts
             .release_lease
@@ -577,7 +577,7 @@ impl Store for RedisStore {
     }
 
     async fn now(&self) -> Result<Option<DateTime<Utc>>, BackendError> {
-        let mut conn = self.conn().await?;
+        let mut conn = self.liveness_conn().await?;
         let (seconds, micros): (i64, i64) = redis::cmd("TIME").query_async(&mut conn).await.map_err(redis_error)?;
         Ok(DateTime::<Utc>::from_timestamp_micros(seconds * 1_000_000 + micros))
     }
