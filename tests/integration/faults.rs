@@ -10,7 +10,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use dagmq_core::records::DagRecord;
-use dagmq_core::store::{ClaimAnswer, Claimant, CreateRun, EagerClaim, FinishedTry, RunFilter, TaskChange};
+use dagmq_core::store::{ClaimAnswer, Claimant, CreateRun, EagerClaim, FinishedTry, LeaseTerm, RunFilter, TaskChange};
 use dagmq_core::{
     BackendError, Consumer, Queue, RunRecord, RunState, Store, TaskInstance, TaskState, Topic, WorkerInfo,
 };
@@ -54,11 +54,12 @@ pub struct Faults {
     /// Every call but the lease's waits while set: a scheduler's loop frozen mid-call while its
     /// lease renewal goes on.
     pub calls_stalled: AtomicBool,
-    /// Lease calls (`acquire_lease`, `release_lease`) wait while set, before they apply.
+    /// Lease calls (`acquire_lease`, `renew_lease`, `release_lease`) wait while set, before
+    /// they apply.
     pub lease_held: AtomicBool,
     /// Lease calls that waited on `lease_held`.
     pub lease_waits: AtomicU32,
-    /// `acquire_lease` calls that answered that the caller holds the lease.
+    /// `acquire_lease` and `renew_lease` calls that answered that the caller holds the lease.
     pub leases_taken: AtomicU32,
     /// Reads of run records (`run`).
     pub run_reads: AtomicU32,
@@ -359,19 +360,33 @@ impl Store for FaultyStore {
         self.faults.check("workers")?;
         self.inner.workers().await
     }
-    async fn acquire_lease(&self, holder: &str, now: DateTime<Utc>, ttl: Duration) -> Result<bool, BackendError> {
+    async fn acquire_lease(
+        &self,
+        holder: &str,
+        now: DateTime<Utc>,
+        ttl: Duration,
+    ) -> Result<Option<LeaseTerm>, BackendError> {
         self.faults.lease_gate().await;
         self.faults.check("acquire_lease")?;
         let taken = self.inner.acquire_lease(holder, now, ttl).await?;
-        if taken {
+        if taken.is_some() {
             self.faults.leases_taken.fetch_add(1, Ordering::SeqCst);
         }
         Ok(taken)
     }
-    async fn release_lease(&self, holder: &str) -> Result<(), BackendError> {
+    async fn renew_lease(&self, lease: &LeaseTerm, now: DateTime<Utc>, ttl: Duration) -> Result<bool, BackendError> {
+        self.faults.lease_gate().await;
+        self.faults.check("renew_lease")?;
+        let renewed = self.inner.renew_lease(lease, now, ttl).await?;
+        if renewed {
+            self.faults.leases_taken.fetch_add(1, Ordering::SeqCst);
+        }
+        Ok(renewed)
+    }
+    async fn release_lease(&self, lease: &LeaseTerm) -> Result<(), BackendError> {
         self.faults.lease_gate().await;
         self.faults.check("release_lease")?;
-        self.inner.release_lease(holder).await
+        self.inner.release_lease(lease).await
     }
     fn fenced(&self, fence: dagmq_core::store::Fence) -> Option<Arc<dyn Store>> {
         let inner = self.inner.fenced(fence)?;

@@ -13,6 +13,7 @@ mod partial_failure;
 mod queue_contract;
 mod races;
 mod redis_ambiguity;
+mod redis_liveness;
 mod scheduling;
 mod services;
 mod shell_params;

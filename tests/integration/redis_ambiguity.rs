@@ -15,13 +15,13 @@ use dagmq_redis::{RedisStore, RedisTimeouts};
 use crate::services::unavailable;
 
 /// A redis-server of the test's own on a free port, without persistence.
-struct OwnRedis {
+pub(crate) struct OwnRedis {
     child: Child,
-    port: u16,
+    pub(crate) port: u16,
 }
 
 impl OwnRedis {
-    fn start() -> Option<OwnRedis> {
+    pub(crate) fn start() -> Option<OwnRedis> {
         let port = std::net::TcpListener::bind("127.0.0.1:0").ok()?.local_addr().ok()?.port();
         let child = match Command::new("redis-server")
             .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
@@ -43,11 +43,11 @@ impl OwnRedis {
         Some(own)
     }
 
-    fn url(&self) -> String {
+    pub(crate) fn url(&self) -> String {
         format!("redis://127.0.0.1:{}", self.port)
     }
 
-    fn cli(&self, args: &[&str]) -> String {
+    pub(crate) fn cli(&self, args: &[&str]) -> String {
         Command::new("redis-cli")
             .arg("-p")
             .arg(self.port.to_string())

@@ -6,9 +6,12 @@ use chrono::{DateTime, Duration, Utc};
 use dagmq_core::memory::MemoryStore;
 use dagmq_core::records::{DagRecord, RunningTry};
 use dagmq_core::store::{
-    Claimant, CreateRun, EagerClaim, FinishedTry, LOG_CUT_MARKER, MAX_LOG_LINES_PER_TRY, RunFilter, TaskChange,
+    Claimant, CreateRun, EagerClaim, Fence, FinishedTry, LOG_CUT_MARKER, LeaseTerm, MAX_LOG_LINES_PER_TRY, RunFilter,
+    TaskChange,
 };
-use dagmq_core::{FollowUp, RunKind, RunRecord, RunState, Store, TaskInstance, TaskState, WorkerInfo};
+use dagmq_core::{
+    Clock, FollowUp, RunKind, RunRecord, RunState, Store, TaskInstance, TaskState, TokioClock, WorkerInfo,
+};
 
 use crate::services::redis_store;
 
@@ -172,41 +175,211 @@ async fn contract(store: Arc<dyn Store>) {
     }
     store.remove_worker("w1").await.unwrap();
     assert!(store.workers().await.unwrap().is_empty());
-    // Fencing: a scheduler's view writes only while its holder has the lease.
-    let (refused_handle, refused) = dagmq_core::CancelSignal::new();
-    let fence = dagmq_core::store::Fence { holder: "fenced-a".into(), on_refused: Arc::new(refused_handle) };
-    if let Some(view) = store.fenced(fence) {
-        let record = DagRecord { dag_id: "fenced".into(), paused: true, first_seen: at(0), last_scheduled: None };
-        assert!(store.acquire_lease("fenced-a", at(0), std::time::Duration::from_secs(30)).await.unwrap());
-        view.put_dag_record(&record).await.unwrap();
-        store.release_lease("fenced-a").await.unwrap();
-        assert!(store.acquire_lease("fenced-b", at(0), std::time::Duration::from_secs(30)).await.unwrap());
-        let unpause = DagRecord { paused: false, ..record.clone() };
-        let err = view.put_dag_record(&unpause).await.unwrap_err();
-        assert!(err.fenced, "{err}");
-        assert!(refused.is_cancelled(), "the scheduler is told at once");
-        assert_eq!(store.dag_record("fenced").await.unwrap(), Some(record), "a deposed scheduler cannot undo a pause");
-        assert!(view.create_run(&run("fenced-run", "etl", 1, None), &tasks()).await.unwrap_err().fenced);
-        assert!(store.run("fenced-run").await.unwrap().is_none());
-        store.release_lease("fenced-b").await.unwrap();
-    }
-    // The scheduler lease: one holder at a time, renewable, released, taken over after expiry.
-    let ttl = std::time::Duration::from_millis(300);
-    assert!(store.acquire_lease("a", at(0), ttl).await.unwrap());
-    assert!(!store.acquire_lease("b", at(0), ttl).await.unwrap());
-    assert!(store.acquire_lease("a", at(0), ttl).await.unwrap(), "renewal");
-    store.release_lease("b").await.unwrap();
-    assert!(!store.acquire_lease("b", at(0), ttl).await.unwrap(), "only the holder releases");
-    store.release_lease("a").await.unwrap();
-    assert!(store.acquire_lease("b", at(0), ttl).await.unwrap());
-    // Expiry: the memory store compares `now`, Redis its own clock.
-    tokio::time::sleep(std::time::Duration::from_millis(400)).await;
-    assert!(store.acquire_lease("a", at(1), ttl).await.unwrap(), "an expired lease is free");
-    store.release_lease("a").await.unwrap();
+    lease_terms(store.clone()).await;
+    fencing(store.clone()).await;
     store.ping().await.unwrap();
     batches(store.clone()).await;
     eager_claims(store.clone()).await;
     claims(store).await;
+}
+
+/// A clock for lease calls and fences: the real time, from `at(0)` on. The in-memory store
+/// judges expiry by the `now` its callers pass (and a fence's clock), Redis by its own clock;
+/// both go by real time here.
+fn lease_clock() -> Arc<dyn Clock> {
+    Arc::new(TokioClock::starting_at(at(0)))
+}
+
+/// The scheduler lease: one term in force at a time; every grant a new term numbered above
+/// every earlier one; renewal extends only the term in force, never one that ended (expired,
+/// released, or followed by another grant), so a scheduler frozen past its lease cannot take it
+/// back under its old term.
+async fn lease_terms(store: Arc<dyn Store>) {
+    let clock = lease_clock();
+    let ttl = std::time::Duration::from_secs(30);
+    let a1 = store.acquire_lease("a", clock.now(), ttl).await.unwrap().expect("a free lease is granted");
+    assert_eq!(a1.holder, "a");
+    assert_eq!(store.acquire_lease("b", clock.now(), ttl).await.unwrap(), None, "one holder at a time");
+    assert!(store.renew_lease(&a1, clock.now(), ttl).await.unwrap(), "the term in force is renewed");
+    let forged = LeaseTerm { holder: "b".into(), term: a1.term };
+    assert!(!store.renew_lease(&forged, clock.now(), ttl).await.unwrap(), "only by its holder");
+    store.release_lease(&forged).await.unwrap();
+    assert_eq!(store.acquire_lease("b", clock.now(), ttl).await.unwrap(), None, "only the term in force is released");
+
+    // The same holder asking again (an answer it did not get) is granted a new term at once,
+    // and the earlier one has ended.
+    let a2 = store.acquire_lease("a", clock.now(), ttl).await.unwrap().expect("the holder takes it again");
+    assert!(a2.term > a1.term, "{a2} follows {a1}");
+    assert!(!store.renew_lease(&a1, clock.now(), ttl).await.unwrap(), "an ended term is not renewed");
+    store.release_lease(&a1).await.unwrap();
+    assert_eq!(store.acquire_lease("b", clock.now(), ttl).await.unwrap(), None, "releasing an ended term does nothing");
+    store.release_lease(&a2).await.unwrap();
+    let b1 = store.acquire_lease("b", clock.now(), ttl).await.unwrap().expect("a released lease is free");
+    assert!(b1.term > a2.term);
+    assert!(!store.renew_lease(&a2, clock.now(), ttl).await.unwrap(), "a released term is not renewed");
+    store.release_lease(&b1).await.unwrap();
+
+    // Race 5 at the store: `a` is frozen past its term, `b` takes the lease and gives it up;
+    // `a`'s renewal, when it comes, finds the lease free and must not take it back under the
+    // term that ended.
+    let short = std::time::Duration::from_millis(300);
+    let a3 = store.acquire_lease("a", clock.now(), short).await.unwrap().expect("free");
+    tokio::time::sleep(std::time::Duration::from_millis(400)).await;
+    let b2 = store.acquire_lease("b", clock.now(), ttl).await.unwrap().expect("an expired lease is free");
+    assert!(b2.term > a3.term);
+    store.release_lease(&b2).await.unwrap();
+    assert!(!store.renew_lease(&a3, clock.now(), ttl).await.unwrap(), "the frozen holder's term has ended");
+    assert!(!store.renew_lease(&b2, clock.now(), ttl).await.unwrap(), "so has the released one");
+    // Nor is an expired term renewed when nobody took the lease meanwhile.
+    let a4 = store.acquire_lease("a", clock.now(), short).await.unwrap().expect("free");
+    assert!(a4.term > b2.term);
+    tokio::time::sleep(std::time::Duration::from_millis(400)).await;
+    assert!(!store.renew_lease(&a4, clock.now(), ttl).await.unwrap(), "an expired term is not renewed");
+    let a5 = store.acquire_lease("a", clock.now(), short).await.unwrap().expect("an expired lease is free");
+    assert!(a5.term > a4.term);
+    store.release_lease(&a5).await.unwrap();
+}
+
+/// What the fenced writes of [`fencing`] touch, to show a refused write changed nothing.
+async fn fenced_state(
+    store: &Arc<dyn Store>,
+) -> (Option<DagRecord>, Option<RunRecord>, Vec<TaskInstance>, Vec<String>) {
+    let mut tasks = store.tasks("fenced-run").await.unwrap();
+    tasks.sort_by(|x, y| x.task_id.cmp(&y.task_id));
+    let workers = store.workers().await.unwrap().into_iter().map(|w| w.name).collect();
+    (store.dag_record("fenced").await.unwrap(), store.run("fenced-run").await.unwrap(), tasks, workers)
+}
+
+/// Fencing: every scheduler write (DAG bookkeeping, run creation, run and task transitions one
+/// by one and in batches, a restart's run-with-tasks step, follow-ups, worker removal) applies
+/// through a view whose term is in force, and is refused, with nothing changed and the view's
+/// scheduler told, once that term has ended: another holder was granted the lease, the same
+/// holder was granted a new term, or the term expired with nobody granted it since (Redis's
+/// key expiry refuses that by Redis's clock; the in-memory store by the fence's clock).
+async fn fencing(store: Arc<dyn Store>) {
+    let clock = lease_clock();
+    let ttl = std::time::Duration::from_secs(30);
+    let view_of = |lease: &LeaseTerm| {
+        let (handle, refused) = dagmq_core::CancelSignal::new();
+        let fence = Fence { lease: lease.clone(), on_refused: Arc::new(handle), clock: clock.clone() };
+        (store.fenced(fence), refused)
+    };
+    let worker = |name: &str| WorkerInfo {
+        name: name.into(),
+        instance: format!("{name}@1"),
+        host: "h".into(),
+        queues: vec!["default".into()],
+        concurrency: 1,
+        running: Vec::new(),
+        started_at: at(0),
+        last_heartbeat: at(0),
+    };
+    let a1 = store.acquire_lease("fenced-a", clock.now(), ttl).await.unwrap().expect("free");
+    let (Some(view), refused) = view_of(&a1) else {
+        store.release_lease(&a1).await.unwrap();
+        return;
+    };
+
+    // In force: every fenced write applies.
+    let record = DagRecord { dag_id: "fenced".into(), paused: true, first_seen: at(0), last_scheduled: None };
+    view.put_dag_record(&record).await.unwrap();
+    let created = run("fenced-run", "fenced", 1, None);
+    assert_eq!(view.create_run(&created, &tasks()).await.unwrap(), CreateRun::Created);
+    let running = RunRecord { state: RunState::Running, started_at: Some(at(2)), ..created.clone() };
+    assert!(view.transition_run(RunState::Queued, &running).await.unwrap());
+    let (a, b) =
+        (store.task("fenced-run", "a").await.unwrap().unwrap(), store.task("fenced-run", "b").await.unwrap().unwrap());
+    assert!(view.transition_task("fenced-run", TaskState::Pending, 0, &with(&a, TaskState::Queued, 1)).await.unwrap());
+    let change = |task: &TaskInstance, from: TaskState, to: TaskState, try_number: u32| TaskChange {
+        expected_state: from,
+        expected_try: task.try_number,
+        task: with(task, to, try_number),
+    };
+    let batch = [change(&b, TaskState::Pending, TaskState::Queued, 1)];
+    assert_eq!(view.transition_tasks("fenced-run", &batch).await.unwrap(), vec![true]);
+    let follow = TaskInstance::pending("a.x", vec!["a".to_string()], "default", 0);
+    view.add_tasks("fenced-run", std::slice::from_ref(&follow), &[]).await.unwrap();
+    let a_queued = with(&a, TaskState::Queued, 1);
+    let restart = [change(&a_queued, TaskState::Queued, TaskState::Running, 1)];
+    assert!(view.transition_run_with_tasks(RunState::Running, &running, &restart).await.unwrap());
+    store.heartbeat(&worker("fenced-w1")).await.unwrap();
+    view.remove_worker("fenced-w1").await.unwrap();
+    assert!(!refused.is_cancelled(), "no write was refused while the term was in force");
+
+    // Each write that would apply, were its term in force.
+    let every_write = async |view: &Arc<dyn Store>, refused: &dagmq_core::CancelSignal, why: &str| {
+        store.heartbeat(&worker("fenced-w2")).await.unwrap();
+        let before = fenced_state(&store).await;
+        let (a, b) = (before.2[0].clone(), before.2[2].clone());
+        assert_eq!(
+            (a.task_id.as_str(), a.state, b.task_id.as_str(), b.state),
+            ("a", TaskState::Running, "b", TaskState::Queued)
+        );
+        let done = RunRecord { state: RunState::Success, ended_at: Some(at(9)), ..running.clone() };
+        let answers = [
+            ("put_dag_record", view.put_dag_record(&DagRecord { paused: false, ..record.clone() }).await.err()),
+            ("create_run", view.create_run(&run("fenced-other", "fenced", 3, None), &tasks()).await.err()),
+            ("transition_run", view.transition_run(RunState::Running, &done).await.err()),
+            (
+                "transition_run_with_tasks",
+                view.transition_run_with_tasks(
+                    RunState::Running,
+                    &done,
+                    &[change(&b, TaskState::Queued, TaskState::Pending, 1)],
+                )
+                .await
+                .err(),
+            ),
+            (
+                "transition_task",
+                view.transition_task("fenced-run", TaskState::Running, 1, &with(&a, TaskState::Success, 1)).await.err(),
+            ),
+            (
+                "transition_tasks",
+                view.transition_tasks("fenced-run", &[change(&b, TaskState::Queued, TaskState::Running, 1)])
+                    .await
+                    .err(),
+            ),
+            (
+                "add_tasks",
+                view.add_tasks("fenced-run", &[TaskInstance::pending("a.y", vec!["a".to_string()], "default", 0)], &[])
+                    .await
+                    .err(),
+            ),
+            ("remove_worker", view.remove_worker("fenced-w2").await.err()),
+        ];
+        for (what, err) in answers {
+            assert!(err.as_ref().is_some_and(|e| e.fenced), "{why}: {what} was not refused by the fence: {err:?}");
+        }
+        assert!(refused.is_cancelled(), "{why}: the scheduler is told at once");
+        assert_eq!(fenced_state(&store).await, before, "{why}: a refused write changes nothing");
+        assert!(store.run("fenced-other").await.unwrap().is_none(), "{why}");
+    };
+
+    // Another holder's term.
+    store.release_lease(&a1).await.unwrap();
+    let b1 = store.acquire_lease("fenced-b", clock.now(), ttl).await.unwrap().expect("released");
+    every_write(&view, &refused, "after another holder took the lease").await;
+    store.release_lease(&b1).await.unwrap();
+
+    // A new term of the same holder: the earlier term's view is refused, the new one's is not.
+    let a2 = store.acquire_lease("fenced-a", clock.now(), ttl).await.unwrap().expect("released");
+    let (Some(view2), refused2) = view_of(&a2) else { unreachable!("the store fenced before") };
+    let a3 = store.acquire_lease("fenced-a", clock.now(), ttl).await.unwrap().expect("its own");
+    every_write(&view2, &refused2, "after a new term of the same holder").await;
+    let (Some(view3), refused3) = view_of(&a3) else { unreachable!("the store fenced before") };
+    view3.put_dag_record(&record).await.unwrap();
+    assert!(!refused3.is_cancelled());
+    store.release_lease(&a3).await.unwrap();
+
+    // A term that expired, with nobody granted the lease since.
+    let short = std::time::Duration::from_millis(300);
+    let a4 = store.acquire_lease("fenced-a", clock.now(), short).await.unwrap().expect("released");
+    let (Some(view4), refused4) = view_of(&a4) else { unreachable!("the store fenced before") };
+    view4.put_dag_record(&record).await.unwrap();
+    tokio::time::sleep(std::time::Duration::from_millis(400)).await;
+    every_write(&view4, &refused4, "after the term expired").await;
+    store.release_lease(&a4).await.unwrap();
 }
 
 /// A claim in one call: a queued try becomes exactly `claimed_by` the claimant; anything else

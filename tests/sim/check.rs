@@ -8,7 +8,7 @@ use std::sync::Mutex;
 
 use chrono::{DateTime, Utc};
 use dagmq_core::memory::MemoryStore;
-use dagmq_core::store::RunFilter;
+use dagmq_core::store::{LeaseTerm, RunFilter};
 use dagmq_core::{RunKind, RunRecord, RunState, Store, TaskInstance, TaskState, TriggerRule};
 
 use crate::workload::{DagPlan, Event, History};
@@ -401,22 +401,36 @@ pub fn check(
         }
     }
 
-    // Lease terms: once another holder was granted the lease, an earlier holder never is again
-    // (a term is an epoch, not a name).
-    let mut ended: HashSet<&str> = HashSet::new();
-    let mut current: Option<&str> = None;
+    // Lease terms: once another term was granted, an earlier term is never granted or renewed
+    // again (a term is an epoch, not a name), and each grant's number is above every earlier
+    // one's.
+    let mut ended: HashSet<&LeaseTerm> = HashSet::new();
+    let mut current: Option<&LeaseTerm> = None;
+    let mut highest = 0;
     for grant in leases {
-        if current != Some(grant.holder.as_str()) {
-            if ended.contains(grant.holder.as_str()) {
+        if !grant.renewal {
+            if grant.lease.term <= highest {
                 violations.push(format!(
-                    "lease granted to {} ({}) again at {} ms after another holder had it",
-                    grant.holder, grant.process, grant.at_ms
+                    "lease {} ({}) granted at {} ms under a number not above the last one granted ({highest})",
+                    grant.lease, grant.process, grant.at_ms
+                ));
+            }
+            highest = highest.max(grant.lease.term);
+        }
+        if current != Some(&grant.lease) {
+            if ended.contains(&grant.lease) || grant.renewal {
+                violations.push(format!(
+                    "lease {} ({}) {} again at {} ms after another term had it",
+                    grant.lease,
+                    grant.process,
+                    if grant.renewal { "renewed" } else { "granted" },
+                    grant.at_ms
                 ));
             }
             if let Some(previous) = current {
                 ended.insert(previous);
             }
-            current = Some(&grant.holder);
+            current = Some(&grant.lease);
         }
     }
     violations

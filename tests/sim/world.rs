@@ -17,9 +17,12 @@ use chrono::{DateTime, Utc};
 use dagmq_core::memory::{MemoryQueue, MemoryStore};
 use dagmq_core::queue::Acker;
 use dagmq_core::records::DagRecord;
-use dagmq_core::store::{ClaimAnswer, Claimant, CreateRun, EagerClaim, Fence, FinishedTry, RunFilter, TaskChange};
+use dagmq_core::store::{
+    ClaimAnswer, Claimant, CreateRun, EagerClaim, Fence, FinishedTry, LeaseTerm, RunFilter, TaskChange,
+};
 use dagmq_core::{
-    BackendError, Consumer, Delivery, Queue, RunRecord, RunState, Store, TaskInstance, TaskState, Topic, WorkerInfo,
+    BackendError, Clock, Consumer, Delivery, Queue, RunRecord, RunState, Store, TaskInstance, TaskState, Topic,
+    WorkerInfo,
 };
 
 use crate::rng::Rng;
@@ -75,11 +78,13 @@ impl FaultCounts {
     }
 }
 
-/// One successful lease acquisition (or renewal), in the order the store applied them.
+/// One successful lease acquisition or renewal, in the order the store applied them.
 #[derive(Debug, Clone)]
 pub struct LeaseGrant {
-    /// The lease holder (one term of one scheduler).
-    pub holder: String,
+    /// The term granted or renewed.
+    pub lease: LeaseTerm,
+    /// A renewal of the term, not its grant.
+    pub renewal: bool,
     /// The process that asked.
     pub process: String,
     /// Simulated time, in ms since the start.
@@ -441,7 +446,12 @@ impl Store for SimStore {
     async fn workers(&self) -> Result<Vec<WorkerInfo>, BackendError> {
         self.call("workers", false, self.inner.workers()).await
     }
-    async fn acquire_lease(&self, holder: &str, now: DateTime<Utc>, ttl: Duration) -> Result<bool, BackendError> {
+    async fn acquire_lease(
+        &self,
+        holder: &str,
+        now: DateTime<Utc>,
+        ttl: Duration,
+    ) -> Result<Option<LeaseTerm>, BackendError> {
         let world = self.world.clone();
         let process = self.proc.name.clone();
         let inner = self.inner.clone();
@@ -449,9 +459,10 @@ impl Store for SimStore {
             // The store's clock, as Redis `TIME` would give it, not the process's own.
             let _ = now;
             let granted = inner.acquire_lease(holder, store_now(&world), ttl).await?;
-            if granted {
+            if let Some(lease) = &granted {
                 world.leases.lock().unwrap().push(LeaseGrant {
-                    holder: holder.to_string(),
+                    lease: lease.clone(),
+                    renewal: false,
                     process,
                     at_ms: world.now_ms(),
                 });
@@ -460,10 +471,31 @@ impl Store for SimStore {
         })
         .await
     }
-    async fn release_lease(&self, holder: &str) -> Result<(), BackendError> {
-        self.call("release_lease", false, self.inner.release_lease(holder)).await
+    async fn renew_lease(&self, lease: &LeaseTerm, now: DateTime<Utc>, ttl: Duration) -> Result<bool, BackendError> {
+        let world = self.world.clone();
+        let process = self.proc.name.clone();
+        let inner = self.inner.clone();
+        self.call("renew_lease", false, async move {
+            let _ = now;
+            let renewed = inner.renew_lease(lease, store_now(&world), ttl).await?;
+            if renewed {
+                world.leases.lock().unwrap().push(LeaseGrant {
+                    lease: lease.clone(),
+                    renewal: true,
+                    process,
+                    at_ms: world.now_ms(),
+                });
+            }
+            Ok(renewed)
+        })
+        .await
     }
-    fn fenced(&self, fence: Fence) -> Option<Arc<dyn Store>> {
+    async fn release_lease(&self, lease: &LeaseTerm) -> Result<(), BackendError> {
+        self.call("release_lease", false, self.inner.release_lease(lease)).await
+    }
+    fn fenced(&self, mut fence: Fence) -> Option<Arc<dyn Store>> {
+        // The term's expiry is judged by the store's clock, as Redis's key expiry is.
+        fence.clock = Arc::new(StoreClock(self.world.clone()));
         let inner = self.inner.fenced(fence)?;
         Some(Arc::new(SimStore { inner, world: self.world.clone(), proc: self.proc.clone() }))
     }
@@ -479,6 +511,20 @@ impl Store for SimStore {
 /// The store's own clock: the simulation's true time, whatever the processes' clocks say.
 pub fn store_now(world: &World) -> DateTime<Utc> {
     crate::origin() + chrono::Duration::milliseconds(world.now_ms() as i64)
+}
+
+/// [`store_now`] as a [`Clock`], for the fences of the processes' views.
+struct StoreClock(Arc<World>);
+
+#[async_trait]
+impl Clock for StoreClock {
+    fn now(&self) -> DateTime<Utc> {
+        store_now(&self.0)
+    }
+    async fn sleep_until(&self, at: DateTime<Utc>) {
+        let wait = (at - self.now()).to_std().unwrap_or_default();
+        tokio::time::sleep(wait).await;
+    }
 }
 
 /// The queue as one process sees it.

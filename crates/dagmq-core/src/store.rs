@@ -8,6 +8,7 @@ use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 
 use crate::BackendError;
+use crate::clock::Clock;
 use crate::records::{DagRecord, RunRecord, TaskInstance, WorkerInfo};
 use crate::state::{RunState, TaskState};
 use crate::task::CancelHandle;
@@ -45,22 +46,53 @@ pub fn cut_line(mut line: String) -> String {
     line
 }
 
-/// What a scheduler's writes carry, so that a store refuses them once another scheduler holds
-/// the lease (a fencing token). The holder names one term of one scheduler's leadership.
-#[derive(Debug, Clone)]
-pub struct Fence {
-    /// The lease holder the writes must still be.
+/// One term of the scheduler lease, as the store granted it: who asked, and the term's number.
+/// Every grant is a new term, numbered above every term granted before, so a term, once it has
+/// ended (expired, released, or taken by another grant), is never in force again: renewal
+/// extends only the term in force, and a fence names the term its writes belong to.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct LeaseTerm {
+    /// The scheduler that asked for the lease (for logs and for taking it again at once).
     pub holder: String,
+    /// The term's number: higher than the number of every earlier grant.
+    pub term: u64,
+}
+
+impl std::fmt::Display for LeaseTerm {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "term {} of {}", self.term, self.holder)
+    }
+}
+
+/// What a scheduler's writes carry, so that a store refuses them unless their term of the lease
+/// is still in force (a fencing token): once the term has expired, been released, or been
+/// followed by another grant, every write of the view is refused, atomically with the write.
+#[derive(Clone)]
+pub struct Fence {
+    /// The term the writes belong to.
+    pub lease: LeaseTerm,
     /// Fired when the store refuses a write for this fence, so the scheduler steps down at
     /// once instead of going on with a stale view.
     pub on_refused: Arc<CancelHandle>,
+    /// The clock the term's expiry is judged by in a store without a clock of its own (the
+    /// in-memory one): the clock whose `now` the holder passes to `acquire_lease` and
+    /// `renew_lease`. A store with its own clock (Redis) ignores it.
+    pub clock: Arc<dyn Clock>,
+}
+
+impl std::fmt::Debug for Fence {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Fence").field("lease", &self.lease).finish_non_exhaustive()
+    }
 }
 
 impl Fence {
     /// The error for a refused write, after telling the scheduler.
     pub fn refused(&self, what: &str) -> BackendError {
         self.on_refused.cancel();
-        BackendError::fenced(format!("{what} refused: {} no longer holds the scheduler lease", self.holder))
+        let message = format!("{what} refused by the fence: {} no longer holds the scheduler lease", self.lease);
+        tracing::warn!("{message}");
+        BackendError::fenced(message)
     }
 }
 
@@ -338,17 +370,33 @@ pub trait Store: Send + Sync + 'static {
     /// Every registered worker.
     async fn workers(&self) -> Result<Vec<WorkerInfo>, BackendError>;
 
-    /// Takes or renews the scheduler lease for `holder` until `now + ttl`; `false` when another
-    /// holder has it. Only the holder schedules; other schedulers stand by.
-    async fn acquire_lease(&self, holder: &str, now: DateTime<Utc>, ttl: Duration) -> Result<bool, BackendError>;
+    /// Grants `holder` a new term of the scheduler lease, until `now + ttl`, if the lease is
+    /// free: no term is in force, or the one in force has expired, or it is `holder`'s own (a
+    /// scheduler taking the lease again at once, after an answer it did not get). `None` when
+    /// another holder's term is in force. Only the holder of the term in force schedules; other
+    /// schedulers stand by. A grant always starts a new term: the writes of an earlier one are
+    /// refused from then on.
+    async fn acquire_lease(
+        &self,
+        holder: &str,
+        now: DateTime<Utc>,
+        ttl: Duration,
+    ) -> Result<Option<LeaseTerm>, BackendError>;
 
-    /// Gives the lease up if `holder` has it.
-    async fn release_lease(&self, holder: &str) -> Result<(), BackendError>;
+    /// Extends `lease` until `now + ttl` if it is still the term in force and has not expired;
+    /// `false` otherwise (it expired, was released, or another term was granted since), and
+    /// nothing changes: a term that has ended is never renewed, its holder must acquire a new
+    /// one (and recover from the store, which others may have changed meanwhile).
+    async fn renew_lease(&self, lease: &LeaseTerm, now: DateTime<Utc>, ttl: Duration) -> Result<bool, BackendError>;
+
+    /// Gives the lease up if `lease` is the term in force.
+    async fn release_lease(&self, lease: &LeaseTerm) -> Result<(), BackendError>;
 
     /// This store as a scheduler holding the lease writes to it: every scheduler write (run
     /// creation and transitions, task transitions, follow-ups, DAG bookkeeping, worker removal)
-    /// is refused, atomically with the write, unless `fence.holder` still holds the lease.
-    /// `None` when the store cannot fence; the scheduler then writes unfenced.
+    /// is refused, atomically with the write, unless `fence.lease` is still the term in force
+    /// and has not expired. `None` when the store cannot fence; the scheduler then writes
+    /// unfenced.
     fn fenced(&self, fence: Fence) -> Option<Arc<dyn Store>> {
         let _ = fence;
         None

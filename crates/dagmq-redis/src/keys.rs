@@ -39,6 +39,10 @@ impl RedisStore {
         format!("{}:scheduler:lease", self.prefix)
     }
 
+    pub(crate) fn lease_terms_key(&self) -> String {
+        format!("{}:scheduler:terms", self.prefix)
+    }
+
     pub(crate) fn workers_key(&self) -> String {
         format!("{}:workers", self.prefix)
     }

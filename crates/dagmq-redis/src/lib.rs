@@ -8,6 +8,8 @@
 //!   listings without scans); `P:runs:unfinished` — runs not yet finished.
 //! - `P:key:DAG:KEY` — the run created by a trigger's idempotency key.
 //! - `P:dag:DAG` — the scheduler's per-DAG bookkeeping; `P:workers` — hash of worker entries.
+//! - `P:scheduler:lease` — the term of the scheduler lease in force, `TERM:HOLDER`, expiring
+//!   with the lease; `P:scheduler:terms` — the number of the last term granted (kept for good).
 //!
 //! Every state transition is a Lua compare-and-set (see `scripts`); WATCH/MULTI is unsound on
 //! shared, multiplexed connections. Finished runs expire after the retention period, if set.
@@ -41,6 +43,9 @@ pub struct RedisStore {
     scripts: Arc<Scripts>,
     /// For a scheduler's view: its writes carry this fence (see [`Store::fenced`]).
     fence: Option<Fence>,
+    /// The fence as the scripts compare it with the lease key's value (`TERM:HOLDER`); empty
+    /// for a view that writes unfenced.
+    fence_arg: String,
 }
 
 /// The Lua scripts.
@@ -55,6 +60,7 @@ struct Scripts {
     set_progress: Script,
     append_log: Script,
     acquire_lease: Script,
+    renew_lease: Script,
     release_lease: Script,
     put_fenced: Script,
     hdel_fenced: Script,
@@ -129,6 +135,7 @@ impl RedisStore {
             prefix: prefix.to_string(),
             retention,
             fence: None,
+            fence_arg: String::new(),
             scripts: Arc::new(Scripts {
                 transition_task: Script::new(scripts::TRANSITION_TASK),
                 finish_try: Script::new(scripts::FINISH_TRY),
@@ -140,6 +147,7 @@ impl RedisStore {
                 set_progress: Script::new(scripts::SET_PROGRESS),
                 append_log: Script::new(scripts::APPEND_LOG),
                 acquire_lease: Script::new(scripts::ACQUIRE_LEASE),
+                renew_lease: Script::new(scripts::RENEW_LEASE),
                 release_lease: Script::new(scripts::RELEASE_LEASE),
                 put_fenced: Script::new(scripts::PUT_FENCED),
                 hdel_fenced: Script::new(scripts::HDEL_FENCED),
@@ -178,9 +186,14 @@ impl RedisStore {
         self.pool.get().await.map_err(|e| BackendError::new(format!("redis: no connection: {e}")))
     }
 
+    /// The connection of liveness calls (see [`pool::Pool::liveness`]).
+    async fn liveness_conn(&self) -> Result<pool::Conn, BackendError> {
+        self.pool.liveness().await.map_err(|e| BackendError::new(format!("redis: no connection: {e}")))
+    }
+
     /// The first argument of a fenced script: this view's fence, or none.
     fn fence_arg(&self) -> &str {
-        self.fence.as_ref().map_or("", |f| f.holder.as_str())
+        &self.fence_arg
     }
 
     /// The error of a fenced write: a refusal by the fence tells the scheduler.
@@ -188,7 +201,7 @@ impl RedisStore {
         if err.to_string().contains("DAGMQ_FENCED") {
             return match &self.fence {
                 Some(fence) => fence.refused(what),
-                None => BackendError::fenced(format!("{what} refused: the scheduler lease is held by another")),
+                None => BackendError::fenced(format!("{what} refused by the fence: the lease term has ended")),
             };
         }
         redis_error(err)
@@ -197,6 +210,11 @@ impl RedisStore {
     fn retention_secs(&self) -> u64 {
         self.retention.map_or(0, |r| r.as_secs().max(1))
     }
+}
+
+/// The value of the lease key for a term, which is also the fence of its writes.
+fn lease_value(lease: &dagmq_core::store::LeaseTerm) -> String {
+    format!("{}:{}", lease.term, lease.holder)
 }
 
 fn redis_error(err: redis::RedisError) -> BackendError {

@@ -1,4 +1,5 @@
-//! Connections: a few multiplexed connections that every call shares.
+//! Connections: a few multiplexed connections that every call shares, and one more of its own
+//! for liveness calls.
 //!
 //! A multiplexed connection writes every command queued while it was busy in one write, and
 //! Redis answers a batch read in one go. Sharing it between concurrent calls therefore
@@ -6,6 +7,13 @@
 //! at the same moment by many tries, cost Redis one read and one write instead of one each.
 //! A pool that hands each call a connection of its own gives that up (each call is a round
 //! trip on its own socket), and checking a connection out costs a round trip or a lock.
+//!
+//! A connection answers in order, so a call waits behind every reply queued before it on its
+//! connection, a large one (a sweep's read of a big run, a long log) included. Liveness calls
+//! (the scheduler lease, worker heartbeats, the server's time) have deadlines of a few seconds
+//! that such a wait would miss, deposing a healthy scheduler or making a healthy worker stop
+//! its tries; they go over a connection of their own ([`Pool::liveness`]), which carries
+//! nothing but small calls.
 //!
 //! A connection on which a call failed for anything but a reply of the server (a broken or
 //! timed-out connection) is replaced: the next call on its slot connects again. One that has
@@ -21,10 +29,10 @@ use std::time::{Duration, Instant};
 use redis::aio::{ConnectionLike, MultiplexedConnection};
 use redis::{AsyncConnectionConfig, Client, Cmd, Pipeline, RedisError, RedisFuture, Value};
 
-/// Connections per store. One carries a process's load with room to spare (Redis runs
-/// commands one at a time anyway); a second keeps one large reply (a long log, a big run)
-/// from holding up every other call. A call waits behind the calls queued before it on its
-/// connection, and its response timeout counts that wait.
+/// Shared connections per store (the liveness connection comes on top). One carries a process's
+/// load with room to spare (Redis runs commands one at a time anyway); a second keeps one large
+/// reply (a long log, a big run) from holding up every other call. A call waits behind the
+/// calls queued before it on its connection, and its response timeout counts that wait.
 pub const CONNECTIONS: usize = 2;
 
 /// A connection unused for this long is checked with a `PING` before its next call.
@@ -42,7 +50,7 @@ struct Slot {
     last_used: AtomicU64,
 }
 
-/// The shared connections of one store. Clones share them.
+/// The connections of one store. Clones share them.
 #[derive(Clone)]
 pub(crate) struct Pool(Arc<Inner>);
 
@@ -50,6 +58,7 @@ pub(crate) struct Pool(Arc<Inner>);
 struct Inner {
     client: Client,
     config: AsyncConnectionConfig,
+    /// The shared connections, then the liveness connection (the last).
     slots: Vec<Slot>,
     next: AtomicUsize,
     /// The origin of [`Slot::last_used`].
@@ -57,15 +66,27 @@ struct Inner {
 }
 
 impl Pool {
-    /// A pool of [`CONNECTIONS`] connections to `client`'s server, each made on first use.
+    /// A pool of [`CONNECTIONS`] shared connections and one for liveness calls to `client`'s
+    /// server, each made on first use.
     pub(crate) fn new(client: Client, config: AsyncConnectionConfig) -> Pool {
-        let slots = (0..CONNECTIONS).map(|_| Slot::default()).collect();
+        let slots = (0..=CONNECTIONS).map(|_| Slot::default()).collect();
         Pool(Arc::new(Inner { client, config, slots, next: AtomicUsize::new(0), origin: Instant::now() }))
     }
 
-    /// A connection to use for one call (or a few): the slots take turns.
+    /// A connection to use for one call (or a few): the shared slots take turns.
     pub(crate) async fn get(&self) -> Result<Conn, RedisError> {
-        let index = self.0.next.fetch_add(1, Ordering::Relaxed) % self.0.slots.len();
+        self.slot(self.0.next.fetch_add(1, Ordering::Relaxed) % CONNECTIONS).await
+    }
+
+    /// The connection of liveness calls (lease, heartbeat, the server's time): no large reply
+    /// is ever queued on it, so these calls answer within their deadlines whatever else the
+    /// process reads.
+    pub(crate) async fn liveness(&self) -> Result<Conn, RedisError> {
+        self.slot(CONNECTIONS).await
+    }
+
+    /// The connection of slot `index`, made or checked first if need be.
+    async fn slot(&self, index: usize) -> Result<Conn, RedisError> {
         let slot = &self.0.slots[index];
         let now = self.millis();
         let idle = Duration::from_millis(now.saturating_sub(slot.last_used.swap(now, Ordering::Relaxed)));

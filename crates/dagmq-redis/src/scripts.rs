@@ -8,10 +8,11 @@
 //! finds both without decoding the whole instance (whose upstream list can be long); anything
 //! else is decoded with cjson.
 
-/// The fencing prelude of every script a scheduler writes with: takes the fence (the lease
-/// holder, or empty for writers that need none) off the front of ARGV and the lease key off the
-/// end of KEYS, so the rest of the script sees its own layout, and refuses the write unless the
-/// fence still holds the lease.
+/// The fencing prelude of every script a scheduler writes with: takes the fence (the lease term
+/// as `TERM:HOLDER`, or empty for writers that need none) off the front of ARGV and the lease
+/// key off the end of KEYS, so the rest of the script sees its own layout, and refuses the write
+/// unless that term is still the one in force. The lease key expires with the term, so a term
+/// that has expired refuses its writes too, even when no other term was granted since.
 macro_rules! fenced {
     ($($body:expr),+) => {
         concat!(
@@ -19,7 +20,7 @@ macro_rules! fenced {
 local fence = table.remove(ARGV, 1)
 local lease_key = table.remove(KEYS)
 if fence ~= '' and redis.call('GET', lease_key) ~= fence then
-  return redis.error_reply('DAGMQ_FENCED the scheduler lease is held by another scheduler')
+  return redis.error_reply('DAGMQ_FENCED the scheduler lease term has ended')
 end
 "#,
             $($body),+
@@ -351,15 +352,30 @@ end
 return length
 "#;
 
-/// Takes or renews the scheduler lease. KEYS[1] lease key. ARGV: holder, ttl in milliseconds.
+/// Grants a new term of the scheduler lease if it is free (no term in force, or the holder's
+/// own). KEYS[1] lease key, KEYS[2] the number of the last term granted. ARGV: holder, ttl in
+/// milliseconds. Answers the new term's number, or 0 when another holder's term is in force.
 pub(crate) const ACQUIRE_LEASE: &str = r#"
 local current = redis.call('GET', KEYS[1])
-if current and current ~= ARGV[1] then return 0 end
-redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+if current then
+  local colon = string.find(current, ':', 1, true)
+  if not colon or string.sub(current, colon + 1) ~= ARGV[1] then return 0 end
+end
+local term = redis.call('INCR', KEYS[2])
+redis.call('SET', KEYS[1], term .. ':' .. ARGV[1], 'PX', ARGV[2])
+return term
+"#;
+
+/// Extends the term in force if it is the caller's. KEYS[1] lease key. ARGV: the term as
+/// `TERM:HOLDER`, ttl in milliseconds. Answers 1 when extended, 0 when that term has ended.
+pub(crate) const RENEW_LEASE: &str = r#"
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
+redis.call('PEXPIRE', KEYS[1], ARGV[2])
 return 1
 "#;
 
-/// Gives the lease up if the holder has it. KEYS[1] lease key. ARGV: holder.
+/// Gives the lease up if the term is in force. KEYS[1] lease key. ARGV: the term as
+/// `TERM:HOLDER`.
 pub(crate) const RELEASE_LEASE: &str = r#"
 if redis.call('GET', KEYS[1]) == ARGV[1] then redis.call('DEL', KEYS[1]) end
 return 1

@@ -8,13 +8,13 @@ use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use dagmq_core::records::DagRecord;
 use dagmq_core::store::{
-    ClaimAnswer, Claimant, CreateRun, EagerClaim, Fence, FinishedTry, LOG_CUT_MARKER, MAX_LOG_LINES_PER_TRY, RunFilter,
-    Store, TaskChange,
+    ClaimAnswer, Claimant, CreateRun, EagerClaim, Fence, FinishedTry, LOG_CUT_MARKER, LeaseTerm, MAX_LOG_LINES_PER_TRY,
+    RunFilter, Store, TaskChange,
 };
 use dagmq_core::{BackendError, RunRecord, RunState, TaskInstance, TaskState, WorkerInfo};
 use redis::AsyncCommands;
 
-use crate::{RedisStore, decode, encode, redis_error};
+use crate::{RedisStore, decode, encode, lease_value, redis_error};
 
 /// Task transitions per script call in [`RedisStore::transition_tasks`].
 const TRANSITION_BATCH: usize = 500;
@@ -478,7 +478,7 @@ impl Store for RedisStore {
     async fn heartbeat(&self, worker: &WorkerInfo) -> Result<(), BackendError> {
         // Stamped with the server's clock too: liveness is judged by one clock, whatever the
         // workers' clocks say.
-        let mut conn = self.conn().await?;
+        let mut conn = self.liveness_conn().await?;
         let _: i32 = self
             .scripts
             .heartbeat
@@ -527,28 +527,48 @@ impl Store for RedisStore {
         Ok(workers)
     }
 
-    async fn acquire_lease(&self, holder: &str, _now: DateTime<Utc>, ttl: Duration) -> Result<bool, BackendError> {
+    async fn acquire_lease(
+        &self,
+        holder: &str,
+        _now: DateTime<Utc>,
+        ttl: Duration,
+    ) -> Result<Option<LeaseTerm>, BackendError> {
         // Redis's own clock times the lease, so schedulers' clocks need not agree.
-        let mut conn = self.conn().await?;
-        let taken: i32 = self
+        let mut conn = self.liveness_conn().await?;
+        let term: u64 = self
             .scripts
             .acquire_lease
             .key(self.lease_key())
+            .key(self.lease_terms_key())
             .arg(holder)
             .arg(ttl.as_millis().max(1) as u64)
             .invoke_async(&mut conn)
             .await
             .map_err(redis_error)?;
-        Ok(taken == 1)
+        Ok((term > 0).then(|| LeaseTerm { holder: holder.to_string(), term }))
     }
 
-    async fn release_lease(&self, holder: &str) -> Result<(), BackendError> {
-        let mut conn = self.conn().await?;
+    async fn renew_lease(&self, lease: &LeaseTerm, _now: DateTime<Utc>, ttl: Duration) -> Result<bool, BackendError> {
+        let mut conn = self.liveness_conn().await?;
+        let renewed: i32 = self
+            .scripts
+            .renew_lease
+            .key(self.lease_key())
+            .arg(lease_value(lease))
+            .arg(ttl.as_millis().max(1) as u64)
+            .invoke_async(&mut conn)
+            .await
+            .map_err(redis_error)?;
+        Ok(renewed == 1)
+    }
+
+    async fn release_lease(&self, lease: &LeaseTerm) -> Result<(), BackendError> {
+        let mut conn = self.liveness_conn().await?;
         let _: i32 = self
             .scripts
             .release_lease
             .key(self.lease_key())
-            .arg(holder)
+            .arg(lease_value(lease))
             .invoke_async(&mut conn)
             .await
             .map_err(redis_error)?;
@@ -556,11 +576,12 @@ impl Store for RedisStore {
     }
 
     fn fenced(&self, fence: Fence) -> Option<Arc<dyn Store>> {
-        Some(Arc::new(RedisStore { fence: Some(fence), ..self.clone() }))
+        let fence_arg = lease_value(&fence.lease);
+        Some(Arc::new(RedisStore { fence: Some(fence), fence_arg, ..self.clone() }))
     }
 
     async fn now(&self) -> Result<Option<DateTime<Utc>>, BackendError> {
-        let mut conn = self.conn().await?;
+        let mut conn = self.liveness_conn().await?;
         let (seconds, micros): (i64, i64) = redis::cmd("TIME").query_async(&mut conn).await.map_err(redis_error)?;
         Ok(DateTime::<Utc>::from_timestamp_micros(seconds * 1_000_000 + micros))
     }

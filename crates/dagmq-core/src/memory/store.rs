@@ -13,7 +13,8 @@ use crate::BackendError;
 use crate::records::{DagRecord, RunRecord, TaskInstance, WorkerInfo};
 use crate::state::{RunState, TaskState};
 use crate::store::{
-    ClaimAnswer, Claimant, CreateRun, EagerClaim, Fence, FinishedTry, RunFilter, Store, TaskChange, append_capped,
+    ClaimAnswer, Claimant, CreateRun, EagerClaim, Fence, FinishedTry, LeaseTerm, RunFilter, Store, TaskChange,
+    append_capped,
 };
 
 /// An in-memory store.
@@ -41,8 +42,10 @@ struct Inner {
     keys: HashMap<(String, String), String>,
     /// Workers by name.
     workers: HashMap<String, WorkerInfo>,
-    /// The scheduler lease: holder and expiry.
-    lease: Option<(String, DateTime<Utc>)>,
+    /// The scheduler lease's term in force (if any), with its expiry.
+    lease: Option<(LeaseTerm, DateTime<Utc>)>,
+    /// The number of the last term granted: the next grant is numbered above it.
+    last_term: u64,
     /// Finished runs in the order they finished, with when, for retention.
     finished: std::collections::VecDeque<(DateTime<Utc>, String)>,
 }
@@ -112,12 +115,18 @@ impl MemoryStore {
         self.inner.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
-    /// The maps for a scheduler's write: refused unless this view's fence holds the lease,
-    /// checked under the same lock as the write.
+    /// The maps for a scheduler's write: refused unless this view's fence is the term in force
+    /// and that term has not expired (by the fence's clock, the one its holder renews by, as
+    /// Redis's key expiry refuses it by Redis's clock), checked under the same lock as the write.
     fn writable(&self, what: &str) -> Result<MutexGuard<'_, Inner>, BackendError> {
         let inner = self.inner();
         match &self.fence {
-            Some(fence) if inner.lease.as_ref().is_none_or(|(holder, _)| *holder != fence.holder) => {
+            Some(fence)
+                if !inner
+                    .lease
+                    .as_ref()
+                    .is_some_and(|(lease, expires)| *lease == fence.lease && *expires > fence.clock.now()) =>
+            {
                 Err(fence.refused(what))
             }
             _ => Ok(inner),
@@ -391,21 +400,40 @@ impl Store for MemoryStore {
         Ok(workers)
     }
 
-    async fn acquire_lease(&self, holder: &str, now: DateTime<Utc>, ttl: Duration) -> Result<bool, BackendError> {
+    async fn acquire_lease(
+        &self,
+        holder: &str,
+        now: DateTime<Utc>,
+        ttl: Duration,
+    ) -> Result<Option<LeaseTerm>, BackendError> {
         let mut inner = self.inner();
         let free = match &inner.lease {
-            Some((current, expires)) => current == holder || *expires <= now,
+            Some((current, expires)) => current.holder == holder || *expires <= now,
             None => true,
         };
-        if free {
-            inner.lease = Some((holder.to_string(), now + chrono::Duration::from_std(ttl).unwrap_or_default()));
+        if !free {
+            return Ok(None);
         }
-        Ok(free)
+        inner.last_term += 1;
+        let lease = LeaseTerm { holder: holder.to_string(), term: inner.last_term };
+        inner.lease = Some((lease.clone(), now + chrono::Duration::from_std(ttl).unwrap_or_default()));
+        Ok(Some(lease))
     }
 
-    async fn release_lease(&self, holder: &str) -> Result<(), BackendError> {
+    async fn renew_lease(&self, lease: &LeaseTerm, now: DateTime<Utc>, ttl: Duration) -> Result<bool, BackendError> {
         let mut inner = self.inner();
-        if inner.lease.as_ref().is_some_and(|(current, _)| current == holder) {
+        match &mut inner.lease {
+            Some((current, expires)) if current == lease && *expires > now => {
+                *expires = now + chrono::Duration::from_std(ttl).unwrap_or_default();
+                Ok(true)
+            }
+            _ => Ok(false),
+        }
+    }
+
+    async fn release_lease(&self, lease: &LeaseTerm) -> Result<(), BackendError> {
+        let mut inner = self.inner();
+        if inner.lease.as_ref().is_some_and(|(current, _)| current == lease) {
             inner.lease = None;
         }
         Ok(())

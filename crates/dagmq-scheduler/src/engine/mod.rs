@@ -147,7 +147,6 @@ pub fn spawn(
         republished: HashMap::new(),
         unlisted: HashMap::new(),
         lease_name: format!("scheduler-{}", uuid::Uuid::new_v4().simple()),
-        term: 1,
         config,
         queue,
         base_store: store.clone(),
@@ -224,7 +223,7 @@ struct Engine {
     /// The queue.
     queue: Arc<dyn Queue>,
     /// The store this scheduler writes to: while it holds the lease, a view whose writes are
-    /// refused once another scheduler holds it (see [`dagmq_core::store::Fence`]).
+    /// refused once its term has ended (see [`dagmq_core::store::Fence`]).
     store: Arc<dyn Store>,
     /// Running runs by id.
     active: HashMap<String, ActiveRun>,
@@ -262,11 +261,11 @@ struct Engine {
     /// Running tries a live worker's heartbeat did not list: when first seen so, and that
     /// heartbeat's stamp (a later heartbeat must miss it too).
     unlisted: HashMap<TryKey, (DateTime<Utc>, DateTime<Utc>)>,
-    /// This scheduler's name; the lease holder is this name and the term.
+    /// This scheduler's name as the lease's holder. The store numbers each term it grants,
+    /// and the term, not the name, fences the writes: a term that ended is never in force
+    /// again, so a scheduler that lost the lease writes again only in a new term, after
+    /// recovery.
     lease_name: String,
-    /// The term of leadership this scheduler is in or is trying for: a new one after every
-    /// loss of the lease, so writes of an earlier term are refused by the fence.
-    term: u64,
     /// The store as given; `store` is its fenced view while this scheduler holds the lease.
     base_store: Arc<dyn Store>,
     /// Fires when this scheduler loses the lease in its current term.
@@ -291,18 +290,18 @@ impl Engine {
     ) -> Result<(), BackendError> {
         loop {
             let mut announced = false;
-            loop {
+            let lease = loop {
                 match self
                     .base_store
-                    .acquire_lease(&self.holder(), self.config.clock.now(), self.config.lease_ttl)
+                    .acquire_lease(&self.lease_name, self.config.clock.now(), self.config.lease_ttl)
                     .await
                 {
-                    Ok(true) => break,
-                    Ok(false) if !announced => {
-                        tracing::info!(holder = %self.holder(), "another scheduler is active; standing by");
+                    Ok(Some(lease)) => break lease,
+                    Ok(None) if !announced => {
+                        tracing::info!(holder = %self.lease_name, "another scheduler is active; standing by");
                         announced = true;
                     }
-                    Ok(false) => {}
+                    Ok(None) => {}
                     Err(err) => tracing::error!("taking the scheduler lease: {err}"),
                 }
                 tokio::select! {
@@ -310,31 +309,34 @@ impl Engine {
                     Some(command) = commands.recv() => command.refuse(CommandError::Standby),
                     _ = tokio::time::sleep(Duration::from_secs(1)) => {}
                 }
-            }
-            tracing::info!(holder = %self.holder(), "holding the scheduler lease: active");
-            let lost = self.run(&mut commands, &shutdown).await?;
+            };
+            tracing::info!(holder = %lease.holder, term = lease.term, "holding the scheduler lease: active");
+            let lost = self.run(&lease, &mut commands, &shutdown).await?;
             self.store = self.base_store.clone();
             if !lost {
-                if let Err(err) = self.base_store.release_lease(&self.holder()).await {
+                if let Err(err) = self.base_store.release_lease(&lease).await {
                     tracing::warn!("releasing the scheduler lease: {err}");
                 }
                 return Ok(());
             }
-            tracing::warn!(holder = %self.holder(), "lost the scheduler lease: stepping down and standing by");
-            self.term += 1;
+            // The next term starts with recovery: the store is read again, whatever others
+            // changed while this scheduler did not hold the lease.
+            tracing::warn!(holder = %lease.holder, term = lease.term, "lost the scheduler lease: stepping down and standing by");
         }
     }
 
-    /// The loop, while this scheduler holds the lease. Answers `true` when the lease was lost,
+    /// The loop, while this scheduler holds `lease`. Answers `true` when the lease was lost,
     /// `false` on shutdown.
     ///
     /// The lease is renewed by a task of its own, every third of its time, so a long turn of
     /// the loop cannot let it lapse unnoticed. The loop ends at once when the renewal fails
-    /// for two thirds of the lease time, when another scheduler holds it, or when the store
-    /// refuses one of this scheduler's writes: every write carries the term's holder as a
-    /// fence, so a deposed scheduler (paused, partitioned, its clock stepped) changes nothing.
+    /// for two thirds of the lease time, when the term has ended (renewal extends only the term
+    /// in force), or when the store refuses one of this scheduler's writes: every write carries
+    /// the term as a fence, so a deposed scheduler (paused, partitioned, its clock stepped)
+    /// changes nothing.
     async fn run(
         &mut self,
+        lease: &dagmq_core::store::LeaseTerm,
         commands: &mut mpsc::Receiver<Command>,
         shutdown: &CancelSignal,
     ) -> Result<bool, BackendError> {
@@ -343,13 +345,17 @@ impl Engine {
         let _term = StopOnDrop(term_stop);
         let (deposed_handle, deposed) = CancelSignal::new();
         let deposed_handle = Arc::new(deposed_handle);
-        let fence = dagmq_core::store::Fence { holder: self.holder(), on_refused: deposed_handle.clone() };
+        let fence = dagmq_core::store::Fence {
+            lease: lease.clone(),
+            on_refused: deposed_handle.clone(),
+            clock: self.config.clock.clone(),
+        };
         self.store = self.base_store.fenced(fence).unwrap_or_else(|| self.base_store.clone());
         self.deposed = deposed.clone();
         tokio::spawn(renew_lease(
             self.base_store.clone(),
             self.config.clock.clone(),
-            self.holder(),
+            lease.clone(),
             self.config.lease_ttl,
             deposed_handle,
             term.clone(),
