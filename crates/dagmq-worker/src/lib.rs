@@ -37,7 +37,9 @@ pub struct WorkerConfig {
     pub queues: Vec<String>,
     /// Most tries running at once.
     pub concurrency: usize,
-    /// DAGs whose tasks this worker may run.
+    /// DAGs whose tasks this worker may run, when `live` is absent (the live set is then made
+    /// of these). A try never takes a setting from here: everything it applies (what runs, its
+    /// args, timeout, branch choices, eager claims) comes from its run's DAG version.
     pub dags: Arc<DagRegistry>,
     /// Named Rust tasks, for follow-up tasks.
     pub tasks: TaskRegistry,

@@ -141,7 +141,11 @@ pub(super) fn resolve(shared: &Shared, message: &TaskToExec, version: Option<&st
     let dag = dag_version(shared, &message.dag_id, version)?;
     if let Some(follow_up) = &message.follow_up {
         let task = shared.config.tasks.build(&follow_up.run, &follow_up.args)?;
-        return Ok(Resolved { executable: Executable::Rust(task, follow_up.args.clone()), branch: None });
+        return Ok(Resolved {
+            executable: Executable::Rust(task, follow_up.args.clone()),
+            branch: None,
+            timeout: None,
+        });
     }
     let Some(spec) = dag.task(&message.task_id) else {
         return Err(format!("dag {:?} has no task {:?}", message.dag_id, message.task_id));
@@ -151,7 +155,7 @@ pub(super) fn resolve(shared: &Shared, message: &TaskToExec, version: Option<&st
         TaskKind::Rust { task, .. } => Executable::Rust(task.clone(), spec.args.clone()),
     };
     let branch = spec.config.branch.then(|| dag.downstream_of(&spec.id).into_iter().map(str::to_string).collect());
-    Ok(Resolved { executable, branch })
+    Ok(Resolved { executable, branch, timeout: spec.config.timeout })
 }
 
 /// The definition of `dag_id` a run created with `version` completes with: that version, which

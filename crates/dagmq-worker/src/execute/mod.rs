@@ -42,6 +42,9 @@ struct Resolved {
     executable: Executable,
     /// For a branch task: the direct downstream tasks its output must choose among.
     branch: Option<Vec<String>>,
+    /// How long the try may run before it is stopped, as the run's DAG version says (a
+    /// follow-up has none).
+    timeout: Option<Duration>,
 }
 
 /// Handles one delivery; never fails: whatever goes wrong costs this message only.
