@@ -5,6 +5,7 @@
 
 mod api;
 mod control_flow;
+mod dag_versions;
 mod eager;
 mod faults;
 mod operations;

@@ -142,6 +142,30 @@ impl Harness {
         self.worker_stop = Some(stop);
     }
 
+    /// Starts another worker named `name` beside the harness's, over the same backends seen
+    /// through `faults`, with a live DAG set of its own (a process that reads its DAG directory
+    /// on its own) and `tweak` applied to its configuration. Answers how to stop it, its task
+    /// and its metrics.
+    pub fn extra_worker(
+        &self,
+        name: &str,
+        live: Arc<dagmq_core::LiveDags>,
+        faults: &ProcessFaults,
+        tweak: impl FnOnce(&mut WorkerConfig),
+    ) -> (CancelHandle, tokio::task::JoinHandle<Result<(), dagmq_core::BackendError>>, Arc<dagmq_worker::WorkerMetrics>)
+    {
+        let mut config = WorkerConfig::new(name, (*live.current()).clone(), self.clock.clone());
+        config.tasks = self.tasks.clone();
+        config.concurrency = 64;
+        config.live = Some(live);
+        config.eager = self.eager;
+        tweak(&mut config);
+        let metrics = config.metrics.clone();
+        let (stop, signal) = CancelSignal::new();
+        let (queue, store) = faults.wrap(&self.queue, &self.store);
+        (stop, tokio::spawn(dagmq_worker::run(config, queue, store, signal)), metrics)
+    }
+
     /// Stops the worker gracefully and waits for it.
     pub async fn stop_worker(&mut self) {
         if let Some(stop) = self.worker_stop.take() {

@@ -694,9 +694,19 @@ pub fn content_version(text: &str) -> String {
 /// The DAGs a process has loaded, replaced as a whole when its DAG files change (live reload),
 /// with every version it has loaded, so a run completes with the definition it was created
 /// with. Readers take a snapshot (`current`); a reload bumps `generation`.
+///
+/// Whoever keeps the set up to date (the binary's reloader) also answers requests to read the
+/// sources now ([`LiveDags::request_read`]): a worker handed a try of a version it has not
+/// loaded yet asks for one, and waits for the reads that follow ([`LiveDags::reads`]).
 #[derive(Default)]
 pub struct LiveDags {
     state: std::sync::RwLock<LiveState>,
+    /// Requests to read the sources now; one made while a read is under way is kept for the
+    /// next.
+    requests: tokio::sync::Notify,
+    /// Counts the reads of the sources (each replacement, and each read that found nothing
+    /// new), so that a waiter wakes up after each.
+    reads: tokio::sync::watch::Sender<u64>,
 }
 
 #[derive(Default)]
@@ -758,6 +768,32 @@ impl LiveDags {
         versions
     }
 
+    /// Asks whoever keeps this set up to date to read its sources now (a worker handed a try of a
+    /// version it has not loaded). Without a reloader, nobody answers, and the set changes only
+    /// when it is replaced.
+    pub fn request_read(&self) {
+        self.requests.notify_one();
+    }
+
+    /// Waits for a [`LiveDags::request_read`] (made before or during this wait), for the
+    /// reloader.
+    pub async fn read_requested(&self) {
+        self.requests.notified().await;
+    }
+
+    /// Tells the waiters that the sources were read and nothing changed (a replacement tells
+    /// them itself).
+    pub fn read_done(&self) {
+        self.reads.send_modify(|reads| *reads += 1);
+    }
+
+    /// A receiver that sees a change after every read of the sources: a replacement, or a read
+    /// that found nothing new. Take it before looking for a version, so that no read between
+    /// the look and the wait is missed.
+    pub fn reads(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.reads.subscribe()
+    }
+
     /// Puts a new set in place; earlier versions stay known.
     pub fn replace(
         &self,
@@ -773,6 +809,8 @@ impl LiveDags {
         state.refused = Arc::new(refused);
         state.default_params = Arc::new(default_params);
         state.generation += 1;
+        drop(state);
+        self.read_done();
     }
 }
 
@@ -848,6 +886,28 @@ mod tests {
             (Err(err), Err(message)) => assert_eq!(err.to_string(), message),
             (got, want) => panic!("got {got:?}, want {want:?}"),
         }
+    }
+
+    #[tokio::test]
+    async fn a_read_request_reaches_the_reloader_and_each_read_wakes_the_waiters() {
+        let registry = |version: &str| {
+            let mut dags = DagRegistry::new();
+            dags.add(Dag::builder("d").version(version).task(cmd("a")).build().unwrap()).unwrap();
+            dags
+        };
+        let live = LiveDags::new(registry("v1"), Vec::new(), HashMap::new());
+        // A request made before the reloader waits is kept for it.
+        live.request_read();
+        live.read_requested().await;
+        let mut reads = live.reads();
+        assert!(!reads.has_changed().unwrap());
+        live.read_done();
+        assert!(reads.has_changed().unwrap(), "a read that found nothing new wakes the waiters");
+        reads.borrow_and_update();
+        assert!(live.version("d", "v2").is_none());
+        live.replace(registry("v2"), Vec::new(), HashMap::new());
+        assert!(reads.has_changed().unwrap(), "a replacement wakes the waiters");
+        assert!(live.version("d", "v2").is_some() && live.version("d", "v1").is_some());
     }
 
     #[test]

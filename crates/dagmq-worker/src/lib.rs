@@ -37,7 +37,9 @@ pub struct WorkerConfig {
     pub queues: Vec<String>,
     /// Most tries running at once.
     pub concurrency: usize,
-    /// DAGs whose tasks this worker may run.
+    /// DAGs whose tasks this worker may run, when `live` is absent (the live set is then made
+    /// of these). A try never takes a setting from here: everything it applies (what runs, its
+    /// args, timeout, branch choices, eager claims) comes from its run's DAG version.
     pub dags: Arc<DagRegistry>,
     /// Named Rust tasks, for follow-up tasks.
     pub tasks: TaskRegistry,
@@ -69,6 +71,13 @@ pub struct WorkerConfig {
     /// in that try's slot, each other in a free slot of the worker, in a task of its own. Over an
     /// in-memory queue, where a round through the scheduler costs microseconds, 1 is faster.
     pub eager_claims: usize,
+    /// How long a try of a DAG version this worker has not loaded may wait, since it was queued,
+    /// for a worker that has loaded it, before a worker that has not fails it. Meanwhile such a
+    /// try is never claimed here: the worker asks its reloader to read the DAG directory now,
+    /// waits a few seconds for the version, and otherwise puts the message back for another
+    /// worker (or for itself, later), so a run triggered right after a file changed waits for
+    /// its workers to load it and uses up no try.
+    pub dag_version_wait: Duration,
     /// Send status updates together (one confirmed message for every outcome that finished
     /// while the previous one was confirmed). Off, each goes alone, as over an in-memory queue,
     /// where a publish costs no round trip to save.
@@ -78,6 +87,11 @@ pub struct WorkerConfig {
 /// The default [`WorkerConfig::prefetch`]: enough to keep claims pipelined, few enough that a
 /// busy worker does not hoard work.
 pub const DEFAULT_PREFETCH: u16 = 64;
+
+/// The default [`WorkerConfig::dag_version_wait`]: far longer than a DAG directory takes to be
+/// read again everywhere (every 2 s), long enough for a file copied to the workers' hosts a
+/// little later than to the scheduler's.
+pub const DEFAULT_DAG_VERSION_WAIT: Duration = Duration::from_secs(300);
 
 impl WorkerConfig {
     /// Defaults: pool `default`, 1000 tries at once, builtin tasks, 30 s grace, 5 s heartbeat.
@@ -98,6 +112,7 @@ impl WorkerConfig {
             live: None,
             eager: true,
             eager_claims: 8,
+            dag_version_wait: DEFAULT_DAG_VERSION_WAIT,
             batch_status: true,
         }
     }

@@ -15,6 +15,9 @@ pub struct WorkerMetrics {
     /// Downstream tries this worker claimed as it recorded their upstream's success (eager
     /// dispatch), without a task message.
     pub eager: Family,
+    /// Task messages put back for another worker, unclaimed, because this worker has not
+    /// loaded their run's DAG version (yet).
+    pub version_not_loaded: Family,
 }
 
 impl Default for WorkerMetrics {
@@ -37,6 +40,11 @@ impl Default for WorkerMetrics {
                 "Downstream tries claimed as their upstream's success was recorded, without a task message.",
                 &[],
             ),
+            version_not_loaded: Family::counter(
+                "dagmq_worker_version_not_loaded_total",
+                "Task messages put back unclaimed: this worker has not loaded their run's DAG version (yet).",
+                &[],
+            ),
         }
     }
 }
@@ -44,6 +52,13 @@ impl Default for WorkerMetrics {
 impl WorkerMetrics {
     /// The text format of every family.
     pub fn render(&self) -> String {
-        dagmq_core::metrics::render([&self.tries, &self.dead_lettered, &self.running, &self.duplicates, &self.eager])
+        dagmq_core::metrics::render([
+            &self.tries,
+            &self.dead_lettered,
+            &self.running,
+            &self.duplicates,
+            &self.eager,
+            &self.version_not_loaded,
+        ])
     }
 }

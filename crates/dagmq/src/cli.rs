@@ -102,6 +102,11 @@ pub struct ServeArgs {
     /// The scheduler treats a worker silent this long as lost and requeues its tries (default 20s).
     #[arg(long, value_name = "DURATION")]
     pub worker_timeout: Option<String>,
+    /// How long a try of a DAG version this worker has not loaded may wait, since it was queued,
+    /// for a worker that has loaded it before it fails (default 5m). Meanwhile the worker reads
+    /// its DAG directory again at once and leaves the try, unclaimed, to other workers.
+    #[arg(long, value_name = "DURATION")]
+    pub dag_version_wait: Option<String>,
     /// Serve the worker's own metrics on this port (127.0.0.1, or --bind).
     #[arg(long, value_name = "PORT")]
     pub metrics_port: Option<u16>,

@@ -137,32 +137,53 @@ impl Reloader {
         if parts.is_empty() { "no dag changed".to_string() } else { parts.join(", ") }
     }
 
-    /// Reloads every [`POLL`] and on SIGHUP until `stop` fires, calling `changed` after each
-    /// reload that replaced the set.
+    /// Reloads every [`POLL`], on SIGHUP and at once when the process asks
+    /// ([`LiveDags::request_read`]: a worker handed a try of a version it has not loaded yet)
+    /// until `stop` fires, calling `changed` after each reload that replaced the set. Every read
+    /// wakes whoever waits for one ([`LiveDags::reads`]), whether it changed anything or not.
     pub(crate) async fn watch<F, Fut>(mut self, stop: dagmq_core::CancelSignal, changed: F)
     where
         F: Fn() -> Fut,
         Fut: std::future::Future<Output = ()>,
     {
         let mut hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
+        let live = self.live.clone();
         loop {
-            let signalled = tokio::select! {
+            let why = tokio::select! {
                 _ = stop.cancelled() => return,
-                _ = tokio::time::sleep(POLL) => false,
-                Some(()) = async { match hangup.as_mut() { Some(h) => h.recv().await, None => std::future::pending().await } } => true,
+                _ = tokio::time::sleep(POLL) => Why::Poll,
+                _ = live.read_requested() => Why::Asked,
+                Some(()) = async { match hangup.as_mut() { Some(h) => h.recv().await, None => std::future::pending().await } } => Why::Hangup,
             };
-            if signalled {
-                tracing::info!("SIGHUP: reloading the dags");
-                self.seen.clear();
+            match why {
+                Why::Hangup => {
+                    tracing::info!("SIGHUP: reloading the dags");
+                    self.seen.clear();
+                }
+                Why::Asked => tracing::debug!("reading the dags directory now, as a try of an unknown version asks"),
+                Why::Poll => {}
             }
             match self.reload() {
                 Ok(Some(summary)) => {
                     tracing::info!(dags = self.live.current().len(), "dags reloaded: {summary}");
                     changed().await;
                 }
-                Ok(None) => {}
-                Err(err) => tracing::error!("reloading the dags: {err:#}"),
+                Ok(None) => live.read_done(),
+                Err(err) => {
+                    tracing::error!("reloading the dags: {err:#}");
+                    live.read_done();
+                }
             }
         }
     }
+}
+
+/// Why the directory is read again.
+enum Why {
+    /// Its turn came ([`POLL`]).
+    Poll,
+    /// The process asked ([`LiveDags::request_read`]).
+    Asked,
+    /// SIGHUP: read every file again, changed or not.
+    Hangup,
 }

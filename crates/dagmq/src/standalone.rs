@@ -68,6 +68,13 @@ pub(crate) async fn serve(app: &App, args: &ServeArgs, file: &ConfigFile, role: 
         ),
         None => None,
     };
+    let dag_version_wait = match &args.dag_version_wait {
+        Some(text) => Some(
+            dagmq_core::duration::parse_duration(text)
+                .map_err(|e| CliError::usage(format!("--dag-version-wait: {e}")))?,
+        ),
+        None => None,
+    };
     let token = crate::secrets::env_secret("DAGMQ_API_TOKEN").map_err(CliError::usage)?;
     let metrics_token = crate::secrets::env_secret("DAGMQ_METRICS_TOKEN").map_err(CliError::usage)?;
     let amqp_url = crate::secrets::url_or_file(args.amqp.as_deref(), args.amqp_file.as_deref(), "--amqp-file")
@@ -198,6 +205,9 @@ pub(crate) async fn serve(app: &App, args: &ServeArgs, file: &ConfigFile, role: 
         }
         if let Some(timeout) = worker_timeout {
             config.worker_timeout = timeout;
+        }
+        if let Some(wait) = dag_version_wait {
+            config.dag_version_wait = wait;
         }
         if !args.queues.is_empty() {
             config.queues = args.queues.clone();

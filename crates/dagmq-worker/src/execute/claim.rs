@@ -6,12 +6,13 @@ use std::sync::Arc;
 
 use dagmq_core::messages::TaskToExec;
 use dagmq_core::store::Claimant;
-use dagmq_core::{BackendError, TaskInstance, TaskKind, TaskState};
+use dagmq_core::{BackendError, CancelSignal, TaskInstance, TaskKind, TaskState};
 
 use crate::Shared;
 
 use super::eager::eager_candidates;
 use super::outcome::publish_status;
+use super::version::{Waited, wait_for_version};
 use super::{Executable, Resolved};
 
 /// What to do with the delivery.
@@ -20,6 +21,9 @@ pub(super) enum Settle {
     Ack,
     /// Cannot ever be processed.
     DeadLetter(String),
+    /// Not for this worker now (it has not loaded the run's DAG version, as the text says):
+    /// back to the queue, unclaimed, for another worker or for this one later.
+    PutBack(String),
 }
 
 /// The outcome of trying to claim a message's try.
@@ -33,10 +37,29 @@ pub(super) enum Claim {
 
 /// Claims the try (`queued` -> `running`, `Store::claim_try`, which also reads the downstream
 /// tasks it may claim eagerly); a message whose try is not `queued` (nor ours from a claim whose
-/// answer was lost) is a duplicate or stale and runs nothing.
-pub(super) async fn claim(shared: &Shared, message: &TaskToExec) -> Result<Claim, BackendError> {
+/// answer was lost) is a duplicate or stale and runs nothing. A try of a DAG version this worker
+/// has not loaded is not claimed until the worker has loaded it (`version`); `signal` stops that
+/// wait.
+pub(super) async fn claim(shared: &Shared, message: &TaskToExec, signal: &CancelSignal) -> Result<Claim, BackendError> {
     let store = &shared.store;
     let run = run_record(shared, &message.run_id).await?;
+    let mut gave_up = None;
+    if let Some(run) = &run
+        && dag_version(shared, &run.dag_id, run.dag_version.as_deref()).is_err()
+    {
+        match wait_for_version(shared, message, run, signal).await? {
+            Waited::Loaded => {}
+            Waited::Stale => {
+                shared.config.metrics.duplicates.inc(&[]);
+                return Ok(Claim::Settle(Settle::Ack));
+            }
+            Waited::PutBack => {
+                let why = dag_version(shared, &run.dag_id, run.dag_version.as_deref()).err().unwrap_or_default();
+                return Ok(Claim::Settle(Settle::PutBack(why)));
+            }
+            Waited::GiveUp(waited) => gave_up = Some(waited),
+        }
+    }
     // The downstream tasks this try may claim as it succeeds are read with the claim, in one
     // round trip.
     let dag = run.as_ref().and_then(|run| dag_version(shared, &run.dag_id, run.dag_version.as_deref()).ok());
@@ -89,6 +112,13 @@ pub(super) async fn claim(shared: &Shared, message: &TaskToExec) -> Result<Claim
     match resolve(shared, message, run.dag_version.as_deref()) {
         Ok(resolved) => Ok(Claim::Run(Box::new(current), resolved, Box::new(message.clone()), eager)),
         Err(reason) => {
+            let reason = match gave_up {
+                Some(waited) => format!(
+                    "{reason}; no worker that has loaded it took the try within {} of its queueing",
+                    dagmq_core::duration::format_duration(waited.to_std().unwrap_or_default())
+                ),
+                None => reason,
+            };
             // The run must not hang on a task no worker can run: fail the try, then set the
             // message aside.
             fail_claimed(shared, &message.run_id, &current, reason.clone()).await?;
@@ -141,7 +171,11 @@ pub(super) fn resolve(shared: &Shared, message: &TaskToExec, version: Option<&st
     let dag = dag_version(shared, &message.dag_id, version)?;
     if let Some(follow_up) = &message.follow_up {
         let task = shared.config.tasks.build(&follow_up.run, &follow_up.args)?;
-        return Ok(Resolved { executable: Executable::Rust(task, follow_up.args.clone()), branch: None });
+        return Ok(Resolved {
+            executable: Executable::Rust(task, follow_up.args.clone()),
+            branch: None,
+            timeout: None,
+        });
     }
     let Some(spec) = dag.task(&message.task_id) else {
         return Err(format!("dag {:?} has no task {:?}", message.dag_id, message.task_id));
@@ -151,7 +185,7 @@ pub(super) fn resolve(shared: &Shared, message: &TaskToExec, version: Option<&st
         TaskKind::Rust { task, .. } => Executable::Rust(task.clone(), spec.args.clone()),
     };
     let branch = spec.config.branch.then(|| dag.downstream_of(&spec.id).into_iter().map(str::to_string).collect());
-    Ok(Resolved { executable, branch })
+    Ok(Resolved { executable, branch, timeout: spec.config.timeout })
 }
 
 /// The definition of `dag_id` a run created with `version` completes with: that version, which

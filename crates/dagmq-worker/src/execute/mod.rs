@@ -4,14 +4,15 @@
 //!
 //! The delivery itself is here; the rest lives in a file per step: `running` (the tries running
 //! here and stopping them), `claim` (the claim and resolving what runs), `run_try` (running a try
-//! to its end), `outcome` (writing and publishing its outcome) and `eager` (the downstream tries a
-//! success claims and runs at once).
+//! to its end), `outcome` (writing and publishing its outcome), `eager` (the downstream tries a
+//! success claims and runs at once) and `version` (a try of a DAG version not loaded here yet).
 
 mod claim;
 mod eager;
 mod outcome;
 mod run_try;
 mod running;
+mod version;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
@@ -42,6 +43,9 @@ struct Resolved {
     executable: Executable,
     /// For a branch task: the direct downstream tasks its output must choose among.
     branch: Option<Vec<String>>,
+    /// How long the try may run before it is stopped, as the run's DAG version says (a
+    /// follow-up has none).
+    timeout: Option<Duration>,
 }
 
 /// Handles one delivery; never fails: whatever goes wrong costs this message only.
@@ -70,7 +74,7 @@ pub(crate) async fn execute(shared: &Arc<Shared>, delivery: Delivery) {
     // counts against the broker's delivery limit): keep it and try again with backoff.
     let mut delay = Duration::from_millis(100);
     let claimed_try = loop {
-        match claim(shared, &message).await {
+        match claim(shared, &message, &signal).await {
             Ok(claim) => break claim,
             Err(err) => {
                 if signal.is_cancelled() {
@@ -91,6 +95,16 @@ pub(crate) async fn execute(shared: &Arc<Shared>, delivery: Delivery) {
         Claim::Settle(Settle::Ack) => {
             lock(&shared.running).remove(&key);
             settle(delivery.ack().await)
+        }
+        Claim::Settle(Settle::PutBack(why)) => {
+            lock(&shared.running).remove(&key);
+            shared.config.metrics.version_not_loaded.inc(&[]);
+            tracing::warn!(
+                run = %message.run_id, task = %message.task_id, try_number = message.try_number,
+                "{why} (its dag directory was read again): leaving the try, unclaimed, to another worker"
+            );
+            fail_point!("worker::version::before_put_back");
+            settle(delivery.requeue().await)
         }
         Claim::Settle(Settle::DeadLetter(reason)) => {
             lock(&shared.running).remove(&key);

@@ -27,8 +27,8 @@ pub(super) async fn finish(shared: &Shared, claimed: ClaimedTry) -> Option<Next>
     // The try starts now (the claim's time is when it was claimed); the outcome records this.
     running.started_at = Some(shared.config.clock.now());
     shared.config.metrics.running.add(&[], 1.0);
-    let Resolved { executable, branch } = resolved;
-    let (result, reason) = run_try(shared, message, running.after.clone(), executable, signal, reason).await;
+    let Resolved { executable, branch, timeout } = resolved;
+    let (result, reason) = run_try(shared, message, running.after.clone(), executable, timeout, signal, reason).await;
     // An output over the limit fails the try like any failure (and is retried while tries
     // are left); every output, a command's or a Rust task's, is measured here once.
     let result = result.and_then(|outcome| match outcome.output.as_ref().map(dagmq_core::task::check_output) {

@@ -73,12 +73,14 @@ impl dagmq_core::task::OutputSource for StoreOutputs {
 }
 
 /// Runs one try to its end: success, failure, panic, timeout or stop. Answers the result and
-/// why it was stopped, if it was.
+/// why it was stopped, if it was. `timeout` is the task's, from the run's DAG version (never
+/// from whatever this worker loaded at start).
 pub(super) async fn run_try(
     shared: &Shared,
     message: &TaskToExec,
     upstream: Arc<[String]>,
     executable: Executable,
+    timeout: Option<Duration>,
     signal: CancelSignal,
     reason: Arc<AtomicU8>,
 ) -> (Result<TaskOutcome, TaskError>, StopReason) {
@@ -92,13 +94,6 @@ pub(super) async fn run_try(
         dagmq_core::task::secret_values(&message.params),
     );
     let try_itself = async {
-        let timeout = shared
-            .config
-            .dags
-            .get(&message.dag_id)
-            .and_then(|dag| dag.task(&message.task_id))
-            .and_then(|spec| spec.config.timeout)
-            .filter(|_| message.follow_up.is_none());
         let (args, logical_date) = (
             match &executable {
                 Executable::Rust(_, args) => args.clone(),

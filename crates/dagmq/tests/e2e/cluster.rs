@@ -196,10 +196,15 @@ impl Cluster {
     }
 
     fn spawn(&self, role: &str, name: &str, extra: &[String]) -> Child {
+        self.spawn_reading(role, name, extra, &self.dags)
+    }
+
+    /// Spawns a process that reads the DAG files of `dags`.
+    fn spawn_reading(&self, role: &str, name: &str, extra: &[String], dags: &std::path::Path) -> Child {
         let log =
             std::fs::OpenOptions::new().create(true).append(true).open(self.logs.join(format!("{name}.log"))).unwrap();
         let mut command = dagmq();
-        command.arg(role).arg("--dags").arg(&self.dags);
+        command.arg(role).arg("--dags").arg(dags);
         match &self.secret_files {
             Some(dir) => {
                 command
@@ -251,6 +256,16 @@ impl Cluster {
         }
         extra.extend(flags.iter().map(|f| f.to_string()));
         let child = self.spawn("worker", name, &extra);
+        self.env.clear();
+        self.workers.insert(name.to_string(), child);
+    }
+
+    /// Starts a worker named `name` that reads the DAG files of `dags`, a directory of its own
+    /// (a host whose copy of the files is updated later than the scheduler's), with extra flags.
+    pub fn start_worker_reading(&mut self, name: &str, dags: &std::path::Path, flags: &[&str]) {
+        let mut extra = vec!["--name".to_string(), name.to_string()];
+        extra.extend(flags.iter().map(|f| f.to_string()));
+        let child = self.spawn_reading("worker", name, &extra, dags);
         self.env.clear();
         self.workers.insert(name.to_string(), child);
     }

@@ -131,25 +131,104 @@ fn workers_reload_too_and_never_run_a_version_they_have_not_loaded() {
     let first = cluster.trigger("live");
     cluster.wait_task_state(&first, "gate", "running");
 
-    // The file changes under the scheduler and w1; w2 starts after and only knows v2.
+    // The file changes under the scheduler and w1; w2 starts after and only knows v2. It leaves
+    // the tries of v1 to other workers, unclaimed, for `--dag-version-wait`; its first put-back
+    // crashes it here (the fail point), and the message goes back to the queue with it.
     std::fs::write(cluster.dags_path().join("live.toml"), live_dag(&scratch, "v2")).unwrap();
     wait(Duration::from_secs(10), "the scheduler reloaded", || {
         dag(&cluster.json(&["dags", "list"]), "live").is_some_and(|d| d["version"] != v1.as_str())
     });
-    cluster.start_worker("w2");
+    cluster.next_env(&[("FAILPOINTS", "worker::version::before_put_back=panic")]);
+    cluster.start_worker_with("w2", &["--dag-version-wait", "20s"]);
     cluster.wait_for_workers(2);
     let pid = cluster.worker_pid("w1").unwrap().to_string();
     assert!(std::process::Command::new("kill").args(["-TERM", &pid]).status().unwrap().success());
     std::fs::write(scratch.join("go"), "").unwrap();
-    let run = cluster.wait_run(&first, Duration::from_secs(60));
-    // w1 finished its try of `gate` while stopping; `say` went to w2, which refused to run
-    // another definition.
-    let say = run["tasks"].as_array().unwrap().iter().find(|t| t["task_id"] == "say").unwrap().clone();
+    wait(Duration::from_secs(60), "w2 crashed at its first put-back", || cluster.worker_exited("w2"));
+    assert!(cluster.logs_text().contains("leaving the try, unclaimed, to another worker"), "{}", cluster.logs_text());
+    let say = |run: &Value| run["tasks"].as_array().unwrap().iter().find(|t| t["task_id"] == "say").unwrap().clone();
+    let waiting = say(&cluster.json(&["runs", "show", &first]));
+    assert_eq!((&waiting["state"], &waiting["try_number"]), (&Value::from("queued"), &Value::from(1)), "{waiting}");
+    cluster.start_worker_with("w2", &["--dag-version-wait", "20s"]);
+    let run = cluster.wait_run(&first, Duration::from_secs(90));
+    // w1 finished its try of `gate` while stopping; `say` went to w2, which never runs another
+    // definition: it failed the try once it had waited the version wait, its one and only try.
+    let say = say(&run);
     assert_eq!((&run["state"], &say["state"]), (&Value::from("failed"), &Value::from("failed")), "{run}");
+    assert_eq!(say["try_number"], 1, "{say}");
     let error = say["error"].as_str().unwrap();
     assert!(error.contains(&format!("has not loaded version {v1} of dag \"live\"")), "{error}");
+    assert!(error.contains("no worker that has loaded it took the try within"), "{error}");
     // A new run uses v2 on w2.
     let output = cluster.cli(&["trigger", "live", "--wait", "--json"]);
     assert!(output.status.success(), "{}", text(&output.stderr));
     let _ = std::fs::remove_dir_all(&scratch);
+}
+
+/// A DAG `quick` whose task `say` prints `word`.
+fn quick_dag(word: &str) -> String {
+    format!("id = \"quick\"\n[[task]]\nid = \"say\"\ncommand = [\"echo\", \"{word}\"]\n")
+}
+
+/// Writes `quick` saying `word` into `dir`, waits until the scheduler has loaded it and answers
+/// its version.
+fn change_quick(cluster: &Cluster, dir: &Path, word: &str) -> String {
+    std::fs::write(dir.join("quick.toml"), quick_dag(word)).unwrap();
+    let version = dagmq_core::dag::content_version(&quick_dag(word));
+    wait(Duration::from_secs(10), "the scheduler reloaded", || {
+        dag(&cluster.json(&["dags", "list"]), "quick").is_some_and(|d| d["version"] == version.as_str())
+    });
+    version
+}
+
+/// Issue 22, race 7, with the real binaries: a run triggered right after a DAG file changed
+/// (as soon as the scheduler has loaded it) runs the new version on a worker that reads the same
+/// directory on its own, every 2 s: behind the scheduler about half the time, it reads the
+/// directory at once rather than failing the run.
+#[test]
+fn a_run_triggered_right_after_a_dag_file_changed_runs_the_new_version() {
+    let Some(mut cluster) = Cluster::new(&[("quick.toml", &quick_dag("w0"))]) else { return };
+    cluster.start_scheduler();
+    cluster.start_worker("w1");
+    cluster.wait_for_workers(1);
+    let dir = cluster.dags_path().to_path_buf();
+    for n in 1..=4 {
+        let word = format!("w{n}");
+        let version = change_quick(&cluster, &dir, &word);
+        let run = cluster.json(&["trigger", "quick", "--wait"]);
+        let run_id = run["run_id"].as_str().unwrap();
+        assert_eq!((&run["state"], &run["dag_version"]), (&Value::from("success"), &Value::from(version)), "{run}");
+        let say = &cluster.json(&["runs", "show", run_id])["tasks"][0];
+        assert_eq!(say["try_number"], 1, "{say}");
+        assert_eq!(text(&cluster.cli(&["logs", run_id, "say"]).stdout), format!("{word}\n"));
+    }
+}
+
+/// A worker whose copy of the DAG files is updated later than the scheduler's (a directory of
+/// its own here) leaves a try of the new version, unclaimed, until it has the file, and then runs
+/// it as its first try.
+#[test]
+fn a_worker_whose_dag_files_lag_runs_the_new_version_once_it_has_it() {
+    let Some(mut cluster) = Cluster::new(&[("quick.toml", &quick_dag("old"))]) else { return };
+    let worker_dags = cluster.dags_path().with_file_name("worker-dags");
+    std::fs::create_dir_all(&worker_dags).unwrap();
+    std::fs::write(worker_dags.join("quick.toml"), quick_dag("old")).unwrap();
+    cluster.start_scheduler();
+    cluster.start_worker_reading("w1", &worker_dags, &[]);
+    cluster.wait_for_workers(1);
+
+    let dir = cluster.dags_path().to_path_buf();
+    let version = change_quick(&cluster, &dir, "new");
+    let run_id = cluster.trigger("quick");
+    wait(Duration::from_secs(30), "w1 left the try to other workers", || {
+        cluster.logs_text().contains("leaving the try, unclaimed, to another worker")
+    });
+    let say = &cluster.json(&["runs", "show", &run_id])["tasks"][0];
+    assert_eq!((&say["state"], &say["try_number"]), (&Value::from("queued"), &Value::from(1)), "{say}");
+    // The file reaches the worker's host.
+    std::fs::write(worker_dags.join("quick.toml"), quick_dag("new")).unwrap();
+    let run = cluster.wait_run(&run_id, Duration::from_secs(60));
+    assert_eq!((&run["state"], &run["dag_version"]), (&Value::from("success"), &Value::from(version)), "{run}");
+    assert_eq!(run["tasks"][0]["try_number"], 1, "{run}");
+    assert_eq!(text(&cluster.cli(&["logs", &run_id, "say"]).stdout), "new\n");
 }
