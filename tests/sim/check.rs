@@ -6,9 +6,9 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::Mutex;
 
+use chrono::{DateTime, Utc};
 use dagmq_core::memory::MemoryStore;
 use dagmq_core::store::RunFilter;
-use chrono::{DateTime, Utc};
 use dagmq_core::{RunKind, RunRecord, RunState, Store, TaskInstance, TaskState, TriggerRule};
 
 use crate::workload::{DagPlan, Event, History};
