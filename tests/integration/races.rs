@@ -77,6 +77,7 @@ struct Step {
     follow_ups: Vec<FollowUp>,
     running: Option<Arc<Concurrency>>,
     tries: AtomicU32,
+    first_work: Option<Duration>,
 }
 
 impl Step {
@@ -91,6 +92,7 @@ impl Step {
             follow_ups: Vec::new(),
             running: None,
             tries: AtomicU32::new(0),
+            first_work: None,
         }
     }
 
@@ -111,6 +113,12 @@ impl Step {
 
     fn follow_ups(mut self, follow_ups: Vec<FollowUp>) -> Step {
         self.follow_ups = follow_ups;
+        self
+    }
+
+    /// The first try of the task (of whichever run) works `work` instead.
+    fn slow_first(mut self, work: Duration) -> Step {
+        self.first_work = Some(work);
         self
     }
 
@@ -141,7 +149,7 @@ impl Task for Step {
                     tokio::time::sleep(Duration::from_millis(10)).await;
                 }
             }
-            tokio::time::sleep(self.work).await;
+            tokio::time::sleep(if n == 1 { self.first_work.unwrap_or(self.work) } else { self.work }).await;
         };
         tokio::select! {
             _ = work => {}
@@ -902,6 +910,54 @@ async fn runs_of_an_older_dag_version_keep_its_limits_after_a_scheduler_restart(
         most <= 1,
         "{most} tasks of the run (version v1, max_active_tasks = 1) ran at once after the scheduler restarted: it \
          was scheduled with the current file's settings (v2, no limit); journal {:?}",
+        journal.entries()
+    );
+    h.stop().await;
+}
+
+/// Recovery loads one view at a time. Window: pool `one` has one slot; run A (older) has a task
+/// waiting for it, which a task of run B (newer) holds, when the scheduler restarts.
+/// `Engine::recover` activated the unfinished runs oldest first and settled each at once: A's
+/// waiting task was queued before B's view (and its running task's claim on the pool) was
+/// loaded, so both ran at once. Every view must be loaded before anything is queued.
+#[tokio::test(start_paused = true)]
+async fn a_scheduler_restart_loads_every_run_before_it_queues_a_task() {
+    let journal = Journal::default();
+    let clock = clock();
+    let running = Arc::new(Concurrency::default());
+    // `w`'s first try (the older run's) is slow, so the newer run reaches the pool first.
+    let w = Step::new(&journal, &clock).slow_first(Duration::from_secs(20));
+    let q = Step::new(&journal, &clock).counted(&running, Duration::from_secs(60));
+    let dags = registry(vec![
+        Dag::builder("pooled")
+            .task(TaskSpec::rust("w", w))
+            .task(TaskSpec::rust("q", q).after(["w"]).pool("one", 1))
+            .build()
+            .unwrap(),
+    ]);
+    let pools: dagmq_core::Pools = [("one".to_string(), 1)].into();
+    let mut h = Harness::start_with_pools(dags, dagmq_worker::builtin_tasks(), pools).await;
+    let older = h.trigger("pooled").await;
+    h.wait_task(&older, "w", |t| t.state == TaskState::Running).await;
+    let newer = h.trigger("pooled").await;
+    h.wait_task(&newer, "q", |t| t.state == TaskState::Running).await;
+    h.wait_task(&older, "w", |t| t.state == TaskState::Success).await;
+    // The older run's `q` is ready and waits for the pool's one slot.
+    assert!(
+        holds_for(Duration::from_secs(1), async || h.tasks(&older).await["q"].state == TaskState::Pending).await,
+        "{:?}",
+        summary(&h, &older).await
+    );
+    h.restart_scheduler().await;
+
+    for run in [&older, &newer] {
+        assert_eq!(final_within(&h, run, Duration::from_secs(600)).await, RunState::Success);
+    }
+    let most = running.max.load(Ordering::SeqCst);
+    assert!(
+        most <= 1,
+        "{most} tasks of pool `one` (1 slot) ran at once after the scheduler restarted: the older run's waiting \
+         task was queued before the newer run's running task was loaded; journal {:?}",
         journal.entries()
     );
     h.stop().await;

@@ -31,6 +31,7 @@ impl Engine {
         for dag in &dags {
             self.dag_record(dag).await?;
         }
+        let mut taken = Vec::new();
         for record in self.store.unfinished_runs().await? {
             if self.dag_of(&record).is_none() {
                 tracing::warn!(run = %record.run_id, dag = %record.dag_id, "run of an unknown dag left as it is");
@@ -38,9 +39,10 @@ impl Engine {
             }
             match record.state {
                 RunState::Queued => self.queued.entry(record.dag_id.clone()).or_default().push_back(record.run_id),
-                _ => self.activate(record, true).await?,
+                _ => taken.push(record),
             }
         }
+        self.take_up(taken).await?;
         self.dirty.extend(dags.iter().map(|d| d.id.clone()));
         self.watch_at = Some(self.now_cache);
         Ok(())
@@ -87,9 +89,43 @@ impl Engine {
         self.advance(run, (0..run.tasks.len()).collect()).await
     }
 
-    /// Starts a queued run (or takes over a running one on recovery) and loads its view.
-    pub(super) async fn activate(&mut self, mut record: RunRecord, recovering: bool) -> Result<(), BackendError> {
-        let Some(dag) = self.dag_of(&record) else { return Ok(()) };
+    /// Starts a queued run (or takes up a running one the view lacks) and loads its view.
+    pub(super) async fn activate(&mut self, record: RunRecord, recovering: bool) -> Result<(), BackendError> {
+        let Some(mut run) = self.load(record, recovering).await? else { return Ok(()) };
+        let result = self.settle(&mut run, recovering).await;
+        self.put_back(run).await?;
+        result
+    }
+
+    /// Takes up running and suspended runs the view lacks: loads every one of them first and
+    /// settles them after. A view counts its queued and running tasks against the concurrency
+    /// limits, so settling one run before the others are loaded would queue tasks past a limit
+    /// that the others' tasks already fill.
+    async fn take_up(&mut self, records: Vec<RunRecord>) -> Result<(), BackendError> {
+        let mut loaded = Vec::with_capacity(records.len());
+        for record in records {
+            if let Some(run) = self.load(record, true).await? {
+                loaded.push(run.id().to_string());
+                // Loaded, not yet settled: should loading another fail, the sweep settles it.
+                self.active.insert(run.id().to_string(), run);
+            }
+        }
+        for run_id in loaded {
+            let Some(mut run) = self.active.remove(&run_id) else { continue };
+            let result = self.settle(&mut run, true).await;
+            self.put_back(run).await?;
+            result?;
+        }
+        Ok(())
+    }
+
+    /// Loads a run's view: starts the run if it is queued, reads its tasks (unless it was
+    /// created in this turn), counts it as running and times its timeout. `None` when the run
+    /// does not start (another scheduler started it meanwhile) or its DAG is unknown.
+    async fn load(&mut self, mut record: RunRecord, recovering: bool) -> Result<Option<ActiveRun>, BackendError> {
+        let Some(dag) = self.dag_of(&record) else { return Ok(None) };
+        // A run found started already is read from the store, whatever was cached at creation.
+        let mut read_tasks = recovering;
         if record.state == RunState::Queued {
             let mut started = record.clone();
             started.state = RunState::Running;
@@ -104,25 +140,23 @@ impl Engine {
                         if current.state == RunState::Running && !self.active.contains_key(&current.run_id) =>
                     {
                         record = current;
+                        read_tasks = true;
                     }
-                    _ => return Ok(()),
+                    _ => return Ok(None),
                 }
             }
             tracing::info!(dag = %record.dag_id, run = %record.run_id, "run started");
         }
+        let tasks = match self.created.remove(&record.run_id) {
+            Some((_, tasks)) if !read_tasks => tasks,
+            _ => self.store.tasks(&record.run_id).await?,
+        };
         if let (Some(timeout), Some(started_at)) = (dag.run_timeout, record.started_at) {
             let at = started_at + chrono::Duration::from_std(timeout).unwrap_or_default();
             self.add_timer(at, TimerKind::RunTimeout { run_id: record.run_id.clone() });
         }
-        let tasks = match self.created.remove(&record.run_id) {
-            Some((_, tasks)) if !recovering => tasks,
-            _ => self.store.tasks(&record.run_id).await?,
-        };
         *self.running.entry(record.dag_id.clone()).or_default() += 1;
-        let mut run = ActiveRun::new(record, dag, tasks, self.metrics.view.clone(), self.limits.usage.clone());
-        let result = self.settle(&mut run, recovering).await;
-        self.put_back(run).await?;
-        result
+        Ok(Some(ActiveRun::new(record, dag, tasks, self.metrics.view.clone(), self.limits.usage.clone())))
     }
 
     /// The definition a run completes with: the version it was created with when this
@@ -253,6 +287,7 @@ impl Engine {
     /// their DAG's queue; running and suspended ones are loaded as on recovery.
     async fn adopt_unknown_runs(&mut self) -> Result<(), BackendError> {
         let known: HashSet<String> = self.queued.values().flatten().cloned().collect();
+        let mut taken = Vec::new();
         for record in self.store.unfinished_runs().await? {
             if self.active.contains_key(&record.run_id) || known.contains(&record.run_id) {
                 continue;
@@ -266,9 +301,9 @@ impl Engine {
                     self.dirty.insert(record.dag_id.clone());
                     self.queued.entry(record.dag_id.clone()).or_default().push_back(record.run_id);
                 }
-                _ => self.activate(record, true).await?,
+                _ => taken.push(record),
             }
         }
-        Ok(())
+        self.take_up(taken).await
     }
 }
