@@ -790,3 +790,37 @@ async fn a_queueing_whose_answer_was_lost_still_takes_its_pool_slot() {
     assert!(starts[1] >= ends[0], "a ran twice at once in a one-slot pool: starts {starts:?}, ends {ends:?}");
     h.stop().await;
 }
+
+/// Found by the simulator (seed 235), the scheduler's side of race 2: `D` after `[P, A]`, `P`
+/// succeeds with follow-ups that the store does not take at first (`add_tasks` fails), then `A`
+/// succeeds. The scheduler decided `D` from its upstream counts (both succeeded) and queued it
+/// before the follow-ups were added and had run.
+#[tokio::test(start_paused = true)]
+async fn a_task_waits_for_follow_ups_of_an_upstream_not_added_yet() {
+    let journal = Journal::default();
+    let clock = Arc::new(dagmq_core::TokioClock::starting_at(origin()));
+    let mut tasks = dagmq_worker::builtin_tasks();
+    let (j, c) = (journal.clone(), clock.clone());
+    tasks.register("probe", move |_| Ok(Arc::new(Probe::new(&j, &c)) as Arc<dyn Task>));
+    let parent = Probe {
+        follow_ups: vec![FollowUp::new("part", "probe", serde_json::json!({}))],
+        ..Probe::new(&journal, &clock)
+    };
+    let slower = Probe { work: Duration::from_secs(2), ..Probe::new(&journal, &clock) };
+    let dag = Dag::builder("follow_join")
+        .task(TaskSpec::rust("p", parent))
+        .task(TaskSpec::rust("a", slower))
+        .task(TaskSpec::rust("d", Probe::new(&journal, &clock)).after(["p", "a"]))
+        .build()
+        .unwrap();
+    let mut h = Harness::start_with(registry(vec![dag]), tasks).await;
+    // No eager claims: this is the scheduler's own decision.
+    h.stop_worker().await;
+    h.eager = false;
+    h.start_worker();
+    h.scheduler_faults.store.add_tasks_failing.store(3, std::sync::atomic::Ordering::SeqCst);
+    let run = h.trigger("follow_join").await;
+    assert_eq!(h.wait_final(&run).await, RunState::Success);
+    assert_before(&journal, "p.part", "d");
+    h.stop().await;
+}

@@ -46,6 +46,10 @@ pub(crate) struct ActiveRun {
     /// index: a sweep may rebuild the view from a listing in another order before they are
     /// acted on.
     pub(crate) deferred: Vec<(String, TaskInstance)>,
+    /// Tasks whose instance names follow-ups (rare): while one of them has succeeded and its
+    /// follow-ups are not in the run yet, its direct downstream tasks are not decided, since
+    /// the follow-ups are to become their upstreams.
+    parents: Vec<usize>,
     /// The store may hold another state for the run than `record` says: a suspend or resume
     /// whose answer was lost, and whose run could not be read again. `record` then says
     /// `suspended` (safe whichever way the write went: nothing new is queued) until the run is
@@ -116,7 +120,9 @@ impl ActiveRun {
             held: HashMap::new(),
             deferred: Vec::new(),
             in_doubt: false,
+            parents: Vec::new(),
         };
+        run.parents = (0..run.tasks.len()).filter(|&i| !run.tasks[i].follow_ups.is_empty()).collect();
         for i in 0..run.tasks.len() {
             run.hold_limits(i);
         }
@@ -186,6 +192,9 @@ impl ActiveRun {
                 self.upstream[d].add(new_state, 1);
             }
         }
+        if !self.tasks[i].follow_ups.is_empty() && !self.parents.contains(&i) {
+            self.parents.push(i);
+        }
         old
     }
 
@@ -206,7 +215,20 @@ impl ActiveRun {
         if self.tasks[i].state != TaskState::Pending {
             return Decision::Wait;
         }
+        if self.waits_for_follow_ups(i) {
+            return Decision::Wait;
+        }
         decide(self.trigger_rule(i), self.upstream[i])
+    }
+
+    /// Whether a direct upstream of task `i` succeeded with follow-ups the run does not have
+    /// yet (their addition failed, or is still to come): they will be upstreams of `i`.
+    fn waits_for_follow_ups(&self, i: usize) -> bool {
+        self.parents.iter().any(|&j| {
+            self.tasks[j].state == TaskState::Success
+                && self.downstream[j].contains(&i)
+                && matches!(self.expansion(j), Ok(Some(_)))
+        })
     }
 
     /// A task's trigger rule (follow-ups use the default).
