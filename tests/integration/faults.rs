@@ -73,6 +73,9 @@ pub struct Faults {
     /// When set, a run transition whose answer is lost (`lose_run_answer_to`) also sets
     /// `run_reads_failing`: the caller cannot read the run again to learn whether it applied.
     pub lost_run_answer_hides_run: AtomicBool,
+    /// The next this many `transition_tasks` batches that set a task back to `pending` (a clear)
+    /// apply, then answer an error.
+    pub reset_answers_lost: AtomicU32,
 }
 
 impl Faults {
@@ -294,6 +297,9 @@ impl Store for FaultyStore {
             return Err(BackendError::new("injected: transition_tasks: no answer"));
         }
         let applied = self.faults.track(self.inner.transition_tasks(run_id, changes).await)?;
+        if changes.iter().any(|c| c.task.state == TaskState::Pending) && Faults::take(&self.faults.reset_answers_lost) {
+            return Err(BackendError::new("injected: transition_tasks (a reset) applied, its answer was lost"));
+        }
         if changes.iter().any(|c| c.task.state == TaskState::Queued) && Faults::take(&self.faults.queue_answers_lost) {
             return Err(BackendError::new("injected: transition_tasks applied, its answer was lost"));
         }

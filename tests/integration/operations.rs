@@ -11,7 +11,7 @@ use dagmq_core::{
 };
 use dagmq_scheduler::CommandError;
 
-use crate::support::{Harness, origin};
+use crate::support::{Harness, Journal, Probe, origin};
 
 /// Counts its runs; fails while it has failures left.
 struct Counted {
@@ -284,5 +284,31 @@ async fn runs_of_a_dag_removed_by_a_reload_complete_even_those_still_queued() {
     assert_eq!(runs.load(Ordering::SeqCst), 2);
     // No new run can be made of it.
     assert!(matches!(h.scheduler.trigger("gone", Default::default(), None).await, Err(CommandError::NotFound(_))));
+    h.stop().await;
+}
+
+/// Found by the simulator (seed 131): a clear in a running run whose store step applied but
+/// whose answer was lost left the view with the cleared task still `success`, so the run ended
+/// `success` while the store had the task pending again, never to run.
+#[tokio::test(start_paused = true)]
+async fn a_clear_whose_answer_was_lost_still_runs_the_task_again_before_the_run_ends() {
+    let journal = Journal::default();
+    let clock = Arc::new(dagmq_core::TokioClock::starting_at(origin()));
+    let dag = Dag::builder("clear_lost")
+        .task(TaskSpec::rust("a", Probe::new(&journal, &clock)))
+        .task(TaskSpec::rust("long", Probe { work: Duration::from_secs(2), ..Probe::new(&journal, &clock) }))
+        .build()
+        .unwrap();
+    let mut registry = DagRegistry::new();
+    registry.add(dag).unwrap();
+    let h = Harness::start(registry).await;
+    let run = h.trigger("clear_lost").await;
+    h.wait_task(&run, "a", |t| t.state == TaskState::Success).await;
+    h.wait_task(&run, "long", |t| t.state == TaskState::Running).await;
+    h.scheduler_faults.store.reset_answers_lost.store(1, std::sync::atomic::Ordering::SeqCst);
+    assert!(h.scheduler.clear(&run, vec!["a".into()], false).await.is_err(), "the clear's answer was to be lost");
+    assert_eq!(h.wait_final(&run).await, RunState::Success);
+    let a = h.store.task(&run, "a").await.unwrap().unwrap();
+    assert_eq!((a.state, a.try_number), (TaskState::Success, 2), "the cleared task did not run again: {a:?}");
     h.stop().await;
 }

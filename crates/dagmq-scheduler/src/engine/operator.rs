@@ -85,8 +85,28 @@ impl Engine {
                 run.record = record.clone();
                 run.in_doubt = false;
             }
+            let applied = match self.store.transition_tasks(run_id, &changes).await {
+                Ok(applied) => applied,
+                Err(err) => {
+                    // The answer is unknown: the clear may have applied. The view must not end
+                    // the run from its old, final tasks while the store has some pending again:
+                    // it reads them again, or, failing that, stays unfinished for the sweep.
+                    match self.store.tasks(run_id).await {
+                        Ok(fresh) => {
+                            run.tasks = fresh;
+                            run.rebuild();
+                            let settled = self.settle(&mut run, false).await;
+                            self.put_back(run).await.map_err(backend)?;
+                            settled.map_err(backend)?;
+                        }
+                        Err(_) => {
+                            self.active.insert(run_id.to_string(), run);
+                        }
+                    }
+                    return Err(backend(err));
+                }
+            };
             let result = async {
-                let applied = self.store.transition_tasks(run_id, &changes).await?;
                 for (change, applied) in changes.into_iter().zip(&applied) {
                     if let (true, Some(&i)) = (*applied, run.index.get(&change.task.task_id)) {
                         run.replace(i, change.task);
