@@ -275,6 +275,51 @@ async fn eager_claim_respects_a_branch_choice_of_another_upstream() {
     h.stop().await;
 }
 
+/// Race 1 on the scheduler's side (found by the simulator, seed 780 of 301..1000, without eager
+/// dispatch): `pick` (a branch) chooses `a`, and the scheduler's skip of `b` fails before it
+/// applies (the store does not answer). `extract`, the other upstream of both, succeeds next;
+/// its status update decides `b` by its trigger rule alone (both upstreams succeeded) and
+/// queues it, though `pick` did not choose it. A task's decision must take the choice of its
+/// branch upstreams in, not only count their outcomes.
+#[tokio::test(start_paused = true)]
+async fn a_failed_branch_skip_does_not_let_another_upstream_queue_the_unchosen_task() {
+    let journal = Journal::default();
+    let clock = clock();
+    let extract_done = Gate::default();
+    let dag = Dag::builder("branch_join")
+        .task(TaskSpec::rust("pick", Step::new(&journal, &clock).output(json!(["a"]))).branch())
+        .task(TaskSpec::rust("extract", Step::new(&journal, &clock).gated(&extract_done)))
+        .task(TaskSpec::rust("a", Step::new(&journal, &clock)).after(["pick", "extract"]))
+        .task(TaskSpec::rust("b", Step::new(&journal, &clock)).after(["pick", "extract"]))
+        .build()
+        .unwrap();
+    let h = Harness::start(registry(vec![dag])).await;
+    h.scheduler_faults.store.batches_failing_for.lock().unwrap().push("b".to_string());
+    let run = h.trigger("branch_join").await;
+    h.wait_task(&run, "pick", |t| t.state == TaskState::Success).await;
+    wait_until(
+        Duration::from_secs(10),
+        || "the scheduler never tried to skip b".to_string(),
+        async || h.scheduler_faults.store.batches_failing_for.lock().unwrap().is_empty(),
+    )
+    .await;
+    assert_eq!(h.tasks(&run).await["b"].state, TaskState::Pending, "precondition: the skip of b failed");
+
+    extract_done.open();
+    let state = final_within(&h, &run, Duration::from_secs(120)).await;
+    let tasks = h.tasks(&run).await;
+    let b_ran = journal.entries().contains(&"start:b".to_string());
+    assert!(
+        !b_ran && tasks["b"].state == TaskState::Skipped,
+        "b, which pick did not choose, ran: queued as extract succeeded after the skip of b failed (run {state}, \
+         tasks {:?}, journal {:?})",
+        summary(&h, &run).await,
+        journal.entries()
+    );
+    assert_eq!((state, tasks["a"].state), (RunState::Success, TaskState::Success));
+    h.stop().await;
+}
+
 /// Race 2. `D` waits for `P` and `A`; `P` returns a follow-up `x`, which the scheduler adds to
 /// the run as `P.x` and to `D`'s upstreams.
 ///

@@ -544,25 +544,31 @@ async fn eager_claims_of_joins(store: Arc<dyn Store>) {
     assert_eq!(read("joins", "bb").await, bb, "bb, which pick did not choose, is not claimed");
     assert_eq!(read("joins", "ba").await, candidates[0].claimed);
 
-    // `p` succeeded with follow-up `x`, which the scheduler has not added yet; `q` succeeds:
-    // `d`, downstream of both, waits for `p.x`. Once `p.x` is added before `d` and succeeds,
-    // `d` is claimed with it.
-    let mut p = with(&TaskInstance::pending("p", vec![], "default", 0), TaskState::Running, 1);
-    p.follow_ups = vec![FollowUp::new("x", "step", serde_json::Value::Null)];
-    let p = succeeded(&p, serde_json::Value::Null);
+    // `p` succeeds with follow-up `x`, which the scheduler has not added yet: `e`, after `p`
+    // alone, waits for `p.x`. `q` succeeds next: `d`, after both, waits for `p.x` too. Once
+    // `p.x` is added before `d` and `e` and succeeds, `d` is claimed with it.
+    let p = with(&TaskInstance::pending("p", vec![], "default", 0), TaskState::Running, 1);
     let q = with(&TaskInstance::pending("q", vec![], "default", 0), TaskState::Running, 1);
     let d = TaskInstance::pending("d", after(&["p", "q"]), "default", 0);
+    let e = TaskInstance::pending("e", after(&["p"]), "default", 0);
     record.run_id = "follow".to_string();
-    assert_eq!(store.create_run(&record, &[p, q.clone(), d.clone()]).await.unwrap(), CreateRun::Created);
+    let tasks = [p.clone(), q.clone(), d.clone(), e.clone()];
+    assert_eq!(store.create_run(&record, &tasks).await.unwrap(), CreateRun::Created);
+    let mut p_done = succeeded(&p, serde_json::Value::Null);
+    p_done.follow_ups = vec![FollowUp::new("x", "step", serde_json::Value::Null)];
+    let finished = store.finish_try("follow", &p_done, &[claim_of(&e, &[])]).await;
+    assert_eq!(finished.unwrap(), FinishedTry { applied: true, ..FinishedTry::default() });
+    assert_eq!(read("follow", "e").await, e, "e waits for the follow-up of p, which just succeeded");
     let finished = store.finish_try("follow", &succeeded(&q, serde_json::Value::Null), &[claim_of(&d, &[])]).await;
     assert_eq!(finished.unwrap(), FinishedTry { applied: true, ..FinishedTry::default() });
-    assert_eq!(read("follow", "d").await, d, "d waits for p's follow-up, not added yet");
+    assert_eq!(read("follow", "d").await, d, "d waits for the follow-up of p, not added yet");
     let x = with(&TaskInstance::pending("p.x", after(&["p"]), "default", 0), TaskState::Running, 1);
-    store.add_tasks("follow", std::slice::from_ref(&x), &[("d".to_string(), after(&["p", "q", "p.x"]))]).await.unwrap();
+    let rewired = [("d".to_string(), after(&["p", "q", "p.x"])), ("e".to_string(), after(&["p", "p.x"]))];
+    store.add_tasks("follow", std::slice::from_ref(&x), &rewired).await.unwrap();
     let d = read("follow", "d").await;
     let claim = claim_of(&d, &[]);
-    let finished =
-        store.finish_try("follow", &succeeded(&x, serde_json::Value::Null), std::slice::from_ref(&claim)).await;
+    let x_done = succeeded(&x, serde_json::Value::Null);
+    let finished = store.finish_try("follow", &x_done, std::slice::from_ref(&claim)).await;
     assert_eq!(finished.unwrap(), FinishedTry { applied: true, claimed: vec![(0, vec![])] });
     assert_eq!(read("follow", "d").await, claim.claimed);
 }

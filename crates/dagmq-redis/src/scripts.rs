@@ -109,15 +109,19 @@ return answer
 
 /// A worker records a finished try and, when it is a success in a running run, claims the
 /// downstream candidates that are ready (eager dispatch), in one step. KEYS[1] tasks hash,
-/// KEYS[2] the run's meta. ARGV: task id, try, new JSON, then per candidate: task id, the JSON
+/// KEYS[2] the run's meta. ARGV: task id, try, new JSON, whether it holds follow-ups (`1` or
+/// `0`, from the instance the store was given), then per candidate: task id, the JSON
 /// the worker read (a claim applies only if the stored instance is still exactly that), the
 /// JSON of the claimed try, the number of its upstream tasks and their ids, the number of those
 /// that are branch tasks and their ids, the number of tasks to read should it be claimed and
 /// their ids. A candidate is ready when each upstream is `success` and has no follow-ups, or has
 /// them all among the candidate's upstreams already (the parent's id, a dot, the follow-up's
 /// id), and each branch upstream's output names it (alone or in a list): `Store::finish_try`
-/// and `EagerClaim::upstreams_allow`. An upstream is decoded only when its JSON mentions
-/// `"follow_ups":[` (serde writes no empty list), and a branch upstream always. Answers `{'0'}`
+/// and `EagerClaim::upstreams_allow`. The task just finished is decoded only when it holds
+/// follow-ups (so a chain costs no search); another upstream only when its JSON holds
+/// `_ups":[` (as `"follow_ups":[` does; serde writes no empty list): the search stops at each
+/// `_`, rarer in JSON than the `"` of every string, so it stays cheap over a large output. A
+/// branch upstream is always decoded. Answers `{'0'}`
 /// when the outcome did not apply, else `{'1', ...}` followed, for each candidate claimed, by
 /// its number (from 1), how many tasks were read for it, and the JSON of each (nil for an
 /// unknown one).
@@ -154,10 +158,10 @@ local state, try = head(current)
 if state ~= 'running' or try ~= ARGV[2] then return {'0'} end
 redis.call('HSET', KEYS[1], ARGV[1], ARGV[3])
 local answer = {'1'}
-if #ARGV < 4 or head(ARGV[3]) ~= 'success' then return answer end
+if #ARGV < 5 or head(ARGV[3]) ~= 'success' then return answer end
 local meta = redis.call('GET', KEYS[2])
 if not meta or cjson.decode(meta).state ~= 'running' then return answer end
-local at, n = 4, 0
+local at, n = 5, 0
 while at <= #ARGV do
   n = n + 1
   local ups = tonumber(ARGV[at + 3])
@@ -172,7 +176,13 @@ while at <= #ARGV do
     local id = ARGV[at + 3 + k]
     local up = redis.call('HGET', KEYS[1], id)
     ready = up ~= false and head(up) == 'success'
-    if ready and string.find(up, '"follow_ups":[', 1, true) then ready = follow_ups_added(id, up, at, ups) end
+    local expanding
+    if id == ARGV[1] then
+      expanding = ARGV[4] == '1'
+    else
+      expanding = ready and string.find(up, '_ups":[', 1, true)
+    end
+    if ready and expanding then ready = follow_ups_added(id, up, at, ups) end
     if branches > 0 then stored[id] = up end
   end
   for k = 1, branches do

@@ -307,6 +307,8 @@ impl Store for RedisStore {
         let mut conn = self.conn().await?;
         let mut invocation = self.scripts.finish_try.key(self.tasks_key(run_id));
         invocation.key(self.meta_key(run_id)).arg(&done.task_id).arg(done.try_number).arg(encode(done)?);
+        // Whether the outcome returned follow-ups, so the script need not search its JSON.
+        invocation.arg(if done.follow_ups.is_empty() { "0" } else { "1" });
         for candidate in candidates {
             invocation
                 .arg(&candidate.expected.task_id)

@@ -27,6 +27,9 @@ pub(crate) struct ActiveRun {
     pub(crate) downstream: Vec<Vec<usize>>,
     /// For each task, its upstreams counted by outcome.
     pub(crate) upstream: Vec<UpstreamCounts>,
+    /// For each task with branch tasks among its upstreams, their indices (empty for a DAG
+    /// without branches): a branch that succeeded without choosing the task decides it.
+    branch_upstreams: HashMap<usize, Vec<usize>>,
     /// How many tasks are in a final state.
     pub(crate) final_count: usize,
     /// The scheduler-wide counts by state this run's tasks are part of.
@@ -89,12 +92,17 @@ impl ActiveRun {
         let index: HashMap<String, usize> = tasks.iter().enumerate().map(|(i, t)| (t.task_id.clone(), i)).collect();
         let mut downstream = vec![Vec::new(); tasks.len()];
         let mut upstream = vec![UpstreamCounts::default(); tasks.len()];
+        let branches: Vec<bool> = tasks.iter().map(|t| is_branch(&dag, t)).collect();
+        let mut branch_upstreams: HashMap<usize, Vec<usize>> = HashMap::new();
         for (i, task) in tasks.iter().enumerate() {
             for up in task.after.iter() {
                 if let Some(&u) = index.get(up) {
                     downstream[u].push(i);
                     upstream[i].total += 1;
                     upstream[i].add(tasks[u].state, 1);
+                    if branches[u] {
+                        branch_upstreams.entry(i).or_default().push(u);
+                    }
                 }
             }
         }
@@ -113,6 +121,7 @@ impl ActiveRun {
             index,
             downstream,
             upstream,
+            branch_upstreams,
             final_count,
             view,
             counted,
@@ -210,10 +219,16 @@ impl ActiveRun {
             .any(|i| self.tasks[i].state == TaskState::Success && matches!(self.expansion(i), Ok(Some(_))))
     }
 
-    /// What becomes of task `i` now: `Wait` unless it is pending and its trigger rule decides.
+    /// What becomes of task `i` now: `Wait` unless it is pending and its trigger rule decides;
+    /// `Skip` once a branch upstream succeeded without choosing it, whatever the rule says (so
+    /// a skip of the unchosen tasks that did not reach the store cannot let another upstream's
+    /// success queue them).
     pub(crate) fn decision(&self, i: usize) -> Decision {
         if self.tasks[i].state != TaskState::Pending {
             return Decision::Wait;
+        }
+        if self.branch_upstreams.get(&i).is_some_and(|ups| ups.iter().any(|&b| !self.chose(b, i))) {
+            return Decision::Skip;
         }
         if self.waits_for_follow_ups(i) {
             return Decision::Wait;
@@ -229,6 +244,15 @@ impl ActiveRun {
                 && self.downstream[j].contains(&i)
                 && matches!(self.expansion(j), Ok(Some(_)))
         })
+    }
+
+    /// Whether branch task `b` leaves its direct downstream task `i` to its trigger rule: it
+    /// has not succeeded yet, or its output chose `i` (an output the worker should have
+    /// refused chooses nothing).
+    fn chose(&self, b: usize, i: usize) -> bool {
+        let branch = &self.tasks[b];
+        branch.state != TaskState::Success
+            || dagmq_core::trigger::chooses(branch.output.as_ref(), &self.tasks[i].task_id)
     }
 
     /// A task's trigger rule (follow-ups use the default).
@@ -333,6 +357,11 @@ impl ActiveRun {
         self.tasks.extend(new_tasks);
         self.rebuild();
     }
+}
+
+/// Whether `task` is a branch task of `dag` (a follow-up never is).
+fn is_branch(dag: &Dag, task: &TaskInstance) -> bool {
+    task.follow_up.is_none() && dag.task(&task.task_id).is_some_and(|spec| spec.config.branch)
 }
 
 /// Points `after` at `shared` when both list the same ids, so one copy serves every instance.
@@ -442,5 +471,44 @@ mod tests {
         assert_eq!(crate::limits::lock(&usage).used(&db), 1);
         drop(run);
         assert_eq!(crate::limits::lock(&usage).used(&db), 0);
+    }
+
+    /// A branch that succeeded decides its unchosen direct downstream tasks (`Skip`) whatever
+    /// their rules and other upstreams say; before it succeeds, and for the tasks it chose,
+    /// the rules decide.
+    #[test]
+    fn a_branch_that_did_not_choose_a_task_decides_it() {
+        let dag = Arc::new(
+            Dag::builder("d")
+                .task(TaskSpec::command("pick", ["true"]).branch())
+                .task(TaskSpec::command("extract", ["true"]))
+                .task(TaskSpec::command("a", ["true"]).after(["pick", "extract"]))
+                .task(TaskSpec::command("b", ["true"]).after(["pick", "extract"]))
+                .task(TaskSpec::command("c", ["true"]).after(["pick"]).trigger_rule(TriggerRule::AllDone))
+                .build()
+                .unwrap(),
+        );
+        let tasks =
+            dag.tasks().iter().map(|t| TaskInstance::pending(t.id.clone(), t.after.to_vec(), "default", 0)).collect();
+        let mut run = ActiveRun::new(running_record(), dag, tasks, Arc::default(), Arc::default());
+        let (pick, extract, a, b, c) =
+            (run.index["pick"], run.index["extract"], run.index["a"], run.index["b"], run.index["c"]);
+        let ended = |id: &str, state: TaskState, output: Option<serde_json::Value>| {
+            let mut t = TaskInstance::pending(id, Vec::<String>::new(), "default", 0);
+            t.state = state;
+            t.output = output;
+            t
+        };
+        run.replace(extract, ended("extract", TaskState::Success, None));
+        assert_eq!([run.decision(a), run.decision(b), run.decision(c)], [Decision::Wait; 3]);
+        run.replace(pick, ended("pick", TaskState::Success, Some(serde_json::json!(["a"]))));
+        assert_eq!(
+            [run.decision(a), run.decision(b), run.decision(c)],
+            [Decision::Run, Decision::Skip, Decision::Skip]
+        );
+        // A branch that failed chose nothing: the rules decide.
+        run.replace(pick, ended("pick", TaskState::Failed, Some(serde_json::json!(["a"]))));
+        assert_eq!(run.decision(b), Decision::UpstreamFailed);
+        assert_eq!(run.decision(c), Decision::Run);
     }
 }
