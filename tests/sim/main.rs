@@ -148,8 +148,15 @@ impl Sim {
         sim.heal();
         // Scheduled DAGs go on making runs: the bound is on the runs that exist now.
         let all = RunFilter { limit: usize::MAX, ..RunFilter::default() };
-        let bounded: std::collections::BTreeSet<String> =
-            sim.world.store.list_runs(&all).await.expect("memory store answers").into_iter().map(|r| r.run_id).collect();
+        let bounded: std::collections::BTreeSet<String> = sim
+            .world
+            .store
+            .list_runs(&all)
+            .await
+            .expect("memory store answers")
+            .into_iter()
+            .map(|r| r.run_id)
+            .collect();
         let settle_end = tokio::time::Instant::now() + SETTLE_BOUND;
         loop {
             let runs = sim.world.store.list_runs(&all).await.expect("memory store answers");
@@ -334,7 +341,9 @@ impl Sim {
                 let from = origin() - chrono::Duration::seconds(every * rng.between(0, 4) as i64);
                 let to = from + chrono::Duration::seconds(every * rng.between(0, 3) as i64);
                 let _ = self
-                    .command("backfill", &plan.id, |h, id| async move { h.backfill(&id, from, to, Default::default()).await })
+                    .command("backfill", &plan.id, |h, id| async move {
+                        h.backfill(&id, from, to, Default::default()).await
+                    })
                     .await;
             }
             (77..=79, Some(_)) => {
