@@ -380,6 +380,11 @@ impl Cluster {
     }
 
     /// The processes' logs, for failure messages.
+    /// The whole log of process `name` (`scheduler`, a worker's name).
+    pub fn log(&self, name: &str) -> String {
+        std::fs::read_to_string(self.logs.join(format!("{name}.log"))).unwrap_or_default()
+    }
+
     pub fn logs_text(&self) -> String {
         let mut all = String::new();
         if let Ok(entries) = std::fs::read_dir(&self.logs) {

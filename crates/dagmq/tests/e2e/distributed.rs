@@ -749,14 +749,111 @@ run = "sleep"
 args = { ms = 1500 }
 "#;
 
+/// A TCP proxy in front of Redis whose requests can be held, as over a link that stalls: while
+/// held, what a client sends is kept back (and recorded), and passes on, in order, once
+/// released. Replies always pass.
+struct HeldLink {
+    /// Where the proxy listens.
+    port: u16,
+    /// Requests are kept back while set.
+    held: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    /// What was sent while held.
+    kept: std::sync::Arc<std::sync::Mutex<Vec<u8>>>,
+}
+
+impl HeldLink {
+    /// A proxy to `target` (`host:port`).
+    fn start(target: String) -> HeldLink {
+        use std::io::{Read, Write};
+        use std::sync::atomic::Ordering;
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let held = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let kept = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let (link_held, link_kept) = (held.clone(), kept.clone());
+        std::thread::spawn(move || {
+            for client in listener.incoming() {
+                let Ok(client) = client else { continue };
+                let Ok(server) = std::net::TcpStream::connect(&target) else { continue };
+                let (mut replies_from, mut replies_to) = (server.try_clone().unwrap(), client.try_clone().unwrap());
+                std::thread::spawn(move || {
+                    let _ = std::io::copy(&mut replies_from, &mut replies_to);
+                    let _ = replies_to.shutdown(std::net::Shutdown::Write);
+                });
+                let (chunks_in, chunks_out) = std::sync::mpsc::channel::<Vec<u8>>();
+                let (mut requests_from, held, kept) = (client, link_held.clone(), link_kept.clone());
+                std::thread::spawn(move || {
+                    let mut buffer = vec![0u8; 64 * 1024];
+                    while let Ok(n @ 1..) = requests_from.read(&mut buffer) {
+                        if held.load(Ordering::SeqCst) {
+                            kept.lock().unwrap().extend_from_slice(&buffer[..n]);
+                        }
+                        if chunks_in.send(buffer[..n].to_vec()).is_err() {
+                            break;
+                        }
+                    }
+                });
+                let (mut requests_to, held) = (server, link_held.clone());
+                std::thread::spawn(move || {
+                    for chunk in chunks_out {
+                        while held.load(Ordering::SeqCst) {
+                            std::thread::sleep(Duration::from_millis(5));
+                        }
+                        if requests_to.write_all(&chunk).is_err() {
+                            break;
+                        }
+                    }
+                    let _ = requests_to.shutdown(std::net::Shutdown::Write);
+                });
+            }
+        });
+        HeldLink { port, held, kept }
+    }
+
+    /// `url` (a Redis URL) through this proxy.
+    fn url_for(&self, url: &str) -> String {
+        let (scheme, rest) = url.split_once("://").unwrap();
+        let (credentials, rest) = rest.rsplit_once('@').map_or(("", rest), |(c, r)| (c, r));
+        let path = rest.find('/').map_or("", |at| &rest[at..]);
+        let at = if credentials.is_empty() { String::new() } else { format!("{credentials}@") };
+        format!("{scheme}://{at}127.0.0.1:{}{path}", self.port)
+    }
+
+    fn hold(&self, held: bool) {
+        self.held.store(held, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// Whether what was sent while held contains `needle`.
+    fn kept_back(&self, needle: &str) -> bool {
+        String::from_utf8_lossy(&self.kept.lock().unwrap()).contains(needle)
+    }
+}
+
+/// `host:port` of a Redis URL.
+fn redis_address(url: &str) -> String {
+    let rest = url.split_once("://").map_or(url, |(_, rest)| rest);
+    let rest = rest.rsplit_once('@').map_or(rest, |(_, rest)| rest);
+    rest.split('/').next().unwrap().to_string()
+}
+
 /// Split brain: the active scheduler is stopped (SIGSTOP) for longer than its lease, the
 /// standby takes over and finishes every run; when the old one is continued (SIGCONT) its
 /// writes are refused by the fence and it steps down. No run is stuck or doubled, no task runs
 /// twice, and `max_active_runs = 1` holds across the takeover.
+///
+/// To tell a fenced write from a plain lease expiry, the old scheduler is stopped with a write
+/// under way: its link to Redis (a proxy of the test's own) holds its requests back while it
+/// creates a run, it is stopped, and once the standby has taken over, the link passes the
+/// creation on to Redis, which refuses it by the fence; the old scheduler reads the refusal when
+/// it is continued, logs it, and steps down at once.
 #[test]
 fn a_scheduler_stopped_past_its_lease_is_fenced_when_it_resumes_and_nothing_is_stuck_or_doubled() {
     let Some(mut cluster) = Cluster::new(&[("limited.toml", LIMITED), ("chain.toml", CHAIN)]) else { return };
+    let link = HeldLink::start(redis_address(&cluster.redis));
+    let through_link = link.url_for(&cluster.redis);
+    let redis = std::mem::replace(&mut cluster.redis, through_link);
     cluster.start_scheduler();
+    cluster.redis = redis;
     cluster.start_worker("w1");
     let standby_port = crate::support::free_port();
     let standby_api = format!("http://127.0.0.1:{standby_port}");
@@ -778,6 +875,13 @@ fn a_scheduler_stopped_past_its_lease_is_fenced_when_it_resumes_and_nothing_is_s
     runs.push(cluster.trigger("chain"));
     cluster.wait_task_state(&runs[0], "a", "running");
 
+    // A run creation under way, kept back on the link; then the old scheduler stops.
+    link.hold(true);
+    let (api, probe_key) = (cluster.api.clone(), "fenced-probe");
+    let probe = std::thread::spawn(move || {
+        crate::support::dagmq().args(["trigger", "chain", "--key", probe_key]).env("DAGMQ_API", api).output().unwrap()
+    });
+    cluster.wait_until(Duration::from_secs(30), || link.kept_back(probe_key));
     cluster.signal_scheduler("STOP");
     let deadline = std::time::Instant::now() + Duration::from_secs(30);
     loop {
@@ -789,15 +893,30 @@ fn a_scheduler_stopped_past_its_lease_is_fenced_when_it_resumes_and_nothing_is_s
         assert!(std::time::Instant::now() < deadline, "no takeover: {}", text(&output.stderr));
         std::thread::sleep(Duration::from_millis(200));
     }
+    // The standby holds the lease: the kept-back creation reaches Redis now, and the old
+    // scheduler reads the answer when it goes on.
+    link.hold(false);
+    cluster.signal_scheduler("CONT");
+    let probe = probe.join().unwrap();
+    assert!(!probe.status.success(), "the stopped scheduler's run creation was refused: {}", text(&probe.stdout));
+    cluster
+        .wait_until(Duration::from_secs(30), || text(&cluster.cli(&["trigger", "chain"]).stderr).contains("standby"));
+    let log = cluster.log("scheduler");
+    assert!(
+        log.contains("run creation refused by the fence"),
+        "the old scheduler's write was refused by the fence, not only its lease found lapsed:\n{log}"
+    );
+    assert!(log.contains("stepping down"), "{log}");
+
     let show = |run_id: &str| -> Value {
         serde_json::from_slice(&on_standby(&["runs", "show", run_id, "--json"]).stdout).unwrap_or(Value::Null)
     };
     cluster.wait_until(Duration::from_secs(120), || runs.iter().all(|r| show(r)["state"] == "success"));
-
-    cluster.signal_scheduler("CONT");
-    cluster
-        .wait_until(Duration::from_secs(30), || text(&cluster.cli(&["trigger", "chain"]).stderr).contains("standby"));
-    assert!(cluster.logs_text().contains("stepping down"), "{}", cluster.logs_text());
+    let chains = serde_json::from_slice::<Value>(
+        &on_standby(&["runs", "list", "--dag", "chain", "--limit", "50", "--json"]).stdout,
+    )
+    .unwrap();
+    assert_eq!(chains.as_array().unwrap().len(), 2, "the refused creation made no run: {chains}");
 
     let mut spans = Vec::new();
     for run_id in &runs {
