@@ -309,7 +309,9 @@ pub fn check(
         // A branch's unchosen direct downstream never runs, unless its rule can decide to run
         // it before every upstream ended (one_success, one_failed): then it may have been
         // decided before the branch's choice was known.
-        let early = matches!(rule, TriggerRule::OneSuccess | TriggerRule::OneFailed);
+        // (A clear or a restart of the branch leaves its downstream as it was, so a try of
+        // it that started under the branch's earlier choice may go on: those runs are left out.)
+        let early = matches!(rule, TriggerRule::OneSuccess | TriggerRule::OneFailed) || reset.contains(run.as_str());
         for up in stored.after.iter().filter(|_| !early) {
             if !plan.task(up).is_some_and(|t| t.branch) {
                 continue;

@@ -329,7 +329,10 @@ impl Store for SimStore {
         self.call("run", false, self.inner.run(run_id)).await
     }
     async fn transition_run(&self, expected: RunState, run: &RunRecord) -> Result<bool, BackendError> {
-        self.call("transition_run", true, self.inner.transition_run(expected, run)).await
+        let result = self.call("transition_run", true, self.inner.transition_run(expected, run)).await;
+        self.world
+            .note(format_args!("  {} run {} {expected} -> {}: {result:?}", self.proc.name, run.run_id, run.state));
+        result
     }
     async fn transition_run_with_tasks(
         &self,

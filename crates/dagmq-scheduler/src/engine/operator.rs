@@ -188,7 +188,14 @@ impl Engine {
         fail_point!("scheduler::restart::after");
         tracing::info!(run = %run_id, state = %reopened.state, "run {}", if restart { "restarted" } else { "cleared" });
         if room {
-            self.activate(reopened, false).await.map_err(backend)
+            if let Err(err) = self.activate(reopened.clone(), false).await {
+                // The run is open again but its view may not be loaded: it goes to the head of
+                // its DAG's queue, to be taken up before any other run of the DAG starts.
+                self.queued.entry(reopened.dag_id.clone()).or_default().push_front(reopened.run_id.clone());
+                self.dirty.insert(reopened.dag_id);
+                return Err(backend(err));
+            }
+            Ok(())
         } else {
             self.queued.entry(reopened.dag_id.clone()).or_default().push_back(reopened.run_id.clone());
             self.dirty.insert(reopened.dag_id);
