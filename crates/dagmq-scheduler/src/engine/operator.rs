@@ -164,7 +164,9 @@ impl Engine {
         let backend = |e: BackendError| CommandError::Backend(e.to_string());
         let run_id = record.run_id.as_str();
         let max = self.dag_of(record).map_or(u32::MAX, |dag| dag.max_active_runs);
-        let room = self.running.get(&record.dag_id).copied().unwrap_or(0) < max;
+        // Runs already waiting go first (one whose start's answer was lost waits at the head).
+        let waiting = self.queued.get(&record.dag_id).is_some_and(|queue| !queue.is_empty());
+        let room = !waiting && self.running.get(&record.dag_id).copied().unwrap_or(0) < max;
         let mut reopened = record.clone();
         reopened.state = if room { RunState::Running } else { RunState::Queued };
         if restart && room {
