@@ -368,6 +368,53 @@ async fn eager_claim_waits_for_the_follow_ups_of_another_upstream() {
     h.stop().await;
 }
 
+/// Race 2 on the scheduler's side (found by the simulator, seed 748 of 301..1000): `P`
+/// succeeds with follow-up `x`, and the scheduler's `add_tasks` fails before it applies. `A`,
+/// the other upstream of `D`, succeeds next; its status update decides `D` by the counts of
+/// `D`'s upstreams as stored (`P` and `A`, both successes) and queues it before `P.x` exists.
+/// A task must wait while an upstream's follow-ups are not in the run.
+#[tokio::test(start_paused = true)]
+async fn a_failed_follow_up_insertion_does_not_let_another_upstream_queue_the_join() {
+    let journal = Journal::default();
+    let clock = clock();
+    let a_done = Gate::default();
+    let mut tasks = dagmq_worker::builtin_tasks();
+    let (j, c) = (journal.clone(), clock.clone());
+    tasks.register("step", move |_| Ok(Arc::new(Step::new(&j, &c)) as Arc<dyn Task>));
+    let dag = Dag::builder("expanding")
+        .task(TaskSpec::rust(
+            "P",
+            Step::new(&journal, &clock).follow_ups(vec![FollowUp::new("x", "step", Value::Null)]),
+        ))
+        .task(TaskSpec::rust("A", Step::new(&journal, &clock).gated(&a_done)))
+        .task(TaskSpec::rust("D", Step::new(&journal, &clock)).after(["P", "A"]))
+        .build()
+        .unwrap();
+    let h = Harness::start_with(registry(vec![dag]), tasks).await;
+    h.scheduler_faults.store.add_tasks_failing.store(1, Ordering::SeqCst);
+    let run = h.trigger("expanding").await;
+    h.wait_task(&run, "P", |t| t.state == TaskState::Success).await;
+    wait_until(
+        Duration::from_secs(10),
+        || "the scheduler never tried to add P's follow-ups".to_string(),
+        async || h.scheduler_faults.store.add_tasks_failing.load(Ordering::SeqCst) == 0,
+    )
+    .await;
+    assert!(!h.tasks(&run).await.contains_key("P.x"), "precondition: the follow-up is not added yet");
+
+    a_done.open();
+    let state = final_within(&h, &run, Duration::from_secs(120)).await;
+    assert!(
+        ended_before(&journal, "P.x", "D"),
+        "D started before P's follow-up P.x ended: queued as A succeeded after the insertion of P.x failed (run \
+         {state}, tasks {:?}, journal {:?})",
+        summary(&h, &run).await,
+        journal.entries()
+    );
+    assert_eq!(state, RunState::Success);
+    h.stop().await;
+}
+
 /// `a` (hangs on its first try, so it is running when the run is suspended) then `b`; or, with
 /// a gate, `a` waits for the gate.
 fn two_steps(id: &str, journal: &Journal, clock: &Arc<TokioClock>, gate: Option<&Gate>) -> DagRegistry {

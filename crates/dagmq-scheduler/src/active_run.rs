@@ -30,6 +30,9 @@ pub(crate) struct ActiveRun {
     /// For each task with branch tasks among its upstreams, their indices (empty for a DAG
     /// without branches): a branch that succeeded without choosing the task decides it.
     branch_upstreams: HashMap<usize, Vec<usize>>,
+    /// Tasks that succeeded with follow-ups not in the run yet (their addition is still to
+    /// come, or failed): their downstream tasks wait. Empty but for that moment.
+    expanding: Vec<usize>,
     /// How many tasks are in a final state.
     pub(crate) final_count: usize,
     /// The scheduler-wide counts by state this run's tasks are part of.
@@ -49,10 +52,6 @@ pub(crate) struct ActiveRun {
     /// index: a sweep may rebuild the view from a listing in another order before they are
     /// acted on.
     pub(crate) deferred: Vec<(String, TaskInstance)>,
-    /// Tasks whose instance names follow-ups (rare): while one of them has succeeded and its
-    /// follow-ups are not in the run yet, its direct downstream tasks are not decided, since
-    /// the follow-ups are to become their upstreams.
-    parents: Vec<usize>,
     /// The store may hold another state for the run than `record` says: a suspend or resume
     /// whose answer was lost, and whose run could not be read again. `record` then says
     /// `suspended` (safe whichever way the write went: nothing new is queued) until the run is
@@ -106,6 +105,7 @@ impl ActiveRun {
                 }
             }
         }
+        let expanding = (0..tasks.len()).filter(|&i| follow_ups_missing(&tasks, &index, i)).collect();
         let final_count = tasks.iter().filter(|t| t.state.is_final()).count();
         let mut counted = [0i64; TaskState::ALL.len()];
         for task in &tasks {
@@ -122,6 +122,7 @@ impl ActiveRun {
             downstream,
             upstream,
             branch_upstreams,
+            expanding,
             final_count,
             view,
             counted,
@@ -129,9 +130,7 @@ impl ActiveRun {
             held: HashMap::new(),
             deferred: Vec::new(),
             in_doubt: false,
-            parents: Vec::new(),
         };
-        run.parents = (0..run.tasks.len()).filter(|&i| !run.tasks[i].follow_ups.is_empty()).collect();
         for i in 0..run.tasks.len() {
             run.hold_limits(i);
         }
@@ -201,8 +200,11 @@ impl ActiveRun {
                 self.upstream[d].add(new_state, 1);
             }
         }
-        if !self.tasks[i].follow_ups.is_empty() && !self.parents.contains(&i) {
-            self.parents.push(i);
+        if !old.follow_ups.is_empty() || !self.tasks[i].follow_ups.is_empty() {
+            self.expanding.retain(|&p| p != i);
+            if follow_ups_missing(&self.tasks, &self.index, i) {
+                self.expanding.push(i);
+            }
         }
         old
     }
@@ -222,7 +224,8 @@ impl ActiveRun {
     /// What becomes of task `i` now: `Wait` unless it is pending and its trigger rule decides;
     /// `Skip` once a branch upstream succeeded without choosing it, whatever the rule says (so
     /// a skip of the unchosen tasks that did not reach the store cannot let another upstream's
-    /// success queue them).
+    /// success queue them); `Wait` while an upstream's follow-ups are not in the run (so a
+    /// failed insertion cannot let another upstream's success queue the task before them).
     pub(crate) fn decision(&self, i: usize) -> Decision {
         if self.tasks[i].state != TaskState::Pending {
             return Decision::Wait;
@@ -230,20 +233,10 @@ impl ActiveRun {
         if self.branch_upstreams.get(&i).is_some_and(|ups| ups.iter().any(|&b| !self.chose(b, i))) {
             return Decision::Skip;
         }
-        if self.waits_for_follow_ups(i) {
+        if self.expanding.iter().any(|&p| self.downstream[p].contains(&i)) {
             return Decision::Wait;
         }
         decide(self.trigger_rule(i), self.upstream[i])
-    }
-
-    /// Whether a direct upstream of task `i` succeeded with follow-ups the run does not have
-    /// yet (their addition failed, or is still to come): they will be upstreams of `i`.
-    fn waits_for_follow_ups(&self, i: usize) -> bool {
-        self.parents.iter().any(|&j| {
-            self.tasks[j].state == TaskState::Success
-                && self.downstream[j].contains(&i)
-                && matches!(self.expansion(j), Ok(Some(_)))
-        })
     }
 
     /// Whether branch task `b` leaves its direct downstream task `i` to its trigger rule: it
@@ -357,6 +350,19 @@ impl ActiveRun {
         self.tasks.extend(new_tasks);
         self.rebuild();
     }
+}
+
+/// Whether task `i` succeeded with follow-ups that are not in the run (`index`) yet, as
+/// [`ActiveRun::expansion`] sees it: none of their ids is there (one that clashes with an
+/// existing task is never added, and its parent's downstream goes on without them).
+fn follow_ups_missing(tasks: &[TaskInstance], index: &HashMap<String, usize>, i: usize) -> bool {
+    let task = &tasks[i];
+    task.state == TaskState::Success
+        && !task.follow_ups.is_empty()
+        && task
+            .follow_ups
+            .iter()
+            .all(|f| !index.contains_key(&dagmq_core::task::follow_up_task_id(&task.task_id, &f.id)))
 }
 
 /// Whether `task` is a branch task of `dag` (a follow-up never is).
@@ -510,5 +516,39 @@ mod tests {
         run.replace(pick, ended("pick", TaskState::Failed, Some(serde_json::json!(["a"]))));
         assert_eq!(run.decision(b), Decision::UpstreamFailed);
         assert_eq!(run.decision(c), Decision::Run);
+    }
+
+    /// A task waits while an upstream's follow-ups are not in the run, whatever the counts of
+    /// its upstreams as stored say; once they are added it waits for them by the counts.
+    #[test]
+    fn a_task_waits_for_the_follow_ups_of_an_upstream_not_added_yet() {
+        let dag = Arc::new(
+            Dag::builder("d")
+                .task(TaskSpec::command("p", ["true"]))
+                .task(TaskSpec::command("a", ["true"]))
+                .task(TaskSpec::command("d", ["true"]).after(["p", "a"]))
+                .build()
+                .unwrap(),
+        );
+        let tasks =
+            dag.tasks().iter().map(|t| TaskInstance::pending(t.id.clone(), t.after.to_vec(), "default", 0)).collect();
+        let mut run = ActiveRun::new(running_record(), dag, tasks, Arc::default(), Arc::default());
+        let (p, a, d) = (run.index["p"], run.index["a"], run.index["d"]);
+        let mut p_done = run.tasks[p].clone();
+        p_done.state = TaskState::Success;
+        p_done.follow_ups = vec![FollowUp::new("x", "step", serde_json::Value::Null)];
+        run.replace(p, p_done);
+        let mut a_done = run.tasks[a].clone();
+        a_done.state = TaskState::Success;
+        run.replace(a, a_done);
+        assert_eq!(run.decision(d), Decision::Wait, "p.x is not in the run yet");
+        let (new_tasks, rewired) = run.expansion(p).unwrap().unwrap();
+        run.apply_expansion(new_tasks, rewired);
+        assert_eq!(run.decision(d), Decision::Wait, "p.x is pending");
+        let x = run.index["p.x"];
+        let mut x_done = run.tasks[x].clone();
+        x_done.state = TaskState::Success;
+        run.replace(x, x_done);
+        assert_eq!(run.decision(d), Decision::Run);
     }
 }
