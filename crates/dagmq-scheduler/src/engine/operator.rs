@@ -38,7 +38,7 @@ impl Engine {
                 record.state
             )));
         }
-        if self.dag_of(&record).is_none() {
+        if self.dag_of(&record).await.map_err(backend)?.is_none() {
             return Err(CommandError::Conflict(format!("run {run_id:?} belongs to unknown dag {:?}", record.dag_id)));
         }
         let tasks = self.store.tasks(run_id).await.map_err(backend)?;
@@ -69,7 +69,7 @@ impl Engine {
             }
         }
         // In the DAG's order (the store's listing has none of its own), follow-ups after.
-        if let Some(dag) = self.dag_of(&record) {
+        if let Some(dag) = self.dag_of(&record).await.map_err(backend)? {
             let order: HashMap<&str, usize> = dag.tasks().iter().enumerate().map(|(i, t)| (t.id.as_str(), i)).collect();
             changes.sort_by_key(|c| {
                 (order.get(c.task.task_id.as_str()).copied().unwrap_or(usize::MAX), c.task.task_id.clone())
@@ -120,7 +120,7 @@ impl Engine {
                 record.state
             )));
         }
-        if self.dag_of(&record).is_none() {
+        if self.dag_of(&record).await.map_err(backend)?.is_none() {
             return Err(CommandError::Conflict(format!("run {run_id:?} belongs to unknown dag {:?}", record.dag_id)));
         }
         let tasks = self.store.tasks(run_id).await.map_err(backend)?;
