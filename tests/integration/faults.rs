@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
+use dagmq_core::dag_version::DagVersionRecord;
 use dagmq_core::records::DagRecord;
 use dagmq_core::store::{ClaimAnswer, Claimant, CreateRun, EagerClaim, FinishedTry, LeaseTerm, RunFilter, TaskChange};
 use dagmq_core::{
@@ -153,6 +154,16 @@ impl Store for FaultyStore {
         self.faults.gate().await;
         self.faults.check("put_dag_record")?;
         self.faults.track(self.inner.put_dag_record(record).await)
+    }
+    async fn put_dag_version(&self, version: &DagVersionRecord) -> Result<(), BackendError> {
+        self.faults.gate().await;
+        self.faults.check("put_dag_version")?;
+        self.faults.track(self.inner.put_dag_version(version).await)
+    }
+    async fn dag_version(&self, dag_id: &str, version: &str) -> Result<Option<DagVersionRecord>, BackendError> {
+        self.faults.gate().await;
+        self.faults.check("dag_version")?;
+        self.inner.dag_version(dag_id, version).await
     }
     async fn create_run(&self, run: &RunRecord, tasks: &[TaskInstance]) -> Result<CreateRun, BackendError> {
         self.faults.gate().await;

@@ -1054,3 +1054,64 @@ async fn a_scheduler_restart_loads_every_run_before_it_queues_a_task() {
     );
     h.stop().await;
 }
+
+/// Race 9, a queued run: a run waiting for a slot under `max_active_runs` when its DAG file is
+/// removed and the scheduler restarts. The new scheduler knows the DAG only from the store (the
+/// versions its runs were created with): the waiting run starts once the first one ends, under
+/// the `max_active_runs` of its own version, and completes.
+#[tokio::test(start_paused = true)]
+async fn queued_runs_of_a_dag_whose_file_was_removed_before_a_scheduler_restart_start_and_complete() {
+    let journal = Journal::default();
+    let clock = clock();
+    let a_done = Gate::default();
+    let running = Arc::new(Concurrency::default());
+    let dags = registry(vec![
+        Dag::builder("doomed")
+            .version("v1")
+            .max_active_runs(1)
+            .task(TaskSpec::rust("a", Step::new(&journal, &clock).gated(&a_done).counted(&running, Duration::ZERO)))
+            .build()
+            .unwrap(),
+    ]);
+    let mut h = Harness::start_live(dags.clone(), live(&dags)).await;
+    let first = h.trigger("doomed").await;
+    h.wait_task(&first, "a", |t| t.state == TaskState::Running).await;
+    let second = h.trigger("doomed").await;
+    assert_eq!(h.store.run(&second).await.unwrap().unwrap().state, RunState::Queued);
+    h.dags = DagRegistry::new();
+    h.live = Some(live(&h.dags));
+    h.restart_scheduler().await;
+    a_done.open();
+
+    for run in [&first, &second] {
+        let state = final_within(&h, run, Duration::from_secs(120)).await;
+        assert_eq!(state, RunState::Success, "run {run} of the removed DAG: tasks {:?}", summary(&h, run).await);
+    }
+    assert_eq!(running.max.load(Ordering::SeqCst), 1, "the runs ran one at a time (max_active_runs = 1)");
+    h.stop().await;
+}
+
+/// Race 9, a run only the store holds: its creation applied but answered an error (so it is
+/// `queued` in the store and in no scheduler's queue), and the DAG file is removed before the
+/// scheduler restarts. Recovery must queue the run under its DAG and start it.
+#[tokio::test(start_paused = true)]
+async fn a_queued_run_of_a_removed_dag_that_only_the_store_holds_starts_after_a_restart() {
+    let journal = Journal::default();
+    let clock = clock();
+    let dags = registry(vec![
+        Dag::builder("doomed").version("v1").task(TaskSpec::rust("a", Step::new(&journal, &clock))).build().unwrap(),
+    ]);
+    let mut h = Harness::start_live(dags.clone(), live(&dags)).await;
+    h.scheduler_faults.store.creations_applied_then_failed.store(1, Ordering::SeqCst);
+    assert!(h.scheduler.trigger("doomed", Default::default(), None).await.is_err(), "the answer was lost");
+    let runs = h.store.unfinished_runs().await.unwrap();
+    assert_eq!(runs.len(), 1, "the creation applied");
+    let run = runs[0].run_id.clone();
+    h.dags = DagRegistry::new();
+    h.live = Some(live(&h.dags));
+    h.restart_scheduler().await;
+
+    let state = final_within(&h, &run, Duration::from_secs(120)).await;
+    assert_eq!(state, RunState::Success, "the queued run of the removed DAG: tasks {:?}", summary(&h, &run).await);
+    h.stop().await;
+}

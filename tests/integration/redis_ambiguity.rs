@@ -85,6 +85,12 @@ fn run(id: &str, key: Option<&str>) -> RunRecord {
     }
 }
 
+/// Stores the DAG version the runs of these tests name, as a scheduler does before creating
+/// them.
+async fn store_version(store: &RedisStore) {
+    store.put_dag_version(&crate::store_contract::version("etl", "v1")).await.unwrap();
+}
+
 fn tasks(count: usize) -> Vec<TaskInstance> {
     (0..count).map(|i| TaskInstance::pending(format!("t{i}"), Vec::<String>::new(), "default", 0)).collect()
 }
@@ -105,6 +111,7 @@ async fn a_run_creation_that_times_out_applies_whole_and_a_retry_finds_it() {
     let Some(redis) = OwnRedis::start() else { return };
     let timeouts = RedisTimeouts { response: Duration::from_millis(100), connect: Duration::from_secs(2) };
     let store = RedisStore::connect_with(&redis.url(), "amb", None, timeouts).await.unwrap();
+    store_version(&store).await;
     // Loads the script, so the slow call is one EVALSHA.
     store.create_run(&run("warm-up", None), &tasks(1)).await.unwrap();
     let big = tasks(100_000);
@@ -141,6 +148,7 @@ async fn a_run_creation_that_times_out_applies_whole_and_a_retry_finds_it() {
 async fn a_restart_is_one_step_and_a_finished_run_leaves_the_unfinished_index_with_it() {
     let Some(redis) = OwnRedis::start() else { return };
     let store = RedisStore::connect(&redis.url(), "amb", None).await.unwrap();
+    store_version(&store).await;
     let mut record = run("r", None);
     store.create_run(&record, &tasks(2)).await.unwrap();
     record.state = RunState::Failed;
@@ -245,6 +253,7 @@ fn store_connections(redis: &OwnRedis) -> usize {
 async fn calls_share_a_few_connections_and_a_dropped_one_is_made_again() {
     let Some(redis) = OwnRedis::start() else { return };
     let store = std::sync::Arc::new(RedisStore::connect(&redis.url(), "conns", None).await.unwrap());
+    store_version(&store).await;
     for i in 0..40 {
         store.create_run(&run(&format!("r{i}"), None), &tasks(3)).await.unwrap();
     }

@@ -3,6 +3,7 @@
 use std::sync::Arc;
 
 use chrono::{DateTime, Duration, Utc};
+use dagmq_core::dag_version::DagVersionRecord;
 use dagmq_core::memory::MemoryStore;
 use dagmq_core::records::{DagRecord, RunningTry};
 use dagmq_core::store::{
@@ -35,6 +36,24 @@ fn run(id: &str, dag: &str, created: i64, key: Option<&str>) -> RunRecord {
     }
 }
 
+/// A stored version of `dag`: tasks `a` and `b` after it, as `tasks()` makes them.
+pub fn version(dag: &str, version: &str) -> DagVersionRecord {
+    let built = dagmq_core::Dag::builder(dag)
+        .version(version)
+        .task(dagmq_core::TaskSpec::command("a", ["true"]).retries(1))
+        .task(dagmq_core::TaskSpec::command("b", ["true"]).after(["a"]))
+        .build()
+        .expect("a valid dag");
+    DagVersionRecord::of(&built)
+}
+
+/// Stores the versions the runs of these scenarios name, as a scheduler does first.
+async fn store_versions(store: &dyn Store) {
+    for dag in ["etl", "other"] {
+        store.put_dag_version(&version(dag, "v1")).await.unwrap();
+    }
+}
+
 fn tasks() -> Vec<TaskInstance> {
     vec![
         TaskInstance::pending("a", vec![], "default", 1),
@@ -47,6 +66,7 @@ fn with(task: &TaskInstance, state: TaskState, try_number: u32) -> TaskInstance 
 }
 
 async fn contract(store: Arc<dyn Store>) {
+    store_versions(store.as_ref()).await;
     // Runs: creation is idempotent by id and by (dag, key).
     assert_eq!(store.create_run(&run("r1", "etl", 1, Some("k")), &tasks()).await.unwrap(), CreateRun::Created);
     assert_eq!(store.create_run(&run("r1", "etl", 1, None), &tasks()).await.unwrap(), CreateRun::Exists("r1".into()));
@@ -178,6 +198,7 @@ async fn contract(store: Arc<dyn Store>) {
     lease_terms(store.clone()).await;
     fencing(store.clone()).await;
     store.ping().await.unwrap();
+    dag_versions(store.as_ref()).await;
     batches(store.clone()).await;
     eager_claims(store.clone()).await;
     claims(store).await;
@@ -347,6 +368,7 @@ async fn fencing(store: Arc<dyn Store>) {
                     .err(),
             ),
             ("remove_worker", view.remove_worker("fenced-w2").await.err()),
+            ("put_dag_version", view.put_dag_version(&version("fenced", "v-fenced")).await.err()),
         ];
         for (what, err) in answers {
             assert!(err.as_ref().is_some_and(|e| e.fenced), "{why}: {what} was not refused by the fence: {err:?}");
@@ -354,6 +376,7 @@ async fn fencing(store: Arc<dyn Store>) {
         assert!(refused.is_cancelled(), "{why}: the scheduler is told at once");
         assert_eq!(fenced_state(&store).await, before, "{why}: a refused write changes nothing");
         assert!(store.run("fenced-other").await.unwrap().is_none(), "{why}");
+        assert_eq!(store.dag_version("fenced", "v-fenced").await.unwrap(), None, "{why}");
     };
 
     // Another holder's term.
@@ -380,6 +403,41 @@ async fn fencing(store: Arc<dyn Store>) {
     tokio::time::sleep(std::time::Duration::from_millis(400)).await;
     every_write(&view4, &refused4, "after the term expired").await;
     store.release_lease(&a4).await.unwrap();
+}
+
+/// DAG versions: stored by (DAG, version), written again idempotently; a run that names a
+/// version is created only once the store has it (and nothing of it is written before).
+async fn dag_versions(store: &dyn Store) {
+    assert_eq!(store.dag_version("versioned", "v1").await.unwrap(), None);
+    let first = run("ver-1", "versioned", 1, Some("vk"));
+    assert_eq!(store.create_run(&first, &tasks()).await.unwrap(), CreateRun::MissingVersion);
+    assert_eq!(store.run("ver-1").await.unwrap(), None);
+    assert!(!store.unfinished_runs().await.unwrap().iter().any(|r| r.run_id == "ver-1"), "not listed either");
+    let stored = version("versioned", "v1");
+    store.put_dag_version(&stored).await.unwrap();
+    store.put_dag_version(&stored).await.unwrap();
+    assert_eq!(store.dag_version("versioned", "v1").await.unwrap(), Some(stored.clone()));
+    assert_eq!(store.dag_version("versioned", "v2").await.unwrap(), None);
+    assert_eq!(store.dag_version("unversioned", "v1").await.unwrap(), None);
+    // The refusal took no key: the same trigger creates the run now.
+    assert_eq!(store.create_run(&first, &tasks()).await.unwrap(), CreateRun::Created);
+    assert_eq!(store.create_run(&first, &tasks()).await.unwrap(), CreateRun::Exists("ver-1".into()));
+    // Another version of the same DAG is a version of its own.
+    let second = RunRecord { dag_version: Some("v2".into()), ..run("ver-2", "versioned", 2, None) };
+    assert_eq!(store.create_run(&second, &tasks()).await.unwrap(), CreateRun::MissingVersion);
+    // A run that names no version (created before versions were stored) needs none.
+    let old = RunRecord { dag_version: None, ..run("ver-0", "versioned", 0, None) };
+    assert_eq!(store.create_run(&old, &tasks()).await.unwrap(), CreateRun::Created);
+    // The stored record is the scheduling definition, back whole.
+    let dag = store.dag_version("versioned", "v1").await.unwrap().unwrap().to_dag().unwrap();
+    assert_eq!(dag.task("b").map(|t| t.after.to_vec()), Some(vec!["a".to_string()]));
+    assert_eq!(dag.task("a").map(|t| t.config.retries), Some(1));
+    for id in ["ver-1", "ver-0"] {
+        let mut done = store.run(id).await.unwrap().unwrap();
+        let from = done.state;
+        done.state = RunState::Cancelled;
+        assert!(store.transition_run(from, &done).await.unwrap());
+    }
 }
 
 /// A claim in one call: a queued try becomes exactly `claimed_by` the claimant; anything else
@@ -642,6 +700,7 @@ async fn redis_finished_runs_expire_after_retention() {
     )
     .await
     .unwrap();
+    store_versions(&store).await;
     store.create_run(&run("old", "etl", 0, Some("k")), &tasks()).await.unwrap();
     store.append_log("old", "a", 1, &["x".to_string()]).await.unwrap();
     let mut running = run("old", "etl", 0, Some("k"));
@@ -658,7 +717,10 @@ async fn redis_finished_runs_expire_after_retention() {
     assert!(store.tasks("old").await.unwrap().is_empty());
     assert!(store.read_log("old", "a", 1, 0).await.unwrap().is_empty());
     assert!(store.list_runs(&RunFilter { limit: 10, ..RunFilter::default() }).await.unwrap().is_empty());
-    // The trigger key lived no longer than its run.
+    // The trigger key lived no longer than its run; so did the version (a scheduler writes it
+    // again before the next run).
+    assert_eq!(store.dag_version("etl", "v1").await.unwrap(), None);
+    store_versions(&store).await;
     assert_eq!(store.create_run(&run("new", "etl", 5, Some("k")), &tasks()).await.unwrap(), CreateRun::Created);
     store.delete_all().await.unwrap();
 }
@@ -671,6 +733,7 @@ async fn redis_task_scripts_read_instances_in_any_field_order() {
     drop(probe);
     let prefix = crate::services::namespace();
     let store = dagmq_redis::RedisStore::connect(&crate::services::redis_url(), &prefix, None).await.unwrap();
+    store_versions(&store).await;
     store.create_run(&run("order", "etl", 0, None), &tasks()).await.unwrap();
     let reordered =
         r#"{"try_number":0,"state":"pending","max_try":2,"retries":1,"task_id":"a","after":[],"queue":"default"}"#;
@@ -693,6 +756,7 @@ async fn redis_task_scripts_read_instances_in_any_field_order() {
 #[tokio::test]
 async fn memory_finished_runs_and_their_keys_expire_after_retention() {
     let store = MemoryStore::with_retention(Some(std::time::Duration::from_secs(3600)));
+    store_versions(&store).await;
     store.create_run(&run("old", "etl", 0, Some("k")), &tasks()).await.unwrap();
     store.create_run(&run("open", "etl", 1, None), &tasks()).await.unwrap();
     store.append_log("old", "a", 1, &["x".to_string()]).await.unwrap();
@@ -717,4 +781,78 @@ async fn memory_finished_runs_and_their_keys_expire_after_retention() {
     );
     let listed = store.list_runs(&RunFilter { limit: 10, ..RunFilter::default() }).await.unwrap();
     assert_eq!(listed.iter().map(|r| r.run_id.as_str()).collect::<Vec<_>>(), vec!["fresh", "later", "open"]);
+}
+
+/// Moves a run to `state` from the state it is in.
+async fn move_run(store: &dyn Store, run_id: &str, state: RunState, at_seconds: i64) {
+    let mut record = store.run(run_id).await.unwrap().unwrap();
+    let from = record.state;
+    record.state = state;
+    record.ended_at = state.is_final().then(|| at(at_seconds));
+    assert!(store.transition_run(from, &record).await.unwrap());
+}
+
+/// A stored version lives as long as the runs that name it: an unfinished run keeps it past the
+/// retention period, and it leaves with the last of its runs.
+#[tokio::test]
+async fn memory_dag_versions_stay_while_their_runs_do() {
+    let store = MemoryStore::with_retention(Some(std::time::Duration::from_secs(3600)));
+    store_versions(&store).await;
+    store.create_run(&run("done", "etl", 0, None), &tasks()).await.unwrap();
+    store.create_run(&run("open", "etl", 1, None), &tasks()).await.unwrap();
+    move_run(&store, "done", RunState::Failed, 10).await;
+    // Past the retention period of `done`, which leaves; `open` still names the version.
+    store.create_run(&RunRecord { dag_version: None, ..run("x1", "x", 3611, None) }, &tasks()).await.unwrap();
+    assert!(store.run("done").await.unwrap().is_none());
+    assert_eq!(store.dag_version("etl", "v1").await.unwrap(), Some(version("etl", "v1")));
+    // A run that ends and is restarted keeps it too.
+    move_run(&store, "open", RunState::Failed, 3620).await;
+    move_run(&store, "open", RunState::Running, 3620).await;
+    store.create_run(&RunRecord { dag_version: None, ..run("x2", "x", 7300, None) }, &tasks()).await.unwrap();
+    assert_eq!(store.dag_version("etl", "v1").await.unwrap(), Some(version("etl", "v1")));
+    // Once its last run is gone, so is the version.
+    move_run(&store, "open", RunState::Success, 7400).await;
+    store.create_run(&RunRecord { dag_version: None, ..run("x3", "x", 11_001, None) }, &tasks()).await.unwrap();
+    assert!(store.run("open").await.unwrap().is_none());
+    assert_eq!(store.dag_version("etl", "v1").await.unwrap(), None);
+    assert_eq!(store.dag_version("other", "v1").await.unwrap(), Some(version("other", "v1")), "no run named it");
+}
+
+/// As in memory, on Redis's clock (retention 1 s): an unfinished run keeps its version past the
+/// retention period, a restart keeps it again, and it expires once the last of its runs
+/// finished; a version no run names expires too.
+#[tokio::test]
+async fn redis_dag_versions_stay_while_their_runs_do() {
+    let Some(probe) = redis_store().await else { return };
+    drop(probe);
+    let prefix = crate::services::namespace();
+    let retention = Some(std::time::Duration::from_secs(1));
+    let store = dagmq_redis::RedisStore::connect(&crate::services::redis_url(), &prefix, retention).await.unwrap();
+    let past_retention = || tokio::time::sleep(std::time::Duration::from_millis(2200));
+    store_versions(&store).await;
+    store.create_run(&run("done", "etl", 0, None), &tasks()).await.unwrap();
+    store.create_run(&run("open", "etl", 1, None), &tasks()).await.unwrap();
+    move_run(&store, "done", RunState::Failed, 10).await;
+    past_retention().await;
+    assert!(store.run("done").await.unwrap().is_none(), "the finished run expired");
+    assert_eq!(store.dag_version("etl", "v1").await.unwrap(), Some(version("etl", "v1")));
+    assert_eq!(store.dag_version("other", "v1").await.unwrap(), None, "no run named it");
+    // A run that ends and is restarted within the retention period keeps it again.
+    move_run(&store, "open", RunState::Failed, 20).await;
+    move_run(&store, "open", RunState::Running, 20).await;
+    past_retention().await;
+    assert_eq!(store.dag_version("etl", "v1").await.unwrap(), Some(version("etl", "v1")));
+    // Written again while a run names it, it stays.
+    store.put_dag_version(&version("etl", "v1")).await.unwrap();
+    past_retention().await;
+    assert_eq!(store.dag_version("etl", "v1").await.unwrap(), Some(version("etl", "v1")));
+    // Once the last of its runs finished, it expires with them.
+    move_run(&store, "open", RunState::Success, 30).await;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while store.dag_version("etl", "v1").await.unwrap().is_some() {
+        assert!(std::time::Instant::now() < deadline, "the version did not expire after its last run");
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    assert!(store.run("open").await.unwrap().is_none());
+    store.delete_all().await.unwrap();
 }

@@ -14,6 +14,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
+use dagmq_core::dag_version::DagVersionRecord;
 use dagmq_core::memory::{MemoryQueue, MemoryStore};
 use dagmq_core::queue::Acker;
 use dagmq_core::records::DagRecord;
@@ -321,6 +322,12 @@ impl Store for SimStore {
     }
     async fn put_dag_record(&self, record: &DagRecord) -> Result<(), BackendError> {
         self.call("put_dag_record", true, self.inner.put_dag_record(record)).await
+    }
+    async fn put_dag_version(&self, version: &DagVersionRecord) -> Result<(), BackendError> {
+        self.call("put_dag_version", true, self.inner.put_dag_version(version)).await
+    }
+    async fn dag_version(&self, dag_id: &str, version: &str) -> Result<Option<DagVersionRecord>, BackendError> {
+        self.call("dag_version", false, self.inner.dag_version(dag_id, version)).await
     }
     async fn create_run(&self, run: &RunRecord, tasks: &[TaskInstance]) -> Result<CreateRun, BackendError> {
         self.call("create_run", true, self.inner.create_run(run, tasks)).await

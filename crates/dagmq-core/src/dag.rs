@@ -81,6 +81,10 @@ pub enum TaskKind {
         /// The implementation.
         task: Arc<dyn Task>,
     },
+    /// A task of a DAG version a scheduler read back from the store
+    /// ([`crate::dag_version::DagVersionRecord`]): its place in the graph and its settings are
+    /// known, what it runs is not. Only a scheduler builds such tasks, and nothing runs them.
+    Unloaded,
 }
 
 /// How a task is retried, timed out, routed and alerted on.
@@ -242,6 +246,7 @@ impl fmt::Debug for TaskSpec {
         let kind = match &self.kind {
             TaskKind::Command(argv) => format!("command {argv:?}"),
             TaskKind::Rust { name, .. } => format!("rust {}", name.as_deref().unwrap_or("(unnamed)")),
+            TaskKind::Unloaded => "unloaded".to_string(),
         };
         f.debug_struct("TaskSpec").field("id", &self.id).field("after", &self.after).field("kind", &kind).finish()
     }

@@ -7,6 +7,7 @@ pub mod clock;
 pub mod cron;
 pub mod dag;
 pub mod dag_file;
+pub mod dag_version;
 pub mod duration;
 pub mod memory;
 pub mod messages;

@@ -9,6 +9,7 @@ use chrono::{DateTime, Utc};
 
 use crate::BackendError;
 use crate::clock::Clock;
+use crate::dag_version::DagVersionRecord;
 use crate::records::{DagRecord, RunRecord, TaskInstance, WorkerInfo};
 use crate::state::{RunState, TaskState};
 use crate::task::CancelHandle;
@@ -114,6 +115,9 @@ pub enum CreateRun {
     Created,
     /// A run with the same id, or the same DAG and idempotency key, exists: this one.
     Exists(String),
+    /// Nothing was created: the run names a DAG version the store does not have
+    /// ([`Store::put_dag_version`] comes first).
+    MissingVersion,
 }
 
 /// One compare-and-set of [`Store::transition_tasks`]: `task` replaces the stored instance if
@@ -212,8 +216,19 @@ pub trait Store: Send + Sync + 'static {
     /// Writes the bookkeeping for a DAG.
     async fn put_dag_record(&self, record: &DagRecord) -> Result<(), BackendError>;
 
+    /// Stores what a scheduler needs of one version of a DAG, by DAG id and version; writing it
+    /// again replaces it (with the same content: a version names one definition). It is kept
+    /// as long as any run that names it is kept (Redis: until the retention period after the
+    /// last of its runs finished; memory: until the last of its runs is dropped), and a version
+    /// no run names yet expires after the retention period (Redis) or stays (memory).
+    async fn put_dag_version(&self, version: &DagVersionRecord) -> Result<(), BackendError>;
+
+    /// A stored DAG version.
+    async fn dag_version(&self, dag_id: &str, version: &str) -> Result<Option<DagVersionRecord>, BackendError>;
+
     /// Creates a run and its tasks atomically, unless a run with the same id, or the same DAG
-    /// and key, exists.
+    /// and key, exists, or the run names a DAG version ([`RunRecord::dag_version`]) the store
+    /// does not have: no run of a version is ever stored without that version.
     async fn create_run(&self, run: &RunRecord, tasks: &[TaskInstance]) -> Result<CreateRun, BackendError>;
 
     /// One run.
@@ -393,7 +408,8 @@ pub trait Store: Send + Sync + 'static {
     async fn release_lease(&self, lease: &LeaseTerm) -> Result<(), BackendError>;
 
     /// This store as a scheduler holding the lease writes to it: every scheduler write (run
-    /// creation and transitions, task transitions, follow-ups, DAG bookkeeping, worker removal)
+    /// creation and transitions, task transitions, follow-ups, DAG bookkeeping and versions, worker
+    /// removal)
     /// is refused, atomically with the write, unless `fence.lease` is still the term in force
     /// and has not expired. `None` when the store cannot fence; the scheduler then writes
     /// unfenced.

@@ -12,7 +12,8 @@ use serde_json::Value;
 use crate::state::TaskState;
 
 /// When a task runs, over the final states of its upstream tasks.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
 pub enum TriggerRule {
     /// All upstreams succeeded (the default). Otherwise `upstream_failed` if any failed or
     /// was upstream_failed, else `skipped`.

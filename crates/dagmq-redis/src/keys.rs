@@ -35,6 +35,19 @@ impl RedisStore {
         format!("{}:key:{dag_id}:{key}", self.prefix)
     }
 
+    pub(crate) fn dag_version_key(&self, dag_id: &str, version: &str) -> String {
+        format!("{}:dagversion:{dag_id}:{version}", self.prefix)
+    }
+
+    /// The version hash a run's transitions keep up to date, or an unused name for a run that
+    /// names no version (the scripts leave it alone).
+    pub(crate) fn run_version_key(&self, run: &dagmq_core::RunRecord) -> String {
+        match &run.dag_version {
+            Some(version) => self.dag_version_key(&run.dag_id, version),
+            None => format!("{}:dagversion:-", self.prefix),
+        }
+    }
+
     pub(crate) fn lease_key(&self) -> String {
         format!("{}:scheduler:lease", self.prefix)
     }

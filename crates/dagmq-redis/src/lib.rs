@@ -10,6 +10,9 @@
 //! - `P:dag:DAG` — the scheduler's per-DAG bookkeeping; `P:workers` — hash of worker entries.
 //! - `P:scheduler:lease` — the term of the scheduler lease in force, `TERM:HOLDER`, expiring
 //!   with the lease; `P:scheduler:terms` — the number of the last term granted (kept for good).
+//! - `P:dagversion:DAG:VERSION` — hash: `dag` → what the scheduler needs of that version of the
+//!   DAG (JSON); `run:RUN` → `1` for each unfinished run of it. Kept while it lists a run, and
+//!   expires after the retention period once the last of them finished.
 //!
 //! Every state transition is a Lua compare-and-set (see `scripts`); WATCH/MULTI is unsound on
 //! shared, multiplexed connections. Finished runs expire after the retention period, if set.
@@ -63,6 +66,7 @@ struct Scripts {
     renew_lease: Script,
     release_lease: Script,
     put_fenced: Script,
+    put_dag_version: Script,
     hdel_fenced: Script,
     heartbeat: Script,
 }
@@ -150,6 +154,7 @@ impl RedisStore {
                 renew_lease: Script::new(scripts::RENEW_LEASE),
                 release_lease: Script::new(scripts::RELEASE_LEASE),
                 put_fenced: Script::new(scripts::PUT_FENCED),
+                put_dag_version: Script::new(scripts::PUT_DAG_VERSION),
                 hdel_fenced: Script::new(scripts::HDEL_FENCED),
                 heartbeat: Script::new(scripts::HEARTBEAT),
             }),

@@ -229,10 +229,15 @@ return applied
 
 /// Compare-and-set of a run record, with its index entries, in one step. KEYS[1] meta,
 /// KEYS[2] tasks hash, KEYS[3] the run's set of log keys, KEYS[4] the unfinished index,
-/// KEYS[5] the runs index, KEYS[6] the DAG's runs index. ARGV: expected state, new JSON,
-/// retention seconds (0: keep), run id, score, horizon below which finished runs leave the
-/// listings (-1: none), then groups of task id, expected state, expected try, new JSON applied
-/// as compare-and-sets once the run's applies (a restart). Returns 1 when applied.
+/// KEYS[5] the runs index, KEYS[6] the DAG's runs index, KEYS[7] the hash of the DAG version
+/// the run names. ARGV: expected state, new JSON, retention seconds (0: keep), run id, score,
+/// horizon below which finished runs leave the listings (-1: none), then groups of task id,
+/// expected state, expected try, new JSON applied as compare-and-sets once the run's applies (a
+/// restart). Returns 1 when applied.
+///
+/// A stored version lists its unfinished runs (`run:ID` fields beside `dag`): it is kept while
+/// it has one, and expires with the retention period once the last of them finished, so it
+/// outlives every run that names it.
 pub(crate) const TRANSITION_RUN: &str = fenced!(task_script!(
     r#"
 local current = redis.call('GET', KEYS[1])
@@ -262,6 +267,15 @@ if final and retention > 0 then
 else
   for _, log in ipairs(redis.call('SMEMBERS', KEYS[3])) do redis.call('PERSIST', log) end
 end
+if redis.call('HEXISTS', KEYS[7], 'dag') == 1 then
+  if final then
+    redis.call('HDEL', KEYS[7], 'run:' .. ARGV[4])
+    if retention > 0 and redis.call('HLEN', KEYS[7]) == 1 then redis.call('EXPIRE', KEYS[7], retention) end
+  else
+    redis.call('HSET', KEYS[7], 'run:' .. ARGV[4], '1')
+    redis.call('PERSIST', KEYS[7])
+  end
+end
 if final then
   redis.call('ZREM', KEYS[4], ARGV[4])
   if tonumber(ARGV[6]) >= 0 then
@@ -280,10 +294,13 @@ return 1
 /// Creates a run with its index entries and idempotency key, in one step, so no crash or
 /// timeout can leave a run that listings and recovery never see, or a key without its run.
 /// KEYS[1] meta, KEYS[2] tasks hash, KEYS[3] runs index, KEYS[4] the DAG's runs index,
-/// KEYS[5] unfinished index, KEYS[6] the idempotency key (or an unused name). ARGV: run JSON,
-/// run id, score, whether there is a key (1/0), key lifetime in seconds (0: none), the meta key
-/// of a run id as prefix and suffix, then task id and JSON pairs. Answers `+` when created,
-/// `=` when a run with this id exists, or the id of the run the key names.
+/// KEYS[5] unfinished index, KEYS[6] the idempotency key (or an unused name), KEYS[7] the hash
+/// of the DAG version the run names (or an unused name). ARGV: run JSON, run id, score, whether
+/// there is a key (1/0), key lifetime in seconds (0: none), the meta key of a run id as prefix
+/// and suffix, whether the run names a version (1/0), then task id and JSON pairs. Answers `+`
+/// when created, `=` when a run with this id exists, the id of the run the key names, or `!`
+/// when the version is not stored (nothing is written). A created run is listed in its version
+/// (see `TRANSITION_RUN`).
 pub(crate) const CREATE_RUN: &str = fenced!(
     r#"
 if ARGV[4] == '1' then
@@ -291,8 +308,13 @@ if ARGV[4] == '1' then
   if existing and redis.call('EXISTS', ARGV[6] .. existing .. ARGV[7]) == 1 then return existing end
 end
 if redis.call('EXISTS', KEYS[1]) == 1 then return '=' end
+if ARGV[8] == '1' then
+  if redis.call('HEXISTS', KEYS[7], 'dag') == 0 then return '!' end
+  redis.call('HSET', KEYS[7], 'run:' .. ARGV[2], '1')
+  redis.call('PERSIST', KEYS[7])
+end
 redis.call('SET', KEYS[1], ARGV[1])
-for i = 8, #ARGV, 2 do redis.call('HSET', KEYS[2], ARGV[i], ARGV[i + 1]) end
+for i = 9, #ARGV, 2 do redis.call('HSET', KEYS[2], ARGV[i], ARGV[i + 1]) end
 redis.call('ZADD', KEYS[3], ARGV[3], ARGV[2])
 redis.call('ZADD', KEYS[4], ARGV[3], ARGV[2])
 redis.call('ZADD', KEYS[5], ARGV[3], ARGV[2])
@@ -390,6 +412,21 @@ pub(crate) const RELEASE_LEASE: &str = r#"
 if redis.call('GET', KEYS[1]) == ARGV[1] then redis.call('DEL', KEYS[1]) end
 return 1
 "#;
+
+/// Stores a DAG version, fenced. KEYS[1] the version hash (then the lease key). ARGV: fence,
+/// JSON, retention seconds (0: keep). The version lives as long as its runs (see
+/// `TRANSITION_RUN`); one that lists no unfinished run expires after the retention period.
+pub(crate) const PUT_DAG_VERSION: &str = fenced!(
+    r#"
+redis.call('HSET', KEYS[1], 'dag', ARGV[1])
+if tonumber(ARGV[2]) > 0 and redis.call('HLEN', KEYS[1]) == 1 then
+  redis.call('EXPIRE', KEYS[1], ARGV[2])
+else
+  redis.call('PERSIST', KEYS[1])
+end
+return 1
+"#
+);
 
 /// Writes a string value, fenced. KEYS[1] the key (then the lease key). ARGV: fence, value.
 pub(crate) const PUT_FENCED: &str = fenced!(

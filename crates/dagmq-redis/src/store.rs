@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
+use dagmq_core::dag_version::DagVersionRecord;
 use dagmq_core::records::DagRecord;
 use dagmq_core::store::{
     ClaimAnswer, Claimant, CreateRun, EagerClaim, Fence, FinishedTry, LOG_CUT_MARKER, LeaseTerm, MAX_LOG_LINES_PER_TRY,
@@ -95,6 +96,29 @@ impl Store for RedisStore {
         Ok(())
     }
 
+    async fn put_dag_version(&self, version: &DagVersionRecord) -> Result<(), BackendError> {
+        let mut conn = self.conn().await?;
+        let _: i32 = self
+            .scripts
+            .put_dag_version
+            .arg(self.fence_arg())
+            .arg(encode(version)?)
+            .arg(self.retention_secs())
+            .key(self.dag_version_key(&version.dag_id, &version.version))
+            .key(self.lease_key())
+            .invoke_async(&mut conn)
+            .await
+            .map_err(|e| self.write_error("dag version", e))?;
+        Ok(())
+    }
+
+    async fn dag_version(&self, dag_id: &str, version: &str) -> Result<Option<DagVersionRecord>, BackendError> {
+        let mut conn = self.conn().await?;
+        let value: Option<String> =
+            conn.hget(self.dag_version_key(dag_id, version), "dag").await.map_err(redis_error)?;
+        value.map(|v| decode(&v)).transpose()
+    }
+
     async fn create_run(&self, run: &RunRecord, tasks: &[TaskInstance]) -> Result<CreateRun, BackendError> {
         let mut conn = self.conn().await?;
         let key_name = match &run.key {
@@ -109,6 +133,7 @@ impl Store for RedisStore {
             .key(self.dag_runs_key(&run.dag_id))
             .key(self.unfinished_key())
             .key(key_name)
+            .key(self.run_version_key(run))
             .key(self.lease_key())
             .arg(encode(run)?)
             .arg(&run.run_id)
@@ -116,7 +141,8 @@ impl Store for RedisStore {
             .arg(if run.key.is_some() { 1 } else { 0 })
             .arg(self.retention_secs())
             .arg(format!("{}:run:{{", self.prefix))
-            .arg("}:meta");
+            .arg("}:meta")
+            .arg(if run.dag_version.is_some() { 1 } else { 0 });
         for task in tasks {
             invocation.arg(&task.task_id).arg(encode(task)?);
         }
@@ -124,6 +150,7 @@ impl Store for RedisStore {
             invocation.invoke_async(&mut conn).await.map_err(|e| self.write_error("run creation", e))?;
         Ok(match answer.as_str() {
             "+" => CreateRun::Created,
+            "!" => CreateRun::MissingVersion,
             "=" => CreateRun::Exists(run.run_id.clone()),
             existing => CreateRun::Exists(existing.to_string()),
         })
@@ -158,6 +185,7 @@ impl Store for RedisStore {
             .key(self.unfinished_key())
             .key(self.runs_key())
             .key(self.dag_runs_key(&run.dag_id))
+            .key(self.run_version_key(run))
             .key(self.lease_key())
             .arg(expected.as_str())
             .arg(encode(run)?)

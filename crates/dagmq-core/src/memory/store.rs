@@ -10,6 +10,7 @@ use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 
 use crate::BackendError;
+use crate::dag_version::DagVersionRecord;
 use crate::records::{DagRecord, RunRecord, TaskInstance, WorkerInfo};
 use crate::state::{RunState, TaskState};
 use crate::store::{
@@ -48,6 +49,9 @@ struct Inner {
     last_term: u64,
     /// Finished runs in the order they finished, with when, for retention.
     finished: std::collections::VecDeque<(DateTime<Utc>, String)>,
+    /// DAG versions by (DAG, version), each with how many runs in `runs` name it: a version is
+    /// dropped with the last of its runs.
+    versions: HashMap<(String, String), (DagVersionRecord, usize)>,
 }
 
 impl Inner {
@@ -61,8 +65,18 @@ impl Inner {
             let Some((_, run_id)) = self.finished.pop_front() else { break };
             let expired =
                 |e: &RunEntry| e.record.state.is_final() && e.record.ended_at.unwrap_or(e.record.created_at) < horizon;
-            if self.runs.get(&run_id).is_some_and(expired) {
-                self.runs.remove(&run_id);
+            if self.runs.get(&run_id).is_some_and(expired)
+                && let Some(entry) = self.runs.remove(&run_id)
+            {
+                if let Some(version) = entry.record.dag_version {
+                    let key = (entry.record.dag_id, version);
+                    if let Some((_, runs)) = self.versions.get_mut(&key) {
+                        *runs = runs.saturating_sub(1);
+                        if *runs == 0 {
+                            self.versions.remove(&key);
+                        }
+                    }
+                }
                 gone.insert(run_id);
             }
         }
@@ -145,6 +159,19 @@ impl Store for MemoryStore {
         Ok(())
     }
 
+    async fn put_dag_version(&self, version: &DagVersionRecord) -> Result<(), BackendError> {
+        let mut inner = self.writable("dag version")?;
+        let key = (version.dag_id.clone(), version.version.clone());
+        let runs = inner.versions.get(&key).map_or(0, |(_, runs)| *runs);
+        inner.versions.insert(key, (version.clone(), runs));
+        Ok(())
+    }
+
+    async fn dag_version(&self, dag_id: &str, version: &str) -> Result<Option<DagVersionRecord>, BackendError> {
+        let inner = self.inner();
+        Ok(inner.versions.get(&(dag_id.to_string(), version.to_string())).map(|(record, _)| record.clone()))
+    }
+
     async fn create_run(&self, run: &RunRecord, tasks: &[TaskInstance]) -> Result<CreateRun, BackendError> {
         let mut inner = self.writable("run creation")?;
         if let Some(retention) = self.retention {
@@ -157,6 +184,12 @@ impl Store for MemoryStore {
             && let Some(existing) = inner.keys.get(&(run.dag_id.clone(), key.clone()))
         {
             return Ok(CreateRun::Exists(existing.clone()));
+        }
+        if let Some(version) = &run.dag_version {
+            match inner.versions.get_mut(&(run.dag_id.clone(), version.clone())) {
+                Some((_, runs)) => *runs += 1,
+                None => return Ok(CreateRun::MissingVersion),
+            }
         }
         if let Some(key) = &run.key {
             inner.keys.insert((run.dag_id.clone(), key.clone()), run.run_id.clone());

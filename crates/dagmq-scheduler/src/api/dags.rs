@@ -104,6 +104,7 @@ pub(super) async fn list_dags(State(state): State<AppState>) -> ApiResult<Json<V
                     kind: match &t.kind {
                         TaskKind::Command(_) => "command".to_string(),
                         TaskKind::Rust { name, .. } => name.clone().map_or("rust".to_string(), |n| format!("rust:{n}")),
+                        TaskKind::Unloaded => "unloaded".to_string(),
                     },
                     queue: t.config.queue.clone(),
                     retries: t.config.retries,

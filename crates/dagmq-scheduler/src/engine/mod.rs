@@ -21,7 +21,7 @@ mod runs;
 mod workers;
 
 use std::cmp::Reverse;
-use std::collections::{BTreeSet, BinaryHeap, HashMap, VecDeque};
+use std::collections::{BTreeSet, BinaryHeap, HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -31,8 +31,8 @@ use dagmq_core::messages;
 use dagmq_core::queue::join_all;
 use dagmq_core::records::DagRecord;
 use dagmq_core::{
-    BackendError, CancelSignal, Clock, DagRegistry, Delivery, LiveDags, Params, Queue, RunRecord, Store, Subscription,
-    TaskInstance, TaskState, Topic,
+    BackendError, CancelSignal, Clock, Dag, DagRegistry, Delivery, LiveDags, Params, Queue, RunRecord, Store,
+    Subscription, TaskInstance, TaskState, Topic,
 };
 use tokio::sync::mpsc;
 
@@ -166,6 +166,8 @@ pub fn spawn(
         limits,
         dags_generation: live.generation(),
         live,
+        stored_dags: HashMap::new(),
+        versions_written: HashSet::new(),
     };
     let task = tokio::spawn(engine.supervise(commands, shutdown));
     (handle, task)
@@ -278,6 +280,12 @@ struct Engine {
     live: Arc<LiveDags>,
     /// The reload whose DAGs `config.dags` holds.
     dags_generation: u64,
+    /// DAG versions runs name that this process has not loaded, as read from the store, by
+    /// (DAG, version); `None` for a version the store does not have (a run created before
+    /// versions were stored). Read afresh in each term.
+    stored_dags: HashMap<(String, String), Option<Arc<Dag>>>,
+    /// The DAG versions this term wrote to the store ahead of their first runs.
+    versions_written: HashSet<(String, String)>,
 }
 
 impl Engine {

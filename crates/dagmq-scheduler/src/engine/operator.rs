@@ -38,7 +38,7 @@ impl Engine {
                 record.state
             )));
         }
-        if self.dag_of(&record).is_none() {
+        if self.dag_of(&record).await.map_err(backend)?.is_none() {
             return Err(CommandError::Conflict(format!("run {run_id:?} belongs to unknown dag {:?}", record.dag_id)));
         }
         let tasks = self.store.tasks(run_id).await.map_err(backend)?;
@@ -69,7 +69,7 @@ impl Engine {
             }
         }
         // In the DAG's order (the store's listing has none of its own), follow-ups after.
-        if let Some(dag) = self.dag_of(&record) {
+        if let Some(dag) = self.dag_of(&record).await.map_err(backend)? {
             let order: HashMap<&str, usize> = dag.tasks().iter().enumerate().map(|(i, t)| (t.id.as_str(), i)).collect();
             changes.sort_by_key(|c| {
                 (order.get(c.task.task_id.as_str()).copied().unwrap_or(usize::MAX), c.task.task_id.clone())
@@ -139,7 +139,7 @@ impl Engine {
                 record.state
             )));
         }
-        if self.dag_of(&record).is_none() {
+        if self.dag_of(&record).await.map_err(backend)?.is_none() {
             return Err(CommandError::Conflict(format!("run {run_id:?} belongs to unknown dag {:?}", record.dag_id)));
         }
         let tasks = self.store.tasks(run_id).await.map_err(backend)?;
@@ -163,7 +163,7 @@ impl Engine {
     async fn reopen(&mut self, record: &RunRecord, changes: &[TaskChange], restart: bool) -> Result<(), CommandError> {
         let backend = |e: BackendError| CommandError::Backend(e.to_string());
         let run_id = record.run_id.as_str();
-        let max = self.dag_of(record).map_or(u32::MAX, |dag| dag.max_active_runs);
+        let max = self.dag_of(record).await.map_err(backend)?.map_or(u32::MAX, |dag| dag.max_active_runs);
         // Runs already waiting go first (one whose start's answer was lost waits at the head).
         let waiting = self.queued.get(&record.dag_id).is_some_and(|queue| !queue.is_empty());
         let room = !waiting && self.running.get(&record.dag_id).copied().unwrap_or(0) < max;

@@ -24,8 +24,11 @@ impl Engine {
         self.queued.clear();
         self.running.clear();
         self.timers.clear();
-        // Another scheduler may have held the lease meanwhile: re-read its bookkeeping.
+        // Another scheduler may have held the lease meanwhile: re-read its bookkeeping, and
+        // write the versions of new runs again (one may have expired meanwhile).
         self.dag_records.clear();
+        self.stored_dags.clear();
+        self.versions_written.clear();
         self.now_cache = self.config.clock.now();
         let dags: Vec<Arc<Dag>> = self.config.dags.iter().cloned().collect();
         for dag in &dags {
@@ -33,7 +36,7 @@ impl Engine {
         }
         let mut taken = Vec::new();
         for record in self.store.unfinished_runs().await? {
-            if self.dag_of(&record).is_none() {
+            if self.dag_of(&record).await?.is_none() {
                 tracing::warn!(run = %record.run_id, dag = %record.dag_id, "run of an unknown dag left as it is");
                 continue;
             }
@@ -43,7 +46,10 @@ impl Engine {
             }
         }
         self.take_up(taken).await?;
+        // Every DAG with queued runs, also one whose file is gone (its runs start with their
+        // stored versions).
         self.dirty.extend(dags.iter().map(|d| d.id.clone()));
+        self.dirty.extend(self.queued.keys().cloned());
         self.watch_at = Some(self.now_cache);
         Ok(())
     }
@@ -123,7 +129,7 @@ impl Engine {
     /// created in this turn), counts it as running and times its timeout. `None` when the run
     /// does not start (another scheduler started it meanwhile) or its DAG is unknown.
     async fn load(&mut self, mut record: RunRecord, recovering: bool) -> Result<Option<ActiveRun>, BackendError> {
-        let Some(dag) = self.dag_of(&record) else { return Ok(None) };
+        let Some(dag) = self.dag_of(&record).await? else { return Ok(None) };
         // A run found started already is read from the store, whatever was cached at creation.
         let mut read_tasks = recovering;
         if record.state == RunState::Queued {
@@ -159,18 +165,43 @@ impl Engine {
         Ok(Some(ActiveRun::new(record, dag, tasks, self.metrics.view.clone(), self.limits.usage.clone())))
     }
 
-    /// The definition a run completes with: the version it was created with when this
-    /// scheduler has loaded it (the current file, or an earlier version it saw before a
-    /// reload), else the current one. After a restart, a run of a version that is no longer on
-    /// disk completes with its recorded graph (task instances carry their upstreams) and the
-    /// current file's task settings.
-    pub(super) fn dag_of(&self, record: &RunRecord) -> Option<Arc<Dag>> {
+    /// The definition a run completes with: the version it was created with. That is the
+    /// current file's DAG, an earlier version this process loaded before a reload, or else the
+    /// version as the store keeps it (written before the version's first run was created), so
+    /// after a restart a run is scheduled with its own version too, also when its file changed
+    /// or is gone. A run created before versions were stored completes with its recorded graph
+    /// (task instances carry their upstreams) and the current file's settings. `None` when the
+    /// DAG is unknown.
+    pub(super) async fn dag_of(&mut self, record: &RunRecord) -> Result<Option<Arc<Dag>>, BackendError> {
         let current = self.config.dags.get(&record.dag_id).cloned();
-        match &record.dag_version {
-            Some(version) if current.as_ref().is_none_or(|dag| &dag.version != version) => {
-                self.live.version(&record.dag_id, version).or(current)
+        let Some(version) = &record.dag_version else { return Ok(current) };
+        if let Some(dag) = current.as_ref().filter(|dag| &dag.version == version) {
+            return Ok(Some(dag.clone()));
+        }
+        if let Some(dag) = self.live.version(&record.dag_id, version) {
+            return Ok(Some(dag));
+        }
+        let key = (record.dag_id.clone(), version.clone());
+        if !self.stored_dags.contains_key(&key) {
+            let stored = self.store.dag_version(&record.dag_id, version).await?;
+            let dag = stored.and_then(|stored| match stored.to_dag() {
+                Ok(dag) => Some(Arc::new(dag)),
+                Err(err) => {
+                    tracing::error!(dag = %record.dag_id, version = %version, "stored dag version does not build: {err}");
+                    None
+                }
+            });
+            self.stored_dags.insert(key.clone(), dag);
+        }
+        match self.stored_dags.get(&key).cloned().flatten() {
+            Some(dag) => Ok(Some(dag)),
+            None => {
+                if current.is_some() {
+                    tracing::warn!(run = %record.run_id, dag = %record.dag_id, version = %version,
+                        "the store has no definition of the run's version: scheduling it with the current file's settings");
+                }
+                Ok(current)
             }
-            _ => current,
         }
     }
 
@@ -292,7 +323,7 @@ impl Engine {
             if self.active.contains_key(&record.run_id) || known.contains(&record.run_id) {
                 continue;
             }
-            if self.dag_of(&record).is_none() {
+            if self.dag_of(&record).await?.is_none() {
                 continue;
             }
             tracing::warn!(run = %record.run_id, state = %record.state, "run missing from the scheduler's view: taking it up");

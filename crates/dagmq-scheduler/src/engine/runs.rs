@@ -6,6 +6,7 @@ use std::collections::VecDeque;
 use std::sync::Arc;
 
 use chrono::{DateTime, Timelike, Utc};
+use dagmq_core::dag_version::DagVersionRecord;
 use dagmq_core::fail_point;
 use dagmq_core::messages::{self, Trigger};
 use dagmq_core::records::DagRecord;
@@ -70,21 +71,35 @@ impl Engine {
     /// The work of `start_dirty`.
     async fn start_dirty_runs(&mut self) -> Result<(), BackendError> {
         while let Some(dag_id) = self.dirty.pop_first() {
-            // A DAG a reload removed still starts the runs it queued, with the definition they
-            // were created with (each run's own version, in `activate`).
-            let known = self.config.dags.get(&dag_id).cloned().or_else(|| {
-                self.live.versions_of(&dag_id).first().and_then(|version| self.live.version(&dag_id, version))
-            });
-            let Some(dag) = known else { continue };
+            let current = self.config.dags.get(&dag_id).cloned();
             loop {
                 let running = self.running.get(&dag_id).copied().unwrap_or(0);
-                if running >= dag.max_active_runs {
+                if current.as_ref().is_some_and(|dag| running >= dag.max_active_runs) {
                     break;
+                }
+                let Some(run_id) = self.queued.get(&dag_id).and_then(VecDeque::front).cloned() else { break };
+                if current.is_none() {
+                    // A DAG a reload or a restart removed still starts the runs it queued, under
+                    // the `max_active_runs` of the version the next one was created with (each
+                    // run completes with its own version, in `activate`).
+                    let record = match self.created.get(&run_id) {
+                        Some((record, _)) => record.clone(),
+                        None => match self.store.run(&run_id).await? {
+                            Some(record) => record,
+                            None => {
+                                self.queued.get_mut(&dag_id).and_then(VecDeque::pop_front);
+                                continue;
+                            }
+                        },
+                    };
+                    let Some(dag) = self.dag_of(&record).await? else { break };
+                    if running >= dag.max_active_runs {
+                        break;
+                    }
                 }
                 // The run leaves the queue only once it started: a start whose answer was lost
                 // (it may have applied) is tried again before any other run of the DAG starts,
                 // so that run holds its place under `max_active_runs` meanwhile.
-                let Some(run_id) = self.queued.get(&dag_id).and_then(VecDeque::front).cloned() else { break };
                 if let Err(err) = self.start_queued(&run_id).await {
                     self.dirty.insert(dag_id);
                     return Err(err);
@@ -146,8 +161,16 @@ impl Engine {
             .iter()
             .map(|t| TaskInstance::pending(t.id.clone(), t.after.clone(), t.config.queue.clone(), t.config.retries))
             .collect();
+        self.store_version(dag).await?;
         fail_point!("scheduler::create_run::before");
-        let created = self.store.create_run(&record, &tasks).await?;
+        let mut created = self.store.create_run(&record, &tasks).await?;
+        if created == CreateRun::MissingVersion {
+            // The version expired from the store since this term wrote it (every run of it had
+            // ended longer than the retention period ago): write it again.
+            self.versions_written.remove(&(dag.id.clone(), dag.version.clone()));
+            self.store_version(dag).await?;
+            created = self.store.create_run(&record, &tasks).await?;
+        }
         fail_point!("scheduler::create_run::after");
         match created {
             CreateRun::Created => {
@@ -158,7 +181,25 @@ impl Engine {
                 Ok(TriggerOutcome { run_id, created: true })
             }
             CreateRun::Exists(existing) => Ok(TriggerOutcome { run_id: existing, created: false }),
+            CreateRun::MissingVersion => Err(BackendError::new(format!(
+                "dag {:?}: the store refused run {run_id:?}: it has no version {} of the dag, written just before",
+                dag.id, dag.version
+            ))),
         }
+    }
+
+    /// Writes what scheduling needs of `dag`'s version to the store before the first run of it
+    /// is created (once a term), so that any scheduler, after any restart, schedules the run
+    /// with this version, also once the DAG file has changed or is gone.
+    async fn store_version(&mut self, dag: &Dag) -> Result<(), BackendError> {
+        let key = (dag.id.clone(), dag.version.clone());
+        if self.versions_written.contains(&key) {
+            return Ok(());
+        }
+        self.store.put_dag_version(&DagVersionRecord::of(dag)).await?;
+        fail_point!("scheduler::create_run::after_version");
+        self.versions_written.insert(key);
+        Ok(())
     }
 
     pub(super) async fn trigger(

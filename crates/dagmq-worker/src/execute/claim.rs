@@ -183,6 +183,10 @@ pub(super) fn resolve(shared: &Shared, message: &TaskToExec, version: Option<&st
     let executable = match &spec.kind {
         TaskKind::Command(argv) => Executable::Command(argv.clone()),
         TaskKind::Rust { task, .. } => Executable::Rust(task.clone(), spec.args.clone()),
+        // Only a scheduler builds such tasks (from a stored version); a worker's DAGs are loaded.
+        TaskKind::Unloaded => {
+            return Err(format!("dag {:?}, task {:?}: not loaded from a DAG file", message.dag_id, message.task_id));
+        }
     };
     let branch = spec.config.branch.then(|| dag.downstream_of(&spec.id).into_iter().map(str::to_string).collect());
     Ok(Resolved { executable, branch, timeout: spec.config.timeout })

@@ -154,6 +154,14 @@ fn crash_before_run_creation() {
     scheduler_crash_at("scheduler::create_run::before");
 }
 
+/// The scheduler stores the DAG's version before the first run of it, then dies before it
+/// creates the run: the trigger comes again, and the next scheduler writes the version again
+/// and creates the run.
+#[test]
+fn crash_between_storing_the_dag_version_and_creating_the_run() {
+    scheduler_crash_at("scheduler::create_run::after_version");
+}
+
 #[test]
 fn crash_between_run_creation_and_the_trigger_ack() {
     scheduler_crash_at("scheduler::create_run::after");
