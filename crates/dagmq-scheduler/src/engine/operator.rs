@@ -82,6 +82,7 @@ impl Engine {
             };
             let result = async {
                 let applied = self.store.transition_tasks(run_id, &changes).await?;
+                fail_point!("scheduler::clear::after_tasks");
                 for (change, applied) in changes.into_iter().zip(&applied) {
                     if let (true, Some(&i)) = (*applied, run.index.get(&change.task.task_id)) {
                         run.replace(i, change.task);

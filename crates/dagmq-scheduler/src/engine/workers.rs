@@ -5,6 +5,7 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
+use dagmq_core::fail_point;
 use dagmq_core::{BackendError, TaskInstance, TaskState, Topic, WorkerInfo};
 
 use super::queueing::task_message;
@@ -237,6 +238,7 @@ impl Engine {
         if !self.store.transition_task(run_id, TaskState::Running, task.try_number, &next).await? {
             return Ok(());
         }
+        fail_point!("scheduler::requeue::after_cas");
         tracing::warn!(
             run = %run_id, task = %task.task_id, try_number = task.try_number, next_try = next.try_number,
             state = %next.state, why, "interrupted try handled"

@@ -257,11 +257,6 @@ impl Cluster {
         self.workers.get(name).map(Child::id)
     }
 
-    /// Whether worker `name` has exited.
-    pub fn worker_exited(&mut self, name: &str) -> bool {
-        self.workers.get_mut(name).is_none_or(|child| child.try_wait().ok().flatten().is_some())
-    }
-
     /// How the scheduler process ended, once it has.
     pub fn scheduler_status(&mut self) -> Option<std::process::ExitStatus> {
         self.scheduler.as_mut().and_then(|child| child.try_wait().ok().flatten())
