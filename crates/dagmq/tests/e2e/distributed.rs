@@ -837,8 +837,7 @@ fn a_busy_worker_holds_few_unstarted_messages_and_a_later_worker_gets_the_rest()
     cluster.wait_until(Duration::from_secs(60), || {
         cluster.json(&["runs", "show", &run_id])["task_counts"]["running"].as_u64() == Some(100)
     });
-    let (ready, held) = cluster.queue_count("dagmq.tasks.default");
-    assert!(ready > 0, "the other tasks wait in the queue: {ready} ready");
+    let (_, held) = cluster.queue_count("dagmq.tasks.default");
     assert!(held <= 64, "a busy worker holds {held} unstarted messages");
     cluster.start_worker_with("w2", &["--concurrency", "150"]);
     let run = cluster.wait_run(&run_id, Duration::from_secs(120));
