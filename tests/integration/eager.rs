@@ -66,6 +66,7 @@ async fn run_both(eager: bool) -> (Harness, u64) {
         let run = h.trigger(dag).await;
         assert_eq!(h.wait_final(&run).await, RunState::Success, "{dag}");
         let tasks = h.tasks(&run).await;
+        assert_eq!(tasks.len(), 4, "{dag}: {tasks:?}");
         assert!(tasks.values().all(|t| t.state == TaskState::Success && t.try_number == 1), "{dag}: {tasks:?}");
         assert_in_order(&journal, edges);
         journal.0.lock().unwrap().clear();

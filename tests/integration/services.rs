@@ -21,15 +21,21 @@ pub fn namespace() -> String {
     format!("dagmq-test-{}", &uuid::Uuid::new_v4().simple().to_string()[..12])
 }
 
-/// Whether a missing service must fail the test.
+/// Whether a missing service must fail the test: with `DAGMQ_REQUIRE_SERVICES` set (to
+/// anything but `0`), and in CI (`CI` set to anything but `false` or `0`; CI systems set it to
+/// `true`, `1`, `yes` or their own name).
 fn required() -> bool {
-    std::env::var("DAGMQ_REQUIRE_SERVICES").is_ok_and(|v| v == "1")
+    let set = |name: &str, off: &[&str]| {
+        std::env::var(name)
+            .is_ok_and(|v| !v.trim().is_empty() && !off.contains(&v.trim().to_ascii_lowercase().as_str()))
+    };
+    set("DAGMQ_REQUIRE_SERVICES", &["0"]) || set("CI", &["false", "0"])
 }
 
 /// Handles an unreachable service: panics in CI, otherwise says so and lets the test return.
 pub fn unavailable(service: &str, err: impl std::fmt::Display) -> Option<std::convert::Infallible> {
     if required() {
-        panic!("{service} is required (DAGMQ_REQUIRE_SERVICES=1) but unreachable: {err}");
+        panic!("{service} is required (DAGMQ_REQUIRE_SERVICES or CI is set) but unreachable: {err}");
     }
     eprintln!("skipping: {service} unreachable ({err}); set DAGMQ_REQUIRE_SERVICES=1 to fail instead");
     None

@@ -106,6 +106,7 @@ impl Engine {
                     return Err(backend(err));
                 }
             };
+            fail_point!("scheduler::clear::after_tasks");
             let result = async {
                 for (change, applied) in changes.into_iter().zip(&applied) {
                     if let (true, Some(&i)) = (*applied, run.index.get(&change.task.task_id)) {

@@ -170,6 +170,7 @@ impl Engine {
         if !self.store.transition_task(run.id(), TaskState::UpForRetry, task.try_number, &new).await? {
             return self.refresh_task(run, i).await;
         }
+        fail_point!("scheduler::retry::after_cas");
         let kind =
             TimerKind::Retry { run_id: run.id().to_string(), task_id: new.task_id.clone(), try_number: new.try_number };
         run.replace(i, new);
@@ -182,6 +183,7 @@ impl Engine {
 
     /// Sends a notification off the loop.
     fn notify(&self, run: &ActiveRun, i: usize, kind: NotificationKind) {
+        fail_point!("scheduler::notify::before_send");
         let task = &run.tasks[i];
         let notification = Notification {
             kind,

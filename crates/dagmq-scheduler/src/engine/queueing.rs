@@ -26,6 +26,7 @@ impl Engine {
         }
         let changes = skipped.iter().map(|&d| (d, TaskState::Skipped, None)).collect();
         let applied = self.end_pending(run, changes).await?;
+        fail_point!("scheduler::branch::after_skip");
         self.advance(run, applied.into_iter().flat_map(|d| run.downstream[d].clone()).collect()).await
     }
 
@@ -101,6 +102,7 @@ impl Engine {
             Ok(None) => Ok(()),
             Ok(Some((new_tasks, rewired))) => {
                 self.store.add_tasks(run.id(), &new_tasks, &rewired).await?;
+                fail_point!("scheduler::follow_ups::after_add");
                 tracing::info!(run = %run.id(), task = %run.tasks[i].task_id, count = new_tasks.len(), "follow-up tasks added");
                 run.apply_expansion(new_tasks, rewired);
                 Ok(())

@@ -6,6 +6,7 @@
 use std::collections::HashSet;
 use std::sync::Arc;
 
+use dagmq_core::fail_point;
 use dagmq_core::state::run_outcome;
 use dagmq_core::{BackendError, Dag, RunRecord, RunState, TaskState, Topic};
 
@@ -266,6 +267,7 @@ impl Engine {
             self.active.insert(run.id().to_string(), run);
             return Err(err);
         }
+        fail_point!("scheduler::finish_run::after");
         self.limits.forget_run(&finished.run_id);
         tracing::info!(dag = %dag_id, run = %finished.run_id, state = %outcome, "run finished");
         self.metrics.runs_finished.inc(&[dag_id.as_str(), outcome.as_str()]);

@@ -258,6 +258,7 @@ impl Engine {
         for point in points {
             let created =
                 self.create_run(&dag, RunKind::Backfill, point, merged.clone(), None).await.map_err(backend)?;
+            fail_point!("scheduler::backfill::after_run");
             if created.created {
                 outcome.created += 1;
             } else {

@@ -5,6 +5,7 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
+use dagmq_core::fail_point;
 use dagmq_core::state::{TaskEvent, task_transition};
 use dagmq_core::{BackendError, RunState, TaskInstance, TaskState, Topic, WorkerInfo};
 
@@ -245,6 +246,7 @@ impl Engine {
         if !self.store.transition_task(run_id, TaskState::Running, task.try_number, &next).await? {
             return Ok(());
         }
+        fail_point!("scheduler::requeue::after_cas");
         tracing::warn!(
             run = %run_id, task = %task.task_id, try_number = task.try_number, next_try = next.try_number,
             state = %next.state, why, "interrupted try handled"

@@ -149,6 +149,7 @@ async fn record_outcome(
         Vec::new()
     };
     let claims: Vec<EagerClaim> = candidates.iter().map(|c| c.claim.clone()).collect();
+    fail_point!("worker::outcome::before_cas");
     let finished = store.finish_try(&message.run_id, &done, &claims).await;
     // Only the claimed candidates stay registered; an error claimed none that this worker knows
     // of (should the store have applied one, the scheduler requeues it: no heartbeat lists it).

@@ -6,15 +6,80 @@ use std::path::PathBuf;
 use std::process::{Child, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use crate::support::{dagmq, free_port, text};
+use crate::support::{dagmq, dagmq_with_rust_tasks, free_port, text};
 
-/// Whether a test that cannot reach a service must fail rather than skip.
+/// Whether a test that cannot reach a service must fail rather than skip: with
+/// `DAGMQ_REQUIRE_SERVICES` set (to anything but `0`), and in CI (`CI` set to anything but
+/// `false` or `0`; CI systems set it to `true`, `1`, `yes` or their own name).
 pub(crate) fn required() -> bool {
-    std::env::var("DAGMQ_REQUIRE_SERVICES").is_ok_and(|v| v == "1")
+    let set = |name: &str, off: &[&str]| {
+        std::env::var(name)
+            .is_ok_and(|v| !v.trim().is_empty() && !off.contains(&v.trim().to_ascii_lowercase().as_str()))
+    };
+    set("DAGMQ_REQUIRE_SERVICES", &["0"]) || set("CI", &["false", "0"])
 }
 
-fn reachable(port: u16) -> bool {
-    std::net::TcpStream::connect_timeout(&([127, 0, 0, 1], port).into(), Duration::from_secs(2)).is_ok()
+/// The RabbitMQ URL of the tests (`DAGMQ_AMQP_URL`, by default the local broker's `/` vhost).
+pub(crate) fn amqp_url() -> String {
+    std::env::var("DAGMQ_AMQP_URL").unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".to_string())
+}
+
+/// The Redis URL of the tests (`DAGMQ_REDIS_URL`, by default the local Redis).
+pub(crate) fn redis_url() -> String {
+    std::env::var("DAGMQ_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".to_string())
+}
+
+/// A service URL in parts: `scheme://[user[:password]@]host:port[/path]`.
+pub(crate) struct ServiceUrl {
+    pub scheme: String,
+    pub user: Option<String>,
+    pub password: Option<String>,
+    /// `host:port`.
+    pub address: String,
+}
+
+impl ServiceUrl {
+    /// Parses `url`; `default_port` when it names none.
+    pub(crate) fn parse(url: &str, default_port: u16) -> ServiceUrl {
+        let (scheme, rest) =
+            url.split_once("://").unwrap_or_else(|| panic!("not a URL: {}", dagmq_core::mask_url(url)));
+        let authority = rest.split(['/', '?']).next().unwrap_or("");
+        let (userinfo, host) = match authority.rsplit_once('@') {
+            Some((userinfo, host)) => (Some(userinfo), host),
+            None => (None, authority),
+        };
+        let (user, password) = match userinfo.map(|u| u.split_once(':').unwrap_or((u, ""))) {
+            Some((user, password)) => {
+                (Some(user.to_string()).filter(|u| !u.is_empty()), Some(password.to_string()).filter(|p| !p.is_empty()))
+            }
+            None => (None, None),
+        };
+        let address = if host.rsplit_once(':').is_some_and(|(_, port)| port.parse::<u16>().is_ok()) {
+            host.to_string()
+        } else {
+            format!("{host}:{default_port}")
+        };
+        ServiceUrl { scheme: scheme.to_string(), user, password, address }
+    }
+
+    /// The URL with other credentials and `path` (`/vhost`, or empty).
+    pub(crate) fn with(&self, user: Option<&str>, password: Option<&str>, path: &str) -> String {
+        let userinfo = match (user, password) {
+            (Some(user), Some(password)) => format!("{user}:{password}@"),
+            (Some(user), None) => format!("{user}@"),
+            (None, Some(password)) => format!(":{password}@"),
+            (None, None) => String::new(),
+        };
+        format!("{}://{userinfo}{}{path}", self.scheme, self.address)
+    }
+}
+
+/// Whether something answers on `address` (`host:port`) within 2 s.
+fn reachable(address: &str) -> bool {
+    use std::net::ToSocketAddrs;
+    address
+        .to_socket_addrs()
+        .is_ok_and(|mut addrs| addrs.any(|a| std::net::TcpStream::connect_timeout(&a, Duration::from_secs(2)).is_ok()))
 }
 
 fn rabbitmqctl(args: &[&str]) -> Output {
@@ -43,6 +108,8 @@ pub struct Cluster {
     env: Vec<(String, String)>,
     /// Whether a RabbitMQ user and a Redis ACL user of this namespace exist (to delete).
     users: bool,
+    /// Start processes as `dagmq` with the tests' Rust tasks (`app.rs`).
+    rust_tasks: bool,
     /// Held shared by every cluster, exclusively by a test that restarts the broker.
     _broker_lock: std::fs::File,
 }
@@ -76,16 +143,21 @@ impl Cluster {
     }
 
     fn create(dag_files: &[(&str, &str)], exclusive: bool) -> Option<Cluster> {
-        if !(reachable(5672) && reachable(6379)) {
-            assert!(!required(), "RabbitMQ (5672) and Redis (6379) are required (DAGMQ_REQUIRE_SERVICES=1)");
-            eprintln!("skipping: RabbitMQ or Redis unreachable");
+        let (amqp, redis) = (ServiceUrl::parse(&amqp_url(), 5672), redis_url());
+        let redis_address = ServiceUrl::parse(&redis, 6379).address;
+        if !(reachable(&amqp.address) && reachable(&redis_address)) {
+            let what = format!("RabbitMQ ({}) and Redis ({redis_address})", amqp.address);
+            assert!(!required(), "{what} are required (DAGMQ_REQUIRE_SERVICES or CI is set)");
+            eprintln!("skipping: {what} unreachable");
             return None;
         }
         let lock = broker_lock(exclusive);
         let namespace = format!("dagmq-e2e-{}-{}", std::process::id(), free_port());
+        // The vhost is made with `rabbitmqctl`, which reaches the broker of this machine.
         let added = rabbitmqctl(&["add_vhost", &namespace]);
         assert!(added.status.success(), "add_vhost: {}", text(&added.stderr));
-        let allowed = rabbitmqctl(&["set_permissions", "-p", &namespace, "guest", ".*", ".*", ".*"]);
+        let user = amqp.user.clone().unwrap_or_else(|| "guest".to_string());
+        let allowed = rabbitmqctl(&["set_permissions", "-p", &namespace, &user, ".*", ".*", ".*"]);
         assert!(allowed.status.success(), "set_permissions: {}", text(&allowed.stderr));
         let dir = std::env::temp_dir().join(&namespace);
         let dags = dir.join("dags");
@@ -97,8 +169,8 @@ impl Cluster {
         }
         let port = free_port();
         Some(Cluster {
-            amqp: format!("amqp://guest:guest@127.0.0.1:5672/{namespace}"),
-            redis: "redis://127.0.0.1:6379".to_string(),
+            amqp: amqp.with(amqp.user.as_deref(), amqp.password.as_deref(), &format!("/{namespace}")),
+            redis,
             api: format!("http://127.0.0.1:{port}"),
             namespace,
             port,
@@ -111,6 +183,7 @@ impl Cluster {
             secret_files: None,
             env: Vec::new(),
             users: false,
+            rust_tasks: false,
             _broker_lock: lock,
         })
     }
@@ -125,12 +198,14 @@ impl Cluster {
         let allowed = rabbitmqctl(&["set_permissions", "-p", &user, &user, ".*", ".*", ".*"]);
         assert!(allowed.status.success(), "set_permissions: {}", text(&allowed.stderr));
         let acl = std::process::Command::new("redis-cli")
+            .args(["-u", &cluster.redis])
             .args(["ACL", "SETUSER", &user, "on", &format!(">{password}"), &format!("~{user}:*"), "+@all"])
             .output()
             .expect("redis-cli runs");
         assert_eq!(text(&acl.stdout).trim(), "OK", "{}", text(&acl.stderr));
-        cluster.amqp = format!("amqp://{user}:{password}@127.0.0.1:5672/{user}");
-        cluster.redis = format!("redis://{user}:{password}@127.0.0.1:6379");
+        let (amqp, redis) = (ServiceUrl::parse(&cluster.amqp, 5672), ServiceUrl::parse(&cluster.redis, 6379));
+        cluster.amqp = amqp.with(Some(&user), Some(password), &format!("/{user}"));
+        cluster.redis = redis.with(Some(&user), Some(password), "");
         cluster.users = true;
         Some(cluster)
     }
@@ -182,9 +257,80 @@ impl Cluster {
         self.workers.get(name).map(Child::id)
     }
 
-    /// Whether worker `name` has exited.
-    pub fn worker_exited(&mut self, name: &str) -> bool {
-        self.workers.get_mut(name).is_none_or(|child| child.try_wait().ok().flatten().is_some())
+    /// How the scheduler process ended, once it has.
+    pub fn scheduler_status(&mut self) -> Option<std::process::ExitStatus> {
+        self.scheduler.as_mut().and_then(|child| child.try_wait().ok().flatten())
+    }
+
+    /// How worker `name`'s process ended, once it has.
+    pub fn worker_status(&mut self, name: &str) -> Option<std::process::ExitStatus> {
+        self.workers.get_mut(name).and_then(|child| child.try_wait().ok().flatten())
+    }
+
+    /// The whole log of process `name` (`scheduler`, a worker's name, ...), every start of it
+    /// appended.
+    pub fn log_of(&self, name: &str) -> String {
+        std::fs::read_to_string(self.logs.join(format!("{name}.log"))).unwrap_or_default()
+    }
+
+    /// Messages ready and unacknowledged in each queue of the vhost, by name. A listing that
+    /// fails, or a line that does not read as counts, fails the test: counts never default to 0.
+    pub fn queue_counts(&self) -> std::collections::BTreeMap<String, (u64, u64)> {
+        let output = rabbitmqctl(&[
+            "list_queues",
+            "-p",
+            &self.namespace,
+            "--quiet",
+            "--no-table-headers",
+            "name",
+            "messages_ready",
+            "messages_unacknowledged",
+        ]);
+        assert!(output.status.success(), "rabbitmqctl list_queues: {}", text(&output.stderr));
+        let listing = text(&output.stdout);
+        listing
+            .lines()
+            .filter(|line| !line.trim().is_empty())
+            .map(|line| {
+                let parts: Vec<&str> = line.split_whitespace().collect();
+                let count = |i: usize| -> u64 {
+                    parts.get(i).and_then(|n| n.parse().ok()).unwrap_or_else(|| panic!("bad queue line {line:?}"))
+                };
+                assert_eq!(parts.len(), 3, "bad queue line {line:?}");
+                (parts[0].to_string(), (count(1), count(2)))
+            })
+            .collect()
+    }
+
+    /// Messages ready and unacknowledged in queue `name` (`dagmq.triggers`, with or without the
+    /// namespace's prefix), which must exist.
+    pub fn queue_count(&self, name: &str) -> (u64, u64) {
+        let counts = self.queue_counts();
+        let suffix = format!(".{name}");
+        let found = counts.iter().find(|(queue, _)| *queue == name || queue.ends_with(&suffix));
+        *found.unwrap_or_else(|| panic!("no queue {name} in {counts:?}")).1
+    }
+
+    /// The scheduler lease's holder, as Redis has it (`None` while nobody holds it). A Redis
+    /// that does not answer fails the test.
+    pub fn lease_holder(&self) -> Option<String> {
+        let key = format!("{}:scheduler:lease", self.namespace);
+        let redis_cli = |args: &[&str]| {
+            let output = std::process::Command::new("redis-cli")
+                .args(["-u", &self.redis, "--no-auth-warning"])
+                .args(args)
+                .output()
+                .expect("redis-cli runs");
+            assert!(output.status.success(), "redis-cli {args:?}: {}", text(&output.stderr));
+            text(&output.stdout).trim().to_string()
+        };
+        let mut value = redis_cli(&["GET", &key]);
+        if value.starts_with("WRONGTYPE") {
+            // A lease kept as a hash (holder and term, say): all its values, one a line.
+            value = redis_cli(&["HGETALL", &key]);
+        }
+        assert!(!value.starts_with("ERR") && !value.starts_with("NOAUTH"), "redis-cli GET {key}: {value}");
+        Some(value).filter(|v| !v.is_empty())
     }
 
     /// Forgets an exited scheduler, so that `start_scheduler` can start another.
@@ -203,28 +349,37 @@ impl Cluster {
     fn spawn_reading(&self, role: &str, name: &str, extra: &[String], dags: &std::path::Path) -> Child {
         let log =
             std::fs::OpenOptions::new().create(true).append(true).open(self.logs.join(format!("{name}.log"))).unwrap();
-        let mut command = dagmq();
-        command.arg(role).arg("--dags").arg(dags);
+        let mut args = vec![role.to_string(), "--dags".to_string(), dags.display().to_string()];
         match &self.secret_files {
-            Some(dir) => {
-                command
-                    .args(["--amqp-file", &format!("{dir}/amqp.url")])
-                    .env("DAGMQ_REDIS_URL_FILE", format!("{dir}/redis.url"))
-                    .env("DAGMQ_API_TOKEN_FILE", format!("{dir}/api.token"));
-            }
-            None => {
-                command.args(["--amqp", &self.amqp, "--redis", &self.redis]);
-            }
+            Some(dir) => args.extend(["--amqp-file".to_string(), format!("{dir}/amqp.url")]),
+            None => args.extend(["--amqp".to_string(), self.amqp.clone(), "--redis".to_string(), self.redis.clone()]),
+        }
+        args.extend(["--namespace".to_string(), self.namespace.clone()]);
+        args.extend(self.common.iter().cloned());
+        args.extend(extra.iter().cloned());
+        let mut command = if self.rust_tasks {
+            dagmq_with_rust_tasks(&args)
+        } else {
+            let mut command = dagmq();
+            command.args(&args);
+            command
+        };
+        if let Some(dir) = &self.secret_files {
+            command
+                .env("DAGMQ_REDIS_URL_FILE", format!("{dir}/redis.url"))
+                .env("DAGMQ_API_TOKEN_FILE", format!("{dir}/api.token"));
         }
         command
-            .args(["--namespace", &self.namespace])
-            .args(&self.common)
-            .args(extra)
             .env("DAGMQ_LOG", "info")
             .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
             .stdout(Stdio::null())
             .stderr(log);
         command.spawn().expect("start dagmq")
+    }
+
+    /// From now on, processes are `dagmq` with the tests' Rust tasks (`app.rs`).
+    pub fn with_rust_tasks(&mut self) {
+        self.rust_tasks = true;
     }
 
     /// Starts the scheduler and waits until its API answers.
@@ -379,12 +534,12 @@ impl Cluster {
         run
     }
 
-    /// The processes' logs, for failure messages.
     /// The whole log of process `name` (`scheduler`, a worker's name).
     pub fn log(&self, name: &str) -> String {
         std::fs::read_to_string(self.logs.join(format!("{name}.log"))).unwrap_or_default()
     }
 
+    /// The processes' logs, for failure messages.
     pub fn logs_text(&self) -> String {
         let mut all = String::new();
         if let Ok(entries) = std::fs::read_dir(&self.logs) {
@@ -417,7 +572,9 @@ impl Drop for Cluster {
         let _ = rabbitmqctl(&["delete_vhost", &self.namespace]);
         if self.users {
             let _ = rabbitmqctl(&["delete_user", &self.namespace]);
-            let _ = std::process::Command::new("redis-cli").args(["ACL", "DELUSER", &self.namespace]).output();
+            let _ = std::process::Command::new("redis-cli")
+                .args(["-u", &redis_url(), "ACL", "DELUSER", &self.namespace])
+                .output();
         }
         let prefix = self.namespace.clone();
         let redis = self.redis.clone();

@@ -1,6 +1,7 @@
 #![allow(clippy::unwrap_used, missing_docs, unreachable_pub)]
 //! End-to-end tests of the `dagmq` binary: real processes, driven through the CLI.
 
+mod app;
 mod bench;
 mod browser;
 mod chaos;
@@ -8,6 +9,7 @@ mod cluster;
 mod control_flow;
 mod distributed;
 mod failpoints;
+mod history;
 mod operations;
 mod reload;
 mod standalone;

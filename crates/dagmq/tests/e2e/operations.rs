@@ -176,7 +176,8 @@ fn limits_scenario(cli: Cli) {
     assert!(!waiting.is_empty(), "{}", shown["task_counts"]);
     assert!(waiting.iter().all(|t| t["state"] == "pending"));
     let pooled = wait_run(&pooled);
-    assert!(pooled["tasks"].as_array().unwrap().iter().all(|t| t["waiting_for"].is_null()));
+    let pooled_tasks = pooled["tasks"].as_array().unwrap();
+    assert!(!pooled_tasks.is_empty() && pooled_tasks.iter().all(|t| t["waiting_for"].is_null()), "{pooled}");
     assert_eq!(max_overlap(std::slice::from_ref(&pooled), |_| true), 2, "never more than the pool's 2 slots");
     let capped: Vec<Value> = capped.iter().map(|r| wait_run(r)).collect();
     assert!(max_overlap(&capped, |_| true) <= 3, "max_active_tasks across the dag's runs");

@@ -145,59 +145,23 @@ fn api_token_is_required_when_set() {
 
 #[test]
 fn final_failure_is_posted_to_the_webhook() {
-    use std::io::{BufRead, BufReader, Read, Write};
-
-    let receiver = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let hook = format!("http://{}/hook", receiver.local_addr().unwrap());
+    let receiver = crate::support::WebhookReceiver::start();
     let dir = std::env::temp_dir().join(format!("dagmq-webhook-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     std::fs::write(dir.join("bad.toml"), "id = \"bad\"\n[[task]]\nid = \"boom\"\ncommand = [\"false\"]\n").unwrap();
-    let port = crate::support::free_port();
-    let mut child = crate::support::dagmq()
-        .args(["standalone", "--dags"])
-        .arg(&dir)
-        .args(["--port", &port.to_string(), "--notify-webhook", &hook])
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
-    let api = format!("http://127.0.0.1:{port}");
-    let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    loop {
-        let out = crate::support::dagmq().args(["trigger", "bad"]).env("DAGMQ_API", &api).output().unwrap();
-        if out.status.success() {
-            break;
-        }
-        assert!(std::time::Instant::now() < deadline, "standalone did not start");
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    receiver.set_nonblocking(false).unwrap();
-    let (mut stream, _) = receiver.accept().unwrap();
-    stream.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
-    let mut reader = BufReader::new(stream.try_clone().unwrap());
-    let mut request_line = String::new();
-    reader.read_line(&mut request_line).unwrap();
-    let mut length = 0;
-    loop {
-        let mut header = String::new();
-        reader.read_line(&mut header).unwrap();
-        if header == "\r\n" {
-            break;
-        }
-        if let Some(value) = header.to_ascii_lowercase().strip_prefix("content-length:") {
-            length = value.trim().parse().unwrap();
-        }
-    }
-    let mut body = vec![0; length];
-    reader.read_exact(&mut body).unwrap();
-    stream.write_all(b"HTTP/1.1 204 No Content\r\ncontent-length: 0\r\n\r\n").unwrap();
-    let _ = child.kill();
-    let _ = child.wait();
+    let standalone = Standalone::start_with_args(&dir, &["--notify-webhook", &receiver.url]);
+    let run = standalone.json(&["trigger", "bad"]);
+    // The receiver never blocks: a notification that does not come fails here, within 30 s.
+    let bodies = receiver.wait_for(1, Duration::from_secs(30));
+    drop(standalone);
     std::fs::remove_dir_all(&dir).unwrap();
-    assert_eq!(request_line, "POST /hook HTTP/1.1\r\n");
-    let notification: Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(bodies.len(), 1, "{bodies:?}");
+    let (request_line, body) = bodies[0].split_once('\n').unwrap();
+    assert_eq!(request_line, "POST /hook HTTP/1.1");
+    let notification: Value = serde_json::from_str(body).unwrap();
     assert_eq!(notification["kind"], "failure");
     assert_eq!(notification["dag_id"], "bad");
+    assert_eq!(notification["run_id"], run["run_id"]);
     assert_eq!(notification["task_id"], "boom");
     assert_eq!(notification["try_number"], 1);
     assert_eq!(notification["error"], "command exited with status 1");

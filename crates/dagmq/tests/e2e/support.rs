@@ -8,7 +8,25 @@ use std::time::{Duration, Instant};
 
 /// The binary under test.
 pub(crate) fn dagmq() -> Command {
-    let mut command = Command::new(env!("CARGO_BIN_EXE_dagmq"));
+    without_settings(Command::new(env!("CARGO_BIN_EXE_dagmq")))
+}
+
+/// The environment variable that makes this test binary a `dagmq` program (`app::serve`): its
+/// arguments, one a line.
+pub(crate) const APP_ARGS: &str = "DAGMQ_E2E_APP_ARGS";
+
+/// `dagmq` with the tests' Rust tasks (`app.rs`) and `args`: this test binary, running only
+/// `app::serve`, which reads the arguments from [`APP_ARGS`].
+pub(crate) fn dagmq_with_rust_tasks(args: &[String]) -> Command {
+    let mut command = without_settings(Command::new(std::env::current_exe().expect("the test binary's path")));
+    command
+        .args(["app::serve", "--exact", "--nocapture", "--quiet", "--test-threads=1"])
+        .env(APP_ARGS, args.join("\n"));
+    command
+}
+
+/// `command` without the settings a developer's environment may hold.
+fn without_settings(mut command: Command) -> Command {
     for variable in [
         "DAGMQ_API",
         "DAGMQ_DAGS",
@@ -194,4 +212,97 @@ pub(crate) fn cli_json(cli: Cli, args: &[&str]) -> serde_json::Value {
     let output = cli(&all);
     assert!(output.status.success(), "{args:?}: {}", text(&output.stderr));
     serde_json::from_slice(&output.stdout).unwrap()
+}
+
+/// A webhook receiver on loopback: answers every POST with 204 and keeps its body. Its thread
+/// never blocks for long (accepts poll, reads time out), so a notification that never comes
+/// fails the test that waits for it instead of hanging the suite; it stops when dropped.
+pub(crate) struct WebhookReceiver {
+    /// The URL to give `--notify-webhook`.
+    pub url: String,
+    bodies: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl WebhookReceiver {
+    pub(crate) fn start() -> WebhookReceiver {
+        use std::sync::atomic::Ordering;
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        listener.set_nonblocking(true).unwrap();
+        let url = format!("http://{}/hook", listener.local_addr().unwrap());
+        let bodies = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let thread = {
+            let (bodies, stop) = (bodies.clone(), stop.clone());
+            std::thread::spawn(move || {
+                while !stop.load(Ordering::SeqCst) {
+                    match listener.accept() {
+                        Ok((stream, _)) => {
+                            if let Some(body) = read_post(stream) {
+                                bodies.lock().unwrap().push(body);
+                            }
+                        }
+                        Err(_) => std::thread::sleep(Duration::from_millis(20)),
+                    }
+                }
+            })
+        };
+        WebhookReceiver { url, bodies, stop, thread: Some(thread) }
+    }
+
+    /// The bodies received so far, in order.
+    pub(crate) fn bodies(&self) -> Vec<String> {
+        self.bodies.lock().unwrap().clone()
+    }
+
+    /// Waits until `count` bodies have arrived, at most `limit`; answers them.
+    pub(crate) fn wait_for(&self, count: usize, limit: Duration) -> Vec<String> {
+        let deadline = Instant::now() + limit;
+        loop {
+            let bodies = self.bodies();
+            if bodies.len() >= count {
+                return bodies;
+            }
+            assert!(Instant::now() < deadline, "{count} webhook POSTs expected within {limit:?}, got {bodies:?}");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+impl Drop for WebhookReceiver {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+/// Reads one HTTP request (10 s at most), answers 204 and returns its body; `None` for a
+/// connection that sent no whole request.
+fn read_post(mut stream: std::net::TcpStream) -> Option<String> {
+    use std::io::{BufRead, BufReader};
+    stream.set_nonblocking(false).ok()?;
+    stream.set_read_timeout(Some(Duration::from_secs(10))).ok()?;
+    let mut reader = BufReader::new(stream.try_clone().ok()?);
+    let mut request_line = String::new();
+    reader.read_line(&mut request_line).ok()?;
+    let mut length = 0;
+    loop {
+        let mut header = String::new();
+        if reader.read_line(&mut header).ok()? == 0 {
+            return None;
+        }
+        if header == "\r\n" {
+            break;
+        }
+        if let Some(value) = header.to_ascii_lowercase().strip_prefix("content-length:") {
+            length = value.trim().parse().ok()?;
+        }
+    }
+    let mut body = vec![0; length];
+    reader.read_exact(&mut body).ok()?;
+    stream.write_all(b"HTTP/1.1 204 No Content\r\ncontent-length: 0\r\n\r\n").ok()?;
+    Some(format!("{}\n{}", request_line.trim_end(), String::from_utf8_lossy(&body)))
 }
