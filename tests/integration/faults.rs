@@ -77,6 +77,12 @@ pub struct Faults {
     /// The next this many `transition_tasks` batches that set a task back to `pending` (a clear)
     /// apply, then answer an error.
     pub reset_answers_lost: AtomicU32,
+    /// The next claim that applies freezes the process before its answer is read (sets
+    /// `stalled`), as SIGSTOP between the store taking the claim and the worker reading the
+    /// answer; it answers once the test thaws the process.
+    pub freeze_after_claim: AtomicBool,
+    /// Heartbeats fail while set (the rest of the store answers).
+    pub heartbeats_failing: AtomicBool,
 }
 
 impl Faults {
@@ -280,6 +286,10 @@ impl Store for FaultyStore {
         self.faults.gate().await;
         self.faults.check("claim_try")?;
         let answer = self.inner.claim_try(run_id, task_id, try_number, claimant, read).await?;
+        if answer.claimed && self.faults.freeze_after_claim.swap(false, Ordering::SeqCst) {
+            self.faults.stalled.store(true, Ordering::SeqCst);
+            self.faults.gate().await;
+        }
         if answer.claimed && Faults::take(&self.faults.claims_applied_then_failed) {
             return Err(BackendError::new("injected: the claim applied, its answer timed out"));
         }
@@ -365,6 +375,9 @@ impl Store for FaultyStore {
     async fn heartbeat(&self, worker: &WorkerInfo) -> Result<(), BackendError> {
         self.faults.gate().await;
         self.faults.check("heartbeat")?;
+        if self.faults.heartbeats_failing.load(Ordering::SeqCst) {
+            return Err(BackendError::new("injected: heartbeat failed"));
+        }
         self.inner.heartbeat(worker).await
     }
     async fn remove_worker(&self, name: &str) -> Result<(), BackendError> {

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use dagmq_core::{Clock, Dag, DagRegistry, Queue, RunState, Store, TaskSpec, TaskState, Topic};
 
-use crate::support::{Harness, Journal, Probe, origin};
+use crate::support::{Harness, Journal, Probe, ProcessFaults, origin};
 
 /// A harness running one DAG `one` with a single probe task `a` taking `work`.
 async fn one_task(work: Duration) -> (Harness, Journal) {
@@ -170,6 +170,76 @@ async fn a_worker_cut_off_from_the_store_stops_its_try_before_the_scheduler_requ
     assert_eq!(h.wait_final(&run).await, RunState::Success);
     assert_eq!(h.tasks(&run).await["a"].try_number, 2);
     assert_eq!(journal.entries(), vec!["start:a", "stopped:a", "start:a", "end:a"]);
+    h.stop().await;
+}
+
+/// The two-copies window: a worker frozen (SIGSTOP) after the store took its claim and before
+/// the try started. The scheduler takes the silent worker for lost and requeues the try as try
+/// 2, which another worker runs to success. Thawed, the first worker must not start try 1: it
+/// was out of touch with the store since the claim for longer than half the worker timeout, so
+/// it knows, without asking the store, that the try may have been requeued.
+#[tokio::test(start_paused = true)]
+async fn a_worker_frozen_between_its_claim_and_the_start_never_starts_a_try_requeued_meanwhile() {
+    let (mut h, journal) = one_task(Duration::from_millis(10)).await;
+    h.stop_worker().await;
+    let live = Arc::new(dagmq_core::LiveDags::new(h.dags.clone(), Vec::new(), Default::default()));
+    let frozen = ProcessFaults::default();
+    frozen.store.freeze_after_claim.store(true, Ordering::SeqCst);
+    // One slot: while frozen, it takes no other message (try 2's is for the other worker).
+    let (stop_1, worker_1, metrics_1) = h.extra_worker("worker-1", live.clone(), &frozen, |config| {
+        config.concurrency = 1;
+    });
+    let run = h.trigger("one").await;
+    h.wait_task(&run, "a", |t| t.state == TaskState::Running).await;
+    assert!(frozen.store.stalled.load(Ordering::SeqCst), "worker-1 froze with its claim applied");
+
+    let (stop_2, worker_2, _) = h.extra_worker("worker-2", live, &ProcessFaults::default(), |_| {});
+    assert_eq!(h.wait_final(&run).await, RunState::Success);
+    let a = &h.tasks(&run).await["a"];
+    assert_eq!((a.try_number, a.worker.as_deref(), a.interruptions), (2, Some("worker-2"), 1));
+    frozen.store.stalled.store(false, Ordering::SeqCst);
+
+    // Thawed, worker-1 reads its claim's answer and settles try 1 one way or the other.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    while metrics_1.tries.value(&["not_started"]) < 1.0 && journal.entries().len() < 3 {
+        assert!(tokio::time::Instant::now() < deadline, "worker-1 never settled try 1 after the thaw");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(
+        journal.entries(),
+        vec!["start:a", "end:a"],
+        "worker-1 started try 1, which the scheduler had requeued as try 2 (and which succeeded) while it was frozen"
+    );
+    assert_eq!(metrics_1.tries.value(&["not_started"]), 1.0);
+    let a = &h.tasks(&run).await["a"];
+    assert_eq!((a.state, a.try_number), (TaskState::Success, 2), "the outcome stands");
+    for (stop, worker) in [(stop_1, worker_1), (stop_2, worker_2)] {
+        stop.cancel();
+        worker.await.unwrap().unwrap();
+    }
+    h.stop().await;
+}
+
+/// A worker whose heartbeats do not reach the store for half the worker timeout (while its
+/// other calls do) claims nothing until one does: a try it claimed then could not start, since
+/// the scheduler may take the worker for lost. The message waits; the try runs once, as try 1,
+/// when contact is back.
+#[tokio::test(start_paused = true)]
+async fn a_worker_out_of_touch_with_the_store_claims_nothing_until_a_heartbeat_gets_through() {
+    let (h, journal) = one_task(Duration::from_millis(10)).await;
+    h.worker_faults.store.heartbeats_failing.store(true, Ordering::SeqCst);
+    // Half the 20 s worker timeout without a heartbeat written, and more.
+    tokio::time::sleep(Duration::from_secs(12)).await;
+    let run = h.trigger("one").await;
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let a = &h.tasks(&run).await["a"];
+    assert_eq!((a.state, a.try_number), (TaskState::Queued, 1), "claimed while out of touch: {a:?}");
+    assert!(journal.entries().is_empty());
+    h.worker_faults.store.heartbeats_failing.store(false, Ordering::SeqCst);
+    assert_eq!(h.wait_final(&run).await, RunState::Success);
+    let a = &h.tasks(&run).await["a"];
+    assert_eq!((a.try_number, a.interruptions), (1, 0), "{a:?}");
+    assert_eq!(journal.entries(), vec!["start:a", "end:a"]);
     h.stop().await;
 }
 

@@ -6,6 +6,7 @@
 
 mod builtin;
 mod command;
+mod contact;
 mod execute;
 mod guard;
 mod log_sink;
@@ -140,6 +141,9 @@ pub(crate) struct Shared {
     pub(crate) shutdown: CancelSignal,
     /// The worker's slots (its concurrency): one per try running.
     pub(crate) slots: Arc<Semaphore>,
+    /// Its contact with the store, from its heartbeats: a try claimed before a silence long
+    /// enough for the scheduler to take the worker for lost never starts.
+    pub(crate) contact: contact::Contact,
 }
 
 impl Shared {
@@ -169,6 +173,7 @@ pub async fn run(
         status: status::StatusSender::start(queue.clone(), config.batch_status),
         shutdown: shutdown.clone(),
         slots: Arc::new(Semaphore::new(concurrency)),
+        contact: contact::Contact::new(config.worker_timeout),
         config,
         queue,
         store,
@@ -179,7 +184,10 @@ pub async fn run(
     let slots = shared.slots.clone();
     tracing::info!(worker = %shared.config.name, queues = ?shared.config.queues, concurrency, "worker started");
 
-    heartbeat(&shared, started_at).await;
+    let sent = tokio::time::Instant::now();
+    if heartbeat(&shared, started_at).await {
+        shared.contact.heartbeat_written(sent);
+    }
     let heartbeats = tokio::spawn(heartbeat_loop(shared.clone(), started_at, shutdown.clone()));
     let controls = tokio::spawn(execute::control_loop(shared.clone(), shutdown.clone()));
     let mut consumers = Vec::new();
@@ -248,8 +256,7 @@ async fn heartbeat_loop(shared: Arc<Shared>, started_at: chrono::DateTime<chrono
     // Checked every second (or heartbeat, if shorter), and a heartbeat may hang at most half an
     // interval, so fencing happens at most that much after half the worker timeout.
     let tick = interval.min(Duration::from_secs(1));
-    let mut last_ok = tokio::time::Instant::now();
-    let mut next_beat = last_ok + interval;
+    let mut next_beat = tokio::time::Instant::now() + interval;
     let mut fenced = false;
     loop {
         tokio::select! {
@@ -261,7 +268,7 @@ async fn heartbeat_loop(shared: Arc<Shared>, started_at: chrono::DateTime<chrono
             next_beat = now + interval;
             let written = matches!(tokio::time::timeout(interval / 2, heartbeat(&shared, started_at)).await, Ok(true));
             if written {
-                last_ok = now;
+                shared.contact.heartbeat_written(now);
                 fenced = false;
                 match tokio::time::timeout(interval / 2, execute::stop_superseded(&shared)).await {
                     Ok(Ok(_)) => {}
@@ -272,13 +279,14 @@ async fn heartbeat_loop(shared: Arc<Shared>, started_at: chrono::DateTime<chrono
                 }
             }
         }
-        if !fenced && last_ok.elapsed() >= fence_after {
+        let silent_for = shared.contact.silent_for();
+        if !fenced && silent_for >= fence_after {
             fenced = true;
             let count = execute::stop_all(&shared, StopReason::Fenced);
             tracing::error!(
                 count,
-                "no heartbeat reached the store for {:?}: stopping running tries before the scheduler requeues them",
-                last_ok.elapsed()
+                "no heartbeat reached the store for {silent_for:?}: stopping running tries before the scheduler \
+                 requeues them"
             );
         }
     }

@@ -4,7 +4,9 @@ use dagmq_core::metrics::Family;
 
 /// Every metric a worker exposes.
 pub struct WorkerMetrics {
-    /// Tries this worker ran, by outcome (success, up_for_retry, failed, interrupted).
+    /// Tries this worker ran, by outcome (success, up_for_retry, failed, interrupted,
+    /// superseded), and tries it claimed but did not start (not_started: stopped first, or
+    /// claimed before a silence in which the scheduler may have requeued them).
     pub tries: Family,
     /// Messages this worker set aside to dagmq.dead, by reason.
     pub dead_lettered: Family,

@@ -4,6 +4,8 @@
 
 use std::sync::Arc;
 
+use tokio::time::Instant;
+
 use dagmq_core::messages::TaskToExec;
 use dagmq_core::store::Claimant;
 use dagmq_core::{BackendError, CancelSignal, TaskInstance, TaskKind, TaskState};
@@ -31,16 +33,22 @@ pub(super) enum Claim {
     /// Nothing to run: settle the delivery so.
     Settle(Settle),
     /// The try is ours (`running` in the store): run it, as the store describes it, with the
-    /// downstream tasks it may claim as it succeeds.
-    Run(Box<TaskInstance>, Resolved, Box<TaskToExec>, Vec<TaskInstance>),
+    /// downstream tasks it may claim as it succeeds, and when the call that claimed it was sent.
+    Run(Box<TaskInstance>, Resolved, Box<TaskToExec>, Vec<TaskInstance>, Instant),
 }
 
 /// Claims the try (`queued` -> `running`, `Store::claim_try`, which also reads the downstream
 /// tasks it may claim eagerly); a message whose try is not `queued` (nor ours from a claim whose
 /// answer was lost) is a duplicate or stale and runs nothing. A try of a DAG version this worker
 /// has not loaded is not claimed until the worker has loaded it (`version`); `signal` stops that
-/// wait.
-pub(super) async fn claim(shared: &Shared, message: &TaskToExec, signal: &CancelSignal) -> Result<Claim, BackendError> {
+/// wait. `first_sent` is when the first attempt of this claim began: a claim found ours (an
+/// earlier attempt applied, its answer lost) dates from then.
+pub(super) async fn claim(
+    shared: &Shared,
+    message: &TaskToExec,
+    signal: &CancelSignal,
+    first_sent: Instant,
+) -> Result<Claim, BackendError> {
     let store = &shared.store;
     let run = run_record(shared, &message.run_id).await?;
     let mut gave_up = None;
@@ -68,8 +76,10 @@ pub(super) async fn claim(shared: &Shared, message: &TaskToExec, signal: &Cancel
         _ => Vec::new(),
     };
     let ids: Vec<&str> = candidates.iter().map(String::as_str).collect();
+    let sent = Instant::now();
     let answer =
         store.claim_try(&message.run_id, &message.task_id, message.try_number, &claimant(shared), &ids).await?;
+    let claimed_since = if answer.claimed { sent } else { first_sent };
     let Some(current) = answer.task else {
         return Ok(Claim::Settle(Settle::DeadLetter(format!(
             "task: run {:?} has no task {:?}",
@@ -110,7 +120,7 @@ pub(super) async fn claim(shared: &Shared, message: &TaskToExec, signal: &Cancel
         return Ok(Claim::Settle(Settle::Ack));
     }
     match resolve(shared, message, run.dag_version.as_deref()) {
-        Ok(resolved) => Ok(Claim::Run(Box::new(current), resolved, Box::new(message.clone()), eager)),
+        Ok(resolved) => Ok(Claim::Run(Box::new(current), resolved, Box::new(message.clone()), eager, claimed_since)),
         Err(reason) => {
             let reason = match gave_up {
                 Some(waited) => format!(

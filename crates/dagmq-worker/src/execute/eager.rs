@@ -64,9 +64,14 @@ pub(super) struct EagerCandidate {
 }
 
 impl EagerCandidate {
-    /// The candidate as the try this worker runs next, once the store claimed it, with the
-    /// downstream tasks it may claim in turn (read in the same step).
-    pub(super) fn into_claimed(self, eager: impl Iterator<Item = TaskInstance>) -> ClaimedTry {
+    /// The candidate as the try this worker runs next, once the store claimed it by a call sent
+    /// at `claimed_since`, with the downstream tasks it may claim in turn (read in the same
+    /// step).
+    pub(super) fn into_claimed(
+        self,
+        eager: impl Iterator<Item = TaskInstance>,
+        claimed_since: tokio::time::Instant,
+    ) -> ClaimedTry {
         self.registered.claimed.store(true, Ordering::SeqCst);
         ClaimedTry {
             key: self.key,
@@ -76,6 +81,7 @@ impl EagerCandidate {
             signal: self.registered.signal,
             reason: self.registered.reason,
             eager: eager.collect(),
+            claimed_since,
         }
     }
 }

@@ -70,11 +70,31 @@ pub(crate) async fn execute(shared: &Arc<Shared>, delivery: Delivery) {
         settle(delivery.ack().await);
         return;
     };
+    // Out of touch with the store (no heartbeat written for half the worker timeout), a claim
+    // could not start its try: wait for contact, and leave the message to other workers if it
+    // does not come back within the worker timeout (or the worker stops first).
+    let in_touch = shared.contact.in_touch()
+        || tokio::select! {
+            in_touch = shared.contact.wait_in_touch(shared.config.worker_timeout, &signal) => in_touch,
+            _ = shared.shutdown.cancelled() => false,
+        };
+    if !in_touch {
+        lock(&shared.running).remove(&key);
+        tracing::warn!(
+            run = %message.run_id, task = %message.task_id, try_number = message.try_number,
+            "no heartbeat reached the store for {:?}: leaving the try, unclaimed, to another worker",
+            shared.contact.silent_for()
+        );
+        fail_point!("worker::claim::out_of_touch");
+        settle(delivery.requeue().await);
+        return;
+    }
     // A store that does not answer must not turn the message into a dead letter (a requeue
     // counts against the broker's delivery limit): keep it and try again with backoff.
     let mut delay = Duration::from_millis(100);
+    let first_sent = tokio::time::Instant::now();
     let claimed_try = loop {
-        match claim(shared, &message, &signal).await {
+        match claim(shared, &message, &signal, first_sent).await {
             Ok(claim) => break claim,
             Err(err) => {
                 if signal.is_cancelled() {
@@ -116,10 +136,19 @@ pub(crate) async fn execute(shared: &Arc<Shared>, delivery: Delivery) {
             tracing::warn!(run = %message.run_id, task = %message.task_id, "dead-lettering: {reason}");
             settle(delivery.dead_letter(&reason).await)
         }
-        Claim::Run(running, resolved, trusted, eager) => {
+        Claim::Run(running, resolved, trusted, eager, claimed_since) => {
             fail_point!("worker::claim::before_ack");
             claimed.store(true, Ordering::SeqCst);
-            let first = ClaimedTry { key, message: *trusted, running: *running, resolved, signal, reason, eager };
+            let first = ClaimedTry {
+                key,
+                message: *trusted,
+                running: *running,
+                resolved,
+                signal,
+                reason,
+                eager,
+                claimed_since,
+            };
             // The try is ours: it starts while the ack is on its way.
             let (acked, next) = tokio::join!(delivery.ack(), finish(shared, first));
             settle(acked);
@@ -151,6 +180,10 @@ struct ClaimedTry {
     /// Downstream tasks that this worker may claim as the try succeeds, as read at the claim
     /// (`pending` then).
     eager: Vec<TaskInstance>,
+    /// When the store call that claimed the try was sent: the try is this worker's since then
+    /// at the latest, and must not start if the scheduler may have taken the worker for lost
+    /// since (`Contact::in_touch_since`).
+    claimed_since: tokio::time::Instant,
 }
 
 /// Logs a failure to settle a delivery; the queue redelivers it and the claim dedupes.

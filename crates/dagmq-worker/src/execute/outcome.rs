@@ -3,6 +3,7 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use dagmq_core::fail_point;
@@ -13,7 +14,7 @@ use dagmq_core::{BackendError, FollowUp, TaskError, TaskInstance, TaskOutcome, T
 use crate::Shared;
 
 use super::eager::{Next, prepare_eager};
-use super::run_try::run_try;
+use super::run_try::{run_try, stop_error};
 use super::running::{StopReason, lock};
 use super::{ClaimedTry, Resolved};
 
@@ -22,13 +23,42 @@ use super::{ClaimedTry, Resolved};
 /// downstream tries claimed as this one succeeded, if any, with this try's status update, which
 /// is sent while they run.
 pub(super) async fn finish(shared: &Shared, claimed: ClaimedTry) -> Option<Next> {
-    let ClaimedTry { key, message, mut running, resolved, signal, reason, mut eager } = claimed;
+    let ClaimedTry { key, message, mut running, resolved, signal, reason, mut eager, claimed_since } = claimed;
     let message = &message;
-    // The try starts now (the claim's time is when it was claimed); the outcome records this.
-    running.started_at = Some(shared.config.clock.now());
-    shared.config.metrics.running.add(&[], 1.0);
     let Resolved { executable, branch, timeout } = resolved;
-    let (result, reason) = run_try(shared, message, running.after.clone(), executable, timeout, signal, reason).await;
+    // A try stopped before it starts (cancelled, fenced) never starts; nor does one claimed
+    // before a silence long enough for the scheduler to take this worker for lost and requeue
+    // the try elsewhere (the process frozen, or the store out of reach, between the claim and
+    // now). Its outcome is recorded as for any stopped try, and refused if the try moved on.
+    let stopped_before = if signal.is_cancelled() {
+        Some(StopReason::from_u8(reason.load(Ordering::SeqCst)))
+    } else if !shared.contact.in_touch_since(claimed_since) {
+        tracing::warn!(
+            run = %message.run_id, task = %message.task_id, try_number = running.try_number,
+            "not starting the try: no heartbeat reached the store for long enough since its claim that the \
+             scheduler may have requeued it"
+        );
+        fail_point!("worker::start::out_of_touch");
+        reason.store(StopReason::Fenced as u8, Ordering::SeqCst);
+        Some(StopReason::Fenced)
+    } else {
+        None
+    };
+    let (result, reason) = match stopped_before {
+        Some(stop) => {
+            shared.config.metrics.tries.inc(&["not_started"]);
+            (Err(stop_error(stop, timeout).unwrap_or_else(|| TaskError::new("stopped before it started"))), stop)
+        }
+        None => {
+            // The try starts now (the claim's time is when it was claimed); the outcome
+            // records this.
+            running.started_at = Some(shared.config.clock.now());
+            shared.config.metrics.running.add(&[], 1.0);
+            let ran = run_try(shared, message, running.after.clone(), executable, timeout, signal, reason).await;
+            shared.config.metrics.running.add(&[], -1.0);
+            ran
+        }
+    };
     // An output over the limit fails the try like any failure (and is retried while tries
     // are left); every output, a command's or a Rust task's, is measured here once.
     let result = result.and_then(|outcome| match outcome.output.as_ref().map(dagmq_core::task::check_output) {
@@ -46,15 +76,17 @@ pub(super) async fn finish(shared: &Shared, claimed: ClaimedTry) -> Option<Next>
         }
         None => Ok(outcome),
     });
-    shared.config.metrics.running.add(&[], -1.0);
     let outcome = match (&result, reason) {
-        (_, StopReason::Interrupted | StopReason::Fenced) => "interrupted",
-        (_, StopReason::Superseded) => "superseded",
-        (Ok(_), _) => "success",
-        (Err(e), _) if e.retryable && running.try_number < running.max_try => "up_for_retry",
-        (Err(_), _) => "failed",
+        _ if stopped_before.is_some() => None,
+        (_, StopReason::Interrupted | StopReason::Fenced) => Some("interrupted"),
+        (_, StopReason::Superseded) => Some("superseded"),
+        (Ok(_), _) => Some("success"),
+        (Err(e), _) if e.retryable && running.try_number < running.max_try => Some("up_for_retry"),
+        (Err(_), _) => Some("failed"),
     };
-    shared.config.metrics.tries.inc(&[outcome]);
+    if let Some(outcome) = outcome {
+        shared.config.metrics.tries.inc(&[outcome]);
+    }
     let mut delay = Duration::from_millis(100);
     let next = loop {
         match record_outcome(shared, message, &running, &result, reason, &mut eager).await {
@@ -150,6 +182,7 @@ async fn record_outcome(
     };
     let claims: Vec<EagerClaim> = candidates.iter().map(|c| c.claim.clone()).collect();
     fail_point!("worker::outcome::before_cas");
+    let sent = tokio::time::Instant::now();
     let finished = store.finish_try(&message.run_id, &done, &claims).await;
     // Only the claimed candidates stay registered; an error claimed none that this worker knows
     // of (should the store have applied one, the scheduler requeues it: no heartbeat lists it).
@@ -158,8 +191,9 @@ async fn record_outcome(
     let mut claimed = Vec::new();
     for (n, candidate) in candidates.into_iter().enumerate() {
         match reads.remove(&n) {
-            Some(then) => claimed
-                .push(candidate.into_claimed(then.into_iter().flatten().filter(|t| t.state == TaskState::Pending))),
+            Some(then) => claimed.push(
+                candidate.into_claimed(then.into_iter().flatten().filter(|t| t.state == TaskState::Pending), sent),
+            ),
             None => drop(lock(&shared.running).remove(&candidate.key)),
         }
     }

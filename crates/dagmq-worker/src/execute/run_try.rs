@@ -151,19 +151,11 @@ pub(super) async fn run_try(
         };
         drop(running);
         let stop = StopReason::from_u8(reason.load(Ordering::SeqCst));
-        let result = match (stop, joined) {
-            (StopReason::Timeout, _) => {
-                let limit = dagmq_core::duration::format_duration(timeout.unwrap_or_default());
-                Err(TaskError::new(format!("timed out after {limit}")))
-            }
-            (StopReason::Cancelled, _) => Err(TaskError::fatal("cancelled")),
-            (StopReason::Superseded, _) => {
-                Err(TaskError::fatal("stopped: the store no longer has this try running here"))
-            }
-            (StopReason::Fenced, _) => Err(TaskError::new("stopped: the worker could not reach the store")),
-            (_, Some(Ok(result))) => result,
-            (_, Some(Err(panic))) => Err(TaskError::new(format!("task panicked: {panic}"))),
-            (_, None) => Err(TaskError::new("task aborted")),
+        let result = match (stop_error(stop, timeout), joined) {
+            (Some(error), _) => Err(error),
+            (None, Some(Ok(result))) => result,
+            (None, Some(Err(panic))) => Err(TaskError::new(format!("task panicked: {panic}"))),
+            (None, None) => Err(TaskError::new("task aborted")),
         };
         if let Err(error) = &result {
             dagmq_core::task::LogSink::line(&sink, format!("[dagmq] try {} failed: {error}", message.try_number));
@@ -173,4 +165,19 @@ pub(super) async fn run_try(
     };
     let ((result, stop), ()) = tokio::join!(try_itself, flusher);
     (result, stop)
+}
+
+/// The error a try stopped for `stop` ends with, whatever it returned while it wound down; `None`
+/// when the stop keeps what the try returned (an interrupted try is requeued either way).
+pub(super) fn stop_error(stop: StopReason, timeout: Option<Duration>) -> Option<TaskError> {
+    match stop {
+        StopReason::Timeout => {
+            let limit = dagmq_core::duration::format_duration(timeout.unwrap_or_default());
+            Some(TaskError::new(format!("timed out after {limit}")))
+        }
+        StopReason::Cancelled => Some(TaskError::fatal("cancelled")),
+        StopReason::Superseded => Some(TaskError::fatal("stopped: the store no longer has this try running here")),
+        StopReason::Fenced => Some(TaskError::new("stopped: the worker could not reach the store")),
+        StopReason::Interrupted | StopReason::None => None,
+    }
 }

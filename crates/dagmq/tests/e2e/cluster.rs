@@ -333,6 +333,11 @@ impl Cluster {
         Some(value).filter(|v| !v.is_empty())
     }
 
+    /// Whether worker `name` has exited.
+    pub fn worker_exited(&mut self, name: &str) -> bool {
+        self.workers.get_mut(name).is_none_or(|child| child.try_wait().ok().flatten().is_some())
+    }
+
     /// Forgets an exited scheduler, so that `start_scheduler` can start another.
     pub fn reap_scheduler(&mut self) {
         if let Some(mut child) = self.scheduler.take() {
