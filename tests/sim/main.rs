@@ -35,7 +35,13 @@ pub fn origin() -> DateTime<Utc> {
 }
 
 /// The seeds `cargo test` runs on every change. A seed that once failed stays here for good.
-const FIXED_SEEDS: std::ops::Range<u64> = 1..41;
+const FIXED_SEEDS: std::ops::Range<u64> = 1..301;
+
+/// Seeds of the fixed set that still break the contract, each a bug found and not yet fixed
+/// (RELIABILITY.md lists them). The test fails if any other seed fails, and also when one of
+/// these passes, so that the list only ever shrinks as the bugs are fixed.
+const KNOWN_OPEN: &[(u64, &str)] =
+    &[(269, "an all_done task that a branch upstream did not choose runs after the scheduler is thawed")];
 
 /// How long after the faults stop every run must have ended (simulated time).
 const SETTLE_BOUND: Duration = Duration::from_secs(15 * 60);
@@ -512,6 +518,58 @@ fn storm_rates(rng: &Rng) -> FaultRates {
     }
 }
 
+/// The variable that makes the test binary a child that runs one seed.
+const CHILD: &str = "DAGMQ_SIM_CHILD_SEED";
+
+/// How a child's outcome line starts.
+const OUTCOME_PREFIX: &str = "dagmq-sim-outcome ";
+
+/// Runs seed `seed` in a process of its own (this test binary again), so that its history does
+/// not depend on what ran before it in the same process: tokio numbers the runtimes a process
+/// makes, and that number is part of each runtime's random seed. A seed run alone
+/// (`DAGMQ_SIM_SEED`) and the same seed in a batch are thus the same history.
+fn simulate_in_child(seed: u64) -> Outcome {
+    let exe = std::env::current_exe().expect("the test binary's path");
+    let output = std::process::Command::new(exe)
+        .args(["--exact", "simulated_histories_keep_the_contract", "--nocapture", "--test-threads", "1"])
+        .env(CHILD, seed.to_string())
+        .env_remove("DAGMQ_SIM_SEED")
+        .env_remove("DAGMQ_SIM_SEEDS")
+        .stderr(std::process::Stdio::inherit())
+        .output()
+        .expect("the test binary runs");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    // The line may follow the test harness's "test ... " on the same line.
+    let found = stdout.lines().find_map(|l| l.find(OUTCOME_PREFIX).map(|at| &l[at + OUTCOME_PREFIX.len()..]));
+    let Some(line) = found else {
+        return Outcome {
+            seed,
+            violations: vec![format!("the simulation of seed {seed} died: {}", output.status)],
+            summary: format!("seed {seed}: died ({})", output.status),
+            simulated: Duration::ZERO,
+            faults: BTreeMap::new(),
+            fingerprint: 0,
+        };
+    };
+    let value: serde_json::Value = serde_json::from_str(line).expect("a child's outcome is JSON");
+    let text = |v: &serde_json::Value| v.as_str().unwrap_or_default().to_string();
+    let mut faults = BTreeMap::new();
+    if let Some(map) = value["faults"].as_object() {
+        for (kind, n) in map {
+            // The kinds are this binary's own `&'static str`s; a leaked copy is as good.
+            faults.insert(&*Box::leak(kind.clone().into_boxed_str()), n.as_u64().unwrap_or(0));
+        }
+    }
+    Outcome {
+        seed,
+        violations: value["violations"].as_array().map(|v| v.iter().map(text).collect()).unwrap_or_default(),
+        summary: text(&value["summary"]),
+        simulated: Duration::from_millis(value["simulated_ms"].as_u64().unwrap_or(0)),
+        faults,
+        fingerprint: value["fingerprint"].as_u64().unwrap_or(0),
+    }
+}
+
 /// Prints an outcome and answers whether it passed.
 fn report(outcome: &Outcome, verbose: bool) -> bool {
     if verbose || !outcome.violations.is_empty() {
@@ -533,6 +591,20 @@ fn env_u64(name: &str) -> Option<u64> {
 /// The simulator's test: the fixed seeds, or the seeds the environment names.
 #[test]
 fn simulated_histories_keep_the_contract() {
+    if let Some(seed) = env_u64(CHILD) {
+        // A child process of the test below: one seed, its outcome on stdout.
+        let outcome = simulate(seed);
+        let line = serde_json::json!({
+            "seed": outcome.seed,
+            "violations": outcome.violations,
+            "summary": outcome.summary,
+            "simulated_ms": outcome.simulated.as_millis() as u64,
+            "faults": outcome.faults,
+            "fingerprint": outcome.fingerprint,
+        });
+        println!("{OUTCOME_PREFIX}{line}");
+        return;
+    }
     let seeds: Vec<u64> = if let Some(seed) = env_u64("DAGMQ_SIM_SEED") {
         vec![seed]
     } else if let Some(count) = env_u64("DAGMQ_SIM_SEEDS") {
@@ -557,7 +629,7 @@ fn simulated_histories_keep_the_contract() {
                 loop {
                     let i = next.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
                     let Some(seed) = seeds.get(i) else { break };
-                    let outcome = simulate(*seed);
+                    let outcome = simulate_in_child(*seed);
                     outcomes.lock().unwrap_or_else(|e| e.into_inner()).push(outcome);
                 }
             });
@@ -582,6 +654,16 @@ fn simulated_histories_keep_the_contract() {
         seeds.len(),
         simulated.as_secs_f64() / 3600.0
     );
+    let fixed = std::env::var_os("DAGMQ_SIM_SEED").is_none() && std::env::var_os("DAGMQ_SIM_SEEDS").is_none();
+    if fixed {
+        let known: Vec<u64> = KNOWN_OPEN.iter().map(|(seed, _)| *seed).collect();
+        let fixed_now: Vec<u64> = known.iter().copied().filter(|seed| !failed.contains(seed)).collect();
+        assert!(fixed_now.is_empty(), "seeds {fixed_now:?} pass now: take them out of KNOWN_OPEN");
+        for (seed, bug) in KNOWN_OPEN {
+            eprintln!("seed {seed} still fails, a known open bug: {bug}");
+        }
+        failed.retain(|seed| !known.contains(seed));
+    }
     assert!(failed.is_empty(), "seeds {failed:?} broke the contract (replay each with DAGMQ_SIM_SEED=N)");
 }
 
@@ -638,13 +720,14 @@ pub unsafe extern "C" fn getentropy(buf: *mut u8, len: usize) -> i32 {
 /// the same order (the fingerprint hashes every try event), and another seed does not.
 #[test]
 fn a_seed_replays_exactly() {
-    let first = simulate(3);
+    let first = simulate_in_child(3);
     let again = std::thread::scope(|scope| {
-        let beside = scope.spawn(|| simulate(4));
-        let again = simulate(3);
+        let beside = scope.spawn(|| simulate_in_child(4));
+        let again = simulate_in_child(3);
         let _ = beside.join();
         again
     });
+    assert_ne!(first.fingerprint, 0, "seed 3 ran: {}", first.summary);
     assert_eq!(first.fingerprint, again.fingerprint, "seed 3 did not replay: {} / {}", first.summary, again.summary);
-    assert_ne!(first.fingerprint, simulate(4).fingerprint, "seeds 3 and 4 made the same history");
+    assert_ne!(first.fingerprint, simulate_in_child(4).fingerprint, "seeds 3 and 4 made the same history");
 }
