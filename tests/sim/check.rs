@@ -245,9 +245,21 @@ pub fn check(
     }
 
     // When each try ended successfully, and what each branch chose.
+    // Only tries the store recorded as successes count: a body that ended well as its timeout
+    // fired (or after its try was requeued) is a failed or refused try, and chose nothing.
+    let recorded = |run: &str, task: &str, try_number: u32| {
+        done.runs.get(run).is_some_and(|(_, tasks)| {
+            tasks.iter().filter(|t| t.task_id == task).any(|t| {
+                (t.try_number == try_number && t.state == TaskState::Success)
+                    || t.tries.iter().any(|r| r.try_number == try_number && r.outcome == "success")
+            })
+        })
+    };
     let mut successes: HashMap<(&str, &str), Vec<Success<'_>>> = HashMap::new();
     for event in &events {
-        if let Event::End { run, task, ok: true, chose, at, .. } = event {
+        if let Event::End { run, task, try_number, ok: true, chose, at } = event
+            && recorded(run, task, *try_number)
+        {
             successes.entry((run.as_str(), task.as_str())).or_default().push((*at, chose.as_ref()));
         }
     }

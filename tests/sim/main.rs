@@ -40,8 +40,7 @@ const FIXED_SEEDS: std::ops::Range<u64> = 1..301;
 /// Seeds of the fixed set that still break the contract, each a bug found and not yet fixed
 /// (RELIABILITY.md lists them). The test fails if any other seed fails, and also when one of
 /// these passes, so that the list only ever shrinks as the bugs are fixed.
-const KNOWN_OPEN: &[(u64, &str)] =
-    &[(269, "an all_done task that a branch upstream did not choose runs after the scheduler is thawed")];
+const KNOWN_OPEN: &[(u64, &str)] = &[];
 
 /// How long after the faults stop every run must have ended (simulated time).
 const SETTLE_BOUND: Duration = Duration::from_secs(15 * 60);
