@@ -363,8 +363,8 @@ struct Schedulers {
 }
 
 impl Schedulers {
-    /// The process (`scheduler` or `standby`) that holds the lease, waiting up to 30 s for a
-    /// holder, with the holder.
+    /// The process (`scheduler` or `standby`) that holds the lease (its key holds
+    /// `TERM:HOLDER`), waiting up to 30 s for a holder, with the holder.
     fn active(&self, cluster: &Cluster) -> (&'static str, String) {
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
@@ -414,7 +414,9 @@ impl Schedulers {
 fn holder_process(cluster: &Cluster, holder: &str) -> Option<&'static str> {
     let logs = [("scheduler", cluster.log_of("scheduler")), ("standby", cluster.log_of("standby"))];
     let mut parts: Vec<&str> = vec![holder];
-    parts.extend(holder.split(|c: char| c.is_whitespace() || c == '|' || c == ',').filter(|p| p.len() >= 16));
+    parts.extend(
+        holder.split(|c: char| c.is_whitespace() || c == '|' || c == ',' || c == ':').filter(|p| p.len() >= 16),
+    );
     for part in parts {
         let found: Vec<&'static str> = logs.iter().filter(|(_, log)| log.contains(part)).map(|(p, _)| *p).collect();
         if found.len() == 1 {
