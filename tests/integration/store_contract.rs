@@ -304,6 +304,8 @@ async fn fencing(store: Arc<dyn Store>) {
     // In force: every fenced write applies.
     let record = DagRecord { dag_id: "fenced".into(), paused: true, first_seen: at(0), last_scheduled: None };
     view.put_dag_record(&record).await.unwrap();
+    // A run is created only once its DAG version is stored (a fenced write too).
+    view.put_dag_version(&version("fenced", "v1")).await.unwrap();
     let created = run("fenced-run", "fenced", 1, None);
     assert_eq!(view.create_run(&created, &tasks()).await.unwrap(), CreateRun::Created);
     let running = RunRecord { state: RunState::Running, started_at: Some(at(2)), ..created.clone() };
