@@ -157,6 +157,14 @@ impl Engine {
         self.reopen(&record, &changes, true).await
     }
 
+    /// Puts a run whose state is in doubt at the head of its DAG's queue: `start_dirty` takes
+    /// it up (loads it if running, starts it if queued, drops it if finished) before any other
+    /// run of the DAG starts, so it holds its place under `max_active_runs` meanwhile.
+    fn settle_first(&mut self, record: &RunRecord) {
+        self.queued.entry(record.dag_id.clone()).or_default().push_front(record.run_id.clone());
+        self.dirty.insert(record.dag_id.clone());
+    }
+
     /// Opens a finished run again with `changes` (its reset tasks) applied, in one store step
     /// so that a crash cannot leave one without the other: `running` at once when its DAG has
     /// room under `max_active_runs`, else `queued` behind the DAG's queued runs (as Airflow's
@@ -183,8 +191,7 @@ impl Engine {
                 // The answer is unknown: the run may be open again. It goes to the head of its
                 // DAG's queue, so that it is settled (loaded if running, started if queued,
                 // dropped if still finished) before any other run of the DAG starts.
-                self.queued.entry(record.dag_id.clone()).or_default().push_front(record.run_id.clone());
-                self.dirty.insert(record.dag_id.clone());
+                self.settle_first(record);
                 return Err(backend(err));
             }
         }
@@ -194,8 +201,7 @@ impl Engine {
             if let Err(err) = self.activate(reopened.clone(), false).await {
                 // The run is open again but its view may not be loaded: it goes to the head of
                 // its DAG's queue, to be taken up before any other run of the DAG starts.
-                self.queued.entry(reopened.dag_id.clone()).or_default().push_front(reopened.run_id.clone());
-                self.dirty.insert(reopened.dag_id);
+                self.settle_first(&reopened);
                 return Err(backend(err));
             }
             Ok(())
