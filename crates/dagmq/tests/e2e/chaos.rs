@@ -125,7 +125,9 @@ fn dag_files(log: &Path) -> Vec<(&'static str, String)> {
                 task("merge", "after = [\"split\"]\n", "true")
             ),
         ),
-        ("hold_cancel.toml", format!("id = \"hold_cancel\"\n{}", task("hold", "", "sleep 60"))),
+        // Longer than the whole test: the run cannot end on its own before the operator's cancel
+        // lands, however long frozen schedulers make that cancel take (up to 120 s of retries).
+        ("hold_cancel.toml", format!("id = \"hold_cancel\"\n{}", task("hold", "", "sleep 3600"))),
         // The try the nemesis freezes a worker in: longer than the freeze takes to be noticed, so
         // the requeued copy starts while the first still runs.
         ("slow.toml", format!("id = \"slow\"\n{}", task("long", "", "sleep 35"))),
