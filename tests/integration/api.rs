@@ -138,6 +138,8 @@ async fn every_route_answers_and_refuses_bad_input() {
     assert!(
         runs.as_array().unwrap().iter().any(|r| r["run_id"] == first["run_id"] && r["task_counts"]["success"] == 1)
     );
+    // Lists leave params out; the run has them.
+    assert!(runs.as_array().unwrap().iter().all(|r| r.get("params").is_none()), "{runs}");
     assert_eq!(get(port, "/api/v1/runs?limit=0").await, (400, json!({"error": "limit must be 1 to 500"})));
     assert_eq!(get(port, "/api/v1/runs?limit=501").await, (400, json!({"error": "limit must be 1 to 500"})));
     assert_eq!(get(port, "/api/v1/runs?status=done").await, (400, json!({"error": "unknown run state \"done\""})));
@@ -146,6 +148,7 @@ async fn every_route_answers_and_refuses_bad_input() {
         (status, run["state"].as_str(), run["tasks"][0]["task_id"].as_str()),
         (200, Some("success"), Some("extract"))
     );
+    assert_eq!(run["params"], json!({"d": "1"}));
     assert_eq!(get(port, "/api/v1/runs/nope").await, (404, json!({"error": "unknown run \"nope\""})));
 
     // Logs.
@@ -186,7 +189,7 @@ async fn every_route_answers_and_refuses_bad_input() {
 }
 
 #[tokio::test]
-async fn a_token_guards_the_api_but_not_health_and_metrics() {
+async fn a_token_guards_the_api_and_metrics_but_not_health_and_the_page() {
     let served = serve_api(Some("s3cret")).await;
     let port = served.port;
     let unauthorized = (401, json!({"error": "missing or wrong bearer token"}));
@@ -195,8 +198,50 @@ async fn a_token_guards_the_api_but_not_health_and_metrics() {
     assert_eq!(call(port, "POST", "/api/v1/dags/etl/runs", None, None).await, unauthorized);
     assert_eq!(call(port, "GET", "/api/v1/dags", None, Some("s3cret")).await.0, 200);
     assert_eq!(call(port, "GET", "/healthz", None, None).await.0, 200);
-    assert_eq!(call(port, "GET", "/metrics", None, None).await.0, 200);
+    // Without a metrics token of its own, a scrape needs the API token.
+    assert_eq!(call(port, "GET", "/metrics", None, None).await.0, 401);
+    assert_eq!(call(port, "GET", "/metrics", None, Some("wrong")).await.0, 401);
+    assert_eq!(call(port, "GET", "/metrics", None, Some("s3cret")).await.0, 200);
     assert_eq!(call(port, "GET", "/", None, None).await.0, 200);
+    assert_eq!(call(port, "GET", "/ui/app.js", None, None).await.0, 200);
+    served.harness.stop().await;
+}
+
+/// The head of a `GET` answer, lower case.
+async fn head_of(port: u16, path: &str) -> String {
+    let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+    let request = format!("GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n");
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let mut raw = Vec::new();
+    let _ = stream.read_to_end(&mut raw).await;
+    let text = String::from_utf8_lossy(&raw).to_ascii_lowercase();
+    text.split_once("\r\n\r\n").map_or(text.clone(), |(head, _)| head.to_string())
+}
+
+/// No page of another site may frame the UI (or any answer), and the page runs only scripts
+/// from its own origin: the script is a file of its own, served as JavaScript.
+#[tokio::test]
+async fn the_ui_cannot_be_framed_and_runs_only_its_own_script() {
+    let served = serve_api(None).await;
+    let port = served.port;
+    for path in ["/", "/ui/app.js", "/api/v1/dags", "/api/v1/nope"] {
+        let head = head_of(port, path).await;
+        assert!(head.contains("\r\nx-frame-options: deny\r\n"), "{path}: {head}");
+        assert!(head.contains("frame-ancestors 'none'"), "{path}: {head}");
+        assert!(head.contains("script-src 'self';"), "{path}: {head}");
+        assert!(head.contains("x-content-type-options: nosniff"), "{path}: {head}");
+    }
+    assert_eq!(
+        dagmq_scheduler::api::CONTENT_SECURITY_POLICY.split(';').map(str::trim).find(|d| d.starts_with("script-src")),
+        Some("script-src 'self'"),
+        "no inline script, no eval"
+    );
+    assert!(head_of(port, "/ui/app.js").await.contains("content-type: text/javascript"));
+    let (status, page) = get(port, "/").await;
+    assert_eq!(status, 200);
+    let page = page.as_str().unwrap();
+    assert!(page.contains("<script src=\"/ui/app.js\"></script>"), "{page}");
+    assert!(!page.contains("onclick=") && !page.contains("onchange="), "{page}");
     served.harness.stop().await;
 }
 
@@ -249,6 +294,10 @@ async fn cross_site_requests_and_rebound_hosts_are_refused() {
     assert_eq!(raw(port, "GET", "/api/v1/dags", &[&format!("Host: localhost:{port}")], "").await, 200);
     assert_eq!(raw(port, "GET", "/api/v1/dags", &[&format!("Host: [::1]:{port}")], "").await, 200);
     assert_eq!(raw(port, "GET", "/api/v1/dags", &["Host: dagmq.internal"], "").await, 200);
+    // An IP address is never rebound: a page reaches the API under it only from that address.
+    assert_eq!(raw(port, "GET", "/api/v1/dags", &[&format!("Host: 10.1.2.3:{port}")], "").await, 200);
+    assert_eq!(raw(port, "GET", "/api/v1/dags", &[&format!("Host: [fe80::1]:{port}")], "").await, 200);
+    assert_eq!(raw(port, "GET", "/api/v1/dags", &["Host: 10.1.2.3.nip.io"], "").await, 403);
     assert_eq!(raw(port, "GET", "/healthz", &[], "").await, 200, "no Host: no browser");
     assert_eq!(raw(port, "POST", "/api/v1/dags/etl/pause", &[&own, &own_origin], "").await, 200);
     served.harness.stop().await;

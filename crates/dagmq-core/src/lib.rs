@@ -14,6 +14,7 @@ pub mod messages;
 pub mod metrics;
 pub mod queue;
 pub mod records;
+pub mod redact;
 pub mod schedule;
 pub mod state;
 pub mod store;
@@ -27,6 +28,7 @@ pub use clock::{Clock, SystemClock, TokioClock};
 pub use dag::{Dag, DagBuilder, DagError, DagRegistry, LiveDags, Pools, TaskConfig, TaskKind, TaskSpec};
 pub use queue::{Consumer, Delivery, Queue, Subscription, Topic};
 pub use records::{RunKind, RunRecord, TaskInstance, WorkerInfo};
+pub use redact::{mask_url, scrub_url};
 pub use state::{RunState, TaskState};
 pub use store::Store;
 pub use task::{CancelSignal, FollowUp, Params, Task, TaskContext, TaskError, TaskOutcome};
@@ -58,18 +60,6 @@ impl BackendError {
     }
 }
 
-/// A URL with its password replaced by `***`, for logs and errors.
-pub fn mask_url(url: &str) -> String {
-    let Some(scheme_end) = url.find("://") else { return url.to_string() };
-    let rest = &url[scheme_end + 3..];
-    let Some(at) = rest.find('@') else { return url.to_string() };
-    let masked = match rest[..at].split_once(':') {
-        Some((user, _)) => format!("{user}:***"),
-        None => rest[..at].to_string(),
-    };
-    format!("{}{}{}", &url[..scheme_end + 3], masked, &rest[at..])
-}
-
 /// Re-exported so users' `#[async_trait]` matches the trait definitions.
 pub use async_trait::async_trait;
 
@@ -87,14 +77,4 @@ macro_rules! fail_point {
         #[cfg(feature = "failpoints")]
         fail::fail_point!($name, |_| Err($error));
     };
-}
-
-#[cfg(test)]
-mod tests {
-    #[test]
-    fn masks_passwords() {
-        assert_eq!(super::mask_url("redis://:secret@127.0.0.1:6379/0"), "redis://:***@127.0.0.1:6379/0");
-        assert_eq!(super::mask_url("amqp://dagmq:s3cret@h:5672/v"), "amqp://dagmq:***@h:5672/v");
-        assert_eq!(super::mask_url("redis://127.0.0.1"), "redis://127.0.0.1");
-    }
 }

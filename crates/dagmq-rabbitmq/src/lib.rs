@@ -174,8 +174,10 @@ impl Inner {
 
     async fn connect(&self) -> Result<Live, BackendError> {
         let url = with_heartbeat(&self.config.url);
+        // lapin's own messages may quote the URL (with the heartbeat added) or its password.
         let cannot = |e: &dyn std::fmt::Display| {
-            BackendError::new(format!("rabbitmq {}: cannot connect: {e}", mask_url(&self.config.url)))
+            let message = dagmq_core::scrub_url(&dagmq_core::scrub_url(&e.to_string(), &url), &self.config.url);
+            BackendError::new(format!("rabbitmq {}: cannot connect: {message}", mask_url(&self.config.url)))
         };
         let connection = if self.config.tls.is_default() {
             Connection::connect(&url, ConnectionProperties::default()).await

@@ -117,7 +117,10 @@ impl RedisStore {
         timeouts: RedisTimeouts,
         tls: &TlsSettings,
     ) -> Result<RedisStore, BackendError> {
-        let bad_url = |e: redis::RedisError| BackendError::new(format!("redis {}: {e}", mask_url(url)));
+        // The client's own messages may quote the URL or its password: scrubbed of both.
+        let bad_url = |e: redis::RedisError| {
+            BackendError::new(format!("redis {}: {}", mask_url(url), dagmq_core::scrub_url(&e.to_string(), url)))
+        };
         let client = if url.starts_with("rediss://") && !tls.is_default() {
             let certificates = redis::TlsCertificates {
                 client_tls: tls.client.as_ref().map(|client| redis::ClientTlsConfig {
@@ -159,7 +162,9 @@ impl RedisStore {
                 heartbeat: Script::new(scripts::HEARTBEAT),
             }),
         };
-        store.ping().await.map_err(|e| BackendError::new(format!("redis {}: {}", mask_url(url), e.message)))?;
+        store.ping().await.map_err(|e| {
+            BackendError::new(format!("redis {}: {}", mask_url(url), dagmq_core::scrub_url(&e.message, url)))
+        })?;
         Ok(store)
     }
 

@@ -26,7 +26,8 @@ pub use dags::{DagView, RunSummary, TaskView};
 use dags::{backfill_dag, list_dags, pause_dag, trigger_run, unpause_dag};
 pub use runs::{LogView, RunDetail, RunView};
 use runs::{cancel_run, clear_run, list_runs, restart_run, resume_run, show_run, suspend_run, task_logs};
-use security::{check_metrics_token, refuse_cross_site, require_token};
+pub use security::CONTENT_SECURITY_POLICY;
+use security::{check_metrics_token, refuse_cross_site, require_token, security_headers};
 pub use stats::{MinuteCount, StatsView};
 use stats::{list_workers, metrics, stats};
 
@@ -44,14 +45,23 @@ pub const WORKER_STALE_AFTER: chrono::Duration = chrono::Duration::seconds(30);
 pub struct ApiConfig {
     /// When set, every `/api` call needs `Authorization: Bearer <token>`.
     pub token: Option<String>,
-    /// When set, `GET /metrics` needs `Authorization: Bearer <metrics token>`.
+    /// When set, `GET /metrics` needs `Authorization: Bearer <metrics token>`; when not, it needs
+    /// the API token (if that is set).
     pub metrics_token: Option<String>,
     /// Origins (`scheme://host:port`) besides the API's own whose pages may send it commands.
     pub allowed_origins: Vec<String>,
     /// When set, the `Host` of every request must be a loopback name (`127.0.0.1`, `localhost`,
-    /// `[::1]`) or one of these: a page on another name cannot reach the API by rebinding that
-    /// name's DNS to 127.0.0.1. The binary sets it when it listens on loopback without a token.
+    /// `[::1]`), an IP address or one of these: a page on another name cannot reach the API by
+    /// rebinding that name's DNS to the API's address. The binary sets it when it listens without
+    /// a token (on loopback, or anywhere with `--insecure`) and whenever `--allowed-host` is given.
     pub allowed_hosts: Option<Vec<String>>,
+}
+
+impl ApiConfig {
+    /// The token a scrape of `/metrics` must bear: the metrics token, or else the API token.
+    pub fn scrape_token(&self) -> Option<&str> {
+        self.metrics_token.as_deref().or(self.token.as_deref())
+    }
 }
 
 /// The shared state of the handlers.
@@ -87,11 +97,13 @@ pub fn router(scheduler: SchedulerHandle, config: ApiConfig) -> Router {
         .layer(middleware::from_fn_with_state(state.clone(), require_token));
     Router::new()
         .route("/", get(ui))
+        .route("/ui/app.js", get(ui_script))
         .route("/healthz", get(healthz))
         .route("/metrics", get(metrics))
         .nest("/api/v1", api)
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
         .layer(middleware::from_fn_with_state(state.clone(), refuse_cross_site))
+        .layer(middleware::from_fn(security_headers))
         .with_state(state)
 }
 
@@ -184,6 +196,11 @@ async fn healthz(State(state): State<AppState>) -> ApiResult<Json<serde_json::Va
 /// The web UI: one page, embedded in the binary, talking to the API below.
 async fn ui() -> Response {
     ([(header::CONTENT_TYPE, "text/html; charset=utf-8")], include_str!("../ui/index.html")).into_response()
+}
+
+/// The UI's script, a file of its own so that the page's policy allows no inline script.
+async fn ui_script() -> Response {
+    ([(header::CONTENT_TYPE, "text/javascript; charset=utf-8")], include_str!("../ui/app.js")).into_response()
 }
 
 async fn openapi() -> Json<serde_json::Value> {

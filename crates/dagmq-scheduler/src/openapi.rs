@@ -63,7 +63,9 @@ pub fn document() -> Value {
             "/": {"get": {"summary": "the web UI", "security": [], "responses": {"200": {"description": "HTML page"}}}},
             "/healthz": {"get": {"summary": "200 when the scheduler reaches its queue and store", "security": [],
                                   "responses": {"200": {"description": "healthy"}, "503": {"description": "a backend is unreachable"}}}},
-            "/metrics": {"get": {"summary": "Prometheus text format", "security": [], "responses": {"200": {"description": "metrics"}}}},
+            "/ui/app.js": {"get": {"summary": "the web UI's script", "security": [], "responses": {"200": {"description": "JavaScript"}}}},
+            "/metrics": {"get": {"summary": "Prometheus text format; needs the metrics token, or the API token when no metrics token is set",
+                                 "responses": {"200": {"description": "metrics"}, "401": {"description": "missing or wrong token"}}}},
             "/api/v1/openapi.json": {"get": operation("this document", ("200", "the document"), &std_errors(&[]), json!([]), None)},
             "/api/v1/dags": {"get": operation("DAGs with schedule, paused flag, next run and last run", ("200", "DAGs"), &std_errors(&[]), json!([]), None)},
             "/api/v1/dags/{dag_id}/pause": {"post": operation("stop scheduled runs", ("200", "paused"), &std_errors(&["404"]), json!([dag]), None)},
@@ -89,7 +91,7 @@ pub fn document() -> Value {
                     "properties": {"from": {"type": "string", "format": "date-time"}, "to": {"type": "string", "format": "date-time"}, "params": {"type": "object"}}
                 }}}}))
             )},
-            "/api/v1/runs": {"get": operation("latest runs, newest first, with task counts by state", ("200", "runs"), &std_errors(&["400"]), json!([
+            "/api/v1/runs": {"get": operation("latest runs, newest first, with task counts by state; without their params (the run has them)", ("200", "runs"), &std_errors(&["400"]), json!([
                 query_param("dag_id", "string", "only this DAG"),
                 query_param("status", "string", "queued, running, suspended, success, failed or cancelled"),
                 query_param("limit", "integer", "1 to 500, default 50")

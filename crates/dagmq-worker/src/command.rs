@@ -90,6 +90,11 @@ pub(crate) async fn run_command(
         .env("DAGMQ_LOGICAL_DATE", logical_date)
         .env("DAGMQ_OUTPUT", &output.0)
         .env("DAGMQ_INPUTS", &inputs_path);
+    // dagmq's own secrets (API token, service URLs, webhook) stay with dagmq: a task that prints
+    // its environment would put them in a log any API reader can read.
+    for name in dagmq_core::redact::SECRET_ENV_VARS {
+        command.env_remove(name);
+    }
     for (key, value) in &ctx.params {
         command.env(format!("DAGMQ_PARAM_{}", env_name(key)), param_text(value));
     }

@@ -61,6 +61,19 @@ impl TlsArgs {
     pub fn load(&self) -> Result<dagmq_core::TlsSettings, String> {
         dagmq_core::TlsSettings::load(self.tls_ca.as_deref(), self.tls_cert.as_deref(), self.tls_key.as_deref())
     }
+
+    /// The first TLS flag given, by name, if any.
+    pub fn first_given(&self) -> Option<&'static str> {
+        if self.tls_ca.is_some() {
+            Some("--tls-ca (DAGMQ_TLS_CA)")
+        } else if self.tls_cert.is_some() {
+            Some("--tls-cert (DAGMQ_TLS_CERT)")
+        } else if self.tls_key.is_some() {
+            Some("--tls-key (DAGMQ_TLS_KEY)")
+        } else {
+            None
+        }
+    }
 }
 
 /// Flags of the serving commands (`standalone`, `scheduler`, `worker`); each uses the ones that
@@ -69,14 +82,14 @@ impl TlsArgs {
 pub struct ServeArgs {
     /// RabbitMQ, e.g. amqp://guest:guest@127.0.0.1:5672/%2f (amqps:// for TLS). A password
     /// here shows in `ps`: prefer DAGMQ_AMQP_URL or --amqp-file.
-    #[arg(long, env = "DAGMQ_AMQP_URL", value_name = "URL", conflicts_with = "amqp_file")]
+    #[arg(long, env = "DAGMQ_AMQP_URL", hide_env_values = true, value_name = "URL", conflicts_with = "amqp_file")]
     pub amqp: Option<String>,
     /// A file holding the RabbitMQ URL (a mounted secret), so the password is in no command line.
     #[arg(long, env = "DAGMQ_AMQP_URL_FILE", value_name = "FILE")]
     pub amqp_file: Option<PathBuf>,
     /// Redis, e.g. redis://127.0.0.1:6379 (rediss:// for TLS). A password here shows in `ps`:
     /// prefer DAGMQ_REDIS_URL or --redis-file.
-    #[arg(long, env = "DAGMQ_REDIS_URL", value_name = "URL", conflicts_with = "redis_file")]
+    #[arg(long, env = "DAGMQ_REDIS_URL", hide_env_values = true, value_name = "URL", conflicts_with = "redis_file")]
     pub redis: Option<String>,
     /// A file holding the Redis URL (a mounted secret), so the password is in no command line.
     #[arg(long, env = "DAGMQ_REDIS_URL_FILE", value_name = "FILE")]
@@ -131,12 +144,29 @@ pub struct ServeArgs {
     /// Off, every task is queued by the scheduler in priority order.
     #[arg(long)]
     pub no_eager: bool,
-    /// POST a JSON notification here on task failure (and retry, where asked for).
-    #[arg(long, value_name = "URL")]
+    /// POST a JSON notification here on task failure (and retry, where asked for). Webhook URLs
+    /// often hold a secret in their path: prefer DAGMQ_NOTIFY_WEBHOOK or --notify-webhook-file;
+    /// logs show only the scheme and host.
+    #[arg(
+        long,
+        env = "DAGMQ_NOTIFY_WEBHOOK",
+        hide_env_values = true,
+        value_name = "URL",
+        conflicts_with = "notify_webhook_file"
+    )]
     pub notify_webhook: Option<String>,
-    /// Listen on a non-loopback address without an API token.
+    /// A file holding the webhook URL (a mounted secret), so it is in no command line.
+    #[arg(long, env = "DAGMQ_NOTIFY_WEBHOOK_FILE", value_name = "FILE")]
+    pub notify_webhook_file: Option<PathBuf>,
+    /// Listen on a non-loopback address without an API token. Requests still need a `Host` that
+    /// is a loopback name, an IP address or an --allowed-host.
     #[arg(long)]
     pub insecure: bool,
+    /// A host name (`dagmq.example.com`, or with its port) under which clients reach the API;
+    /// repeat for more. When given, or when there is no API token, a request whose `Host` is
+    /// none of these, no loopback name and no IP address is refused (DNS rebinding).
+    #[arg(long, env = "DAGMQ_ALLOWED_HOST", value_delimiter = ',', value_name = "HOST")]
+    pub allowed_host: Vec<String>,
     /// An origin (`https://ops.example.com`) besides the API's own whose web pages may send it
     /// commands; repeat for more. Pages of any other origin are refused.
     #[arg(long, env = "DAGMQ_ALLOWED_ORIGINS", value_delimiter = ',', value_name = "ORIGIN")]
@@ -385,6 +415,40 @@ impl BenchWorkload {
             BenchWorkload::Chain { k } => vec!["chain".into(), k.to_string()],
             BenchWorkload::Runs { m } => vec!["runs".into(), m.to_string()],
             BenchWorkload::Layers { width, depth } => vec!["layers".into(), width.to_string(), depth.to_string()],
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory;
+
+    use super::*;
+
+    /// A URL setting that carries a secret hides its value from `--help`, and every setting that
+    /// hides its value is kept, with its `_FILE` form, from tasks' environments.
+    #[test]
+    fn secret_settings_are_hidden_from_help_and_kept_from_tasks() {
+        let secrets = dagmq_core::redact::SECRET_ENV_VARS;
+        let mut hidden = Vec::new();
+        let mut pending = vec![Cli::command()];
+        while let Some(command) = pending.pop() {
+            for arg in command.get_arguments() {
+                let Some(env) = arg.get_env().and_then(|e| e.to_str()) else { continue };
+                let takes_url = arg.get_value_names().is_some_and(|names| names.iter().any(|n| n.as_str() == "URL"));
+                if secrets.contains(&env) && takes_url {
+                    assert!(arg.is_hide_env_values_set(), "--help shows the value of {env}");
+                }
+                if arg.is_hide_env_values_set() {
+                    assert!(secrets.contains(&env), "{env} is not kept from tasks");
+                    assert!(secrets.contains(&format!("{env}_FILE").as_str()), "{env}_FILE is not kept from tasks");
+                    hidden.push(env.to_string());
+                }
+            }
+            pending.extend(command.get_subcommands().cloned());
+        }
+        for name in ["DAGMQ_AMQP_URL", "DAGMQ_REDIS_URL", "DAGMQ_NOTIFY_WEBHOOK"] {
+            assert!(hidden.iter().any(|h| h == name), "{name} is a setting with its value hidden");
         }
     }
 }

@@ -26,6 +26,9 @@ pub struct HttpClient {
     client: reqwest::Client,
     /// The base address, without a trailing slash.
     base: String,
+    /// The base address as errors show it: with its password masked, or less (see
+    /// [`HttpClient::showing`]).
+    shown: String,
 }
 
 /// A response: status and body.
@@ -41,9 +44,10 @@ impl HttpClient {
     /// A client for `base` (`http://` or `https://`) whose every request gives up after
     /// `timeout`.
     pub fn new(base: &str, tls: &TlsSettings, timeout: Duration) -> Result<HttpClient, String> {
-        let parsed = reqwest::Url::parse(base).map_err(|e| format!("{base:?} is not a URL: {e}"))?;
+        let shown = dagmq_core::mask_url(base.trim_end_matches('/'));
+        let parsed = reqwest::Url::parse(base).map_err(|e| format!("{shown:?} is not a URL: {e}"))?;
         if !matches!(parsed.scheme(), "http" | "https") || parsed.host_str().is_none() {
-            return Err(format!("{base:?} is not an http:// or https:// address"));
+            return Err(format!("{shown:?} is not an http:// or https:// address"));
         }
         install_crypto_provider();
         let mut builder = reqwest::Client::builder()
@@ -63,12 +67,24 @@ impl HttpClient {
             builder = builder.identity(identity);
         }
         let client = builder.build().map_err(|e| format!("cannot set up the HTTP client: {}", chain(&e)))?;
-        Ok(HttpClient { client, base: base.trim_end_matches('/').to_string() })
+        Ok(HttpClient { client, base: base.trim_end_matches('/').to_string(), shown })
+    }
+
+    /// The same client, naming its base address `shown` in errors (a webhook's scheme and host,
+    /// where its path is a secret).
+    pub fn showing(mut self, shown: String) -> HttpClient {
+        self.shown = shown;
+        self
     }
 
     /// The base address.
     pub fn base(&self) -> &str {
         &self.base
+    }
+
+    /// The base address as errors show it.
+    pub fn shown(&self) -> &str {
+        &self.shown
     }
 
     /// Sends one request to the base address followed by `path`, with a JSON body and a bearer
@@ -83,6 +99,7 @@ impl HttpClient {
         let target = format!("{}{path}", self.base);
         let method = reqwest::Method::from_bytes(method.as_bytes()).map_err(|_| format!("bad method {method:?}"))?;
         let mut request = self.client.request(method.clone(), &target).header("accept", "application/json");
+        let target = format!("{}{path}", self.shown);
         if let Some(body) = body {
             request = request.header("content-type", "application/json").body(body.to_vec());
         }
@@ -93,7 +110,7 @@ impl HttpClient {
             // reqwest's own text repeats the URL; the causes say what went wrong.
             let cause = std::error::Error::source(&e).map_or_else(|| e.to_string(), chain);
             if e.is_connect() {
-                format!("cannot connect to {} ({method} {target}): {cause}", self.base)
+                format!("cannot connect to {} ({method} {target}): {cause}", self.shown)
             } else if e.is_timeout() {
                 format!("{method} {target}: no answer within the timeout")
             } else {

@@ -77,10 +77,22 @@ pub(crate) async fn serve(app: &App, args: &ServeArgs, file: &ConfigFile, role: 
     };
     let token = crate::secrets::env_secret("DAGMQ_API_TOKEN").map_err(CliError::usage)?;
     let metrics_token = crate::secrets::env_secret("DAGMQ_METRICS_TOKEN").map_err(CliError::usage)?;
+    // A scrape needs the metrics token, or the API token where no metrics token is set.
+    let scrape_token = metrics_token.clone().or_else(|| token.clone());
     let amqp_url = crate::secrets::url_or_file(args.amqp.as_deref(), args.amqp_file.as_deref(), "--amqp-file")
         .map_err(CliError::usage)?;
     let redis_url = crate::secrets::url_or_file(args.redis.as_deref(), args.redis_file.as_deref(), "--redis-file")
         .map_err(CliError::usage)?;
+    if let Some(flag) = args.tls.first_given() {
+        for (url, plain, what) in [(&amqp_url, "amqp", "RabbitMQ"), (&redis_url, "redis", "Redis")] {
+            if url.as_deref().is_some_and(|url| has_scheme(url, plain)) {
+                return Err(CliError::usage(format!(
+                    "{flag} is set but the {what} URL is a plain {plain}:// one, which would connect in \
+                     cleartext: use {plain}s:// (or leave out the TLS flags)"
+                )));
+            }
+        }
+    }
     let tls = args.tls.load().map_err(CliError::usage)?;
     let address: IpAddr = bind.parse().map_err(|_| CliError::usage(format!("--bind {bind:?} is not an IP address")))?;
     if role != Role::Worker && !address.is_loopback() && token.is_none() && !args.insecure {
@@ -94,11 +106,19 @@ pub(crate) async fn serve(app: &App, args: &ServeArgs, file: &ConfigFile, role: 
              or --amqp-file and --redis-file)",
         ));
     }
+    let webhook = crate::secrets::url_or_file(
+        args.notify_webhook.as_deref(),
+        args.notify_webhook_file.as_deref(),
+        "--notify-webhook-file",
+    )
+    .map_err(CliError::usage)?
+    .or_else(|| file.notify_webhook.clone());
     let mut notifiers: Vec<Box<dyn Notifier>> = vec![Box::new(LogNotifier)];
-    if let Some(url) = args.notify_webhook.as_ref().or(file.notify_webhook.as_ref()) {
-        notifiers.push(Box::new(
-            WebhookNotifier::new(url, &tls).map_err(|e| CliError::usage(format!("--notify-webhook: {e}")))?,
-        ));
+    if let Some(url) = &webhook {
+        let notifier =
+            WebhookNotifier::new(url, &tls).map_err(|e| CliError::usage(format!("--notify-webhook: {e}")))?;
+        tracing::info!(webhook = %notifier.shown(), "failure notifications go to a webhook");
+        notifiers.push(Box::new(notifier));
     }
 
     let pools = file.pools(&args.pools).map_err(CliError::usage)?;
@@ -163,12 +183,18 @@ pub(crate) async fn serve(app: &App, args: &ServeArgs, file: &ConfigFile, role: 
         }
         let (handle, task) = dagmq_scheduler::spawn(config, queue.clone(), store.clone(), scheduler_signal.clone());
         scheduler_handle = Some(handle.clone());
-        // Without a token, a loopback API checks `Host` against loopback names and the allowed
-        // origins' hosts, so no page can reach it by rebinding another name to 127.0.0.1.
-        let allowed_hosts = (token.is_none() && address.is_loopback()).then(|| {
-            args.allowed_origin
+        // Without a token (on loopback, or anywhere with --insecure), or when hosts are named, the
+        // API checks `Host` against loopback names, IP addresses, the allowed hosts and the
+        // allowed origins' hosts, so no page can reach it by rebinding another name to its address.
+        let allowed_hosts = (token.is_none() || !args.allowed_host.is_empty()).then(|| {
+            args.allowed_host
                 .iter()
-                .filter_map(|o| o.split_once("://").map(|(_, rest)| rest.trim_end_matches('/').to_string()))
+                .map(|h| h.trim().to_string())
+                .chain(
+                    args.allowed_origin
+                        .iter()
+                        .filter_map(|o| o.split_once("://").map(|(_, rest)| rest.trim_end_matches('/').to_string())),
+                )
                 .collect()
         });
         let api_config = ApiConfig {
@@ -222,7 +248,7 @@ pub(crate) async fn serve(app: &App, args: &ServeArgs, file: &ConfigFile, role: 
             tokio::spawn(dagmq_scheduler::api::serve_metrics(
                 listener,
                 Arc::new(move || metrics.render()),
-                metrics_token.clone(),
+                scrape_token.clone(),
                 worker_signal.clone(),
             ));
         }
@@ -260,6 +286,11 @@ pub(crate) async fn serve(app: &App, args: &ServeArgs, file: &ConfigFile, role: 
         let _ = server.await;
     }
     Ok(())
+}
+
+/// Whether `url` starts with `scheme://` (in any case).
+fn has_scheme(url: &str, scheme: &str) -> bool {
+    url.split_once("://").is_some_and(|(given, _)| given.eq_ignore_ascii_case(scheme))
 }
 
 /// A failed connection to the broker or the store, with a hint where the cause is a server

@@ -1,4 +1,6 @@
-//! Failure notifications as JSON POSTs to a webhook (`http://` or `https://`).
+//! Failure notifications as JSON POSTs to a webhook (`http://` or `https://`). A webhook's
+//! path and query are often a secret (a token the receiver checks), so logs and errors show
+//! only its scheme and host.
 
 use std::time::Duration;
 
@@ -31,10 +33,32 @@ pub(crate) struct WebhookNotifier {
 }
 
 impl WebhookNotifier {
-    /// A notifier for `url`, trusting `tls`'s CA besides the system's roots.
+    /// A notifier for `url`, trusting `tls`'s CA besides the system's roots. An error never
+    /// repeats the URL.
     pub(crate) fn new(url: &str, tls: &TlsSettings) -> Result<WebhookNotifier, String> {
-        Ok(WebhookNotifier { http: HttpClient::new(url, tls, TIMEOUT)?, in_flight: Semaphore::new(MAX_IN_FLIGHT) })
+        let shown = scheme_and_host(url)?;
+        let http = HttpClient::new(url, tls, TIMEOUT).map_err(|e| e.replace(url, &shown))?.showing(shown);
+        Ok(WebhookNotifier { http, in_flight: Semaphore::new(MAX_IN_FLIGHT) })
     }
+
+    /// The webhook as logs show it: its scheme and host.
+    pub(crate) fn shown(&self) -> &str {
+        self.http.shown()
+    }
+}
+
+/// `scheme://host[:port]` of an `http://` or `https://` URL, with no user, path or query.
+fn scheme_and_host(url: &str) -> Result<String, String> {
+    let parsed = reqwest::Url::parse(url).map_err(|e| format!("the webhook is not a URL: {e}"))?;
+    let scheme = parsed.scheme();
+    let host = match parsed.host_str() {
+        Some(host) if matches!(scheme, "http" | "https") => host,
+        _ => return Err(format!("the webhook is not an http:// or https:// address (scheme {scheme:?})")),
+    };
+    Ok(match parsed.port() {
+        Some(port) => format!("{scheme}://{host}:{port}"),
+        None => format!("{scheme}://{host}"),
+    })
 }
 
 #[async_trait]
@@ -63,6 +87,36 @@ impl Notifier for WebhookNotifier {
                 wait *= 2;
             }
         }
-        Err(format!("notification webhook {}: {last}", self.http.base()))
+        Err(format!("notification webhook {}: {last}", self.http.shown()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn webhooks_show_only_scheme_and_host() {
+        let check = |url: &str, shown: &str| assert_eq!(scheme_and_host(url).unwrap(), shown, "{url}");
+        check("https://hooks.example.com/services/T0/B0/s3cr3t", "https://hooks.example.com");
+        check("http://user:pw@10.0.0.7:8080/hook?token=s3cr3t#x", "http://10.0.0.7:8080");
+        check("https://[::1]:9443/h", "https://[::1]:9443");
+        check("HTTPS://Hooks.Example.com:443/p", "https://hooks.example.com");
+        for bad in ["ftp://h/s3cr3t", "hooks.example.com/s3cr3t", "http://:s3cr3t@/", "mailto:s3cr3t@x"] {
+            let err = scheme_and_host(bad).unwrap_err();
+            assert!(!err.contains("s3cr3t"), "{bad}: {err}");
+        }
+    }
+
+    #[tokio::test]
+    async fn a_failed_post_names_only_scheme_and_host() {
+        crate::client::install_crypto_provider();
+        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let url = format!("http://127.0.0.1:{port}/hook/s3cr3t?token=t0k3n");
+        let notifier = WebhookNotifier::new(&url, &TlsSettings::default()).unwrap();
+        assert_eq!(notifier.shown(), format!("http://127.0.0.1:{port}"));
+        let err = notifier.http.request("POST", "", Some(b"{}"), None).await.unwrap_err();
+        assert!(err.contains(&format!("http://127.0.0.1:{port}")), "{err}");
+        assert!(!err.contains("s3cr3t") && !err.contains("t0k3n"), "{err}");
     }
 }

@@ -8,9 +8,10 @@ use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
 use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
+use chrono::{DateTime, Utc};
 use dagmq_core::store::RunFilter;
 use dagmq_core::task::mask_params;
-use dagmq_core::{RunRecord, RunState, TaskInstance, TaskState};
+use dagmq_core::{RunKind, RunRecord, RunState, TaskInstance, TaskState};
 use serde::{Deserialize, Serialize};
 
 use super::{ApiError, ApiResult, AppState, MAX_LIMIT, bad_request, json_body, not_found_error};
@@ -47,14 +48,70 @@ pub(super) struct RunsQuery {
     limit: Option<usize>,
 }
 
-/// A run as the API lists it.
+/// A run as the API lists it: the run without its params, which may be large and which a
+/// listing polled every few seconds has no use for (`GET /api/v1/runs/{id}` has them), and
+/// its task counts.
 #[derive(Debug, Serialize, Deserialize)]
 pub struct RunView {
-    /// The run.
-    #[serde(flatten)]
-    pub run: RunRecord,
+    /// Unique id.
+    pub run_id: String,
+    /// The DAG.
+    pub dag_id: String,
+    /// Current state.
+    pub state: RunState,
+    /// Scheduled, manual or backfill.
+    pub kind: RunKind,
+    /// The schedule point (scheduled) or trigger time (manual).
+    pub logical_date: DateTime<Utc>,
+    /// Idempotency key of the trigger, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key: Option<String>,
+    /// When the run was created.
+    pub created_at: DateTime<Utc>,
+    /// When it last went to `running`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub started_at: Option<DateTime<Utc>>,
+    /// When it finished.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ended_at: Option<DateTime<Utc>>,
+    /// The version of the DAG the run was created with.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dag_version: Option<String>,
     /// How many tasks are in each state.
     pub task_counts: BTreeMap<TaskState, usize>,
+}
+
+impl RunView {
+    /// The listing of `run`, whose tasks are counted in `task_counts`.
+    pub fn new(run: RunRecord, task_counts: BTreeMap<TaskState, usize>) -> RunView {
+        // Every field named, so that a new one is left out or listed on purpose.
+        let RunRecord {
+            run_id,
+            dag_id,
+            state,
+            kind,
+            logical_date,
+            params: _,
+            key,
+            created_at,
+            started_at,
+            ended_at,
+            dag_version,
+        } = run;
+        RunView {
+            run_id,
+            dag_id,
+            state,
+            kind,
+            logical_date,
+            key,
+            created_at,
+            started_at,
+            ended_at,
+            dag_version,
+            task_counts,
+        }
+    }
 }
 
 pub(super) async fn list_runs(
@@ -72,10 +129,9 @@ pub(super) async fn list_runs(
     let filter = RunFilter { dag_id: query.dag_id.filter(|d| !d.is_empty()), state: status, limit };
     let store = &state.scheduler.store;
     let mut views = Vec::new();
-    for mut run in store.list_runs(&filter).await? {
+    for run in store.list_runs(&filter).await? {
         let tasks = store.tasks(&run.run_id).await?;
-        run.params = mask_params(&run.params);
-        views.push(RunView { task_counts: count_states(&tasks), run });
+        views.push(RunView::new(run, count_states(&tasks)));
     }
     Ok(Json(views))
 }

@@ -1,17 +1,39 @@
 //! What keeps other sites and callers without the token out: the cross-site checks on every
-//! request (`Host`, `Origin`, content type), the bearer token of `/api` and of `/metrics`.
+//! request (`Host`, `Origin`, content type), the bearer token of `/api` and of `/metrics`, and
+//! the headers that keep the UI out of other sites' frames and its page to its own scripts.
 
 use axum::extract::{Request, State};
-use axum::http::{StatusCode, header};
+use axum::http::{HeaderValue, StatusCode, header};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 
 use super::{ApiError, ApiResult, AppState};
 
+/// The page's policy: scripts, styles, images and API calls from the API's own origin only; no
+/// plugins, no `<base>` or form posts elsewhere, and no framing by any page. Styles may be
+/// inline (the UI colours and sizes elements with `style` attributes): with images and
+/// connections limited to the API's origin, an injected style could not send anything away.
+pub const CONTENT_SECURITY_POLICY: &str = "default-src 'none'; script-src 'self'; style-src 'self' 'unsafe-inline'; \
+     img-src 'self'; connect-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'";
+
+/// Adds to every answer the headers that keep it out of other sites' frames (clickjacking: a
+/// page that frames the UI under a decoy could make a click restart a run) and hold the UI to
+/// [`CONTENT_SECURITY_POLICY`].
+pub(super) async fn security_headers(request: Request, next: Next) -> Response {
+    let mut response = next.run(request).await;
+    let headers = response.headers_mut();
+    headers.insert(header::X_FRAME_OPTIONS, HeaderValue::from_static("DENY"));
+    headers.insert(header::CONTENT_SECURITY_POLICY, HeaderValue::from_static(CONTENT_SECURITY_POLICY));
+    headers.insert(header::X_CONTENT_TYPE_OPTIONS, HeaderValue::from_static("nosniff"));
+    headers.insert(header::REFERRER_POLICY, HeaderValue::from_static("no-referrer"));
+    response
+}
+
 /// Refuses what a web page on another site could make a browser send (the API uses no cookies,
-/// but without a token a page could still reach a loopback API):
-/// - a `Host` that is not a loopback name or an allowed host, when hosts are checked (DNS
-///   rebinding): 403;
+/// but without a token a page could still reach the API):
+/// - a `Host` that is not a loopback name, an IP address or an allowed host, when hosts are
+///   checked (DNS rebinding): 403. An IP address is never rebound: a page can only reach the
+///   API under an address by being served from that very address;
 /// - a state-changing request whose `Origin` is neither the API's own origin nor an allowed
 ///   origin: 403;
 /// - a state-changing request with a body that is not `application/json` (a form or a
@@ -26,13 +48,14 @@ pub(super) async fn refuse_cross_site(State(state): State<AppState>, request: Re
     if let Some(allowed) = &state.config.allowed_hosts
         && !host.is_empty()
         && !["127.0.0.1", "localhost", "::1", "[::1]"].contains(&host_name)
+        && !is_ip_address(host_name)
         && !allowed.iter().any(|a| a == host || a == host_name)
     {
         return refuse(
             &request,
             StatusCode::FORBIDDEN,
             format!(
-                "host {host:?} is not this API's (allowed: loopback names{})",
+                "host {host:?} is not this API's (allowed: loopback names, IP addresses{}; see --allowed-host)",
                 if allowed.is_empty() { String::new() } else { format!(", {}", allowed.join(", ")) }
             ),
         );
@@ -80,6 +103,12 @@ fn host_name(host: &str) -> &str {
     host.rsplit_once(':').map_or(host, |(name, _)| name)
 }
 
+/// Whether a `Host` name is an IPv4 address or a bracketed IPv6 address.
+fn is_ip_address(name: &str) -> bool {
+    let bare = name.strip_prefix('[').and_then(|n| n.strip_suffix(']')).unwrap_or(name);
+    bare.parse::<std::net::IpAddr>().is_ok()
+}
+
 /// Checks the bearer token in constant time when one is configured.
 pub(super) async fn require_token(State(state): State<AppState>, request: Request, next: Next) -> Response {
     if let Some(expected) = &state.config.token
@@ -100,7 +129,8 @@ fn bearer_is(headers: &axum::http::HeaderMap, expected: &str) -> bool {
     constant_time_eq(given.as_bytes(), expected.as_bytes())
 }
 
-/// With a metrics token set, a scrape must bear it (the scheduler's `/metrics` and a worker's).
+/// With a token for scrapes (the metrics token, or the API token where no metrics token is
+/// set), a scrape must bear it (the scheduler's `/metrics` and a worker's).
 pub(super) fn check_metrics_token(expected: Option<&str>, headers: &axum::http::HeaderMap) -> ApiResult<()> {
     match expected {
         Some(expected) if !bearer_is(headers, expected) => {
@@ -132,5 +162,15 @@ mod tests {
         assert!(!constant_time_eq(b"secret", b"secret2"));
         assert!(!constant_time_eq(b"", b"x"));
         assert!(constant_time_eq(b"", b""));
+    }
+
+    #[test]
+    fn ip_addresses_are_told_from_names() {
+        for address in ["10.0.0.5", "0.0.0.0", "[fe80::1]", "[::1]"] {
+            assert!(is_ip_address(address), "{address}");
+        }
+        for name in ["evil.example", "10.0.0.5.nip.io", "[evil]", "::1x", ""] {
+            assert!(!is_ip_address(name), "{name}");
+        }
     }
 }

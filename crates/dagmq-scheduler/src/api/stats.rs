@@ -21,7 +21,7 @@ use super::{ApiResult, AppState, MAX_LIMIT, WORKER_STALE_AFTER};
 /// flight come from counts the scheduler keeps of its runs, so a scrape costs one depth query
 /// per queue and one read of the worker registry, however many runs are unfinished.
 pub(super) async fn metrics(State(state): State<AppState>, headers: axum::http::HeaderMap) -> ApiResult<Response> {
-    check_metrics_token(state.config.metrics_token.as_deref(), &headers)?;
+    check_metrics_token(state.config.scrape_token(), &headers)?;
     let handle = &state.scheduler;
     let mut depths = Vec::new();
     for topic in topics(handle) {

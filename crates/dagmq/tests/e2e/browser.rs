@@ -210,9 +210,28 @@ fn the_ui_triggers_a_run_shows_its_graph_and_log_and_pauses_a_dag() {
     let standalone = Standalone::start(&examples(), &[]);
     let base = standalone.api.clone();
 
+    // A page of another site that frames the UI (to steer a click onto a button under a decoy)
+    // gets an empty frame: the UI's answer forbids framing.
+    let framing = serve_page(format!(
+        "<!doctype html><iframe id=\"ui\" src=\"{base}/#/dags\" onload=\"window.loaded = true\"></iframe>"
+    ));
+    browser.open(&format!("http://127.0.0.1:{framing}/"));
+    browser.wait_for("return window.loaded === true", json!(true));
+    let frame = browser.command("POST", "/element", Some(json!({"using": "css selector", "value": "#ui"})));
+    browser.command("POST", "/frame", Some(json!({"id": frame})));
+    assert_eq!(browser.script("return document.querySelectorAll('[data-nav]').length"), json!(0), "the UI was framed");
+    browser.command("POST", "/frame/parent", Some(json!({})));
+
     browser.open(&format!("{base}/#/dags"));
     browser.wait_for("return document.querySelectorAll('tr[data-dag]').length", json!(8));
     browser.screenshot("dags");
+    // The page's policy is in force; every violation of it from here on is recorded (a button
+    // with an inline handler would be one, and would do nothing).
+    browser.script(
+        "window.violations = []; document.addEventListener('securitypolicyviolation', \
+         e => window.violations.push(`${e.violatedDirective} ${e.blockedURI} ${e.sourceFile}:${e.lineNumber}`)); \
+         return null",
+    );
 
     // Trigger from the page: the page moves to the new run, which reaches success.
     browser.click("[data-test=\"trigger-hello\"]");
@@ -223,6 +242,7 @@ fn the_ui_triggers_a_run_shows_its_graph_and_log_and_pauses_a_dag() {
         "return [...document.querySelectorAll('[data-node]')].map(n => n.dataset.state).join(',')",
         json!("success,success,success"),
     );
+    assert_eq!(browser.script("return window.violations"), json!([]), "the page broke its own policy");
     browser.screenshot("run");
 
     // A branch's skipped path, in its colour.
@@ -298,6 +318,20 @@ fn the_ui_triggers_a_run_shows_its_graph_and_log_and_pauses_a_dag() {
     browser.open(&format!("{base}/#/dags"));
     browser.click("[data-test=\"pause-every_10s\"]");
     browser.wait_for("return document.querySelector('[data-test=\"paused-every_10s\"]')?.textContent", json!("paused"));
+    // The runs page's filters (change listeners) narrow the list.
+    browser.open(&format!("{base}/#/runs"));
+    browser.wait_for("return document.querySelectorAll('tr[data-run]').length > 1", json!(true));
+    browser.script(
+        "window.violations = []; document.addEventListener('securitypolicyviolation', \
+         e => window.violations.push(e.violatedDirective)); const s = document.getElementById('f-dag'); \
+         s.value = 'branch'; s.dispatchEvent(new Event('change', {bubbles: true})); return null",
+    );
+    browser.wait_for("return location.hash", json!("#/runs?dag=branch&state="));
+    browser.wait_for(
+        "return [...document.querySelectorAll('tr[data-run] td:nth-child(2)')].map(t => t.textContent).join(',')",
+        json!("branch"),
+    );
+    assert_eq!(browser.script("return window.violations"), json!([]));
     let dags = standalone.json(&["dags", "list"]);
     let every = dags.as_array().unwrap().iter().find(|d| d["dag_id"] == "every_10s").unwrap();
     assert_eq!(every["paused"], true);

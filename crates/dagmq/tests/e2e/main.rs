@@ -12,6 +12,7 @@ mod failpoints;
 mod history;
 mod operations;
 mod reload;
+mod security;
 mod standalone;
 mod support;
 mod tls;

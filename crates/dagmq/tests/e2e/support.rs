@@ -43,6 +43,10 @@ fn without_settings(mut command: Command) -> Command {
         "DAGMQ_TLS_CA",
         "DAGMQ_TLS_CERT",
         "DAGMQ_TLS_KEY",
+        "DAGMQ_NOTIFY_WEBHOOK",
+        "DAGMQ_NOTIFY_WEBHOOK_FILE",
+        "DAGMQ_ALLOWED_HOST",
+        "DAGMQ_ALLOWED_ORIGINS",
     ] {
         command.env_remove(variable);
     }
@@ -78,7 +82,17 @@ impl Standalone {
 
     /// Like `start`, with its log (stderr) in `log`.
     pub(crate) fn start_logged(dags: &Path, log: &Path) -> Standalone {
-        Standalone::spawn(dags, &[], &[], Stdio::from(std::fs::File::create(log).unwrap()))
+        Standalone::start_logged_with(dags, log, &[])
+    }
+
+    /// Like `start_logged`, with extra flags.
+    pub(crate) fn start_logged_with(dags: &Path, log: &Path, args: &[&str]) -> Standalone {
+        Standalone::spawn(dags, &[], args, Stdio::from(std::fs::File::create(log).unwrap()))
+    }
+
+    /// Like `start`, with extra environment variables and flags.
+    pub(crate) fn spawn_with(dags: &Path, extra_env: &[(&str, &str)], args: &[&str]) -> Standalone {
+        Standalone::launch(dags, extra_env, args)
     }
 
     fn launch(dags: &Path, extra_env: &[(&str, &str)], args: &[&str]) -> Standalone {

@@ -286,6 +286,20 @@ fn scheduler_refused(amqp: &str, redis: &str, flags: &[String]) -> String {
     text(&output.stderr)
 }
 
+/// Runs `dagmq standalone` with its store at `redis`, expecting it to fail at connect: its stderr.
+fn standalone_refused(redis: &str, flags: &[String]) -> String {
+    let output = dagmq()
+        .args(["standalone", "--redis", redis, "--port", &free_port().to_string()])
+        .args(["--namespace", &format!("dagmq-tls-refused-{}", free_port())])
+        .args(flags)
+        .env("DAGMQ_LOG", "warn")
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(1), "stderr: {}", text(&output.stderr));
+    text(&output.stderr)
+}
+
 #[test]
 fn a_certificate_that_does_not_verify_is_a_clear_error_naming_the_server() {
     if tools().is_none() {
@@ -305,18 +319,22 @@ fn a_certificate_that_does_not_verify_is_a_clear_error_naming_the_server() {
     assert!(err.contains("--tls-ca"), "the error says what to check: {err}");
     assert!(!err.contains("guest:guest"), "no password in errors: {err}");
 
-    // The broker is reached (plain AMQP, in a vhost of this test's on the shared broker) and
-    // Redis refuses the same way.
-    if let Some(plain) = Cluster::new(&[]) {
-        let err = scheduler_refused(&plain.amqp, &rediss, &wrong_ca);
-        assert!(err.contains(&format!("redis rediss://localhost:{}", redis.port)), "{err}");
-        assert!(err.contains("invalid peer certificate: UnknownIssuer"), "{err}");
-
-        // Without a client certificate, the server's refusal is named.
-        let ca_only = vec!["--tls-ca".to_string(), ca.file("ca.pem")];
-        let err = scheduler_refused(&plain.amqp, &rediss, &ca_only);
-        assert!(err.contains("CertificateRequired") || err.contains("certificate required"), "{err}");
-    }
+    // Redis refuses the same way (a standalone: its queue in memory, its store in Redis).
+    let err = standalone_refused(&rediss, &wrong_ca);
+    assert!(err.contains(&format!("redis rediss://localhost:{}", redis.port)), "{err}");
+    assert!(err.contains("invalid peer certificate: UnknownIssuer"), "{err}");
+    // Without a client certificate, the server's refusal is named.
+    let ca_only = vec!["--tls-ca".to_string(), ca.file("ca.pem")];
+    let err = standalone_refused(&rediss, &ca_only);
+    assert!(err.contains("CertificateRequired") || err.contains("certificate required"), "{err}");
+    // TLS flags with a plain URL beside are refused before any connection, never left unused.
+    let plain = dagmq()
+        .args(["scheduler", "--amqp", "amqp://guest:guest@127.0.0.1:5672/%2f", "--redis", &rediss])
+        .args(&ca_only)
+        .output()
+        .unwrap();
+    assert_eq!(plain.status.code(), Some(2), "{}", text(&plain.stderr));
+    assert!(text(&plain.stderr).contains("RabbitMQ URL is a plain amqp://"), "{}", text(&plain.stderr));
 
     // Nor is a CA quietly dropped when the system's roots are used: same refusal, never plain.
     let err = scheduler_refused(&amqps, &rediss, &[]);

@@ -1,0 +1,283 @@
+// The dagmq web UI: index.html loads this file, so that the page's policy allows no inline script.
+"use strict";
+const STATES = ["pending","queued","running","success","failed","up_for_retry","upstream_failed","cancelled","skipped","suspended"];
+const color = s => `var(--${s || "queued"})`;
+const esc = v => String(v ?? "").replace(/[&<>"']/g, c => ({"&":"&amp;","<":"&lt;",">":"&gt;","\"":"&quot;","'":"&#39;"}[c]));
+const badge = s => `<span class="state" data-state="${esc(s)}" style="background:${color(s)}">${esc(s)}</span>`;
+const when = t => t ? new Date(t).toLocaleString() : "-";
+/** Seconds in the unit a person would use: 230 ms, 4.2 s, 3 min 05 s, 2 h 07 min. */
+const span = s => s < 1 ? `${Math.round(s * 1000)} ms` : s < 60 ? `${s.toFixed(1)} s`
+  : s < 3600 ? `${Math.floor(s / 60)} min ${String(Math.floor(s % 60)).padStart(2, "0")} s`
+  : `${Math.floor(s / 3600)} h ${String(Math.floor((s % 3600) / 60)).padStart(2, "0")} min`;
+const duration = (a, b) => a ? span(Math.max(0, (b ? new Date(b) : new Date()) - new Date(a)) / 1000) : "-";
+
+async function api(path, options = {}) {
+  const headers = {"Accept": "application/json"};
+  const token = localStorage.getItem("dagmq-token");
+  if (token) headers["Authorization"] = "Bearer " + token;
+  if (options.body) headers["Content-Type"] = "application/json";
+  const response = await fetch(path, {...options, headers});
+  const body = await response.json().catch(() => ({}));
+  if (response.status === 401) {
+    const entered = prompt("This dagmq needs an API token:");
+    if (entered) { localStorage.setItem("dagmq-token", entered); return api(path, options); }
+  }
+  if (!response.ok) throw new Error(body.error || ("HTTP " + response.status));
+  return body;
+}
+
+function banner(message) {
+  const el = document.getElementById("banner");
+  el.textContent = message || ""; el.style.display = message ? "block" : "none";
+}
+
+const views = {
+  async dags() {
+    const all = await api("/api/v1/dags");
+    const dags = all.filter(d => !d.error);
+    const refused = all.filter(d => d.error).map(d => `<div class="error" data-test="refused">${esc(d.error)}</div>`).join("");
+    const recent = await Promise.all(dags.map(d => api(`/api/v1/runs?dag_id=${encodeURIComponent(d.dag_id)}&limit=10`)));
+    const rows = dags.map((d, i) => `<tr data-dag="${esc(d.dag_id)}">
+      <td><a href="#/dags/${encodeURIComponent(d.dag_id)}" data-test="dag-link">${esc(d.dag_id)}</a><div class="muted">${esc(d.description)}</div></td>
+      <td>${esc(d.schedule || "manual")}<div class="muted">${esc(d.timezone)}</div></td>
+      <td>${when(d.next_run)}</td>
+      <td>${recent[i].slice().reverse().map(r => `<a href="#/runs/${encodeURIComponent(r.run_id)}" title="${esc(r.run_id)}: ${esc(r.state)}"><span class="sq" style="background:${color(r.state)}"></span></a>`).join("")}</td>
+      <td><button data-test="pause-${esc(d.dag_id)}" data-action="pause" data-dag="${esc(d.dag_id)}" data-paused="${d.paused}">${d.paused ? "Unpause" : "Pause"}</button>
+          <span class="muted" data-test="paused-${esc(d.dag_id)}">${d.paused ? "paused" : "active"}</span></td>
+      <td><button class="primary" data-test="trigger-${esc(d.dag_id)}" data-action="trigger" data-dag="${esc(d.dag_id)}">Trigger</button></td></tr>`).join("");
+    return `<h2>DAGs</h2>${refused ? `<div class="card"><b>Refused DAG files</b>${refused}</div>` : ""}<div class="card"><div class="row"><label>Params (JSON) for Trigger:
+      <input id="params" size="40" placeholder='{"date": "2026-11-22"}'></label></div>
+      <table><tr><th>DAG</th><th>Schedule</th><th>Next run</th><th>Last runs</th><th>Schedule state</th><th></th></tr>${rows}</table></div>`;
+  },
+  async dag(query, dagId) {
+    const dags = await api("/api/v1/dags");
+    const dag = dags.find(d => d.dag_id === dagId && !d.error);
+    if (!dag) throw new Error(`unknown dag ${dagId}`);
+    const latest = await api(`/api/v1/runs?dag_id=${encodeURIComponent(dagId)}&limit=25`);
+    const runs = (await Promise.all(latest.map(r => api(`/api/v1/runs/${encodeURIComponent(r.run_id)}`)))).reverse();
+    const ids = dag.tasks.map(t => t.task_id);
+    const head = runs.map(r => `<th title="${esc(r.run_id)}"><a href="#/runs/${encodeURIComponent(r.run_id)}"><span class="sq" style="background:${color(r.state)}"></span></a></th>`).join("");
+    const grid = ids.map(id => `<tr data-grid-task="${esc(id)}"><td>${esc(id)}</td>${runs.map(r => {
+      const t = r.tasks.find(x => x.task_id === id);
+      return t ? `<td class="cell"><a data-cell="${esc(t.state)}" href="#/runs/${encodeURIComponent(r.run_id)}/tasks/${encodeURIComponent(id)}" title="${esc(r.run_id)}: ${esc(id)} ${esc(t.state)}"><span class="sq" style="background:${color(t.state)}"></span></a></td>` : `<td class="cell"></td>`;
+    }).join("")}</tr>`).join("");
+    const durations = runs.map(r => ({value: r.started_at ? ((r.ended_at ? new Date(r.ended_at) : new Date()) - new Date(r.started_at)) / 1000 : 0,
+      label: new Date(r.logical_date).toLocaleDateString(), title: `${r.run_id}: ${duration(r.started_at, r.ended_at)}`, color: color(r.state),
+      href: `#/runs/${encodeURIComponent(r.run_id)}`}));
+    const tasks = dag.tasks.map(t => ({task_id: t.task_id, after: t.after, state: "queued"}));
+    return `<h2>DAG ${esc(dag.dag_id)}</h2>
+      <div class="row"><span class="muted">${esc(dag.description)}</span></div>
+      <div class="row">schedule <b>${esc(dag.schedule || "manual")}</b> (${esc(dag.timezone)}), ${dag.paused ? "paused" : "active"},
+        next run ${when(dag.next_run)}, version <code>${esc(dag.version)}</code>, <a href="#/runs?dag=${encodeURIComponent(dagId)}">all runs</a></div>
+      <div class="card" data-test="dag-graph">${graph(tasks, "")}</div>
+      <div class="card" data-test="grid"><h3>Latest ${runs.length} runs by task</h3><table class="grid"><tr><th></th>${head}</tr>${grid}</table></div>
+      <div class="card" data-test="durations"><h3>Run durations</h3>${bars(durations, span)}</div>`;
+  },
+  async runs(query) {
+    const dag = query.get("dag") || "", state = query.get("state") || "";
+    const [dags, runs] = await Promise.all([api("/api/v1/dags"),
+      api(`/api/v1/runs?limit=100&dag_id=${encodeURIComponent(dag)}&status=${encodeURIComponent(state)}`)]);
+    const options = (values, selected) => values.map(v => `<option ${v === selected ? "selected" : ""}>${esc(v)}</option>`).join("");
+    const rows = runs.map(r => `<tr data-run="${esc(r.run_id)}"><td><a href="#/runs/${encodeURIComponent(r.run_id)}">${esc(r.run_id)}</a></td>
+      <td>${esc(r.dag_id)}</td><td>${badge(r.state)}</td><td>${when(r.created_at)}</td><td>${duration(r.started_at, r.ended_at)}</td>
+      <td>${Object.entries(r.task_counts).map(([s, n]) => `<span title="${esc(s)}"><span class="sq" style="background:${color(s)}"></span>${n}</span>`).join(" ")}</td></tr>`).join("");
+    return `<h2>Runs</h2><div class="card"><div class="row">
+      <select id="f-dag" data-action="filter-runs"><option value="">all DAGs</option>${options(dags.map(d => d.dag_id), dag)}</select>
+      <select id="f-state" data-action="filter-runs"><option value="">all states</option>${options(["queued","running","suspended","success","failed","cancelled"], state)}</select></div>
+      <table><tr><th>Run</th><th>DAG</th><th>State</th><th>Created</th><th>Duration</th><th>Tasks</th></tr>${rows}</table></div>`;
+  },
+  async run(query, runId) {
+    const run = await api(`/api/v1/runs/${encodeURIComponent(runId)}`);
+    const rows = run.tasks.map(t => `<tr data-task="${esc(t.task_id)}"><td><a href="#/runs/${encodeURIComponent(runId)}/tasks/${encodeURIComponent(t.task_id)}">${esc(t.task_id)}</a></td>
+      <td>${badge(t.state)}${t.waiting_for ? ` <span class="muted" data-test="waiting">waiting for ${esc(t.waiting_for)}</span>` : ""}</td><td>${t.try_number}</td><td>${when(t.started_at)}</td><td>${duration(t.started_at, t.ended_at)}</td>
+      <td>${esc(t.worker || "-")}</td><td>${t.state === "running" && t.progress != null ? progress(t.progress) : ""}</td><td class="wrap" data-test="output"><code>${t.output == null ? "" : esc(typeof t.output === "string" ? t.output : JSON.stringify(t.output))}</code></td><td class="wrap error">${esc(t.error || "")}</td></tr>`).join("");
+    const finished = ["success","failed","cancelled"].includes(run.state);
+    return `<h2>Run ${esc(run.run_id)} ${badge(run.state)}</h2>
+      <div class="row"><span class="muted">DAG <a href="#/runs?dag=${encodeURIComponent(run.dag_id)}">${esc(run.dag_id)}</a>,
+        ${esc(run.kind)}, logical date ${when(run.logical_date)}, params ${esc(JSON.stringify(run.params))}</span>
+        <button data-test="restart" ${finished ? "" : "disabled"} data-action="run" data-run="${esc(runId)}" data-verb="restart">Restart</button>
+        <button data-test="cancel" ${finished ? "disabled" : ""} data-action="run" data-run="${esc(runId)}" data-verb="cancel">Cancel</button>
+        <button data-test="suspend" ${run.state === "running" ? "" : "disabled"} data-action="run" data-run="${esc(runId)}" data-verb="suspend">Suspend</button>
+        <button data-test="resume" ${run.state === "suspended" ? "" : "disabled"} data-action="run" data-run="${esc(runId)}" data-verb="resume">Resume</button></div>
+      <div class="card" data-test="graph">${graph(run.tasks, runId)}</div>
+      <div class="card" data-test="gantt"><h3>Timeline</h3>${gantt(run)}</div>
+      <div class="card"><table><tr><th>Task</th><th>State</th><th>Try</th><th>Started</th><th>Took</th><th>Worker</th><th>Progress</th><th>Output</th><th>Error</th></tr>${rows}</table></div>`;
+  },
+  async task(query, runId, taskId) {
+    const run = await api(`/api/v1/runs/${encodeURIComponent(runId)}`);
+    const task = run.tasks.find(t => t.task_id === taskId);
+    if (!task) throw new Error(`run ${runId} has no task ${taskId}`);
+    const tryNumber = Number(query.get("try") || task.try_number || 1);
+    const key = `${runId}/${taskId}/${tryNumber}`;
+    if (logState.key !== key) { logState.key = key; logState.lines = []; logState.next = 0; }
+    if (task.try_number > 0) {
+      const log = await api(`/api/v1/runs/${encodeURIComponent(runId)}/tasks/${encodeURIComponent(taskId)}/logs?try=${tryNumber}&from=${logState.next}`);
+      logState.lines.push(...log.lines); logState.next = log.next;
+    }
+    const tries = Array.from({length: task.try_number}, (_, i) => i + 1).map(n =>
+      `<a href="#/runs/${encodeURIComponent(runId)}/tasks/${encodeURIComponent(taskId)}?try=${n}" ${n === tryNumber ? 'style="font-weight:bold"' : ""}>try ${n}</a>`).join(" ");
+    return `<h2><a href="#/runs/${encodeURIComponent(runId)}">${esc(runId)}</a> / ${esc(taskId)} ${badge(task.state)}</h2>
+      <div class="row">${tries} ${task.state === "running" && task.progress != null ? progress(task.progress) : ""}
+        <span class="muted">worker ${esc(task.worker || "-")}, started ${when(task.started_at)}</span></div>
+      ${task.error ? `<div class="row error">${esc(task.error)}</div>` : ""}
+      <pre class="log" data-test="log">${esc(logState.lines.join("\n")) || '<span class="muted">(no output yet)</span>'}</pre>`;
+  },
+  async workers() {
+    const workers = await api("/api/v1/workers");
+    const rows = workers.map(w => `<tr><td>${esc(w.name)}</td><td>${esc(w.host)}</td><td>${esc(w.queues.join(", "))}</td><td>${w.concurrency}</td>
+      <td class="wrap">${w.running.map(r => `<a href="#/runs/${encodeURIComponent(r.run_id)}/tasks/${encodeURIComponent(r.task_id)}">${esc(r.task_id)}</a>`).join(", ") || "-"}</td>
+      <td>${when(w.last_heartbeat)}</td></tr>`).join("");
+    return `<h2>Workers</h2><div class="card"><table><tr><th>Name</th><th>Host</th><th>Queues</th><th>Concurrency</th><th>Running</th><th>Last heartbeat</th></tr>${rows}</table></div>`;
+  },
+  async stats() {
+    const stats = await api("/api/v1/stats");
+    const list = o => Object.entries(o).map(([k, v]) => `<tr><td>${esc(k)}</td><td>${v}</td></tr>`).join("") || "<tr><td>-</td></tr>";
+    return `<h2>Stats</h2><div class="card" data-test="throughput"><h3>Tasks finished per minute, last hour</h3>
+        ${bars(stats.finished_per_minute.map(m => ({value: m.count, label: new Date(m.minute).toLocaleTimeString([], {hour: "2-digit", minute: "2-digit"}), title: `${m.count} at ${new Date(m.minute).toLocaleTimeString()}`, color: "var(--accent)"})), n => String(n))}</div>
+      <div class="card"><h3>Runs (newest 500)</h3><table>${list(stats.runs)}</table></div>
+      <div class="card"><h3>Tasks in unfinished runs</h3><table>${list(stats.tasks)}</table></div>
+      <div class="card"><h3>Queue depths</h3><table>${list(stats.queues)}</table></div>
+      <div class="card">Live workers: <b>${stats.workers}</b></div>`;
+  },
+};
+
+const logState = {key: "", lines: [], next: 0};
+const progress = p => `<span class="progress" title="${Math.round(p * 100)}%"><div style="width:${Math.round(p * 100)}%"></div></span> ${Math.round(p * 100)}%`;
+
+/** The run's graph: tasks in columns by depth, arrows from each upstream. */
+function graph(tasks, runId) {
+  const byId = Object.fromEntries(tasks.map(t => [t.task_id, t]));
+  const depth = {};
+  const depthOf = (id, seen = new Set()) => {
+    if (depth[id] !== undefined) return depth[id];
+    if (seen.has(id)) return 0;
+    seen.add(id);
+    const ups = (byId[id]?.after || []).filter(u => byId[u]);
+    return depth[id] = ups.length ? 1 + Math.max(...ups.map(u => depthOf(u, seen))) : 0;
+  };
+  tasks.forEach(t => depthOf(t.task_id));
+  const columns = [];
+  tasks.forEach(t => (columns[depth[t.task_id]] ||= []).push(t));
+  const W = 150, H = 30, GX = 60, GY = 14, shown = 60;
+  const pos = {};
+  columns.forEach((col, x) => col.slice(0, shown).forEach((t, y) => pos[t.task_id] = {x: 10 + x * (W + GX), y: 10 + y * (H + GY)}));
+  const width = 20 + columns.length * (W + GX), height = 20 + Math.max(...columns.map(c => Math.min(c.length, shown))) * (H + GY);
+  const edges = tasks.flatMap(t => (t.after || []).filter(u => pos[u] && pos[t.task_id]).map(u => {
+    const a = pos[u], b = pos[t.task_id];
+    return `<line x1="${a.x + W}" y1="${a.y + H / 2}" x2="${b.x - 4}" y2="${b.y + H / 2}" stroke="#9aa0ad" marker-end="url(#arrow)"/>`;
+  })).join("");
+  const boxes = tasks.filter(t => pos[t.task_id]).map(t => { const p = pos[t.task_id];
+    const box = `<g data-node="${esc(t.task_id)}" data-state="${esc(t.state)}">
+      <rect x="${p.x}" y="${p.y}" width="${W}" height="${H}" rx="6" fill="${color(t.state)}"/>
+      <text x="${p.x + 8}" y="${p.y + 19}">${esc(t.task_id.length > 18 ? t.task_id.slice(0, 17) + "…" : t.task_id)}</text></g>`;
+    return runId ? `<a href="#/runs/${encodeURIComponent(runId)}/tasks/${encodeURIComponent(t.task_id)}">${box}</a>` : box; }).join("");
+  const hidden = columns.reduce((n, c) => n + Math.max(0, c.length - shown), 0);
+  return `<svg width="${width}" height="${height}" viewBox="0 0 ${width} ${height}"><defs><marker id="arrow" viewBox="0 0 10 10" refX="10" refY="5"
+    markerWidth="6" markerHeight="6" orient="auto"><path d="M0,0 L10,5 L0,10 z" fill="#9aa0ad"/></marker></defs>${edges}${boxes}</svg>
+    ${hidden ? `<div class="muted">${hidden} more tasks not drawn; see the table</div>` : ""}`;
+}
+
+/** A bar chart: one bar per item ({value, label, title, color, href}), `format` for the axis. */
+function bars(items, format) {
+  if (!items.length) return `<div class="muted">nothing yet</div>`;
+  const H = 120, B = Math.max(6, Math.min(28, Math.floor(720 / items.length) - 2)), max = Math.max(...items.map(i => i.value), 0) || 1;
+  const width = 50 + items.length * (B + 2), step = Math.ceil(items.length / 8);
+  const rects = items.map((item, i) => { const h = Math.max(item.value > 0 ? 2 : 0, Math.round(item.value / max * H)), x = 46 + i * (B + 2);
+    const bar = `<rect data-bar="${i}" x="${x}" y="${10 + H - h}" width="${B}" height="${h}" fill="${item.color}"><title>${esc(item.title)}</title></rect>`;
+    const label = i % step === 0 ? `<text class="axis" x="${x}" y="${H + 26}">${esc(item.label)}</text>` : "";
+    return (item.href ? `<a href="${item.href}">${bar}</a>` : bar) + label; }).join("");
+  return `<svg width="${width}" height="${H + 34}" viewBox="0 0 ${width} ${H + 34}">
+    <text class="axis" x="0" y="18">${esc(format(max))}</text><text class="axis" x="0" y="${H + 10}">0</text>
+    <line x1="44" y1="10" x2="44" y2="${H + 10}" stroke="#dcdfe6"/>${rects}</svg>`;
+}
+
+/** The run's timeline: a row per task, a bar per try from queued (light) through running to its end, coloured by outcome; the gap between tries is the retry delay. */
+function gantt(run) {
+  const now = new Date();
+  const tries = run.tasks.flatMap(t => [...(t.tries || []).map(x => ({...x, task_id: t.task_id, outcome: x.outcome === "interrupted" ? "up_for_retry" : x.outcome})),
+    ...(t.try_number > 0 && !(t.tries || []).some(x => x.try_number === t.try_number) ? [{task_id: t.task_id, try_number: t.try_number, outcome: t.state,
+      queued_at: t.queued_at, started_at: t.started_at, ended_at: t.ended_at || (["running", "queued"].includes(t.state) ? now.toISOString() : null), worker: t.worker}] : [])]
+    .filter(x => x.queued_at || x.started_at));
+  if (!tries.length) return `<div class="muted">no try has run yet</div>`;
+  const ms = v => new Date(v).getTime();
+  const start = Math.min(...tries.map(x => ms(x.queued_at || x.started_at)));
+  const end = Math.max(...tries.map(x => ms(x.ended_at || x.started_at || x.queued_at)), start + 1);
+  const rows = run.tasks.filter(t => tries.some(x => x.task_id === t.task_id)).map(t => t.task_id);
+  const L = 160, W = 640, R = 22, scale = W / (end - start), x = v => L + (ms(v) - start) * scale;
+  const bars = tries.map(x0 => { const y = 6 + rows.indexOf(x0.task_id) * R, q = x0.queued_at || x0.started_at, s0 = x0.started_at, e = x0.ended_at || s0 || q;
+    const waiting = s0 ? `<rect x="${x(q)}" y="${y + 5}" width="${Math.max(1, x(s0) - x(q))}" height="${R - 12}" fill="${color(x0.outcome)}" opacity="0.35"/>` : "";
+    const ran = s0 ? `<rect data-try="${esc(x0.task_id)}:${x0.try_number}" data-outcome="${esc(x0.outcome)}" x="${x(s0)}" y="${y + 2}" width="${Math.max(2, x(e) - x(s0))}" height="${R - 6}" rx="3" fill="${color(x0.outcome)}"><title>${esc(x0.task_id)} try ${x0.try_number}: ${esc(x0.outcome)}, queued ${when(q)}, ran ${duration(s0, e)} on ${esc(x0.worker || "-")}</title></rect>`
+      : `<rect data-try="${esc(x0.task_id)}:${x0.try_number}" data-outcome="${esc(x0.outcome)}" x="${x(q)}" y="${y + 5}" width="${Math.max(2, x(e) - x(q))}" height="${R - 12}" fill="${color(x0.outcome)}" opacity="0.35"/>`;
+    return waiting + ran; }).join("");
+  const labels = rows.map((id, i) => `<text class="label" x="4" y="${6 + i * R + 15}">${esc(id.length > 22 ? id.slice(0, 21) + "…" : id)}</text>`).join("");
+  const height = 10 + rows.length * R + 16;
+  return `<svg width="${L + W + 10}" height="${height}" viewBox="0 0 ${L + W + 10} ${height}">${labels}${bars}
+    <text class="axis" x="${L}" y="${height - 2}">0</text><text class="axis" x="${L + W - 60}" y="${height - 2}">${esc(span((end - start) / 1000))}</text></svg>`;
+}
+
+async function trigger(dagId) {
+  try {
+    const text = document.getElementById("params").value.trim();
+    const params = text ? JSON.parse(text) : {};
+    const answer = await api(`/api/v1/dags/${encodeURIComponent(dagId)}/runs`, {method: "POST", body: JSON.stringify({params})});
+    location.hash = `#/runs/${encodeURIComponent(answer.run_id)}`;
+  } catch (e) { banner(e.message); }
+}
+async function togglePause(dagId, paused) {
+  try { await api(`/api/v1/dags/${encodeURIComponent(dagId)}/${paused ? "unpause" : "pause"}`, {method: "POST"}); render(); }
+  catch (e) { banner(e.message); }
+}
+async function act(runId, verb) {
+  try { await api(`/api/v1/runs/${encodeURIComponent(runId)}/${verb}`, {method: "POST"}); render(); } catch (e) { banner(e.message); }
+}
+function filterRuns() {
+  const dag = document.getElementById("f-dag").value, state = document.getElementById("f-state").value;
+  location.hash = `#/runs?dag=${encodeURIComponent(dag)}&state=${encodeURIComponent(state)}`;
+}
+
+/** What each `data-action` button does, given the button; its `data-` attributes say on what. */
+const actions = {
+  trigger: b => trigger(b.dataset.dag),
+  pause: b => togglePause(b.dataset.dag, b.dataset.paused === "true"),
+  run: b => act(b.dataset.run, b.dataset.verb),
+};
+// One listener for the whole view, which is rendered again every few seconds: no handler is
+// written into the page, so its policy can refuse every inline script.
+const view = document.getElementById("view");
+view.addEventListener("click", event => {
+  const button = event.target.closest("button[data-action]");
+  if (button && !button.disabled && actions[button.dataset.action]) actions[button.dataset.action](button);
+});
+view.addEventListener("change", event => {
+  if (event.target.closest("[data-action=filter-runs]")) filterRuns();
+});
+
+let rendering = false;
+async function render() {
+  if (rendering) return;
+  rendering = true;
+  try {
+    const [path, search] = (location.hash.slice(1) || "/dags").split("?");
+    const query = new URLSearchParams(search || "");
+    const parts = path.split("/").filter(Boolean).map(decodeURIComponent);
+    let html;
+    if (parts[0] === "runs" && parts[1] && parts[2] === "tasks") html = await views.task(query, parts[1], parts[3]);
+    else if (parts[0] === "runs" && parts[1]) html = await views.run(query, parts[1]);
+    else if (parts[0] === "dags" && parts[1]) html = await views.dag(query, parts[1]);
+    else html = await (views[parts[0]] || views.dags)(query);
+    // Keep what the user is typing in the params box across refreshes.
+    const params = document.getElementById("params");
+    const typed = params ? params.value : null;
+    const focused = document.activeElement && document.activeElement.id;
+    document.getElementById("view").innerHTML = html;
+    if (typed !== null && document.getElementById("params")) document.getElementById("params").value = typed;
+    if (focused && document.getElementById(focused)) document.getElementById(focused).focus();
+    document.querySelectorAll("header a").forEach(a => a.classList.toggle("active", a.dataset.nav === (parts[0] || "dags")));
+    document.getElementById("updated").textContent = "updated " + new Date().toLocaleTimeString();
+    banner("");
+  } catch (e) { banner(e.message); }
+  finally { rendering = false; }
+}
+window.addEventListener("hashchange", () => { logState.key = ""; render(); });
+setInterval(render, 1500);
+render();
