@@ -78,8 +78,18 @@ fn outside_values_templated_into_a_command_are_refused_at_load_with_file_and_lin
         let expected = format!("{d}/{name}.toml:{line}: dag \"{name}\", task \"t\": {{{{ {named} }}}} in `command`");
         assert!(stderr.contains(&expected), "{name}: want {expected:?} in\n{stderr}");
     }
-    assert!(stderr.contains(&format!("{d}/outputs.toml:8: dag \"outputs\", task \"down\": {{{{ tasks.up.output.path }}}} in `command`")), "{stderr}");
-    assert!(stderr.contains(&format!("{d}/output_arg.toml:8: dag \"output_arg\", task \"down\": {{{{ tasks.up.output }}}} in `command`")), "{stderr}");
+    assert!(
+        stderr.contains(&format!(
+            "{d}/outputs.toml:8: dag \"outputs\", task \"down\": {{{{ tasks.up.output.path }}}} in `command`"
+        )),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains(&format!(
+            "{d}/output_arg.toml:8: dag \"output_arg\", task \"down\": {{{{ tasks.up.output }}}} in `command`"
+        )),
+        "{stderr}"
+    );
     // Each error says what to do instead.
     assert!(stderr.contains("env = { A = \"{{ params.a }}\" }"), "{stderr}");
     assert!(stderr.contains("$DAGMQ_PARAM_A"), "{stderr}");
@@ -96,10 +106,7 @@ fn through_env_dag(dir: &Path) -> String {
     let upstream = "import json, os; json.dump({'path': os.environ['V']}, open(os.environ['DAGMQ_OUTPUT'], 'w'))";
     let tasks: Vec<(&str, Vec<String>)> = vec![
         ("bash_extglob", vec!["bash".into(), "-O".into(), "extglob".into(), "-c".into(), write("bash_extglob")]),
-        (
-            "bash_rcfile",
-            vec!["bash".into(), "--rcfile".into(), "/dev/null".into(), "-c".into(), write("bash_rcfile")],
-        ),
+        ("bash_rcfile", vec!["bash".into(), "--rcfile".into(), "/dev/null".into(), "-c".into(), write("bash_rcfile")]),
         ("sh_dashdash", vec!["sh".into(), "-c".into(), "--".into(), write("sh_dashdash")]),
         ("env_u", vec!["env".into(), "-u".into(), "HOME".into(), "sh".into(), "-c".into(), write("env_u")]),
         ("timeout", vec!["timeout".into(), "30".into(), "sh".into(), "-c".into(), write("timeout")]),
@@ -153,9 +160,18 @@ fn the_same_intent_through_env_runs_hostile_values_inertly() {
         let param = format!("v={value}");
         let run = standalone.json(&["trigger", "through_env", "--param", &param, "--wait"]);
         assert_eq!(run["state"], "success", "{value:?}: {run}");
-        for name in
-            ["bash_extglob", "bash_rcfile", "sh_dashdash", "env_u", "timeout", "nice", "python", "eval", "xargs", "down"]
-        {
+        for name in [
+            "bash_extglob",
+            "bash_rcfile",
+            "sh_dashdash",
+            "env_u",
+            "timeout",
+            "nice",
+            "python",
+            "eval",
+            "xargs",
+            "down",
+        ] {
             let got = std::fs::read_to_string(dir.join(format!("out_{name}"))).unwrap();
             assert_eq!(got, value, "{name} got another value");
         }
@@ -267,22 +283,39 @@ fn the_cli_converts_params_by_the_schema_and_refuses_what_does_not_fit_with_exit
     };
     refused(&["trigger", "typed", "--param", "n=three"], "--param n=three: param \"n\": expected an integer");
     refused(&["trigger", "typed", "--param", "n=1", "--param", "dry=maybe"], "param \"dry\": expected a boolean");
-    refused(&["trigger", "typed", "--param", "n=1", "--param", "mode=turbo"], "param \"mode\": expected one of fast, slow");
+    refused(
+        &["trigger", "typed", "--param", "n=1", "--param", "mode=turbo"],
+        "param \"mode\": expected one of fast, slow",
+    );
     refused(&["trigger", "typed", "--param", "n=1", "--param", "nope=1"], "unknown param \"nope\"");
     refused(&["trigger", "typed"], "param \"n\" is required");
     let big = format!("date={}", "x".repeat(70 * 1024));
     refused(&["trigger", "untyped", "--param", &big], "at most 65536 bytes (64 KiB)");
     let run = standalone.json(&[
-        "trigger", "typed", "--param", "n=3", "--param", "ratio=2", "--param", "dry=true", "--param", "mode=slow", "--wait",
+        "trigger",
+        "typed",
+        "--param",
+        "n=3",
+        "--param",
+        "ratio=2",
+        "--param",
+        "dry=true",
+        "--param",
+        "mode=slow",
+        "--wait",
     ]);
     assert_eq!(run["state"], "success", "{run}");
     let shown = standalone.json(&["runs", "show", run["run_id"].as_str().unwrap()]);
     assert_eq!((&shown["params"]["n"], &shown["params"]["ratio"]), (&serde_json::json!(3), &serde_json::json!(2)));
-    assert_eq!((&shown["params"]["dry"], &shown["params"]["mode"]), (&serde_json::json!(true), &serde_json::json!("slow")));
+    assert_eq!(
+        (&shown["params"]["dry"], &shown["params"]["mode"]),
+        (&serde_json::json!(true), &serde_json::json!("slow"))
+    );
     let log = standalone.cli(&["logs", run["run_id"].as_str().unwrap(), "t"]);
     assert!(text(&log.stdout).contains("3 slow 2026-01-01"), "{}", text(&log.stdout));
     // A DAG without a schema takes its params as strings, as before.
-    let untyped = standalone.json(&["trigger", "untyped", "--param", "date=2026-11-22", "--param", "other=1", "--wait"]);
+    let untyped =
+        standalone.json(&["trigger", "untyped", "--param", "date=2026-11-22", "--param", "other=1", "--wait"]);
     let shown = standalone.json(&["runs", "show", untyped["run_id"].as_str().unwrap()]);
     assert_eq!(shown["params"], serde_json::json!({"date": "2026-11-22", "other": "1"}));
     drop(standalone);
@@ -324,7 +357,10 @@ fn ill_typed_and_oversized_triggers_on_the_queue_are_dead_lettered_with_the_reas
     assert!(dead[1].starts_with(r#"trigger: dag "typed": unknown param "nope""#), "{}", dead[1]);
     assert!(dead[2].contains("at most 65536 bytes (64 KiB)"), "{}", dead[2]);
     cluster.wait_until(Duration::from_secs(30), || {
-        cluster.json(&["runs", "list", "--dag", "typed", "--status", "success"]).as_array().is_some_and(|r| r.len() == 1)
+        cluster
+            .json(&["runs", "list", "--dag", "typed", "--status", "success"])
+            .as_array()
+            .is_some_and(|r| r.len() == 1)
     });
     assert_eq!(cluster.json(&["runs", "list", "--dag", "untyped"]).as_array().unwrap().len(), 0);
 }
