@@ -221,3 +221,58 @@ async fn triggers_that_do_not_fit_the_schema_are_refused_and_dead_lettered_with_
     assert_eq!(h.wait_final(&runs[0].run_id).await, RunState::Success);
     h.stop().await;
 }
+
+/// Scheduled runs and backfills get the schema's defaults; a backfill's params are checked like
+/// a trigger's.
+#[tokio::test(start_paused = true)]
+async fn scheduled_runs_and_backfills_get_the_defaults_and_backfills_are_checked() {
+    use dagmq_core::Store;
+    use dagmq_scheduler::CommandError;
+
+    let mut registry = DagRegistry::new();
+    registry
+        .add(
+            Dag::builder("sched")
+                .schedule("@every 5m")
+                .start(crate::support::origin() - chrono::Duration::minutes(10))
+                .catch_up(false)
+                .param("n", ParamSpec::typed(ParamType::Integer).default_value(serde_json::json!(5)))
+                .param("day", ParamSpec::typed(ParamType::Date))
+                .task(TaskSpec::rust("t", dagmq_worker::Noop))
+                .build()
+                .unwrap(),
+        )
+        .unwrap();
+    let h = Harness::start(registry).await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    let scheduled = loop {
+        let runs = h.store.list_runs(&dagmq_core::store::RunFilter { limit: 10, ..Default::default() }).await.unwrap();
+        if let Some(run) = runs.into_iter().next() {
+            break run;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "no scheduled run");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    };
+    assert_eq!(scheduled.params, [("n".to_string(), serde_json::json!(5))].into());
+    let from = crate::support::origin() - chrono::Duration::hours(1);
+    let to = crate::support::origin() - chrono::Duration::minutes(50);
+    let bad = [("day".to_string(), serde_json::json!("tomorrow"))].into();
+    match h.scheduler.backfill("sched", from, to, bad).await {
+        Err(CommandError::BadInput(reason)) => assert_eq!(
+            reason,
+            "dag \"sched\": param \"day\": expected a date (YYYY-MM-DD), got the string \"tomorrow\""
+        ),
+        other => panic!("{other:?}"),
+    }
+    let good = [("day".to_string(), serde_json::json!("2026-11-22"))].into();
+    let outcome = h.scheduler.backfill("sched", from, to, good).await.unwrap();
+    assert_eq!(outcome.created, 3);
+    for run_id in &outcome.runs {
+        let run = h.store.run(run_id).await.unwrap().unwrap();
+        assert_eq!(
+            run.params,
+            [("day".to_string(), serde_json::json!("2026-11-22")), ("n".to_string(), serde_json::json!(5))].into()
+        );
+    }
+    h.stop().await;
+}
