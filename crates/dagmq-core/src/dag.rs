@@ -9,6 +9,7 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 use chrono_tz::Tz;
 
+use crate::params::{ParamSpec, ParamsSchema};
 use crate::schedule::Schedule;
 use crate::task::Task;
 use crate::trigger::TriggerRule;
@@ -46,6 +47,8 @@ pub struct Dag {
     /// Which definition this is: a hash of the DAG file's text (`rust` for DAGs compiled in).
     /// Every run records it and completes with that definition.
     pub version: String,
+    /// The params the DAG declares: their types, defaults and allowed values.
+    pub params: Arc<ParamsSchema>,
     /// Tasks in topological order.
     tasks: Vec<TaskSpec>,
     /// Task id to index in `tasks`.
@@ -67,12 +70,17 @@ pub struct TaskSpec {
     pub config: TaskConfig,
     /// Settings passed to a Rust task as `ctx.args`.
     pub args: serde_json::Value,
+    /// For a command: environment variables of each try, by name, each a template rendered
+    /// with any value (params, upstream outputs, dagmq's own). This is how values from outside
+    /// reach a command: a program reads them from its environment, no shell parses them.
+    pub env: BTreeMap<String, String>,
 }
 
 /// What a task runs.
 #[derive(Clone)]
 pub enum TaskKind {
-    /// A process: argv, with `{{ params.KEY }}` substituted; its output is its log.
+    /// A process: argv, where only values that are plain words may be templated (dagmq's own
+    /// and params of a safe type); its output is its log.
     Command(Vec<String>),
     /// A task written in Rust; `name` is its registry name when it came from `run = "NAME"`.
     Rust {
@@ -192,6 +200,38 @@ pub enum DagError {
         /// The task named.
         referenced: String,
     },
+    /// A param of the schema is wrong.
+    #[error("dag {dag:?}: param {param:?}: {reason}")]
+    Param {
+        /// The DAG.
+        dag: String,
+        /// The param.
+        param: String,
+        /// What is wrong.
+        reason: String,
+    },
+    /// A command templates a value that may come from outside (or an unknown one).
+    #[error("dag {dag:?}, task {task:?}: {{{{ {name} }}}} in `command`: {reason}")]
+    CommandTemplate {
+        /// The DAG.
+        dag: String,
+        /// The task.
+        task: String,
+        /// The placeholder's name.
+        name: String,
+        /// Why it may not be there, and what to write instead.
+        reason: String,
+    },
+    /// A task's `env` is wrong.
+    #[error("dag {dag:?}, task {task:?}: env: {reason}")]
+    Env {
+        /// The DAG.
+        dag: String,
+        /// The task.
+        task: String,
+        /// What is wrong.
+        reason: String,
+    },
     /// Any other bad setting.
     #[error("dag {dag:?}: {reason}")]
     Invalid {
@@ -248,7 +288,12 @@ impl fmt::Debug for TaskSpec {
             TaskKind::Rust { name, .. } => format!("rust {}", name.as_deref().unwrap_or("(unnamed)")),
             TaskKind::Unloaded => "unloaded".to_string(),
         };
-        f.debug_struct("TaskSpec").field("id", &self.id).field("after", &self.after).field("kind", &kind).finish()
+        f.debug_struct("TaskSpec")
+            .field("id", &self.id)
+            .field("after", &self.after)
+            .field("kind", &kind)
+            .field("env", &self.env)
+            .finish()
     }
 }
 
@@ -271,7 +316,16 @@ impl TaskSpec {
             kind,
             config: TaskConfig::default(),
             args: serde_json::Value::Null,
+            env: BTreeMap::new(),
         }
+    }
+
+    /// For a command: sets environment variable `name` of each try to `template` rendered
+    /// (`{{ params.KEY }}`, `{{ tasks.ID.output... }}`, `{{ run_id }}` ...). The way to hand a
+    /// value from outside to a command: `.env("DAY", "{{ params.day }}")` and `"$DAY"` in it.
+    pub fn env(mut self, name: impl Into<String>, template: impl Into<String>) -> TaskSpec {
+        self.env.insert(name.into(), template.into());
+        self
     }
 
     /// Waits for these tasks.
@@ -380,6 +434,7 @@ impl DagBuilder {
                 run_timeout: None,
                 source: "rust".to_string(),
                 version: "rust".to_string(),
+                params: Arc::new(ParamsSchema::new()),
                 tasks: Vec::new(),
                 index: HashMap::new(),
                 downstream: Vec::new(),
@@ -461,6 +516,14 @@ impl DagBuilder {
         self
     }
 
+    /// Declares a param: its type, default and allowed values (see [`ParamSpec`]). A DAG
+    /// that declares a param refuses triggers with params it does not declare (plain defaults,
+    /// [`ParamSpec::plain`], excepted).
+    pub fn param(mut self, name: impl Into<String>, spec: ParamSpec) -> DagBuilder {
+        Arc::make_mut(&mut self.dag.params).insert(name, spec);
+        self
+    }
+
     /// Adds a task.
     pub fn task(mut self, task: TaskSpec) -> DagBuilder {
         self.dag.tasks.push(task);
@@ -484,6 +547,21 @@ impl DagBuilder {
         }
         if dag.tasks.is_empty() {
             return Err(invalid("a dag needs at least one task".to_string()));
+        }
+        Arc::make_mut(&mut dag.params).validate().map_err(|e| DagError::Param {
+            dag: dag.id.clone(),
+            param: e.param,
+            reason: e.reason,
+        })?;
+        if !matches!(dag.schedule, Schedule::Manual)
+            && let Some((name, _)) = dag.params.iter().find(|(_, spec)| spec.required)
+        {
+            return Err(DagError::Param {
+                dag: dag.id.clone(),
+                param: name.clone(),
+                reason: "required without a default, but scheduled runs have only defaults: give it a default"
+                    .to_string(),
+            });
         }
         for task in &dag.tasks {
             check_id(&task.id).map_err(|reason| invalid(format!("task {:?}: bad id: {reason}", task.id)))?;
@@ -509,6 +587,7 @@ impl DagBuilder {
             }
             check_id(&task.config.queue)
                 .map_err(|reason| invalid(format!("task {:?}: bad queue name: {reason}", task.id)))?;
+            check_templates(&dag.id, &dag.params, task)?;
         }
         let order = topological_order(&dag.id, &dag.tasks)?;
         let mut slots: Vec<Option<TaskSpec>> = dag.tasks.drain(..).map(Some).collect();
@@ -535,12 +614,87 @@ impl DagBuilder {
     }
 }
 
-/// Refuses a command that reads `{{ tasks.ID.output }}` of a task that is not its ancestor. Only
-/// commands with such references cost a walk up the graph.
+/// Refuses what a task may not template: in `command`, anything but dagmq's own values and
+/// params of a type whose values are plain words (values from outside would be pasted into a
+/// command line, where a shell, an interpreter or an option parser may take them for code);
+/// in `env`, bad names and unclosed placeholders.
+fn check_templates(dag: &str, params: &ParamsSchema, task: &TaskSpec) -> Result<(), DagError> {
+    let env_error = |reason: String| DagError::Env { dag: dag.to_string(), task: task.id.clone(), reason };
+    let argv = match &task.kind {
+        TaskKind::Command(argv) => argv,
+        _ if !task.env.is_empty() => {
+            return Err(env_error(
+                "is for command tasks; a Rust task reads ctx.params and ctx.inputs() itself".to_string(),
+            ));
+        }
+        _ => return Ok(()),
+    };
+    for (name, template) in &task.env {
+        crate::params::check_env_name(name).map_err(&env_error)?;
+        crate::template::placeholders(template).map_err(|e| env_error(format!("{name}: {e}")))?;
+    }
+    for arg in argv {
+        let names = crate::template::placeholders(arg).map_err(|reason| DagError::Invalid {
+            dag: dag.to_string(),
+            reason: format!("task {:?}: command: {reason}", task.id),
+        })?;
+        for name in names {
+            if let Some(reason) = command_template_refusal(params, name) {
+                return Err(DagError::CommandTemplate {
+                    dag: dag.to_string(),
+                    task: task.id.clone(),
+                    name: name.to_string(),
+                    reason,
+                });
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Why `{{ name }}` may not be templated into a command (with what to write instead), or
+/// `None` when it may.
+fn command_template_refusal(params: &ParamsSchema, name: &str) -> Option<String> {
+    const RULE: &str = "only dagmq's own values (run_id, dag_id, task_id, try, logical_date, ds) and params of \
+                        type integer, number, boolean, date, datetime or enum may be templated into a command, where \
+                        text from outside could become code or options";
+    if crate::params::DAGMQ_VALUES.contains(&name) {
+        return None;
+    }
+    if let Some(param) = name.strip_prefix("params.") {
+        let what = match params.get(param) {
+            Some(spec) if spec.safe_in_command() => return None,
+            Some(spec) if spec.kind.is_some() => format!("param {param:?} is a string"),
+            Some(_) => format!("param {param:?} has no type"),
+            None => format!("param {param:?} is not declared"),
+        };
+        let var: String = crate::params::param_env_name(param).trim_start_matches("DAGMQ_PARAM_").to_string();
+        return Some(format!(
+            "{what}; {RULE}. Pass it through the environment: env = {{ {var} = \"{{{{ {name} }}}}\" }} in the task \
+             and \"${var}\" in the command (or ${})",
+            crate::params::param_env_name(param)
+        ));
+    }
+    if name.starts_with("tasks.") && name.contains(".output") {
+        return Some(format!(
+            "an upstream output is text from outside; {RULE}. Pass it through the environment: \
+             env = {{ VALUE = \"{{{{ {name} }}}}\" }} in the task and \"$VALUE\" in the command (or read \
+             $DAGMQ_INPUTS)"
+        ));
+    }
+    Some(format!(
+        "unknown template variable (known in a command: {}, and params.NAME of a safe type)",
+        crate::params::DAGMQ_VALUES.join(", ")
+    ))
+}
+
+/// Refuses a task that reads `{{ tasks.ID.output }}` (in its `env`) of a task that is not its
+/// ancestor. Only tasks with such references cost a walk up the graph.
 fn check_output_references(dag: &Dag) -> Result<(), DagError> {
     for task in &dag.tasks {
         let TaskKind::Command(argv) = &task.kind else { continue };
-        for referenced in argv.iter().flat_map(|arg| crate::template::output_references(arg)) {
+        let texts = argv.iter().chain(task.env.values());
+        for referenced in texts.flat_map(|text| crate::template::output_references(text)) {
             if !is_ancestor(dag, &referenced, task) {
                 return Err(DagError::NotAnAncestor { dag: dag.id.clone(), task: task.id.clone(), referenced });
             }
@@ -968,6 +1122,38 @@ mod tests {
             Dag::builder("etl").task(TaskSpec::command("a", Vec::<String>::new())),
             Err(r#"dag "etl": task "a": empty command"#),
         );
+    }
+
+    #[test]
+    fn rust_dags_declare_params_and_template_like_files() {
+        use crate::params::{ParamSpec, ParamType};
+        let dag = Dag::builder("etl")
+            .param("day", ParamSpec::typed(ParamType::Date).default_value(serde_json::json!("2026-01-01")))
+            .param("who", ParamSpec::typed(ParamType::String).max_length(20))
+            .task(TaskSpec::command("a", ["sh", "-c", "echo {{ params.day }} \"$WHO\""]).env("WHO", "{{ params.who }}"))
+            .build()
+            .unwrap();
+        assert!(dag.params.declared());
+        assert_eq!(dag.params.defaults(), [("day".to_string(), serde_json::json!("2026-01-01"))].into());
+        assert_eq!(dag.task("a").unwrap().env["WHO"], "{{ params.who }}");
+        let err = Dag::builder("etl")
+            .param("who", ParamSpec::typed(ParamType::String))
+            .task(TaskSpec::command("a", ["sh", "-c", "echo {{ params.who }}"]))
+            .build()
+            .unwrap_err();
+        assert!(
+            err.to_string().starts_with(
+                "dag \"etl\", task \"a\": {{ params.who }} in `command`: param \"who\" is a string; only dagmq's own"
+            ),
+            "{err}"
+        );
+        check(
+            Dag::builder("etl")
+                .param("n", ParamSpec::typed(ParamType::Integer).default_value(serde_json::json!(1.5)))
+                .task(cmd("a")),
+            Err(r#"dag "etl": param "n": default: expected an integer, got 1.5"#),
+        );
+        check(Dag::builder("etl").task(cmd("a").env("", "x")), Err(r#"dag "etl", task "a": env: an empty name"#));
     }
 
     #[test]

@@ -1,7 +1,7 @@
 //! DAG files: one TOML file per DAG, tasks that run commands or registered Rust tasks.
 //! Parsing is pure: the caller reads the file and passes its name and text.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::fmt;
 use std::ops::Range;
 
@@ -11,6 +11,7 @@ use toml::Spanned;
 
 use crate::dag::{Dag, DagError, Pools, TaskKind, TaskSpec};
 use crate::duration::parse_duration;
+use crate::params::{ParamSpec, ParamType};
 use crate::task::Params;
 use crate::task_registry::TaskRegistry;
 
@@ -53,9 +54,10 @@ struct DagFile {
     #[serde(default)]
     tags: Vec<String>,
     run_timeout: Option<Spanned<String>>,
-    /// Default parameters, overridden by a trigger's params.
+    /// Params: `NAME = value` (a plain default, untyped) or a `[params.NAME]` table (a
+    /// declared param with its type).
     #[serde(default)]
-    params: toml::Table,
+    params: BTreeMap<String, Spanned<toml::Value>>,
     #[serde(default, rename = "task")]
     tasks: Vec<Spanned<TaskEntry>>,
 }
@@ -84,13 +86,45 @@ struct TaskEntry {
     pool: Option<String>,
     pool_slots: Option<u32>,
     max_active: Option<u32>,
+    env: Option<Spanned<BTreeMap<String, String>>>,
+}
+
+/// One `[params.NAME]` table.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ParamEntry {
+    #[serde(rename = "type")]
+    kind: Option<String>,
+    default: Option<toml::Value>,
+    values: Option<Vec<String>>,
+    pattern: Option<String>,
+    max_length: Option<usize>,
+    required: Option<bool>,
+    description: Option<String>,
+}
+
+/// A TOML value as JSON; a TOML date or time becomes its text.
+fn toml_to_json(value: toml::Value) -> serde_json::Value {
+    match value {
+        toml::Value::String(s) => serde_json::Value::String(s),
+        toml::Value::Integer(i) => serde_json::Value::from(i),
+        toml::Value::Float(f) => {
+            serde_json::Number::from_f64(f).map_or(serde_json::Value::Null, serde_json::Value::Number)
+        }
+        toml::Value::Boolean(b) => serde_json::Value::Bool(b),
+        toml::Value::Datetime(d) => serde_json::Value::String(d.to_string()),
+        toml::Value::Array(items) => serde_json::Value::Array(items.into_iter().map(toml_to_json).collect()),
+        toml::Value::Table(table) => {
+            serde_json::Value::Object(table.into_iter().map(|(k, v)| (k, toml_to_json(v))).collect())
+        }
+    }
 }
 
 /// A DAG parsed from a file, with the defaults its file declares for run parameters.
 pub struct LoadedDag {
     /// The validated DAG.
     pub dag: Dag,
-    /// `[params]` defaults of the file.
+    /// The defaults of the file's params (plain and declared); the schema is `dag.params`.
     pub default_params: Params,
 }
 
@@ -164,7 +198,44 @@ pub fn parse_dag_file_with_pools(
         builder = builder.run_timeout(duration);
     }
 
+    let mut param_lines: HashMap<String, usize> = HashMap::new();
+    for (name, value) in parsed.params {
+        let line = line_of(text, value.span().start);
+        param_lines.insert(name.clone(), line);
+        let param_error = |reason: String| DagFileError {
+            file: file.to_string(),
+            line: Some(line),
+            reason: format!("dag {dag_id:?}: param {name:?}: {reason}"),
+        };
+        let spec = match value.into_inner() {
+            toml::Value::Table(table) => {
+                let entry: ParamEntry = toml::Value::Table(table).try_into().map_err(|e: toml::de::Error| {
+                    param_error(format!(
+                        "{} (a table under [params] declares a param; an object default is written `default = {{ ... }}` \
+                         in it)",
+                        e.message().trim()
+                    ))
+                })?;
+                let kind = entry.kind.as_deref().map(ParamType::parse).transpose().map_err(&param_error)?;
+                ParamSpec {
+                    kind,
+                    default: entry.default.map(toml_to_json),
+                    values: entry.values.unwrap_or_default(),
+                    pattern: entry.pattern,
+                    max_length: entry.max_length,
+                    required: entry.required.unwrap_or(false),
+                    description: entry.description.unwrap_or_default(),
+                    plain: false,
+                }
+            }
+            plain => ParamSpec::plain(toml_to_json(plain)),
+        };
+        builder = builder.param(name, spec);
+    }
+
     let mut task_lines: HashMap<String, usize> = HashMap::new();
+    let mut command_lines: HashMap<String, usize> = HashMap::new();
+    let mut env_lines: HashMap<String, usize> = HashMap::new();
     let mut after_spans: HashMap<(String, String), Range<usize>> = HashMap::new();
     for entry in parsed.tasks {
         let entry_span = entry.span();
@@ -181,6 +252,9 @@ pub fn parse_dag_file_with_pools(
             }
             None => serde_json::Value::Null,
         };
+        if let Some(command) = &entry.command {
+            command_lines.insert(task_id.clone(), line_of(text, command.span().start));
+        }
         let kind = match (entry.command, entry.run) {
             (Some(command), None) => TaskKind::Command(command.into_inner()),
             (None, Some(name)) => {
@@ -197,6 +271,10 @@ pub fn parse_dag_file_with_pools(
             }
         };
         let mut spec = TaskSpec::new(task_id.clone(), kind).args(args);
+        if let Some(env) = entry.env {
+            env_lines.insert(task_id.clone(), line_of(text, env.span().start));
+            spec.env = env.into_inner();
+        }
         for up in &entry.after {
             after_spans.insert((task_id.clone(), up.get_ref().clone()), up.span());
         }
@@ -258,6 +336,9 @@ pub fn parse_dag_file_with_pools(
             }
             DagError::Cycle { path, .. } => path.first().and_then(|t| task_lines.get(t)).copied(),
             DagError::NotAnAncestor { task, .. } => task_lines.get(task).copied(),
+            DagError::Param { param, .. } => param_lines.get(param).copied(),
+            DagError::CommandTemplate { task, .. } => command_lines.get(task).copied(),
+            DagError::Env { task, .. } => env_lines.get(task).or_else(|| task_lines.get(task)).copied(),
             DagError::Invalid { reason, .. } if reason.contains("cron") || reason.contains("schedule") => {
                 schedule_span.clone().map(|s| line_of(text, s.start))
             }
@@ -273,11 +354,7 @@ pub fn parse_dag_file_with_pools(
     if let Some(pools) = pools {
         crate::dag::check_pools(&dag, pools).map_err(locate)?;
     }
-    let default_params = parsed
-        .params
-        .into_iter()
-        .map(|(k, v)| Ok((k.clone(), serde_json::to_value(v).map_err(|e| error(None, format!("param {k:?}: {e}")))?)))
-        .collect::<Result<Params, DagFileError>>()?;
+    let default_params: Params = dag.params.defaults();
     Ok(LoadedDag { dag, default_params })
 }
 
@@ -327,11 +404,16 @@ catch_up = false
 max_active_runs = 2
 
 [params]
-date = "today"
+who = "today"
+
+[params.date]
+type = "date"
+default = "2026-01-01"
 
 [[task]]
 id = "extract"
-command = ["sh", "-c", "echo {{ params.date }}"]
+command = ["sh", "-c", "echo {{ params.date }} for $WHO"]
+env = { WHO = "{{ params.who }}" }
 retries = 2
 retry_delay = "5s"
 timeout = "10m"
@@ -372,7 +454,153 @@ run = "noop"
         assert_eq!(load.config.trigger_rule, crate::TriggerRule::AllDone);
         assert_eq!(extract.config.trigger_rule, crate::TriggerRule::AllSuccess);
         assert!(dag.task("pick").unwrap().config.branch && !load.config.branch);
-        assert_eq!(loaded.default_params.get("date"), Some(&serde_json::json!("today")));
+        assert_eq!(loaded.default_params.get("who"), Some(&serde_json::json!("today")));
+        assert_eq!(loaded.default_params.get("date"), Some(&serde_json::json!("2026-01-01")));
+        assert_eq!(extract.env.get("WHO").map(String::as_str), Some("{{ params.who }}"));
+        assert!(dag.params.declared());
+        assert_eq!(dag.params.get("date").unwrap().kind, Some(ParamType::Date));
+        assert!(dag.params.get("who").unwrap().plain);
+    }
+
+    #[test]
+    fn params_schema_in_a_file() {
+        let text = r#"
+id = "p"
+[params]
+plain = [1, 2]
+when = 2026-01-02
+[params.n]
+type = "integer"
+default = 3
+description = "how many"
+[params.mode]
+type = "enum"
+values = ["fast", "slow"]
+[params.name]
+type = "string"
+pattern = "[a-z]+"
+max_length = 10
+required = true
+[params.blob]
+default = { k = [1, 2] }
+[[task]]
+id = "t"
+command = ["echo", "{{ params.n }}", "{{ params.mode }}", "{{ ds }}"]
+env = { NAME = "{{ params.name }}", BLOB = "{{ params.blob }}", PLAIN = "{{ params.plain }}" }
+"#;
+        let loaded = parse_dag_file("p.toml", text, &registry()).unwrap();
+        let params = &loaded.dag.params;
+        assert_eq!(params.get("n").unwrap().description, "how many");
+        assert_eq!(params.get("mode").unwrap().values, ["fast", "slow"]);
+        assert!(params.get("name").unwrap().required);
+        assert_eq!(params.get("blob").unwrap().kind, None);
+        assert!(!params.get("blob").unwrap().plain, "a table without type is declared, untyped");
+        assert_eq!(
+            loaded.default_params,
+            serde_json::from_value::<Params>(serde_json::json!({
+                "plain": [1, 2], "when": "2026-01-02", "n": 3, "blob": {"k": [1, 2]}
+            }))
+            .unwrap()
+        );
+    }
+
+    #[test]
+    fn bad_params_schemas_are_refused_at_their_line() {
+        check(
+            "id = \"p\"\n[params.n]\ntype = \"int\"\n[[task]]\nid = \"t\"\ncommand = [\"true\"]\n",
+            "etl.toml:2: dag \"p\": param \"n\": unknown type \"int\" (one of string, integer, number, boolean, date, \
+             datetime, enum)",
+        );
+        check(
+            "id = \"p\"\n[params]\nx = 1\n\n[params.n]\ntype = \"integer\"\ndefault = \"ten\"\n[[task]]\nid = \"t\"\n\
+             command = [\"true\"]\n",
+            "etl.toml:5: dag \"p\": param \"n\": default: expected an integer, got the string \"ten\"",
+        );
+        check(
+            "id = \"p\"\n[params.m]\ntype = \"enum\"\nvalues = [\"ok\", \"a b\"]\n[[task]]\nid = \"t\"\ncommand = [\"true\"]\n",
+            "etl.toml:2: dag \"p\": param \"m\": enum value \"a b\": not a plain word: it contains ' ' (use letters, \
+             digits, '_', '-' and '.')",
+        );
+        check(
+            "id = \"p\"\n[params.s]\ntype = \"string\"\npattern = \"[a-\"\n[[task]]\nid = \"t\"\ncommand = [\"true\"]\n",
+            "etl.toml:2: dag \"p\": param \"s\": bad pattern \"[a-\": unclosed character class",
+        );
+        check(
+            "id = \"p\"\n[params.s]\ntpye = \"string\"\n[[task]]\nid = \"t\"\ncommand = [\"true\"]\n",
+            "etl.toml:2: dag \"p\": param \"s\": unknown field `tpye`, expected one of `type`, `default`, `values`, \
+             `pattern`, `max_length`, `required`, `description` (a table under [params] declares a param; an object \
+             default is written `default = { ... }` in it)",
+        );
+        check(
+            "id = \"p\"\nschedule = \"@daily\"\n[params.s]\ntype = \"string\"\nrequired = true\n[[task]]\nid = \"t\"\n\
+             command = [\"true\"]\n",
+            "etl.toml:3: dag \"p\": param \"s\": required without a default, but scheduled runs have only defaults: \
+             give it a default",
+        );
+    }
+
+    #[test]
+    fn commands_template_only_plain_word_values_and_env_is_checked() {
+        let head = "id = \"p\"\n[params]\nplain = \"x\"\n[params.s]\ntype = \"string\"\n[params.n]\ntype = \"integer\"\n\
+                    [[task]]\nid = \"up\"\ncommand = [\"true\"]\n[[task]]\nid = \"t\"\nafter = [\"up\"]\n";
+        let refused = |tail: &str| match parse_dag_file("p.toml", &format!("{head}{tail}"), &registry()) {
+            Ok(_) => panic!("{tail} loaded"),
+            Err(err) => err.to_string(),
+        };
+        let hint = |name: &str, var: &str, env: &str| {
+            format!(
+                "only dagmq's own values (run_id, dag_id, task_id, try, logical_date, ds) and params of type integer, \
+                 number, boolean, date, datetime or enum may be templated into a command, where text from outside \
+                 could become code or options. Pass it through the environment: env = {{ {var} = \"{{{{ {name} }}}}\" \
+                 }} in the task and \"${var}\" in the command (or {env})"
+            )
+        };
+        assert_eq!(
+            refused("command = [\"sh\", \"-c\", \"echo {{ params.s }}\"]\n"),
+            format!(
+                "p.toml:14: dag \"p\", task \"t\": {{{{ params.s }}}} in `command`: param \"s\" is a string; {}",
+                hint("params.s", "S", "$DAGMQ_PARAM_S")
+            )
+        );
+        assert!(refused("command = [\"echo\", \"{{ params.plain }}\"]\n").contains("param \"plain\" has no type; "));
+        assert!(refused("command = [\"echo\", \"{{params.zz}}\"]\n").contains("param \"zz\" is not declared; "));
+        assert!(refused("command = [\"echo\", \"{{ tasks.up.output }}\"]\n").starts_with(
+            "p.toml:14: dag \"p\", task \"t\": {{ tasks.up.output }} in `command`: an upstream output is text from \
+                 outside;"
+        ));
+        assert_eq!(
+            refused("command = [\"echo\", \"{{ nope }}\"]\n"),
+            "p.toml:14: dag \"p\", task \"t\": {{ nope }} in `command`: unknown template variable (known in a command: \
+             run_id, dag_id, task_id, try, logical_date, ds, and params.NAME of a safe type)"
+        );
+        assert_eq!(
+            refused("command = [\"true\"]\nenv = { \"A=B\" = \"x\" }\n"),
+            "p.toml:15: dag \"p\", task \"t\": env: name \"A=B\" contains '='; use letters, digits and '_'"
+        );
+        assert_eq!(
+            refused("command = [\"true\"]\nenv = { DAGMQ_RUN_ID = \"x\" }\n"),
+            "p.toml:15: dag \"p\", task \"t\": env: name \"DAGMQ_RUN_ID\": names starting with DAGMQ_ are dagmq's own"
+        );
+        assert_eq!(
+            refused("command = [\"true\"]\nenv = { A = \"{{ open\" }\n"),
+            "p.toml:15: dag \"p\", task \"t\": env: A: unclosed '{{' in \"{{ open\""
+        );
+        assert_eq!(
+            refused("command = [\"true\"]\nenv = { A = \"{{ tasks.t.output }}\" }\n"),
+            "p.toml:12: dag \"p\", task \"t\": {{ tasks.t.output }} names a task that is not upstream of it (directly \
+             or through others), so its output may not exist yet"
+        );
+        assert_eq!(
+            refused("run = \"noop\"\nenv = { A = \"x\" }\n"),
+            "p.toml:15: dag \"p\", task \"t\": env: is for command tasks; a Rust task reads ctx.params and ctx.inputs() \
+             itself"
+        );
+        // What may be templated loads.
+        let good = format!(
+            "{head}command = [\"sh\", \"-c\", \"echo {{{{ params.n }}}} {{{{ ds }}}} {{{{run_id}}}} $S\"]\n\
+             env = {{ S = \"{{{{ params.s }}}} {{{{ params.plain }}}} {{{{ tasks.up.output.x }}}}\" }}\n"
+        );
+        parse_dag_file("p.toml", &good, &registry()).unwrap();
     }
 
     #[test]
@@ -440,7 +668,8 @@ run = "noop"
         // Reading the output of a task that is not upstream (here a sibling).
         check(
             "id = \"etl\"\n[[task]]\nid = \"a\"\ncommand = [\"true\"]\n[[task]]\nid = \"b\"\ncommand = [\"true\"]\n\
-             [[task]]\nid = \"c\"\nafter = [\"a\"]\ncommand = [\"echo\", \"{{ tasks.a.output }} {{ tasks.b.output.rows }}\"]\n",
+             [[task]]\nid = \"c\"\nafter = [\"a\"]\ncommand = [\"true\"]\n\
+             env = { A = \"{{ tasks.a.output }} {{ tasks.b.output.rows }}\" }\n",
             "etl.toml:9: dag \"etl\", task \"c\": {{ tasks.b.output }} names a task that is not upstream of it \
              (directly or through others), so its output may not exist yet",
         );

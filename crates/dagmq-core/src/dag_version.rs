@@ -141,6 +141,7 @@ impl TaskVersionRecord {
                 max_active: self.max_active,
             },
             args: serde_json::Value::Null,
+            env: std::collections::BTreeMap::new(),
         }
     }
 }

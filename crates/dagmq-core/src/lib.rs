@@ -12,6 +12,7 @@ pub mod duration;
 pub mod memory;
 pub mod messages;
 pub mod metrics;
+pub mod params;
 pub mod queue;
 pub mod records;
 pub mod redact;
@@ -26,6 +27,7 @@ pub mod trigger;
 
 pub use clock::{Clock, SystemClock, TokioClock};
 pub use dag::{Dag, DagBuilder, DagError, DagRegistry, LiveDags, Pools, TaskConfig, TaskKind, TaskSpec};
+pub use params::{ParamSpec, ParamType, ParamsSchema};
 pub use queue::{Consumer, Delivery, Queue, Subscription, Topic};
 pub use records::{RunKind, RunRecord, TaskInstance, WorkerInfo};
 pub use redact::{mask_url, scrub_url};

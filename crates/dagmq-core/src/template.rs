@@ -1,4 +1,8 @@
-//! `{{ params.KEY }}` and friends in command arguments.
+//! `{{ params.KEY }}` and friends in command arguments and in a task's `env`.
+//!
+//! What may be templated where is decided at load ([`crate::dag`]): in `command` only values
+//! whose text is a plain word (dagmq's own values, and params typed `integer`, `number`,
+//! `boolean`, `date`, `datetime` or `enum`); anything else, from outside, goes through `env`.
 
 use std::collections::BTreeMap;
 
@@ -9,9 +13,15 @@ pub fn render(text: &str, vars: &BTreeMap<String, String>) -> Result<String, Str
 }
 
 /// Renders the arguments of a command: a value substituted into the script of a shell
-/// (`sh -c SCRIPT`, `bash -c`, `/bin/sh -ec`, `env sh -c` ...) is quoted as one shell word, so
-/// no value can become shell syntax; in any other argument it is substituted as is (no shell
-/// reads it).
+/// (`sh -c SCRIPT`, `bash -c`, `/bin/sh -ec`, `env sh -c` ...) is quoted as one shell word; in
+/// any other argument it is substituted as is.
+///
+/// This quoting is a second layer only. It recognises shells by the shape of the command, and
+/// the set of wrappers (`timeout`, `nice`, `su -c`, `ssh`, `python3 -c` ...) and of places in a
+/// script (inside quotes, a heredoc, `eval`) is open, so it cannot be complete. What keeps
+/// values from outside from becoming code is the load-time rule that only plain-word values
+/// reach a command at all ([`crate::dag`]); the others reach the process through its
+/// environment.
 pub fn render_command(argv: &[String], vars: &BTreeMap<String, String>) -> Result<Vec<String>, String> {
     let script = shell_script_index(argv);
     argv.iter()
@@ -62,6 +72,17 @@ pub fn shell_script_index(argv: &[String]) -> Option<usize> {
         at += 1;
     }
     (command_flag && at < argv.len()).then_some(at)
+}
+
+/// The names of the placeholders in `text`, trimmed, in order; an unclosed `{{` is an error.
+pub fn placeholders(text: &str) -> Result<Vec<&str>, String> {
+    let mut names = Vec::new();
+    for piece in pieces(text) {
+        if let (_, Some(name)) = piece? {
+            names.push(name);
+        }
+    }
+    Ok(names)
 }
 
 /// The task ids that `{{ tasks.ID.output... }}` names in `text`, in order of appearance (up to
@@ -194,6 +215,13 @@ mod tests {
         assert_eq!(rendered[2], "echo 'x; id $(id) `id` '\\''q'\\'' \"d\"'");
         assert_eq!(rendered[3], "x; id $(id) `id` 'q' \"d\"");
         assert_eq!(shell_word("it's"), "'it'\\''s'");
+    }
+
+    #[test]
+    fn lists_placeholders() {
+        assert_eq!(placeholders("a {{ x }} b {{y}}{{ tasks.t.output.p }}").unwrap(), ["x", "y", "tasks.t.output.p"]);
+        assert_eq!(placeholders("none").unwrap(), Vec::<&str>::new());
+        assert!(placeholders("{{ x }} {{ open").unwrap_err().contains("unclosed"));
     }
 
     #[test]

@@ -22,8 +22,8 @@ use axum::{Json, Router};
 use serde::Serialize;
 
 use crate::commands::{CommandError, SchedulerHandle};
-pub use dags::{DagView, RunSummary, TaskView};
-use dags::{backfill_dag, list_dags, pause_dag, trigger_run, unpause_dag};
+pub use dags::{DagView, ParamView, RunSummary, TaskView};
+use dags::{backfill_dag, list_dags, pause_dag, show_dag, trigger_run, unpause_dag};
 pub use runs::{LogView, RunDetail, RunView};
 use runs::{cancel_run, clear_run, list_runs, restart_run, resume_run, show_run, suspend_run, task_logs};
 pub use security::CONTENT_SECURITY_POLICY;
@@ -78,6 +78,7 @@ pub fn router(scheduler: SchedulerHandle, config: ApiConfig) -> Router {
     let state = AppState { scheduler, config: Arc::new(config) };
     let api = Router::new()
         .route("/dags", get(list_dags))
+        .route("/dags/{dag_id}", get(show_dag))
         .route("/dags/{dag_id}/pause", post(pause_dag))
         .route("/dags/{dag_id}/unpause", post(unpause_dag))
         .route("/dags/{dag_id}/runs", post(trigger_run))

@@ -183,6 +183,8 @@ pub(crate) fn reason_label(reason: &str) -> &'static str {
         "version"
     } else if reason.contains("malformed message") {
         "malformed"
+    } else if reason.contains(": param \"") || reason.contains("unknown param") || reason.contains("a run's params") {
+        "bad_params"
     } else if reason.contains("unknown dag") {
         "unknown_dag"
     } else if reason.contains("has no task") {
@@ -196,6 +198,17 @@ pub(crate) fn reason_label(reason: &str) -> &'static str {
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
+
+    #[test]
+    fn reasons_have_short_labels() {
+        assert_eq!(reason_label("trigger: dag \"d\": param \"n\": expected an integer, got 1.5"), "bad_params");
+        assert_eq!(reason_label("trigger: dag \"d\": unknown param \"x\" (this dag declares: n)"), "bad_params");
+        assert_eq!(
+            reason_label("trigger: dag \"d\": params are 70000 bytes of JSON; a run's params may be at most"),
+            "bad_params"
+        );
+        assert_eq!(reason_label("trigger: unknown dag \"nope\""), "unknown_dag");
+    }
 
     #[test]
     fn throughput_counts_the_last_hour_by_minute() {

@@ -68,10 +68,11 @@ pub fn document() -> Value {
                                  "responses": {"200": {"description": "metrics"}, "401": {"description": "missing or wrong token"}}}},
             "/api/v1/openapi.json": {"get": operation("this document", ("200", "the document"), &std_errors(&[]), json!([]), None)},
             "/api/v1/dags": {"get": operation("DAGs with schedule, paused flag, next run and last run", ("200", "DAGs"), &std_errors(&[]), json!([]), None)},
+            "/api/v1/dags/{dag_id}": {"get": operation("one DAG as the list shows it, with its params (type, default, allowed values, required) and params_declared", ("200", "the DAG"), &std_errors(&["404"]), json!([dag]), None)},
             "/api/v1/dags/{dag_id}/pause": {"post": operation("stop scheduled runs", ("200", "paused"), &std_errors(&["404"]), json!([dag]), None)},
             "/api/v1/dags/{dag_id}/unpause": {"post": operation("resume scheduled runs", ("200", "unpaused"), &std_errors(&["404"]), json!([dag]), None)},
             "/api/v1/dags/{dag_id}/runs": {"post": operation(
-                "trigger a run; 201 for a new run, 200 with the existing run for a repeated key",
+                "trigger a run; 201 for a new run, 200 with the existing run for a repeated key; 400 when the params do not fit the DAG's params (type, required, unknown to a DAG that declares params) or are over 64 KiB of JSON",
                 ("201", "created: {\"run_id\", \"created\"}"),
                 &std_errors(&["400", "404", "413"]),
                 json!([dag]),

@@ -50,9 +50,7 @@ const views = {
       <table><tr><th>DAG</th><th>Schedule</th><th>Next run</th><th>Last runs</th><th>Schedule state</th><th></th></tr>${rows}</table></div>`;
   },
   async dag(query, dagId) {
-    const dags = await api("/api/v1/dags");
-    const dag = dags.find(d => d.dag_id === dagId && !d.error);
-    if (!dag) throw new Error(`unknown dag ${dagId}`);
+    const dag = await api(`/api/v1/dags/${encodeURIComponent(dagId)}`);
     const latest = await api(`/api/v1/runs?dag_id=${encodeURIComponent(dagId)}&limit=25`);
     const runs = (await Promise.all(latest.map(r => api(`/api/v1/runs/${encodeURIComponent(r.run_id)}`)))).reverse();
     const ids = dag.tasks.map(t => t.task_id);
@@ -69,6 +67,7 @@ const views = {
       <div class="row"><span class="muted">${esc(dag.description)}</span></div>
       <div class="row">schedule <b>${esc(dag.schedule || "manual")}</b> (${esc(dag.timezone)}), ${dag.paused ? "paused" : "active"},
         next run ${when(dag.next_run)}, version <code>${esc(dag.version)}</code>, <a href="#/runs?dag=${encodeURIComponent(dagId)}">all runs</a></div>
+      <div class="card" data-test="trigger"><h3>Trigger a run</h3>${triggerForm(dag)}</div>
       <div class="card" data-test="dag-graph">${graph(tasks, "")}</div>
       <div class="card" data-test="grid"><h3>Latest ${runs.length} runs by task</h3><table class="grid"><tr><th></th>${head}</tr>${grid}</table></div>
       <div class="card" data-test="durations"><h3>Run durations</h3>${bars(durations, span)}</div>`;
@@ -215,6 +214,64 @@ function gantt(run) {
     <text class="axis" x="${L}" y="${height - 2}">0</text><text class="axis" x="${L + W - 60}" y="${height - 2}">${esc(span((end - start) / 1000))}</text></svg>`;
 }
 
+/** A param's default as the form shows it. */
+const shown = v => v === null || v === undefined ? "" : typeof v === "string" ? v : JSON.stringify(v);
+
+/** The trigger form of a DAG, built from its params: a field per param with its type, default
+ *  and allowed values (a select for an enum or a boolean); an empty field leaves the param to
+ *  its default. A DAG without a schema also gets a JSON box for any params. The scheduler checks
+ *  every value (the form does not block a submit), and its reason shows in the banner. */
+function triggerForm(dag) {
+  const field = p => {
+    const dflt = shown(p.default);
+    const hint = [p.type || "untyped", p.required ? "required" : "", dflt ? `default ${dflt}` : ""].filter(Boolean).join(", ");
+    const common = `id="param-${esc(p.name)}" data-keep data-param="${esc(p.name)}" data-type="${esc(p.type || "")}"${p.required ? " required" : ""}`;
+    let input;
+    if (p.type === "enum" || p.type === "boolean") {
+      const values = p.type === "enum" ? p.values : ["true", "false"];
+      const first = `<option value="">${p.required ? "choose" : dflt ? `default (${esc(dflt)})` : "none"}</option>`;
+      input = `<select ${common}>${first}${values.map(v => `<option value="${esc(v)}">${esc(v)}</option>`).join("")}</select>`;
+    } else {
+      const kind = {integer: 'type="number" step="1"', number: 'type="number" step="any"', date: 'type="date"'}[p.type] || 'type="text"';
+      const limits = (p.max_length ? ` maxlength="${esc(p.max_length)}"` : "") + (p.pattern ? ` title="${esc("must match " + p.pattern)}"` : "");
+      const placeholder = dflt || (p.type === "datetime" ? "2026-11-22T02:00:00Z" : "");
+      input = `<input ${kind} ${common}${limits} placeholder="${esc(placeholder)}">`;
+    }
+    const about = p.description ? `<span class="muted">${esc(p.description)}</span>` : "";
+    return `<label data-test="param-${esc(p.name)}"><span>${esc(p.name)} <span class="muted">${esc(hint)}</span></span>${input}${about}</label>`;
+  };
+  const json = dag.params_declared ? "" : `<label><span>Params (JSON) <span class="muted">any params: this DAG declares no schema</span></span>
+    <textarea id="trigger-json" data-keep rows="2" cols="40" placeholder='{"date": "2026-11-22"}'></textarea></label>`;
+  return `<form id="trigger-form" class="params-form" data-dag="${esc(dag.dag_id)}" novalidate>${(dag.params || []).map(field).join("")}${json}
+    <button type="submit" class="primary" data-test="trigger-submit">Trigger</button></form>`;
+}
+
+/** The params the trigger form holds: the JSON box first, then each filled field (an integer or
+ *  number as a JSON number, a boolean as true or false, anything else as text). */
+function formParams(form) {
+  const box = form.querySelector("#trigger-json");
+  const params = box && box.value.trim() ? JSON.parse(box.value) : {};
+  for (const el of form.querySelectorAll("[data-param]")) {
+    if (el.value === "") continue;
+    const type = el.dataset.type;
+    params[el.dataset.param] = type === "integer" || type === "number" ? Number(el.value) : type === "boolean" ? el.value === "true" : el.value;
+  }
+  return params;
+}
+
+async function triggerFrom(form) {
+  try {
+    const params = formParams(form);
+    const answer = await api(`/api/v1/dags/${encodeURIComponent(form.dataset.dag)}/runs`, {method: "POST", body: JSON.stringify({params})});
+    location.hash = `#/runs/${encodeURIComponent(answer.run_id)}`;
+  } catch (e) { banner(e.message); }
+}
+document.addEventListener("submit", event => {
+  if (event.target.id !== "trigger-form") return;
+  event.preventDefault();
+  triggerFrom(event.target);
+});
+
 async function trigger(dagId) {
   try {
     const text = document.getElementById("params").value.trim();
@@ -269,7 +326,10 @@ async function render() {
     const params = document.getElementById("params");
     const typed = params ? params.value : null;
     const focused = document.activeElement && document.activeElement.id;
+    // And what is typed into a form's fields (the trigger form's params).
+    const kept = [...document.querySelectorAll("[data-keep]")].map(el => [el.id, el.value]);
     document.getElementById("view").innerHTML = html;
+    for (const [id, value] of kept) { const el = document.getElementById(id); if (el) el.value = value; }
     if (typed !== null && document.getElementById("params")) document.getElementById("params").value = typed;
     if (focused && document.getElementById(focused)) document.getElementById(focused).focus();
     document.querySelectorAll("header a").forEach(a => a.classList.toggle("active", a.dataset.nav === (parts[0] || "dags")));

@@ -3,12 +3,14 @@
 
 use std::collections::BTreeMap;
 use std::process::Stdio;
+use std::sync::Arc;
 use std::time::Duration;
 
+use dagmq_core::params::param_env_name;
 use dagmq_core::store::{LINE_CUT_MARKER, MAX_LOG_LINE_BYTES};
 use dagmq_core::task::param_text;
 use dagmq_core::template;
-use dagmq_core::{TaskContext, TaskError, TaskOutcome};
+use dagmq_core::{ParamsSchema, TaskContext, TaskError, TaskOutcome};
 use tokio::io::{AsyncBufReadExt, AsyncRead, BufReader};
 use tokio::process::Command;
 
@@ -45,16 +47,29 @@ impl Drop for OutputFile {
     }
 }
 
-/// Runs `argv` for the try in `ctx` until it exits or the try is cancelled.
+/// A command task as its DAG version declares it.
+pub(crate) struct CommandSpec {
+    /// The argv; its templates name only dagmq's own values and params of a safe type (the
+    /// DAG's load made sure).
+    pub(crate) argv: Vec<String>,
+    /// Environment variables of the try, each a template of any value.
+    pub(crate) env: BTreeMap<String, String>,
+    /// The DAG's params, whose types say which values may reach the argv.
+    pub(crate) params: Arc<ParamsSchema>,
+}
+
+/// Runs a command for the try in `ctx` until it exits or the try is cancelled.
 pub(crate) async fn run_command(
-    argv: &[String],
+    spec: &CommandSpec,
     ctx: TaskContext,
     logical_date: &str,
 ) -> Result<TaskOutcome, TaskError> {
+    let argv = &spec.argv;
+    let command_vars = command_vars(spec, &ctx, logical_date)?;
     let mut vars = template_vars(&ctx, logical_date);
-    // Outputs this try reads: its direct upstreams' (DAGMQ_INPUTS) and any its command names.
+    // Outputs this try reads: its direct upstreams' (DAGMQ_INPUTS) and any its `env` names.
     let mut wanted: Vec<String> = ctx.upstream().to_vec();
-    for id in argv.iter().flat_map(|arg| template::output_references(arg)) {
+    for id in spec.env.values().flat_map(|text| template::output_references(text)) {
         if !wanted.contains(&id) {
             wanted.push(id);
         }
@@ -63,8 +78,13 @@ pub(crate) async fn run_command(
     for (id, output) in &outputs {
         template::output_vars(id, output.as_ref(), &mut vars);
     }
-    let rendered =
-        template::render_command(argv, &vars).map_err(|e| TaskError::fatal(format!("command template: {e}")))?;
+    let rendered = template::render_command(argv, &command_vars)
+        .map_err(|e| TaskError::fatal(format!("command template: {e}")))?;
+    let mut env = Vec::with_capacity(spec.env.len());
+    for (name, text) in &spec.env {
+        let value = template::render(text, &vars).map_err(|e| TaskError::fatal(format!("env {name}: {e}")))?;
+        env.push((name, value));
+    }
     let (program, args) = rendered.split_first().ok_or_else(|| TaskError::fatal("empty command"))?;
     let output = OutputFile::new().map_err(|e| TaskError::new(format!("cannot make the output file: {e}")))?;
     let inputs: serde_json::Map<String, serde_json::Value> = ctx
@@ -96,8 +116,9 @@ pub(crate) async fn run_command(
         command.env_remove(name);
     }
     for (key, value) in &ctx.params {
-        command.env(format!("DAGMQ_PARAM_{}", env_name(key)), param_text(value));
+        command.env(param_env_name(key), param_text(value));
     }
+    command.envs(env);
     crate::guard::guard(&mut command).map_err(|e| TaskError::fatal(format!("cannot start {program:?}: {e}")))?;
     let mut child = command.spawn().map_err(|e| TaskError::fatal(format!("cannot start {program:?}: {e}")))?;
     let pid = child.id();
@@ -129,8 +150,28 @@ pub(crate) async fn run_command(
     }
 }
 
-/// The names a command may use in `{{ ... }}`.
-fn template_vars(ctx: &TaskContext, logical_date: &str) -> BTreeMap<String, String> {
+/// The names a command's argv may use in `{{ ... }}`: dagmq's own values and the params whose
+/// declared type makes their text a plain word, each checked again against its type (a value
+/// that does not fit, however it got into the store, fails the try instead of reaching the
+/// command line).
+fn command_vars(
+    spec: &CommandSpec,
+    ctx: &TaskContext,
+    logical_date: &str,
+) -> Result<BTreeMap<String, String>, TaskError> {
+    let mut vars = dagmq_vars(ctx, logical_date);
+    for (key, value) in &ctx.params {
+        if spec.params.get(key).is_some_and(dagmq_core::ParamSpec::safe_in_command) {
+            let value =
+                spec.params.check(key, value.clone()).map_err(|e| TaskError::fatal(format!("run params: {e}")))?;
+            vars.insert(format!("params.{key}"), param_text(&value));
+        }
+    }
+    Ok(vars)
+}
+
+/// dagmq's own values, by template name.
+fn dagmq_vars(ctx: &TaskContext, logical_date: &str) -> BTreeMap<String, String> {
     let mut vars = BTreeMap::new();
     vars.insert("run_id".to_string(), ctx.run_id.clone());
     vars.insert("dag_id".to_string(), ctx.dag_id.clone());
@@ -138,15 +179,17 @@ fn template_vars(ctx: &TaskContext, logical_date: &str) -> BTreeMap<String, Stri
     vars.insert("try".to_string(), ctx.try_number.to_string());
     vars.insert("logical_date".to_string(), logical_date.to_string());
     vars.insert("ds".to_string(), logical_date.get(..10).unwrap_or(logical_date).to_string());
+    vars
+}
+
+/// The names a task's `env` may use in `{{ ... }}`: dagmq's own values and every param (the
+/// upstream outputs are added as they are read).
+fn template_vars(ctx: &TaskContext, logical_date: &str) -> BTreeMap<String, String> {
+    let mut vars = dagmq_vars(ctx, logical_date);
     for (key, value) in &ctx.params {
         vars.insert(format!("params.{key}"), param_text(value));
     }
     vars
-}
-
-/// A parameter name as an environment variable suffix: upper case, `_` for anything else.
-fn env_name(key: &str) -> String {
-    key.chars().map(|c| if c.is_ascii_alphanumeric() { c.to_ascii_uppercase() } else { '_' }).collect()
 }
 
 /// Sends each line of a pipe to the try's log. A line is held up to [`MAX_LOG_LINE_BYTES`]: a
@@ -224,16 +267,5 @@ async fn signal_group(signal: &str, pid: u32) {
         .await;
     if let Err(err) = result {
         tracing::warn!(pid, "sending SIG{signal} to the process group: {err}");
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn env_names() {
-        assert_eq!(env_name("date"), "DATE");
-        assert_eq!(env_name("my-key.x"), "MY_KEY_X");
     }
 }

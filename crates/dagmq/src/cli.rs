@@ -207,7 +207,7 @@ pub struct ClientArgs {
 pub struct TriggerArgs {
     /// The DAG to run.
     pub dag_id: String,
-    /// A parameter, KEY=VALUE; repeat for more.
+    /// A parameter, KEY=VALUE (converted to the type the DAG declares for KEY); repeat for more.
     #[arg(long = "param", value_name = "KEY=VALUE")]
     pub params: Vec<String>,
     /// Idempotency key: a second trigger with the same key creates no second run.
@@ -258,7 +258,7 @@ pub enum DagsCommand {
         /// Last instant, RFC 3339, included.
         #[arg(long, value_name = "TIME")]
         to: String,
-        /// A parameter, KEY=VALUE; repeat for more.
+        /// A parameter, KEY=VALUE (converted to the type the DAG declares for KEY); repeat for more.
         #[arg(long = "param", value_name = "KEY=VALUE")]
         params: Vec<String>,
         /// Wait for every run to finish, showing progress; exit 0 if all succeeded, 1 otherwise.

@@ -3,7 +3,8 @@
 
 use std::time::Duration;
 
-use dagmq_core::Params;
+use dagmq_core::params::value_from_text;
+use dagmq_core::{ParamType, Params};
 use serde_json::Value;
 
 use crate::cli::{ClientArgs, DagsCommand, LogsArgs, RunsCommand, TriggerArgs};
@@ -62,21 +63,46 @@ impl Api {
     }
 }
 
-/// `--param KEY=VALUE` flags as parameters.
-fn parse_params(pairs: &[String]) -> CliResult<Params> {
-    let mut params = Params::new();
+/// `--param KEY=VALUE` flags as params of `dag_id`. Each value becomes the JSON type the DAG
+/// declares for its param (read from `GET /api/v1/dags/{dag_id}`): an integer, number or
+/// boolean is parsed from the text, anything else stays text. The scheduler checks the rest
+/// (allowed values, dates, patterns, required and unknown params, size).
+async fn parse_params(api: &Api, dag_id: &str, pairs: &[String]) -> CliResult<Params> {
+    let mut split = Vec::with_capacity(pairs.len());
     for pair in pairs {
         let Some((key, value)) = pair.split_once('=') else {
             return Err(CliError::usage(format!("--param {pair:?}: expected KEY=VALUE")));
         };
-        params.insert(key.to_string(), Value::String(value.to_string()));
+        split.push((pair, key, value));
+    }
+    let mut kinds: std::collections::BTreeMap<String, ParamType> = std::collections::BTreeMap::new();
+    if !split.is_empty() {
+        let dag = api.call("GET", &format!("/api/v1/dags/{dag_id}"), None).await?;
+        for param in dag["params"].as_array().into_iter().flatten() {
+            if let (Some(name), Ok(kind)) =
+                (param["name"].as_str(), serde_json::from_value::<ParamType>(param["type"].clone()))
+            {
+                kinds.insert(name.to_string(), kind);
+            }
+        }
+    }
+    let mut params = Params::new();
+    for (pair, key, value) in split {
+        let value = value_from_text(kinds.get(key).copied(), value).map_err(|e| {
+            let shown = match pair.char_indices().nth(60) {
+                Some((at, _)) => format!("{}...", &pair[..at]),
+                None => pair.clone(),
+            };
+            CliError::input(format!("--param {shown}: param {key:?}: {e}"))
+        })?;
+        params.insert(key.to_string(), value);
     }
     Ok(params)
 }
 
 /// `dagmq trigger`.
 pub(crate) async fn trigger(api: &Api, args: &TriggerArgs) -> CliResult<()> {
-    let params = parse_params(&args.params)?;
+    let params = parse_params(api, &args.dag_id, &args.params).await?;
     let mut body = serde_json::json!({ "params": params });
     if let Some(key) = &args.key {
         body["key"] = Value::String(key.clone());
@@ -212,7 +238,8 @@ pub(crate) async fn dags(api: &Api, command: &DagsCommand) -> CliResult<()> {
             }
         }
         DagsCommand::Backfill { dag_id, from, to, params, wait } => {
-            let body = serde_json::json!({"from": from, "to": to, "params": parse_params(params)?});
+            let params = parse_params(api, dag_id, params).await?;
+            let body = serde_json::json!({"from": from, "to": to, "params": params});
             let answer = api.call("POST", &format!("/api/v1/dags/{dag_id}/backfill"), Some(body)).await?;
             let runs: Vec<String> = answer["runs"]
                 .as_array()

@@ -1,5 +1,5 @@
-//! The DAG routes: listing the DAGs (with refused files), pausing and unpausing, triggering a run
-//! and backfilling.
+//! The DAG routes: listing the DAGs (with refused files), one DAG, pausing and unpausing,
+//! triggering a run and backfilling.
 
 use axum::Json;
 use axum::body::Bytes;
@@ -9,10 +9,10 @@ use axum::http::StatusCode;
 use chrono::{DateTime, Utc};
 use dagmq_core::records::DagRecord;
 use dagmq_core::store::RunFilter;
-use dagmq_core::{Params, RunState, TaskKind};
+use dagmq_core::{Dag, ParamType, Params, RunState, TaskKind};
 use serde::{Deserialize, Serialize};
 
-use super::{ApiResult, AppState, json_body};
+use super::{ApiResult, AppState, json_body, not_found_error};
 
 /// A DAG as the API lists it.
 #[derive(Debug, Serialize, Deserialize)]
@@ -41,6 +41,13 @@ pub struct DagView {
     pub tasks: Vec<TaskView>,
     /// Where the DAG was defined.
     pub source: String,
+    /// The params the DAG declares (plain defaults too), sorted by name.
+    #[serde(default)]
+    pub params: Vec<ParamView>,
+    /// Whether the DAG declares a schema (a `[params.NAME]` table): then a trigger with a
+    /// param it does not list is refused.
+    #[serde(default)]
+    pub params_declared: bool,
     /// For a DAG file that was refused: why (`file:line: reason`); the DAG does not run.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
@@ -61,6 +68,32 @@ pub struct TaskView {
     pub retries: u32,
 }
 
+/// A param a DAG declares.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct ParamView {
+    /// Name.
+    pub name: String,
+    /// Type; absent for an untyped param (a plain default, or a table without `type`).
+    #[serde(rename = "type")]
+    pub kind: Option<ParamType>,
+    /// The value a run gets when its trigger gives none.
+    pub default: Option<serde_json::Value>,
+    /// For `enum`: the values allowed.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub values: Vec<String>,
+    /// For `string`: the regular expression the whole value must match.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pattern: Option<String>,
+    /// For `string`: the most characters.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_length: Option<usize>,
+    /// A trigger must give it.
+    pub required: bool,
+    /// Free text for people.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub description: String,
+}
+
 /// A run's id and state.
 #[derive(Debug, Serialize, Deserialize)]
 pub struct RunSummary {
@@ -70,49 +103,71 @@ pub struct RunSummary {
     pub state: RunState,
 }
 
-pub(super) async fn list_dags(State(state): State<AppState>) -> ApiResult<Json<Vec<DagView>>> {
+/// The view of a loaded DAG: its settings, tasks and params, with its pause flag, next run and
+/// last run from the store.
+async fn dag_view(state: &AppState, dag: &Dag) -> ApiResult<DagView> {
     let handle = &state.scheduler;
     let now = handle.clock.now();
+    let record: Option<DagRecord> = handle.store.dag_record(&dag.id).await?;
+    let paused = record.as_ref().map_or(dag.paused, |r| r.paused);
+    let start = record.as_ref().map_or(now, |r| r.first_seen);
+    let last = handle
+        .store
+        .list_runs(&RunFilter { dag_id: Some(dag.id.clone()), state: None, limit: 1 })
+        .await?
+        .into_iter()
+        .next()
+        .map(|r| RunSummary { run_id: r.run_id, state: r.state });
+    Ok(DagView {
+        dag_id: dag.id.clone(),
+        version: dag.version.clone(),
+        description: dag.description.clone(),
+        schedule: dag.schedule.describe(),
+        timezone: dag.timezone.name().to_string(),
+        paused,
+        next_run: if paused { None } else { dag.next_run_after(start, now) },
+        last_run: last,
+        tags: dag.tags.clone(),
+        tasks: dag
+            .tasks()
+            .iter()
+            .map(|t| TaskView {
+                task_id: t.id.clone(),
+                after: t.after.to_vec(),
+                kind: match &t.kind {
+                    TaskKind::Command(_) => "command".to_string(),
+                    TaskKind::Rust { name, .. } => name.clone().map_or("rust".to_string(), |n| format!("rust:{n}")),
+                    TaskKind::Unloaded => "unloaded".to_string(),
+                },
+                queue: t.config.queue.clone(),
+                retries: t.config.retries,
+            })
+            .collect(),
+        source: dag.source.clone(),
+        params: dag
+            .params
+            .iter()
+            .map(|(name, spec)| ParamView {
+                name: name.clone(),
+                kind: spec.kind,
+                default: spec.default.clone(),
+                values: spec.values.clone(),
+                pattern: spec.pattern.clone(),
+                max_length: spec.max_length,
+                required: spec.required,
+                description: spec.description.clone(),
+            })
+            .collect(),
+        params_declared: dag.params.declared(),
+        error: None,
+    })
+}
+
+pub(super) async fn list_dags(State(state): State<AppState>) -> ApiResult<Json<Vec<DagView>>> {
+    let handle = &state.scheduler;
     let mut views = Vec::new();
     for dag in handle.dags().iter() {
-        let record: Option<DagRecord> = handle.store.dag_record(&dag.id).await?;
-        let paused = record.as_ref().map_or(dag.paused, |r| r.paused);
-        let start = record.as_ref().map_or(now, |r| r.first_seen);
-        let last = handle
-            .store
-            .list_runs(&RunFilter { dag_id: Some(dag.id.clone()), state: None, limit: 1 })
-            .await?
-            .into_iter()
-            .next()
-            .map(|r| RunSummary { run_id: r.run_id, state: r.state });
-        views.push(DagView {
-            dag_id: dag.id.clone(),
-            version: dag.version.clone(),
-            description: dag.description.clone(),
-            schedule: dag.schedule.describe(),
-            timezone: dag.timezone.name().to_string(),
-            paused,
-            next_run: if paused { None } else { dag.next_run_after(start, now) },
-            last_run: last,
-            tags: dag.tags.clone(),
-            tasks: dag
-                .tasks()
-                .iter()
-                .map(|t| TaskView {
-                    task_id: t.id.clone(),
-                    after: t.after.to_vec(),
-                    kind: match &t.kind {
-                        TaskKind::Command(_) => "command".to_string(),
-                        TaskKind::Rust { name, .. } => name.clone().map_or("rust".to_string(), |n| format!("rust:{n}")),
-                        TaskKind::Unloaded => "unloaded".to_string(),
-                    },
-                    queue: t.config.queue.clone(),
-                    retries: t.config.retries,
-                })
-                .collect(),
-            source: dag.source.clone(),
-            error: None,
-        });
+        views.push(dag_view(&state, dag).await?);
     }
     for (file, error) in handle.refused_dags().iter() {
         let stem = std::path::Path::new(file).file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
@@ -128,10 +183,19 @@ pub(super) async fn list_dags(State(state): State<AppState>) -> ApiResult<Json<V
             tags: Vec::new(),
             tasks: Vec::new(),
             source: file.clone(),
+            params: Vec::new(),
+            params_declared: false,
             error: Some(error.clone()),
         });
     }
     Ok(Json(views))
+}
+
+pub(super) async fn show_dag(State(state): State<AppState>, Path(dag_id): Path<String>) -> ApiResult<Json<DagView>> {
+    let Some(dag) = state.scheduler.dags().get(&dag_id).cloned() else {
+        return Err(not_found_error(format!("unknown dag {dag_id:?}")));
+    };
+    Ok(Json(dag_view(&state, &dag).await?))
 }
 
 pub(super) async fn pause_dag(

@@ -202,6 +202,19 @@ impl Engine {
         Ok(())
     }
 
+    /// The params of a run of `dag` triggered (or backfilled) with `given`: checked against the
+    /// DAG's schema (types, required, unknown names), normalised, over the defaults, and at
+    /// most [`dagmq_core::params::MAX_PARAMS_BYTES`] of JSON before and after.
+    fn run_params(&self, dag: &Dag, given: Params) -> Result<Params, CommandError> {
+        let bad = |reason: String| CommandError::BadInput(format!("dag {:?}: {reason}", dag.id));
+        dagmq_core::params::check_size(&given).map_err(bad)?;
+        let resolved = dag.params.resolve(given).map_err(bad)?;
+        let mut merged = self.config.default_params.get(&dag.id).cloned().unwrap_or_default();
+        merged.extend(resolved);
+        dagmq_core::params::check_size(&merged).map_err(bad)?;
+        Ok(merged)
+    }
+
     pub(super) async fn trigger(
         &mut self,
         dag_id: &str,
@@ -216,8 +229,7 @@ impl Engine {
         {
             return Err(CommandError::BadInput("key must be 1 to 200 characters".to_string()));
         }
-        let mut merged = self.config.default_params.get(dag_id).cloned().unwrap_or_default();
-        merged.extend(params);
+        let merged = self.run_params(&dag, params)?;
         self.create_run(&dag, RunKind::Manual, self.now_cache, merged, key)
             .await
             .map_err(|e| CommandError::Backend(e.to_string()))
@@ -252,8 +264,7 @@ impl Engine {
                  {dag_id:?}; split the range"
             )));
         }
-        let mut merged = self.config.default_params.get(dag_id).cloned().unwrap_or_default();
-        merged.extend(params);
+        let merged = self.run_params(&dag, params)?;
         let mut outcome = BackfillOutcome { runs: Vec::with_capacity(points.len()), created: 0, existing: 0 };
         for point in points {
             let created =
@@ -284,14 +295,9 @@ impl Engine {
             let batch = self.config.catch_up_batch.max(1);
             let points = dag.schedule.due_points(start, record.last_scheduled, now, dag.catch_up, batch);
             for &point in &points {
-                self.create_run(
-                    &dag,
-                    RunKind::Scheduled,
-                    point,
-                    self.config.default_params.get(&dag.id).cloned().unwrap_or_default(),
-                    None,
-                )
-                .await?;
+                let mut params = self.config.default_params.get(&dag.id).cloned().unwrap_or_default();
+                params.extend(dag.params.defaults());
+                self.create_run(&dag, RunKind::Scheduled, point, params, None).await?;
                 record.last_scheduled = Some(point);
             }
             if !points.is_empty() {

@@ -191,7 +191,11 @@ pub(super) fn resolve(shared: &Shared, message: &TaskToExec, version: Option<&st
         return Err(format!("dag {:?} has no task {:?}", message.dag_id, message.task_id));
     };
     let executable = match &spec.kind {
-        TaskKind::Command(argv) => Executable::Command(argv.clone()),
+        TaskKind::Command(argv) => Executable::Command(crate::command::CommandSpec {
+            argv: argv.clone(),
+            env: spec.env.clone(),
+            params: dag.params.clone(),
+        }),
         TaskKind::Rust { task, .. } => Executable::Rust(task.clone(), spec.args.clone()),
         // Only a scheduler builds such tasks (from a stored version); a worker's DAGs are loaded.
         TaskKind::Unloaded => {

@@ -34,7 +34,7 @@ enum Executable {
     /// A Rust task with its args.
     Rust(Arc<dyn Task>, serde_json::Value),
     /// A process.
-    Command(Vec<String>),
+    Command(crate::command::CommandSpec),
 }
 
 /// A claimed try's task, resolved once at the claim against the DAG version of its run.

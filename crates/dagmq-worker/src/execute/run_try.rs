@@ -116,7 +116,7 @@ pub(super) async fn run_try(
         // Polled here, not spawned: one task less per try; a panic is caught at the poll.
         let mut running = CatchPanic(match executable {
             Executable::Rust(task, _) => Box::pin(async move { task.run(ctx).await }),
-            Executable::Command(argv) => Box::pin(async move { run_command(&argv, ctx, &logical_date).await }),
+            Executable::Command(command) => Box::pin(async move { run_command(&command, ctx, &logical_date).await }),
         });
         let timed_out = async {
             match timeout {

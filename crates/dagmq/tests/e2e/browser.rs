@@ -517,3 +517,67 @@ fn pages_of_other_origins_cannot_command_the_api_but_the_ui_can() {
     browser.screenshot("restarted");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn the_dag_page_builds_its_trigger_form_from_the_params_schema() {
+    let Some(browser) = Browser::start() else { return };
+    let standalone = Standalone::start(&examples(), &[]);
+    let base = standalone.api.clone();
+
+    // A field per param, with its type, default and allowed values.
+    browser.open(&format!("{base}/#/dags/params"));
+    browser.wait_for("return document.querySelectorAll('#trigger-form [data-param]').length", json!(4));
+    browser.wait_for("return document.querySelector('[data-param=date]').type", json!("date"));
+    browser.wait_for("return document.querySelector('[data-param=limit]').type", json!("number"));
+    browser.wait_for(
+        "return [...document.querySelectorAll('select[data-param=mode] option')].map(o => o.value).join(',')",
+        json!(",full,incremental"),
+    );
+    browser.wait_for(
+        "return document.querySelector('[data-test=\"param-mode\"]').textContent.includes('default incremental')",
+        json!(true),
+    );
+    browser.wait_for("return document.querySelector('[data-param=who]').placeholder", json!("world"));
+    browser.wait_for("return document.querySelector('#trigger-json')", json!(null));
+    browser.screenshot("trigger-form");
+
+    // What is typed survives the page's refreshes; empty fields get the defaults.
+    browser.script(
+        "document.querySelector('[data-param=date]').value = '2026-11-22'; \
+         document.querySelector('[data-param=mode]').value = 'full'; \
+         document.querySelector('[data-param=limit]').value = '7'; \
+         document.querySelector('[data-param=who]').value = 'x; touch PWNED #'; return null",
+    );
+    let updated = browser.script("return document.getElementById('updated').textContent");
+    browser.wait_for(&format!("return document.getElementById('updated').textContent !== {updated}"), json!(true));
+    browser.wait_for("return document.querySelector('[data-param=limit]').value", json!("7"));
+    browser.click("[data-test=\"trigger-submit\"]");
+    browser.wait_for("return location.hash.startsWith('#/runs/params--manual--')", json!(true));
+    browser.wait_for("return document.querySelector('h2 .state')?.dataset.state ?? null", json!("success"));
+    let run_id = browser.script("return decodeURIComponent(location.hash.slice(7))").as_str().unwrap().to_string();
+    let run = standalone.json(&["runs", "show", &run_id]);
+    assert_eq!(
+        run["params"],
+        json!({"date": "2026-11-22", "mode": "full", "limit": 7, "who": "x; touch PWNED #"}),
+        "typed values as JSON types, the defaults for the rest"
+    );
+
+    // A DAG without a schema gets the JSON box.
+    browser.open(&format!("{base}/#/dags/hello"));
+    browser.wait_for("return document.querySelector('#trigger-json') !== null", json!(true));
+    browser.script("document.querySelector('#trigger-json').value = '{\"anything\": [1]}'; return null");
+    browser.click("[data-test=\"trigger-submit\"]");
+    browser.wait_for("return location.hash.startsWith('#/runs/hello--manual--')", json!(true));
+    let run_id = browser.script("return decodeURIComponent(location.hash.slice(7))").as_str().unwrap().to_string();
+    assert_eq!(standalone.json(&["runs", "show", &run_id])["params"], json!({"anything": [1]}));
+
+    // A refused trigger shows the scheduler's reason.
+    browser.open(&format!("{base}/#/dags/params"));
+    browser.wait_for("return document.querySelectorAll('#trigger-form [data-param]').length", json!(4));
+    browser.script("document.querySelector('[data-param=limit]').value = '2.5'; return null");
+    browser.click("[data-test=\"trigger-submit\"]");
+    browser.wait_for(
+        "return document.getElementById('banner').textContent",
+        json!("dag \"params\": param \"limit\": expected an integer, got 2.5"),
+    );
+}

@@ -11,6 +11,7 @@ mod distributed;
 mod failpoints;
 mod history;
 mod operations;
+mod params;
 mod reload;
 mod security;
 mod standalone;

@@ -39,11 +39,11 @@ fn every_example_dag_reaches_its_final_state() {
     let first_try = standalone.cli(&["logs", diamond_id, "flaky", "--try", "1"]);
     assert_eq!(text(&first_try.stdout), "first try fails\n[dagmq] try 1 failed: command exited with status 3\n");
 
-    let params = trigger_and_wait(&standalone, &["params", "--param", "date=2026-11-22"]);
+    let params = trigger_and_wait(&standalone, &["params", "--param", "date=2026-11-22", "--param", "who=x; id #"]);
     assert_eq!(params["state"], "success");
     let params_id = params["run_id"].as_str().unwrap();
     let extract = standalone.cli(&["logs", params_id, "extract"]);
-    assert_eq!(text(&extract.stdout), "extracting 2026-11-22 for world\n");
+    assert_eq!(text(&extract.stdout), "extracting 2026-11-22, incremental, at most 100 rows, for x; id #\n");
     let load = standalone.cli(&["logs", params_id, "load"]);
     assert_eq!(text(&load.stdout), format!("loading 2026-11-22 in run {params_id}\n"));
 
@@ -92,7 +92,7 @@ fn keys_restart_cancel_and_errors_through_the_cli() {
     .unwrap();
     std::fs::write(
         dir.join("fails.toml"),
-        "id = \"fails\"\n[params]\nok = \"no\"\n[[task]]\nid = \"check\"\ncommand = [\"sh\", \"-c\", \"test {{ params.ok }} = yes\"]\n[[task]]\nid = \"next\"\nafter = [\"check\"]\ncommand = [\"echo\", \"next\"]\n",
+        "id = \"fails\"\n[params.ok]\ntype = \"enum\"\nvalues = [\"no\", \"yes\"]\ndefault = \"no\"\n[[task]]\nid = \"check\"\ncommand = [\"sh\", \"-c\", \"test {{ params.ok }} = yes\"]\n[[task]]\nid = \"next\"\nafter = [\"check\"]\ncommand = [\"echo\", \"next\"]\n",
     )
     .unwrap();
     let custom = Standalone::start(&dir, &[]);
@@ -204,7 +204,7 @@ fn secret_params_are_masked_in_the_api_and_in_logs() {
     std::fs::create_dir_all(&dir).unwrap();
     std::fs::write(
         dir.join("login.toml"),
-        "id = \"login\"\n[[task]]\nid = \"connect\"\ncommand = [\"sh\", \"-c\", \"echo connecting as {{ params.user }} with $DAGMQ_PARAM_DB_PASSWORD\"]\n",
+        "id = \"login\"\n[[task]]\nid = \"connect\"\ncommand = [\"sh\", \"-c\", \"echo connecting as $NAME with $DAGMQ_PARAM_DB_PASSWORD\"]\nenv = { NAME = \"{{ params.user }}\" }\n",
     )
     .unwrap();
     let standalone = Standalone::start(&dir, &[]);
