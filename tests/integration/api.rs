@@ -294,6 +294,10 @@ async fn cross_site_requests_and_rebound_hosts_are_refused() {
     assert_eq!(raw(port, "GET", "/api/v1/dags", &[&format!("Host: localhost:{port}")], "").await, 200);
     assert_eq!(raw(port, "GET", "/api/v1/dags", &[&format!("Host: [::1]:{port}")], "").await, 200);
     assert_eq!(raw(port, "GET", "/api/v1/dags", &["Host: dagmq.internal"], "").await, 200);
+    // Names are compared without regard to case, as browsers and DNS do.
+    assert_eq!(raw(port, "GET", "/api/v1/dags", &["Host: DAGMQ.Internal:9191"], "").await, 200);
+    assert_eq!(raw(port, "GET", "/api/v1/dags", &["Host: LOCALHOST"], "").await, 200);
+    assert_eq!(raw(port, "POST", trigger, &[&own, json, "Origin: https://OPS.example.com"], body).await, 201);
     // An IP address is never rebound: a page reaches the API under it only from that address.
     assert_eq!(raw(port, "GET", "/api/v1/dags", &[&format!("Host: 10.1.2.3:{port}")], "").await, 200);
     assert_eq!(raw(port, "GET", "/api/v1/dags", &[&format!("Host: [fe80::1]:{port}")], "").await, 200);
@@ -321,9 +325,30 @@ async fn a_metrics_token_guards_metrics() {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let worker_port = listener.local_addr().unwrap().port();
     let render: Arc<dyn Fn() -> String + Send + Sync> = Arc::new(|| "# EOF\n".to_string());
-    tokio::spawn(dagmq_scheduler::api::serve_metrics(listener, render, Some("m3trics".into()), signal.clone()));
+    tokio::spawn(dagmq_scheduler::api::serve_metrics(
+        listener,
+        render.clone(),
+        Some("m3trics".into()),
+        None,
+        signal.clone(),
+    ));
     assert_eq!(raw(worker_port, "GET", "/metrics", &[&host], "").await, 401);
     assert_eq!(raw(worker_port, "GET", "/metrics", &[&host, "Authorization: Bearer m3trics"], "").await, 200);
+    // Without a token its Host is checked like the API's, and its answers cannot be framed.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let open_port = listener.local_addr().unwrap().port();
+    tokio::spawn(dagmq_scheduler::api::serve_metrics(
+        listener,
+        render,
+        None,
+        Some(vec!["Ops.Example.com".into()]),
+        signal.clone(),
+    ));
+    assert_eq!(raw(open_port, "GET", "/metrics", &[&format!("Host: 127.0.0.1:{open_port}")], "").await, 200);
+    assert_eq!(raw(open_port, "GET", "/metrics", &["Host: evil.example"], "").await, 403);
+    assert_eq!(raw(open_port, "GET", "/metrics", &["Host: ops.example.com"], "").await, 200);
+    let head = head_of(open_port, "/metrics").await;
+    assert!(head.contains("x-frame-options: deny") && head.contains("frame-ancestors 'none'"), "{head}");
     harness.stop().await;
 }
 

@@ -8,8 +8,9 @@ const HIDDEN: &str = "***";
 
 /// The environment variables that carry dagmq's own secrets, or name the files that hold them:
 /// API and metrics tokens, broker and store URLs (with their passwords), the webhook URL (often a
-/// capability in itself), and the client key for mutual TLS. A task's process never inherits
-/// them, so a task that prints its environment leaks nothing into a log every API reader sees.
+/// capability in itself), the client key for mutual TLS, and the config file's path (the file
+/// may hold the webhook URL). A task's process never inherits them, so a task that prints its
+/// environment leaks nothing into a log every API reader sees.
 pub const SECRET_ENV_VARS: &[&str] = &[
     "DAGMQ_API_TOKEN",
     "DAGMQ_API_TOKEN_FILE",
@@ -22,10 +23,12 @@ pub const SECRET_ENV_VARS: &[&str] = &[
     "DAGMQ_NOTIFY_WEBHOOK",
     "DAGMQ_NOTIFY_WEBHOOK_FILE",
     "DAGMQ_TLS_KEY",
+    "DAGMQ_CONFIG",
 ];
 
-/// A URL with its password, and the values of query parameters that look like secrets
-/// (`password=`, `..._token=`), replaced by `***`, for logs and errors. The URL is read by a
+/// A URL with its password (or its user, when it has no password), and the values of query
+/// parameters that look like secrets (`password=`, `..._token=`), replaced by `***`, for logs
+/// and errors. The URL is read by a
 /// URL parser, so a password holding `@`, `:` or percent-escapes is masked whole. A URL no parser
 /// can read (a raw `/` in the password, several hosts) has everything between its scheme and its
 /// last `@` hidden, which may hide more than the password but never less.
@@ -35,6 +38,10 @@ pub fn mask_url(url: &str) -> String {
     {
         let mut changed = false;
         if parsed.password().is_some() && parsed.set_password(Some(HIDDEN)).is_ok() {
+            changed = true;
+        } else if !parsed.username().is_empty() && parsed.set_username(HIDDEN).is_ok() {
+            // A user without a password is, for many clients, the password itself
+            // (`redis://SECRET@host`): hidden too.
             changed = true;
         }
         if parsed.query_pairs().any(|(key, _)| secret_query_key(&key)) {
@@ -63,10 +70,10 @@ pub fn scrub_url(text: &str, url: &str) -> String {
     let mut scrubbed = text.replace(url, &mask_url(url));
     let mut secrets = Vec::new();
     if let Ok(parsed) = Url::parse(url)
-        && let Some(password) = parsed.password()
+        && let Some(secret) = parsed.password().or(Some(parsed.username()).filter(|user| !user.is_empty()))
     {
-        secrets.push(password.to_string());
-        secrets.push(percent_decode(password));
+        secrets.push(secret.to_string());
+        secrets.push(percent_decode(secret));
     } else if let Some((start, end)) = hidden_span(url) {
         let userinfo = &url[start..end];
         secrets.push(userinfo.split_once(':').map_or(userinfo, |(_, password)| password).to_string());
@@ -133,7 +140,17 @@ mod tests {
         check("amqp://dagmq:s3cret@h:5672/v", "amqp://dagmq:***@h:5672/v");
         check("amqps://guest:guest@localhost:5671/%2f", "amqps://guest:***@localhost:5671/%2f");
         check("redis://127.0.0.1", "redis://127.0.0.1");
-        check("redis://user@host:6379", "redis://user@host:6379");
+    }
+
+    #[test]
+    fn masks_a_user_without_a_password() {
+        // For Redis (and many other clients) a lone user is the password.
+        check("redis://SECRET@127.0.0.1:1", "redis://***@127.0.0.1:1");
+        check("amqp://SECRETUSERONLY@h:5672/%2f", "amqp://***@h:5672/%2f");
+        assert_eq!(
+            scrub_url("cannot connect to SECRETUSERONLY at h", "amqp://SECRETUSERONLY@h:5672/%2f"),
+            "cannot connect to *** at h"
+        );
     }
 
     #[test]

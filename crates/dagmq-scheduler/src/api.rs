@@ -121,24 +121,37 @@ pub async fn serve(
 }
 
 /// Serves `GET /metrics` with whatever `render` answers, until `shutdown` fires (a worker's own
-/// metrics endpoint); with a `token`, only to requests that bear it.
+/// metrics endpoint); with a `token`, only to requests that bear it; with `allowed_hosts`, only
+/// to requests whose `Host` passes the same check as the API's (DNS rebinding). Every answer
+/// carries the API's security headers.
 pub async fn serve_metrics(
     listener: tokio::net::TcpListener,
     render: Arc<dyn Fn() -> String + Send + Sync>,
     token: Option<String>,
+    allowed_hosts: Option<Vec<String>>,
     shutdown: dagmq_core::CancelSignal,
 ) -> std::io::Result<()> {
-    let router = Router::new().route(
-        "/metrics",
-        get(move |headers: axum::http::HeaderMap| {
-            let render = render.clone();
-            let allowed = check_metrics_token(token.as_deref(), &headers);
-            async move {
-                allowed?;
-                ApiResult::Ok(([(header::CONTENT_TYPE, dagmq_core::metrics::CONTENT_TYPE)], render()).into_response())
-            }
-        }),
-    );
+    let router = Router::new()
+        .route(
+            "/metrics",
+            get(move |headers: axum::http::HeaderMap| {
+                let render = render.clone();
+                let host = headers.get(header::HOST).and_then(|v| v.to_str().ok()).unwrap_or("");
+                let refused = security::host_refusal(host, allowed_hosts.as_deref());
+                let allowed = check_metrics_token(token.as_deref(), &headers);
+                async move {
+                    if let Some(refusal) = refused {
+                        tracing::warn!("refused a metrics scrape: {refusal}");
+                        return Err(ApiError(StatusCode::FORBIDDEN, refusal));
+                    }
+                    allowed?;
+                    ApiResult::Ok(
+                        ([(header::CONTENT_TYPE, dagmq_core::metrics::CONTENT_TYPE)], render()).into_response(),
+                    )
+                }
+            }),
+        )
+        .layer(middleware::from_fn(security_headers));
     axum::serve(listener, router).with_graceful_shutdown(async move { shutdown.cancelled().await }).await
 }
 

@@ -31,6 +31,17 @@ impl Api {
     /// From the client flags, falling back to the config file's `api`.
     pub(crate) fn new(args: &ClientArgs, file_api: Option<&str>) -> CliResult<Api> {
         let address = args.api.as_deref().or(file_api).unwrap_or(DEFAULT_API);
+        // TLS flags say the caller means to talk TLS: a plain http:// API would send the token
+        // in cleartext.
+        if let Some(flag) = args.tls.first_given()
+            && address.split_once("://").is_some_and(|(scheme, _)| scheme.eq_ignore_ascii_case("http"))
+        {
+            return Err(CliError::usage(format!(
+                "{flag} is set but the API {} is a plain http:// one, which would send the token in \
+                 cleartext: use https:// (or leave out the TLS flags)",
+                dagmq_core::redact::mask_url(address)
+            )));
+        }
         let tls = args.tls.load().map_err(CliError::usage)?;
         let http =
             HttpClient::new(address, &tls, REQUEST_TIMEOUT).map_err(|e| CliError::usage(format!("--api: {e}")))?;

@@ -79,6 +79,21 @@ pub(crate) async fn serve(app: &App, args: &ServeArgs, file: &ConfigFile, role: 
     let metrics_token = crate::secrets::env_secret("DAGMQ_METRICS_TOKEN").map_err(CliError::usage)?;
     // A scrape needs the metrics token, or the API token where no metrics token is set.
     let scrape_token = metrics_token.clone().or_else(|| token.clone());
+    // Without a token (on loopback, or anywhere with --insecure), or when hosts are named, the
+    // API and a worker's metrics endpoint check `Host` against loopback names, IP addresses, the
+    // allowed hosts and the allowed origins' hosts, so no page can reach them by rebinding
+    // another name to their address.
+    let allowed_hosts: Option<Vec<String>> = (token.is_none() || !args.allowed_host.is_empty()).then(|| {
+        args.allowed_host
+            .iter()
+            .map(|h| h.trim().to_string())
+            .chain(
+                args.allowed_origin
+                    .iter()
+                    .filter_map(|o| o.split_once("://").map(|(_, rest)| rest.trim_end_matches('/').to_string())),
+            )
+            .collect()
+    });
     let amqp_url = crate::secrets::url_or_file(args.amqp.as_deref(), args.amqp_file.as_deref(), "--amqp-file")
         .map_err(CliError::usage)?;
     let redis_url = crate::secrets::url_or_file(args.redis.as_deref(), args.redis_file.as_deref(), "--redis-file")
@@ -183,25 +198,11 @@ pub(crate) async fn serve(app: &App, args: &ServeArgs, file: &ConfigFile, role: 
         }
         let (handle, task) = dagmq_scheduler::spawn(config, queue.clone(), store.clone(), scheduler_signal.clone());
         scheduler_handle = Some(handle.clone());
-        // Without a token (on loopback, or anywhere with --insecure), or when hosts are named, the
-        // API checks `Host` against loopback names, IP addresses, the allowed hosts and the
-        // allowed origins' hosts, so no page can reach it by rebinding another name to its address.
-        let allowed_hosts = (token.is_none() || !args.allowed_host.is_empty()).then(|| {
-            args.allowed_host
-                .iter()
-                .map(|h| h.trim().to_string())
-                .chain(
-                    args.allowed_origin
-                        .iter()
-                        .filter_map(|o| o.split_once("://").map(|(_, rest)| rest.trim_end_matches('/').to_string())),
-                )
-                .collect()
-        });
         let api_config = ApiConfig {
             token,
             metrics_token: metrics_token.clone(),
             allowed_origins: args.allowed_origin.clone(),
-            allowed_hosts,
+            allowed_hosts: allowed_hosts.clone(),
         };
         scheduler = Some(task);
         let listener = tokio::net::TcpListener::bind((address, port))
@@ -249,6 +250,7 @@ pub(crate) async fn serve(app: &App, args: &ServeArgs, file: &ConfigFile, role: 
                 listener,
                 Arc::new(move || metrics.render()),
                 scrape_token.clone(),
+                allowed_hosts.clone(),
                 worker_signal.clone(),
             ));
         }

@@ -31,8 +31,8 @@ pub(super) async fn security_headers(request: Request, next: Next) -> Response {
 
 /// Refuses what a web page on another site could make a browser send (the API uses no cookies,
 /// but without a token a page could still reach the API):
-/// - a `Host` that is not a loopback name, an IP address or an allowed host, when hosts are
-///   checked (DNS rebinding): 403. An IP address is never rebound: a page can only reach the
+/// - a `Host` that is not a loopback name, an IP address or an allowed host (names compared
+///   without regard to case), when hosts are checked (DNS rebinding): 403. An IP address is never rebound: a page can only reach the
 ///   API under an address by being served from that very address;
 /// - a state-changing request whose `Origin` is neither the API's own origin nor an allowed
 ///   origin: 403;
@@ -43,27 +43,15 @@ pub(super) async fn security_headers(request: Request, next: Next) -> Response {
 pub(super) async fn refuse_cross_site(State(state): State<AppState>, request: Request, next: Next) -> Response {
     let headers = request.headers();
     let host = headers.get(header::HOST).and_then(|v| v.to_str().ok()).unwrap_or("");
-    let host_name = host_name(host);
-    // A request without `Host` (HTTP/1.0, probes) comes from no browser.
-    if let Some(allowed) = &state.config.allowed_hosts
-        && !host.is_empty()
-        && !["127.0.0.1", "localhost", "::1", "[::1]"].contains(&host_name)
-        && !is_ip_address(host_name)
-        && !allowed.iter().any(|a| a == host || a == host_name)
-    {
-        return refuse(
-            &request,
-            StatusCode::FORBIDDEN,
-            format!(
-                "host {host:?} is not this API's (allowed: loopback names, IP addresses{}; see --allowed-host)",
-                if allowed.is_empty() { String::new() } else { format!(", {}", allowed.join(", ")) }
-            ),
-        );
+    if let Some(refusal) = host_refusal(host, state.config.allowed_hosts.as_deref()) {
+        return refuse(&request, StatusCode::FORBIDDEN, refusal);
     }
     if !matches!(*request.method(), axum::http::Method::GET | axum::http::Method::HEAD | axum::http::Method::OPTIONS) {
         if let Some(origin) = headers.get(header::ORIGIN).and_then(|v| v.to_str().ok()) {
             let own = [format!("http://{host}"), format!("https://{host}")];
-            if !own.iter().any(|o| o == origin) && !state.config.allowed_origins.iter().any(|o| o == origin) {
+            // Scheme and host are case-insensitive; browsers send them in lower case.
+            let same = |o: &String| o.eq_ignore_ascii_case(origin);
+            if !own.iter().any(same) && !state.config.allowed_origins.iter().any(same) {
                 return refuse(
                     &request,
                     StatusCode::FORBIDDEN,
@@ -87,6 +75,24 @@ pub(super) async fn refuse_cross_site(State(state): State<AppState>, request: Re
         }
     }
     next.run(request).await
+}
+
+/// Why a request with `Host` header `host` is refused when hosts are checked (`allowed` is
+/// `Some`): it is not a loopback name, an IP address or an allowed host (names compared without
+/// regard to case). A request without `Host` (HTTP/1.0, probes) comes from no browser and passes.
+pub(super) fn host_refusal(host: &str, allowed: Option<&[String]>) -> Option<String> {
+    let allowed = allowed?;
+    let name = host_name(host);
+    let passes = host.is_empty()
+        || ["127.0.0.1", "localhost", "::1", "[::1]"].iter().any(|l| l.eq_ignore_ascii_case(name))
+        || is_ip_address(name)
+        || allowed.iter().any(|a| a.eq_ignore_ascii_case(host) || a.eq_ignore_ascii_case(name));
+    (!passes).then(|| {
+        format!(
+            "host {host:?} is not this API's (allowed: loopback names, IP addresses{}; see --allowed-host)",
+            if allowed.is_empty() { String::new() } else { format!(", {}", allowed.join(", ")) }
+        )
+    })
 }
 
 /// Logs a refused request (an attempt from a web page, most likely) and answers it.

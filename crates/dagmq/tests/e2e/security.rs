@@ -119,6 +119,8 @@ fn a_task_inherits_none_of_dagmqs_secrets() {
         file("redis", REDIS),
         file("hook", &webhook),
     );
+    // The config file may hold the webhook URL: its path is kept from tasks too.
+    let config = file("config.toml", "# nothing set here");
     let standalone = Standalone::start(
         &dir,
         &[
@@ -127,12 +129,13 @@ fn a_task_inherits_none_of_dagmqs_secrets() {
             ("DAGMQ_AMQP_URL_FILE", &amqp),
             ("DAGMQ_REDIS_URL_FILE", &redis),
             ("DAGMQ_NOTIFY_WEBHOOK_FILE", &hook),
+            ("DAGMQ_CONFIG", &config),
             ("DAGMQ_NAMESPACE", &namespace()),
         ],
     );
     let environment = task_environment(&standalone, "api-t0ken-file");
     assert!(environment.contains("DAGMQ_TASK_ID=env"), "{environment}");
-    for secret in leaked_names.iter().copied().chain([files.to_str().unwrap(), "t0ken-file"]) {
+    for secret in leaked_names.iter().copied().chain([files.to_str().unwrap(), "t0ken-file", "DAGMQ_CONFIG"]) {
         assert!(!environment.contains(secret), "{secret} reached the task:\n{environment}");
     }
     drop(standalone);
@@ -216,6 +219,15 @@ fn tls_flags_with_a_cleartext_url_are_refused() {
         scheduler_fails(&["--amqp", "amqps://guest:guest@127.0.0.1:5671/%2f", "--redis", REDIS, "--tls-ca", &ca]);
     assert_eq!(code, Some(2), "{stderr}");
     assert!(stderr.contains("Redis URL is a plain redis://"), "{stderr}");
+    // A client with TLS flags and a plain http:// API would send its token in cleartext.
+    let output = dagmq()
+        .args(["dags", "list", "--api", "http://127.0.0.1:9", "--tls-ca", &ca])
+        .env("DAGMQ_API_TOKEN", "t0k3n-in-clear")
+        .output()
+        .unwrap();
+    let stderr = text(&output.stderr);
+    assert_eq!(output.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("--tls-ca") && stderr.contains("plain http://"), "{stderr}");
     let _ = std::fs::remove_dir_all(&dir);
 }
 
