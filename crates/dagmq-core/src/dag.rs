@@ -631,7 +631,15 @@ fn check_templates(dag: &str, params: &ParamsSchema, task: &TaskSpec) -> Result<
     };
     for (name, template) in &task.env {
         crate::params::check_env_name(name).map_err(&env_error)?;
-        crate::template::placeholders(template).map_err(|e| env_error(format!("{name}: {e}")))?;
+        let names = crate::template::placeholders(template).map_err(|e| env_error(format!("{name}: {e}")))?;
+        if let (Some(first), Some(entry)) = (names.first(), crate::params::code_env_name(name)) {
+            return Err(env_error(format!(
+                "{name} takes a template, but programs other than the task's own read {name} ({entry}) as code, \
+                 options or a place to load code from, so a value put there could run as code in any of them; \
+                 only a literal value may set it. Pass the value under a name of your own: \
+                 env = {{ VALUE = \"{{{{ {first} }}}}\" }} and \"$VALUE\" in the command"
+            )));
+        }
     }
     for arg in argv {
         let names = crate::template::placeholders(arg).map_err(|reason| DagError::Invalid {
@@ -1154,6 +1162,14 @@ mod tests {
             Err(r#"dag "etl": param "n": default: expected an integer, got 1.5"#),
         );
         check(Dag::builder("etl").task(cmd("a").env("", "x")), Err(r#"dag "etl", task "a": env: an empty name"#));
+        // Rust DAGs go through the same env check as files.
+        let err = Dag::builder("etl")
+            .param("s", ParamSpec::typed(ParamType::String))
+            .task(cmd("a").env("BASH_ENV", "{{ params.s }}"))
+            .build()
+            .unwrap_err()
+            .to_string();
+        assert!(err.starts_with("dag \"etl\", task \"a\": env: BASH_ENV takes a template, but "), "{err}");
     }
 
     #[test]

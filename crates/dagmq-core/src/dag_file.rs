@@ -595,6 +595,25 @@ env = { NAME = "{{ params.name }}", BLOB = "{{ params.blob }}", PLAIN = "{{ para
             "p.toml:15: dag \"p\", task \"t\": env: is for command tasks; a Rust task reads ctx.params and ctx.inputs() \
              itself"
         );
+        // Names other programs read as code or a search path take no template (whatever the
+        // value), at the env's line; a literal value stays the author's.
+        for name in ["BASH_ENV", "PS4", "LD_PRELOAD", "PATH", "IFS", "PYTHONSTARTUP", "PERL5OPT", "NODE_OPTIONS"]
+            .into_iter()
+            .chain(["GIT_SSH_COMMAND", "HOME"])
+        {
+            let err = refused(&format!("command = [\"true\"]\nenv = {{ {name} = \"x{{{{ params.n }}}}\" }}\n"));
+            assert!(
+                err.starts_with(&format!("p.toml:15: dag \"p\", task \"t\": env: {name} takes a template, but ")),
+                "{name}: {err}"
+            );
+            assert!(err.contains("env = { VALUE = "), "{err}");
+        }
+        parse_dag_file(
+            "p.toml",
+            &format!("{head}command = [\"true\"]\nenv = {{ PATH = \"/opt/x/bin:/usr/bin\" }}\n"),
+            &registry(),
+        )
+        .unwrap();
         // What may be templated loads.
         let good = format!(
             "{head}command = [\"sh\", \"-c\", \"echo {{{{ params.n }}}} {{{{ ds }}}} {{{{run_id}}}} $S\"]\n\
