@@ -632,6 +632,11 @@ fn check_templates(dag: &str, params: &ParamsSchema, task: &TaskSpec) -> Result<
     for (name, template) in &task.env {
         crate::params::check_env_name(name).map_err(&env_error)?;
         let names = crate::template::placeholders(template).map_err(|e| env_error(format!("{name}: {e}")))?;
+        for placeholder in &names {
+            if let Some(reason) = env_template_refusal(params, placeholder) {
+                return Err(env_error(format!("{name}: {{{{ {placeholder} }}}}: {reason}")));
+            }
+        }
         if let (Some(first), Some(entry)) = (names.first(), crate::params::code_env_name(name)) {
             return Err(env_error(format!(
                 "{name} takes a template, but programs other than the task's own read {name} ({entry}) as code, \
@@ -658,6 +663,33 @@ fn check_templates(dag: &str, params: &ParamsSchema, task: &TaskSpec) -> Result<
         }
     }
     Ok(())
+}
+
+/// Why `{{ name }}` names nothing a task's `env` can be given, or `None` when it names
+/// dagmq's own value, a param (one the DAG declares, when it declares any) or an upstream
+/// output.
+fn env_template_refusal(params: &ParamsSchema, name: &str) -> Option<String> {
+    if crate::params::DAGMQ_VALUES.contains(&name) {
+        return None;
+    }
+    if let Some(param) = name.strip_prefix("params.") {
+        if !params.declared() || params.get(param).is_some() {
+            return None;
+        }
+        let known: Vec<&str> = params.iter().map(|(name, _)| name.as_str()).collect();
+        return Some(format!("param {param:?} is not declared (this dag declares: {})", known.join(", ")));
+    }
+    let output = name
+        .strip_prefix("tasks.")
+        .and_then(|tail| tail.split_once(".output"))
+        .is_some_and(|(id, rest)| !id.is_empty() && (rest.is_empty() || rest.starts_with('.')));
+    if output {
+        return None;
+    }
+    Some(format!(
+        "unknown template variable (known: {}, params.NAME, tasks.ID.output)",
+        crate::params::DAGMQ_VALUES.join(", ")
+    ))
 }
 
 /// Why `{{ name }}` may not be templated into a command (with what to write instead), or

@@ -614,12 +614,30 @@ env = { NAME = "{{ params.name }}", BLOB = "{{ params.blob }}", PLAIN = "{{ para
             &registry(),
         )
         .unwrap();
+        // In a DAG that declares params, env names only declared ones (and known values).
+        assert_eq!(
+            refused("command = [\"true\"]\nenv = { A = \"x {{ params.nope }}\" }\n"),
+            "p.toml:15: dag \"p\", task \"t\": env: A: {{ params.nope }}: param \"nope\" is not declared (this dag \
+             declares: n, plain, s)"
+        );
+        assert_eq!(
+            refused("command = [\"true\"]\nenv = { A = \"{{ nope }}\" }\n"),
+            "p.toml:15: dag \"p\", task \"t\": env: A: {{ nope }}: unknown template variable (known: run_id, dag_id, \
+             task_id, try, logical_date, ds, params.NAME, tasks.ID.output)"
+        );
         // What may be templated loads.
         let good = format!(
             "{head}command = [\"sh\", \"-c\", \"echo {{{{ params.n }}}} {{{{ ds }}}} {{{{run_id}}}} $S\"]\n\
              env = {{ S = \"{{{{ params.s }}}} {{{{ params.plain }}}} {{{{ tasks.up.output.x }}}}\" }}\n"
         );
         parse_dag_file("p.toml", &good, &registry()).unwrap();
+    }
+
+    #[test]
+    fn a_dag_without_a_schema_may_name_any_param_in_env() {
+        let text = "id = \"p\"\n[params]\nday = \"x\"\n[[task]]\nid = \"t\"\ncommand = [\"true\"]\n\
+                    env = { A = \"{{ params.other }}\" }\n";
+        parse_dag_file("p.toml", text, &registry()).unwrap();
     }
 
     #[test]
