@@ -532,6 +532,11 @@ env = { NAME = "{{ params.name }}", BLOB = "{{ params.blob }}", PLAIN = "{{ para
              default is written `default = { ... }` in it)",
         );
         check(
+            "id = \"p\"\n[params.a-b]\ntype = \"integer\"\n[params.a_b]\ntype = \"integer\"\n[[task]]\nid = \"t\"\n\
+             command = [\"true\"]\n",
+            "etl.toml:4: dag \"p\": param \"a_b\": would be $DAGMQ_PARAM_A_B, as param \"a-b\" is; give one another name",
+        );
+        check(
             "id = \"p\"\nschedule = \"@daily\"\n[params.s]\ntype = \"string\"\nrequired = true\n[[task]]\nid = \"t\"\n\
              command = [\"true\"]\n",
             "etl.toml:3: dag \"p\": param \"s\": required without a default, but scheduled runs have only defaults: \

@@ -340,6 +340,22 @@ impl ParamsSchema {
             }
         }
         self.patterns = patterns;
+        let mut variables: BTreeMap<String, &String> = BTreeMap::new();
+        for name in self.specs.keys() {
+            let variable = param_env_name(name);
+            if let Some(first) = variables.insert(variable.clone(), name) {
+                return Err(SchemaError {
+                    param: name.clone(),
+                    reason: format!("would be ${variable}, as param {first:?} is; give one another name"),
+                });
+            }
+        }
+        for (name, spec) in &self.specs {
+            if let Some(default) = &spec.default {
+                check_no_nul(default)
+                    .map_err(|reason| SchemaError { param: name.clone(), reason: format!("default: {reason}") })?;
+            }
+        }
         let defaults = self.defaults();
         check_size(&defaults).map_err(|reason| SchemaError { param: "*".to_string(), reason })?;
         Ok(())
@@ -383,6 +399,7 @@ impl ParamsSchema {
                 return Err(format!("param {name:?} is required and has no default"));
             }
         }
+        check_run_params(&resolved)?;
         Ok(resolved)
     }
 
@@ -521,6 +538,46 @@ pub fn check_size(params: &Params) -> Result<(), String> {
         ));
     }
     Ok(())
+}
+
+/// Refuses what no run's params may hold, whatever the DAG declares: more than
+/// [`MAX_PARAMS_BYTES`] of JSON, a NUL byte in any string (a value or a key, at any depth: no
+/// environment variable or argument can carry one, so the try could only fail), and two names
+/// that map to the same `DAGMQ_PARAM_` variable (`a-b` and `a_b`: one would silently hide the
+/// other).
+pub fn check_run_params(params: &Params) -> Result<(), String> {
+    check_size(params)?;
+    let mut variables: BTreeMap<String, &String> = BTreeMap::new();
+    for (name, value) in params {
+        check_no_nul(value).map_err(|reason| format!("param {name:?}: {reason}"))?;
+        let variable = param_env_name(name);
+        if let Some(first) = variables.insert(variable.clone(), name) {
+            return Err(format!("params {first:?} and {name:?} would both be ${variable}; give one another name"));
+        }
+    }
+    Ok(())
+}
+
+/// Refuses a value with a NUL byte in any of its strings.
+fn check_no_nul(value: &Value) -> Result<(), String> {
+    let has_nul = |text: &str| text.contains('\0');
+    let found = match value {
+        Value::String(text) => has_nul(text),
+        Value::Array(items) => return items.iter().try_for_each(check_no_nul),
+        Value::Object(fields) => {
+            if fields.keys().any(|key| has_nul(key)) {
+                true
+            } else {
+                return fields.values().try_for_each(check_no_nul);
+            }
+        }
+        Value::Null | Value::Bool(_) | Value::Number(_) => false,
+    };
+    if found {
+        Err("holds a NUL byte, which no environment variable or argument can carry".to_string())
+    } else {
+        Ok(())
+    }
 }
 
 /// The JSON value of `--param NAME=TEXT` for a param of type `kind` (`None`: undeclared or
@@ -826,6 +883,59 @@ mod tests {
         );
         let mut too_big_defaults = schema(&[("v", ParamSpec::plain(json!("x".repeat(MAX_PARAMS_BYTES))))]);
         assert!(too_big_defaults.validate().unwrap_err().reason.contains("at most 65536 bytes"));
+    }
+
+    #[test]
+    fn nul_bytes_and_params_sharing_a_variable_are_refused() {
+        let params = |value: Value| -> Params { serde_json::from_value(value).unwrap() };
+        check_run_params(&params(json!({"a": "x", "b": {"k": ["y"]}, "a-c": 1}))).unwrap();
+        for (given, error) in [
+            (
+                json!({"s": "a\0b"}),
+                "param \"s\": holds a NUL byte, which no environment variable or argument can carry",
+            ),
+            (
+                json!({"o": {"k": [1, "\0"]}}),
+                "param \"o\": holds a NUL byte, which no environment variable or argument can carry",
+            ),
+            (
+                json!({"o": {"k\0": 1}}),
+                "param \"o\": holds a NUL byte, which no environment variable or argument can carry",
+            ),
+            (
+                json!({"a-b": "1", "a_b": "2"}),
+                "params \"a-b\" and \"a_b\" would both be $DAGMQ_PARAM_A_B; give one another name",
+            ),
+            (
+                json!({"x.y": 1, "X_Y": 2}),
+                "params \"X_Y\" and \"x.y\" would both be $DAGMQ_PARAM_X_Y; give one another name",
+            ),
+        ] {
+            assert_eq!(check_run_params(&params(given.clone())).unwrap_err(), error, "{given}");
+        }
+        // A trigger and a schema's defaults alike.
+        let schema = valid(&[("a", ParamSpec::typed(ParamType::String))]);
+        assert_eq!(
+            schema.resolve(params(json!({"a": "\0"}))).unwrap_err(),
+            "param \"a\": holds a NUL byte, which no environment variable or argument can carry"
+        );
+        let plain = valid(&[("a-b", ParamSpec::plain(json!("1")))]);
+        assert_eq!(
+            plain.resolve(params(json!({"a_b": "2"}))).unwrap_err(),
+            "params \"a-b\" and \"a_b\" would both be $DAGMQ_PARAM_A_B; give one another name"
+        );
+        assert_eq!(
+            refused(&[("a-b", ParamSpec::typed(ParamType::Integer)), ("a_b", ParamSpec::typed(ParamType::Integer))]),
+            "param \"a_b\": would be $DAGMQ_PARAM_A_B, as param \"a-b\" is; give one another name"
+        );
+        assert_eq!(
+            refused(&[("A_B", ParamSpec::plain(json!(1))), ("a-b", ParamSpec::typed(ParamType::Integer))]),
+            "param \"a-b\": would be $DAGMQ_PARAM_A_B, as param \"A_B\" is; give one another name"
+        );
+        assert_eq!(
+            refused(&[("s", ParamSpec::plain(json!("a\0")))]),
+            "param \"s\": default: holds a NUL byte, which no environment variable or argument can carry"
+        );
     }
 
     #[test]

@@ -246,6 +246,8 @@ fn the_api_refuses_ill_typed_unknown_missing_and_oversized_params_with_the_reaso
         ("typed", r#"{"n":1,"nope":1}"#.to_string(), r#"unknown param \"nope\""#),
         ("untyped", format!(r#"{{"date":"{big}"}}"#), "at most 65536 bytes (64 KiB)"),
         ("typed", format!(r#"{{"n":1,"who":"{big}"}}"#), "at most 65536 bytes (64 KiB)"),
+        ("untyped", r#"{"date":"a\u0000b"}"#.to_string(), r#"param \"date\": holds a NUL byte"#),
+        ("untyped", r#"{"a-b":"1","a_b":"2"}"#.to_string(), r#"would both be $DAGMQ_PARAM_A_B"#),
     ] {
         let (status, body) = post(dag, format!(r#"{{"params":{params}}}"#));
         assert_eq!(status, 400, "{dag} {:.60}: {body}", params);
