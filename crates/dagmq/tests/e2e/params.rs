@@ -7,7 +7,7 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use crate::support::{Standalone, dagmq, http_post_json, text};
+use crate::support::{Standalone, dagmq, http_get, http_post_json, text};
 
 /// A fresh directory for one test.
 fn scratch(name: &str) -> PathBuf {
@@ -365,4 +365,31 @@ fn ill_typed_and_oversized_triggers_on_the_queue_are_dead_lettered_with_the_reas
             .is_some_and(|r| r.len() == 1)
     });
     assert_eq!(cluster.json(&["runs", "list", "--dag", "untyped"]).as_array().unwrap().len(), 0);
+}
+
+#[test]
+fn defaults_of_secret_named_params_are_masked_in_the_dag_views() {
+    let dir = scratch("secret-defaults");
+    let file = "id = \"secrets\"\n[params]\ndb_password = \"hunter2-plain\"\n[params.api_token]\ntype = \"string\"\n\
+                default = \"s3cr3t-typed\"\n[params.day]\ntype = \"date\"\ndefault = \"2026-01-01\"\n[[task]]\nid = \"t\"\n\
+                command = [\"true\"]\n";
+    std::fs::write(dir.join("secrets.toml"), file).unwrap();
+    let standalone = Standalone::start(&dir, &[]);
+    let port: u16 = standalone.api.rsplit(':').next().unwrap().parse().unwrap();
+    for path in ["/api/v1/dags", "/api/v1/dags/secrets"] {
+        let (status, body) = http_get(port, path);
+        assert_eq!(status, 200, "{path}: {body}");
+        assert!(!body.contains("hunter2") && !body.contains("s3cr3t"), "{path} shows a secret default: {body}");
+    }
+    let dag: serde_json::Value = serde_json::from_str(&http_get(port, "/api/v1/dags/secrets").1).unwrap();
+    let default =
+        |name: &str| dag["params"].as_array().unwrap().iter().find(|p| p["name"] == name).unwrap()["default"].clone();
+    assert_eq!(default("db_password"), "***");
+    assert_eq!(default("api_token"), "***");
+    assert_eq!(default("day"), "2026-01-01", "other defaults are shown");
+    // The run still gets the real defaults.
+    let run = standalone.json(&["trigger", "secrets", "--wait"]);
+    assert_eq!(run["state"], "success", "{run}");
+    drop(standalone);
+    std::fs::remove_dir_all(&dir).unwrap();
 }
