@@ -589,6 +589,20 @@ impl DagBuilder {
                 .map_err(|reason| invalid(format!("task {:?}: bad queue name: {reason}", task.id)))?;
             check_templates(&dag.id, &dag.params, task)?;
         }
+        let mut word_starts = BTreeMap::new();
+        for task in &dag.tasks {
+            let TaskKind::Command(argv) = &task.kind else { continue };
+            for name in argv.iter().flat_map(|arg| crate::template::word_start_placeholders(arg)) {
+                if let Some(param) = name.strip_prefix("params.") {
+                    word_starts.entry(param.to_string()).or_insert_with(|| task.id.clone());
+                }
+            }
+        }
+        Arc::make_mut(&mut dag.params).set_word_starts(word_starts).map_err(|e| DagError::Param {
+            dag: dag.id.clone(),
+            param: e.param,
+            reason: e.reason,
+        })?;
         let order = topological_order(&dag.id, &dag.tasks)?;
         let mut slots: Vec<Option<TaskSpec>> = dag.tasks.drain(..).map(Some).collect();
         dag.tasks = order.into_iter().filter_map(|i| slots[i].take()).collect();
@@ -1194,6 +1208,20 @@ mod tests {
             Err(r#"dag "etl": param "n": default: expected an integer, got 1.5"#),
         );
         check(Dag::builder("etl").task(cmd("a").env("", "x")), Err(r#"dag "etl", task "a": env: an empty name"#));
+        // A negative number where a word starts would be an option: refused at trigger (and by
+        // the worker's check); after an option's `=` it is that option's value.
+        let dag = Dag::builder("etl")
+            .param("n", ParamSpec::typed(ParamType::Integer))
+            .param("x", ParamSpec::typed(ParamType::Number))
+            .task(TaskSpec::command("a", ["sh", "-c", "tail {{ params.n }} f --x={{ params.x }}"]))
+            .build()
+            .unwrap();
+        let given = |name: &str, value: serde_json::Value| [(name.to_string(), value)].into();
+        let err = dag.params.resolve(given("n", serde_json::json!(-1))).unwrap_err();
+        assert!(err.starts_with("param \"n\": -1 starts with '-', and task \"a\" templates"), "{err}");
+        assert!(dag.params.check("n", serde_json::json!(-1)).is_err());
+        dag.params.resolve(given("n", serde_json::json!(1))).unwrap();
+        dag.params.resolve(given("x", serde_json::json!(-1e300))).unwrap();
         // Rust DAGs go through the same env check as files.
         let err = Dag::builder("etl")
             .param("s", ParamSpec::typed(ParamType::String))

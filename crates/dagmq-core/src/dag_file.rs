@@ -537,6 +537,13 @@ env = { NAME = "{{ params.name }}", BLOB = "{{ params.blob }}", PLAIN = "{{ para
             "etl.toml:4: dag \"p\": param \"a_b\": would be $DAGMQ_PARAM_A_B, as param \"a-b\" is; give one another name",
         );
         check(
+            "id = \"p\"\n[params.n]\ntype = \"integer\"\ndefault = -1\n[[task]]\nid = \"t\"\n\
+             command = [\"tail\", \"{{ params.n }}\", \"f\"]\n",
+            "etl.toml:2: dag \"p\": param \"n\": default: -1 starts with '-', and task \"t\" templates {{ params.n }} at \
+             the start of a command argument, where a program would read it as an option; write it after the option it \
+             belongs to (`--n={{ params.n }}`), put `--` before it, or pass it through `env`",
+        );
+        check(
             "id = \"p\"\nschedule = \"@daily\"\n[params.s]\ntype = \"string\"\nrequired = true\n[[task]]\nid = \"t\"\n\
              command = [\"true\"]\n",
             "etl.toml:3: dag \"p\": param \"s\": required without a default, but scheduled runs have only defaults: \

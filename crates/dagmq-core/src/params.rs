@@ -249,6 +249,9 @@ pub struct ParamsSchema {
     specs: BTreeMap<String, ParamSpec>,
     /// The compiled `pattern` of each string param that has one (made by [`Self::validate`]).
     patterns: BTreeMap<String, Pattern>,
+    /// The params a command templates at the start of a word, with the first task that does
+    /// ([`Self::set_word_starts`]): a value of theirs may not start with `-`.
+    word_starts: BTreeMap<String, String>,
 }
 
 /// A schema that is wrong: which param, and why.
@@ -378,6 +381,7 @@ impl ParamsSchema {
                 Some(spec) => {
                     let value = check_value(spec, self.patterns.get(&name), value)
                         .map_err(|reason| format!("param {name:?}: {reason}"))?;
+                    self.check_word_start(&name, &value).map_err(|reason| format!("param {name:?}: {reason}"))?;
                     resolved.insert(name, value);
                 }
                 None if declared => {
@@ -407,7 +411,39 @@ impl ParamsSchema {
     /// declare is refused.
     pub fn check(&self, name: &str, value: Value) -> Result<Value, String> {
         let spec = self.specs.get(name).ok_or_else(|| format!("param {name:?} is not declared"))?;
-        check_value(spec, self.patterns.get(name), value).map_err(|reason| format!("param {name:?}: {reason}"))
+        let value = check_value(spec, self.patterns.get(name), value)
+            .and_then(|value| self.check_word_start(name, &value).map(|()| value))
+            .map_err(|reason| format!("param {name:?}: {reason}"))?;
+        Ok(value)
+    }
+
+    /// Records which params a command templates at the start of a word (`param` to the first
+    /// task that does), and checks their defaults: there, a value starting with `-` (a negative
+    /// number) would be read as an option (`tail {{ params.n }}` with `-1` runs `tail -1`), so
+    /// such a value is refused at trigger, and such a default at load.
+    pub fn set_word_starts(&mut self, word_starts: BTreeMap<String, String>) -> Result<(), SchemaError> {
+        self.word_starts = word_starts;
+        for (name, spec) in &self.specs {
+            if let Some(default) = &spec.default {
+                self.check_word_start(name, default)
+                    .map_err(|reason| SchemaError { param: name.clone(), reason: format!("default: {reason}") })?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Refuses a value starting with `-` for a param a command templates at a word's start.
+    fn check_word_start(&self, name: &str, value: &Value) -> Result<(), String> {
+        let Some(task) = self.word_starts.get(name) else { return Ok(()) };
+        let text = crate::task::param_text(value);
+        if !text.starts_with('-') {
+            return Ok(());
+        }
+        Err(format!(
+            "{text} starts with '-', and task {task:?} templates {{{{ params.{name} }}}} at the start of a command \
+             argument, where a program would read it as an option; write it after the option it belongs to \
+             (`--{name}={{{{ params.{name} }}}}`), put `--` before it, or pass it through `env`"
+        ))
     }
 }
 

@@ -367,6 +367,45 @@ fn ill_typed_and_oversized_triggers_on_the_queue_are_dead_lettered_with_the_reas
     assert_eq!(cluster.json(&["runs", "list", "--dag", "untyped"]).as_array().unwrap().len(), 0);
 }
 
+/// Numbers at the start of a command argument: the task writes the arguments it got, one a
+/// line, to `args` in `dir`.
+fn numbers_dag(dir: &Path) -> String {
+    let record = format!("printf '%s\\n' \"$@\" > {}", dir.join("args").display());
+    format!(
+        "id = \"numbers\"\n[params.n]\ntype = \"integer\"\ndefault = 1\n[params.x]\ntype = \"number\"\ndefault = 0.5\n\
+         [[task]]\nid = \"t\"\ncommand = [\"sh\", \"-c\", {}, \"sh\", \"{{{{ params.n }}}}\", \"--x={{{{ params.x }}}}\"]\n",
+        toml_string(&record)
+    )
+}
+
+#[test]
+fn a_negative_number_at_the_start_of_a_command_argument_is_refused_at_trigger() {
+    let dir = scratch("negative");
+    let dags = dir.join("dags");
+    std::fs::create_dir_all(&dags).unwrap();
+    std::fs::write(dags.join("numbers.toml"), numbers_dag(&dir)).unwrap();
+    let standalone = Standalone::start(&dags, &[]);
+    // `tail {{ params.n }}` with n = -1 would run `tail -1`: the value would be an option.
+    let refusal = "param \"n\": -1 starts with '-', and task \"t\" templates {{ params.n }} at the start of a \
+                   command argument, where a program would read it as an option";
+    let output = standalone.cli(&["trigger", "numbers", "--param", "n=-1"]);
+    assert_eq!(output.status.code(), Some(2), "{}", text(&output.stderr));
+    assert!(text(&output.stderr).contains(refusal), "{}", text(&output.stderr));
+    assert!(text(&output.stderr).contains("--n={{ params.n }}"), "the fix is named: {}", text(&output.stderr));
+    let (status, body) = http_post_json(&standalone.api, "/api/v1/dags/numbers/runs", r#"{"params":{"n":-1e300}}"#);
+    assert_eq!(status, 400, "{body}");
+    let (status, body) = http_post_json(&standalone.api, "/api/v1/dags/numbers/runs", r#"{"params":{"n":-5}}"#);
+    assert_eq!(status, 400, "{body}");
+    assert!(body.contains("param \\\"n\\\": -5 starts with '-'"), "{body}");
+    assert_eq!(standalone.json(&["runs", "list", "--dag", "numbers"]).as_array().unwrap().len(), 0);
+    // After an option's `=`, a negative number is that option's value; a positive one anywhere.
+    let run = standalone.json(&["trigger", "numbers", "--param", "n=7", "--param", "x=-1e300", "--wait"]);
+    assert_eq!(run["state"], "success", "{run}");
+    assert_eq!(std::fs::read_to_string(dir.join("args")).unwrap(), "7\n--x=-1e+300\n");
+    drop(standalone);
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
 #[test]
 fn defaults_of_secret_named_params_are_masked_in_the_dag_views() {
     let dir = scratch("secret-defaults");
