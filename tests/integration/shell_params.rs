@@ -187,6 +187,23 @@ async fn triggers_that_do_not_fit_the_schema_are_refused_and_dead_lettered_with_
             serde_json::json!({"v": big}),
             "dag \"untyped\": params are 71688 bytes of JSON; a run's params may be at most 65536 bytes (64 KiB)",
         ),
+        (
+            "typed",
+            serde_json::json!({"n": -1}),
+            "dag \"typed\": param \"n\": -1 starts with '-', and task \"t\" templates {{ params.n }} at the start of \
+             a command argument, where a program would read it as an option; write it after the option it belongs to \
+             (`--n={{ params.n }}`), put `--` before it, or pass it through `env`",
+        ),
+        (
+            "untyped",
+            serde_json::json!({"v": {"deep": ["a\0b"]}}),
+            "dag \"untyped\": param \"v\": holds a NUL byte, which no environment variable or argument can carry",
+        ),
+        (
+            "untyped",
+            serde_json::json!({"a-b": "1", "a_b": "2"}),
+            "dag \"untyped\": params \"a-b\" and \"a_b\" would both be $DAGMQ_PARAM_A_B; give one another name",
+        ),
     ] {
         match h.scheduler.trigger(dag, params(given.clone()), None).await {
             Err(CommandError::BadInput(message)) => assert_eq!(message, reason, "{given:.60}"),
@@ -197,13 +214,15 @@ async fn triggers_that_do_not_fit_the_schema_are_refused_and_dead_lettered_with_
     for payload in [
         r#"{"v":1,"dag_id":"typed","params":{"n":"3"}}"#.to_string(),
         format!(r#"{{"v":1,"dag_id":"untyped","params":{{"v":"{big}"}}}}"#),
+        r#"{"v":1,"dag_id":"untyped","params":{"v":"a\u0000b"}}"#.to_string(),
+        r#"{"v":1,"dag_id":"typed","params":{"n":-2}}"#.to_string(),
         r#"{"v":1,"dag_id":"typed","params":{"n":2,"mode":"slow"},"key":"good"}"#.to_string(),
     ] {
         h.queue.publish(&Topic::Triggers, payload.into_bytes()).await.unwrap();
     }
     let mut dead = h.queue.consume(&Topic::Dead, 10).await.unwrap();
     let mut reasons = Vec::new();
-    for _ in 0..2 {
+    for _ in 0..4 {
         let delivery = tokio::time::timeout(Duration::from_secs(30), dead.next()).await.unwrap().unwrap().unwrap();
         reasons.push(delivery.error.clone().unwrap());
         delivery.ack().await.unwrap();
@@ -213,6 +232,11 @@ async fn triggers_that_do_not_fit_the_schema_are_refused_and_dead_lettered_with_
         [
             "trigger: dag \"typed\": param \"n\": expected an integer, got the string \"3\"",
             "trigger: dag \"untyped\": params are 71688 bytes of JSON; a run's params may be at most 65536 bytes (64 KiB)",
+            "trigger: dag \"untyped\": param \"v\": holds a NUL byte, which no environment variable or argument can \
+             carry",
+            "trigger: dag \"typed\": param \"n\": -2 starts with '-', and task \"t\" templates {{ params.n }} at the \
+             start of a command argument, where a program would read it as an option; write it after the option it \
+             belongs to (`--n={{ params.n }}`), put `--` before it, or pass it through `env`",
         ]
     );
     let runs = h.store.list_runs(&dagmq_core::store::RunFilter { limit: 10, ..Default::default() }).await.unwrap();

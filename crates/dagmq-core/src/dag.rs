@@ -589,6 +589,20 @@ impl DagBuilder {
                 .map_err(|reason| invalid(format!("task {:?}: bad queue name: {reason}", task.id)))?;
             check_templates(&dag.id, &dag.params, task)?;
         }
+        let mut word_starts = BTreeMap::new();
+        for task in &dag.tasks {
+            let TaskKind::Command(argv) = &task.kind else { continue };
+            for name in argv.iter().flat_map(|arg| crate::template::word_start_placeholders(arg)) {
+                if let Some(param) = name.strip_prefix("params.") {
+                    word_starts.entry(param.to_string()).or_insert_with(|| task.id.clone());
+                }
+            }
+        }
+        Arc::make_mut(&mut dag.params).set_word_starts(word_starts).map_err(|e| DagError::Param {
+            dag: dag.id.clone(),
+            param: e.param,
+            reason: e.reason,
+        })?;
         let order = topological_order(&dag.id, &dag.tasks)?;
         let mut slots: Vec<Option<TaskSpec>> = dag.tasks.drain(..).map(Some).collect();
         dag.tasks = order.into_iter().filter_map(|i| slots[i].take()).collect();
@@ -631,7 +645,20 @@ fn check_templates(dag: &str, params: &ParamsSchema, task: &TaskSpec) -> Result<
     };
     for (name, template) in &task.env {
         crate::params::check_env_name(name).map_err(&env_error)?;
-        crate::template::placeholders(template).map_err(|e| env_error(format!("{name}: {e}")))?;
+        let names = crate::template::placeholders(template).map_err(|e| env_error(format!("{name}: {e}")))?;
+        for placeholder in &names {
+            if let Some(reason) = env_template_refusal(params, placeholder) {
+                return Err(env_error(format!("{name}: {{{{ {placeholder} }}}}: {reason}")));
+            }
+        }
+        if let (Some(first), Some(entry)) = (names.first(), crate::params::code_env_name(name)) {
+            return Err(env_error(format!(
+                "{name} takes a template, but programs other than the task's own read {name} ({entry}) as code, \
+                 options or a place to load code from, so a value put there could run as code in any of them; \
+                 only a literal value may set it. Pass the value under a name of your own: \
+                 env = {{ VALUE = \"{{{{ {first} }}}}\" }} and \"$VALUE\" in the command"
+            )));
+        }
     }
     for arg in argv {
         let names = crate::template::placeholders(arg).map_err(|reason| DagError::Invalid {
@@ -650,6 +677,33 @@ fn check_templates(dag: &str, params: &ParamsSchema, task: &TaskSpec) -> Result<
         }
     }
     Ok(())
+}
+
+/// Why `{{ name }}` names nothing a task's `env` can be given, or `None` when it names
+/// dagmq's own value, a param (one the DAG declares, when it declares any) or an upstream
+/// output.
+fn env_template_refusal(params: &ParamsSchema, name: &str) -> Option<String> {
+    if crate::params::DAGMQ_VALUES.contains(&name) {
+        return None;
+    }
+    if let Some(param) = name.strip_prefix("params.") {
+        if !params.declared() || params.get(param).is_some() {
+            return None;
+        }
+        let known: Vec<&str> = params.iter().map(|(name, _)| name.as_str()).collect();
+        return Some(format!("param {param:?} is not declared (this dag declares: {})", known.join(", ")));
+    }
+    let output = name
+        .strip_prefix("tasks.")
+        .and_then(|tail| tail.split_once(".output"))
+        .is_some_and(|(id, rest)| !id.is_empty() && (rest.is_empty() || rest.starts_with('.')));
+    if output {
+        return None;
+    }
+    Some(format!(
+        "unknown template variable (known: {}, params.NAME, tasks.ID.output)",
+        crate::params::DAGMQ_VALUES.join(", ")
+    ))
 }
 
 /// Why `{{ name }}` may not be templated into a command (with what to write instead), or
@@ -1154,6 +1208,28 @@ mod tests {
             Err(r#"dag "etl": param "n": default: expected an integer, got 1.5"#),
         );
         check(Dag::builder("etl").task(cmd("a").env("", "x")), Err(r#"dag "etl", task "a": env: an empty name"#));
+        // A negative number where a word starts would be an option: refused at trigger (and by
+        // the worker's check); after an option's `=` it is that option's value.
+        let dag = Dag::builder("etl")
+            .param("n", ParamSpec::typed(ParamType::Integer))
+            .param("x", ParamSpec::typed(ParamType::Number))
+            .task(TaskSpec::command("a", ["sh", "-c", "tail {{ params.n }} f --x={{ params.x }}"]))
+            .build()
+            .unwrap();
+        let given = |name: &str, value: serde_json::Value| [(name.to_string(), value)].into();
+        let err = dag.params.resolve(given("n", serde_json::json!(-1))).unwrap_err();
+        assert!(err.starts_with("param \"n\": -1 starts with '-', and task \"a\" templates"), "{err}");
+        assert!(dag.params.check("n", serde_json::json!(-1)).is_err());
+        dag.params.resolve(given("n", serde_json::json!(1))).unwrap();
+        dag.params.resolve(given("x", serde_json::json!(-1e300))).unwrap();
+        // Rust DAGs go through the same env check as files.
+        let err = Dag::builder("etl")
+            .param("s", ParamSpec::typed(ParamType::String))
+            .task(cmd("a").env("BASH_ENV", "{{ params.s }}"))
+            .build()
+            .unwrap_err()
+            .to_string();
+        assert!(err.starts_with("dag \"etl\", task \"a\": env: BASH_ENV takes a template, but "), "{err}");
     }
 
     #[test]

@@ -532,6 +532,18 @@ env = { NAME = "{{ params.name }}", BLOB = "{{ params.blob }}", PLAIN = "{{ para
              default is written `default = { ... }` in it)",
         );
         check(
+            "id = \"p\"\n[params.a-b]\ntype = \"integer\"\n[params.a_b]\ntype = \"integer\"\n[[task]]\nid = \"t\"\n\
+             command = [\"true\"]\n",
+            "etl.toml:4: dag \"p\": param \"a_b\": would be $DAGMQ_PARAM_A_B, as param \"a-b\" is; give one another name",
+        );
+        check(
+            "id = \"p\"\n[params.n]\ntype = \"integer\"\ndefault = -1\n[[task]]\nid = \"t\"\n\
+             command = [\"tail\", \"{{ params.n }}\", \"f\"]\n",
+            "etl.toml:2: dag \"p\": param \"n\": default: -1 starts with '-', and task \"t\" templates {{ params.n }} at \
+             the start of a command argument, where a program would read it as an option; write it after the option it \
+             belongs to (`--n={{ params.n }}`), put `--` before it, or pass it through `env`",
+        );
+        check(
             "id = \"p\"\nschedule = \"@daily\"\n[params.s]\ntype = \"string\"\nrequired = true\n[[task]]\nid = \"t\"\n\
              command = [\"true\"]\n",
             "etl.toml:3: dag \"p\": param \"s\": required without a default, but scheduled runs have only defaults: \
@@ -595,12 +607,49 @@ env = { NAME = "{{ params.name }}", BLOB = "{{ params.blob }}", PLAIN = "{{ para
             "p.toml:15: dag \"p\", task \"t\": env: is for command tasks; a Rust task reads ctx.params and ctx.inputs() \
              itself"
         );
+        // Names other programs read as code or a search path take no template (whatever the
+        // value), at the env's line; a literal value stays the author's.
+        for name in ["BASH_ENV", "PS4", "LD_PRELOAD", "PATH", "IFS", "PYTHONSTARTUP", "PERL5OPT", "NODE_OPTIONS"]
+            .into_iter()
+            .chain(["GIT_SSH_COMMAND", "HOME"])
+        {
+            let err = refused(&format!("command = [\"true\"]\nenv = {{ {name} = \"x{{{{ params.n }}}}\" }}\n"));
+            assert!(
+                err.starts_with(&format!("p.toml:15: dag \"p\", task \"t\": env: {name} takes a template, but ")),
+                "{name}: {err}"
+            );
+            assert!(err.contains("env = { VALUE = "), "{err}");
+        }
+        parse_dag_file(
+            "p.toml",
+            &format!("{head}command = [\"true\"]\nenv = {{ PATH = \"/opt/x/bin:/usr/bin\" }}\n"),
+            &registry(),
+        )
+        .unwrap();
+        // In a DAG that declares params, env names only declared ones (and known values).
+        assert_eq!(
+            refused("command = [\"true\"]\nenv = { A = \"x {{ params.nope }}\" }\n"),
+            "p.toml:15: dag \"p\", task \"t\": env: A: {{ params.nope }}: param \"nope\" is not declared (this dag \
+             declares: n, plain, s)"
+        );
+        assert_eq!(
+            refused("command = [\"true\"]\nenv = { A = \"{{ nope }}\" }\n"),
+            "p.toml:15: dag \"p\", task \"t\": env: A: {{ nope }}: unknown template variable (known: run_id, dag_id, \
+             task_id, try, logical_date, ds, params.NAME, tasks.ID.output)"
+        );
         // What may be templated loads.
         let good = format!(
             "{head}command = [\"sh\", \"-c\", \"echo {{{{ params.n }}}} {{{{ ds }}}} {{{{run_id}}}} $S\"]\n\
              env = {{ S = \"{{{{ params.s }}}} {{{{ params.plain }}}} {{{{ tasks.up.output.x }}}}\" }}\n"
         );
         parse_dag_file("p.toml", &good, &registry()).unwrap();
+    }
+
+    #[test]
+    fn a_dag_without_a_schema_may_name_any_param_in_env() {
+        let text = "id = \"p\"\n[params]\nday = \"x\"\n[[task]]\nid = \"t\"\ncommand = [\"true\"]\n\
+                    env = { A = \"{{ params.other }}\" }\n";
+        parse_dag_file("p.toml", text, &registry()).unwrap();
     }
 
     #[test]

@@ -249,6 +249,9 @@ pub struct ParamsSchema {
     specs: BTreeMap<String, ParamSpec>,
     /// The compiled `pattern` of each string param that has one (made by [`Self::validate`]).
     patterns: BTreeMap<String, Pattern>,
+    /// The params a command templates at the start of a word, with the first task that does
+    /// ([`Self::set_word_starts`]): a value of theirs may not start with `-`.
+    word_starts: BTreeMap<String, String>,
 }
 
 /// A schema that is wrong: which param, and why.
@@ -340,6 +343,22 @@ impl ParamsSchema {
             }
         }
         self.patterns = patterns;
+        let mut variables: BTreeMap<String, &String> = BTreeMap::new();
+        for name in self.specs.keys() {
+            let variable = param_env_name(name);
+            if let Some(first) = variables.insert(variable.clone(), name) {
+                return Err(SchemaError {
+                    param: name.clone(),
+                    reason: format!("would be ${variable}, as param {first:?} is; give one another name"),
+                });
+            }
+        }
+        for (name, spec) in &self.specs {
+            if let Some(default) = &spec.default {
+                check_no_nul(default)
+                    .map_err(|reason| SchemaError { param: name.clone(), reason: format!("default: {reason}") })?;
+            }
+        }
         let defaults = self.defaults();
         check_size(&defaults).map_err(|reason| SchemaError { param: "*".to_string(), reason })?;
         Ok(())
@@ -362,6 +381,7 @@ impl ParamsSchema {
                 Some(spec) => {
                     let value = check_value(spec, self.patterns.get(&name), value)
                         .map_err(|reason| format!("param {name:?}: {reason}"))?;
+                    self.check_word_start(&name, &value).map_err(|reason| format!("param {name:?}: {reason}"))?;
                     resolved.insert(name, value);
                 }
                 None if declared => {
@@ -383,6 +403,7 @@ impl ParamsSchema {
                 return Err(format!("param {name:?} is required and has no default"));
             }
         }
+        check_run_params(&resolved)?;
         Ok(resolved)
     }
 
@@ -390,7 +411,39 @@ impl ParamsSchema {
     /// declare is refused.
     pub fn check(&self, name: &str, value: Value) -> Result<Value, String> {
         let spec = self.specs.get(name).ok_or_else(|| format!("param {name:?} is not declared"))?;
-        check_value(spec, self.patterns.get(name), value).map_err(|reason| format!("param {name:?}: {reason}"))
+        let value = check_value(spec, self.patterns.get(name), value)
+            .and_then(|value| self.check_word_start(name, &value).map(|()| value))
+            .map_err(|reason| format!("param {name:?}: {reason}"))?;
+        Ok(value)
+    }
+
+    /// Records which params a command templates at the start of a word (`param` to the first
+    /// task that does), and checks their defaults: there, a value starting with `-` (a negative
+    /// number) would be read as an option (`tail {{ params.n }}` with `-1` runs `tail -1`), so
+    /// such a value is refused at trigger, and such a default at load.
+    pub fn set_word_starts(&mut self, word_starts: BTreeMap<String, String>) -> Result<(), SchemaError> {
+        self.word_starts = word_starts;
+        for (name, spec) in &self.specs {
+            if let Some(default) = &spec.default {
+                self.check_word_start(name, default)
+                    .map_err(|reason| SchemaError { param: name.clone(), reason: format!("default: {reason}") })?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Refuses a value starting with `-` for a param a command templates at a word's start.
+    fn check_word_start(&self, name: &str, value: &Value) -> Result<(), String> {
+        let Some(task) = self.word_starts.get(name) else { return Ok(()) };
+        let text = crate::task::param_text(value);
+        if !text.starts_with('-') {
+            return Ok(());
+        }
+        Err(format!(
+            "{text} starts with '-', and task {task:?} templates {{{{ params.{name} }}}} at the start of a command \
+             argument, where a program would read it as an option; write it after the option it belongs to \
+             (`--{name}={{{{ params.{name} }}}}`), put `--` before it, or pass it through `env`"
+        ))
     }
 }
 
@@ -523,6 +576,46 @@ pub fn check_size(params: &Params) -> Result<(), String> {
     Ok(())
 }
 
+/// Refuses what no run's params may hold, whatever the DAG declares: more than
+/// [`MAX_PARAMS_BYTES`] of JSON, a NUL byte in any string (a value or a key, at any depth: no
+/// environment variable or argument can carry one, so the try could only fail), and two names
+/// that map to the same `DAGMQ_PARAM_` variable (`a-b` and `a_b`: one would silently hide the
+/// other).
+pub fn check_run_params(params: &Params) -> Result<(), String> {
+    check_size(params)?;
+    let mut variables: BTreeMap<String, &String> = BTreeMap::new();
+    for (name, value) in params {
+        check_no_nul(value).map_err(|reason| format!("param {name:?}: {reason}"))?;
+        let variable = param_env_name(name);
+        if let Some(first) = variables.insert(variable.clone(), name) {
+            return Err(format!("params {first:?} and {name:?} would both be ${variable}; give one another name"));
+        }
+    }
+    Ok(())
+}
+
+/// Refuses a value with a NUL byte in any of its strings.
+fn check_no_nul(value: &Value) -> Result<(), String> {
+    let has_nul = |text: &str| text.contains('\0');
+    let found = match value {
+        Value::String(text) => has_nul(text),
+        Value::Array(items) => return items.iter().try_for_each(check_no_nul),
+        Value::Object(fields) => {
+            if fields.keys().any(|key| has_nul(key)) {
+                true
+            } else {
+                return fields.values().try_for_each(check_no_nul);
+            }
+        }
+        Value::Null | Value::Bool(_) | Value::Number(_) => false,
+    };
+    if found {
+        Err("holds a NUL byte, which no environment variable or argument can carry".to_string())
+    } else {
+        Ok(())
+    }
+}
+
 /// The JSON value of `--param NAME=TEXT` for a param of type `kind` (`None`: undeclared or
 /// untyped, taken as a string): an integer, number or boolean is parsed from the text, the
 /// other types stay text (and are checked by the scheduler).
@@ -555,6 +648,93 @@ pub fn param_env_name(name: &str) -> String {
     let suffix: String =
         name.chars().map(|c| if c.is_ascii_alphanumeric() { c.to_ascii_uppercase() } else { '_' }).collect();
     format!("DAGMQ_PARAM_{suffix}")
+}
+
+/// Environment variables that programs other than the task's own read as code, as options,
+/// or as a place to load code or configuration from: the dynamic loader (`LD_PRELOAD`), a shell
+/// starting up (`BASH_ENV`, `ENV`, `PS4` under `-x`, `IFS`, `PATH`), an interpreter starting up
+/// (`PYTHONSTARTUP`, `PERL5OPT`, `NODE_OPTIONS`, `JAVA_TOOL_OPTIONS`), git (`GIT_SSH_COMMAND`,
+/// `GIT_CONFIG_*`), the C library (`GLIBC_TUNABLES`, `GCONV_PATH`), a program a tool starts for
+/// the user (`PAGER`, `EDITOR`, `SHELL`, `CC`), or the directory a tool reads its startup files
+/// from (`HOME`, `ZDOTDIR`, `XDG_CONFIG_HOME`). A value from outside put there may run as code
+/// in any program of the task, even one that never looks at it, so the task key `env` may set
+/// them only to a literal value, never to a template. Compared in upper case; see also
+/// [`CODE_ENV_PREFIXES`].
+pub const CODE_ENV_NAMES: &[&str] = &[
+    // Shells.
+    "ENV",
+    "SHELLOPTS",
+    "PS0",
+    "PS1",
+    "PS2",
+    "PS3",
+    "PS4",
+    "PROMPT_COMMAND",
+    "IFS",
+    "CDPATH",
+    "GLOBIGNORE",
+    "FPATH",
+    "INPUTRC",
+    "ZDOTDIR",
+    // Search paths and startup directories.
+    "PATH",
+    "HOME",
+    "TMPDIR",
+    "XDG_CONFIG_HOME",
+    "XDG_CONFIG_DIRS",
+    "CLASSPATH",
+    // Interpreters' options.
+    "_JAVA_OPTIONS",
+    "JDK_JAVA_OPTIONS",
+    "GOFLAGS",
+    "PHPRC",
+    "PHP_INI_SCAN_DIR",
+    // The C library.
+    "GLIBC_TUNABLES",
+    "GCONV_PATH",
+    "LOCPATH",
+    "NLSPATH",
+    "HOSTALIASES",
+    "RESOLV_HOST_CONF",
+    // Programs a tool starts, and tools' options.
+    "PAGER",
+    "MANPAGER",
+    "MANOPT",
+    "EDITOR",
+    "VISUAL",
+    "BROWSER",
+    "SHELL",
+    "SSH_ASKPASS",
+    "SUDO_ASKPASS",
+    "RSYNC_RSH",
+    "CVS_RSH",
+    "TAR_OPTIONS",
+    "MAKEFLAGS",
+    "MFLAGS",
+    "CC",
+    "CXX",
+    "RUSTC_WRAPPER",
+    "OPENSSL_CONF",
+    "KUBECONFIG",
+];
+
+/// Families of [`CODE_ENV_NAMES`], each a prefix and `*`: `LD_*` (`LD_PRELOAD`,
+/// `LD_LIBRARY_PATH`, `LD_AUDIT`), `DYLD_*`, `BASH*` (`BASH_ENV`, `BASH_FUNC_*`, `BASHOPTS`),
+/// `PYTHON*`, `PERL*` (`PERL5OPT`, `PERL5LIB`, `PERLLIB`), `RUBY*`, `NODE_*`, `JAVA_*`
+/// (`JAVA_TOOL_OPTIONS`), `GIT_*`, `MALLOC_*`, `LESS*` (`LESSOPEN`) and `LUA_*` (`LUA_INIT`).
+pub const CODE_ENV_PREFIXES: &[&str] = &[
+    "LD_*", "DYLD_*", "BASH*", "PYTHON*", "PERL*", "RUBY*", "NODE_*", "JAVA_*", "GIT_*", "MALLOC_*", "LESS*", "LUA_*",
+];
+
+/// The entry of [`CODE_ENV_NAMES`] or [`CODE_ENV_PREFIXES`] that `name` falls under, compared
+/// in upper case; `None` for a name of the task's own.
+pub fn code_env_name(name: &str) -> Option<&'static str> {
+    let upper = name.to_ascii_uppercase();
+    CODE_ENV_NAMES
+        .iter()
+        .find(|known| **known == upper)
+        .or_else(|| CODE_ENV_PREFIXES.iter().find(|family| upper.starts_with(family.trim_end_matches('*'))))
+        .copied()
 }
 
 /// A name for the task key `env`: letters, digits and `_`, not starting with a digit, and not
@@ -742,6 +922,59 @@ mod tests {
     }
 
     #[test]
+    fn nul_bytes_and_params_sharing_a_variable_are_refused() {
+        let params = |value: Value| -> Params { serde_json::from_value(value).unwrap() };
+        check_run_params(&params(json!({"a": "x", "b": {"k": ["y"]}, "a-c": 1}))).unwrap();
+        for (given, error) in [
+            (
+                json!({"s": "a\0b"}),
+                "param \"s\": holds a NUL byte, which no environment variable or argument can carry",
+            ),
+            (
+                json!({"o": {"k": [1, "\0"]}}),
+                "param \"o\": holds a NUL byte, which no environment variable or argument can carry",
+            ),
+            (
+                json!({"o": {"k\0": 1}}),
+                "param \"o\": holds a NUL byte, which no environment variable or argument can carry",
+            ),
+            (
+                json!({"a-b": "1", "a_b": "2"}),
+                "params \"a-b\" and \"a_b\" would both be $DAGMQ_PARAM_A_B; give one another name",
+            ),
+            (
+                json!({"x.y": 1, "X_Y": 2}),
+                "params \"X_Y\" and \"x.y\" would both be $DAGMQ_PARAM_X_Y; give one another name",
+            ),
+        ] {
+            assert_eq!(check_run_params(&params(given.clone())).unwrap_err(), error, "{given}");
+        }
+        // A trigger and a schema's defaults alike.
+        let schema = valid(&[("a", ParamSpec::typed(ParamType::String))]);
+        assert_eq!(
+            schema.resolve(params(json!({"a": "\0"}))).unwrap_err(),
+            "param \"a\": holds a NUL byte, which no environment variable or argument can carry"
+        );
+        let plain = valid(&[("a-b", ParamSpec::plain(json!("1")))]);
+        assert_eq!(
+            plain.resolve(params(json!({"a_b": "2"}))).unwrap_err(),
+            "params \"a-b\" and \"a_b\" would both be $DAGMQ_PARAM_A_B; give one another name"
+        );
+        assert_eq!(
+            refused(&[("a-b", ParamSpec::typed(ParamType::Integer)), ("a_b", ParamSpec::typed(ParamType::Integer))]),
+            "param \"a_b\": would be $DAGMQ_PARAM_A_B, as param \"a-b\" is; give one another name"
+        );
+        assert_eq!(
+            refused(&[("A_B", ParamSpec::plain(json!(1))), ("a-b", ParamSpec::typed(ParamType::Integer))]),
+            "param \"a-b\": would be $DAGMQ_PARAM_A_B, as param \"A_B\" is; give one another name"
+        );
+        assert_eq!(
+            refused(&[("s", ParamSpec::plain(json!("a\0")))]),
+            "param \"s\": default: holds a NUL byte, which no environment variable or argument can carry"
+        );
+    }
+
+    #[test]
     fn patterns_match_the_whole_value() {
         let p = Pattern::new(r"[a-z]+|\d{2}").unwrap();
         assert!(p.matches("abc") && p.matches("42"));
@@ -766,6 +999,67 @@ mod tests {
         assert!(value_from_text(Some(ParamType::Boolean), "yes").unwrap_err().contains("true or false"));
         assert_eq!(value_from_text(Some(ParamType::Date), "2026-01-01"), Ok(json!("2026-01-01")));
         assert_eq!(value_from_text(None, "3"), Ok(json!("3")));
+    }
+
+    #[test]
+    fn env_names_that_other_programs_read_as_code_are_known_by_family() {
+        // One or more of each family: the loader, the shells, interpreters' startup and option
+        // variables, git, the C library, pagers and editors, home and temporary directories.
+        for (name, entry) in [
+            ("LD_PRELOAD", "LD_*"),
+            ("LD_LIBRARY_PATH", "LD_*"),
+            ("DYLD_INSERT_LIBRARIES", "DYLD_*"),
+            ("BASH_ENV", "BASH*"),
+            ("BASH_FUNC_echo%%", "BASH*"),
+            ("ENV", "ENV"),
+            ("SHELLOPTS", "SHELLOPTS"),
+            ("BASHOPTS", "BASH*"),
+            ("PS4", "PS4"),
+            ("PS1", "PS1"),
+            ("PROMPT_COMMAND", "PROMPT_COMMAND"),
+            ("IFS", "IFS"),
+            ("CDPATH", "CDPATH"),
+            ("GLOBIGNORE", "GLOBIGNORE"),
+            ("PATH", "PATH"),
+            ("path", "PATH"),
+            ("PYTHONSTARTUP", "PYTHON*"),
+            ("PYTHONPATH", "PYTHON*"),
+            ("PERL5OPT", "PERL*"),
+            ("PERL5LIB", "PERL*"),
+            ("PERLLIB", "PERL*"),
+            ("RUBYOPT", "RUBY*"),
+            ("RUBYLIB", "RUBY*"),
+            ("NODE_OPTIONS", "NODE_*"),
+            ("NODE_PATH", "NODE_*"),
+            ("JAVA_TOOL_OPTIONS", "JAVA_*"),
+            ("_JAVA_OPTIONS", "_JAVA_OPTIONS"),
+            ("JDK_JAVA_OPTIONS", "JDK_JAVA_OPTIONS"),
+            ("GIT_SSH_COMMAND", "GIT_*"),
+            ("GIT_CONFIG_VALUE_0", "GIT_*"),
+            ("GIT_EXEC_PATH", "GIT_*"),
+            ("GLIBC_TUNABLES", "GLIBC_TUNABLES"),
+            ("MALLOC_CHECK_", "MALLOC_*"),
+            ("GCONV_PATH", "GCONV_PATH"),
+            ("PAGER", "PAGER"),
+            ("MANPAGER", "MANPAGER"),
+            ("LESSOPEN", "LESS*"),
+            ("EDITOR", "EDITOR"),
+            ("VISUAL", "VISUAL"),
+            ("SHELL", "SHELL"),
+            ("ZDOTDIR", "ZDOTDIR"),
+            ("HOME", "HOME"),
+            ("XDG_CONFIG_HOME", "XDG_CONFIG_HOME"),
+            ("TMPDIR", "TMPDIR"),
+            ("TAR_OPTIONS", "TAR_OPTIONS"),
+            ("MAKEFLAGS", "MAKEFLAGS"),
+            ("CC", "CC"),
+            ("OPENSSL_CONF", "OPENSSL_CONF"),
+        ] {
+            assert_eq!(code_env_name(name), Some(entry), "{name}");
+        }
+        for name in ["WHO", "DAY", "VALUE", "PATHNAME", "MY_PATH", "HOMEDIR", "NAME", "INPUT", "ENVIRONMENT"] {
+            assert_eq!(code_env_name(name), None, "{name}");
+        }
     }
 
     #[test]

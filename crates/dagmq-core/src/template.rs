@@ -85,6 +85,29 @@ pub fn placeholders(text: &str) -> Result<Vec<&str>, String> {
     Ok(names)
 }
 
+/// The names of the placeholders in `text` that begin a word: at the start of the text, or
+/// after a character that may end a word in some grammar (a space, a quote, `;`, `(` ...). A
+/// value there that starts with `-` would be read as an option by the program that gets the
+/// word. A placeholder after a letter, a digit or one of `_ = . , : / + @ % -` (`--n={{ n }}`,
+/// `x{{ n }}`), or right after another placeholder, continues a word instead. Unclosed `{{`
+/// ends the list (rendering refuses it).
+pub fn word_start_placeholders(text: &str) -> Vec<&str> {
+    let mut names = Vec::new();
+    let mut first = true;
+    for piece in pieces(text) {
+        let Ok((literal, Some(name))) = piece else { break };
+        let joined = match literal.chars().last() {
+            Some(c) => c.is_ascii_alphanumeric() || "_=.,:/+@%-".contains(c),
+            None => !first,
+        };
+        if !joined {
+            names.push(name);
+        }
+        first = false;
+    }
+    names
+}
+
 /// The task ids that `{{ tasks.ID.output... }}` names in `text`, in order of appearance (up to
 /// an unclosed `{{`, which rendering refuses).
 pub fn output_references(text: &str) -> Vec<String> {
@@ -215,6 +238,15 @@ mod tests {
         assert_eq!(rendered[2], "echo 'x; id $(id) `id` '\\''q'\\'' \"d\"'");
         assert_eq!(rendered[3], "x; id $(id) `id` 'q' \"d\"");
         assert_eq!(shell_word("it's"), "'it'\\''s'");
+    }
+
+    #[test]
+    fn finds_placeholders_that_begin_a_word() {
+        assert_eq!(word_start_placeholders("{{ params.n }}"), ["params.n"]);
+        assert_eq!(word_start_placeholders("tail {{ params.n }} f"), ["params.n"]);
+        assert_eq!(word_start_placeholders("echo '{{ a }}' \"{{b}}\";{{ c }}\t{{ d }}"), ["a", "b", "c", "d"]);
+        assert!(word_start_placeholders("--n={{ params.n }}").is_empty());
+        assert!(word_start_placeholders("x{{ a }}{{ b }} /tmp/{{ c }} 1,{{ d }} -{{ e }}").is_empty());
     }
 
     #[test]

@@ -9,6 +9,7 @@ use axum::http::StatusCode;
 use chrono::{DateTime, Utc};
 use dagmq_core::records::DagRecord;
 use dagmq_core::store::RunFilter;
+use dagmq_core::task::mask_params;
 use dagmq_core::{Dag, ParamType, Params, RunState, TaskKind};
 use serde::{Deserialize, Serialize};
 
@@ -76,7 +77,8 @@ pub struct ParamView {
     /// Type; absent for an untyped param (a plain default, or a table without `type`).
     #[serde(rename = "type")]
     pub kind: Option<ParamType>,
-    /// The value a run gets when its trigger gives none.
+    /// The value a run gets when its trigger gives none; `***` for a param whose name says it
+    /// holds a secret (`password`, `secret`, `token`, `key`), as in a run's params.
     pub default: Option<serde_json::Value>,
     /// For `enum`: the values allowed.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -111,6 +113,8 @@ async fn dag_view(state: &AppState, dag: &Dag) -> ApiResult<DagView> {
     let record: Option<DagRecord> = handle.store.dag_record(&dag.id).await?;
     let paused = record.as_ref().map_or(dag.paused, |r| r.paused);
     let start = record.as_ref().map_or(now, |r| r.first_seen);
+    // Defaults of secret-named params are masked as a run's values are (`mask_params`).
+    let defaults = mask_params(&dag.params.defaults());
     let last = handle
         .store
         .list_runs(&RunFilter { dag_id: Some(dag.id.clone()), state: None, limit: 1 })
@@ -150,7 +154,7 @@ async fn dag_view(state: &AppState, dag: &Dag) -> ApiResult<DagView> {
             .map(|(name, spec)| ParamView {
                 name: name.clone(),
                 kind: spec.kind,
-                default: spec.default.clone(),
+                default: defaults.get(name).cloned(),
                 values: spec.values.clone(),
                 pattern: spec.pattern.clone(),
                 max_length: spec.max_length,

@@ -203,15 +203,16 @@ impl Engine {
     }
 
     /// The params of a run of `dag` triggered (or backfilled) with `given`: checked against the
-    /// DAG's schema (types, required, unknown names), normalised, over the defaults, and at
-    /// most [`dagmq_core::params::MAX_PARAMS_BYTES`] of JSON before and after.
+    /// DAG's schema (types, required, unknown names), normalised, over the defaults, at most
+    /// [`dagmq_core::params::MAX_PARAMS_BYTES`] of JSON before and after, without NUL bytes or
+    /// two names for one `DAGMQ_PARAM_` variable ([`dagmq_core::params::check_run_params`]).
     fn run_params(&self, dag: &Dag, given: Params) -> Result<Params, CommandError> {
         let bad = |reason: String| CommandError::BadInput(format!("dag {:?}: {reason}", dag.id));
         dagmq_core::params::check_size(&given).map_err(bad)?;
         let resolved = dag.params.resolve(given).map_err(bad)?;
         let mut merged = self.config.default_params.get(&dag.id).cloned().unwrap_or_default();
         merged.extend(resolved);
-        dagmq_core::params::check_size(&merged).map_err(bad)?;
+        dagmq_core::params::check_run_params(&merged).map_err(bad)?;
         Ok(merged)
     }
 

@@ -7,7 +7,7 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use crate::support::{Standalone, dagmq, http_post_json, text};
+use crate::support::{Standalone, dagmq, http_get, http_post_json, text};
 
 /// A fresh directory for one test.
 fn scratch(name: &str) -> PathBuf {
@@ -246,6 +246,8 @@ fn the_api_refuses_ill_typed_unknown_missing_and_oversized_params_with_the_reaso
         ("typed", r#"{"n":1,"nope":1}"#.to_string(), r#"unknown param \"nope\""#),
         ("untyped", format!(r#"{{"date":"{big}"}}"#), "at most 65536 bytes (64 KiB)"),
         ("typed", format!(r#"{{"n":1,"who":"{big}"}}"#), "at most 65536 bytes (64 KiB)"),
+        ("untyped", r#"{"date":"a\u0000b"}"#.to_string(), r#"param \"date\": holds a NUL byte"#),
+        ("untyped", r#"{"a-b":"1","a_b":"2"}"#.to_string(), r#"would both be $DAGMQ_PARAM_A_B"#),
     ] {
         let (status, body) = post(dag, format!(r#"{{"params":{params}}}"#));
         assert_eq!(status, 400, "{dag} {:.60}: {body}", params);
@@ -363,4 +365,70 @@ fn ill_typed_and_oversized_triggers_on_the_queue_are_dead_lettered_with_the_reas
             .is_some_and(|r| r.len() == 1)
     });
     assert_eq!(cluster.json(&["runs", "list", "--dag", "untyped"]).as_array().unwrap().len(), 0);
+}
+
+/// Numbers at the start of a command argument: the task writes the arguments it got, one a
+/// line, to `args` in `dir`.
+fn numbers_dag(dir: &Path) -> String {
+    let record = format!("printf '%s\\n' \"$@\" > {}", dir.join("args").display());
+    format!(
+        "id = \"numbers\"\n[params.n]\ntype = \"integer\"\ndefault = 1\n[params.x]\ntype = \"number\"\ndefault = 0.5\n\
+         [[task]]\nid = \"t\"\ncommand = [\"sh\", \"-c\", {}, \"sh\", \"{{{{ params.n }}}}\", \"--x={{{{ params.x }}}}\"]\n",
+        toml_string(&record)
+    )
+}
+
+#[test]
+fn a_negative_number_at_the_start_of_a_command_argument_is_refused_at_trigger() {
+    let dir = scratch("negative");
+    let dags = dir.join("dags");
+    std::fs::create_dir_all(&dags).unwrap();
+    std::fs::write(dags.join("numbers.toml"), numbers_dag(&dir)).unwrap();
+    let standalone = Standalone::start(&dags, &[]);
+    // `tail {{ params.n }}` with n = -1 would run `tail -1`: the value would be an option.
+    let refusal = "param \"n\": -1 starts with '-', and task \"t\" templates {{ params.n }} at the start of a \
+                   command argument, where a program would read it as an option";
+    let output = standalone.cli(&["trigger", "numbers", "--param", "n=-1"]);
+    assert_eq!(output.status.code(), Some(2), "{}", text(&output.stderr));
+    assert!(text(&output.stderr).contains(refusal), "{}", text(&output.stderr));
+    assert!(text(&output.stderr).contains("--n={{ params.n }}"), "the fix is named: {}", text(&output.stderr));
+    let (status, body) = http_post_json(&standalone.api, "/api/v1/dags/numbers/runs", r#"{"params":{"n":-1e300}}"#);
+    assert_eq!(status, 400, "{body}");
+    let (status, body) = http_post_json(&standalone.api, "/api/v1/dags/numbers/runs", r#"{"params":{"n":-5}}"#);
+    assert_eq!(status, 400, "{body}");
+    assert!(body.contains("param \\\"n\\\": -5 starts with '-'"), "{body}");
+    assert_eq!(standalone.json(&["runs", "list", "--dag", "numbers"]).as_array().unwrap().len(), 0);
+    // After an option's `=`, a negative number is that option's value; a positive one anywhere.
+    let run = standalone.json(&["trigger", "numbers", "--param", "n=7", "--param", "x=-1e300", "--wait"]);
+    assert_eq!(run["state"], "success", "{run}");
+    assert_eq!(std::fs::read_to_string(dir.join("args")).unwrap(), "7\n--x=-1e+300\n");
+    drop(standalone);
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn defaults_of_secret_named_params_are_masked_in_the_dag_views() {
+    let dir = scratch("secret-defaults");
+    let file = "id = \"secrets\"\n[params]\ndb_password = \"hunter2-plain\"\n[params.api_token]\ntype = \"string\"\n\
+                default = \"s3cr3t-typed\"\n[params.day]\ntype = \"date\"\ndefault = \"2026-01-01\"\n[[task]]\nid = \"t\"\n\
+                command = [\"true\"]\n";
+    std::fs::write(dir.join("secrets.toml"), file).unwrap();
+    let standalone = Standalone::start(&dir, &[]);
+    let port: u16 = standalone.api.rsplit(':').next().unwrap().parse().unwrap();
+    for path in ["/api/v1/dags", "/api/v1/dags/secrets"] {
+        let (status, body) = http_get(port, path);
+        assert_eq!(status, 200, "{path}: {body}");
+        assert!(!body.contains("hunter2") && !body.contains("s3cr3t"), "{path} shows a secret default: {body}");
+    }
+    let dag: serde_json::Value = serde_json::from_str(&http_get(port, "/api/v1/dags/secrets").1).unwrap();
+    let default =
+        |name: &str| dag["params"].as_array().unwrap().iter().find(|p| p["name"] == name).unwrap()["default"].clone();
+    assert_eq!(default("db_password"), "***");
+    assert_eq!(default("api_token"), "***");
+    assert_eq!(default("day"), "2026-01-01", "other defaults are shown");
+    // The run still gets the real defaults.
+    let run = standalone.json(&["trigger", "secrets", "--wait"]);
+    assert_eq!(run["state"], "success", "{run}");
+    drop(standalone);
+    std::fs::remove_dir_all(&dir).unwrap();
 }
