@@ -83,6 +83,13 @@ pub struct Faults {
     pub freeze_after_claim: AtomicBool,
     /// Heartbeats fail while set (the rest of the store answers).
     pub heartbeats_failing: AtomicBool,
+    /// Reads of several tasks by id (`tasks_by_id`) fail while set.
+    pub task_batch_reads_failing: AtomicBool,
+    /// For the next this many `transition_tasks` batches that queue tasks and have some of
+    /// them refused, the next read (`task`) of each refused task fails.
+    pub refused_rereads_failing: AtomicU32,
+    /// Tasks whose next `task` read fails (each id once), armed by `refused_rereads_failing`.
+    pub task_reads_failing_for: Mutex<Vec<String>>,
 }
 
 impl Faults {
@@ -253,6 +260,13 @@ impl Store for FaultyStore {
         self.faults.gate().await;
         self.faults.check("task")?;
         self.faults.task_reads.fetch_add(1, Ordering::SeqCst);
+        {
+            let mut failing = self.faults.task_reads_failing_for.lock().unwrap();
+            if let Some(at) = failing.iter().position(|id| id == task_id) {
+                failing.remove(at);
+                return Err(BackendError::new(format!("injected: task {task_id}: no answer")));
+            }
+        }
         self.inner.task(run_id, task_id).await
     }
     async fn transition_task(
@@ -309,6 +323,9 @@ impl Store for FaultyStore {
         self.faults.gate().await;
         self.faults.check("tasks_by_id")?;
         self.faults.task_reads.fetch_add(1, Ordering::SeqCst);
+        if self.faults.task_batch_reads_failing.load(Ordering::SeqCst) {
+            return Err(BackendError::new("injected: tasks_by_id: no answer"));
+        }
         self.inner.tasks_by_id(run_id, task_ids).await
     }
     async fn transition_tasks(&self, run_id: &str, changes: &[TaskChange]) -> Result<Vec<bool>, BackendError> {
@@ -323,6 +340,15 @@ impl Store for FaultyStore {
         }
         if changes.iter().any(|c| c.task.state == TaskState::Queued) && Faults::take(&self.faults.queue_answers_lost) {
             return Err(BackendError::new("injected: transition_tasks applied, its answer was lost"));
+        }
+        let refused: Vec<String> = changes
+            .iter()
+            .zip(&applied)
+            .filter(|(c, applied)| c.task.state == TaskState::Queued && !**applied)
+            .map(|(c, _)| c.task.task_id.clone())
+            .collect();
+        if !refused.is_empty() && Faults::take(&self.faults.refused_rereads_failing) {
+            self.faults.task_reads_failing_for.lock().unwrap().extend(refused);
         }
         Ok(applied)
     }

@@ -791,6 +791,45 @@ async fn a_queueing_whose_answer_was_lost_still_takes_its_pool_slot() {
     h.stop().await;
 }
 
+/// Found by the simulator (seed 1001476): a queueing batch in which one compare-and-set was
+/// refused (a worker had claimed `b` eagerly, which the scheduler did not know: the batch read
+/// of the status update failed) and another applied (`c`, in a one-slot pool). Reading `b`
+/// again failed, and the scheduler gave up on the batch's answer there: `c` stayed pending in
+/// its view, queued in the store, holding no share of its pool and with no message sent. The
+/// next run's `c` was queued into the full pool, and both ran at once.
+#[tokio::test(start_paused = true)]
+async fn a_queueing_batch_whose_refused_task_cannot_be_read_again_still_takes_the_pool_slots_of_the_others() {
+    let journal = Journal::default();
+    let clock = Arc::new(dagmq_core::TokioClock::starting_at(origin()));
+    let slow = Probe { work: Duration::from_secs(30), ..Probe::new(&journal, &clock) };
+    let dag = Dag::builder("pooled")
+        .task(TaskSpec::rust("a", Probe::new(&journal, &clock)))
+        .task(TaskSpec::rust("b", Probe::new(&journal, &clock)).after(["a"]))
+        .task(TaskSpec::rust("c", slow).after(["a"]).pool("api", 1))
+        .build()
+        .unwrap();
+    let pools: dagmq_core::Pools = [("api".to_string(), 1)].into_iter().collect();
+    let h = Harness::start_with_pools(registry(vec![dag]), dagmq_worker::builtin_tasks(), pools).await;
+    let faults = &h.scheduler_faults.store;
+    faults.task_batch_reads_failing.store(true, std::sync::atomic::Ordering::SeqCst);
+    faults.refused_rereads_failing.store(1, std::sync::atomic::Ordering::SeqCst);
+    let first = h.trigger("pooled").await;
+    h.wait_task(&first, "c", |t| t.state == TaskState::Queued || t.state == TaskState::Running).await;
+    assert!(
+        faults.task_reads_failing_for.lock().unwrap().is_empty(),
+        "the refused task was read again (and the read failed)"
+    );
+    faults.task_batch_reads_failing.store(false, std::sync::atomic::Ordering::SeqCst);
+    let second = h.trigger("pooled").await;
+    assert_eq!(h.wait_final(&first).await, RunState::Success);
+    assert_eq!(h.wait_final(&second).await, RunState::Success);
+    let starts = journal.times_of("start:c");
+    let ends = journal.times_of("end:c");
+    assert_eq!(starts.len(), 2, "{:?}", journal.entries());
+    assert!(starts[1] >= ends[0], "c ran twice at once in a one-slot pool: starts {starts:?}, ends {ends:?}");
+    h.stop().await;
+}
+
 /// Found by the simulator (seed 235), the scheduler's side of race 2: `D` after `[P, A]`, `P`
 /// succeeds with follow-ups that the store does not take at first (`add_tasks` fails), then `A`
 /// succeeds. The scheduler decided `D` from its upstream counts (both succeeded) and queued it

@@ -52,7 +52,8 @@ impl LimitWatch {
             let Ok(found) = store.list_runs(&filter).await else { return Vec::new() };
             runs.extend(found);
         }
-        let mut pool_use: BTreeMap<String, u32> = BTreeMap::new();
+        // Slots used by pool, and the tries using them.
+        let mut pool_use: BTreeMap<String, (u32, Vec<String>)> = BTreeMap::new();
         let mut task_use: BTreeMap<(String, String), u32> = BTreeMap::new();
         let mut running_runs: BTreeMap<String, Vec<String>> = BTreeMap::new();
         // `max_active_tasks` counts the DAG's tasks across all its runs, as Airflow's does.
@@ -78,17 +79,19 @@ impl LimitWatch {
                         .push(format!("{}/{}#{}", run.run_id, task.task_id, task.try_number));
                 }
                 if let Some((pool, slots)) = &spec.pool {
-                    *pool_use.entry(pool.clone()).or_default() += slots;
+                    let used = pool_use.entry(pool.clone()).or_default();
+                    used.0 += slots;
+                    used.1.push(format!("{}/{}#{} {}", run.run_id, task.task_id, task.try_number, task.state));
                 }
                 if spec.max_active.is_some() {
                     *task_use.entry((run.dag_id.clone(), task.task_id.clone())).or_default() += 1;
                 }
             }
         }
-        for (pool, used) in &pool_use {
+        for (pool, (used, by)) in &pool_use {
             let slots = self.pools.get(pool).copied().unwrap_or(0);
             if *used > slots {
-                found.push(format!("pool {pool}: {used} slots used of {slots}"));
+                found.push(format!("pool {pool}: {used} slots used of {slots} ({})", by.join(", ")));
             }
         }
         for (dag, busy) in &dag_use {

@@ -66,8 +66,9 @@ impl DagPlan {
         self.tasks.iter().find(|t| t.id == id)
     }
 
-    /// The tasks in one line, for the trace: id, upstreams, rule (when not all_success), and
-    /// whether it is a branch or returns follow-ups.
+    /// The DAG in one line, for the trace: its limits, then each task's id, upstreams, rule
+    /// (when not all_success), pool and `max_active`, and whether it is a branch or returns
+    /// follow-ups.
     pub fn describe(&self) -> String {
         let tasks: Vec<String> = self
             .tasks
@@ -76,6 +77,12 @@ impl DagPlan {
                 let mut line = format!("{}<-[{}]", t.id, t.after.join(","));
                 if t.rule != TriggerRule::AllSuccess {
                     line.push_str(&format!(" {}", t.rule));
+                }
+                if let Some((pool, slots)) = &t.pool {
+                    line.push_str(&format!(" pool={pool}:{slots}"));
+                }
+                if let Some(max) = t.max_active {
+                    line.push_str(&format!(" max_active={max}"));
                 }
                 if t.branch {
                     line.push_str(" branch");
@@ -86,7 +93,8 @@ impl DagPlan {
                 line
             })
             .collect();
-        tasks.join("; ")
+        let tasks_limit = self.max_active_tasks.map(|max| format!(" max_active_tasks={max}")).unwrap_or_default();
+        format!("max_active_runs={}{tasks_limit}: {}", self.max_active_runs, tasks.join("; "))
     }
 
     /// Direct downstream task ids of `id`.

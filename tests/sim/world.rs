@@ -137,11 +137,15 @@ impl World {
         })
     }
 
-    /// Records a violation for each of `queued`, tries a write just queued, when the store has
-    /// their run suspended: a suspended run queues nothing (resuming it queues what is ready).
+    /// Notes each of `queued`, tries a write just queued, in the trace, and records a violation
+    /// for each when the store has their run suspended: a suspended run queues nothing (resuming
+    /// it queues what is ready).
     pub async fn check_queued(&self, process: &str, run_id: &str, queued: Vec<(String, u32)>) {
         if queued.is_empty() {
             return;
+        }
+        for (task, try_number) in &queued {
+            self.note(format_args!("  {process} queued {run_id}/{task} try {try_number}"));
         }
         let Ok(Some(run)) = self.store.run(run_id).await else { return };
         if run.state != RunState::Suspended {

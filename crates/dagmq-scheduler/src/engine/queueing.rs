@@ -165,13 +165,20 @@ impl Engine {
                 }
             };
             fail_point!("scheduler::queue::after_cas");
+            // Every change that applied joins the view (taking its shares of the limits) and gets
+            // its message before any refused one is read again: a read that fails must not
+            // leave a task queued in the store but not in the view, outside the limits' count.
+            let mut refused = Vec::new();
             for ((i, change), applied) in queued.into_iter().zip(changes).zip(applied) {
                 if applied {
                     self.outbox.push((Topic::Tasks(change.task.queue.clone()), task_message(run, &change.task)));
                     run.replace(i, change.task);
                 } else {
-                    self.refresh_refused(run, i).await?;
+                    refused.push(i);
                 }
+            }
+            for i in refused {
+                self.refresh_refused(run, i).await?;
             }
             // The usage counts the tasks that are queued now; the others took nothing.
             reserved.clear();
