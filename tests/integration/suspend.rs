@@ -6,7 +6,8 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use dagmq_core::{Dag, DagRegistry, RunState, Store, Task, TaskContext, TaskError, TaskOutcome, TaskSpec, TaskState};
+use dagmq_core::messages::{self, Control, VERSION};
+use dagmq_core::{Dag, DagRegistry, Queue, RunState, Store, Task, TaskContext, TaskError, TaskOutcome, TaskSpec, TaskState};
 use dagmq_scheduler::CommandError;
 
 use crate::support::Harness;
@@ -148,4 +149,39 @@ async fn after_a_scheduler_restart_a_suspended_run_resumes_or_cancels_at_once() 
         }
         h.stop().await;
     }
+}
+
+/// Seeds 1001326, 1002062, 1002281 and 1006956 of the simulator. A worker frozen while a run was
+/// suspended gets the suspension's stop broadcast only once it thaws, after the run was resumed
+/// and it had claimed a try of the resumed run. The broadcast names the run only: the worker
+/// stopped the new try as cancelled, and its task failed though nothing of it had failed. Here
+/// the late broadcast is sent again by the test after the resume, which is what the frozen
+/// worker saw.
+#[tokio::test(start_paused = true)]
+async fn a_stop_broadcast_that_arrives_after_the_resume_leaves_the_new_tries_running() {
+    let starts = Arc::new(AtomicU32::new(0));
+    let h = Harness::start(harness_dags(&starts)).await;
+    let run = h.trigger("long").await;
+    h.wait_task(&run, "a", |t| t.state == TaskState::Running).await;
+    h.wait_task(&run, "c", |t| t.state == TaskState::Running).await;
+    h.scheduler.suspend(&run).await.unwrap();
+    h.scheduler.resume(&run).await.unwrap();
+    h.wait_task(&run, "a", |t| t.state == TaskState::Running && t.try_number == 2).await;
+    h.wait_task(&run, "c", |t| t.state == TaskState::Running && t.try_number == 2).await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while starts.load(Ordering::SeqCst) < 4 {
+        assert!(tokio::time::Instant::now() < deadline, "the second tries of a and c start");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+
+    let late = Control::CancelRun { v: VERSION, run_id: run.clone() };
+    h.queue.broadcast(messages::encode(&late)).await.unwrap();
+
+    assert_eq!(h.wait_final(&run).await, RunState::Success, "tasks {:?}", h.tasks(&run).await);
+    let tasks = h.tasks(&run).await;
+    for id in ["a", "c"] {
+        assert_eq!((tasks[id].state, tasks[id].try_number), (TaskState::Success, 2), "{id}: {:?}", tasks[id]);
+    }
+    assert_eq!(starts.load(Ordering::SeqCst), 5, "a and c twice, b once");
+    h.stop().await;
 }
