@@ -185,3 +185,43 @@ async fn a_stop_broadcast_that_arrives_after_the_resume_leaves_the_new_tries_run
     assert_eq!(starts.load(Ordering::SeqCst), 5, "a and c twice, b once");
     h.stop().await;
 }
+
+/// Seed 1008752 of the simulator. The suspension moved the run to `suspended`, then failed to
+/// read its tasks, so the try of `a` stayed `running` in the store. Its worker, out of touch
+/// with the store (frozen), stopped the try and wrote it back as interrupted: a new try,
+/// queued, in a run the store has suspended, which another worker could claim and run.
+#[tokio::test(start_paused = true)]
+async fn a_try_its_worker_interrupts_in_a_suspended_run_is_not_queued_again() {
+    let starts = Arc::new(AtomicU32::new(0));
+    let h = Harness::start(harness_dags(&starts)).await;
+    let run = h.trigger("long").await;
+    h.wait_task(&run, "a", |t| t.state == TaskState::Running).await;
+    h.wait_task(&run, "c", |t| t.state == TaskState::Running).await;
+    h.scheduler_faults.store.task_lists_failing.store(true, Ordering::SeqCst);
+    let failed = h.scheduler.suspend(&run).await;
+    assert!(failed.is_err(), "precondition: the suspension's task pass failed, it answered {failed:?}");
+    assert_eq!(h.store.run(&run).await.unwrap().unwrap().state, RunState::Suspended, "precondition");
+    assert_eq!(h.tasks(&run).await["a"].state, TaskState::Running, "precondition: a's try was not stopped");
+    // The worker's heartbeats stop reaching the store: at half the worker timeout it stops its
+    // tries and writes each back as interrupted.
+    h.worker_faults.store.heartbeats_failing.store(true, Ordering::SeqCst);
+    let a = h.wait_task(&run, "a", |t| t.state != TaskState::Running).await;
+    let c = h.wait_task(&run, "c", |t| t.state != TaskState::Running).await;
+    for task in [&a, &c] {
+        assert_eq!(
+            (task.state, task.try_number),
+            (TaskState::Suspended, 1),
+            "{}: the interrupted try of a suspended run became {:?}",
+            task.task_id,
+            task
+        );
+    }
+    tokio::time::sleep(Duration::from_secs(30)).await;
+    assert_eq!(starts.load(Ordering::SeqCst), 2, "no try started in the suspended run");
+
+    h.worker_faults.store.heartbeats_failing.store(false, Ordering::SeqCst);
+    h.scheduler_faults.store.task_lists_failing.store(false, Ordering::SeqCst);
+    h.scheduler.resume(&run).await.unwrap();
+    assert_eq!(h.wait_final(&run).await, RunState::Success, "tasks {:?}", h.tasks(&run).await);
+    h.stop().await;
+}
