@@ -7,7 +7,9 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use dagmq_core::messages::{self, Control, VERSION};
-use dagmq_core::{Dag, DagRegistry, Queue, RunState, Store, Task, TaskContext, TaskError, TaskOutcome, TaskSpec, TaskState};
+use dagmq_core::{
+    Dag, DagRegistry, Queue, RunState, Store, Task, TaskContext, TaskError, TaskOutcome, TaskSpec, TaskState,
+};
 use dagmq_scheduler::CommandError;
 
 use crate::support::Harness;
