@@ -6,7 +6,10 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use dagmq_core::{Dag, DagRegistry, RunState, Store, Task, TaskContext, TaskError, TaskOutcome, TaskSpec, TaskState};
+use dagmq_core::messages::{self, Control, VERSION};
+use dagmq_core::{
+    Dag, DagRegistry, Queue, RunState, Store, Task, TaskContext, TaskError, TaskOutcome, TaskSpec, TaskState,
+};
 use dagmq_scheduler::CommandError;
 
 use crate::support::Harness;
@@ -148,4 +151,79 @@ async fn after_a_scheduler_restart_a_suspended_run_resumes_or_cancels_at_once() 
         }
         h.stop().await;
     }
+}
+
+/// Seeds 1001326, 1002062, 1002281 and 1006956 of the simulator. A worker frozen while a run was
+/// suspended gets the suspension's stop broadcast only once it thaws, after the run was resumed
+/// and it had claimed a try of the resumed run. The broadcast names the run only: the worker
+/// stopped the new try as cancelled, and its task failed though nothing of it had failed. Here
+/// the late broadcast is sent again by the test after the resume, which is what the frozen
+/// worker saw.
+#[tokio::test(start_paused = true)]
+async fn a_stop_broadcast_that_arrives_after_the_resume_leaves_the_new_tries_running() {
+    let starts = Arc::new(AtomicU32::new(0));
+    let h = Harness::start(harness_dags(&starts)).await;
+    let run = h.trigger("long").await;
+    h.wait_task(&run, "a", |t| t.state == TaskState::Running).await;
+    h.wait_task(&run, "c", |t| t.state == TaskState::Running).await;
+    h.scheduler.suspend(&run).await.unwrap();
+    h.scheduler.resume(&run).await.unwrap();
+    h.wait_task(&run, "a", |t| t.state == TaskState::Running && t.try_number == 2).await;
+    h.wait_task(&run, "c", |t| t.state == TaskState::Running && t.try_number == 2).await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while starts.load(Ordering::SeqCst) < 4 {
+        assert!(tokio::time::Instant::now() < deadline, "the second tries of a and c start");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+
+    let late = Control::CancelRun { v: VERSION, run_id: run.clone() };
+    h.queue.broadcast(messages::encode(&late)).await.unwrap();
+
+    assert_eq!(h.wait_final(&run).await, RunState::Success, "tasks {:?}", h.tasks(&run).await);
+    let tasks = h.tasks(&run).await;
+    for id in ["a", "c"] {
+        assert_eq!((tasks[id].state, tasks[id].try_number), (TaskState::Success, 2), "{id}: {:?}", tasks[id]);
+    }
+    assert_eq!(starts.load(Ordering::SeqCst), 5, "a and c twice, b once");
+    h.stop().await;
+}
+
+/// Seed 1008752 of the simulator. The suspension moved the run to `suspended`, then failed to
+/// read its tasks, so the try of `a` stayed `running` in the store. Its worker, out of touch
+/// with the store (frozen), stopped the try and wrote it back as interrupted: a new try,
+/// queued, in a run the store has suspended, which another worker could claim and run.
+#[tokio::test(start_paused = true)]
+async fn a_try_its_worker_interrupts_in_a_suspended_run_is_not_queued_again() {
+    let starts = Arc::new(AtomicU32::new(0));
+    let h = Harness::start(harness_dags(&starts)).await;
+    let run = h.trigger("long").await;
+    h.wait_task(&run, "a", |t| t.state == TaskState::Running).await;
+    h.wait_task(&run, "c", |t| t.state == TaskState::Running).await;
+    h.scheduler_faults.store.task_lists_failing.store(true, Ordering::SeqCst);
+    let failed = h.scheduler.suspend(&run).await;
+    assert!(failed.is_err(), "precondition: the suspension's task pass failed, it answered {failed:?}");
+    assert_eq!(h.store.run(&run).await.unwrap().unwrap().state, RunState::Suspended, "precondition");
+    assert_eq!(h.tasks(&run).await["a"].state, TaskState::Running, "precondition: a's try was not stopped");
+    // The worker's heartbeats stop reaching the store: at half the worker timeout it stops its
+    // tries and writes each back as interrupted.
+    h.worker_faults.store.heartbeats_failing.store(true, Ordering::SeqCst);
+    let a = h.wait_task(&run, "a", |t| t.state != TaskState::Running).await;
+    let c = h.wait_task(&run, "c", |t| t.state != TaskState::Running).await;
+    for task in [&a, &c] {
+        assert_eq!(
+            (task.state, task.try_number),
+            (TaskState::Suspended, 1),
+            "{}: the interrupted try of a suspended run became {:?}",
+            task.task_id,
+            task
+        );
+    }
+    tokio::time::sleep(Duration::from_secs(30)).await;
+    assert_eq!(starts.load(Ordering::SeqCst), 2, "no try started in the suspended run");
+
+    h.worker_faults.store.heartbeats_failing.store(false, Ordering::SeqCst);
+    h.scheduler_faults.store.task_lists_failing.store(false, Ordering::SeqCst);
+    h.scheduler.resume(&run).await.unwrap();
+    assert_eq!(h.wait_final(&run).await, RunState::Success, "tasks {:?}", h.tasks(&run).await);
+    h.stop().await;
 }

@@ -248,6 +248,19 @@ impl TaskInstance {
         }
     }
 
+    /// The instance once a suspension of its run stopped its try (a queued or running one):
+    /// `suspended`, ended at `now`, with the reason; resuming the run queues a new try, which
+    /// does not count against retries. `None` for a task no suspension stops.
+    pub fn stopped_by_suspension(&self, now: DateTime<Utc>) -> Option<TaskInstance> {
+        let state = crate::state::task_transition(self.state, crate::state::TaskEvent::Suspend).ok()?;
+        let mut new = self.clone();
+        new.state = state;
+        new.ended_at = Some(now);
+        new.error = Some(format!("try {} stopped: the run was suspended", self.try_number));
+        new.progress = None;
+        Some(new)
+    }
+
     /// What follows a try that was interrupted (its worker lost or stopped) rather than failed:
     /// the next try, queued with one more try granted; or, once interruptions reach
     /// [`MAX_INTERRUPTIONS`], the task failed for good. `reason` says what interrupted it.

@@ -367,9 +367,8 @@ impl Engine {
         }
         let mut stopped = 0;
         for i in 0..run.tasks.len() {
-            while let Ok(state) = task_transition(run.tasks[i].state, TaskEvent::Suspend) {
+            while let Some(new) = run.tasks[i].stopped_by_suspension(self.now_cache) {
                 let old = &run.tasks[i];
-                let new = stopped_by_suspension(old, state, self.now_cache);
                 if self.store.transition_task(run.id(), old.state, old.try_number, &new).await? {
                     run.replace(i, new);
                     stopped += 1;
@@ -425,17 +424,6 @@ impl Engine {
         tracing::info!(dag = %dag_id, paused, "dag {}", if paused { "paused" } else { "unpaused" });
         Ok(())
     }
-}
-
-/// Task `task`'s instance once the run's suspension stopped its try: `state` (`suspended`),
-/// ended now, with the reason. Resuming the run queues a new try.
-pub(super) fn stopped_by_suspension(task: &TaskInstance, state: TaskState, now: DateTime<Utc>) -> TaskInstance {
-    let mut new = task.clone();
-    new.state = state;
-    new.ended_at = Some(now);
-    new.error = Some(format!("try {} stopped: the run was suspended", task.try_number));
-    new.progress = None;
-    new
 }
 
 /// Which tasks a restart sets back to `pending`: those that failed, were upstream_failed or

@@ -6,10 +6,8 @@ use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use dagmq_core::fail_point;
-use dagmq_core::state::{TaskEvent, task_transition};
 use dagmq_core::{BackendError, RunState, TaskInstance, TaskState, Topic, WorkerInfo};
 
-use super::operator::stopped_by_suspension;
 use super::queueing::task_message;
 use super::{Engine, TryKey};
 
@@ -239,8 +237,8 @@ impl Engine {
         // A suspended run queues nothing, a new try of an interrupted one included: the try is
         // stopped as the suspension stops it, and resuming the run queues the next.
         let suspended = self.active.get(run_id).is_some_and(|run| run.record.state == RunState::Suspended);
-        let next = match task_transition(task.state, TaskEvent::Suspend) {
-            Ok(state) if suspended => stopped_by_suspension(task, state, self.now_cache),
+        let next = match task.stopped_by_suspension(self.now_cache) {
+            Some(stopped) if suspended => stopped,
             _ => task.after_interruption(self.now_cache, reason),
         };
         if !self.store.transition_task(run_id, TaskState::Running, task.try_number, &next).await? {

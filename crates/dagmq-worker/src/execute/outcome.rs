@@ -9,7 +9,7 @@ use std::time::Duration;
 use dagmq_core::fail_point;
 use dagmq_core::messages::{self, StatusUpdate, TaskToExec, VERSION};
 use dagmq_core::store::EagerClaim;
-use dagmq_core::{BackendError, FollowUp, TaskError, TaskInstance, TaskOutcome, TaskState, Topic};
+use dagmq_core::{BackendError, FollowUp, RunState, TaskError, TaskInstance, TaskOutcome, TaskState, Topic};
 
 use crate::Shared;
 
@@ -123,7 +123,14 @@ async fn record_outcome(
         } else {
             format!("try {} interrupted: worker {} shut down", running.try_number, shared.config.name)
         };
-        let next = running.after_interruption(now, why);
+        // A suspended run queues nothing, a new try of an interrupted one included: the try is
+        // stopped as the suspension stops it (the suspension's own pass over the tasks may have
+        // failed, or not reached this one yet), and resuming the run queues the next.
+        let suspended = store.run(&message.run_id).await?.is_some_and(|run| run.state == RunState::Suspended);
+        let next = match running.stopped_by_suspension(now) {
+            Some(stopped) if suspended => stopped,
+            _ => running.after_interruption(now, why),
+        };
         if !store.transition_task(&message.run_id, TaskState::Running, running.try_number, &next).await? {
             // Applied by an earlier attempt whose publish failed, or the task moved on.
             let current = store.task(&message.run_id, &message.task_id).await?;

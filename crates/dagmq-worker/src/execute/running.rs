@@ -1,6 +1,6 @@
 //! The tries running on this worker: the registry the heartbeat lists (a try is registered
-//! before its claim), and stopping tries, by the control broadcast, by the per-heartbeat check
-//! against the store (`stop_superseded`), or all at once.
+//! before its claim), and stopping tries: those the store no longer has running here, checked
+//! at every heartbeat and on a control broadcast (`stop_superseded`), or all at once.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
@@ -91,22 +91,14 @@ pub(crate) fn running_tries(shared: &Shared) -> Vec<RunningTry> {
     tries
 }
 
-/// Stops every running try (or those of one run); answers how many.
+/// Stops every running try; answers how many.
 pub(crate) fn stop_all(shared: &Shared, reason: StopReason) -> usize {
-    stop_matching(shared, reason, |_| true)
-}
-
-fn stop_matching(shared: &Shared, reason: StopReason, matches: impl Fn(&str) -> bool) -> usize {
     let running = lock(&shared.running);
-    let mut count = 0;
-    for ((run_id, _, _), handle) in running.iter() {
-        if matches(run_id) {
-            handle.reason.store(reason as u8, Ordering::SeqCst);
-            handle.cancel.cancel();
-            count += 1;
-        }
+    for handle in running.values() {
+        handle.reason.store(reason as u8, Ordering::SeqCst);
+        handle.cancel.cancel();
     }
-    count
+    running.len()
 }
 
 /// Stops the tries that the store no longer has `running` on this worker instance: a cancel
@@ -114,9 +106,14 @@ fn stop_matching(shared: &Shared, reason: StopReason, matches: impl Fn(&str) -> 
 /// heartbeat, so a cancel reaches every running try within a heartbeat interval from the
 /// store. Answers how many were stopped.
 pub(crate) async fn stop_superseded(shared: &Shared) -> Result<usize, BackendError> {
+    stop_superseded_in(shared, |_| true).await
+}
+
+/// [`stop_superseded`] for the tries of the runs that `in_run` accepts.
+async fn stop_superseded_in(shared: &Shared, in_run: impl Fn(&str) -> bool) -> Result<usize, BackendError> {
     let mut by_run: HashMap<String, Vec<(String, u32)>> = HashMap::new();
     for ((run_id, task_id, try_number), handle) in lock(&shared.running).iter() {
-        if handle.claimed.load(Ordering::SeqCst) {
+        if handle.claimed.load(Ordering::SeqCst) && in_run(run_id) {
             by_run.entry(run_id.clone()).or_default().push((task_id.clone(), *try_number));
         }
     }
@@ -160,14 +157,33 @@ pub(crate) async fn stop_superseded(shared: &Shared) -> Result<usize, BackendErr
 }
 
 /// Listens for control broadcasts (run cancelled or suspended) and stops the affected tries.
+///
+/// A broadcast names a run, not its tries, and may arrive late: to a worker that was frozen
+/// when it was sent, after the run was resumed or restarted and this worker claimed a new try
+/// of it. So it only prompts the heartbeat's check for that run's tries: those the store no
+/// longer has running here stop, a new try runs on. Should the store not answer, the next
+/// heartbeat's check stops them.
 pub(crate) async fn control_loop(shared: Arc<Shared>, shutdown: CancelSignal) {
     let mut subscription = Subscription::broadcasts(shared.queue.clone());
+    let limit = shared.config.heartbeat_interval / 2;
     while let Some(delivery) = subscription.next(&shutdown).await {
         match messages::decode::<Control>(&delivery.payload) {
             Ok(Control::CancelRun { run_id, .. }) => {
-                let count = stop_matching(&shared, StopReason::Cancelled, |r| r == run_id);
-                if count > 0 {
-                    tracing::info!(run = %run_id, count, "stopping tries of a cancelled or suspended run");
+                match tokio::time::timeout(limit, stop_superseded_in(&shared, |r| r == run_id)).await {
+                    Ok(Ok(0)) => {}
+                    Ok(Ok(count)) => {
+                        tracing::info!(run = %run_id, count, "stopped tries of a cancelled or suspended run")
+                    }
+                    Ok(Err(err)) => tracing::warn!(
+                        run = %run_id,
+                        "checking the tries of a cancelled or suspended run with the store: {err}; the next \
+                         heartbeat checks them again"
+                    ),
+                    Err(_) => tracing::warn!(
+                        run = %run_id,
+                        "checking the tries of a cancelled or suspended run with the store: no answer within \
+                         {limit:?}; the next heartbeat checks them again"
+                    ),
                 }
             }
             Err(err) => tracing::warn!("ignoring a control message: {err}"),
