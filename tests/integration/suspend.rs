@@ -6,7 +6,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use dagmq_core::messages::{self, Control, VERSION};
+use dagmq_core::messages::{self, Control, StoppedTry, VERSION};
 use dagmq_core::{
     Dag, DagRegistry, Queue, RunState, Store, Task, TaskContext, TaskError, TaskOutcome, TaskSpec, TaskState,
 };
@@ -176,7 +176,10 @@ async fn a_stop_broadcast_that_arrives_after_the_resume_leaves_the_new_tries_run
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
 
-    let late = Control::CancelRun { v: VERSION, run_id: run.clone() };
+    // The suspension's broadcast names the first tries; an older scheduler's names none.
+    let first_tries = ["a", "c"].map(|id| StoppedTry { task_id: id.into(), try_number: 1 }).to_vec();
+    h.queue.broadcast(Control::encode_cancel(&run, first_tries)).await.unwrap();
+    let late = Control::CancelRun { v: VERSION, run_id: run.clone(), tries: None };
     h.queue.broadcast(messages::encode(&late)).await.unwrap();
 
     assert_eq!(h.wait_final(&run).await, RunState::Success, "tasks {:?}", h.tasks(&run).await);
@@ -226,4 +229,116 @@ async fn a_try_its_worker_interrupts_in_a_suspended_run_is_not_queued_again() {
     h.scheduler.resume(&run).await.unwrap();
     assert_eq!(h.wait_final(&run).await, RunState::Success, "tasks {:?}", h.tasks(&run).await);
     h.stop().await;
+}
+
+/// Works for a minute unless stopped; counts its starts and its stops.
+struct Counted {
+    starts: Arc<AtomicU32>,
+    stops: Arc<AtomicU32>,
+}
+
+#[async_trait]
+impl Task for Counted {
+    async fn run(&self, ctx: TaskContext) -> Result<TaskOutcome, TaskError> {
+        self.starts.fetch_add(1, Ordering::SeqCst);
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_secs(60)) => Ok(TaskOutcome::done()),
+            _ = ctx.cancel_signal().cancelled() => {
+                self.stops.fetch_add(1, Ordering::SeqCst);
+                Err(TaskError::fatal("stopped"))
+            }
+        }
+    }
+}
+
+fn counted_dag(starts: &Arc<AtomicU32>, stops: &Arc<AtomicU32>) -> DagRegistry {
+    let mut dags = DagRegistry::new();
+    let task = |id: &str| TaskSpec::rust(id, Counted { starts: starts.clone(), stops: stops.clone() });
+    dags.add(Dag::builder("counted").task(task("a")).task(task("c")).build().unwrap()).unwrap();
+    dags
+}
+
+/// Review finding F2: the stop broadcast names the tries the scheduler stopped, so the worker
+/// stops them at once without asking the store. Before, it only prompted a store check of the
+/// run's tries: with the worker's reads of that run's tasks failing (its heartbeats going
+/// through), a cancelled try ran on to its end.
+#[tokio::test(start_paused = true)]
+async fn a_cancel_stops_the_running_tries_at_once_though_the_workers_task_reads_fail() {
+    for suspend in [false, true] {
+        let starts = Arc::new(AtomicU32::new(0));
+        let stops = Arc::new(AtomicU32::new(0));
+        let h = Harness::start(counted_dag(&starts, &stops)).await;
+        let run = h.trigger("counted").await;
+        h.wait_task(&run, "a", |t| t.state == TaskState::Running).await;
+        h.wait_task(&run, "c", |t| t.state == TaskState::Running).await;
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while starts.load(Ordering::SeqCst) < 2 {
+            assert!(tokio::time::Instant::now() < deadline, "precondition: both tries start");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        h.worker_faults.store.task_batch_reads_failing.store(true, Ordering::SeqCst);
+        h.worker_faults.store.task_lists_failing.store(true, Ordering::SeqCst);
+        let stopped_at = tokio::time::Instant::now();
+        if suspend {
+            h.scheduler.suspend(&run).await.unwrap();
+        } else {
+            h.scheduler.cancel(&run).await.unwrap();
+        }
+        while stops.load(Ordering::SeqCst) < 2 {
+            assert!(
+                stopped_at.elapsed() < Duration::from_secs(1),
+                "suspend {suspend}: both tries stop within a second of the broadcast; {} stopped",
+                stops.load(Ordering::SeqCst)
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        h.worker_faults.store.task_batch_reads_failing.store(false, Ordering::SeqCst);
+        h.worker_faults.store.task_lists_failing.store(false, Ordering::SeqCst);
+        let tasks = h.tasks(&run).await;
+        let stopped = if suspend { TaskState::Suspended } else { TaskState::Cancelled };
+        assert!(tasks.values().all(|t| t.state == stopped && t.try_number == 1), "suspend {suspend}: {tasks:?}");
+        h.stop().await;
+    }
+}
+
+/// Review finding F1: a stop broadcast that lands while the worker waits for its claim's answer
+/// keeps the try from starting. Before, the broadcast only checked tries whose claim answer was
+/// back, and this one started and ran until the next heartbeat's check stopped it.
+#[tokio::test(start_paused = true)]
+async fn a_stop_broadcast_that_lands_while_the_claim_answer_is_delayed_keeps_the_try_from_starting() {
+    for suspend in [false, true] {
+        let starts = Arc::new(AtomicU32::new(0));
+        let stops = Arc::new(AtomicU32::new(0));
+        let mut dags = DagRegistry::new();
+        let task = TaskSpec::rust("a", Counted { starts: starts.clone(), stops: stops.clone() });
+        dags.add(Dag::builder("one").task(task).build().unwrap()).unwrap();
+        let h = Harness::start(dags).await;
+        // The worker's store calls hang as the claim applies, before its answer is read.
+        h.worker_faults.store.freeze_after_claim.store(true, Ordering::SeqCst);
+        let run = h.trigger("one").await;
+        h.wait_task(&run, "a", |t| t.state == TaskState::Running).await;
+        assert!(h.worker_faults.store.stalled.load(Ordering::SeqCst), "precondition: the claim's answer is held");
+        if suspend {
+            h.scheduler.suspend(&run).await.unwrap();
+        } else {
+            h.scheduler.cancel(&run).await.unwrap();
+        }
+        // On the paused clock a sleep returns once every other task has run as far as it can:
+        // the worker has taken the broadcast.
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        h.worker_faults.store.stalled.store(false, Ordering::SeqCst);
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while h.worker_metrics.tries.value(&["not_started"]) < 1.0 {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "suspend {suspend}: the claimed try is recorded as not started; {} started",
+                starts.load(Ordering::SeqCst)
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert_eq!(starts.load(Ordering::SeqCst), 0, "suspend {suspend}: the stopped try never started");
+        let stopped = if suspend { TaskState::Suspended } else { TaskState::Cancelled };
+        assert_eq!(h.tasks(&run).await["a"].state, stopped, "suspend {suspend}");
+        h.stop().await;
+    }
 }

@@ -137,13 +137,42 @@ pub struct Trigger {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
 pub enum Control {
-    /// Stop every running try of this run.
+    /// Stop tries of this run: it was cancelled or suspended.
     CancelRun {
         /// Schema version.
         v: u32,
         /// The run.
         run_id: String,
+        /// The tries the scheduler stopped (moved out of `queued` or `running` in the store):
+        /// a worker stops exactly these, claimed or not yet, without asking the store, and
+        /// leaves alone any other try of the run (a later try of a resumed run). Absent (a
+        /// message from an older scheduler, or a list too large for one message): the worker
+        /// checks the run's tries with the store instead.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        tries: Option<Vec<StoppedTry>>,
     },
+}
+
+/// A try a stop broadcast names: (task, try number).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StoppedTry {
+    /// The task.
+    pub task_id: String,
+    /// Its try that was stopped.
+    pub try_number: u32,
+}
+
+impl Control {
+    /// The stop broadcast for `run_id` naming `tries`, encoded; without the list when it would
+    /// not fit in one message (the workers then check the run's tries with the store).
+    pub fn encode_cancel(run_id: &str, tries: Vec<StoppedTry>) -> Vec<u8> {
+        let precise = encode(&Control::CancelRun { v: VERSION, run_id: run_id.to_string(), tries: Some(tries) });
+        if precise.len() <= MAX_MESSAGE_BYTES {
+            return precise;
+        }
+        encode(&Control::CancelRun { v: VERSION, run_id: run_id.to_string(), tries: None })
+    }
 }
 
 /// Why a message was refused; the text goes into `x-dagmq-error` when dead-lettered.
@@ -293,7 +322,24 @@ mod tests {
             follow_up: None,
         };
         assert_eq!(decode::<TaskToExec>(&encode(&message)), Ok(message));
-        let control = Control::CancelRun { v: VERSION, run_id: "r".into() };
+        let control = Control::CancelRun { v: VERSION, run_id: "r".into(), tries: None };
         assert_eq!(String::from_utf8(encode(&control)).unwrap(), r#"{"kind":"cancel_run","v":1,"run_id":"r"}"#);
+        assert_eq!(decode::<Control>(br#"{"kind":"cancel_run","v":1,"run_id":"r"}"#), Ok(control));
+        let precise = Control::encode_cancel("r", vec![StoppedTry { task_id: "t".into(), try_number: 2 }]);
+        assert_eq!(
+            String::from_utf8(precise.clone()).unwrap(),
+            r#"{"kind":"cancel_run","v":1,"run_id":"r","tries":[{"task_id":"t","try_number":2}]}"#
+        );
+        let Ok(Control::CancelRun { tries: Some(tries), .. }) = decode::<Control>(&precise) else {
+            panic!("the list decodes")
+        };
+        assert_eq!(tries, vec![StoppedTry { task_id: "t".into(), try_number: 2 }]);
+    }
+
+    #[test]
+    fn a_stop_broadcast_too_large_for_one_message_goes_without_its_list() {
+        let many = (0..40_000).map(|i| StoppedTry { task_id: format!("task-{i:08}"), try_number: 1 }).collect();
+        let encoded = Control::encode_cancel("r", many);
+        assert_eq!(String::from_utf8(encoded).unwrap(), r#"{"kind":"cancel_run","v":1,"run_id":"r"}"#);
     }
 }

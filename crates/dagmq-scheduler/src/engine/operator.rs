@@ -5,7 +5,7 @@ use std::collections::HashMap;
 
 use chrono::{DateTime, Utc};
 use dagmq_core::fail_point;
-use dagmq_core::messages::{self, Control, VERSION};
+use dagmq_core::messages::{Control, StoppedTry};
 use dagmq_core::state::{TaskEvent, task_transition};
 use dagmq_core::store::TaskChange;
 use dagmq_core::{BackendError, RunRecord, RunState, TaskInstance, TaskState};
@@ -248,7 +248,14 @@ impl Engine {
     /// Moves every unfinished task of a run to `cancelled` and broadcasts the stop.
     pub(super) async fn cancel_tasks(&mut self, run_id: &str, reason: &str) -> Result<(), BackendError> {
         let dag_id = self.store.run(run_id).await?.map(|r| r.dag_id).unwrap_or_default();
+        // The tries to stop: those this cancel moved out of `queued` or `running`, and those an
+        // earlier attempt of it cancelled (its broadcast may not have gone out). No try of a
+        // task the store has cancelled at that try may run.
+        let mut stopped = Vec::new();
         for mut task in self.store.tasks(run_id).await? {
+            if task.state == TaskState::Cancelled && task.try_number > 0 {
+                stopped.push(StoppedTry { task_id: task.task_id.clone(), try_number: task.try_number });
+            }
             // A worker may claim a queued try meanwhile: read it again until the cancel
             // applies, so no try runs on inside a cancelled run.
             while let Ok(state) = task_transition(task.state, TaskEvent::Cancel) {
@@ -257,6 +264,9 @@ impl Engine {
                 new.ended_at = Some(self.now_cache);
                 new.error = Some(reason.to_string());
                 if self.store.transition_task(run_id, task.state, task.try_number, &new).await? {
+                    if matches!(task.state, TaskState::Queued | TaskState::Running) {
+                        stopped.push(StoppedTry { task_id: task.task_id.clone(), try_number: task.try_number });
+                    }
                     self.metrics.tasks_finished.inc(&[dag_id.as_str(), "cancelled"]);
                     self.metrics.throughput.note(self.now_cache);
                     break;
@@ -267,10 +277,10 @@ impl Engine {
                 }
             }
         }
-        // The broadcast only hastens the stop: workers check their tries against the store at
-        // every heartbeat, so a lost broadcast delays the stop by one heartbeat interval.
-        let control = Control::CancelRun { v: VERSION, run_id: run_id.to_string() };
-        if let Err(err) = self.queue.broadcast(messages::encode(&control)).await {
+        // The broadcast names the tries stopped, which workers stop at once, claimed or not yet;
+        // it only hastens the stop: workers check their tries against the store at every
+        // heartbeat, so a lost broadcast delays the stop by one heartbeat interval.
+        if let Err(err) = self.queue.broadcast(Control::encode_cancel(run_id, stopped)).await {
             tracing::warn!(run = %run_id, "broadcasting the cancel: {err}; workers learn it from the store");
         }
         Ok(())
@@ -365,13 +375,13 @@ impl Engine {
                 run.replace(i, task);
             }
         }
-        let mut stopped = 0;
+        let mut stopped = Vec::new();
         for i in 0..run.tasks.len() {
             while let Some(new) = run.tasks[i].stopped_by_suspension(self.now_cache) {
                 let old = &run.tasks[i];
                 if self.store.transition_task(run.id(), old.state, old.try_number, &new).await? {
+                    stopped.push(StoppedTry { task_id: old.task_id.clone(), try_number: old.try_number });
                     run.replace(i, new);
-                    stopped += 1;
                     break;
                 }
                 match self.store.task(run.id(), &run.tasks[i].task_id).await? {
@@ -380,11 +390,11 @@ impl Engine {
                 }
             }
         }
-        if stopped > 0 {
-            // As for a cancel, the broadcast only hastens the stop: workers stop a try the store
-            // no longer has running under them at their next heartbeat.
-            let control = Control::CancelRun { v: VERSION, run_id: run.id().to_string() };
-            if let Err(err) = self.queue.broadcast(messages::encode(&control)).await {
+        if !stopped.is_empty() {
+            // As for a cancel, the broadcast names the tries stopped and only hastens the stop:
+            // workers stop a try the store no longer has running under them at their next
+            // heartbeat.
+            if let Err(err) = self.queue.broadcast(Control::encode_cancel(run.id(), stopped)).await {
                 tracing::warn!(run = %run.id(), "broadcasting the suspension: {err}; workers learn it from the store");
             }
         }

@@ -1,13 +1,14 @@
 //! The tries running on this worker: the registry the heartbeat lists (a try is registered
-//! before its claim), and stopping tries: those the store no longer has running here, checked
-//! at every heartbeat and on a control broadcast (`stop_superseded`), or all at once.
+//! before its claim), and stopping tries: those a control broadcast names (`control_loop`),
+//! those the store no longer has running here, checked at every heartbeat (`stop_superseded`),
+//! or all at once.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
-use dagmq_core::messages::{self, Control};
+use dagmq_core::messages::{self, Control, StoppedTry};
 use dagmq_core::records::RunningTry;
 use dagmq_core::task::CancelHandle;
 use dagmq_core::{BackendError, CancelSignal, Subscription, TaskState};
@@ -118,9 +119,19 @@ async fn stop_superseded_in(shared: &Shared, in_run: impl Fn(&str) -> bool) -> R
         }
     }
     let mut stopped = 0;
+    // A run whose tasks cannot be read must not keep the others' tries from being checked:
+    // every run is checked, and the first error is answered after.
+    let mut failed = None;
     for (run_id, tries) in by_run {
         let ids: Vec<&str> = tries.iter().map(|(task_id, _)| task_id.as_str()).collect();
-        let found = shared.store.tasks_by_id(&run_id, &ids).await?;
+        let found = match shared.store.tasks_by_id(&run_id, &ids).await {
+            Ok(found) => found,
+            Err(err) => {
+                tracing::warn!(run = %run_id, "reading the tries of the run to check them: {err}");
+                failed.get_or_insert(err);
+                continue;
+            }
+        };
         for ((task_id, try_number), task) in tries.iter().zip(found) {
             let ours = task.as_ref().is_some_and(|t| {
                 t.try_number == *try_number
@@ -153,22 +164,52 @@ async fn stop_superseded_in(shared: &Shared, in_run: impl Fn(&str) -> bool) -> R
             }
         }
     }
-    Ok(stopped)
+    match failed {
+        Some(err) => Err(err),
+        None => Ok(stopped),
+    }
+}
+
+/// Stops the tries of `run_id` that a stop broadcast names, whether their claim's answer is
+/// back or not (a try stopped before it starts never starts); any other try of the run (a
+/// later try of a resumed or restarted run) runs on. Answers how many were stopped.
+fn stop_named(shared: &Shared, run_id: &str, tries: &[StoppedTry]) -> usize {
+    let running = lock(&shared.running);
+    let mut stopped = 0;
+    for named in tries {
+        let key = (run_id.to_string(), named.task_id.clone(), named.try_number);
+        if let Some(handle) = running.get(&key)
+            && StopReason::from_u8(handle.reason.load(Ordering::SeqCst)) == StopReason::None
+        {
+            handle.reason.store(StopReason::Cancelled as u8, Ordering::SeqCst);
+            handle.cancel.cancel();
+            stopped += 1;
+        }
+    }
+    stopped
 }
 
 /// Listens for control broadcasts (run cancelled or suspended) and stops the affected tries.
 ///
-/// A broadcast names a run, not its tries, and may arrive late: to a worker that was frozen
-/// when it was sent, after the run was resumed or restarted and this worker claimed a new try
-/// of it. So it only prompts the heartbeat's check for that run's tries: those the store no
-/// longer has running here stop, a new try runs on. Should the store not answer, the next
-/// heartbeat's check stops them.
+/// A broadcast may arrive late: to a worker that was frozen when it was sent, after the run
+/// was resumed or restarted and this worker claimed a new try of it. It names the tries the
+/// scheduler stopped, by try number: those stop at once, with no store call, whether their
+/// claim's answer is back or not, and a new try runs on. A broadcast without the list (from an
+/// older scheduler) prompts the heartbeat's check for that run's tries instead: those the store
+/// no longer has running here stop; should the store not answer, the next heartbeat's check
+/// stops them.
 pub(crate) async fn control_loop(shared: Arc<Shared>, shutdown: CancelSignal) {
     let mut subscription = Subscription::broadcasts(shared.queue.clone());
     let limit = shared.config.heartbeat_interval / 2;
     while let Some(delivery) = subscription.next(&shutdown).await {
         match messages::decode::<Control>(&delivery.payload) {
-            Ok(Control::CancelRun { run_id, .. }) => {
+            Ok(Control::CancelRun { run_id, tries: Some(tries), .. }) => {
+                let count = stop_named(&shared, &run_id, &tries);
+                if count > 0 {
+                    tracing::info!(run = %run_id, count, "stopped tries of a cancelled or suspended run");
+                }
+            }
+            Ok(Control::CancelRun { run_id, tries: None, .. }) => {
                 match tokio::time::timeout(limit, stop_superseded_in(&shared, |r| r == run_id)).await {
                     Ok(Ok(0)) => {}
                     Ok(Ok(count)) => {
