@@ -7,8 +7,8 @@ use dagmq_core::dag_version::DagVersionRecord;
 use dagmq_core::memory::MemoryStore;
 use dagmq_core::records::{DagRecord, RunningTry};
 use dagmq_core::store::{
-    ClaimAnswer, Claimant, CreateRun, EagerClaim, Fence, FinishedTry, LOG_CUT_MARKER, LeaseTerm, MAX_LOG_LINES_PER_TRY, RunFilter,
-    TaskChange,
+    ClaimAnswer, Claimant, CreateRun, EagerClaim, Fence, FinishedTry, LOG_CUT_MARKER, LeaseTerm, MAX_LOG_LINES_PER_TRY,
+    RunFilter, TaskChange,
 };
 use dagmq_core::{
     Clock, FollowUp, RunKind, RunRecord, RunState, Store, TaskInstance, TaskState, TokioClock, WorkerInfo,
