@@ -7,8 +7,8 @@ use dagmq_core::dag_version::DagVersionRecord;
 use dagmq_core::memory::MemoryStore;
 use dagmq_core::records::{DagRecord, RunningTry};
 use dagmq_core::store::{
-    Claimant, CreateRun, EagerClaim, Fence, FinishedTry, LOG_CUT_MARKER, LeaseTerm, MAX_LOG_LINES_PER_TRY, RunFilter,
-    TaskChange,
+    ClaimAnswer, Claimant, CreateRun, EagerClaim, Fence, FinishedTry, LOG_CUT_MARKER, LeaseTerm, MAX_LOG_LINES_PER_TRY,
+    RunFilter, TaskChange,
 };
 use dagmq_core::{
     Clock, FollowUp, RunKind, RunRecord, RunState, Store, TaskInstance, TaskState, TokioClock, WorkerInfo,
@@ -442,8 +442,9 @@ async fn dag_versions(store: &dyn Store) {
     }
 }
 
-/// A claim in one call: a queued try becomes exactly `claimed_by` the claimant; anything else
-/// is answered unchanged; other tasks are read with it.
+/// A claim in one call: a queued try of a running run becomes exactly `claimed_by` the
+/// claimant; anything else is answered unchanged (a queued try of a run that is not running
+/// too: queued, suspended or finished); other tasks are read with it.
 async fn claims(store: Arc<dyn Store>) {
     let claimant = Claimant { worker: "w1".into(), instance: "w1@1-2".into(), at: at(40) };
     let mut queued = TaskInstance::pending("q", vec!["p".to_string()], "default", 2).next_try(at(39));
@@ -451,8 +452,15 @@ async fn claims(store: Arc<dyn Store>) {
     // A try of an earlier worker left its instance name behind: claimed all the same.
     let mut stale = TaskInstance::pending("s", vec![], "default", 0).next_try(at(39));
     stale.worker_instance = Some("w0@0-1".into());
-    let tasks = vec![TaskInstance::pending("p", vec![], "default", 0), queued.clone(), stale.clone()];
+    // Queued while the run does not run (a requeue that raced a suspension): never claimed.
+    let left = TaskInstance::pending("f", vec![], "default", 0).next_try(at(39));
+    let tasks = vec![TaskInstance::pending("p", vec![], "default", 0), queued.clone(), stale.clone(), left.clone()];
     assert_eq!(store.create_run(&run("claims", "etl", 30, None), &tasks).await.unwrap(), CreateRun::Created);
+
+    let refused = store.claim_try("claims", "f", 1, &claimant, &["p"]).await.unwrap();
+    assert_eq!(refused, ClaimAnswer { task: Some(left.clone()), claimed: false, read: vec![Some(tasks[0].clone())] });
+    assert_eq!(store.task("claims", "f").await.unwrap(), Some(left.clone()), "a queued run's try is not claimed");
+    move_run(store.as_ref(), "claims", RunState::Running, 35).await;
 
     let answer = store.claim_try("claims", "q", 1, &claimant, &["p", "nope"]).await.unwrap();
     assert!(answer.claimed);
@@ -472,6 +480,18 @@ async fn claims(store: Arc<dyn Store>) {
     let answer = store.claim_try("claims", "s", 1, &claimant, &[]).await.unwrap();
     assert!(answer.claimed);
     assert_eq!(store.task("claims", "s").await.unwrap(), Some(stale.claimed_by(&claimant)));
+
+    move_run(store.as_ref(), "claims", RunState::Suspended, 41).await;
+    let refused = store.claim_try("claims", "f", 1, &claimant, &[]).await.unwrap();
+    assert_eq!((refused.claimed, refused.task), (false, Some(left.clone())), "a suspended run's try");
+    // A claim whose answer was lost is found as it is, running under its claimant, whatever
+    // the run's state now.
+    let lost = store.claim_try("claims", "s", 1, &claimant, &[]).await.unwrap();
+    assert_eq!((lost.claimed, lost.task), (false, Some(stale.claimed_by(&claimant))));
+    move_run(store.as_ref(), "claims", RunState::Cancelled, 42).await;
+    let refused = store.claim_try("claims", "f", 1, &claimant, &[]).await.unwrap();
+    assert_eq!((refused.claimed, refused.task), (false, Some(left.clone())), "a cancelled run's try");
+    assert_eq!(store.task("claims", "f").await.unwrap(), Some(left));
     let unknown = store.claim_try("claims", "nope", 1, &claimant, &["p"]).await.unwrap();
     assert_eq!((unknown.claimed, unknown.task, unknown.read.len()), (false, None, 1));
 }

@@ -6,9 +6,10 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use dagmq_core::messages::{self, Control, StoppedTry, VERSION};
+use dagmq_core::messages::{self, Control, StoppedTry, TaskToExec, VERSION};
 use dagmq_core::{
-    Dag, DagRegistry, Queue, RunState, Store, Task, TaskContext, TaskError, TaskOutcome, TaskSpec, TaskState,
+    Clock, Dag, DagRegistry, Queue, RunState, Store, Task, TaskContext, TaskError, TaskOutcome, TaskSpec, TaskState,
+    Topic,
 };
 use dagmq_scheduler::CommandError;
 
@@ -151,6 +152,56 @@ async fn after_a_scheduler_restart_a_suspended_run_resumes_or_cancels_at_once() 
         }
         h.stop().await;
     }
+}
+
+/// The review of the fix for seed 1008752 (its finding F3): the interrupted worker reads the
+/// run and then writes the new try back, two steps, so the suspension can still come between
+/// them and the try be queued, with its message, in a suspended run. Here the test writes what
+/// that worker wrote: try 2 of `a` queued in the suspended run, and its message. No worker may
+/// run it: the claim is refused while the run is not running, the message is acknowledged, the
+/// scheduler's sweep stops the queued try as the suspension would have, and after the resume the
+/// task runs once.
+#[tokio::test(start_paused = true)]
+async fn a_try_queued_in_a_suspended_run_is_not_claimed_and_runs_once_after_the_resume() {
+    let starts = Arc::new(AtomicU32::new(0));
+    let h = Harness::start(harness_dags(&starts)).await;
+    let run = h.trigger("long").await;
+    h.wait_task(&run, "a", |t| t.state == TaskState::Running).await;
+    h.wait_task(&run, "c", |t| t.state == TaskState::Running).await;
+    h.scheduler.suspend(&run).await.unwrap();
+    let a = h.tasks(&run).await["a"].clone();
+    assert_eq!((a.state, a.try_number), (TaskState::Suspended, 1), "precondition");
+
+    let queued = a.next_try(h.clock.now());
+    assert!(h.store.transition_task(&run, TaskState::Suspended, 1, &queued).await.unwrap(), "precondition");
+    let record = h.store.run(&run).await.unwrap().unwrap();
+    let message = TaskToExec {
+        v: VERSION,
+        run_id: run.clone(),
+        dag_id: "long".into(),
+        task_id: "a".into(),
+        try_number: queued.try_number,
+        max_try: queued.max_try,
+        params: Default::default(),
+        logical_date: record.logical_date,
+        follow_up: None,
+    };
+    h.queue.publish(&Topic::Tasks("default".into()), messages::encode(&message)).await.unwrap();
+
+    let stopped = h.wait_task(&run, "a", |t| t.state != TaskState::Queued).await;
+    assert_eq!((stopped.state, stopped.try_number), (TaskState::Suspended, 2), "{stopped:?}");
+    assert_eq!(stopped.started_at, None, "try 2 of a was never claimed: {stopped:?}");
+    tokio::time::sleep(Duration::from_secs(30)).await;
+    assert_eq!(starts.load(Ordering::SeqCst), 2, "no try started in the suspended run");
+    assert_eq!(h.queue.depth(&Topic::Tasks("default".into())).await.unwrap(), 0, "the message was acknowledged");
+    assert_eq!(h.queue.depth(&Topic::Dead).await.unwrap(), 0, "and not dead-lettered");
+
+    h.scheduler.resume(&run).await.unwrap();
+    assert_eq!(h.wait_final(&run).await, RunState::Success, "tasks {:?}", h.tasks(&run).await);
+    let tasks = h.tasks(&run).await;
+    assert_eq!((tasks["a"].state, tasks["a"].try_number), (TaskState::Success, 3), "{:?}", tasks["a"]);
+    assert_eq!(starts.load(Ordering::SeqCst), 5, "a and c twice, b once");
+    h.stop().await;
 }
 
 /// Seeds 1001326, 1002062, 1002281 and 1006956 of the simulator. A worker frozen while a run was

@@ -296,9 +296,13 @@ pub trait Store: Send + Sync + 'static {
         Ok(applied)
     }
 
-    /// Claims a try for a worker: if the task is `queued` at `try_number` it becomes
-    /// [`TaskInstance::claimed_by`] `claimant`, atomically; otherwise nothing changes. The tasks
-    /// named by `read` are read in the same call. One round trip where the backend allows it.
+    /// Claims a try for a worker: if the task is `queued` at `try_number` and its run is
+    /// `running` it becomes [`TaskInstance::claimed_by`] `claimant`, atomically; otherwise
+    /// nothing changes. A try queued in a run that is not running (a suspension or a cancel
+    /// came between a requeue's read of the run and its write) is refused, answered with the
+    /// task as it is: the suspension, or the scheduler's sweep, stops it; a cancel cancels it.
+    /// The tasks named by `read` are read in the same call. One round trip where the backend
+    /// allows it.
     async fn claim_try(
         &self,
         run_id: &str,
@@ -315,6 +319,9 @@ pub trait Store: Send + Sync + 'static {
         let read = found.collect();
         let Some(current) = task else { return Ok(ClaimAnswer { task: None, claimed: false, read }) };
         if current.state != TaskState::Queued || current.try_number != try_number {
+            return Ok(ClaimAnswer { task: Some(current), claimed: false, read });
+        }
+        if self.run(run_id).await?.is_none_or(|run| run.state != RunState::Running) {
             return Ok(ClaimAnswer { task: Some(current), claimed: false, read });
         }
         claim_queued(self, run_id, current, claimant, read).await

@@ -59,15 +59,18 @@ return 1
 "#
 ));
 
-/// A worker claims a try and reads other tasks, in one step. KEYS[1] tasks hash. ARGV: task id,
-/// try, the claim's fields as JSON members (`,"started_at":...,"worker":...,"worker_instance":...`),
-/// then the ids of tasks to read. When the task is `queued` at that try, with its state first
-/// after its id (serde's order) and none of the claim's fields or a progress of its own, the
-/// claim is made here by rewriting the state and appending the fields (no re-encoding, so the
-/// rest of the instance stays byte for byte); otherwise nothing is written. Answers a code
-/// (`0` unknown task, `1` claimed, `2` not claimable, `3` claimable but not in that shape: the
-/// caller claims with a compare-and-set), the task's JSON after the call (or nil), the task's
-/// `#progress` field, then the JSON and `#progress` field of each task read.
+/// A worker claims a try and reads other tasks, in one step. KEYS[1] tasks hash, KEYS[2] the
+/// run's meta. ARGV: task id, try, the claim's fields as JSON members
+/// (`,"started_at":...,"worker":...,"worker_instance":...`), then the ids of tasks to read. When
+/// the task is `queued` at that try and the run is `running`, with the task's state first after
+/// its id (serde's order) and none of the claim's fields or a progress of its own, the claim is
+/// made here by rewriting the state and appending the fields (no re-encoding, so the rest of the
+/// instance stays byte for byte); otherwise nothing is written. Answers a code (`0` unknown
+/// task, `1` claimed, `2` not claimable, `3` claimable but not in that shape: the caller claims
+/// with a compare-and-set, `4` queued at that try but the run is not `running`, or gone), the
+/// task's JSON after the call (or nil), the task's `#progress` field, then the JSON and
+/// `#progress` field of each task read. The run is read only for a claimable try, so a claim of
+/// the caller's whose answer was lost is found (`2`, running under it) whatever the run's state.
 pub(crate) const CLAIM_TRY: &str = task_script!(
     r#"
 local answer = {}
@@ -79,8 +82,13 @@ if not current then
 else
   local state, try = head(current)
   local prefix = '{"task_id":"' .. ARGV[1] .. '","state":"queued"'
+  local meta
+  if state == 'queued' and try == ARGV[2] then meta = redis.call('GET', KEYS[2]) end
   if state ~= 'queued' or try ~= ARGV[2] then
     answer[1] = '2'
+    answer[2] = current
+  elseif not meta or cjson.decode(meta).state ~= 'running' then
+    answer[1] = '4'
     answer[2] = current
   elseif string.sub(current, 1, #prefix) ~= prefix or string.sub(current, -1) ~= '}' then
     answer[1] = '3'

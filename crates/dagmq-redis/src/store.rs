@@ -297,7 +297,7 @@ impl Store for RedisStore {
         );
         let mut conn = self.conn().await?;
         let mut invocation = self.scripts.claim_try.key(self.tasks_key(run_id));
-        invocation.arg(task_id).arg(try_number).arg(fields);
+        invocation.key(self.meta_key(run_id)).arg(task_id).arg(try_number).arg(fields);
         for id in read {
             invocation.arg(*id);
         }
@@ -320,7 +320,9 @@ impl Store for RedisStore {
         }
         match (code.as_str(), task) {
             ("1", task) => Ok(ClaimAnswer { task, claimed: true, read: reads }),
-            // An instance the script does not rewrite: claim it with a compare-and-set.
+            // An instance the script does not rewrite: claim it with a compare-and-set. The run
+            // was running when the script read it; this rare shape (none of this version's
+            // writes make it) keeps the window between that read and the compare-and-set.
             ("3", Some(current)) => dagmq_core::store::claim_queued(self, run_id, current, claimant, reads).await,
             (_, task) => Ok(ClaimAnswer { task, claimed: false, read: reads }),
         }

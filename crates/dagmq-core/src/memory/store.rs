@@ -294,8 +294,9 @@ impl Store for MemoryStore {
         let read: Vec<Option<TaskInstance>> =
             read.iter().map(|id| entry.index.get(*id).map(|&i| entry.tasks[i].clone())).collect();
         let Some(&i) = entry.index.get(task_id) else { return Ok(ClaimAnswer { task: None, claimed: false, read }) };
+        let running = entry.record.state == RunState::Running;
         let current = &mut entry.tasks[i];
-        if current.state != TaskState::Queued || current.try_number != try_number {
+        if current.state != TaskState::Queued || current.try_number != try_number || !running {
             return Ok(ClaimAnswer { task: Some(current.clone()), claimed: false, read });
         }
         *current = current.claimed_by(claimant);
