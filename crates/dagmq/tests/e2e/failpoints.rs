@@ -730,7 +730,7 @@ fn crash_in_the_middle_of_a_cancel() {
     // The worker stopped the try (from the broadcast, or from the store at its next heartbeat).
     cluster.wait_until(Duration::from_secs(15), || {
         let logs = cluster.log_of("w1");
-        logs.contains("stopping tries of a cancelled") || logs.contains("the store no longer has this try running here")
+        logs.contains("stopped tries of a cancelled") || logs.contains("the store no longer has this try running here")
     });
     let _ = std::fs::remove_file(&log);
 }
