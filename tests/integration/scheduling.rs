@@ -1,6 +1,7 @@
 //! Scheduler and worker against the in-memory queue and store with tokio's paused clock.
 
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use dagmq_core::messages::{self, TaskToExec, VERSION};
@@ -703,6 +704,71 @@ async fn a_run_start_whose_answer_was_lost_still_holds_its_place_under_max_activ
         a.ended_at,
         b.run_id,
         b.started_at
+    );
+    h.stop().await;
+}
+
+/// Found by the simulator (seed 2002351): a queued run's start applied but its answer was lost,
+/// so the run waits at the head of its DAG's queue holding its place; then a clear of a finished
+/// run of the DAG (reopened as `queued`, the DAG's slot being taken) applied and its answer was
+/// lost too. The cleared run must not jump ahead of the run in doubt: it was put at the head of
+/// the queue and started at once, while the run in doubt was `running` already, so two runs of a
+/// DAG with `max_active_runs` 1 ran at once.
+#[tokio::test(start_paused = true)]
+async fn a_clear_in_doubt_does_not_start_ahead_of_a_run_start_in_doubt() {
+    let journal = Journal::default();
+    let clock = Arc::new(dagmq_core::TokioClock::starting_at(origin()));
+    let slow = Probe { work: Duration::from_secs(30), ..Probe::new(&journal, &clock) };
+    let dag = Dag::builder("one_at_a_time").max_active_runs(1).task(TaskSpec::rust("work", slow)).build().unwrap();
+    let h = Harness::start_with(registry(vec![dag]), dagmq_worker::builtin_tasks()).await;
+    let finished = h.trigger("one_at_a_time").await;
+    assert_eq!(h.wait_final(&finished).await, RunState::Success);
+    let running = h.trigger("one_at_a_time").await;
+    h.wait_run(&running, |r| r.state == RunState::Running).await;
+    let waiting = h.trigger("one_at_a_time").await;
+
+    // The most runs of the DAG the store ever holds `running` at once, seen every 10 ms.
+    let most = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let watch = {
+        let (store, most) = (h.store.clone(), most.clone());
+        tokio::spawn(async move {
+            loop {
+                let runs = store.list_runs(&dagmq_core::store::RunFilter { limit: 100, ..Default::default() }).await;
+                let now = runs.unwrap().iter().filter(|r| r.state == RunState::Running).count();
+                most.fetch_max(now, Ordering::SeqCst);
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        })
+    };
+
+    // `running` ends; the start of `waiting` applies, its answer is lost, and the run cannot be
+    // read again meanwhile, so it waits at the head of the DAG's queue, in doubt.
+    let faults = &h.scheduler_faults.store;
+    faults.lost_run_answer_hides_run.store(true, Ordering::SeqCst);
+    *faults.lose_run_answer_to.lock().unwrap() = Some(RunState::Running);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    while faults.lose_run_answer_to.lock().unwrap().is_some() {
+        assert!(tokio::time::Instant::now() < deadline, "precondition: the start of {waiting} was not tried");
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    assert!(faults.run_reads_failing.load(Ordering::SeqCst), "precondition: the start's answer was lost");
+    faults.lost_run_answer_hides_run.store(false, Ordering::SeqCst);
+    faults.run_reads_failing.store(false, Ordering::SeqCst);
+    // The clear of the finished run reopens it `queued` (the slot is taken); its answer is lost.
+    *faults.lose_run_answer_to.lock().unwrap() = Some(RunState::Queued);
+    let cleared = h.scheduler.clear(&finished, vec!["work".into()], false).await;
+    let fault = faults.lose_run_answer_to.lock().unwrap().take();
+    assert_eq!(fault, None, "precondition: the clear's answer was lost (it answered {cleared:?})");
+
+    for run in [&running, &waiting, &finished] {
+        assert_eq!(h.wait_final(run).await, RunState::Success, "{run}");
+    }
+    watch.abort();
+    assert_eq!(
+        most.load(Ordering::SeqCst),
+        1,
+        "two runs of a DAG with max_active_runs 1 ran at once (the cleared run {finished} started ahead of \
+         {waiting}, whose start's answer was lost)"
     );
     h.stop().await;
 }

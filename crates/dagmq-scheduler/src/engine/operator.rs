@@ -188,10 +188,19 @@ impl Engine {
                 return Err(CommandError::Conflict(format!("run {run_id:?} changed state meanwhile; try again")));
             }
             Err(err) => {
-                // The answer is unknown: the run may be open again. It goes to the head of its
-                // DAG's queue, so that it is settled (loaded if running, started if queued,
-                // dropped if still finished) before any other run of the DAG starts.
-                self.settle_first(record);
+                // The answer is unknown: the run may be open again. Reopened `running` (the
+                // DAG's queue was empty), it goes to the head of that queue, so that it is
+                // settled (loaded if running, dropped if still finished) before any other run
+                // of the DAG starts. Reopened `queued`, it cannot be running: it waits behind
+                // the runs already queued (started in its turn, dropped if still finished), and
+                // never goes ahead of a run at the head whose start is in doubt, which may be
+                // running already (simulator seed 2002351).
+                if room {
+                    self.settle_first(record);
+                } else {
+                    self.queued.entry(record.dag_id.clone()).or_default().push_back(record.run_id.clone());
+                    self.dirty.insert(record.dag_id.clone());
+                }
                 return Err(backend(err));
             }
         }
