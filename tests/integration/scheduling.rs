@@ -929,3 +929,84 @@ async fn a_task_waits_for_follow_ups_of_an_upstream_not_added_yet() {
     assert_before(&journal, "p.part", "d");
     h.stop().await;
 }
+
+/// Found by the simulator (seed 2008629): a cancel whose run write applied but answered an
+/// error returned before the scheduler dropped its view of the run, so the view kept the run
+/// `running` and its DAG's slot taken. A restart (allowed: the store had the run `cancelled`)
+/// found no room under max_active_runs 1 and queued the run, and the stale view went on queueing
+/// its tasks in a run the store had `queued`: the run and every later run of the DAG hung.
+#[tokio::test(start_paused = true)]
+async fn a_cancel_whose_answer_was_lost_then_a_restart_runs_the_run_and_the_next_one() {
+    let journal = Journal::default();
+    let clock = Arc::new(dagmq_core::TokioClock::starting_at(origin()));
+    let slow = Probe { work: Duration::from_secs(60), ..Probe::new(&journal, &clock) };
+    let dag = Dag::builder("single_cancel")
+        .max_active_runs(1)
+        .task(TaskSpec::rust("t0", slow))
+        .task(TaskSpec::rust("t1", Probe::new(&journal, &clock)).after(["t0"]))
+        .build()
+        .unwrap();
+    let h = Harness::start_with(registry(vec![dag]), dagmq_worker::builtin_tasks()).await;
+    let first = h.trigger("single_cancel").await;
+    h.wait_task(&first, "t0", |t| t.state == TaskState::Running).await;
+    *h.scheduler_faults.store.lose_run_answer_to.lock().unwrap() = Some(RunState::Cancelled);
+    let lost = h.scheduler.cancel(&first).await;
+    let fault = h.scheduler_faults.store.lose_run_answer_to.lock().unwrap().take();
+    assert_eq!(fault, None, "precondition: the cancel's answer was lost (the command answered {lost:?})");
+    assert!(lost.is_err(), "the cancel's answer was lost, yet it answered {lost:?}");
+    assert_eq!(h.store.run(&first).await.unwrap().unwrap().state, RunState::Cancelled, "precondition: it applied");
+    h.scheduler.restart(&first).await.unwrap();
+    let second = h.trigger("single_cancel").await;
+    let first_done = h.wait_run(&first, |r| r.state.is_final()).await;
+    let second_done = h.wait_run(&second, |r| r.state.is_final()).await;
+    assert_eq!((first_done.state, second_done.state), (RunState::Success, RunState::Success));
+    assert!(
+        second_done.started_at >= first_done.ended_at,
+        "two runs of a DAG with max_active_runs 1 ran at once: {first_done:?} and {second_done:?}"
+    );
+    h.stop().await;
+}
+
+/// Found by the simulator (seed 2005020): a retry whose timer fired while its DAG's
+/// max_active_tasks was full waited for the limit, and when the slot freed the wake-up took it
+/// off the wait queue without queueing it (only `pending` tasks were queued there). Under steady
+/// load the retry was starved for ever; here it must be queued as soon as the slot frees.
+#[tokio::test(start_paused = true)]
+async fn a_retry_due_while_max_active_tasks_is_full_is_queued_when_the_slot_frees() {
+    let journal = Journal::default();
+    let clock = Arc::new(dagmq_core::TokioClock::starting_at(origin()));
+    let flaky = Probe { failures: 1, ..Probe::new(&journal, &clock) };
+    let slow = Probe { work: Duration::from_secs(60), ..Probe::new(&journal, &clock) };
+    let dag = Dag::builder("one_slot")
+        .max_active_tasks(1)
+        .task(TaskSpec::rust("flaky", flaky).retries(1).retry_delay(
+            Duration::from_secs(5),
+            1.0,
+            Duration::from_secs(5),
+        ))
+        .task(TaskSpec::rust("long", slow))
+        .build()
+        .unwrap();
+    let h = Harness::start_with(registry(vec![dag]), dagmq_worker::builtin_tasks()).await;
+    let run = h.trigger("one_slot").await;
+    assert_eq!(h.wait_final(&run).await, RunState::Success, "{:?}", journal.entries());
+    let flaky_starts = journal.times_of("start:flaky");
+    let long_starts = journal.times_of("start:long");
+    let long_ends = journal.times_of("end:long");
+    assert_eq!(flaky_starts.len(), 2, "{:?}", journal.entries());
+    assert!(
+        flaky_starts[0] < long_starts[0] && long_starts[0] < flaky_starts[0] + chrono::Duration::seconds(5),
+        "precondition: flaky failed first and long took the slot before its retry was due: {:?}",
+        journal.entries()
+    );
+    // The retry was due while long held the slot: it is queued (try 2) as the slot frees, not
+    // when a later sweep happens to find the slot free.
+    assert!(
+        flaky_starts[1] >= long_ends[0] && flaky_starts[1] - long_ends[0] < chrono::Duration::seconds(1),
+        "the retry was not queued when the slot freed: long ended at {}, flaky's try 2 started at {}",
+        long_ends[0],
+        flaky_starts[1]
+    );
+    assert_eq!(h.store.task(&run, "flaky").await.unwrap().unwrap().try_number, 2);
+    h.stop().await;
+}

@@ -236,8 +236,25 @@ impl Engine {
         let mut cancelled = record.clone();
         cancelled.state = RunState::Cancelled;
         cancelled.ended_at = Some(self.now_cache);
-        if !self.store.transition_run(record.state, &cancelled).await.map_err(backend)? {
-            return Err(CommandError::Conflict(format!("run {run_id:?} changed state meanwhile; try again")));
+        match self.store.transition_run(record.state, &cancelled).await {
+            Ok(true) => {}
+            Ok(false) => {
+                return Err(CommandError::Conflict(format!("run {run_id:?} changed state meanwhile; try again")));
+            }
+            Err(err) => {
+                // The run may be cancelled already (and then restarted): a view kept would go on
+                // scheduling it as running and hold its DAG's slot. The view goes, and the run
+                // is settled from the store before any other run of its DAG starts (loaded
+                // again if still running, dropped if cancelled).
+                self.limits.forget_run(run_id);
+                if self.active.remove(run_id).is_some()
+                    && let Some(count) = self.running.get_mut(&record.dag_id)
+                {
+                    *count = count.saturating_sub(1);
+                }
+                self.settle_first(&record);
+                return Err(backend(err));
+            }
         }
         self.limits.forget_run(run_id);
         if self.active.remove(run_id).is_some()

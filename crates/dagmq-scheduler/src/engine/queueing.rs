@@ -238,7 +238,14 @@ impl Engine {
                 self.limits.stop_waiting(&run_id, &task_id);
                 let Some(mut run) = self.active.remove(&run_id) else { continue };
                 let result = match run.index.get(&task_id).copied() {
-                    Some(i) if run.decision(i) == Decision::Run => self.queue_tasks(&mut run, vec![i]).await,
+                    // A retry waits here too once its timer found the limit full: it is due.
+                    Some(i)
+                        if run.decision(i) == Decision::Run
+                            || (run.tasks[i].state == TaskState::UpForRetry
+                                && run.tasks[i].retry_at.is_some_and(|at| at <= self.now_cache)) =>
+                    {
+                        self.queue_tasks(&mut run, vec![i]).await
+                    }
                     _ => Ok(()),
                 };
                 if let Err(err) = self.put_back(run).await.and(result) {
