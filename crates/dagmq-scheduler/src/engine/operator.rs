@@ -241,6 +241,9 @@ impl Engine {
             Ok(false) => {
                 return Err(CommandError::Conflict(format!("run {run_id:?} changed state meanwhile; try again")));
             }
+            // A suspended run keeps its view: settling from the store starts only queued and
+            // running runs, and a suspended run dropped here would free its DAG's slot.
+            Err(err) if record.state != RunState::Running => return Err(backend(err)),
             Err(err) => {
                 // The run may be cancelled already (and then restarted): a view kept would go on
                 // scheduling it as running and hold its DAG's slot. The view goes, and the run
