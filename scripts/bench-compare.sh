@@ -13,25 +13,8 @@ rounds="${3:-3}"
 amqp="${DAGMQ_AMQP_URL:-amqp://guest:guest@127.0.0.1:5672/%2f}"
 redis="${DAGMQ_REDIS_URL:-redis://127.0.0.1:6379}"
 
-# Percent of CPU time idle over one second, from /proc/stat.
-idle_percent() {
-  local a b total=0 i
-  read -r -a a < <(grep '^cpu ' /proc/stat)
-  sleep 1
-  read -r -a b < <(grep '^cpu ' /proc/stat)
-  for i in 1 2 3 4 5 6 7 8; do total=$((total + b[i] - a[i])); done
-  echo $(( (b[4] - a[4]) * 100 / (total > 0 ? total : 1) ))
-}
-
-# Waits (at most a minute) until the machine is quiet.
-settle() {
-  local idle
-  for _ in $(seq 60); do
-    idle=$(idle_percent)
-    [ "$idle" -ge 90 ] && break
-  done
-  echo "# idle ${idle}%"
-}
+# shellcheck source=scripts/bench-lib.sh
+. "$(dirname "$0")/bench-lib.sh"
 
 # Runs one figure with the binary named by $1 (before or after); the rest are its arguments.
 figure() {

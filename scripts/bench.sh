@@ -13,27 +13,8 @@ rabbitmq-diagnostics -q ping >/dev/null 2>&1 || { rabbitmq-server -detached; sle
 cargo build --release -p dagmq
 bench=./target/release/dagmq
 
-# Percent of CPU time idle over one second, from /proc/stat.
-idle_percent() {
-  local a b
-  read -r -a a < <(grep '^cpu ' /proc/stat)
-  sleep 1
-  read -r -a b < <(grep '^cpu ' /proc/stat)
-  local total=0 i
-  for i in 1 2 3 4 5 6 7 8; do total=$((total + b[i] - a[i])); done
-  echo $(( (b[4] - a[4]) * 100 / (total > 0 ? total : 1) ))
-}
-
-# Waits (at most a minute) until the machine is quiet: the broker keeps working for a while
-# after a large run (queue deletion, log compaction), and would slow the next figure.
-settle() {
-  local idle
-  for _ in $(seq 60); do
-    idle=$(idle_percent)
-    [ "$idle" -ge 90 ] && break
-  done
-  echo "# idle before the next figure: ${idle}%"
-}
+# shellcheck source=scripts/bench-lib.sh
+. scripts/bench-lib.sh
 echo "# $(nproc) cores, $(free -g | awk '/Mem:/ {print $2}') GiB, $(date -u +%Y-%m-%dT%H:%MZ)"
 # Each figure three times (the machine is shared with the broker: single runs vary), then the
 # scale runs once: 100,000 tasks wide, and 10,000 in 100 layers of 100.
