@@ -312,3 +312,56 @@ async fn a_clear_whose_answer_was_lost_still_runs_the_task_again_before_the_run_
     assert_eq!((a.state, a.try_number), (TaskState::Success, 2), "the cleared task did not run again: {a:?}");
     h.stop().await;
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_backfill_takes_dates_and_local_times_in_the_dags_timezone() {
+    let runs = Arc::new(AtomicU32::new(0));
+    let mut dags = DagRegistry::new();
+    // Daily at midnight, Warsaw time (UTC+1 in November), paused so that only the backfill runs.
+    dags.add(
+        Dag::builder("warsaw")
+            .schedule("0 0 0 * * *")
+            .timezone("Europe/Warsaw")
+            .start(at("2026-01-01T00:00:00Z"))
+            .paused(true)
+            .task(TaskSpec::rust("work", Counted::new(&runs, 0)))
+            .build()
+            .unwrap(),
+    )
+    .unwrap();
+    let h = Harness::start(dags).await;
+    let time = |text: &str| dagmq_core::TimeArg::parse(text).unwrap();
+    // Plain dates are midnight in Warsaw, both ends included.
+    let outcome =
+        h.scheduler.backfill("warsaw", time("2026-11-19"), time("2026-11-21"), Default::default()).await.unwrap();
+    let expected: Vec<String> = ["2026-11-18T23:00:00Z", "2026-11-19T23:00:00Z", "2026-11-20T23:00:00Z"]
+        .iter()
+        .map(|point| dagmq_scheduler::ids::scheduled_run_id("warsaw", at(point)))
+        .collect();
+    assert_eq!(outcome.runs, expected);
+    // A local time with minutes, and an instant with an offset, in one range.
+    let outcome = h
+        .scheduler
+        .backfill("warsaw", time("2026-11-22T00:30"), time("2026-11-23T23:00:00Z"), Default::default())
+        .await
+        .unwrap();
+    let points = ["2026-11-22T23:00:00Z", "2026-11-23T23:00:00Z"];
+    assert_eq!(
+        outcome.runs,
+        points.map(|point| dagmq_scheduler::ids::scheduled_run_id("warsaw", at(point))),
+        "00:30 local is after the 23rd's midnight; 23:00Z is the 24th's midnight in Warsaw, included"
+    );
+    // A time the clocks skip in Warsaw is refused, saying why.
+    match h.scheduler.backfill("warsaw", time("2026-03-29T02:30"), time("2026-03-30"), Default::default()).await {
+        Err(CommandError::BadInput(reason)) => assert_eq!(
+            reason,
+            "backfill from: 2026-03-29 02:30:00 does not exist in Europe/Warsaw (the clocks skip it); give a time \
+             with an offset"
+        ),
+        other => panic!("expected a 400, got {other:?}"),
+    }
+    for run_id in &expected {
+        assert_eq!(h.wait_run(run_id, |r| r.state == RunState::Success).await.kind, RunKind::Backfill);
+    }
+    h.stop().await;
+}

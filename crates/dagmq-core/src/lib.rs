@@ -22,6 +22,7 @@ pub mod store;
 pub mod task;
 pub mod task_registry;
 pub mod template;
+pub mod time_arg;
 pub mod tls;
 pub mod trigger;
 
@@ -35,6 +36,7 @@ pub use state::{RunState, TaskState};
 pub use store::Store;
 pub use task::{CancelSignal, FollowUp, Params, Task, TaskContext, TaskError, TaskOutcome};
 pub use task_registry::TaskRegistry;
+pub use time_arg::TimeArg;
 pub use tls::TlsSettings;
 pub use trigger::TriggerRule;
 

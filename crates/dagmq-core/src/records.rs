@@ -15,8 +15,10 @@ use crate::task::{FollowUp, Params};
 pub enum RunKind {
     /// Created by the schedule for a schedule point.
     Scheduled,
-    /// Created by a trigger (API, CLI or a message on `dagmq.triggers`).
+    /// Created by a trigger through the API (the CLI and the UI use it).
     Manual,
+    /// Created by a trigger message on `dagmq.triggers` (an outside producer).
+    Message,
     /// Created by a backfill for a schedule point in a range (same id as the scheduled run of
     /// that point would have, so a point never gets two runs).
     Backfill,

@@ -38,10 +38,10 @@ pub(crate) enum Command {
     Backfill {
         /// The DAG.
         dag_id: String,
-        /// First instant of the range.
-        from: chrono::DateTime<chrono::Utc>,
-        /// Last instant of the range (inclusive).
-        to: chrono::DateTime<chrono::Utc>,
+        /// First time of the range (a time without an offset is in the DAG's timezone).
+        from: dagmq_core::TimeArg,
+        /// Last time of the range (inclusive).
+        to: dagmq_core::TimeArg,
         /// Parameters over the DAG's defaults, for every run created.
         params: Params,
         /// Where the answer goes.
@@ -215,11 +215,12 @@ impl SchedulerHandle {
     pub async fn backfill(
         &self,
         dag_id: &str,
-        from: chrono::DateTime<chrono::Utc>,
-        to: chrono::DateTime<chrono::Utc>,
+        from: impl Into<dagmq_core::TimeArg>,
+        to: impl Into<dagmq_core::TimeArg>,
         params: Params,
     ) -> Result<BackfillOutcome, CommandError> {
         let dag_id = dag_id.to_string();
+        let (from, to) = (from.into(), to.into());
         self.ask(|reply| Command::Backfill { dag_id, from, to, params, reply }).await
     }
 

@@ -89,7 +89,7 @@ pub fn document() -> Value {
                 Some(json!({"required": true, "content": {"application/json": {"schema": {
                     "type": "object",
                     "required": ["from", "to"],
-                    "properties": {"from": {"type": "string", "format": "date-time"}, "to": {"type": "string", "format": "date-time"}, "params": {"type": "object"}}
+                    "properties": {"from": {"type": "string", "description": "RFC 3339 (2026-11-01T06:00:00Z), a date (2026-11-01: midnight in the DAG's timezone) or a time without an offset (2026-11-01T06:00, in the DAG's timezone)"}, "to": {"type": "string", "description": "as from; included"}, "params": {"type": "object"}}
                 }}}}))
             )},
             "/api/v1/runs": {"get": operation("latest runs, newest first, with task counts by state; without their params (the run has them)", ("200", "runs"), &std_errors(&["400"]), json!([

@@ -252,10 +252,11 @@ pub enum DagsCommand {
     Backfill {
         /// The DAG.
         dag_id: String,
-        /// First instant, RFC 3339 (`2026-11-01T00:00:00Z`).
+        /// First time: RFC 3339 (`2026-11-01T06:00:00Z`), a date (`2026-11-01`, midnight in the
+        /// DAG's timezone) or a time without an offset (`2026-11-01T06:00`, in the DAG's timezone).
         #[arg(long, value_name = "TIME")]
         from: String,
-        /// Last instant, RFC 3339, included.
+        /// Last time, included; the same forms as --from.
         #[arg(long, value_name = "TIME")]
         to: String,
         /// A parameter, KEY=VALUE (converted to the type the DAG declares for KEY); repeat for more.

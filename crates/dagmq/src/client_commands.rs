@@ -9,7 +9,7 @@ use serde_json::Value;
 
 use crate::cli::{ClientArgs, DagsCommand, LogsArgs, RunsCommand, TriggerArgs};
 use crate::client::HttpClient;
-use crate::{CliError, CliResult};
+use crate::{CliError, CliResult, out};
 
 /// The API address used when neither a flag, the environment nor a config file names one.
 pub(crate) const DEFAULT_API: &str = "http://127.0.0.1:9191";
@@ -69,8 +69,9 @@ impl Api {
     }
 
     /// Prints a value as pretty JSON.
-    fn print_json(&self, value: &Value) {
-        println!("{}", serde_json::to_string_pretty(value).unwrap_or_default());
+    fn print_json(&self, value: &Value) -> CliResult<()> {
+        out!("{}", serde_json::to_string_pretty(value).unwrap_or_default());
+        Ok(())
     }
 }
 
@@ -122,11 +123,11 @@ pub(crate) async fn trigger(api: &Api, args: &TriggerArgs) -> CliResult<()> {
     let run_id = answer["run_id"].as_str().unwrap_or_default().to_string();
     if !args.wait {
         if api.json {
-            api.print_json(&answer);
+            api.print_json(&answer)?;
         } else if answer["created"].as_bool() == Some(false) {
-            println!("{run_id} (existing run for key)");
+            out!("{run_id} (existing run for key)");
         } else {
-            println!("{run_id}");
+            out!("{run_id}");
         }
         return Ok(());
     }
@@ -147,9 +148,9 @@ pub(crate) async fn trigger(api: &Api, args: &TriggerArgs) -> CliResult<()> {
         }
         if matches!(state.as_str(), "success" | "failed" | "cancelled") {
             if api.json {
-                api.print_json(&run);
+                api.print_json(&run)?;
             } else {
-                println!("{run_id} {state}");
+                out!("{run_id} {state}");
             }
             return if state == "success" { Ok(()) } else { Err(CliError::runtime(format!("run {run_id} {state}"))) };
         }
@@ -192,10 +193,10 @@ async fn wait_for_runs(api: &Api, runs: &[String]) -> CliResult<()> {
     if api.json {
         let list: Vec<Value> =
             runs.iter().zip(&states).map(|(run, state)| serde_json::json!({"run_id": run, "state": state})).collect();
-        api.print_json(&Value::Array(list));
+        api.print_json(&Value::Array(list))?;
     } else {
         for (run, state) in runs.iter().zip(&states) {
-            println!("{run} {state}");
+            out!("{run} {state}");
         }
     }
     let bad = states.iter().filter(|s| *s != "success").count();
@@ -223,7 +224,7 @@ pub(crate) async fn dags(api: &Api, command: &DagsCommand) -> CliResult<()> {
         DagsCommand::List => {
             let dags = api.call("GET", "/api/v1/dags", None).await?;
             if api.json {
-                api.print_json(&dags);
+                api.print_json(&dags)?;
                 return Ok(());
             }
             let rows = dags
@@ -243,7 +244,7 @@ pub(crate) async fn dags(api: &Api, command: &DagsCommand) -> CliResult<()> {
                     ]
                 })
                 .collect();
-            print_table(&["DAG", "VERSION", "SCHEDULE", "PAUSED", "NEXT RUN", "LAST RUN", "TASKS"], rows);
+            print_table(&["DAG", "VERSION", "SCHEDULE", "PAUSED", "NEXT RUN", "LAST RUN", "TASKS"], rows)?;
             for refused in dags.as_array().cloned().unwrap_or_default().iter().filter(|d| d["error"].is_string()) {
                 eprintln!("refused: {}", text(&refused["error"]));
             }
@@ -263,10 +264,10 @@ pub(crate) async fn dags(api: &Api, command: &DagsCommand) -> CliResult<()> {
                 return wait_for_runs(api, &runs).await;
             }
             if api.json {
-                api.print_json(&answer);
+                api.print_json(&answer)?;
             } else {
                 for run in &runs {
-                    println!("{run}");
+                    out!("{run}");
                 }
             }
         }
@@ -274,9 +275,9 @@ pub(crate) async fn dags(api: &Api, command: &DagsCommand) -> CliResult<()> {
             let verb = if matches!(command, DagsCommand::Pause { .. }) { "pause" } else { "unpause" };
             let answer = api.call("POST", &format!("/api/v1/dags/{dag_id}/{verb}"), None).await?;
             if api.json {
-                api.print_json(&answer);
+                api.print_json(&answer)?;
             } else {
-                println!("{dag_id} {verb}d");
+                out!("{dag_id} {verb}d");
             }
         }
     }
@@ -296,7 +297,7 @@ pub(crate) async fn runs(api: &Api, command: &RunsCommand) -> CliResult<()> {
             }
             let runs = api.call("GET", &format!("/api/v1/runs{query}"), None).await?;
             if api.json {
-                api.print_json(&runs);
+                api.print_json(&runs)?;
                 return Ok(());
             }
             let rows = runs
@@ -314,15 +315,15 @@ pub(crate) async fn runs(api: &Api, command: &RunsCommand) -> CliResult<()> {
                     ]
                 })
                 .collect();
-            print_table(&["RUN", "DAG", "STATE", "CREATED", "TASKS"], rows);
+            print_table(&["RUN", "DAG", "STATE", "CREATED", "TASKS"], rows)?;
         }
         RunsCommand::Show { run_id } => {
             let run = api.call("GET", &format!("/api/v1/runs/{run_id}"), None).await?;
             if api.json {
-                api.print_json(&run);
+                api.print_json(&run)?;
                 return Ok(());
             }
-            println!(
+            out!(
                 "run      {}\ndag      {}\nstate    {}\nkind     {}\ncreated  {}\nstarted  {}\nended    {}\nparams   {}",
                 text(&run["run_id"]),
                 text(&run["dag_id"]),
@@ -333,7 +334,7 @@ pub(crate) async fn runs(api: &Api, command: &RunsCommand) -> CliResult<()> {
                 text(&run["ended_at"]),
                 run["params"]
             );
-            println!();
+            out!("");
             let rows = run["tasks"]
                 .as_array()
                 .cloned()
@@ -352,19 +353,19 @@ pub(crate) async fn runs(api: &Api, command: &RunsCommand) -> CliResult<()> {
                     ]
                 })
                 .collect();
-            print_table(&["TASK", "STATE", "TRY", "WORKER", "STARTED", "ENDED", "OUTPUT", "ERROR"], rows);
+            print_table(&["TASK", "STATE", "TRY", "WORKER", "STARTED", "ENDED", "OUTPUT", "ERROR"], rows)?;
         }
         RunsCommand::Clear { run_id, tasks, downstream } => {
             let body = serde_json::json!({"tasks": tasks, "downstream": downstream});
             let answer = api.call("POST", &format!("/api/v1/runs/{run_id}/clear"), Some(body)).await?;
             if api.json {
-                api.print_json(&answer);
+                api.print_json(&answer)?;
             } else {
                 let cleared: Vec<&str> = answer["cleared"]
                     .as_array()
                     .map(|c| c.iter().filter_map(Value::as_str).collect())
                     .unwrap_or_default();
-                println!("{run_id} cleared: {}", cleared.join(", "));
+                out!("{run_id} cleared: {}", cleared.join(", "));
             }
         }
         RunsCommand::Restart { run_id }
@@ -379,9 +380,9 @@ pub(crate) async fn runs(api: &Api, command: &RunsCommand) -> CliResult<()> {
             };
             let answer = api.call("POST", &format!("/api/v1/runs/{run_id}/{verb}"), None).await?;
             if api.json {
-                api.print_json(&answer);
+                api.print_json(&answer)?;
             } else {
-                println!("{run_id} {done}");
+                out!("{run_id} {done}");
             }
         }
     }
@@ -398,13 +399,13 @@ pub(crate) async fn logs(api: &Api, args: &LogsArgs) -> CliResult<()> {
         }
         let log = api.call("GET", &path, None).await?;
         if api.json && !args.follow {
-            api.print_json(&log);
+            api.print_json(&log)?;
             return Ok(());
         }
         for line in log["lines"].as_array().cloned().unwrap_or_default() {
             match line.as_str() {
-                Some(text) => println!("{text}"),
-                None => println!("{line}"),
+                Some(text) => out!("{text}"),
+                None => out!("{line}"),
             }
         }
         from = log["next"].as_u64().unwrap_or(0) as usize;
@@ -424,7 +425,7 @@ pub(crate) async fn logs(api: &Api, args: &LogsArgs) -> CliResult<()> {
 pub(crate) async fn workers(api: &Api) -> CliResult<()> {
     let workers = api.call("GET", "/api/v1/workers", None).await?;
     if api.json {
-        api.print_json(&workers);
+        api.print_json(&workers)?;
         return Ok(());
     }
     let rows = workers
@@ -443,7 +444,7 @@ pub(crate) async fn workers(api: &Api) -> CliResult<()> {
             ]
         })
         .collect();
-    print_table(&["WORKER", "HOST", "QUEUES", "CONCURRENCY", "RUNNING", "LAST HEARTBEAT"], rows);
+    print_table(&["WORKER", "HOST", "QUEUES", "CONCURRENCY", "RUNNING", "LAST HEARTBEAT"], rows)?;
     Ok(())
 }
 
@@ -465,20 +466,22 @@ fn counts(value: &Value) -> String {
 }
 
 /// Prints rows under headers, columns padded to their widest cell.
-fn print_table(headers: &[&str], rows: Vec<Vec<String>>) {
+fn print_table(headers: &[&str], rows: Vec<Vec<String>>) -> CliResult<()> {
     let mut widths: Vec<usize> = headers.iter().map(|h| h.len()).collect();
     for row in &rows {
         for (i, cell) in row.iter().enumerate() {
             widths[i] = widths[i].max(cell.chars().count());
         }
     }
-    let line = |cells: Vec<String>| {
+    let line = |cells: Vec<String>| -> CliResult<()> {
         let padded: Vec<String> =
             cells.iter().enumerate().map(|(i, c)| format!("{c:<width$}", width = widths[i])).collect();
-        println!("{}", padded.join("  ").trim_end());
+        out!("{}", padded.join("  ").trim_end());
+        Ok(())
     };
-    line(headers.iter().map(|h| h.to_string()).collect());
+    line(headers.iter().map(|h| h.to_string()).collect())?;
     for row in rows {
-        line(row);
+        line(row)?;
     }
+    Ok(())
 }

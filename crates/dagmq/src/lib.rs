@@ -91,7 +91,10 @@ impl App {
                 return ExitCode::from(if err.use_stderr() { 2 } else { 0 });
             }
         };
-        init_tracing(if matches!(cli.command, Command::Bench(_)) { "warn" } else { "info" });
+        if let Err(message) = init_tracing(if matches!(cli.command, Command::Bench(_)) { "warn" } else { "info" }) {
+            eprintln!("error: {message}");
+            return ExitCode::from(2);
+        }
         client::install_crypto_provider();
         if let Err(message) = setup_fail_points() {
             eprintln!("error: {message}");
@@ -107,7 +110,9 @@ impl App {
         match runtime.block_on(self.run(cli)) {
             Ok(()) => ExitCode::SUCCESS,
             Err(err) => {
-                eprintln!("error: {err}");
+                if !err.message.is_empty() {
+                    eprintln!("error: {err}");
+                }
                 ExitCode::from(err.code)
             }
         }
@@ -152,11 +157,31 @@ impl App {
             eprintln!("{error}");
         }
         if loaded.errors.is_empty() {
-            println!("{} dags ok", loaded.dags.len());
+            out!("{} dags ok", loaded.dags.len());
             Ok(())
         } else {
             Err(CliError::usage(format!("{} of the dag files are invalid", loaded.errors.len())))
         }
+    }
+}
+
+/// Writes a line to standard output. A reader that has gone (a pipe into `head` that closed)
+/// ends the command quietly with exit 0, as `SIGPIPE` ends other Unix tools; any other write
+/// error is a runtime failure.
+macro_rules! out {
+    ($($arg:tt)*) => {
+        $crate::write_out(format_args!($($arg)*))?
+    };
+}
+pub(crate) use out;
+
+/// The body of [`out!`].
+pub(crate) fn write_out(line: fmt::Arguments<'_>) -> CliResult<()> {
+    use std::io::Write;
+    match writeln!(std::io::stdout().lock(), "{line}") {
+        Ok(()) => Ok(()),
+        Err(err) if err.kind() == std::io::ErrorKind::BrokenPipe => Err(CliError::reader_gone()),
+        Err(err) => Err(CliError::runtime(format!("writing to standard output: {err}"))),
     }
 }
 
@@ -184,6 +209,11 @@ impl CliError {
     pub fn runtime(message: impl Into<String>) -> CliError {
         CliError { code: 1, message: message.into() }
     }
+
+    /// The reader of standard output has gone: stop quietly, exit 0.
+    pub fn reader_gone() -> CliError {
+        CliError { code: 0, message: String::new() }
+    }
 }
 
 impl fmt::Display for CliError {
@@ -195,12 +225,24 @@ impl fmt::Display for CliError {
 /// A command's result.
 pub type CliResult<T> = Result<T, CliError>;
 
-/// Logs to stderr, filtered by `DAGMQ_LOG` (default `default_filter`).
-fn init_tracing(default_filter: &str) {
+/// Logs to stderr, filtered by `DAGMQ_LOG` (default `default_filter`): one JSON object a line
+/// with `DAGMQ_LOG_FORMAT=json`, text otherwise, coloured only when stderr is a terminal and
+/// `NO_COLOR` is unset or empty (<https://no-color.org>). Any other format is an error.
+fn init_tracing(default_filter: &str) -> Result<(), String> {
+    use std::io::IsTerminal;
     let filter = tracing_subscriber::EnvFilter::try_from_env("DAGMQ_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_filter));
-    let _ =
-        tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_target(false).try_init();
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_target(false);
+    let format = std::env::var("DAGMQ_LOG_FORMAT").unwrap_or_default();
+    let _ = match format.trim().to_ascii_lowercase().as_str() {
+        "json" => builder.json().flatten_event(true).try_init(),
+        "" | "text" => {
+            let no_color = std::env::var_os("NO_COLOR").is_some_and(|value| !value.is_empty());
+            builder.with_ansi(std::io::stderr().is_terminal() && !no_color).try_init()
+        }
+        _ => return Err(format!("DAGMQ_LOG_FORMAT={format:?}: expected text or json")),
+    };
+    Ok(())
 }
 
 /// Arms the fail points named in `FAILPOINTS` (`name=action;...`, actions as the `fail` crate

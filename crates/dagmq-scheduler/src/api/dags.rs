@@ -10,10 +10,10 @@ use chrono::{DateTime, Utc};
 use dagmq_core::records::DagRecord;
 use dagmq_core::store::RunFilter;
 use dagmq_core::task::mask_params;
-use dagmq_core::{Dag, ParamType, Params, RunState, TaskKind};
+use dagmq_core::{Dag, ParamType, Params, RunState, TaskKind, TimeArg};
 use serde::{Deserialize, Serialize};
 
-use super::{ApiResult, AppState, json_body, not_found_error};
+use super::{ApiResult, AppState, bad_request, json_body, not_found_error};
 
 /// A DAG as the API lists it.
 #[derive(Debug, Serialize, Deserialize)]
@@ -248,10 +248,11 @@ pub(super) async fn trigger_run(
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct BackfillBody {
-    /// First instant of the range (RFC 3339).
-    from: DateTime<Utc>,
-    /// Last instant of the range, inclusive (RFC 3339).
-    to: DateTime<Utc>,
+    /// First time of the range: RFC 3339, or a date or time without an offset, in the DAG's
+    /// timezone ([`TimeArg`]).
+    from: String,
+    /// Last time of the range, inclusive, as `from`.
+    to: String,
     /// Parameters over the DAG's defaults.
     #[serde(default)]
     params: Params,
@@ -263,7 +264,9 @@ pub(super) async fn backfill_dag(
     body: Result<Bytes, BytesRejection>,
 ) -> ApiResult<(StatusCode, Json<serde_json::Value>)> {
     let body: BackfillBody = json_body(body, "backfill")?;
-    let outcome = state.scheduler.backfill(&dag_id, body.from, body.to, body.params).await?;
+    let time = |end: &str, text: &str| TimeArg::parse(text).map_err(|e| bad_request(format!("backfill {end}: {e}")));
+    let (from, to) = (time("from", &body.from)?, time("to", &body.to)?);
+    let outcome = state.scheduler.backfill(&dag_id, from, to, body.params).await?;
     let answer = serde_json::json!({"runs": outcome.runs, "created": outcome.created, "existing": outcome.existing});
     Ok((StatusCode::CREATED, Json(answer)))
 }

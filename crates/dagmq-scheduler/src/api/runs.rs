@@ -59,9 +59,9 @@ pub struct RunView {
     pub dag_id: String,
     /// Current state.
     pub state: RunState,
-    /// Scheduled, manual or backfill.
+    /// Scheduled, manual (the API), message (a trigger message) or backfill.
     pub kind: RunKind,
-    /// The schedule point (scheduled) or trigger time (manual).
+    /// The schedule point (scheduled) or trigger time (manual, message).
     pub logical_date: DateTime<Utc>,
     /// Idempotency key of the trigger, if any.
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -31,7 +31,7 @@ use dagmq_core::messages;
 use dagmq_core::queue::join_all;
 use dagmq_core::records::DagRecord;
 use dagmq_core::{
-    BackendError, CancelSignal, Clock, Dag, DagRegistry, Delivery, LiveDags, Params, Queue, RunRecord, Store,
+    BackendError, CancelSignal, Clock, Dag, DagRegistry, Delivery, LiveDags, Params, Queue, RunKind, RunRecord, Store,
     Subscription, TaskInstance, TaskState, Topic,
 };
 use tokio::sync::mpsc;
@@ -478,7 +478,7 @@ impl Engine {
     async fn handle_command(&mut self, command: Command) {
         match command {
             Command::Trigger { dag_id, params, key, reply } => {
-                let _ = reply.send(self.trigger(&dag_id, params, key).await);
+                let _ = reply.send(self.trigger(&dag_id, params, key, RunKind::Manual).await);
             }
             Command::Restart { run_id, reply } => {
                 let _ = reply.send(self.restart(&run_id).await);

@@ -11,7 +11,7 @@ use dagmq_core::fail_point;
 use dagmq_core::messages::{self, Trigger};
 use dagmq_core::records::DagRecord;
 use dagmq_core::store::CreateRun;
-use dagmq_core::{BackendError, Dag, Params, RunKind, RunRecord, RunState, TaskInstance};
+use dagmq_core::{BackendError, Dag, Params, RunKind, RunRecord, RunState, TaskInstance, TimeArg};
 
 use crate::commands::{BackfillOutcome, CommandError, MAX_BACKFILL_POINTS, TriggerOutcome};
 use crate::ids::{manual_run_id, scheduled_run_id};
@@ -48,7 +48,7 @@ impl Engine {
             Err(err) => return Settle::DeadLetter(format!("trigger: {err}")),
         };
         let key = trigger.key.or_else(|| message_id.filter(|id| id.len() <= 200).map(str::to_string));
-        match self.trigger(&trigger.dag_id, trigger.params, key).await {
+        match self.trigger(&trigger.dag_id, trigger.params, key, RunKind::Message).await {
             Ok(outcome) => {
                 tracing::debug!(dag = %trigger.dag_id, run = %outcome.run_id, created = outcome.created, "trigger from queue");
                 Settle::Ack
@@ -141,7 +141,7 @@ impl Engine {
         let run_id = match kind {
             // A backfilled point gets the id its scheduled run has, so a point never gets two.
             RunKind::Scheduled | RunKind::Backfill => scheduled_run_id(&dag.id, logical_date),
-            RunKind::Manual => manual_run_id(&dag.id, logical_date),
+            RunKind::Manual | RunKind::Message => manual_run_id(&dag.id, logical_date),
         };
         let record = RunRecord {
             run_id: run_id.clone(),
@@ -216,11 +216,13 @@ impl Engine {
         Ok(merged)
     }
 
+    /// Creates a run of `dag_id` now (`kind` says who asked: the API or a trigger message).
     pub(super) async fn trigger(
         &mut self,
         dag_id: &str,
         params: Params,
         key: Option<String>,
+        kind: RunKind,
     ) -> Result<TriggerOutcome, CommandError> {
         let Some(dag) = self.config.dags.get(dag_id).cloned() else {
             return Err(CommandError::NotFound(format!("unknown dag {dag_id:?}")));
@@ -231,17 +233,15 @@ impl Engine {
             return Err(CommandError::BadInput("key must be 1 to 200 characters".to_string()));
         }
         let merged = self.run_params(&dag, params)?;
-        self.create_run(&dag, RunKind::Manual, self.now_cache, merged, key)
-            .await
-            .map_err(|e| CommandError::Backend(e.to_string()))
+        self.create_run(&dag, kind, self.now_cache, merged, key).await.map_err(|e| CommandError::Backend(e.to_string()))
     }
 
     /// Creates the runs of a backfill, oldest first; existing points are counted, not touched.
     pub(super) async fn backfill(
         &mut self,
         dag_id: &str,
-        from: DateTime<Utc>,
-        to: DateTime<Utc>,
+        from: TimeArg,
+        to: TimeArg,
         params: Params,
     ) -> Result<BackfillOutcome, CommandError> {
         let backend = |e: BackendError| CommandError::Backend(e.to_string());
@@ -253,6 +253,10 @@ impl Engine {
                 "dag {dag_id:?} has no schedule, so it has no schedule points to backfill; trigger it instead"
             )));
         }
+        let resolve = |end: &str, time: TimeArg| {
+            time.resolve(dag.timezone).map_err(|e| CommandError::BadInput(format!("backfill {end}: {e}")))
+        };
+        let (from, to) = (resolve("from", from)?, resolve("to", to)?);
         if from > to {
             return Err(CommandError::BadInput(format!("backfill range is reversed: from {from} is after to {to}")));
         }

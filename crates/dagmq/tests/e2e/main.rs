@@ -5,6 +5,7 @@ mod app;
 mod bench;
 mod browser;
 mod chaos;
+mod cli;
 mod cluster;
 mod control_flow;
 mod distributed;

@@ -1,0 +1,106 @@
+//! The CLI as a Unix tool: pipes that close early, plain dates, and logs fit for files and
+//! collectors.
+
+use std::process::{Command, Output, Stdio};
+use std::time::Duration;
+
+use crate::support::{Standalone, dagmq, examples, text};
+
+/// Runs `command` with its standard output a pipe whose reading end is already closed (a
+/// `| head` that has read what it wanted), so its first write fails with `EPIPE`.
+fn into_closed_pipe(mut command: Command) -> Output {
+    let (reader, writer) = std::io::pipe().expect("a pipe");
+    drop(reader);
+    command.stdout(writer).stderr(Stdio::piped()).output().expect("run dagmq")
+}
+
+#[test]
+fn a_closed_pipe_ends_client_commands_quietly() {
+    let standalone = Standalone::start(&examples(), &[]);
+    let run = standalone.json(&["trigger", "hello"]);
+    let run_id = run["run_id"].as_str().expect("a run id").to_string();
+    for args in [
+        vec!["runs", "list"],
+        vec!["runs", "list", "--json"],
+        vec!["dags", "list"],
+        vec!["runs", "show", &run_id],
+        vec!["trigger", "hello", "--wait", "--json"],
+        vec!["workers"],
+    ] {
+        let mut command = dagmq();
+        command.args(&args).env("DAGMQ_API", &standalone.api);
+        let output = into_closed_pipe(command);
+        assert_eq!(output.status.code(), Some(0), "{args:?}: {}", text(&output.stderr));
+        let stderr = text(&output.stderr);
+        assert!(!stderr.contains("panicked") && !stderr.contains("Broken pipe"), "{args:?}: {stderr}");
+    }
+}
+
+#[test]
+fn backfill_takes_plain_dates_and_says_what_it_expects_otherwise() {
+    let standalone = Standalone::start(&examples(), &[]);
+    // nightly_etl runs at 02:00 Warsaw time: one point on 2026-11-01, at 01:00 UTC.
+    let answer =
+        standalone.json(&["dags", "backfill", "nightly_etl", "--from", "2026-11-01", "--to", "2026-11-01T23:59"]);
+    assert_eq!(answer["runs"], serde_json::json!(["nightly_etl--scheduled--20261101T010000.000Z"]), "{answer}");
+
+    let output = standalone.cli(&["dags", "backfill", "nightly_etl", "--from", "Nov 1", "--to", "2026-11-02"]);
+    assert_eq!(output.status.code(), Some(2), "{output:?}");
+    let stderr = text(&output.stderr);
+    assert!(
+        stderr.contains("backfill from: \"Nov 1\" is not a time: expected an RFC 3339 time")
+            && stderr.contains("a date (2026-11-01: midnight in the DAG's timezone)"),
+        "{stderr}"
+    );
+}
+
+/// The log of a standalone process started with `env`, once it has started.
+fn standalone_log(env: &[(&str, &str)]) -> String {
+    let port = crate::support::free_port();
+    let log = std::env::temp_dir().join(format!("dagmq-cli-log-{}-{port}.log", std::process::id()));
+    let mut command = dagmq();
+    command
+        .args(["standalone", "--dags"])
+        .arg(examples())
+        .args(["--port", &port.to_string()])
+        .env("DAGMQ_LOG", "info")
+        .stdout(Stdio::null())
+        .stderr(Stdio::from(std::fs::File::create(&log).expect("the log file")));
+    for (key, value) in env {
+        command.env(key, value);
+    }
+    let mut child = command.spawn().expect("start dagmq standalone");
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let read = || std::fs::read_to_string(&log).unwrap_or_default();
+    while !read().contains("api on http://") {
+        assert!(std::time::Instant::now() < deadline, "no 'api on' line within 30 s: {}", read());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    let text = read();
+    let _ = std::fs::remove_file(&log);
+    text
+}
+
+#[test]
+fn logs_have_no_colours_off_a_terminal_and_are_json_on_request() {
+    let plain = standalone_log(&[]);
+    assert!(!plain.contains('\u{1b}'), "escape codes in a log file: {plain:?}");
+    assert!(plain.contains(" INFO "), "{plain}");
+
+    let json = standalone_log(&[("DAGMQ_LOG_FORMAT", "json")]);
+    let lines: Vec<&str> = json.lines().collect();
+    assert!(!lines.is_empty());
+    for line in &lines {
+        let value: serde_json::Value =
+            serde_json::from_str(line).unwrap_or_else(|e| panic!("not a JSON line ({e}): {line}"));
+        assert!(value["timestamp"].is_string() && value["level"].is_string(), "{line}");
+        assert!(value["message"].is_string(), "{line}");
+    }
+    assert!(lines.iter().any(|line| line.contains("api on http://")), "{json}");
+
+    let output = dagmq().args(["validate", "--dags"]).arg(examples()).env("DAGMQ_LOG_FORMAT", "xml").output().unwrap();
+    assert_eq!(output.status.code(), Some(2));
+    assert_eq!(text(&output.stderr).trim(), "error: DAGMQ_LOG_FORMAT=\"xml\": expected text or json");
+}
