@@ -30,9 +30,9 @@ pub enum Command {
     Validate(ValidateArgs),
     /// Start a run of a DAG.
     Trigger(TriggerArgs),
-    /// List, pause and unpause DAGs.
+    /// List DAGs, pause and unpause them, backfill their schedule.
     Dags(DagsArgs),
-    /// List, show, restart and cancel runs.
+    /// List and show runs; restart, cancel, clear, suspend and resume them.
     Runs(RunsArgs),
     /// Print a task's log.
     Logs(LogsArgs),

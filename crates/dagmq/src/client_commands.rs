@@ -52,9 +52,25 @@ impl Api {
     /// One call; a 4xx answer is bad input (exit 2), anything else that fails is exit 1.
     pub(crate) async fn call(&self, method: &str, path: &str, body: Option<Value>) -> CliResult<Value> {
         let body = body.map(|b| serde_json::to_vec(&b).unwrap_or_default());
-        let response =
-            self.http.request(method, path, body.as_deref(), self.token.as_deref()).await.map_err(CliError::runtime)?;
-        let value: Value = serde_json::from_slice(&response.body).unwrap_or(Value::Null);
+        let not_dagmq = |what: String| {
+            CliError::runtime(format!(
+                "{what}: {} does not answer like a dagmq scheduler's API (set --api or DAGMQ_API to it)",
+                self.http.shown()
+            ))
+        };
+        let response = self.http.request(method, path, body.as_deref(), self.token.as_deref()).await.map_err(|e| {
+            // Refused connections and timeouts say so already; anything else (a peer that
+            // closed the connection or spoke something other than HTTP) is likely not dagmq.
+            if e.starts_with("cannot connect") || e.contains("no answer within") {
+                CliError::runtime(e)
+            } else {
+                not_dagmq(e)
+            }
+        })?;
+        // Every answer of the API, errors included, is JSON.
+        let Ok(value) = serde_json::from_slice::<Value>(&response.body) else {
+            return Err(not_dagmq(format!("{method} {path} answered HTTP {} without JSON", response.status)));
+        };
         match response.status {
             200..=299 => Ok(value),
             status => {

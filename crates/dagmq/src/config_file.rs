@@ -56,6 +56,39 @@ impl ConfigFile {
         let Some(path) = path else { return Ok(ConfigFile::default()) };
         let text =
             std::fs::read_to_string(path).with_context(|| format!("cannot read config file {}", path.display()))?;
-        toml::from_str(&text).map_err(|e| anyhow::anyhow!("{}: {}", path.display(), e.message()))
+        toml::from_str(&text).map_err(|e| match e.span() {
+            Some(span) => {
+                let line = dagmq_core::dag_file::line_of(&text, span.start);
+                anyhow::anyhow!("{}:{line}: {}", path.display(), e.message().trim())
+            }
+            None => anyhow::anyhow!("{}: {}", path.display(), e.message().trim()),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn load_text(name: &str, text: &str) -> String {
+        let path = std::env::temp_dir().join(format!("dagmq-config-{}-{name}.toml", std::process::id()));
+        std::fs::write(&path, text).unwrap();
+        let err = ConfigFile::load(Some(&path)).unwrap_err().to_string();
+        let _ = std::fs::remove_file(&path);
+        err.replace(&path.display().to_string(), "FILE")
+    }
+
+    #[test]
+    fn errors_name_the_line() {
+        assert_eq!(
+            load_text("unknown", "port = 9191\n\nfoo = 1\n"),
+            "FILE:3: unknown field `foo`, expected one of `dags`, `port`, `bind`, `concurrency`, `api`, \
+             `notify_webhook`, `grace_period`, `pools`"
+        );
+        assert_eq!(
+            load_text("type", "dags = \"d\"\nport = \"x\"\n"),
+            "FILE:2: invalid type: string \"x\", expected u16"
+        );
+        assert!(load_text("syntax", "port = 1\nbind = \n").starts_with("FILE:2: "));
     }
 }

@@ -156,7 +156,9 @@ impl App {
         for error in &loaded.errors {
             eprintln!("{error}");
         }
-        if loaded.errors.is_empty() {
+        if loaded.errors.is_empty() && loaded.dags.is_empty() {
+            Err(CliError::usage(format!("no DAG files (*.toml) in {}", dir.display())))
+        } else if loaded.errors.is_empty() {
             out!("{} dags ok", loaded.dags.len());
             Ok(())
         } else {

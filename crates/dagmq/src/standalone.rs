@@ -153,7 +153,16 @@ pub(crate) async fn serve(app: &App, args: &ServeArgs, file: &ConfigFile, role: 
         }
     };
     if live.current().is_empty() {
-        tracing::warn!("no dags loaded; pass --dags DIR");
+        match (dags_dir.as_deref(), live.refused().len()) {
+            (None, _) => tracing::warn!("no dags loaded; pass --dags DIR"),
+            (Some(dir), 0) => tracing::warn!("no DAG files (*.toml) in {}", dir.display()),
+            (Some(dir), refused) => {
+                tracing::error!(
+                    "every DAG file in {} was refused ({refused} refused; the reasons are above)",
+                    dir.display()
+                )
+            }
+        }
     }
     tracing::info!(dags = live.current().len(), refused = live.refused().len(), "dags loaded");
 

@@ -104,3 +104,54 @@ fn logs_have_no_colours_off_a_terminal_and_are_json_on_request() {
     assert_eq!(output.status.code(), Some(2));
     assert_eq!(text(&output.stderr).trim(), "error: DAGMQ_LOG_FORMAT=\"xml\": expected text or json");
 }
+
+/// A loopback server that answers every connection with `answer` (nothing: it closes at once)
+/// for as long as the test runs; its address.
+fn peer_answering(answer: &'static [u8]) -> String {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let address = format!("http://{}", listener.local_addr().unwrap());
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(mut stream) = stream else { continue };
+            let mut request = [0u8; 4096];
+            let _ = std::io::Read::read(&mut stream, &mut request);
+            let _ = std::io::Write::write_all(&mut stream, answer);
+        }
+    });
+    address
+}
+
+#[test]
+fn an_api_address_that_is_not_dagmq_is_named_as_such() {
+    let web =
+        peer_answering(b"HTTP/1.1 404 Not Found\r\nContent-Type: text/html\r\nContent-Length: 9\r\n\r\n<h1>x</h1");
+    let closes = peer_answering(b"");
+    for (api, what) in [(web, "GET /api/v1/runs?limit=20 answered HTTP 404 without JSON"), (closes, "GET ")] {
+        let output = dagmq().args(["runs", "list", "--api", &api]).output().unwrap();
+        assert_eq!(output.status.code(), Some(1), "{output:?}");
+        let stderr = text(&output.stderr);
+        assert!(stderr.starts_with(&format!("error: {what}")), "{stderr}");
+        assert!(
+            stderr.trim_end().ends_with(&format!(
+                "{api} does not answer like a dagmq scheduler's API (set --api or DAGMQ_API to it)"
+            )),
+            "{stderr}"
+        );
+    }
+}
+
+#[test]
+fn the_help_of_dags_and_runs_names_every_subcommand() {
+    for group in ["dags", "runs"] {
+        let output = dagmq().args([group, "--help"]).output().unwrap();
+        let help = text(&output.stdout);
+        let summary = help.lines().next().unwrap_or_default().to_lowercase();
+        let commands = help.split("Commands:").nth(1).unwrap_or_default().split("Options:").next().unwrap_or_default();
+        let names: Vec<&str> =
+            commands.lines().filter_map(|line| line.split_whitespace().next()).filter(|name| *name != "help").collect();
+        assert!(names.len() >= 4, "{help}");
+        for name in names {
+            assert!(summary.contains(name), "`{group} --help` says {summary:?}, which leaves out {name}");
+        }
+    }
+}

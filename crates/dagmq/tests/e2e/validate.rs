@@ -88,3 +88,25 @@ fn refuses_a_public_address_without_a_token() {
         "error: refusing to listen on 0.0.0.0 without DAGMQ_API_TOKEN; set a token or pass --insecure\n"
     );
 }
+
+#[test]
+fn a_directory_without_dag_files_is_an_error_and_a_scheduler_says_every_file_was_refused() {
+    let dir = std::env::temp_dir().join(format!("dagmq-validate-empty-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("notes.txt"), "not a DAG file").unwrap();
+    let output = dagmq().args(["validate", "--dags"]).arg(&dir).output().unwrap();
+    assert_eq!(output.status.code(), Some(2));
+    assert_eq!(text(&output.stderr).trim(), format!("error: no DAG files (*.toml) in {}", dir.display()));
+
+    std::fs::write(dir.join("bad.toml"), "id = \"bad\"\n[[task]\n").unwrap();
+    let log = dir.join("standalone.log");
+    let standalone = crate::support::Standalone::start_logged(&dir, &log);
+    let expected = format!("every DAG file in {} was refused (1 refused; the reasons are above)", dir.display());
+    standalone.wait_until(std::time::Duration::from_secs(30), || {
+        std::fs::read_to_string(&log).unwrap_or_default().contains(&expected)
+    });
+    let logged = std::fs::read_to_string(&log).unwrap();
+    assert!(!logged.contains("pass --dags DIR"), "{logged}");
+    drop(standalone);
+    std::fs::remove_dir_all(&dir).unwrap();
+}
