@@ -360,6 +360,7 @@ pub(crate) async fn runs(api: &Api, command: &RunsCommand) -> CliResult<()> {
                     vec![
                         text(&t["task_id"]),
                         text(&t["state"]),
+                        text(&t["waiting_for"]),
                         text(&t["try_number"]),
                         text(&t["worker"]),
                         text(&t["started_at"]),
@@ -369,7 +370,10 @@ pub(crate) async fn runs(api: &Api, command: &RunsCommand) -> CliResult<()> {
                     ]
                 })
                 .collect();
-            print_table(&["TASK", "STATE", "TRY", "WORKER", "STARTED", "ENDED", "OUTPUT", "ERROR"], rows)?;
+            print_table(
+                &["TASK", "STATE", "WAITING FOR", "TRY", "WORKER", "STARTED", "ENDED", "OUTPUT", "ERROR"],
+                rows,
+            )?;
         }
         RunsCommand::Clear { run_id, tasks, downstream } => {
             let body = serde_json::json!({"tasks": tasks, "downstream": downstream});

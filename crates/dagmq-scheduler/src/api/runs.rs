@@ -152,9 +152,28 @@ pub struct RunDetail {
     pub run: RunRecord,
     /// How many tasks are in each state.
     pub task_counts: BTreeMap<TaskState, usize>,
-    /// Every task as the store keeps it, each with `"output"` (null when it handed nothing on)
+    /// Every task as the store keeps it, in the order of the run's DAG (each after its
+    /// upstream tasks; tasks the DAG does not name, follow-ups, last), each with `"output"` (null when it handed nothing on)
     /// and `"waiting_for"` (the concurrency limit a ready task waits for, else null).
     pub tasks: Vec<serde_json::Value>,
+}
+
+/// Puts `tasks` in the order of `run`'s DAG version (every task after its upstreams), or of the
+/// DAG as loaded now when this process has not loaded that version; tasks the DAG does not name
+/// (follow-ups) go last, by id.
+fn sort_in_graph_order(state: &AppState, run: &RunRecord, tasks: &mut [TaskInstance]) {
+    let live = &state.scheduler.live;
+    let dag = run.dag_version.as_deref().and_then(|version| live.version(&run.dag_id, version));
+    let Some(dag) = dag.or_else(|| live.current().get(&run.dag_id).cloned()) else {
+        tasks.sort_by(|a, b| a.task_id.cmp(&b.task_id));
+        return;
+    };
+    let position: std::collections::HashMap<&str, usize> =
+        dag.tasks().iter().enumerate().map(|(index, task)| (task.id.as_str(), index)).collect();
+    tasks.sort_by(|a, b| {
+        let key = |task: &TaskInstance| position.get(task.task_id.as_str()).copied().unwrap_or(usize::MAX);
+        key(a).cmp(&key(b)).then_with(|| a.task_id.cmp(&b.task_id))
+    });
 }
 
 pub(super) async fn show_run(State(state): State<AppState>, Path(run_id): Path<String>) -> ApiResult<Json<RunDetail>> {
@@ -163,7 +182,8 @@ pub(super) async fn show_run(State(state): State<AppState>, Path(run_id): Path<S
         return Err(not_found_error(format!("unknown run {run_id:?}")));
     };
     run.params = mask_params(&run.params);
-    let tasks = store.tasks(&run_id).await?;
+    let mut tasks = store.tasks(&run_id).await?;
+    sort_in_graph_order(&state, &run, &mut tasks);
     let task_counts = count_states(&tasks);
     let mut views = Vec::with_capacity(tasks.len());
     for task in &tasks {

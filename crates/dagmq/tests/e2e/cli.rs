@@ -155,3 +155,30 @@ fn the_help_of_dags_and_runs_names_every_subcommand() {
         }
     }
 }
+
+#[test]
+fn runs_show_lists_tasks_in_graph_order() {
+    let dir = std::env::temp_dir().join(format!("dagmq-cli-order-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(
+        dir.join("order.toml"),
+        "id = \"order\"\n[[task]]\nid = \"m_last\"\ncommand = [\"true\"]\nafter = [\"a_second\"]\n\
+         [[task]]\nid = \"z_first\"\ncommand = [\"true\"]\n\
+         [[task]]\nid = \"a_second\"\ncommand = [\"true\"]\nafter = [\"z_first\"]\n",
+    )
+    .unwrap();
+    let standalone = Standalone::start(&dir, &[]);
+    let run = standalone.json(&["trigger", "order", "--wait"]);
+    let run_id = run["run_id"].as_str().unwrap_or_else(|| panic!("{run}")).to_string();
+    let shown = standalone.json(&["runs", "show", &run_id]);
+    let order: Vec<&str> =
+        shown["tasks"].as_array().unwrap().iter().map(|task| task["task_id"].as_str().unwrap()).collect();
+    assert_eq!(order, ["z_first", "a_second", "m_last"]);
+    let table = text(&standalone.cli(&["runs", "show", &run_id]).stdout);
+    let rows: Vec<&str> = table.lines().skip_while(|line| !line.starts_with("TASK")).collect();
+    assert!(rows[0].starts_with("TASK") && rows[0].contains("WAITING FOR"), "{table}");
+    let ids: Vec<&str> = rows[1..].iter().filter_map(|row| row.split_whitespace().next()).collect();
+    assert_eq!(ids, ["z_first", "a_second", "m_last"], "{table}");
+    drop(standalone);
+    let _ = std::fs::remove_dir_all(&dir);
+}
