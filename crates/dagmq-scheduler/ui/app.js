@@ -34,11 +34,13 @@ function banner(message) {
 const views = {
   async dags() {
     const all = await api("/api/v1/dags");
-    const dags = all.filter(d => !d.error);
+    // A refused change keeps the loaded version (it has a version and runs); a file that never
+    // loaded has none.
+    const dags = all.filter(d => d.version);
     const refused = all.filter(d => d.error).map(d => `<div class="error" data-test="refused">${esc(d.error)}</div>`).join("");
     const recent = await Promise.all(dags.map(d => api(`/api/v1/runs?dag_id=${encodeURIComponent(d.dag_id)}&limit=10`)));
     const rows = dags.map((d, i) => `<tr data-dag="${esc(d.dag_id)}">
-      <td><a href="#/dags/${encodeURIComponent(d.dag_id)}" data-test="dag-link">${esc(d.dag_id)}</a><div class="muted">${esc(d.description)}</div></td>
+      <td><a href="#/dags/${encodeURIComponent(d.dag_id)}" data-test="dag-link">${esc(d.dag_id)}</a>${d.error ? ` <span class="error" title="${esc(d.error)}" data-test="refused-change">refused change</span>` : ""}<div class="muted">${esc(d.description)}</div></td>
       <td>${esc(d.schedule || "manual")}<div class="muted">${esc(d.timezone)}</div></td>
       <td>${when(d.next_run)}</td>
       <td>${recent[i].slice().reverse().map(r => `<a href="#/runs/${encodeURIComponent(r.run_id)}" title="${esc(r.run_id)}: ${esc(r.state)}"><span class="sq" style="background:${color(r.state)}"></span></a>`).join("")}</td>
@@ -81,7 +83,7 @@ const views = {
       <td>${esc(r.dag_id)}</td><td>${badge(r.state)}</td><td>${when(r.created_at)}</td><td>${duration(r.started_at, r.ended_at)}</td>
       <td>${Object.entries(r.task_counts).map(([s, n]) => `<span title="${esc(s)}"><span class="sq" style="background:${color(s)}"></span>${n}</span>`).join(" ")}</td></tr>`).join("");
     return `<h2>Runs</h2><div class="card"><div class="row">
-      <select id="f-dag" data-action="filter-runs"><option value="">all DAGs</option>${options(dags.map(d => d.dag_id), dag)}</select>
+      <select id="f-dag" data-action="filter-runs"><option value="">all DAGs</option>${options(dags.filter(d => d.version).map(d => d.dag_id), dag)}</select>
       <select id="f-state" data-action="filter-runs"><option value="">all states</option>${options(["queued","running","suspended","success","failed","cancelled"], state)}</select></div>
       <table><tr><th>Run</th><th>DAG</th><th>State</th><th>Created</th><th>Duration</th><th>Tasks</th></tr>${rows}</table></div>`;
   },

@@ -251,7 +251,11 @@ pub(crate) async fn dags(api: &Api, command: &DagsCommand) -> CliResult<()> {
                 .map(|d| {
                     vec![
                         text(&d["dag_id"]),
-                        text(&d["version"]),
+                        match (d["version"].as_str().unwrap_or_default(), d["error"].is_string()) {
+                            ("", true) => "refused".to_string(),
+                            (version, true) => format!("{version} (refused change)"),
+                            (version, false) => version.to_string(),
+                        },
                         d["schedule"].as_str().unwrap_or("manual").to_string(),
                         if d["paused"].as_bool() == Some(true) { "yes".into() } else { "no".into() },
                         text(&d["next_run"]),

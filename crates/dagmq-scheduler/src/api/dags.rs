@@ -49,7 +49,9 @@ pub struct DagView {
     /// param it does not list is refused.
     #[serde(default)]
     pub params_declared: bool,
-    /// For a DAG file that was refused: why (`file:line: reason`); the DAG does not run.
+    /// For a DAG file that was refused: why (`file:line: reason`). A file that loaded before
+    /// keeps its last good version, which this entry shows and which runs; a file that never
+    /// loaded is an entry of its own (no version, no tasks) that runs nothing.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
 }
@@ -169,11 +171,17 @@ async fn dag_view(state: &AppState, dag: &Dag) -> ApiResult<DagView> {
 
 pub(super) async fn list_dags(State(state): State<AppState>) -> ApiResult<Json<Vec<DagView>>> {
     let handle = &state.scheduler;
+    let refused = handle.refused_dags();
+    let dags = handle.dags();
     let mut views = Vec::new();
-    for dag in handle.dags().iter() {
-        views.push(dag_view(&state, dag).await?);
+    for dag in dags.iter() {
+        let mut view = dag_view(&state, dag).await?;
+        // A file whose change was refused keeps its last good version: one row, marked.
+        view.error = refused.iter().find(|(file, _)| *file == dag.source).map(|(_, error)| error.clone());
+        views.push(view);
     }
-    for (file, error) in handle.refused_dags().iter() {
+    // A refused file with no good version: a row of its own, which runs nothing.
+    for (file, error) in refused.iter().filter(|(file, _)| !dags.iter().any(|dag| dag.source == *file)) {
         let stem = std::path::Path::new(file).file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
         views.push(DagView {
             dag_id: stem,

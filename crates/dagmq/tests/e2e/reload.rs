@@ -86,9 +86,17 @@ fn changed_broken_added_and_removed_dag_files_are_picked_up_while_runs_are_in_fl
                 .is_some_and(|e| e.contains("needs `command") && e.contains("the last good version stays loaded"))
         })
     });
-    assert_eq!(dag(&cli(&["dags", "list"]), "live").unwrap()["version"], v2.as_str());
+    let listed = cli(&["dags", "list"]);
+    let entries: Vec<&Value> = listed.as_array().unwrap().iter().filter(|d| d["dag_id"] == "live").collect();
+    assert_eq!(entries.len(), 1, "one entry, the loaded version marked refused, not a second DAG: {listed}");
+    assert_eq!(entries[0]["version"], v2.as_str());
+    assert!(entries[0]["error"].as_str().is_some_and(|e| e.contains("needs `command")), "{listed}");
     let table = standalone.cli(&["dags", "list"]);
-    assert!(text(&table.stdout).contains(&v2), "the table shows the version: {}", text(&table.stdout));
+    assert!(
+        text(&table.stdout).contains(&format!("{v2} (refused change)")),
+        "the table shows the version and the marker: {}",
+        text(&table.stdout)
+    );
     let stderr = text(&table.stderr);
     assert!(stderr.contains("refused: ") && stderr.contains("the last good version stays loaded"), "{stderr}");
     let third = cli(&["trigger", "live", "--wait"]);
