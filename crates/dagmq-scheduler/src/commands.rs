@@ -143,6 +143,8 @@ pub struct SchedulerHandle {
     pub metrics: Arc<crate::metrics::SchedulerMetrics>,
     /// Why tasks wait for a concurrency limit, by (run, task): the API's `waiting_for`.
     pub waiting_for: crate::limits::WaitingFor,
+    /// The pools live workers consume: a queued task on another pool waits for a worker.
+    pub worker_pools: crate::limits::WorkerPools,
 }
 
 impl Command {
@@ -174,6 +176,12 @@ impl SchedulerHandle {
     /// `"max_active"`), if it waits for a concurrency limit.
     pub fn waiting_reason(&self, run_id: &str, task_id: &str) -> Option<String> {
         crate::limits::waiting_reason(&self.waiting_for, run_id, task_id)
+    }
+
+    /// Why a task queued on `pool` waits: `no live worker consumes pool POOL` when no live worker
+    /// consumed it at the scheduler's last look at the worker registry (every 5 s by default).
+    pub fn unserved_reason(&self, pool: &str) -> Option<String> {
+        crate::limits::unserved_reason(&self.worker_pools, pool)
     }
 
     /// Sends a command and waits for its answer.

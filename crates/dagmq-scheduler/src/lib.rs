@@ -17,6 +17,6 @@ pub mod openapi;
 pub use commands::{BackfillOutcome, CommandError, MAX_BACKFILL_POINTS, SchedulerHandle, TriggerOutcome};
 pub use dagmq_core::clock::{Clock, SystemClock, TokioClock};
 pub use engine::{SchedulerConfig, spawn};
-pub use limits::WaitingFor;
+pub use limits::{WaitingFor, WorkerPools};
 pub use metrics::SchedulerMetrics;
 pub use notifier::{LogNotifier, Notification, NotificationKind, Notifier};

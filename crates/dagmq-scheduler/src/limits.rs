@@ -118,6 +118,17 @@ pub(crate) fn lock(usage: &Mutex<Usage>) -> MutexGuard<'_, Usage> {
 /// Why each waiting task waits, by (run id, task id): what the API shows as `waiting_for`.
 pub type WaitingFor = Arc<Mutex<HashMap<(String, String), String>>>;
 
+/// The pools the live workers consume, as of the scheduler's last look at the registry
+/// (`None` before the first): a task queued on any other pool waits for a worker.
+pub type WorkerPools = Arc<Mutex<Option<std::collections::HashSet<String>>>>;
+
+/// What the API shows as `waiting_for` of a task queued on `pool`: `no live worker consumes pool
+/// POOL` when the scheduler's last look at the registry found no live worker consuming it.
+pub(crate) fn unserved_reason(pools: &WorkerPools, pool: &str) -> Option<String> {
+    let pools = pools.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+    pools.as_ref().filter(|pools| !pools.contains(pool)).map(|_| format!("no live worker consumes pool {pool}"))
+}
+
 /// The engine's side: the pools, the shared usage, and the tasks waiting behind each limit.
 #[derive(Debug, Default)]
 pub(crate) struct Limits {

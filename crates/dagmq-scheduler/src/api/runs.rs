@@ -154,7 +154,8 @@ pub struct RunDetail {
     pub task_counts: BTreeMap<TaskState, usize>,
     /// Every task as the store keeps it, in the order of the run's DAG (each after its
     /// upstream tasks; tasks the DAG does not name, follow-ups, last), each with `"output"` (null when it handed nothing on)
-    /// and `"waiting_for"` (the concurrency limit a ready task waits for, else null).
+    /// and `"waiting_for"` (the concurrency limit a ready task waits for, or, for a queued task,
+    /// `no live worker consumes pool POOL`; else null).
     pub tasks: Vec<serde_json::Value>,
 }
 
@@ -193,6 +194,7 @@ pub(super) async fn show_run(State(state): State<AppState>, Path(run_id): Path<S
             object.entry("output").or_insert(serde_json::Value::Null);
             let waiting = match task.state {
                 TaskState::Pending => state.scheduler.waiting_reason(&run_id, &task.task_id),
+                TaskState::Queued => state.scheduler.unserved_reason(&task.queue),
                 _ => None,
             };
             object

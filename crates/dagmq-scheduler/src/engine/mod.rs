@@ -126,12 +126,14 @@ pub fn spawn(
     let (commands_tx, commands) = mpsc::channel(256);
     let metrics = Arc::new(SchedulerMetrics::default());
     let limits = Limits { pools: config.pools.clone(), ..Limits::default() };
+    let worker_pools = crate::limits::WorkerPools::default();
     let live = config.live.clone().unwrap_or_else(|| {
         Arc::new(LiveDags::new((*config.dags).clone(), config.refused_dags.clone(), config.default_params.clone()))
     });
     let handle = SchedulerHandle {
         live: live.clone(),
         waiting_for: limits.waiting_for.clone(),
+        worker_pools: worker_pools.clone(),
         metrics: metrics.clone(),
         commands: commands_tx,
         store: store.clone(),
@@ -144,6 +146,8 @@ pub fn spawn(
         sweep_at: config.clock.now() + chrono::Duration::from_std(config.sweep_interval).unwrap_or_default(),
         zombie_at: config.clock.now() + chrono::Duration::from_std(config.zombie_check_interval).unwrap_or_default(),
         known_instances: HashMap::new(),
+        worker_pools,
+        unserved: HashMap::new(),
         republished: HashMap::new(),
         unlisted: HashMap::new(),
         lease_name: format!("scheduler-{}", uuid::Uuid::new_v4().simple()),
@@ -257,6 +261,11 @@ struct Engine {
     zombie_at: DateTime<Utc>,
     /// The instance last seen of each live worker.
     known_instances: HashMap<String, String>,
+    /// The pools the live workers consume, shared with the API.
+    worker_pools: crate::limits::WorkerPools,
+    /// Pools with queued tasks and no live worker: how many looks in a row found them so (the
+    /// scheduler logs a pool once, at the second look, and again after a worker came and went).
+    unserved: HashMap<String, u32>,
     /// Queued tries published again by the reconciliation: when last, and the wait before the
     /// next time.
     republished: HashMap<TryKey, (DateTime<Utc>, Duration)>,
@@ -642,6 +651,7 @@ impl Engine {
         if self.zombie_at <= now {
             self.zombie_at = now + chrono::Duration::from_std(self.config.zombie_check_interval).unwrap_or_default();
             let live = self.requeue_lost_workers().await?;
+            self.note_unserved_pools(&live);
             self.republish_stale_queued().await?;
             self.requeue_unlisted(&live).await?;
         }

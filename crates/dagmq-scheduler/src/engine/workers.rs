@@ -1,7 +1,7 @@
 //! Zombie handling: tries whose worker is lost, restarted or not running them are requeued as new
 //! tries, and queued tries that nobody claimed have their message published again.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
@@ -16,6 +16,39 @@ use super::{Engine, TryKey};
 const REPUBLISH_MAX_WAIT: Duration = Duration::from_secs(600);
 
 impl Engine {
+    /// Shares the pools `live` workers consume with the API, and logs a pool that has queued
+    /// tasks and no live worker consuming it: once, when two looks in a row (one zombie check
+    /// interval apart, so not a worker that is only starting) found it so, and again only after
+    /// a worker consumed it in between.
+    pub(super) fn note_unserved_pools(&mut self, live: &HashMap<String, WorkerInfo>) {
+        let served: HashSet<String> = live.values().flat_map(|worker| worker.queues.iter().cloned()).collect();
+        let mut waiting: HashMap<&str, usize> = HashMap::new();
+        for run in self.active.values() {
+            for task in run.tasks.iter().filter(|task| task.state == TaskState::Queued) {
+                if !served.contains(&task.queue) {
+                    *waiting.entry(task.queue.as_str()).or_default() += 1;
+                }
+            }
+        }
+        self.unserved.retain(|pool, _| waiting.contains_key(pool.as_str()));
+        for (pool, tasks) in waiting {
+            let looks = self.unserved.entry(pool.to_string()).or_default();
+            *looks += 1;
+            if *looks == 2 {
+                let mut consumed: Vec<&str> = served.iter().map(String::as_str).collect();
+                consumed.sort_unstable();
+                tracing::warn!(
+                    pool,
+                    tasks,
+                    "tasks queued on pool {pool:?} wait: no live worker consumes it (live workers consume: {}); \
+                     start a worker with --queues {pool}, or check the task's `queue`",
+                    if consumed.is_empty() { "nothing, no worker is live".to_string() } else { consumed.join(", ") }
+                );
+            }
+        }
+        *self.worker_pools.lock().unwrap_or_else(|poisoned| poisoned.into_inner()) = Some(served);
+    }
+
     /// Finds lost worker instances and requeues the tries they were running as new tries. An
     /// instance is lost when its heartbeat is older than `worker_timeout` (the entry then leaves
     /// the registry), or when a worker of the same name started again (a new instance). Tries

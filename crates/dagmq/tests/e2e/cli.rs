@@ -182,3 +182,31 @@ fn runs_show_lists_tasks_in_graph_order() {
     drop(standalone);
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn a_task_on_a_pool_no_worker_consumes_says_so_and_the_scheduler_logs_it() {
+    let dir = std::env::temp_dir().join(format!("dagmq-cli-gpu-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(
+        dir.join("gpu.toml"),
+        "id = \"gpu\"\n[[task]]\nid = \"train\"\ncommand = [\"true\"]\nqueue = \"gpu\"\n",
+    )
+    .unwrap();
+    let log = dir.join("standalone.log");
+    let standalone = Standalone::start_logged(&dir, &log);
+    let run_id = standalone.json(&["trigger", "gpu"])["run_id"].as_str().unwrap().to_string();
+    let waiting = || standalone.json(&["runs", "show", &run_id])["tasks"][0]["waiting_for"].clone();
+    // The scheduler looks at the worker registry every 5 s.
+    standalone.wait_until(Duration::from_secs(15), || waiting() == "no live worker consumes pool gpu");
+    let table = text(&standalone.cli(&["runs", "show", &run_id]).stdout);
+    assert!(
+        table.lines().any(|row| row.starts_with("train") && row.contains("queued  no live worker consumes pool gpu")),
+        "{table}"
+    );
+    // Logged at the second look that finds it so.
+    let logged = || std::fs::read_to_string(&log).unwrap_or_default();
+    let line = "tasks queued on pool \"gpu\" wait: no live worker consumes it (live workers consume: default)";
+    standalone.wait_until(Duration::from_secs(15), || logged().contains(line));
+    drop(standalone);
+    let _ = std::fs::remove_dir_all(&dir);
+}
