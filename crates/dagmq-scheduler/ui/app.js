@@ -2,8 +2,10 @@
 "use strict";
 const STATES = ["pending","queued","running","success","failed","up_for_retry","upstream_failed","cancelled","skipped","suspended"];
 const color = s => `var(--${s || "queued"})`;
+/** The colour of text drawn on a state's colour. */
+const onColor = s => `var(--${s || "queued"}-fg)`;
 const esc = v => String(v ?? "").replace(/[&<>"']/g, c => ({"&":"&amp;","<":"&lt;",">":"&gt;","\"":"&quot;","'":"&#39;"}[c]));
-const badge = s => `<span class="state" data-state="${esc(s)}" style="background:${color(s)}">${esc(s)}</span>`;
+const badge = s => `<span class="state" data-state="${esc(s)}" style="background:${color(s)};color:${onColor(s)}">${esc(s)}</span>`;
 const when = t => t ? new Date(t).toLocaleString() : "-";
 /** Seconds in the unit a person would use: 230 ms, 4.2 s, 3 min 05 s, 2 h 07 min. */
 const span = s => s < 1 ? `${Math.round(s * 1000)} ms` : s < 60 ? `${s.toFixed(1)} s`
@@ -93,6 +95,7 @@ const views = {
       <td>${badge(t.state)}${t.waiting_for ? ` <span class="muted" data-test="waiting">waiting for ${esc(t.waiting_for)}</span>` : ""}</td><td>${t.try_number}</td><td>${when(t.started_at)}</td><td>${duration(t.started_at, t.ended_at)}</td>
       <td>${esc(t.worker || "-")}</td><td>${t.state === "running" && t.progress != null ? progress(t.progress) : ""}</td><td class="wrap" data-test="output"><code>${t.output == null ? "" : esc(typeof t.output === "string" ? t.output : JSON.stringify(t.output))}</code></td><td class="wrap error">${esc(t.error || "")}</td></tr>`).join("");
     const finished = ["success","failed","cancelled"].includes(run.state);
+    page.settled = finished;
     return `<h2>Run ${esc(run.run_id)} ${badge(run.state)}</h2>
       <div class="row"><span class="muted">DAG <a href="#/runs?dag=${encodeURIComponent(run.dag_id)}">${esc(run.dag_id)}</a>,
         ${esc(run.kind)}, logical date ${when(run.logical_date)}, params ${esc(JSON.stringify(run.params))}</span>
@@ -110,18 +113,43 @@ const views = {
     if (!task) throw new Error(`run ${runId} has no task ${taskId}`);
     const tryNumber = Number(query.get("try") || task.try_number || 1);
     const key = `${runId}/${taskId}/${tryNumber}`;
-    if (logState.key !== key) { logState.key = key; logState.lines = []; logState.next = 0; }
+    const fresh = logState.key !== key;
+    if (fresh) { logState.key = key; logState.lines = []; logState.next = 0; }
+    let added = [];
     if (task.try_number > 0) {
       const log = await api(`/api/v1/runs/${encodeURIComponent(runId)}/tasks/${encodeURIComponent(taskId)}/logs?try=${tryNumber}&from=${logState.next}`);
-      logState.lines.push(...log.lines); logState.next = log.next;
+      added = log.lines; logState.lines.push(...added); logState.next = log.next;
     }
+    // The shown try's own state and times: the current try's from the task, an earlier one's
+    // from its record in `tries`.
+    const earlier = tryNumber !== task.try_number ? (task.tries || []).find(t => t.try_number === tryNumber) : null;
+    const shown = earlier
+      ? {state: earlier.outcome, worker: earlier.worker, started_at: earlier.started_at, ended_at: earlier.ended_at, error: null}
+      : task;
     const tries = Array.from({length: task.try_number}, (_, i) => i + 1).map(n =>
       `<a href="#/runs/${encodeURIComponent(runId)}/tasks/${encodeURIComponent(taskId)}?try=${n}" ${n === tryNumber ? 'style="font-weight:bold"' : ""}>try ${n}</a>`).join(" ");
-    return `<h2><a href="#/runs/${encodeURIComponent(runId)}">${esc(runId)}</a> / ${esc(taskId)} ${badge(task.state)}</h2>
-      <div class="row">${tries} ${task.state === "running" && task.progress != null ? progress(task.progress) : ""}
-        <span class="muted">worker ${esc(task.worker || "-")}, started ${when(task.started_at)}</span></div>
-      ${task.error ? `<div class="row error">${esc(task.error)}</div>` : ""}
-      <pre class="log" data-test="log">${esc(logState.lines.join("\n")) || '<span class="muted">(no output yet)</span>'}</pre>`;
+    const head = `<h2><a href="#/runs/${encodeURIComponent(runId)}">${esc(runId)}</a> / ${esc(taskId)} <span data-test="try-state">${badge(shown.state)}</span></h2>
+      <div class="row">${tries} ${!earlier && task.state === "running" && task.progress != null ? progress(task.progress) : ""}
+        <span class="muted" data-test="try-times">try ${tryNumber}: worker ${esc(shown.worker || "-")}, started ${when(shown.started_at)}${shown.ended_at ? `, ended ${when(shown.ended_at)}, took ${duration(shown.started_at, shown.ended_at)}` : ""}</span></div>
+      ${shown.error ? `<div class="row error">${esc(shown.error)}</div>` : ""}`;
+    // Done with this try: its state is final and the log has been read to its end.
+    page.settled = FINAL.includes(shown.state) && added.length === 0 && !fresh;
+    const pre = document.querySelector("pre[data-test=log]");
+    if (!fresh && pre && pre.dataset.key === key) {
+      // In place: the head is written again, the log only grows, so a reader's scroll position
+      // and selection stay; the view follows the tail only when the reader is at the bottom.
+      document.getElementById("task-head").innerHTML = head;
+      if (added.length) {
+        const atBottom = pre.scrollHeight - pre.scrollTop - pre.clientHeight < 4;
+        pre.querySelector(".muted")?.remove();
+        pre.appendChild(document.createTextNode((pre.textContent ? "\n" : "") + added.join("\n")));
+        if (atBottom) pre.scrollTop = pre.scrollHeight;
+      }
+      return null;
+    }
+    setTimeout(() => { const p = document.querySelector("pre[data-test=log]"); if (p) p.scrollTop = p.scrollHeight; });
+    return `<div id="task-head">${head}</div>
+      <pre class="log" data-test="log" data-key="${esc(key)}">${esc(logState.lines.join("\n")) || '<span class="muted">(no output yet)</span>'}</pre>`;
   },
   async workers() {
     const workers = await api("/api/v1/workers");
@@ -143,6 +171,11 @@ const views = {
 };
 
 const logState = {key: "", lines: [], next: 0};
+/** Whether the page shows something that no longer changes by itself (a finished run, a
+ * finished try whose log has been read): it is then read again only every 30 s. */
+const page = {settled: false, renderedAt: 0};
+/** States after which nothing changes unless someone acts (restart, clear). */
+const FINAL = ["success", "failed", "cancelled", "upstream_failed", "skipped", "interrupted"];
 const progress = p => `<span class="progress" title="${Math.round(p * 100)}%"><div style="width:${Math.round(p * 100)}%"></div></span> ${Math.round(p * 100)}%`;
 
 /** The run's graph: tasks in columns by depth, arrows from each upstream. */
@@ -169,8 +202,8 @@ function graph(tasks, runId) {
   })).join("");
   const boxes = tasks.filter(t => pos[t.task_id]).map(t => { const p = pos[t.task_id];
     const box = `<g data-node="${esc(t.task_id)}" data-state="${esc(t.state)}">
-      <rect x="${p.x}" y="${p.y}" width="${W}" height="${H}" rx="6" fill="${color(t.state)}"/>
-      <text x="${p.x + 8}" y="${p.y + 19}">${esc(t.task_id.length > 18 ? t.task_id.slice(0, 17) + "…" : t.task_id)}</text></g>`;
+      <rect x="${p.x}" y="${p.y}" width="${W}" height="${H}" rx="6" fill="${color(t.state)}" stroke="#9aa0ad"/>
+      <text x="${p.x + 8}" y="${p.y + 19}" style="fill:${onColor(t.state)}">${esc(t.task_id.length > 18 ? t.task_id.slice(0, 17) + "…" : t.task_id)}</text></g>`;
     return runId ? `<a href="#/runs/${encodeURIComponent(runId)}/tasks/${encodeURIComponent(t.task_id)}">${box}</a>` : box; }).join("");
   const hidden = columns.reduce((n, c) => n + Math.max(0, c.length - shown), 0);
   return `<svg width="${width}" height="${height}" viewBox="0 0 ${width} ${height}"><defs><marker id="arrow" viewBox="0 0 10 10" refX="10" refY="5"
@@ -320,6 +353,7 @@ async function render() {
     const query = new URLSearchParams(search || "");
     const parts = path.split("/").filter(Boolean).map(decodeURIComponent);
     let html;
+    page.settled = false;
     if (parts[0] === "runs" && parts[1] && parts[2] === "tasks") html = await views.task(query, parts[1], parts[3]);
     else if (parts[0] === "runs" && parts[1]) html = await views.run(query, parts[1]);
     else if (parts[0] === "dags" && parts[1]) html = await views.dag(query, parts[1]);
@@ -330,7 +364,8 @@ async function render() {
     const focused = document.activeElement && document.activeElement.id;
     // And what is typed into a form's fields (the trigger form's params).
     const kept = [...document.querySelectorAll("[data-keep]")].map(el => [el.id, el.value]);
-    document.getElementById("view").innerHTML = html;
+    page.renderedAt = Date.now();
+    if (html !== null) document.getElementById("view").innerHTML = html;
     for (const [id, value] of kept) { const el = document.getElementById(id); if (el) el.value = value; }
     if (typed !== null && document.getElementById("params")) document.getElementById("params").value = typed;
     if (focused && document.getElementById(focused)) document.getElementById(focused).focus();
@@ -341,5 +376,13 @@ async function render() {
   finally { rendering = false; }
 }
 window.addEventListener("hashchange", () => { logState.key = ""; render(); });
-setInterval(render, 1500);
+/** The periodic refresh: not while the reader has text selected in the view (a render would
+ * drop the selection), and only every 30 s on a settled page. */
+function tick() {
+  const selection = getSelection();
+  if (selection && !selection.isCollapsed && view.contains(selection.anchorNode)) return;
+  if (page.settled && Date.now() - page.renderedAt < 30000) return;
+  render();
+}
+setInterval(tick, 1500);
 render();

@@ -581,3 +581,153 @@ fn the_dag_page_builds_its_trigger_form_from_the_params_schema() {
         json!("dag \"params\": param \"limit\": expected an integer, got 2.5"),
     );
 }
+
+/// Contrast of each state badge's and graph node's text on its colour, as WCAG computes it,
+/// for every state: `STATE badge|node RATIO` for those under `min`.
+const CONTRAST_SCRIPT: &str = r#"
+const rgb = c => c.match(/[\d.]+/g).slice(0, 3).map(Number);
+const lum = c => { const [r, g, b] = rgb(c).map(v => { v /= 255; return v <= 0.03928 ? v / 12.92 : ((v + 0.055) / 1.055) ** 2.4; });
+  return 0.2126 * r + 0.7152 * g + 0.0722 * b; };
+const ratio = (a, b) => { const [x, y] = [lum(a), lum(b)].sort((p, q) => q - p); return (x + 0.05) / (y + 0.05); };
+const area = document.createElement("div");
+area.id = "contrast-check";
+area.innerHTML = STATES.map(badge).join(" ") + graph(STATES.map(s => ({task_id: s, state: s, after: []})), "");
+document.body.appendChild(area);
+const low = [];
+for (const b of area.querySelectorAll(".state")) {
+  const r = ratio(getComputedStyle(b).color, getComputedStyle(b).backgroundColor);
+  if (r < arguments[0]) low.push(`${b.dataset.state} badge ${r.toFixed(2)}`);
+}
+for (const n of area.querySelectorAll("[data-node]")) {
+  const r = ratio(getComputedStyle(n.querySelector("text")).fill, getComputedStyle(n.querySelector("rect")).fill);
+  if (r < arguments[0]) low.push(`${n.dataset.state} node ${r.toFixed(2)}`);
+}
+const counted = area.querySelectorAll(".state").length + area.querySelectorAll("[data-node]").length;
+area.remove();
+return {counted, low};
+"#;
+
+#[test]
+fn state_colours_meet_wcag_aa() {
+    let Some(browser) = Browser::start() else { return };
+    let standalone = Standalone::start(&examples(), &[]);
+    browser.open(&format!("{}/#/dags", standalone.api));
+    browser.wait_for("return document.querySelectorAll('tr[data-dag]').length > 0", json!(true));
+    let checked = browser.command("POST", "/execute/sync", Some(json!({"script": CONTRAST_SCRIPT, "args": [4.5]})));
+    assert_eq!(checked["counted"], json!(20), "ten states, a badge and a node each: {checked}");
+    if checked["low"] != json!([]) {
+        browser.screenshot("contrast");
+    }
+    assert_eq!(checked["low"], json!([]), "text under 4.5:1 on its state's colour");
+}
+
+/// A directory with the DAGs of the log page's test: `chatty` writes 200 lines at once, then a
+/// line every 100 ms until the file `stop` exists; `flaky` fails its first try.
+fn log_page_dags() -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("dagmq-ui-log-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let stop = dir.join("stop");
+    std::fs::write(
+        dir.join("chatty.toml"),
+        format!(
+            "id = \"chatty\"\n[[task]]\nid = \"talk\"\ncommand = [\"sh\", \"-c\", \"i=0; while [ $i -lt 200 ]; do echo line \
+             $i; i=$((i+1)); done; while [ ! -e {} ]; do echo line $i; i=$((i+1)); sleep 0.1; done\"]\n",
+            stop.display()
+        ),
+    )
+    .unwrap();
+    std::fs::write(
+        dir.join("flaky.toml"),
+        "id = \"flaky\"\n[[task]]\nid = \"once\"\nretries = 1\nretry_delay = \"1s\"\ncommand = [\"sh\", \"-c\", \
+         \"echo try $DAGMQ_TRY; [ $DAGMQ_TRY -ge 2 ]\"]\n",
+    )
+    .unwrap();
+    dir
+}
+
+/// Lines in the log box.
+const LOG_LINES: &str = "(document.querySelector('pre[data-test=log]')?.textContent.split('\\n').length ?? 0)";
+
+#[test]
+fn the_log_page_appends_in_place_keeps_scroll_and_selection_and_shows_each_trys_own_state() {
+    let Some(browser) = Browser::start() else { return };
+    let dir = log_page_dags();
+    let standalone = Standalone::start(&dir, &[]);
+    let base = standalone.api.clone();
+    let run = standalone.json(&["trigger", "chatty"]);
+    let run_id = run["run_id"].as_str().unwrap().to_string();
+    browser.open(&format!("{base}/#/runs/{run_id}/tasks/talk"));
+    browser.wait_for(&format!("return ({LOG_LINES}) >= 210"), json!(true));
+
+    // Scrolled up to read: new lines are appended to the same box, and the view stays put.
+    let lines = browser.script(&format!(
+        "const p = document.querySelector('pre[data-test=log]'); p.dataset.mark = 'kept'; p.scrollTop = 0; return {LOG_LINES}"
+    ));
+    browser.wait_for(&format!("return ({LOG_LINES}) >= {} ", lines.as_u64().unwrap() + 5), json!(true));
+    assert_eq!(
+        browser.script("const p = document.querySelector('pre[data-test=log]'); return [p.dataset.mark, p.scrollTop]"),
+        json!(["kept", 0]),
+        "the box was replaced or scrolled"
+    );
+    // At the bottom, it follows the tail.
+    browser.script("const p = document.querySelector('pre[data-test=log]'); p.scrollTop = p.scrollHeight; return null");
+    let lines = browser.script(&format!("return {LOG_LINES}")).as_u64().unwrap();
+    browser.wait_for(&format!("return ({LOG_LINES}) >= {}", lines + 5), json!(true));
+    browser.wait_for(
+        "const p = document.querySelector('pre[data-test=log]'); return p.scrollHeight - p.scrollTop - p.clientHeight < 4",
+        json!(true),
+    );
+    // Selected text stays selected across refreshes (three refresh intervals).
+    browser.script(
+        "const p = document.querySelector('pre[data-test=log]'); const r = document.createRange(); \
+         r.setStart(p.firstChild, 0); r.setEnd(p.firstChild, 6); getSelection().removeAllRanges(); \
+         getSelection().addRange(r); window.selectedAt = Date.now(); return null",
+    );
+    browser.wait_for("return Date.now() - window.selectedAt > 4500", json!(true));
+    assert_eq!(browser.script("return getSelection().toString()"), json!("line 0"));
+    browser.script("getSelection().removeAllRanges(); return null");
+    std::fs::write(dir.join("stop"), "").unwrap();
+    browser.wait_for("return document.querySelector('[data-test=try-state] .state')?.dataset.state", json!("success"));
+    // A finished try whose log has been read is not fetched every 1.5 s any more.
+    browser.wait_for("return page.settled", json!(true));
+    browser.script("window.renderedAt = page.renderedAt; window.watchedAt = Date.now(); return null");
+    browser.wait_for("return Date.now() - window.watchedAt > 4500", json!(true));
+    assert_eq!(
+        browser.script("return page.renderedAt === window.renderedAt"),
+        json!(true),
+        "a settled page was polled"
+    );
+    browser.screenshot("log");
+
+    // Each try shows its own state and times.
+    let flaky = standalone.json(&["trigger", "flaky", "--wait"]);
+    assert_eq!(flaky["state"], "success", "{flaky}");
+    let flaky_id = flaky["run_id"].as_str().unwrap();
+    let task = &standalone.json(&["runs", "show", flaky_id])["tasks"][0];
+    let first = &task["tries"][0];
+    assert_eq!(first["try_number"], 1, "{task}");
+    browser.open(&format!("{base}/#/runs/{flaky_id}/tasks/once?try=1"));
+    browser.wait_for(
+        "return document.querySelector('pre[data-test=log]')?.textContent.split('\\n')[0] ?? null",
+        json!("try 1"),
+    );
+    assert_eq!(
+        browser.script("return document.querySelector('[data-test=try-state] .state').dataset.state"),
+        first["outcome"],
+        "try 1 shows its own outcome, not the task's state"
+    );
+    let times = browser.script("return document.querySelector('[data-test=try-times]').textContent");
+    assert!(times.as_str().unwrap().starts_with("try 1: worker "), "{times}");
+    let start_of = |at: &Value| {
+        browser.script(&format!("return new Date({at}).toLocaleString()", at = at)).as_str().unwrap().to_string()
+    };
+    assert!(times.as_str().unwrap().contains(&format!("started {}", start_of(&first["started_at"]))), "{times}");
+    browser.open(&format!("{base}/#/runs/{flaky_id}/tasks/once?try=2"));
+    browser.wait_for(
+        "return document.querySelector('pre[data-test=log]')?.textContent.split('\\n')[0] ?? null",
+        json!("try 2"),
+    );
+    browser.wait_for("return document.querySelector('[data-test=try-state] .state').dataset.state", json!("success"));
+    drop(standalone);
+    let _ = std::fs::remove_dir_all(&dir);
+}
