@@ -66,7 +66,10 @@ const views = {
     const durations = runs.map(r => ({value: r.started_at ? ((r.ended_at ? new Date(r.ended_at) : new Date()) - new Date(r.started_at)) / 1000 : 0,
       label: new Date(r.logical_date).toLocaleDateString(), title: `${r.run_id}: ${duration(r.started_at, r.ended_at)}`, color: color(r.state),
       href: `#/runs/${encodeURIComponent(r.run_id)}`}));
-    const tasks = dag.tasks.map(t => ({task_id: t.task_id, after: t.after, state: "queued"}));
+    // Nodes in the colours of the latest run (none yet: queued grey).
+    const newest = runs[runs.length - 1];
+    const tasks = dag.tasks.map(t => ({task_id: t.task_id, after: t.after,
+      state: newest?.tasks.find(x => x.task_id === t.task_id)?.state || "queued"}));
     return `<h2>DAG ${esc(dag.dag_id)}</h2>
       <div class="row"><span class="muted">${esc(dag.description)}</span></div>
       <div class="row">schedule <b>${esc(dag.schedule || "manual")}</b> (${esc(dag.timezone)}), ${dag.paused ? "paused" : "active"},
@@ -178,7 +181,12 @@ const page = {settled: false, renderedAt: 0};
 const FINAL = ["success", "failed", "cancelled", "upstream_failed", "skipped", "interrupted"];
 const progress = p => `<span class="progress" title="${Math.round(p * 100)}%"><div style="width:${Math.round(p * 100)}%"></div></span> ${Math.round(p * 100)}%`;
 
-/** The run's graph: tasks in columns by depth, arrows from each upstream. */
+/**
+ * A DAG's graph as a layered drawing: tasks in columns by depth; an edge that skips columns
+ * passes through a free slot (a dummy node) in each column it crosses, so it never runs behind
+ * a box; the order within each column is improved by a few barycenter sweeps to cut crossings.
+ * Names too long for a box are cut, with the full name on hover.
+ */
 function graph(tasks, runId) {
   const byId = Object.fromEntries(tasks.map(t => [t.task_id, t]));
   const depth = {};
@@ -190,24 +198,61 @@ function graph(tasks, runId) {
     return depth[id] = ups.length ? 1 + Math.max(...ups.map(u => depthOf(u, seen))) : 0;
   };
   tasks.forEach(t => depthOf(t.task_id));
-  const columns = [];
-  tasks.forEach(t => (columns[depth[t.task_id]] ||= []).push(t));
-  const W = 150, H = 30, GX = 60, GY = 14, shown = 60;
+  const W = 150, H = 30, GX = 60, GY = 14, shown = 60, maxDummies = 3000;
+  // Columns of slots: tasks (the first `shown` of each column) and, for each edge, a dummy in
+  // every column between its ends.
+  const layers = [];
+  tasks.forEach(t => (layers[depth[t.task_id]] ||= []).push({id: t.task_id}));
+  const hidden = layers.reduce((n, layer) => n + Math.max(0, layer.length - shown), 0);
+  layers.forEach((layer, i) => layers[i] = layer.slice(0, shown));
+  const drawn = new Set(layers.flat().map(n => n.id));
+  const edges = tasks.flatMap(t => (t.after || []).filter(u => drawn.has(u) && drawn.has(t.task_id)).map(u => [u, t.task_id]));
+  const span = edges.reduce((n, [u, v]) => n + depth[v] - depth[u] - 1, 0);
+  const chains = edges.map(([u, v], e) => {
+    const chain = [u];
+    if (span <= maxDummies) {
+      for (let l = depth[u] + 1; l < depth[v]; l++) { const id = `edge ${e} column ${l}`; layers[l].push({id, dummy: true}); chain.push(id); }
+    }
+    chain.push(v);
+    return chain;
+  });
+  const order = {}, up = {}, down = {};
+  const number = () => layers.forEach(layer => layer.forEach((n, i) => order[n.id] = i));
+  number();
+  for (const chain of chains) for (let i = 0; i + 1 < chain.length; i++) {
+    (down[chain[i]] ||= []).push(chain[i + 1]); (up[chain[i + 1]] ||= []).push(chain[i]);
+  }
+  for (let sweep = 0; sweep < 4; sweep++) {
+    const forward = sweep % 2 === 0, near = forward ? up : down;
+    const columns = layers.map((_, i) => i);
+    for (const l of forward ? columns.slice(1) : columns.slice(0, -1).reverse()) {
+      const centre = n => { const ns = near[n.id] || []; return ns.length ? ns.reduce((a, m) => a + order[m], 0) / ns.length : order[n.id]; };
+      layers[l] = layers[l].map(n => [centre(n), order[n.id], n]).sort((a, b) => a[0] - b[0] || a[1] - b[1]).map(k => k[2]);
+      layers[l].forEach((n, i) => order[n.id] = i);
+    }
+  }
   const pos = {};
-  columns.forEach((col, x) => col.slice(0, shown).forEach((t, y) => pos[t.task_id] = {x: 10 + x * (W + GX), y: 10 + y * (H + GY)}));
-  const width = 20 + columns.length * (W + GX), height = 20 + Math.max(...columns.map(c => Math.min(c.length, shown))) * (H + GY);
-  const edges = tasks.flatMap(t => (t.after || []).filter(u => pos[u] && pos[t.task_id]).map(u => {
-    const a = pos[u], b = pos[t.task_id];
-    return `<line x1="${a.x + W}" y1="${a.y + H / 2}" x2="${b.x - 4}" y2="${b.y + H / 2}" stroke="#9aa0ad" marker-end="url(#arrow)"/>`;
-  })).join("");
-  const boxes = tasks.filter(t => pos[t.task_id]).map(t => { const p = pos[t.task_id];
-    const box = `<g data-node="${esc(t.task_id)}" data-state="${esc(t.state)}">
+  layers.forEach((layer, x) => layer.forEach((n, y) => pos[n.id] = {x: 10 + x * (W + GX), y: 10 + y * (H + GY)}));
+  const width = 20 + layers.length * (W + GX) - GX, height = 20 + Math.max(0, ...layers.map(l => l.length)) * (H + GY) - GY;
+  // Each edge: from the right side of its upstream, along each dummy slot, into the left side
+  // of its task, in curves that leave and arrive level.
+  const curve = (a, b) => { const dx = (b.x - a.x) / 2; return ` C ${a.x + dx},${a.y} ${b.x - dx},${b.y} ${b.x},${b.y}`; };
+  const lines = chains.map(chain => {
+    const [u, v] = [chain[0], chain[chain.length - 1]];
+    const points = [{x: pos[u].x + W, y: pos[u].y + H / 2}];
+    for (const d of chain.slice(1, -1)) points.push({x: pos[d].x, y: pos[d].y + H / 2}, {x: pos[d].x + W, y: pos[d].y + H / 2});
+    points.push({x: pos[v].x - 4, y: pos[v].y + H / 2});
+    let path = `M ${points[0].x},${points[0].y}`;
+    for (let i = 1; i < points.length; i++) path += i % 2 === 0 ? ` L ${points[i].x},${points[i].y}` : curve(points[i - 1], points[i]);
+    return `<path data-edge="${esc(u)}>${esc(v)}" d="${path}" fill="none" stroke="#8a909c" marker-end="url(#arrow)"/>`;
+  }).join("");
+  const boxes = tasks.filter(t => drawn.has(t.task_id)).map(t => { const p = pos[t.task_id];
+    const box = `<g data-node="${esc(t.task_id)}" data-state="${esc(t.state)}"><title>${esc(t.task_id)}${t.state ? ": " + esc(t.state) : ""}</title>
       <rect x="${p.x}" y="${p.y}" width="${W}" height="${H}" rx="6" fill="${color(t.state)}" stroke="#9aa0ad"/>
       <text x="${p.x + 8}" y="${p.y + 19}" style="fill:${onColor(t.state)}">${esc(t.task_id.length > 18 ? t.task_id.slice(0, 17) + "…" : t.task_id)}</text></g>`;
     return runId ? `<a href="#/runs/${encodeURIComponent(runId)}/tasks/${encodeURIComponent(t.task_id)}">${box}</a>` : box; }).join("");
-  const hidden = columns.reduce((n, c) => n + Math.max(0, c.length - shown), 0);
   return `<svg width="${width}" height="${height}" viewBox="0 0 ${width} ${height}"><defs><marker id="arrow" viewBox="0 0 10 10" refX="10" refY="5"
-    markerWidth="6" markerHeight="6" orient="auto"><path d="M0,0 L10,5 L0,10 z" fill="#9aa0ad"/></marker></defs>${edges}${boxes}</svg>
+    markerWidth="6" markerHeight="6" orient="auto"><path d="M0,0 L10,5 L0,10 z" fill="#8a909c"/></marker></defs>${lines}${boxes}</svg>
     ${hidden ? `<div class="muted">${hidden} more tasks not drawn; see the table</div>` : ""}`;
 }
 

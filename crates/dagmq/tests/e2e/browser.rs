@@ -731,3 +731,74 @@ fn the_log_page_appends_in_place_keeps_scroll_and_selection_and_shows_each_trys_
     drop(standalone);
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// For each edge of the graph in `selector`, the boxes other than its ends that the drawn edge
+/// passes through (sampled every 2 px): `from>to crosses NODE`.
+const EDGE_CROSSINGS: &str = r#"
+const svg = document.querySelector(arguments[0] + " svg");
+const boxes = [...svg.querySelectorAll("[data-node]")].map(g => { const r = g.querySelector("rect");
+  return {id: g.dataset.node, x: +r.getAttribute("x"), y: +r.getAttribute("y"), w: +r.getAttribute("width"), h: +r.getAttribute("height")}; });
+const crossings = [];
+const edges = [...svg.querySelectorAll("[data-edge]")];
+for (const e of edges) {
+  const [from, to] = e.dataset.edge.split(">");
+  const length = e.getTotalLength();
+  for (let at = 0; at <= length; at += 2) {
+    const p = e.getPointAtLength(at);
+    for (const b of boxes) if (b.id !== from && b.id !== to && p.x > b.x && p.x < b.x + b.w && p.y > b.y && p.y < b.y + b.h) {
+      const text = `${from}>${to} crosses ${b.id}`;
+      if (!crossings.includes(text)) crossings.push(text);
+    }
+  }
+}
+return {edges: edges.map(e => e.dataset.edge).sort(), crossings};
+"#;
+
+#[test]
+fn graph_edges_go_around_boxes_and_the_dag_page_shows_the_latest_runs_colours() {
+    let Some(browser) = Browser::start() else { return };
+    let dir = std::env::temp_dir().join(format!("dagmq-ui-graph-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    // c depends on a directly and through b: the edge a>c skips b's column. e depends on a
+    // directly too, skipping three columns.
+    std::fs::write(
+        dir.join("skip.toml"),
+        "id = \"skip\"\n\
+         [[task]]\nid = \"a\"\ncommand = [\"true\"]\n\
+         [[task]]\nid = \"b\"\ncommand = [\"true\"]\nafter = [\"a\"]\n\
+         [[task]]\nid = \"c\"\ncommand = [\"true\"]\nafter = [\"a\", \"b\"]\n\
+         [[task]]\nid = \"d_with_a_name_longer_than_a_box\"\ncommand = [\"true\"]\nafter = [\"c\"]\n\
+         [[task]]\nid = \"e\"\ncommand = [\"true\"]\nafter = [\"a\", \"d_with_a_name_longer_than_a_box\"]\n",
+    )
+    .unwrap();
+    let standalone = Standalone::start(&dir, &[]);
+    browser.open(&format!("{}/#/dags/skip", standalone.api));
+    browser.wait_for("return document.querySelectorAll('[data-test=dag-graph] [data-node]').length", json!(5));
+    let drawn = browser.command(
+        "POST",
+        "/execute/sync",
+        Some(json!({"script": EDGE_CROSSINGS, "args": ["[data-test=dag-graph]"]})),
+    );
+    assert_eq!(
+        drawn["edges"],
+        json!(["a>b", "a>c", "a>e", "b>c", "c>d_with_a_name_longer_than_a_box", "d_with_a_name_longer_than_a_box>e"]),
+        "{drawn}"
+    );
+    assert_eq!(drawn["crossings"], json!([]), "edges drawn behind boxes");
+    assert_eq!(
+        browser
+            .script("return document.querySelector('[data-node=d_with_a_name_longer_than_a_box] title').textContent"),
+        json!("d_with_a_name_longer_than_a_box: queued"),
+        "the full name on hover"
+    );
+    browser.screenshot("dag-graph");
+    // After a run, the DAG page's nodes take that run's colours.
+    let run = standalone.json(&["trigger", "skip", "--wait"]);
+    assert_eq!(run["state"], "success", "{run}");
+    browser.wait_for(
+        "return [...document.querySelectorAll('[data-test=dag-graph] [data-node]')].map(n => n.dataset.state).join(',')",
+        json!("success,success,success,success,success"),
+    );
+    drop(standalone);
+    let _ = std::fs::remove_dir_all(&dir);
+}
