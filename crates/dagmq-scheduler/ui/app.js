@@ -6,7 +6,12 @@ const color = s => `var(--${s || "queued"})`;
 const onColor = s => `var(--${s || "queued"}-fg)`;
 const esc = v => String(v ?? "").replace(/[&<>"']/g, c => ({"&":"&amp;","<":"&lt;",">":"&gt;","\"":"&quot;","'":"&#39;"}[c]));
 const badge = s => `<span class="state" data-state="${esc(s)}" style="background:${color(s)};color:${onColor(s)}">${esc(s)}</span>`;
-const when = t => t ? new Date(t).toLocaleString() : "-";
+/** A time as text with its timezone's name: the viewer's, or `timeZone` (an IANA name). */
+const whenText = (t, timeZone) => t ? new Date(t).toLocaleString(undefined, {timeZone, timeZoneName: "short"}) : "-";
+/** A time for the page: in `timeZone` (a DAG's) with the viewer's own on hover, or the viewer's. */
+const when = (t, timeZone) => !t ? "-" : timeZone
+  ? `<time datetime="${esc(t)}" title="${esc(whenText(t))} (yours)">${esc(whenText(t, timeZone))}</time>`
+  : `<time datetime="${esc(t)}">${esc(whenText(t))}</time>`;
 /** Seconds in the unit a person would use: 230 ms, 4.2 s, 3 min 05 s, 2 h 07 min. */
 const span = s => s < 1 ? `${Math.round(s * 1000)} ms` : s < 60 ? `${s.toFixed(1)} s`
   : s < 3600 ? `${Math.floor(s / 60)} min ${String(Math.floor(s % 60)).padStart(2, "0")} s`
@@ -44,7 +49,7 @@ const views = {
     const rows = dags.map((d, i) => `<tr data-dag="${esc(d.dag_id)}">
       <td><a href="#/dags/${encodeURIComponent(d.dag_id)}" data-test="dag-link">${esc(d.dag_id)}</a>${d.error ? ` <span class="error" title="${esc(d.error)}" data-test="refused-change">refused change</span>` : ""}<div class="muted">${esc(d.description)}</div></td>
       <td>${esc(d.schedule || "manual")}<div class="muted">${esc(d.timezone)}</div></td>
-      <td>${when(d.next_run)}</td>
+      <td>${when(d.next_run, d.timezone)}</td>
       <td>${recent[i].slice().reverse().map(r => `<a href="#/runs/${encodeURIComponent(r.run_id)}" title="${esc(r.run_id)}: ${esc(r.state)}"><span class="sq" style="background:${color(r.state)}"></span></a>`).join("")}</td>
       <td><button data-test="pause-${esc(d.dag_id)}" data-action="pause" data-dag="${esc(d.dag_id)}" data-paused="${d.paused}">${d.paused ? "Unpause" : "Pause"}</button>
           <span class="muted" data-test="paused-${esc(d.dag_id)}">${d.paused ? "paused" : "active"}</span></td>
@@ -73,7 +78,7 @@ const views = {
     return `<h2>DAG ${esc(dag.dag_id)}</h2>
       <div class="row"><span class="muted">${esc(dag.description)}</span></div>
       <div class="row">schedule <b>${esc(dag.schedule || "manual")}</b> (${esc(dag.timezone)}), ${dag.paused ? "paused" : "active"},
-        next run ${when(dag.next_run)}, version <code>${esc(dag.version)}</code>, <a href="#/runs?dag=${encodeURIComponent(dagId)}">all runs</a></div>
+        next run ${when(dag.next_run, dag.timezone)}, version <code>${esc(dag.version)}</code>, <a href="#/runs?dag=${encodeURIComponent(dagId)}">all runs</a></div>
       <div class="card" data-test="trigger"><h3>Trigger a run</h3>${triggerForm(dag)}</div>
       <div class="card" data-test="dag-graph">${graph(tasks, "")}</div>
       <div class="card" data-test="grid"><h3>Latest ${runs.length} runs by task</h3><table class="grid"><tr><th></th>${head}</tr>${grid}</table></div>
@@ -94,21 +99,30 @@ const views = {
   },
   async run(query, runId) {
     const run = await api(`/api/v1/runs/${encodeURIComponent(runId)}`);
-    const rows = run.tasks.map(t => `<tr data-task="${esc(t.task_id)}"><td><a href="#/runs/${encodeURIComponent(runId)}/tasks/${encodeURIComponent(t.task_id)}">${esc(t.task_id)}</a></td>
-      <td>${badge(t.state)}${t.waiting_for ? ` <span class="muted" data-test="waiting">waiting for ${esc(t.waiting_for)}</span>` : ""}</td><td>${t.try_number}</td><td>${when(t.started_at)}</td><td>${duration(t.started_at, t.ended_at)}</td>
-      <td>${esc(t.worker || "-")}</td><td>${t.state === "running" && t.progress != null ? progress(t.progress) : ""}</td><td class="wrap" data-test="output"><code>${t.output == null ? "" : esc(typeof t.output === "string" ? t.output : JSON.stringify(t.output))}</code></td><td class="wrap error">${esc(t.error || "")}</td></tr>`).join("");
+    const failedOnly = query.get("failed") === "1";
+    const failed = run.tasks.filter(t => t.state === "failed");
+    const rows = run.tasks.filter(t => !failedOnly || t.state === "failed").map(t => `<tr data-task="${esc(t.task_id)}"><td><a href="#/runs/${encodeURIComponent(runId)}/tasks/${encodeURIComponent(t.task_id)}">${esc(t.task_id)}</a></td>
+      <td>${badge(t.state)}${t.waiting_for ? ` <span class="muted" data-test="waiting">waiting for ${esc(t.waiting_for)}</span>` : ""}</td><td>${t.try_number}</td><td class="wide">${when(t.started_at)}</td><td>${duration(t.started_at, t.ended_at)}</td>
+      <td class="wide">${esc(t.worker || "-")}</td><td class="wide">${t.state === "running" && t.progress != null ? progress(t.progress) : ""}</td><td class="wrap" data-test="output"><code>${t.output == null ? "" : esc(typeof t.output === "string" ? t.output : JSON.stringify(t.output))}</code></td><td class="wrap error">${esc(t.error || "")}</td></tr>`).join("");
     const finished = ["success","failed","cancelled"].includes(run.state);
     page.settled = finished;
-    return `<h2>Run ${esc(run.run_id)} ${badge(run.state)}</h2>
+    // What failed and why comes first: each failed task with its error, before the graph.
+    const failures = failed.length ? `<div class="card" data-test="failures"><h3>Failed</h3>${failed.map(t =>
+      `<div class="row" data-failed="${esc(t.task_id)}"><a href="#/runs/${encodeURIComponent(runId)}/tasks/${encodeURIComponent(t.task_id)}"><b>${esc(t.task_id)}</b></a>
+        <span class="muted">try ${t.try_number}${t.ended_at ? `, ${esc(whenText(t.ended_at))}` : ""}</span><span class="error wrap">${esc(t.error || "")}</span></div>`).join("")}</div>` : "";
+    const toggle = `<a data-test="failed-only" href="#/runs/${encodeURIComponent(runId)}${failedOnly ? "" : "?failed=1"}">${failedOnly ? "all tasks" : `failed only (${failed.length})`}</a>`;
+    return `<h2 class="title">Run ${esc(run.run_id)} ${badge(run.state)}</h2>
+      <div class="row" data-test="run-times">started ${when(run.started_at)}, ${run.ended_at ? `ended ${when(run.ended_at)}, ` : ""}took <b>${duration(run.started_at, run.ended_at)}</b></div>
       <div class="row"><span class="muted">DAG <a href="#/runs?dag=${encodeURIComponent(run.dag_id)}">${esc(run.dag_id)}</a>,
         ${esc(run.kind)}, logical date ${when(run.logical_date)}, params ${esc(JSON.stringify(run.params))}</span>
         <button data-test="restart" ${finished ? "" : "disabled"} data-action="run" data-run="${esc(runId)}" data-verb="restart">Restart</button>
         <button data-test="cancel" ${finished ? "disabled" : ""} data-action="run" data-run="${esc(runId)}" data-verb="cancel">Cancel</button>
         <button data-test="suspend" ${run.state === "running" ? "" : "disabled"} data-action="run" data-run="${esc(runId)}" data-verb="suspend">Suspend</button>
         <button data-test="resume" ${run.state === "suspended" ? "" : "disabled"} data-action="run" data-run="${esc(runId)}" data-verb="resume">Resume</button></div>
+      ${failures}
+      <div class="card" data-test="tasks"><div class="row">${toggle}</div><table><tr><th>Task</th><th>State</th><th>Try</th><th class="wide">Started</th><th>Took</th><th class="wide">Worker</th><th class="wide">Progress</th><th>Output</th><th>Error</th></tr>${rows}</table></div>
       <div class="card" data-test="graph">${graph(run.tasks, runId)}</div>
-      <div class="card" data-test="gantt"><h3>Timeline</h3>${gantt(run)}</div>
-      <div class="card"><table><tr><th>Task</th><th>State</th><th>Try</th><th>Started</th><th>Took</th><th>Worker</th><th>Progress</th><th>Output</th><th>Error</th></tr>${rows}</table></div>`;
+      <div class="card" data-test="gantt"><h3>Timeline</h3>${gantt(run)}</div>`;
   },
   async task(query, runId, taskId) {
     const run = await api(`/api/v1/runs/${encodeURIComponent(runId)}`);
@@ -285,7 +299,7 @@ function gantt(run) {
   const L = 160, W = 640, R = 22, scale = W / (end - start), x = v => L + (ms(v) - start) * scale;
   const bars = tries.map(x0 => { const y = 6 + rows.indexOf(x0.task_id) * R, q = x0.queued_at || x0.started_at, s0 = x0.started_at, e = x0.ended_at || s0 || q;
     const waiting = s0 ? `<rect x="${x(q)}" y="${y + 5}" width="${Math.max(1, x(s0) - x(q))}" height="${R - 12}" fill="${color(x0.outcome)}" opacity="0.35"/>` : "";
-    const ran = s0 ? `<rect data-try="${esc(x0.task_id)}:${x0.try_number}" data-outcome="${esc(x0.outcome)}" x="${x(s0)}" y="${y + 2}" width="${Math.max(2, x(e) - x(s0))}" height="${R - 6}" rx="3" fill="${color(x0.outcome)}"><title>${esc(x0.task_id)} try ${x0.try_number}: ${esc(x0.outcome)}, queued ${when(q)}, ran ${duration(s0, e)} on ${esc(x0.worker || "-")}</title></rect>`
+    const ran = s0 ? `<rect data-try="${esc(x0.task_id)}:${x0.try_number}" data-outcome="${esc(x0.outcome)}" x="${x(s0)}" y="${y + 2}" width="${Math.max(2, x(e) - x(s0))}" height="${R - 6}" rx="3" fill="${color(x0.outcome)}"><title>${esc(x0.task_id)} try ${x0.try_number}: ${esc(x0.outcome)}, queued ${esc(whenText(q))}, ran ${duration(s0, e)} on ${esc(x0.worker || "-")}</title></rect>`
       : `<rect data-try="${esc(x0.task_id)}:${x0.try_number}" data-outcome="${esc(x0.outcome)}" x="${x(q)}" y="${y + 5}" width="${Math.max(2, x(e) - x(q))}" height="${R - 12}" fill="${color(x0.outcome)}" opacity="0.35"/>`;
     return waiting + ran; }).join("");
   const labels = rows.map((id, i) => `<text class="label" x="4" y="${6 + i * R + 15}">${esc(id.length > 22 ? id.slice(0, 21) + "…" : id)}</text>`).join("");

@@ -718,9 +718,7 @@ fn the_log_page_appends_in_place_keeps_scroll_and_selection_and_shows_each_trys_
     );
     let times = browser.script("return document.querySelector('[data-test=try-times]').textContent");
     assert!(times.as_str().unwrap().starts_with("try 1: worker "), "{times}");
-    let start_of = |at: &Value| {
-        browser.script(&format!("return new Date({at}).toLocaleString()", at = at)).as_str().unwrap().to_string()
-    };
+    let start_of = |at: &Value| browser.script(&format!("return whenText({at})")).as_str().unwrap().to_string();
     assert!(times.as_str().unwrap().contains(&format!("started {}", start_of(&first["started_at"]))), "{times}");
     browser.open(&format!("{base}/#/runs/{flaky_id}/tasks/once?try=2"));
     browser.wait_for(
@@ -799,6 +797,80 @@ fn graph_edges_go_around_boxes_and_the_dag_page_shows_the_latest_runs_colours() 
         "return [...document.querySelectorAll('[data-test=dag-graph] [data-node]')].map(n => n.dataset.state).join(',')",
         json!("success,success,success,success,success"),
     );
+    drop(standalone);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn at_900_px_a_runs_failure_is_on_its_first_screen_and_times_name_their_timezone() {
+    let Some(browser) = Browser::start() else { return };
+    let dir = std::env::temp_dir().join(format!("dagmq-ui-narrow-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(
+        dir.join("breaks.toml"),
+        "id = \"breaks\"\n\
+         [[task]]\nid = \"extract_the_customer_orders_of_the_day\"\ncommand = [\"sh\", \"-c\", \"echo \
+         rows=1234567890123456789012345678901234567890\"]\n\
+         [[task]]\nid = \"load_into_the_warehouse\"\ncommand = [\"sh\", \"-c\", \"echo the warehouse refused the \
+         load: relation orders_2026_12_07_staging_area_for_the_nightly_job does not exist; exit 3\"]\nafter = \
+         [\"extract_the_customer_orders_of_the_day\"]\n\
+         [[task]]\nid = \"report\"\ncommand = [\"true\"]\nafter = [\"load_into_the_warehouse\"]\n",
+    )
+    .unwrap();
+    std::fs::write(
+        dir.join("warsaw.toml"),
+        "id = \"warsaw\"\nschedule = \"0 0 2 * * *\"\ntimezone = \"Europe/Warsaw\"\n[[task]]\nid = \"a\"\ncommand = [\"true\"]\n",
+    )
+    .unwrap();
+    let standalone = Standalone::start(&dir, &[]);
+    let run_id = standalone.json(&["trigger", "breaks"])["run_id"].as_str().unwrap().to_string();
+    standalone.wait_until(Duration::from_secs(30), || standalone.json(&["runs", "show", &run_id])["state"] == "failed");
+    browser.resize(900, 900);
+    browser.open(&format!("{}/#/runs/{run_id}", standalone.api));
+    browser.wait_for(
+        "return document.querySelector('[data-failed]')?.dataset.failed ?? null",
+        json!("load_into_the_warehouse"),
+    );
+    browser.screenshot("run-900");
+    // The failure and its reason are on the first screen, and nothing needs scrolling sideways.
+    let seen = browser.script(
+        "const f = document.querySelector('[data-failed] .error').getBoundingClientRect(); \
+         const t = document.querySelector('[data-test=tasks]'); \
+         return {failure_below: f.bottom <= innerHeight, page_fits: document.documentElement.scrollWidth <= innerWidth, \
+                 table_fits: t.scrollWidth <= t.clientWidth, \
+                 reason: document.querySelector('[data-failed] .error').textContent}",
+    );
+    assert_eq!(seen["failure_below"], json!(true), "{seen}");
+    assert_eq!(seen["page_fits"], json!(true), "{seen}");
+    assert_eq!(seen["table_fits"], json!(true), "{seen}");
+    assert!(seen["reason"].as_str().unwrap().contains("exited with status 3"), "{seen}");
+    assert!(
+        browser
+            .script("return document.querySelector('[data-test=run-times]').textContent")
+            .as_str()
+            .unwrap()
+            .contains("took"),
+    );
+    // "Failed only" leaves the failed task alone in the table.
+    browser.click("[data-test=failed-only]");
+    browser.wait_for(
+        "return [...document.querySelectorAll('tr[data-task]')].map(r => r.dataset.task).join()",
+        json!("load_into_the_warehouse"),
+    );
+    // Times say which timezone they are in; a DAG's schedule times are in its own, with the
+    // viewer's on hover.
+    let started = browser.script("return document.querySelector('[data-test=run-times] time').textContent");
+    assert!(started.as_str().unwrap().ends_with("UTC"), "{started}");
+    browser.open(&format!("{}/#/dags", standalone.api));
+    browser.wait_for("return document.querySelector('tr[data-dag=warsaw] time') !== null", json!(true));
+    let next =
+        browser.script("const t = document.querySelector('tr[data-dag=warsaw] time'); return [t.textContent, t.title]");
+    let [shown, hover] = [next[0].as_str().unwrap(), next[1].as_str().unwrap()];
+    assert!(
+        shown.ends_with("GMT+1") || shown.ends_with("CET") || shown.ends_with("GMT+2") || shown.ends_with("CEST"),
+        "{next}"
+    );
+    assert!(hover.ends_with("UTC (yours)"), "{next}");
     drop(standalone);
     let _ = std::fs::remove_dir_all(&dir);
 }
