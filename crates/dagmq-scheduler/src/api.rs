@@ -4,6 +4,7 @@
 //! The router, the server and the error answers are here; the routes live in a file per
 //! resource: `dags`, `runs` and `stats`, with the checks every request passes in `security`.
 
+mod capacity;
 mod dags;
 mod runs;
 mod security;
@@ -22,6 +23,7 @@ use axum::{Json, Router};
 use serde::Serialize;
 
 use crate::commands::{CommandError, SchedulerHandle};
+pub use capacity::{Capacity, DagUse, HeldRun, PoolUse, WorkerUse};
 pub use dags::{DagView, ParamView, RunSummary, TaskView};
 use dags::{backfill_dag, list_dags, pause_dag, show_dag, trigger_run, unpause_dag};
 pub use runs::{LogView, RunDetail, RunView};
@@ -93,6 +95,7 @@ pub fn router(scheduler: SchedulerHandle, config: ApiConfig) -> Router {
         .route("/runs/{run_id}/tasks/{task_id}/logs", get(task_logs))
         .route("/workers", get(list_workers))
         .route("/stats", get(stats))
+        .route("/capacity", get(capacity::capacity))
         .route("/openapi.json", get(openapi))
         .fallback(not_found)
         .layer(middleware::from_fn_with_state(state.clone(), require_token));

@@ -145,6 +145,8 @@ pub struct SchedulerHandle {
     pub waiting_for: crate::limits::WaitingFor,
     /// The pools live workers consume: a queued task on another pool waits for a worker.
     pub worker_pools: crate::limits::WorkerPools,
+    /// The named pools and their slots.
+    pub pools: dagmq_core::Pools,
 }
 
 impl Command {

@@ -119,7 +119,8 @@ pub fn document() -> Value {
                 query_param("from", "integer", "first line, for tailing")
             ]), None)},
             "/api/v1/workers": {"get": operation("live workers: name, host, queues, concurrency, running tries, last heartbeat", ("200", "workers"), &std_errors(&[]), json!([]), None)},
-            "/api/v1/stats": {"get": operation("runs and tasks by state, queue depths, workers", ("200", "counts"), &std_errors(&[]), json!([]), None)}
+            "/api/v1/stats": {"get": operation("runs and tasks by state, queue depths, workers", ("200", "counts"), &std_errors(&[]), json!([]), None)},
+            "/api/v1/capacity": {"get": operation("concurrency in use: each pool's used, free and waiting slots; each DAG with unfinished runs: active runs against max_active_runs, queued runs, active tasks against max_active_tasks; each live worker's used and free slots; queued runs held back, with why (max_active_runs 3/3)", ("200", "capacity"), &std_errors(&[]), json!([]), None)}
         }
     })
 }

@@ -111,7 +111,7 @@ const views = {
       `<div class="row" data-failed="${esc(t.task_id)}"><a href="#/runs/${encodeURIComponent(runId)}/tasks/${encodeURIComponent(t.task_id)}"><b>${esc(t.task_id)}</b></a>
         <span class="muted">try ${t.try_number}${t.ended_at ? `, ${esc(whenText(t.ended_at))}` : ""}</span><span class="error wrap">${esc(t.error || "")}</span></div>`).join("")}</div>` : "";
     const toggle = `<a data-test="failed-only" href="#/runs/${encodeURIComponent(runId)}${failedOnly ? "" : "?failed=1"}">${failedOnly ? "all tasks" : `failed only (${failed.length})`}</a>`;
-    return `<h2 class="title">Run ${esc(run.run_id)} ${badge(run.state)}</h2>
+    return `<h2 class="title">Run ${esc(run.run_id)} ${badge(run.state)}${run.waiting_for ? ` <span class="muted" data-test="run-waiting">waiting for ${esc(run.waiting_for)}</span>` : ""}</h2>
       <div class="row" data-test="run-times">started ${when(run.started_at)}, ${run.ended_at ? `ended ${when(run.ended_at)}, ` : ""}took <b>${duration(run.started_at, run.ended_at)}</b></div>
       <div class="row"><span class="muted">DAG <a href="#/runs?dag=${encodeURIComponent(run.dag_id)}">${esc(run.dag_id)}</a>,
         ${esc(run.kind)}, logical date ${when(run.logical_date)}, params ${esc(JSON.stringify(run.params))}</span>
@@ -170,10 +170,29 @@ const views = {
   },
   async workers() {
     const workers = await api("/api/v1/workers");
-    const rows = workers.map(w => `<tr><td>${esc(w.name)}</td><td>${esc(w.host)}</td><td>${esc(w.queues.join(", "))}</td><td>${w.concurrency}</td>
+    const rows = workers.map(w => `<tr data-worker="${esc(w.name)}"><td>${esc(w.name)}</td><td>${esc(w.host)}</td><td>${esc(w.queues.join(", "))}</td>
+      <td data-test="slots">${w.running.length} used, ${Math.max(0, w.concurrency - w.running.length)} free of ${w.concurrency}</td>
       <td class="wrap">${w.running.map(r => `<a href="#/runs/${encodeURIComponent(r.run_id)}/tasks/${encodeURIComponent(r.task_id)}">${esc(r.task_id)}</a>`).join(", ") || "-"}</td>
       <td>${when(w.last_heartbeat)}</td></tr>`).join("");
-    return `<h2>Workers</h2><div class="card"><table><tr><th>Name</th><th>Host</th><th>Queues</th><th>Concurrency</th><th>Running</th><th>Last heartbeat</th></tr>${rows}</table></div>`;
+    return `<h2>Workers</h2><div class="card"><table><tr><th>Name</th><th>Host</th><th>Queues</th><th>Slots</th><th>Running</th><th>Last heartbeat</th></tr>${rows}</table></div>`;
+  },
+  async capacity() {
+    const c = await api("/api/v1/capacity");
+    const use = (used, max) => max == null ? `${used}` : `${used}/${max}`;
+    const pools = c.pools.map(p => `<tr data-pool="${esc(p.pool)}"><td>${esc(p.pool)}</td><td data-test="use">${p.used}/${p.slots}</td><td>${p.free}</td><td>${p.waiting}</td></tr>`).join("")
+      || `<tr><td colspan="4" class="muted">no pools declared ([pools] in the config file, --pool NAME=SLOTS)</td></tr>`;
+    const dags = c.dags.map(d => `<tr data-dag-use="${esc(d.dag_id)}"><td><a href="#/dags/${encodeURIComponent(d.dag_id)}">${esc(d.dag_id)}</a></td>
+      <td data-test="runs">${use(d.active_runs, d.max_active_runs)}</td><td>${d.queued_runs}</td><td data-test="tasks">${use(d.active_tasks, d.max_active_tasks)}</td></tr>`).join("")
+      || `<tr><td colspan="4" class="muted">no unfinished runs</td></tr>`;
+    const held = c.held_runs.map(r => `<tr data-held="${esc(r.run_id)}"><td><a href="#/runs/${encodeURIComponent(r.run_id)}">${esc(r.run_id)}</a></td><td>${esc(r.waiting_for)}</td></tr>`).join("")
+      || `<tr><td colspan="2" class="muted">none</td></tr>`;
+    const workers = c.workers.map(w => `<tr data-worker-use="${esc(w.name)}"><td>${esc(w.name)}</td><td>${esc(w.queues.join(", "))}</td><td data-test="slots">${w.used}/${w.concurrency}</td><td>${w.free}</td></tr>`).join("")
+      || `<tr><td colspan="4" class="muted">no live worker</td></tr>`;
+    return `<h2>Capacity</h2>
+      <div class="card" data-test="pools"><h3>Pools</h3><table><tr><th>Pool</th><th>Used</th><th>Free</th><th>Tasks waiting</th></tr>${pools}</table></div>
+      <div class="card" data-test="dag-limits"><h3>DAG limits</h3><table><tr><th>DAG</th><th>Active runs / max_active_runs</th><th>Queued runs</th><th>Active tasks / max_active_tasks</th></tr>${dags}</table></div>
+      <div class="card" data-test="held"><h3>Runs held back</h3><table><tr><th>Run</th><th>Waiting for</th></tr>${held}</table></div>
+      <div class="card" data-test="worker-slots"><h3>Worker slots</h3><table><tr><th>Worker</th><th>Pools</th><th>Used</th><th>Free</th></tr>${workers}</table></div>`;
   },
   async stats() {
     const stats = await api("/api/v1/stats");

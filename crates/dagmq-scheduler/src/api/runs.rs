@@ -152,6 +152,9 @@ pub struct RunDetail {
     pub run: RunRecord,
     /// How many tasks are in each state.
     pub task_counts: BTreeMap<TaskState, usize>,
+    /// For a queued run held back by its DAG's `max_active_runs`: `max_active_runs 3/3`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub waiting_for: Option<String>,
     /// Every task as the store keeps it, in the order of the run's DAG (each after its
     /// upstream tasks; tasks the DAG does not name, follow-ups, last), each with `"output"` (null when it handed nothing on)
     /// and `"waiting_for"` (the concurrency limit a ready task waits for, or, for a queued task,
@@ -175,6 +178,22 @@ fn sort_in_graph_order(state: &AppState, run: &RunRecord, tasks: &mut [TaskInsta
         let key = |task: &TaskInstance| position.get(task.task_id.as_str()).copied().unwrap_or(usize::MAX);
         key(a).cmp(&key(b)).then_with(|| a.task_id.cmp(&b.task_id))
     });
+}
+
+/// Why queued `run` waits: `max_active_runs A/M` when its DAG's active runs fill its
+/// `max_active_runs` (else it is about to start).
+async fn held_back(state: &AppState, run: &RunRecord) -> ApiResult<Option<String>> {
+    let Some(dag) = state.scheduler.live.current().get(&run.dag_id).cloned() else { return Ok(None) };
+    let active = state
+        .scheduler
+        .store
+        .unfinished_runs()
+        .await?
+        .iter()
+        .filter(|other| other.dag_id == run.dag_id && super::capacity::is_active(other.state))
+        .count();
+    Ok((active as u64 >= u64::from(dag.max_active_runs))
+        .then(|| super::capacity::held_reason(active, dag.max_active_runs)))
 }
 
 pub(super) async fn show_run(State(state): State<AppState>, Path(run_id): Path<String>) -> ApiResult<Json<RunDetail>> {
@@ -202,7 +221,11 @@ pub(super) async fn show_run(State(state): State<AppState>, Path(run_id): Path<S
         }
         views.push(value);
     }
-    Ok(Json(RunDetail { run, task_counts, tasks: views }))
+    let waiting_for = match run.state {
+        RunState::Queued => held_back(&state, &run).await?,
+        _ => None,
+    };
+    Ok(Json(RunDetail { run, task_counts, waiting_for, tasks: views }))
 }
 
 pub(super) async fn restart_run(

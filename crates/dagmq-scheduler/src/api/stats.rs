@@ -68,7 +68,7 @@ pub(super) async fn list_workers(State(state): State<AppState>) -> ApiResult<Jso
     Ok(Json(live_workers(&state).await?))
 }
 
-async fn live_workers(state: &AppState) -> ApiResult<Vec<WorkerInfo>> {
+pub(super) async fn live_workers(state: &AppState) -> ApiResult<Vec<WorkerInfo>> {
     let now = state.scheduler.clock.now();
     let workers = state.scheduler.store.workers().await?;
     Ok(workers.into_iter().filter(|w| now - w.last_heartbeat <= WORKER_STALE_AFTER).collect())

@@ -134,6 +134,7 @@ pub fn spawn(
         live: live.clone(),
         waiting_for: limits.waiting_for.clone(),
         worker_pools: worker_pools.clone(),
+        pools: config.pools.clone(),
         metrics: metrics.clone(),
         commands: commands_tx,
         store: store.clone(),

@@ -874,3 +874,64 @@ fn at_900_px_a_runs_failure_is_on_its_first_screen_and_times_name_their_timezone
     drop(standalone);
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn the_capacity_page_shows_pools_limits_held_runs_and_worker_slots() {
+    let Some(browser) = Browser::start() else { return };
+    let dir = std::env::temp_dir().join(format!("dagmq-ui-capacity-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let gate = dir.join("go");
+    std::fs::write(
+        dir.join("slow.toml"),
+        format!(
+            "id = \"slow\"\nmax_active_runs = 1\n[[task]]\nid = \"hold\"\npool = \"db\"\ncommand = [\"sh\", \"-c\", \
+             \"while [ ! -e {} ]; do sleep 0.1; done\"]\n",
+            gate.display()
+        ),
+    )
+    .unwrap();
+    let standalone = Standalone::start_with_args(&dir, &["--pool", "db=2", "--concurrency", "4"]);
+    let first = standalone.json(&["trigger", "slow"])["run_id"].as_str().unwrap().to_string();
+    let second = standalone.json(&["trigger", "slow"])["run_id"].as_str().unwrap().to_string();
+    standalone.wait_until(Duration::from_secs(30), || {
+        standalone.json(&["runs", "show", &first])["tasks"][0]["state"] == "running"
+    });
+    let held = standalone.json(&["runs", "show", &second]);
+    assert_eq!((&held["state"], &held["waiting_for"]), (&json!("queued"), &json!("max_active_runs 1/1")), "{held}");
+
+    browser.open(&format!("{}/#/capacity", standalone.api));
+    browser.wait_for(
+        "return document.querySelector('tr[data-pool=db] [data-test=use]')?.textContent ?? null",
+        json!("1/2"),
+    );
+    assert_eq!(
+        browser.script("return document.querySelector('tr[data-dag-use=slow] [data-test=runs]').textContent"),
+        json!("1/1")
+    );
+    assert_eq!(
+        browser.script(
+            "return [...document.querySelectorAll('tr[data-held]')].map(r => [r.dataset.held, r.cells[1].textContent])"
+        ),
+        json!([[second, "max_active_runs 1/1"]])
+    );
+    // A worker's running tries reach the registry with its next heartbeat (every 5 s).
+    browser.wait_for("return document.querySelector('[data-worker-use] [data-test=slots]').textContent", json!("1/4"));
+    browser.screenshot("capacity");
+    browser.open(&format!("{}/#/runs/{second}", standalone.api));
+    browser.wait_for(
+        "return document.querySelector('[data-test=run-waiting]')?.textContent ?? null",
+        json!("waiting for max_active_runs 1/1"),
+    );
+    browser.open(&format!("{}/#/workers", standalone.api));
+    browser.wait_for(
+        "return document.querySelector('[data-worker] [data-test=slots]')?.textContent ?? null",
+        json!("1 used, 3 free of 4"),
+    );
+    std::fs::write(&gate, "").unwrap();
+    for run in [&first, &second] {
+        standalone
+            .wait_until(Duration::from_secs(30), || standalone.json(&["runs", "show", run])["state"] == "success");
+    }
+    drop(standalone);
+    let _ = std::fs::remove_dir_all(&dir);
+}
