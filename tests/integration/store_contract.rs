@@ -87,6 +87,11 @@ async fn contract(store: Arc<dyn Store>) {
     let etl = RunFilter { dag_id: Some("etl".into()), limit: 10, ..RunFilter::default() };
     assert_eq!(ids(store.list_runs(&etl).await.unwrap()), vec!["r4", "r1"]);
     assert_eq!(ids(store.list_runs(&RunFilter { limit: 1, ..all.clone() }).await.unwrap()), vec!["r4"]);
+    // Pages: an offset skips that many matching runs.
+    assert_eq!(ids(store.list_runs(&RunFilter { limit: 1, offset: 1, ..all.clone() }).await.unwrap()), vec!["r3"]);
+    assert_eq!(ids(store.list_runs(&RunFilter { offset: 2, ..all.clone() }).await.unwrap()), vec!["r1"]);
+    assert_eq!(ids(store.list_runs(&RunFilter { offset: 1, ..etl.clone() }).await.unwrap()), vec!["r1"]);
+    assert!(store.list_runs(&RunFilter { offset: 3, ..all.clone() }).await.unwrap().is_empty());
 
     // Run compare-and-set.
     let mut running = stored.clone();
@@ -99,6 +104,9 @@ async fn contract(store: Arc<dyn Store>) {
     assert!(store.transition_run(RunState::Running, &done).await.unwrap());
     let success = RunFilter { state: Some(RunState::Success), limit: 10, ..RunFilter::default() };
     assert_eq!(ids(store.list_runs(&success).await.unwrap()), vec!["r1"]);
+    assert!(store.list_runs(&RunFilter { offset: 1, ..success.clone() }).await.unwrap().is_empty());
+    let queued = RunFilter { state: Some(RunState::Queued), limit: 10, ..RunFilter::default() };
+    assert_eq!(ids(store.list_runs(&RunFilter { offset: 1, ..queued }).await.unwrap()), vec!["r3"]);
     assert_eq!(ids(store.unfinished_runs().await.unwrap()), vec!["r3", "r4"]);
     // A suspended run is unfinished: a scheduler that starts loads it with the running ones.
     let mut suspended = store.run("r3").await.unwrap().unwrap();

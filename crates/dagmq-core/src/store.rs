@@ -106,6 +106,9 @@ pub struct RunFilter {
     pub state: Option<RunState>,
     /// At most this many, newest first.
     pub limit: usize,
+    /// Skip this many matching runs first (the next page starts at the previous page's
+    /// offset plus its length).
+    pub offset: usize,
 }
 
 /// What `create_run` did.

@@ -212,7 +212,13 @@ impl Store for RedisStore {
         };
         let mut found = Vec::new();
         let page = filter.limit.clamp(1, 500);
-        let mut start = 0isize;
+        // Without a state filter every listed run matches: the page starts at the offset. With
+        // one, the first `offset` matches are skipped as they are read.
+        let (mut start, mut skip) = if filter.state.is_none() {
+            (isize::try_from(filter.offset).unwrap_or(isize::MAX), 0)
+        } else {
+            (0, filter.offset)
+        };
         while found.len() < filter.limit {
             let ids: Vec<String> = {
                 let mut conn = self.conn().await?;
@@ -231,7 +237,11 @@ impl Store for RedisStore {
             }
             for record in records {
                 if filter.state.is_none_or(|s| s == record.state) && found.len() < filter.limit {
-                    found.push(record);
+                    if skip > 0 {
+                        skip -= 1;
+                    } else {
+                        found.push(record);
+                    }
                 }
             }
         }

@@ -25,7 +25,8 @@ use serde::Serialize;
 use crate::commands::{CommandError, SchedulerHandle};
 pub use capacity::{Capacity, DagUse, HeldRun, PoolUse, WorkerUse};
 pub use dags::{DagView, ParamView, RunSummary, TaskView};
-use dags::{backfill_dag, list_dags, pause_dag, show_dag, trigger_run, unpause_dag};
+pub use dags::{Grid, GridRun};
+use dags::{backfill_dag, dag_grid, list_dags, pause_dag, show_dag, trigger_run, unpause_dag};
 pub use runs::{LogView, RunDetail, RunView};
 use runs::{cancel_run, clear_run, list_runs, restart_run, resume_run, show_run, suspend_run, task_logs};
 pub use security::CONTENT_SECURITY_POLICY;
@@ -96,8 +97,10 @@ pub fn router(scheduler: SchedulerHandle, config: ApiConfig) -> Router {
         .route("/workers", get(list_workers))
         .route("/stats", get(stats))
         .route("/capacity", get(capacity::capacity))
+        .route("/dags/{dag_id}/grid", get(dag_grid))
         .route("/openapi.json", get(openapi))
         .fallback(not_found)
+        .layer(middleware::from_fn(conditional_get))
         .layer(middleware::from_fn_with_state(state.clone(), require_token));
     Router::new()
         .route("/", get(ui))
@@ -109,6 +112,39 @@ pub fn router(scheduler: SchedulerHandle, config: ApiConfig) -> Router {
         .layer(middleware::from_fn_with_state(state.clone(), refuse_cross_site))
         .layer(middleware::from_fn(security_headers))
         .with_state(state)
+}
+
+/// Largest answer [`conditional_get`] tags; a larger one goes out untagged.
+const MAX_TAGGED_BYTES: usize = 8 << 20;
+
+/// Conditional GETs: every successful `GET` of the API carries an `ETag` (a hash of its body)
+/// and `Cache-Control: no-cache`, so a browser asks again with `If-None-Match` and an answer
+/// that has not changed costs a `304` with no body. A page polled every 1.5 s moves bytes only
+/// when something changed.
+async fn conditional_get(request: Request, next: middleware::Next) -> Response {
+    if request.method() != axum::http::Method::GET {
+        return next.run(request).await;
+    }
+    let asked = request.headers().get(header::IF_NONE_MATCH).and_then(|v| v.to_str().ok()).map(str::to_string);
+    let response = next.run(request).await;
+    if response.status() != StatusCode::OK {
+        return response;
+    }
+    let (mut parts, body) = response.into_parts();
+    let Ok(bytes) = axum::body::to_bytes(body, MAX_TAGGED_BYTES).await else {
+        return (StatusCode::INTERNAL_SERVER_ERROR, "answer too large to send").into_response();
+    };
+    let tag = format!("\"{}\"", dagmq_core::dag::content_version_bytes(&bytes));
+    parts.headers.insert(header::CACHE_CONTROL, header::HeaderValue::from_static("no-cache, private"));
+    if let Ok(value) = header::HeaderValue::from_str(&tag) {
+        parts.headers.insert(header::ETAG, value);
+    }
+    if asked.is_some_and(|asked| asked.split(',').any(|one| one.trim() == tag || one.trim() == "*")) {
+        parts.headers.remove(header::CONTENT_LENGTH);
+        parts.status = StatusCode::NOT_MODIFIED;
+        return Response::from_parts(parts, axum::body::Body::empty());
+    }
+    Response::from_parts(parts, axum::body::Body::from(bytes))
 }
 
 /// Serves the API on `listener` until `shutdown` fires.

@@ -68,6 +68,7 @@ pub fn document() -> Value {
                                  "responses": {"200": {"description": "metrics"}, "401": {"description": "missing or wrong token"}}}},
             "/api/v1/openapi.json": {"get": operation("this document", ("200", "the document"), &std_errors(&[]), json!([]), None)},
             "/api/v1/dags": {"get": operation("DAGs with schedule, paused flag, next run and last run", ("200", "DAGs"), &std_errors(&[]), json!([]), None)},
+            "/api/v1/dags/{dag_id}/grid": {"get": operation("the DAG's runs as a grid, newest first: run_id, state, kind, logical_date, started_at, ended_at and each task's state (no params, no task details); offset/limit page through older runs; more says whether older runs follow", ("200", "{runs, offset, more}"), &std_errors(&["400", "404"]), json!([dag, query_param("limit", "integer", "1 to 100, default 25"), query_param("offset", "integer", "skip this many newest runs")]), None)},
             "/api/v1/dags/{dag_id}": {"get": operation("one DAG as the list shows it, with its params (type, default, allowed values, required) and params_declared", ("200", "the DAG"), &std_errors(&["404"]), json!([dag]), None)},
             "/api/v1/dags/{dag_id}/pause": {"post": operation("stop scheduled runs", ("200", "paused"), &std_errors(&["404"]), json!([dag]), None)},
             "/api/v1/dags/{dag_id}/unpause": {"post": operation("resume scheduled runs", ("200", "unpaused"), &std_errors(&["404"]), json!([dag]), None)},
@@ -95,7 +96,8 @@ pub fn document() -> Value {
             "/api/v1/runs": {"get": operation("latest runs, newest first, with task counts by state; without their params (the run has them)", ("200", "runs"), &std_errors(&["400"]), json!([
                 query_param("dag_id", "string", "only this DAG"),
                 query_param("status", "string", "queued, running, suspended, success, failed or cancelled"),
-                query_param("limit", "integer", "1 to 500, default 50")
+                query_param("limit", "integer", "1 to 500, default 50"),
+                query_param("offset", "integer", "skip this many first (the next page: offset plus limit)")
             ]), None)},
             "/api/v1/runs/{run_id}": {"get": operation("a run with every task: state, try, times, worker, error", ("200", "the run"), &std_errors(&["404"]), json!([run]), None)},
             "/api/v1/runs/{run_id}/restart": {"post": operation("re-run failed and not-run tasks of a finished run", ("200", "restarted"), &std_errors(&["404", "409"]), json!([run]), None)},

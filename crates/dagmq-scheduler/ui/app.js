@@ -59,30 +59,48 @@ const views = {
       <table><tr><th>DAG</th><th>Schedule</th><th>Next run</th><th>Last runs</th><th>Schedule state</th><th></th></tr>${rows}</table></div>`;
   },
   async dag(query, dagId) {
-    const dag = await api(`/api/v1/dags/${encodeURIComponent(dagId)}`);
-    const latest = await api(`/api/v1/runs?dag_id=${encodeURIComponent(dagId)}&limit=25`);
-    const runs = (await Promise.all(latest.map(r => api(`/api/v1/runs/${encodeURIComponent(r.run_id)}`)))).reverse();
+    // The grid: runs as columns (oldest left), tasks as rows, a state per cell; a page of 25
+    // runs at a time, from the compact grid answer rather than every run's full document.
+    const offset = Math.max(0, Number(query.get("offset")) || 0);
+    const [dag, page_] = await Promise.all([api(`/api/v1/dags/${encodeURIComponent(dagId)}`),
+      api(`/api/v1/dags/${encodeURIComponent(dagId)}/grid?limit=25&offset=${offset}`)]);
+    const runs = page_.runs.slice().reverse();
     const ids = dag.tasks.map(t => t.task_id);
-    const head = runs.map(r => `<th title="${esc(r.run_id)}"><a href="#/runs/${encodeURIComponent(r.run_id)}"><span class="sq" style="background:${color(r.state)}"></span></a></th>`).join("");
+    const describe = r => `${r.run_id}: ${r.state}, ${r.kind}, logical date ${whenText(r.logical_date, dag.timezone)}, took ${duration(r.started_at, r.ended_at)}`;
+    const head = runs.map(r => `<th data-run-column="${esc(r.run_id)}" data-kind="${esc(r.kind)}" title="${esc(describe(r))}"><a href="#/runs/${encodeURIComponent(r.run_id)}"><span class="sq" style="background:${color(r.state)}"></span></a>
+      <div class="kind">${esc(KIND_MARK[r.kind] || "?")}</div></th>`).join("");
     const grid = ids.map(id => `<tr data-grid-task="${esc(id)}"><td>${esc(id)}</td>${runs.map(r => {
-      const t = r.tasks.find(x => x.task_id === id);
-      return t ? `<td class="cell"><a data-cell="${esc(t.state)}" href="#/runs/${encodeURIComponent(r.run_id)}/tasks/${encodeURIComponent(id)}" title="${esc(r.run_id)}: ${esc(id)} ${esc(t.state)}"><span class="sq" style="background:${color(t.state)}"></span></a></td>` : `<td class="cell"></td>`;
+      const state = r.tasks[id];
+      return state ? `<td class="cell"><a data-cell="${esc(state)}" href="#/runs/${encodeURIComponent(r.run_id)}/tasks/${encodeURIComponent(id)}" title="${esc(r.run_id)}: ${esc(id)} ${esc(state)}"><span class="sq" style="background:${color(state)}"></span></a></td>` : `<td class="cell"></td>`;
     }).join("")}</tr>`).join("");
+    // Bars labelled by time: the time of day when the runs fit in one day, else date and time.
+    const oneDay = runs.length && new Set(runs.map(r => new Date(r.logical_date).toDateString())).size === 1;
+    const label = r => new Date(r.logical_date).toLocaleString(undefined, oneDay ? {timeStyle: "short"} : {dateStyle: "short", timeStyle: "short"});
     const durations = runs.map(r => ({value: r.started_at ? ((r.ended_at ? new Date(r.ended_at) : new Date()) - new Date(r.started_at)) / 1000 : 0,
-      label: new Date(r.logical_date).toLocaleDateString(), title: `${r.run_id}: ${duration(r.started_at, r.ended_at)}`, color: color(r.state),
-      href: `#/runs/${encodeURIComponent(r.run_id)}`}));
+      label: label(r), title: describe(r), color: color(r.state), href: `#/runs/${encodeURIComponent(r.run_id)}`}));
+    const here = `#/dags/${encodeURIComponent(dagId)}`;
+    const paging = `<div class="row" data-test="grid-paging">${page_.more ? `<a data-test="older" href="${here}?offset=${offset + 25}">older runs</a>` : ""}
+      ${offset > 0 ? `<a data-test="newer" href="${here}?offset=${Math.max(0, offset - 25)}">newer runs</a>` : ""}
+      <span class="muted">S scheduled, M manual, Q from the trigger queue, B backfill</span></div>`;
+    const backfill = dag.schedule ? `<div class="card" data-test="backfill"><h3>Backfill</h3>
+      <form id="backfill-form" class="params-form" data-dag="${esc(dag.dag_id)}">
+      <label>from <input id="backfill-from" name="from" type="date" data-keep required></label>
+      <label>to <input id="backfill-to" name="to" type="date" data-keep required></label>
+      <span class="muted">dates are midnight in ${esc(dag.timezone)}; one run per schedule point, none twice</span>
+      <button type="submit" data-test="backfill-submit">Backfill</button></form>
+      ${backfilled[dag.dag_id] ? `<div class="row" data-test="backfill-result">${esc(backfilled[dag.dag_id])}</div>` : ""}</div>` : "";
     // Nodes in the colours of the latest run (none yet: queued grey).
-    const newest = runs[runs.length - 1];
-    const tasks = dag.tasks.map(t => ({task_id: t.task_id, after: t.after,
-      state: newest?.tasks.find(x => x.task_id === t.task_id)?.state || "queued"}));
+    const newest = offset === 0 ? runs[runs.length - 1] : null;
+    const tasks = dag.tasks.map(t => ({task_id: t.task_id, after: t.after, state: newest?.tasks[t.task_id] || "queued"}));
     return `<h2>DAG ${esc(dag.dag_id)}</h2>
       <div class="row"><span class="muted">${esc(dag.description)}</span></div>
       <div class="row">schedule <b>${esc(dag.schedule || "manual")}</b> (${esc(dag.timezone)}), ${dag.paused ? "paused" : "active"},
         next run ${when(dag.next_run, dag.timezone)}, version <code>${esc(dag.version)}</code>, <a href="#/runs?dag=${encodeURIComponent(dagId)}">all runs</a></div>
       <div class="card" data-test="trigger"><h3>Trigger a run</h3>${triggerForm(dag)}</div>
       <div class="card" data-test="dag-graph">${graph(tasks, "")}</div>
-      <div class="card" data-test="grid"><h3>Latest ${runs.length} runs by task</h3><table class="grid"><tr><th></th>${head}</tr>${grid}</table></div>
-      <div class="card" data-test="durations"><h3>Run durations</h3>${bars(durations, span)}</div>`;
+      <div class="card" data-test="grid"><h3>${offset ? `Runs ${offset + 1} to ${offset + runs.length} back` : `Latest ${runs.length} runs`} by task</h3>${paging}<table class="grid"><tr><th></th>${head}</tr>${grid}</table></div>
+      <div class="card" data-test="durations"><h3>Run durations</h3>${bars(durations, span)}</div>
+      ${backfill}`;
   },
   async runs(query) {
     const dag = query.get("dag") || "", state = query.get("state") || "";
@@ -207,6 +225,10 @@ const views = {
 };
 
 const logState = {key: "", lines: [], next: 0};
+/** The grid's mark of each run kind. */
+const KIND_MARK = {scheduled: "S", manual: "M", message: "Q", backfill: "B"};
+/** The last backfill's answer on each DAG's page. */
+const backfilled = {};
 /** Whether the page shows something that no longer changes by itself (a finished run, a
  * finished try whose log has been read): it is then read again only every 30 s. */
 const page = {settled: false, renderedAt: 0};
@@ -380,10 +402,18 @@ async function triggerFrom(form) {
   } catch (e) { banner(e.message); }
 }
 document.addEventListener("submit", event => {
-  if (event.target.id !== "trigger-form") return;
-  event.preventDefault();
-  triggerFrom(event.target);
+  if (event.target.id === "trigger-form") { event.preventDefault(); triggerFrom(event.target); }
+  if (event.target.id === "backfill-form") { event.preventDefault(); backfillFrom(event.target); }
 });
+/** Backfills the form's DAG over its dates (midnight in the DAG's timezone, both included). */
+async function backfillFrom(form) {
+  try {
+    const body = {from: form.querySelector("#backfill-from").value, to: form.querySelector("#backfill-to").value};
+    const answer = await api(`/api/v1/dags/${encodeURIComponent(form.dataset.dag)}/backfill`, {method: "POST", body: JSON.stringify(body)});
+    backfilled[form.dataset.dag] = `${answer.runs.length} runs: ${answer.created} created, ${answer.existing} existing`;
+    render();
+  } catch (e) { banner(e.message); }
+}
 
 async function trigger(dagId) {
   try {

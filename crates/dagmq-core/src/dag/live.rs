@@ -8,8 +8,13 @@ use super::{Dag, DagError};
 /// A DAG file's version: the FNV-1a 64-bit hash of its text, in hex. Stable across builds and
 /// machines, so a scheduler and its workers agree on it.
 pub fn content_version(text: &str) -> String {
+    content_version_bytes(text.as_bytes())
+}
+
+/// [`content_version`] of any bytes.
+pub fn content_version_bytes(bytes: &[u8]) -> String {
     let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
-    for byte in text.as_bytes() {
+    for byte in bytes {
         hash ^= u64::from(*byte);
         hash = hash.wrapping_mul(0x0000_0100_0000_01b3);
     }

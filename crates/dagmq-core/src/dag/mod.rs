@@ -23,7 +23,7 @@ mod builder;
 mod live;
 
 pub use builder::{DagBuilder, Pools, check_id, check_pools};
-pub use live::{DagRegistry, LiveDags, content_version};
+pub use live::{DagRegistry, LiveDags, content_version, content_version_bytes};
 
 /// The default worker pool.
 pub const DEFAULT_QUEUE: &str = "default";

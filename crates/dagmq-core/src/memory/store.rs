@@ -243,6 +243,7 @@ impl Store for MemoryStore {
             .map(|e| &e.record)
             .filter(|r| filter.dag_id.as_ref().is_none_or(|d| *d == r.dag_id))
             .filter(|r| filter.state.is_none_or(|s| s == r.state))
+            .skip(filter.offset)
             .take(filter.limit)
             .cloned()
             .collect())

@@ -4,7 +4,7 @@
 use axum::Json;
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
-use axum::extract::{Path, State};
+use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
 use chrono::{DateTime, Utc};
 use dagmq_core::records::DagRecord;
@@ -12,6 +12,8 @@ use dagmq_core::store::RunFilter;
 use dagmq_core::task::mask_params;
 use dagmq_core::{Dag, ParamType, Params, RunState, TaskKind, TimeArg};
 use serde::{Deserialize, Serialize};
+
+use std::collections::BTreeMap;
 
 use super::{ApiResult, AppState, bad_request, json_body, not_found_error};
 
@@ -119,7 +121,7 @@ async fn dag_view(state: &AppState, dag: &Dag) -> ApiResult<DagView> {
     let defaults = mask_params(&dag.params.defaults());
     let last = handle
         .store
-        .list_runs(&RunFilter { dag_id: Some(dag.id.clone()), state: None, limit: 1 })
+        .list_runs(&RunFilter { dag_id: Some(dag.id.clone()), limit: 1, ..RunFilter::default() })
         .await?
         .into_iter()
         .next()
@@ -208,6 +210,81 @@ pub(super) async fn show_dag(State(state): State<AppState>, Path(dag_id): Path<S
         return Err(not_found_error(format!("unknown dag {dag_id:?}")));
     };
     Ok(Json(dag_view(&state, &dag).await?))
+}
+
+/// Query of `GET /api/v1/dags/{id}/grid`.
+#[derive(Debug, Deserialize)]
+pub(super) struct GridQuery {
+    /// How many runs (default 25, at most 100).
+    limit: Option<usize>,
+    /// Skip this many newest runs first (paging to older runs).
+    offset: Option<usize>,
+}
+
+/// One run as the grid shows it: no params, each task's state only.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct GridRun {
+    /// The run.
+    pub run_id: String,
+    /// Its state.
+    pub state: RunState,
+    /// Why it exists.
+    pub kind: dagmq_core::RunKind,
+    /// Its schedule point or trigger time.
+    pub logical_date: DateTime<Utc>,
+    /// When it started.
+    pub started_at: Option<DateTime<Utc>>,
+    /// When it ended.
+    pub ended_at: Option<DateTime<Utc>>,
+    /// Each task's state, by task id.
+    pub tasks: BTreeMap<String, dagmq_core::TaskState>,
+}
+
+/// The answer of `GET /api/v1/dags/{id}/grid`.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct Grid {
+    /// Runs, newest first.
+    pub runs: Vec<GridRun>,
+    /// The offset asked for.
+    pub offset: usize,
+    /// Whether older runs follow.
+    pub more: bool,
+}
+
+/// The runs of a DAG as a grid polled by the DAG page: a run's tasks as states only, about a
+/// tenth of the bytes of the full run documents.
+pub(super) async fn dag_grid(
+    State(state): State<AppState>,
+    Path(dag_id): Path<String>,
+    Query(query): Query<GridQuery>,
+) -> ApiResult<Json<Grid>> {
+    if state.scheduler.dags().get(&dag_id).is_none() {
+        return Err(not_found_error(format!("unknown dag {dag_id:?}")));
+    }
+    let limit = query.limit.unwrap_or(25);
+    if limit == 0 || limit > 100 {
+        return Err(bad_request("limit must be 1 to 100"));
+    }
+    let offset = query.offset.unwrap_or(0);
+    let store = &state.scheduler.store;
+    let filter = RunFilter { dag_id: Some(dag_id), limit: limit + 1, offset, ..RunFilter::default() };
+    let mut records = store.list_runs(&filter).await?;
+    let more = records.len() > limit;
+    records.truncate(limit);
+    let mut runs = Vec::with_capacity(records.len());
+    for run in records {
+        let tasks = store.tasks(&run.run_id).await?.into_iter().map(|task| (task.task_id, task.state)).collect();
+        runs.push(GridRun {
+            run_id: run.run_id,
+            state: run.state,
+            kind: run.kind,
+            logical_date: run.logical_date,
+            started_at: run.started_at,
+            ended_at: run.ended_at,
+            tasks,
+        });
+    }
+    Ok(Json(Grid { runs, offset, more }))
 }
 
 pub(super) async fn pause_dag(

@@ -46,6 +46,8 @@ pub(super) struct RunsQuery {
     status: Option<String>,
     /// How many (default 50, at most 500).
     limit: Option<usize>,
+    /// Skip this many first (paging: the next page's offset is this one's plus its length).
+    offset: Option<usize>,
 }
 
 /// A run as the API lists it: the run without its params, which may be large and which a
@@ -126,7 +128,12 @@ pub(super) async fn list_runs(
     if limit == 0 || limit > MAX_LIMIT {
         return Err(bad_request(format!("limit must be 1 to {MAX_LIMIT}")));
     }
-    let filter = RunFilter { dag_id: query.dag_id.filter(|d| !d.is_empty()), state: status, limit };
+    let filter = RunFilter {
+        dag_id: query.dag_id.filter(|d| !d.is_empty()),
+        state: status,
+        limit,
+        offset: query.offset.unwrap_or(0),
+    };
     let store = &state.scheduler.store;
     let mut views = Vec::new();
     for run in store.list_runs(&filter).await? {

@@ -935,3 +935,67 @@ fn the_capacity_page_shows_pools_limits_held_runs_and_worker_slots() {
     drop(standalone);
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// Sets an `<input>`'s value as a person typing it would (the page keeps typed values across
+/// its refreshes).
+fn type_into(browser: &Browser, selector: &str, value: &str) {
+    browser.wait_for(&format!("return document.querySelector('{selector}') !== null"), json!(true));
+    browser.script(&format!(
+        "const i = document.querySelector('{selector}'); i.value = '{value}'; \
+         i.dispatchEvent(new Event('input', {{bubbles: true}})); return null"
+    ));
+}
+
+#[test]
+fn the_dag_page_backfills_pages_through_runs_marks_their_kind_and_reads_only_the_grid() {
+    let Some(browser) = Browser::start() else { return };
+    let dir = std::env::temp_dir().join(format!("dagmq-ui-grid-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(
+        dir.join("daily.toml"),
+        "id = \"daily\"\nschedule = \"0 0 2 * * *\"\ntimezone = \"Europe/Warsaw\"\nstart = \"2026-01-01T00:00:00Z\"\n\
+         paused = true\n[[task]]\nid = \"a\"\ncommand = [\"true\"]\n[[task]]\nid = \"b\"\ncommand = [\"true\"]\nafter = [\"a\"]\n",
+    )
+    .unwrap();
+    let standalone = Standalone::start(&dir, &[]);
+    browser.open(&format!("{}/#/dags/daily", standalone.api));
+    type_into(&browser, "#backfill-from", "2026-10-01");
+    type_into(&browser, "#backfill-to", "2026-10-30");
+    browser.click("[data-test=backfill-submit]");
+    browser.wait_for(
+        "return document.querySelector('[data-test=backfill-result]')?.textContent ?? null",
+        // Dates are midnight in Warsaw: the 02:00 points of 1 to 29 October.
+        json!("29 runs: 29 created, 0 existing"),
+    );
+    standalone.wait_until(Duration::from_secs(60), || {
+        standalone.json(&["runs", "list", "--limit", "100"]).as_array().unwrap().iter().all(|r| r["state"] == "success")
+    });
+    // The newest 25 runs, each column marked with its kind; the bars are labelled with times.
+    browser.wait_for("return document.querySelectorAll('[data-run-column]').length", json!(25));
+    assert_eq!(
+        browser.script("return [...new Set([...document.querySelectorAll('[data-run-column]')].map(c => c.dataset.kind + ' ' + c.querySelector('.kind').textContent))]"),
+        json!(["backfill B"])
+    );
+    let labels = browser.script(
+        "return [...document.querySelectorAll('[data-test=durations] text.axis')].slice(2).map(t => t.textContent)",
+    );
+    assert!(
+        labels.as_array().unwrap().iter().all(|l| l.as_str().unwrap().contains(':')),
+        "labels without a time: {labels}"
+    );
+    // Older runs are a page away, and back.
+    browser.click("[data-test=older]");
+    browser.wait_for("return document.querySelectorAll('[data-run-column]').length", json!(4));
+    assert_eq!(browser.script("return document.querySelector('[data-test=older]')"), Value::Null);
+    browser.click("[data-test=newer]");
+    browser.wait_for("return document.querySelectorAll('[data-run-column]').length", json!(25));
+    // The page reads the DAG and its grid, not every run's document.
+    browser.script("performance.clearResourceTimings(); window.watchedAt = Date.now(); return null");
+    browser.wait_for("return Date.now() - window.watchedAt > 3500", json!(true));
+    let fetched = browser.script(
+        "return [...new Set(performance.getEntriesByType('resource').map(e => new URL(e.name).pathname))].sort()",
+    );
+    assert_eq!(fetched, json!(["/api/v1/dags/daily", "/api/v1/dags/daily/grid"]), "what the DAG page fetched");
+    drop(standalone);
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -210,3 +210,32 @@ fn a_task_on_a_pool_no_worker_consumes_says_so_and_the_scheduler_logs_it() {
     drop(standalone);
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// A GET of `path` with `extra` headers: (status, headers in lower case, body).
+fn get_with(api: &str, path: &str, extra: &str) -> (u16, String, String) {
+    use std::io::{Read, Write};
+    let address = api.trim_start_matches("http://");
+    let mut stream = std::net::TcpStream::connect(address).unwrap();
+    write!(stream, "GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\n{extra}\r\n").unwrap();
+    let mut answer = String::new();
+    stream.read_to_string(&mut answer).unwrap();
+    let (head, body) = answer.split_once("\r\n\r\n").unwrap_or((&answer, ""));
+    let status = head.split_whitespace().nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
+    (status, head.to_ascii_lowercase(), body.to_string())
+}
+
+#[test]
+fn api_answers_carry_an_etag_and_an_unchanged_one_costs_a_304() {
+    let standalone = Standalone::start(&examples(), &[]);
+    let (status, head, body) = get_with(&standalone.api, "/api/v1/dags", "");
+    assert_eq!(status, 200);
+    assert!(head.contains("cache-control: no-cache, private"), "{head}");
+    let tag = head.lines().find_map(|line| line.strip_prefix("etag: ")).expect("an etag").to_string();
+    assert!(!body.is_empty());
+    let (status, _, body) = get_with(&standalone.api, "/api/v1/dags", &format!("If-None-Match: {tag}\r\n"));
+    assert_eq!((status, body.as_str()), (304, ""), "unchanged");
+    assert!(standalone.cli(&["dags", "pause", "hello"]).status.success());
+    let (status, head, _) = get_with(&standalone.api, "/api/v1/dags", &format!("If-None-Match: {tag}\r\n"));
+    assert_eq!(status, 200, "changed: the whole answer again");
+    assert!(!head.contains(&format!("etag: {tag}")), "{head}");
+}
