@@ -390,18 +390,43 @@ impl Inner {
         let result = self.publish_on(&live, messages).await;
         if result.is_err() && !(live.connection.status().connected() && live.publisher.status().connected()) {
             self.drop_live(&live).await;
+        } else if let Err(PublishError::Refused(_)) = &result {
+            self.renew_publisher(&live).await;
         }
-        result
+        result.map_err(PublishError::into_inner)
+    }
+
+    /// Gives the connection `live` a new publishing channel. A quorum queue whose leader was
+    /// lost refuses what a channel publishes to it until the channel learns the new leader,
+    /// which RabbitMQ 3.10 channels opened before the election ends may never do (seen in
+    /// `rabbit_cluster`: refusals for 30 s and more on a channel opened 40 ms after the leader's
+    /// node died); a new channel finds the leader of the moment.
+    async fn renew_publisher(&self, live: &Live) {
+        let mut guard = self.live.lock().await;
+        let Some(current) = guard.as_mut() else { return };
+        if !Arc::ptr_eq(&current.connection, &live.connection) || current.publisher.id() != live.publisher.id() {
+            return;
+        }
+        let channel = match current.connection.create_channel().await {
+            Ok(channel) => channel,
+            Err(_) => return,
+        };
+        if channel.confirm_select(ConfirmSelectOptions::default()).await.is_ok() {
+            tracing::warn!("the broker refused a publish: publishing on a new channel");
+            let old = std::mem::replace(&mut current.publisher, channel);
+            drop(guard);
+            let _ = old.close(200, "renewed".into()).await;
+        }
     }
 
     async fn publish_on(
         &self,
         live: &Live,
         messages: Vec<(Topic, Vec<u8>, Option<FieldTable>)>,
-    ) -> Result<(), BackendError> {
+    ) -> Result<(), PublishError> {
         let mut confirms = Vec::with_capacity(messages.len());
         for (topic, payload, headers) in messages {
-            self.ensure_declared(live, &topic).await?;
+            self.ensure_declared(live, &topic).await.map_err(PublishError::Other)?;
             let mut properties =
                 BasicProperties::default().with_delivery_mode(2).with_content_type("application/json".into());
             if let Some(headers) = headers {
@@ -418,21 +443,45 @@ impl Inner {
                     properties,
                 )
                 .await
-                .map_err(|e| BackendError::new(format!("rabbitmq: publishing to {name}: {e}")))?;
+                .map_err(|e| PublishError::Other(BackendError::new(format!("rabbitmq: publishing to {name}: {e}"))))?;
             confirms.push((name, confirm));
         }
+        let mut refused = None;
         for (name, confirm) in confirms {
-            match confirm.await.map_err(|e| BackendError::new(format!("rabbitmq: confirm from {name}: {e}")))? {
+            let confirmation = confirm
+                .await
+                .map_err(|e| PublishError::Other(BackendError::new(format!("rabbitmq: confirm from {name}: {e}"))))?;
+            match confirmation {
                 Confirmation::Ack(None) | Confirmation::NotRequested => {}
                 Confirmation::Ack(Some(_)) => {
-                    return Err(BackendError::new(format!("rabbitmq: {name}: message returned as unroutable")));
+                    let message = format!("rabbitmq: {name}: message returned as unroutable");
+                    return Err(PublishError::Other(BackendError::new(message)));
                 }
                 Confirmation::Nack(_) => {
-                    return Err(BackendError::new(format!("rabbitmq: {name}: the broker refused the message")));
+                    // The rest of the confirms are awaited all the same, so that a refusal
+                    // leaves none outstanding on the channel that is about to be replaced.
+                    let message = format!("rabbitmq: {name}: the broker refused the message");
+                    refused.get_or_insert(BackendError::new(message));
                 }
             }
         }
-        Ok(())
+        refused.map_or(Ok(()), |err| Err(PublishError::Refused(err)))
+    }
+}
+
+/// Why a publish failed: refused by the broker (a nack), or anything else.
+enum PublishError {
+    /// The broker nacked a message.
+    Refused(BackendError),
+    /// No confirm, a returned message, a failed declaration or a lost connection.
+    Other(BackendError),
+}
+
+impl PublishError {
+    fn into_inner(self) -> BackendError {
+        match self {
+            PublishError::Refused(err) | PublishError::Other(err) => err,
+        }
     }
 }
 
