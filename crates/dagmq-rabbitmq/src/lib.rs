@@ -22,6 +22,8 @@
 //! call (a consumer's owner consuming again, a publish) connects to another node, starting with
 //! the one after the lost node. Confirms outstanding at the loss fail with the connection: the
 //! callers republish them, and the store's compare-and-set drops the duplicates this can make.
+//! A refused publish (a nack) gives the connection a new publishing channel: after a quorum
+//! queue's leader is lost, a channel can go on refusing until it is replaced.
 //!
 //! Quorum queues are replicated by RabbitMQ. dagmq sets no `x-quorum-initial-group-size`, so a
 //! queue gets RabbitMQ's default: a member on every node of the cluster when it is declared
