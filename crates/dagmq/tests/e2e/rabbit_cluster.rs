@@ -203,7 +203,8 @@ impl RabbitCluster {
 
     /// The quorum queue `queue`: its leader's index and its members' count, asked of a live node.
     fn queue_leader(&self, queue: &str) -> (usize, usize) {
-        let output = self.ctl(self.live_node(None), &["list_queues", "name", "leader", "members", "--formatter", "json"]);
+        let output =
+            self.ctl(self.live_node(None), &["list_queues", "name", "leader", "members", "--formatter", "json"]);
         let queues: serde_json::Value = serde_json::from_slice(&output.stdout)
             .unwrap_or_else(|e| panic!("list_queues: {e}: {} {}", text(&output.stdout), text(&output.stderr)));
         let entry = queues
