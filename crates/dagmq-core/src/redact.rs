@@ -31,8 +31,12 @@ pub const SECRET_ENV_VARS: &[&str] = &[
 /// and errors. The URL is read by a
 /// URL parser, so a password holding `@`, `:` or percent-escapes is masked whole. A URL no parser
 /// can read (a raw `/` in the password, several hosts) has everything between its scheme and its
-/// last `@` hidden, which may hide more than the password but never less.
+/// last `@` hidden, which may hide more than the password but never less. A comma-separated list
+/// of URLs (the nodes of one cluster, `--amqp URL,URL`) has each of its URLs masked so.
 pub fn mask_url(url: &str) -> String {
+    if let Some(elements) = list_elements(url) {
+        return elements.iter().map(|element| mask_url(element)).collect::<Vec<_>>().join(",");
+    }
     if let Ok(mut parsed) = Url::parse(url)
         && !parsed.cannot_be_a_base()
     {
@@ -67,6 +71,10 @@ pub fn mask_url(url: &str) -> String {
 /// `text` (an error message from a client library) with `url` in it masked, and its password
 /// hidden wherever it shows on its own, raw or percent-decoded.
 pub fn scrub_url(text: &str, url: &str) -> String {
+    if let Some(elements) = list_elements(url) {
+        let whole = text.replace(url, &mask_url(url));
+        return elements.iter().fold(whole, |text, element| scrub_url(&text, element));
+    }
     let mut scrubbed = text.replace(url, &mask_url(url));
     let mut secrets = Vec::new();
     if let Ok(parsed) = Url::parse(url)
@@ -85,6 +93,15 @@ pub fn scrub_url(text: &str, url: &str) -> String {
         scrubbed = scrubbed.replace(secret.as_str(), HIDDEN);
     }
     scrubbed
+}
+
+/// The elements (trimmed) of a comma-separated list of URLs; `None` for one URL. A comma counts
+/// as a separator only when some element after it has a scheme or credentials of its own, so
+/// a single URL with several hosts (`redis://:pw@h1:6379,h2:6379`) stays one.
+fn list_elements(text: &str) -> Option<Vec<&str>> {
+    let elements: Vec<&str> = text.split(',').map(str::trim).collect();
+    let own = |element: &&str| element.contains("://") || element.contains('@');
+    (elements.len() > 1 && elements[1..].iter().any(own)).then_some(elements)
 }
 
 /// Where the part to hide of a URL no parser can read starts and ends: after `scheme://` (or
@@ -176,6 +193,23 @@ mod tests {
         check("redis://:pw@h1:6379,h2:6379/0", "redis://***@h1:6379,h2:6379/0");
         check("amqp:user:secret@host", "amqp:***@host");
         check("not a url", "not a url");
+    }
+
+    #[test]
+    fn masks_every_url_of_a_list() {
+        // The nodes of one RabbitMQ cluster (`--amqp URL,URL,...`): each password hidden.
+        check(
+            "amqp://u:pw1@h1:5672/%2f,amqp://u:pw2@h2:5672/%2f, amqps://v:pw3@h3/v",
+            "amqp://u:***@h1:5672/%2f,amqp://u:***@h2:5672/%2f,amqps://v:***@h3/v",
+        );
+        check("amqp://h1/%2f,amqp://h2/%2f", "amqp://h1/%2f,amqp://h2/%2f");
+        // An element no parser reads is hidden up to its last `@`, as alone.
+        check("amqp://u:pw1@h1,amqp://u:pa/ss@h2", "amqp://u:***@h1,amqp://***@h2");
+        let list = "amqp://u:secret1@h1/%2f,amqp://u:secret2@h2/%2f";
+        assert_eq!(
+            scrub_url(&format!("cannot connect to {list}: secret2 refused"), list),
+            "cannot connect to amqp://u:***@h1/%2f,amqp://u:***@h2/%2f: *** refused"
+        );
     }
 
     #[test]

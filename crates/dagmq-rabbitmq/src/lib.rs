@@ -12,10 +12,32 @@
 //! first and its confirms awaited together. A returned or nacked message is an error. On
 //! connection loss the next call reconnects and re-declares; consumers end with an error, and
 //! their owners consume again. Callers republish what was not confirmed.
+//!
+//! # A cluster of nodes
+//!
+//! The URL may be a comma-separated list ([`node_urls`]): the nodes of one RabbitMQ cluster. A
+//! process connects to the first node that answers, trying them in turn from an index that
+//! varies from process to process (so processes spread over the nodes), each attempt bounded
+//! by [`RabbitConfig::connect_timeout`]. When its node goes, the connection fails, and the next
+//! call (a consumer's owner consuming again, a publish) connects to another node, starting with
+//! the one after the lost node. Confirms outstanding at the loss fail with the connection: the
+//! callers republish them, and the store's compare-and-set drops the duplicates this can make.
+//! A refused publish (a nack) gives the connection a new publishing channel: after a quorum
+//! queue's leader is lost, a channel can go on refusing until it is replaced.
+//!
+//! Quorum queues are replicated by RabbitMQ. dagmq sets no `x-quorum-initial-group-size`, so a
+//! queue gets RabbitMQ's default: a member on every node of the cluster when it is declared
+//! (three replicas on a three-node cluster; it keeps working while a majority, two, is up). A
+//! queue declared while the cluster had fewer nodes (dagmq started before the other nodes
+//! joined), or nodes added later, do not grow it: RabbitMQ 3.10 leaves membership to the
+//! operator (`rabbitmq-queues grow NODE all`, after a node joins). Re-declaring with another
+//! group size would fail against the queues already there, so dagmq leaves it to RabbitMQ.
 
 mod consumer;
 
 use std::collections::HashSet;
+use std::hash::BuildHasher;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -29,7 +51,8 @@ use lapin::{BasicProperties, Channel, Confirmation, Connection, ConnectionProper
 /// How to reach RabbitMQ and name things there.
 #[derive(Debug, Clone)]
 pub struct RabbitConfig {
-    /// `amqp://user:password@host:port/vhost`.
+    /// `amqp://user:password@host:port/vhost`, or the nodes of one cluster as a comma-separated
+    /// list of such URLs ([`node_urls`]).
     pub url: String,
     /// Prefix of every queue and exchange name, so installations and tests share a broker.
     pub namespace: String,
@@ -39,6 +62,9 @@ pub struct RabbitConfig {
     pub queue_expires: Option<Duration>,
     /// Private CA and client certificate for an `amqps://` URL (the system's roots otherwise).
     pub tls: TlsSettings,
+    /// The longest wait for one node to accept a connection and the topology's declaration,
+    /// before the next node is tried.
+    pub connect_timeout: Duration,
 }
 
 impl RabbitConfig {
@@ -50,11 +76,41 @@ impl RabbitConfig {
             delivery_limit: DEFAULT_DELIVERY_LIMIT,
             queue_expires: None,
             tls: TlsSettings::default(),
+            connect_timeout: CONNECT_TIMEOUT,
         }
     }
 }
 
-/// A queue over one RabbitMQ broker; clones share the connection.
+/// The nodes of one RabbitMQ cluster from a comma-separated list of URLs (one URL is a list of
+/// one). Every element must be an `amqp://` or `amqps://` URL, all of one scheme; an empty
+/// element is an error. A comma inside a password must be percent-encoded (`%2C`). Errors show
+/// the URLs with their passwords masked.
+pub fn node_urls(list: &str) -> Result<Vec<String>, String> {
+    let urls: Vec<String> = list.split(',').map(|url| url.trim().to_string()).collect();
+    let scheme = |url: &str| url.split_once("://").map(|(scheme, _)| scheme.to_ascii_lowercase());
+    for (i, url) in urls.iter().enumerate() {
+        if url.is_empty() {
+            return Err(format!(
+                "the RabbitMQ URL list {} has an empty element (number {} of {})",
+                mask_url(list),
+                i + 1,
+                urls.len()
+            ));
+        }
+        if !matches!(scheme(url).as_deref(), Some("amqp" | "amqps")) {
+            return Err(format!("the RabbitMQ URL {} is not an amqp:// or amqps:// URL", mask_url(url)));
+        }
+    }
+    if urls.iter().any(|url| scheme(url) != scheme(&urls[0])) {
+        return Err(format!(
+            "the RabbitMQ URLs {} mix amqp:// and amqps://: give every node the same scheme",
+            mask_url(list)
+        ));
+    }
+    Ok(urls)
+}
+
+/// A queue over one RabbitMQ broker or cluster; clones share the connection.
 #[derive(Clone)]
 pub struct RabbitQueue {
     /// Shared by clones, consumers and ackers.
@@ -65,6 +121,10 @@ pub struct RabbitQueue {
 pub(crate) struct Inner {
     /// Configuration.
     config: RabbitConfig,
+    /// The nodes' URLs, from `config.url`.
+    nodes: Vec<String>,
+    /// The node to try first at the next connection (modulo the number of nodes).
+    next: AtomicUsize,
     /// The live connection, if any.
     live: tokio::sync::Mutex<Option<Live>>,
 }
@@ -78,6 +138,8 @@ pub(crate) struct Live {
     publisher: Channel,
     /// Task pools declared on this connection.
     declared: Arc<Mutex<HashSet<String>>>,
+    /// The index of the node it is connected to.
+    node: usize,
 }
 
 /// The TLS settings as lapin takes them: the CA bundle is trusted besides the system's roots.
@@ -97,12 +159,30 @@ pub const ERROR_HEADER: &str = "x-dagmq-error";
 /// Seconds between AMQP heartbeats.
 const HEARTBEAT_SECS: u16 = 10;
 
+/// The default of [`RabbitConfig::connect_timeout`].
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
 impl RabbitQueue {
-    /// Connects, declares the topology and checks that the broker answers.
+    /// Connects, declares the topology and checks that the broker answers. With several nodes,
+    /// the first tried is chosen at random, so processes spread over the cluster.
     pub async fn connect(config: RabbitConfig) -> Result<RabbitQueue, BackendError> {
-        let queue = RabbitQueue { inner: Arc::new(Inner { config, live: tokio::sync::Mutex::new(None) }) };
+        let first = std::hash::RandomState::new().hash_one(std::process::id()) as usize;
+        RabbitQueue::connect_from(config, first).await
+    }
+
+    /// Connects trying node `first` (modulo their number) first.
+    pub(crate) async fn connect_from(config: RabbitConfig, first: usize) -> Result<RabbitQueue, BackendError> {
+        let nodes = node_urls(&config.url).map_err(|e| BackendError::new(format!("rabbitmq: {e}")))?;
+        let inner = Inner { config, nodes, next: AtomicUsize::new(first), live: tokio::sync::Mutex::new(None) };
+        let queue = RabbitQueue { inner: Arc::new(inner) };
         queue.inner.live().await?;
         Ok(queue)
+    }
+
+    /// The URL (password masked) of the node connected to now, if any.
+    pub async fn connected_node(&self) -> Option<String> {
+        let guard = self.inner.live.lock().await;
+        guard.as_ref().map(|live| mask_url(&self.inner.nodes[live.node]))
     }
 
     /// The full name of a topic's queue.
@@ -172,12 +252,46 @@ impl Inner {
         self.live.lock().await.as_ref().is_some_and(|current| Arc::ptr_eq(&current.connection, &live.connection))
     }
 
+    /// Connects to the first node that answers, from the one after the last node connected to.
     async fn connect(&self) -> Result<Live, BackendError> {
-        let url = with_heartbeat(&self.config.url);
+        let count = self.nodes.len();
+        let first = self.next.load(Ordering::Relaxed) % count;
+        let mut failures = Vec::with_capacity(count);
+        for i in (first..count).chain(0..first) {
+            let attempt = tokio::time::timeout(self.config.connect_timeout, self.connect_node(i)).await;
+            let failure = match attempt {
+                Ok(Ok(live)) => {
+                    self.next.store((i + 1) % count, Ordering::Relaxed);
+                    return Ok(live);
+                }
+                Ok(Err(err)) => err,
+                Err(_) => BackendError::new(format!(
+                    "rabbitmq {}: cannot connect: no answer within {:?}",
+                    mask_url(&self.nodes[i]),
+                    self.config.connect_timeout
+                )),
+            };
+            if count > 1 {
+                tracing::warn!("{failure}; trying the next node");
+            }
+            failures.push(failure.to_string());
+        }
+        // One node: its error as it was; several: each node's.
+        Err(BackendError::new(if count == 1 {
+            failures.remove(0)
+        } else {
+            format!("rabbitmq: no node of the {count} answered: {}", failures.join("; "))
+        }))
+    }
+
+    /// Connects to node `i` and declares the topology there.
+    async fn connect_node(&self, i: usize) -> Result<Live, BackendError> {
+        let given = &self.nodes[i];
+        let url = with_heartbeat(given);
         // lapin's own messages may quote the URL (with the heartbeat added) or its password.
         let cannot = |e: &dyn std::fmt::Display| {
-            let message = dagmq_core::scrub_url(&dagmq_core::scrub_url(&e.to_string(), &url), &self.config.url);
-            BackendError::new(format!("rabbitmq {}: cannot connect: {message}", mask_url(&self.config.url)))
+            let message = dagmq_core::scrub_url(&dagmq_core::scrub_url(&e.to_string(), &url), given);
+            BackendError::new(format!("rabbitmq {}: cannot connect: {message}", mask_url(given)))
         };
         let connection = if self.config.tls.is_default() {
             Connection::connect(&url, ConnectionProperties::default()).await
@@ -192,6 +306,29 @@ impl Inner {
             .await
         }
         .map_err(|e| cannot(&e))?;
+        let declared = self.declare_topology(&connection).await;
+        let channel = match declared {
+            Ok(channel) => channel,
+            Err(err) => {
+                let _ = connection.close(200, "declaring failed".into()).await;
+                return Err(err);
+            }
+        };
+        tracing::info!(
+            broker = %mask_url(given),
+            node = format!("{} of {}", i + 1, self.nodes.len()),
+            "connected to rabbitmq"
+        );
+        Ok(Live {
+            connection: Arc::new(connection),
+            publisher: channel,
+            declared: Arc::new(Mutex::new(HashSet::new())),
+            node: i,
+        })
+    }
+
+    /// Declares the queues and the exchange; answers the publishing channel, in confirm mode.
+    async fn declare_topology(&self, connection: &Connection) -> Result<Channel, BackendError> {
         let channel = connection.create_channel().await.map_err(amqp_error)?;
         self.declare_queue(&channel, &Topic::Dead).await?;
         self.declare_queue(&channel, &Topic::Status).await?;
@@ -206,12 +343,7 @@ impl Inner {
             .await
             .map_err(amqp_error)?;
         channel.confirm_select(ConfirmSelectOptions::default()).await.map_err(amqp_error)?;
-        tracing::info!(broker = %mask_url(&self.config.url), "connected to rabbitmq");
-        Ok(Live {
-            connection: Arc::new(connection),
-            publisher: channel,
-            declared: Arc::new(Mutex::new(HashSet::new())),
-        })
+        Ok(channel)
     }
 
     /// Declares a topic's quorum queue.
@@ -260,18 +392,43 @@ impl Inner {
         let result = self.publish_on(&live, messages).await;
         if result.is_err() && !(live.connection.status().connected() && live.publisher.status().connected()) {
             self.drop_live(&live).await;
+        } else if let Err(PublishError::Refused(_)) = &result {
+            self.renew_publisher(&live).await;
         }
-        result
+        result.map_err(PublishError::into_inner)
+    }
+
+    /// Gives the connection `live` a new publishing channel. A quorum queue whose leader was
+    /// lost refuses what a channel publishes to it until the channel learns the new leader,
+    /// which RabbitMQ 3.10 channels opened before the election ends may never do (seen in
+    /// `rabbit_cluster`: refusals for 30 s and more on a channel opened 40 ms after the leader's
+    /// node died); a new channel finds the leader of the moment.
+    async fn renew_publisher(&self, live: &Live) {
+        let mut guard = self.live.lock().await;
+        let Some(current) = guard.as_mut() else { return };
+        if !Arc::ptr_eq(&current.connection, &live.connection) || current.publisher.id() != live.publisher.id() {
+            return;
+        }
+        let channel = match current.connection.create_channel().await {
+            Ok(channel) => channel,
+            Err(_) => return,
+        };
+        if channel.confirm_select(ConfirmSelectOptions::default()).await.is_ok() {
+            tracing::warn!("the broker refused a publish: publishing on a new channel");
+            let old = std::mem::replace(&mut current.publisher, channel);
+            drop(guard);
+            let _ = old.close(200, "renewed".into()).await;
+        }
     }
 
     async fn publish_on(
         &self,
         live: &Live,
         messages: Vec<(Topic, Vec<u8>, Option<FieldTable>)>,
-    ) -> Result<(), BackendError> {
+    ) -> Result<(), PublishError> {
         let mut confirms = Vec::with_capacity(messages.len());
         for (topic, payload, headers) in messages {
-            self.ensure_declared(live, &topic).await?;
+            self.ensure_declared(live, &topic).await.map_err(PublishError::Other)?;
             let mut properties =
                 BasicProperties::default().with_delivery_mode(2).with_content_type("application/json".into());
             if let Some(headers) = headers {
@@ -288,21 +445,45 @@ impl Inner {
                     properties,
                 )
                 .await
-                .map_err(|e| BackendError::new(format!("rabbitmq: publishing to {name}: {e}")))?;
+                .map_err(|e| PublishError::Other(BackendError::new(format!("rabbitmq: publishing to {name}: {e}"))))?;
             confirms.push((name, confirm));
         }
+        let mut refused = None;
         for (name, confirm) in confirms {
-            match confirm.await.map_err(|e| BackendError::new(format!("rabbitmq: confirm from {name}: {e}")))? {
+            let confirmation = confirm
+                .await
+                .map_err(|e| PublishError::Other(BackendError::new(format!("rabbitmq: confirm from {name}: {e}"))))?;
+            match confirmation {
                 Confirmation::Ack(None) | Confirmation::NotRequested => {}
                 Confirmation::Ack(Some(_)) => {
-                    return Err(BackendError::new(format!("rabbitmq: {name}: message returned as unroutable")));
+                    let message = format!("rabbitmq: {name}: message returned as unroutable");
+                    return Err(PublishError::Other(BackendError::new(message)));
                 }
                 Confirmation::Nack(_) => {
-                    return Err(BackendError::new(format!("rabbitmq: {name}: the broker refused the message")));
+                    // The rest of the confirms are awaited all the same, so that a refusal
+                    // leaves none outstanding on the channel that is about to be replaced.
+                    let message = format!("rabbitmq: {name}: the broker refused the message");
+                    refused.get_or_insert(BackendError::new(message));
                 }
             }
         }
-        Ok(())
+        refused.map_or(Ok(()), |err| Err(PublishError::Refused(err)))
+    }
+}
+
+/// Why a publish failed: refused by the broker (a nack), or anything else.
+enum PublishError {
+    /// The broker nacked a message.
+    Refused(BackendError),
+    /// No confirm, a returned message, a failed declaration or a lost connection.
+    Other(BackendError),
+}
+
+impl PublishError {
+    fn into_inner(self) -> BackendError {
+        match self {
+            PublishError::Refused(err) | PublishError::Other(err) => err,
+        }
     }
 }
 
@@ -387,25 +568,44 @@ pub use dagmq_core::mask_url;
 mod tests {
     use super::*;
 
+    /// The shared broker of the tests (`DAGMQ_AMQP_URL`, by default the local one).
+    fn broker_url() -> String {
+        std::env::var("DAGMQ_AMQP_URL").unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into())
+    }
+
+    /// Whether a test that cannot reach the broker must fail: with DAGMQ_REQUIRE_SERVICES (not
+    /// 0) or in CI (CI not empty, false or 0).
+    fn required() -> bool {
+        let set = |name: &str, off: &[&str]| {
+            std::env::var(name)
+                .is_ok_and(|v| !v.trim().is_empty() && !off.contains(&v.trim().to_ascii_lowercase().as_str()))
+        };
+        set("DAGMQ_REQUIRE_SERVICES", &["0"]) || set("CI", &["false", "0"])
+    }
+
+    /// Connects with `config` from node `first`; `None` (the test skips) when the shared broker
+    /// cannot be reached outside CI.
+    async fn connect_or_skip(config: RabbitConfig, first: usize) -> Option<RabbitQueue> {
+        match RabbitQueue::connect_from(config, first).await {
+            Ok(queue) => Some(queue),
+            Err(err) => {
+                assert!(!required(), "rabbitmq unreachable: {err}");
+                eprintln!("skipping: rabbitmq unreachable ({err})");
+                None
+            }
+        }
+    }
+
+    /// A local port nothing listens on.
+    fn closed_port() -> u16 {
+        std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    }
+
     /// Two tasks see one connection fail; the first reconnects. The second's late report must
     /// close the failed connection only, not the one the first just opened.
     #[tokio::test]
     async fn a_late_failure_report_closes_only_the_failed_connection() {
-        let url = std::env::var("DAGMQ_AMQP_URL").unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into());
-        let queue = match RabbitQueue::connect(RabbitConfig::new(url)).await {
-            Ok(queue) => queue,
-            Err(err) => {
-                // Required with DAGMQ_REQUIRE_SERVICES (not 0) or in CI (CI not empty, false or 0).
-                let set = |name: &str, off: &[&str]| {
-                    std::env::var(name)
-                        .is_ok_and(|v| !v.trim().is_empty() && !off.contains(&v.trim().to_ascii_lowercase().as_str()))
-                };
-                let required = set("DAGMQ_REQUIRE_SERVICES", &["0"]) || set("CI", &["false", "0"]);
-                assert!(!required, "rabbitmq unreachable: {err}");
-                eprintln!("skipping: rabbitmq unreachable ({err})");
-                return;
-            }
-        };
+        let Some(queue) = connect_or_skip(RabbitConfig::new(broker_url()), 0).await else { return };
         let first = queue.inner.live().await.unwrap();
         queue.inner.drop_live(&first).await;
         let second = queue.inner.live().await.unwrap();
@@ -415,6 +615,92 @@ mod tests {
         assert!(second.connection.status().connected(), "and still open");
         queue.ping().await.unwrap();
         assert!(queue.inner.is_current(&second).await);
+    }
+
+    #[test]
+    fn a_list_of_urls_names_the_nodes_of_one_cluster() {
+        assert_eq!(node_urls("amqp://h/%2f").unwrap(), ["amqp://h/%2f"]);
+        assert_eq!(
+            node_urls("amqp://u:p@h1:5672/%2f, amqp://u:p@h2:5673/%2f ,AMQP://u:p@h3/%2f").unwrap(),
+            ["amqp://u:p@h1:5672/%2f", "amqp://u:p@h2:5673/%2f", "AMQP://u:p@h3/%2f"]
+        );
+        assert_eq!(node_urls("amqps://h1,amqps://h2").unwrap().len(), 2);
+        // A comma in a password is percent-encoded; the URL stays one element.
+        assert_eq!(node_urls("amqp://u:a%2Cb@h/%2f").unwrap(), ["amqp://u:a%2Cb@h/%2f"]);
+    }
+
+    #[test]
+    fn a_bad_list_is_refused_with_its_passwords_masked() {
+        for (list, expected) in [
+            ("", "empty element (number 1 of 1)"),
+            ("amqp://u:s3cret@h1,,amqp://u:s3cret@h2", "empty element (number 2 of 3)"),
+            ("amqp://u:s3cret@h1,", "empty element (number 2 of 2)"),
+            ("amqp://u:s3cret@h1,redis://u:s3cret@h2", "redis://u:***@h2 is not an amqp:// or amqps:// URL"),
+            ("amqp://u:s3cret@h1,u:s3cret@h2", "is not an amqp:// or amqps:// URL"),
+            ("amqp://u:s3cret@h1,amqps://u:s3cret@h2", "mix amqp:// and amqps://"),
+        ] {
+            let err = node_urls(list).unwrap_err();
+            assert!(err.contains(expected), "{list:?}: {err}");
+            assert!(!err.contains("s3cret"), "{list:?}: the password shows: {err}");
+        }
+    }
+
+    /// A node that refuses connections is passed over for the next one; the next connection
+    /// starts after the node connected to, so a lost node is tried last.
+    #[tokio::test]
+    async fn a_node_that_refuses_is_passed_over_for_the_next() {
+        let dead = format!("amqp://guest:guest@127.0.0.1:{}/%2f", closed_port());
+        let mut config = RabbitConfig::new(format!("{dead},{}", broker_url()));
+        // Queues of its own, gone a minute after the test even if it fails half way.
+        config.namespace = format!("dagmq-rotation-{}", std::process::id());
+        config.queue_expires = Some(Duration::from_secs(60));
+        let Some(queue) = connect_or_skip(config, 0).await else { return };
+        assert_eq!(queue.connected_node().await, Some(mask_url(&broker_url())));
+        queue.ping().await.unwrap();
+        // The connection is lost: the next call connects again, from the node after the one lost
+        // (the refusing one), and ends on the broker again.
+        let first = queue.inner.live().await.unwrap();
+        assert_eq!(first.node, 1);
+        assert_eq!(queue.inner.next.load(Ordering::Relaxed), 0, "the refusing node comes next");
+        queue.inner.drop_live(&first).await;
+        queue.publish(&Topic::Tasks("rotation-test".into()), b"x".to_vec()).await.unwrap();
+        let second = queue.inner.live().await.unwrap();
+        assert!(!Arc::ptr_eq(&first.connection, &second.connection));
+        assert_eq!(second.node, 1);
+        queue.delete_topology(&["rotation-test"]).await.ok();
+    }
+
+    /// A node that accepts TCP connections but never speaks AMQP (a hung node, a black hole)
+    /// costs one connect timeout, then the next node is used.
+    #[tokio::test]
+    async fn a_node_that_never_answers_costs_one_connect_timeout() {
+        let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = silent.local_addr().unwrap().port();
+        let mut config = RabbitConfig::new(format!("amqp://guest:guest@127.0.0.1:{port}/%2f,{}", broker_url()));
+        config.connect_timeout = Duration::from_millis(500);
+        let started = std::time::Instant::now();
+        let Some(queue) = connect_or_skip(config, 0).await else { return };
+        assert!(started.elapsed() >= Duration::from_millis(500), "{:?}", started.elapsed());
+        assert_eq!(queue.connected_node().await, Some(mask_url(&broker_url())));
+        drop(silent);
+    }
+
+    #[tokio::test]
+    async fn no_node_answering_is_an_error_naming_each_with_its_password_masked() {
+        let (a, b) = (closed_port(), closed_port());
+        let list = format!("amqp://u:pw-one@127.0.0.1:{a}/%2f,amqp://u:pw-two@127.0.0.1:{b}/%2f");
+        let err = RabbitQueue::connect(RabbitConfig::new(list)).await.err().unwrap().to_string();
+        assert!(err.contains("no node of the 2 answered"), "{err}");
+        assert!(err.contains(&format!("amqp://u:***@127.0.0.1:{a}/%2f")), "{err}");
+        assert!(err.contains(&format!("amqp://u:***@127.0.0.1:{b}/%2f")), "{err}");
+        assert!(!err.contains("pw-one") && !err.contains("pw-two"), "{err}");
+        // One node: its own error, as before lists.
+        let err = RabbitQueue::connect(RabbitConfig::new(format!("amqp://u:pw-one@127.0.0.1:{a}/%2f")))
+            .await
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(err.starts_with(&format!("rabbitmq amqp://u:***@127.0.0.1:{a}/%2f: cannot connect")), "{err}");
     }
 
     #[test]

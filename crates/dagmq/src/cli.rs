@@ -80,11 +80,14 @@ impl TlsArgs {
 /// apply to its role.
 #[derive(Debug, Args)]
 pub struct ServeArgs {
-    /// RabbitMQ, e.g. amqp://guest:guest@127.0.0.1:5672/%2f (amqps:// for TLS). A password
-    /// here shows in `ps`: prefer DAGMQ_AMQP_URL or --amqp-file.
+    /// RabbitMQ, e.g. amqp://guest:guest@127.0.0.1:5672/%2f (amqps:// for TLS); for a cluster,
+    /// its nodes' URLs separated by commas (a process connects to one that answers and moves to
+    /// another when its node goes). A password here shows in `ps`: prefer DAGMQ_AMQP_URL or
+    /// --amqp-file.
     #[arg(long, env = "DAGMQ_AMQP_URL", hide_env_values = true, value_name = "URL", conflicts_with = "amqp_file")]
     pub amqp: Option<String>,
-    /// A file holding the RabbitMQ URL (a mounted secret), so the password is in no command line.
+    /// A file holding the RabbitMQ URL, or the comma-separated URLs of a cluster's nodes (a
+    /// mounted secret), so the password is in no command line.
     #[arg(long, env = "DAGMQ_AMQP_URL_FILE", value_name = "FILE")]
     pub amqp_file: Option<PathBuf>,
     /// Redis, e.g. redis://127.0.0.1:6379 (rediss:// for TLS). A password here shows in `ps`:

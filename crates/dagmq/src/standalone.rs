@@ -96,11 +96,17 @@ pub(crate) async fn serve(app: &App, args: &ServeArgs, file: &ConfigFile, role: 
     });
     let amqp_url = crate::secrets::url_or_file(args.amqp.as_deref(), args.amqp_file.as_deref(), "--amqp-file")
         .map_err(CliError::usage)?;
+    // The nodes of one RabbitMQ cluster, or one node; a bad list is a usage error.
+    let amqp_nodes = match &amqp_url {
+        Some(list) => dagmq_rabbitmq::node_urls(list).map_err(CliError::usage)?,
+        None => Vec::new(),
+    };
     let redis_url = crate::secrets::url_or_file(args.redis.as_deref(), args.redis_file.as_deref(), "--redis-file")
         .map_err(CliError::usage)?;
     if let Some(flag) = args.tls.first_given() {
-        for (url, plain, what) in [(&amqp_url, "amqp", "RabbitMQ"), (&redis_url, "redis", "Redis")] {
-            if url.as_deref().is_some_and(|url| has_scheme(url, plain)) {
+        let redis = redis_url.iter().map(|url| (url.as_str(), "redis", "Redis"));
+        for (url, plain, what) in amqp_nodes.iter().map(|url| (url.as_str(), "amqp", "RabbitMQ")).chain(redis) {
+            if has_scheme(url, plain) {
                 return Err(CliError::usage(format!(
                     "{flag} is set but the {what} URL is a plain {plain}:// one, which would connect in \
                      cleartext: use {plain}s:// (or leave out the TLS flags)"

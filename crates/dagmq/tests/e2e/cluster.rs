@@ -110,6 +110,8 @@ pub struct Cluster {
     users: bool,
     /// Start processes as `dagmq` with the tests' Rust tasks (`app.rs`).
     rust_tasks: bool,
+    /// Whether the vhost is this cluster's own on the shared broker (to delete).
+    own_vhost: bool,
     /// Held shared by every cluster, exclusively by a test that restarts the broker.
     _broker_lock: std::fs::File,
 }
@@ -184,7 +186,49 @@ impl Cluster {
             env: Vec::new(),
             users: false,
             rust_tasks: false,
+            own_vhost: true,
             _broker_lock: lock,
+        })
+    }
+
+    /// Like `new`, but on a broker the test started itself (`amqp`, one URL or a list), with
+    /// its queues under the namespace in the URL's vhost; the shared broker is not touched.
+    /// `None` when Redis is unreachable outside CI.
+    pub fn on_broker(dag_files: &[(&str, &str)], amqp: &str) -> Option<Cluster> {
+        let redis = redis_url();
+        let redis_address = ServiceUrl::parse(&redis, 6379).address;
+        if !reachable(&redis_address) {
+            assert!(!required(), "Redis ({redis_address}) is required (DAGMQ_REQUIRE_SERVICES or CI is set)");
+            eprintln!("skipping: Redis ({redis_address}) unreachable");
+            return None;
+        }
+        let namespace = format!("dagmq-e2e-{}-{}", std::process::id(), free_port());
+        let dir = std::env::temp_dir().join(&namespace);
+        let (dags, logs) = (dir.join("dags"), dir.join("logs"));
+        std::fs::create_dir_all(&dags).unwrap();
+        std::fs::create_dir_all(&logs).unwrap();
+        for (name, body) in dag_files {
+            std::fs::write(dags.join(name), body).unwrap();
+        }
+        let port = free_port();
+        Some(Cluster {
+            amqp: amqp.to_string(),
+            redis,
+            api: format!("http://127.0.0.1:{port}"),
+            namespace,
+            port,
+            dags,
+            logs,
+            scheduler: None,
+            workers: HashMap::new(),
+            extra: Vec::new(),
+            common: Vec::new(),
+            secret_files: None,
+            env: Vec::new(),
+            users: false,
+            rust_tasks: false,
+            own_vhost: false,
+            _broker_lock: broker_lock(false),
         })
     }
 
@@ -574,7 +618,9 @@ impl Drop for Cluster {
             let _ = child.kill();
             let _ = child.wait();
         }
-        let _ = rabbitmqctl(&["delete_vhost", &self.namespace]);
+        if self.own_vhost {
+            let _ = rabbitmqctl(&["delete_vhost", &self.namespace]);
+        }
         if self.users {
             let _ = rabbitmqctl(&["delete_user", &self.namespace]);
             let _ = std::process::Command::new("redis-cli")

@@ -13,6 +13,7 @@ mod failpoints;
 mod history;
 mod operations;
 mod params;
+mod rabbit_cluster;
 mod reload;
 mod security;
 mod standalone;
