@@ -12,6 +12,7 @@ mod failpoints;
 mod history;
 mod operations;
 mod params;
+mod redis_sentinel;
 mod reload;
 mod security;
 mod standalone;
