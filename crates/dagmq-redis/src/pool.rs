@@ -27,7 +27,7 @@
 //! demoted primary still connected) counts as a broken connection, as does an idle check that
 //! finds a replica: the next call looks the primary up again.
 //!
-//! With [`Wait`], a write connection ([`Pool::write`]) sends `WAIT` right behind each write,
+//! With [`Wait`], a write connection ([`Pool::write`]) sends `WAIT` right behind each script,
 //! in the same pipeline on the same connection, and answers only once enough replicas have the
 //! write; a `WAIT` that times out short of them is an error, "unknown" like a timeout (the
 //! write applied on the primary, but may not survive a failover).
@@ -303,6 +303,13 @@ impl Conn {
     }
 }
 
+/// Whether `cmd` runs a script (every state change is one): `SCRIPT LOAD`, sent when the
+/// server lacks a script, writes nothing and waits for no replica.
+fn runs_a_script(cmd: &Cmd) -> bool {
+    matches!(cmd.args_iter().next(), Some(redis::Arg::Simple(name))
+        if name.eq_ignore_ascii_case(b"EVALSHA") || name.eq_ignore_ascii_case(b"EVAL"))
+}
+
 /// A write refused by a replica: a primary demoted by a failover, still connected.
 fn is_read_only(err: &RedisError) -> bool {
     err.kind() == ErrorKind::Server(ServerErrorKind::ReadOnly) || err.to_string().contains("READONLY")
@@ -320,8 +327,8 @@ impl ConnectionLike for Conn {
     fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
         Box::pin(async move {
             let result = match self.wait {
-                Some(wait) => self.send_and_wait(cmd, wait).await,
-                None => self.conn.req_packed_command(cmd).await,
+                Some(wait) if runs_a_script(cmd) => self.send_and_wait(cmd, wait).await,
+                _ => self.conn.req_packed_command(cmd).await,
             };
             self.note(&result);
             result
