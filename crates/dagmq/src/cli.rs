@@ -113,11 +113,14 @@ pub struct ServeArgs {
         env = "DAGMQ_REDIS_SENTINEL",
         hide_env_values = true,
         value_name = "HOST:PORT,...",
-        requires = "redis_master"
+        conflicts_with = "redis_sentinel_file"
     )]
     pub redis_sentinel: Option<String>,
-    /// The name under which the Sentinels monitor the Redis primary.
-    #[arg(long, env = "DAGMQ_REDIS_MASTER", value_name = "NAME", requires = "redis_sentinel")]
+    /// A file holding the Sentinel list (a mounted secret, when an entry carries a password).
+    #[arg(long, env = "DAGMQ_REDIS_SENTINEL_FILE", value_name = "FILE")]
+    pub redis_sentinel_file: Option<PathBuf>,
+    /// The name under which the Sentinels monitor the Redis primary (with --redis-sentinel).
+    #[arg(long, env = "DAGMQ_REDIS_MASTER", value_name = "NAME")]
     pub redis_master: Option<String>,
     /// Replicas every state change must reach (Redis WAIT, 2 s) before dagmq acts on it or
     /// acknowledges a message (default 0).

@@ -307,7 +307,13 @@ fn has_scheme(url: &str, scheme: &str) -> bool {
 /// credentials and TLS), or the URL's server; `None` without either. A malformed Sentinel list
 /// is a usage error (exit 2), as is `--redis-replicas` without Redis.
 fn redis_endpoint(args: &ServeArgs, redis_url: Option<&str>) -> CliResult<Option<RedisEndpoint>> {
-    let endpoint = match (&args.redis_sentinel, &args.redis_master) {
+    let sentinel = crate::secrets::url_or_file(
+        args.redis_sentinel.as_deref(),
+        args.redis_sentinel_file.as_deref(),
+        "--redis-sentinel-file",
+    )
+    .map_err(CliError::usage)?;
+    let endpoint = match (&sentinel, &args.redis_master) {
         (Some(list), Some(master)) => {
             let sentinels: Vec<String> = list.split(',').map(|s| s.trim().to_string()).collect();
             for entry in &sentinels {
@@ -329,7 +335,8 @@ fn redis_endpoint(args: &ServeArgs, redis_url: Option<&str>) -> CliResult<Option
         }
         (Some(_), None) | (None, Some(_)) => {
             return Err(CliError::usage(
-                "--redis-sentinel and --redis-master (DAGMQ_REDIS_SENTINEL, DAGMQ_REDIS_MASTER) go together",
+                "--redis-sentinel (or --redis-sentinel-file) and --redis-master (DAGMQ_REDIS_SENTINEL, \
+                 DAGMQ_REDIS_MASTER) go together",
             ));
         }
         (None, None) => redis_url.map(|url| RedisEndpoint::Url(url.to_string())),

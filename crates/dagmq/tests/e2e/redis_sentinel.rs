@@ -379,3 +379,30 @@ fn sentinel_failover_under_load_with_one_replica_to_wait_for_loses_nothing_ackno
 fn sentinel_failover_under_load_without_replicas_to_wait_for_leaves_no_run_stuck() {
     scenario(0, Fault::Failover);
 }
+
+/// Bad Sentinel flags are usage errors (exit 2) that say what is wrong, before any connect,
+/// and never echo a password.
+#[test]
+fn bad_sentinel_flags_exit_2_with_a_clear_message() {
+    let amqp = "amqp://guest:guest@127.0.0.1:1/%2f";
+    for (flags, expected) in [
+        (vec!["--redis-sentinel", "127.0.0.1:26379"], "go together"),
+        (vec!["--redis-master", "dagmq"], "go together"),
+        (vec!["--redis-sentinel", "127.0.0.1", "--redis-master", "dagmq"], "has no port"),
+        (vec!["--redis-sentinel", "a:1,,b:2", "--redis-master", "dagmq"], "is empty"),
+        (vec!["--redis-sentinel", "http://:hunter2@a:1", "--redis-master", "dagmq"], "scheme"),
+        (vec!["--redis-sentinel", "a:1", "--redis-master", " "], "--redis-master"),
+        (vec!["--redis-replicas", "1"], "needs Redis"),
+    ] {
+        let output = crate::support::dagmq()
+            .args(["worker", "--amqp", amqp])
+            .args(&flags)
+            .env_remove("DAGMQ_REDIS_URL")
+            .output()
+            .unwrap();
+        let stderr = crate::support::text(&output.stderr);
+        assert_eq!(output.status.code(), Some(2), "{flags:?}: {stderr}");
+        assert!(stderr.contains(expected), "{flags:?}: {stderr}");
+        assert!(!stderr.contains("hunter2"), "{flags:?} shows the password: {stderr}");
+    }
+}
