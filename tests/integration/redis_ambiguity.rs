@@ -318,6 +318,11 @@ async fn a_write_no_replica_acknowledges_in_time_is_unknown_and_a_retry_finds_it
     assert!(matches!(plain.create_run(&run("w1", None), &tasks(3)).await, Ok(CreateRun::Exists(id)) if id == "w1"));
 
     let Some(replica) = OwnRedis::start() else { return };
+    // The initial sync goes over the socket, so neither server writes an RDB file where the
+    // test runs.
+    assert!(primary.cli(&["CONFIG", "SET", "repl-diskless-sync", "yes"]).contains("OK"));
+    assert!(primary.cli(&["CONFIG", "SET", "repl-diskless-sync-delay", "0"]).contains("OK"));
+    assert!(replica.cli(&["CONFIG", "SET", "repl-diskless-load", "swapdb"]).contains("OK"));
     assert!(replica.cli(&["REPLICAOF", "127.0.0.1", &primary.port.to_string()]).contains("OK"));
     eventually("the replica in sync", async || replica.cli(&["INFO", "replication"]).contains("master_link_status:up"))
         .await;
