@@ -19,6 +19,7 @@ mod scheduling;
 mod services;
 mod shell_params;
 mod store_contract;
+mod store_failover;
 mod support;
 mod suspend;
 mod trigger_ids;

@@ -296,3 +296,38 @@ async fn calls_share_a_few_connections_and_a_dropped_one_is_made_again() {
         assert_eq!(answer.map(|tasks| tasks.len()), Ok(3), "call {i} after an idle drop");
     }
 }
+
+/// With `--redis-replicas 1`, a write that no replica acknowledges within `REPLICA_WAIT` is
+/// an error (unknown), never "not applied": it applied on the primary, and a retry finds it.
+/// Once a replica follows, the same writes answer at once.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_write_no_replica_acknowledges_in_time_is_unknown_and_a_retry_finds_it_applied() {
+    let Some(primary) = OwnRedis::start() else { return };
+    let plain = RedisStore::connect(&primary.url(), "wait", None).await.unwrap();
+    store_version(&plain).await;
+    let options = dagmq_redis::RedisOptions { replicas: 1, ..Default::default() };
+    let endpoint = dagmq_redis::RedisEndpoint::Url(primary.url());
+    let waiting = RedisStore::open(&endpoint, "wait", None, &options).await.unwrap();
+
+    let started = Instant::now();
+    let answer = waiting.create_run(&run("w1", None), &tasks(3)).await;
+    let error = answer.expect_err("no replica has the write");
+    assert!(error.message.contains("unknown") && error.message.contains("WAIT"), "{}", error.message);
+    assert!(started.elapsed() >= dagmq_redis::REPLICA_WAIT, "answered after {:?}", started.elapsed());
+    assert!(plain.run("w1").await.unwrap().is_some(), "the write applied on the primary");
+    assert!(matches!(plain.create_run(&run("w1", None), &tasks(3)).await, Ok(CreateRun::Exists(id)) if id == "w1"));
+
+    let Some(replica) = OwnRedis::start() else { return };
+    // The initial sync goes over the socket, so neither server writes an RDB file where the
+    // test runs.
+    assert!(primary.cli(&["CONFIG", "SET", "repl-diskless-sync", "yes"]).contains("OK"));
+    assert!(primary.cli(&["CONFIG", "SET", "repl-diskless-sync-delay", "0"]).contains("OK"));
+    assert!(replica.cli(&["CONFIG", "SET", "repl-diskless-load", "swapdb"]).contains("OK"));
+    assert!(replica.cli(&["REPLICAOF", "127.0.0.1", &primary.port.to_string()]).contains("OK"));
+    eventually("the replica in sync", async || replica.cli(&["INFO", "replication"]).contains("master_link_status:up"))
+        .await;
+    let started = Instant::now();
+    assert!(matches!(waiting.create_run(&run("w2", None), &tasks(3)).await, Ok(CreateRun::Created)));
+    assert!(started.elapsed() < Duration::from_secs(1), "answered after {:?}", started.elapsed());
+    assert_eq!(replica.cli(&["EXISTS", "wait:run:{w2}:meta"]).trim(), "1", "the replica has it");
+}

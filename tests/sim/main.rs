@@ -114,6 +114,8 @@ struct Sim {
     runs: Vec<String>,
     /// Processes started, for names.
     started: u64,
+    /// What the store's replica has, for `DAGMQ_SIM_FAILOVER` (see `Sim::store_failover`).
+    replica: Option<dagmq_core::memory::MemorySnapshot>,
 }
 
 impl Sim {
@@ -138,6 +140,7 @@ impl Sim {
             triggered: 0,
             runs: Vec::new(),
             started: 0,
+            replica: None,
         };
         let schedulers = rng.between(1, 2);
         for _ in 0..schedulers {
@@ -340,6 +343,9 @@ impl Sim {
 
     /// One step of the operator and of the chaos: a command, a crash, a freeze, a restart.
     async fn act(&mut self) {
+        if std::env::var_os("DAGMQ_SIM_FAILOVER").is_some() {
+            self.store_failover();
+        }
         let rng = self.rng.clone();
         let mut roll = rng.below(100);
         if let Ok(only) = std::env::var("DAGMQ_SIM_ONLY_TRIGGERS") {
@@ -417,6 +423,23 @@ impl Sim {
             (85..=86, _) => self.crash_scheduler(),
             (87..=89, _) => self.freeze_a_process(),
             _ => self.restart_one_crashed(),
+        }
+    }
+
+    /// With `DAGMQ_SIM_FAILOVER` set, the store is a Redis primary behind Sentinel without
+    /// replicas to wait for (`--redis-replicas 0`): a snapshot taken now and then stands for
+    /// what its replica has received, and a failover rolls the store back to it, losing every
+    /// write since (up to a few seconds of them). Off by default, so the fixed seeds keep
+    /// their histories; RELIABILITY.md says what a run with it found.
+    fn store_failover(&mut self) {
+        if self.rng.chance(0.5) {
+            self.replica = Some(self.world.store.snapshot());
+        } else if self.rng.chance(0.05)
+            && let Some(replica) = self.replica.take()
+        {
+            self.world.faults.add("store failover (recent writes lost)");
+            self.world.note("chaos: store failover, recent writes lost");
+            self.world.store.roll_back(replica);
         }
     }
 

@@ -27,9 +27,10 @@ use std::time::Duration;
 
 use dagmq_core::store::{Fence, Store};
 use dagmq_core::{BackendError, TlsSettings};
-use pool::Pool;
 pub use pool::{CONNECTIONS, IDLE_CHECK_AFTER};
-use redis::{AsyncCommands, Script};
+use pool::{Pool, Source, Wait};
+use redis::sentinel::{SentinelClientBuilder, SentinelServerType};
+use redis::{AsyncCommands, ConnectionAddr, IntoConnectionInfo, Script, TlsMode};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
@@ -90,6 +91,48 @@ impl Default for RedisTimeouts {
     }
 }
 
+/// How long each write waits for its replicas (`WAIT`) with `--redis-replicas N` before its
+/// outcome counts as unknown. A replica on the same network acknowledges in about a
+/// millisecond; two seconds ride out a busy replica or a short stall without an error, stay
+/// below every deadline of the protocol (the 20 s worker timeout, the 30 s response timeout),
+/// and bound how long a write waits when a replica is gone before the caller retries.
+pub const REPLICA_WAIT: Duration = Duration::from_secs(2);
+
+/// Where the store finds its Redis primary.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RedisEndpoint {
+    /// One server, by its URL (`redis://[:PASSWORD@]HOST:PORT[/DB]`, `rediss://` for TLS).
+    Url(String),
+    /// The primary that Sentinels name, looked up again at every connect.
+    Sentinel(SentinelEndpoint),
+}
+
+/// Redis behind Sentinel.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SentinelEndpoint {
+    /// The Sentinels, each `HOST:PORT`, or a URL (`redis://[[USER]:PASSWORD@]HOST:PORT`,
+    /// `rediss://` for TLS) where the Sentinels need a password of their own; the first
+    /// entry with a password gives it for all of them.
+    pub sentinels: Vec<String>,
+    /// The name under which the Sentinels monitor the primary (`sentinel monitor NAME ...`).
+    pub master: String,
+    /// A URL whose user, password, database and scheme (`rediss://` for TLS) the data nodes
+    /// take; its host and port are not used (the Sentinels name those).
+    pub node_url: Option<String>,
+}
+
+/// How the store connects and how durable its writes are.
+#[derive(Debug, Clone, Default)]
+pub struct RedisOptions {
+    /// Response and connect timeouts.
+    pub timeouts: RedisTimeouts,
+    /// TLS settings of `rediss://` connections (nodes and Sentinels).
+    pub tls: TlsSettings,
+    /// Replicas that must have each state change before the call returns (`WAIT`); 0 waits
+    /// for none.
+    pub replicas: usize,
+}
+
 impl RedisStore {
     /// Connects to `url` (e.g. `redis://127.0.0.1:6379`, `redis://:password@host/0`) with the
     /// default timeouts and checks that the server answers.
@@ -117,26 +160,48 @@ impl RedisStore {
         timeouts: RedisTimeouts,
         tls: &TlsSettings,
     ) -> Result<RedisStore, BackendError> {
-        // The client's own messages may quote the URL or its password: scrubbed of both.
-        let bad_url = |e: redis::RedisError| {
-            BackendError::new(format!("redis {}: {}", mask_url(url), dagmq_core::scrub_url(&e.to_string(), url)))
+        let options = RedisOptions { timeouts, tls: tls.clone(), replicas: 0 };
+        RedisStore::open(&RedisEndpoint::Url(url.to_string()), prefix, retention, &options).await
+    }
+
+    /// Connects to the endpoint's server or primary with these options and checks that it
+    /// answers. Behind Sentinel, every connect (the first and each after a broken
+    /// connection) asks the Sentinels for the primary and checks it is one.
+    pub async fn open(
+        endpoint: &RedisEndpoint,
+        prefix: &str,
+        retention: Option<Duration>,
+        options: &RedisOptions,
+    ) -> Result<RedisStore, BackendError> {
+        let (source, shown, secrets) = match endpoint {
+            RedisEndpoint::Url(url) => {
+                // The client's own messages may quote the URL or its password: scrubbed of both.
+                let bad_url = |e: redis::RedisError| {
+                    BackendError::new(format!(
+                        "redis {}: {}",
+                        mask_url(url),
+                        dagmq_core::scrub_url(&e.to_string(), url)
+                    ))
+                };
+                let client = match certificates(url, &options.tls) {
+                    Some(certificates) => redis::Client::build_with_tls(url.as_str(), certificates).map_err(bad_url)?,
+                    None => redis::Client::open(url.as_str()).map_err(bad_url)?,
+                };
+                (Source::Direct(client), mask_url(url), vec![url.clone()])
+            }
+            RedisEndpoint::Sentinel(sentinel) => {
+                let client = sentinel_client(sentinel, &options.tls)?;
+                (Source::Sentinel(tokio::sync::Mutex::new(client)), sentinel.shown(), sentinel.secrets())
+            }
         };
-        let client = if url.starts_with("rediss://") && !tls.is_default() {
-            let certificates = redis::TlsCertificates {
-                client_tls: tls.client.as_ref().map(|client| redis::ClientTlsConfig {
-                    client_cert: client.cert_pem.clone(),
-                    client_key: client.key_pem.clone(),
-                }),
-                root_cert: tls.ca_pem.clone(),
-            };
-            redis::Client::build_with_tls(url, certificates).map_err(bad_url)?
-        } else {
-            redis::Client::open(url).map_err(bad_url)?
-        };
+        let scrub = |message: &str| secrets.iter().fold(message.to_string(), |m, url| dagmq_core::scrub_url(&m, url));
+        let timeouts = options.timeouts;
         let connection = redis::AsyncConnectionConfig::new()
             .set_response_timeout(Some(timeouts.response))
             .set_connection_timeout(Some(timeouts.connect));
-        let pool = Pool::new(client, connection);
+        let wait = (options.replicas > 0)
+            .then(|| Wait { replicas: options.replicas, timeout: REPLICA_WAIT.min(timeouts.response) });
+        let pool = Pool::new(source, connection, timeouts.connect, wait);
         let store = RedisStore {
             pool,
             prefix: prefix.to_string(),
@@ -162,9 +227,7 @@ impl RedisStore {
                 heartbeat: Script::new(scripts::HEARTBEAT),
             }),
         };
-        store.ping().await.map_err(|e| {
-            BackendError::new(format!("redis {}: {}", mask_url(url), dagmq_core::scrub_url(&e.message, url)))
-        })?;
+        store.ping().await.map_err(|e| BackendError::new(format!("redis {shown}: {}", scrub(&e.message))))?;
         Ok(store)
     }
 
@@ -196,6 +259,12 @@ impl RedisStore {
         self.pool.get().await.map_err(|e| BackendError::new(format!("redis: no connection: {e}")))
     }
 
+    /// A connection for a state change: with `--redis-replicas N`, each call on it answers
+    /// only once N replicas have its write (see [`pool::Pool::write`]).
+    async fn write_conn(&self) -> Result<pool::Conn, BackendError> {
+        self.pool.write().await.map_err(|e| BackendError::new(format!("redis: no connection: {e}")))
+    }
+
     /// The connection of liveness calls (see [`pool::Pool::liveness`]).
     async fn liveness_conn(&self) -> Result<pool::Conn, BackendError> {
         self.pool.liveness().await.map_err(|e| BackendError::new(format!("redis: no connection: {e}")))
@@ -220,6 +289,96 @@ impl RedisStore {
     fn retention_secs(&self) -> u64 {
         self.retention.map_or(0, |r| r.as_secs().max(1))
     }
+}
+
+impl SentinelEndpoint {
+    /// The Sentinels and the master name as logs and errors show them (passwords masked).
+    pub fn shown(&self) -> String {
+        let sentinels: Vec<String> = self.sentinels.iter().map(|s| mask_url(s.trim())).collect();
+        format!("sentinel {} master {}", sentinels.join(","), self.master)
+    }
+
+    /// The URLs whose passwords errors must not quote.
+    fn secrets(&self) -> Vec<String> {
+        self.sentinels.iter().map(|s| s.trim().to_string()).chain(self.node_url.clone()).collect()
+    }
+}
+
+/// The client certificates and CA of a `rediss://` URL, when TLS settings are given.
+fn certificates(url: &str, tls: &TlsSettings) -> Option<redis::TlsCertificates> {
+    (url.starts_with("rediss://") && !tls.is_default()).then(|| redis::TlsCertificates {
+        client_tls: tls.client.as_ref().map(|client| redis::ClientTlsConfig {
+            client_cert: client.cert_pem.clone(),
+            client_key: client.key_pem.clone(),
+        }),
+        root_cert: tls.ca_pem.clone(),
+    })
+}
+
+/// A Sentinel client for the endpoint's primary: the Sentinels' addresses and password from
+/// their entries, the data nodes' credentials, database and TLS from the node URL.
+fn sentinel_client(
+    endpoint: &SentinelEndpoint,
+    tls: &TlsSettings,
+) -> Result<redis::sentinel::SentinelClient, BackendError> {
+    let shown = endpoint.shown();
+    let bad = |what: String| BackendError::new(format!("redis {shown}: {what}"));
+    if endpoint.sentinels.is_empty() {
+        return Err(bad("no Sentinel given".into()));
+    }
+    if endpoint.master.trim().is_empty() {
+        return Err(bad("no master name given".into()));
+    }
+    let mut addresses = Vec::new();
+    let mut sentinel_auth: Option<(Option<String>, String)> = None;
+    let mut sentinel_tls = false;
+    for entry in &endpoint.sentinels {
+        let entry = entry.trim();
+        let url = if entry.contains("://") { entry.to_string() } else { format!("redis://{entry}") };
+        let info = url.as_str().into_connection_info().map_err(|e| {
+            bad(format!("Sentinel {}: {}", mask_url(entry), dagmq_core::scrub_url(&e.to_string(), entry)))
+        })?;
+        sentinel_tls |= matches!(info.addr(), ConnectionAddr::TcpTls { .. });
+        if sentinel_auth.is_none()
+            && let Some(password) = info.redis_settings().password()
+        {
+            sentinel_auth = Some((info.redis_settings().username().map(str::to_string), password.to_string()));
+        }
+        addresses.push(info.addr().clone());
+    }
+    let mut builder = SentinelClientBuilder::new(addresses, endpoint.master.trim(), SentinelServerType::Master)
+        .map_err(|e| bad(e.to_string()))?;
+    if let Some((username, password)) = sentinel_auth {
+        if let Some(username) = username {
+            builder = builder.set_client_to_sentinel_username(username);
+        }
+        builder = builder.set_client_to_sentinel_password(password);
+    }
+    if sentinel_tls && let Some(certificates) = certificates("rediss://", tls) {
+        builder = builder.set_client_to_sentinel_certificates(certificates);
+    }
+    if let Some(url) = &endpoint.node_url {
+        let info = url.as_str().into_connection_info().map_err(|e| {
+            bad(format!("data node URL {}: {}", mask_url(url), dagmq_core::scrub_url(&e.to_string(), url)))
+        })?;
+        let settings = info.redis_settings();
+        if let Some(username) = settings.username() {
+            builder = builder.set_client_to_redis_username(username);
+        }
+        if let Some(password) = settings.password() {
+            builder = builder.set_client_to_redis_password(password);
+        }
+        if settings.db() != 0 {
+            builder = builder.set_client_to_redis_db(settings.db());
+        }
+        if let ConnectionAddr::TcpTls { insecure, .. } = info.addr() {
+            builder = builder.set_client_to_redis_tls_mode(if *insecure { TlsMode::Insecure } else { TlsMode::Secure });
+            if let Some(certificates) = certificates(url, tls) {
+                builder = builder.set_client_to_redis_certificates(certificates);
+            }
+        }
+    }
+    builder.build().map_err(|e| bad(e.to_string()))
 }
 
 /// The value of the lease key for a term, which is also the fence of its writes.

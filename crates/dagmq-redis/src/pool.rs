@@ -20,6 +20,17 @@
 //! been idle for [`IDLE_CHECK_AFTER`] is checked with a `PING` before it is used again, so a
 //! connection the server or the network dropped while nothing was sent (an idle timeout, a
 //! restarted server) costs no call an error.
+//!
+//! Behind Sentinel ([`Source::Sentinel`]), every connect asks the Sentinels for the primary
+//! anew and checks with `ROLE` on the new connection that the server is a primary, so a
+//! connection dropped by a failover is made again to the new primary. A `READONLY` reply (a
+//! demoted primary still connected) counts as a broken connection, as does an idle check that
+//! finds a replica: the next call looks the primary up again.
+//!
+//! With [`Wait`], a write connection ([`Pool::write`]) sends `WAIT` right behind each script,
+//! in the same pipeline on the same connection, and answers only once enough replicas have the
+//! write; a `WAIT` that times out short of them is an error, "unknown" like a timeout (the
+//! write applied on the primary, but may not survive a failover).
 
 use std::sync::Arc;
 use std::sync::Mutex;
@@ -27,7 +38,10 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use redis::aio::{ConnectionLike, MultiplexedConnection};
-use redis::{AsyncConnectionConfig, Client, Cmd, Pipeline, RedisError, RedisFuture, Value};
+use redis::sentinel::SentinelClient;
+use redis::{
+    AsyncConnectionConfig, Client, Cmd, ErrorKind, Pipeline, RedisError, RedisFuture, Role, ServerErrorKind, Value,
+};
 
 /// Shared connections per store (the liveness connection comes on top). One carries a process's
 /// load with room to spare (Redis runs commands one at a time anyway); a second keeps one large
@@ -54,10 +68,34 @@ struct Slot {
 #[derive(Clone)]
 pub(crate) struct Pool(Arc<Inner>);
 
+/// Where a pool's connections go.
+pub(crate) enum Source {
+    /// One server, by its URL.
+    Direct(Client),
+    /// The primary the Sentinels name at the time of each connect (the client keeps one
+    /// connection to each Sentinel, hence the lock).
+    Sentinel(tokio::sync::Mutex<SentinelClient>),
+}
+
+/// How many replicas each write waits for, and how long.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Wait {
+    /// Replicas that must have the write (`WAIT`'s first argument), at least 1.
+    pub(crate) replicas: usize,
+    /// Longest wait for them; past it the write's outcome is unknown.
+    pub(crate) timeout: Duration,
+}
+
 /// What a pool's clones share.
 struct Inner {
-    client: Client,
+    /// Where connections go.
+    source: Source,
+    /// Timeouts of each connection.
     config: AsyncConnectionConfig,
+    /// Longest wait for the Sentinels' answer, on top of the connect itself.
+    lookup_timeout: Duration,
+    /// The replicas writes wait for, if any.
+    wait: Option<Wait>,
     /// The shared connections, then the liveness connection (the last).
     slots: Vec<Slot>,
     next: AtomicUsize,
@@ -66,16 +104,37 @@ struct Inner {
 }
 
 impl Pool {
-    /// A pool of [`CONNECTIONS`] shared connections and one for liveness calls to `client`'s
-    /// server, each made on first use.
-    pub(crate) fn new(client: Client, config: AsyncConnectionConfig) -> Pool {
+    /// A pool of [`CONNECTIONS`] shared connections and one for liveness calls to `source`,
+    /// each made on first use; writes through [`Pool::write`] wait for `wait`'s replicas.
+    pub(crate) fn new(
+        source: Source,
+        config: AsyncConnectionConfig,
+        lookup_timeout: Duration,
+        wait: Option<Wait>,
+    ) -> Pool {
         let slots = (0..=CONNECTIONS).map(|_| Slot::default()).collect();
-        Pool(Arc::new(Inner { client, config, slots, next: AtomicUsize::new(0), origin: Instant::now() }))
+        Pool(Arc::new(Inner {
+            source,
+            config,
+            lookup_timeout,
+            wait,
+            slots,
+            next: AtomicUsize::new(0),
+            origin: Instant::now(),
+        }))
     }
 
     /// A connection to use for one call (or a few): the shared slots take turns.
     pub(crate) async fn get(&self) -> Result<Conn, RedisError> {
         self.slot(self.0.next.fetch_add(1, Ordering::Relaxed) % CONNECTIONS).await
+    }
+
+    /// A shared connection for a state change: with replicas to wait for, each command sent
+    /// on it is followed by `WAIT` and answers only once they have it.
+    pub(crate) async fn write(&self) -> Result<Conn, RedisError> {
+        let mut conn = self.get().await?;
+        conn.wait = self.0.wait;
+        Ok(conn)
     }
 
     /// The connection of liveness calls (lease, heartbeat, the server's time): no large reply
@@ -101,18 +160,58 @@ impl Pool {
             if idle < IDLE_CHECK_AFTER {
                 return Ok(conn);
             }
-            let _: Result<(), RedisError> = redis::cmd("PING").query_async(&mut conn).await;
-            if !conn.broken {
+            if self.check(&mut conn).await {
                 return Ok(conn);
             }
             // Dropping it takes the broken connection out of the slot.
+            conn.broken = true;
             drop(conn);
         }
-        let conn = self.0.client.get_multiplexed_async_connection_with_config(&self.0.config).await?;
+        let conn = self.connect().await?;
         *made += 1;
         let generation = *made;
         *lock(&slot.current) = Some((generation, conn.clone()));
-        Ok(Conn { conn, pool: self.clone(), index, generation, broken: false })
+        Ok(Conn { conn, pool: self.clone(), index, generation, broken: false, wait: None })
+    }
+
+    /// Whether an idle connection still answers and, behind Sentinel, is still the primary's.
+    async fn check(&self, conn: &mut Conn) -> bool {
+        match self.0.source {
+            Source::Direct(_) => {
+                let _: Result<(), RedisError> = redis::cmd("PING").query_async(conn).await;
+                !conn.broken
+            }
+            Source::Sentinel(_) => {
+                let role: Result<Role, RedisError> = redis::cmd("ROLE").query_async(conn).await;
+                !conn.broken && matches!(role, Ok(Role::Primary { .. }))
+            }
+        }
+    }
+
+    /// A new connection: to the URL's server, or to the primary the Sentinels name now,
+    /// checked to be one.
+    async fn connect(&self) -> Result<MultiplexedConnection, RedisError> {
+        let sentinel = match &self.0.source {
+            Source::Direct(client) => return client.get_multiplexed_async_connection_with_config(&self.0.config).await,
+            Source::Sentinel(sentinel) => sentinel,
+        };
+        let client = {
+            let mut sentinel = sentinel.lock().await;
+            tokio::time::timeout(self.0.lookup_timeout, sentinel.async_get_client()).await.map_err(|_| {
+                RedisError::from((ErrorKind::Io, "no Sentinel named the primary in time (a failover under way?)"))
+            })??
+        };
+        let mut conn = client.get_multiplexed_async_connection_with_config(&self.0.config).await?;
+        // Between the Sentinels' answer and this connect, a failover may have demoted the
+        // server: writes to it would be refused at best, lost at worst.
+        let role: Role = redis::cmd("ROLE").query_async(&mut conn).await?;
+        if !matches!(role, Role::Primary { .. }) {
+            return Err(RedisError::from((
+                ErrorKind::Io,
+                "the server the Sentinels named is not a primary (a failover under way?)",
+            )));
+        }
+        Ok(conn)
     }
 
     /// The slot's connection, if it has one.
@@ -123,6 +222,7 @@ impl Pool {
             index,
             generation: *generation,
             broken: false,
+            wait: None,
         })
     }
 
@@ -152,6 +252,8 @@ pub(crate) struct Conn {
     index: usize,
     generation: u64,
     broken: bool,
+    /// Replicas each command waits for (a write connection), or none.
+    wait: Option<Wait>,
 }
 
 impl Conn {
@@ -161,11 +263,56 @@ impl Conn {
                 || err.is_timeout()
                 || err.is_connection_dropped()
                 || err.is_connection_refusal()
-                || err.is_unrecoverable_error())
+                || err.is_unrecoverable_error()
+                || is_read_only(err))
         {
             self.broken = true;
         }
     }
+
+    /// Sends `cmd` and `WAIT` in one pipeline: the command's own answer (or error) once
+    /// `wait.replicas` replicas have it, an error if they do not within `wait.timeout`.
+    async fn send_and_wait(&mut self, cmd: &Cmd, wait: Wait) -> Result<Value, RedisError> {
+        let millis = u64::try_from(wait.timeout.as_millis()).unwrap_or(u64::MAX).max(1);
+        let mut pipeline = redis::pipe();
+        pipeline.add_command(cmd.clone()).cmd("WAIT").arg(wait.replicas).arg(millis);
+        let mut values = self.conn.req_packed_commands(&pipeline, 0, 2).await?;
+        let (Some(acked), Some(answer)) = (values.pop(), values.pop()) else {
+            return Err(RedisError::from((ErrorKind::Io, "WAIT: short pipeline answer")));
+        };
+        // The command's own error first: a refusal or NOSCRIPT says what happened to it.
+        let answer = answer.extract_error()?;
+        match acked.extract_error()? {
+            Value::Int(count) if usize::try_from(count).is_ok_and(|count| count >= wait.replicas) => Ok(answer),
+            Value::Int(count) => {
+                // Applied on this primary, but a failover now could lose it: unknown. The next
+                // call connects again, so a primary cut off from its replicas is looked up anew.
+                self.broken = true;
+                Err(RedisError::from((
+                    ErrorKind::Extension,
+                    "outcome unknown",
+                    format!(
+                        "the write reached {count} of {} replicas within {millis} ms (WAIT): it applied on the \
+                         primary but may be lost by a failover",
+                        wait.replicas
+                    ),
+                )))
+            }
+            _ => Err(RedisError::from((ErrorKind::Io, "WAIT: answer is not a number"))),
+        }
+    }
+}
+
+/// Whether `cmd` runs a script (every state change is one): `SCRIPT LOAD`, sent when the
+/// server lacks a script, writes nothing and waits for no replica.
+fn runs_a_script(cmd: &Cmd) -> bool {
+    matches!(cmd.args_iter().next(), Some(redis::Arg::Simple(name))
+        if name.eq_ignore_ascii_case(b"EVALSHA") || name.eq_ignore_ascii_case(b"EVAL"))
+}
+
+/// A write refused by a replica: a primary demoted by a failover, still connected.
+fn is_read_only(err: &RedisError) -> bool {
+    err.kind() == ErrorKind::Server(ServerErrorKind::ReadOnly) || err.to_string().contains("READONLY")
 }
 
 impl Drop for Conn {
@@ -179,7 +326,10 @@ impl Drop for Conn {
 impl ConnectionLike for Conn {
     fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
         Box::pin(async move {
-            let result = self.conn.req_packed_command(cmd).await;
+            let result = match self.wait {
+                Some(wait) if runs_a_script(cmd) => self.send_and_wait(cmd, wait).await,
+                _ => self.conn.req_packed_command(cmd).await,
+            };
             self.note(&result);
             result
         })

@@ -82,7 +82,7 @@ impl Store for RedisStore {
     }
 
     async fn put_dag_record(&self, record: &DagRecord) -> Result<(), BackendError> {
-        let mut conn = self.conn().await?;
+        let mut conn = self.write_conn().await?;
         let _: i32 = self
             .scripts
             .put_fenced
@@ -97,7 +97,7 @@ impl Store for RedisStore {
     }
 
     async fn put_dag_version(&self, version: &DagVersionRecord) -> Result<(), BackendError> {
-        let mut conn = self.conn().await?;
+        let mut conn = self.write_conn().await?;
         let _: i32 = self
             .scripts
             .put_dag_version
@@ -120,7 +120,7 @@ impl Store for RedisStore {
     }
 
     async fn create_run(&self, run: &RunRecord, tasks: &[TaskInstance]) -> Result<CreateRun, BackendError> {
-        let mut conn = self.conn().await?;
+        let mut conn = self.write_conn().await?;
         let key_name = match &run.key {
             Some(key) => self.idempotency_key(&run.dag_id, key),
             None => self.idempotency_key(&run.dag_id, "-"),
@@ -172,7 +172,7 @@ impl Store for RedisStore {
         run: &RunRecord,
         changes: &[TaskChange],
     ) -> Result<bool, BackendError> {
-        let mut conn = self.conn().await?;
+        let mut conn = self.write_conn().await?;
         let horizon = match self.retention {
             Some(retention) => run.created_at.timestamp_millis() - retention.as_millis() as i64,
             None => -1,
@@ -274,7 +274,7 @@ impl Store for RedisStore {
         expected_try: u32,
         task: &TaskInstance,
     ) -> Result<bool, BackendError> {
-        let mut conn = self.conn().await?;
+        let mut conn = self.write_conn().await?;
         let applied: i32 = self
             .scripts
             .transition_task
@@ -305,7 +305,7 @@ impl Store for RedisStore {
             encode(&claimant.worker)?,
             encode(&claimant.instance)?
         );
-        let mut conn = self.conn().await?;
+        let mut conn = self.write_conn().await?;
         let mut invocation = self.scripts.claim_try.key(self.tasks_key(run_id));
         invocation.key(self.meta_key(run_id)).arg(task_id).arg(try_number).arg(fields);
         for id in read {
@@ -344,7 +344,7 @@ impl Store for RedisStore {
         done: &TaskInstance,
         candidates: &[EagerClaim],
     ) -> Result<FinishedTry, BackendError> {
-        let mut conn = self.conn().await?;
+        let mut conn = self.write_conn().await?;
         let mut invocation = self.scripts.finish_try.key(self.tasks_key(run_id));
         invocation.key(self.meta_key(run_id)).arg(&done.task_id).arg(done.try_number).arg(encode(done)?);
         // Whether the outcome returned follow-ups, so the script need not search its JSON.
@@ -410,7 +410,7 @@ impl Store for RedisStore {
     }
 
     async fn transition_tasks(&self, run_id: &str, changes: &[TaskChange]) -> Result<Vec<bool>, BackendError> {
-        let mut conn = self.conn().await?;
+        let mut conn = self.write_conn().await?;
         let mut applied = Vec::with_capacity(changes.len());
         // Bounded batches keep any one script short: Redis serves nobody else while it runs.
         for batch in changes.chunks(TRANSITION_BATCH) {
@@ -452,7 +452,7 @@ impl Store for RedisStore {
                 rewired.push((state, try_number, task));
             }
         }
-        let mut conn = self.conn().await?;
+        let mut conn = self.write_conn().await?;
         let mut invocation = self.scripts.add_tasks.arg(self.fence_arg());
         invocation.key(self.tasks_key(run_id)).key(self.lease_key()).arg(new_tasks.len());
         for task in new_tasks {
@@ -535,7 +535,7 @@ impl Store for RedisStore {
     }
 
     async fn remove_worker(&self, name: &str) -> Result<(), BackendError> {
-        let mut conn = self.conn().await?;
+        let mut conn = self.write_conn().await?;
         let _: i32 = self
             .scripts
             .hdel_fenced

@@ -55,7 +55,12 @@ impl Backends {
                 config.namespace = namespace.clone();
                 config.queue_expires = Some(Duration::from_secs(600));
                 let queue = RabbitQueue::connect(config).await.map_err(runtime)?;
-                let store = RedisStore::connect(redis, namespace, None).await.map_err(runtime)?;
+                // `DAGMQ_REDIS_REPLICAS` (inherited by the worker processes) measures the cost of
+                // waiting for replicas, as the serving commands' `--redis-replicas` does.
+                let replicas = std::env::var("DAGMQ_REDIS_REPLICAS").ok().and_then(|n| n.parse().ok()).unwrap_or(0);
+                let options = dagmq_redis::RedisOptions { replicas, ..Default::default() };
+                let endpoint = dagmq_redis::RedisEndpoint::Url(redis.clone());
+                let store = RedisStore::open(&endpoint, namespace, None, &options).await.map_err(runtime)?;
                 Ok((Arc::new(queue), Arc::new(store)))
             }
         }

@@ -108,6 +108,27 @@ pub struct ServeArgs {
     /// as unknown and read again, never as not applied.
     #[arg(long, env = "DAGMQ_REDIS_TIMEOUT", value_name = "DURATION")]
     pub redis_timeout: Option<String>,
+    /// Redis behind Sentinel: the Sentinels, HOST:PORT[,HOST:PORT...] (an entry may be a URL,
+    /// redis://:PASSWORD@HOST:PORT, where the Sentinels have a password of their own); with
+    /// --redis-master. The data nodes' password and TLS come from --redis if given too.
+    #[arg(
+        long,
+        env = "DAGMQ_REDIS_SENTINEL",
+        hide_env_values = true,
+        value_name = "HOST:PORT,...",
+        conflicts_with = "redis_sentinel_file"
+    )]
+    pub redis_sentinel: Option<String>,
+    /// A file holding the Sentinel list (a mounted secret, when an entry carries a password).
+    #[arg(long, env = "DAGMQ_REDIS_SENTINEL_FILE", value_name = "FILE")]
+    pub redis_sentinel_file: Option<PathBuf>,
+    /// The name under which the Sentinels monitor the Redis primary (with --redis-sentinel).
+    #[arg(long, env = "DAGMQ_REDIS_MASTER", value_name = "NAME")]
+    pub redis_master: Option<String>,
+    /// Replicas every state change must reach (Redis WAIT, 2 s) before dagmq acts on it or
+    /// acknowledges a message (default 0).
+    #[arg(long, env = "DAGMQ_REDIS_REPLICAS", value_name = "N")]
+    pub redis_replicas: Option<usize>,
     /// Worker pools this worker consumes, comma-separated (default: default).
     #[arg(long, value_delimiter = ',', value_name = "POOLS")]
     pub queues: Vec<String>,

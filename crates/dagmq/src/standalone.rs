@@ -9,7 +9,7 @@ use anyhow::Context;
 use dagmq_core::memory::{MemoryQueue, MemoryStore};
 use dagmq_core::{CancelSignal, Clock, LiveDags, Queue, Store, SystemClock};
 use dagmq_rabbitmq::{RabbitConfig, RabbitQueue};
-use dagmq_redis::{RedisStore, RedisTimeouts};
+use dagmq_redis::{RedisEndpoint, RedisOptions, RedisStore, RedisTimeouts, SentinelEndpoint};
 use dagmq_scheduler::SchedulerConfig;
 use dagmq_scheduler::api::ApiConfig;
 use dagmq_scheduler::notifier::{FanoutNotifier, LogNotifier, Notifier};
@@ -121,10 +121,11 @@ pub(crate) async fn serve(app: &App, args: &ServeArgs, file: &ConfigFile, role: 
             "refusing to listen on {bind} without DAGMQ_API_TOKEN; set a token or pass --insecure"
         )));
     }
-    if role != Role::Standalone && (amqp_url.is_none() || redis_url.is_none()) {
+    let redis_endpoint = redis_endpoint(args, redis_url.as_deref())?;
+    if role != Role::Standalone && (amqp_url.is_none() || redis_endpoint.is_none()) {
         return Err(CliError::usage(
             "the scheduler and workers need --amqp URL and --redis URL (or DAGMQ_AMQP_URL and DAGMQ_REDIS_URL, \
-             or --amqp-file and --redis-file)",
+             or --amqp-file and --redis-file, or --redis-sentinel with --redis-master for Redis)",
         ));
     }
     let webhook = crate::secrets::url_or_file(
@@ -182,11 +183,16 @@ pub(crate) async fn serve(app: &App, args: &ServeArgs, file: &ConfigFile, role: 
         }
         None => Arc::new(MemoryQueue::new()),
     };
-    let store: Arc<dyn Store> = match &redis_url {
-        Some(url) => {
+    let store: Arc<dyn Store> = match &redis_endpoint {
+        Some(endpoint) => {
             let prefix = if namespace.is_empty() { "dagmq".to_string() } else { namespace.clone() };
+            let replicas = args.redis_replicas.unwrap_or(0);
+            let options = RedisOptions { timeouts: redis_timeouts, tls: tls.clone(), replicas };
+            if let RedisEndpoint::Sentinel(sentinel) = endpoint {
+                tracing::info!(redis = %sentinel.shown(), replicas, "redis primary found through sentinel");
+            }
             Arc::new(
-                RedisStore::connect_tls(url, &prefix, retention, redis_timeouts, &tls)
+                RedisStore::open(endpoint, &prefix, retention, &options)
                     .await
                     .map_err(|e| connect_error(&e.to_string()))?,
             )
@@ -312,6 +318,70 @@ fn has_scheme(url: &str, scheme: &str) -> bool {
 
 /// A failed connection to the broker or the store, with a hint where the cause is a server
 /// certificate that does not verify.
+/// Where Redis is: the primary the Sentinels name (the node URL, if given, lending its
+/// credentials and TLS), or the URL's server; `None` without either. A malformed Sentinel list
+/// is a usage error (exit 2), as is `--redis-replicas` without Redis.
+fn redis_endpoint(args: &ServeArgs, redis_url: Option<&str>) -> CliResult<Option<RedisEndpoint>> {
+    let sentinel = crate::secrets::url_or_file(
+        args.redis_sentinel.as_deref(),
+        args.redis_sentinel_file.as_deref(),
+        "--redis-sentinel-file",
+    )
+    .map_err(CliError::usage)?;
+    let endpoint = match (&sentinel, &args.redis_master) {
+        (Some(list), Some(master)) => {
+            let sentinels: Vec<String> = list.split(',').map(|s| s.trim().to_string()).collect();
+            for entry in &sentinels {
+                check_sentinel_entry(entry).map_err(|reason| {
+                    CliError::usage(format!(
+                        "--redis-sentinel (DAGMQ_REDIS_SENTINEL): entry {:?} {reason}: give HOST:PORT[,HOST:PORT...]",
+                        dagmq_core::mask_url(entry)
+                    ))
+                })?;
+            }
+            if master.trim().is_empty() {
+                return Err(CliError::usage("--redis-master (DAGMQ_REDIS_MASTER) is empty: give the monitored name"));
+            }
+            Some(RedisEndpoint::Sentinel(SentinelEndpoint {
+                sentinels,
+                master: master.trim().to_string(),
+                node_url: redis_url.map(str::to_string),
+            }))
+        }
+        (Some(_), None) | (None, Some(_)) => {
+            return Err(CliError::usage(
+                "--redis-sentinel (or --redis-sentinel-file) and --redis-master (DAGMQ_REDIS_SENTINEL, \
+                 DAGMQ_REDIS_MASTER) go together",
+            ));
+        }
+        (None, None) => redis_url.map(|url| RedisEndpoint::Url(url.to_string())),
+    };
+    if endpoint.is_none() && args.redis_replicas.is_some_and(|n| n > 0) {
+        return Err(CliError::usage(
+            "--redis-replicas (DAGMQ_REDIS_REPLICAS) needs Redis: --redis URL or --redis-sentinel with --redis-master",
+        ));
+    }
+    Ok(endpoint)
+}
+
+/// Why an entry of the Sentinel list is not `HOST:PORT` or a `redis://`/`rediss://` URL.
+fn check_sentinel_entry(entry: &str) -> Result<(), &'static str> {
+    if entry.is_empty() {
+        return Err("is empty");
+    }
+    if let Some((scheme, _)) = entry.split_once("://") {
+        return if scheme == "redis" || scheme == "rediss" { Ok(()) } else { Err("has a scheme other than redis://") };
+    }
+    let Some((host, port)) = entry.rsplit_once(':') else { return Err("has no port") };
+    if host.is_empty() {
+        return Err("has no host");
+    }
+    match port.parse::<u16>() {
+        Ok(port) if port > 0 => Ok(()),
+        _ => Err("has no valid port"),
+    }
+}
+
 fn connect_error(message: &str) -> CliError {
     if message.contains("invalid peer certificate") {
         CliError::runtime(format!(

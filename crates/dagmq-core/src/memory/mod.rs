@@ -5,4 +5,4 @@ mod queue;
 mod store;
 
 pub use queue::MemoryQueue;
-pub use store::MemoryStore;
+pub use store::{MemorySnapshot, MemoryStore};

@@ -30,8 +30,11 @@ pub struct MemoryStore {
     retention: Option<Duration>,
 }
 
+/// Everything a [`MemoryStore`] held at one moment (see [`MemoryStore::snapshot`]).
+pub struct MemorySnapshot(Inner);
+
 /// The maps.
-#[derive(Default)]
+#[derive(Default, Clone)]
 struct Inner {
     /// Per-DAG bookkeeping.
     dags: HashMap<String, DagRecord>,
@@ -88,6 +91,7 @@ impl Inner {
 }
 
 /// A run with its tasks and logs.
+#[derive(Clone)]
 struct RunEntry {
     /// The run.
     record: RunRecord,
@@ -122,6 +126,18 @@ impl MemoryStore {
     /// they finish, so a long-lived standalone process stays bounded.
     pub fn with_retention(retention: Option<Duration>) -> MemoryStore {
         MemoryStore { retention, ..MemoryStore::default() }
+    }
+
+    /// A copy of everything stored, to roll back to with [`MemoryStore::roll_back`].
+    pub fn snapshot(&self) -> MemorySnapshot {
+        MemorySnapshot(self.inner().clone())
+    }
+
+    /// Puts everything back as it was at `snapshot`, losing every write since: what a Redis
+    /// failover does to a primary's writes its replica had not received (`--redis-replicas 0`).
+    /// For tests of that loss.
+    pub fn roll_back(&self, snapshot: MemorySnapshot) {
+        *self.inner() = snapshot.0;
     }
 
     /// The maps, even after a panic elsewhere (every critical section leaves them consistent).

@@ -14,6 +14,7 @@ mod history;
 mod operations;
 mod params;
 mod rabbit_cluster;
+mod redis_sentinel;
 mod reload;
 mod security;
 mod standalone;
