@@ -21,11 +21,11 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Scheduler, worker and API in one process; in-memory queue and store unless --amqp/--redis.
-    Standalone(ServeArgs),
+    Standalone(StandaloneArgs),
     /// The scheduler and the API, against RabbitMQ and Redis.
-    Scheduler(ServeArgs),
+    Scheduler(SchedulerArgs),
     /// A worker, against RabbitMQ and Redis.
-    Worker(ServeArgs),
+    Worker(WorkerArgs),
     /// Parse and check DAG files; exit 2 with `file:line: reason` for each bad one.
     Validate(ValidateArgs),
     /// Start a run of a DAG.
@@ -76,10 +76,10 @@ impl TlsArgs {
     }
 }
 
-/// Flags of the serving commands (`standalone`, `scheduler`, `worker`); each uses the ones that
-/// apply to its role.
-#[derive(Debug, Args)]
-pub struct ServeArgs {
+/// How a serving process reaches RabbitMQ and Redis (a scheduler, a worker, or standalone with
+/// --amqp and --redis).
+#[derive(Debug, Args, Clone, Default)]
+pub struct ConnectionArgs {
     /// RabbitMQ, e.g. amqp://guest:guest@127.0.0.1:5672/%2f (amqps:// for TLS); for a cluster,
     /// its nodes' URLs separated by commas (a process connects to one that answers and moves to
     /// another when its node goes). A password here shows in `ps`: prefer DAGMQ_AMQP_URL or
@@ -100,10 +100,6 @@ pub struct ServeArgs {
     /// Prefix of queue names and Redis keys, so several installations can share the services.
     #[arg(long, env = "DAGMQ_NAMESPACE", value_name = "NAME")]
     pub namespace: Option<String>,
-    /// Finished runs, their logs and trigger keys are deleted from Redis this long after they
-    /// finish (default 30d; `off` keeps them for ever).
-    #[arg(long, env = "DAGMQ_RETENTION", value_name = "DURATION")]
-    pub retention: Option<String>,
     /// Longest wait for an answer from Redis (default 30s); a call that times out is treated
     /// as unknown and read again, never as not applied.
     #[arg(long, env = "DAGMQ_REDIS_TIMEOUT", value_name = "DURATION")]
@@ -129,45 +125,44 @@ pub struct ServeArgs {
     /// acknowledges a message (default 0).
     #[arg(long, env = "DAGMQ_REDIS_REPLICAS", value_name = "N")]
     pub redis_replicas: Option<usize>,
-    /// Worker pools this worker consumes, comma-separated (default: default).
-    #[arg(long, value_delimiter = ',', value_name = "POOLS")]
-    pub queues: Vec<String>,
+    /// TLS flags.
+    #[command(flatten)]
+    pub tls: TlsArgs,
+}
+
+/// Flags every serving role reads.
+#[derive(Debug, Args, Clone, Default)]
+pub struct CommonServeArgs {
+    /// Directory of DAG files (*.toml).
+    #[arg(long, env = "DAGMQ_DAGS", value_name = "DIR")]
+    pub dags: Option<PathBuf>,
+    /// Address to listen on.
+    #[arg(long, value_name = "ADDR")]
+    pub bind: Option<String>,
+    /// A host name (`dagmq.example.com`, or with its port) under which clients reach the API;
+    /// repeat for more. When given, or when there is no API token, a request whose `Host` is
+    /// none of these, no loopback name and no IP address is refused (DNS rebinding).
+    #[arg(long, env = "DAGMQ_ALLOWED_HOST", value_delimiter = ',', value_name = "HOST")]
+    pub allowed_host: Vec<String>,
+    /// The scheduler treats a worker silent this long as lost and requeues its tries (default 20s).
+    #[arg(long, value_name = "DURATION")]
+    pub worker_timeout: Option<String>,
+}
+
+/// Flags of the scheduler and its API (`scheduler`, `standalone`).
+#[derive(Debug, Args, Clone, Default)]
+pub struct SchedulerRoleArgs {
+    /// Port of the HTTP API and UI.
+    #[arg(long, value_name = "PORT")]
+    pub port: Option<u16>,
     /// A named concurrency pool with its slots, NAME=SLOTS; repeat for more (beside `[pools]` of
     /// the config file). Tasks take slots with `pool` and `pool_slots`; the scheduler enforces them.
     #[arg(long = "pool", value_name = "NAME=SLOTS")]
     pub pools: Vec<String>,
-    /// The scheduler treats a worker silent this long as lost and requeues its tries (default 20s).
-    #[arg(long, value_name = "DURATION")]
-    pub worker_timeout: Option<String>,
-    /// How long a try of a DAG version this worker has not loaded may wait, since it was queued,
-    /// for a worker that has loaded it before it fails (default 5m). Meanwhile the worker reads
-    /// its DAG directory again at once and leaves the try, unclaimed, to other workers.
-    #[arg(long, value_name = "DURATION")]
-    pub dag_version_wait: Option<String>,
-    /// Serve the worker's own metrics on this port (127.0.0.1, or --bind).
-    #[arg(long, value_name = "PORT")]
-    pub metrics_port: Option<u16>,
-    /// This worker's name in the registry (default: host-pid).
-    #[arg(long, value_name = "NAME")]
-    pub name: Option<String>,
-    /// Directory of DAG files (*.toml).
-    #[arg(long, env = "DAGMQ_DAGS", value_name = "DIR")]
-    pub dags: Option<PathBuf>,
-    /// Port of the HTTP API and UI.
-    #[arg(long, value_name = "PORT")]
-    pub port: Option<u16>,
-    /// Address to listen on.
-    #[arg(long, value_name = "ADDR")]
-    pub bind: Option<String>,
-    /// Most tasks the worker runs at once (default: 4 per core).
-    #[arg(long, value_name = "N")]
-    pub concurrency: Option<usize>,
-    /// Turn eager dispatch off: by default a worker whose try succeeds claims, in the same store
-    /// step, a downstream task that became ready (default trigger rule, a pool it consumes, no
-    /// concurrency limit) and runs it next without a round through the scheduler and the broker.
-    /// Off, every task is queued by the scheduler in priority order.
-    #[arg(long)]
-    pub no_eager: bool,
+    /// Finished runs, their logs and trigger keys are deleted from Redis this long after they
+    /// finish (default 30d; `off` keeps them for ever).
+    #[arg(long, env = "DAGMQ_RETENTION", value_name = "DURATION")]
+    pub retention: Option<String>,
     /// POST a JSON notification here on task failure (and retry, where asked for). Webhook URLs
     /// often hold a secret in their path: prefer DAGMQ_NOTIFY_WEBHOOK or --notify-webhook-file;
     /// logs show only the scheme and host.
@@ -186,18 +181,134 @@ pub struct ServeArgs {
     /// is a loopback name, an IP address or an --allowed-host.
     #[arg(long)]
     pub insecure: bool,
-    /// A host name (`dagmq.example.com`, or with its port) under which clients reach the API;
-    /// repeat for more. When given, or when there is no API token, a request whose `Host` is
-    /// none of these, no loopback name and no IP address is refused (DNS rebinding).
-    #[arg(long, env = "DAGMQ_ALLOWED_HOST", value_delimiter = ',', value_name = "HOST")]
-    pub allowed_host: Vec<String>,
     /// An origin (`https://ops.example.com`) besides the API's own whose web pages may send it
     /// commands; repeat for more. Pages of any other origin are refused.
     #[arg(long, env = "DAGMQ_ALLOWED_ORIGINS", value_delimiter = ',', value_name = "ORIGIN")]
     pub allowed_origin: Vec<String>,
-    /// TLS flags.
+}
+
+/// Flags of a worker (`worker`, `standalone`).
+#[derive(Debug, Args, Clone, Default)]
+pub struct WorkerRoleArgs {
+    /// Worker pools this worker consumes, comma-separated (default: default).
+    #[arg(long, value_delimiter = ',', value_name = "POOLS")]
+    pub queues: Vec<String>,
+    /// Most tasks the worker runs at once (default: 4 per core).
+    #[arg(long, value_name = "N")]
+    pub concurrency: Option<usize>,
+    /// Turn eager dispatch off: by default a worker whose try succeeds claims, in the same store
+    /// step, a downstream task that became ready (default trigger rule, a pool it consumes, no
+    /// concurrency limit) and runs it next without a round through the scheduler and the broker.
+    /// Off, every task is queued by the scheduler in priority order.
+    #[arg(long)]
+    pub no_eager: bool,
+    /// This worker's name in the registry (default: host-pid).
+    #[arg(long, value_name = "NAME")]
+    pub name: Option<String>,
+    /// Serve the worker's own metrics on this port (127.0.0.1, or --bind).
+    #[arg(long, value_name = "PORT")]
+    pub metrics_port: Option<u16>,
+    /// How long a try of a DAG version this worker has not loaded may wait, since it was queued,
+    /// for a worker that has loaded it before it fails (default 5m). Meanwhile the worker reads
+    /// its DAG directory again at once and leaves the try, unclaimed, to other workers.
+    #[arg(long, value_name = "DURATION")]
+    pub dag_version_wait: Option<String>,
+    /// On shutdown (SIGTERM, SIGINT), how long running tries may take to finish before they are
+    /// put back in the queue for another worker (default 30s; the config file's grace_period).
+    #[arg(long, env = "DAGMQ_GRACE_PERIOD", value_name = "DURATION")]
+    pub grace_period: Option<String>,
+}
+
+/// Flags of `standalone`: every role's.
+#[derive(Debug, Args)]
+pub struct StandaloneArgs {
+    /// Connections (optional: in-memory queue and store without them).
     #[command(flatten)]
-    pub tls: TlsArgs,
+    pub connection: ConnectionArgs,
+    /// Flags of every role.
+    #[command(flatten)]
+    pub common: CommonServeArgs,
+    /// The scheduler's and the API's.
+    #[command(flatten)]
+    pub scheduler: SchedulerRoleArgs,
+    /// The worker's.
+    #[command(flatten)]
+    pub worker: WorkerRoleArgs,
+}
+
+/// Flags of `scheduler`: no worker flag (--concurrency, --queues ... are an error here).
+#[derive(Debug, Args)]
+pub struct SchedulerArgs {
+    /// Connections.
+    #[command(flatten)]
+    pub connection: ConnectionArgs,
+    /// Flags of every role.
+    #[command(flatten)]
+    pub common: CommonServeArgs,
+    /// The scheduler's and the API's.
+    #[command(flatten)]
+    pub scheduler: SchedulerRoleArgs,
+}
+
+/// Flags of `worker`: no scheduler or API flag (--port, --pool ... are an error here).
+#[derive(Debug, Args)]
+pub struct WorkerArgs {
+    /// Connections.
+    #[command(flatten)]
+    pub connection: ConnectionArgs,
+    /// Flags of every role.
+    #[command(flatten)]
+    pub common: CommonServeArgs,
+    /// The worker's.
+    #[command(flatten)]
+    pub worker: WorkerRoleArgs,
+}
+
+/// Every serving flag, as the serving code reads them: a role's own flags, and the defaults for
+/// the flags of the roles it does not play.
+#[derive(Debug, Clone, Default)]
+pub struct ServeArgs {
+    /// Connections.
+    pub connection: ConnectionArgs,
+    /// Flags of every role.
+    pub common: CommonServeArgs,
+    /// The scheduler's and the API's.
+    pub scheduler: SchedulerRoleArgs,
+    /// The worker's.
+    pub worker: WorkerRoleArgs,
+}
+
+impl From<&StandaloneArgs> for ServeArgs {
+    fn from(args: &StandaloneArgs) -> ServeArgs {
+        ServeArgs {
+            connection: args.connection.clone(),
+            common: args.common.clone(),
+            scheduler: args.scheduler.clone(),
+            worker: args.worker.clone(),
+        }
+    }
+}
+
+impl From<&SchedulerArgs> for ServeArgs {
+    fn from(args: &SchedulerArgs) -> ServeArgs {
+        ServeArgs {
+            connection: args.connection.clone(),
+            common: args.common.clone(),
+            scheduler: args.scheduler.clone(),
+            worker: WorkerRoleArgs::default(),
+        }
+    }
+}
+
+impl From<&WorkerArgs> for ServeArgs {
+    fn from(args: &WorkerArgs) -> ServeArgs {
+        ServeArgs {
+            connection: args.connection.clone(),
+            common: args.common.clone(),
+            scheduler: SchedulerRoleArgs::default(),
+            worker: args.worker.clone(),
+        }
+    }
 }
 
 /// Flags of `validate`.

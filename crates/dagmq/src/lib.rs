@@ -124,9 +124,13 @@ impl App {
         }
         let file = ConfigFile::load(cli.config.as_deref()).map_err(|e| CliError::usage(format!("{e:#}")))?;
         match &cli.command {
-            Command::Standalone(args) => standalone::serve(&self, args, &file, standalone::Role::Standalone).await,
-            Command::Scheduler(args) => standalone::serve(&self, args, &file, standalone::Role::Scheduler).await,
-            Command::Worker(args) => standalone::serve(&self, args, &file, standalone::Role::Worker).await,
+            Command::Standalone(args) => {
+                standalone::serve(&self, &args.into(), &file, standalone::Role::Standalone).await
+            }
+            Command::Scheduler(args) => {
+                standalone::serve(&self, &args.into(), &file, standalone::Role::Scheduler).await
+            }
+            Command::Worker(args) => standalone::serve(&self, &args.into(), &file, standalone::Role::Worker).await,
             Command::Validate(args) => {
                 let pools = file.pools(&args.pools).map_err(CliError::usage)?;
                 self.validate(args.dags.as_deref().or(file.dags.as_deref()), &pools)

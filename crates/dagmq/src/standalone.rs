@@ -38,18 +38,21 @@ pub(crate) enum Role {
 
 /// Runs the role until SIGINT or SIGTERM, then stops the worker gracefully and the rest after it.
 pub(crate) async fn serve(app: &App, args: &ServeArgs, file: &ConfigFile, role: Role) -> CliResult<()> {
-    let dags_dir = args.dags.clone().or_else(|| file.dags.clone());
-    let port = args.port.or(file.port).unwrap_or(9191);
-    let bind = args.bind.clone().or_else(|| file.bind.clone()).unwrap_or_else(|| "127.0.0.1".to_string());
+    let dags_dir = args.common.dags.clone().or_else(|| file.dags.clone());
+    let port = args.scheduler.port.or(file.port).unwrap_or(9191);
+    let bind = args.common.bind.clone().or_else(|| file.bind.clone()).unwrap_or_else(|| "127.0.0.1".to_string());
     let cores = std::thread::available_parallelism().map_or(1, usize::from);
-    let concurrency = args.concurrency.or(file.concurrency).unwrap_or(cores * 4);
-    let grace_period = match &file.grace_period {
-        Some(text) => {
+    let concurrency = args.worker.concurrency.or(file.concurrency).unwrap_or(cores * 4);
+    let grace_period = match (&args.worker.grace_period, &file.grace_period) {
+        (Some(text), _) => {
+            dagmq_core::duration::parse_duration(text).map_err(|e| CliError::usage(format!("--grace-period: {e}")))?
+        }
+        (None, Some(text)) => {
             dagmq_core::duration::parse_duration(text).map_err(|e| CliError::usage(format!("grace_period: {e}")))?
         }
-        None => Duration::from_secs(30),
+        (None, None) => Duration::from_secs(30),
     };
-    let retention = match args.retention.as_deref() {
+    let retention = match args.scheduler.retention.as_deref() {
         Some("off") => None,
         Some(text) => {
             Some(dagmq_core::duration::parse_duration(text).map_err(|e| CliError::usage(format!("--retention: {e}")))?)
@@ -57,18 +60,18 @@ pub(crate) async fn serve(app: &App, args: &ServeArgs, file: &ConfigFile, role: 
         None => Some(DEFAULT_RETENTION),
     };
     let mut redis_timeouts = RedisTimeouts::default();
-    if let Some(text) = &args.redis_timeout {
+    if let Some(text) = &args.connection.redis_timeout {
         redis_timeouts.response =
             dagmq_core::duration::parse_duration(text).map_err(|e| CliError::usage(format!("--redis-timeout: {e}")))?;
     }
-    let worker_timeout = match &args.worker_timeout {
+    let worker_timeout = match &args.common.worker_timeout {
         Some(text) => Some(
             dagmq_core::duration::parse_duration(text)
                 .map_err(|e| CliError::usage(format!("--worker-timeout: {e}")))?,
         ),
         None => None,
     };
-    let dag_version_wait = match &args.dag_version_wait {
+    let dag_version_wait = match &args.worker.dag_version_wait {
         Some(text) => Some(
             dagmq_core::duration::parse_duration(text)
                 .map_err(|e| CliError::usage(format!("--dag-version-wait: {e}")))?,
@@ -83,27 +86,37 @@ pub(crate) async fn serve(app: &App, args: &ServeArgs, file: &ConfigFile, role: 
     // API and a worker's metrics endpoint check `Host` against loopback names, IP addresses, the
     // allowed hosts and the allowed origins' hosts, so no page can reach them by rebinding
     // another name to their address.
-    let allowed_hosts: Option<Vec<String>> = (token.is_none() || !args.allowed_host.is_empty()).then(|| {
-        args.allowed_host
+    let allowed_hosts: Option<Vec<String>> = (token.is_none() || !args.common.allowed_host.is_empty()).then(|| {
+        args.common
+            .allowed_host
             .iter()
             .map(|h| h.trim().to_string())
             .chain(
-                args.allowed_origin
+                args.scheduler
+                    .allowed_origin
                     .iter()
                     .filter_map(|o| o.split_once("://").map(|(_, rest)| rest.trim_end_matches('/').to_string())),
             )
             .collect()
     });
-    let amqp_url = crate::secrets::url_or_file(args.amqp.as_deref(), args.amqp_file.as_deref(), "--amqp-file")
-        .map_err(CliError::usage)?;
+    let amqp_url = crate::secrets::url_or_file(
+        args.connection.amqp.as_deref(),
+        args.connection.amqp_file.as_deref(),
+        "--amqp-file",
+    )
+    .map_err(CliError::usage)?;
     // The nodes of one RabbitMQ cluster, or one node; a bad list is a usage error.
     let amqp_nodes = match &amqp_url {
         Some(list) => dagmq_rabbitmq::node_urls(list).map_err(CliError::usage)?,
         None => Vec::new(),
     };
-    let redis_url = crate::secrets::url_or_file(args.redis.as_deref(), args.redis_file.as_deref(), "--redis-file")
-        .map_err(CliError::usage)?;
-    if let Some(flag) = args.tls.first_given() {
+    let redis_url = crate::secrets::url_or_file(
+        args.connection.redis.as_deref(),
+        args.connection.redis_file.as_deref(),
+        "--redis-file",
+    )
+    .map_err(CliError::usage)?;
+    if let Some(flag) = args.connection.tls.first_given() {
         let redis = redis_url.iter().map(|url| (url.as_str(), "redis", "Redis"));
         for (url, plain, what) in amqp_nodes.iter().map(|url| (url.as_str(), "amqp", "RabbitMQ")).chain(redis) {
             if has_scheme(url, plain) {
@@ -114,9 +127,9 @@ pub(crate) async fn serve(app: &App, args: &ServeArgs, file: &ConfigFile, role: 
             }
         }
     }
-    let tls = args.tls.load().map_err(CliError::usage)?;
+    let tls = args.connection.tls.load().map_err(CliError::usage)?;
     let address: IpAddr = bind.parse().map_err(|_| CliError::usage(format!("--bind {bind:?} is not an IP address")))?;
-    if role != Role::Worker && !address.is_loopback() && token.is_none() && !args.insecure {
+    if role != Role::Worker && !address.is_loopback() && token.is_none() && !args.scheduler.insecure {
         return Err(CliError::usage(format!(
             "refusing to listen on {bind} without DAGMQ_API_TOKEN; set a token or pass --insecure"
         )));
@@ -129,8 +142,8 @@ pub(crate) async fn serve(app: &App, args: &ServeArgs, file: &ConfigFile, role: 
         ));
     }
     let webhook = crate::secrets::url_or_file(
-        args.notify_webhook.as_deref(),
-        args.notify_webhook_file.as_deref(),
+        args.scheduler.notify_webhook.as_deref(),
+        args.scheduler.notify_webhook_file.as_deref(),
         "--notify-webhook-file",
     )
     .map_err(CliError::usage)?
@@ -143,7 +156,7 @@ pub(crate) async fn serve(app: &App, args: &ServeArgs, file: &ConfigFile, role: 
         notifiers.push(Box::new(notifier));
     }
 
-    let pools = file.pools(&args.pools).map_err(CliError::usage)?;
+    let pools = file.pools(&args.scheduler.pools).map_err(CliError::usage)?;
     // Workers do not enforce pools, so they load DAGs whatever pools they name.
     let checked_pools = (role != Role::Worker).then_some(&pools);
     // With a directory, the DAGs are live: read again every 2 s and on SIGHUP.
@@ -173,7 +186,7 @@ pub(crate) async fn serve(app: &App, args: &ServeArgs, file: &ConfigFile, role: 
     }
     tracing::info!(dags = live.current().len(), refused = live.refused().len(), "dags loaded");
 
-    let namespace = args.namespace.clone().unwrap_or_default();
+    let namespace = args.connection.namespace.clone().unwrap_or_default();
     let queue: Arc<dyn Queue> = match &amqp_url {
         Some(url) => {
             let mut config = RabbitConfig::new(url.clone());
@@ -186,7 +199,7 @@ pub(crate) async fn serve(app: &App, args: &ServeArgs, file: &ConfigFile, role: 
     let store: Arc<dyn Store> = match &redis_endpoint {
         Some(endpoint) => {
             let prefix = if namespace.is_empty() { "dagmq".to_string() } else { namespace.clone() };
-            let replicas = args.redis_replicas.unwrap_or(0);
+            let replicas = args.connection.redis_replicas.unwrap_or(0);
             let options = RedisOptions { timeouts: redis_timeouts, tls: tls.clone(), replicas };
             if let RedisEndpoint::Sentinel(sentinel) = endpoint {
                 tracing::info!(redis = %sentinel.shown(), replicas, "redis primary found through sentinel");
@@ -222,7 +235,7 @@ pub(crate) async fn serve(app: &App, args: &ServeArgs, file: &ConfigFile, role: 
         let api_config = ApiConfig {
             token,
             metrics_token: metrics_token.clone(),
-            allowed_origins: args.allowed_origin.clone(),
+            allowed_origins: args.scheduler.allowed_origin.clone(),
             allowed_hosts: allowed_hosts.clone(),
         };
         scheduler = Some(task);
@@ -236,13 +249,13 @@ pub(crate) async fn serve(app: &App, args: &ServeArgs, file: &ConfigFile, role: 
     let mut worker = None;
     if role != Role::Scheduler {
         let mut config =
-            WorkerConfig::new(args.name.clone().unwrap_or_else(worker_name), (*live.current()).clone(), clock);
+            WorkerConfig::new(args.worker.name.clone().unwrap_or_else(worker_name), (*live.current()).clone(), clock);
         config.live = Some(live.clone());
         config.host = host_name();
         config.concurrency = concurrency;
         config.tasks = app.tasks.clone();
         config.grace_period = grace_period;
-        config.eager = !args.no_eager;
+        config.eager = !args.worker.no_eager;
         if amqp_url.is_none() {
             // Measured: spawning a task per further claim costs more than the in-memory round
             // through the scheduler it saves.
@@ -257,10 +270,10 @@ pub(crate) async fn serve(app: &App, args: &ServeArgs, file: &ConfigFile, role: 
         if let Some(wait) = dag_version_wait {
             config.dag_version_wait = wait;
         }
-        if !args.queues.is_empty() {
-            config.queues = args.queues.clone();
+        if !args.worker.queues.is_empty() {
+            config.queues = args.worker.queues.clone();
         }
-        if let Some(metrics_port) = args.metrics_port {
+        if let Some(metrics_port) = args.worker.metrics_port {
             let listener = tokio::net::TcpListener::bind((address, metrics_port))
                 .await
                 .with_context(|| format!("cannot listen on {bind}:{metrics_port}"))
@@ -323,12 +336,12 @@ fn has_scheme(url: &str, scheme: &str) -> bool {
 /// is a usage error (exit 2), as is `--redis-replicas` without Redis.
 fn redis_endpoint(args: &ServeArgs, redis_url: Option<&str>) -> CliResult<Option<RedisEndpoint>> {
     let sentinel = crate::secrets::url_or_file(
-        args.redis_sentinel.as_deref(),
-        args.redis_sentinel_file.as_deref(),
+        args.connection.redis_sentinel.as_deref(),
+        args.connection.redis_sentinel_file.as_deref(),
         "--redis-sentinel-file",
     )
     .map_err(CliError::usage)?;
-    let endpoint = match (&sentinel, &args.redis_master) {
+    let endpoint = match (&sentinel, &args.connection.redis_master) {
         (Some(list), Some(master)) => {
             let sentinels: Vec<String> = list.split(',').map(|s| s.trim().to_string()).collect();
             for entry in &sentinels {
@@ -356,7 +369,7 @@ fn redis_endpoint(args: &ServeArgs, redis_url: Option<&str>) -> CliResult<Option
         }
         (None, None) => redis_url.map(|url| RedisEndpoint::Url(url.to_string())),
     };
-    if endpoint.is_none() && args.redis_replicas.is_some_and(|n| n > 0) {
+    if endpoint.is_none() && args.connection.redis_replicas.is_some_and(|n| n > 0) {
         return Err(CliError::usage(
             "--redis-replicas (DAGMQ_REDIS_REPLICAS) needs Redis: --redis URL or --redis-sentinel with --redis-master",
         ));

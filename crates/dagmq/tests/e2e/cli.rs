@@ -239,3 +239,45 @@ fn api_answers_carry_an_etag_and_an_unchanged_one_costs_a_304() {
     assert_eq!(status, 200, "changed: the whole answer again");
     assert!(!head.contains(&format!("etag: {tag}")), "{head}");
 }
+
+#[test]
+fn each_role_takes_only_its_own_flags_and_lists_only_them() {
+    for (role, foreign) in [
+        (
+            "worker",
+            vec!["--port", "9", "--pool", "db=1", "--retention", "1d", "--insecure", "--allowed-origin", "https://x"],
+        ),
+        (
+            "scheduler",
+            vec!["--concurrency", "4", "--queues", "gpu", "--no-eager", "--metrics-port", "9", "--grace-period", "5s"],
+        ),
+    ] {
+        let help = text(&dagmq().args([role, "--help"]).output().unwrap().stdout);
+        for flag in foreign.iter().filter(|f| f.starts_with("--")) {
+            assert!(!help.contains(&format!("{flag} ")), "`{role} --help` lists {flag}:\n{help}");
+            let mut args = vec![role, *flag];
+            if let Some(value) = foreign.iter().skip_while(|f| *f != flag).nth(1).filter(|v| !v.starts_with("--")) {
+                args.push(value);
+            }
+            let output = dagmq().args(&args).output().unwrap();
+            assert_eq!(output.status.code(), Some(2), "{args:?}");
+            assert!(
+                text(&output.stderr).contains(&format!("unexpected argument '{flag}'")),
+                "{args:?}: {}",
+                text(&output.stderr)
+            );
+        }
+    }
+    let worker = text(&dagmq().args(["worker", "--help"]).output().unwrap().stdout);
+    for flag in ["--concurrency", "--queues", "--grace-period", "--amqp", "--redis", "--dags"] {
+        assert!(worker.contains(flag), "`worker --help` leaves out {flag}");
+    }
+    let scheduler = text(&dagmq().args(["scheduler", "--help"]).output().unwrap().stdout);
+    for flag in ["--port", "--pool", "--retention", "--notify-webhook", "--amqp", "--redis", "--dags"] {
+        assert!(scheduler.contains(flag), "`scheduler --help` leaves out {flag}");
+    }
+    // The grace period has a flag, checked like every duration.
+    let output = dagmq().args(["worker", "--grace-period", "soon"]).output().unwrap();
+    assert_eq!(output.status.code(), Some(2));
+    assert!(text(&output.stderr).contains("--grace-period: "), "{}", text(&output.stderr));
+}
