@@ -24,7 +24,7 @@ use dagmq_core::{
 use tokio::sync::Semaphore;
 
 pub use builtin::{Noop, Sleep, builtin_tasks};
-pub use metrics::WorkerMetrics;
+pub use metrics::{WORK_WAITING_BUCKETS, WorkerMetrics};
 
 use execute::{RunningTries, StopReason};
 
@@ -235,10 +235,13 @@ async fn consume_loop(shared: Arc<Shared>, topic: Topic, prefetch: u16, slots: A
                 Err(_) => return,
             },
         };
+        // The slot is free from now: the try this message carries starts after the work
+        // waiting (`WorkerMetrics::work_waiting`) of the delivery and the claim.
+        let free_since = shared.config.clock.now();
         let Some(delivery) = subscription.next(&shutdown).await else { return };
         let shared = shared.clone();
         tokio::spawn(async move {
-            execute::execute(&shared, delivery).await;
+            execute::execute(&shared, delivery, free_since).await;
             drop(slot);
         });
     }

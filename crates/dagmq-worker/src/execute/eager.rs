@@ -82,6 +82,7 @@ impl EagerCandidate {
             reason: self.registered.reason,
             eager: eager.collect(),
             claimed_since,
+            free_since: None,
         }
     }
 }

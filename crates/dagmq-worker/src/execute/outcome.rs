@@ -23,7 +23,8 @@ use super::{ClaimedTry, Resolved};
 /// downstream tries claimed as this one succeeded, if any, with this try's status update, which
 /// is sent while they run.
 pub(super) async fn finish(shared: &Shared, claimed: ClaimedTry) -> Option<Next> {
-    let ClaimedTry { key, message, mut running, resolved, signal, reason, mut eager, claimed_since } = claimed;
+    let ClaimedTry { key, message, mut running, resolved, signal, reason, mut eager, claimed_since, free_since } =
+        claimed;
     let message = &message;
     let Resolved { executable, branch, timeout } = resolved;
     // A try stopped before it starts (cancelled, fenced) never starts; nor does one claimed
@@ -52,7 +53,13 @@ pub(super) async fn finish(shared: &Shared, claimed: ClaimedTry) -> Option<Next>
         None => {
             // The try starts now (the claim's time is when it was claimed); the outcome
             // records this.
-            running.started_at = Some(shared.config.clock.now());
+            let started_at = shared.config.clock.now();
+            running.started_at = Some(started_at);
+            if let Some(free_since) = free_since {
+                let waiting_since = running.queued_at.map_or(free_since, |queued| queued.max(free_since));
+                let waited = (started_at - waiting_since).to_std().unwrap_or_default();
+                shared.config.metrics.work_waiting.observe(&[], waited.as_secs_f64());
+            }
             shared.config.metrics.running.add(&[], 1.0);
             let ran = run_try(shared, message, running.after.clone(), executable, timeout, signal, reason).await;
             shared.config.metrics.running.add(&[], -1.0);
