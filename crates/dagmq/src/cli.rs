@@ -396,6 +396,14 @@ pub enum BenchWorkload {
         #[arg(default_value_t = 1000)]
         m: usize,
     },
+    /// Cost against history (distributed mode only): `runs 1000`, `fanout 2000`, `chain 200`
+    /// and the API's list and run-page calls, on an empty store, then again after RUNS finished
+    /// runs of 10 tasks each are written into it; each line names the history it ran with.
+    History {
+        /// Finished runs to seed.
+        #[arg(default_value_t = 100_000)]
+        runs: usize,
+    },
     /// DEPTH layers of WIDTH no-op tasks; every task waits for the whole layer before it.
     Layers {
         /// Tasks per layer.
@@ -415,6 +423,7 @@ impl BenchWorkload {
             BenchWorkload::Chain { k } => vec!["chain".into(), k.to_string()],
             BenchWorkload::Runs { m } => vec!["runs".into(), m.to_string()],
             BenchWorkload::Layers { width, depth } => vec!["layers".into(), width.to_string(), depth.to_string()],
+            BenchWorkload::History { runs } => vec!["history".into(), runs.to_string()],
         }
     }
 }
