@@ -223,6 +223,19 @@ impl RedisStore {
         Ok(())
     }
 
+    /// The CPU time the Redis server has used since it started, user and system, in seconds
+    /// (`INFO cpu`): read before and after a workload, what it cost Redis.
+    pub async fn server_cpu_seconds(&self) -> Result<f64, BackendError> {
+        let mut conn = self.conn().await?;
+        let info: String = redis::cmd("INFO").arg("cpu").query_async(&mut conn).await.map_err(redis_error)?;
+        Ok(info
+            .lines()
+            .filter_map(|line| line.split_once(':'))
+            .filter(|(name, _)| matches!(*name, "used_cpu_sys" | "used_cpu_user"))
+            .filter_map(|(_, value)| value.trim().parse::<f64>().ok())
+            .sum())
+    }
+
     async fn conn(&self) -> Result<pool::Conn, BackendError> {
         self.pool.get().await.map_err(|e| BackendError::new(format!("redis: no connection: {e}")))
     }

@@ -50,6 +50,14 @@ impl Backends {
         }
     }
 
+    /// The CPU time Redis has used since it started (seconds), in distributed mode; read
+    /// before and after a figure, its cost to Redis (other clients of that Redis count too).
+    async fn redis_cpu(&self) -> Option<f64> {
+        let Backends::Services { redis, .. } = self else { return None };
+        let store = RedisStore::connect(redis, "dagmq-bench-probe", None).await.ok()?;
+        store.server_cpu_seconds().await.ok()
+    }
+
     /// A queue and a store for one component (each its own connection in distributed mode).
     async fn connect(&self, memory: &(Arc<dyn Queue>, Arc<dyn Store>)) -> CliResult<(Arc<dyn Queue>, Arc<dyn Store>)> {
         match self {
@@ -476,8 +484,10 @@ async fn one_run(args: &BenchArgs, dag_id: &str, backends: &Backends) -> CliResu
 }
 
 async fn fanout(args: &BenchArgs, n: usize, backends: &Backends) -> CliResult<()> {
+    let redis_before = backends.redis_cpu().await;
     let (rig, run_id, state) = one_run(args, "bench-fanout", backends).await?;
     let total = n + 2;
+    let redis = redis_cost(redis_before, backends.redis_cpu().await, total);
     let memory = rig.memory(total);
     let tasks = rig.store.tasks(&run_id).await.map_err(runtime)?;
     let waiting = rig.stop();
@@ -488,7 +498,7 @@ async fn fanout(args: &BenchArgs, n: usize, backends: &Backends) -> CliResult<()
     };
     let elapsed = (end - start).to_std().unwrap_or_default();
     println!(
-        "bench=fanout mode={} n={n} state={state} tasks={total} elapsed_ms={:.1} tasks_per_s={:.0} {memory}{waiting}",
+        "bench=fanout mode={} n={n} state={state} tasks={total} elapsed_ms={:.1} tasks_per_s={:.0} {memory}{waiting}{redis}",
         backends.mode(),
         elapsed.as_secs_f64() * 1e3,
         total as f64 / elapsed.as_secs_f64().max(1e-9),
@@ -576,6 +586,7 @@ async fn layers(args: &BenchArgs, width: usize, depth: usize, backends: &Backend
 
 async fn runs(args: &BenchArgs, m: usize, backends: &Backends) -> CliResult<()> {
     let rig = Rig::start(args, registry(workload_dag(args.workload)?), backends).await?;
+    let redis_before = backends.redis_cpu().await;
     let started = Instant::now();
     let trigger = br#"{"v":1,"dag_id":"bench-diamond"}"#.to_vec();
     let published =
@@ -591,6 +602,7 @@ async fn runs(args: &BenchArgs, m: usize, backends: &Backends) -> CliResult<()> 
         tokio::time::sleep(Duration::from_millis(2)).await;
     }
     let elapsed = started.elapsed();
+    let redis = redis_cost(redis_before, backends.redis_cpu().await, m * 10);
     let filter = RunFilter { state: Some(RunState::Success), limit: m, ..RunFilter::default() };
     let succeeded = match rig.store.list_runs(&filter).await {
         Ok(runs) => runs.len(),
@@ -606,7 +618,7 @@ async fn runs(args: &BenchArgs, m: usize, backends: &Backends) -> CliResult<()> 
     let memory = rig.memory(m * 10);
     let waiting = rig.stop();
     println!(
-        "bench=runs mode={} m={m} tasks={} elapsed_ms={:.1} runs_per_s={:.0} tasks_per_s={:.0} {memory}{waiting}",
+        "bench=runs mode={} m={m} tasks={} elapsed_ms={:.1} runs_per_s={:.0} tasks_per_s={:.0} {memory}{waiting}{redis}",
         backends.mode(),
         m * 10,
         elapsed.as_secs_f64() * 1e3,
@@ -772,6 +784,17 @@ async fn api_latency(args: &BenchArgs, backends: &Backends) -> CliResult<()> {
 
 async fn trigger(rig: &Rig, dag_id: &str) -> CliResult<String> {
     rig.handle.trigger(dag_id, Default::default(), None).await.map(|outcome| outcome.run_id).map_err(runtime)
+}
+
+/// Redis's CPU time between two readings, per 1,000 tasks of the figure
+/// (` redis_cpu_ms_per_1000_tasks=...`), or nothing without both readings.
+fn redis_cost(before: Option<f64>, after: Option<f64>, tasks: usize) -> String {
+    match (before, after) {
+        (Some(before), Some(after)) => {
+            format!(" redis_cpu_ms_per_1000_tasks={:.1}", (after - before) * 1e6 / tasks.max(1) as f64)
+        }
+        _ => String::new(),
+    }
 }
 
 fn percentile(sorted: &[f64], q: f64) -> f64 {
