@@ -325,6 +325,7 @@ pub(crate) async fn bench(args: &BenchArgs) -> CliResult<()> {
         BenchWorkload::Runs { m } => runs(args, m, &backends).await,
         BenchWorkload::Layers { width, depth } => layers(args, width, depth, &backends).await,
         BenchWorkload::History { runs } => history(args, runs, &backends).await,
+        BenchWorkload::Store { n } => store_ceiling(n, &backends).await,
     };
     if let Backends::Services { amqp, redis, namespace, .. } = &backends {
         cleanup(amqp, redis, namespace).await;
@@ -446,8 +447,8 @@ fn workload_dag(workload: BenchWorkload) -> CliResult<Dag> {
             }
             dag.task(TaskSpec::rust("bottom", Noop).after(middle))
         }
-        BenchWorkload::History { .. } => {
-            return Err(CliError::usage("bench history runs other workloads; it has no DAG of its own"));
+        BenchWorkload::History { .. } | BenchWorkload::Store { .. } => {
+            return Err(CliError::usage("bench history and bench store have no DAG of their own"));
         }
         BenchWorkload::Layers { width, depth } => {
             let mut dag = Dag::builder("bench-layers");
@@ -624,6 +625,77 @@ async fn runs(args: &BenchArgs, m: usize, backends: &Backends) -> CliResult<()> 
         elapsed.as_secs_f64() * 1e3,
         m as f64 / elapsed.as_secs_f64().max(1e-9),
         (m * 10) as f64 / elapsed.as_secs_f64().max(1e-9),
+    );
+    Ok(())
+}
+
+/// `bench store`: `n` queued tasks of one run, each claimed and then finished by one of 64
+/// callers sharing a store (as a worker's tries share its connections), with Redis's CPU time
+/// meanwhile: what Redis sustains of the worker's share of a task, without the broker.
+async fn store_ceiling(n: usize, backends: &Backends) -> CliResult<()> {
+    let Backends::Services { redis, namespace, .. } = backends else {
+        return Err(CliError::usage("bench store needs --amqp and --redis"));
+    };
+    let store = Arc::new(RedisStore::connect(redis, namespace, None).await.map_err(runtime)?);
+    let now = Utc::now();
+    let run = dagmq_core::RunRecord {
+        run_id: "store-ceiling".to_string(),
+        dag_id: "bench-store".to_string(),
+        state: RunState::Running,
+        kind: dagmq_core::RunKind::Manual,
+        logical_date: now,
+        params: Default::default(),
+        key: None,
+        created_at: now,
+        started_at: Some(now),
+        ended_at: None,
+        dag_version: None,
+    };
+    let tasks: Vec<dagmq_core::TaskInstance> = (0..n)
+        .map(|i| dagmq_core::TaskInstance::pending(format!("t{i}"), Vec::new(), "default", 0).next_try(now))
+        .collect();
+    store.create_run(&run, &tasks).await.map_err(runtime)?;
+    let next = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let cpu_before = backends.redis_cpu().await;
+    let started = Instant::now();
+    let mut callers = tokio::task::JoinSet::new();
+    for caller in 0..64 {
+        let (store, next) = (store.clone(), next.clone());
+        callers.spawn(async move {
+            let claimant = dagmq_core::store::Claimant {
+                worker: format!("bench-{caller}"),
+                instance: format!("bench-{caller}"),
+                at: Utc::now(),
+            };
+            loop {
+                let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                if i >= n {
+                    return Ok::<(), dagmq_core::BackendError>(());
+                }
+                let answer = store.claim_try("store-ceiling", &format!("t{i}"), 1, &claimant, &[]).await?;
+                let Some(mut done) = answer.task.filter(|_| answer.claimed) else {
+                    return Err(dagmq_core::BackendError::new(format!("task t{i} was not claimed")));
+                };
+                done.state = dagmq_core::TaskState::Success;
+                done.ended_at = Some(Utc::now());
+                store.finish_try("store-ceiling", &done, &[]).await?;
+            }
+        });
+    }
+    while let Some(done) = callers.join_next().await {
+        done.map_err(runtime)?.map_err(runtime)?;
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    let cpu = match (cpu_before, backends.redis_cpu().await) {
+        (Some(before), Some(after)) => after - before,
+        _ => 0.0,
+    };
+    println!(
+        "bench=store mode=distributed n={n} elapsed_ms={:.1} tasks_per_s={:.0} redis_cpu_percent={:.0} redis_cpu_ms_per_1000_tasks={:.1}",
+        elapsed * 1e3,
+        n as f64 / elapsed.max(1e-9),
+        cpu * 100.0 / elapsed.max(1e-9),
+        cpu * 1e6 / n.max(1) as f64,
     );
     Ok(())
 }
