@@ -279,8 +279,8 @@ pub(super) async fn publish_status(shared: &Shared, task: &TaskInstance, run_id:
 }
 
 /// Sends the status update of a try whose outcome is in the store, without holding its slot:
-/// in a task of its own with a permit of [`Shared::reports`] (waiting for one while every
-/// slot's update is still on its way), or at once over an in-memory queue.
+/// in a task of its own with a permit of [`Shared::reports`] (waiting for one while the most
+/// updates allowed are on their way), or at once over an in-memory queue.
 pub(super) async fn report(shared: &Arc<Shared>, update: StatusUpdate) {
     if !shared.status.confirms_take_time() {
         // An in-memory publish: done at once, not worth a task.
