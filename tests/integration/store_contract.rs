@@ -886,3 +886,67 @@ async fn redis_dag_versions_stay_while_their_runs_do() {
     assert!(store.run("open").await.unwrap().is_none());
     store.delete_all().await.unwrap();
 }
+
+/// The calls of one Redis command since its counters were last reset (`INFO commandstats`).
+fn command_calls(redis: &crate::redis_ambiguity::OwnRedis, command: &str) -> u64 {
+    let stats = redis.cli(&["INFO", "commandstats"]);
+    let prefix = format!("cmdstat_{command}:calls=");
+    stats
+        .lines()
+        .find_map(|line| line.strip_prefix(&prefix))
+        .and_then(|rest| rest.split(',').next())
+        .and_then(|calls| calls.trim().parse().ok())
+        .unwrap_or(0)
+}
+
+/// A listing of runs that have not finished walks the unfinished index, not the history: with
+/// 2,000 finished runs stored, listing the running ones reads a few records, where it read every
+/// run record before (the API's `?status=running` grew with history). Listings of everything,
+/// of a DAG and of finished runs read the newest runs, as before.
+#[tokio::test]
+async fn redis_listing_runs_not_finished_reads_none_of_the_history() {
+    let Some(redis) = crate::redis_ambiguity::OwnRedis::start() else { return };
+    let store = dagmq_redis::RedisStore::connect(&redis.url(), "history", None).await.unwrap();
+    store_versions(&store).await;
+    let history: Vec<(RunRecord, Vec<TaskInstance>)> = (0..2000)
+        .map(|i| {
+            let mut record = run(&format!("old{i:04}"), if i % 2 == 0 { "etl" } else { "other" }, i, None);
+            record.state = RunState::Success;
+            let done = tasks().iter().map(|t| with(t, TaskState::Success, 1)).collect();
+            (record, done)
+        })
+        .collect();
+    store.seed_finished_runs(&history).await.unwrap();
+    let queued = run("new", "etl", 5000, None);
+    assert_eq!(store.create_run(&queued, &tasks()).await.unwrap(), CreateRun::Created);
+    assert_eq!(store.create_run(&run("waiting", "other", 5001, None), &tasks()).await.unwrap(), CreateRun::Created);
+    let running = RunRecord { state: RunState::Running, ..queued };
+    assert!(store.transition_run(RunState::Queued, &running).await.unwrap());
+
+    redis.cli(&["CONFIG", "RESETSTAT"]);
+    let filter =
+        |dag: Option<&str>, state: Option<RunState>| RunFilter { dag_id: dag.map(str::to_string), state, limit: 50 };
+    let ids = |runs: Vec<RunRecord>| runs.into_iter().map(|r| r.run_id).collect::<Vec<_>>();
+    assert_eq!(ids(store.list_runs(&filter(None, Some(RunState::Running))).await.unwrap()), vec!["new"]);
+    assert_eq!(ids(store.list_runs(&filter(Some("etl"), Some(RunState::Running))).await.unwrap()), vec!["new"]);
+    assert!(store.list_runs(&filter(Some("other"), Some(RunState::Running))).await.unwrap().is_empty());
+    assert_eq!(ids(store.list_runs(&filter(None, Some(RunState::Queued))).await.unwrap()), vec!["waiting"]);
+    let reads = command_calls(&redis, "get");
+    assert!(reads <= 8, "four listings of unfinished runs read {reads} run records");
+
+    // The seeded history is listed as finished runs, newest first, and reading 50 of them reads
+    // two pages of 50 records (the first holds the running run too), not the history.
+    redis.cli(&["CONFIG", "RESETSTAT"]);
+    let newest = ids(store.list_runs(&filter(Some("etl"), Some(RunState::Success))).await.unwrap());
+    assert_eq!(newest.len(), 50);
+    assert_eq!(newest[..2], ["old1998".to_string(), "old1996".to_string()]);
+    let reads = command_calls(&redis, "get");
+    assert!(reads <= 100, "listing 50 finished runs read {reads} run records");
+    let all = ids(store.list_runs(&filter(None, None)).await.unwrap());
+    assert_eq!(all[..3], ["waiting".to_string(), "new".to_string(), "old1999".to_string()]);
+    assert_eq!(store.tasks("old0007").await.unwrap().iter().filter(|t| t.state == TaskState::Success).count(), 2);
+    assert!(
+        store.seed_finished_runs(&[(run("unfinished", "etl", 1, None), tasks())]).await.is_err(),
+        "only finished runs are seeded"
+    );
+}

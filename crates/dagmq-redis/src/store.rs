@@ -206,9 +206,12 @@ impl Store for RedisStore {
     }
 
     async fn list_runs(&self, filter: &RunFilter) -> Result<Vec<RunRecord>, BackendError> {
-        let index = match &filter.dag_id {
-            Some(dag_id) => self.dag_runs_key(dag_id),
-            None => self.runs_key(),
+        // Every run that has not finished is in the unfinished index: a listing of queued,
+        // running or suspended runs walks that, not the whole history of finished runs.
+        let index = match (&filter.dag_id, filter.state) {
+            (_, Some(state)) if !state.is_final() => self.unfinished_key(),
+            (Some(dag_id), _) => self.dag_runs_key(dag_id),
+            (None, _) => self.runs_key(),
         };
         let mut found = Vec::new();
         let page = filter.limit.clamp(1, 500);
@@ -236,7 +239,10 @@ impl Store for RedisStore {
                 self.prune(&index, &gone).await?;
             }
             for record in records {
-                if filter.state.is_none_or(|s| s == record.state) && found.len() < filter.limit {
+                if filter.state.is_none_or(|s| s == record.state)
+                    && filter.dag_id.as_ref().is_none_or(|d| *d == record.dag_id)
+                    && found.len() < filter.limit
+                {
                     if skip > 0 {
                         skip -= 1;
                     } else {

@@ -24,7 +24,7 @@ use dagmq_core::{
 use tokio::sync::Semaphore;
 
 pub use builtin::{Noop, Sleep, builtin_tasks};
-pub use metrics::WorkerMetrics;
+pub use metrics::{WORK_WAITING_BUCKETS, WorkerMetrics};
 
 use execute::{RunningTries, StopReason};
 
@@ -55,9 +55,11 @@ pub struct WorkerConfig {
     /// its running tries (self-fencing), so that they have stopped before the scheduler
     /// requeues them elsewhere.
     pub worker_timeout: Duration,
-    /// Most unstarted messages the worker holds per pool (the consumer's prefetch, at most
-    /// `concurrency`). Messages are acknowledged when their try is claimed, so a worker whose
-    /// slots are all busy holds at most this many messages that other workers could start.
+    /// Most messages the worker prefetches per pool for its slots (at most `concurrency`); the
+    /// consumer's prefetch is this plus [`PREFETCH_MARGIN`] (at most the concurrency again:
+    /// [`consumer_prefetch`]). Messages are acknowledged when their try is claimed, so a
+    /// worker whose slots are all busy holds at most that many messages that other workers
+    /// could start.
     pub prefetch: u16,
     /// Counters of what the worker did.
     pub metrics: Arc<WorkerMetrics>,
@@ -85,9 +87,20 @@ pub struct WorkerConfig {
     pub batch_status: bool,
 }
 
+/// Most status updates a worker has on their way at once after their tries gave their slots
+/// back: one full batch of the status publisher. Were it the concurrency, a worker of few slots
+/// would again wait a broker confirm per try.
+const REPORTS_IN_FLIGHT: u32 = 1000;
+
 /// The default [`WorkerConfig::prefetch`]: enough to keep claims pipelined, few enough that a
 /// busy worker does not hoard work.
 pub const DEFAULT_PREFETCH: u16 = 64;
+
+/// Unstarted messages a consumer holds beyond one per slot (at most one more per slot): the
+/// next message is at hand when a slot frees, where with one per slot the slot waited for
+/// the broker to deliver it after the previous one's ack. With [`DEFAULT_PREFETCH`], a busy
+/// worker holds at most 72 unstarted messages per pool.
+pub const PREFETCH_MARGIN: u16 = 8;
 
 /// The default [`WorkerConfig::dag_version_wait`]: far longer than a DAG directory takes to be
 /// read again everywhere (every 2 s), long enough for a file copied to the workers' hosts a
@@ -144,6 +157,10 @@ pub(crate) struct Shared {
     /// Its contact with the store, from its heartbeats: a try claimed before a silence long
     /// enough for the scheduler to take the worker for lost never starts.
     pub(crate) contact: contact::Contact,
+    /// Status updates on their way after their tries gave their slots back (one permit each,
+    /// [`REPORTS_IN_FLIGHT`] in all): a broker that confirms slowly holds new tries back rather
+    /// than piling updates up, and the worker waits for them as it stops.
+    pub(crate) reports: Arc<Semaphore>,
 }
 
 impl Shared {
@@ -173,6 +190,7 @@ pub async fn run(
         status: status::StatusSender::start(queue.clone(), config.batch_status),
         shutdown: shutdown.clone(),
         slots: Arc::new(Semaphore::new(concurrency)),
+        reports: Arc::new(Semaphore::new(REPORTS_IN_FLIGHT as usize)),
         contact: contact::Contact::new(config.worker_timeout),
         config,
         queue,
@@ -192,7 +210,7 @@ pub async fn run(
     let controls = tokio::spawn(execute::control_loop(shared.clone(), shutdown.clone()));
     let mut consumers = Vec::new();
     for pool in shared.config.queues.clone() {
-        let prefetch = u16::try_from(concurrency).unwrap_or(u16::MAX).min(shared.config.prefetch.max(1));
+        let prefetch = consumer_prefetch(concurrency, shared.config.prefetch);
         consumers.push(tokio::spawn(consume_loop(
             shared.clone(),
             Topic::Tasks(pool),
@@ -215,6 +233,12 @@ pub async fn run(
         tracing::warn!(count, "grace period over: requeueing running tries");
         let _ = tokio::time::timeout(Duration::from_secs(30), slots.acquire_many(all)).await;
     }
+    // Status updates still on their way: the outcomes are in the store already, so an update
+    // that does not go out within this wait costs the scheduler's sweep interval, not state.
+    let reports = shared.reports.acquire_many(REPORTS_IN_FLIGHT);
+    if tokio::time::timeout(Duration::from_secs(10), reports).await.is_err() {
+        tracing::warn!("status updates not sent within 10s of stopping: the scheduler's sweep finds their outcomes");
+    }
     heartbeats.abort();
     controls.abort();
     if let Err(err) = shared.store.remove_worker(&shared.config.name).await {
@@ -222,6 +246,16 @@ pub async fn run(
     }
     tracing::info!(worker = %shared.config.name, "worker stopped");
     Ok(())
+}
+
+/// The prefetch of a pool's consumer: a slot's worth for each slot, up to `prefetch`, plus a
+/// margin of up to [`PREFETCH_MARGIN`] (at most the concurrency), so that the message a slot
+/// takes as it frees is at hand, not a broker round trip away. Messages are acknowledged at
+/// their claim, so a worker whose slots are all busy holds at most this many unstarted
+/// messages.
+pub fn consumer_prefetch(concurrency: usize, prefetch: u16) -> u16 {
+    let slots = u16::try_from(concurrency.max(1)).unwrap_or(u16::MAX);
+    slots.min(prefetch.max(1)).saturating_add(slots.min(PREFETCH_MARGIN))
 }
 
 /// Takes deliveries from one pool while slots are free.
@@ -235,10 +269,13 @@ async fn consume_loop(shared: Arc<Shared>, topic: Topic, prefetch: u16, slots: A
                 Err(_) => return,
             },
         };
+        // The slot is free from now: the try this message carries starts after the work
+        // waiting (`WorkerMetrics::work_waiting`) of the delivery and the claim.
+        let free_since = shared.config.clock.now();
         let Some(delivery) = subscription.next(&shutdown).await else { return };
         let shared = shared.clone();
         tokio::spawn(async move {
-            execute::execute(&shared, delivery).await;
+            execute::execute(&shared, delivery, free_since).await;
             drop(slot);
         });
     }
@@ -311,5 +348,25 @@ async fn heartbeat(shared: &Shared, started_at: chrono::DateTime<chrono::Utc>) -
             tracing::warn!("heartbeat: {err}");
             false
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A consumer prefetches a message for each slot (up to the prefetch setting) and a margin
+    /// of up to 8 more, never more than twice the slots: a worker of one slot holds at most
+    /// one message it has not started.
+    #[test]
+    fn the_consumer_prefetch_is_the_slots_plus_a_small_margin() {
+        assert_eq!(consumer_prefetch(1, DEFAULT_PREFETCH), 2);
+        assert_eq!(consumer_prefetch(0, DEFAULT_PREFETCH), 2);
+        assert_eq!(consumer_prefetch(4, DEFAULT_PREFETCH), 8);
+        assert_eq!(consumer_prefetch(8, DEFAULT_PREFETCH), 16);
+        assert_eq!(consumer_prefetch(100, DEFAULT_PREFETCH), 72);
+        assert_eq!(consumer_prefetch(1000, DEFAULT_PREFETCH), 72);
+        assert_eq!(consumer_prefetch(1000, 10), 18);
+        assert_eq!(consumer_prefetch(100_000, u16::MAX), u16::MAX);
     }
 }

@@ -20,7 +20,19 @@ pub struct WorkerMetrics {
     /// Task messages put back for another worker, unclaimed, because this worker has not
     /// loaded their run's DAG version (yet).
     pub version_not_loaded: Family,
+    /// Work waiting: for each try started from a task message, the time from when both a slot
+    /// of this worker was free and the try was queued to when the try started (the claim and,
+    /// when no message is at hand, the broker's delivery). Eager tries, which start in the slot
+    /// of their upstream without a message, are not counted.
+    pub work_waiting: Family,
 }
+
+/// Bucket bounds of [`WorkerMetrics::work_waiting`], in seconds: fine below a few
+/// milliseconds, where a busy worker's figure lies.
+pub const WORK_WAITING_BUCKETS: &[f64] = &[
+    0.000_05, 0.000_1, 0.000_15, 0.000_2, 0.000_3, 0.000_4, 0.000_5, 0.000_75, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05,
+    0.1, 0.25, 1.0, 5.0,
+];
 
 impl Default for WorkerMetrics {
     fn default() -> WorkerMetrics {
@@ -47,11 +59,24 @@ impl Default for WorkerMetrics {
                 "Task messages put back unclaimed: this worker has not loaded their run's DAG version (yet).",
                 &[],
             ),
+            work_waiting: Family::histogram(
+                "dagmq_worker_work_waiting_seconds",
+                "Time from a free slot and a queued try to the try's start, for tries started from a task message.",
+                &[],
+                WORK_WAITING_BUCKETS,
+            ),
         }
     }
 }
 
 impl WorkerMetrics {
+    /// The text format of [`WorkerMetrics::work_waiting`] alone.
+    pub fn work_waiting_text(&self) -> String {
+        let mut out = String::new();
+        self.work_waiting.render(&mut out);
+        out
+    }
+
     /// The text format of every family.
     pub fn render(&self) -> String {
         dagmq_core::metrics::render([
@@ -61,6 +86,7 @@ impl WorkerMetrics {
             &self.duplicates,
             &self.eager,
             &self.version_not_loaded,
+            &self.work_waiting,
         ])
     }
 }

@@ -18,7 +18,7 @@ use dagmq_core::{CancelSignal, Clock, Dag, DagRegistry, Queue, RunState, Store, 
 use dagmq_rabbitmq::{RabbitConfig, RabbitQueue};
 use dagmq_redis::RedisStore;
 use dagmq_scheduler::{SchedulerConfig, SchedulerHandle};
-use dagmq_worker::{Noop, WorkerConfig};
+use dagmq_worker::{Noop, WORK_WAITING_BUCKETS, WorkerConfig, WorkerMetrics};
 
 use crate::cli::{BenchArgs, BenchWorkload};
 use crate::{CliError, CliResult};
@@ -35,22 +35,34 @@ enum Backends {
         redis: String,
         /// Queue and key prefix of this bench.
         namespace: String,
+        /// Finished runs seeded into the store before the figure (`bench history`).
+        history: usize,
     },
 }
 
 impl Backends {
-    fn mode(&self) -> &'static str {
+    /// The mode of a bench line, with the history it ran with where one was seeded.
+    fn mode(&self) -> String {
         match self {
-            Backends::Memory => "standalone",
-            Backends::Services { .. } => "distributed",
+            Backends::Memory => "standalone".to_string(),
+            Backends::Services { history: 0, .. } => "distributed".to_string(),
+            Backends::Services { history, .. } => format!("distributed history_runs={history}"),
         }
+    }
+
+    /// The CPU time Redis has used since it started (seconds), in distributed mode; read
+    /// before and after a figure, its cost to Redis (other clients of that Redis count too).
+    async fn redis_cpu(&self) -> Option<f64> {
+        let Backends::Services { redis, .. } = self else { return None };
+        let store = RedisStore::connect(redis, "dagmq-bench-probe", None).await.ok()?;
+        store.server_cpu_seconds().await.ok()
     }
 
     /// A queue and a store for one component (each its own connection in distributed mode).
     async fn connect(&self, memory: &(Arc<dyn Queue>, Arc<dyn Store>)) -> CliResult<(Arc<dyn Queue>, Arc<dyn Store>)> {
         match self {
             Backends::Memory => Ok(memory.clone()),
-            Backends::Services { amqp, redis, namespace } => {
+            Backends::Services { amqp, redis, namespace, .. } => {
                 let mut config = RabbitConfig::new(amqp.clone());
                 config.namespace = namespace.clone();
                 config.queue_expires = Some(Duration::from_secs(600));
@@ -85,6 +97,8 @@ struct Rig {
     children: Vec<std::process::Child>,
     /// This process's resident memory once everything runs, before any work (MB).
     base_rss_mb: f64,
+    /// The in-process worker's metrics (standalone mode).
+    worker_metrics: Option<Arc<WorkerMetrics>>,
 }
 
 impl Rig {
@@ -100,6 +114,7 @@ impl Rig {
             signal.clone(),
         );
         let mut children = Vec::new();
+        let worker_metrics;
         match backends {
             Backends::Memory => {
                 let mut worker = WorkerConfig::new("bench-worker-0", dags, clock);
@@ -110,13 +125,14 @@ impl Rig {
                 worker.batch_status = false;
                 // The only worker of an in-memory queue: there is nobody to leave work to.
                 worker.prefetch = u16::MAX;
+                worker_metrics = Some(worker.metrics.clone());
                 tokio::spawn(dagmq_worker::run(worker, queue.clone(), store.clone(), signal.clone()));
             }
-            Backends::Services { amqp, redis, namespace } => {
+            Backends::Services { amqp, redis, namespace, .. } => {
                 for i in 0..2 {
                     children.push(spawn_worker_process(args, amqp, redis, namespace, i)?);
                 }
-                let rig = Rig { handle, store, queue, stop, children, base_rss_mb: 0.0 };
+                let rig = Rig { handle, store, queue, stop, children, base_rss_mb: 0.0, worker_metrics: None };
                 if let Err(err) = wait_for_workers(&rig.store, rig.children.len()).await {
                     rig.stop();
                     return Err(err);
@@ -124,7 +140,7 @@ impl Rig {
                 return Ok(Rig { base_rss_mb: rss_mb("VmRSS:"), ..rig });
             }
         }
-        Ok(Rig { handle, store, queue, stop, children, base_rss_mb: rss_mb("VmRSS:") })
+        Ok(Rig { handle, store, queue, stop, children, base_rss_mb: rss_mb("VmRSS:"), worker_metrics })
     }
 
     async fn wait_final(&self, run_id: &str) -> CliResult<RunState> {
@@ -141,18 +157,88 @@ impl Rig {
     fn memory(&self, tasks: usize) -> String {
         let peak = rss_mb("VmHWM:");
         let per_task = (peak - self.base_rss_mb).max(0.0) * 1024.0 * 1024.0 / tasks.max(1) as f64;
-        format!("peak_rss_mb={peak:.1} base_rss_mb={:.1} bytes_per_task={per_task:.0}", self.base_rss_mb)
+        format!(
+            "peak_rss_mb={peak:.1} base_rss_mb={:.1} bytes_per_task={per_task:.0} rss_mb={:.1}",
+            self.base_rss_mb,
+            rss_mb("VmRSS:")
+        )
     }
 
-    /// Stops the scheduler and in-process worker, and ends the worker processes.
-    fn stop(mut self) {
+    /// Stops the scheduler and in-process worker, and ends the worker processes. Answers the
+    /// work waiting figures of every worker (` work_waiting_p50_us=... work_waiting_p99_us=...`,
+    /// interpolated in the histogram's buckets), or nothing when no try started from a message.
+    fn stop(mut self) -> String {
         self.stop.cancel();
+        let mut counts = vec![0u64; WORK_WAITING_BUCKETS.len() + 1];
+        if let Some(metrics) = &self.worker_metrics {
+            add_bucket_counts(&mut counts, &metrics.work_waiting_text());
+        }
         for child in &mut self.children {
             drop(child.stdin.take());
+            // A worker process prints its histogram as it ends; one that does not end soon is
+            // killed, and counts for nothing.
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while matches!(child.try_wait(), Ok(None)) && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(10));
+            }
             let _ = child.kill();
             let _ = child.wait();
+            let mut text = String::new();
+            if let Some(mut out) = child.stdout.take() {
+                let _ = std::io::Read::read_to_string(&mut out, &mut text);
+            }
+            add_bucket_counts(&mut counts, &text);
+        }
+        work_waiting_figures(&counts)
+    }
+}
+
+/// Adds the cumulative bucket counts of `dagmq_worker_work_waiting_seconds` found in a metrics
+/// text to `counts` (one per bound of [`WORK_WAITING_BUCKETS`], then `+Inf`).
+fn add_bucket_counts(counts: &mut [u64], text: &str) {
+    for line in text.lines().filter(|l| l.starts_with("dagmq_worker_work_waiting_seconds_bucket")) {
+        let Some((labels, value)) = line.rsplit_once(' ') else { continue };
+        let Some(le) = labels.split("le=\"").nth(1).and_then(|rest| rest.split('"').next()) else { continue };
+        let Ok(value) = value.parse::<f64>() else { continue };
+        let index = if le == "+Inf" {
+            Some(WORK_WAITING_BUCKETS.len())
+        } else {
+            le.parse::<f64>().ok().and_then(|le| WORK_WAITING_BUCKETS.iter().position(|b| (b - le).abs() < 1e-12))
+        };
+        if let Some(index) = index {
+            counts[index] += value as u64;
         }
     }
+}
+
+/// The p50 and p99 of the work waiting histogram (cumulative `counts`), in microseconds,
+/// interpolated linearly within a bucket.
+fn work_waiting_figures(counts: &[u64]) -> String {
+    let total = counts.last().copied().unwrap_or(0);
+    if total == 0 {
+        return String::new();
+    }
+    let quantile = |q: f64| {
+        let wanted = (q * total as f64).max(1.0);
+        let mut previous = (0.0, 0u64);
+        for (i, &count) in counts.iter().enumerate() {
+            let bound = WORK_WAITING_BUCKETS.get(i).copied().unwrap_or(f64::INFINITY);
+            if count as f64 >= wanted {
+                if bound.is_infinite() {
+                    return previous.0 * 1e6;
+                }
+                let within = (wanted - previous.1 as f64) / (count - previous.1).max(1) as f64;
+                return (previous.0 + (bound - previous.0) * within) * 1e6;
+            }
+            previous = (bound, count);
+        }
+        previous.0 * 1e6
+    };
+    format!(
+        " work_waiting_p50_us={:.0} work_waiting_p99_us={:.0} work_waiting_tries={total}",
+        quantile(0.5),
+        quantile(0.99)
+    )
 }
 
 /// Starts one worker process of a distributed bench: this binary, same workload, `--worker-of`.
@@ -173,7 +259,8 @@ fn spawn_worker_process(
         .args(args.no_eager.then_some("--no-eager"))
         .args(["--amqp", amqp, "--redis", redis, "--worker-of"])
         .arg(format!("{namespace}/{index}"))
-        .stdin(std::process::Stdio::piped());
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped());
     command.spawn().map_err(|e| CliError::runtime(format!("starting a bench worker process: {e}")))
 }
 
@@ -196,7 +283,8 @@ async fn worker_process(args: &BenchArgs, of: &str) -> CliResult<()> {
         return Err(CliError::usage("--worker-of needs --amqp and --redis"));
     };
     let (namespace, index) = of.rsplit_once('/').unwrap_or((of, "0"));
-    let backends = Backends::Services { amqp: amqp.clone(), redis: redis.clone(), namespace: namespace.to_string() };
+    let backends =
+        Backends::Services { amqp: amqp.clone(), redis: redis.clone(), namespace: namespace.to_string(), history: 0 };
     let unused: (Arc<dyn Queue>, Arc<dyn Store>) = (Arc::new(MemoryQueue::new()), Arc::new(MemoryStore::new()));
     let (queue, store) = backends.connect(&unused).await?;
     let (stop, signal) = CancelSignal::new();
@@ -209,10 +297,13 @@ async fn worker_process(args: &BenchArgs, of: &str) -> CliResult<()> {
     let mut worker = WorkerConfig::new(format!("bench-worker-{index}"), dags, Arc::new(SystemClock));
     worker.concurrency = args.concurrency;
     worker.eager = !args.no_eager;
+    let metrics = worker.metrics.clone();
     let running = tokio::spawn(dagmq_worker::run(worker, queue, store, signal));
     let _ = closed.await;
     stop.cancel();
     let _ = running.await;
+    // For the parent's work waiting figures.
+    println!("{}", metrics.work_waiting_text());
     Ok(())
 }
 
@@ -226,10 +317,11 @@ pub(crate) async fn bench(args: &BenchArgs) -> CliResult<()> {
             amqp: amqp.clone(),
             redis: redis.clone(),
             namespace: format!("dagmq-bench-{}", std::process::id()),
+            history: 0,
         },
         _ => Backends::Memory,
     };
-    if let Backends::Services { amqp, redis, namespace } = &backends {
+    if let Backends::Services { amqp, redis, namespace, .. } = &backends {
         raw_limits(amqp, redis, namespace).await?;
     }
     let result = match args.workload {
@@ -237,8 +329,10 @@ pub(crate) async fn bench(args: &BenchArgs) -> CliResult<()> {
         BenchWorkload::Chain { k } => chain(args, k, &backends).await,
         BenchWorkload::Runs { m } => runs(args, m, &backends).await,
         BenchWorkload::Layers { width, depth } => layers(args, width, depth, &backends).await,
+        BenchWorkload::History { runs } => history(args, runs, &backends).await,
+        BenchWorkload::Store { n } => store_ceiling(n, &backends).await,
     };
-    if let Backends::Services { amqp, redis, namespace } = &backends {
+    if let Backends::Services { amqp, redis, namespace, .. } = &backends {
         cleanup(amqp, redis, namespace).await;
     }
     result
@@ -358,6 +452,9 @@ fn workload_dag(workload: BenchWorkload) -> CliResult<Dag> {
             }
             dag.task(TaskSpec::rust("bottom", Noop).after(middle))
         }
+        BenchWorkload::History { .. } | BenchWorkload::Store { .. } => {
+            return Err(CliError::usage("bench history and bench store have no DAG of their own"));
+        }
         BenchWorkload::Layers { width, depth } => {
             let mut dag = Dag::builder("bench-layers");
             let mut previous: Vec<String> = Vec::new();
@@ -393,11 +490,13 @@ async fn one_run(args: &BenchArgs, dag_id: &str, backends: &Backends) -> CliResu
 }
 
 async fn fanout(args: &BenchArgs, n: usize, backends: &Backends) -> CliResult<()> {
+    let redis_before = backends.redis_cpu().await;
     let (rig, run_id, state) = one_run(args, "bench-fanout", backends).await?;
     let total = n + 2;
+    let redis = redis_cost(redis_before, backends.redis_cpu().await, total);
     let memory = rig.memory(total);
     let tasks = rig.store.tasks(&run_id).await.map_err(runtime)?;
-    rig.stop();
+    let waiting = rig.stop();
     let root = tasks.iter().find(|t| t.task_id == "root");
     let sink = tasks.iter().find(|t| t.task_id == "sink");
     let (Some(start), Some(end)) = (root.and_then(|t| t.started_at), sink.and_then(|t| t.ended_at)) else {
@@ -405,7 +504,7 @@ async fn fanout(args: &BenchArgs, n: usize, backends: &Backends) -> CliResult<()
     };
     let elapsed = (end - start).to_std().unwrap_or_default();
     println!(
-        "bench=fanout mode={} n={n} state={state} tasks={total} elapsed_ms={:.1} tasks_per_s={:.0} {memory}",
+        "bench=fanout mode={} n={n} state={state} tasks={total} elapsed_ms={:.1} tasks_per_s={:.0} {memory}{waiting}{redis}",
         backends.mode(),
         elapsed.as_secs_f64() * 1e3,
         total as f64 / elapsed.as_secs_f64().max(1e-9),
@@ -418,7 +517,7 @@ async fn chain(args: &BenchArgs, k: usize, backends: &Backends) -> CliResult<()>
     let (rig, run_id, state) = one_run(args, "bench-chain", backends).await?;
     let memory = rig.memory(k);
     let tasks = rig.store.tasks(&run_id).await.map_err(runtime)?;
-    rig.stop();
+    let waiting = rig.stop();
     let by_id: std::collections::HashMap<&str, &dagmq_core::TaskInstance> =
         tasks.iter().map(|t| (t.task_id.as_str(), t)).collect();
     let mut hops: Vec<f64> = (1..k)
@@ -430,7 +529,7 @@ async fn chain(args: &BenchArgs, k: usize, backends: &Backends) -> CliResult<()>
         .collect();
     hops.sort_by(f64::total_cmp);
     println!(
-        "bench=chain mode={} k={k} state={state} hops={} p50_us={:.1} p99_us={:.1} max_us={:.1} {memory}",
+        "bench=chain mode={} k={k} state={state} hops={} p50_us={:.1} p99_us={:.1} max_us={:.1} {memory}{waiting}",
         backends.mode(),
         hops.len(),
         percentile(&hops, 0.50),
@@ -446,7 +545,7 @@ async fn layers(args: &BenchArgs, width: usize, depth: usize, backends: &Backend
     let total = width * depth;
     let memory = rig.memory(total);
     let tasks = rig.store.tasks(&run_id).await.map_err(runtime)?;
-    rig.stop();
+    let waiting = rig.stop();
     let (Some(start), Some(end)) =
         (tasks.iter().filter_map(|t| t.started_at).min(), tasks.iter().filter_map(|t| t.ended_at).max())
     else {
@@ -479,7 +578,7 @@ async fn layers(args: &BenchArgs, width: usize, depth: usize, backends: &Backend
     let to_start = sorted((1..depth).filter_map(|l| micros(first_queued[l], first_start[l])).collect());
     let elapsed = (end - start).to_std().unwrap_or_default();
     println!(
-        "bench=layers mode={} width={width} depth={depth} state={state} tasks={total} elapsed_ms={:.1} tasks_per_s={:.0} barrier_p50_us={:.1} barrier_p99_us={:.1} to_queued_p50_us={:.1} queued_to_start_p50_us={:.1} {memory}",
+        "bench=layers mode={} width={width} depth={depth} state={state} tasks={total} elapsed_ms={:.1} tasks_per_s={:.0} barrier_p50_us={:.1} barrier_p99_us={:.1} to_queued_p50_us={:.1} queued_to_start_p50_us={:.1} {memory}{waiting}",
         backends.mode(),
         elapsed.as_secs_f64() * 1e3,
         total as f64 / elapsed.as_secs_f64().max(1e-9),
@@ -493,6 +592,7 @@ async fn layers(args: &BenchArgs, width: usize, depth: usize, backends: &Backend
 
 async fn runs(args: &BenchArgs, m: usize, backends: &Backends) -> CliResult<()> {
     let rig = Rig::start(args, registry(workload_dag(args.workload)?), backends).await?;
+    let redis_before = backends.redis_cpu().await;
     let started = Instant::now();
     let trigger = br#"{"v":1,"dag_id":"bench-diamond"}"#.to_vec();
     let published =
@@ -508,6 +608,7 @@ async fn runs(args: &BenchArgs, m: usize, backends: &Backends) -> CliResult<()> 
         tokio::time::sleep(Duration::from_millis(2)).await;
     }
     let elapsed = started.elapsed();
+    let redis = redis_cost(redis_before, backends.redis_cpu().await, m * 10);
     let filter = RunFilter { state: Some(RunState::Success), limit: m, ..RunFilter::default() };
     let succeeded = match rig.store.list_runs(&filter).await {
         Ok(runs) => runs.len(),
@@ -521,9 +622,9 @@ async fn runs(args: &BenchArgs, m: usize, backends: &Backends) -> CliResult<()> 
         return Err(CliError::runtime(format!("{} of {m} runs failed", m - succeeded)));
     }
     let memory = rig.memory(m * 10);
-    rig.stop();
+    let waiting = rig.stop();
     println!(
-        "bench=runs mode={} m={m} tasks={} elapsed_ms={:.1} runs_per_s={:.0} tasks_per_s={:.0} {memory}",
+        "bench=runs mode={} m={m} tasks={} elapsed_ms={:.1} runs_per_s={:.0} tasks_per_s={:.0} {memory}{waiting}{redis}",
         backends.mode(),
         m * 10,
         elapsed.as_secs_f64() * 1e3,
@@ -533,8 +634,244 @@ async fn runs(args: &BenchArgs, m: usize, backends: &Backends) -> CliResult<()> 
     Ok(())
 }
 
+/// `bench store`: `n` queued tasks of one run, each claimed and then finished by one of 64
+/// callers sharing a store (as a worker's tries share its connections), with Redis's CPU time
+/// meanwhile: what Redis sustains of the worker's share of a task, without the broker.
+async fn store_ceiling(n: usize, backends: &Backends) -> CliResult<()> {
+    let Backends::Services { redis, namespace, .. } = backends else {
+        return Err(CliError::usage("bench store needs --amqp and --redis"));
+    };
+    let store = Arc::new(RedisStore::connect(redis, namespace, None).await.map_err(runtime)?);
+    let now = Utc::now();
+    let run = dagmq_core::RunRecord {
+        run_id: "store-ceiling".to_string(),
+        dag_id: "bench-store".to_string(),
+        state: RunState::Running,
+        kind: dagmq_core::RunKind::Manual,
+        logical_date: now,
+        params: Default::default(),
+        key: None,
+        created_at: now,
+        started_at: Some(now),
+        ended_at: None,
+        dag_version: None,
+    };
+    let tasks: Vec<dagmq_core::TaskInstance> = (0..n)
+        .map(|i| dagmq_core::TaskInstance::pending(format!("t{i}"), Vec::new(), "default", 0).next_try(now))
+        .collect();
+    store.create_run(&run, &tasks).await.map_err(runtime)?;
+    let next = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let cpu_before = backends.redis_cpu().await;
+    let started = Instant::now();
+    let mut callers = tokio::task::JoinSet::new();
+    for caller in 0..64 {
+        let (store, next) = (store.clone(), next.clone());
+        callers.spawn(async move {
+            let claimant = dagmq_core::store::Claimant {
+                worker: format!("bench-{caller}"),
+                instance: format!("bench-{caller}"),
+                at: Utc::now(),
+            };
+            loop {
+                let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                if i >= n {
+                    return Ok::<(), dagmq_core::BackendError>(());
+                }
+                let answer = store.claim_try("store-ceiling", &format!("t{i}"), 1, &claimant, &[]).await?;
+                let Some(mut done) = answer.task.filter(|_| answer.claimed) else {
+                    return Err(dagmq_core::BackendError::new(format!("task t{i} was not claimed")));
+                };
+                done.state = dagmq_core::TaskState::Success;
+                done.ended_at = Some(Utc::now());
+                store.finish_try("store-ceiling", &done, &[]).await?;
+            }
+        });
+    }
+    while let Some(done) = callers.join_next().await {
+        done.map_err(runtime)?.map_err(runtime)?;
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    let cpu = match (cpu_before, backends.redis_cpu().await) {
+        (Some(before), Some(after)) => after - before,
+        _ => 0.0,
+    };
+    println!(
+        "bench=store mode=distributed n={n} elapsed_ms={:.1} tasks_per_s={:.0} redis_cpu_percent={:.0} redis_cpu_ms_per_1000_tasks={:.1}",
+        elapsed * 1e3,
+        n as f64 / elapsed.max(1e-9),
+        cpu * 100.0 / elapsed.max(1e-9),
+        cpu * 1e6 / n.max(1) as f64,
+    );
+    Ok(())
+}
+
+/// Finished runs of 10 tasks each in a seeded history (1,000,000 task instances for 100,000).
+const HISTORY_TASKS_PER_RUN: usize = 10;
+
+/// `bench history`: the figures of `runs 1000`, `fanout 2000` and `chain 200`, the API's
+/// latencies and the scheduler's memory, on an empty store and then with `seeded` finished runs
+/// in it.
+async fn history(args: &BenchArgs, seeded: usize, backends: &Backends) -> CliResult<()> {
+    let Backends::Services { amqp, redis, namespace, .. } = backends else {
+        return Err(CliError::usage("bench history needs --amqp and --redis"));
+    };
+    let with = |workload| BenchArgs {
+        workload,
+        concurrency: args.concurrency,
+        no_eager: args.no_eager,
+        amqp: args.amqp.clone(),
+        redis: args.redis.clone(),
+        worker_of: None,
+    };
+    for history in [0, seeded] {
+        if history > 0 {
+            seed(redis, namespace, history).await?;
+        }
+        let backends =
+            Backends::Services { amqp: amqp.clone(), redis: redis.clone(), namespace: namespace.clone(), history };
+        runs(&with(BenchWorkload::Runs { m: 1000 }), 1000, &backends).await?;
+        fanout(&with(BenchWorkload::Fanout { n: 2000 }), 2000, &backends).await?;
+        chain(&with(BenchWorkload::Chain { k: 200 }), 200, &backends).await?;
+        api_latency(&with(BenchWorkload::Runs { m: 1 }), &backends).await?;
+    }
+    Ok(())
+}
+
+/// Writes `count` finished runs of the diamond (`bench-diamond`, 10 tasks each) into the
+/// store, created over the 30 days before now, in pipelines of 500 runs, four at a time.
+async fn seed(redis: &str, namespace: &str, count: usize) -> CliResult<()> {
+    let store = Arc::new(RedisStore::connect(redis, namespace, None).await.map_err(runtime)?);
+    let started = Instant::now();
+    let origin = Utc::now() - chrono::Duration::days(30);
+    let step_ms = (30 * 24 * 3600 * 1000 / count.max(1)) as i64;
+    let mut pending = tokio::task::JoinSet::new();
+    for first in (0..count).step_by(500) {
+        while pending.len() >= 4 {
+            if let Some(done) = pending.join_next().await {
+                done.map_err(runtime)??;
+            }
+        }
+        let store = store.clone();
+        pending.spawn(async move {
+            let batch: Vec<_> = (first..(first + 500).min(count))
+                .map(|i| seeded_run(i, origin + chrono::Duration::milliseconds(step_ms * i as i64)))
+                .collect();
+            store.seed_finished_runs(&batch).await.map_err(runtime)
+        });
+    }
+    while let Some(done) = pending.join_next().await {
+        done.map_err(runtime)??;
+    }
+    println!(
+        "bench=history_seed mode=distributed runs={count} tasks={} elapsed_ms={:.0}",
+        count * HISTORY_TASKS_PER_RUN,
+        started.elapsed().as_secs_f64() * 1e3
+    );
+    Ok(())
+}
+
+/// The `index`th finished run of a seeded history, created at `created`: a successful diamond.
+fn seeded_run(index: usize, created: DateTime<Utc>) -> (dagmq_core::RunRecord, Vec<dagmq_core::TaskInstance>) {
+    let at = |ms: i64| created + chrono::Duration::milliseconds(ms);
+    let run = dagmq_core::RunRecord {
+        run_id: format!("seeded-{index:07}"),
+        dag_id: "bench-diamond".to_string(),
+        state: RunState::Success,
+        kind: dagmq_core::RunKind::Manual,
+        logical_date: created,
+        params: Default::default(),
+        key: None,
+        created_at: created,
+        started_at: Some(at(1)),
+        ended_at: Some(at(30)),
+        dag_version: None,
+    };
+    let middle: Vec<String> = (1..=8).map(|i| format!("m{i}")).collect();
+    let mut tasks = vec![dagmq_core::TaskInstance::pending("top", Vec::new(), "default", 0)];
+    tasks.extend(
+        middle.iter().map(|id| dagmq_core::TaskInstance::pending(id.clone(), vec!["top".to_string()], "default", 0)),
+    );
+    tasks.push(dagmq_core::TaskInstance::pending("bottom", middle, "default", 0));
+    for (n, task) in tasks.iter_mut().enumerate() {
+        let n = n as i64;
+        task.state = dagmq_core::TaskState::Success;
+        task.try_number = 1;
+        task.queued_at = Some(at(2 + n));
+        task.started_at = Some(at(3 + n));
+        task.ended_at = Some(at(4 + n));
+        task.worker = Some("bench-worker-0".to_string());
+    }
+    debug_assert_eq!(tasks.len(), HISTORY_TASKS_PER_RUN);
+    (run, tasks)
+}
+
+/// The latency of the API's listings and run page, through the HTTP API of a scheduler over
+/// the store as it is: `GET /api/v1/runs` (newest 50; of one DAG; of running runs, which are
+/// few), `GET /api/v1/runs/{id}` of the newest run, `GET /api/v1/dags` and `/stats`; each
+/// called 20 times, p50 and max.
+async fn api_latency(args: &BenchArgs, backends: &Backends) -> CliResult<()> {
+    let rig = Rig::start(args, registry(workload_dag(args.workload)?), backends).await?;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.map_err(runtime)?;
+    let address = listener.local_addr().map_err(runtime)?;
+    let (stop, signal) = CancelSignal::new();
+    tokio::spawn(dagmq_scheduler::api::serve(listener, rig.handle.clone(), Default::default(), signal));
+    let outcome = async {
+        let client =
+            crate::client::HttpClient::new(&format!("http://{address}"), &Default::default(), Duration::from_secs(30))
+                .map_err(runtime)?;
+        let newest = rig.store.list_runs(&RunFilter { limit: 1, ..RunFilter::default() }).await.map_err(runtime)?;
+        let run_page = newest.first().map(|r| format!("/api/v1/runs/{}", r.run_id));
+        let mut lines = Vec::new();
+        for (name, path) in [
+            ("runs", Some("/api/v1/runs?limit=50".to_string())),
+            ("runs_of_dag", Some("/api/v1/runs?dag_id=bench-diamond&limit=50".to_string())),
+            ("running_runs", Some("/api/v1/runs?status=running&limit=50".to_string())),
+            ("run_page", run_page),
+            ("dags", Some("/api/v1/dags".to_string())),
+            ("stats", Some("/api/v1/stats".to_string())),
+        ] {
+            let Some(path) = path else { continue };
+            let mut times = Vec::new();
+            for _ in 0..20 {
+                let started = Instant::now();
+                let response = client.request("GET", &path, None, None).await.map_err(runtime)?;
+                times.push(started.elapsed().as_secs_f64() * 1e3);
+                if response.status != 200 {
+                    return Err(runtime(format!("GET {path}: status {}", response.status)));
+                }
+            }
+            times.sort_by(f64::total_cmp);
+            lines.push(format!(
+                "bench=api mode={} call={name} p50_ms={:.2} max_ms={:.2}",
+                backends.mode(),
+                percentile(&times, 0.5),
+                times.last().copied().unwrap_or(0.0)
+            ));
+        }
+        Ok::<_, CliError>(lines)
+    }
+    .await;
+    stop.cancel();
+    rig.stop();
+    for line in outcome? {
+        println!("{line}");
+    }
+    Ok(())
+}
+
 async fn trigger(rig: &Rig, dag_id: &str) -> CliResult<String> {
     rig.handle.trigger(dag_id, Default::default(), None).await.map(|outcome| outcome.run_id).map_err(runtime)
+}
+
+/// Redis's CPU time between two readings, per 1,000 tasks of the figure
+/// (` redis_cpu_ms_per_1000_tasks=...`), or nothing without both readings.
+fn redis_cost(before: Option<f64>, after: Option<f64>, tasks: usize) -> String {
+    match (before, after) {
+        (Some(before), Some(after)) => {
+            format!(" redis_cpu_ms_per_1000_tasks={:.1}", (after - before) * 1e6 / tasks.max(1) as f64)
+        }
+        _ => String::new(),
+    }
 }
 
 fn percentile(sorted: &[f64], q: f64) -> f64 {

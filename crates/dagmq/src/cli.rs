@@ -532,6 +532,22 @@ pub enum BenchWorkload {
         #[arg(default_value_t = 1000)]
         m: usize,
     },
+    /// Cost against history (distributed mode only): `runs 1000`, `fanout 2000`, `chain 200`
+    /// and the API's list and run-page calls, on an empty store, then again after RUNS finished
+    /// runs of 10 tasks each are written into it; each line names the history it ran with.
+    History {
+        /// Finished runs to seed.
+        #[arg(default_value_t = 100_000)]
+        runs: usize,
+    },
+    /// Redis alone (distributed mode only): N queued tasks of one run claimed and finished as a
+    /// worker does (`claim_try`, `finish_try`), 64 at a time, without the broker: the store's
+    /// ceiling in tasks/s, and Redis's CPU meanwhile.
+    Store {
+        /// Tasks.
+        #[arg(default_value_t = 50_000)]
+        n: usize,
+    },
     /// DEPTH layers of WIDTH no-op tasks; every task waits for the whole layer before it.
     Layers {
         /// Tasks per layer.
@@ -551,6 +567,8 @@ impl BenchWorkload {
             BenchWorkload::Chain { k } => vec!["chain".into(), k.to_string()],
             BenchWorkload::Runs { m } => vec!["runs".into(), m.to_string()],
             BenchWorkload::Layers { width, depth } => vec!["layers".into(), width.to_string(), depth.to_string()],
+            BenchWorkload::History { runs } => vec!["history".into(), runs.to_string()],
+            BenchWorkload::Store { n } => vec!["store".into(), n.to_string()],
         }
     }
 }

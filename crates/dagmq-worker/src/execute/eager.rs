@@ -13,7 +13,7 @@ use dagmq_core::trigger::TriggerRule;
 use crate::Shared;
 
 use super::claim::{claimant, dag_version, resolve};
-use super::outcome::{finish, publish_status_until_sent};
+use super::outcome::{finish, report};
 use super::running::{TryKey, register};
 use super::{ClaimedTry, Registered, Resolved};
 
@@ -26,12 +26,7 @@ pub(super) fn run_claimed(
 ) -> Pin<Box<dyn Future<Output = ()> + Send + '_>> {
     Box::pin(async move {
         while let Some(Next { first, others, update }) = next {
-            if shared.status.confirms_take_time() {
-                tokio::spawn(publish_status_until_sent(shared.clone(), update));
-            } else {
-                // An in-memory publish: done at once, not worth a task.
-                publish_status_until_sent(shared.clone(), update).await;
-            }
+            report(shared, update).await;
             for (claimed, permit) in others {
                 let shared = shared.clone();
                 tokio::spawn(async move {
@@ -82,6 +77,7 @@ impl EagerCandidate {
             reason: self.registered.reason,
             eager: eager.collect(),
             claimed_since,
+            free_since: None,
         }
     }
 }

@@ -18,6 +18,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use std::time::Duration;
 
+use chrono::{DateTime, Utc};
 use dagmq_core::fail_point;
 use dagmq_core::messages::{self, TaskToExec};
 use dagmq_core::{BackendError, CancelSignal, Delivery, Task, TaskInstance};
@@ -54,7 +55,10 @@ struct Resolved {
 /// worker's name): from then on the store and this worker's heartbeat carry the try, so a try
 /// longer than the broker's consumer timeout is never redelivered, and a lost worker's tries
 /// are requeued by the scheduler.
-pub(crate) async fn execute(shared: &Arc<Shared>, delivery: Delivery) {
+///
+/// `free_since` is when the slot this delivery runs in became free (for the work waiting
+/// metric).
+pub(crate) async fn execute(shared: &Arc<Shared>, delivery: Delivery, free_since: DateTime<Utc>) {
     let message: TaskToExec = match messages::decode(&delivery.payload) {
         Ok(message) => message,
         Err(err) => {
@@ -148,6 +152,7 @@ pub(crate) async fn execute(shared: &Arc<Shared>, delivery: Delivery) {
                 reason,
                 eager,
                 claimed_since,
+                free_since: Some(free_since),
             };
             // The try is ours: it starts while the ack is on its way.
             let (acked, next) = tokio::join!(delivery.ack(), finish(shared, first));
@@ -184,6 +189,9 @@ struct ClaimedTry {
     /// at the latest, and must not start if the scheduler may have taken the worker for lost
     /// since (`Contact::in_touch_since`).
     claimed_since: tokio::time::Instant,
+    /// For a try from a task message, when the slot it runs in became free (the work waiting
+    /// metric counts from then, or from its queueing if later); none for an eager try.
+    free_since: Option<DateTime<Utc>>,
 }
 
 /// Logs a failure to settle a delivery; the queue redelivers it and the claim dedupes.

@@ -22,8 +22,9 @@ use super::{ClaimedTry, Resolved};
 /// the message is acknowledged already, so the outcome must not be dropped. Answers the
 /// downstream tries claimed as this one succeeded, if any, with this try's status update, which
 /// is sent while they run.
-pub(super) async fn finish(shared: &Shared, claimed: ClaimedTry) -> Option<Next> {
-    let ClaimedTry { key, message, mut running, resolved, signal, reason, mut eager, claimed_since } = claimed;
+pub(super) async fn finish(shared: &Arc<Shared>, claimed: ClaimedTry) -> Option<Next> {
+    let ClaimedTry { key, message, mut running, resolved, signal, reason, mut eager, claimed_since, free_since } =
+        claimed;
     let message = &message;
     let Resolved { executable, branch, timeout } = resolved;
     // A try stopped before it starts (cancelled, fenced) never starts; nor does one claimed
@@ -52,7 +53,13 @@ pub(super) async fn finish(shared: &Shared, claimed: ClaimedTry) -> Option<Next>
         None => {
             // The try starts now (the claim's time is when it was claimed); the outcome
             // records this.
-            running.started_at = Some(shared.config.clock.now());
+            let started_at = shared.config.clock.now();
+            running.started_at = Some(started_at);
+            if let Some(free_since) = free_since {
+                let waiting_since = running.queued_at.map_or(free_since, |queued| queued.max(free_since));
+                let waited = (started_at - waiting_since).to_std().unwrap_or_default();
+                shared.config.metrics.work_waiting.observe(&[], waited.as_secs_f64());
+            }
             shared.config.metrics.running.add(&[], 1.0);
             let ran = run_try(shared, message, running.after.clone(), executable, timeout, signal, reason).await;
             shared.config.metrics.running.add(&[], -1.0);
@@ -107,7 +114,7 @@ pub(super) async fn finish(shared: &Shared, claimed: ClaimedTry) -> Option<Next>
 /// (as many as it has slots for; taken on the first attempt only); those tries are answered,
 /// with the status update the caller then sends.
 async fn record_outcome(
-    shared: &Shared,
+    shared: &Arc<Shared>,
     message: &TaskToExec,
     running: &TaskInstance,
     result: &Result<TaskOutcome, TaskError>,
@@ -216,7 +223,8 @@ async fn record_outcome(
             return Ok(Some(Next { first, others, update }));
         }
         fail_point!("worker::outcome::before_publish");
-        publish_status(shared, &done, &message.run_id).await?;
+        // The outcome is in the store: the try gives its slot back while its update is sent.
+        report(shared, status_update(shared, &done, &message.run_id)).await;
     } else {
         // Already recorded by an earlier attempt of this loop, or the task moved on.
         let current = store.task(&message.run_id, &message.task_id).await?;
@@ -268,6 +276,27 @@ fn status_update(shared: &Shared, task: &TaskInstance, run_id: &str) -> StatusUp
 /// Tells the scheduler that a try changed state; returns once the queue has it durably.
 pub(super) async fn publish_status(shared: &Shared, task: &TaskInstance, run_id: &str) -> Result<(), BackendError> {
     shared.status.send(&status_update(shared, task, run_id)).await
+}
+
+/// Sends the status update of a try whose outcome is in the store, without holding its slot:
+/// in a task of its own with a permit of [`Shared::reports`] (waiting for one while the most
+/// updates allowed are on their way), or at once over an in-memory queue.
+pub(super) async fn report(shared: &Arc<Shared>, update: StatusUpdate) {
+    if !shared.status.confirms_take_time() {
+        // An in-memory publish: done at once, not worth a task.
+        publish_status_until_sent(shared.clone(), update).await;
+        return;
+    }
+    match shared.reports.clone().acquire_owned().await {
+        Ok(permit) => {
+            let shared = shared.clone();
+            tokio::spawn(async move {
+                publish_status_until_sent(shared, update).await;
+                drop(permit);
+            });
+        }
+        Err(_) => publish_status_until_sent(shared.clone(), update).await,
+    }
 }
 
 /// Sends a status update, trying again with backoff until the queue takes it: the outcome is

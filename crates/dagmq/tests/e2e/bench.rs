@@ -65,6 +65,11 @@ fn distributed_bench_measures_the_broker_and_leaves_no_worker_behind() {
     assert_eq!(round_trip["hops"], "500");
     let fanout = line(&stdout, "fanout");
     assert_eq!((fanout["mode"].as_str(), fanout["state"].as_str()), ("distributed", "success"));
+    // The workers' work waiting histograms reached the bench: nearly every task came from a
+    // message (a few were claimed eagerly as the root succeeded).
+    assert!(number(&fanout, "work_waiting_tries") >= 250.0, "{fanout:?}");
+    assert!(number(&fanout, "work_waiting_p99_us") >= number(&fanout, "work_waiting_p50_us"), "{fanout:?}");
+    assert!(number(&fanout, "redis_cpu_ms_per_1000_tasks") >= 0.0, "{fanout:?}");
 
     // The worker processes were this binary with --worker-of under the bench's namespace; none
     // may outlive the bench.
@@ -78,4 +83,23 @@ fn distributed_bench_measures_the_broker_and_leaves_no_worker_behind() {
         assert!(std::time::Instant::now() < deadline, "bench workers still running: {}", text(&found.stdout));
         std::thread::sleep(std::time::Duration::from_millis(100));
     }
+}
+
+/// `bench history` measures every figure on an empty store and again after seeding finished
+/// runs, and the API answers over the seeded history (its listing of running runs included).
+#[test]
+fn distributed_bench_history_measures_with_and_without_a_seeded_history() {
+    let Some(cluster) = Cluster::new(&[]) else { return };
+    let stdout = bench(&["history", "300", "--amqp", &cluster.amqp, "--redis", &cluster.redis]);
+    let seed = line(&stdout, "history_seed");
+    assert_eq!((seed["runs"].as_str(), seed["tasks"].as_str()), ("300", "3000"));
+    for name in ["runs", "fanout", "chain"] {
+        let lines: Vec<&str> = stdout.lines().filter(|l| l.starts_with(&format!("bench={name} "))).collect();
+        assert_eq!(lines.len(), 2, "{name} on an empty store and with the history:\n{stdout}");
+        assert!(!lines[0].contains("history_runs="), "{stdout}");
+        assert!(lines[1].contains("history_runs=300"), "{stdout}");
+    }
+    let calls: Vec<&str> = stdout.lines().filter(|l| l.starts_with("bench=api ")).collect();
+    assert_eq!(calls.len(), 12, "six calls, twice:\n{stdout}");
+    assert!(calls.iter().any(|l| l.contains("history_runs=300") && l.contains("call=running_runs")), "{stdout}");
 }

@@ -942,8 +942,9 @@ fn a_scheduler_stopped_past_its_lease_is_fenced_when_it_resumes_and_nothing_is_s
     assert_eq!(listed.as_array().unwrap().len(), 4, "no run doubled: {listed}");
 }
 
-/// A worker whose slots are all busy holds at most its prefetch (64) of unstarted messages,
-/// not as many as it has slots: a worker that starts later gets the rest of the work.
+/// A worker whose slots are all busy holds at most its prefetch (64) and the margin (8) of
+/// unstarted messages, not as many as it has slots: a worker that starts later gets the rest
+/// of the work.
 #[test]
 fn a_busy_worker_holds_few_unstarted_messages_and_a_later_worker_gets_the_rest() {
     let mut busy = String::from("id = \"busy\"\n");
@@ -958,7 +959,7 @@ fn a_busy_worker_holds_few_unstarted_messages_and_a_later_worker_gets_the_rest()
         cluster.json(&["runs", "show", &run_id])["task_counts"]["running"].as_u64() == Some(100)
     });
     let (_, held) = cluster.queue_count("dagmq.tasks.default");
-    assert!(held <= 64, "a busy worker holds {held} unstarted messages");
+    assert!(held <= 72, "a busy worker holds {held} unstarted messages");
     cluster.start_worker_with("w2", &["--concurrency", "150"]);
     let run = cluster.wait_run(&run_id, Duration::from_secs(120));
     assert_eq!(run["state"], "success");
