@@ -924,8 +924,12 @@ async fn redis_listing_runs_not_finished_reads_none_of_the_history() {
     assert!(store.transition_run(RunState::Queued, &running).await.unwrap());
 
     redis.cli(&["CONFIG", "RESETSTAT"]);
-    let filter =
-        |dag: Option<&str>, state: Option<RunState>| RunFilter { dag_id: dag.map(str::to_string), state, limit: 50 };
+    let filter = |dag: Option<&str>, state: Option<RunState>| RunFilter {
+        dag_id: dag.map(str::to_string),
+        state,
+        limit: 50,
+        offset: 0,
+    };
     let ids = |runs: Vec<RunRecord>| runs.into_iter().map(|r| r.run_id).collect::<Vec<_>>();
     assert_eq!(ids(store.list_runs(&filter(None, Some(RunState::Running))).await.unwrap()), vec!["new"]);
     assert_eq!(ids(store.list_runs(&filter(Some("etl"), Some(RunState::Running))).await.unwrap()), vec!["new"]);
