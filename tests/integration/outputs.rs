@@ -133,3 +133,52 @@ async fn reading_inputs_waits_out_a_short_store_outage_instead_of_failing_the_tr
     assert!(harness.worker_faults.store.refused.load(Ordering::SeqCst) > 0, "the outage was met");
     harness.stop().await;
 }
+
+/// Logs `lines` lines (the first with a long line), then fails; succeeds on a try numbered
+/// `succeeds_on`.
+struct Chatty {
+    lines: usize,
+    succeeds_on: u32,
+}
+
+#[async_trait]
+impl Task for Chatty {
+    async fn run(&self, ctx: TaskContext) -> Result<TaskOutcome, TaskError> {
+        ctx.log("é".repeat(400));
+        for i in 1..self.lines {
+            ctx.log(format!("line {i}"));
+        }
+        if ctx.try_number >= self.succeeds_on {
+            return Ok(TaskOutcome::done());
+        }
+        Err(TaskError::new("the warehouse refused the load"))
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_failed_try_keeps_the_last_lines_of_its_log_and_a_success_clears_them() {
+    let mut dags = DagRegistry::new();
+    dags.add(
+        Dag::builder("etl")
+            .task(TaskSpec::rust("load", Chatty { lines: 30, succeeds_on: 99 }))
+            .task(TaskSpec::rust("short", Chatty { lines: 2, succeeds_on: 99 }))
+            .task(TaskSpec::rust("flaky", Chatty { lines: 3, succeeds_on: 2 }).retries(1))
+            .build()
+            .unwrap(),
+    )
+    .unwrap();
+    let harness = Harness::start(dags).await;
+    let run_id = harness.trigger("etl").await;
+    let load = harness.wait_task(&run_id, "load", |t| t.state == TaskState::Failed).await;
+    let mut expected: Vec<String> = (21..30).map(|i| format!("line {i}")).collect();
+    expected.push("[dagmq] try 1 failed: the warehouse refused the load".to_string());
+    assert_eq!(load.log_tail, expected, "the last 10 lines, the failure last");
+    let short = harness.wait_task(&run_id, "short", |t| t.state == TaskState::Failed).await;
+    assert_eq!(short.log_tail.len(), 3);
+    assert_eq!(short.log_tail[0].len(), 500, "a long line is cut at 500 bytes, on a character boundary");
+    assert!(short.log_tail[0].chars().all(|c| c == 'é'));
+    let flaky = harness.wait_task(&run_id, "flaky", |t| t.state == TaskState::Success).await;
+    assert_eq!(flaky.try_number, 2);
+    assert!(flaky.log_tail.is_empty(), "a success clears the failed try's lines: {:?}", flaky.log_tail);
+    harness.stop().await;
+}

@@ -110,6 +110,11 @@ pub struct TaskInstance {
     /// Error of the last failed try.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
+    /// The last lines of the last failed try's log (at most [`LOG_TAIL_LINES`], each cut to
+    /// [`LOG_TAIL_LINE_BYTES`]), kept with the try so that a run's page shows why it failed
+    /// without reading any log.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub log_tail: Vec<String>,
     /// Progress reported by the running try, 0.0 to 1.0.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub progress: Option<f64>,
@@ -130,6 +135,12 @@ pub struct TaskInstance {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub tries: Vec<TryRecord>,
 }
+
+/// Lines of a failed try's log kept with the task ([`TaskInstance::log_tail`]).
+pub const LOG_TAIL_LINES: usize = 10;
+
+/// Longest line of [`TaskInstance::log_tail`], in bytes; a longer one is cut.
+pub const LOG_TAIL_LINE_BYTES: usize = 500;
 
 /// How many earlier tries a task keeps.
 pub const MAX_TRY_HISTORY: usize = 50;
@@ -242,6 +253,7 @@ impl TaskInstance {
             worker: None,
             worker_instance: None,
             error: None,
+            log_tail: Vec::new(),
             progress: None,
             interruptions: 0,
             follow_ups: Vec::new(),

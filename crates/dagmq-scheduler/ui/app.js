@@ -127,7 +127,8 @@ const views = {
     // What failed and why comes first: each failed task with its error, before the graph.
     const failures = failed.length ? `<div class="card" data-test="failures"><h3>Failed</h3>${failed.map(t =>
       `<div class="row" data-failed="${esc(t.task_id)}"><a href="#/runs/${encodeURIComponent(runId)}/tasks/${encodeURIComponent(t.task_id)}"><b>${esc(t.task_id)}</b></a>
-        <span class="muted">try ${t.try_number}${t.ended_at ? `, ${esc(whenText(t.ended_at))}` : ""}</span><span class="error wrap">${esc(t.error || "")}</span></div>`).join("")}</div>` : "";
+        <span class="muted">try ${t.try_number}${t.ended_at ? `, ${esc(whenText(t.ended_at))}` : ""}</span><span class="error wrap">${esc(t.error || "")}</span></div>
+      ${(t.log_tail || []).length ? `<pre class="log tail" data-tail="${esc(t.task_id)}">${esc(t.log_tail.join("\n"))}</pre>` : ""}`).join("")}</div>` : "";
     const toggle = `<a data-test="failed-only" href="#/runs/${encodeURIComponent(runId)}${failedOnly ? "" : "?failed=1"}">${failedOnly ? "all tasks" : `failed only (${failed.length})`}</a>`;
     return `<h2 class="title">Run ${esc(run.run_id)} ${badge(run.state)}${run.waiting_for ? ` <span class="muted" data-test="run-waiting">waiting for ${esc(run.waiting_for)}</span>` : ""}</h2>
       <div class="row" data-test="run-times">started ${when(run.started_at)}, ${run.ended_at ? `ended ${when(run.ended_at)}, ` : ""}took <b>${duration(run.started_at, run.ended_at)}</b></div>

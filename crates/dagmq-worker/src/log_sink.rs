@@ -2,9 +2,11 @@
 //! path: the task never waits for the store. Whatever arrives while one write is in flight goes
 //! into the next write.
 
+use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
 
 use dagmq_core::Store;
+use dagmq_core::records::{LOG_TAIL_LINE_BYTES, LOG_TAIL_LINES};
 use dagmq_core::store::{LOG_BYTES_CUT_MARKER, LOG_CUT_MARKER, MAX_LOG_BYTES_PER_TRY, MAX_LOG_LINES_PER_TRY, cut_line};
 use dagmq_core::task::{LogSink, ProgressSink};
 use tokio::sync::mpsc;
@@ -43,6 +45,29 @@ struct Sent {
     bytes: usize,
     /// Whether the cut marker was sent.
     cut: bool,
+    /// The last lines, for [`ChannelSink::tail`].
+    tail: VecDeque<String>,
+}
+
+impl Sent {
+    /// Keeps `line` among the last [`LOG_TAIL_LINES`], cut to [`LOG_TAIL_LINE_BYTES`].
+    fn keep(&mut self, line: &str) {
+        if self.tail.len() == LOG_TAIL_LINES {
+            self.tail.pop_front();
+        }
+        let mut end = line.len().min(LOG_TAIL_LINE_BYTES);
+        while !line.is_char_boundary(end) {
+            end -= 1;
+        }
+        self.tail.push_back(line[..end].to_string());
+    }
+}
+
+impl ChannelSink {
+    /// The last lines sent (masked like every line), oldest first, the cut marker included.
+    pub(crate) fn tail(&self) -> Vec<String> {
+        self.sent.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).tail.iter().cloned().collect()
+    }
 }
 
 impl LogSink for ChannelSink {
@@ -56,11 +81,13 @@ impl LogSink for ChannelSink {
         if sent.lines >= MAX_LOG_LINES_PER_TRY || sent.bytes + line.len() > MAX_LOG_BYTES_PER_TRY {
             sent.cut = true;
             let marker = if sent.lines >= MAX_LOG_LINES_PER_TRY { LOG_CUT_MARKER } else { LOG_BYTES_CUT_MARKER };
+            sent.keep(marker);
             let _ = self.sender.send(Item::Line(marker.to_string()));
             return;
         }
         sent.lines += 1;
         sent.bytes += line.len();
+        sent.keep(&line);
         let _ = self.sender.send(Item::Line(line));
     }
 }

@@ -45,10 +45,14 @@ pub(super) async fn finish(shared: &Arc<Shared>, claimed: ClaimedTry) -> Option<
     } else {
         None
     };
-    let (result, reason) = match stopped_before {
+    let (result, reason, tail) = match stopped_before {
         Some(stop) => {
             shared.config.metrics.tries.inc(&["not_started"]);
-            (Err(stop_error(stop, timeout).unwrap_or_else(|| TaskError::new("stopped before it started"))), stop)
+            (
+                Err(stop_error(stop, timeout).unwrap_or_else(|| TaskError::new("stopped before it started"))),
+                stop,
+                Vec::new(),
+            )
         }
         None => {
             // The try starts now (the claim's time is when it was claimed); the outcome
@@ -96,7 +100,7 @@ pub(super) async fn finish(shared: &Arc<Shared>, claimed: ClaimedTry) -> Option<
     }
     let mut delay = Duration::from_millis(100);
     let next = loop {
-        match record_outcome(shared, message, &running, &result, reason, &mut eager).await {
+        match record_outcome(shared, message, &running, &result, &tail, reason, &mut eager).await {
             Ok(next) => break next,
             Err(err) => {
                 tracing::error!(run = %message.run_id, task = %message.task_id, "recording the outcome: {err}; retrying in {delay:?}");
@@ -118,6 +122,7 @@ async fn record_outcome(
     message: &TaskToExec,
     running: &TaskInstance,
     result: &Result<TaskOutcome, TaskError>,
+    tail: &[String],
     reason: StopReason,
     eager: &mut Vec<TaskInstance>,
 ) -> Result<Option<Next>, BackendError> {
@@ -178,6 +183,8 @@ async fn record_outcome(
             done.error = Some(error.message.clone());
         }
     }
+    // A failed try keeps the last lines of its log with it: why it failed, at no log read.
+    done.log_tail = if done.state == TaskState::Success { Vec::new() } else { tail.to_vec() };
     // The first candidate claimed runs next in this try's slot; each further one needs a free
     // slot of this worker, taken now (and given back if it is not claimed).
     let mut permits = Vec::new();

@@ -72,8 +72,8 @@ impl dagmq_core::task::OutputSource for StoreOutputs {
     }
 }
 
-/// Runs one try to its end: success, failure, panic, timeout or stop. Answers the result and
-/// why it was stopped, if it was. `timeout` is the task's, from the run's DAG version (never
+/// Runs one try to its end: success, failure, panic, timeout or stop. Answers the result, why
+/// it was stopped, if it was, and the last lines of its log (for a failure's record). `timeout` is the task's, from the run's DAG version (never
 /// from whatever this worker loaded at start).
 pub(super) async fn run_try(
     shared: &Shared,
@@ -83,7 +83,7 @@ pub(super) async fn run_try(
     timeout: Option<Duration>,
     signal: CancelSignal,
     reason: Arc<AtomicU8>,
-) -> (Result<TaskOutcome, TaskError>, StopReason) {
+) -> (Result<TaskOutcome, TaskError>, StopReason, Vec<String>) {
     let key = (message.run_id.clone(), message.task_id.clone(), message.try_number);
 
     let (sink, flusher) = log_sink::start(
@@ -160,11 +160,12 @@ pub(super) async fn run_try(
         if let Err(error) = &result {
             dagmq_core::task::LogSink::line(&sink, format!("[dagmq] try {} failed: {error}", message.try_number));
         }
+        let tail = sink.tail();
         drop(sink);
-        (result, stop)
+        (result, stop, tail)
     };
-    let ((result, stop), ()) = tokio::join!(try_itself, flusher);
-    (result, stop)
+    let ((result, stop, tail), ()) = tokio::join!(try_itself, flusher);
+    (result, stop, tail)
 }
 
 /// The error a try stopped for `stop` ends with, whatever it returned while it wound down; `None`

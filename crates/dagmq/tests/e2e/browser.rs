@@ -844,6 +844,13 @@ fn at_900_px_a_runs_failure_is_on_its_first_screen_and_times_name_their_timezone
     assert_eq!(seen["page_fits"], json!(true), "{seen}");
     assert_eq!(seen["table_fits"], json!(true), "{seen}");
     assert!(seen["reason"].as_str().unwrap().contains("exited with status 3"), "{seen}");
+    // With the last lines of its log, kept with the try (no log read).
+    let tail = browser.script("return document.querySelector('[data-tail=load_into_the_warehouse]').textContent");
+    assert!(
+        tail.as_str().unwrap().starts_with("the warehouse refused the load: relation orders_2026_12_07_staging_area")
+            && tail.as_str().unwrap().ends_with("[dagmq] try 1 failed: command exited with status 3"),
+        "{tail}"
+    );
     assert!(
         browser
             .script("return document.querySelector('[data-test=run-times]').textContent")
