@@ -214,6 +214,19 @@ mod tests {
         );
     }
 
+    /// A raw comma is legal in a URL's userinfo (RFC 3986 sub-delims) and the Redis and AMQP
+    /// clients accept it, so one URL whose password holds a comma is not a list of URLs: its
+    /// password must be hidden whole, never half of it in each "element".
+    #[test]
+    fn masks_a_single_url_whose_password_holds_a_comma() {
+        for url in ["redis://:s3cr3t,pw0rd@host:6379/0", "amqp://user:s3cr3t,pw0rd@host:5672/%2f"] {
+            let masked = mask_url(url);
+            assert!(!masked.contains("s3cr3t") && !masked.contains("pw0rd"), "{url} masked as {masked}");
+            let scrubbed = scrub_url(&format!("cannot connect to {url}"), url);
+            assert!(!scrubbed.contains("s3cr3t") && !scrubbed.contains("pw0rd"), "{url} scrubbed as {scrubbed}");
+        }
+    }
+
     #[test]
     fn masks_secrets_in_the_query() {
         check("redis://h/0?password=hunter2&db=1", "redis://h/0?password=***&db=1");
