@@ -225,6 +225,10 @@ mod tests {
             let scrubbed = scrub_url(&format!("cannot connect to {url}"), url);
             assert!(!scrubbed.contains("s3cr3t") && !scrubbed.contains("pw0rd"), "{url} scrubbed as {scrubbed}");
         }
+        // What `--amqp` shows of such a URL cut at its comma (`node_urls`: "the RabbitMQ URL
+        // pw0rd@host:5672/%2f is not an amqp:// or amqps:// URL"): the tail of the password.
+        let tail = mask_url("pw0rd@127.0.0.1:5672/%2f");
+        assert!(!tail.contains("pw0rd"), "the element after the comma masked as {tail}");
     }
 
     #[test]
