@@ -131,6 +131,11 @@ async fn conditional_get(request: Request, next: middleware::Next) -> Response {
         return response;
     }
     let (mut parts, body) = response.into_parts();
+    // A larger answer (or one of unknown length) goes out as it is, untagged: buffering it
+    // only to refuse it would turn a big run's detail into an error.
+    if axum::body::HttpBody::size_hint(&body).upper().is_none_or(|n| n > MAX_TAGGED_BYTES as u64) {
+        return Response::from_parts(parts, body);
+    }
     let Ok(bytes) = axum::body::to_bytes(body, MAX_TAGGED_BYTES).await else {
         return (StatusCode::INTERNAL_SERVER_ERROR, "answer too large to send").into_response();
     };
