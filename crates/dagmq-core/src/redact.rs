@@ -98,21 +98,24 @@ pub fn scrub_url(text: &str, url: &str) -> String {
 }
 
 /// The elements (trimmed) of a comma-separated list of URLs; `None` for one URL. A comma counts
-/// as a separator only when some element after it has a scheme or credentials of its own, so
-/// a single URL with several hosts (`redis://:pw@h1:6379,h2:6379`) stays one.
+/// as a separator only when some element after it has a scheme of its own, so a single URL with
+/// several hosts (`redis://:pw@h1:6379,h2:6379`) stays one, and so does one whose password
+/// holds a raw comma (`redis://:pa,ss@host`: legal in a URL's userinfo), which split at its
+/// comma would show both halves of the password.
 fn list_elements(text: &str) -> Option<Vec<&str>> {
     let elements: Vec<&str> = text.split(',').map(str::trim).collect();
-    let own = |element: &&str| element.contains("://") || element.contains('@');
+    let own = |element: &&str| element.contains("://");
     (elements.len() > 1 && elements[1..].iter().any(own)).then_some(elements)
 }
 
 /// Where the part to hide of a URL no parser can read starts and ends: after `scheme://` (or
-/// `scheme:`) up to its last `@`.
+/// `scheme:`) up to its last `@`; from the start when no scheme comes before that `@` (the
+/// tail of a URL cut at a comma of its password, `ss@host:5672`).
 fn hidden_span(url: &str) -> Option<(usize, usize)> {
     let at = url.rfind('@')?;
     let start = match url.find("://") {
         Some(i) => i + 3,
-        None => url.find(':')? + 1,
+        None => url.find(':').filter(|&i| i < at).map_or(0, |i| i + 1),
     };
     (start <= at).then_some((start, at))
 }
@@ -212,6 +215,23 @@ mod tests {
             scrub_url(&format!("cannot connect to {list}: secret2 refused"), list),
             "cannot connect to amqp://u:***@h1/%2f,amqp://u:***@h2/%2f: *** refused"
         );
+    }
+
+    /// A raw comma is legal in a URL's userinfo (RFC 3986 sub-delims) and the Redis and AMQP
+    /// clients accept it, so one URL whose password holds a comma is not a list of URLs: its
+    /// password must be hidden whole, never half of it in each "element".
+    #[test]
+    fn masks_a_single_url_whose_password_holds_a_comma() {
+        for url in ["redis://:s3cr3t,pw0rd@host:6379/0", "amqp://user:s3cr3t,pw0rd@host:5672/%2f"] {
+            let masked = mask_url(url);
+            assert!(!masked.contains("s3cr3t") && !masked.contains("pw0rd"), "{url} masked as {masked}");
+            let scrubbed = scrub_url(&format!("cannot connect to {url}"), url);
+            assert!(!scrubbed.contains("s3cr3t") && !scrubbed.contains("pw0rd"), "{url} scrubbed as {scrubbed}");
+        }
+        // What `--amqp` shows of such a URL cut at its comma (`node_urls`: "the RabbitMQ URL
+        // pw0rd@host:5672/%2f is not an amqp:// or amqps:// URL"): the tail of the password.
+        let tail = mask_url("pw0rd@127.0.0.1:5672/%2f");
+        assert!(!tail.contains("pw0rd"), "the element after the comma masked as {tail}");
     }
 
     #[test]
