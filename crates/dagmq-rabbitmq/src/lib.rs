@@ -390,9 +390,15 @@ impl Inner {
     ) -> Result<(), BackendError> {
         let live = self.live().await?;
         let result = self.publish_on(&live, messages).await;
-        if result.is_err() && !(live.connection.status().connected() && live.publisher.status().connected()) {
+        if result.is_err() && !live.connection.status().connected() {
             self.drop_live(&live).await;
-        } else if let Err(PublishError::Refused(_)) = &result {
+        } else if matches!(result, Err(PublishError::Refused(_)))
+            || (result.is_err() && !live.publisher.status().connected())
+        {
+            // A refusal, or a publishing channel that closed under a live connection (the
+            // broker closed it, or another publish renewed it meanwhile): a new channel, unless
+            // another publish gave the connection one already. The connection and its consumers
+            // stay.
             self.renew_publisher(&live).await;
         }
         result.map_err(PublishError::into_inner)
