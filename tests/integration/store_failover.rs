@@ -149,3 +149,24 @@ async fn a_run_whose_start_the_store_lost_is_started_again() {
     assert_eq!(final_within_bound(&h, &third).await, RunState::Success);
     h.stop().await;
 }
+
+/// A suspend is lost after the scheduler acted on it (simulator seed 1000240): the store has
+/// the run `running` again while the scheduler's view has it `suspended`, and the view's
+/// checks suspend its tasks again in the store (a try its worker stopped is requeued as
+/// `suspended`). Nobody resumes a run that the store says is running: before, it stayed
+/// `running` with a task `suspended` for good. The sweep (30 s) takes the store's state: the
+/// suspend is undone (repeat the command), and the run completes.
+#[tokio::test(start_paused = true)]
+async fn a_suspend_the_store_lost_is_undone_and_the_run_completes() {
+    let (h, _journal) = chain(Duration::from_secs(5)).await;
+    let run = h.trigger("chain").await;
+    h.wait_task(&run, "a", |t| t.state == TaskState::Running).await;
+    let before = h.store.snapshot();
+    h.scheduler.suspend(&run).await.unwrap();
+    h.wait_task(&run, "a", |t| t.state == TaskState::Suspended).await;
+    h.store.roll_back(before);
+    assert_eq!(h.store.run(&run).await.unwrap().unwrap().state, RunState::Running, "the rollback lost the suspend");
+    assert_eq!(final_within_bound(&h, &run).await, RunState::Success);
+    assert_every_task_succeeded(&h, &run).await;
+    h.stop().await;
+}

@@ -323,8 +323,12 @@ impl Engine {
         let known: HashSet<String> = self.queued.values().flatten().cloned().collect();
         let mut taken = Vec::new();
         for record in self.store.unfinished_runs().await? {
-            if record.state == RunState::Queued && self.active.contains_key(&record.run_id) {
-                self.restart_rolled_back(&record);
+            if let Some(view) = self.active.get(&record.run_id) {
+                if record.state == RunState::Queued {
+                    self.restart_rolled_back(&record);
+                } else if record.state != view.record.state && !view.in_doubt {
+                    self.take_stored_state(record).await?;
+                }
                 continue;
             }
             if self.active.contains_key(&record.run_id) || known.contains(&record.run_id) {
@@ -369,5 +373,27 @@ impl Engine {
             queue.retain(|id| id != &record.run_id);
         }
         self.settle_first(record);
+    }
+
+    /// Takes the store's state of a run whose view holds it `running` while the store has it
+    /// `suspended`, or the other way round, with no command in doubt: a store that went
+    /// backwards lost a suspend or a resume (the command is undone, as its answer says nothing
+    /// of a later failover). The view follows the store and is settled: a running run queues
+    /// its suspended tasks as new tries (as a resume does), a suspended one stops its tries.
+    async fn take_stored_state(&mut self, record: RunRecord) -> Result<(), BackendError> {
+        let Some(mut run) = self.active.remove(&record.run_id) else { return Ok(()) };
+        tracing::warn!(
+            run = %record.run_id, view = %run.record.state, store = %record.state,
+            "the store has the run in another state (a command lost in a rollback): taking the store's"
+        );
+        run.record = record;
+        let result = async {
+            run.tasks = self.store.tasks(run.id()).await?;
+            run.rebuild();
+            self.settle(&mut run, false).await
+        }
+        .await;
+        self.put_back(run).await?;
+        result
     }
 }
