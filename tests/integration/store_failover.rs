@@ -122,3 +122,51 @@ async fn a_lost_run_creation_does_not_hold_its_dags_slot() {
     assert!(h.store.run(&lost).await.unwrap().is_none(), "the lost run stays lost");
     h.stop().await;
 }
+
+/// The start of a run is lost after the scheduler acted on it (simulator seed 1000013): with
+/// `max_active_runs = 1`, run `b` waits `queued` behind `a`; `a` finishes and `b` starts, then
+/// the store rolls back to before both. The store has `b` `queued` again while the scheduler's
+/// view has it running: every claim of its tries is refused (its run is not `running`), and
+/// the view would hold the DAG's only slot for good. The sweep (30 s) finds the store's state,
+/// drops the view and starts `b` again once `a` (running again too) has finished.
+#[tokio::test(start_paused = true)]
+async fn a_run_whose_start_the_store_lost_is_started_again() {
+    let (h, _journal) = chain(Duration::from_secs(1)).await;
+    let first = h.trigger("chain").await;
+    h.wait_task(&first, "a", |t| t.state == TaskState::Running).await;
+    let second = h.trigger("chain").await;
+    assert_eq!(h.store.run(&second).await.unwrap().unwrap().state, RunState::Queued);
+    let before = h.store.snapshot();
+    h.wait_task(&second, "a", |t| t.state == TaskState::Running).await;
+    h.store.roll_back(before);
+    assert_eq!(h.store.run(&second).await.unwrap().unwrap().state, RunState::Queued, "the rollback lost the start");
+    assert_eq!(final_within_bound(&h, &first).await, RunState::Success);
+    assert_eq!(final_within_bound(&h, &second).await, RunState::Success);
+    assert_every_task_succeeded(&h, &first).await;
+    assert_every_task_succeeded(&h, &second).await;
+    // The DAG's slot is free again: a third run completes too.
+    let third = h.trigger("chain").await;
+    assert_eq!(final_within_bound(&h, &third).await, RunState::Success);
+    h.stop().await;
+}
+
+/// A suspend is lost after the scheduler acted on it (simulator seed 1000240): the store has
+/// the run `running` again while the scheduler's view has it `suspended`, and the view's
+/// checks suspend its tasks again in the store (a try its worker stopped is requeued as
+/// `suspended`). Nobody resumes a run that the store says is running: before, it stayed
+/// `running` with a task `suspended` for good. The sweep (30 s) takes the store's state: the
+/// suspend is undone (repeat the command), and the run completes.
+#[tokio::test(start_paused = true)]
+async fn a_suspend_the_store_lost_is_undone_and_the_run_completes() {
+    let (h, _journal) = chain(Duration::from_secs(5)).await;
+    let run = h.trigger("chain").await;
+    h.wait_task(&run, "a", |t| t.state == TaskState::Running).await;
+    let before = h.store.snapshot();
+    h.scheduler.suspend(&run).await.unwrap();
+    h.wait_task(&run, "a", |t| t.state == TaskState::Suspended).await;
+    h.store.roll_back(before);
+    assert_eq!(h.store.run(&run).await.unwrap().unwrap().state, RunState::Running, "the rollback lost the suspend");
+    assert_eq!(final_within_bound(&h, &run).await, RunState::Success);
+    assert_every_task_succeeded(&h, &run).await;
+    h.stop().await;
+}

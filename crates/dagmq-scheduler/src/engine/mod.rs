@@ -173,6 +173,7 @@ pub fn spawn(
         live,
         stored_dags: HashMap::new(),
         versions_written: HashSet::new(),
+        restarting: HashSet::new(),
     };
     let task = tokio::spawn(engine.supervise(commands, shutdown));
     (handle, task)
@@ -296,6 +297,9 @@ struct Engine {
     stored_dags: HashMap<(String, String), Option<Arc<Dag>>>,
     /// The DAG versions this term wrote to the store ahead of their first runs.
     versions_written: HashSet<(String, String)>,
+    /// Runs whose view was dropped because the store has them `queued` again (a rollback lost
+    /// their start): their start reads their tasks and publishes the `queued` ones again.
+    restarting: HashSet<String>,
 }
 
 impl Engine {

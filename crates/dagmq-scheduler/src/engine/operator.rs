@@ -160,7 +160,7 @@ impl Engine {
     /// Puts a run whose state is in doubt at the head of its DAG's queue: `start_dirty` takes
     /// it up (loads it if running, starts it if queued, drops it if finished) before any other
     /// run of the DAG starts, so it holds its place under `max_active_runs` meanwhile.
-    fn settle_first(&mut self, record: &RunRecord) {
+    pub(super) fn settle_first(&mut self, record: &RunRecord) {
         self.queued.entry(record.dag_id.clone()).or_default().push_front(record.run_id.clone());
         self.dirty.insert(record.dag_id.clone());
     }

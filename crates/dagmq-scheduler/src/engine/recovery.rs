@@ -1,7 +1,7 @@
 //! Recovery and reconciliation: loading every unfinished run when this scheduler takes the lease,
 //! bringing a run's view in line with the store (`settle`), putting a view back or finishing its
 //! run, taking up reloaded DAGs, and the periodic sweep that reads running runs again and adopts
-//! runs missing from the view.
+//! runs missing from the view or whose start the store lost.
 
 use std::collections::HashSet;
 use std::sync::Arc;
@@ -23,6 +23,7 @@ impl Engine {
         self.active.clear();
         self.limits.clear_waiting();
         self.queued.clear();
+        self.restarting.clear();
         self.running.clear();
         self.timers.clear();
         // Another scheduler may have held the lease meanwhile: re-read its bookkeeping, and
@@ -322,6 +323,14 @@ impl Engine {
         let known: HashSet<String> = self.queued.values().flatten().cloned().collect();
         let mut taken = Vec::new();
         for record in self.store.unfinished_runs().await? {
+            if let Some(view) = self.active.get(&record.run_id) {
+                if record.state == RunState::Queued {
+                    self.restart_rolled_back(&record);
+                } else if record.state != view.record.state && !view.in_doubt {
+                    self.take_stored_state(record).await?;
+                }
+                continue;
+            }
             if self.active.contains_key(&record.run_id) || known.contains(&record.run_id) {
                 continue;
             }
@@ -338,5 +347,53 @@ impl Engine {
             }
         }
         self.take_up(taken).await
+    }
+
+    /// Drops the view of a run the store has `queued` again while the view has it started: a
+    /// store that went backwards (a Redis failover without replicas to wait for) lost the run's
+    /// start. Every claim of its tries is refused while the run is `queued`, so the view would
+    /// queue and republish them for ever and hold its DAG's slot under `max_active_runs`. The
+    /// view goes (its running count and limit usage with it) and the run waits at the head of
+    /// its DAG's queue, to be started again, its `queued` tasks published again, before any
+    /// other run of the DAG starts.
+    fn restart_rolled_back(&mut self, record: &RunRecord) {
+        let Some(run) = self.active.remove(&record.run_id) else { return };
+        tracing::warn!(
+            run = %record.run_id, view = %run.record.state,
+            "the store has the run queued again (its start was lost): starting it again"
+        );
+        drop(run);
+        self.limits.forget_run(&record.run_id);
+        self.republished.retain(|(run_id, _, _), _| run_id != &record.run_id);
+        if let Some(count) = self.running.get_mut(&record.dag_id) {
+            *count = count.saturating_sub(1);
+        }
+        self.restarting.insert(record.run_id.clone());
+        if let Some(queue) = self.queued.get_mut(&record.dag_id) {
+            queue.retain(|id| id != &record.run_id);
+        }
+        self.settle_first(record);
+    }
+
+    /// Takes the store's state of a run whose view holds it `running` while the store has it
+    /// `suspended`, or the other way round, with no command in doubt: a store that went
+    /// backwards lost a suspend or a resume (the command is undone, as its answer says nothing
+    /// of a later failover). The view follows the store and is settled: a running run queues
+    /// its suspended tasks as new tries (as a resume does), a suspended one stops its tries.
+    async fn take_stored_state(&mut self, record: RunRecord) -> Result<(), BackendError> {
+        let Some(mut run) = self.active.remove(&record.run_id) else { return Ok(()) };
+        tracing::warn!(
+            run = %record.run_id, view = %run.record.state, store = %record.state,
+            "the store has the run in another state (a command lost in a rollback): taking the store's"
+        );
+        run.record = record;
+        let result = async {
+            run.tasks = self.store.tasks(run.id()).await?;
+            run.rebuild();
+            self.settle(&mut run, false).await
+        }
+        .await;
+        self.put_back(run).await?;
+        result
     }
 }

@@ -123,7 +123,12 @@ impl Engine {
             },
         };
         match record.state {
-            RunState::Queued => self.activate(record, false).await,
+            // A run whose start a rollback of the store lost has tasks `queued` whose messages
+            // were consumed by refused claims: they are published again.
+            RunState::Queued => {
+                let restarting = self.restarting.remove(run_id);
+                self.activate(record, restarting).await
+            }
             RunState::Running if !self.active.contains_key(run_id) => self.activate(record, true).await,
             _ => Ok(()),
         }
