@@ -140,6 +140,10 @@ pub fn parse_dag_file_with_pools(
     registry: &TaskRegistry,
     pools: Option<&Pools>,
 ) -> Result<LoadedDag, DagFileError> {
+    // Line numbers by binary search in the lines' starts: a file of N tasks asks a few times
+    // per task, so a scan from the top each time made loading a large file quadratic.
+    let lines = LineIndex::new(text);
+    let line_of = |_: &str, offset: usize| lines.line(offset);
     let error = |span: Option<Range<usize>>, reason: String| DagFileError {
         file: file.to_string(),
         line: span.map(|s| line_of(text, s.start)),
@@ -359,6 +363,23 @@ pub fn parse_dag_file_with_pools(
 }
 
 /// 1-based line number of a byte offset.
+/// Where each line of a text starts, to find the line of a byte offset in O(log lines).
+struct LineIndex {
+    /// Byte offsets of the starts of the lines after the first.
+    starts: Vec<usize>,
+}
+
+impl LineIndex {
+    fn new(text: &str) -> LineIndex {
+        LineIndex { starts: text.bytes().enumerate().filter(|(_, b)| *b == b'\n').map(|(i, _)| i + 1).collect() }
+    }
+
+    /// The line (from 1) of byte `offset`.
+    fn line(&self, offset: usize) -> usize {
+        self.starts.partition_point(|start| *start <= offset) + 1
+    }
+}
+
 /// The line (from 1) of byte `offset` in `text`.
 pub fn line_of(text: &str, offset: usize) -> usize {
     text.as_bytes()[..offset.min(text.len())].iter().filter(|&&b| b == b'\n').count() + 1
@@ -367,6 +388,15 @@ pub fn line_of(text: &str, offset: usize) -> usize {
 #[cfg(test)]
 mod tests {
     use std::sync::Arc;
+
+    #[test]
+    fn the_line_index_agrees_with_a_scan() {
+        let text = "a\n\nbc\nd";
+        let index = LineIndex::new(text);
+        for offset in 0..=text.len() + 2 {
+            assert_eq!(index.line(offset), line_of(text, offset), "offset {offset}");
+        }
+    }
 
     use async_trait::async_trait;
 

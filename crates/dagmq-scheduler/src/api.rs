@@ -40,6 +40,10 @@ pub const MAX_BODY_BYTES: usize = 1024 * 1024;
 /// Most items one listing returns.
 pub const MAX_LIMIT: usize = 500;
 
+/// Largest `offset` of a listing: far past any history kept (finished runs expire after the
+/// retention period), and small enough that no index arithmetic overflows.
+pub const MAX_OFFSET: usize = 10_000_000;
+
 /// A worker whose heartbeat is older than this is not listed as live.
 pub const WORKER_STALE_AFTER: chrono::Duration = chrono::Duration::seconds(30);
 

@@ -266,6 +266,9 @@ pub(super) async fn dag_grid(
         return Err(bad_request("limit must be 1 to 100"));
     }
     let offset = query.offset.unwrap_or(0);
+    if offset > super::MAX_OFFSET {
+        return Err(bad_request(format!("offset must be at most {}", super::MAX_OFFSET)));
+    }
     let store = &state.scheduler.store;
     let filter = RunFilter { dag_id: Some(dag_id), limit: limit + 1, offset, ..RunFilter::default() };
     let mut records = store.list_runs(&filter).await?;

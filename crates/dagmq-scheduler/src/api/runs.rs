@@ -128,12 +128,11 @@ pub(super) async fn list_runs(
     if limit == 0 || limit > MAX_LIMIT {
         return Err(bad_request(format!("limit must be 1 to {MAX_LIMIT}")));
     }
-    let filter = RunFilter {
-        dag_id: query.dag_id.filter(|d| !d.is_empty()),
-        state: status,
-        limit,
-        offset: query.offset.unwrap_or(0),
-    };
+    let offset = query.offset.unwrap_or(0);
+    if offset > super::MAX_OFFSET {
+        return Err(bad_request(format!("offset must be at most {}", super::MAX_OFFSET)));
+    }
+    let filter = RunFilter { dag_id: query.dag_id.filter(|d| !d.is_empty()), state: status, limit, offset };
     let store = &state.scheduler.store;
     let mut views = Vec::new();
     for run in store.list_runs(&filter).await? {

@@ -281,3 +281,15 @@ fn each_role_takes_only_its_own_flags_and_lists_only_them() {
     assert_eq!(output.status.code(), Some(2));
     assert!(text(&output.stderr).contains("--grace-period: "), "{}", text(&output.stderr));
 }
+
+#[test]
+fn listing_offsets_past_the_bound_are_a_clear_400() {
+    let standalone = Standalone::start(&examples(), &[]);
+    for path in ["/api/v1/runs?offset=10000001", "/api/v1/dags/hello/grid?offset=18446744073709551615"] {
+        let (status, _, body) = get_with(&standalone.api, path, "");
+        assert_eq!(status, 400, "{path}: {body}");
+        assert!(body.contains("offset must be at most 10000000"), "{path}: {body}");
+    }
+    let (status, _, body) = get_with(&standalone.api, "/api/v1/runs?offset=10000000", "");
+    assert_eq!((status, body.as_str()), (200, "[]"));
+}
