@@ -763,7 +763,8 @@ fn chaos_with_a_history_checker() {
     let redis = PrivateRedis::start(redis_port, &std::env::temp_dir().join(format!("{}-redis", cluster.namespace)));
     cluster.redis = format!("redis://127.0.0.1:{redis_port}");
     cluster.with_rust_tasks();
-    cluster.common_flags(&["--pool", "one=1"]);
+    // Pools are the schedulers' (a worker takes no --pool).
+    cluster.scheduler_flags(&["--pool", "one=1"]);
     cluster.start_scheduler();
     let standby_port = free_port();
     let mut schedulers = Schedulers {

@@ -288,7 +288,9 @@ impl Cluster {
     /// Starts another scheduler of this installation with its API on `port` (a standby while
     /// another holds the lease).
     pub fn spawn_scheduler_on(&self, port: u16, name: &str) -> Child {
-        self.spawn("scheduler", name, &["--port".to_string(), port.to_string()])
+        let mut extra = vec!["--port".to_string(), port.to_string()];
+        extra.extend(self.extra.clone());
+        self.spawn("scheduler", name, &extra)
     }
 
     /// The scheduler's process id.
