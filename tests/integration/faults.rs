@@ -77,6 +77,10 @@ pub struct Faults {
     /// The next this many `transition_tasks` batches that set a task back to `pending` (a clear)
     /// apply, then answer an error.
     pub reset_answers_lost: AtomicU32,
+    /// When set, a reset whose answer is lost (`reset_answers_lost`) also sets
+    /// `task_lists_failing`: the caller cannot read the run's tasks again to learn whether it
+    /// applied.
+    pub lost_reset_answer_hides_tasks: AtomicBool,
     /// The next claim that applies freezes the process before its answer is read (sets
     /// `stalled`), as SIGSTOP between the store taking the claim and the worker reading the
     /// answer; it answers once the test thaws the process.
@@ -336,6 +340,9 @@ impl Store for FaultyStore {
         }
         let applied = self.faults.track(self.inner.transition_tasks(run_id, changes).await)?;
         if changes.iter().any(|c| c.task.state == TaskState::Pending) && Faults::take(&self.faults.reset_answers_lost) {
+            if self.faults.lost_reset_answer_hides_tasks.load(Ordering::SeqCst) {
+                self.faults.task_lists_failing.store(true, Ordering::SeqCst);
+            }
             return Err(BackendError::new("injected: transition_tasks (a reset) applied, its answer was lost"));
         }
         if changes.iter().any(|c| c.task.state == TaskState::Queued) && Faults::take(&self.faults.queue_answers_lost) {

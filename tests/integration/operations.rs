@@ -313,6 +313,38 @@ async fn a_clear_whose_answer_was_lost_still_runs_the_task_again_before_the_run_
     h.stop().await;
 }
 
+/// Found by the simulator (seed 3009490): as above, but the read of the run's tasks that should
+/// have told the clear whether it applied failed too. The view was kept as it was, with the
+/// cleared task still `success`, and the run ended `success` at its next status update, before
+/// any sweep read the tasks again, while the store had the task pending, never to run.
+#[tokio::test(start_paused = true)]
+async fn a_clear_whose_answer_and_reread_were_lost_still_runs_the_task_again_before_the_run_ends() {
+    let journal = Journal::default();
+    let clock = Arc::new(dagmq_core::TokioClock::starting_at(origin()));
+    let dag = Dag::builder("clear_unread")
+        .task(TaskSpec::rust("a", Probe::new(&journal, &clock)))
+        .task(TaskSpec::rust("long", Probe { work: Duration::from_secs(2), ..Probe::new(&journal, &clock) }))
+        .build()
+        .unwrap();
+    let mut registry = DagRegistry::new();
+    registry.add(dag).unwrap();
+    let h = Harness::start(registry).await;
+    let run = h.trigger("clear_unread").await;
+    h.wait_task(&run, "a", |t| t.state == TaskState::Success).await;
+    h.wait_task(&run, "long", |t| t.state == TaskState::Running).await;
+    let faults = &h.scheduler_faults.store;
+    faults.lost_reset_answer_hides_tasks.store(true, Ordering::SeqCst);
+    faults.reset_answers_lost.store(1, Ordering::SeqCst);
+    assert!(h.scheduler.clear(&run, vec!["a".into()], false).await.is_err(), "the clear's answer was to be lost");
+    assert!(faults.task_lists_failing.load(Ordering::SeqCst), "the clear's reset was to hide the tasks");
+    // The store answers again at once: only the clear's own re-read was lost.
+    faults.task_lists_failing.store(false, Ordering::SeqCst);
+    assert_eq!(h.wait_final(&run).await, RunState::Success);
+    let a = h.store.task(&run, "a").await.unwrap().unwrap();
+    assert_eq!((a.state, a.try_number), (TaskState::Success, 2), "the cleared task did not run again: {a:?}");
+    h.stop().await;
+}
+
 #[tokio::test(start_paused = true)]
 async fn a_backfill_takes_dates_and_local_times_in_the_dags_timezone() {
     let runs = Arc::new(AtomicU32::new(0));

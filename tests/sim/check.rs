@@ -404,7 +404,14 @@ pub fn check(
         let all_fine = tasks.iter().all(|t| matches!(t.state, TaskState::Success | TaskState::Skipped));
         let expected = if all_fine { RunState::Success } else { RunState::Failed };
         if run.state != expected {
-            violations.push(format!("run {} ended {} but its tasks say {expected}", run.run_id, run.state));
+            let states: Vec<String> =
+                tasks.iter().map(|t| format!("{}={} try {}", t.task_id, t.state, t.try_number)).collect();
+            violations.push(format!(
+                "run {} ended {} but its tasks say {expected} ({})",
+                run.run_id,
+                run.state,
+                states.join(", ")
+            ));
         }
         // Every task of a successful run has exactly one successful try (unless an operator
         // asked for it to run again).

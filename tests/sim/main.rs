@@ -70,6 +70,12 @@ pub fn simulate(seed: u64) -> Outcome {
 
 fn simulate_here(seed: u64) -> Outcome {
     seed_entropy(seed);
+    // `DAGMQ_SIM_LOG=FILTER` (e.g. `info`): the processes' own log lines, on stderr.
+    let _log = std::env::var("DAGMQ_SIM_LOG").ok().map(|filter| {
+        tracing::subscriber::set_default(
+            tracing_subscriber::fmt().with_env_filter(filter).with_ansi(false).with_writer(std::io::stderr).finish(),
+        )
+    });
     let runtime =
         tokio::runtime::Builder::new_current_thread().enable_time().start_paused(true).build().expect("a runtime");
     runtime.block_on(Sim::run(seed))

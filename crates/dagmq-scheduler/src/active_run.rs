@@ -57,6 +57,10 @@ pub(crate) struct ActiveRun {
     /// `suspended` (safe whichever way the write went: nothing new is queued) until the run is
     /// read again, by a retried command (which finishes what the first one began) or the sweep.
     pub(crate) in_doubt: bool,
+    /// The store may hold other task states than `tasks` says: a change to tasks (a clear)
+    /// whose answer was lost, and whose run's tasks could not be read again. The run does not
+    /// end from this view (`put_back`) until its tasks are read again whole (the sweep).
+    pub(crate) tasks_in_doubt: bool,
 }
 
 impl Drop for ActiveRun {
@@ -130,6 +134,7 @@ impl ActiveRun {
             held: HashMap::new(),
             deferred: Vec::new(),
             in_doubt: false,
+            tasks_in_doubt: false,
         };
         for i in 0..run.tasks.len() {
             run.hold_limits(i);
@@ -166,6 +171,7 @@ impl ActiveRun {
             ActiveRun::new(self.record.clone(), self.dag.clone(), tasks, self.view.clone(), self.usage.clone());
         rebuilt.deferred = std::mem::take(&mut self.deferred);
         rebuilt.in_doubt = self.in_doubt;
+        rebuilt.tasks_in_doubt = self.tasks_in_doubt;
         *self = rebuilt;
     }
 

@@ -685,6 +685,7 @@ impl Engine {
                 if let Ok(tasks) = self.store.tasks(&run_id).await {
                     run.tasks = tasks;
                     run.rebuild();
+                    run.tasks_in_doubt = false;
                 }
                 self.put_back(run).await?;
                 result

@@ -95,11 +95,13 @@ impl Engine {
                         Ok(fresh) => {
                             run.tasks = fresh;
                             run.rebuild();
+                            run.tasks_in_doubt = false;
                             let settled = self.settle(&mut run, false).await;
                             self.put_back(run).await.map_err(backend)?;
                             settled.map_err(backend)?;
                         }
                         Err(_) => {
+                            run.tasks_in_doubt = true;
                             self.active.insert(run_id.to_string(), run);
                         }
                     }

@@ -241,7 +241,9 @@ impl Engine {
         }
         // Follow-ups a success returned but the store did not take yet keep the run going: the
         // sweep adds them (`settle`), and the run ends after they do.
-        if !run.all_final() || run.expansion_pending() {
+        // Nor does a view whose tasks the store may have changed (a clear whose answer and
+        // re-read were lost: `ActiveRun::tasks_in_doubt`) end the run: the sweep reads them.
+        if !run.all_final() || run.expansion_pending() || run.tasks_in_doubt {
             self.active.insert(run.id().to_string(), run);
             return Ok(());
         }
@@ -306,6 +308,7 @@ impl Engine {
                 self.resolve_doubt(&mut run).await?;
                 run.tasks = self.store.tasks(&run_id).await?;
                 run.rebuild();
+                run.tasks_in_doubt = false;
                 self.settle(&mut run, false).await
             }
             .await;
@@ -390,6 +393,7 @@ impl Engine {
         let result = async {
             run.tasks = self.store.tasks(run.id()).await?;
             run.rebuild();
+            run.tasks_in_doubt = false;
             self.settle(&mut run, false).await
         }
         .await;
