@@ -95,7 +95,7 @@ pub(super) fn is_active(state: RunState) -> bool {
 }
 
 /// The DAG a run was created with, or the DAG as loaded now.
-fn dag_of(state: &AppState, run: &RunRecord) -> Option<Arc<Dag>> {
+pub(super) fn dag_of(state: &AppState, run: &RunRecord) -> Option<Arc<Dag>> {
     let live = &state.scheduler.live;
     run.dag_version
         .as_deref()

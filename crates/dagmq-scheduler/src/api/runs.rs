@@ -172,9 +172,7 @@ pub struct RunDetail {
 /// DAG as loaded now when this process has not loaded that version; tasks the DAG does not name
 /// (follow-ups) go last, by id.
 fn sort_in_graph_order(state: &AppState, run: &RunRecord, tasks: &mut [TaskInstance]) {
-    let live = &state.scheduler.live;
-    let dag = run.dag_version.as_deref().and_then(|version| live.version(&run.dag_id, version));
-    let Some(dag) = dag.or_else(|| live.current().get(&run.dag_id).cloned()) else {
+    let Some(dag) = super::capacity::dag_of(state, run) else {
         tasks.sort_by(|a, b| a.task_id.cmp(&b.task_id));
         return;
     };
