@@ -316,7 +316,8 @@ function graph(tasks, runId) {
 function bars(items, format) {
   if (!items.length) return `<div class="muted">nothing yet</div>`;
   const H = 120, B = Math.max(6, Math.min(28, Math.floor(720 / items.length) - 2)), max = Math.max(...items.map(i => i.value), 0) || 1;
-  const width = 50 + items.length * (B + 2), step = Math.ceil(items.length / 8);
+  // Room past the last bar for its label (a time is wider than a bar).
+  const width = 50 + items.length * (B + 2) + 90, step = Math.ceil(items.length / 8);
   const rects = items.map((item, i) => { const h = Math.max(item.value > 0 ? 2 : 0, Math.round(item.value / max * H)), x = 46 + i * (B + 2);
     const bar = `<rect data-bar="${i}" x="${x}" y="${10 + H - h}" width="${B}" height="${h}" fill="${item.color}"><title>${esc(item.title)}</title></rect>`;
     const label = i % step === 0 ? `<text class="axis" x="${x}" y="${H + 26}">${esc(item.label)}</text>` : "";
