@@ -142,7 +142,10 @@ async fn every_route_answers_and_refuses_bad_input() {
     assert!(runs.as_array().unwrap().iter().all(|r| r.get("params").is_none()), "{runs}");
     assert_eq!(get(port, "/api/v1/runs?limit=0").await, (400, json!({"error": "limit must be 1 to 500"})));
     assert_eq!(get(port, "/api/v1/runs?limit=501").await, (400, json!({"error": "limit must be 1 to 500"})));
-    assert_eq!(get(port, "/api/v1/runs?status=done").await, (400, json!({"error": "unknown run state \"done\""})));
+    assert_eq!(
+        get(port, "/api/v1/runs?status=done").await,
+        (400, json!({"error": "status: unknown run state \"done\""}))
+    );
     let (status, run) = get(port, &format!("/api/v1/runs/{run_id}")).await;
     assert_eq!(
         (status, run["state"].as_str(), run["tasks"][0]["task_id"].as_str()),

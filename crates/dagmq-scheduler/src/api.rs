@@ -269,6 +269,26 @@ async fn openapi() -> Json<serde_json::Value> {
     Json(crate::openapi::document())
 }
 
+/// A query string read into `T`, or a JSON 400 (`{"error": ...}`, like every other error of
+/// the API) that names the parameter and why, instead of axum's plain-text rejection.
+pub(crate) struct ApiQuery<T>(pub(crate) T);
+
+impl<T: serde::de::DeserializeOwned, S: Send + Sync> axum::extract::FromRequestParts<S> for ApiQuery<T> {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut axum::http::request::Parts, _state: &S) -> Result<Self, ApiError> {
+        match axum::extract::Query::<T>::try_from_uri(&parts.uri) {
+            Ok(axum::extract::Query(value)) => Ok(ApiQuery(value)),
+            Err(rejection) => Err(bad_request(format!("bad query string: {}", query_reason(&rejection.body_text())))),
+        }
+    }
+}
+
+/// The reason of a query rejection without axum's generic prefix.
+fn query_reason(text: &str) -> &str {
+    text.strip_prefix("Failed to deserialize query string: ").unwrap_or(text)
+}
+
 /// A request's JSON body, or a 400 that names the route (`what`) and the reason.
 fn json_body<T: serde::de::DeserializeOwned>(body: Result<Bytes, BytesRejection>, what: &str) -> ApiResult<T> {
     let bytes = body.map_err(|rejection| ApiError(rejection.status(), rejection.body_text()))?;

@@ -4,7 +4,7 @@
 use axum::Json;
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
-use axum::extract::{Path, Query, State};
+use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use chrono::{DateTime, Utc};
 use dagmq_core::records::DagRecord;
@@ -15,7 +15,7 @@ use serde::{Deserialize, Serialize};
 
 use std::collections::BTreeMap;
 
-use super::{ApiResult, AppState, bad_request, json_body, not_found_error};
+use super::{ApiQuery, ApiResult, AppState, bad_request, json_body, not_found_error};
 
 /// A DAG as the API lists it.
 #[derive(Debug, Serialize, Deserialize)]
@@ -256,7 +256,7 @@ pub struct Grid {
 pub(super) async fn dag_grid(
     State(state): State<AppState>,
     Path(dag_id): Path<String>,
-    Query(query): Query<GridQuery>,
+    ApiQuery(query): ApiQuery<GridQuery>,
 ) -> ApiResult<Json<Grid>> {
     if state.scheduler.dags().get(&dag_id).is_none() {
         return Err(not_found_error(format!("unknown dag {dag_id:?}")));

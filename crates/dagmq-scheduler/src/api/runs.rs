@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use axum::Json;
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
-use axum::extract::{Path, Query, State};
+use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use chrono::{DateTime, Utc};
 use dagmq_core::store::RunFilter;
@@ -14,7 +14,7 @@ use dagmq_core::task::mask_params;
 use dagmq_core::{RunKind, RunRecord, RunState, TaskInstance, TaskState};
 use serde::{Deserialize, Serialize};
 
-use super::{ApiError, ApiResult, AppState, MAX_LIMIT, bad_request, json_body, not_found_error};
+use super::{ApiError, ApiQuery, ApiResult, AppState, MAX_LIMIT, bad_request, json_body, not_found_error};
 
 /// Body of `POST /api/v1/runs/{id}/clear`.
 #[derive(Debug, Deserialize)]
@@ -118,10 +118,12 @@ impl RunView {
 
 pub(super) async fn list_runs(
     State(state): State<AppState>,
-    Query(query): Query<RunsQuery>,
+    ApiQuery(query): ApiQuery<RunsQuery>,
 ) -> ApiResult<Json<Vec<RunView>>> {
     let status = match &query.status {
-        Some(text) if !text.is_empty() => Some(text.parse::<RunState>().map_err(bad_request)?),
+        Some(text) if !text.is_empty() => {
+            Some(text.parse::<RunState>().map_err(|e| bad_request(format!("status: {e}")))?)
+        }
         _ => None,
     };
     let limit = query.limit.unwrap_or(50);
@@ -294,7 +296,7 @@ pub struct LogView {
 pub(super) async fn task_logs(
     State(state): State<AppState>,
     Path((run_id, task_id)): Path<(String, String)>,
-    Query(query): Query<LogsQuery>,
+    ApiQuery(query): ApiQuery<LogsQuery>,
 ) -> ApiResult<Json<LogView>> {
     let store = &state.scheduler.store;
     if store.run(&run_id).await?.is_none() {

@@ -293,3 +293,21 @@ fn listing_offsets_past_the_bound_are_a_clear_400() {
     let (status, _, body) = get_with(&standalone.api, "/api/v1/runs?offset=10000000", "");
     assert_eq!((status, body.as_str()), (200, "[]"));
 }
+
+#[test]
+fn a_query_string_the_api_cannot_read_is_a_json_400_that_names_the_parameter() {
+    let standalone = Standalone::start(&examples(), &[]);
+    for (path, names) in [
+        ("/api/v1/runs?limit=many", "limit"),
+        ("/api/v1/runs?status=sideways", "status"),
+        ("/api/v1/dags/hello/grid?offset=-1", "offset"),
+        ("/api/v1/runs/nope/tasks/t/logs?from=x", "from"),
+    ] {
+        let (status, _, body) = get_with(&standalone.api, path, "");
+        assert_eq!(status, 400, "{path}: {body}");
+        let answer: serde_json::Value =
+            serde_json::from_str(&body).unwrap_or_else(|e| panic!("{path}: not JSON ({e}): {body}"));
+        let error = answer["error"].as_str().unwrap_or_else(|| panic!("{path}: no error field: {body}"));
+        assert!(error.contains(names), "{path}: the error does not name {names}: {error}");
+    }
+}
