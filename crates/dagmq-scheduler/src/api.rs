@@ -78,11 +78,13 @@ struct AppState {
     scheduler: SchedulerHandle,
     /// The API settings.
     config: Arc<ApiConfig>,
+    /// The task states of finished runs, for the DAG page's grid.
+    grid_cache: Arc<dags::GridCache>,
 }
 
 /// The API's router.
 pub fn router(scheduler: SchedulerHandle, config: ApiConfig) -> Router {
-    let state = AppState { scheduler, config: Arc::new(config) };
+    let state = AppState { scheduler, config: Arc::new(config), grid_cache: Arc::default() };
     let api = Router::new()
         .route("/dags", get(list_dags))
         .route("/dags/{dag_id}", get(show_dag))

@@ -252,7 +252,8 @@ pub struct Grid {
 }
 
 /// The runs of a DAG as a grid polled by the DAG page: a run's tasks as states only, about a
-/// tenth of the bytes of the full run documents.
+/// tenth of the bytes of the full run documents. A finished run's states come from the
+/// [`GridCache`], so a poll reads the tasks of unfinished runs only.
 pub(super) async fn dag_grid(
     State(state): State<AppState>,
     Path(dag_id): Path<String>,
@@ -276,7 +277,15 @@ pub(super) async fn dag_grid(
     records.truncate(limit);
     let mut runs = Vec::with_capacity(records.len());
     for run in records {
-        let tasks = store.tasks(&run.run_id).await?.into_iter().map(|task| (task.task_id, task.state)).collect();
+        let tasks = match state.grid_cache.get(&run) {
+            Some(tasks) => tasks,
+            None => {
+                let tasks: BTreeMap<_, _> =
+                    store.tasks(&run.run_id).await?.into_iter().map(|task| (task.task_id, task.state)).collect();
+                state.grid_cache.put(&run, &tasks);
+                tasks
+            }
+        };
         runs.push(GridRun {
             run_id: run.run_id,
             state: run.state,
@@ -357,4 +366,97 @@ pub(super) async fn backfill_dag(
     let outcome = state.scheduler.backfill(&dag_id, from, to, body.params).await?;
     let answer = serde_json::json!({"runs": outcome.runs, "created": outcome.created, "existing": outcome.existing});
     Ok((StatusCode::CREATED, Json(answer)))
+}
+
+/// Most task states the [`GridCache`] holds (about 100 bytes each); past it, it starts over.
+const GRID_CACHE_STATES: usize = 200_000;
+
+/// The task states of finished runs, as the grid last read them: a finished run whose tasks are
+/// all final changes only through a restart or a clear, which reopen it (its state and end time
+/// change), so its states are read from the store once instead of on every poll of the DAG page.
+#[derive(Debug, Default)]
+pub(crate) struct GridCache {
+    runs: std::sync::Mutex<GridRuns>,
+}
+
+/// The cached runs: by run id, the record's (state, start, end) they were read under, and the
+/// states; with the count of states held.
+#[derive(Debug, Default)]
+struct GridRuns {
+    by_run: std::collections::HashMap<String, (GridStamp, BTreeMap<String, dagmq_core::TaskState>)>,
+    states: usize,
+}
+
+/// What identifies one finishing of a run: a reopened run finishes again with another end.
+type GridStamp = (RunState, Option<DateTime<Utc>>, Option<DateTime<Utc>>);
+
+fn grid_stamp(run: &dagmq_core::records::RunRecord) -> GridStamp {
+    (run.state, run.started_at, run.ended_at)
+}
+
+impl GridCache {
+    /// The states of `run`'s tasks when they were cached under this same finishing of the run.
+    pub(crate) fn get(&self, run: &dagmq_core::records::RunRecord) -> Option<BTreeMap<String, dagmq_core::TaskState>> {
+        if !run.state.is_final() {
+            return None;
+        }
+        let runs = self.runs.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        runs.by_run.get(&run.run_id).filter(|(stamp, _)| *stamp == grid_stamp(run)).map(|(_, tasks)| tasks.clone())
+    }
+
+    /// Keeps `tasks` (read after `run`) when the run is finished and every task is final.
+    pub(crate) fn put(&self, run: &dagmq_core::records::RunRecord, tasks: &BTreeMap<String, dagmq_core::TaskState>) {
+        if !run.state.is_final() || !tasks.values().all(|state| state.is_final()) {
+            return;
+        }
+        let mut runs = self.runs.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        if runs.states + tasks.len() > GRID_CACHE_STATES {
+            runs.by_run.clear();
+            runs.states = 0;
+        }
+        runs.states += tasks.len();
+        if let Some((_, old)) = runs.by_run.insert(run.run_id.clone(), (grid_stamp(run), tasks.clone())) {
+            runs.states -= old.len();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use dagmq_core::TaskState;
+    use dagmq_core::records::RunRecord;
+
+    fn run(state: RunState, ended: Option<i64>) -> RunRecord {
+        let mut run: RunRecord = serde_json::from_value(serde_json::json!({
+            "run_id": "r1", "dag_id": "d", "state": "running", "kind": "manual",
+            "logical_date": "2026-12-01T00:00:00Z", "created_at": "2026-12-01T00:00:00Z",
+        }))
+        .unwrap();
+        run.state = state;
+        run.ended_at = ended.and_then(|s| DateTime::from_timestamp(s, 0));
+        run
+    }
+
+    fn states(all: &[(&str, TaskState)]) -> BTreeMap<String, TaskState> {
+        all.iter().map(|(id, state)| (id.to_string(), *state)).collect()
+    }
+
+    /// A finished run's states are kept; an unfinished run's, a run with a task not final, or a
+    /// run reopened and finished again (another end) are read again.
+    #[test]
+    fn the_grid_cache_keeps_only_finished_runs_under_the_same_finishing() {
+        let cache = GridCache::default();
+        let done = states(&[("a", TaskState::Success), ("b", TaskState::Failed)]);
+        cache.put(&run(RunState::Running, None), &done);
+        assert_eq!(cache.get(&run(RunState::Running, None)), None, "an unfinished run");
+        cache.put(&run(RunState::Cancelled, Some(5)), &states(&[("a", TaskState::Running)]));
+        assert_eq!(cache.get(&run(RunState::Cancelled, Some(5))), None, "a task not final");
+        cache.put(&run(RunState::Failed, Some(10)), &done);
+        assert_eq!(cache.get(&run(RunState::Failed, Some(10))), Some(done.clone()));
+        assert_eq!(cache.get(&run(RunState::Running, Some(10))), None, "reopened");
+        assert_eq!(cache.get(&run(RunState::Success, Some(20))), None, "finished again");
+        cache.put(&run(RunState::Success, Some(20)), &states(&[("a", TaskState::Success)]));
+        assert_eq!(cache.runs.lock().unwrap().states, 1, "the replaced entry's states are not counted twice");
+    }
 }
