@@ -319,12 +319,13 @@ function patchGrid(body, before, after) {
     body.rowsFor = body.dataset.static;
   }
   after.forEach((run, column) => {
-    const old = before[column].tasks;
-    for (const id of new Set([...Object.keys(old), ...Object.keys(run.tasks)])) {
-      if (old[id] === run.tasks[id]) continue;
-      const cell = body.rowsById.get(id)?.cells[column + 1];
-      if (cell) cell.innerHTML = gridCell(run, id);
-    }
+    // A run that had finished, and has not been reopened since, has the same states.
+    const was = before[column];
+    if (FINAL.includes(was.state) && was.state === run.state && was.ended_at === run.ended_at) return;
+    const old = was.tasks;
+    const repaint = id => { const cell = body.rowsById.get(id)?.cells[column + 1]; if (cell) cell.innerHTML = gridCell(run, id); };
+    for (const id in run.tasks) if (old[id] !== run.tasks[id]) repaint(id);
+    for (const id in old) if (!(id in run.tasks)) repaint(id);
   });
 }
 
