@@ -136,6 +136,11 @@ async fn conditional_get(request: Request, next: middleware::Next) -> Response {
     if response.status() != StatusCode::OK {
         return response;
     }
+    // A route that tags its own answers (computed before the answer is built, so that it can
+    // answer a 304 without building it) keeps its tag.
+    if response.headers().contains_key(header::ETAG) {
+        return response;
+    }
     let (mut parts, body) = response.into_parts();
     // A larger answer (or one of unknown length) goes out as it is, untagged: buffering it
     // only to refuse it would turn a big run's detail into an error.
