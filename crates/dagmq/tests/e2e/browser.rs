@@ -1078,6 +1078,8 @@ fn pages_update_in_place_keeping_selection_and_scroll() {
     );
     assert!(scrolled.as_u64().unwrap() > 0, "the runs table does not scroll sideways at 560 px: {scrolled}");
     let selected = select_text(&browser, &format!("tr[data-run=\"{run_id}\"] td a"));
+    // The DAG filter has the focus (a keyboard user on it).
+    browser.script("document.getElementById('f-dag').focus(); return null");
     let second = standalone.json(&["trigger", "gated"])["run_id"].as_str().unwrap().to_string();
     browser.wait_for(
         &format!("return document.querySelector('tr[data-run=\"{second}\"] .state')?.dataset.state ?? null"),
@@ -1096,6 +1098,7 @@ fn pages_update_in_place_keeping_selection_and_scroll() {
         "the runs table was built again or scrolled back"
     );
     assert_eq!(browser.script("return getSelection().toString()"), selected, "the selection was lost");
+    assert_eq!(browser.script("return document.activeElement.id"), json!("f-dag"), "the focus moved");
     browser.screenshot("runs-in-place");
     drop(standalone);
     let _ = std::fs::remove_dir_all(&dir);
