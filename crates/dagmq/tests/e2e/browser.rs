@@ -1159,17 +1159,24 @@ fn an_open_page_on_which_nothing_changes_costs_only_304s_and_no_update() {
         browser.wait_for("return page.shown === location.hash", json!(true));
         assert_quiet(&browser, 4, page);
     }
-    // And a change still shows.
+    // And a change still shows in the grid and the graph, with the text selected in the grid
+    // still selected.
     browser.open(&format!("{base}/#/dags/gated"));
     browser.wait_for(
         "return [...document.querySelectorAll('[data-test=grid] [data-cell]')].map(c => c.dataset.cell).join()",
         json!("running,pending"),
     );
+    let selected = select_text(&browser, "tr[data-grid-task=wait_for_the_go_file] td");
     std::fs::write(dir.join("go"), "").unwrap();
     browser.wait_for(
         "return [...document.querySelectorAll('[data-test=grid] [data-cell]')].map(c => c.dataset.cell).join()",
         json!("success,success"),
     );
+    browser.wait_for(
+        "return [...document.querySelectorAll('[data-test=dag-graph] [data-node]')].map(n => n.dataset.state).join()",
+        json!("success,success"),
+    );
+    assert_eq!(browser.script("return getSelection().toString()"), selected, "the selection was lost");
     drop(standalone);
     let _ = std::fs::remove_dir_all(&dir);
 }
