@@ -64,6 +64,12 @@ function morph(target, html) {
   template.innerHTML = html;
   morphChildren(target, template.content);
 }
+/** Updates the element `el` in place to match `html` (one element). */
+function morphOne(el, html) {
+  const template = document.createElement("template");
+  template.innerHTML = html;
+  morphNode(el, template.content.firstElementChild);
+}
 const keyOf = node => node.nodeType === 1 ? (node.getAttribute("data-key") ?? (node.id || null)) : null;
 function morphChildren(old, fresh) {
   const keyed = new Map();
@@ -189,9 +195,27 @@ const views = {
     if (unchanged()) return null;
     const failedOnly = query.get("failed") === "1";
     const failed = run.tasks.filter(t => t.state === "failed");
-    const rows = run.tasks.filter(t => !failedOnly || t.state === "failed").map(t => `<tr data-task="${esc(t.task_id)}" data-key="${esc(t.task_id)}"><td><a href="#/runs/${encodeURIComponent(runId)}/tasks/${encodeURIComponent(t.task_id)}">${esc(t.task_id)}</a></td>
+    const row = t => `<tr data-task="${esc(t.task_id)}" data-key="${esc(t.task_id)}"><td><a href="#/runs/${encodeURIComponent(runId)}/tasks/${encodeURIComponent(t.task_id)}">${esc(t.task_id)}</a></td>
       <td>${badge(t.state)}${t.waiting_for ? ` <span class="muted" data-test="waiting">waiting for ${esc(t.waiting_for)}</span>` : ""}</td><td>${t.try_number}</td><td class="wide">${when(t.started_at)}</td><td>${live(t.started_at, t.ended_at)}</td>
-      <td class="wide">${esc(t.worker || "-")}</td><td class="wide">${t.state === "running" && t.progress != null ? progress(t.progress) : ""}</td><td class="wrap" data-test="output"><code>${t.output == null ? "" : esc(typeof t.output === "string" ? t.output : JSON.stringify(t.output))}</code></td><td class="wrap error">${esc(t.error || "")}</td></tr>`).join("");
+      <td class="wide">${esc(t.worker || "-")}</td><td class="wide">${t.state === "running" && t.progress != null ? progress(t.progress) : ""}</td><td class="wrap" data-test="output"><code>${t.output == null ? "" : esc(typeof t.output === "string" ? t.output : JSON.stringify(t.output))}</code></td><td class="wrap error">${esc(t.error || "")}</td></tr>`;
+    // The table's rows (thousands in a large run) are written once for a list of tasks; a
+    // later answer rewrites only the rows of the tasks that changed.
+    const listed = run.tasks.filter(t => !failedOnly || t.state === "failed");
+    const tableKey = `${runId} ${failedOnly} ${listed.map(t => t.task_id).join(" ")}`;
+    const signatures = new Map(listed.map(t => [t.task_id, JSON.stringify(t)]));
+    const shownTable = document.querySelector("[data-test=tasks] tbody[data-static]");
+    let rows = "";
+    if (shownTable && shownTable.dataset.static === tableKey && runPage.key === tableKey) {
+      if (shownTable.rowsFor !== tableKey) {
+        shownTable.rowsById = new Map([...shownTable.rows].map(r => [r.dataset.task, r]));
+        shownTable.rowsFor = tableKey;
+      }
+      for (const t of listed) {
+        const shownRow = shownTable.rowsById.get(t.task_id);
+        if (shownRow && runPage.signatures.get(t.task_id) !== signatures.get(t.task_id)) morphOne(shownRow, row(t));
+      }
+    } else rows = listed.map(row).join("");
+    runPage.key = tableKey; runPage.signatures = signatures;
     // What failed and why comes first: each failed task with its error, before the graph.
     const failures = failed.length ? `<div class="card" data-test="failures" data-key="failures"><h3>Failed</h3>${failed.map(t =>
       `<div class="row" data-failed="${esc(t.task_id)}" data-key="failed ${esc(t.task_id)}"><a href="#/runs/${encodeURIComponent(runId)}/tasks/${encodeURIComponent(t.task_id)}"><b>${esc(t.task_id)}</b></a>
@@ -207,7 +231,7 @@ const views = {
         <button data-test="suspend" ${run.state === "running" ? "" : "disabled"} data-action="run" data-run="${esc(runId)}" data-verb="suspend">Suspend</button>
         <button data-test="resume" ${run.state === "suspended" ? "" : "disabled"} data-action="run" data-run="${esc(runId)}" data-verb="resume">Resume</button></div>
       ${failures}
-      <div class="card" data-test="tasks" data-key="tasks"><div class="row">${toggle}</div><table><thead><tr><th>Task</th><th>State</th><th>Try</th><th class="wide">Started</th><th>Took</th><th class="wide">Worker</th><th class="wide">Progress</th><th>Output</th><th>Error</th></tr></thead><tbody>${rows}</tbody></table></div>
+      <div class="card" data-test="tasks" data-key="tasks"><div class="row">${toggle}</div><table><thead><tr><th>Task</th><th>State</th><th>Try</th><th class="wide">Started</th><th>Took</th><th class="wide">Worker</th><th class="wide">Progress</th><th>Output</th><th>Error</th></tr></thead><tbody data-static="${esc(tableKey)}">${rows}</tbody></table></div>
       <div class="card" data-test="graph" data-key="graph">${graphCard(run.tasks, runId, run.dag_version || "")}</div>
       <div class="card" data-test="gantt" data-key="gantt"><h3>Timeline</h3>${gantt(run)}</div>`;
   },
@@ -298,6 +322,8 @@ const views = {
 const logState = {key: "", lines: [], next: 0};
 /** The grid's runs as the DAG page last showed them (oldest first). */
 const dagPage = {runs: null, key: ""};
+/** The run page's task table as last shown: its key and each task's answer as text. */
+const runPage = {key: "", signatures: new Map()};
 
 /** Whether this render may keep the page as it is: the same page as the last render, no GET
  *  answer changed since, and nothing of the page's own (a backfill's result) to show. */
