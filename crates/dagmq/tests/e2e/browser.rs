@@ -1100,6 +1100,15 @@ fn pages_update_in_place_keeping_selection_and_scroll() {
     assert_eq!(browser.script("return getSelection().toString()"), selected, "the selection was lost");
     assert_eq!(browser.script("return document.activeElement.id"), json!("f-dag"), "the focus moved");
     browser.screenshot("runs-in-place");
+    // An opened <details> stays open through an update of its text.
+    assert_eq!(
+        browser.script(
+            "const box = document.createElement('div'); box.innerHTML = '<details><summary>why</summary>old</details>'; \
+             box.firstChild.open = true; morph(box, '<details><summary>why</summary>new</details>'); \
+             return [box.firstChild.open, box.firstChild.textContent]"
+        ),
+        json!([true, "whynew"])
+    );
     drop(standalone);
     let _ = std::fs::remove_dir_all(&dir);
 }
