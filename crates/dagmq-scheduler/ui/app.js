@@ -386,7 +386,7 @@ const backfilled = {};
  * finished try whose log has been read): it is then read again only every 30 s. Also: the page
  * last shown (`shown`), whether it must be built again although no answer changed (`dirty`),
  * how many updates changed it (`updates`) and how long the last one took (`scriptMs`). */
-const page = {settled: false, renderedAt: 0, shown: "", dirty: false, updates: 0, scriptMs: 0, scriptTimes: [], answeredAt: 0};
+const page = {settled: false, watchUntil: 0, renderedAt: 0, shown: "", dirty: false, updates: 0, scriptMs: 0, scriptTimes: [], answeredAt: 0};
 /** States after which nothing changes unless someone acts (restart, clear). */
 const FINAL = ["success", "failed", "cancelled", "upstream_failed", "skipped", "interrupted"];
 const progress = p => `<span class="progress" title="${Math.round(p * 100)}%"><div style="width:${Math.round(p * 100)}%"></div></span> ${Math.round(p * 100)}%`;
@@ -585,7 +585,7 @@ async function togglePause(dagId, paused) {
   catch (e) { banner(e.message); }
 }
 async function act(runId, verb) {
-  try { await api(`/api/v1/runs/${encodeURIComponent(runId)}/${verb}`, {method: "POST"}); render(); } catch (e) { banner(e.message); }
+  try { await api(`/api/v1/runs/${encodeURIComponent(runId)}/${verb}`, {method: "POST"}); page.watchUntil = Date.now() + 10000; render(); } catch (e) { banner(e.message); }
 }
 function filterRuns() {
   const dag = document.getElementById("f-dag").value, state = document.getElementById("f-state").value;
@@ -649,7 +649,7 @@ async function render() {
     page.scriptMs = performance.now() - Math.max(started, page.answeredAt);
     if (html !== null) { page.scriptTimes.push(Math.round(page.scriptMs * 10) / 10); if (page.scriptTimes.length > 1000) page.scriptTimes.shift(); }
     document.querySelectorAll("header a").forEach(a => a.classList.toggle("active", a.dataset.nav === (parts[0] || "dags")));
-    document.getElementById("updated").textContent = "updated " + new Date().toLocaleTimeString();
+    document.getElementById("updated").textContent = (page.settled ? "finished; not refreshed since " : "updated ") + new Date().toLocaleTimeString();
     banner("");
   } catch (e) { banner(e.message); }
   finally { rendering = false; }
@@ -662,10 +662,14 @@ function tickDurations() {
   }
 }
 window.addEventListener("hashchange", () => { logState.key = ""; render(); });
-/** The periodic refresh: every 1.5 s, and only every 30 s on a settled page. */
+/** The periodic refresh: every 1.5 s until the page is settled (a finished run, a finished
+ *  try read to its end), then never; the tab coming back into view checks once (a `304` when
+ *  nothing changed), as does any action or navigation. */
 function tick() {
-  if (page.settled && Date.now() - page.renderedAt < 30000) return;
+  // After an action on a run the page keeps looking for 10 s, however the run looked at once.
+  if (page.settled && Date.now() > page.watchUntil) return;
   render();
 }
+document.addEventListener("visibilitychange", () => { if (!document.hidden && page.settled) render(); });
 setInterval(tick, 1500);
 render();
