@@ -109,6 +109,8 @@ pub(super) async fn finish(shared: &Arc<Shared>, claimed: ClaimedTry) -> Option<
     if let Some(outcome) = outcome {
         shared.config.metrics.tries.inc(&[outcome]);
     }
+    // The try's span ends here: before its outcome is written, so before its run can end.
+    let ended = shared.config.clock.now();
     let mut delay = Duration::from_millis(100);
     let next = loop {
         match record_outcome(shared, message, parent, &running, &result, &tail, reason, &mut eager).await {
@@ -123,22 +125,21 @@ pub(super) async fn finish(shared: &Arc<Shared>, claimed: ClaimedTry) -> Option<
     lock(&shared.running).remove(&key);
     if let Some(spans) = &shared.config.spans {
         let state = outcome.unwrap_or("not_started");
-        spans.record(try_span(shared, message, &running, parent, state, result.as_ref().err()));
+        spans.record(try_span(shared, message, &running, parent, (state, ended), result.as_ref().err()));
     }
     next
 }
 
 /// The span of a finished try: a child of `parent` (its run's root span), from its start (or
-/// now, for a try that never started) to now.
+/// its end, for a try that never started) to `end`, when it ended in `state`.
 fn try_span(
     shared: &Shared,
     message: &TaskToExec,
     running: &TaskInstance,
     parent: TraceParent,
-    state: &str,
+    (state, end): (&str, chrono::DateTime<chrono::Utc>),
     error: Option<&TaskError>,
 ) -> FinishedSpan {
-    let end = shared.config.clock.now();
     let start = running.started_at.unwrap_or(end).min(end);
     FinishedSpan {
         trace_id: parent.trace_id,
