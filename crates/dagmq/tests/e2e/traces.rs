@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 
 use crate::cluster::Cluster;
-use crate::support::{Standalone, examples, free_port};
+use crate::support::{Standalone, dagmq, examples, free_port, text};
 
 /// An OTLP/HTTP collector on a loopback port: keeps every span POSTed to `/v1/traces`.
 struct Receiver {
@@ -307,3 +307,23 @@ id = "last"
 after = ["flaky"]
 run = "noop"
 "#;
+
+#[test]
+fn an_otlp_endpoint_that_is_not_an_http_url_is_a_usage_error() {
+    for (args, env) in
+        [(vec!["standalone", "--otlp-endpoint", "collector:4318"], None), (vec!["standalone"], Some("ftp://collector"))]
+    {
+        let mut command = dagmq();
+        command.args(&args).args(["--port", &free_port().to_string()]);
+        if let Some(value) = env {
+            command.env("OTEL_EXPORTER_OTLP_ENDPOINT", value);
+        }
+        let output = command.output().unwrap();
+        assert_eq!(output.status.code(), Some(2), "{args:?} {env:?}: {}", text(&output.stderr));
+        assert!(
+            text(&output.stderr).contains("--otlp-endpoint (OTEL_EXPORTER_OTLP_ENDPOINT): "),
+            "{}",
+            text(&output.stderr)
+        );
+    }
+}
