@@ -128,7 +128,8 @@ fn span_data(span: FinishedSpan, scope: &InstrumentationScope) -> SpanData {
         links: SpanLinks::default(),
         status: match span.error {
             Some(error) => Status::error(error),
-            None => Status::Ok,
+            // Unset, as OpenTelemetry asks of instrumentation for what did not fail.
+            None => Status::Unset,
         },
         instrumentation_scope: scope.clone(),
     }
