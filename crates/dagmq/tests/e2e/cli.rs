@@ -269,11 +269,13 @@ fn each_role_takes_only_its_own_flags_and_lists_only_them() {
         }
     }
     let worker = text(&dagmq().args(["worker", "--help"]).output().unwrap().stdout);
-    for flag in ["--concurrency", "--queues", "--grace-period", "--amqp", "--redis", "--dags"] {
+    for flag in ["--concurrency", "--queues", "--grace-period", "--amqp", "--redis", "--dags", "--otlp-endpoint"] {
         assert!(worker.contains(flag), "`worker --help` leaves out {flag}");
     }
     let scheduler = text(&dagmq().args(["scheduler", "--help"]).output().unwrap().stdout);
-    for flag in ["--port", "--pool", "--retention", "--notify-webhook", "--amqp", "--redis", "--dags"] {
+    for flag in
+        ["--port", "--pool", "--retention", "--notify-webhook", "--amqp", "--redis", "--dags", "--otlp-endpoint"]
+    {
         assert!(scheduler.contains(flag), "`scheduler --help` leaves out {flag}");
     }
     // The grace period has a flag, checked like every duration.
