@@ -345,3 +345,22 @@ fn an_otlp_endpoint_that_is_not_an_http_url_is_a_usage_error() {
         );
     }
 }
+
+#[test]
+fn a_password_in_the_otlp_endpoint_is_never_logged() {
+    // A collector behind basic auth given in the URL: the warning about a failed export names
+    // the endpoint with its password masked, whatever the HTTP client's error says.
+    let dir = std::env::temp_dir().join(format!("dagmq-traces-password-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let log = dir.join("standalone.log");
+    let endpoint = format!("http://spans:hunter2secret@127.0.0.1:{}", free_port());
+    let standalone = Standalone::start_logged_with(&examples(), &log, &["--otlp-endpoint", &endpoint]);
+    let run = standalone.json(&["trigger", "hello", "--wait"]);
+    assert_eq!(run["state"], "success", "{run}");
+    standalone
+        .wait_until(Duration::from_secs(30), || std::fs::read_to_string(&log).unwrap().contains("exporting spans"));
+    drop(standalone);
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(!text.contains("hunter2secret"), "the password is in the log: {text}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
