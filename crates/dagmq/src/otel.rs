@@ -155,7 +155,12 @@ impl HttpClient for OnRuntime {
         let client = self.client.clone();
         let sent = self.runtime.spawn(async move { client.send_bytes(request).await });
         let result = match sent.await {
-            Ok(result) => result,
+            // reqwest's errors name the URL, a password in it too: they go without it (the
+            // warning below names the endpoint masked; the SDK may keep or show the error).
+            Ok(result) => result.map_err(|err| match err.downcast::<reqwest::Error>() {
+                Ok(err) => Box::new(err.without_url()) as HttpError,
+                Err(err) => err,
+            }),
             Err(err) => Err(Box::new(err) as HttpError),
         };
         let failure = match &result {
