@@ -8,6 +8,7 @@ mod control_flow;
 mod dag_versions;
 mod eager;
 mod faults;
+mod hostile_headers;
 mod operations;
 mod outputs;
 mod partial_failure;
