@@ -364,3 +364,31 @@ fn a_password_in_the_otlp_endpoint_is_never_logged() {
     assert!(!text.contains("hunter2secret"), "the password is in the log: {text}");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// Seconds a standalone with nothing running takes from SIGTERM to its exit, its spans exported
+/// to `endpoint`.
+fn seconds_to_stop(endpoint: &str) -> f64 {
+    let mut standalone = Standalone::start_with_args(&examples(), &["--otlp-endpoint", endpoint]);
+    let run = standalone.json(&["trigger", "hello", "--wait"]);
+    assert_eq!(run["state"], "success", "{run}");
+    // The run's spans are waiting for export (every second), or being exported.
+    let pid = standalone.child.id().to_string();
+    let started = Instant::now();
+    std::process::Command::new("kill").args(["-TERM", &pid]).status().unwrap();
+    let deadline = started + Duration::from_secs(60);
+    while standalone.child.try_wait().unwrap().is_none() {
+        assert!(Instant::now() < deadline, "still running 60 s after SIGTERM");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    started.elapsed().as_secs_f64()
+}
+
+#[test]
+fn a_collector_that_never_answers_delays_shutdown_by_at_most_the_documented_wait() {
+    // The README: the last spans are given at most 2 s on shutdown.
+    let silent = TcpListener::bind("127.0.0.1:0").unwrap();
+    let endpoint = format!("http://127.0.0.1:{}", silent.local_addr().unwrap().port());
+    let took = seconds_to_stop(&endpoint);
+    assert!(took < 4.0, "stopping took {took:.1} s with a collector that never answers");
+    drop(silent);
+}
