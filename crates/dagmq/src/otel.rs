@@ -5,7 +5,7 @@
 //! Recording a span never waits: it goes into the batch processor's bounded queue (2048 spans),
 //! which a thread of its own empties every second, in batches of up to 512, each POST given 10 s.
 //! A full queue drops spans; a collector that is down costs the spans of the batches it
-//! refused, logged once until it answers again.
+//! refused, logged once until it answers again. A stopping process gives its last spans 2 s.
 //!
 //! The requests go through the workspace's reqwest client (rustls, the `--tls-*` flags), run on
 //! the process's tokio runtime: the batch processor's thread has no runtime of its own.
@@ -35,6 +35,10 @@ const MAX_QUEUE: usize = 2048;
 
 /// How often the waiting spans are sent.
 const EXPORT_EVERY: Duration = Duration::from_secs(1);
+
+/// Longest a stopping process waits for its last spans to be sent: a collector that is slow or
+/// never answers delays the exit by this much at most (not by [`EXPORT_TIMEOUT`]).
+const SHUTDOWN_WAIT: Duration = Duration::from_secs(2);
 
 /// A span sink exporting over OTLP/HTTP; [`OtlpSink::shutdown`] sends what is left.
 #[derive(Debug)]
@@ -81,10 +85,11 @@ impl OtlpSink {
         Ok(OtlpSink { processor, scope })
     }
 
-    /// Sends the spans still waiting (waiting at most [`EXPORT_TIMEOUT`]) and stops the export
-    /// thread. Call it off the runtime's threads (`spawn_blocking`): it blocks.
+    /// Sends the spans still waiting (waiting at most [`SHUTDOWN_WAIT`]; what is not sent by
+    /// then is lost) and stops the export thread. Call it off the runtime's threads
+    /// (`spawn_blocking`): it blocks.
     pub fn shutdown(&self) {
-        if let Err(err) = self.processor.shutdown_with_timeout(EXPORT_TIMEOUT) {
+        if let Err(err) = self.processor.shutdown_with_timeout(SHUTDOWN_WAIT) {
             tracing::warn!("stopping the span export: {err}");
         }
     }
