@@ -83,6 +83,7 @@ fn serve(stream: TcpStream, kept: &Mutex<Vec<Span>>, seen: &Mutex<Vec<String>>) 
         }
         let mut length = 0usize;
         let mut content_type = String::new();
+        let mut authorization = String::new();
         loop {
             let mut line = String::new();
             if reader.read_line(&mut line).unwrap_or(0) == 0 {
@@ -96,12 +97,13 @@ fn serve(stream: TcpStream, kept: &Mutex<Vec<Span>>, seen: &Mutex<Vec<String>>) 
             match name.to_ascii_lowercase().as_str() {
                 "content-length" => length = value.trim().parse().unwrap(),
                 "content-type" => content_type = value.trim().to_string(),
+                "authorization" => authorization = value.trim().to_string(),
                 _ => {}
             }
         }
         let mut body = vec![0u8; length];
         reader.read_exact(&mut body).unwrap();
-        seen.lock().unwrap().push(format!("{} ({content_type})", request_line.trim_end()));
+        seen.lock().unwrap().push(format!("{} ({content_type}) [{authorization}]", request_line.trim_end()));
         if request_line.starts_with("POST /v1/traces ") && content_type == "application/json" {
             let export: Value = serde_json::from_slice(&body).unwrap();
             kept.lock().unwrap().extend(read_export(&export));
@@ -391,4 +393,21 @@ fn a_collector_that_never_answers_delays_shutdown_by_at_most_the_documented_wait
     let took = seconds_to_stop(&endpoint);
     assert!(took < 4.0, "stopping took {took:.1} s with a collector that never answers");
     drop(silent);
+}
+
+#[test]
+fn credentials_in_the_otlp_endpoint_reach_the_collector_as_basic_auth() {
+    // A collector behind basic auth, its user and password in the URL:
+    // each export carries them as an Authorization header, and the URL it asks for has none.
+    let receiver = Receiver::start();
+    let endpoint = format!("http://spans:pw@127.0.0.1:{}", receiver.port);
+    let standalone = Standalone::start_with_args(&examples(), &["--otlp-endpoint", &endpoint]);
+    let run = standalone.json(&["trigger", "hello", "--wait"]);
+    assert_eq!(run["state"], "success", "{run}");
+    receiver.wait_for(Duration::from_secs(30), |spans| !spans.is_empty());
+    let requests = receiver.requests.lock().unwrap().clone();
+    assert!(
+        requests.iter().all(|r| r.starts_with("POST /v1/traces ") && r.ends_with("[Basic c3BhbnM6cHc=]")),
+        "{requests:?}"
+    );
 }
