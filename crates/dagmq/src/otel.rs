@@ -58,6 +58,17 @@ impl OtlpSink {
         let traces = format!("{base}/v1/traces");
         let http = crate::client::HttpClient::new(&traces, tls, EXPORT_TIMEOUT)
             .map_err(|e| format!("--otlp-endpoint (OTEL_EXPORTER_OTLP_ENDPOINT): {e}"))?;
+        // A user and password in the URL go as basic auth, as reqwest sends them for a request it
+        // builds itself; the exporter's requests (built from the URL) would drop them, so the
+        // exporter gets the URL without them and the header instead.
+        let probe = http.inner().post(&traces).build().map_err(|e| {
+            format!("--otlp-endpoint (OTEL_EXPORTER_OTLP_ENDPOINT): {:?} is not a URL: {}", http.shown(), e.without_url())
+        })?;
+        let traces = probe.url().to_string();
+        let mut headers = std::collections::HashMap::new();
+        if let Some(value) = probe.headers().get(reqwest::header::AUTHORIZATION).and_then(|v| v.to_str().ok()) {
+            headers.insert(reqwest::header::AUTHORIZATION.as_str().to_string(), value.to_string());
+        }
         let client = OnRuntime {
             client: http.inner().clone(),
             runtime: tokio::runtime::Handle::try_current().map_err(|e| format!("no async runtime: {e}"))?,
@@ -69,6 +80,7 @@ impl OtlpSink {
             .with_http_client(client)
             .with_protocol(Protocol::HttpJson)
             .with_endpoint(traces)
+            .with_headers(headers)
             .with_timeout(EXPORT_TIMEOUT)
             .build()
             .map_err(|e| format!("--otlp-endpoint (OTEL_EXPORTER_OTLP_ENDPOINT): {e}"))?;
