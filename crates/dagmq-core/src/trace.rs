@@ -231,6 +231,20 @@ mod tests {
         assert_eq!(TraceParent::of_message(None, "r"), TraceParent::of_run("r"));
     }
 
+    /// A hand-published task message whose producer's own tracing put its `traceparent` on it
+    /// (instrumented AMQP clients do) names another trace: the try stays in its run's trace, as
+    /// "each run is one trace" says, and no producer can put dagmq's spans into a trace of its
+    /// choosing.
+    #[test]
+    fn a_header_of_another_trace_leaves_the_try_in_its_runs_trace() {
+        let foreign = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+        assert_eq!(TraceParent::of_message(Some(foreign), "r"), TraceParent::of_run("r"));
+        // One of the run's own trace is taken as it is (its span may be another than the root).
+        let run = TraceParent::of_run("r");
+        let child = TraceParent { trace_id: run.trace_id, span_id: [7; 8] };
+        assert_eq!(TraceParent::of_message(Some(&child.header()), "r"), child);
+    }
+
     #[test]
     fn new_span_ids_differ() {
         assert_ne!(new_span_id(), new_span_id());
