@@ -4,8 +4,8 @@
 //! A run's trace id and root span id are derived from its run id ([`TraceParent::of_run`]), so
 //! any scheduler (after a failover too) and any worker names the same trace without storing
 //! anything. Task messages carry the parent as the `traceparent` header
-//! ([`TRACEPARENT_HEADER`]); a message without one (an outside producer, an older scheduler)
-//! gets the run's derived parent.
+//! ([`TRACEPARENT_HEADER`]); a message without one (an outside producer, an older scheduler),
+//! or with one of another trace, gets the run's derived parent.
 //!
 //! This crate only describes finished spans ([`FinishedSpan`]) and hands them to a
 //! [`SpanSink`]; the `dagmq` binary's sink exports them over OTLP. Recording a span never waits.
@@ -69,9 +69,12 @@ impl TraceParent {
     }
 
     /// The parent a task message of run `run_id` names: its `traceparent` header when it has a
-    /// valid one, the run's derived root span otherwise.
+    /// valid one in the run's trace, the run's derived root span otherwise (a header of another
+    /// trace, such as the one an instrumented producer adds to what it publishes, is ignored:
+    /// each run is one trace).
     pub fn of_message(header: Option<&str>, run_id: &str) -> TraceParent {
-        header.and_then(TraceParent::parse).unwrap_or_else(|| TraceParent::of_run(run_id))
+        let run = TraceParent::of_run(run_id);
+        header.and_then(TraceParent::parse).filter(|parent| parent.trace_id == run.trace_id).unwrap_or(run)
     }
 }
 
