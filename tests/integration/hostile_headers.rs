@@ -64,7 +64,13 @@ async fn task_messages_with_hostile_headers_are_delivered_and_do_not_stop_the_co
         let properties = BasicProperties::default().with_headers(table.clone());
         let body = format!("m{i}");
         channel
-            .basic_publish("".into(), queue_name.as_str().into(), BasicPublishOptions::default(), body.as_bytes(), properties)
+            .basic_publish(
+                "".into(),
+                queue_name.as_str().into(),
+                BasicPublishOptions::default(),
+                body.as_bytes(),
+                properties,
+            )
             .await
             .unwrap()
             .await

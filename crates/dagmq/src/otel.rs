@@ -62,7 +62,11 @@ impl OtlpSink {
         // builds itself; the exporter's requests (built from the URL) would drop them, so the
         // exporter gets the URL without them and the header instead.
         let probe = http.inner().post(&traces).build().map_err(|e| {
-            format!("--otlp-endpoint (OTEL_EXPORTER_OTLP_ENDPOINT): {:?} is not a URL: {}", http.shown(), e.without_url())
+            format!(
+                "--otlp-endpoint (OTEL_EXPORTER_OTLP_ENDPOINT): {:?} is not a URL: {}",
+                http.shown(),
+                e.without_url()
+            )
         })?;
         let traces = probe.url().to_string();
         let mut headers = std::collections::HashMap::new();
