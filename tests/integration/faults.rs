@@ -11,7 +11,10 @@ use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use dagmq_core::dag_version::DagVersionRecord;
 use dagmq_core::records::DagRecord;
-use dagmq_core::store::{ClaimAnswer, Claimant, CreateRun, EagerClaim, FinishedTry, LeaseTerm, RunFilter, TaskChange};
+use dagmq_core::store::{
+    ClaimAnswer, Claimant, CreateRun, EagerClaim, FinishedAndClaimed, FinishedTry, LeaseTerm, NextClaim, RunFilter,
+    TaskChange,
+};
 use dagmq_core::{
     BackendError, Consumer, Queue, RunRecord, RunState, Store, TaskInstance, TaskState, Topic, WorkerInfo,
 };
@@ -322,6 +325,20 @@ impl Store for FaultyStore {
         self.faults.gate().await;
         self.faults.check("finish_try")?;
         self.inner.finish_try(run_id, done, candidates).await
+    }
+    async fn finish_and_claim(
+        &self,
+        run_id: &str,
+        done: &TaskInstance,
+        next: &NextClaim<'_>,
+    ) -> Result<FinishedAndClaimed, BackendError> {
+        self.faults.gate().await;
+        self.faults.check("finish_and_claim")?;
+        let answer = self.inner.finish_and_claim(run_id, done, next).await?;
+        if answer.next.claimed && Faults::take(&self.faults.claims_applied_then_failed) {
+            return Err(BackendError::new("injected: the outcome and claim applied, their answer timed out"));
+        }
+        Ok(answer)
     }
     async fn tasks_by_id(&self, run_id: &str, task_ids: &[&str]) -> Result<Vec<Option<TaskInstance>>, BackendError> {
         self.faults.gate().await;

@@ -19,7 +19,8 @@ use dagmq_core::memory::{MemoryQueue, MemoryStore};
 use dagmq_core::queue::Acker;
 use dagmq_core::records::DagRecord;
 use dagmq_core::store::{
-    ClaimAnswer, Claimant, CreateRun, EagerClaim, Fence, FinishedTry, LeaseTerm, RunFilter, TaskChange,
+    ClaimAnswer, Claimant, CreateRun, EagerClaim, Fence, FinishedAndClaimed, FinishedTry, LeaseTerm, NextClaim,
+    RunFilter, TaskChange,
 };
 use dagmq_core::{
     BackendError, Clock, Consumer, Delivery, Queue, RunRecord, RunState, Store, TaskInstance, TaskState, Topic,
@@ -415,6 +416,14 @@ impl Store for SimStore {
         candidates: &[EagerClaim],
     ) -> Result<FinishedTry, BackendError> {
         self.call("finish_try", true, self.inner.finish_try(run_id, done, candidates)).await
+    }
+    async fn finish_and_claim(
+        &self,
+        run_id: &str,
+        done: &TaskInstance,
+        next: &NextClaim<'_>,
+    ) -> Result<FinishedAndClaimed, BackendError> {
+        self.call("finish_and_claim", true, self.inner.finish_and_claim(run_id, done, next)).await
     }
     async fn add_tasks(
         &self,
