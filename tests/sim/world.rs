@@ -113,6 +113,10 @@ pub struct World {
     pub start: tokio::time::Instant,
     /// Store and queue calls made, all processes.
     pub calls: AtomicU64,
+    /// `finish_and_claim` calls (an outcome written with its slot's next claim): those whose
+    /// claim applied and was answered, and those answered with an error (a fault).
+    pub outcome_claims: AtomicU64,
+    pub outcome_claims_faulted: AtomicU64,
     /// A line for each crash, freeze, restart, command and try, for `DAGMQ_SIM_TRACE`.
     pub trace: Mutex<Vec<String>>,
     /// What writes did that they must not, found at the instant they applied (at most a few
@@ -133,6 +137,8 @@ impl World {
             limits,
             start: tokio::time::Instant::now(),
             calls: AtomicU64::new(0),
+            outcome_claims: AtomicU64::new(0),
+            outcome_claims_faulted: AtomicU64::new(0),
             trace: Mutex::new(Vec::new()),
             violations: Mutex::new(Vec::new()),
         })
@@ -423,7 +429,13 @@ impl Store for SimStore {
         done: &TaskInstance,
         next: &NextClaim<'_>,
     ) -> Result<FinishedAndClaimed, BackendError> {
-        self.call("finish_and_claim", true, self.inner.finish_and_claim(run_id, done, next)).await
+        let answer = self.call("finish_and_claim", true, self.inner.finish_and_claim(run_id, done, next)).await;
+        match &answer {
+            Ok(answer) if answer.next.claimed => drop(self.world.outcome_claims.fetch_add(1, Ordering::Relaxed)),
+            Ok(_) => {}
+            Err(_) => drop(self.world.outcome_claims_faulted.fetch_add(1, Ordering::Relaxed)),
+        }
+        answer
     }
     async fn add_tasks(
         &self,
@@ -617,7 +629,13 @@ impl Queue for SimQueue {
     async fn consume(&self, topic: &Topic, prefetch: u16) -> Result<Box<dyn Consumer>, BackendError> {
         self.enter("consume").await?;
         let inner = self.inner.consume(topic, prefetch).await?;
-        Ok(Box::new(SimConsumer { inner, world: self.world.clone(), proc: self.proc.clone(), acked: true }))
+        Ok(Box::new(SimConsumer {
+            inner,
+            world: self.world.clone(),
+            proc: self.proc.clone(),
+            acked: true,
+            taken: None,
+        }))
     }
     async fn broadcast(&self, payload: Vec<u8>) -> Result<(), BackendError> {
         self.enter("broadcast").await?;
@@ -627,7 +645,13 @@ impl Queue for SimQueue {
     async fn subscribe_broadcasts(&self) -> Result<Box<dyn Consumer>, BackendError> {
         self.enter("subscribe_broadcasts").await?;
         let inner = self.inner.subscribe_broadcasts().await?;
-        Ok(Box::new(SimConsumer { inner, world: self.world.clone(), proc: self.proc.clone(), acked: false }))
+        Ok(Box::new(SimConsumer {
+            inner,
+            world: self.world.clone(),
+            proc: self.proc.clone(),
+            acked: false,
+            taken: None,
+        }))
     }
     async fn depth(&self, topic: &Topic) -> Result<u64, BackendError> {
         self.enter("depth").await?;
@@ -640,29 +664,36 @@ impl Queue for SimQueue {
 }
 
 /// A consumer of one process: deliveries come late (reordered against other consumers), now
-/// and then twice, and never to a crashed process.
+/// and then twice, and never to a crashed process. A call dropped before it answers (a worker's
+/// slot looks for a delivery at hand without waiting: `Subscription::try_next`) keeps the
+/// delivery it took for the next call, as a broker's consumer does.
 struct SimConsumer {
     inner: Box<dyn Consumer>,
     world: Arc<World>,
     proc: Arc<Proc>,
     /// Whether deliveries are settled (task and status queues), not broadcasts.
     acked: bool,
+    /// A delivery taken from the queue by a call that was dropped before it answered.
+    taken: Option<Delivery>,
 }
 
 #[async_trait]
 impl Consumer for SimConsumer {
     async fn next(&mut self) -> Option<Result<Delivery, BackendError>> {
         loop {
-            let delivery = match self.inner.next().await? {
-                Ok(delivery) => delivery,
-                Err(e) => return Some(Err(e)),
-            };
+            if self.taken.is_none() {
+                self.taken = Some(match self.inner.next().await? {
+                    Ok(delivery) => delivery,
+                    Err(e) => return Some(Err(e)),
+                });
+            }
             if self.proc.is_dead() {
-                drop(delivery);
+                self.taken = None;
                 return std::future::pending().await;
             }
             self.world.jitter().await;
             self.proc.gate().await;
+            let delivery = self.taken.take()?;
             if !self.acked {
                 return Some(Ok(delivery));
             }

@@ -73,7 +73,9 @@ pub trait Queue: Send + Sync + 'static {
 /// A stream of deliveries from one topic.
 #[async_trait]
 pub trait Consumer: Send {
-    /// The next delivery; `None` once the consumer is closed for good.
+    /// The next delivery; `None` once the consumer is closed for good. Cancel-safe: a call
+    /// dropped before it answers loses no delivery (a worker's slot polls it once, to take a
+    /// delivery at hand without waiting: [`Subscription::try_next`]).
     async fn next(&mut self) -> Option<Result<Delivery, BackendError>>;
 }
 
