@@ -429,7 +429,16 @@ impl Store for SimStore {
         done: &TaskInstance,
         next: &NextClaim<'_>,
     ) -> Result<FinishedAndClaimed, BackendError> {
-        let answer = self.call("finish_and_claim", true, self.inner.finish_and_claim(run_id, done, next)).await;
+        let mut answer = self.call("finish_and_claim", true, self.inner.finish_and_claim(run_id, done, next)).await;
+        // The step is rare beside the other calls: its answer is lost more often, so the seeds
+        // reach its unknown outcome (the claim applied, the worker not told) often enough.
+        let lost = (self.world.rates().lost_answer * 10.0).min(0.5);
+        if answer.as_ref().is_ok_and(|a| a.next.claimed)
+            && self.world.roll(lost, "outcome and next claim applied, answer lost")
+        {
+            self.world.note(format_args!("  {} finish_and_claim: applied, answer lost", self.proc.name));
+            answer = Err(BackendError::new("simulated: finish_and_claim: applied, then the answer was lost"));
+        }
         match &answer {
             Ok(answer) if answer.next.claimed => drop(self.world.outcome_claims.fetch_add(1, Ordering::Relaxed)),
             Ok(_) => {}
