@@ -82,6 +82,26 @@ async fn contract(queue: &dyn Queue, delivery_limit: u32) {
     }
     assert!(deliveries >= delivery_limit, "dead-lettered after only {deliveries} deliveries");
 
+    // Headers travel with a message (a task message's `traceparent`), and with its redelivery;
+    // a message published without any has none.
+    let traceparent = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01".to_string();
+    let headers = vec![("traceparent".to_string(), traceparent.clone())];
+    queue.publish_with_headers(vec![(tasks.clone(), b"traced".to_vec(), headers)]).await.unwrap();
+    queue.publish(&tasks, b"plain".to_vec()).await.unwrap();
+    let traced = next(&mut consumer).await;
+    assert_eq!((traced.payload.as_slice(), traced.header("traceparent")), (&b"traced"[..], Some(traceparent.as_str())));
+    traced.requeue().await.unwrap();
+    // The requeued message may come back before or after the plain one.
+    for _ in 0..2 {
+        let delivery = next(&mut consumer).await;
+        if delivery.payload == b"traced" {
+            assert_eq!((delivery.redelivered, delivery.header("traceparent")), (true, Some(traceparent.as_str())));
+        } else {
+            assert_eq!((delivery.payload.as_slice(), delivery.headers.len()), (&b"plain"[..], 0));
+        }
+        delivery.ack().await.unwrap();
+    }
+
     // Broadcasts reach every subscriber.
     let mut one = queue.subscribe_broadcasts().await.unwrap();
     let mut two = queue.subscribe_broadcasts().await.unwrap();

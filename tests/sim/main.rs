@@ -18,9 +18,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
+use dagmq_core::memory::MemoryStore;
 use dagmq_core::store::RunFilter;
 use dagmq_core::task::CancelHandle;
-use dagmq_core::{CancelSignal, Clock, LiveDags, RunState, Store, TokioClock};
+use dagmq_core::{CancelSignal, Clock, LiveDags, RunRecord, RunState, Store, TokioClock};
 use dagmq_scheduler::{CommandError, SchedulerConfig, SchedulerHandle};
 use dagmq_worker::WorkerConfig;
 
@@ -42,8 +43,17 @@ const FIXED_SEEDS: std::ops::Range<u64> = 1..301;
 /// these passes, so that the list only ever shrinks as the bugs are fixed.
 const KNOWN_OPEN: &[(u64, &str)] = &[];
 
-/// How long after the faults stop every run must have ended (simulated time).
-const SETTLE_BOUND: Duration = Duration::from_secs(15 * 60);
+/// How long, after the faults stop, the runs that exist then may go without any progress (a
+/// task of theirs changing state or try, or one of them ending) before the checker calls the
+/// ones still open stuck (simulated time). Far longer than anything a healthy run waits for:
+/// a try's work (at most 25 s), a retry delay (10 s), a timeout (8 s), the sweep (10 s), a
+/// lost worker's or scheduler's lease.
+const PROGRESS_WINDOW: Duration = Duration::from_secs(10 * 60);
+
+/// The most simulated time the runs get to end after the faults stop, progressing or not: a
+/// seed with one worker slot and a long backlog needs well under it (seed 3002851, about 20
+/// minutes), and a run that keeps changing without ever ending is stuck too.
+const SETTLE_CAP: Duration = Duration::from_secs(3 * 60 * 60);
 
 /// What one seed did and found.
 pub struct Outcome {
@@ -187,7 +197,9 @@ impl Sim {
             .into_iter()
             .map(|r| r.run_id)
             .collect();
-        let settle_end = tokio::time::Instant::now() + SETTLE_BOUND;
+        let settle_end = tokio::time::Instant::now() + SETTLE_CAP;
+        let mut last_progress = tokio::time::Instant::now();
+        let mut last_seen = None;
         loop {
             let runs = sim.world.store.list_runs(&all).await.expect("memory store answers");
             let open: Vec<_> = runs.iter().filter(|r| bounded.contains(&r.run_id) && !r.state.is_final()).collect();
@@ -195,7 +207,18 @@ impl Sim {
             if open.is_empty() {
                 break;
             }
-            if tokio::time::Instant::now() >= settle_end {
+            let seen = progress_mark(&sim.world.store, &open).await;
+            let now = tokio::time::Instant::now();
+            if last_seen.as_ref() != Some(&seen) {
+                last_seen = Some(seen);
+                last_progress = now;
+            }
+            if now >= settle_end || now - last_progress >= PROGRESS_WINDOW {
+                sim.world.note(format_args!(
+                    "settling stops: {} runs open, {} s since the last progress",
+                    open.len(),
+                    (now - last_progress).as_secs()
+                ));
                 break;
             }
             for run in &suspended {
@@ -780,4 +803,16 @@ fn a_seed_replays_exactly() {
     assert_ne!(first.fingerprint, 0, "seed 3 ran: {}", first.summary);
     assert_eq!(first.fingerprint, again.fingerprint, "seed 3 did not replay: {} / {}", first.summary, again.summary);
     assert_ne!(first.fingerprint, simulate_in_child(4).fingerprint, "seeds 3 and 4 made the same history");
+}
+
+/// What the settle loop compares to tell progress: each open run's state and each of its
+/// tasks' state and try number. Equal marks a while apart mean nothing moved.
+async fn progress_mark(store: &MemoryStore, open: &[&RunRecord]) -> Vec<(String, String, Vec<(String, String, u32)>)> {
+    let mut mark = Vec::with_capacity(open.len());
+    for run in open {
+        let tasks = store.tasks(&run.run_id).await.expect("memory store answers");
+        let tasks = tasks.into_iter().map(|t| (t.task_id, t.state.to_string(), t.try_number)).collect();
+        mark.push((run.run_id.clone(), run.state.to_string(), tasks));
+    }
+    mark
 }

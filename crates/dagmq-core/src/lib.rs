@@ -24,12 +24,13 @@ pub mod task_registry;
 pub mod template;
 pub mod time_arg;
 pub mod tls;
+pub mod trace;
 pub mod trigger;
 
 pub use clock::{Clock, SystemClock, TokioClock};
 pub use dag::{Dag, DagBuilder, DagError, DagRegistry, LiveDags, Pools, TaskConfig, TaskKind, TaskSpec};
 pub use params::{ParamSpec, ParamType, ParamsSchema};
-pub use queue::{Consumer, Delivery, Queue, Subscription, Topic};
+pub use queue::{Consumer, Delivery, Headers, Queue, Subscription, Topic};
 pub use records::{RunKind, RunRecord, TaskInstance, WorkerInfo};
 pub use redact::{mask_url, scrub_url};
 pub use state::{RunState, TaskState};

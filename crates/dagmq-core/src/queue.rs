@@ -40,6 +40,10 @@ impl Topic {
     }
 }
 
+/// A message's headers, (name, value) pairs: AMQP headers in RabbitMQ. Optional to every reader:
+/// a message without them is read as before.
+pub type Headers = Vec<(String, String)>;
+
 /// A message queue with confirmed publishes and explicitly settled deliveries.
 #[async_trait]
 pub trait Queue: Send + Sync + 'static {
@@ -52,6 +56,13 @@ pub trait Queue: Send + Sync + 'static {
             self.publish(&topic, payload).await?;
         }
         Ok(())
+    }
+
+    /// Publishes several messages with headers (task messages carry their trace parent),
+    /// confirming them together. A backend that carries no headers publishes the bodies alone,
+    /// which readers accept: every header is optional.
+    async fn publish_with_headers(&self, messages: Vec<(Topic, Vec<u8>, Headers)>) -> Result<(), BackendError> {
+        self.publish_many(messages.into_iter().map(|(topic, payload, _)| (topic, payload)).collect()).await
     }
 
     /// Starts consuming `topic` with at most `prefetch` unsettled deliveries at a time.
@@ -90,6 +101,8 @@ pub struct Delivery {
     pub error: Option<String>,
     /// The producer's message id (AMQP `message_id`), when it set one.
     pub message_id: Option<String>,
+    /// The message's text headers, as published (see [`Queue::publish_with_headers`]).
+    pub headers: Headers,
     /// Settles the delivery with the queue.
     acker: Box<dyn Acker>,
 }
@@ -108,13 +121,24 @@ pub trait Acker: Send {
 impl Delivery {
     /// A delivery from a backend.
     pub fn new(payload: Vec<u8>, redelivered: bool, error: Option<String>, acker: Box<dyn Acker>) -> Delivery {
-        Delivery { payload, redelivered, error, message_id: None, acker }
+        Delivery { payload, redelivered, error, message_id: None, headers: Vec::new(), acker }
     }
 
     /// The same delivery with the producer's message id.
     pub fn with_message_id(mut self, message_id: Option<String>) -> Delivery {
         self.message_id = message_id.filter(|id| !id.is_empty());
         self
+    }
+
+    /// The same delivery with the message's headers.
+    pub fn with_headers(mut self, headers: Headers) -> Delivery {
+        self.headers = headers;
+        self
+    }
+
+    /// The value of header `name`, if the message has it.
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.iter().find(|(n, _)| n == name).map(|(_, value)| value.as_str())
     }
 
     /// The message is done with.
@@ -140,6 +164,7 @@ impl std::fmt::Debug for Delivery {
             .field("redelivered", &self.redelivered)
             .field("error", &self.error)
             .field("message_id", &self.message_id)
+            .field("headers", &self.headers)
             .finish()
     }
 }

@@ -119,7 +119,24 @@ impl Consumer for RabbitConsumer {
                     None => Box::new(NoAck),
                 };
                 let message_id = delivery.properties.message_id().as_ref().map(|id| id.to_string());
-                Some(Ok(Delivery::new(delivery.data, delivery.redelivered, error, acker).with_message_id(message_id)))
+                // The text headers a reader may want (the trace parent); the broker's own
+                // (x-death, ...) and any of another type stay out.
+                let headers = delivery.properties.headers().as_ref().map_or_else(Vec::new, |table| {
+                    table
+                        .inner()
+                        .iter()
+                        .filter(|(name, _)| !name.as_str().starts_with("x-"))
+                        .filter_map(|(name, value)| match value {
+                            AMQPValue::LongString(text) => {
+                                Some((name.as_str().to_string(), String::from_utf8_lossy(text.as_bytes()).into_owned()))
+                            }
+                            _ => None,
+                        })
+                        .collect()
+                });
+                Some(Ok(Delivery::new(delivery.data, delivery.redelivered, error, acker)
+                    .with_message_id(message_id)
+                    .with_headers(headers)))
             }
             Some(Err(err)) => Some(Err(BackendError::new(format!("rabbitmq: consumer of {}: {err}", self.name)))),
             // The broker cancelled the consumer or the connection closed: the owner consumes again.

@@ -42,7 +42,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use dagmq_core::queue::{Consumer, DEFAULT_DELIVERY_LIMIT, Queue, Topic};
+use dagmq_core::queue::{Consumer, DEFAULT_DELIVERY_LIMIT, Headers, Queue, Topic};
 use dagmq_core::{BackendError, TlsSettings};
 use lapin::options::{BasicPublishOptions, ConfirmSelectOptions, ExchangeDeclareOptions, QueueDeclareOptions};
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
@@ -501,6 +501,23 @@ impl Queue for RabbitQueue {
 
     async fn publish_many(&self, messages: Vec<(Topic, Vec<u8>)>) -> Result<(), BackendError> {
         self.inner.publish_batch(messages.into_iter().map(|(t, p)| (t, p, None)).collect()).await
+    }
+
+    async fn publish_with_headers(&self, messages: Vec<(Topic, Vec<u8>, Headers)>) -> Result<(), BackendError> {
+        let messages = messages
+            .into_iter()
+            .map(|(topic, payload, headers)| {
+                let table = (!headers.is_empty()).then(|| {
+                    let mut table = FieldTable::default();
+                    for (name, value) in headers {
+                        table.insert(name.into(), AMQPValue::LongString(LongString::from(value)));
+                    }
+                    table
+                });
+                (topic, payload, table)
+            })
+            .collect();
+        self.inner.publish_batch(messages).await
     }
 
     async fn consume(&self, topic: &Topic, prefetch: u16) -> Result<Box<dyn Consumer>, BackendError> {

@@ -78,11 +78,13 @@ struct AppState {
     scheduler: SchedulerHandle,
     /// The API settings.
     config: Arc<ApiConfig>,
+    /// The task states of finished runs, for the DAG page's grid.
+    grid_cache: Arc<dags::GridCache>,
 }
 
 /// The API's router.
 pub fn router(scheduler: SchedulerHandle, config: ApiConfig) -> Router {
-    let state = AppState { scheduler, config: Arc::new(config) };
+    let state = AppState { scheduler, config: Arc::new(config), grid_cache: Arc::default() };
     let api = Router::new()
         .route("/dags", get(list_dags))
         .route("/dags/{dag_id}", get(show_dag))
@@ -132,6 +134,11 @@ async fn conditional_get(request: Request, next: middleware::Next) -> Response {
     let asked = request.headers().get(header::IF_NONE_MATCH).and_then(|v| v.to_str().ok()).map(str::to_string);
     let response = next.run(request).await;
     if response.status() != StatusCode::OK {
+        return response;
+    }
+    // A route that tags its own answers (computed before the answer is built, so that it can
+    // answer a 304 without building it) keeps its tag.
+    if response.headers().contains_key(header::ETAG) {
         return response;
     }
     let (mut parts, body) = response.into_parts();

@@ -17,6 +17,15 @@ const span = s => s < 1 ? `${Math.round(s * 1000)} ms` : s < 60 ? `${s.toFixed(1
   : s < 3600 ? `${Math.floor(s / 60)} min ${String(Math.floor(s % 60)).padStart(2, "0")} s`
   : `${Math.floor(s / 3600)} h ${String(Math.floor((s % 3600) / 60)).padStart(2, "0")} min`;
 const duration = (a, b) => a ? span(Math.max(0, (b ? new Date(b) : new Date()) - new Date(a)) / 1000) : "-";
+/** A duration for the page: one still going on (no end) is kept current between fetches. */
+const live = (a, b) => a && !b ? `<span data-since="${esc(a)}">${duration(a)}</span>` : duration(a, b);
+
+/** The last answer of each GET, by path, with its ETag: an answer whose tag has not changed
+ *  (the browser asked with If-None-Match and got a 304) is not read or parsed again, and `api`
+ *  returns the very same object, so a view can tell "nothing changed" by identity. */
+const answers = new Map();
+/** Whether a GET of the current render brought an answer that changed (see `render`). */
+let changed = false;
 
 async function api(path, options = {}) {
   const headers = {"Accept": "application/json"};
@@ -24,13 +33,69 @@ async function api(path, options = {}) {
   if (token) headers["Authorization"] = "Bearer " + token;
   if (options.body) headers["Content-Type"] = "application/json";
   const response = await fetch(path, {...options, headers});
+  page.answeredAt = performance.now();
+  const get = !options.method || options.method === "GET";
+  const tag = response.headers.get("ETag");
+  const last = answers.get(path);
+  if (get && response.ok && tag && last && last.tag === tag) {
+    response.body?.cancel().catch(() => {});
+    return last.body;
+  }
   const body = await response.json().catch(() => ({}));
   if (response.status === 401) {
     const entered = prompt("This dagmq needs an API token:");
     if (entered) { localStorage.setItem("dagmq-token", entered); return api(path, options); }
   }
   if (!response.ok) throw new Error(body.error || ("HTTP " + response.status));
+  if (get) { changed = true; if (tag) answers.set(path, {tag, body}); }
+  if (answers.size > 200) answers.delete(answers.keys().next().value);
   return body;
+}
+
+/**
+ * Updates `target`'s children in place to match `html`: an element that is there already (the
+ * same tag at the same place, or the same key: its id or its data-key) keeps its node, only
+ * its changed attributes and texts are written, so scroll offsets, text selections, focus, what
+ * is typed into a field and an opened <details> survive. An element whose data-static names what
+ * it shows is left alone when the new one names the same (a view patches it itself).
+ */
+function morph(target, html) {
+  const template = document.createElement("template");
+  template.innerHTML = html;
+  morphChildren(target, template.content);
+}
+/** Updates the element `el` in place to match `html` (one element). */
+function morphOne(el, html) {
+  const template = document.createElement("template");
+  template.innerHTML = html;
+  morphNode(el, template.content.firstElementChild);
+}
+const keyOf = node => node.nodeType === 1 ? (node.getAttribute("data-key") ?? (node.id || null)) : null;
+function morphChildren(old, fresh) {
+  const keyed = new Map();
+  for (const child of old.childNodes) { const key = keyOf(child); if (key !== null) keyed.set(key, child); }
+  let at = old.firstChild;
+  for (const child of [...fresh.childNodes]) {
+    const key = keyOf(child);
+    let match = null;
+    if (key !== null) { match = keyed.get(key) || null; keyed.delete(key); }
+    else if (at && keyOf(at) === null && at.nodeType === child.nodeType && at.nodeName === child.nodeName
+      && (at.nodeType !== 1 || at.getAttribute("type") === child.getAttribute("type"))) match = at;
+    if (match && match.nodeName !== child.nodeName) match = null;
+    if (!match) { old.insertBefore(child, at); continue; }
+    if (match === at) at = at.nextSibling; else old.insertBefore(match, at);
+    morphNode(match, child);
+  }
+  while (at) { const next = at.nextSibling; old.removeChild(at); at = next; }
+}
+function morphNode(old, fresh) {
+  if (old.nodeType !== 1) { if (old.nodeValue !== fresh.nodeValue) old.nodeValue = fresh.nodeValue; return; }
+  const same = old.dataset.static && old.dataset.static === fresh.dataset.static;
+  for (const {name, value} of fresh.attributes) if (old.getAttribute(name) !== value) old.setAttribute(name, value);
+  // An opened <details> stays open: that attribute is the reader's.
+  for (const {name} of [...old.attributes]) if (!fresh.hasAttribute(name) && !(name === "open" && old.nodeName === "DETAILS")) old.removeAttribute(name);
+  if (same) return;
+  morphChildren(old, fresh);
 }
 
 function banner(message) {
@@ -46,7 +111,8 @@ const views = {
     const dags = all.filter(d => d.version);
     const refused = all.filter(d => d.error).map(d => `<div class="error" data-test="refused">${esc(d.error)}</div>`).join("");
     const recent = await Promise.all(dags.map(d => api(`/api/v1/runs?dag_id=${encodeURIComponent(d.dag_id)}&limit=10`)));
-    const rows = dags.map((d, i) => `<tr data-dag="${esc(d.dag_id)}">
+    if (unchanged()) return null;
+    const rows = dags.map((d, i) => `<tr data-dag="${esc(d.dag_id)}" data-key="${esc(d.dag_id)}">
       <td><a href="#/dags/${encodeURIComponent(d.dag_id)}" data-test="dag-link">${esc(d.dag_id)}</a>${d.error ? ` <span class="error" title="${esc(d.error)}" data-test="refused-change">refused change</span>` : ""}<div class="muted">${esc(d.description)}</div></td>
       <td>${esc(d.schedule || "manual")}<div class="muted">${esc(d.timezone)}</div></td>
       <td>${when(d.next_run, d.timezone)}</td>
@@ -64,15 +130,20 @@ const views = {
     const offset = Math.max(0, Number(query.get("offset")) || 0);
     const [dag, page_] = await Promise.all([api(`/api/v1/dags/${encodeURIComponent(dagId)}`),
       api(`/api/v1/dags/${encodeURIComponent(dagId)}/grid?limit=25&offset=${offset}`)]);
+    if (unchanged()) return null;
     const runs = page_.runs.slice().reverse();
     const ids = dag.tasks.map(t => t.task_id);
     const describe = r => `${r.run_id}: ${r.state}, ${r.kind}, logical date ${whenText(r.logical_date, dag.timezone)}, took ${duration(r.started_at, r.ended_at)}`;
     const head = runs.map(r => `<th data-run-column="${esc(r.run_id)}" data-kind="${esc(r.kind)}" title="${esc(describe(r))}"><a href="#/runs/${encodeURIComponent(r.run_id)}"><span class="sq" style="background:${color(r.state)}"></span></a>
       <div class="kind">${esc(KIND_MARK[r.kind] || "?")}</div></th>`).join("");
-    const grid = ids.map(id => `<tr data-grid-task="${esc(id)}"><td>${esc(id)}</td>${runs.map(r => {
-      const state = r.tasks[id];
-      return state ? `<td class="cell"><a data-cell="${esc(state)}" href="#/runs/${encodeURIComponent(r.run_id)}/tasks/${encodeURIComponent(id)}" title="${esc(r.run_id)}: ${esc(id)} ${esc(state)}"><span class="sq" style="background:${color(state)}"></span></a></td>` : `<td class="cell"></td>`;
-    }).join("")}</tr>`).join("");
+    // The grid's rows (a row per task: thousands in a large DAG) are written once for a set of
+    // runs; a later answer for the same runs only rewrites the cells whose state changed.
+    const gridKey = `${dag.version} ${offset} ${runs.map(r => r.run_id).join(" ")}`;
+    const shownGrid = document.querySelector("[data-test=grid] tbody[data-static]");
+    let grid = "";
+    if (shownGrid && shownGrid.dataset.static === gridKey && dagPage.key === gridKey) patchGrid(shownGrid, dagPage.runs, runs);
+    else grid = ids.map(id => `<tr data-grid-task="${esc(id)}" data-key="${esc(id)}"><td>${esc(id)}</td>${runs.map(r => `<td class="cell">${gridCell(r, id)}</td>`).join("")}</tr>`).join("");
+    dagPage.runs = runs; dagPage.key = gridKey;
     // Bars labelled by time: the time of day when the runs fit in one day, else date and time.
     const oneDay = runs.length && new Set(runs.map(r => new Date(r.logical_date).toDateString())).size === 1;
     const label = r => new Date(r.logical_date).toLocaleString(undefined, oneDay ? {timeStyle: "short"} : {dateStyle: "short", timeStyle: "short"});
@@ -82,7 +153,7 @@ const views = {
     const paging = `<div class="row" data-test="grid-paging">${page_.more ? `<a data-test="older" href="${here}?offset=${offset + 25}">older runs</a>` : ""}
       ${offset > 0 ? `<a data-test="newer" href="${here}?offset=${Math.max(0, offset - 25)}">newer runs</a>` : ""}
       <span class="muted">S scheduled, M manual, Q from the trigger queue, B backfill</span></div>`;
-    const backfill = dag.schedule ? `<div class="card" data-test="backfill"><h3>Backfill</h3>
+    const backfill = dag.schedule ? `<div class="card" data-test="backfill" data-key="backfill"><h3>Backfill</h3>
       <form id="backfill-form" class="params-form" data-dag="${esc(dag.dag_id)}">
       <label>from <input id="backfill-from" name="from" type="date" data-keep required></label>
       <label>to <input id="backfill-to" name="to" type="date" data-keep required></label>
@@ -92,46 +163,67 @@ const views = {
     // Nodes in the colours of the latest run (none yet: queued grey).
     const newest = offset === 0 ? runs[runs.length - 1] : null;
     const tasks = dag.tasks.map(t => ({task_id: t.task_id, after: t.after, state: newest?.tasks[t.task_id] || "queued"}));
+    const drawing = graphCard(tasks, "", dag.version);
     return `<h2>DAG ${esc(dag.dag_id)}</h2>
       <div class="row"><span class="muted">${esc(dag.description)}</span></div>
       <div class="row">schedule <b>${esc(dag.schedule || "manual")}</b> (${esc(dag.timezone)}), ${dag.paused ? "paused" : "active"},
         next run ${when(dag.next_run, dag.timezone)}, version <code>${esc(dag.version)}</code>, <a href="#/runs?dag=${encodeURIComponent(dagId)}">all runs</a></div>
-      <div class="card" data-test="trigger"><h3>Trigger a run</h3>${triggerForm(dag)}</div>
-      <div class="card" data-test="dag-graph">${graph(tasks, "")}</div>
-      <div class="card" data-test="grid"><h3>${offset ? `Runs ${offset + 1} to ${offset + runs.length} back` : `Latest ${runs.length} runs`} by task</h3>${paging}<table class="grid"><tr><th></th>${head}</tr>${grid}</table></div>
-      <div class="card" data-test="durations"><h3>Run durations</h3>${bars(durations, span)}</div>
+      <div class="card" data-test="trigger" data-key="trigger"><h3>Trigger a run</h3>${triggerForm(dag)}</div>
+      <div class="card" data-test="dag-graph" data-key="dag-graph">${drawing}</div>
+      <div class="card" data-test="grid" data-key="grid"><h3>${offset ? `Runs ${offset + 1} to ${offset + runs.length} back` : `Latest ${runs.length} runs`} by task</h3>${paging}<table class="grid" data-key="grid-table"><thead><tr><th></th>${head}</tr></thead><tbody data-static="${esc(gridKey)}">${grid}</tbody></table></div>
+      <div class="card" data-test="durations" data-key="durations"><h3>Run durations</h3>${bars(durations, span)}</div>
       ${backfill}`;
   },
   async runs(query) {
     const dag = query.get("dag") || "", state = query.get("state") || "";
     const [dags, runs] = await Promise.all([api("/api/v1/dags"),
       api(`/api/v1/runs?limit=100&dag_id=${encodeURIComponent(dag)}&status=${encodeURIComponent(state)}`)]);
+    if (unchanged()) return null;
     const options = (values, selected) => values.map(v => `<option ${v === selected ? "selected" : ""}>${esc(v)}</option>`).join("");
-    const rows = runs.map(r => `<tr data-run="${esc(r.run_id)}"><td><a href="#/runs/${encodeURIComponent(r.run_id)}">${esc(r.run_id)}</a></td>
-      <td>${esc(r.dag_id)}</td><td>${badge(r.state)}</td><td>${when(r.created_at)}</td><td>${duration(r.started_at, r.ended_at)}</td>
+    const rows = runs.map(r => `<tr data-run="${esc(r.run_id)}" data-key="${esc(r.run_id)}"><td><a href="#/runs/${encodeURIComponent(r.run_id)}">${esc(r.run_id)}</a></td>
+      <td>${esc(r.dag_id)}</td><td>${badge(r.state)}</td><td>${when(r.created_at)}</td><td>${live(r.started_at, r.ended_at)}</td>
       <td>${Object.entries(r.task_counts).map(([s, n]) => `<span title="${esc(s)}"><span class="sq" style="background:${color(s)}"></span>${n}</span>`).join(" ")}</td></tr>`).join("");
     return `<h2>Runs</h2><div class="card"><div class="row">
       <select id="f-dag" data-action="filter-runs"><option value="">all DAGs</option>${options(dags.filter(d => d.version).map(d => d.dag_id), dag)}</select>
       <select id="f-state" data-action="filter-runs"><option value="">all states</option>${options(["queued","running","suspended","success","failed","cancelled"], state)}</select></div>
-      <table><tr><th>Run</th><th>DAG</th><th>State</th><th>Created</th><th>Duration</th><th>Tasks</th></tr>${rows}</table></div>`;
+      <table><thead><tr><th>Run</th><th>DAG</th><th>State</th><th>Created</th><th>Duration</th><th>Tasks</th></tr></thead><tbody>${rows}</tbody></table></div>`;
   },
   async run(query, runId) {
     const run = await api(`/api/v1/runs/${encodeURIComponent(runId)}`);
-    const failedOnly = query.get("failed") === "1";
-    const failed = run.tasks.filter(t => t.state === "failed");
-    const rows = run.tasks.filter(t => !failedOnly || t.state === "failed").map(t => `<tr data-task="${esc(t.task_id)}"><td><a href="#/runs/${encodeURIComponent(runId)}/tasks/${encodeURIComponent(t.task_id)}">${esc(t.task_id)}</a></td>
-      <td>${badge(t.state)}${t.waiting_for ? ` <span class="muted" data-test="waiting">waiting for ${esc(t.waiting_for)}</span>` : ""}</td><td>${t.try_number}</td><td class="wide">${when(t.started_at)}</td><td>${duration(t.started_at, t.ended_at)}</td>
-      <td class="wide">${esc(t.worker || "-")}</td><td class="wide">${t.state === "running" && t.progress != null ? progress(t.progress) : ""}</td><td class="wrap" data-test="output"><code>${t.output == null ? "" : esc(typeof t.output === "string" ? t.output : JSON.stringify(t.output))}</code></td><td class="wrap error">${esc(t.error || "")}</td></tr>`).join("");
     const finished = ["success","failed","cancelled"].includes(run.state);
     page.settled = finished;
+    if (unchanged()) return null;
+    const failedOnly = query.get("failed") === "1";
+    const failed = run.tasks.filter(t => t.state === "failed");
+    const row = t => `<tr data-task="${esc(t.task_id)}" data-key="${esc(t.task_id)}"><td><a href="#/runs/${encodeURIComponent(runId)}/tasks/${encodeURIComponent(t.task_id)}">${esc(t.task_id)}</a></td>
+      <td>${badge(t.state)}${t.waiting_for ? ` <span class="muted" data-test="waiting">waiting for ${esc(t.waiting_for)}</span>` : ""}</td><td>${t.try_number}</td><td class="wide">${when(t.started_at)}</td><td>${live(t.started_at, t.ended_at)}</td>
+      <td class="wide">${esc(t.worker || "-")}</td><td class="wide">${t.state === "running" && t.progress != null ? progress(t.progress) : ""}</td><td class="wrap" data-test="output"><code>${t.output == null ? "" : esc(typeof t.output === "string" ? t.output : JSON.stringify(t.output))}</code></td><td class="wrap error">${esc(t.error || "")}</td></tr>`;
+    // The table's rows (thousands in a large run) are written once for a list of tasks; a
+    // later answer rewrites only the rows of the tasks that changed.
+    const listed = run.tasks.filter(t => !failedOnly || t.state === "failed");
+    const tableKey = `${runId} ${failedOnly} ${listed.map(t => t.task_id).join(" ")}`;
+    const signatures = new Map(listed.map(t => [t.task_id, JSON.stringify(t)]));
+    const shownTable = document.querySelector("[data-test=tasks] tbody[data-static]");
+    let rows = "";
+    if (shownTable && shownTable.dataset.static === tableKey && runPage.key === tableKey) {
+      if (shownTable.rowsFor !== tableKey) {
+        shownTable.rowsById = new Map([...shownTable.rows].map(r => [r.dataset.task, r]));
+        shownTable.rowsFor = tableKey;
+      }
+      for (const t of listed) {
+        const shownRow = shownTable.rowsById.get(t.task_id);
+        if (shownRow && runPage.signatures.get(t.task_id) !== signatures.get(t.task_id)) morphOne(shownRow, row(t));
+      }
+    } else rows = listed.map(row).join("");
+    runPage.key = tableKey; runPage.signatures = signatures;
     // What failed and why comes first: each failed task with its error, before the graph.
-    const failures = failed.length ? `<div class="card" data-test="failures"><h3>Failed</h3>${failed.map(t =>
-      `<div class="row" data-failed="${esc(t.task_id)}"><a href="#/runs/${encodeURIComponent(runId)}/tasks/${encodeURIComponent(t.task_id)}"><b>${esc(t.task_id)}</b></a>
+    const failures = failed.length ? `<div class="card" data-test="failures" data-key="failures"><h3>Failed</h3>${failed.map(t =>
+      `<div class="row" data-failed="${esc(t.task_id)}" data-key="failed ${esc(t.task_id)}"><a href="#/runs/${encodeURIComponent(runId)}/tasks/${encodeURIComponent(t.task_id)}"><b>${esc(t.task_id)}</b></a>
         <span class="muted">try ${t.try_number}${t.ended_at ? `, ${esc(whenText(t.ended_at))}` : ""}</span><span class="error wrap">${esc(t.error || "")}</span></div>
-      ${(t.log_tail || []).length ? `<pre class="log tail" data-tail="${esc(t.task_id)}">${esc(t.log_tail.join("\n"))}</pre>` : ""}`).join("")}</div>` : "";
+      ${(t.log_tail || []).length ? `<pre class="log tail" data-tail="${esc(t.task_id)}" data-key="tail ${esc(t.task_id)}">${esc(t.log_tail.join("\n"))}</pre>` : ""}`).join("")}</div>` : "";
     const toggle = `<a data-test="failed-only" href="#/runs/${encodeURIComponent(runId)}${failedOnly ? "" : "?failed=1"}">${failedOnly ? "all tasks" : `failed only (${failed.length})`}</a>`;
     return `<h2 class="title">Run ${esc(run.run_id)} ${badge(run.state)}${run.waiting_for ? ` <span class="muted" data-test="run-waiting">waiting for ${esc(run.waiting_for)}</span>` : ""}</h2>
-      <div class="row" data-test="run-times">started ${when(run.started_at)}, ${run.ended_at ? `ended ${when(run.ended_at)}, ` : ""}took <b>${duration(run.started_at, run.ended_at)}</b></div>
+      <div class="row" data-test="run-times">started ${when(run.started_at)}, ${run.ended_at ? `ended ${when(run.ended_at)}, ` : ""}took <b>${live(run.started_at, run.ended_at)}</b></div>
       <div class="row"><span class="muted">DAG <a href="#/runs?dag=${encodeURIComponent(run.dag_id)}">${esc(run.dag_id)}</a>,
         ${esc(run.kind)}, logical date ${when(run.logical_date)}, params ${esc(JSON.stringify(run.params))}</span>
         <button data-test="restart" ${finished ? "" : "disabled"} data-action="run" data-run="${esc(runId)}" data-verb="restart">Restart</button>
@@ -139,9 +231,9 @@ const views = {
         <button data-test="suspend" ${run.state === "running" ? "" : "disabled"} data-action="run" data-run="${esc(runId)}" data-verb="suspend">Suspend</button>
         <button data-test="resume" ${run.state === "suspended" ? "" : "disabled"} data-action="run" data-run="${esc(runId)}" data-verb="resume">Resume</button></div>
       ${failures}
-      <div class="card" data-test="tasks"><div class="row">${toggle}</div><table><tr><th>Task</th><th>State</th><th>Try</th><th class="wide">Started</th><th>Took</th><th class="wide">Worker</th><th class="wide">Progress</th><th>Output</th><th>Error</th></tr>${rows}</table></div>
-      <div class="card" data-test="graph">${graph(run.tasks, runId)}</div>
-      <div class="card" data-test="gantt"><h3>Timeline</h3>${gantt(run)}</div>`;
+      <div class="card" data-test="tasks" data-key="tasks"><div class="row">${toggle}</div><table><thead><tr><th>Task</th><th>State</th><th>Try</th><th class="wide">Started</th><th>Took</th><th class="wide">Worker</th><th class="wide">Progress</th><th>Output</th><th>Error</th></tr></thead><tbody data-static="${esc(tableKey)}">${rows}</tbody></table></div>
+      <div class="card" data-test="graph" data-key="graph">${graphCard(run.tasks, runId, run.dag_version || "")}</div>
+      <div class="card" data-test="gantt" data-key="gantt"><h3>Timeline</h3>${gantt(run)}</div>`;
   },
   async task(query, runId, taskId) {
     const run = await api(`/api/v1/runs/${encodeURIComponent(runId)}`);
@@ -174,7 +266,7 @@ const views = {
     if (!fresh && pre && pre.dataset.key === key) {
       // In place: the head is written again, the log only grows, so a reader's scroll position
       // and selection stay; the view follows the tail only when the reader is at the bottom.
-      document.getElementById("task-head").innerHTML = head;
+      morph(document.getElementById("task-head"), head);
       if (added.length) {
         const atBottom = pre.scrollHeight - pre.scrollTop - pre.clientHeight < 4;
         pre.querySelector(".muted")?.remove();
@@ -189,14 +281,16 @@ const views = {
   },
   async workers() {
     const workers = await api("/api/v1/workers");
-    const rows = workers.map(w => `<tr data-worker="${esc(w.name)}"><td>${esc(w.name)}</td><td>${esc(w.host)}</td><td>${esc(w.queues.join(", "))}</td>
+    if (unchanged()) return null;
+    const rows = workers.map(w => `<tr data-worker="${esc(w.name)}" data-key="${esc(w.name)}"><td>${esc(w.name)}</td><td>${esc(w.host)}</td><td>${esc(w.queues.join(", "))}</td>
       <td data-test="slots">${w.running.length} used, ${Math.max(0, w.concurrency - w.running.length)} free of ${w.concurrency}</td>
       <td class="wrap">${w.running.map(r => `<a href="#/runs/${encodeURIComponent(r.run_id)}/tasks/${encodeURIComponent(r.task_id)}">${esc(r.task_id)}</a>`).join(", ") || "-"}</td>
       <td>${when(w.last_heartbeat)}</td></tr>`).join("");
-    return `<h2>Workers</h2><div class="card"><table><tr><th>Name</th><th>Host</th><th>Queues</th><th>Slots</th><th>Running</th><th>Last heartbeat</th></tr>${rows}</table></div>`;
+    return `<h2>Workers</h2><div class="card"><table><thead><tr><th>Name</th><th>Host</th><th>Queues</th><th>Slots</th><th>Running</th><th>Last heartbeat</th></tr></thead><tbody>${rows}</tbody></table></div>`;
   },
   async capacity() {
     const c = await api("/api/v1/capacity");
+    if (unchanged()) return null;
     const use = (used, max) => max == null ? `${used}` : `${used}/${max}`;
     const pools = c.pools.map(p => `<tr data-pool="${esc(p.pool)}"><td>${esc(p.pool)}</td><td data-test="use">${p.used}/${p.slots}</td><td>${p.free}</td><td>${p.waiting}</td></tr>`).join("")
       || `<tr><td colspan="4" class="muted">no pools declared ([pools] in the config file, --pool NAME=SLOTS)</td></tr>`;
@@ -226,13 +320,73 @@ const views = {
 };
 
 const logState = {key: "", lines: [], next: 0};
+/** The grid's runs as the DAG page last showed them (oldest first). */
+const dagPage = {runs: null, key: ""};
+/** The run page's task table as last shown: its key and each task's answer as text. */
+const runPage = {key: "", signatures: new Map()};
+
+/** Whether this render may keep the page as it is: the same page as the last render, no GET
+ *  answer changed since, and nothing of the page's own (a backfill's result) to show. */
+function unchanged() {
+  return !changed && !page.dirty && page.shown === location.hash && document.getElementById("view").childElementCount > 0;
+}
+
+/** A grid cell's content: `run`'s state of task `id`, a link to its log. */
+function gridCell(run, id) {
+  const state = run.tasks[id];
+  return state ? `<a data-cell="${esc(state)}" href="#/runs/${encodeURIComponent(run.run_id)}/tasks/${encodeURIComponent(id)}" title="${esc(run.run_id)}: ${esc(id)} ${esc(state)}"><span class="sq" style="background:${color(state)}"></span></a>` : "";
+}
+
+/** Rewrites the cells of the grid body `body` whose state differs between `before` and
+ *  `after` (the same runs, in the same order). */
+function patchGrid(body, before, after) {
+  if (body.rowsFor !== body.dataset.static) {
+    body.rowsById = new Map([...body.rows].map(row => [row.dataset.gridTask, row]));
+    body.rowsFor = body.dataset.static;
+  }
+  after.forEach((run, column) => {
+    // A run that had finished, and has not been reopened since, has the same states.
+    const was = before[column];
+    if (FINAL.includes(was.state) && was.state === run.state && was.ended_at === run.ended_at) return;
+    const old = was.tasks;
+    const repaint = id => { const cell = body.rowsById.get(id)?.cells[column + 1]; if (cell) cell.innerHTML = gridCell(run, id); };
+    for (const id in run.tasks) if (old[id] !== run.tasks[id]) repaint(id);
+    for (const id in old) if (!(id in run.tasks)) repaint(id);
+  });
+}
+
+/** The graph of `tasks` for a card: drawn once per DAG version (the layout of a large DAG is
+ *  costly), then only the boxes whose state changed are coloured again. */
+function graphCard(tasks, runId, version) {
+  const key = `${version} ${runId} ${tasks.map(t => t.task_id).join(" ")}`;
+  const states = Object.fromEntries(tasks.map(t => [t.task_id, t.state]));
+  const shown = document.querySelector("[data-graph-key]");
+  const before = drawnGraph.key === key && shown?.dataset.static === key ? drawnGraph.states : null;
+  drawnGraph.key = key; drawnGraph.states = states;
+  if (!before) { drawnGraph.boxes = null; return `<div data-graph-key data-static="${esc(key)}">${graph(tasks, runId)}</div>`; }
+  const boxes = drawnGraph.boxes ||= new Map([...shown.querySelectorAll("[data-node]")].map(g => [g.dataset.node, g]));
+  for (const t of tasks) if (before[t.task_id] !== t.state) { const g = boxes.get(t.task_id); if (g) paintNode(g, t.state); }
+  return `<div data-graph-key data-static="${esc(key)}"></div>`;
+}
+/** The graph as drawn: its key, each task's state and (found once) each box. */
+const drawnGraph = {key: "", states: null, boxes: null};
+
+/** Colours a drawn box (`<g data-node>`) for `state`. */
+function paintNode(g, state) {
+  g.dataset.state = state || "";
+  g.querySelector("rect").setAttribute("fill", color(state));
+  g.querySelector("text").setAttribute("style", `fill:${onColor(state)}`);
+  g.querySelector("title").textContent = g.dataset.node + (state ? ": " + state : "");
+}
 /** The grid's mark of each run kind. */
 const KIND_MARK = {scheduled: "S", manual: "M", message: "Q", backfill: "B"};
 /** The last backfill's answer on each DAG's page. */
 const backfilled = {};
 /** Whether the page shows something that no longer changes by itself (a finished run, a
- * finished try whose log has been read): it is then read again only every 30 s. */
-const page = {settled: false, renderedAt: 0};
+ * finished try whose log has been read): it is then read again only every 30 s. Also: the page
+ * last shown (`shown`), whether it must be built again although no answer changed (`dirty`),
+ * how many updates changed it (`updates`) and how long the last one took (`scriptMs`). */
+const page = {settled: false, watchUntil: 0, renderedAt: 0, shown: "", dirty: false, updates: 0, scriptMs: 0, scriptTimes: [], answeredAt: 0};
 /** States after which nothing changes unless someone acts (restart, clear). */
 const FINAL = ["success", "failed", "cancelled", "upstream_failed", "skipped", "interrupted"];
 const progress = p => `<span class="progress" title="${Math.round(p * 100)}%"><div style="width:${Math.round(p * 100)}%"></div></span> ${Math.round(p * 100)}%`;
@@ -413,6 +567,7 @@ async function backfillFrom(form) {
     const body = {from: form.querySelector("#backfill-from").value, to: form.querySelector("#backfill-to").value};
     const answer = await api(`/api/v1/dags/${encodeURIComponent(form.dataset.dag)}/backfill`, {method: "POST", body: JSON.stringify(body)});
     backfilled[form.dataset.dag] = `${answer.runs.length} runs: ${answer.created} created, ${answer.existing} existing`;
+    page.dirty = true;
     render();
   } catch (e) { banner(e.message); }
 }
@@ -430,7 +585,7 @@ async function togglePause(dagId, paused) {
   catch (e) { banner(e.message); }
 }
 async function act(runId, verb) {
-  try { await api(`/api/v1/runs/${encodeURIComponent(runId)}/${verb}`, {method: "POST"}); render(); } catch (e) { banner(e.message); }
+  try { await api(`/api/v1/runs/${encodeURIComponent(runId)}/${verb}`, {method: "POST"}); page.watchUntil = Date.now() + 10000; render(); } catch (e) { banner(e.message); }
 }
 function filterRuns() {
   const dag = document.getElementById("f-dag").value, state = document.getElementById("f-state").value;
@@ -455,6 +610,8 @@ view.addEventListener("change", event => {
 });
 
 let rendering = false;
+/** Fetches what the page shows and updates it in place (see `morph`); a page whose answers
+ *  have not changed is left as it is, only its running durations are brought up to date. */
 async function render() {
   if (rendering) return;
   rendering = true;
@@ -464,6 +621,8 @@ async function render() {
     const parts = path.split("/").filter(Boolean).map(decodeURIComponent);
     let html;
     page.settled = false;
+    changed = false;
+    const started = performance.now();
     if (parts[0] === "runs" && parts[1] && parts[2] === "tasks") html = await views.task(query, parts[1], parts[3]);
     else if (parts[0] === "runs" && parts[1]) html = await views.run(query, parts[1]);
     else if (parts[0] === "dags" && parts[1]) html = await views.dag(query, parts[1]);
@@ -475,24 +634,42 @@ async function render() {
     // And what is typed into a form's fields (the trigger form's params).
     const kept = [...document.querySelectorAll("[data-keep]")].map(el => [el.id, el.value]);
     page.renderedAt = Date.now();
-    if (html !== null) document.getElementById("view").innerHTML = html;
-    for (const [id, value] of kept) { const el = document.getElementById(id); if (el) el.value = value; }
-    if (typed !== null && document.getElementById("params")) document.getElementById("params").value = typed;
-    if (focused && document.getElementById(focused)) document.getElementById(focused).focus();
+    if (html !== null) {
+      morph(document.getElementById("view"), html);
+      page.updates++;
+    }
+    for (const [id, value] of kept) { const el = document.getElementById(id); if (el && el.value !== value) el.value = value; }
+    if (typed !== null && document.getElementById("params") && document.getElementById("params").value !== typed) document.getElementById("params").value = typed;
+    if (focused && document.getElementById(focused) && document.activeElement !== document.getElementById(focused)) document.getElementById(focused).focus();
+    tickDurations();
+    page.shown = location.hash;
+    page.dirty = false;
+    // The time from the last answer's arrival to the page updated: reading and parsing that
+    // answer, building the view and patching the page (the browser tests bound it).
+    page.scriptMs = performance.now() - Math.max(started, page.answeredAt);
+    if (html !== null) { page.scriptTimes.push(Math.round(page.scriptMs * 10) / 10); if (page.scriptTimes.length > 1000) page.scriptTimes.shift(); }
     document.querySelectorAll("header a").forEach(a => a.classList.toggle("active", a.dataset.nav === (parts[0] || "dags")));
-    document.getElementById("updated").textContent = "updated " + new Date().toLocaleTimeString();
+    document.getElementById("updated").textContent = (page.settled ? "finished; not refreshed since " : "updated ") + new Date().toLocaleTimeString();
     banner("");
   } catch (e) { banner(e.message); }
   finally { rendering = false; }
 }
+/** Brings each running duration (`live`) up to date. */
+function tickDurations() {
+  for (const el of view.querySelectorAll("[data-since]")) {
+    const text = duration(el.dataset.since);
+    if (el.textContent !== text) el.textContent = text;
+  }
+}
 window.addEventListener("hashchange", () => { logState.key = ""; render(); });
-/** The periodic refresh: not while the reader has text selected in the view (a render would
- * drop the selection), and only every 30 s on a settled page. */
+/** The periodic refresh: every 1.5 s until the page is settled (a finished run, a finished
+ *  try read to its end), then never; the tab coming back into view checks once (a `304` when
+ *  nothing changed), as does any action or navigation. */
 function tick() {
-  const selection = getSelection();
-  if (selection && !selection.isCollapsed && view.contains(selection.anchorNode)) return;
-  if (page.settled && Date.now() - page.renderedAt < 30000) return;
+  // After an action on a run the page keeps looking for 10 s, however the run looked at once.
+  if (page.settled && Date.now() > page.watchUntil) return;
   render();
 }
+document.addEventListener("visibilitychange", () => { if (!document.hidden && page.settled) render(); });
 setInterval(tick, 1500);
 render();

@@ -85,6 +85,9 @@ pub struct WorkerConfig {
     /// while the previous one was confirmed). Off, each goes alone, as over an in-memory queue,
     /// where a publish costs no round trip to save.
     pub batch_status: bool,
+    /// Where the span of each finished try goes (see [`dagmq_core::trace`]); `None` (the
+    /// default) records none.
+    pub spans: dagmq_core::trace::Spans,
 }
 
 /// Most status updates a worker has on their way at once after their tries gave their slots
@@ -128,6 +131,7 @@ impl WorkerConfig {
             eager_claims: 8,
             dag_version_wait: DEFAULT_DAG_VERSION_WAIT,
             batch_status: true,
+            spans: None,
         }
     }
 }

@@ -147,6 +147,11 @@ pub struct CommonServeArgs {
     /// The scheduler treats a worker silent this long as lost and requeues its tries (default 20s).
     #[arg(long, value_name = "DURATION")]
     pub worker_timeout: Option<String>,
+    /// Send traces to this OpenTelemetry collector over OTLP/HTTP (JSON), e.g.
+    /// http://127.0.0.1:4318 (spans are POSTed to URL/v1/traces): a trace per run, a span per
+    /// try. Off by default.
+    #[arg(long, env = "OTEL_EXPORTER_OTLP_ENDPOINT", value_name = "URL")]
+    pub otlp_endpoint: Option<String>,
 }
 
 /// Flags of the scheduler and its API (`scheduler`, `standalone`).

@@ -77,6 +77,11 @@ impl HttpClient {
         self
     }
 
+    /// The reqwest client itself (its TLS set up), for a protocol client of its own.
+    pub fn inner(&self) -> &reqwest::Client {
+        &self.client
+    }
+
     /// The base address.
     pub fn base(&self) -> &str {
         &self.base

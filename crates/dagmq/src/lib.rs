@@ -17,6 +17,7 @@ pub mod client;
 mod client_commands;
 mod config_file;
 pub mod load;
+pub mod otel;
 mod reload;
 mod secrets;
 mod standalone;

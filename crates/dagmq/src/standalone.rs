@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use dagmq_core::memory::{MemoryQueue, MemoryStore};
+use dagmq_core::trace::SpanSink;
 use dagmq_core::{CancelSignal, Clock, LiveDags, Queue, Store, SystemClock};
 use dagmq_rabbitmq::{RabbitConfig, RabbitQueue};
 use dagmq_redis::{RedisEndpoint, RedisOptions, RedisStore, RedisTimeouts, SentinelEndpoint};
@@ -18,6 +19,7 @@ use dagmq_worker::WorkerConfig;
 use crate::cli::ServeArgs;
 use crate::config_file::ConfigFile;
 use crate::load::load_dags;
+use crate::otel::OtlpSink;
 use crate::reload::Reloader;
 use crate::webhook::WebhookNotifier;
 use crate::{App, CliError, CliResult};
@@ -213,6 +215,19 @@ pub(crate) async fn serve(app: &App, args: &ServeArgs, file: &ConfigFile, role: 
         None => Arc::new(MemoryStore::with_retention(retention)),
     };
     let clock: Arc<dyn Clock> = Arc::new(SystemClock);
+    let spans = match args.common.otlp_endpoint.as_deref().map(str::trim).filter(|url| !url.is_empty()) {
+        Some(endpoint) => {
+            let service = match role {
+                Role::Standalone => "dagmq",
+                Role::Scheduler => "dagmq-scheduler",
+                Role::Worker => "dagmq-worker",
+            };
+            let sink = Arc::new(OtlpSink::start(endpoint, service, &tls).map_err(CliError::usage)?);
+            tracing::info!(endpoint = %dagmq_core::mask_url(endpoint), "traces go to an OTLP collector");
+            Some(sink)
+        }
+        None => None,
+    };
     let (stop_scheduler, scheduler_signal) = CancelSignal::new();
     let (stop_worker, worker_signal) = CancelSignal::new();
 
@@ -227,6 +242,7 @@ pub(crate) async fn serve(app: &App, args: &ServeArgs, file: &ConfigFile, role: 
         config.refused_dags = (*live.refused()).clone();
         config.live = Some(live.clone());
         config.notifier = Arc::new(FanoutNotifier(notifiers));
+        config.spans = spans.clone().map(|sink| sink as Arc<dyn SpanSink>);
         if let Some(timeout) = worker_timeout {
             config.worker_timeout = timeout;
         }
@@ -256,6 +272,7 @@ pub(crate) async fn serve(app: &App, args: &ServeArgs, file: &ConfigFile, role: 
         config.tasks = app.tasks.clone();
         config.grace_period = grace_period;
         config.eager = !args.worker.no_eager;
+        config.spans = spans.clone().map(|sink| sink as Arc<dyn SpanSink>);
         if amqp_url.is_none() {
             // Measured: spawning a task per further claim costs more than the in-memory round
             // through the scheduler it saves.
@@ -320,6 +337,10 @@ pub(crate) async fn serve(app: &App, args: &ServeArgs, file: &ConfigFile, role: 
     }
     if let Some(server) = server {
         let _ = server.await;
+    }
+    if let Some(sink) = spans {
+        // The spans of the last tries and runs go out before the process ends.
+        let _ = tokio::task::spawn_blocking(move || sink.shutdown()).await;
     }
     Ok(())
 }

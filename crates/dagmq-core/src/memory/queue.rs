@@ -8,7 +8,7 @@ use async_trait::async_trait;
 use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, broadcast};
 
 use crate::BackendError;
-use crate::queue::{Acker, Consumer, DEFAULT_DELIVERY_LIMIT, Delivery, NoAck, Queue, Topic};
+use crate::queue::{Acker, Consumer, DEFAULT_DELIVERY_LIMIT, Delivery, Headers, NoAck, Queue, Topic};
 
 /// An in-memory queue; clones share the same topics.
 #[derive(Clone)]
@@ -44,6 +44,8 @@ struct Message {
     deliveries: u32,
     /// Dead-letter reason, for messages in `dagmq.dead`.
     error: Option<String>,
+    /// Headers, as published.
+    headers: Headers,
 }
 
 impl MemoryQueue {
@@ -104,7 +106,14 @@ impl TopicState {
 #[async_trait]
 impl Queue for MemoryQueue {
     async fn publish(&self, topic: &Topic, payload: Vec<u8>) -> Result<(), BackendError> {
-        self.inner.push(topic, Message { payload, deliveries: 0, error: None }, false);
+        self.inner.push(topic, Message { payload, deliveries: 0, error: None, headers: Vec::new() }, false);
+        Ok(())
+    }
+
+    async fn publish_with_headers(&self, messages: Vec<(Topic, Vec<u8>, Headers)>) -> Result<(), BackendError> {
+        for (topic, payload, headers) in messages {
+            self.inner.push(&topic, Message { payload, deliveries: 0, error: None, headers }, false);
+        }
         Ok(())
     }
 
@@ -155,6 +164,7 @@ impl Consumer for MemoryConsumer {
                 let state = topics.entry(self.topic.clone()).or_insert_with(TopicState::new);
                 if let Some(mut message) = state.ready.pop_front() {
                     message.deliveries += 1;
+                    let headers = message.headers.clone();
                     let delivery = Delivery::new(
                         message.payload.clone(),
                         message.deliveries > 1,
@@ -165,7 +175,8 @@ impl Consumer for MemoryConsumer {
                             message: Some(message),
                             _permit: permit,
                         }),
-                    );
+                    )
+                    .with_headers(headers);
                     return Some(Ok(delivery));
                 }
                 state.notify.clone()
@@ -235,5 +246,28 @@ impl Consumer for BroadcastConsumer {
                 Err(broadcast::error::RecvError::Closed) => return None,
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn headers_travel_with_the_message_and_its_redelivery() {
+        let queue = MemoryQueue::new();
+        let topic = Topic::Tasks("default".to_string());
+        let headers = vec![("traceparent".to_string(), "00-ab-cd-01".to_string())];
+        queue.publish_with_headers(vec![(topic.clone(), b"one".to_vec(), headers.clone())]).await.expect("publish");
+        queue.publish(&topic, b"two".to_vec()).await.expect("publish");
+        let mut consumer = queue.consume(&topic, 10).await.expect("consume");
+        let first = consumer.next().await.expect("open").expect("delivery");
+        assert_eq!(first.header("traceparent"), Some("00-ab-cd-01"));
+        let second = consumer.next().await.expect("open").expect("delivery");
+        assert_eq!(second.header("traceparent"), None, "a message without headers has none");
+        first.requeue().await.expect("requeue");
+        let again = consumer.next().await.expect("open").expect("delivery");
+        assert!(again.redelivered);
+        assert_eq!(again.headers, headers);
     }
 }

@@ -14,6 +14,7 @@ use dagmq_core::{Dag, ParamType, Params, RunState, TaskKind, TimeArg};
 use serde::{Deserialize, Serialize};
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
 use super::{ApiQuery, ApiResult, AppState, bad_request, json_body, not_found_error};
 
@@ -252,12 +253,18 @@ pub struct Grid {
 }
 
 /// The runs of a DAG as a grid polled by the DAG page: a run's tasks as states only, about a
-/// tenth of the bytes of the full run documents.
+/// tenth of the bytes of the full run documents. A finished run's states come from the
+/// [`GridCache`], so a poll reads the tasks of unfinished runs only; and its `ETag` is computed
+/// from what it shows before the answer is built: a poll whose `If-None-Match` still holds is
+/// a `304` that costs one listing of the runs and the tasks of the unfinished ones.
 pub(super) async fn dag_grid(
     State(state): State<AppState>,
     Path(dag_id): Path<String>,
     ApiQuery(query): ApiQuery<GridQuery>,
-) -> ApiResult<Json<Grid>> {
+    headers: axum::http::HeaderMap,
+) -> ApiResult<axum::response::Response> {
+    use axum::http::header;
+    use axum::response::IntoResponse;
     if state.scheduler.dags().get(&dag_id).is_none() {
         return Err(not_found_error(format!("unknown dag {dag_id:?}")));
     }
@@ -274,20 +281,52 @@ pub(super) async fn dag_grid(
     let mut records = store.list_runs(&filter).await?;
     let more = records.len() > limit;
     records.truncate(limit);
-    let mut runs = Vec::with_capacity(records.len());
-    for run in records {
-        let tasks = store.tasks(&run.run_id).await?.into_iter().map(|task| (task.task_id, task.state)).collect();
-        runs.push(GridRun {
+    // What the answer shows, in a few bytes per run: each run's record, and the states of a run
+    // that is not finished for good (a finished one's are fixed under its record's stamp).
+    let mut shown = format!("{offset} {more}\n");
+    let mut read = Vec::with_capacity(records.len());
+    for run in &records {
+        let (tasks, kept) = match state.grid_cache.get(run) {
+            Some(tasks) => (tasks, true),
+            None => {
+                let tasks: BTreeMap<_, _> =
+                    store.tasks(&run.run_id).await?.into_iter().map(|task| (task.task_id, task.state)).collect();
+                let tasks = Arc::new(tasks);
+                let kept = state.grid_cache.put(run, &tasks);
+                (tasks, kept)
+            }
+        };
+        shown.push_str(&format!(
+            "{} {:?} {:?} {} {:?} {:?}\n",
+            run.run_id, run.state, run.kind, run.logical_date, run.started_at, run.ended_at
+        ));
+        if !kept {
+            for (task, task_state) in tasks.iter() {
+                shown.push_str(&format!("{task} {task_state:?}\n"));
+            }
+        }
+        read.push(tasks);
+    }
+    let tag = format!("\"grid-{}\"", dagmq_core::dag::content_version_bytes(shown.as_bytes()));
+    let cache = [(header::ETAG, tag.clone()), (header::CACHE_CONTROL, "no-cache, private".to_string())];
+    let asked = headers.get(header::IF_NONE_MATCH).and_then(|v| v.to_str().ok()).unwrap_or("");
+    if asked.split(',').any(|one| one.trim() == tag) {
+        return Ok((axum::http::StatusCode::NOT_MODIFIED, cache).into_response());
+    }
+    let runs = records
+        .into_iter()
+        .zip(read)
+        .map(|(run, tasks)| GridRun {
             run_id: run.run_id,
             state: run.state,
             kind: run.kind,
             logical_date: run.logical_date,
             started_at: run.started_at,
             ended_at: run.ended_at,
-            tasks,
-        });
-    }
-    Ok(Json(Grid { runs, offset, more }))
+            tasks: Arc::unwrap_or_clone(tasks),
+        })
+        .collect();
+    Ok((cache, Json(Grid { runs, offset, more })).into_response())
 }
 
 pub(super) async fn pause_dag(
@@ -357,4 +396,105 @@ pub(super) async fn backfill_dag(
     let outcome = state.scheduler.backfill(&dag_id, from, to, body.params).await?;
     let answer = serde_json::json!({"runs": outcome.runs, "created": outcome.created, "existing": outcome.existing});
     Ok((StatusCode::CREATED, Json(answer)))
+}
+
+/// Most task states the [`GridCache`] holds (about 100 bytes each); past it, it starts over.
+const GRID_CACHE_STATES: usize = 200_000;
+
+/// The task states of finished runs, as the grid last read them: a finished run whose tasks are
+/// all final changes only through a restart or a clear, which reopen it (its state and end time
+/// change), so its states are read from the store once instead of on every poll of the DAG page.
+#[derive(Debug, Default)]
+pub(crate) struct GridCache {
+    runs: std::sync::Mutex<GridRuns>,
+}
+
+/// The cached runs: by run id, the record's (state, start, end) they were read under, and the
+/// states; with the count of states held.
+#[derive(Debug, Default)]
+struct GridRuns {
+    by_run: std::collections::HashMap<String, (GridStamp, GridStates)>,
+    states: usize,
+}
+
+/// A run's task states, by task id, shared between the cache and an answer being built.
+pub(crate) type GridStates = Arc<BTreeMap<String, dagmq_core::TaskState>>;
+
+/// What identifies one finishing of a run: a reopened run finishes again with another end.
+type GridStamp = (RunState, Option<DateTime<Utc>>, Option<DateTime<Utc>>);
+
+fn grid_stamp(run: &dagmq_core::records::RunRecord) -> GridStamp {
+    (run.state, run.started_at, run.ended_at)
+}
+
+impl GridCache {
+    /// The states of `run`'s tasks when they were cached under this same finishing of the run.
+    pub(crate) fn get(&self, run: &dagmq_core::records::RunRecord) -> Option<GridStates> {
+        if !run.state.is_final() {
+            return None;
+        }
+        let runs = self.runs.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        runs.by_run.get(&run.run_id).filter(|(stamp, _)| *stamp == grid_stamp(run)).map(|(_, tasks)| tasks.clone())
+    }
+
+    /// Keeps `tasks` (read after `run`) when the run is finished and every task is final, and
+    /// says whether it did (or had them already): then they are fixed under the run's record.
+    pub(crate) fn put(&self, run: &dagmq_core::records::RunRecord, tasks: &GridStates) -> bool {
+        if !run.state.is_final() || !tasks.values().all(|state| state.is_final()) {
+            return false;
+        }
+        let mut runs = self.runs.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        if runs.by_run.get(&run.run_id).is_some_and(|(stamp, _)| *stamp == grid_stamp(run)) {
+            return true;
+        }
+        if runs.states + tasks.len() > GRID_CACHE_STATES {
+            runs.by_run.clear();
+            runs.states = 0;
+        }
+        runs.states += tasks.len();
+        if let Some((_, old)) = runs.by_run.insert(run.run_id.clone(), (grid_stamp(run), tasks.clone())) {
+            runs.states -= old.len();
+        }
+        true
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use dagmq_core::TaskState;
+    use dagmq_core::records::RunRecord;
+
+    fn run(state: RunState, ended: Option<i64>) -> RunRecord {
+        let mut run: RunRecord = serde_json::from_value(serde_json::json!({
+            "run_id": "r1", "dag_id": "d", "state": "running", "kind": "manual",
+            "logical_date": "2026-12-01T00:00:00Z", "created_at": "2026-12-01T00:00:00Z",
+        }))
+        .unwrap();
+        run.state = state;
+        run.ended_at = ended.and_then(|s| DateTime::from_timestamp(s, 0));
+        run
+    }
+
+    fn states(all: &[(&str, TaskState)]) -> GridStates {
+        Arc::new(all.iter().map(|(id, state)| (id.to_string(), *state)).collect())
+    }
+
+    /// A finished run's states are kept; an unfinished run's, a run with a task not final, or a
+    /// run reopened and finished again (another end) are read again.
+    #[test]
+    fn the_grid_cache_keeps_only_finished_runs_under_the_same_finishing() {
+        let cache = GridCache::default();
+        let done = states(&[("a", TaskState::Success), ("b", TaskState::Failed)]);
+        assert!(!cache.put(&run(RunState::Running, None), &done));
+        assert_eq!(cache.get(&run(RunState::Running, None)), None, "an unfinished run");
+        assert!(!cache.put(&run(RunState::Cancelled, Some(5)), &states(&[("a", TaskState::Running)])));
+        assert_eq!(cache.get(&run(RunState::Cancelled, Some(5))), None, "a task not final");
+        assert!(cache.put(&run(RunState::Failed, Some(10)), &done));
+        assert_eq!(cache.get(&run(RunState::Failed, Some(10))), Some(done.clone()));
+        assert_eq!(cache.get(&run(RunState::Running, Some(10))), None, "reopened");
+        assert_eq!(cache.get(&run(RunState::Success, Some(20))), None, "finished again");
+        assert!(cache.put(&run(RunState::Success, Some(20)), &states(&[("a", TaskState::Success)])));
+        assert_eq!(cache.runs.lock().unwrap().states, 1, "the replaced entry's states are not counted twice");
+    }
 }

@@ -18,6 +18,7 @@ mod outcomes;
 mod queueing;
 mod recovery;
 mod runs;
+mod spans;
 mod workers;
 
 use std::cmp::Reverse;
@@ -31,8 +32,8 @@ use dagmq_core::messages;
 use dagmq_core::queue::join_all;
 use dagmq_core::records::DagRecord;
 use dagmq_core::{
-    BackendError, CancelSignal, Clock, Dag, DagRegistry, Delivery, LiveDags, Params, Queue, RunKind, RunRecord, Store,
-    Subscription, TaskInstance, TaskState, Topic,
+    BackendError, CancelSignal, Clock, Dag, DagRegistry, Delivery, Headers, LiveDags, Params, Queue, RunKind,
+    RunRecord, Store, Subscription, TaskInstance, TaskState, Topic,
 };
 use tokio::sync::mpsc;
 
@@ -82,6 +83,9 @@ pub struct SchedulerConfig {
     /// The DAGs as a live set that a reload replaces (see [`SchedulerHandle::dags_changed`]);
     /// when absent, `dags`, `default_params` and `refused_dags` are the set for good.
     pub live: Option<Arc<LiveDags>>,
+    /// Where the root span of each run that ends goes (see [`dagmq_core::trace`]); `None`
+    /// (the default) records none.
+    pub spans: dagmq_core::trace::Spans,
 }
 
 impl SchedulerConfig {
@@ -102,6 +106,7 @@ impl SchedulerConfig {
             unlisted_grace: Duration::from_secs(10),
             pools: dagmq_core::Pools::new(),
             live: None,
+            spans: None,
         }
     }
 }
@@ -247,7 +252,7 @@ struct Engine {
     timer_seq: u64,
     /// Messages to publish at the end of the current batch (or sooner, past
     /// [`OUTBOX_HIGH_WATER`]).
-    outbox: Vec<(Topic, Vec<u8>)>,
+    outbox: Vec<(Topic, Vec<u8>, Headers)>,
     /// Fires when the scheduler must stop; ends a publish that keeps failing.
     shutdown: CancelSignal,
     /// The records and task instances of runs created in this turn of the loop, so a run that
@@ -467,13 +472,13 @@ impl Engine {
     async fn flush(&mut self) {
         let mut messages = std::mem::take(&mut self.outbox).into_iter();
         loop {
-            let chunk: Vec<(Topic, Vec<u8>)> = messages.by_ref().take(PUBLISH_CHUNK).collect();
+            let chunk: Vec<(Topic, Vec<u8>, Headers)> = messages.by_ref().take(PUBLISH_CHUNK).collect();
             if chunk.is_empty() {
                 return;
             }
             let mut delay = Duration::from_millis(100);
             loop {
-                match self.queue.publish_many(chunk.clone()).await {
+                match self.queue.publish_with_headers(chunk.clone()).await {
                     Ok(()) => break,
                     Err(err) => {
                         tracing::error!("publishing {} messages failed, retrying in {delay:?}: {err}", chunk.len());

@@ -272,6 +272,7 @@ impl Engine {
         }
         self.dirty.insert(record.dag_id.clone());
         self.metrics.runs_finished.inc(&[record.dag_id.as_str(), "cancelled"]);
+        self.record_run_span(&cancelled);
         tracing::info!(run = %run_id, "run cancelled: {reason}");
         Ok(true)
     }

@@ -9,7 +9,7 @@ use dagmq_core::messages::{self, TaskToExec, VERSION};
 use dagmq_core::state::{TaskEvent, task_transition};
 use dagmq_core::store::TaskChange;
 use dagmq_core::trigger::Decision;
-use dagmq_core::{BackendError, RunState, TaskInstance, TaskState, Topic};
+use dagmq_core::{BackendError, Headers, RunState, TaskInstance, TaskState, Topic};
 
 use crate::active_run::ActiveRun;
 use crate::limits::{LimitKey, claim_of};
@@ -171,7 +171,11 @@ impl Engine {
             let mut refused = Vec::new();
             for ((i, change), applied) in queued.into_iter().zip(changes).zip(applied) {
                 if applied {
-                    self.outbox.push((Topic::Tasks(change.task.queue.clone()), task_message(run, &change.task)));
+                    self.outbox.push((
+                        Topic::Tasks(change.task.queue.clone()),
+                        task_message(run, &change.task),
+                        task_headers(run),
+                    ));
                     run.replace(i, change.task);
                 } else {
                     refused.push(i);
@@ -206,7 +210,11 @@ impl Engine {
                         continue;
                     }
                     if fresh.state == TaskState::Queued && fresh.try_number == change.task.try_number {
-                        self.outbox.push((Topic::Tasks(fresh.queue.clone()), task_message(run, &fresh)));
+                        self.outbox.push((
+                            Topic::Tasks(fresh.queue.clone()),
+                            task_message(run, &fresh),
+                            task_headers(run),
+                        ));
                     }
                     take_moved_on(run, i, fresh);
                 }
@@ -214,7 +222,11 @@ impl Engine {
             Err(err) => {
                 tracing::warn!(run = %run.id(), "queueing answered no and the tasks cannot be read back: {err}");
                 for (i, change) in queued.into_iter().zip(changes) {
-                    self.outbox.push((Topic::Tasks(change.task.queue.clone()), task_message(run, &change.task)));
+                    self.outbox.push((
+                        Topic::Tasks(change.task.queue.clone()),
+                        task_message(run, &change.task),
+                        task_headers(run),
+                    ));
                     run.replace(i, change.task);
                 }
             }
@@ -271,6 +283,12 @@ impl Engine {
 }
 
 /// The task-to-exec message for a queued task.
+/// The headers of a task message of `run`: the run's trace parent (`traceparent`), so that the
+/// worker's span of the try joins the run's trace.
+pub(super) fn task_headers(run: &ActiveRun) -> Headers {
+    dagmq_core::trace::task_headers(run.id())
+}
+
 pub(super) fn task_message(run: &ActiveRun, task: &TaskInstance) -> Vec<u8> {
     messages::encode(&TaskToExec {
         v: VERSION,

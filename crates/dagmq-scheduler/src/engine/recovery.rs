@@ -12,7 +12,7 @@ use dagmq_core::{BackendError, Dag, RunRecord, RunState, TaskState, Topic};
 
 use crate::active_run::ActiveRun;
 
-use super::queueing::task_message;
+use super::queueing::{task_headers, task_message};
 use super::{Engine, TimerKind, USER_CANCEL};
 
 impl Engine {
@@ -82,7 +82,7 @@ impl Engine {
                 },
                 TaskState::Queued if republish_queued => {
                     let message = task_message(run, task);
-                    self.outbox.push((Topic::Tasks(task.queue.clone()), message));
+                    self.outbox.push((Topic::Tasks(task.queue.clone()), message, task_headers(run)));
                 }
                 _ => {}
             }
@@ -274,6 +274,7 @@ impl Engine {
         self.limits.forget_run(&finished.run_id);
         tracing::info!(dag = %dag_id, run = %finished.run_id, state = %outcome, "run finished");
         self.metrics.runs_finished.inc(&[dag_id.as_str(), outcome.as_str()]);
+        self.record_run_span(&finished);
         if let Some(count) = self.running.get_mut(&dag_id) {
             *count = count.saturating_sub(1);
         }

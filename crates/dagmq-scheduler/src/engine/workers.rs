@@ -8,7 +8,7 @@ use chrono::{DateTime, Utc};
 use dagmq_core::fail_point;
 use dagmq_core::{BackendError, RunState, TaskInstance, TaskState, Topic, WorkerInfo};
 
-use super::queueing::task_message;
+use super::queueing::{task_headers, task_message};
 use super::{Engine, TryKey};
 
 /// Longest wait between two republishes of one queued try, and how long a queued try waits
@@ -173,7 +173,7 @@ impl Engine {
                         task.queued_at.map_or("?".to_string(), |t| t.to_rfc3339())
                     );
                     self.metrics.republished.inc(&[]);
-                    self.outbox.push((Topic::Tasks(task.queue.clone()), task_message(&run, &task)));
+                    self.outbox.push((Topic::Tasks(task.queue.clone()), task_message(&run, &task), task_headers(&run)));
                     self.republished.insert(key, (now, next_wait));
                 }
                 Ok::<(), BackendError>(())
@@ -287,7 +287,7 @@ impl Engine {
         let result = match run.index.get(&task.task_id).copied() {
             Some(i) => {
                 if next.state == TaskState::Queued {
-                    self.outbox.push((Topic::Tasks(next.queue.clone()), task_message(&run, &next)));
+                    self.outbox.push((Topic::Tasks(next.queue.clone()), task_message(&run, &next), task_headers(&run)));
                 }
                 self.on_task_changed(&mut run, i, next, true).await
             }

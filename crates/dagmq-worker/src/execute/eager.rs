@@ -8,6 +8,7 @@ use std::sync::atomic::Ordering;
 use chrono::{DateTime, Utc};
 use dagmq_core::messages::{StatusUpdate, TaskToExec};
 use dagmq_core::store::EagerClaim;
+use dagmq_core::trace::TraceParent;
 use dagmq_core::trigger::TriggerRule;
 use dagmq_core::{Delivery, TaskInstance};
 
@@ -75,6 +76,8 @@ pub(super) struct EagerCandidate {
     message: TaskToExec,
     resolved: Resolved,
     registered: Registered,
+    /// The trace parent of its upstream's try, which is the run's.
+    parent: TraceParent,
 }
 
 impl EagerCandidate {
@@ -89,6 +92,7 @@ impl EagerCandidate {
         self.registered.claimed.store(true, Ordering::SeqCst);
         ClaimedTry {
             key: self.key,
+            parent: self.parent,
             message: self.message,
             running: self.claim.claimed,
             resolved: self.resolved,
@@ -133,7 +137,12 @@ pub(super) fn eager_candidates(shared: &Shared, dag: &dagmq_core::Dag, task_id: 
 
 /// Makes each pending downstream task read at the claim a candidate: its next try as this
 /// worker would claim it, resolved against the run's DAG version, and registered.
-pub(super) fn prepare_eager(shared: &Shared, message: &TaskToExec, eager: Vec<TaskInstance>) -> Vec<EagerCandidate> {
+pub(super) fn prepare_eager(
+    shared: &Shared,
+    message: &TaskToExec,
+    parent: TraceParent,
+    eager: Vec<TaskInstance>,
+) -> Vec<EagerCandidate> {
     let mut candidates = Vec::with_capacity(eager.len());
     let now = shared.config.clock.now();
     let run = shared.runs.lock().unwrap_or_else(|p| p.into_inner()).get(&message.run_id).cloned();
@@ -154,7 +163,7 @@ pub(super) fn prepare_eager(shared: &Shared, message: &TaskToExec, eager: Vec<Ta
         let then = eager_candidates(shared, &dag, &expected.task_id);
         let branches = branch_upstreams(&dag, &expected);
         let claim = EagerClaim { expected, claimed, then, branches };
-        candidates.push(EagerCandidate { key, claim, message: next, resolved, registered });
+        candidates.push(EagerCandidate { key, claim, message: next, resolved, registered, parent });
     }
     candidates
 }

@@ -24,6 +24,7 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 use dagmq_core::fail_point;
 use dagmq_core::messages::{self, TaskToExec};
+use dagmq_core::trace::{TRACEPARENT_HEADER, TraceParent};
 use dagmq_core::{BackendError, CancelSignal, Delivery, Task, TaskInstance};
 
 use crate::Shared;
@@ -144,8 +145,10 @@ async fn handle(
         Claim::Run(running, resolved, trusted, eager, claimed_since) => {
             fail_point!("worker::claim::before_ack");
             claimed.store(true, Ordering::SeqCst);
+            let parent = TraceParent::of_message(delivery.header(TRACEPARENT_HEADER), &trusted.run_id);
             let first = ClaimedTry {
                 key,
+                parent,
                 message: *trusted,
                 running: *running,
                 resolved,
@@ -200,6 +203,9 @@ struct Registered {
 struct ClaimedTry {
     /// (run, task, try), its entry among the running tries.
     key: TryKey,
+    /// The span the try's span is a child of: its message's `traceparent`, or its run's root
+    /// span (see [`dagmq_core::trace`]).
+    parent: TraceParent,
     /// What it runs, as the store and this worker's DAGs describe it.
     message: TaskToExec,
     /// The instance as claimed.

@@ -9,6 +9,7 @@ use std::time::Duration;
 use dagmq_core::fail_point;
 use dagmq_core::messages::{self, StatusUpdate, TaskToExec, VERSION};
 use dagmq_core::store::{EagerClaim, NextClaim};
+use dagmq_core::trace::{FinishedSpan, SpanValue, TRACEPARENT_HEADER, TraceParent, new_span_id};
 use dagmq_core::{BackendError, FollowUp, RunState, TaskError, TaskInstance, TaskOutcome, TaskState, Topic};
 
 use crate::Shared;
@@ -25,8 +26,18 @@ use super::{ClaimedTry, Resolved, settle_unclaimed};
 /// downstream tries claimed as this one succeeded, if any, with this try's status update, which
 /// is sent while they run.
 pub(super) async fn finish(shared: &Arc<Shared>, claimed: ClaimedTry) -> Option<Next> {
-    let ClaimedTry { key, message, mut running, resolved, signal, reason, mut eager, claimed_since, free_since } =
-        claimed;
+    let ClaimedTry {
+        key,
+        parent,
+        message,
+        mut running,
+        resolved,
+        signal,
+        reason,
+        mut eager,
+        claimed_since,
+        free_since,
+    } = claimed;
     let message = &message;
     let Resolved { executable, branch, timeout } = resolved;
     // A try stopped before it starts (cancelled, fenced) never starts; nor does one claimed
@@ -100,10 +111,12 @@ pub(super) async fn finish(shared: &Arc<Shared>, claimed: ClaimedTry) -> Option<
     if let Some(outcome) = outcome {
         shared.config.metrics.tries.inc(&[outcome]);
     }
+    // The try's span ends here: before its outcome is written, so before its run can end.
+    let ended = shared.config.clock.now();
     let mut delay = Duration::from_millis(100);
     let mut after = After::default();
     let next = loop {
-        match record_outcome(shared, message, &running, &result, &tail, reason, &mut eager, &mut after).await {
+        match record_outcome(shared, message, parent, &running, &result, &tail, reason, &mut eager, &mut after).await {
             Ok(next) => break next,
             Err(err) => {
                 tracing::error!(run = %message.run_id, task = %message.task_id, "recording the outcome: {err}; retrying in {delay:?}");
@@ -113,6 +126,10 @@ pub(super) async fn finish(shared: &Arc<Shared>, claimed: ClaimedTry) -> Option<
         }
     };
     lock(&shared.running).remove(&key);
+    if let Some(spans) = &shared.config.spans {
+        let state = outcome.unwrap_or("not_started");
+        spans.record(try_span(shared, message, &running, parent, (state, ended), result.as_ref().err()));
+    }
     // Eager tries are claimed only when the slot took no message, and the other way round.
     match (next, after) {
         (Some(next), _) => Some(next),
@@ -121,6 +138,39 @@ pub(super) async fn finish(shared: &Arc<Shared>, claimed: ClaimedTry) -> Option<
             Some(Next::Delivery { delivery, taken, free_since: shared.config.clock.now() })
         }
         (None, _) => None,
+    }
+}
+
+/// The span of a finished try: a child of `parent` (its run's root span), from its start (or
+/// its end, for a try that never started) to `end`, when it ended in `state`.
+fn try_span(
+    shared: &Shared,
+    message: &TaskToExec,
+    running: &TaskInstance,
+    parent: TraceParent,
+    (state, end): (&str, chrono::DateTime<chrono::Utc>),
+    error: Option<&TaskError>,
+) -> FinishedSpan {
+    let start = running.started_at.unwrap_or(end).min(end);
+    FinishedSpan {
+        trace_id: parent.trace_id,
+        span_id: new_span_id(),
+        parent_span_id: Some(parent.span_id),
+        name: format!("try {}", message.task_id),
+        start,
+        end,
+        attributes: vec![
+            ("dagmq.dag_id", SpanValue::Str(message.dag_id.clone())),
+            ("dagmq.run_id", SpanValue::Str(message.run_id.clone())),
+            ("dagmq.task_id", SpanValue::Str(message.task_id.clone())),
+            ("dagmq.try_number", SpanValue::Int(i64::from(running.try_number))),
+            ("dagmq.worker", SpanValue::Str(shared.config.name.clone())),
+            ("dagmq.state", SpanValue::Str(state.to_string())),
+        ],
+        error: match error {
+            Some(error) if state != "success" => Some(error.message.clone()),
+            _ => None,
+        },
     }
 }
 
@@ -134,6 +184,7 @@ pub(super) async fn finish(shared: &Arc<Shared>, claimed: ClaimedTry) -> Option<
 async fn record_outcome(
     shared: &Arc<Shared>,
     message: &TaskToExec,
+    parent: TraceParent,
     running: &TaskInstance,
     result: &Result<TaskOutcome, TaskError>,
     tail: &[String],
@@ -169,7 +220,9 @@ async fn record_outcome(
         fail_point!("worker::requeue::before_publish");
         if next.state == TaskState::Queued {
             let message = TaskToExec { try_number: next.try_number, max_try: next.max_try, ..message.clone() };
-            shared.queue.publish(&Topic::Tasks(next.queue.clone()), messages::encode(&message)).await?;
+            let headers = vec![(TRACEPARENT_HEADER.to_string(), parent.header())];
+            let topic = Topic::Tasks(next.queue.clone());
+            shared.queue.publish_with_headers(vec![(topic, messages::encode(&message), headers)]).await?;
             tracing::info!(run = %message.run_id, task = %message.task_id, try_number = next.try_number, "requeued as a new try");
         } else {
             publish_status(shared, &next, &message.run_id).await?;
@@ -212,7 +265,7 @@ async fn record_outcome(
         }
         let mut eager = eager;
         eager.truncate(permits.len() + 1);
-        prepare_eager(shared, message, eager)
+        prepare_eager(shared, message, parent, eager)
     } else {
         Vec::new()
     };
@@ -319,8 +372,10 @@ async fn finish_and_claim(
     match claim_answered(shared, &next_message, Some(run), None, answer.next, sent, sent).await {
         Ok(Claim::Run(running, resolved, trusted, eager, claimed_since)) => {
             registered.claimed.store(true, Ordering::SeqCst);
+            let parent = TraceParent::of_message(delivery.header(TRACEPARENT_HEADER), &trusted.run_id);
             let first = ClaimedTry {
                 key,
+                parent,
                 message: *trusted,
                 running: *running,
                 resolved,

@@ -688,9 +688,12 @@ fn the_log_page_appends_in_place_keeps_scroll_and_selection_and_shows_each_trys_
     browser.script("getSelection().removeAllRanges(); return null");
     std::fs::write(dir.join("stop"), "").unwrap();
     browser.wait_for("return document.querySelector('[data-test=try-state] .state')?.dataset.state", json!("success"));
-    // A finished try whose log has been read is not fetched every 1.5 s any more.
+    // A finished try whose log has been read is not fetched any more, however long it stays
+    // open (its last read is made to look 31 s old: the page once polled every 30 s).
     browser.wait_for("return page.settled", json!(true));
-    browser.script("window.renderedAt = page.renderedAt; window.watchedAt = Date.now(); return null");
+    browser.script(
+        "page.renderedAt -= 31000; window.renderedAt = page.renderedAt; window.watchedAt = Date.now(); return null",
+    );
     browser.wait_for("return Date.now() - window.watchedAt > 4500", json!(true));
     assert_eq!(
         browser.script("return page.renderedAt === window.renderedAt"),
@@ -1003,6 +1006,267 @@ fn the_dag_page_backfills_pages_through_runs_marks_their_kind_and_reads_only_the
         "return [...new Set(performance.getEntriesByType('resource').map(e => new URL(e.name).pathname))].sort()",
     );
     assert_eq!(fetched, json!(["/api/v1/dags/daily", "/api/v1/dags/daily/grid"]), "what the DAG page fetched");
+    drop(standalone);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A directory with `gated`: `wait` runs until the file `go` exists (`go` in the directory),
+/// then `after` (a noop) runs; and `quick`, one noop.
+fn gated_dags(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("dagmq-ui-{name}-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(
+        dir.join("gated.toml"),
+        format!(
+            "id = \"gated\"\n[[task]]\nid = \"wait_for_the_go_file\"\ncommand = [\"sh\", \"-c\", \"while [ ! -e {} ]; do \
+             sleep 0.1; done\"]\n[[task]]\nid = \"after\"\nrun = \"noop\"\nafter = [\"wait_for_the_go_file\"]\n",
+            dir.join("go").display()
+        ),
+    )
+    .unwrap();
+    std::fs::write(dir.join("quick.toml"), "id = \"quick\"\n[[task]]\nid = \"only\"\nrun = \"noop\"\n").unwrap();
+    dir
+}
+
+/// Selects the text of the first element matching `selector` and remembers the selection.
+fn select_text(browser: &Browser, selector: &str) -> Value {
+    browser.wait_for(&format!("return document.querySelector('{selector}') !== null"), json!(true));
+    browser.script(&format!(
+        "const r = document.createRange(); r.selectNodeContents(document.querySelector('{selector}')); \
+         getSelection().removeAllRanges(); getSelection().addRange(r); return getSelection().toString()"
+    ))
+}
+
+#[test]
+fn pages_update_in_place_keeping_selection_and_scroll() {
+    let Some(browser) = Browser::start() else { return };
+    let dir = gated_dags("in-place");
+    let standalone = Standalone::start(&dir, &[]);
+    let base = standalone.api.clone();
+    for _ in 0..3 {
+        standalone.json(&["trigger", "quick", "--wait"]);
+    }
+    let run_id = standalone.json(&["trigger", "gated"])["run_id"].as_str().unwrap().to_string();
+    let row_state =
+        |task: &str| format!("return document.querySelector('tr[data-task={task}] .state')?.dataset.state ?? null");
+
+    // The run page: text selected in the tasks table stays selected while a task changes
+    // state, and the changed row shows its new state.
+    browser.open(&format!("{base}/#/runs/{run_id}"));
+    browser.wait_for(&row_state("wait_for_the_go_file"), json!("running"));
+    // A mark on the node itself (not an attribute, which an update may rewrite).
+    browser.script("document.querySelector('[data-test=tasks]').mark = 'kept'; return null");
+    let selected = select_text(&browser, "tr[data-task=wait_for_the_go_file] td a");
+    assert_eq!(selected, json!("wait_for_the_go_file"));
+    std::fs::write(dir.join("go"), "").unwrap();
+    browser.wait_for(&row_state("after"), json!("success"));
+    browser.wait_for(&row_state("wait_for_the_go_file"), json!("success"));
+    assert_eq!(browser.script("return getSelection().toString()"), selected, "the selection was lost");
+    assert_eq!(
+        browser.script("return document.querySelector('[data-test=tasks]').mark ?? null"),
+        json!("kept"),
+        "the tasks card was built again instead of updated"
+    );
+    browser.script("getSelection().removeAllRanges(); return null");
+
+    // The runs list, narrow enough that its table scrolls sideways: a new run appears, a run
+    // changes state, and the table stays where the reader scrolled it, with the selection.
+    std::fs::remove_file(dir.join("go")).unwrap();
+    browser.resize(560, 800);
+    browser.open(&format!("{base}/#/runs"));
+    browser.wait_for(&format!("return document.querySelector('tr[data-run=\"{run_id}\"]') !== null"), json!(true));
+    let scrolled = browser.script(
+        "const c = document.querySelector('#view .card:last-child'); c.mark = 'kept'; c.scrollLeft = 60; \
+         return c.scrollLeft",
+    );
+    assert!(scrolled.as_u64().unwrap() > 0, "the runs table does not scroll sideways at 560 px: {scrolled}");
+    let selected = select_text(&browser, &format!("tr[data-run=\"{run_id}\"] td a"));
+    // The DAG filter has the focus (a keyboard user on it).
+    browser.script("document.getElementById('f-dag').focus(); return null");
+    let second = standalone.json(&["trigger", "gated"])["run_id"].as_str().unwrap().to_string();
+    browser.wait_for(
+        &format!("return document.querySelector('tr[data-run=\"{second}\"] .state')?.dataset.state ?? null"),
+        json!("running"),
+    );
+    std::fs::write(dir.join("go"), "").unwrap();
+    browser.wait_for(
+        &format!("return document.querySelector('tr[data-run=\"{second}\"] .state')?.dataset.state ?? null"),
+        json!("success"),
+    );
+    assert_eq!(
+        browser.script(
+            "const c = document.querySelector('#view .card:last-child'); return [c.mark ?? null, c.scrollLeft]"
+        ),
+        json!(["kept", scrolled]),
+        "the runs table was built again or scrolled back"
+    );
+    assert_eq!(browser.script("return getSelection().toString()"), selected, "the selection was lost");
+    assert_eq!(browser.script("return document.activeElement.id"), json!("f-dag"), "the focus moved");
+    browser.screenshot("runs-in-place");
+    // An opened <details> stays open through an update of its text.
+    assert_eq!(
+        browser.script(
+            "const box = document.createElement('div'); box.innerHTML = '<details><summary>why</summary>old</details>'; \
+             box.firstChild.open = true; morph(box, '<details><summary>why</summary>new</details>'); \
+             return [box.firstChild.open, box.firstChild.textContent]"
+        ),
+        json!([true, "whynew"])
+    );
+    drop(standalone);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Watches the page for `seconds` while nothing changes: nothing in it may change (but the
+/// running durations, which count up), and each of its API requests must be a 304 (less than
+/// 1 KB moved, by the resource timings). Returns how many requests it made.
+fn assert_quiet(browser: &Browser, seconds: u64, what: &str) -> usize {
+    browser.script(
+        "performance.clearResourceTimings(); window.mutations = []; window.watchedAt = Date.now(); \
+         window.watcher?.disconnect(); window.watcher = new MutationObserver(list => { for (const m of list) { \
+           const at = m.target.nodeType === 1 ? m.target : m.target.parentElement; \
+           if (!at?.closest('[data-since]')) window.mutations.push(at?.outerHTML.slice(0, 120) ?? m.type); } }); \
+         window.watcher.observe(document.getElementById('view'), {subtree: true, childList: true, attributes: true, characterData: true}); \
+         return null",
+    );
+    browser.wait_for(&format!("return Date.now() - window.watchedAt > {}", seconds * 1000), json!(true));
+    let seen = browser.script(
+        "window.watcher.disconnect(); return [window.mutations.slice(0, 5), performance.getEntriesByType('resource')\
+         .filter(e => new URL(e.name).pathname.startsWith('/api/')).map(e => [new URL(e.name).pathname, e.transferSize])]",
+    );
+    assert_eq!(seen[0], json!([]), "{what}: changed although nothing changed: {seen}");
+    let requests = seen[1].as_array().unwrap();
+    assert!(!requests.is_empty(), "{what}: no request at all in {seconds} s: {seen}");
+    assert!(
+        requests.iter().all(|r| r[1].as_u64().unwrap() < 1024),
+        "{what}: an answer that had not changed was sent again: {seen}"
+    );
+    requests.len()
+}
+
+#[test]
+fn an_open_page_on_which_nothing_changes_costs_only_304s_and_no_update() {
+    let Some(browser) = Browser::start() else { return };
+    let dir = gated_dags("quiet");
+    let standalone = Standalone::start(&dir, &[]);
+    let base = standalone.api.clone();
+    for _ in 0..3 {
+        standalone.json(&["trigger", "quick", "--wait"]);
+    }
+    let run_id = standalone.json(&["trigger", "gated"])["run_id"].as_str().unwrap().to_string();
+    // A running run's page, its task waiting: the run document does not change.
+    browser.open(&format!("{base}/#/runs/{run_id}"));
+    browser.wait_for(
+        "return document.querySelector('tr[data-task=wait_for_the_go_file] .state')?.dataset.state ?? null",
+        json!("running"),
+    );
+    assert_quiet(&browser, 5, "the run page");
+    // Its running durations still count up without a new answer.
+    let took = "document.querySelector('[data-test=run-times] b').textContent";
+    let before = browser.script(&format!("return {took}"));
+    browser.wait_for(&format!("return {took} !== {before}"), json!(true));
+    // The DAG page with its grid and graph, the runs list, the DAG list, capacity (the workers
+    // page changes with every heartbeat).
+    for page in ["dags/quick", "dags/gated", "runs", "dags", "capacity"] {
+        browser.open(&format!("{base}/#/{page}"));
+        browser.wait_for("return page.shown === location.hash", json!(true));
+        assert_quiet(&browser, 4, page);
+    }
+    // And a change still shows in the grid and the graph, with the text selected in the grid
+    // still selected.
+    browser.open(&format!("{base}/#/dags/gated"));
+    browser.wait_for(
+        "return [...document.querySelectorAll('[data-test=grid] [data-cell]')].map(c => c.dataset.cell).join()",
+        json!("running,pending"),
+    );
+    let selected = select_text(&browser, "tr[data-grid-task=wait_for_the_go_file] td");
+    std::fs::write(dir.join("go"), "").unwrap();
+    browser.wait_for(
+        "return [...document.querySelectorAll('[data-test=grid] [data-cell]')].map(c => c.dataset.cell).join()",
+        json!("success,success"),
+    );
+    browser.wait_for(
+        "return [...document.querySelectorAll('[data-test=dag-graph] [data-node]')].map(n => n.dataset.state).join()",
+        json!("success,success"),
+    );
+    assert_eq!(browser.script("return getSelection().toString()"), selected, "the selection was lost");
+    drop(standalone);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Tasks in the large DAG of `a_2000_task_dags_page_and_runs_page_update_a_changed_task_in_under_100_ms`.
+const LARGE: usize = 2000;
+
+#[test]
+fn a_2000_task_dags_page_and_runs_page_update_a_changed_task_in_under_100_ms() {
+    let Some(browser) = Browser::start() else { return };
+    let dir = std::env::temp_dir().join(format!("dagmq-ui-large-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    // `gate` waits for the file `g`, `gate_2` for `g2`, `hold` for `h`; every other task waits
+    // for `hold`.
+    let wait = |file: &str| {
+        format!("command = [\"sh\", \"-c\", \"while [ ! -e {} ]; do sleep 0.1; done\"]", dir.join(file).display())
+    };
+    let mut dag = format!(
+        "id = \"large\"\nmax_active_tasks = 256\n[[task]]\nid = \"gate\"\n{}\n[[task]]\nid = \"gate_2\"\n{}\n\
+         [[task]]\nid = \"hold\"\n{}\n",
+        wait("g"),
+        wait("g2"),
+        wait("h")
+    );
+    for i in 0..LARGE - 3 {
+        dag.push_str(&format!("[[task]]\nid = \"step_{i:04}\"\nrun = \"noop\"\nafter = [\"hold\"]\n"));
+    }
+    std::fs::write(dir.join("large.toml"), dag).unwrap();
+    let standalone = Standalone::start(&dir, &[]);
+    let base = standalone.api.clone();
+    // Finished runs first, then one whose `gate` and `hold` wait.
+    for file in ["g", "g2", "h"] {
+        std::fs::write(dir.join(file), "").unwrap();
+    }
+    for _ in 0..4 {
+        let run = standalone.json(&["trigger", "large", "--wait"]);
+        assert_eq!(run["state"], "success", "{}", run["state"]);
+    }
+    for file in ["g", "g2", "h"] {
+        std::fs::remove_file(dir.join(file)).unwrap();
+    }
+    let run_id = standalone.json(&["trigger", "large"])["run_id"].as_str().unwrap().to_string();
+    browser.open(&format!("{base}/#/dags/large"));
+    let gate = "const row = document.querySelector('tr[data-grid-task=gate]'); \
+                return row ? row.cells[row.cells.length - 1].querySelector('[data-cell]')?.dataset.cell ?? null : null";
+    browser.wait_for(gate, json!("running"));
+    browser.wait_for("return document.querySelectorAll('tr[data-grid-task]').length", json!(LARGE));
+    let first = browser.script("return page.scriptMs");
+    // Nothing changes: no update, only 304s.
+    assert_quiet(&browser, 5, "the large DAG's page");
+    // One task changes: the page shows it, in well under 100 ms of script.
+    let updates = browser.script("return page.scriptTimes.length").as_u64().unwrap() as usize;
+    std::fs::write(dir.join("g"), "").unwrap();
+    browser.wait_for(gate, json!("success"));
+    assert_eq!(
+        browser.script("return document.querySelector('[data-test=dag-graph] [data-node=gate]').dataset.state"),
+        json!("success"),
+        "the graph's box"
+    );
+    let times = browser.script(&format!("return page.scriptTimes.slice({updates})"));
+    eprintln!("the 2,000-task DAG page: first drawn in {first} ms, updated for one task in {times} ms");
+    let times: Vec<f64> = times.as_array().unwrap().iter().map(|t| t.as_f64().unwrap()).collect();
+    assert!(!times.is_empty() && times.iter().all(|&ms| ms < 100.0), "the updates took {times:?} ms");
+    browser.screenshot("large-dag");
+
+    // The run's page: its table of 2,000 tasks rewrites only the row that changed.
+    browser.open(&format!("{base}/#/runs/{run_id}"));
+    let gate_2 = "return document.querySelector('tr[data-task=gate_2] .state')?.dataset.state ?? null";
+    browser.wait_for(gate_2, json!("running"));
+    assert_quiet(&browser, 3, "the large run's page");
+    let updates = browser.script("return page.scriptTimes.length").as_u64().unwrap() as usize;
+    std::fs::write(dir.join("g2"), "").unwrap();
+    browser.wait_for(gate_2, json!("success"));
+    let times = browser.script(&format!("return page.scriptTimes.slice({updates})"));
+    eprintln!("the 2,000-task run's page: updated for one task in {times} ms");
+    let times: Vec<f64> = times.as_array().unwrap().iter().map(|t| t.as_f64().unwrap()).collect();
+    assert!(!times.is_empty() && times.iter().all(|&ms| ms < 100.0), "the updates took {times:?} ms");
+    std::fs::write(dir.join("h"), "").unwrap();
     drop(standalone);
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -269,11 +269,13 @@ fn each_role_takes_only_its_own_flags_and_lists_only_them() {
         }
     }
     let worker = text(&dagmq().args(["worker", "--help"]).output().unwrap().stdout);
-    for flag in ["--concurrency", "--queues", "--grace-period", "--amqp", "--redis", "--dags"] {
+    for flag in ["--concurrency", "--queues", "--grace-period", "--amqp", "--redis", "--dags", "--otlp-endpoint"] {
         assert!(worker.contains(flag), "`worker --help` leaves out {flag}");
     }
     let scheduler = text(&dagmq().args(["scheduler", "--help"]).output().unwrap().stdout);
-    for flag in ["--port", "--pool", "--retention", "--notify-webhook", "--amqp", "--redis", "--dags"] {
+    for flag in
+        ["--port", "--pool", "--retention", "--notify-webhook", "--amqp", "--redis", "--dags", "--otlp-endpoint"]
+    {
         assert!(scheduler.contains(flag), "`scheduler --help` leaves out {flag}");
     }
     // The grace period has a flag, checked like every duration.
@@ -310,4 +312,50 @@ fn a_query_string_the_api_cannot_read_is_a_json_400_that_names_the_parameter() {
         let error = answer["error"].as_str().unwrap_or_else(|| panic!("{path}: no error field: {body}"));
         assert!(error.contains(names), "{path}: the error does not name {names}: {error}");
     }
+}
+
+/// The DAG grid tags its answer itself, from what it shows: a poll on which nothing changed is
+/// a 304, a task that changes state changes the tag, and a finished run keeps one tag (read
+/// from the store once, then from the grid's cache).
+#[test]
+fn the_grid_is_a_304_until_a_task_changes_and_a_finished_run_keeps_its_tag() {
+    let dir = std::env::temp_dir().join(format!("dagmq-grid-tag-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(
+        dir.join("gated.toml"),
+        format!(
+            "id = \"gated\"\n[[task]]\nid = \"wait\"\ncommand = [\"sh\", \"-c\", \"while [ ! -e {} ]; do sleep 0.1; \
+             done\"]\n[[task]]\nid = \"after\"\nrun = \"noop\"\nafter = [\"wait\"]\n",
+            dir.join("go").display()
+        ),
+    )
+    .unwrap();
+    let standalone = Standalone::start(&dir, &[]);
+    let path = "/api/v1/dags/gated/grid";
+    let tag_of = |head: &str| head.lines().find_map(|line| line.strip_prefix("etag: ")).expect("an etag").to_string();
+    let run_id = standalone.json(&["trigger", "gated"])["run_id"].as_str().unwrap().to_string();
+    standalone.wait_until(Duration::from_secs(30), || {
+        standalone.json(&["runs", "show", &run_id])["tasks"][0]["state"] == "running"
+    });
+    let (status, head, body) = get_with(&standalone.api, path, "");
+    assert_eq!(status, 200);
+    assert!(head.contains("cache-control: no-cache, private"), "{head}");
+    assert!(body.contains("\"wait\":\"running\""), "{body}");
+    let running = tag_of(&head);
+    let (status, _, body) = get_with(&standalone.api, path, &format!("If-None-Match: {running}\r\n"));
+    assert_eq!((status, body.as_str()), (304, ""), "nothing changed");
+    std::fs::write(dir.join("go"), "").unwrap();
+    standalone
+        .wait_until(Duration::from_secs(30), || standalone.json(&["runs", "show", &run_id])["state"] == "success");
+    let (status, head, body) = get_with(&standalone.api, path, &format!("If-None-Match: {running}\r\n"));
+    assert_eq!(status, 200, "the run finished: {head}");
+    assert!(body.contains("\"wait\":\"success\",") || body.contains("\"wait\":\"success\"}"), "{body}");
+    let finished = tag_of(&head);
+    assert_ne!(finished, running);
+    for _ in 0..2 {
+        let (status, _, _) = get_with(&standalone.api, path, &format!("If-None-Match: {finished}\r\n"));
+        assert_eq!(status, 304, "a finished run's grid changed its tag");
+    }
+    drop(standalone);
+    let _ = std::fs::remove_dir_all(&dir);
 }

@@ -20,4 +20,5 @@ mod security;
 mod standalone;
 mod support;
 mod tls;
+mod traces;
 mod validate;

@@ -47,6 +47,7 @@ fn without_settings(mut command: Command) -> Command {
         "DAGMQ_NOTIFY_WEBHOOK_FILE",
         "DAGMQ_ALLOWED_HOST",
         "DAGMQ_ALLOWED_ORIGINS",
+        "OTEL_EXPORTER_OTLP_ENDPOINT",
     ] {
         command.env_remove(variable);
     }
