@@ -11,7 +11,10 @@ use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use dagmq_core::dag_version::DagVersionRecord;
 use dagmq_core::records::DagRecord;
-use dagmq_core::store::{ClaimAnswer, Claimant, CreateRun, EagerClaim, FinishedTry, LeaseTerm, RunFilter, TaskChange};
+use dagmq_core::store::{
+    ClaimAnswer, Claimant, CreateRun, EagerClaim, FinishedAndClaimed, FinishedTry, LeaseTerm, NextClaim, RunFilter,
+    TaskChange,
+};
 use dagmq_core::{
     BackendError, Consumer, Queue, RunRecord, RunState, Store, TaskInstance, TaskState, Topic, WorkerInfo,
 };
@@ -94,6 +97,11 @@ pub struct Faults {
     pub refused_rereads_failing: AtomicU32,
     /// Tasks whose next `task` read fails (each id once), armed by `refused_rereads_failing`.
     pub task_reads_failing_for: Mutex<Vec<String>>,
+    /// Tries claimed with the outcome of the try before (`finish_and_claim` calls whose claim
+    /// applied).
+    pub claimed_with_outcomes: AtomicU32,
+    /// The next this many `finish_and_claim` calls whose claim applies answer an error.
+    pub outcome_claims_applied_then_failed: AtomicU32,
 }
 
 impl Faults {
@@ -322,6 +330,23 @@ impl Store for FaultyStore {
         self.faults.gate().await;
         self.faults.check("finish_try")?;
         self.inner.finish_try(run_id, done, candidates).await
+    }
+    async fn finish_and_claim(
+        &self,
+        run_id: &str,
+        done: &TaskInstance,
+        next: &NextClaim<'_>,
+    ) -> Result<FinishedAndClaimed, BackendError> {
+        self.faults.gate().await;
+        self.faults.check("finish_and_claim")?;
+        let answer = self.inner.finish_and_claim(run_id, done, next).await?;
+        if answer.next.claimed {
+            self.faults.claimed_with_outcomes.fetch_add(1, Ordering::SeqCst);
+        }
+        if answer.next.claimed && Faults::take(&self.faults.outcome_claims_applied_then_failed) {
+            return Err(BackendError::new("injected: the outcome and claim applied, their answer timed out"));
+        }
+        Ok(answer)
     }
     async fn tasks_by_id(&self, run_id: &str, task_ids: &[&str]) -> Result<Vec<Option<TaskInstance>>, BackendError> {
         self.faults.gate().await;

@@ -73,6 +73,61 @@ async fn a_claim_that_applied_but_answered_an_error_still_runs_once() {
     h.stop().await;
 }
 
+/// A harness whose one worker has a single slot, running DAG `four`: four probe tasks with no
+/// upstream, all queued at once. Answers the worker's faults.
+async fn four_tasks_one_slot() -> (Harness, Journal, ProcessFaults) {
+    let journal = Journal::default();
+    let clock = Arc::new(dagmq_core::TokioClock::starting_at(origin()));
+    let mut dag = Dag::builder("four");
+    for id in ["a", "b", "c", "d"] {
+        dag = dag.task(TaskSpec::rust(id, Probe::new(&journal, &clock)));
+    }
+    let mut registry = DagRegistry::new();
+    registry.add(dag.build().unwrap()).unwrap();
+    let mut h = Harness::start(registry).await;
+    h.stop_worker().await;
+    let faults = ProcessFaults::default();
+    let live = Arc::new(dagmq_core::LiveDags::new(h.dags.clone(), Vec::new(), Default::default()));
+    let (stop, task, _) = h.extra_worker("one-slot", live, &faults, |config| config.concurrency = 1);
+    h.keep_worker(stop, task);
+    (h, journal, faults)
+}
+
+/// A slot whose try ends claims its next try, from a message its consumer holds already, in the
+/// same store call that writes the outcome: of four tries through one slot, the last three are
+/// claimed so (failed before the worker used `finish_and_claim`: none was).
+#[tokio::test(start_paused = true)]
+async fn a_slot_claims_its_next_try_with_the_outcome_of_the_one_before() {
+    let (h, journal, faults) = four_tasks_one_slot().await;
+    let run = h.trigger("four").await;
+    assert_eq!(h.wait_final(&run).await, RunState::Success);
+    assert_eq!(faults.store.claimed_with_outcomes.load(Ordering::SeqCst), 3);
+    let tasks = h.tasks(&run).await;
+    for id in ["a", "b", "c", "d"] {
+        assert_eq!(tasks[id].try_number, 1, "{id}");
+        assert_eq!(journal.entries().iter().filter(|e| **e == format!("start:{id}")).count(), 1, "{id}");
+    }
+    h.stop().await;
+}
+
+/// The call that wrote an outcome and claimed the next try applied, and answered an error: the
+/// outcome is written again (found written), the message handled as any, the try found claimed
+/// by this worker and run once.
+#[tokio::test(start_paused = true)]
+async fn an_outcome_and_claim_that_applied_but_answered_an_error_still_run_once() {
+    let (h, journal, faults) = four_tasks_one_slot().await;
+    faults.store.outcome_claims_applied_then_failed.store(1, Ordering::SeqCst);
+    let run = h.trigger("four").await;
+    assert_eq!(h.wait_final(&run).await, RunState::Success);
+    assert_eq!(faults.store.outcome_claims_applied_then_failed.load(Ordering::SeqCst), 0, "the fault fired");
+    let tasks = h.tasks(&run).await;
+    for id in ["a", "b", "c", "d"] {
+        assert_eq!((tasks[id].state, tasks[id].try_number), (TaskState::Success, 1), "{id}");
+        assert_eq!(journal.entries().iter().filter(|e| **e == format!("start:{id}")).count(), 1, "{id}");
+    }
+    h.stop().await;
+}
+
 #[tokio::test(start_paused = true)]
 async fn a_try_running_under_a_live_worker_that_does_not_run_it_is_requeued() {
     let (mut h, journal) = one_task(Duration::from_millis(10)).await;

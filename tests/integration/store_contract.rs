@@ -7,8 +7,8 @@ use dagmq_core::dag_version::DagVersionRecord;
 use dagmq_core::memory::MemoryStore;
 use dagmq_core::records::{DagRecord, RunningTry};
 use dagmq_core::store::{
-    ClaimAnswer, Claimant, CreateRun, EagerClaim, Fence, FinishedTry, LOG_CUT_MARKER, LeaseTerm, MAX_LOG_LINES_PER_TRY,
-    RunFilter, TaskChange,
+    ClaimAnswer, Claimant, CreateRun, EagerClaim, Fence, FinishedAndClaimed, FinishedTry, LOG_CUT_MARKER, LeaseTerm,
+    MAX_LOG_LINES_PER_TRY, NextClaim, RunFilter, TaskChange,
 };
 use dagmq_core::{
     Clock, FollowUp, RunKind, RunRecord, RunState, Store, TaskInstance, TaskState, TokioClock, WorkerInfo,
@@ -209,6 +209,7 @@ async fn contract(store: Arc<dyn Store>) {
     dag_versions(store.as_ref()).await;
     batches(store.clone()).await;
     eager_claims(store.clone()).await;
+    finish_and_claim(store.clone()).await;
     claims(store).await;
 }
 
@@ -504,6 +505,82 @@ async fn claims(store: Arc<dyn Store>) {
     assert_eq!((unknown.claimed, unknown.task, unknown.read.len()), (false, None, 1));
 }
 
+/// A finished try's outcome and the claim of its slot's next try, in one call: the outcome
+/// applies as `finish_try` applies it, the claim as `claim_try` makes it, each on its own
+/// conditions (a stale outcome claims all the same; a claim refused leaves the outcome written),
+/// and a call repeated after a lost answer finds both done, the claim running under its
+/// claimant.
+async fn finish_and_claim(store: Arc<dyn Store>) {
+    let claimant = Claimant { worker: "w1".into(), instance: "w1@1-2".into(), at: at(50) };
+    let queued = |id: &str| TaskInstance::pending(id, vec![], "default", 1).next_try(at(49));
+    let (d, n, m, l) = (queued("d"), queued("n"), queued("m"), queued("l"));
+    let mut o = TaskInstance::pending("o", vec![], "default", 0);
+    o.output = Some(serde_json::json!({"read": true}));
+    let tasks = vec![d.clone(), n.clone(), m.clone(), l.clone(), o.clone()];
+    assert_eq!(store.create_run(&run("slots", "etl", 45, None), &tasks).await.unwrap(), CreateRun::Created);
+    move_run(store.as_ref(), "slots", RunState::Running, 46).await;
+    let running = store.claim_try("slots", "d", 1, &claimant, &[]).await.unwrap().task.unwrap();
+    let mut done = running.clone();
+    done.state = TaskState::Success;
+    done.ended_at = Some(at(51));
+    let next = NextClaim { task_id: "n", try_number: 1, claimant: &claimant, read: &["o", "nope"] };
+
+    let answer = store.finish_and_claim("slots", &done, &next).await.unwrap();
+    let claimed = n.claimed_by(&claimant);
+    let expected = ClaimAnswer { task: Some(claimed.clone()), claimed: true, read: vec![Some(o.clone()), None] };
+    assert_eq!(answer, FinishedAndClaimed { applied: true, next: expected });
+    assert_eq!(store.task("slots", "d").await.unwrap(), Some(done.clone()));
+    assert_eq!(store.task("slots", "n").await.unwrap(), Some(claimed.clone()));
+
+    // The answer lost, the call again: the outcome is found written (not applied again), the
+    // claim found running under its claimant (not claimed again).
+    let again = store.finish_and_claim("slots", &done, &next).await.unwrap();
+    assert_eq!((again.applied, again.next.claimed, again.next.task), (false, false, Some(claimed.clone())));
+
+    // Another worker's claim of a try claimed already, or of another try, changes nothing but the
+    // outcome.
+    let other = Claimant { worker: "w2".into(), instance: "w2@1-2".into(), at: at(52) };
+    let mut failed = claimed.clone();
+    failed.state = TaskState::Failed;
+    let wrong = NextClaim { task_id: "m", try_number: 2, claimant: &other, read: &[] };
+    let answer = store.finish_and_claim("slots", &failed, &wrong).await.unwrap();
+    assert_eq!((answer.applied, answer.next.claimed, answer.next.task), (true, false, Some(m.clone())));
+    assert_eq!(store.task("slots", "n").await.unwrap(), Some(failed.clone()));
+    assert_eq!(store.task("slots", "m").await.unwrap(), Some(m.clone()));
+
+    // A stale outcome (the try moved on) is refused; the next try is claimed all the same.
+    let stale = NextClaim { task_id: "m", try_number: 1, claimant: &other, read: &[] };
+    let answer = store.finish_and_claim("slots", &done, &stale).await.unwrap();
+    assert_eq!((answer.applied, answer.next.claimed), (false, true));
+    assert_eq!(store.task("slots", "m").await.unwrap(), Some(m.claimed_by(&other)));
+    assert_eq!(store.task("slots", "d").await.unwrap(), Some(done.clone()));
+
+    // A suspended run's try is not claimed; the outcome is written.
+    move_run(store.as_ref(), "slots", RunState::Suspended, 53).await;
+    let mut m_done = m.claimed_by(&other);
+    m_done.state = TaskState::Success;
+    let suspended = NextClaim { task_id: "l", try_number: 1, claimant: &claimant, read: &["o"] };
+    let answer = store.finish_and_claim("slots", &m_done, &suspended).await.unwrap();
+    let refused = ClaimAnswer { task: Some(l.clone()), claimed: false, read: vec![Some(o.clone())] };
+    assert_eq!(answer, FinishedAndClaimed { applied: true, next: refused });
+    assert_eq!(store.task("slots", "l").await.unwrap(), Some(l.clone()));
+    assert_eq!(store.task("slots", "m").await.unwrap(), Some(m_done));
+
+    // Unknown tasks and runs.
+    let unknown = NextClaim { task_id: "nope", try_number: 1, claimant: &claimant, read: &["o"] };
+    let answer = store.finish_and_claim("slots", &done, &unknown).await.unwrap();
+    assert_eq!(
+        (answer.applied, answer.next.claimed, answer.next.task, answer.next.read.len()),
+        (false, false, None, 1)
+    );
+    let answer = store.finish_and_claim("no-such-run", &done, &next).await.unwrap();
+    assert_eq!(
+        (answer.applied, answer.next.claimed, answer.next.task, answer.next.read),
+        (false, false, None, vec![None, None])
+    );
+    move_run(store.as_ref(), "slots", RunState::Cancelled, 54).await;
+}
+
 /// Eager dispatch: an outcome and the claim of a downstream task it made ready, in one step.
 async fn eager_claims(store: Arc<dyn Store>) {
     let after = |ids: &[&str]| ids.iter().map(|s| s.to_string()).collect::<Vec<_>>();
@@ -780,6 +857,22 @@ async fn redis_task_scripts_read_instances_in_any_field_order() {
     let change =
         TaskChange { expected_state: TaskState::Queued, expected_try: 1, task: with(&a, TaskState::Running, 1) };
     assert_eq!(store.transition_tasks("order", &[change]).await.unwrap(), vec![true]);
+    // A queued instance in another field order is claimed with an outcome all the same (by the
+    // compare-and-set the claim falls back to).
+    let queued_b =
+        r#"{"try_number":1,"state":"queued","max_try":1,"retries":0,"task_id":"b","after":["a"],"queue":"default"}"#;
+    let written = std::process::Command::new("redis-cli")
+        .args(["-u", &crate::services::redis_url(), "HSET", &format!("{prefix}:run:{{order}}:tasks"), "b", queued_b])
+        .output()
+        .expect("redis-cli runs");
+    assert!(written.status.success(), "{}", String::from_utf8_lossy(&written.stderr));
+    move_run(&store, "order", RunState::Running, 1).await;
+    let claimant = Claimant { worker: "w".into(), instance: "w@1-1".into(), at: at(2) };
+    let next = NextClaim { task_id: "b", try_number: 1, claimant: &claimant, read: &[] };
+    let answer = store.finish_and_claim("order", &with(&a, TaskState::Success, 1), &next).await.unwrap();
+    assert!(answer.applied && answer.next.claimed, "{answer:?}");
+    let b = store.task("order", "b").await.unwrap().unwrap();
+    assert_eq!((b.state, b.worker_instance.as_deref()), (TaskState::Running, Some("w@1-1")));
     store.delete_all().await.unwrap();
 }
 

@@ -166,6 +166,16 @@ impl Harness {
         (stop, tokio::spawn(dagmq_worker::run(config, queue, store, signal)), metrics)
     }
 
+    /// Makes a worker started with [`Harness::extra_worker`] the harness's own: stopped with it.
+    pub fn keep_worker(
+        &mut self,
+        stop: CancelHandle,
+        task: tokio::task::JoinHandle<Result<(), dagmq_core::BackendError>>,
+    ) {
+        self.worker_stop = Some(stop);
+        self.worker_task = Some(task);
+    }
+
     /// Stops the worker gracefully and waits for it.
     pub async fn stop_worker(&mut self) {
         if let Some(stop) = self.worker_stop.take() {

@@ -19,7 +19,8 @@ use dagmq_core::memory::{MemoryQueue, MemoryStore};
 use dagmq_core::queue::Acker;
 use dagmq_core::records::DagRecord;
 use dagmq_core::store::{
-    ClaimAnswer, Claimant, CreateRun, EagerClaim, Fence, FinishedTry, LeaseTerm, RunFilter, TaskChange,
+    ClaimAnswer, Claimant, CreateRun, EagerClaim, Fence, FinishedAndClaimed, FinishedTry, LeaseTerm, NextClaim,
+    RunFilter, TaskChange,
 };
 use dagmq_core::{
     BackendError, Clock, Consumer, Delivery, Queue, RunRecord, RunState, Store, TaskInstance, TaskState, Topic,
@@ -112,6 +113,10 @@ pub struct World {
     pub start: tokio::time::Instant,
     /// Store and queue calls made, all processes.
     pub calls: AtomicU64,
+    /// `finish_and_claim` calls (an outcome written with its slot's next claim): those whose
+    /// claim applied and was answered, and those answered with an error (a fault).
+    pub outcome_claims: AtomicU64,
+    pub outcome_claims_faulted: AtomicU64,
     /// A line for each crash, freeze, restart, command and try, for `DAGMQ_SIM_TRACE`.
     pub trace: Mutex<Vec<String>>,
     /// What writes did that they must not, found at the instant they applied (at most a few
@@ -132,6 +137,8 @@ impl World {
             limits,
             start: tokio::time::Instant::now(),
             calls: AtomicU64::new(0),
+            outcome_claims: AtomicU64::new(0),
+            outcome_claims_faulted: AtomicU64::new(0),
             trace: Mutex::new(Vec::new()),
             violations: Mutex::new(Vec::new()),
         })
@@ -416,6 +423,29 @@ impl Store for SimStore {
     ) -> Result<FinishedTry, BackendError> {
         self.call("finish_try", true, self.inner.finish_try(run_id, done, candidates)).await
     }
+    async fn finish_and_claim(
+        &self,
+        run_id: &str,
+        done: &TaskInstance,
+        next: &NextClaim<'_>,
+    ) -> Result<FinishedAndClaimed, BackendError> {
+        let mut answer = self.call("finish_and_claim", true, self.inner.finish_and_claim(run_id, done, next)).await;
+        // The step is rare beside the other calls: its answer is lost more often, so the seeds
+        // reach its unknown outcome (the claim applied, the worker not told) often enough.
+        let lost = (self.world.rates().lost_answer * 10.0).min(0.5);
+        if answer.as_ref().is_ok_and(|a| a.next.claimed)
+            && self.world.roll(lost, "outcome and next claim applied, answer lost")
+        {
+            self.world.note(format_args!("  {} finish_and_claim: applied, answer lost", self.proc.name));
+            answer = Err(BackendError::new("simulated: finish_and_claim: applied, then the answer was lost"));
+        }
+        match &answer {
+            Ok(answer) if answer.next.claimed => drop(self.world.outcome_claims.fetch_add(1, Ordering::Relaxed)),
+            Ok(_) => {}
+            Err(_) => drop(self.world.outcome_claims_faulted.fetch_add(1, Ordering::Relaxed)),
+        }
+        answer
+    }
     async fn add_tasks(
         &self,
         run_id: &str,
@@ -608,7 +638,13 @@ impl Queue for SimQueue {
     async fn consume(&self, topic: &Topic, prefetch: u16) -> Result<Box<dyn Consumer>, BackendError> {
         self.enter("consume").await?;
         let inner = self.inner.consume(topic, prefetch).await?;
-        Ok(Box::new(SimConsumer { inner, world: self.world.clone(), proc: self.proc.clone(), acked: true }))
+        Ok(Box::new(SimConsumer {
+            inner,
+            world: self.world.clone(),
+            proc: self.proc.clone(),
+            acked: true,
+            taken: None,
+        }))
     }
     async fn broadcast(&self, payload: Vec<u8>) -> Result<(), BackendError> {
         self.enter("broadcast").await?;
@@ -618,7 +654,13 @@ impl Queue for SimQueue {
     async fn subscribe_broadcasts(&self) -> Result<Box<dyn Consumer>, BackendError> {
         self.enter("subscribe_broadcasts").await?;
         let inner = self.inner.subscribe_broadcasts().await?;
-        Ok(Box::new(SimConsumer { inner, world: self.world.clone(), proc: self.proc.clone(), acked: false }))
+        Ok(Box::new(SimConsumer {
+            inner,
+            world: self.world.clone(),
+            proc: self.proc.clone(),
+            acked: false,
+            taken: None,
+        }))
     }
     async fn depth(&self, topic: &Topic) -> Result<u64, BackendError> {
         self.enter("depth").await?;
@@ -631,29 +673,36 @@ impl Queue for SimQueue {
 }
 
 /// A consumer of one process: deliveries come late (reordered against other consumers), now
-/// and then twice, and never to a crashed process.
+/// and then twice, and never to a crashed process. A call dropped before it answers (a worker's
+/// slot looks for a delivery at hand without waiting: `Subscription::try_next`) keeps the
+/// delivery it took for the next call, as a broker's consumer does.
 struct SimConsumer {
     inner: Box<dyn Consumer>,
     world: Arc<World>,
     proc: Arc<Proc>,
     /// Whether deliveries are settled (task and status queues), not broadcasts.
     acked: bool,
+    /// A delivery taken from the queue by a call that was dropped before it answered.
+    taken: Option<Delivery>,
 }
 
 #[async_trait]
 impl Consumer for SimConsumer {
     async fn next(&mut self) -> Option<Result<Delivery, BackendError>> {
         loop {
-            let delivery = match self.inner.next().await? {
-                Ok(delivery) => delivery,
-                Err(e) => return Some(Err(e)),
-            };
+            if self.taken.is_none() {
+                self.taken = Some(match self.inner.next().await? {
+                    Ok(delivery) => delivery,
+                    Err(e) => return Some(Err(e)),
+                });
+            }
             if self.proc.is_dead() {
-                drop(delivery);
+                self.taken = None;
                 return std::future::pending().await;
             }
             self.world.jitter().await;
             self.proc.gate().await;
+            let delivery = self.taken.take()?;
             if !self.acked {
                 return Some(Ok(delivery));
             }

@@ -4,7 +4,7 @@
 
 use std::pin::Pin;
 use std::sync::Arc;
-use std::task::Poll;
+use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -84,7 +84,9 @@ pub trait Queue: Send + Sync + 'static {
 /// A stream of deliveries from one topic.
 #[async_trait]
 pub trait Consumer: Send {
-    /// The next delivery; `None` once the consumer is closed for good.
+    /// The next delivery; `None` once the consumer is closed for good. Cancel-safe: a call
+    /// dropped before it answers loses no delivery (a worker's slot polls it once, to take a
+    /// delivery at hand without waiting: [`Subscription::try_next`]).
     async fn next(&mut self) -> Option<Result<Delivery, BackendError>>;
 }
 
@@ -196,17 +198,25 @@ pub struct Subscription {
     consumer: Option<Box<dyn Consumer>>,
     /// Wait before the next attempt after a failure.
     delay: Duration,
+    /// Whether the consumer closed for good while [`Subscription::try_next`] read it.
+    ended: bool,
 }
 
 impl Subscription {
     /// Consumes `topic` with at most `prefetch` unsettled deliveries.
     pub fn topic(queue: Arc<dyn Queue>, topic: Topic, prefetch: u16) -> Subscription {
-        Subscription { queue, source: Some((topic, prefetch)), consumer: None, delay: Duration::from_millis(100) }
+        Subscription {
+            queue,
+            source: Some((topic, prefetch)),
+            consumer: None,
+            delay: Duration::from_millis(100),
+            ended: false,
+        }
     }
 
     /// Receives the control broadcasts.
     pub fn broadcasts(queue: Arc<dyn Queue>) -> Subscription {
-        Subscription { queue, source: None, consumer: None, delay: Duration::from_millis(100) }
+        Subscription { queue, source: None, consumer: None, delay: Duration::from_millis(100), ended: false }
     }
 
     fn name(&self) -> String {
@@ -215,6 +225,9 @@ impl Subscription {
 
     /// The next delivery; `None` once `shutdown` fires or the queue closes for good.
     pub async fn next(&mut self, shutdown: &CancelSignal) -> Option<Delivery> {
+        if self.ended {
+            return None;
+        }
         loop {
             if self.consumer.is_none() {
                 let opened = match &self.source {
@@ -250,6 +263,33 @@ impl Subscription {
                 }
                 None => return None,
             }
+        }
+    }
+
+    /// A delivery the open consumer holds already, if any: never waits, and never opens a
+    /// consumer (`None` then). A consumer that fails here is dropped, and [`Subscription::next`]
+    /// consumes again.
+    pub fn try_next(&mut self) -> Option<Delivery> {
+        let polled = {
+            let consumer = self.consumer.as_mut()?;
+            let mut next = std::pin::pin!(consumer.next());
+            next.as_mut().poll(&mut Context::from_waker(Waker::noop()))
+        };
+        match polled {
+            Poll::Ready(Some(Ok(delivery))) => {
+                self.delay = Duration::from_millis(100);
+                Some(delivery)
+            }
+            Poll::Ready(Some(Err(err))) => {
+                tracing::error!("consuming {}: {err}", self.name());
+                self.consumer = None;
+                None
+            }
+            Poll::Ready(None) => {
+                self.ended = true;
+                None
+            }
+            Poll::Pending => None,
         }
     }
 }

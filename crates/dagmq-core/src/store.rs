@@ -209,6 +209,30 @@ pub struct ClaimAnswer {
     pub read: Vec<Option<TaskInstance>>,
 }
 
+/// The try a worker claims for the slot a finished try gives back, in the same store call
+/// that records that try's outcome ([`Store::finish_and_claim`]): a try of the same run, from a
+/// task message the worker holds already.
+#[derive(Debug, Clone, Copy)]
+pub struct NextClaim<'a> {
+    /// The task the message names.
+    pub task_id: &'a str,
+    /// The try the message names.
+    pub try_number: u32,
+    /// Who claims it, and when.
+    pub claimant: &'a Claimant,
+    /// The tasks read with the claim, as [`Store::claim_try`] reads them.
+    pub read: &'a [&'a str],
+}
+
+/// What [`Store::finish_and_claim`] did.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct FinishedAndClaimed {
+    /// Whether the outcome applied (the try was still `running` at its number).
+    pub applied: bool,
+    /// The next try's claim, as [`Store::claim_try`] answers it.
+    pub next: ClaimAnswer,
+}
+
 /// Durable state of the system. Every task transition is a compare-and-set on
 /// (run, task, state, try): a store applies it only if both still match.
 #[async_trait]
@@ -348,6 +372,23 @@ pub trait Store: Send + Sync + 'static {
         let _ = candidates;
         let applied = self.transition_task(run_id, TaskState::Running, done.try_number, done).await?;
         Ok(FinishedTry { applied, ..FinishedTry::default() })
+    }
+
+    /// Records a finished try as [`Store::finish_try`] does with no candidates, and claims
+    /// `next`, a try of the same run, as [`Store::claim_try`] does (`queued` at its number in a
+    /// `running` run, else nothing changes), whether or not the outcome applied: in one atomic
+    /// step, so the slot the finished try gives back never waits a round trip of its own for its
+    /// next try. A store that cannot do both atomically does one after the other (the outcome
+    /// first); either way an error leaves both unknown, as an error of each call does.
+    async fn finish_and_claim(
+        &self,
+        run_id: &str,
+        done: &TaskInstance,
+        next: &NextClaim<'_>,
+    ) -> Result<FinishedAndClaimed, BackendError> {
+        let applied = self.finish_try(run_id, done, &[]).await?.applied;
+        let next = self.claim_try(run_id, next.task_id, next.try_number, next.claimant, next.read).await?;
+        Ok(FinishedAndClaimed { applied, next })
     }
 
     /// Adds follow-up tasks to a run and gives existing tasks new upstream lists, atomically.

@@ -31,7 +31,7 @@ end
 /// Wraps a task script with `head(json)`, which answers a stored instance's state and try (as
 /// text).
 macro_rules! task_script {
-    ($body:literal) => {
+    ($($body:expr),+) => {
         concat!(
             r#"
 local function head(json)
@@ -41,7 +41,7 @@ local function head(json)
   return task.state, tostring(task.try_number)
 end
 "#,
-            $body
+            $($body),+
         )
     };
 }
@@ -59,20 +59,11 @@ return 1
 "#
 ));
 
-/// A worker claims a try and reads other tasks, in one step. KEYS[1] tasks hash, KEYS[2] the
-/// run's meta. ARGV: task id, try, the claim's fields as JSON members
-/// (`,"started_at":...,"worker":...,"worker_instance":...`), then the ids of tasks to read. When
-/// the task is `queued` at that try and the run is `running`, with the task's state first after
-/// its id (serde's order) and none of the claim's fields or a progress of its own, the claim is
-/// made here by rewriting the state and appending the fields (no re-encoding, so the rest of the
-/// instance stays byte for byte); otherwise nothing is written. Answers a code (`0` unknown
-/// task, `1` claimed, `2` not claimable, `3` claimable but not in that shape: the caller claims
-/// with a compare-and-set, `4` queued at that try but the run is not `running`, or gone), the
-/// task's JSON after the call (or nil), the task's `#progress` field, then the JSON and
-/// `#progress` field of each task read. The run is read only for a claimable try, so a claim of
-/// the caller's whose answer was lost is found (`2`, running under it) whatever the run's state.
-pub(crate) const CLAIM_TRY: &str = task_script!(
-    r#"
+/// The body of [`CLAIM_TRY`], shared with [`FINISH_AND_CLAIM`], which runs it as a function
+/// after its own first step.
+macro_rules! claim_body {
+    () => {
+        r#"
 local answer = {}
 local current = redis.call('HGET', KEYS[1], ARGV[1])
 if not current then
@@ -112,6 +103,52 @@ for i = 4, #ARGV do
   answer[#answer + 1] = redis.call('HGET', KEYS[1], ARGV[i] .. '#progress')
 end
 return answer
+"#
+    };
+}
+
+/// A worker claims a try and reads other tasks, in one step. KEYS[1] tasks hash, KEYS[2] the
+/// run's meta. ARGV: task id, try, the claim's fields as JSON members
+/// (`,"started_at":...,"worker":...,"worker_instance":...`), then the ids of tasks to read. When
+/// the task is `queued` at that try and the run is `running`, with the task's state first after
+/// its id (serde's order) and none of the claim's fields or a progress of its own, the claim is
+/// made here by rewriting the state and appending the fields (no re-encoding, so the rest of the
+/// instance stays byte for byte); otherwise nothing is written. Answers a code (`0` unknown
+/// task, `1` claimed, `2` not claimable, `3` claimable but not in that shape: the caller claims
+/// with a compare-and-set, `4` queued at that try but the run is not `running`, or gone), the
+/// task's JSON after the call (or nil), the task's `#progress` field, then the JSON and
+/// `#progress` field of each task read. The run is read only for a claimable try, so a claim of
+/// the caller's whose answer was lost is found (`2`, running under it) whatever the run's state.
+pub(crate) const CLAIM_TRY: &str = task_script!(claim_body!());
+
+/// A worker records a finished try's outcome and claims its slot's next try, of the same run,
+/// in one step (`Store::finish_and_claim`). KEYS[1] tasks hash, KEYS[2] the run's meta. ARGV:
+/// the finished task's id, its try, its new JSON, then [`CLAIM_TRY`]'s arguments for the next
+/// try. The outcome applies when the task is still `running` at that try; the claim is then
+/// made, or not, exactly as [`CLAIM_TRY`] makes it, whether or not the outcome applied.
+/// Answers `1` or `0` (whether the outcome applied) followed by [`CLAIM_TRY`]'s answer.
+pub(crate) const FINISH_AND_CLAIM: &str = task_script!(
+    r#"
+local applied = '0'
+local done = redis.call('HGET', KEYS[1], ARGV[1])
+if done then
+  local state, try = head(done)
+  if state == 'running' and try == ARGV[2] then
+    redis.call('HSET', KEYS[1], ARGV[1], ARGV[3])
+    applied = '1'
+  end
+end
+table.remove(ARGV, 1)
+table.remove(ARGV, 1)
+table.remove(ARGV, 1)
+local function claim()
+"#,
+    claim_body!(),
+    r#"
+end
+local claimed = claim()
+table.insert(claimed, 1, applied)
+return claimed
 "#
 );
 

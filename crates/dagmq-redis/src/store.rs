@@ -9,8 +9,8 @@ use chrono::{DateTime, Utc};
 use dagmq_core::dag_version::DagVersionRecord;
 use dagmq_core::records::DagRecord;
 use dagmq_core::store::{
-    ClaimAnswer, Claimant, CreateRun, EagerClaim, Fence, FinishedTry, LOG_CUT_MARKER, LeaseTerm, MAX_LOG_LINES_PER_TRY,
-    RunFilter, Store, TaskChange,
+    ClaimAnswer, Claimant, CreateRun, EagerClaim, Fence, FinishedAndClaimed, FinishedTry, LOG_CUT_MARKER, LeaseTerm,
+    MAX_LOG_LINES_PER_TRY, NextClaim, RunFilter, Store, TaskChange,
 };
 use dagmq_core::{BackendError, RunRecord, RunState, TaskInstance, TaskState, WorkerInfo};
 use redis::AsyncCommands;
@@ -305,43 +305,33 @@ impl Store for RedisStore {
         claimant: &Claimant,
         read: &[&str],
     ) -> Result<ClaimAnswer, BackendError> {
-        let fields = format!(
-            r#","started_at":{},"worker":{},"worker_instance":{}"#,
-            encode(&claimant.at)?,
-            encode(&claimant.worker)?,
-            encode(&claimant.instance)?
-        );
         let mut conn = self.write_conn().await?;
         let mut invocation = self.scripts.claim_try.key(self.tasks_key(run_id));
-        invocation.key(self.meta_key(run_id)).arg(task_id).arg(try_number).arg(fields);
-        for id in read {
-            invocation.arg(*id);
-        }
+        invocation.key(self.meta_key(run_id));
+        claim_args(&mut invocation, task_id, try_number, claimant, read)?;
         let answer: Vec<Option<String>> =
             invocation.invoke_async(&mut conn).await.map_err(|e| self.write_error("claiming a try", e))?;
-        let instance = |id: &str, json: &Option<String>, progress: &Option<String>| -> Result<_, BackendError> {
-            let Some(json) = json else { return Ok(None) };
-            let mut fields = vec![(id.to_string(), json.clone())];
-            if let Some(progress) = progress {
-                fields.push((format!("{id}#progress"), progress.clone()));
-            }
-            Ok(tasks_from_hash(fields)?.pop())
-        };
-        let code = answer.first().cloned().flatten().unwrap_or_default();
-        let task = instance(task_id, answer.get(1).unwrap_or(&None), answer.get(2).unwrap_or(&None))?;
-        let mut reads = Vec::with_capacity(read.len());
-        for (n, id) in read.iter().enumerate() {
-            let at = 3 + 2 * n;
-            reads.push(instance(id, answer.get(at).unwrap_or(&None), answer.get(at + 1).unwrap_or(&None))?);
-        }
-        match (code.as_str(), task) {
-            ("1", task) => Ok(ClaimAnswer { task, claimed: true, read: reads }),
-            // An instance the script does not rewrite: claim it with a compare-and-set. The run
-            // was running when the script read it; this rare shape (none of this version's
-            // writes make it) keeps the window between that read and the compare-and-set.
-            ("3", Some(current)) => dagmq_core::store::claim_queued(self, run_id, current, claimant, reads).await,
-            (_, task) => Ok(ClaimAnswer { task, claimed: false, read: reads }),
-        }
+        self.claim_answer(run_id, task_id, claimant, read, &answer).await
+    }
+
+    async fn finish_and_claim(
+        &self,
+        run_id: &str,
+        done: &TaskInstance,
+        next: &NextClaim<'_>,
+    ) -> Result<FinishedAndClaimed, BackendError> {
+        let mut conn = self.write_conn().await?;
+        let mut invocation = self.scripts.finish_and_claim.key(self.tasks_key(run_id));
+        invocation.key(self.meta_key(run_id)).arg(&done.task_id).arg(done.try_number).arg(encode(done)?);
+        claim_args(&mut invocation, next.task_id, next.try_number, next.claimant, next.read)?;
+        let answer: Vec<Option<String>> = invocation
+            .invoke_async(&mut conn)
+            .await
+            .map_err(|e| self.write_error("finishing a try and claiming the next", e))?;
+        let applied = answer.first().cloned().flatten().as_deref() == Some("1");
+        let next =
+            self.claim_answer(run_id, next.task_id, next.claimant, next.read, answer.get(1..).unwrap_or(&[])).await?;
+        Ok(FinishedAndClaimed { applied, next })
     }
 
     async fn finish_try(
@@ -638,5 +628,65 @@ impl Store for RedisStore {
         let mut conn = self.conn().await?;
         let _: String = redis::cmd("PING").query_async(&mut conn).await.map_err(redis_error)?;
         Ok(())
+    }
+}
+
+/// The arguments of a claim (`scripts::CLAIM_TRY`, and the tail of `scripts::FINISH_AND_CLAIM`):
+/// the task, its try, the claim's fields as JSON members, then the tasks to read.
+fn claim_args(
+    invocation: &mut redis::ScriptInvocation<'_>,
+    task_id: &str,
+    try_number: u32,
+    claimant: &Claimant,
+    read: &[&str],
+) -> Result<(), BackendError> {
+    let fields = format!(
+        r#","started_at":{},"worker":{},"worker_instance":{}"#,
+        encode(&claimant.at)?,
+        encode(&claimant.worker)?,
+        encode(&claimant.instance)?
+    );
+    invocation.arg(task_id).arg(try_number).arg(fields);
+    for id in read {
+        invocation.arg(*id);
+    }
+    Ok(())
+}
+
+impl RedisStore {
+    /// A claim's answer from `scripts::CLAIM_TRY`'s reply (the code, the task and its progress,
+    /// then each task read with its progress); a claimable instance the script does not rewrite
+    /// is claimed here with a compare-and-set.
+    async fn claim_answer(
+        &self,
+        run_id: &str,
+        task_id: &str,
+        claimant: &Claimant,
+        read: &[&str],
+        answer: &[Option<String>],
+    ) -> Result<ClaimAnswer, BackendError> {
+        let instance = |id: &str, json: &Option<String>, progress: &Option<String>| -> Result<_, BackendError> {
+            let Some(json) = json else { return Ok(None) };
+            let mut fields = vec![(id.to_string(), json.clone())];
+            if let Some(progress) = progress {
+                fields.push((format!("{id}#progress"), progress.clone()));
+            }
+            Ok(tasks_from_hash(fields)?.pop())
+        };
+        let code = answer.first().cloned().flatten().unwrap_or_default();
+        let task = instance(task_id, answer.get(1).unwrap_or(&None), answer.get(2).unwrap_or(&None))?;
+        let mut reads = Vec::with_capacity(read.len());
+        for (n, id) in read.iter().enumerate() {
+            let at = 3 + 2 * n;
+            reads.push(instance(id, answer.get(at).unwrap_or(&None), answer.get(at + 1).unwrap_or(&None))?);
+        }
+        match (code.as_str(), task) {
+            ("1", task) => Ok(ClaimAnswer { task, claimed: true, read: reads }),
+            // An instance the script does not rewrite: claim it with a compare-and-set. The run
+            // was running when the script read it; this rare shape (none of this version's
+            // writes make it) keeps the window between that read and the compare-and-set.
+            ("3", Some(current)) => dagmq_core::store::claim_queued(self, run_id, current, claimant, reads).await,
+            (_, task) => Ok(ClaimAnswer { task, claimed: false, read: reads }),
+        }
     }
 }

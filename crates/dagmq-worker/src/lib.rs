@@ -161,6 +161,10 @@ pub(crate) struct Shared {
     /// Its contact with the store, from its heartbeats: a try claimed before a silence long
     /// enough for the scheduler to take the worker for lost never starts.
     pub(crate) contact: contact::Contact,
+    /// Each pool's subscription (`dagmq.tasks.<pool>`): its consumer loop waits on it for a free
+    /// slot's next message, and a slot whose try ends takes the next message it holds already,
+    /// to claim that try with the outcome (`Store::finish_and_claim`).
+    pub(crate) subscriptions: HashMap<String, Arc<tokio::sync::Mutex<Subscription>>>,
     /// Status updates on their way after their tries gave their slots back (one permit each,
     /// [`REPORTS_IN_FLIGHT`] in all): a broker that confirms slowly holds new tries back rather
     /// than piling updates up, and the worker waits for them as it stops.
@@ -189,7 +193,17 @@ pub async fn run(
         .live
         .clone()
         .unwrap_or_else(|| Arc::new(dagmq_core::LiveDags::new((*config.dags).clone(), Vec::new(), HashMap::new())));
+    let prefetch = consumer_prefetch(concurrency, config.prefetch);
+    let subscriptions: HashMap<String, Arc<tokio::sync::Mutex<Subscription>>> = config
+        .queues
+        .iter()
+        .map(|pool| {
+            let subscription = Subscription::topic(queue.clone(), Topic::Tasks(pool.clone()), prefetch);
+            (pool.clone(), Arc::new(tokio::sync::Mutex::new(subscription)))
+        })
+        .collect();
     let shared = Arc::new(Shared {
+        subscriptions,
         live,
         status: status::StatusSender::start(queue.clone(), config.batch_status),
         shutdown: shutdown.clone(),
@@ -213,12 +227,10 @@ pub async fn run(
     let heartbeats = tokio::spawn(heartbeat_loop(shared.clone(), started_at, shutdown.clone()));
     let controls = tokio::spawn(execute::control_loop(shared.clone(), shutdown.clone()));
     let mut consumers = Vec::new();
-    for pool in shared.config.queues.clone() {
-        let prefetch = consumer_prefetch(concurrency, shared.config.prefetch);
+    for subscription in shared.subscriptions.values() {
         consumers.push(tokio::spawn(consume_loop(
             shared.clone(),
-            Topic::Tasks(pool),
-            prefetch,
+            subscription.clone(),
             slots.clone(),
             shutdown.clone(),
         )));
@@ -262,9 +274,14 @@ pub fn consumer_prefetch(concurrency: usize, prefetch: u16) -> u16 {
     slots.min(prefetch.max(1)).saturating_add(slots.min(PREFETCH_MARGIN))
 }
 
-/// Takes deliveries from one pool while slots are free.
-async fn consume_loop(shared: Arc<Shared>, topic: Topic, prefetch: u16, slots: Arc<Semaphore>, shutdown: CancelSignal) {
-    let mut subscription = Subscription::topic(shared.queue.clone(), topic, prefetch);
+/// Takes deliveries from one pool while slots are free. A slot whose try ends takes the pool's
+/// next delivery itself, when one is at hand (`execute`): this loop only fills slots that free.
+async fn consume_loop(
+    shared: Arc<Shared>,
+    subscription: Arc<tokio::sync::Mutex<Subscription>>,
+    slots: Arc<Semaphore>,
+    shutdown: CancelSignal,
+) {
     loop {
         let slot = tokio::select! {
             _ = shutdown.cancelled() => return,
@@ -276,7 +293,7 @@ async fn consume_loop(shared: Arc<Shared>, topic: Topic, prefetch: u16, slots: A
         // The slot is free from now: the try this message carries starts after the work
         // waiting (`WorkerMetrics::work_waiting`) of the delivery and the claim.
         let free_since = shared.config.clock.now();
-        let Some(delivery) = subscription.next(&shutdown).await else { return };
+        let Some(delivery) = subscription.lock().await.next(&shutdown).await else { return };
         let shared = shared.clone();
         tokio::spawn(async move {
             execute::execute(&shared, delivery, free_since).await;

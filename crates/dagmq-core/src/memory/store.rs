@@ -14,8 +14,8 @@ use crate::dag_version::DagVersionRecord;
 use crate::records::{DagRecord, RunRecord, TaskInstance, WorkerInfo};
 use crate::state::{RunState, TaskState};
 use crate::store::{
-    ClaimAnswer, Claimant, CreateRun, EagerClaim, Fence, FinishedTry, LeaseTerm, RunFilter, Store, TaskChange,
-    append_capped,
+    ClaimAnswer, Claimant, CreateRun, EagerClaim, Fence, FinishedAndClaimed, FinishedTry, LeaseTerm, NextClaim,
+    RunFilter, Store, TaskChange, append_capped,
 };
 
 /// An in-memory store.
@@ -113,6 +113,20 @@ impl RunEntry {
         }
         *current = task.clone();
         true
+    }
+
+    /// Claims a try as [`Store::claim_try`] does, in this run.
+    fn claim(&mut self, task_id: &str, try_number: u32, claimant: &Claimant, read: &[&str]) -> ClaimAnswer {
+        let read: Vec<Option<TaskInstance>> =
+            read.iter().map(|id| self.index.get(*id).map(|&i| self.tasks[i].clone())).collect();
+        let Some(&i) = self.index.get(task_id) else { return ClaimAnswer { task: None, claimed: false, read } };
+        let running = self.record.state == RunState::Running;
+        let current = &mut self.tasks[i];
+        if current.state != TaskState::Queued || current.try_number != try_number || !running {
+            return ClaimAnswer { task: Some(current.clone()), claimed: false, read };
+        }
+        *current = current.claimed_by(claimant);
+        ClaimAnswer { task: Some(current.clone()), claimed: true, read }
     }
 }
 
@@ -308,16 +322,23 @@ impl Store for MemoryStore {
         let Some(entry) = inner.runs.get_mut(run_id) else {
             return Ok(ClaimAnswer { task: None, claimed: false, read: vec![None; read.len()] });
         };
-        let read: Vec<Option<TaskInstance>> =
-            read.iter().map(|id| entry.index.get(*id).map(|&i| entry.tasks[i].clone())).collect();
-        let Some(&i) = entry.index.get(task_id) else { return Ok(ClaimAnswer { task: None, claimed: false, read }) };
-        let running = entry.record.state == RunState::Running;
-        let current = &mut entry.tasks[i];
-        if current.state != TaskState::Queued || current.try_number != try_number || !running {
-            return Ok(ClaimAnswer { task: Some(current.clone()), claimed: false, read });
-        }
-        *current = current.claimed_by(claimant);
-        Ok(ClaimAnswer { task: Some(current.clone()), claimed: true, read })
+        Ok(entry.claim(task_id, try_number, claimant, read))
+    }
+
+    async fn finish_and_claim(
+        &self,
+        run_id: &str,
+        done: &TaskInstance,
+        next: &NextClaim<'_>,
+    ) -> Result<FinishedAndClaimed, BackendError> {
+        let mut inner = self.writable("task transition and claim")?;
+        let Some(entry) = inner.runs.get_mut(run_id) else {
+            let next = ClaimAnswer { task: None, claimed: false, read: vec![None; next.read.len()] };
+            return Ok(FinishedAndClaimed { applied: false, next });
+        };
+        let applied = entry.transition(TaskState::Running, done.try_number, done);
+        let next = entry.claim(next.task_id, next.try_number, next.claimant, next.read);
+        Ok(FinishedAndClaimed { applied, next })
     }
 
     async fn finish_try(

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use tokio::time::Instant;
 
 use dagmq_core::messages::TaskToExec;
-use dagmq_core::store::Claimant;
+use dagmq_core::store::{ClaimAnswer, Claimant};
 use dagmq_core::{BackendError, CancelSignal, TaskInstance, TaskKind, TaskState};
 
 use crate::Shared;
@@ -79,6 +79,23 @@ pub(super) async fn claim(
     let sent = Instant::now();
     let answer =
         store.claim_try(&message.run_id, &message.task_id, message.try_number, &claimant(shared), &ids).await?;
+    claim_answered(shared, message, run, gave_up, answer, sent, first_sent).await
+}
+
+/// What a claim's answer means for the delivery: the try to run, if the claim applied (`sent`
+/// is when the call that claimed it was sent) or applied in an earlier call of this worker's
+/// whose answer was lost (sent at `first_sent` at the earliest), or how to settle the message.
+/// `run` is the run's record, `gave_up` how long the try waited for a worker that has loaded its
+/// DAG version, if this one has not.
+pub(super) async fn claim_answered(
+    shared: &Shared,
+    message: &TaskToExec,
+    run: Option<Arc<dagmq_core::RunRecord>>,
+    gave_up: Option<chrono::Duration>,
+    answer: ClaimAnswer,
+    sent: Instant,
+    first_sent: Instant,
+) -> Result<Claim, BackendError> {
     let claimed_since = if answer.claimed { sent } else { first_sent };
     let Some(current) = answer.task else {
         return Ok(Claim::Settle(Settle::DeadLetter(format!(
@@ -160,7 +177,10 @@ pub(super) fn claimant(shared: &Shared) -> Claimant {
 }
 
 /// A run's record, from a small cache: a run's DAG, parameters and logical date never change.
-async fn run_record(shared: &Shared, run_id: &str) -> Result<Option<Arc<dagmq_core::RunRecord>>, BackendError> {
+pub(super) async fn run_record(
+    shared: &Shared,
+    run_id: &str,
+) -> Result<Option<Arc<dagmq_core::RunRecord>>, BackendError> {
     const CACHED_RUNS: usize = 4096;
     if let Some(record) = shared.runs.lock().unwrap_or_else(|p| p.into_inner()).get(run_id) {
         return Ok(Some(record.clone()));

@@ -5,48 +5,67 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
-use dagmq_core::TaskInstance;
+use chrono::{DateTime, Utc};
 use dagmq_core::messages::{StatusUpdate, TaskToExec};
 use dagmq_core::store::EagerClaim;
 use dagmq_core::trace::TraceParent;
 use dagmq_core::trigger::TriggerRule;
+use dagmq_core::{Delivery, TaskInstance};
 
 use crate::Shared;
 
 use super::claim::{claimant, dag_version, resolve};
+use super::next::Taken;
 use super::outcome::{finish, report};
 use super::running::{TryKey, register};
-use super::{ClaimedTry, Registered, Resolved};
+use super::{ClaimedTry, Registered, Resolved, handle, settle};
 
-/// Runs the tries claimed as their upstream succeeded: the first here, one after the other
-/// (each may claim more), the others each in a task of its own with the slot taken for it,
-/// while the status update of the try before is on its way.
+/// Runs what a slot runs next, one after the other, until nothing is left: the tries claimed as
+/// their upstream succeeded (the first here, each other in a task of its own with the slot taken
+/// for it, while the status update of the try before is on its way), the try claimed with the
+/// outcome of the try before (its message acknowledged as it starts), or a message the slot took
+/// to handle as usual.
 pub(super) fn run_claimed(
     shared: &Arc<Shared>,
     mut next: Option<Next>,
 ) -> Pin<Box<dyn Future<Output = ()> + Send + '_>> {
     Box::pin(async move {
-        while let Some(Next { first, others, update }) = next {
-            report(shared, update).await;
-            for (claimed, permit) in others {
-                let shared = shared.clone();
-                tokio::spawn(async move {
-                    let next = finish(&shared, claimed).await;
-                    run_claimed(&shared, next).await;
-                    drop(permit);
-                });
-            }
-            next = finish(shared, first).await;
+        while let Some(step) = next {
+            next = match step {
+                Next::Eager { first, others, update } => {
+                    report(shared, update).await;
+                    for (claimed, permit) in others {
+                        let shared = shared.clone();
+                        tokio::spawn(async move {
+                            let next = finish(&shared, claimed).await;
+                            run_claimed(&shared, next).await;
+                            drop(permit);
+                        });
+                    }
+                    finish(shared, first).await
+                }
+                Next::Claimed { first, delivery } => {
+                    let (acked, next) = tokio::join!(delivery.ack(), finish(shared, first));
+                    settle(acked);
+                    next
+                }
+                Next::Delivery { delivery, taken, free_since } => handle(shared, delivery, free_since, taken).await,
+            };
         }
     })
 }
 
-/// What a try that succeeded claimed: the try to run next in its slot, the others claimed with
-/// slots of their own, and its status update (naming them), which is sent as they run.
-pub(super) struct Next {
-    pub(super) first: ClaimedTry,
-    pub(super) others: Vec<(ClaimedTry, tokio::sync::OwnedSemaphorePermit)>,
-    pub(super) update: StatusUpdate,
+/// What a slot runs next.
+pub(super) enum Next {
+    /// What a try that succeeded claimed: the try to run next in its slot, the others claimed
+    /// with slots of their own, and its status update (naming them), which is sent as they run.
+    Eager { first: ClaimedTry, others: Vec<(ClaimedTry, tokio::sync::OwnedSemaphorePermit)>, update: StatusUpdate },
+    /// The try claimed with the outcome of the slot's try before, and its message, acknowledged
+    /// as it starts.
+    Claimed { first: ClaimedTry, delivery: Delivery },
+    /// A message the slot took as its try ended, handled as usual (`taken`: registered already,
+    /// its claim unknown), the slot free since `free_since`.
+    Delivery { delivery: Delivery, taken: Option<Taken>, free_since: DateTime<Utc> },
 }
 
 /// A downstream task made ready to claim as its upstream's outcome is written: registered

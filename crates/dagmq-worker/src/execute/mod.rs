@@ -5,10 +5,13 @@
 //! The delivery itself is here; the rest lives in a file per step: `running` (the tries running
 //! here and stopping them), `claim` (the claim and resolving what runs), `run_try` (running a try
 //! to its end), `outcome` (writing and publishing its outcome), `eager` (the downstream tries a
-//! success claims and runs at once) and `version` (a try of a DAG version not loaded here yet).
+//! success claims and runs at once), `next` (the slot's next message, claimed with the outcome
+//! of the try that gives the slot back) and `version` (a try of a DAG version not loaded here
+//! yet).
 
 mod claim;
 mod eager;
+mod next;
 mod outcome;
 mod run_try;
 mod running;
@@ -27,6 +30,7 @@ use dagmq_core::{BackendError, CancelSignal, Delivery, Task, TaskInstance};
 use crate::Shared;
 use claim::{Claim, Settle, claim};
 use eager::run_claimed;
+use next::Taken;
 use outcome::finish;
 pub(crate) use running::{RunningTries, StopReason, control_loop, running_tries, stop_all, stop_superseded};
 use running::{TryKey, lock, register};
@@ -60,20 +64,38 @@ struct Resolved {
 /// `free_since` is when the slot this delivery runs in became free (for the work waiting
 /// metric).
 pub(crate) async fn execute(shared: &Arc<Shared>, delivery: Delivery, free_since: DateTime<Utc>) {
+    let next = handle(shared, delivery, free_since, None).await;
+    run_claimed(shared, next).await;
+}
+
+/// Handles one delivery in a slot, as [`execute`] does, up to the end of its try; answers what
+/// the slot runs next. `taken`: the delivery's try is registered already, by a slot that took it
+/// as its try ended and whose call that claimed it with that try's outcome was answered with an
+/// error (the claim is unknown: it may have applied).
+async fn handle(
+    shared: &Arc<Shared>,
+    delivery: Delivery,
+    free_since: DateTime<Utc>,
+    taken: Option<Taken>,
+) -> Option<eager::Next> {
     let message: TaskToExec = match messages::decode(&delivery.payload) {
         Ok(message) => message,
         Err(err) => {
             shared.config.metrics.dead_lettered.inc(&[err.label()]);
             settle(delivery.dead_letter(&format!("task: {err}")).await);
-            return;
+            return None;
         }
     };
     let key = (message.run_id.clone(), message.task_id.clone(), message.try_number);
-    let Some(Registered { signal, reason, claimed }) = register(shared, &key) else {
+    let (registered, first_sent) = match taken {
+        Some(Taken { registered, sent }) => (Some(registered), sent),
+        None => (register(shared, &key), tokio::time::Instant::now()),
+    };
+    let Some(Registered { signal, reason, claimed }) = registered else {
         // Another delivery of this very try is being handled here: this one is a duplicate.
         shared.config.metrics.duplicates.inc(&[]);
         settle(delivery.ack().await);
-        return;
+        return None;
     };
     // Out of touch with the store (no heartbeat written for half the worker timeout), a claim
     // could not start its try: wait for contact, and leave the message to other workers if it
@@ -92,12 +114,11 @@ pub(crate) async fn execute(shared: &Arc<Shared>, delivery: Delivery, free_since
         );
         fail_point!("worker::claim::out_of_touch");
         settle(delivery.requeue().await);
-        return;
+        return None;
     }
     // A store that does not answer must not turn the message into a dead letter (a requeue
     // counts against the broker's delivery limit): keep it and try again with backoff.
     let mut delay = Duration::from_millis(100);
-    let first_sent = tokio::time::Instant::now();
     let claimed_try = loop {
         match claim(shared, &message, &signal, first_sent).await {
             Ok(claim) => break claim,
@@ -105,7 +126,7 @@ pub(crate) async fn execute(shared: &Arc<Shared>, delivery: Delivery, free_since
                 if signal.is_cancelled() {
                     lock(&shared.running).remove(&key);
                     settle(delivery.requeue().await);
-                    return;
+                    return None;
                 }
                 tracing::error!(run = %message.run_id, task = %message.task_id, "claiming: {err}; trying again in {delay:?}");
                 tokio::select! {
@@ -117,29 +138,9 @@ pub(crate) async fn execute(shared: &Arc<Shared>, delivery: Delivery, free_since
         }
     };
     match claimed_try {
-        Claim::Settle(Settle::Ack) => {
-            lock(&shared.running).remove(&key);
-            settle(delivery.ack().await)
-        }
-        Claim::Settle(Settle::PutBack(why)) => {
-            lock(&shared.running).remove(&key);
-            shared.config.metrics.version_not_loaded.inc(&[]);
-            tracing::warn!(
-                run = %message.run_id, task = %message.task_id, try_number = message.try_number,
-                "{why} (its dag directory was read again): leaving the try, unclaimed, to another worker"
-            );
-            fail_point!("worker::version::before_put_back");
-            settle(delivery.requeue().await)
-        }
-        Claim::Settle(Settle::DeadLetter(reason)) => {
-            lock(&shared.running).remove(&key);
-            shared.config.metrics.dead_lettered.inc(&[if reason.contains("has no task") {
-                "unknown_task"
-            } else {
-                "unresolvable"
-            }]);
-            tracing::warn!(run = %message.run_id, task = %message.task_id, "dead-lettering: {reason}");
-            settle(delivery.dead_letter(&reason).await)
+        Claim::Settle(how) => {
+            settle_unclaimed(shared, &key, &message, delivery, how).await;
+            None
         }
         Claim::Run(running, resolved, trusted, eager, claimed_since) => {
             fail_point!("worker::claim::before_ack");
@@ -160,7 +161,33 @@ pub(crate) async fn execute(shared: &Arc<Shared>, delivery: Delivery, free_since
             // The try is ours: it starts while the ack is on its way.
             let (acked, next) = tokio::join!(delivery.ack(), finish(shared, first));
             settle(acked);
-            run_claimed(shared, next).await;
+            next
+        }
+    }
+}
+
+/// Settles a delivery whose try this worker did not claim (`how`), and forgets the try.
+async fn settle_unclaimed(shared: &Shared, key: &TryKey, message: &TaskToExec, delivery: Delivery, how: Settle) {
+    lock(&shared.running).remove(key);
+    match how {
+        Settle::Ack => settle(delivery.ack().await),
+        Settle::PutBack(why) => {
+            shared.config.metrics.version_not_loaded.inc(&[]);
+            tracing::warn!(
+                run = %message.run_id, task = %message.task_id, try_number = message.try_number,
+                "{why} (its dag directory was read again): leaving the try, unclaimed, to another worker"
+            );
+            fail_point!("worker::version::before_put_back");
+            settle(delivery.requeue().await)
+        }
+        Settle::DeadLetter(reason) => {
+            shared.config.metrics.dead_lettered.inc(&[if reason.contains("has no task") {
+                "unknown_task"
+            } else {
+                "unresolvable"
+            }]);
+            tracing::warn!(run = %message.run_id, task = %message.task_id, "dead-lettering: {reason}");
+            settle(delivery.dead_letter(&reason).await)
         }
     }
 }

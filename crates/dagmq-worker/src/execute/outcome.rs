@@ -8,16 +8,18 @@ use std::time::Duration;
 
 use dagmq_core::fail_point;
 use dagmq_core::messages::{self, StatusUpdate, TaskToExec, VERSION};
-use dagmq_core::store::EagerClaim;
+use dagmq_core::store::{EagerClaim, NextClaim};
 use dagmq_core::trace::{FinishedSpan, SpanValue, TRACEPARENT_HEADER, TraceParent, new_span_id};
 use dagmq_core::{BackendError, FollowUp, RunState, TaskError, TaskInstance, TaskOutcome, TaskState, Topic};
 
 use crate::Shared;
 
+use super::claim::{Claim, claim_answered, claimant};
 use super::eager::{Next, prepare_eager};
+use super::next::{After, Claimable, Taken, TakenMessage, take_next};
 use super::run_try::{run_try, stop_error};
 use super::running::{StopReason, lock};
-use super::{ClaimedTry, Resolved};
+use super::{ClaimedTry, Resolved, settle_unclaimed};
 
 /// Runs a claimed try and records its outcome, retrying the store and queue until they answer:
 /// the message is acknowledged already, so the outcome must not be dropped. Answers the
@@ -112,8 +114,9 @@ pub(super) async fn finish(shared: &Arc<Shared>, claimed: ClaimedTry) -> Option<
     // The try's span ends here: before its outcome is written, so before its run can end.
     let ended = shared.config.clock.now();
     let mut delay = Duration::from_millis(100);
+    let mut after = After::default();
     let next = loop {
-        match record_outcome(shared, message, parent, &running, &result, &tail, reason, &mut eager).await {
+        match record_outcome(shared, message, parent, &running, &result, &tail, reason, &mut eager, &mut after).await {
             Ok(next) => break next,
             Err(err) => {
                 tracing::error!(run = %message.run_id, task = %message.task_id, "recording the outcome: {err}; retrying in {delay:?}");
@@ -127,7 +130,15 @@ pub(super) async fn finish(shared: &Arc<Shared>, claimed: ClaimedTry) -> Option<
         let state = outcome.unwrap_or("not_started");
         spans.record(try_span(shared, message, &running, parent, (state, ended), result.as_ref().err()));
     }
-    next
+    // Eager tries are claimed only when the slot took no message, and the other way round.
+    match (next, after) {
+        (Some(next), _) => Some(next),
+        (None, After { claimed: Some((first, delivery)), .. }) => Some(Next::Claimed { first, delivery }),
+        (None, After { handle: Some((delivery, taken)), .. }) => {
+            Some(Next::Delivery { delivery, taken, free_since: shared.config.clock.now() })
+        }
+        (None, _) => None,
+    }
 }
 
 /// The span of a finished try: a child of `parent` (its run's root span), from its start (or
@@ -166,7 +177,9 @@ fn try_span(
 /// Writes a finished try's outcome (or its requeue, when interrupted) and tells the scheduler.
 /// A success claims, in the same store step, the `eager` downstream tasks that it made ready
 /// (as many as it has slots for; taken on the first attempt only); those tries are answered,
-/// with the status update the caller then sends.
+/// with the status update the caller then sends. Otherwise, on the first attempt, the slot takes
+/// its next message if its pool's consumer holds one (`next`): its try is claimed in the same
+/// store call as the outcome, if it can be, and kept in `after` either way.
 #[allow(clippy::too_many_arguments)]
 async fn record_outcome(
     shared: &Arc<Shared>,
@@ -177,6 +190,7 @@ async fn record_outcome(
     tail: &[String],
     reason: StopReason,
     eager: &mut Vec<TaskInstance>,
+    after: &mut After,
 ) -> Result<Option<Next>, BackendError> {
     let eager = std::mem::take(eager);
     let store = &shared.store;
@@ -256,7 +270,16 @@ async fn record_outcome(
         Vec::new()
     };
     let claims: Vec<EagerClaim> = candidates.iter().map(|c| c.claim.clone()).collect();
+    let taken = match candidates.is_empty() && !std::mem::replace(&mut after.took, true) {
+        true => take_next(shared, &message.run_id, &running.queue),
+        false => None,
+    };
     fail_point!("worker::outcome::before_cas");
+    match taken {
+        Some(TakenMessage::Claimable(next)) => return finish_and_claim(shared, message, &done, *next, after).await,
+        Some(TakenMessage::Other(delivery)) => after.handle = Some((delivery, None)),
+        None => {}
+    }
     let sent = tokio::time::Instant::now();
     let finished = store.finish_try(&message.run_id, &done, &claims).await;
     // Only the claimed candidates stay registered; an error claimed none that this worker knows
@@ -272,33 +295,107 @@ async fn record_outcome(
             None => drop(lock(&shared.running).remove(&candidate.key)),
         }
     }
-    if finished?.applied {
-        if !claimed.is_empty() {
-            shared.config.metrics.eager.add(&[], claimed.len() as f64);
-            fail_point!("worker::eager::after_claim");
-            let mut update = status_update(shared, &done, &message.run_id);
-            update.next = claimed.iter().map(|c| c.message.task_id.clone()).collect();
-            let mut claimed = claimed.into_iter();
-            let first = claimed.next().unwrap_or_else(|| unreachable!("claimed is not empty"));
-            let others = claimed.zip(permits).collect();
-            return Ok(Some(Next { first, others, update }));
-        }
+    let applied = finished?.applied;
+    if applied && !claimed.is_empty() {
+        shared.config.metrics.eager.add(&[], claimed.len() as f64);
+        fail_point!("worker::eager::after_claim");
+        let mut update = status_update(shared, &done, &message.run_id);
+        update.next = claimed.iter().map(|c| c.message.task_id.clone()).collect();
+        let mut claimed = claimed.into_iter();
+        let first = claimed.next().unwrap_or_else(|| unreachable!("claimed is not empty"));
+        let others = claimed.zip(permits).collect();
+        return Ok(Some(Next::Eager { first, others, update }));
+    }
+    outcome_written(shared, message, &done, applied).await?;
+    Ok(None)
+}
+
+/// After the call that wrote a finished try's outcome `done` (`applied`: whether it applied, or
+/// `false` when it did not), tells the scheduler: an outcome written, or found written by an
+/// earlier attempt, is published; one refused because the task moved on is not.
+async fn outcome_written(
+    shared: &Arc<Shared>,
+    message: &TaskToExec,
+    done: &TaskInstance,
+    applied: bool,
+) -> Result<(), BackendError> {
+    if applied {
         fail_point!("worker::outcome::before_publish");
         // The outcome is in the store: the try gives its slot back while its update is sent.
-        report(shared, status_update(shared, &done, &message.run_id)).await;
-    } else {
-        // Already recorded by an earlier attempt of this loop, or the task moved on.
-        let current = store.task(&message.run_id, &message.task_id).await?;
-        match current {
-            Some(current) if current.try_number == done.try_number && current.state == done.state => {
-                publish_status(shared, &done, &message.run_id).await?;
-            }
-            _ => tracing::info!(
-                run = %message.run_id, task = %message.task_id,
-                "try outcome not recorded: the task moved on (cancelled or requeued)"
-            ),
+        report(shared, status_update(shared, done, &message.run_id)).await;
+        return Ok(());
+    }
+    // Already recorded by an earlier attempt of this loop, or the task moved on.
+    match shared.store.task(&message.run_id, &message.task_id).await? {
+        Some(current) if current.try_number == done.try_number && current.state == done.state => {
+            publish_status(shared, done, &message.run_id).await?;
+        }
+        _ => tracing::info!(
+            run = %message.run_id, task = %message.task_id,
+            "try outcome not recorded: the task moved on (cancelled or requeued)"
+        ),
+    }
+    Ok(())
+}
+
+/// Writes a finished try's outcome `done` and claims `next`, the try of the message its slot
+/// took, in one store call; the claimed try is kept in `after`, to run next in the slot once its
+/// message is acknowledged. A call answered with an error leaves both unknown: the outcome is
+/// written again (the error is answered), and the message is handled as usual, its try still
+/// registered here, so a claim that applied is found running under this worker.
+async fn finish_and_claim(
+    shared: &Arc<Shared>,
+    message: &TaskToExec,
+    done: &TaskInstance,
+    next: Claimable,
+    after: &mut After,
+) -> Result<Option<Next>, BackendError> {
+    let Claimable { delivery, message: next_message, key, registered, run, read } = next;
+    let claimant = claimant(shared);
+    let ids: Vec<&str> = read.iter().map(String::as_str).collect();
+    let claim = NextClaim {
+        task_id: &next_message.task_id,
+        try_number: next_message.try_number,
+        claimant: &claimant,
+        read: &ids,
+    };
+    let sent = tokio::time::Instant::now();
+    let answer = match shared.store.finish_and_claim(&message.run_id, done, &claim).await {
+        Ok(answer) => answer,
+        Err(err) => {
+            after.handle = Some((delivery, Some(Taken { registered, sent })));
+            return Err(err);
+        }
+    };
+    fail_point!("worker::claim_next::before_ack");
+    let free_since = shared.config.clock.now();
+    match claim_answered(shared, &next_message, Some(run), None, answer.next, sent, sent).await {
+        Ok(Claim::Run(running, resolved, trusted, eager, claimed_since)) => {
+            registered.claimed.store(true, Ordering::SeqCst);
+            let parent = TraceParent::of_message(delivery.header(TRACEPARENT_HEADER), &trusted.run_id);
+            let first = ClaimedTry {
+                key,
+                parent,
+                message: *trusted,
+                running: *running,
+                resolved,
+                signal: registered.signal,
+                reason: registered.reason,
+                eager,
+                claimed_since,
+                free_since: Some(free_since),
+            };
+            after.claimed = Some((first, delivery));
+        }
+        Ok(Claim::Settle(how)) => settle_unclaimed(shared, &key, &next_message, delivery, how).await,
+        // A try claimed that this worker cannot run, whose failure was not written: handled as
+        // usual, found ours.
+        Err(err) => {
+            tracing::warn!(run = %next_message.run_id, task = %next_message.task_id, "claimed with an outcome: {err}");
+            after.handle = Some((delivery, Some(Taken { registered, sent })));
         }
     }
+    outcome_written(shared, message, done, answer.applied).await?;
     Ok(None)
 }
 

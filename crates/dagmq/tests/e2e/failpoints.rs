@@ -372,6 +372,48 @@ fn crash_between_an_eager_claim_and_the_status_publish_with_the_worker_gone() {
     let _ = std::fs::remove_file(&log);
 }
 
+/// Three tasks with no upstream, all queued at once.
+fn fan_dag(log: &Path) -> String {
+    let mut dag = String::from("id = \"fan\"\n");
+    for task in ["f1", "f2", "f3"] {
+        dag.push_str(&format!("[[task]]\nid = \"{task}\"\n{}", history::command(log, "sleep 0.3")));
+    }
+    dag
+}
+
+/// A worker of one slot ends a try and claims the slot's next try, from a message its consumer
+/// holds already, in the same store call as the outcome (`Store::finish_and_claim`), then dies
+/// before acknowledging that message. The outcome is in the store; the next try is `running`
+/// under the dead process and never started: its message, delivered again, is found claimed by
+/// another instance, and the scheduler requeues the try as try 2 once the worker starts again.
+#[test]
+fn crash_between_an_outcome_with_the_next_claim_and_the_ack() {
+    let point = "worker::claim_next::before_ack";
+    let Some((mut cluster, log)) = cluster(point, fan_dag) else { return };
+    cluster.start_scheduler();
+    cluster.next_env(&[("FAILPOINTS", &format!("{point}=panic"))]);
+    cluster.start_worker_with("w1", &["--concurrency", "1"]);
+    publish_trigger(&cluster, "fan", "k1");
+    wait_worker_abort(&mut cluster, "w1", point);
+    assert_eq!(cluster.restart_exited_workers(), 1);
+    let run_id = the_runs(&cluster, "fan", 1).remove(0);
+    let run = cluster.wait_run(&run_id, Duration::from_secs(90));
+    // One task was claimed with the outcome as the worker died: it alone needed a second try.
+    let tries: BTreeMap<&str, u64> = run["tasks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| (t["task_id"].as_str().unwrap(), t["try_number"].as_u64().unwrap()))
+        .collect();
+    assert_eq!(tries.values().filter(|&&n| n == 2).count(), 1, "{run}");
+    assert_eq!(tries.values().filter(|&&n| n == 1).count(), 2, "{run}");
+    let expected: Vec<(&str, &str, u32)> =
+        ["f1", "f2", "f3"].into_iter().map(|id| (id, "success", tries[id] as u32)).collect();
+    check_run(&run, "success", &log, &expected, &[]);
+    assert_run_count_settles(&cluster, "fan", 1);
+    let _ = std::fs::remove_file(&log);
+}
+
 /// A worker stopping gracefully past its grace period requeues its try as a new one and dies
 /// before publishing the message: the scheduler republishes the queued try.
 #[test]
