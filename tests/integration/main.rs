@@ -11,6 +11,7 @@ mod faults;
 mod operations;
 mod outputs;
 mod partial_failure;
+mod pools;
 mod queue_contract;
 mod races;
 mod redis_ambiguity;

@@ -1,0 +1,76 @@
+//! A worker that consumes several pools (`--queues a,b`): its slots are shared by all of them,
+//! so neither an idle pool nor a busy one keeps the other's tries from its slots.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use dagmq_core::{Dag, DagRegistry, RunState, TaskSpec};
+
+use crate::support::{Harness, Journal, Probe, ProcessFaults, origin};
+
+/// A harness whose one worker has a single slot and consumes pools `default` and `other`, with
+/// DAG `many` (six probe tasks `a1`..`a6` of `work` each in `default`, no upstream) and DAG
+/// `lone` (one probe task `b` in `other`).
+async fn two_pools_one_slot(work: Duration) -> (Harness, Journal) {
+    let journal = Journal::default();
+    let clock = Arc::new(dagmq_core::TokioClock::starting_at(origin()));
+    let mut many = Dag::builder("many");
+    for n in 1..=6 {
+        many = many.task(TaskSpec::rust(format!("a{n}"), Probe { work, ..Probe::new(&journal, &clock) }));
+    }
+    let lone = Dag::builder("lone").task(TaskSpec::rust("b", Probe::new(&journal, &clock)).queue("other"));
+    let mut registry = DagRegistry::new();
+    registry.add(many.build().unwrap()).unwrap();
+    registry.add(lone.build().unwrap()).unwrap();
+    let mut h = Harness::start(registry).await;
+    h.stop_worker().await;
+    let live = Arc::new(dagmq_core::LiveDags::new(h.dags.clone(), Vec::new(), Default::default()));
+    let (stop, task, _) = h.extra_worker("two-pools", live, &ProcessFaults::default(), |config| {
+        config.concurrency = 1;
+        config.queues = vec!["default".into(), "other".into()];
+    });
+    h.keep_worker(stop, task);
+    (h, journal)
+}
+
+/// The order in which the tasks started.
+fn starts(journal: &Journal) -> Vec<String> {
+    journal.entries().into_iter().filter_map(|e| e.strip_prefix("start:").map(str::to_string)).collect()
+}
+
+/// A pool with no message must not hold the worker's only slot while it waits for one: run
+/// after run of the other pool finishes. (Failed before: each pool's consumer took a slot
+/// before waiting for a message, so the idle pool's held the slot for good and the other
+/// pool's tries waited forever.)
+#[tokio::test(start_paused = true)]
+async fn an_idle_pool_does_not_hold_the_only_slot_of_a_worker_of_two_pools() {
+    let (h, journal) = two_pools_one_slot(Duration::from_millis(10)).await;
+    for _ in 0..2 {
+        let run = h.trigger("many").await;
+        assert_eq!(h.wait_final(&run).await, RunState::Success, "{:?}", starts(&journal));
+    }
+    assert_eq!(starts(&journal).len(), 12);
+    h.stop().await;
+}
+
+/// A pool with a backlog must not starve another pool of the same worker: `b`, queued while
+/// `a1` runs in the only slot, starts before the backlog of `many` is through. (Failed before:
+/// a slot whose try ended took its own pool's next message while one was at hand, so `b` only
+/// started once `default` had none left, after all six.)
+#[tokio::test(start_paused = true)]
+async fn a_pool_with_a_backlog_does_not_starve_another_pool_of_the_same_worker() {
+    let (h, journal) = two_pools_one_slot(Duration::from_secs(1)).await;
+    let many = h.trigger("many").await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    while starts(&journal).is_empty() {
+        assert!(tokio::time::Instant::now() < deadline, "no task of `many` started");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let lone = h.trigger("lone").await;
+    assert_eq!(h.wait_final(&lone).await, RunState::Success);
+    assert_eq!(h.wait_final(&many).await, RunState::Success);
+    let starts = starts(&journal);
+    let b = starts.iter().position(|id| id == "b").unwrap();
+    assert!(b <= 2, "`b` started after {b} tries of the other pool: {starts:?}");
+    h.stop().await;
+}
