@@ -4,7 +4,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use dagmq_core::{Dag, DagRegistry, RunState, TaskSpec};
+use dagmq_core::{Dag, DagRegistry, Queue, RunState, TaskSpec, Topic};
 
 use crate::support::{Harness, Journal, Probe, ProcessFaults, origin};
 
@@ -72,5 +72,32 @@ async fn a_pool_with_a_backlog_does_not_starve_another_pool_of_the_same_worker()
     let starts = starts(&journal);
     let b = starts.iter().position(|id| id == "b").unwrap();
     assert!(b <= 2, "`b` started after {b} tries of the other pool: {starts:?}");
+    h.stop().await;
+}
+
+/// A malformed message at hand as a try ends in the worker's only slot (taken by that slot, or
+/// by the pool's consume loop as the slot frees) is dead-lettered with its reason, and the
+/// slot goes on with the pool's other messages.
+#[tokio::test(start_paused = true)]
+async fn a_malformed_message_at_hand_as_a_try_ends_is_dead_lettered_with_its_reason() {
+    let (h, journal) = two_pools_one_slot(Duration::from_secs(1)).await;
+    let many = h.trigger("many").await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    while starts(&journal).is_empty() {
+        assert!(tokio::time::Instant::now() < deadline, "no task of `many` started");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    h.queue.publish(&Topic::Tasks("default".into()), b"{not json".to_vec()).await.unwrap();
+    let mut dead = h.queue.consume(&Topic::Dead, 10).await.unwrap();
+    let delivery = tokio::time::timeout(Duration::from_secs(60), dead.next()).await.unwrap().unwrap().unwrap();
+    assert_eq!(delivery.payload, b"{not json");
+    assert!(
+        delivery.error.as_deref().is_some_and(|e| e.starts_with("task: malformed message")),
+        "{:?}",
+        delivery.error
+    );
+    delivery.ack().await.unwrap();
+    assert_eq!(h.wait_final(&many).await, RunState::Success);
+    assert_eq!(starts(&journal).len(), 6);
     h.stop().await;
 }
