@@ -12,6 +12,7 @@ mod hostile_headers;
 mod operations;
 mod outputs;
 mod partial_failure;
+mod pools;
 mod queue_contract;
 mod races;
 mod redis_ambiguity;

@@ -161,10 +161,14 @@ pub(crate) struct Shared {
     /// Its contact with the store, from its heartbeats: a try claimed before a silence long
     /// enough for the scheduler to take the worker for lost never starts.
     pub(crate) contact: contact::Contact,
-    /// Each pool's subscription (`dagmq.tasks.<pool>`): its consumer loop waits on it for a free
-    /// slot's next message, and a slot whose try ends takes the next message it holds already,
-    /// to claim that try with the outcome (`Store::finish_and_claim`).
-    pub(crate) subscriptions: HashMap<String, Arc<tokio::sync::Mutex<Subscription>>>,
+    /// Each pool's feed of messages (`dagmq.tasks.<pool>`), in the order of `--queues`: its
+    /// consumer loop waits on it for a message, then for a free slot to run it in, and a slot
+    /// whose try ends takes the next message at hand, to claim that try with the outcome
+    /// (`Store::finish_and_claim`), looking at the pools in turn (`turn`).
+    pub(crate) feeds: Vec<Arc<tokio::sync::Mutex<Feed>>>,
+    /// Which pool's feed a slot whose try ends looks at first: each slot that looks starts one
+    /// pool further, so a pool with a backlog does not starve the others.
+    pub(crate) turn: std::sync::atomic::AtomicUsize,
     /// Status updates on their way after their tries gave their slots back (one permit each,
     /// [`REPORTS_IN_FLIGHT`] in all): a broker that confirms slowly holds new tries back rather
     /// than piling updates up, and the worker waits for them as it stops.
@@ -194,16 +198,22 @@ pub async fn run(
         .clone()
         .unwrap_or_else(|| Arc::new(dagmq_core::LiveDags::new((*config.dags).clone(), Vec::new(), HashMap::new())));
     let prefetch = consumer_prefetch(concurrency, config.prefetch);
-    let subscriptions: HashMap<String, Arc<tokio::sync::Mutex<Subscription>>> = config
-        .queues
-        .iter()
+    let mut pools: Vec<&String> = Vec::new();
+    for pool in &config.queues {
+        if !pools.contains(&pool) {
+            pools.push(pool);
+        }
+    }
+    let feeds = pools
+        .into_iter()
         .map(|pool| {
             let subscription = Subscription::topic(queue.clone(), Topic::Tasks(pool.clone()), prefetch);
-            (pool.clone(), Arc::new(tokio::sync::Mutex::new(subscription)))
+            Arc::new(tokio::sync::Mutex::new(Feed { subscription, held: None }))
         })
         .collect();
     let shared = Arc::new(Shared {
-        subscriptions,
+        feeds,
+        turn: std::sync::atomic::AtomicUsize::new(0),
         live,
         status: status::StatusSender::start(queue.clone(), config.batch_status),
         shutdown: shutdown.clone(),
@@ -227,13 +237,8 @@ pub async fn run(
     let heartbeats = tokio::spawn(heartbeat_loop(shared.clone(), started_at, shutdown.clone()));
     let controls = tokio::spawn(execute::control_loop(shared.clone(), shutdown.clone()));
     let mut consumers = Vec::new();
-    for subscription in shared.subscriptions.values() {
-        consumers.push(tokio::spawn(consume_loop(
-            shared.clone(),
-            subscription.clone(),
-            slots.clone(),
-            shutdown.clone(),
-        )));
+    for feed in &shared.feeds {
+        consumers.push(tokio::spawn(consume_loop(shared.clone(), feed.clone(), slots.clone(), shutdown.clone())));
     }
     shutdown.cancelled().await;
     for consumer in consumers {
@@ -274,26 +279,65 @@ pub fn consumer_prefetch(concurrency: usize, prefetch: u16) -> u16 {
     slots.min(prefetch.max(1)).saturating_add(slots.min(PREFETCH_MARGIN))
 }
 
-/// Takes deliveries from one pool while slots are free. A slot whose try ends takes the pool's
-/// next delivery itself, when one is at hand (`execute`): this loop only fills slots that free.
+/// One pool's messages: its subscription, and the message its consumer loop took and holds
+/// while it waits for a free slot.
+pub(crate) struct Feed {
+    /// The pool's subscription.
+    subscription: Subscription,
+    /// The pool's oldest message at hand, taken off the subscription, not handled yet.
+    held: Option<dagmq_core::Delivery>,
+}
+
+impl Feed {
+    /// The pool's next message at hand, never waiting: the one held, else one the consumer
+    /// holds already.
+    pub(crate) fn take(&mut self) -> Option<dagmq_core::Delivery> {
+        self.held.take().or_else(|| self.subscription.try_next())
+    }
+}
+
+/// Runs one pool's messages in the worker's slots: waits for a message, holding no slot, then
+/// for a free slot to run it in (so a pool with no message never keeps a slot from the other
+/// pools). A slot whose try ends may take the message held meanwhile (`execute`): this loop
+/// only fills slots that free. On shutdown, a message held is put back.
 async fn consume_loop(
     shared: Arc<Shared>,
-    subscription: Arc<tokio::sync::Mutex<Subscription>>,
+    feed: Arc<tokio::sync::Mutex<Feed>>,
     slots: Arc<Semaphore>,
     shutdown: CancelSignal,
 ) {
     loop {
-        let slot = tokio::select! {
-            _ = shutdown.cancelled() => return,
-            slot = slots.clone().acquire_owned() => match slot {
-                Ok(slot) => slot,
-                Err(_) => return,
-            },
+        let waiting_since = shared.config.clock.now();
+        {
+            let mut feed = feed.lock().await;
+            if feed.held.is_none() {
+                let Some(delivery) = feed.subscription.next(&shutdown).await else { return };
+                feed.held = Some(delivery);
+            }
+        }
+        // The slot is free from now (from when this loop began waiting for a message, if a
+        // slot was free at once): the try this message carries starts after the work waiting
+        // (`WorkerMetrics::work_waiting`) of the delivery and the claim.
+        let (slot, free_since) = match slots.clone().try_acquire_owned() {
+            Ok(slot) => (slot, waiting_since),
+            Err(_) => {
+                let slot = tokio::select! {
+                    _ = shutdown.cancelled() => None,
+                    slot = slots.clone().acquire_owned() => slot.ok(),
+                };
+                let Some(slot) = slot else {
+                    if let Some(delivery) = feed.lock().await.held.take()
+                        && let Err(err) = delivery.requeue().await
+                    {
+                        tracing::warn!("putting back a message not started as the worker stops: {err}");
+                    }
+                    return;
+                };
+                (slot, shared.config.clock.now())
+            }
         };
-        // The slot is free from now: the try this message carries starts after the work
-        // waiting (`WorkerMetrics::work_waiting`) of the delivery and the claim.
-        let free_since = shared.config.clock.now();
-        let Some(delivery) = subscription.lock().await.next(&shutdown).await else { return };
+        // A slot whose try ended may have taken the message meanwhile.
+        let Some(delivery) = feed.lock().await.held.take() else { continue };
         let shared = shared.clone();
         tokio::spawn(async move {
             execute::execute(&shared, delivery, free_since).await;

@@ -24,7 +24,7 @@ use super::{ClaimedTry, Registered, Resolved, handle, settle};
 /// their upstream succeeded (the first here, each other in a task of its own with the slot taken
 /// for it, while the status update of the try before is on its way), the try claimed with the
 /// outcome of the try before (its message acknowledged as it starts), or a message the slot took
-/// to handle as usual.
+/// to handle as usual (put back instead, unclaimed, if the worker is stopping by then).
 pub(super) fn run_claimed(
     shared: &Arc<Shared>,
     mut next: Option<Next>,
@@ -48,6 +48,13 @@ pub(super) fn run_claimed(
                     let (acked, next) = tokio::join!(delivery.ack(), finish(shared, first));
                     settle(acked);
                     next
+                }
+                // A message the slot took, not claimed, stays unstarted once the worker stops
+                // (its consume loops take no more): back to the queue for another worker.
+                Next::Delivery { delivery, taken: None, .. } if shared.stopping() => {
+                    tracing::info!("putting back a message taken as a try ended: the worker is stopping");
+                    settle(delivery.requeue().await);
+                    None
                 }
                 Next::Delivery { delivery, taken, free_since } => handle(shared, delivery, free_since, taken).await,
             };

@@ -2,8 +2,8 @@
 //! that gives the slot back (`Store::finish_and_claim`): the slot never waits a round trip of
 //! its own for its next try.
 //!
-//! As a try ends, its slot takes a message its pool's consumer holds already (never waiting for
-//! one). A message of the same run, of a DAG version loaded here, whose run record is cached,
+//! As a try ends, its slot takes a message at hand (never waiting for one), from the worker's
+//! pools in turn. A message of the same run, of a DAG version loaded here, whose run record is cached,
 //! while the worker is in touch with the store, is claimed with the outcome; any other message
 //! is handled as usual in the same slot once the outcome is written (one claim round trip, as
 //! before). The message is acknowledged only after the claim is in the store. Should the call be
@@ -70,14 +70,17 @@ pub(super) struct After {
     pub(super) claimed: Option<(super::ClaimedTry, Delivery)>,
 }
 
-/// The next message the consumer of `pool` holds already, for the slot that a try of `run_id`
-/// gives back; `None` when it holds none (or another slot reads it now), or the worker is
-/// stopping or out of touch with the store.
-pub(super) fn take_next(shared: &Shared, run_id: &str, pool: &str) -> Option<TakenMessage> {
+/// The next message at hand, for the slot that a try of `run_id` gives back: from the pools in
+/// turn, each slot that looks starting one pool further than the one before, so a pool with a
+/// backlog does not starve the worker's other pools; `None` when no pool has one at hand (or
+/// another slot reads it now), or the worker is stopping or out of touch with the store.
+pub(super) fn take_next(shared: &Shared, run_id: &str) -> Option<TakenMessage> {
     if shared.stopping() || !shared.contact.in_touch() {
         return None;
     }
-    let delivery = shared.subscriptions.get(pool)?.try_lock().ok()?.try_next()?;
+    let pools = shared.feeds.len();
+    let first = shared.turn.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let delivery = (0..pools).find_map(|n| shared.feeds[(first + n) % pools].try_lock().ok()?.take())?;
     let Ok(message) = messages::decode::<TaskToExec>(&delivery.payload) else {
         return Some(TakenMessage::Other(delivery));
     };

@@ -271,7 +271,7 @@ async fn record_outcome(
     };
     let claims: Vec<EagerClaim> = candidates.iter().map(|c| c.claim.clone()).collect();
     let taken = match candidates.is_empty() && !std::mem::replace(&mut after.took, true) {
-        true => take_next(shared, &message.run_id, &running.queue),
+        true => take_next(shared, &message.run_id),
         false => None,
     };
     fail_point!("worker::outcome::before_cas");
