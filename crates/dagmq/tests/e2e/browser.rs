@@ -1119,6 +1119,25 @@ fn pages_update_in_place_keeping_selection_and_scroll() {
 /// Watches the page for `seconds` while nothing changes: nothing in it may change (but the
 /// running durations, which count up), and each of its API requests must be a 304 (less than
 /// 1 KB moved, by the resource timings). Returns how many requests it made.
+/// Starts counting what the page changes in its view: each attribute or text changed and each
+/// node added or removed counts one (a running duration's ticking left out). Read with
+/// [`changes_counted`].
+fn count_changes(browser: &Browser) {
+    browser.script(
+        "window.changes = 0; window.counter?.disconnect(); window.counter = new MutationObserver(list => { \
+           for (const m of list) { const at = m.target.nodeType === 1 ? m.target : m.target.parentElement; \
+             if (at?.closest('[data-since]')) continue; \
+             window.changes += m.type === 'childList' ? m.addedNodes.length + m.removedNodes.length : 1; } }); \
+         window.counter.observe(document.getElementById('view'), {subtree: true, childList: true, attributes: true, characterData: true}); \
+         return null",
+    );
+}
+
+/// What the page changed since [`count_changes`].
+fn changes_counted(browser: &Browser) -> u64 {
+    browser.script("window.counter.disconnect(); return window.changes").as_u64().unwrap()
+}
+
 fn assert_quiet(browser: &Browser, seconds: u64, what: &str) -> usize {
     browser.script(
         "performance.clearResourceTimings(); window.mutations = []; window.watchedAt = Date.now(); \
@@ -1193,11 +1212,15 @@ fn an_open_page_on_which_nothing_changes_costs_only_304s_and_no_update() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
-/// Tasks in the large DAG of `a_2000_task_dags_page_and_runs_page_update_a_changed_task_in_under_100_ms`.
+/// Tasks in the large DAG of `a_2000_task_dags_page_and_runs_page_touch_only_what_a_changed_task_shows`.
 const LARGE: usize = 2000;
 
+/// The most nodes and values one task's change may touch on a page of [`LARGE`] tasks: the
+/// cells, boxes, counts and times that show it, a tenth of one rebuilt table.
+const MOST_CHANGES: u64 = 200;
+
 #[test]
-fn a_2000_task_dags_page_and_runs_page_update_a_changed_task_in_under_100_ms() {
+fn a_2000_task_dags_page_and_runs_page_touch_only_what_a_changed_task_shows() {
     let Some(browser) = Browser::start() else { return };
     let dir = std::env::temp_dir().join(format!("dagmq-ui-large-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
@@ -1241,6 +1264,7 @@ fn a_2000_task_dags_page_and_runs_page_update_a_changed_task_in_under_100_ms() {
     assert_quiet(&browser, 5, "the large DAG's page");
     // One task changes: the page shows it, in well under 100 ms of script.
     let updates = browser.script("return page.scriptTimes.length").as_u64().unwrap() as usize;
+    count_changes(&browser);
     std::fs::write(dir.join("g"), "").unwrap();
     browser.wait_for(gate, json!("success"));
     assert_eq!(
@@ -1248,10 +1272,16 @@ fn a_2000_task_dags_page_and_runs_page_update_a_changed_task_in_under_100_ms() {
         json!("success"),
         "the graph's box"
     );
+    let changes = changes_counted(&browser);
     let times = browser.script(&format!("return page.scriptTimes.slice({updates})"));
-    eprintln!("the 2,000-task DAG page: first drawn in {first} ms, updated for one task in {times} ms");
-    let times: Vec<f64> = times.as_array().unwrap().iter().map(|t| t.as_f64().unwrap()).collect();
-    assert!(!times.is_empty() && times.iter().all(|&ms| ms < 100.0), "the updates took {times:?} ms");
+    eprintln!(
+        "the 2,000-task DAG page: first drawn in {first} ms, updated for one task in {times} ms, {changes} nodes and values changed"
+    );
+    // What the update cost is measured by what it touched, not by a clock (a loaded machine
+    // stretches any time): one task's cell, its graph box, the run's counts and header, never
+    // the grid's 2,000 rows (a rebuild changes thousands).
+    assert!(!times.as_array().unwrap().is_empty(), "no update");
+    assert!(changes < MOST_CHANGES, "one task's change rewrote {changes} nodes and values of the page");
     browser.screenshot("large-dag");
 
     // The run's page: its table of 2,000 tasks rewrites only the row that changed.
@@ -1260,12 +1290,14 @@ fn a_2000_task_dags_page_and_runs_page_update_a_changed_task_in_under_100_ms() {
     browser.wait_for(gate_2, json!("running"));
     assert_quiet(&browser, 3, "the large run's page");
     let updates = browser.script("return page.scriptTimes.length").as_u64().unwrap() as usize;
+    count_changes(&browser);
     std::fs::write(dir.join("g2"), "").unwrap();
     browser.wait_for(gate_2, json!("success"));
+    let changes = changes_counted(&browser);
     let times = browser.script(&format!("return page.scriptTimes.slice({updates})"));
-    eprintln!("the 2,000-task run's page: updated for one task in {times} ms");
-    let times: Vec<f64> = times.as_array().unwrap().iter().map(|t| t.as_f64().unwrap()).collect();
-    assert!(!times.is_empty() && times.iter().all(|&ms| ms < 100.0), "the updates took {times:?} ms");
+    eprintln!("the 2,000-task run's page: updated for one task in {times} ms, {changes} nodes and values changed");
+    assert!(!times.as_array().unwrap().is_empty(), "no update");
+    assert!(changes < MOST_CHANGES, "one task's change rewrote {changes} nodes and values of the page");
     std::fs::write(dir.join("h"), "").unwrap();
     drop(standalone);
     let _ = std::fs::remove_dir_all(&dir);
