@@ -55,6 +55,15 @@ async fn wait_a_start(journal: &Journal) {
     }
 }
 
+/// Waits (a minute of paused time at most) until a first try of `many` has started.
+async fn first_start(journal: &Journal) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    while starts(journal).is_empty() {
+        assert!(tokio::time::Instant::now() < deadline, "no task of `many` started");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
 /// The order in which the tasks started.
 fn starts(journal: &Journal) -> Vec<String> {
     journal.entries().into_iter().filter_map(|e| e.strip_prefix("start:").map(str::to_string)).collect()
@@ -83,11 +92,7 @@ async fn an_idle_pool_does_not_hold_the_only_slot_of_a_worker_of_two_pools() {
 async fn a_pool_with_a_backlog_does_not_starve_another_pool_of_the_same_worker() {
     let (h, journal) = two_pools_one_slot(Duration::from_secs(1)).await;
     let many = h.trigger("many").await;
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
-    while starts(&journal).is_empty() {
-        assert!(tokio::time::Instant::now() < deadline, "no task of `many` started");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    first_start(&journal).await;
     let lone = h.trigger("lone").await;
     assert_eq!(h.wait_final(&lone).await, RunState::Success);
     assert_eq!(h.wait_final(&many).await, RunState::Success);
@@ -104,11 +109,7 @@ async fn a_pool_with_a_backlog_does_not_starve_another_pool_of_the_same_worker()
 async fn a_malformed_message_at_hand_as_a_try_ends_is_dead_lettered_with_its_reason() {
     let (h, journal) = two_pools_one_slot(Duration::from_secs(1)).await;
     let many = h.trigger("many").await;
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
-    while starts(&journal).is_empty() {
-        assert!(tokio::time::Instant::now() < deadline, "no task of `many` started");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    first_start(&journal).await;
     h.queue.publish(&Topic::Tasks("default".into()), b"{not json".to_vec()).await.unwrap();
     let mut dead = h.queue.consume(&Topic::Dead, 10).await.unwrap();
     let delivery = tokio::time::timeout(Duration::from_secs(60), dead.next()).await.unwrap().unwrap().unwrap();
