@@ -32,9 +32,23 @@ pub(super) enum Settle {
 pub(super) enum Claim {
     /// Nothing to run: settle the delivery so.
     Settle(Settle),
-    /// The try is ours (`running` in the store): run it, as the store describes it, with the
-    /// downstream tasks it may claim as it succeeds, and when the call that claimed it was sent.
-    Run(Box<TaskInstance>, Resolved, Box<TaskToExec>, Vec<TaskInstance>, Instant),
+    /// The try is ours (`running` in the store): run it.
+    Run(Box<Won>),
+}
+
+/// A try this worker claimed: as the store describes it, with the downstream tasks it may claim
+/// as it succeeds, and when the call that claimed it was sent.
+pub(super) struct Won {
+    /// The instance as claimed.
+    pub(super) running: TaskInstance,
+    /// The task, resolved at the claim.
+    pub(super) resolved: Resolved,
+    /// The message, as the store and this worker's DAGs describe it.
+    pub(super) message: TaskToExec,
+    /// The downstream tasks read with the claim.
+    pub(super) eager: Vec<TaskInstance>,
+    /// When the call that claimed it was sent.
+    pub(super) claimed_since: Instant,
 }
 
 /// Claims the try (`queued` -> `running`, `Store::claim_try`, which also reads the downstream
@@ -137,7 +151,9 @@ pub(super) async fn claim_answered(
         return Ok(Claim::Settle(Settle::Ack));
     }
     match resolve(shared, message, run.dag_version.as_deref()) {
-        Ok(resolved) => Ok(Claim::Run(Box::new(current), resolved, Box::new(message.clone()), eager, claimed_since)),
+        Ok(resolved) => {
+            Ok(Claim::Run(Box::new(Won { running: current, resolved, message: message.clone(), eager, claimed_since })))
+        }
         Err(reason) => {
             let reason = match gave_up {
                 Some(waited) => format!(

@@ -28,7 +28,7 @@ use dagmq_core::trace::{TRACEPARENT_HEADER, TraceParent};
 use dagmq_core::{BackendError, CancelSignal, Delivery, Task, TaskInstance};
 
 use crate::Shared;
-use claim::{Claim, Settle, claim};
+use claim::{Claim, Settle, Won, claim};
 use eager::run_claimed;
 use next::Taken;
 use outcome::finish;
@@ -142,22 +142,10 @@ async fn handle(
             settle_unclaimed(shared, &key, &message, delivery, how).await;
             None
         }
-        Claim::Run(running, resolved, trusted, eager, claimed_since) => {
+        Claim::Run(won) => {
             fail_point!("worker::claim::before_ack");
             claimed.store(true, Ordering::SeqCst);
-            let parent = TraceParent::of_message(delivery.header(TRACEPARENT_HEADER), &trusted.run_id);
-            let first = ClaimedTry {
-                key,
-                parent,
-                message: *trusted,
-                running: *running,
-                resolved,
-                signal,
-                reason,
-                eager,
-                claimed_since,
-                free_since: Some(free_since),
-            };
+            let first = ClaimedTry::won(key, &delivery, *won, signal, reason, free_since);
             // The try is ours: it starts while the ack is on its way.
             let (acked, next) = tokio::join!(delivery.ack(), finish(shared, first));
             settle(acked);
@@ -225,6 +213,35 @@ struct ClaimedTry {
     /// For a try from a task message, when the slot it runs in became free (the work waiting
     /// metric counts from then, or from its queueing if later); none for an eager try.
     free_since: Option<DateTime<Utc>>,
+}
+
+impl ClaimedTry {
+    /// The try of `delivery` that a claim made this worker's (`won`), stopped through `signal`
+    /// (`reason` says why), run in a slot free since `free_since`. Its span's parent is the
+    /// message's `traceparent` (or its run's root span).
+    fn won(
+        key: TryKey,
+        delivery: &Delivery,
+        won: Won,
+        signal: CancelSignal,
+        reason: Arc<AtomicU8>,
+        free_since: DateTime<Utc>,
+    ) -> ClaimedTry {
+        let Won { running, resolved, message, eager, claimed_since } = won;
+        let parent = TraceParent::of_message(delivery.header(TRACEPARENT_HEADER), &message.run_id);
+        ClaimedTry {
+            key,
+            parent,
+            message,
+            running,
+            resolved,
+            signal,
+            reason,
+            eager,
+            claimed_since,
+            free_since: Some(free_since),
+        }
+    }
 }
 
 /// Logs a failure to settle a delivery; the queue redelivers it and the claim dedupes.

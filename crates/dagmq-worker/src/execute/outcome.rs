@@ -370,21 +370,9 @@ async fn finish_and_claim(
     fail_point!("worker::claim_next::before_ack");
     let free_since = shared.config.clock.now();
     match claim_answered(shared, &next_message, Some(run), None, answer.next, sent, sent).await {
-        Ok(Claim::Run(running, resolved, trusted, eager, claimed_since)) => {
+        Ok(Claim::Run(won)) => {
             registered.claimed.store(true, Ordering::SeqCst);
-            let parent = TraceParent::of_message(delivery.header(TRACEPARENT_HEADER), &trusted.run_id);
-            let first = ClaimedTry {
-                key,
-                parent,
-                message: *trusted,
-                running: *running,
-                resolved,
-                signal: registered.signal,
-                reason: registered.reason,
-                eager,
-                claimed_since,
-                free_since: Some(free_since),
-            };
+            let first = ClaimedTry::won(key, &delivery, *won, registered.signal, registered.reason, free_since);
             after.claimed = Some((first, delivery));
         }
         Ok(Claim::Settle(how)) => settle_unclaimed(shared, &key, &next_message, delivery, how).await,
