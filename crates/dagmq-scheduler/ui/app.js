@@ -98,10 +98,17 @@ function morphNode(old, fresh) {
   morphChildren(old, fresh);
 }
 
-function banner(message) {
+/** Whether the banner holds an action's answer (a refused trigger, say), which stays until the
+ *  next action or navigation; a refresh's error goes with the next refresh that succeeds. */
+let bannerSticky = false;
+/** Shows `message` in the banner, or hides it when empty. `sticky`: an action's error. */
+function banner(message, sticky = false) {
   const el = document.getElementById("banner");
   el.textContent = message || ""; el.style.display = message ? "block" : "none";
+  bannerSticky = Boolean(message) && sticky;
 }
+/** Shows a refresh's outcome, leaving an action's error in place. */
+function refreshBanner(message) { if (!bannerSticky) banner(message); }
 
 const views = {
   async dags() {
@@ -555,9 +562,11 @@ async function triggerFrom(form) {
     const params = formParams(form);
     const answer = await api(`/api/v1/dags/${encodeURIComponent(form.dataset.dag)}/runs`, {method: "POST", body: JSON.stringify({params})});
     location.hash = `#/runs/${encodeURIComponent(answer.run_id)}`;
-  } catch (e) { banner(e.message); }
+  } catch (e) { banner(e.message, true); }
 }
 document.addEventListener("submit", event => {
+  // A new attempt takes the last one's error away.
+  if (event.target.id === "trigger-form" || event.target.id === "backfill-form") banner("");
   if (event.target.id === "trigger-form") { event.preventDefault(); triggerFrom(event.target); }
   if (event.target.id === "backfill-form") { event.preventDefault(); backfillFrom(event.target); }
 });
@@ -569,7 +578,7 @@ async function backfillFrom(form) {
     backfilled[form.dataset.dag] = `${answer.runs.length} runs: ${answer.created} created, ${answer.existing} existing`;
     page.dirty = true;
     render();
-  } catch (e) { banner(e.message); }
+  } catch (e) { banner(e.message, true); }
 }
 
 async function trigger(dagId) {
@@ -578,14 +587,14 @@ async function trigger(dagId) {
     const params = text ? JSON.parse(text) : {};
     const answer = await api(`/api/v1/dags/${encodeURIComponent(dagId)}/runs`, {method: "POST", body: JSON.stringify({params})});
     location.hash = `#/runs/${encodeURIComponent(answer.run_id)}`;
-  } catch (e) { banner(e.message); }
+  } catch (e) { banner(e.message, true); }
 }
 async function togglePause(dagId, paused) {
   try { await api(`/api/v1/dags/${encodeURIComponent(dagId)}/${paused ? "unpause" : "pause"}`, {method: "POST"}); render(); }
-  catch (e) { banner(e.message); }
+  catch (e) { banner(e.message, true); }
 }
 async function act(runId, verb) {
-  try { await api(`/api/v1/runs/${encodeURIComponent(runId)}/${verb}`, {method: "POST"}); page.watchUntil = Date.now() + 10000; render(); } catch (e) { banner(e.message); }
+  try { await api(`/api/v1/runs/${encodeURIComponent(runId)}/${verb}`, {method: "POST"}); page.watchUntil = Date.now() + 10000; render(); } catch (e) { banner(e.message, true); }
 }
 function filterRuns() {
   const dag = document.getElementById("f-dag").value, state = document.getElementById("f-state").value;
@@ -603,7 +612,7 @@ const actions = {
 const view = document.getElementById("view");
 view.addEventListener("click", event => {
   const button = event.target.closest("button[data-action]");
-  if (button && !button.disabled && actions[button.dataset.action]) actions[button.dataset.action](button);
+  if (button && !button.disabled && actions[button.dataset.action]) { banner(""); actions[button.dataset.action](button); }
 });
 view.addEventListener("change", event => {
   if (event.target.closest("[data-action=filter-runs]")) filterRuns();
@@ -650,8 +659,8 @@ async function render() {
     if (html !== null) { page.scriptTimes.push(Math.round(page.scriptMs * 10) / 10); if (page.scriptTimes.length > 1000) page.scriptTimes.shift(); }
     document.querySelectorAll("header a").forEach(a => a.classList.toggle("active", a.dataset.nav === (parts[0] || "dags")));
     document.getElementById("updated").textContent = (page.settled ? "finished; not refreshed since " : "updated ") + new Date().toLocaleTimeString();
-    banner("");
-  } catch (e) { banner(e.message); }
+    refreshBanner("");
+  } catch (e) { refreshBanner(e.message); }
   finally { rendering = false; }
 }
 /** Brings each running duration (`live`) up to date. */
@@ -661,7 +670,7 @@ function tickDurations() {
     if (el.textContent !== text) el.textContent = text;
   }
 }
-window.addEventListener("hashchange", () => { logState.key = ""; render(); });
+window.addEventListener("hashchange", () => { logState.key = ""; banner(""); render(); });
 /** The periodic refresh: every 1.5 s until the page is settled (a finished run, a finished
  *  try read to its end), then never; the tab coming back into view checks once (a `304` when
  *  nothing changed), as does any action or navigation. */

@@ -576,10 +576,18 @@ fn the_dag_page_builds_its_trigger_form_from_the_params_schema() {
     browser.wait_for("return document.querySelectorAll('#trigger-form [data-param]').length", json!(4));
     browser.script("document.querySelector('[data-param=limit]').value = '2.5'; return null");
     browser.click("[data-test=\"trigger-submit\"]");
-    browser.wait_for(
-        "return document.getElementById('banner').textContent",
-        json!("dag \"params\": param \"limit\": expected an integer, got 2.5"),
-    );
+    let reason = json!("dag \"params\": param \"limit\": expected an integer, got 2.5");
+    browser.wait_for("return document.getElementById('banner').textContent", reason.clone());
+    // The reason stays through the page's refreshes (it used to go with the next one, 1.5 s
+    // later, or at once when a refresh begun before the click ended after it), and goes with
+    // the next attempt.
+    let updated = browser.script("return document.getElementById('updated').textContent");
+    browser.wait_for(&format!("return document.getElementById('updated').textContent !== {updated}"), json!(true));
+    assert_eq!(browser.script("return document.getElementById('banner').textContent"), reason);
+    browser.script("document.querySelector('[data-param=limit]').value = '3'; return null");
+    browser.click("[data-test=\"trigger-submit\"]");
+    browser.wait_for("return location.hash.startsWith('#/runs/params--manual--')", json!(true));
+    browser.wait_for("return document.getElementById('banner').textContent", json!(""));
 }
 
 /// Contrast of each state badge's and graph node's text on its colour, as WCAG computes it,
