@@ -55,12 +55,15 @@ pub struct WorkerConfig {
     /// its running tries (self-fencing), so that they have stopped before the scheduler
     /// requeues them elsewhere.
     pub worker_timeout: Duration,
-    /// Most messages the worker prefetches per pool for its slots (at most `concurrency`); the
-    /// consumer's prefetch is this plus [`PREFETCH_MARGIN`] (at most the concurrency again:
-    /// [`consumer_prefetch`]). Messages are acknowledged when their try is claimed, so a
-    /// worker whose slots are all busy holds at most that many messages that other workers
-    /// could start.
+    /// Most messages the worker prefetches per pool: [`PREFETCH_PER_SLOT`] per slot up to
+    /// this, and never less than one per slot (up to this) plus [`PREFETCH_MARGIN`] (at most
+    /// the concurrency again): [`consumer_prefetch`]. Messages are acknowledged when their try
+    /// is claimed, so a worker whose slots are all busy holds at most that many messages that
+    /// other workers could start.
     pub prefetch: u16,
+    /// The consumer's prefetch per pool exactly (`--prefetch`), in place of
+    /// [`consumer_prefetch`]'s: the most messages the worker holds that it has not started.
+    pub window: Option<u16>,
     /// Counters of what the worker did.
     pub metrics: Arc<WorkerMetrics>,
     /// The DAGs as a live set that a reload replaces; when absent, `dags` for good. Every
@@ -102,8 +105,14 @@ pub const DEFAULT_PREFETCH: u16 = 64;
 /// Unstarted messages a consumer holds beyond one per slot (at most one more per slot): the
 /// next message is at hand when a slot frees, where with one per slot the slot waited for
 /// the broker to deliver it after the previous one's ack. With [`DEFAULT_PREFETCH`], a busy
-/// worker holds at most 72 unstarted messages per pool.
+/// worker of 64 slots or more holds at most 72 unstarted messages per pool.
 pub const PREFETCH_MARGIN: u16 = 8;
+
+/// Messages a consumer may hold per slot, up to [`WorkerConfig::prefetch`] (Celery's default
+/// prefetch multiplier): a worker of few slots keeps enough at hand that a slot whose try ends
+/// finds its next one there, and claims it with the outcome, rather than waiting a delivery
+/// and a claim of its own. With [`DEFAULT_PREFETCH`], 8 slots hold at most 32 messages per pool.
+pub const PREFETCH_PER_SLOT: u16 = 4;
 
 /// The default [`WorkerConfig::dag_version_wait`]: far longer than a DAG directory takes to be
 /// read again everywhere (every 2 s), long enough for a file copied to the workers' hosts a
@@ -125,6 +134,7 @@ impl WorkerConfig {
             heartbeat_interval: Duration::from_secs(5),
             worker_timeout: Duration::from_secs(20),
             prefetch: DEFAULT_PREFETCH,
+            window: None,
             metrics: Arc::new(WorkerMetrics::default()),
             live: None,
             eager: true,
@@ -197,7 +207,7 @@ pub async fn run(
         .live
         .clone()
         .unwrap_or_else(|| Arc::new(dagmq_core::LiveDags::new((*config.dags).clone(), Vec::new(), HashMap::new())));
-    let prefetch = consumer_prefetch(concurrency, config.prefetch);
+    let prefetch = config.window.map_or_else(|| consumer_prefetch(concurrency, config.prefetch), |n| n.max(1));
     let mut pools: Vec<&String> = Vec::new();
     for pool in &config.queues {
         if !pools.contains(&pool) {
@@ -269,14 +279,17 @@ pub async fn run(
     Ok(())
 }
 
-/// The prefetch of a pool's consumer: a slot's worth for each slot, up to `prefetch`, plus a
-/// margin of up to [`PREFETCH_MARGIN`] (at most the concurrency), so that the message a slot
-/// takes as it frees is at hand, not a broker round trip away. Messages are acknowledged at
-/// their claim, so a worker whose slots are all busy holds at most this many unstarted
-/// messages.
+/// The prefetch of a pool's consumer: [`PREFETCH_PER_SLOT`] messages per slot up to
+/// `prefetch`, and never less than a message for each slot (up to `prefetch`) plus a margin of
+/// up to [`PREFETCH_MARGIN`] (at most the concurrency), so that the message a slot takes as it
+/// frees is at hand, not a broker round trip away. Messages are acknowledged at their claim, so
+/// a worker whose slots are all busy holds at most this many unstarted messages.
 pub fn consumer_prefetch(concurrency: usize, prefetch: u16) -> u16 {
     let slots = u16::try_from(concurrency.max(1)).unwrap_or(u16::MAX);
-    slots.min(prefetch.max(1)).saturating_add(slots.min(PREFETCH_MARGIN))
+    let prefetch = prefetch.max(1);
+    let per_slot = slots.saturating_mul(PREFETCH_PER_SLOT).min(prefetch);
+    let margin = slots.min(prefetch).saturating_add(slots.min(PREFETCH_MARGIN));
+    per_slot.max(margin)
 }
 
 /// One pool's messages: its subscription, and the message its consumer loop took and holds
@@ -420,18 +433,22 @@ async fn heartbeat(shared: &Shared, started_at: chrono::DateTime<chrono::Utc>) -
 mod tests {
     use super::*;
 
-    /// A consumer prefetches a message for each slot (up to the prefetch setting) and a margin
-    /// of up to 8 more, never more than twice the slots: a worker of one slot holds at most
-    /// one message it has not started.
+    /// A consumer prefetches four messages per slot up to the prefetch setting, and never less
+    /// than a message per slot (up to the setting) plus a margin of up to 8: a busy worker of 8
+    /// slots holds at most 32 unstarted messages, one of 64 slots or more at most 72.
     #[test]
-    fn the_consumer_prefetch_is_the_slots_plus_a_small_margin() {
-        assert_eq!(consumer_prefetch(1, DEFAULT_PREFETCH), 2);
-        assert_eq!(consumer_prefetch(0, DEFAULT_PREFETCH), 2);
-        assert_eq!(consumer_prefetch(4, DEFAULT_PREFETCH), 8);
-        assert_eq!(consumer_prefetch(8, DEFAULT_PREFETCH), 16);
+    fn the_consumer_prefetch_is_four_per_slot_or_the_slots_plus_a_small_margin() {
+        assert_eq!(consumer_prefetch(1, DEFAULT_PREFETCH), 4);
+        assert_eq!(consumer_prefetch(0, DEFAULT_PREFETCH), 4);
+        assert_eq!(consumer_prefetch(4, DEFAULT_PREFETCH), 16);
+        assert_eq!(consumer_prefetch(8, DEFAULT_PREFETCH), 32);
+        assert_eq!(consumer_prefetch(16, DEFAULT_PREFETCH), 64);
+        assert_eq!(consumer_prefetch(60, DEFAULT_PREFETCH), 68);
         assert_eq!(consumer_prefetch(100, DEFAULT_PREFETCH), 72);
         assert_eq!(consumer_prefetch(1000, DEFAULT_PREFETCH), 72);
+        assert_eq!(consumer_prefetch(8, 10), 16);
         assert_eq!(consumer_prefetch(1000, 10), 18);
+        assert_eq!(consumer_prefetch(1, 1), 2);
         assert_eq!(consumer_prefetch(100_000, u16::MAX), u16::MAX);
     }
 }

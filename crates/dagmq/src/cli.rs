@@ -201,6 +201,11 @@ pub struct WorkerRoleArgs {
     /// Most tasks the worker runs at once (default: 4 per core).
     #[arg(long, value_name = "N")]
     pub concurrency: Option<usize>,
+    /// Most messages per pool the worker holds that it has not started (default: 4 per slot, at
+    /// most 64, and never less than one per slot plus up to 8). Messages it holds wait for its
+    /// slots while other workers may be idle: with long tasks, give 1.
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(1..))]
+    pub prefetch: Option<u16>,
     /// Turn eager dispatch off: by default a worker whose try succeeds claims, in the same store
     /// step, a downstream task that became ready (default trigger rule, a pool it consumes, no
     /// concurrency limit) and runs it next without a round through the scheduler and the broker.

@@ -287,6 +287,9 @@ pub(crate) async fn serve(app: &App, args: &ServeArgs, file: &ConfigFile, role: 
         if let Some(wait) = dag_version_wait {
             config.dag_version_wait = wait;
         }
+        if let Some(window) = args.worker.prefetch {
+            config.window = Some(window);
+        }
         if !args.worker.queues.is_empty() {
             config.queues = args.worker.queues.clone();
         }

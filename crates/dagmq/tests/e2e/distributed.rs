@@ -968,6 +968,33 @@ fn a_busy_worker_holds_few_unstarted_messages_and_a_later_worker_gets_the_rest()
     assert!(by_w2 >= 100, "the later worker ran {by_w2} tasks");
 }
 
+/// A worker of few slots holds four messages per slot that it has not started (so that a slot
+/// whose try ends finds its next one at hand), and `--prefetch N` holds exactly N, for long tasks.
+#[test]
+fn a_worker_holds_four_unstarted_messages_per_slot_and_prefetch_sets_exactly_how_many() {
+    let mut busy = String::from("id = \"busy\"\n");
+    for i in 0..120 {
+        busy.push_str(&format!("[[task]]\nid = \"t{i}\"\nrun = \"sleep\"\nargs = {{ ms = 1500 }}\n"));
+    }
+    let Some(mut cluster) = Cluster::new(&[("busy.toml", &busy)]) else { return };
+    cluster.start_scheduler();
+    cluster.start_worker_with("w1", &["--concurrency", "2", "--prefetch", "1"]);
+    let run_id = cluster.trigger("busy");
+    cluster.wait_until(Duration::from_secs(60), || {
+        cluster.json(&["runs", "show", &run_id])["task_counts"]["running"].as_u64() == Some(2)
+            && cluster.queue_count("dagmq.tasks.default").1 == 1
+    });
+    cluster.start_worker_with("w2", &["--concurrency", "8"]);
+    cluster.wait_until(Duration::from_secs(60), || cluster.queue_count("dagmq.tasks.default").1 == 1 + 32);
+    for _ in 0..3 {
+        let (_, held) = cluster.queue_count("dagmq.tasks.default");
+        assert!(held <= 33, "the workers hold {held} unstarted messages, more than 1 + 4 x 8");
+    }
+    let run = cluster.wait_run(&run_id, Duration::from_secs(120));
+    assert_eq!(run["state"], "success");
+    assert_every_task_succeeded_once(&run);
+}
+
 #[test]
 fn outputs_pass_between_tasks_on_different_workers_through_redis() {
     let example = std::fs::read_to_string(crate::support::examples().join("etl_outputs.toml")).unwrap();
