@@ -152,6 +152,10 @@ pub struct CommonServeArgs {
     /// try. Off by default.
     #[arg(long, env = "OTEL_EXPORTER_OTLP_ENDPOINT", value_name = "URL")]
     pub otlp_endpoint: Option<String>,
+    /// The URL spans are POSTed to, used as is (OpenTelemetry's traces-only variable): beats
+    /// --otlp-endpoint, for a collector whose traces path is not /v1/traces.
+    #[arg(long, env = "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", value_name = "URL")]
+    pub otlp_traces_endpoint: Option<String>,
 }
 
 /// Flags of the scheduler and its API (`scheduler`, `standalone`).

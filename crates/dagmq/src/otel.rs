@@ -40,6 +40,43 @@ const EXPORT_EVERY: Duration = Duration::from_secs(1);
 /// never answers delays the exit by this much at most (not by [`EXPORT_TIMEOUT`]).
 const SHUTDOWN_WAIT: Duration = Duration::from_secs(2);
 
+/// Where spans go: OpenTelemetry's two variables, the traces-only one used as is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum OtlpTarget {
+    /// A collector's base URL (`--otlp-endpoint`, `OTEL_EXPORTER_OTLP_ENDPOINT`): spans go to
+    /// `{url}/v1/traces`.
+    Base(String),
+    /// The URL spans are POSTed to (`--otlp-traces-endpoint`,
+    /// `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT`), as is.
+    Traces(String),
+}
+
+impl OtlpTarget {
+    /// The target the two settings name, the traces-only one first; none when both are unset
+    /// or blank.
+    pub fn from_settings(base: Option<&str>, traces: Option<&str>) -> Option<OtlpTarget> {
+        let given = |value: Option<&str>| value.map(str::trim).filter(|url| !url.is_empty()).map(str::to_string);
+        given(traces).map(OtlpTarget::Traces).or_else(|| given(base).map(OtlpTarget::Base))
+    }
+
+    /// The URL spans are POSTed to, and the option that gave it (for errors).
+    fn traces_url(&self) -> (String, &'static str) {
+        match self {
+            OtlpTarget::Base(url) => {
+                (format!("{}/v1/traces", url.trim_end_matches('/')), "--otlp-endpoint (OTEL_EXPORTER_OTLP_ENDPOINT)")
+            }
+            OtlpTarget::Traces(url) => (url.clone(), "--otlp-traces-endpoint (OTEL_EXPORTER_OTLP_TRACES_ENDPOINT)"),
+        }
+    }
+
+    /// The URL as given, for the log (masked by the caller).
+    pub fn url(&self) -> &str {
+        match self {
+            OtlpTarget::Base(url) | OtlpTarget::Traces(url) => url,
+        }
+    }
+}
+
 /// A span sink exporting over OTLP/HTTP; [`OtlpSink::shutdown`] sends what is left.
 #[derive(Debug)]
 pub struct OtlpSink {
@@ -50,24 +87,20 @@ pub struct OtlpSink {
 }
 
 impl OtlpSink {
-    /// A sink sending to `{endpoint}/v1/traces` (`endpoint` as in `OTEL_EXPORTER_OTLP_ENDPOINT`:
-    /// the collector's base URL) as service `service` (`dagmq-scheduler`, ...). Must be called
+    /// A sink sending to `target` as service `service` (`dagmq-scheduler`, ...). Must be called
     /// inside the tokio runtime, which then carries the requests.
-    pub fn start(endpoint: &str, service: &str, tls: &TlsSettings) -> Result<OtlpSink, String> {
-        let base = endpoint.trim().trim_end_matches('/');
-        let traces = format!("{base}/v1/traces");
-        let http = crate::client::HttpClient::new(&traces, tls, EXPORT_TIMEOUT)
-            .map_err(|e| format!("--otlp-endpoint (OTEL_EXPORTER_OTLP_ENDPOINT): {e}"))?;
+    pub fn start(target: &OtlpTarget, service: &str, tls: &TlsSettings) -> Result<OtlpSink, String> {
+        let (traces, option) = target.traces_url();
+        let http =
+            crate::client::HttpClient::new(&traces, tls, EXPORT_TIMEOUT).map_err(|e| format!("{option}: {e}"))?;
         // A user and password in the URL go as basic auth, as reqwest sends them for a request it
         // builds itself; the exporter's requests (built from the URL) would drop them, so the
         // exporter gets the URL without them and the header instead.
-        let probe = http.inner().post(&traces).build().map_err(|e| {
-            format!(
-                "--otlp-endpoint (OTEL_EXPORTER_OTLP_ENDPOINT): {:?} is not a URL: {}",
-                http.shown(),
-                e.without_url()
-            )
-        })?;
+        let probe = http
+            .inner()
+            .post(&traces)
+            .build()
+            .map_err(|e| format!("{option}: {:?} is not a URL: {}", http.shown(), e.without_url()))?;
         let traces = probe.url().to_string();
         let mut headers = std::collections::HashMap::new();
         if let Some(value) = probe.headers().get(reqwest::header::AUTHORIZATION).and_then(|v| v.to_str().ok()) {
@@ -87,7 +120,7 @@ impl OtlpSink {
             .with_headers(headers)
             .with_timeout(EXPORT_TIMEOUT)
             .build()
-            .map_err(|e| format!("--otlp-endpoint (OTEL_EXPORTER_OTLP_ENDPOINT): {e}"))?;
+            .map_err(|e| format!("{option}: {e}"))?;
         let config =
             BatchConfigBuilder::default().with_max_queue_size(MAX_QUEUE).with_scheduled_delay(EXPORT_EVERY).build();
         let mut processor = BatchSpanProcessor::builder(exporter).with_batch_config(config).build();

@@ -19,7 +19,7 @@ use dagmq_worker::WorkerConfig;
 use crate::cli::ServeArgs;
 use crate::config_file::ConfigFile;
 use crate::load::load_dags;
-use crate::otel::OtlpSink;
+use crate::otel::{OtlpSink, OtlpTarget};
 use crate::reload::Reloader;
 use crate::webhook::WebhookNotifier;
 use crate::{App, CliError, CliResult};
@@ -215,15 +215,17 @@ pub(crate) async fn serve(app: &App, args: &ServeArgs, file: &ConfigFile, role: 
         None => Arc::new(MemoryStore::with_retention(retention)),
     };
     let clock: Arc<dyn Clock> = Arc::new(SystemClock);
-    let spans = match args.common.otlp_endpoint.as_deref().map(str::trim).filter(|url| !url.is_empty()) {
-        Some(endpoint) => {
+    let target =
+        OtlpTarget::from_settings(args.common.otlp_endpoint.as_deref(), args.common.otlp_traces_endpoint.as_deref());
+    let spans = match target {
+        Some(target) => {
             let service = match role {
                 Role::Standalone => "dagmq",
                 Role::Scheduler => "dagmq-scheduler",
                 Role::Worker => "dagmq-worker",
             };
-            let sink = Arc::new(OtlpSink::start(endpoint, service, &tls).map_err(CliError::usage)?);
-            tracing::info!(endpoint = %dagmq_core::mask_url(endpoint), "traces go to an OTLP collector");
+            let sink = Arc::new(OtlpSink::start(&target, service, &tls).map_err(CliError::usage)?);
+            tracing::info!(endpoint = %dagmq_core::mask_url(target.url()), "traces go to an OTLP collector");
             Some(sink)
         }
         None => None,

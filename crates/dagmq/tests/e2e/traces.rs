@@ -330,22 +330,41 @@ run = "noop"
 
 #[test]
 fn an_otlp_endpoint_that_is_not_an_http_url_is_a_usage_error() {
-    for (args, env) in
-        [(vec!["standalone", "--otlp-endpoint", "collector:4318"], None), (vec!["standalone"], Some("ftp://collector"))]
-    {
+    const BASE: &str = "--otlp-endpoint (OTEL_EXPORTER_OTLP_ENDPOINT): ";
+    const TRACES: &str = "--otlp-traces-endpoint (OTEL_EXPORTER_OTLP_TRACES_ENDPOINT): ";
+    for (args, env, named) in [
+        (vec!["standalone", "--otlp-endpoint", "collector:4318"], None, BASE),
+        (vec!["standalone"], Some(("OTEL_EXPORTER_OTLP_ENDPOINT", "ftp://collector")), BASE),
+        (vec!["standalone", "--otlp-traces-endpoint", "collector:4318/v1/traces"], None, TRACES),
+        (vec!["standalone"], Some(("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "ftp://collector/v1/traces")), TRACES),
+    ] {
         let mut command = dagmq();
         command.args(&args).args(["--port", &free_port().to_string()]);
-        if let Some(value) = env {
-            command.env("OTEL_EXPORTER_OTLP_ENDPOINT", value);
+        if let Some((name, value)) = env {
+            command.env(name, value);
         }
         let output = command.output().unwrap();
         assert_eq!(output.status.code(), Some(2), "{args:?} {env:?}: {}", text(&output.stderr));
-        assert!(
-            text(&output.stderr).contains("--otlp-endpoint (OTEL_EXPORTER_OTLP_ENDPOINT): "),
-            "{}",
-            text(&output.stderr)
-        );
+        assert!(text(&output.stderr).contains(named), "{}", text(&output.stderr));
     }
+}
+
+#[test]
+fn the_traces_only_variable_is_used_as_is_and_beats_the_collectors_base_url() {
+    // OpenTelemetry's OTEL_EXPORTER_OTLP_TRACES_ENDPOINT is the URL spans are POSTed to (no
+    // /v1/traces added); set beside OTEL_EXPORTER_OTLP_ENDPOINT, it is the one used.
+    let receiver = Receiver::start();
+    let traces = format!("{}/v1/traces", receiver.endpoint());
+    let nowhere = format!("http://127.0.0.1:{}", free_port());
+    let standalone = Standalone::start(
+        &examples(),
+        &[("OTEL_EXPORTER_OTLP_ENDPOINT", &nowhere), ("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", &traces)],
+    );
+    let run = standalone.json(&["trigger", "hello", "--wait"]);
+    assert_eq!(run["state"], "success", "{run}");
+    receiver.wait_for(Duration::from_secs(30), |spans| !spans.is_empty());
+    let requests = receiver.requests.lock().unwrap().clone();
+    assert!(requests.iter().all(|r| r.starts_with("POST /v1/traces ")), "{requests:?}");
 }
 
 #[test]
