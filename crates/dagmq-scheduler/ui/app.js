@@ -98,17 +98,36 @@ function morphNode(old, fresh) {
   morphChildren(old, fresh);
 }
 
-/** Whether the banner holds an action's answer (a refused trigger, say), which stays until the
- *  next action or navigation; a refresh's error goes with the next refresh that succeeds. */
-let bannerSticky = false;
-/** Shows `message` in the banner, or hides it when empty. `sticky`: an action's error. */
-function banner(message, sticky = false) {
+/** What the banner shows: the last refresh's error (the page could not be brought up to date;
+ *  gone with the next refresh that succeeds) before the last action's error (a refused trigger,
+ *  say; it stays until the next action or navigation). */
+const bannerState = {refresh: "", action: ""};
+/** Which page and attempt an action's answer belongs to: a navigation or another action moves
+ *  it on, and the error of an action begun before is dropped. */
+let actionEpoch = 0;
+function showBanner() {
   const el = document.getElementById("banner");
-  el.textContent = message || ""; el.style.display = message ? "block" : "none";
-  bannerSticky = Boolean(message) && sticky;
+  const message = [bannerState.refresh, bannerState.action].filter(Boolean).join(" | ");
+  el.textContent = message; el.style.display = message ? "block" : "none";
 }
-/** Shows a refresh's outcome, leaving an action's error in place. */
-function refreshBanner(message) { if (!bannerSticky) banner(message); }
+/** Shows a refresh's error, or clears it (`""`). */
+function refreshBanner(message) { bannerState.refresh = message || ""; showBanner(); }
+/** Clears the last action's error and answers the epoch of the action that begins. */
+function beginAction() { bannerState.action = ""; showBanner(); return ++actionEpoch; }
+/** Shows the error of the action begun at `epoch`, unless the page or the attempt moved on. */
+function actionFailed(epoch, message) {
+  if (epoch !== actionEpoch) return;
+  bannerState.action = message; showBanner();
+}
+/** Actions on their way (what, on what): a second click on the same button before the first
+ *  is answered (a double-click) is not sent again. */
+const inFlight = new Set();
+/** Runs `action` (answering a promise) as the action `key`, unless that one is on its way. */
+function once(key, action) {
+  if (inFlight.has(key)) return;
+  inFlight.add(key);
+  Promise.resolve().then(action).finally(() => inFlight.delete(key));
+}
 
 const views = {
   async dags() {
@@ -558,43 +577,47 @@ function formParams(form) {
 }
 
 async function triggerFrom(form) {
+  const epoch = beginAction();
   try {
     const params = formParams(form);
     const answer = await api(`/api/v1/dags/${encodeURIComponent(form.dataset.dag)}/runs`, {method: "POST", body: JSON.stringify({params})});
     location.hash = `#/runs/${encodeURIComponent(answer.run_id)}`;
-  } catch (e) { banner(e.message, true); }
+  } catch (e) { actionFailed(epoch, e.message); }
 }
 document.addEventListener("submit", event => {
-  // A new attempt takes the last one's error away.
-  if (event.target.id === "trigger-form" || event.target.id === "backfill-form") banner("");
-  if (event.target.id === "trigger-form") { event.preventDefault(); triggerFrom(event.target); }
-  if (event.target.id === "backfill-form") { event.preventDefault(); backfillFrom(event.target); }
+  const form = event.target;
+  if (form.id === "trigger-form") { event.preventDefault(); once(`trigger ${form.dataset.dag}`, () => triggerFrom(form)); }
+  if (form.id === "backfill-form") { event.preventDefault(); once(`backfill ${form.dataset.dag}`, () => backfillFrom(form)); }
 });
 /** Backfills the form's DAG over its dates (midnight in the DAG's timezone, both included). */
 async function backfillFrom(form) {
+  const epoch = beginAction();
   try {
     const body = {from: form.querySelector("#backfill-from").value, to: form.querySelector("#backfill-to").value};
     const answer = await api(`/api/v1/dags/${encodeURIComponent(form.dataset.dag)}/backfill`, {method: "POST", body: JSON.stringify(body)});
     backfilled[form.dataset.dag] = `${answer.runs.length} runs: ${answer.created} created, ${answer.existing} existing`;
     page.dirty = true;
     render();
-  } catch (e) { banner(e.message, true); }
+  } catch (e) { actionFailed(epoch, e.message); }
 }
 
 async function trigger(dagId) {
+  const epoch = beginAction();
   try {
     const text = document.getElementById("params").value.trim();
     const params = text ? JSON.parse(text) : {};
     const answer = await api(`/api/v1/dags/${encodeURIComponent(dagId)}/runs`, {method: "POST", body: JSON.stringify({params})});
     location.hash = `#/runs/${encodeURIComponent(answer.run_id)}`;
-  } catch (e) { banner(e.message, true); }
+  } catch (e) { actionFailed(epoch, e.message); }
 }
 async function togglePause(dagId, paused) {
+  const epoch = beginAction();
   try { await api(`/api/v1/dags/${encodeURIComponent(dagId)}/${paused ? "unpause" : "pause"}`, {method: "POST"}); render(); }
-  catch (e) { banner(e.message, true); }
+  catch (e) { actionFailed(epoch, e.message); }
 }
 async function act(runId, verb) {
-  try { await api(`/api/v1/runs/${encodeURIComponent(runId)}/${verb}`, {method: "POST"}); page.watchUntil = Date.now() + 10000; render(); } catch (e) { banner(e.message, true); }
+  const epoch = beginAction();
+  try { await api(`/api/v1/runs/${encodeURIComponent(runId)}/${verb}`, {method: "POST"}); page.watchUntil = Date.now() + 10000; render(); } catch (e) { actionFailed(epoch, e.message); }
 }
 function filterRuns() {
   const dag = document.getElementById("f-dag").value, state = document.getElementById("f-state").value;
@@ -612,7 +635,9 @@ const actions = {
 const view = document.getElementById("view");
 view.addEventListener("click", event => {
   const button = event.target.closest("button[data-action]");
-  if (button && !button.disabled && actions[button.dataset.action]) { banner(""); actions[button.dataset.action](button); }
+  if (button && !button.disabled && actions[button.dataset.action]) {
+    once(JSON.stringify(button.dataset), () => actions[button.dataset.action](button));
+  }
 });
 view.addEventListener("change", event => {
   if (event.target.closest("[data-action=filter-runs]")) filterRuns();
@@ -670,7 +695,7 @@ function tickDurations() {
     if (el.textContent !== text) el.textContent = text;
   }
 }
-window.addEventListener("hashchange", () => { logState.key = ""; banner(""); render(); });
+window.addEventListener("hashchange", () => { logState.key = ""; actionEpoch++; bannerState.action = ""; showBanner(); render(); });
 /** The periodic refresh: every 1.5 s until the page is settled (a finished run, a finished
  *  try read to its end), then never; the tab coming back into view checks once (a `304` when
  *  nothing changed), as does any action or navigation. */
