@@ -149,12 +149,13 @@ pub struct CommonServeArgs {
     pub worker_timeout: Option<String>,
     /// Send traces to this OpenTelemetry collector over OTLP/HTTP (JSON), e.g.
     /// http://127.0.0.1:4318 (spans are POSTed to URL/v1/traces): a trace per run, a span per
-    /// try. Off by default.
-    #[arg(long, env = "OTEL_EXPORTER_OTLP_ENDPOINT", value_name = "URL")]
+    /// try. Off by default. Without the flag: OTEL_EXPORTER_OTLP_ENDPOINT.
+    #[arg(long, value_name = "URL")]
     pub otlp_endpoint: Option<String>,
-    /// The URL spans are POSTed to, used as is (OpenTelemetry's traces-only variable): beats
-    /// --otlp-endpoint, for a collector whose traces path is not /v1/traces.
-    #[arg(long, env = "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", value_name = "URL")]
+    /// The URL spans are POSTed to, used as is, for a collector whose traces path is not
+    /// /v1/traces; beats --otlp-endpoint. Without either flag: OTEL_EXPORTER_OTLP_TRACES_ENDPOINT,
+    /// then OTEL_EXPORTER_OTLP_ENDPOINT (a flag beats every variable).
+    #[arg(long, value_name = "URL")]
     pub otlp_traces_endpoint: Option<String>,
 }
 
@@ -205,8 +206,8 @@ pub struct WorkerRoleArgs {
     /// Most tasks the worker runs at once (default: 4 per core).
     #[arg(long, value_name = "N")]
     pub concurrency: Option<usize>,
-    /// Most messages per pool the worker holds that it has not started (default: 4 per slot, at
-    /// most 64, and never less than one per slot plus up to 8). Messages it holds wait for its
+    /// Most messages per pool the worker holds that it has not started (default over RabbitMQ: 4
+    /// per slot, at most 64, and never less than one per slot plus up to 8). Messages it holds wait for its
     /// slots while other workers may be idle: with long tasks, give 1.
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(1..))]
     pub prefetch: Option<u16>,

@@ -52,11 +52,29 @@ pub enum OtlpTarget {
 }
 
 impl OtlpTarget {
-    /// The target the two settings name, the traces-only one first; none when both are unset
-    /// or blank.
+    /// The target the flags name, the traces-only one first, else the environment's
+    /// (`OTEL_EXPORTER_OTLP_TRACES_ENDPOINT`, then `OTEL_EXPORTER_OTLP_ENDPOINT`): a flag given
+    /// on the command line beats a variable the environment may hold for other programs. None
+    /// when every one is unset or blank.
     pub fn from_settings(base: Option<&str>, traces: Option<&str>) -> Option<OtlpTarget> {
-        let given = |value: Option<&str>| value.map(str::trim).filter(|url| !url.is_empty()).map(str::to_string);
-        given(traces).map(OtlpTarget::Traces).or_else(|| given(base).map(OtlpTarget::Base))
+        let env = |name: &str| std::env::var(name).ok();
+        OtlpTarget::choose(
+            [base.map(str::to_string), traces.map(str::to_string)],
+            [env("OTEL_EXPORTER_OTLP_ENDPOINT"), env("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")],
+        )
+    }
+
+    /// The target of `[base, traces]` flags and variables, in that order of precedence.
+    fn choose(flags: [Option<String>; 2], vars: [Option<String>; 2]) -> Option<OtlpTarget> {
+        let given =
+            |value: &Option<String>| value.as_deref().map(str::trim).filter(|url| !url.is_empty()).map(str::to_string);
+        let [base_flag, traces_flag] = &flags;
+        let [base_var, traces_var] = &vars;
+        given(traces_flag)
+            .map(OtlpTarget::Traces)
+            .or_else(|| given(base_flag).map(OtlpTarget::Base))
+            .or_else(|| given(traces_var).map(OtlpTarget::Traces))
+            .or_else(|| given(base_var).map(OtlpTarget::Base))
     }
 
     /// The URL spans are POSTed to, and the option that gave it (for errors).
@@ -251,4 +269,35 @@ fn error_chain(err: &(dyn std::error::Error + 'static)) -> String {
         source = cause.source();
     }
     text
+}
+
+#[cfg(test)]
+mod tests {
+    use super::OtlpTarget;
+
+    fn some(value: &str) -> Option<String> {
+        Some(value.to_string())
+    }
+
+    /// A flag beats every variable, the traces-only one beats the base one of its kind, and a
+    /// blank value counts as unset.
+    #[test]
+    fn flags_beat_variables_and_the_traces_only_url_beats_the_base() {
+        let base = || OtlpTarget::Base("http://flag".into());
+        let traces = || OtlpTarget::Traces("http://flag/t".into());
+        assert_eq!(
+            OtlpTarget::choose([some("http://flag"), None], [some("http://b"), some("http://v/t")]),
+            Some(base())
+        );
+        assert_eq!(OtlpTarget::choose([some("http://flag"), some("http://flag/t")], [None, None]), Some(traces()));
+        assert_eq!(
+            OtlpTarget::choose([None, None], [some("http://b"), some("http://v/t")]),
+            Some(OtlpTarget::Traces("http://v/t".into()))
+        );
+        assert_eq!(
+            OtlpTarget::choose([some(" "), None], [some("http://b"), some("")]),
+            Some(OtlpTarget::Base("http://b".into()))
+        );
+        assert_eq!(OtlpTarget::choose([None, some("")], [None, some("  ")]), None);
+    }
 }

@@ -48,6 +48,7 @@ fn without_settings(mut command: Command) -> Command {
         "DAGMQ_ALLOWED_HOST",
         "DAGMQ_ALLOWED_ORIGINS",
         "OTEL_EXPORTER_OTLP_ENDPOINT",
+        "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT",
     ] {
         command.env_remove(variable);
     }

@@ -365,6 +365,19 @@ fn the_traces_only_variable_is_used_as_is_and_beats_the_collectors_base_url() {
     receiver.wait_for(Duration::from_secs(30), |spans| !spans.is_empty());
     let requests = receiver.requests.lock().unwrap().clone();
     assert!(requests.iter().all(|r| r.starts_with("POST /v1/traces ")), "{requests:?}");
+    drop(standalone);
+
+    // A flag beats the variables: an environment set for other programs does not take dagmq's
+    // spans elsewhere.
+    let flagged = Receiver::start();
+    let standalone = Standalone::spawn_with(
+        &examples(),
+        &[("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", &format!("{nowhere}/v1/traces"))],
+        &["--otlp-endpoint", &flagged.endpoint()],
+    );
+    let run = standalone.json(&["trigger", "hello", "--wait"]);
+    assert_eq!(run["state"], "success", "{run}");
+    flagged.wait_for(Duration::from_secs(30), |spans| !spans.is_empty());
 }
 
 #[test]
