@@ -81,7 +81,17 @@ impl OtlpTarget {
     fn traces_url(&self) -> (String, &'static str) {
         match self {
             OtlpTarget::Base(url) => {
-                (format!("{}/v1/traces", url.trim_end_matches('/')), "--otlp-endpoint (OTEL_EXPORTER_OTLP_ENDPOINT)")
+                // `/v1/traces` goes at the end of the path, before a query the URL may have; a
+                // URL that does not parse is refused later, naming the option.
+                let traces = match reqwest::Url::parse(url) {
+                    Ok(mut parsed) if !parsed.cannot_be_a_base() => {
+                        let path = format!("{}/v1/traces", parsed.path().trim_end_matches('/'));
+                        parsed.set_path(&path);
+                        parsed.to_string()
+                    }
+                    _ => format!("{}/v1/traces", url.trim_end_matches('/')),
+                };
+                (traces, "--otlp-endpoint (OTEL_EXPORTER_OTLP_ENDPOINT)")
             }
             OtlpTarget::Traces(url) => (url.clone(), "--otlp-traces-endpoint (OTEL_EXPORTER_OTLP_TRACES_ENDPOINT)"),
         }
@@ -299,5 +309,17 @@ mod tests {
             Some(OtlpTarget::Base("http://b".into()))
         );
         assert_eq!(OtlpTarget::choose([None, some("")], [None, some("  ")]), None);
+    }
+
+    /// A collector's base URL gets `/v1/traces` at the end of its path, before its query; the
+    /// traces-only URL is used as is.
+    #[test]
+    fn the_base_url_gets_the_traces_path_before_its_query() {
+        let url = |target: OtlpTarget| target.traces_url().0;
+        assert_eq!(url(OtlpTarget::Base("http://c:4318".into())), "http://c:4318/v1/traces");
+        assert_eq!(url(OtlpTarget::Base("http://c:4318/".into())), "http://c:4318/v1/traces");
+        assert_eq!(url(OtlpTarget::Base("http://c:4318/otlp/".into())), "http://c:4318/otlp/v1/traces");
+        assert_eq!(url(OtlpTarget::Base("https://u:p@c/x?k=v".into())), "https://u:p@c/x/v1/traces?k=v");
+        assert_eq!(url(OtlpTarget::Traces("http://c/t?k=v".into())), "http://c/t?k=v");
     }
 }
