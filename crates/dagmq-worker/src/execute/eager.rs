@@ -22,8 +22,8 @@ use super::{ClaimedTry, Registered, Resolved, handle, settle};
 
 /// Runs what a slot runs next, one after the other, until nothing is left: the tries claimed as
 /// their upstream succeeded (the first here, each other in a task of its own with the slot taken
-/// for it, while the status update of the try before is on its way), the try claimed with the
-/// outcome of the try before (its message acknowledged as it starts), or a message the slot took
+/// for it, while the status update of the try before is on its way), a try claimed from its
+/// message (acknowledged as the try starts), or a message the slot took
 /// to handle as usual (put back instead, unclaimed, if the worker is stopping by then).
 pub(super) fn run_claimed(
     shared: &Arc<Shared>,
@@ -67,8 +67,8 @@ pub(super) enum Next {
     /// What a try that succeeded claimed: the try to run next in its slot, the others claimed
     /// with slots of their own, and its status update (naming them), which is sent as they run.
     Eager { first: ClaimedTry, others: Vec<(ClaimedTry, tokio::sync::OwnedSemaphorePermit)>, update: StatusUpdate },
-    /// The try claimed with the outcome of the slot's try before, and its message, acknowledged
-    /// as it starts.
+    /// A try claimed from its message (as the slot handled it, or with the outcome of the slot's
+    /// try before), and that message, acknowledged as the try starts.
     Claimed { first: ClaimedTry, delivery: Delivery },
     /// A message the slot took as its try ended, handled as usual (`taken`: registered already,
     /// its claim unknown), the slot free since `free_since`.

@@ -31,7 +31,6 @@ use crate::Shared;
 use claim::{Claim, Settle, Won, claim};
 use eager::run_claimed;
 use next::Taken;
-use outcome::finish;
 pub(crate) use running::{RunningTries, StopReason, control_loop, running_tries, stop_all, stop_superseded};
 use running::{TryKey, lock, register};
 
@@ -68,8 +67,8 @@ pub(crate) async fn execute(shared: &Arc<Shared>, delivery: Delivery, free_since
     run_claimed(shared, next).await;
 }
 
-/// Handles one delivery in a slot, as [`execute`] does, up to the end of its try; answers what
-/// the slot runs next. `taken`: the delivery's try is registered already, by a slot that took it
+/// Handles one delivery in a slot, as [`execute`] does, up to its claim; answers what the slot
+/// runs next (the try claimed, whose message is acknowledged as it starts). `taken`: the delivery's try is registered already, by a slot that took it
 /// as its try ended and whose call that claimed it with that try's outcome was answered with an
 /// error (the claim is unknown: it may have applied).
 async fn handle(
@@ -145,11 +144,11 @@ async fn handle(
         Claim::Run(won) => {
             fail_point!("worker::claim::before_ack");
             claimed.store(true, Ordering::SeqCst);
-            let first = ClaimedTry::won(key, &delivery, *won, signal, reason, free_since);
-            // The try is ours: it starts while the ack is on its way.
-            let (acked, next) = tokio::join!(delivery.ack(), finish(shared, first));
-            settle(acked);
-            next
+            // The try is ours: the slot runs it next, while the ack is on its way.
+            Some(eager::Next::Claimed {
+                first: ClaimedTry::won(key, &delivery, *won, signal, reason, free_since),
+                delivery,
+            })
         }
     }
 }
