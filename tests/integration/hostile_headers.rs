@@ -3,23 +3,14 @@
 //! Each is delivered to dagmq's consumer with its body intact (the trace parent falls back to the
 //! run's), and the consumer goes on with the next message: nothing poisons it.
 
-use std::time::Duration;
-
 use dagmq_core::trace::{TRACEPARENT_HEADER, TraceParent};
-use dagmq_core::{Consumer, Delivery, Queue, Topic};
+use dagmq_core::{Queue, Topic};
 use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
 use lapin::types::{AMQPValue, ByteArray, DecimalValue, FieldArray, FieldTable, LongString, ShortString};
 use lapin::{BasicProperties, Connection, ConnectionProperties};
 
+use crate::queue_contract::next;
 use crate::services::{amqp_url, rabbit_queue};
-
-async fn next(consumer: &mut Box<dyn Consumer>) -> Delivery {
-    tokio::time::timeout(Duration::from_secs(10), consumer.next())
-        .await
-        .expect("a delivery within 10s")
-        .expect("consumer open")
-        .expect("no queue error")
-}
 
 /// Header tables no dagmq producer writes (a content header must fit in one frame, 128 KiB by
 /// default: the broker refuses a larger one).

@@ -7,7 +7,8 @@ use dagmq_core::{Consumer, Delivery, Queue, Topic};
 
 use crate::services::rabbit_queue;
 
-async fn next(consumer: &mut Box<dyn Consumer>) -> Delivery {
+/// The consumer's next delivery, failing after 10 s.
+pub(crate) async fn next(consumer: &mut Box<dyn Consumer>) -> Delivery {
     tokio::time::timeout(Duration::from_secs(10), consumer.next())
         .await
         .expect("a delivery within 10s")
