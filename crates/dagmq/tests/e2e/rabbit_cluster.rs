@@ -13,7 +13,7 @@ use dagmq_core::queue::{Queue, Topic};
 use dagmq_rabbitmq::{RabbitConfig, RabbitQueue};
 
 use crate::cluster::{Cluster, required};
-use crate::support::{dagmq, free_port, text};
+use crate::support::{dagmq, free_port, server_port, text};
 
 /// Where the Debian package keeps the scripts that run as the calling user (the ones in
 /// /usr/sbin switch to the rabbitmq user, in a session of their own).
@@ -68,11 +68,11 @@ impl RabbitCluster {
         std::fs::set_permissions(&cookie, std::os::unix::fs::PermissionsExt::from_mode(0o400)).unwrap();
         let nodes = (0..size)
             .map(|i| {
-                let port = free_port();
+                let port = server_port();
                 Node {
                     name: format!("dagmq-c{i}-{port}@localhost"),
                     port,
-                    dist_port: free_port(),
+                    dist_port: server_port(),
                     dir: home.join(format!("node{i}")),
                     child: None,
                 }

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 
 use crate::cluster::{Cluster, required};
-use crate::support::free_port;
+use crate::support::{free_port, server_port};
 
 /// The name under which the Sentinels monitor the primary.
 const MASTER: &str = "dagmq";
@@ -119,15 +119,15 @@ impl SentinelSet {
         let dir = std::env::temp_dir().join(format!("dagmq-sentinel-{}-{}", std::process::id(), free_port()));
         std::fs::create_dir_all(&dir).unwrap();
         let mut set = SentinelSet { data: Vec::new(), sentinels: Vec::new(), dir };
-        let primary = free_port();
+        let primary = server_port();
         set.data.push(set.data_node(primary, None));
-        set.data.push(set.data_node(free_port(), Some(primary)));
+        set.data.push(set.data_node(server_port(), Some(primary)));
         let replica = set.data[1].port;
         wait_for("the replica in sync", Duration::from_secs(20), || {
             cli(replica, &["INFO", "replication"]).contains("master_link_status:up")
         });
         for _ in 0..3 {
-            let port = free_port();
+            let port = server_port();
             let config = set.dir.join(format!("sentinel-{port}.conf"));
             std::fs::write(
                 &config,

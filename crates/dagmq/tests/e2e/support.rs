@@ -65,6 +65,26 @@ pub(crate) fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 
+/// A free port for a server a test starts and may restart (a broker node, a Redis): below
+/// Linux's ephemeral range (32768 and up), so no outgoing connection of any process takes it
+/// between the choice and the server's listen, or while the server is down. A port from
+/// [`free_port`] is in that range: a RabbitMQ node once failed to start, its distribution port
+/// taken meanwhile. Ports are handed out in turn, from a start that differs by process.
+pub(crate) fn server_port() -> u16 {
+    static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    const FIRST: u32 = 20_000;
+    const COUNT: u32 = 12_000;
+    for _ in 0..COUNT {
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let port = FIRST + (std::process::id().wrapping_mul(97).wrapping_add(n) % COUNT);
+        let port = u16::try_from(port).expect("below 32000");
+        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+    panic!("no free port in {FIRST}..{}", FIRST + COUNT);
+}
+
 /// A `dagmq standalone` process, killed when dropped.
 pub(crate) struct Standalone {
     pub child: Child,
