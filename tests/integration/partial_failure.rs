@@ -128,6 +128,30 @@ async fn an_outcome_and_claim_that_applied_but_answered_an_error_still_run_once(
     h.stop().await;
 }
 
+/// An outcome found already written (its first call applied and answered an error) gives its
+/// slot back while its status update waits for the broker, as a written outcome does: with
+/// status updates failing, the one slot still runs the next three tries (failed before: the
+/// slot retried the update of `a` for as long as the broker refused it, and `b` never started).
+#[tokio::test(start_paused = true)]
+async fn an_outcome_found_already_written_does_not_hold_its_slot_while_its_update_fails() {
+    let (h, journal, faults) = four_tasks_one_slot().await;
+    faults.store.outcome_claims_applied_then_failed.store(1, Ordering::SeqCst);
+    faults.queue.status_publishes_failing.store(true, Ordering::SeqCst);
+    let run = h.trigger("four").await;
+    for id in ["a", "b", "c", "d"] {
+        h.wait_task(&run, id, |t| t.state == TaskState::Success).await;
+    }
+    assert_eq!(faults.store.outcome_claims_applied_then_failed.load(Ordering::SeqCst), 0, "the fault fired");
+    faults.queue.status_publishes_failing.store(false, Ordering::SeqCst);
+    assert_eq!(h.wait_final(&run).await, RunState::Success);
+    let tasks = h.tasks(&run).await;
+    for id in ["a", "b", "c", "d"] {
+        assert_eq!(tasks[id].try_number, 1, "{id}");
+        assert_eq!(journal.entries().iter().filter(|e| **e == format!("start:{id}")).count(), 1, "{id}");
+    }
+    h.stop().await;
+}
+
 #[tokio::test(start_paused = true)]
 async fn a_try_running_under_a_live_worker_that_does_not_run_it_is_requeued() {
     let (mut h, journal) = one_task(Duration::from_millis(10)).await;

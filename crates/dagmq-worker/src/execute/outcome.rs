@@ -312,7 +312,8 @@ async fn record_outcome(
 
 /// After the call that wrote a finished try's outcome `done` (`applied`: whether it applied, or
 /// `false` when it did not), tells the scheduler: an outcome written, or found written by an
-/// earlier attempt, is published; one refused because the task moved on is not.
+/// earlier attempt, is published (the try gives its slot back while its update is sent); one
+/// refused because the task moved on is not.
 async fn outcome_written(
     shared: &Arc<Shared>,
     message: &TaskToExec,
@@ -321,14 +322,13 @@ async fn outcome_written(
 ) -> Result<(), BackendError> {
     if applied {
         fail_point!("worker::outcome::before_publish");
-        // The outcome is in the store: the try gives its slot back while its update is sent.
         report(shared, status_update(shared, done, &message.run_id)).await;
         return Ok(());
     }
     // Already recorded by an earlier attempt of this loop, or the task moved on.
     match shared.store.task(&message.run_id, &message.task_id).await? {
         Some(current) if current.try_number == done.try_number && current.state == done.state => {
-            publish_status(shared, done, &message.run_id).await?;
+            report(shared, status_update(shared, done, &message.run_id)).await;
         }
         _ => tracing::info!(
             run = %message.run_id, task = %message.task_id,
