@@ -1,6 +1,7 @@
 //! Exporting the spans of runs and tries over OTLP/HTTP (JSON) with the OpenTelemetry SDK's batch
-//! processor (`--otlp-endpoint`, `OTEL_EXPORTER_OTLP_ENDPOINT`); see [`dagmq_core::trace`] for
-//! what the spans are.
+//! processor (`--otlp-endpoint`, `OTEL_EXPORTER_OTLP_ENDPOINT`; `OTEL_TRACES_EXPORTER` and the
+//! protocol variables are read as [`OtlpTarget::from_settings`] says); see [`dagmq_core::trace`]
+//! for what the spans are.
 //!
 //! Recording a span never waits: it goes into the batch processor's bounded queue (2048 spans),
 //! which a thread of its own empties every second, in batches of up to 512, each POST given 10 s.
@@ -51,30 +52,100 @@ pub enum OtlpTarget {
     Traces(String),
 }
 
+/// OpenTelemetry's variables that dagmq reads, as the environment holds them.
+#[derive(Debug, Default, Clone)]
+pub struct OtelVars {
+    /// `OTEL_EXPORTER_OTLP_ENDPOINT`.
+    pub base: Option<String>,
+    /// `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT`.
+    pub traces: Option<String>,
+    /// `OTEL_TRACES_EXPORTER`: a list of exporters; dagmq has only `otlp` (or `none`).
+    pub exporter: Option<String>,
+    /// `OTEL_EXPORTER_OTLP_TRACES_PROTOCOL`, else `OTEL_EXPORTER_OTLP_PROTOCOL`.
+    pub protocol: Option<(&'static str, String)>,
+}
+
+impl OtelVars {
+    /// The variables of this process's environment.
+    pub fn from_env() -> OtelVars {
+        let env = |name: &str| std::env::var(name).ok().filter(|v| !v.trim().is_empty());
+        let protocol = ["OTEL_EXPORTER_OTLP_TRACES_PROTOCOL", "OTEL_EXPORTER_OTLP_PROTOCOL"]
+            .into_iter()
+            .find_map(|name| env(name).map(|value| (name, value)));
+        OtelVars {
+            base: env("OTEL_EXPORTER_OTLP_ENDPOINT"),
+            traces: env("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"),
+            exporter: env("OTEL_TRACES_EXPORTER"),
+            protocol,
+        }
+    }
+}
+
+/// Where spans go, if anywhere, and what the log should say about the environment's variables.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OtlpChoice {
+    /// The collector, or none (no spans are recorded).
+    pub target: Option<OtlpTarget>,
+    /// Why the environment's collector is not used, or how its variables are read otherwise
+    /// than they say: a warning for the log.
+    pub warning: Option<String>,
+}
+
 impl OtlpTarget {
     /// The target the flags name, the traces-only one first, else the environment's
     /// (`OTEL_EXPORTER_OTLP_TRACES_ENDPOINT`, then `OTEL_EXPORTER_OTLP_ENDPOINT`): a flag given
     /// on the command line beats a variable the environment may hold for other programs. None
     /// when every one is unset or blank.
-    pub fn from_settings(base: Option<&str>, traces: Option<&str>) -> Option<OtlpTarget> {
-        let env = |name: &str| std::env::var(name).ok();
-        OtlpTarget::choose(
-            [base.map(str::to_string), traces.map(str::to_string)],
-            [env("OTEL_EXPORTER_OTLP_ENDPOINT"), env("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")],
-        )
+    ///
+    /// The environment's collector is not used when `OTEL_TRACES_EXPORTER` names no `otlp`
+    /// (`none` turns traces off), nor when its protocol is `grpc` (dagmq speaks OTLP/HTTP, which
+    /// a gRPC port does not take); the choice's warning says so. A flag is used whatever these
+    /// variables say.
+    pub fn from_settings(base: Option<&str>, traces: Option<&str>) -> OtlpChoice {
+        OtlpTarget::choose([base.map(str::to_string), traces.map(str::to_string)], &OtelVars::from_env())
     }
 
-    /// The target of `[base, traces]` flags and variables, in that order of precedence.
-    fn choose(flags: [Option<String>; 2], vars: [Option<String>; 2]) -> Option<OtlpTarget> {
+    /// The choice of `[base, traces]` flags and the variables, in that order of precedence.
+    fn choose(flags: [Option<String>; 2], vars: &OtelVars) -> OtlpChoice {
         let given =
             |value: &Option<String>| value.as_deref().map(str::trim).filter(|url| !url.is_empty()).map(str::to_string);
         let [base_flag, traces_flag] = &flags;
-        let [base_var, traces_var] = &vars;
-        given(traces_flag)
-            .map(OtlpTarget::Traces)
-            .or_else(|| given(base_flag).map(OtlpTarget::Base))
-            .or_else(|| given(traces_var).map(OtlpTarget::Traces))
-            .or_else(|| given(base_var).map(OtlpTarget::Base))
+        let flagged = given(traces_flag).map(OtlpTarget::Traces).or_else(|| given(base_flag).map(OtlpTarget::Base));
+        if flagged.is_some() {
+            return OtlpChoice { target: flagged, warning: None };
+        }
+        let Some(target) =
+            given(&vars.traces).map(OtlpTarget::Traces).or_else(|| given(&vars.base).map(OtlpTarget::Base))
+        else {
+            return OtlpChoice { target: None, warning: None };
+        };
+        let unused = |why: String| OtlpChoice { target: None, warning: Some(format!("{why}; no spans are sent")) };
+        if let Some(list) = &vars.exporter {
+            let names: Vec<String> = list.split(',').map(|n| n.trim().to_ascii_lowercase()).collect();
+            if !names.iter().any(|n| n == "otlp") {
+                let why = match names.iter().all(|n| n == "none") {
+                    true => format!("OTEL_TRACES_EXPORTER={list} turns traces off"),
+                    false => format!("OTEL_TRACES_EXPORTER={list}: dagmq exports traces over OTLP only"),
+                };
+                return unused(why);
+            }
+        }
+        let warning = match &vars.protocol {
+            Some((name, value)) => match value.trim().to_ascii_lowercase().as_str() {
+                "http/json" | "http/protobuf" => None,
+                "grpc" => {
+                    return unused(format!(
+                        "{name}={value}: dagmq sends spans over OTLP/HTTP (JSON), which a gRPC endpoint does not \
+                         take (give the collector's HTTP address, port 4318 by default, with --otlp-endpoint)"
+                    ));
+                }
+                _ => Some(format!(
+                    "{name}={value} is not one of grpc, http/protobuf, http/json: spans are sent over OTLP/HTTP (JSON)"
+                )),
+            },
+            None => None,
+        };
+        OtlpChoice { target: Some(target), warning }
     }
 
     /// The URL spans are POSTed to, and the option that gave it (for errors).
@@ -283,10 +354,18 @@ fn error_chain(err: &(dyn std::error::Error + 'static)) -> String {
 
 #[cfg(test)]
 mod tests {
-    use super::OtlpTarget;
+    use super::{OtelVars, OtlpChoice, OtlpTarget};
 
     fn some(value: &str) -> Option<String> {
         Some(value.to_string())
+    }
+
+    fn vars(base: Option<String>, traces: Option<String>) -> OtelVars {
+        OtelVars { base, traces, ..OtelVars::default() }
+    }
+
+    fn target(flags: [Option<String>; 2], vars: &OtelVars) -> Option<OtlpTarget> {
+        OtlpTarget::choose(flags, vars).target
     }
 
     /// A flag beats every variable, the traces-only one beats the base one of its kind, and a
@@ -295,20 +374,50 @@ mod tests {
     fn flags_beat_variables_and_the_traces_only_url_beats_the_base() {
         let base = || OtlpTarget::Base("http://flag".into());
         let traces = || OtlpTarget::Traces("http://flag/t".into());
+        assert_eq!(target([some("http://flag"), None], &vars(some("http://b"), some("http://v/t"))), Some(base()));
+        assert_eq!(target([some("http://flag"), some("http://flag/t")], &vars(None, None)), Some(traces()));
         assert_eq!(
-            OtlpTarget::choose([some("http://flag"), None], [some("http://b"), some("http://v/t")]),
-            Some(base())
-        );
-        assert_eq!(OtlpTarget::choose([some("http://flag"), some("http://flag/t")], [None, None]), Some(traces()));
-        assert_eq!(
-            OtlpTarget::choose([None, None], [some("http://b"), some("http://v/t")]),
+            target([None, None], &vars(some("http://b"), some("http://v/t"))),
             Some(OtlpTarget::Traces("http://v/t".into()))
         );
         assert_eq!(
-            OtlpTarget::choose([some(" "), None], [some("http://b"), some("")]),
+            target([some(" "), None], &vars(some("http://b"), some(""))),
             Some(OtlpTarget::Base("http://b".into()))
         );
-        assert_eq!(OtlpTarget::choose([None, some("")], [None, some("  ")]), None);
+        assert_eq!(target([None, some("")], &vars(None, some("  "))), None);
+    }
+
+    /// `OTEL_TRACES_EXPORTER` without `otlp`, or a `grpc` protocol, keeps the environment's
+    /// collector unused, with a warning that says why; a flag is used whatever they say.
+    #[test]
+    fn the_exporter_and_protocol_variables_can_keep_the_environments_collector_unused() {
+        let env = |exporter: Option<&str>, protocol: Option<(&'static str, &str)>| OtelVars {
+            base: some("http://c:4317"),
+            exporter: exporter.map(str::to_string),
+            protocol: protocol.map(|(n, v)| (n, v.to_string())),
+            ..OtelVars::default()
+        };
+        let base = Some(OtlpTarget::Base("http://c:4317".into()));
+        let unused = |vars: &OtelVars, says: &str| {
+            let choice = OtlpTarget::choose([None, None], vars);
+            assert_eq!(choice.target, None, "{vars:?}");
+            let warning = choice.warning.unwrap();
+            assert!(warning.contains(says) && warning.ends_with("no spans are sent"), "{warning}");
+        };
+        unused(&env(Some("none"), None), "OTEL_TRACES_EXPORTER=none turns traces off");
+        unused(&env(Some("zipkin"), None), "OTEL_TRACES_EXPORTER=zipkin: dagmq exports traces over OTLP only");
+        unused(&env(None, Some(("OTEL_EXPORTER_OTLP_PROTOCOL", "grpc"))), "OTEL_EXPORTER_OTLP_PROTOCOL=grpc");
+        unused(&env(Some("otlp"), Some(("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL", "gRPC"))), "PROTOCOL=gRPC");
+        for fine in [env(Some("otlp"), None), env(Some("console, OTLP"), Some(("P", "http/protobuf"))), env(None, None)]
+        {
+            assert_eq!(OtlpTarget::choose([None, None], &fine), OtlpChoice { target: base.clone(), warning: None });
+        }
+        let odd = OtlpTarget::choose([None, None], &env(None, Some(("OTEL_EXPORTER_OTLP_PROTOCOL", "thrift"))));
+        assert_eq!(odd.target, base);
+        assert!(odd.warning.unwrap().contains("OTEL_EXPORTER_OTLP_PROTOCOL=thrift is not one of"));
+        // A flag is the operator's word for this process: used, and nothing to warn about.
+        let flagged = OtlpTarget::choose([some("http://f:4318"), None], &env(Some("none"), Some(("P", "grpc"))));
+        assert_eq!(flagged, OtlpChoice { target: Some(OtlpTarget::Base("http://f:4318".into())), warning: None });
     }
 
     /// A collector's base URL gets `/v1/traces` at the end of its path, before its query; the

@@ -215,9 +215,12 @@ pub(crate) async fn serve(app: &App, args: &ServeArgs, file: &ConfigFile, role: 
         None => Arc::new(MemoryStore::with_retention(retention)),
     };
     let clock: Arc<dyn Clock> = Arc::new(SystemClock);
-    let target =
+    let choice =
         OtlpTarget::from_settings(args.common.otlp_endpoint.as_deref(), args.common.otlp_traces_endpoint.as_deref());
-    let spans = match target {
+    if let Some(warning) = &choice.warning {
+        tracing::warn!("traces: {warning}");
+    }
+    let spans = match choice.target {
         Some(target) => {
             let service = match role {
                 Role::Standalone => "dagmq",

@@ -112,6 +112,11 @@ impl Standalone {
         Standalone::spawn(dags, &[], args, Stdio::from(std::fs::File::create(log).unwrap()))
     }
 
+    /// Like `start_logged`, with extra environment variables and flags.
+    pub(crate) fn start_logged_env(dags: &Path, log: &Path, extra_env: &[(&str, &str)], args: &[&str]) -> Standalone {
+        Standalone::spawn(dags, extra_env, args, Stdio::from(std::fs::File::create(log).unwrap()))
+    }
+
     /// Like `start`, with extra environment variables and flags.
     pub(crate) fn spawn_with(dags: &Path, extra_env: &[(&str, &str)], args: &[&str]) -> Standalone {
         Standalone::launch(dags, extra_env, args)

@@ -381,6 +381,53 @@ fn the_traces_only_variable_is_used_as_is_and_beats_the_collectors_base_url() {
 }
 
 #[test]
+fn the_environments_collector_is_left_unused_when_its_exporter_is_none_or_its_protocol_grpc() {
+    // OpenTelemetry's OTEL_TRACES_EXPORTER=none turns traces off; a grpc protocol names a port
+    // that does not take OTLP/HTTP. Either way no span goes to the environment's collector, and
+    // the log says why; a flag is still used.
+    let dir = std::env::temp_dir().join(format!("dagmq-traces-off-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let log = dir.join("standalone.log");
+    for (var, value, says) in [
+        ("OTEL_TRACES_EXPORTER", "none", "OTEL_TRACES_EXPORTER=none turns traces off; no spans are sent"),
+        ("OTEL_EXPORTER_OTLP_PROTOCOL", "grpc", "OTEL_EXPORTER_OTLP_PROTOCOL=grpc: dagmq sends spans over OTLP/HTTP"),
+    ] {
+        let receiver = Receiver::start();
+        let mut standalone = Standalone::start_logged_env(
+            &examples(),
+            &log,
+            &[("OTEL_EXPORTER_OTLP_ENDPOINT", &receiver.endpoint()), (var, value)],
+            &[],
+        );
+        let run = standalone.json(&["trigger", "hello", "--wait"]);
+        assert_eq!(run["state"], "success", "{run}");
+        // A stopping process sends what spans it has before it exits.
+        let pid = standalone.child.id().to_string();
+        std::process::Command::new("kill").args(["-TERM", &pid]).status().unwrap();
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while standalone.child.try_wait().unwrap().is_none() {
+            assert!(Instant::now() < deadline, "still running 60 s after SIGTERM");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        assert_eq!(receiver.requests.lock().unwrap().clone(), Vec::<String>::new(), "{var}={value}");
+        let text = std::fs::read_to_string(&log).unwrap();
+        assert!(text.contains(says), "{var}={value}: the log does not say why: {text}");
+        assert!(!text.contains("traces go to an OTLP collector"), "{text}");
+
+        let flagged = Receiver::start();
+        let standalone = Standalone::spawn_with(
+            &examples(),
+            &[("OTEL_EXPORTER_OTLP_ENDPOINT", &receiver.endpoint()), (var, value)],
+            &["--otlp-endpoint", &flagged.endpoint()],
+        );
+        let run = standalone.json(&["trigger", "hello", "--wait"]);
+        assert_eq!(run["state"], "success", "{run}");
+        flagged.wait_for(Duration::from_secs(30), |spans| !spans.is_empty());
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
 fn a_password_in_the_otlp_endpoint_is_never_logged() {
     // A collector behind basic auth given in the URL: the warning about a failed export names
     // the endpoint with its password masked, whatever the HTTP client's error says.
