@@ -63,6 +63,8 @@ pub struct OtelVars {
     pub exporter: Option<String>,
     /// `OTEL_EXPORTER_OTLP_TRACES_PROTOCOL`, else `OTEL_EXPORTER_OTLP_PROTOCOL`.
     pub protocol: Option<(&'static str, String)>,
+    /// `OTEL_SDK_DISABLED`: `true` turns traces off, as `OTEL_TRACES_EXPORTER=none` does.
+    pub sdk_disabled: Option<String>,
 }
 
 impl OtelVars {
@@ -77,8 +79,39 @@ impl OtelVars {
             traces: env("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"),
             exporter: env("OTEL_TRACES_EXPORTER"),
             protocol,
+            sdk_disabled: env("OTEL_SDK_DISABLED"),
         }
     }
+}
+
+/// Exporters that are not OTLP, which `OTEL_TRACES_EXPORTER` may name instead (`none` among
+/// them); any other name is taken for a mistake and `otlp` kept.
+const OTHER_EXPORTERS: [&str; 5] = ["none", "console", "logging", "zipkin", "jaeger"];
+
+/// A variable's value as a warning shows it: quoted, and cut short.
+fn shown_value(value: &str) -> String {
+    let cut: String = value.chars().take(40).collect();
+    match cut.len() < value.len() {
+        true => format!("{cut:?}..."),
+        false => format!("{cut:?}"),
+    }
+}
+
+/// The names of the headers OpenTelemetry's SDK adds to every export from
+/// `OTEL_EXPORTER_OTLP_HEADERS` and `OTEL_EXPORTER_OTLP_TRACES_HEADERS` (`key=value,...`),
+/// lower-cased: headers meant for the environment's collector, removed from the requests to
+/// one a flag names.
+fn environment_header_names() -> Vec<String> {
+    ["OTEL_EXPORTER_OTLP_HEADERS", "OTEL_EXPORTER_OTLP_TRACES_HEADERS"]
+        .into_iter()
+        .filter_map(|name| std::env::var(name).ok())
+        .flat_map(|list| {
+            list.split(',')
+                .filter_map(|pair| pair.split_once('=').map(|(key, _)| key.trim().to_ascii_lowercase()))
+                .filter(|key| !key.is_empty())
+                .collect::<Vec<_>>()
+        })
+        .collect()
 }
 
 /// Where spans go, if anywhere, and what the log should say about the environment's variables.
@@ -89,6 +122,9 @@ pub struct OtlpChoice {
     /// Why the environment's collector is not used, or how its variables are read otherwise
     /// than they say: a warning for the log.
     pub warning: Option<String>,
+    /// Whether a flag named the target: the environment's OTLP headers, meant for its own
+    /// collector, are then not sent.
+    pub from_flag: bool,
 }
 
 impl OtlpTarget {
@@ -97,10 +133,11 @@ impl OtlpTarget {
     /// on the command line beats a variable the environment may hold for other programs. None
     /// when every one is unset or blank.
     ///
-    /// The environment's collector is not used when `OTEL_TRACES_EXPORTER` names no `otlp`
-    /// (`none` turns traces off), nor when its protocol is `grpc` (dagmq speaks OTLP/HTTP, which
-    /// a gRPC port does not take); the choice's warning says so. A flag is used whatever these
-    /// variables say.
+    /// The environment's collector is not used when `OTEL_TRACES_EXPORTER` names a non-OTLP
+    /// exporter and no `otlp` (`none` turns traces off), when `OTEL_SDK_DISABLED` is `true`, nor
+    /// when its protocol is `grpc` and its port 4317, gRPC's (dagmq speaks OTLP/HTTP, which a
+    /// gRPC port does not take); the choice's warning says so. A flag is used whatever these
+    /// variables say, and gets none of the environment's OTLP headers.
     pub fn from_settings(base: Option<&str>, traces: Option<&str>) -> OtlpChoice {
         OtlpTarget::choose([base.map(str::to_string), traces.map(str::to_string)], &OtelVars::from_env())
     }
@@ -112,40 +149,71 @@ impl OtlpTarget {
         let [base_flag, traces_flag] = &flags;
         let flagged = given(traces_flag).map(OtlpTarget::Traces).or_else(|| given(base_flag).map(OtlpTarget::Base));
         if flagged.is_some() {
-            return OtlpChoice { target: flagged, warning: None };
+            return OtlpChoice { target: flagged, warning: None, from_flag: true };
         }
         let Some(target) =
             given(&vars.traces).map(OtlpTarget::Traces).or_else(|| given(&vars.base).map(OtlpTarget::Base))
         else {
-            return OtlpChoice { target: None, warning: None };
+            return OtlpChoice { target: None, warning: None, from_flag: false };
         };
-        let unused = |why: String| OtlpChoice { target: None, warning: Some(format!("{why}; no spans are sent")) };
+        let unused = |why: String| OtlpChoice {
+            target: None,
+            warning: Some(format!("{why}; no spans are sent (a flag, --otlp-endpoint, would send them)")),
+            from_flag: false,
+        };
+        if vars.sdk_disabled.as_deref().is_some_and(|v| v.trim().eq_ignore_ascii_case("true")) {
+            return unused("OTEL_SDK_DISABLED=true turns traces off".to_string());
+        }
+        let mut warnings = Vec::new();
         if let Some(list) = &vars.exporter {
-            let names: Vec<String> = list.split(',').map(|n| n.trim().to_ascii_lowercase()).collect();
-            if !names.iter().any(|n| n == "otlp") {
+            let names: Vec<String> =
+                list.split(',').map(|n| n.trim().to_ascii_lowercase()).filter(|n| !n.is_empty()).collect();
+            let unknown: Vec<&String> =
+                names.iter().filter(|n| *n != "otlp" && !OTHER_EXPORTERS.contains(&n.as_str())).collect();
+            if !names.is_empty() && !names.iter().any(|n| n == "otlp") && unknown.is_empty() {
                 let why = match names.iter().all(|n| n == "none") {
-                    true => format!("OTEL_TRACES_EXPORTER={list} turns traces off"),
-                    false => format!("OTEL_TRACES_EXPORTER={list}: dagmq exports traces over OTLP only"),
+                    true => format!("OTEL_TRACES_EXPORTER={} turns traces off", shown_value(list)),
+                    false => format!("OTEL_TRACES_EXPORTER={}: dagmq exports traces over OTLP only", shown_value(list)),
                 };
                 return unused(why);
             }
+            if !unknown.is_empty() {
+                warnings.push(format!(
+                    "OTEL_TRACES_EXPORTER={} names an exporter dagmq does not know (it has otlp, or none): spans go \
+                     over OTLP",
+                    shown_value(list)
+                ));
+            }
         }
-        let warning = match &vars.protocol {
-            Some((name, value)) => match value.trim().to_ascii_lowercase().as_str() {
-                "http/json" | "http/protobuf" => None,
-                "grpc" => {
+        if let Some((name, value)) = &vars.protocol {
+            match value.trim().to_ascii_lowercase().as_str() {
+                "http/json" | "http/protobuf" => {}
+                "grpc" if target.port() == Some(4317) => {
                     return unused(format!(
-                        "{name}={value}: dagmq sends spans over OTLP/HTTP (JSON), which a gRPC endpoint does not \
-                         take (give the collector's HTTP address, port 4318 by default, with --otlp-endpoint)"
+                        "{name}={}: the collector's port 4317 takes OTLP over gRPC, and dagmq sends spans over \
+                         OTLP/HTTP (JSON) (give the collector's HTTP address, port 4318 by default, with \
+                         --otlp-endpoint)",
+                        shown_value(value)
                     ));
                 }
-                _ => Some(format!(
-                    "{name}={value} is not one of grpc, http/protobuf, http/json: spans are sent over OTLP/HTTP (JSON)"
+                "grpc" => warnings.push(format!(
+                    "{name}={}: dagmq sends spans over OTLP/HTTP (JSON), which the collector must take at its \
+                     address",
+                    shown_value(value)
                 )),
-            },
-            None => None,
-        };
-        OtlpChoice { target: Some(target), warning }
+                _ => warnings.push(format!(
+                    "{name}={} is not one of grpc, http/protobuf, http/json: spans are sent over OTLP/HTTP (JSON)",
+                    shown_value(value)
+                )),
+            }
+        }
+        let warning = (!warnings.is_empty()).then(|| warnings.join("; "));
+        OtlpChoice { target: Some(target), warning, from_flag: false }
+    }
+
+    /// The port the target's URL names, or its scheme's.
+    fn port(&self) -> Option<u16> {
+        reqwest::Url::parse(self.url()).ok()?.port_or_known_default()
     }
 
     /// The URL spans are POSTed to, and the option that gave it (for errors).
@@ -188,7 +256,8 @@ pub struct OtlpSink {
 impl OtlpSink {
     /// A sink sending to `target` as service `service` (`dagmq-scheduler`, ...). Must be called
     /// inside the tokio runtime, which then carries the requests.
-    pub fn start(target: &OtlpTarget, service: &str, tls: &TlsSettings) -> Result<OtlpSink, String> {
+    pub fn start(choice: &OtlpChoice, service: &str, tls: &TlsSettings) -> Result<OtlpSink, String> {
+        let target = choice.target.as_ref().ok_or("no OTLP collector to send spans to")?;
         let (traces, option) = target.traces_url();
         let http =
             crate::client::HttpClient::new(&traces, tls, EXPORT_TIMEOUT).map_err(|e| format!("{option}: {e}"))?;
@@ -202,14 +271,23 @@ impl OtlpSink {
             .map_err(|e| format!("{option}: {:?} is not a URL: {}", http.shown(), e.without_url()))?;
         let traces = probe.url().to_string();
         let mut headers = std::collections::HashMap::new();
-        if let Some(value) = probe.headers().get(reqwest::header::AUTHORIZATION).and_then(|v| v.to_str().ok()) {
+        let authorization = probe.headers().get(reqwest::header::AUTHORIZATION).cloned();
+        if let Some(value) = authorization.as_ref().and_then(|v| v.to_str().ok()) {
             headers.insert(reqwest::header::AUTHORIZATION.as_str().to_string(), value.to_string());
         }
+        // The SDK adds the environment's OTLP headers to every request; they are meant for the
+        // environment's collector, not for one a flag names (a token would go to another host).
+        let foreign = match choice.from_flag {
+            true => environment_header_names(),
+            false => Vec::new(),
+        };
         let client = OnRuntime {
             client: http.inner().clone(),
             runtime: tokio::runtime::Handle::try_current().map_err(|e| format!("no async runtime: {e}"))?,
             shown: http.shown().to_string(),
             failing: Arc::new(AtomicBool::new(false)),
+            foreign,
+            authorization,
         };
         let exporter = opentelemetry_otlp::SpanExporter::builder()
             .with_http()
@@ -300,11 +378,25 @@ struct OnRuntime {
     shown: String,
     /// Whether the last request failed.
     failing: Arc<AtomicBool>,
+    /// Headers (lower-case names) taken off each request: the environment's, when a flag named
+    /// the collector.
+    foreign: Vec<String>,
+    /// The basic auth of the collector's URL, put back should a foreign header have replaced it.
+    authorization: Option<reqwest::header::HeaderValue>,
 }
 
 #[async_trait]
 impl HttpClient for OnRuntime {
-    async fn send_bytes(&self, request: Request<Bytes>) -> Result<Response<Bytes>, HttpError> {
+    async fn send_bytes(&self, mut request: Request<Bytes>) -> Result<Response<Bytes>, HttpError> {
+        if !self.foreign.is_empty() {
+            let headers = request.headers_mut();
+            for name in &self.foreign {
+                headers.remove(name.as_str());
+            }
+            if let Some(value) = &self.authorization {
+                headers.insert(reqwest::header::AUTHORIZATION, value.clone());
+            }
+        }
         let client = self.client.clone();
         let sent = self.runtime.spawn(async move { client.send_bytes(request).await });
         let result = match sent.await {
@@ -387,8 +479,9 @@ mod tests {
         assert_eq!(target([None, some("")], &vars(None, some("  "))), None);
     }
 
-    /// `OTEL_TRACES_EXPORTER` without `otlp`, or a `grpc` protocol, keeps the environment's
-    /// collector unused, with a warning that says why; a flag is used whatever they say.
+    /// `OTEL_TRACES_EXPORTER` naming other exporters and no `otlp`, `OTEL_SDK_DISABLED=true`,
+    /// or a `grpc` protocol on gRPC's port keep the environment's collector unused, with a
+    /// warning that says why; a flag is used whatever they say.
     #[test]
     fn the_exporter_and_protocol_variables_can_keep_the_environments_collector_unused() {
         let env = |exporter: Option<&str>, protocol: Option<(&'static str, &str)>| OtelVars {
@@ -402,22 +495,50 @@ mod tests {
             let choice = OtlpTarget::choose([None, None], vars);
             assert_eq!(choice.target, None, "{vars:?}");
             let warning = choice.warning.unwrap();
-            assert!(warning.contains(says) && warning.ends_with("no spans are sent"), "{warning}");
+            assert!(warning.contains(says) && warning.contains("no spans are sent"), "{warning}");
         };
-        unused(&env(Some("none"), None), "OTEL_TRACES_EXPORTER=none turns traces off");
-        unused(&env(Some("zipkin"), None), "OTEL_TRACES_EXPORTER=zipkin: dagmq exports traces over OTLP only");
-        unused(&env(None, Some(("OTEL_EXPORTER_OTLP_PROTOCOL", "grpc"))), "OTEL_EXPORTER_OTLP_PROTOCOL=grpc");
-        unused(&env(Some("otlp"), Some(("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL", "gRPC"))), "PROTOCOL=gRPC");
-        for fine in [env(Some("otlp"), None), env(Some("console, OTLP"), Some(("P", "http/protobuf"))), env(None, None)]
-        {
-            assert_eq!(OtlpTarget::choose([None, None], &fine), OtlpChoice { target: base.clone(), warning: None });
-        }
-        let odd = OtlpTarget::choose([None, None], &env(None, Some(("OTEL_EXPORTER_OTLP_PROTOCOL", "thrift"))));
-        assert_eq!(odd.target, base);
-        assert!(odd.warning.unwrap().contains("OTEL_EXPORTER_OTLP_PROTOCOL=thrift is not one of"));
+        let used = |vars: &OtelVars, says: Option<&str>| {
+            let choice = OtlpTarget::choose([None, None], vars);
+            assert_eq!(choice.target, base, "{vars:?}");
+            match says {
+                Some(says) => assert!(choice.warning.as_deref().unwrap_or_default().contains(says), "{choice:?}"),
+                None => assert_eq!(choice.warning, None, "{vars:?}"),
+            }
+        };
+        unused(&env(Some("none"), None), "OTEL_TRACES_EXPORTER=\"none\" turns traces off");
+        unused(
+            &env(Some("zipkin, console"), None),
+            "OTEL_TRACES_EXPORTER=\"zipkin, console\": dagmq exports traces over OTLP only",
+        );
+        unused(
+            &env(None, Some(("OTEL_EXPORTER_OTLP_PROTOCOL", "grpc"))),
+            "OTEL_EXPORTER_OTLP_PROTOCOL=\"grpc\": the collector's port 4317",
+        );
+        unused(&env(Some("otlp"), Some(("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL", "gRPC"))), "PROTOCOL=\"gRPC\"");
+        unused(&OtelVars { sdk_disabled: some(" TRUE"), ..env(None, None) }, "OTEL_SDK_DISABLED=true");
+        used(&env(Some("otlp"), None), None);
+        used(&env(Some("console, OTLP"), Some(("P", "http/protobuf"))), None);
+        used(&env(None, None), None);
+        used(&env(Some(" , "), None), None);
+        used(&OtelVars { sdk_disabled: some("false"), ..env(None, None) }, None);
+        // A name dagmq does not know is taken for a mistake: OTLP, as the default is.
+        used(&env(Some("otpl"), None), Some("OTEL_TRACES_EXPORTER=\"otpl\" names an exporter dagmq does not know"));
+        used(&env(None, Some(("OTEL_EXPORTER_OTLP_PROTOCOL", "thrift"))), Some("=\"thrift\" is not one of"));
+        // A collector that takes gRPC and OTLP/HTTP at one address (a hosted one on 443) is used.
+        let hosted = OtelVars { base: some("https://otlp.example.com"), ..env(None, Some(("P", "grpc"))) };
+        let choice = OtlpTarget::choose([None, None], &hosted);
+        assert_eq!(choice.target, Some(OtlpTarget::Base("https://otlp.example.com".into())));
+        assert!(choice.warning.unwrap().contains("which the collector must take at its address"));
+        // A value is shown quoted and cut short.
+        let long = "x".repeat(100) + "\nsecond line";
+        let warning = OtlpTarget::choose([None, None], &env(Some(&long), None)).warning.unwrap();
+        assert!(warning.contains(&format!("\"{}\"...", "x".repeat(40))) && !warning.contains('\n'), "{warning}");
         // A flag is the operator's word for this process: used, and nothing to warn about.
         let flagged = OtlpTarget::choose([some("http://f:4318"), None], &env(Some("none"), Some(("P", "grpc"))));
-        assert_eq!(flagged, OtlpChoice { target: Some(OtlpTarget::Base("http://f:4318".into())), warning: None });
+        assert_eq!(
+            flagged,
+            OtlpChoice { target: Some(OtlpTarget::Base("http://f:4318".into())), warning: None, from_flag: true }
+        );
     }
 
     /// A collector's base URL gets `/v1/traces` at the end of its path, before its query; the

@@ -220,14 +220,14 @@ pub(crate) async fn serve(app: &App, args: &ServeArgs, file: &ConfigFile, role: 
     if let Some(warning) = &choice.warning {
         tracing::warn!("traces: {warning}");
     }
-    let spans = match choice.target {
+    let spans = match &choice.target {
         Some(target) => {
             let service = match role {
                 Role::Standalone => "dagmq",
                 Role::Scheduler => "dagmq-scheduler",
                 Role::Worker => "dagmq-worker",
             };
-            let sink = Arc::new(OtlpSink::start(&target, service, &tls).map_err(CliError::usage)?);
+            let sink = Arc::new(OtlpSink::start(&choice, service, &tls).map_err(CliError::usage)?);
             tracing::info!(endpoint = %dagmq_core::mask_url(target.url()), "traces go to an OTLP collector");
             Some(sink)
         }

@@ -381,24 +381,25 @@ fn the_traces_only_variable_is_used_as_is_and_beats_the_collectors_base_url() {
 }
 
 #[test]
-fn the_environments_collector_is_left_unused_when_its_exporter_is_none_or_its_protocol_grpc() {
-    // OpenTelemetry's OTEL_TRACES_EXPORTER=none turns traces off; a grpc protocol names a port
-    // that does not take OTLP/HTTP. Either way no span goes to the environment's collector, and
-    // the log says why; a flag is still used.
+fn the_environments_collector_is_left_unused_when_its_exporter_is_none_or_the_sdk_disabled() {
+    // OpenTelemetry's OTEL_TRACES_EXPORTER=none and OTEL_SDK_DISABLED=true turn traces off: no
+    // span goes to the environment's collector, and the log says why. A flag is still used, and
+    // the environment's OTLP headers (a token for its own collector) do not go with it.
     let dir = std::env::temp_dir().join(format!("dagmq-traces-off-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let log = dir.join("standalone.log");
     for (var, value, says) in [
-        ("OTEL_TRACES_EXPORTER", "none", "OTEL_TRACES_EXPORTER=none turns traces off; no spans are sent"),
-        ("OTEL_EXPORTER_OTLP_PROTOCOL", "grpc", "OTEL_EXPORTER_OTLP_PROTOCOL=grpc: dagmq sends spans over OTLP/HTTP"),
+        ("OTEL_TRACES_EXPORTER", "none", "OTEL_TRACES_EXPORTER=\"none\" turns traces off; no spans are sent"),
+        ("OTEL_SDK_DISABLED", "true", "OTEL_SDK_DISABLED=true turns traces off; no spans are sent"),
     ] {
         let receiver = Receiver::start();
-        let mut standalone = Standalone::start_logged_env(
-            &examples(),
-            &log,
-            &[("OTEL_EXPORTER_OTLP_ENDPOINT", &receiver.endpoint()), (var, value)],
-            &[],
-        );
+        let environment = [
+            ("OTEL_EXPORTER_OTLP_ENDPOINT", receiver.endpoint()),
+            ("OTEL_EXPORTER_OTLP_HEADERS", "Authorization=Bearer%20ENV-COLLECTOR-TOKEN,x-team=env".to_string()),
+            (var, value.to_string()),
+        ];
+        let environment: Vec<(&str, &str)> = environment.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        let mut standalone = Standalone::start_logged_env(&examples(), &log, &environment, &[]);
         let run = standalone.json(&["trigger", "hello", "--wait"]);
         assert_eq!(run["state"], "success", "{run}");
         // A stopping process sends what spans it has before it exits.
@@ -415,14 +416,14 @@ fn the_environments_collector_is_left_unused_when_its_exporter_is_none_or_its_pr
         assert!(!text.contains("traces go to an OTLP collector"), "{text}");
 
         let flagged = Receiver::start();
-        let standalone = Standalone::spawn_with(
-            &examples(),
-            &[("OTEL_EXPORTER_OTLP_ENDPOINT", &receiver.endpoint()), (var, value)],
-            &["--otlp-endpoint", &flagged.endpoint()],
-        );
+        let url = format!("http://spans:pw@127.0.0.1:{}", flagged.port);
+        let standalone = Standalone::spawn_with(&examples(), &environment, &["--otlp-endpoint", &url]);
         let run = standalone.json(&["trigger", "hello", "--wait"]);
         assert_eq!(run["state"], "success", "{run}");
         flagged.wait_for(Duration::from_secs(30), |spans| !spans.is_empty());
+        let requests = flagged.requests.lock().unwrap().clone();
+        // `spans:pw` as basic auth, not the environment's token.
+        assert!(requests.iter().all(|r| r.ends_with("[Basic c3BhbnM6cHc=]")), "{requests:?}");
     }
     let _ = std::fs::remove_dir_all(&dir);
 }
