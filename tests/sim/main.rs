@@ -329,6 +329,7 @@ impl Sim {
 
     fn start_worker(&mut self, name: &str) {
         let proc = Proc::new(name);
+        proc.slots.store(self.concurrency, std::sync::atomic::Ordering::SeqCst);
         self.world.note(format_args!("start {name}"));
         let live = self.load(&proc);
         let mut config = WorkerConfig::new(name, (*live.current()).clone(), self.skewed_clock());

@@ -5,6 +5,7 @@
 //! (how long, success or failure, a branch's choice, follow-ups) depends only on the seed, the
 //! run, the task and the try.
 
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -273,6 +274,23 @@ pub fn task_registry(seed: u64, world: &Arc<World>, history: &History, proc: &Ar
     registry
 }
 
+/// A try counted among its worker's running ones while it lives (dropped as it ends, is
+/// stopped, or its future is dropped).
+struct RunningTry(Arc<Proc>);
+
+impl RunningTry {
+    fn enter(proc: &Arc<Proc>) -> RunningTry {
+        proc.running.fetch_add(1, Ordering::SeqCst);
+        RunningTry(proc.clone())
+    }
+}
+
+impl Drop for RunningTry {
+    fn drop(&mut self) {
+        self.0.running.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
 /// What happened to one try, as seen by the code that ran it.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Event {
@@ -374,6 +392,20 @@ impl Task for SimTask {
         let verdict = (h >> 24) % 100;
         self.world
             .note(format_args!("{} starts {}/{} try {}", self.proc.name, ctx.run_id, ctx.task_id, ctx.try_number));
+        // The worker runs at most as many tries at once as it has slots (a try claimed ahead
+        // waits for its slot's try before).
+        let _slot = RunningTry::enter(&self.proc);
+        let (running, slots) = (self.proc.running.load(Ordering::SeqCst), self.proc.slots.load(Ordering::SeqCst));
+        if slots > 0 && running > slots {
+            self.world.violation(format!(
+                "{} runs {running} tries at once with {slots} slots, {}/{} try {} starting at {} ms",
+                self.proc.name,
+                ctx.run_id,
+                ctx.task_id,
+                ctx.try_number,
+                self.world.now_ms()
+            ));
+        }
         self.history.push(Event::Start {
             run: ctx.run_id.clone(),
             task: ctx.task_id.clone(),

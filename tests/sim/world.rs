@@ -8,7 +8,7 @@
 
 use std::collections::BTreeMap;
 use std::future::Future;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
@@ -169,6 +169,14 @@ impl World {
         }
     }
 
+    /// Records a violation the processes' own code saw.
+    pub fn violation(&self, what: String) {
+        let mut violations = self.violations.lock().unwrap();
+        if violations.len() < 20 {
+            violations.push(what);
+        }
+    }
+
     /// Simulated milliseconds since the start.
     pub fn now_ms(&self) -> u64 {
         (tokio::time::Instant::now() - self.start).as_millis() as u64
@@ -223,6 +231,10 @@ pub struct Proc {
     pub frozen: AtomicBool,
     /// Its unsettled deliveries, given back to the queue when it crashes.
     deliveries: Mutex<Vec<Weak<Mutex<Option<Delivery>>>>>,
+    /// A worker's slots (0: not a worker), and the tries running in it now: a try claimed
+    /// ahead must not start while its slot runs another.
+    pub slots: AtomicUsize,
+    pub running: AtomicUsize,
 }
 
 impl Proc {
@@ -233,6 +245,8 @@ impl Proc {
             dead: AtomicBool::new(false),
             frozen: AtomicBool::new(false),
             deliveries: Mutex::new(Vec::new()),
+            slots: AtomicUsize::new(0),
+            running: AtomicUsize::new(0),
         })
     }
 
