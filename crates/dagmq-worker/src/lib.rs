@@ -120,6 +120,12 @@ pub const PREFETCH_PER_SLOT: u16 = 4;
 pub const DEFAULT_DAG_VERSION_WAIT: Duration = Duration::from_secs(300);
 
 impl WorkerConfig {
+    /// The prefetch of each pool's consumer: [`WorkerConfig::window`] when given, else
+    /// [`consumer_prefetch`] of the concurrency and [`WorkerConfig::prefetch`].
+    pub fn effective_window(&self) -> u16 {
+        self.window.map_or_else(|| consumer_prefetch(self.concurrency.max(1), self.prefetch), |n| n.max(1))
+    }
+
     /// Defaults: pool `default`, 1000 tries at once, builtin tasks, 30 s grace, 5 s heartbeat.
     pub fn new(name: impl Into<String>, dags: DagRegistry, clock: Arc<dyn Clock>) -> WorkerConfig {
         WorkerConfig {
@@ -207,7 +213,7 @@ pub async fn run(
         .live
         .clone()
         .unwrap_or_else(|| Arc::new(dagmq_core::LiveDags::new((*config.dags).clone(), Vec::new(), HashMap::new())));
-    let prefetch = config.window.map_or_else(|| consumer_prefetch(concurrency, config.prefetch), |n| n.max(1));
+    let prefetch = config.effective_window();
     let mut pools: Vec<&String> = Vec::new();
     for pool in &config.queues {
         if !pools.contains(&pool) {

@@ -515,6 +515,10 @@ pub struct BenchArgs {
     /// Workers without eager dispatch (every task through the scheduler), for comparison.
     #[arg(long, global = true)]
     pub no_eager: bool,
+    /// Distributed mode: each worker's window exactly (`worker --prefetch N`), in place of the
+    /// default of 4 unstarted messages per slot.
+    #[arg(long, global = true, value_name = "N", value_parser = clap::value_parser!(u16).range(1..))]
+    pub prefetch: Option<u16>,
     /// Distributed mode: RabbitMQ for the queue (with --redis); one scheduler and two workers,
     /// each with connections of its own, and the raw broker limit measured first.
     #[arg(long, global = true, value_name = "URL", requires = "redis")]

@@ -29,6 +29,7 @@ pub(super) async fn history(args: &BenchArgs, seeded: usize, backends: &Backends
         workload,
         concurrency: args.concurrency,
         no_eager: args.no_eager,
+        prefetch: args.prefetch,
         amqp: args.amqp.clone(),
         redis: args.redis.clone(),
         worker_of: None,

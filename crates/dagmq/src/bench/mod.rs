@@ -172,10 +172,12 @@ impl Rig {
 
     /// Stops the scheduler and in-process worker, and ends the worker processes. Answers the
     /// work waiting figures of every worker (` work_waiting_p50_us=... work_waiting_p99_us=...`,
-    /// interpolated in the histogram's buckets), or nothing when no try started from a message.
+    /// interpolated in the histogram's buckets), or nothing when no try started from a message,
+    /// then the worker processes' window (` window=N`, each worker's if they differ).
     fn stop(mut self) -> String {
         self.stop.cancel();
         let mut counts = vec![0u64; WORK_WAITING_BUCKETS.len() + 1];
+        let mut windows: Vec<String> = Vec::new();
         if let Some(metrics) = &self.worker_metrics {
             add_bucket_counts(&mut counts, &metrics.work_waiting_text());
         }
@@ -194,10 +196,19 @@ impl Rig {
                 let _ = std::io::Read::read_to_string(&mut out, &mut text);
             }
             add_bucket_counts(&mut counts, &text);
+            windows.extend(text.lines().filter_map(|l| l.strip_prefix(WINDOW_LINE)).map(str::to_string));
         }
-        work_waiting_figures(&counts)
+        windows.dedup();
+        let window = match windows.is_empty() {
+            true => String::new(),
+            false => format!(" window={}", windows.join("/")),
+        };
+        work_waiting_figures(&counts) + &window
     }
 }
+
+/// How a bench worker process names its window in its output (`# window N`).
+const WINDOW_LINE: &str = "# window ";
 
 /// Adds the cumulative bucket counts of `dagmq_worker_work_waiting_seconds` found in a metrics
 /// text to `counts` (one per bound of [`WORK_WAITING_BUCKETS`], then `+Inf`).
@@ -263,6 +274,7 @@ fn spawn_worker_process(
         .arg("--concurrency")
         .arg(args.concurrency.to_string())
         .args(args.no_eager.then_some("--no-eager"))
+        .args(args.prefetch.iter().flat_map(|n| ["--prefetch".to_string(), n.to_string()]))
         .args(["--amqp", amqp, "--redis", redis, "--worker-of"])
         .arg(format!("{namespace}/{index}"))
         .stdin(std::process::Stdio::piped())
@@ -303,13 +315,16 @@ async fn worker_process(args: &BenchArgs, of: &str) -> CliResult<()> {
     let mut worker = WorkerConfig::new(format!("bench-worker-{index}"), dags, Arc::new(SystemClock));
     worker.concurrency = args.concurrency;
     worker.eager = !args.no_eager;
+    worker.window = args.prefetch;
+    let window = worker.effective_window();
     let metrics = worker.metrics.clone();
     let running = tokio::spawn(dagmq_worker::run(worker, queue, store, signal));
     let _ = closed.await;
     stop.cancel();
     let _ = running.await;
-    // For the parent's work waiting figures.
+    // For the parent's work waiting figures, and the window they were measured with.
     println!("{}", metrics.work_waiting_text());
+    println!("{WINDOW_LINE}{window}");
     Ok(())
 }
 

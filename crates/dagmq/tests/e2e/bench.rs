@@ -51,7 +51,8 @@ fn standalone_bench_runs_every_workload_to_success() {
 fn distributed_bench_measures_the_broker_and_leaves_no_worker_behind() {
     let Some(cluster) = Cluster::new(&[]) else { return };
     let child = dagmq()
-        .args(["bench", "fanout", "300", "--concurrency", "50", "--amqp", &cluster.amqp, "--redis", &cluster.redis])
+        .args(["bench", "fanout", "300", "--concurrency", "50", "--prefetch", "7"])
+        .args(["--amqp", &cluster.amqp, "--redis", &cluster.redis])
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
         .spawn()
@@ -70,6 +71,8 @@ fn distributed_bench_measures_the_broker_and_leaves_no_worker_behind() {
     assert!(number(&fanout, "work_waiting_tries") >= 250.0, "{fanout:?}");
     assert!(number(&fanout, "work_waiting_p99_us") >= number(&fanout, "work_waiting_p50_us"), "{fanout:?}");
     assert!(number(&fanout, "redis_cpu_ms_per_1000_tasks") >= 0.0, "{fanout:?}");
+    // Each worker process held the window given (`worker --prefetch`), and says so.
+    assert_eq!(fanout.get("window").map(String::as_str), Some("7"), "{fanout:?}");
 
     // The worker processes were this binary with --worker-of under the bench's namespace; none
     // may outlive the bench.
