@@ -150,8 +150,8 @@ pub struct CommonServeArgs {
     /// Send traces to this OpenTelemetry collector over OTLP/HTTP (JSON), e.g.
     /// http://127.0.0.1:4318 (spans are POSTed to URL/v1/traces): a trace per run, a span per
     /// try. Off by default. Without the flag: OTEL_EXPORTER_OTLP_ENDPOINT, unless
-    /// OTEL_TRACES_EXPORTER=none, OTEL_SDK_DISABLED=true or a grpc protocol on port 4317 (see the
-    /// README); the flag is used whatever those say, without OTEL_EXPORTER_OTLP_HEADERS.
+    /// OTEL_TRACES_EXPORTER=none, OTEL_SDK_DISABLED=true or a grpc protocol on a gRPC endpoint
+    /// (see the README); the flag is used whatever those say, without OTEL_EXPORTER_OTLP_HEADERS.
     #[arg(long, value_name = "URL")]
     pub otlp_endpoint: Option<String>,
     /// The URL spans are POSTed to, used as is, for a collector whose traces path is not

@@ -59,7 +59,7 @@ pub struct OtelVars {
     pub base: Option<String>,
     /// `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT`.
     pub traces: Option<String>,
-    /// `OTEL_TRACES_EXPORTER`: a list of exporters; dagmq has only `otlp` (or `none`).
+    /// `OTEL_TRACES_EXPORTER`: a list of exporters; dagmq has only OTLP (or `none`).
     pub exporter: Option<String>,
     /// `OTEL_EXPORTER_OTLP_TRACES_PROTOCOL`, else `OTEL_EXPORTER_OTLP_PROTOCOL`.
     pub protocol: Option<(&'static str, String)>,
@@ -84,6 +84,9 @@ impl OtelVars {
     }
 }
 
+/// Names of the OTLP exporter in `OTEL_TRACES_EXPORTER` (`otlp`, and Python's two).
+const OTLP_EXPORTERS: [&str; 3] = ["otlp", "otlp_proto_http", "otlp_proto_grpc"];
+
 /// Exporters that are not OTLP, which `OTEL_TRACES_EXPORTER` may name instead (`none` among
 /// them); any other name is taken for a mistake and `otlp` kept.
 const OTHER_EXPORTERS: [&str; 5] = ["none", "console", "logging", "zipkin", "jaeger"];
@@ -97,23 +100,6 @@ fn shown_value(value: &str) -> String {
     }
 }
 
-/// The names of the headers OpenTelemetry's SDK adds to every export from
-/// `OTEL_EXPORTER_OTLP_HEADERS` and `OTEL_EXPORTER_OTLP_TRACES_HEADERS` (`key=value,...`),
-/// lower-cased: headers meant for the environment's collector, removed from the requests to
-/// one a flag names.
-fn environment_header_names() -> Vec<String> {
-    ["OTEL_EXPORTER_OTLP_HEADERS", "OTEL_EXPORTER_OTLP_TRACES_HEADERS"]
-        .into_iter()
-        .filter_map(|name| std::env::var(name).ok())
-        .flat_map(|list| {
-            list.split(',')
-                .filter_map(|pair| pair.split_once('=').map(|(key, _)| key.trim().to_ascii_lowercase()))
-                .filter(|key| !key.is_empty())
-                .collect::<Vec<_>>()
-        })
-        .collect()
-}
-
 /// Where spans go, if anywhere, and what the log should say about the environment's variables.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct OtlpChoice {
@@ -122,8 +108,8 @@ pub struct OtlpChoice {
     /// Why the environment's collector is not used, or how its variables are read otherwise
     /// than they say: a warning for the log.
     pub warning: Option<String>,
-    /// Whether a flag named the target: the environment's OTLP headers, meant for its own
-    /// collector, are then not sent.
+    /// Whether a flag named the target: only the headers dagmq sends go with each request then,
+    /// none of the environment's OTLP headers (meant for its own collector).
     pub from_flag: bool,
 }
 
@@ -135,9 +121,10 @@ impl OtlpTarget {
     ///
     /// The environment's collector is not used when `OTEL_TRACES_EXPORTER` names a non-OTLP
     /// exporter and no `otlp` (`none` turns traces off), when `OTEL_SDK_DISABLED` is `true`, nor
-    /// when its protocol is `grpc` and its port 4317, gRPC's (dagmq speaks OTLP/HTTP, which a
-    /// gRPC port does not take); the choice's warning says so. A flag is used whatever these
-    /// variables say, and gets none of the environment's OTLP headers.
+    /// when its protocol is `grpc` (or the exporter Python's `otlp_proto_grpc`) and the endpoint
+    /// a gRPC one: port 4317, or no http:// or https:// URL (dagmq speaks OTLP/HTTP, which a gRPC
+    /// port does not take); the choice's warning says so. A flag is used whatever these variables
+    /// say, and its collector gets only the headers dagmq sends.
     pub fn from_settings(base: Option<&str>, traces: Option<&str>) -> OtlpChoice {
         OtlpTarget::choose([base.map(str::to_string), traces.map(str::to_string)], &OtelVars::from_env())
     }
@@ -168,9 +155,10 @@ impl OtlpTarget {
         if let Some(list) = &vars.exporter {
             let names: Vec<String> =
                 list.split(',').map(|n| n.trim().to_ascii_lowercase()).filter(|n| !n.is_empty()).collect();
+            let otlp = |n: &String| OTLP_EXPORTERS.contains(&n.as_str());
             let unknown: Vec<&String> =
-                names.iter().filter(|n| *n != "otlp" && !OTHER_EXPORTERS.contains(&n.as_str())).collect();
-            if !names.is_empty() && !names.iter().any(|n| n == "otlp") && unknown.is_empty() {
+                names.iter().filter(|n| !otlp(n) && !OTHER_EXPORTERS.contains(&n.as_str())).collect();
+            if !names.is_empty() && !names.iter().any(otlp) && unknown.is_empty() {
                 let why = match names.iter().all(|n| n == "none") {
                     true => format!("OTEL_TRACES_EXPORTER={} turns traces off", shown_value(list)),
                     false => format!("OTEL_TRACES_EXPORTER={}: dagmq exports traces over OTLP only", shown_value(list)),
@@ -185,14 +173,26 @@ impl OtlpTarget {
                 ));
             }
         }
-        if let Some((name, value)) = &vars.protocol {
-            match value.trim().to_ascii_lowercase().as_str() {
+        // Python's `otlp_proto_grpc` names the protocol too, when no variable does.
+        let grpc_exporter = vars
+            .exporter
+            .as_deref()
+            .is_some_and(|list| list.split(',').any(|n| n.trim().eq_ignore_ascii_case("otlp_proto_grpc")));
+        let protocol = match &vars.protocol {
+            Some(given) => Some(given.clone()),
+            None if grpc_exporter => Some(("OTEL_TRACES_EXPORTER", "otlp_proto_grpc".to_string())),
+            None => None,
+        };
+        if let Some((name, value)) = &protocol {
+            let value_lower = value.trim().to_ascii_lowercase();
+            let value_lower = if value_lower == "otlp_proto_grpc" { "grpc".to_string() } else { value_lower };
+            match value_lower.as_str() {
                 "http/json" | "http/protobuf" => {}
-                "grpc" if target.port() == Some(4317) => {
+                "grpc" if !matches!(target.http_port(), Some(port) if port != 4317) => {
                     return unused(format!(
-                        "{name}={}: the collector's port 4317 takes OTLP over gRPC, and dagmq sends spans over \
-                         OTLP/HTTP (JSON) (give the collector's HTTP address, port 4318 by default, with \
-                         --otlp-endpoint)",
+                        "{name}={}: the endpoint is a gRPC one (port 4317, or no http:// or https:// URL), \
+                         and dagmq sends spans over OTLP/HTTP (JSON) (give the collector's HTTP address, port \
+                         4318 by default, with --otlp-endpoint)",
                         shown_value(value)
                     ));
                 }
@@ -211,9 +211,12 @@ impl OtlpTarget {
         OtlpChoice { target: Some(target), warning, from_flag: false }
     }
 
-    /// The port the target's URL names, or its scheme's.
-    fn port(&self) -> Option<u16> {
-        reqwest::Url::parse(self.url()).ok()?.port_or_known_default()
+    /// The port of the target's URL (the one it names, or its scheme's) when it is an http:// or
+    /// https:// URL with a host; none otherwise (`collector:4317`, as gRPC endpoints are given).
+    fn http_port(&self) -> Option<u16> {
+        let url = reqwest::Url::parse(self.url()).ok()?;
+        let http = matches!(url.scheme(), "http" | "https") && url.host().is_some();
+        http.then(|| url.port_or_known_default()).flatten()
     }
 
     /// The URL spans are POSTed to, and the option that gave it (for errors).
@@ -277,16 +280,13 @@ impl OtlpSink {
         }
         // The SDK adds the environment's OTLP headers to every request; they are meant for the
         // environment's collector, not for one a flag names (a token would go to another host).
-        let foreign = match choice.from_flag {
-            true => environment_header_names(),
-            false => Vec::new(),
-        };
+        let own_headers_only = choice.from_flag;
         let client = OnRuntime {
             client: http.inner().clone(),
             runtime: tokio::runtime::Handle::try_current().map_err(|e| format!("no async runtime: {e}"))?,
             shown: http.shown().to_string(),
             failing: Arc::new(AtomicBool::new(false)),
-            foreign,
+            own_headers_only,
             authorization,
         };
         let exporter = opentelemetry_otlp::SpanExporter::builder()
@@ -378,9 +378,9 @@ struct OnRuntime {
     shown: String,
     /// Whether the last request failed.
     failing: Arc<AtomicBool>,
-    /// Headers (lower-case names) taken off each request: the environment's, when a flag named
-    /// the collector.
-    foreign: Vec<String>,
+    /// Whether each request carries only the headers dagmq sends (a flag named the collector:
+    /// none of the environment's OTLP headers).
+    own_headers_only: bool,
     /// The basic auth of the collector's URL, put back should a foreign header have replaced it.
     authorization: Option<reqwest::header::HeaderValue>,
 }
@@ -388,11 +388,18 @@ struct OnRuntime {
 #[async_trait]
 impl HttpClient for OnRuntime {
     async fn send_bytes(&self, mut request: Request<Bytes>) -> Result<Response<Bytes>, HttpError> {
-        if !self.foreign.is_empty() {
+        if self.own_headers_only {
+            // A flag's collector: only what dagmq itself sends, whatever headers the SDK took
+            // from the environment (they may replace the content type, or carry a token).
             let headers = request.headers_mut();
-            for name in &self.foreign {
-                headers.remove(name.as_str());
-            }
+            let kept: Vec<_> = [reqwest::header::CONTENT_ENCODING, reqwest::header::USER_AGENT]
+                .into_iter()
+                .filter_map(|name| headers.get(&name).cloned().map(|value| (name, value)))
+                .collect();
+            headers.clear();
+            headers.extend(kept);
+            headers
+                .insert(reqwest::header::CONTENT_TYPE, reqwest::header::HeaderValue::from_static("application/json"));
             if let Some(value) = &self.authorization {
                 headers.insert(reqwest::header::AUTHORIZATION, value.clone());
             }
@@ -512,8 +519,20 @@ mod tests {
         );
         unused(
             &env(None, Some(("OTEL_EXPORTER_OTLP_PROTOCOL", "grpc"))),
-            "OTEL_EXPORTER_OTLP_PROTOCOL=\"grpc\": the collector's port 4317",
+            "OTEL_EXPORTER_OTLP_PROTOCOL=\"grpc\": the endpoint is a gRPC one",
         );
+        // gRPC endpoints are often given without a scheme: never an http:// collector.
+        for endpoint in ["otel-collector:4317", "127.0.0.1:4317", "collector:4318", "http://[::1]:4317"] {
+            let vars = OtelVars { base: some(endpoint), ..env(None, Some(("P", "grpc"))) };
+            unused(&vars, "the endpoint is a gRPC one");
+        }
+        // Python's exporter names: OTLP, and `otlp_proto_grpc` says gRPC when no protocol does.
+        used(&env(Some("otlp_proto_http"), None), None);
+        unused(
+            &env(Some("otlp_proto_grpc"), None),
+            "OTEL_TRACES_EXPORTER=\"otlp_proto_grpc\": the endpoint is a gRPC one",
+        );
+        used(&env(Some("otlp_proto_grpc"), Some(("P", "http/json"))), None);
         unused(&env(Some("otlp"), Some(("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL", "gRPC"))), "PROTOCOL=\"gRPC\"");
         unused(&OtelVars { sdk_disabled: some(" TRUE"), ..env(None, None) }, "OTEL_SDK_DISABLED=true");
         used(&env(Some("otlp"), None), None);

@@ -395,7 +395,11 @@ fn the_environments_collector_is_left_unused_when_its_exporter_is_none_or_the_sd
         let receiver = Receiver::start();
         let environment = [
             ("OTEL_EXPORTER_OTLP_ENDPOINT", receiver.endpoint()),
-            ("OTEL_EXPORTER_OTLP_HEADERS", "Authorization=Bearer%20ENV-COLLECTOR-TOKEN,x-team=env".to_string()),
+            // A token and a content type meant for the environment's collector.
+            (
+                "OTEL_EXPORTER_OTLP_HEADERS",
+                "Authorization=Bearer%20ENV-COLLECTOR-TOKEN,x-team=env,Content-Type=text/plain".to_string(),
+            ),
             (var, value.to_string()),
         ];
         let environment: Vec<(&str, &str)> = environment.iter().map(|(k, v)| (*k, v.as_str())).collect();
@@ -422,8 +426,9 @@ fn the_environments_collector_is_left_unused_when_its_exporter_is_none_or_the_sd
         assert_eq!(run["state"], "success", "{run}");
         flagged.wait_for(Duration::from_secs(30), |spans| !spans.is_empty());
         let requests = flagged.requests.lock().unwrap().clone();
-        // `spans:pw` as basic auth, not the environment's token.
-        assert!(requests.iter().all(|r| r.ends_with("[Basic c3BhbnM6cHc=]")), "{requests:?}");
+        // `spans:pw` as basic auth, not the environment's token; JSON, not the environment's
+        // content type (the receiver keeps only JSON exports: the spans waited for above).
+        assert!(requests.iter().all(|r| r.ends_with("(application/json) [Basic c3BhbnM6cHc=]")), "{requests:?}");
     }
     let _ = std::fs::remove_dir_all(&dir);
 }
