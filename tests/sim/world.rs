@@ -158,18 +158,15 @@ impl World {
         if run.state != RunState::Suspended {
             return;
         }
-        let mut violations = self.violations.lock().unwrap();
         for (task, try_number) in queued {
-            if violations.len() < 20 {
-                violations.push(format!(
-                    "{process} queued try {try_number} of {run_id}/{task} at {} ms while the run was suspended",
-                    self.now_ms()
-                ));
-            }
+            self.violation(format!(
+                "{process} queued try {try_number} of {run_id}/{task} at {} ms while the run was suspended",
+                self.now_ms()
+            ));
         }
     }
 
-    /// Records a violation the processes' own code saw.
+    /// Records a violation the processes' own code saw (the first 20).
     pub fn violation(&self, what: String) {
         let mut violations = self.violations.lock().unwrap();
         if violations.len() < 20 {

@@ -152,9 +152,10 @@ impl OtlpTarget {
             return unused("OTEL_SDK_DISABLED=true turns traces off".to_string());
         }
         let mut warnings = Vec::new();
+        let names: Vec<String> = vars.exporter.as_deref().map_or_else(Vec::new, |list| {
+            list.split(',').map(|n| n.trim().to_ascii_lowercase()).filter(|n| !n.is_empty()).collect()
+        });
         if let Some(list) = &vars.exporter {
-            let names: Vec<String> =
-                list.split(',').map(|n| n.trim().to_ascii_lowercase()).filter(|n| !n.is_empty()).collect();
             let otlp = |n: &String| OTLP_EXPORTERS.contains(&n.as_str());
             let unknown: Vec<&String> =
                 names.iter().filter(|n| !otlp(n) && !OTHER_EXPORTERS.contains(&n.as_str())).collect();
@@ -173,20 +174,22 @@ impl OtlpTarget {
                 ));
             }
         }
-        // Python's `otlp_proto_grpc` names the protocol too, when no variable does.
-        let grpc_exporter = vars
-            .exporter
-            .as_deref()
-            .is_some_and(|list| list.split(',').any(|n| n.trim().eq_ignore_ascii_case("otlp_proto_grpc")));
+        // The protocol as given (the variable, and the value it holds), and what it asks for:
+        // its variable's, else gRPC when the exporter is Python's `otlp_proto_grpc` (a name read
+        // as gRPC wherever it appears).
+        let asks = |value: &str| match value.trim().to_ascii_lowercase() {
+            grpc if grpc == "otlp_proto_grpc" => "grpc".to_string(),
+            other => other,
+        };
         let protocol = match &vars.protocol {
-            Some(given) => Some(given.clone()),
-            None if grpc_exporter => Some(("OTEL_TRACES_EXPORTER", "otlp_proto_grpc".to_string())),
+            Some((name, value)) => Some((*name, value.as_str(), asks(value))),
+            None if names.iter().any(|n| n == "otlp_proto_grpc") => {
+                Some(("OTEL_TRACES_EXPORTER", "otlp_proto_grpc", "grpc".to_string()))
+            }
             None => None,
         };
-        if let Some((name, value)) = &protocol {
-            let value_lower = value.trim().to_ascii_lowercase();
-            let value_lower = if value_lower == "otlp_proto_grpc" { "grpc".to_string() } else { value_lower };
-            match value_lower.as_str() {
+        if let Some((name, value, asked)) = protocol {
+            match asked.as_str() {
                 "http/json" | "http/protobuf" => {}
                 "grpc" if !matches!(target.http_port(), Some(port) if port != 4317) => {
                     return unused(format!(
@@ -257,10 +260,10 @@ pub struct OtlpSink {
 }
 
 impl OtlpSink {
-    /// A sink sending to `target` as service `service` (`dagmq-scheduler`, ...). Must be called
-    /// inside the tokio runtime, which then carries the requests.
-    pub fn start(choice: &OtlpChoice, service: &str, tls: &TlsSettings) -> Result<OtlpSink, String> {
-        let target = choice.target.as_ref().ok_or("no OTLP collector to send spans to")?;
+    /// A sink sending to `target` as service `service` (`dagmq-scheduler`, ...); `from_flag`:
+    /// a flag named it ([`OtlpChoice::from_flag`]). Must be called inside the tokio runtime,
+    /// which then carries the requests.
+    pub fn start(target: &OtlpTarget, from_flag: bool, service: &str, tls: &TlsSettings) -> Result<OtlpSink, String> {
         let (traces, option) = target.traces_url();
         let http =
             crate::client::HttpClient::new(&traces, tls, EXPORT_TIMEOUT).map_err(|e| format!("{option}: {e}"))?;
@@ -280,7 +283,7 @@ impl OtlpSink {
         }
         // The SDK adds the environment's OTLP headers to every request; they are meant for the
         // environment's collector, not for one a flag names (a token would go to another host).
-        let own_headers_only = choice.from_flag;
+        let own_headers_only = from_flag;
         let client = OnRuntime {
             client: http.inner().clone(),
             runtime: tokio::runtime::Handle::try_current().map_err(|e| format!("no async runtime: {e}"))?,

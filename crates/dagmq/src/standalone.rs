@@ -227,7 +227,7 @@ pub(crate) async fn serve(app: &App, args: &ServeArgs, file: &ConfigFile, role: 
                 Role::Scheduler => "dagmq-scheduler",
                 Role::Worker => "dagmq-worker",
             };
-            let sink = Arc::new(OtlpSink::start(&choice, service, &tls).map_err(CliError::usage)?);
+            let sink = Arc::new(OtlpSink::start(target, choice.from_flag, service, &tls).map_err(CliError::usage)?);
             tracing::info!(endpoint = %dagmq_core::mask_url(target.url()), "traces go to an OTLP collector");
             Some(sink)
         }

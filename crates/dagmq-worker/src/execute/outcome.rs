@@ -322,19 +322,18 @@ async fn outcome_written(
 ) -> Result<(), BackendError> {
     if applied {
         fail_point!("worker::outcome::before_publish");
-        report(shared, status_update(shared, done, &message.run_id)).await;
-        return Ok(());
-    }
-    // Already recorded by an earlier attempt of this loop, or the task moved on.
-    match shared.store.task(&message.run_id, &message.task_id).await? {
-        Some(current) if current.try_number == done.try_number && current.state == done.state => {
-            report(shared, status_update(shared, done, &message.run_id)).await;
+    } else {
+        // Already recorded by an earlier attempt of this loop, or the task moved on.
+        let current = shared.store.task(&message.run_id, &message.task_id).await?;
+        if !current.is_some_and(|c| c.try_number == done.try_number && c.state == done.state) {
+            tracing::info!(
+                run = %message.run_id, task = %message.task_id,
+                "try outcome not recorded: the task moved on (cancelled or requeued)"
+            );
+            return Ok(());
         }
-        _ => tracing::info!(
-            run = %message.run_id, task = %message.task_id,
-            "try outcome not recorded: the task moved on (cancelled or requeued)"
-        ),
     }
+    report(shared, status_update(shared, done, &message.run_id)).await;
     Ok(())
 }
 
