@@ -320,9 +320,7 @@ async fn outcome_written(
     done: &TaskInstance,
     applied: bool,
 ) -> Result<(), BackendError> {
-    if applied {
-        fail_point!("worker::outcome::before_publish");
-    } else {
+    if !applied {
         // Already recorded by an earlier attempt of this loop, or the task moved on.
         let current = shared.store.task(&message.run_id, &message.task_id).await?;
         if !current.is_some_and(|c| c.try_number == done.try_number && c.state == done.state) {
@@ -333,6 +331,7 @@ async fn outcome_written(
             return Ok(());
         }
     }
+    fail_point!("worker::outcome::before_publish");
     report(shared, status_update(shared, done, &message.run_id)).await;
     Ok(())
 }
