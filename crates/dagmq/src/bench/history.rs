@@ -81,13 +81,19 @@ async fn seed(redis: &str, namespace: &str, count: usize) -> CliResult<()> {
     Ok(())
 }
 
-/// The `index`th finished run of a seeded history, created at `created`: a successful diamond.
+/// One seeded run in this many failed (its `bottom` task failed): failures are rare in a
+/// history, which is what makes listing them the costly case.
+const HISTORY_FAILED_EVERY: usize = 1000;
+
+/// The `index`th finished run of a seeded history, created at `created`: a successful diamond,
+/// or a failed one every [`HISTORY_FAILED_EVERY`] runs.
 fn seeded_run(index: usize, created: DateTime<Utc>) -> (dagmq_core::RunRecord, Vec<dagmq_core::TaskInstance>) {
     let at = |ms: i64| created + chrono::Duration::milliseconds(ms);
+    let failed = index % HISTORY_FAILED_EVERY == HISTORY_FAILED_EVERY - 1;
     let run = dagmq_core::RunRecord {
         run_id: format!("seeded-{index:07}"),
         dag_id: "bench-diamond".to_string(),
-        state: RunState::Success,
+        state: if failed { RunState::Failed } else { RunState::Success },
         kind: dagmq_core::RunKind::Manual,
         logical_date: created,
         params: Default::default(),
@@ -105,7 +111,11 @@ fn seeded_run(index: usize, created: DateTime<Utc>) -> (dagmq_core::RunRecord, V
     tasks.push(dagmq_core::TaskInstance::pending("bottom", middle, "default", 0));
     for (n, task) in tasks.iter_mut().enumerate() {
         let n = n as i64;
-        task.state = dagmq_core::TaskState::Success;
+        task.state = if failed && task.task_id == "bottom" {
+            dagmq_core::TaskState::Failed
+        } else {
+            dagmq_core::TaskState::Success
+        };
         task.try_number = 1;
         task.queued_at = Some(at(2 + n));
         task.started_at = Some(at(3 + n));
@@ -118,7 +128,7 @@ fn seeded_run(index: usize, created: DateTime<Utc>) -> (dagmq_core::RunRecord, V
 
 /// The latency of the API's listings and run page, through the HTTP API of a scheduler over
 /// the store as it is: `GET /api/v1/runs` (newest 50; of one DAG; of running runs, which are
-/// few), `GET /api/v1/runs/{id}` of the newest run, `GET /api/v1/dags` and `/stats`; each
+/// few; of failed runs, one in a thousand of a seeded history), `GET /api/v1/runs/{id}` of the newest run, `GET /api/v1/dags` and `/stats`; each
 /// called 20 times, p50 and max.
 async fn api_latency(args: &BenchArgs, backends: &Backends) -> CliResult<()> {
     let rig = Rig::start(args, registry(workload_dag(args.workload)?), backends).await?;
@@ -137,6 +147,7 @@ async fn api_latency(args: &BenchArgs, backends: &Backends) -> CliResult<()> {
             ("runs", Some("/api/v1/runs?limit=50".to_string())),
             ("runs_of_dag", Some("/api/v1/runs?dag_id=bench-diamond&limit=50".to_string())),
             ("running_runs", Some("/api/v1/runs?status=running&limit=50".to_string())),
+            ("failed_runs", Some("/api/v1/runs?status=failed&limit=50".to_string())),
             ("run_page", run_page),
             ("dags", Some("/api/v1/dags".to_string())),
             ("stats", Some("/api/v1/stats".to_string())),

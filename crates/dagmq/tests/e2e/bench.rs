@@ -89,7 +89,8 @@ fn distributed_bench_measures_the_broker_and_leaves_no_worker_behind() {
 }
 
 /// `bench history` measures every figure on an empty store and again after seeding finished
-/// runs, and the API answers over the seeded history (its listing of running runs included).
+/// runs, and the API answers over the seeded history (its listings of running and of failed
+/// runs included).
 #[test]
 fn distributed_bench_history_measures_with_and_without_a_seeded_history() {
     let Some(cluster) = Cluster::new(&[]) else { return };
@@ -103,6 +104,9 @@ fn distributed_bench_history_measures_with_and_without_a_seeded_history() {
         assert!(lines[1].contains("history_runs=300"), "{stdout}");
     }
     let calls: Vec<&str> = stdout.lines().filter(|l| l.starts_with("bench=api ")).collect();
-    assert_eq!(calls.len(), 12, "six calls, twice:\n{stdout}");
-    assert!(calls.iter().any(|l| l.contains("history_runs=300") && l.contains("call=running_runs")), "{stdout}");
+    assert_eq!(calls.len(), 14, "seven calls, twice:\n{stdout}");
+    for call in ["running_runs", "failed_runs"] {
+        let name = format!("call={call} ");
+        assert!(calls.iter().any(|l| l.contains("history_runs=300") && l.contains(&name)), "{stdout}");
+    }
 }
