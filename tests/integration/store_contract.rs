@@ -105,6 +105,25 @@ async fn contract(store: Arc<dyn Store>) {
     let success = RunFilter { state: Some(RunState::Success), limit: 10, ..RunFilter::default() };
     assert_eq!(ids(store.list_runs(&success).await.unwrap()), vec!["r1"]);
     assert!(store.list_runs(&RunFilter { offset: 1, ..success.clone() }).await.unwrap().is_empty());
+    // A finished run that is restarted and fails is listed under its new state only, alone or
+    // with its DAG, and under its old one again once it succeeds.
+    let failed = RunFilter { state: Some(RunState::Failed), limit: 10, ..RunFilter::default() };
+    let mut again = done.clone();
+    for (from, to) in [(RunState::Success, RunState::Running), (RunState::Running, RunState::Failed)] {
+        again.state = to;
+        assert!(store.transition_run(from, &again).await.unwrap());
+    }
+    assert!(store.list_runs(&success).await.unwrap().is_empty());
+    assert_eq!(ids(store.list_runs(&failed).await.unwrap()), vec!["r1"]);
+    let failed_of = |dag: &str| RunFilter { dag_id: Some(dag.to_string()), ..failed.clone() };
+    assert_eq!(ids(store.list_runs(&failed_of("etl")).await.unwrap()), vec!["r1"]);
+    assert!(store.list_runs(&failed_of("other")).await.unwrap().is_empty());
+    for (from, to) in [(RunState::Failed, RunState::Running), (RunState::Running, RunState::Success)] {
+        again.state = to;
+        assert!(store.transition_run(from, &again).await.unwrap());
+    }
+    assert!(store.list_runs(&failed).await.unwrap().is_empty());
+    assert_eq!(ids(store.list_runs(&success).await.unwrap()), vec!["r1"]);
     let queued = RunFilter { state: Some(RunState::Queued), limit: 10, ..RunFilter::default() };
     assert_eq!(ids(store.list_runs(&RunFilter { offset: 1, ..queued }).await.unwrap()), vec!["r3"]);
     assert_eq!(ids(store.unfinished_runs().await.unwrap()), vec!["r3", "r4"]);
@@ -906,6 +925,66 @@ async fn memory_finished_runs_and_their_keys_expire_after_retention() {
     assert_eq!(listed.iter().map(|r| r.run_id.as_str()).collect::<Vec<_>>(), vec!["fresh", "later", "open"]);
 }
 
+/// Failed runs among a long history of successes are listed from an index of their own, not
+/// found by reading the successes; a store written before that index existed has it built by
+/// its first listing of a finished state, once.
+#[tokio::test]
+async fn redis_listing_failed_runs_reads_none_of_the_successes() {
+    let Some(redis) = crate::redis_ambiguity::OwnRedis::start() else { return };
+    let store = dagmq_redis::RedisStore::connect(&redis.url(), "failures", None).await.unwrap();
+    store_versions(&store).await;
+    // 2,000 finished runs of `etl`, one in 500 failed.
+    let history: Vec<(RunRecord, Vec<TaskInstance>)> = (0..2000)
+        .map(|i| {
+            let mut record = run(&format!("old{i:04}"), "etl", i, None);
+            record.state = if i % 500 == 499 { RunState::Failed } else { RunState::Success };
+            (record, tasks().iter().map(|t| with(t, TaskState::Success, 1)).collect())
+        })
+        .collect();
+    store.seed_finished_runs(&history).await.unwrap();
+    // One run of `etl` fails through the store's transitions; one of `other` fails and is
+    // restarted, so it is failed no longer.
+    assert_eq!(store.create_run(&run("failing", "etl", 5000, None), &tasks()).await.unwrap(), CreateRun::Created);
+    assert_eq!(store.create_run(&run("restarted", "other", 5001, None), &tasks()).await.unwrap(), CreateRun::Created);
+    move_run(&store, "failing", RunState::Running, 5002).await;
+    move_run(&store, "failing", RunState::Failed, 5003).await;
+    for state in [RunState::Running, RunState::Failed, RunState::Running] {
+        move_run(&store, "restarted", state, 5004).await;
+    }
+    /// Lists failed runs four ways: all, of `etl` (the DAG with the history), from an offset,
+    /// and of `other` (whose one run is failed no longer).
+    async fn listings(store: &dagmq_redis::RedisStore) {
+        let failed = |dag: Option<&str>, offset: usize| RunFilter {
+            dag_id: dag.map(str::to_string),
+            state: Some(RunState::Failed),
+            limit: 50,
+            offset,
+        };
+        let ids = |runs: Vec<RunRecord>| runs.into_iter().map(|r| r.run_id).collect::<Vec<_>>();
+        let expected = ["failing", "old1999", "old1499", "old0999", "old0499"];
+        assert_eq!(ids(store.list_runs(&failed(None, 0)).await.unwrap()), expected);
+        assert_eq!(ids(store.list_runs(&failed(Some("etl"), 0)).await.unwrap()), expected);
+        assert_eq!(ids(store.list_runs(&failed(None, 3)).await.unwrap()), expected[3..]);
+        assert!(store.list_runs(&failed(Some("other"), 0)).await.unwrap().is_empty());
+    }
+    // The first listing of this store checks that its indexes are complete; after it, listing
+    // failed runs reads the failed ones (and the restarted one of `other`), not the history.
+    listings(&store).await;
+    redis.cli(&["CONFIG", "RESETSTAT"]);
+    listings(&store).await;
+    let reads = command_calls(&redis, "get");
+    assert!(reads <= 20, "four listings of failed runs read {reads} run records");
+
+    // A store written before the indexes existed: the first listing builds them, once.
+    redis.cli(&["DEL", "failures:runs:state:success", "failures:runs:state:failed", "failures:runs:state:indexed"]);
+    let upgraded = dagmq_redis::RedisStore::connect(&redis.url(), "failures", None).await.unwrap();
+    listings(&upgraded).await;
+    redis.cli(&["CONFIG", "RESETSTAT"]);
+    listings(&dagmq_redis::RedisStore::connect(&redis.url(), "failures", None).await.unwrap()).await;
+    let reads = command_calls(&redis, "get");
+    assert!(reads <= 20, "after the indexes were built, four listings read {reads} run records");
+}
+
 /// Moves a run to `state` from the state it is in.
 async fn move_run(store: &dyn Store, run_id: &str, state: RunState, at_seconds: i64) {
     let mut record = store.run(run_id).await.unwrap().unwrap();
@@ -1032,13 +1111,19 @@ async fn redis_listing_runs_not_finished_reads_none_of_the_history() {
     assert!(reads <= 8, "four listings of unfinished runs read {reads} run records");
 
     // The seeded history is listed as finished runs, newest first, and reading 50 of them reads
-    // two pages of 50 records (the first holds the running run too), not the history.
+    // at most two pages of 50 records (the first of the DAG's holds the running run too), not
+    // the history. (The first listing of a finished state checks once that the indexes by
+    // state are complete: `redis_listing_failed_runs_reads_none_of_the_successes`.)
+    let newest_of_etl = filter(Some("etl"), Some(RunState::Success));
+    assert_eq!(store.list_runs(&newest_of_etl).await.unwrap().len(), 50);
     redis.cli(&["CONFIG", "RESETSTAT"]);
-    let newest = ids(store.list_runs(&filter(Some("etl"), Some(RunState::Success))).await.unwrap());
+    let newest = ids(store.list_runs(&newest_of_etl).await.unwrap());
     assert_eq!(newest.len(), 50);
     assert_eq!(newest[..2], ["old1998".to_string(), "old1996".to_string()]);
+    let newest = ids(store.list_runs(&filter(None, Some(RunState::Success))).await.unwrap());
+    assert_eq!(newest[..2], ["old1999".to_string(), "old1998".to_string()]);
     let reads = command_calls(&redis, "get");
-    assert!(reads <= 100, "listing 50 finished runs read {reads} run records");
+    assert!(reads <= 150, "listing 50 finished runs twice read {reads} run records");
     let all = ids(store.list_runs(&filter(None, None)).await.unwrap());
     assert_eq!(all[..3], ["waiting".to_string(), "new".to_string(), "old1999".to_string()]);
     assert_eq!(store.tasks("old0007").await.unwrap().iter().filter(|t| t.state == TaskState::Success).count(), 2);

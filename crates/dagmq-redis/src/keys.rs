@@ -31,6 +31,17 @@ impl RedisStore {
         format!("{}:runs:unfinished", self.prefix)
     }
 
+    /// The index of finished runs in `state` (`success`, `failed` or `cancelled`).
+    pub(crate) fn final_runs_key(&self, state: dagmq_core::RunState) -> String {
+        format!("{}:runs:state:{}", self.prefix, state.as_str())
+    }
+
+    /// Set once every finished run is in the index of its state (`list_runs` builds the
+    /// indexes of a store written before they existed).
+    pub(crate) fn final_runs_indexed_key(&self) -> String {
+        format!("{}:runs:state:indexed", self.prefix)
+    }
+
     pub(crate) fn idempotency_key(&self, dag_id: &str, key: &str) -> String {
         format!("{}:key:{dag_id}:{key}", self.prefix)
     }

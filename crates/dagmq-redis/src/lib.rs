@@ -5,7 +5,10 @@
 //! - `P:run:{RUN}:tasks` — hash: task id → task instance (JSON); `TASK#progress` → `TRY:FRACTION`.
 //! - `P:run:{RUN}:log:TASK:TRY` — list of log lines; `P:run:{RUN}:logs` — set of those keys.
 //! - `P:runs` and `P:runs:dag:DAG` — sorted sets of run ids by creation time (newest-first
-//!   listings without scans); `P:runs:unfinished` — runs not yet finished.
+//!   listings without scans); `P:runs:unfinished` — runs not yet finished;
+//!   `P:runs:state:STATE` — finished runs in STATE (`success`, `failed`, `cancelled`), and
+//!   `P:runs:state:indexed` once every finished run is in those (a store written before they
+//!   existed gets them built by its first listing of a finished state).
 //! - `P:key:DAG:KEY` — the run created by a trigger's idempotency key.
 //! - `P:dag:DAG` — the scheduler's per-DAG bookkeeping; `P:workers` — hash of worker entries.
 //! - `P:scheduler:lease` — the term of the scheduler lease in force, `TERM:HOLDER`, expiring
@@ -50,6 +53,9 @@ pub struct RedisStore {
     /// The fence as the scripts compare it with the lease key's value (`TERM:HOLDER`); empty
     /// for a view that writes unfenced.
     fence_arg: String,
+    /// Whether the indexes of finished runs by state are known to be complete (see
+    /// `RedisStore::index_finished_runs`), so a listing need not ask Redis again.
+    finished_indexed: Arc<std::sync::atomic::AtomicBool>,
 }
 
 /// The Lua scripts.
@@ -209,6 +215,7 @@ impl RedisStore {
             retention,
             fence: None,
             fence_arg: String::new(),
+            finished_indexed: Arc::default(),
             scripts: Arc::new(Scripts {
                 transition_task: Script::new(scripts::TRANSITION_TASK),
                 finish_try: Script::new(scripts::FINISH_TRY),
@@ -282,6 +289,7 @@ impl RedisStore {
             }
             pipe.zadd(self.runs_key(), &run.run_id, score).ignore();
             pipe.zadd(self.dag_runs_key(&run.dag_id), &run.run_id, score).ignore();
+            pipe.zadd(self.final_runs_key(run.state), &run.run_id, score).ignore();
         }
         let mut conn = self.conn().await?;
         let () = pipe.query_async(&mut conn).await.map_err(redis_error)?;

@@ -275,7 +275,8 @@ return applied
 /// Compare-and-set of a run record, with its index entries, in one step. KEYS[1] meta,
 /// KEYS[2] tasks hash, KEYS[3] the run's set of log keys, KEYS[4] the unfinished index,
 /// KEYS[5] the runs index, KEYS[6] the DAG's runs index, KEYS[7] the hash of the DAG version
-/// the run names. ARGV: expected state, new JSON, retention seconds (0: keep), run id, score,
+/// the run names, KEYS[8..10] the indexes of finished runs by state (success, failed,
+/// cancelled: a finished run is in its state's and no other). ARGV: expected state, new JSON, retention seconds (0: keep), run id, score,
 /// horizon below which finished runs leave the listings (-1: none), then groups of task id,
 /// expected state, expected try, new JSON applied as compare-and-sets once the run's applies (a
 /// restart). Returns 1 when applied.
@@ -321,11 +322,20 @@ if redis.call('HEXISTS', KEYS[7], 'dag') == 1 then
     redis.call('PERSIST', KEYS[7])
   end
 end
+local by_state = {success = KEYS[8], failed = KEYS[9], cancelled = KEYS[10]}
+for state, index in pairs(by_state) do
+  if state == new_state then
+    redis.call('ZADD', index, ARGV[5], ARGV[4])
+  else
+    redis.call('ZREM', index, ARGV[4])
+  end
+end
 if final then
   redis.call('ZREM', KEYS[4], ARGV[4])
   if tonumber(ARGV[6]) >= 0 then
     redis.call('ZREMRANGEBYSCORE', KEYS[5], '-inf', ARGV[6])
     redis.call('ZREMRANGEBYSCORE', KEYS[6], '-inf', ARGV[6])
+    for _, index in pairs(by_state) do redis.call('ZREMRANGEBYSCORE', index, '-inf', ARGV[6]) end
   end
 else
   redis.call('ZADD', KEYS[4], ARGV[5], ARGV[4])

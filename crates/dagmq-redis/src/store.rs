@@ -35,6 +35,67 @@ impl RedisStore {
         values.into_iter().flatten().map(|v| decode(&v)).collect()
     }
 
+    /// Of two indexes, the one with fewer entries: a listing that filters on both walks that.
+    async fn smaller_index(&self, a: String, b: String) -> Result<String, BackendError> {
+        let mut conn = self.conn().await?;
+        let (len_a, len_b): (u64, u64) =
+            redis::pipe().zcard(&a).zcard(&b).query_async(&mut conn).await.map_err(redis_error)?;
+        Ok(if len_a <= len_b { a } else { b })
+    }
+
+    /// Makes sure every finished run is in the index of its state. Transitions keep those
+    /// indexes, but a store written by a dagmq before they existed has finished runs in none:
+    /// the first listing of a finished state walks the runs index once, adds each finished run
+    /// to its state's index, then sets the `indexed` key so no listing walks it again. Walks at
+    /// the same time (two API calls) add the same entries; an entry made stale by a transition
+    /// meanwhile is harmless, as listings check each record's state. A run finished by a
+    /// scheduler of an earlier version after the walk is in no index: during a rolling upgrade,
+    /// delete `P:runs:state:indexed` once the last old scheduler is gone, and the next listing
+    /// walks again.
+    async fn index_finished_runs(&self) -> Result<(), BackendError> {
+        use std::sync::atomic::Ordering;
+        if self.finished_indexed.load(Ordering::Relaxed) {
+            return Ok(());
+        }
+        let marker = self.final_runs_indexed_key();
+        let indexed: bool = {
+            let mut conn = self.conn().await?;
+            conn.exists(&marker).await.map_err(redis_error)?
+        };
+        if !indexed {
+            let mut start = 0isize;
+            loop {
+                let page: Vec<(String, f64)> = {
+                    let mut conn = self.conn().await?;
+                    conn.zrange_withscores(self.runs_key(), start, start + 499).await.map_err(redis_error)?
+                };
+                if page.is_empty() {
+                    break;
+                }
+                start += page.len() as isize;
+                let ids: Vec<String> = page.iter().map(|(id, _)| id.clone()).collect();
+                let scores: std::collections::HashMap<&str, f64> =
+                    page.iter().map(|(id, score)| (id.as_str(), *score)).collect();
+                let finished: Vec<RunRecord> =
+                    self.records(&ids).await?.into_iter().filter(|r| r.state.is_final()).collect();
+                if finished.is_empty() {
+                    continue;
+                }
+                let mut pipe = redis::pipe();
+                for record in &finished {
+                    let score = scores.get(record.run_id.as_str()).copied().unwrap_or_default();
+                    pipe.zadd(self.final_runs_key(record.state), &record.run_id, score).ignore();
+                }
+                let mut conn = self.conn().await?;
+                let () = pipe.query_async(&mut conn).await.map_err(redis_error)?;
+            }
+            let mut conn = self.conn().await?;
+            let () = conn.set(&marker, 1).await.map_err(redis_error)?;
+        }
+        self.finished_indexed.store(true, Ordering::Relaxed);
+        Ok(())
+    }
+
     /// Removes index entries of runs that no longer exist (expired by retention).
     async fn prune(&self, index: &str, ids: &[String]) -> Result<(), BackendError> {
         if ids.is_empty() {
@@ -186,6 +247,9 @@ impl Store for RedisStore {
             .key(self.runs_key())
             .key(self.dag_runs_key(&run.dag_id))
             .key(self.run_version_key(run))
+            .key(self.final_runs_key(RunState::Success))
+            .key(self.final_runs_key(RunState::Failed))
+            .key(self.final_runs_key(RunState::Cancelled))
             .key(self.lease_key())
             .arg(expected.as_str())
             .arg(encode(run)?)
@@ -208,10 +272,20 @@ impl Store for RedisStore {
     async fn list_runs(&self, filter: &RunFilter) -> Result<Vec<RunRecord>, BackendError> {
         // Every run that has not finished is in the unfinished index: a listing of queued,
         // running or suspended runs walks that, not the whole history of finished runs.
+        // A finished state has an index of its own, so failed runs among a history of
+        // successes are found without reading the successes.
         let index = match (&filter.dag_id, filter.state) {
             (_, Some(state)) if !state.is_final() => self.unfinished_key(),
-            (Some(dag_id), _) => self.dag_runs_key(dag_id),
-            (None, _) => self.runs_key(),
+            (None, Some(state)) => {
+                self.index_finished_runs().await?;
+                self.final_runs_key(state)
+            }
+            (Some(dag_id), Some(state)) => {
+                self.index_finished_runs().await?;
+                self.smaller_index(self.final_runs_key(state), self.dag_runs_key(dag_id)).await?
+            }
+            (Some(dag_id), None) => self.dag_runs_key(dag_id),
+            (None, None) => self.runs_key(),
         };
         let mut found = Vec::new();
         let page = filter.limit.clamp(1, 500);
