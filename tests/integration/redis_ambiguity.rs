@@ -104,8 +104,11 @@ async fn eventually(what: &str, mut check: impl AsyncFnMut() -> bool) {
     }
 }
 
-/// The case: creating a run of 100,000 tasks blocks Redis longer than a short response
-/// timeout; the client gives up, the script still applies.
+/// The case: creating a run of 100,000 tasks takes Redis longer than a short response
+/// timeout; the client gives up, the script still applies. How long the script takes depends on
+/// the machine (on a fast one it answers within 100 ms), so Redis holds writes back for 300 ms
+/// (`CLIENT PAUSE ... WRITE`) while each call is sent: the answer always comes too late, and the
+/// script runs whole when the pause ends.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_run_creation_that_times_out_applies_whole_and_a_retry_finds_it() {
     let Some(redis) = OwnRedis::start() else { return };
@@ -116,6 +119,7 @@ async fn a_run_creation_that_times_out_applies_whole_and_a_retry_finds_it() {
     store.create_run(&run("warm-up", None), &tasks(1)).await.unwrap();
     let big = tasks(100_000);
 
+    redis.cli(&["CLIENT", "PAUSE", "300", "WRITE"]);
     let answer = store.create_run(&run("r1", None), &big).await;
     assert!(answer.is_err(), "the call timed out: {answer:?}");
     // The script ran to its end, with its index entries: listings and recovery see the run.
@@ -136,6 +140,7 @@ async fn a_run_creation_that_times_out_applies_whole_and_a_retry_finds_it() {
     .await;
 
     // A keyed trigger retried under another run id finds the run its first try created.
+    redis.cli(&["CLIENT", "PAUSE", "300", "WRITE"]);
     assert!(store.create_run(&run("k1", Some("2026-12-01")), &big).await.is_err());
     eventually("the keyed run", async || {
         matches!(store.create_run(&run("k2", Some("2026-12-01")), &tasks(1)).await, Ok(CreateRun::Exists(id)) if id == "k1")
