@@ -975,14 +975,92 @@ async fn redis_listing_failed_runs_reads_none_of_the_successes() {
     let reads = command_calls(&redis, "get");
     assert!(reads <= 20, "four listings of failed runs read {reads} run records");
 
-    // A store written before the indexes existed: the first listing builds them, once.
+    // A store written before the indexes existed (or whose marker an operator deleted): the
+    // first listing builds them, once, in a process that listed before too.
     redis.cli(&["DEL", "failures:runs:state:success", "failures:runs:state:failed", "failures:runs:state:indexed"]);
-    let upgraded = dagmq_redis::RedisStore::connect(&redis.url(), "failures", None).await.unwrap();
-    listings(&upgraded).await;
+    listings(&store).await;
     redis.cli(&["CONFIG", "RESETSTAT"]);
     listings(&dagmq_redis::RedisStore::connect(&redis.url(), "failures", None).await.unwrap()).await;
     let reads = command_calls(&redis, "get");
     assert!(reads <= 20, "after the indexes were built, four listings read {reads} run records");
+}
+
+/// The one-time build of the indexes by state (a store an older dagmq wrote) walks the runs
+/// index by score: runs leaving that index while it walks (another run's horizon trimming the
+/// oldest) cannot make it skip runs that stay.
+#[tokio::test]
+async fn redis_building_the_indexes_by_state_skips_no_run_when_the_runs_index_shrinks() {
+    let Some(redis) = crate::redis_ambiguity::OwnRedis::start() else { return };
+    let store = dagmq_redis::RedisStore::connect(&redis.url(), "walk", None).await.unwrap();
+    store_versions(&store).await;
+    // 3,000 finished runs, one in 100 failed, as an older dagmq left them: in the runs index
+    // and their DAG's, in no index by state, no marker.
+    let history: Vec<(RunRecord, Vec<TaskInstance>)> = (0..3000)
+        .map(|i| {
+            let mut record = run(&format!("old{i:04}"), "etl", i, None);
+            record.state = if i % 100 == 99 { RunState::Failed } else { RunState::Success };
+            (record, tasks().iter().map(|t| with(t, TaskState::Success, 1)).collect())
+        })
+        .collect();
+    store.seed_finished_runs(&history).await.unwrap();
+    redis.cli(&["DEL", "walk:runs:state:success", "walk:runs:state:failed", "walk:runs:state:indexed"]);
+    // Once the walk has read its first page (the 500 oldest), the 1,000 oldest runs leave the
+    // runs index. The walk runs on this test's thread; other tests' walks are left alone.
+    let port = redis.port.to_string();
+    let walker = std::thread::current().id();
+    let trimmed = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let trimmed_in_callback = trimmed.clone();
+    fail::cfg_callback("redis::index_finished_runs::after_page", move || {
+        if std::thread::current().id() == walker && !trimmed_in_callback.swap(true, std::sync::atomic::Ordering::SeqCst)
+        {
+            let output = std::process::Command::new("redis-cli")
+                .args(["-p", &port, "ZREMRANGEBYRANK", "walk:runs", "0", "999"])
+                .output()
+                .expect("redis-cli");
+            assert_eq!(String::from_utf8_lossy(&output.stdout).trim(), "1000");
+        }
+    })
+    .unwrap();
+    let failed = RunFilter { state: Some(RunState::Failed), limit: 100, ..RunFilter::default() };
+    let listed: Vec<String> = store.list_runs(&failed).await.unwrap().into_iter().map(|r| r.run_id).collect();
+    fail::remove("redis::index_finished_runs::after_page");
+    assert!(trimmed.load(std::sync::atomic::Ordering::SeqCst), "the runs index shrank during the walk");
+    // Every failed run still in the runs index is listed (and the five of the first page).
+    let staying: Vec<String> = (1000..3000).rev().filter(|i| i % 100 == 99).map(|i| format!("old{i:04}")).collect();
+    let missing: Vec<&String> = staying.iter().filter(|id| !listed.contains(id)).collect();
+    assert!(missing.is_empty(), "failed runs never indexed: {missing:?}");
+    assert_eq!(listed.len(), staying.len() + 5, "{listed:?}");
+}
+
+/// A run that runs longer than the retention period leaves the runs index and its DAG's when a
+/// newer run's horizon trims them (the horizon goes by creation time); once it finishes it is
+/// back in both, as in its state's, so every listing that should show it does, as in the
+/// in-memory store. (A later run's horizon trims it again from the runs and state indexes:
+/// RELIABILITY.md, retention.)
+#[tokio::test]
+async fn a_run_longer_than_the_retention_is_listed_everywhere_once_it_finishes() {
+    let Some(redis) = crate::redis_ambiguity::OwnRedis::start() else { return };
+    let retention = Some(std::time::Duration::from_secs(3600));
+    let redis_store = dagmq_redis::RedisStore::connect(&redis.url(), "long", retention).await.unwrap();
+    let memory = MemoryStore::with_retention(retention);
+    for (name, store) in [("redis", &redis_store as &dyn Store), ("memory", &memory as &dyn Store)] {
+        store_versions(store).await;
+        assert_eq!(store.create_run(&run("long", "etl", 0, None), &tasks()).await.unwrap(), CreateRun::Created);
+        move_run(store, "long", RunState::Running, 1).await;
+        // Two hours later a newer run of `etl` succeeds: its horizon is an hour before it.
+        assert_eq!(store.create_run(&run("newer", "etl", 7200, None), &tasks()).await.unwrap(), CreateRun::Created);
+        move_run(store, "newer", RunState::Running, 7201).await;
+        move_run(store, "newer", RunState::Success, 7202).await;
+        move_run(store, "long", RunState::Failed, 7300).await;
+        let listed = |dag: Option<&str>, state: Option<RunState>| {
+            let filter = RunFilter { dag_id: dag.map(str::to_string), state, limit: 10, offset: 0 };
+            async move { store.list_runs(&filter).await.unwrap().into_iter().map(|r| r.run_id).collect::<Vec<_>>() }
+        };
+        assert_eq!(listed(Some("etl"), Some(RunState::Failed)).await, ["long"], "{name}");
+        assert_eq!(listed(None, Some(RunState::Failed)).await, ["long"], "{name}");
+        assert_eq!(listed(Some("etl"), None).await, ["newer", "long"], "{name}");
+        assert_eq!(listed(None, None).await, ["newer", "long"], "{name}");
+    }
 }
 
 /// Moves a run to `state` from the state it is in.

@@ -53,9 +53,6 @@ pub struct RedisStore {
     /// The fence as the scripts compare it with the lease key's value (`TERM:HOLDER`); empty
     /// for a view that writes unfenced.
     fence_arg: String,
-    /// Whether the indexes of finished runs by state are known to be complete (see
-    /// `RedisStore::index_finished_runs`), so a listing need not ask Redis again.
-    finished_indexed: Arc<std::sync::atomic::AtomicBool>,
 }
 
 /// The Lua scripts.
@@ -215,7 +212,6 @@ impl RedisStore {
             retention,
             fence: None,
             fence_arg: String::new(),
-            finished_indexed: Arc::default(),
             scripts: Arc::new(Scripts {
                 transition_task: Script::new(scripts::TRANSITION_TASK),
                 finish_try: Script::new(scripts::FINISH_TRY),

@@ -1,5 +1,7 @@
-//! The Lua scripts behind the store's atomic operations. Each touches keys of one run only, all
-//! sharing the run's hash tag, so each runs in one slot on Redis Cluster. Scripts read JSON with
+//! The Lua scripts behind the store's atomic operations. The task scripts touch keys of one run
+//! only, all sharing the run's hash tag; run creation and run moves also write the listing
+//! indexes (`P:runs...`) and the lease key, so the store needs one Redis primary (Sentinel, not
+//! Redis Cluster). Scripts read JSON with
 //! cjson but never re-encode it (cjson turns empty arrays into objects): they compare and then
 //! store the JSON the caller sent.
 //!
@@ -332,6 +334,11 @@ for state, index in pairs(by_state) do
 end
 if final then
   redis.call('ZREM', KEYS[4], ARGV[4])
+  -- Back in the listings if another run's horizon trimmed it while it ran longer than the
+  -- retention period: a finished run is in the runs, DAG and state indexes alike. Its own
+  -- horizon is below its score.
+  redis.call('ZADD', KEYS[5], ARGV[5], ARGV[4])
+  redis.call('ZADD', KEYS[6], ARGV[5], ARGV[4])
   if tonumber(ARGV[6]) >= 0 then
     redis.call('ZREMRANGEBYSCORE', KEYS[5], '-inf', ARGV[6])
     redis.call('ZREMRANGEBYSCORE', KEYS[6], '-inf', ARGV[6])

@@ -46,41 +46,39 @@ impl RedisStore {
     /// Makes sure every finished run is in the index of its state. Transitions keep those
     /// indexes, but a store written by a dagmq before they existed has finished runs in none:
     /// the first listing of a finished state walks the runs index once, adds each finished run
-    /// to its state's index, then sets the `indexed` key so no listing walks it again. Walks at
-    /// the same time (two API calls) add the same entries; an entry made stale by a transition
-    /// meanwhile is harmless, as listings check each record's state. A run finished by a
-    /// scheduler of an earlier version after the walk is in no index: during a rolling upgrade,
-    /// delete `P:runs:state:indexed` once the last old scheduler is gone, and the next listing
-    /// walks again.
+    /// to its state's index, then sets the `indexed` key; later listings find the key (one
+    /// `EXISTS`) and walk nothing. The walk goes by score, not by rank, so entries that leave the
+    /// index meanwhile (a horizon trim, expired runs pruned by a listing) cannot make it skip
+    /// others. Walks at the same time (two API calls) add the same entries; an entry made stale
+    /// by a transition meanwhile is harmless, as listings check each record's state. A run
+    /// finished by a scheduler of an earlier version after the walk is in no index: during a
+    /// rolling upgrade, delete `P:runs:state:indexed` once the last old scheduler is gone, and
+    /// the next listing walks again.
     async fn index_finished_runs(&self) -> Result<(), BackendError> {
-        use std::sync::atomic::Ordering;
-        if self.finished_indexed.load(Ordering::Relaxed) {
-            return Ok(());
-        }
         let marker = self.final_runs_indexed_key();
         let indexed: bool = {
             let mut conn = self.conn().await?;
             conn.exists(&marker).await.map_err(redis_error)?
         };
-        if !indexed {
-            let mut start = 0isize;
-            loop {
-                let page: Vec<(String, f64)> = {
-                    let mut conn = self.conn().await?;
-                    conn.zrange_withscores(self.runs_key(), start, start + 499).await.map_err(redis_error)?
-                };
-                if page.is_empty() {
-                    break;
-                }
-                start += page.len() as isize;
-                let ids: Vec<String> = page.iter().map(|(id, _)| id.clone()).collect();
-                let scores: std::collections::HashMap<&str, f64> =
-                    page.iter().map(|(id, score)| (id.as_str(), *score)).collect();
-                let finished: Vec<RunRecord> =
-                    self.records(&ids).await?.into_iter().filter(|r| r.state.is_final()).collect();
-                if finished.is_empty() {
-                    continue;
-                }
+        if indexed {
+            return Ok(());
+        }
+        // The lowest score not walked yet, and how many runs of exactly that score were.
+        let (mut from, mut seen_at_from) = ("-inf".to_string(), 0isize);
+        loop {
+            let page: Vec<(String, f64)> = {
+                let mut conn = self.conn().await?;
+                conn.zrangebyscore_limit_withscores(self.runs_key(), &from, "+inf", seen_at_from, 500)
+                    .await
+                    .map_err(redis_error)?
+            };
+            let Some(&(_, last)) = page.last() else { break };
+            let ids: Vec<String> = page.iter().map(|(id, _)| id.clone()).collect();
+            let scores: std::collections::HashMap<&str, f64> =
+                page.iter().map(|(id, score)| (id.as_str(), *score)).collect();
+            let finished: Vec<RunRecord> =
+                self.records(&ids).await?.into_iter().filter(|r| r.state.is_final()).collect();
+            if !finished.is_empty() {
                 let mut pipe = redis::pipe();
                 for record in &finished {
                     let score = scores.get(record.run_id.as_str()).copied().unwrap_or_default();
@@ -89,10 +87,17 @@ impl RedisStore {
                 let mut conn = self.conn().await?;
                 let () = pipe.query_async(&mut conn).await.map_err(redis_error)?;
             }
-            let mut conn = self.conn().await?;
-            let () = conn.set(&marker, 1).await.map_err(redis_error)?;
+            dagmq_core::fail_point!("redis::index_finished_runs::after_page");
+            let at_last = page.iter().filter(|(_, score)| *score == last).count() as isize;
+            let last = format!("{last}");
+            if last == from {
+                seen_at_from += at_last;
+            } else {
+                (from, seen_at_from) = (last, at_last);
+            }
         }
-        self.finished_indexed.store(true, Ordering::Relaxed);
+        let mut conn = self.write_conn().await?;
+        let () = conn.set(&marker, 1).await.map_err(redis_error)?;
         Ok(())
     }
 
