@@ -105,10 +105,13 @@ async fn eventually(what: &str, mut check: impl AsyncFnMut() -> bool) {
 }
 
 /// The case: creating a run of 100,000 tasks takes Redis longer than a short response
-/// timeout; the client gives up, the script still applies. How long the script takes depends on
+/// timeout; the client gives up and the outcome is unknown. How long the script takes depends on
 /// the machine (on a fast one it answers within 100 ms), so Redis holds writes back for 300 ms
-/// (`CLIENT PAUSE ... WRITE`) while each call is sent: the answer always comes too late, and the
-/// script runs whole when the pause ends.
+/// (`CLIENT PAUSE ... WRITE`) while the call is sent: the answer always comes too late. The pool
+/// then drops the timed-out connection, so the script runs when the pause ends if Redis had the
+/// whole call by then, and not at all otherwise (which of the two depends on timing). Either
+/// way it is all or nothing, and a retry settles it: told the run exists when it applied (then
+/// whole, listed, and seen by recovery), creating it when it did not.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_run_creation_that_times_out_applies_whole_and_a_retry_finds_it() {
     let Some(redis) = OwnRedis::start() else { return };
@@ -122,31 +125,41 @@ async fn a_run_creation_that_times_out_applies_whole_and_a_retry_finds_it() {
     redis.cli(&["CLIENT", "PAUSE", "300", "WRITE"]);
     let answer = store.create_run(&run("r1", None), &big).await;
     assert!(answer.is_err(), "the call timed out: {answer:?}");
-    // The script ran to its end, with its index entries: listings and recovery see the run.
-    eventually("the run listed", async || {
-        store
-            .list_runs(&RunFilter { limit: 10, ..Default::default() })
-            .await
-            .is_ok_and(|runs| runs.iter().any(|r| r.run_id == "r1"))
-    })
-    .await;
-    assert!(store.unfinished_runs().await.unwrap().iter().any(|r| r.run_id == "r1"), "recovery sees it");
-    assert_eq!(redis.cli(&["HLEN", "amb:run:{r1}:tasks"]).trim(), "100000");
-    // A retry is told the run exists.
-    eventually(
-        "the retry finds it",
-        async || matches!(store.create_run(&run("r1", None), &tasks(1)).await, Ok(CreateRun::Exists(id)) if id == "r1"),
-    )
-    .await;
+    // A write of the test's own waits out the pause, behind the first call when Redis has it.
+    redis.cli(&["SET", "amb:after-the-pause", "1"]);
+    let retried = store.create_run(&run("r1", None), &tasks(1)).await.ok();
+    let tasks_stored = redis.cli(&["HLEN", "amb:run:{r1}:tasks"]).trim().to_string();
+    match retried {
+        Some(CreateRun::Exists(id)) => {
+            // The first call applied, whole, with its index entries: listings and recovery see it.
+            assert_eq!(id, "r1");
+            assert_eq!(tasks_stored, "100000");
+            let listed = store.list_runs(&RunFilter { limit: 10, ..Default::default() }).await.unwrap();
+            assert!(listed.iter().any(|r| r.run_id == "r1"), "listed");
+            assert!(store.unfinished_runs().await.unwrap().iter().any(|r| r.run_id == "r1"), "recovery sees it");
+        }
+        // The first call never applied: nothing of it is left, the run is the retry's.
+        Some(CreateRun::Created) => assert_eq!(tasks_stored, "1"),
+        other => panic!("the retry answered {other:?}"),
+    }
 
-    // A keyed trigger retried under another run id finds the run its first try created.
+    // A keyed trigger retried under another run id: the key makes one run, the first call's
+    // when it applied, else the retry's.
     redis.cli(&["CLIENT", "PAUSE", "300", "WRITE"]);
     assert!(store.create_run(&run("k1", Some("2026-12-01")), &big).await.is_err());
-    eventually("the keyed run", async || {
-        matches!(store.create_run(&run("k2", Some("2026-12-01")), &tasks(1)).await, Ok(CreateRun::Exists(id)) if id == "k1")
+    redis.cli(&["SET", "amb:after-the-pause", "2"]);
+    let made = match store.create_run(&run("k2", Some("2026-12-01")), &tasks(1)).await.unwrap() {
+        CreateRun::Created => "k2".to_string(),
+        CreateRun::Exists(id) => id,
+        other => panic!("the keyed retry answered {other:?}"),
+    };
+    eventually("a later retry told the key's run", async || {
+        matches!(store.create_run(&run("k3", Some("2026-12-01")), &tasks(1)).await, Ok(CreateRun::Exists(id)) if id == made)
     })
     .await;
-    assert!(store.run("k2").await.unwrap().is_none());
+    let other = if made == "k1" { "k2" } else { "k1" };
+    assert!(store.run(other).await.unwrap().is_none(), "one run for the key, {made}");
+    assert!(store.run("k3").await.unwrap().is_none());
 }
 
 #[tokio::test(flavor = "multi_thread")]

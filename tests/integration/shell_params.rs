@@ -239,7 +239,15 @@ async fn triggers_that_do_not_fit_the_schema_are_refused_and_dead_lettered_with_
              belongs to (`--n={{ params.n }}`), put `--` before it, or pass it through `env`",
         ]
     );
-    let runs = h.store.list_runs(&dagmq_core::store::RunFilter { limit: 10, ..Default::default() }).await.unwrap();
+    // The good trigger, published last, may still be on its way when the fourth refusal is.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    let runs = loop {
+        let runs = h.store.list_runs(&dagmq_core::store::RunFilter { limit: 10, ..Default::default() }).await.unwrap();
+        if !runs.is_empty() || tokio::time::Instant::now() > deadline {
+            break runs;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
     assert_eq!(runs.len(), 1, "{runs:?}");
     assert_eq!(runs[0].params, params(serde_json::json!({"n": 2, "mode": "slow"})));
     assert_eq!(h.wait_final(&runs[0].run_id).await, RunState::Success);

@@ -972,8 +972,9 @@ async fn redis_listing_failed_runs_reads_none_of_the_successes() {
     listings(&store).await;
     redis.cli(&["CONFIG", "RESETSTAT"]);
     listings(&store).await;
+    // At most 20 records, and the listing horizon once per listing.
     let reads = command_calls(&redis, "get");
-    assert!(reads <= 20, "four listings of failed runs read {reads} run records");
+    assert!(reads <= 24, "four listings of failed runs read {reads} run records");
 
     // A store written before the indexes existed (or whose marker an operator deleted): the
     // first listing builds them, once, in a process that listed before too.
@@ -982,7 +983,7 @@ async fn redis_listing_failed_runs_reads_none_of_the_successes() {
     redis.cli(&["CONFIG", "RESETSTAT"]);
     listings(&dagmq_redis::RedisStore::connect(&redis.url(), "failures", None).await.unwrap()).await;
     let reads = command_calls(&redis, "get");
-    assert!(reads <= 20, "after the indexes were built, four listings read {reads} run records");
+    assert!(reads <= 24, "after the indexes were built, four listings read {reads} run records");
 }
 
 /// The one-time build of the indexes by state (a store an older dagmq wrote) walks the runs
@@ -1032,13 +1033,15 @@ async fn redis_building_the_indexes_by_state_skips_no_run_when_the_runs_index_sh
     assert_eq!(listed.len(), staying.len() + 5, "{listed:?}");
 }
 
-/// A run that runs longer than the retention period leaves the runs index and its DAG's when a
-/// newer run's horizon trims them (the horizon goes by creation time); once it finishes it is
-/// back in both, as in its state's, so every listing that should show it does, as in the
-/// in-memory store. (A later run's horizon trims it again from the runs and state indexes:
-/// RELIABILITY.md, retention.)
+/// A listing shows a run in every listing it matches or in none, whichever index it walks.
+/// With retention, a finishing run trims the listing indexes to its horizon (its creation less
+/// the retention period), but only its own DAG's among the DAG indexes; so a run that ran longer
+/// than the retention period, trimmed meanwhile, was listed among its DAG's failed runs or not
+/// depending on which index was smaller. Redis now leaves such a run out of every listing (its
+/// record and run page stay until it expires); the in-memory store, which trims nothing, lists
+/// it everywhere.
 #[tokio::test]
-async fn a_run_longer_than_the_retention_is_listed_everywhere_once_it_finishes() {
+async fn a_run_longer_than_the_retention_is_in_every_listing_it_matches_or_in_none() {
     let Some(redis) = crate::redis_ambiguity::OwnRedis::start() else { return };
     let retention = Some(std::time::Duration::from_secs(3600));
     let redis_store = dagmq_redis::RedisStore::connect(&redis.url(), "long", retention).await.unwrap();
@@ -1047,7 +1050,7 @@ async fn a_run_longer_than_the_retention_is_listed_everywhere_once_it_finishes()
         store_versions(store).await;
         assert_eq!(store.create_run(&run("long", "etl", 0, None), &tasks()).await.unwrap(), CreateRun::Created);
         move_run(store, "long", RunState::Running, 1).await;
-        // Two hours later a newer run of `etl` succeeds: its horizon is an hour before it.
+        // Two hours later a newer run of `etl` succeeds: its horizon is an hour after `long`.
         assert_eq!(store.create_run(&run("newer", "etl", 7200, None), &tasks()).await.unwrap(), CreateRun::Created);
         move_run(store, "newer", RunState::Running, 7201).await;
         move_run(store, "newer", RunState::Success, 7202).await;
@@ -1056,11 +1059,74 @@ async fn a_run_longer_than_the_retention_is_listed_everywhere_once_it_finishes()
             let filter = RunFilter { dag_id: dag.map(str::to_string), state, limit: 10, offset: 0 };
             async move { store.list_runs(&filter).await.unwrap().into_iter().map(|r| r.run_id).collect::<Vec<_>>() }
         };
-        assert_eq!(listed(Some("etl"), Some(RunState::Failed)).await, ["long"], "{name}");
-        assert_eq!(listed(None, Some(RunState::Failed)).await, ["long"], "{name}");
-        assert_eq!(listed(Some("etl"), None).await, ["newer", "long"], "{name}");
-        assert_eq!(listed(None, None).await, ["newer", "long"], "{name}");
+        let long: &[&str] = if name == "redis" { &[] } else { &["long"] };
+        let with_long = |mut ids: Vec<&'static str>| {
+            ids.extend(long);
+            ids
+        };
+        // Runs of another DAG finish, one at a time, so that the failed index is first the
+        // smaller one for `etl`, then the larger.
+        for (i, id) in ["o1", "o2", "o3", "o4"].into_iter().enumerate() {
+            assert_eq!(
+                store.create_run(&run(id, "other", 7400 + i as i64, None), &tasks()).await.unwrap(),
+                CreateRun::Created
+            );
+            move_run(store, id, RunState::Running, 7410).await;
+            move_run(store, id, RunState::Failed, 7420).await;
+            assert_eq!(listed(Some("etl"), Some(RunState::Failed)).await, long, "{name}, after {id}");
+            assert_eq!(listed(Some("etl"), None).await, with_long(vec!["newer"]), "{name}, after {id}");
+            assert_eq!(listed(None, None).await[i + 1..], with_long(vec!["newer"]), "{name}, after {id}");
+            assert_eq!(listed(None, Some(RunState::Failed)).await[i + 1..], *long, "{name}, after {id}");
+        }
+        assert!(store.run("long").await.unwrap().is_some(), "{name}: the record stays until it expires");
     }
+}
+
+/// The one-time build of the indexes by state resumes after the last run it read, not at a
+/// count, among runs of one score too (created in the same instant: a backfill): one of them
+/// pruned while it walks (its record expired) cannot make it skip another.
+#[tokio::test]
+async fn redis_building_the_indexes_by_state_skips_no_run_of_a_shared_score() {
+    let Some(redis) = crate::redis_ambiguity::OwnRedis::start() else { return };
+    let store = dagmq_redis::RedisStore::connect(&redis.url(), "ties", None).await.unwrap();
+    store_versions(&store).await;
+    // 1,200 finished runs created in the same millisecond, one in 100 failed (tie0000, tie0100,
+    // ...), as an older dagmq left them.
+    let history: Vec<(RunRecord, Vec<TaskInstance>)> = (0..1200)
+        .map(|i| {
+            let mut record = run(&format!("tie{i:04}"), "etl", 10, None);
+            record.state = if i % 100 == 0 { RunState::Failed } else { RunState::Success };
+            (record, Vec::new())
+        })
+        .collect();
+    store.seed_finished_runs(&history).await.unwrap();
+    redis.cli(&["DEL", "ties:runs:state:success", "ties:runs:state:failed", "ties:runs:state:indexed"]);
+    // After the walk's first page (tie0000-tie0499), one run it read leaves the runs index: a
+    // walk that resumed at a count would skip tie0500.
+    let port = redis.port.to_string();
+    let walker = std::thread::current().id();
+    let pruned = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let pruned_in_callback = pruned.clone();
+    fail::cfg_callback("redis::index_finished_runs::after_page", move || {
+        if std::thread::current().id() == walker && !pruned_in_callback.swap(true, std::sync::atomic::Ordering::SeqCst)
+        {
+            let output = std::process::Command::new("redis-cli")
+                .args(["-p", &port, "ZREM", "ties:runs", "tie0001"])
+                .output()
+                .expect("redis-cli");
+            assert_eq!(String::from_utf8_lossy(&output.stdout).trim(), "1");
+        }
+    })
+    .unwrap();
+    let failed = RunFilter { state: Some(RunState::Failed), limit: 100, ..RunFilter::default() };
+    let listed: Vec<String> = store.list_runs(&failed).await.unwrap().into_iter().map(|r| r.run_id).collect();
+    fail::remove("redis::index_finished_runs::after_page");
+    assert!(pruned.load(std::sync::atomic::Ordering::SeqCst), "a run left the runs index during the walk");
+    let mut expected: Vec<String> = (0..1200).filter(|i| i % 100 == 0).map(|i| format!("tie{i:04}")).collect();
+    let mut sorted = listed.clone();
+    sorted.sort();
+    expected.sort();
+    assert_eq!(sorted, expected, "listed {listed:?}");
 }
 
 /// Moves a run to `state` from the state it is in.
@@ -1201,7 +1267,8 @@ async fn redis_listing_runs_not_finished_reads_none_of_the_history() {
     let newest = ids(store.list_runs(&filter(None, Some(RunState::Success))).await.unwrap());
     assert_eq!(newest[..2], ["old1999".to_string(), "old1998".to_string()]);
     let reads = command_calls(&redis, "get");
-    assert!(reads <= 150, "listing 50 finished runs twice read {reads} run records");
+    // 150 records and the listing horizon once per listing.
+    assert!(reads <= 152, "listing 50 finished runs twice read {reads} run records");
     let all = ids(store.list_runs(&filter(None, None)).await.unwrap());
     assert_eq!(all[..3], ["waiting".to_string(), "new".to_string(), "old1999".to_string()]);
     assert_eq!(store.tasks("old0007").await.unwrap().iter().filter(|t| t.state == TaskState::Success).count(), 2);

@@ -47,13 +47,15 @@ impl RedisStore {
     /// indexes, but a store written by a dagmq before they existed has finished runs in none:
     /// the first listing of a finished state walks the runs index once, adds each finished run
     /// to its state's index, then sets the `indexed` key; later listings find the key (one
-    /// `EXISTS`) and walk nothing. The walk goes by score, not by rank, so entries that leave the
-    /// index meanwhile (a horizon trim, expired runs pruned by a listing) cannot make it skip
-    /// others. Walks at the same time (two API calls) add the same entries; an entry made stale
-    /// by a transition meanwhile is harmless, as listings check each record's state. A run
-    /// finished by a scheduler of an earlier version after the walk is in no index: during a
-    /// rolling upgrade, delete `P:runs:state:indexed` once the last old scheduler is gone, and
-    /// the next listing walks again.
+    /// `EXISTS`) and walk nothing. The walk goes by score and, among runs of one score (created
+    /// in the same instant), by id, which is how Redis orders them: it resumes after the last
+    /// run it read, never at a count, so entries that leave the index meanwhile (a horizon
+    /// trim, expired runs pruned by a listing) cannot make it skip others. Walks at the same
+    /// time (two API calls) add the same entries; an entry made stale by a transition meanwhile
+    /// is harmless, as listings check each record's state and the horizon. A run finished by a
+    /// scheduler of an earlier version after the walk is in no index: during a rolling upgrade,
+    /// delete `P:runs:state:indexed` once the last old scheduler is gone, and the next listing
+    /// walks again.
     async fn index_finished_runs(&self) -> Result<(), BackendError> {
         let marker = self.final_runs_indexed_key();
         let indexed: bool = {
@@ -63,42 +65,69 @@ impl RedisStore {
         if indexed {
             return Ok(());
         }
-        // The lowest score not walked yet, and how many runs of exactly that score were.
-        let (mut from, mut seen_at_from) = ("-inf".to_string(), 0isize);
+        // The last run read: its score (as Redis reads it back) and its id.
+        let mut after: Option<(String, String)> = None;
         loop {
             let page: Vec<(String, f64)> = {
                 let mut conn = self.conn().await?;
-                conn.zrangebyscore_limit_withscores(self.runs_key(), &from, "+inf", seen_at_from, 500)
-                    .await
-                    .map_err(redis_error)?
-            };
-            let Some(&(_, last)) = page.last() else { break };
-            let ids: Vec<String> = page.iter().map(|(id, _)| id.clone()).collect();
-            let scores: std::collections::HashMap<&str, f64> =
-                page.iter().map(|(id, score)| (id.as_str(), *score)).collect();
-            let finished: Vec<RunRecord> =
-                self.records(&ids).await?.into_iter().filter(|r| r.state.is_final()).collect();
-            if !finished.is_empty() {
-                let mut pipe = redis::pipe();
-                for record in &finished {
-                    let score = scores.get(record.run_id.as_str()).copied().unwrap_or_default();
-                    pipe.zadd(self.final_runs_key(record.state), &record.run_id, score).ignore();
+                match &after {
+                    None => conn
+                        .zrangebyscore_limit_withscores(self.runs_key(), "-inf", "+inf", 0, 500)
+                        .await
+                        .map_err(redis_error)?,
+                    Some((score, id)) => {
+                        // The rest of the runs of the last score read, then the next page above it.
+                        let same: Vec<(String, f64)> =
+                            conn.zrangebyscore_withscores(self.runs_key(), score, score).await.map_err(redis_error)?;
+                        let rest: Vec<(String, f64)> =
+                            same.into_iter().filter(|(other, _)| other.as_bytes() > id.as_bytes()).collect();
+                        if rest.is_empty() {
+                            conn.zrangebyscore_limit_withscores(self.runs_key(), format!("({score}"), "+inf", 0, 500)
+                                .await
+                                .map_err(redis_error)?
+                        } else {
+                            rest
+                        }
+                    }
                 }
-                let mut conn = self.conn().await?;
-                let () = pipe.query_async(&mut conn).await.map_err(redis_error)?;
+            };
+            let Some((last_id, last_score)) = page.last().cloned() else { break };
+            for chunk in page.chunks(500) {
+                self.index_finished_page(chunk).await?;
             }
             dagmq_core::fail_point!("redis::index_finished_runs::after_page");
-            let at_last = page.iter().filter(|(_, score)| *score == last).count() as isize;
-            let last = format!("{last}");
-            if last == from {
-                seen_at_from += at_last;
-            } else {
-                (from, seen_at_from) = (last, at_last);
-            }
+            after = Some((format!("{last_score}"), last_id));
         }
         let mut conn = self.write_conn().await?;
         let () = conn.set(&marker, 1).await.map_err(redis_error)?;
         Ok(())
+    }
+
+    /// Adds the finished runs among `page` (ids with their scores in the runs index) to the
+    /// indexes of their states.
+    async fn index_finished_page(&self, page: &[(String, f64)]) -> Result<(), BackendError> {
+        let ids: Vec<String> = page.iter().map(|(id, _)| id.clone()).collect();
+        let scores: std::collections::HashMap<&str, f64> =
+            page.iter().map(|(id, score)| (id.as_str(), *score)).collect();
+        let finished: Vec<RunRecord> = self.records(&ids).await?.into_iter().filter(|r| r.state.is_final()).collect();
+        if finished.is_empty() {
+            return Ok(());
+        }
+        let mut pipe = redis::pipe();
+        for record in &finished {
+            let score = scores.get(record.run_id.as_str()).copied().unwrap_or_default();
+            pipe.zadd(self.final_runs_key(record.state), &record.run_id, score).ignore();
+        }
+        let mut conn = self.conn().await?;
+        let () = pipe.query_async(&mut conn).await.map_err(redis_error)?;
+        Ok(())
+    }
+
+    /// The namespace's listing horizon (`P:runs:horizon`, see `TRANSITION_RUN`): finished runs
+    /// created at or before it, in milliseconds, are in no listing.
+    async fn listing_horizon(&self) -> Result<Option<i64>, BackendError> {
+        let mut conn = self.conn().await?;
+        conn.get(self.listing_horizon_key()).await.map_err(redis_error)
     }
 
     /// Removes index entries of runs that no longer exist (expired by retention).
@@ -255,6 +284,7 @@ impl Store for RedisStore {
             .key(self.final_runs_key(RunState::Success))
             .key(self.final_runs_key(RunState::Failed))
             .key(self.final_runs_key(RunState::Cancelled))
+            .key(self.listing_horizon_key())
             .key(self.lease_key())
             .arg(expected.as_str())
             .arg(encode(run)?)
@@ -279,6 +309,13 @@ impl Store for RedisStore {
         // running or suspended runs walks that, not the whole history of finished runs.
         // A finished state has an index of its own, so failed runs among a history of
         // successes are found without reading the successes.
+        // A finished run created at or before the namespace's horizon is never listed, whichever
+        // index holds it (a finishing run trims only its own DAG's index to its horizon): a run
+        // is in every listing it matches or in none.
+        let horizon = match filter.state {
+            Some(state) if !state.is_final() => None,
+            _ => self.listing_horizon().await?,
+        };
         let index = match (&filter.dag_id, filter.state) {
             (_, Some(state)) if !state.is_final() => self.unfinished_key(),
             (None, Some(state)) => {
@@ -292,6 +329,8 @@ impl Store for RedisStore {
             (Some(dag_id), None) => self.dag_runs_key(dag_id),
             (None, None) => self.runs_key(),
         };
+        let past_horizon =
+            |run: &RunRecord| run.state.is_final() && horizon.is_some_and(|h| run.created_at.timestamp_millis() <= h);
         let mut found = Vec::new();
         let page = filter.limit.clamp(1, 500);
         // Without a state filter every listed run matches: the page starts at the offset. With
@@ -320,6 +359,7 @@ impl Store for RedisStore {
             for record in records {
                 if filter.state.is_none_or(|s| s == record.state)
                     && filter.dag_id.as_ref().is_none_or(|d| *d == record.dag_id)
+                    && !past_horizon(&record)
                     && found.len() < filter.limit
                 {
                     if skip > 0 {
