@@ -42,11 +42,6 @@ impl RedisStore {
         format!("{}:runs:state:indexed", self.prefix)
     }
 
-    /// The listing horizon: the latest of the finished runs' horizons (see `TRANSITION_RUN`).
-    pub(crate) fn listing_horizon_key(&self) -> String {
-        format!("{}:runs:horizon", self.prefix)
-    }
-
     pub(crate) fn idempotency_key(&self, dag_id: &str, key: &str) -> String {
         format!("{}:key:{dag_id}:{key}", self.prefix)
     }

@@ -8,9 +8,7 @@
 //!   listings without scans); `P:runs:unfinished` — runs not yet finished;
 //!   `P:runs:state:STATE` — finished runs in STATE (`success`, `failed`, `cancelled`), and
 //!   `P:runs:state:indexed` once every finished run is in those (a store written before they
-//!   existed gets them built by its first listing of a finished state); `P:runs:horizon` — the
-//!   latest horizon a finishing run trimmed the indexes to (its creation less the retention):
-//!   listings leave out finished runs created at or before it.
+//!   existed gets them built by its first listing of a finished state).
 //! - `P:key:DAG:KEY` — the run created by a trigger's idempotency key.
 //! - `P:dag:DAG` — the scheduler's per-DAG bookkeeping; `P:workers` — hash of worker entries.
 //! - `P:scheduler:lease` — the term of the scheduler lease in force, `TERM:HOLDER`, expiring

@@ -278,10 +278,9 @@ return applied
 /// KEYS[2] tasks hash, KEYS[3] the run's set of log keys, KEYS[4] the unfinished index,
 /// KEYS[5] the runs index, KEYS[6] the DAG's runs index, KEYS[7] the hash of the DAG version
 /// the run names, KEYS[8..10] the indexes of finished runs by state (success, failed,
-/// cancelled: a finished run is in its state's and no other), KEYS[11] the listing horizon (the
-/// highest horizon applied: listings leave out finished runs at or below it, also those still in
-/// the indexes this script does not name, other DAGs'). ARGV: expected state, new JSON, retention seconds (0: keep), run id, score,
-/// horizon below which finished runs leave the listings (-1: none), then groups of task id,
+/// cancelled: a finished run is in its state's and no other). ARGV: expected state, new JSON, retention seconds (0: keep), run id, score,
+/// horizon at or below which runs leave the runs and state indexes and the DAG's (-1: none;
+/// unfinished runs stay in the unfinished index), then groups of task id,
 /// expected state, expected try, new JSON applied as compare-and-sets once the run's applies (a
 /// restart). Returns 1 when applied.
 ///
@@ -336,9 +335,12 @@ for state, index in pairs(by_state) do
 end
 if final then
   redis.call('ZREM', KEYS[4], ARGV[4])
+  -- Back in the listings if another run's horizon trimmed it while it ran longer than the
+  -- retention period: a finished run is in the runs, DAG and state indexes alike. Its own
+  -- horizon is below its score.
+  redis.call('ZADD', KEYS[5], ARGV[5], ARGV[4])
+  redis.call('ZADD', KEYS[6], ARGV[5], ARGV[4])
   if tonumber(ARGV[6]) >= 0 then
-    local applied = tonumber(redis.call('GET', KEYS[11]) or '-1')
-    if tonumber(ARGV[6]) > applied then redis.call('SET', KEYS[11], ARGV[6]) end
     redis.call('ZREMRANGEBYSCORE', KEYS[5], '-inf', ARGV[6])
     redis.call('ZREMRANGEBYSCORE', KEYS[6], '-inf', ARGV[6])
     for _, index in pairs(by_state) do redis.call('ZREMRANGEBYSCORE', index, '-inf', ARGV[6]) end

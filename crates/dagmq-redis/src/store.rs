@@ -52,7 +52,7 @@ impl RedisStore {
     /// run it read, never at a count, so entries that leave the index meanwhile (a horizon
     /// trim, expired runs pruned by a listing) cannot make it skip others. Walks at the same
     /// time (two API calls) add the same entries; an entry made stale by a transition meanwhile
-    /// is harmless, as listings check each record's state and the horizon. A run finished by a
+    /// is harmless, as listings check each record's state. A run finished by a
     /// scheduler of an earlier version after the walk is in no index: during a rolling upgrade,
     /// delete `P:runs:state:indexed` once the last old scheduler is gone, and the next listing
     /// walks again.
@@ -123,11 +123,15 @@ impl RedisStore {
         Ok(())
     }
 
-    /// The namespace's listing horizon (`P:runs:horizon`, see `TRANSITION_RUN`): finished runs
-    /// created at or before it, in milliseconds, are in no listing.
-    async fn listing_horizon(&self) -> Result<Option<i64>, BackendError> {
+    /// Which of `ids` are in the sorted set `index`.
+    async fn members_of(&self, index: &str, ids: &[String]) -> Result<std::collections::HashSet<String>, BackendError> {
+        let mut pipe = redis::pipe();
+        for id in ids {
+            pipe.zscore(index, id);
+        }
         let mut conn = self.conn().await?;
-        conn.get(self.listing_horizon_key()).await.map_err(redis_error)
+        let scores: Vec<Option<f64>> = pipe.query_async(&mut conn).await.map_err(redis_error)?;
+        Ok(ids.iter().zip(scores).filter(|(_, score)| score.is_some()).map(|(id, _)| id.clone()).collect())
     }
 
     /// Removes index entries of runs that no longer exist (expired by retention).
@@ -284,7 +288,6 @@ impl Store for RedisStore {
             .key(self.final_runs_key(RunState::Success))
             .key(self.final_runs_key(RunState::Failed))
             .key(self.final_runs_key(RunState::Cancelled))
-            .key(self.listing_horizon_key())
             .key(self.lease_key())
             .arg(expected.as_str())
             .arg(encode(run)?)
@@ -309,33 +312,34 @@ impl Store for RedisStore {
         // running or suspended runs walks that, not the whole history of finished runs.
         // A finished state has an index of its own, so failed runs among a history of
         // successes are found without reading the successes.
-        // A finished run created at or before the namespace's horizon is never listed, whichever
-        // index holds it (a finishing run trims only its own DAG's index to its horizon): a run
-        // is in every listing it matches or in none.
-        let horizon = match filter.state {
-            Some(state) if !state.is_final() => None,
-            _ => self.listing_horizon().await?,
-        };
-        let index = match (&filter.dag_id, filter.state) {
-            (_, Some(state)) if !state.is_final() => self.unfinished_key(),
+        // A finished state has an index of its own, so failed runs among a history of
+        // successes are found without reading the successes. A finishing run trims the runs
+        // index and the state indexes to its horizon but only its own DAG's index, which can
+        // keep a run the others have let go: one DAG's runs are those of the DAG's index also in
+        // the runs index, and in a finished state those in both the DAG's index and the state's
+        // (the smaller is walked, each of its runs checked in the other). So a run is in every
+        // listing it matches or in none, whichever index is walked.
+        let (index, also_in) = match (&filter.dag_id, filter.state) {
+            (_, Some(state)) if !state.is_final() => (self.unfinished_key(), None),
             (None, Some(state)) => {
                 self.index_finished_runs().await?;
-                self.final_runs_key(state)
+                (self.final_runs_key(state), None)
             }
             (Some(dag_id), Some(state)) => {
                 self.index_finished_runs().await?;
-                self.smaller_index(self.final_runs_key(state), self.dag_runs_key(dag_id)).await?
+                let (by_state, of_dag) = (self.final_runs_key(state), self.dag_runs_key(dag_id));
+                let walked = self.smaller_index(by_state.clone(), of_dag.clone()).await?;
+                let other = if walked == by_state { of_dag } else { by_state };
+                (walked, Some(other))
             }
-            (Some(dag_id), None) => self.dag_runs_key(dag_id),
-            (None, None) => self.runs_key(),
+            (Some(dag_id), None) => (self.dag_runs_key(dag_id), Some(self.runs_key())),
+            (None, None) => (self.runs_key(), None),
         };
-        let past_horizon =
-            |run: &RunRecord| run.state.is_final() && horizon.is_some_and(|h| run.created_at.timestamp_millis() <= h);
         let mut found = Vec::new();
         let page = filter.limit.clamp(1, 500);
-        // Without a state filter every listed run matches: the page starts at the offset. With
-        // one, the first `offset` matches are skipped as they are read.
-        let (mut start, mut skip) = if filter.state.is_none() {
+        // Without a filter every run of the index matches: the page starts at the offset. With
+        // one (a state, a second index), the first `offset` matches are skipped as they are read.
+        let (mut start, mut skip) = if filter.state.is_none() && also_in.is_none() {
             (isize::try_from(filter.offset).unwrap_or(isize::MAX), 0)
         } else {
             (0, filter.offset)
@@ -350,6 +354,10 @@ impl Store for RedisStore {
             }
             start += ids.len() as isize;
             let records = self.records(&ids).await?;
+            let in_both = match &also_in {
+                Some(other) => Some(self.members_of(other, &ids).await?),
+                None => None,
+            };
             if records.len() < ids.len() {
                 let present: std::collections::HashSet<&str> = records.iter().map(|r| r.run_id.as_str()).collect();
                 let gone: Vec<String> = ids.iter().filter(|id| !present.contains(id.as_str())).cloned().collect();
@@ -359,7 +367,7 @@ impl Store for RedisStore {
             for record in records {
                 if filter.state.is_none_or(|s| s == record.state)
                     && filter.dag_id.as_ref().is_none_or(|d| *d == record.dag_id)
-                    && !past_horizon(&record)
+                    && in_both.as_ref().is_none_or(|ids| ids.contains(record.run_id.as_str()))
                     && found.len() < filter.limit
                 {
                     if skip > 0 {
