@@ -988,7 +988,7 @@ async fn redis_listing_failed_runs_reads_none_of_the_successes() {
 
 /// The one-time build of the indexes by state (a store an older dagmq wrote) walks the runs
 /// index by score: runs leaving that index while it walks (another run's horizon trimming the
-/// oldest) cannot make it skip runs that stay.
+/// oldest) cannot make it skip runs that stay, nor list those that left.
 #[tokio::test]
 async fn redis_building_the_indexes_by_state_skips_no_run_when_the_runs_index_shrinks() {
     let Some(redis) = crate::redis_ambiguity::OwnRedis::start() else { return };
@@ -1005,32 +1005,77 @@ async fn redis_building_the_indexes_by_state_skips_no_run_when_the_runs_index_sh
         .collect();
     store.seed_finished_runs(&history).await.unwrap();
     redis.cli(&["DEL", "walk:runs:state:success", "walk:runs:state:failed", "walk:runs:state:indexed"]);
-    // Once the walk has read its first page (the 500 oldest), the 1,000 oldest runs leave the
-    // runs index. The walk runs on this test's thread; other tests' walks are left alone.
-    let port = redis.port.to_string();
-    let walker = std::thread::current().id();
-    let trimmed = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let trimmed_in_callback = trimmed.clone();
-    fail::cfg_callback("redis::index_finished_runs::after_page", move || {
-        if std::thread::current().id() == walker && !trimmed_in_callback.swap(true, std::sync::atomic::Ordering::SeqCst)
-        {
-            let output = std::process::Command::new("redis-cli")
-                .args(["-p", &port, "ZREMRANGEBYRANK", "walk:runs", "0", "999"])
-                .output()
-                .expect("redis-cli");
-            assert_eq!(String::from_utf8_lossy(&output.stdout).trim(), "1000");
-        }
-    })
-    .unwrap();
+    // Once the walk has read its first page (the 500 oldest), a finishing run's horizon trims
+    // the 1,000 oldest runs.
+    let trimmed = trim_once_at("redis::index_finished_runs::after_page", &redis, "walk", 999);
     let failed = RunFilter { state: Some(RunState::Failed), limit: 100, ..RunFilter::default() };
     let listed: Vec<String> = store.list_runs(&failed).await.unwrap().into_iter().map(|r| r.run_id).collect();
     fail::remove("redis::index_finished_runs::after_page");
     assert!(trimmed.load(std::sync::atomic::Ordering::SeqCst), "the runs index shrank during the walk");
-    // Every failed run still in the runs index is listed (and the five of the first page).
+    // Every failed run still in the runs index is listed, and only those.
     let staying: Vec<String> = (1000..3000).rev().filter(|i| i % 100 == 99).map(|i| format!("old{i:04}")).collect();
-    let missing: Vec<&String> = staying.iter().filter(|id| !listed.contains(id)).collect();
-    assert!(missing.is_empty(), "failed runs never indexed: {missing:?}");
-    assert_eq!(listed.len(), staying.len() + 5, "{listed:?}");
+    assert_eq!(listed, staying);
+}
+
+/// At a fail point of the one-time build, on this test's thread only (other tests' walks are
+/// left alone) and once: trims the runs index and the indexes by state of the store `prefix` as
+/// a finishing run's horizon would, up to the run created at second `up_to` of `run`.
+fn trim_once_at(
+    point: &'static str,
+    redis: &crate::redis_ambiguity::OwnRedis,
+    prefix: &str,
+    up_to: i64,
+) -> Arc<std::sync::atomic::AtomicBool> {
+    let port = redis.port.to_string();
+    let prefix = prefix.to_string();
+    let horizon = at(up_to).timestamp_millis().to_string();
+    let walker = std::thread::current().id();
+    let trimmed = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let trimmed_in_callback = trimmed.clone();
+    fail::cfg_callback(point, move || {
+        if std::thread::current().id() == walker && !trimmed_in_callback.swap(true, std::sync::atomic::Ordering::SeqCst)
+        {
+            for index in ["runs", "runs:state:success", "runs:state:failed"] {
+                let output = std::process::Command::new("redis-cli")
+                    .args(["-p", &port, "ZREMRANGEBYSCORE", &format!("{prefix}:{index}"), "-inf", &horizon])
+                    .output()
+                    .expect("redis-cli");
+                assert!(output.status.success(), "{output:?}");
+            }
+        }
+    })
+    .unwrap();
+    trimmed
+}
+
+/// A finishing run that trims the indexes after the one-time build read a page of runs and
+/// before it added them to the indexes by state: the trimmed runs stay out of every listing.
+#[tokio::test]
+async fn redis_building_the_indexes_by_state_adds_no_run_trimmed_meanwhile() {
+    let Some(redis) = crate::redis_ambiguity::OwnRedis::start() else { return };
+    let store = dagmq_redis::RedisStore::connect(&redis.url(), "race", None).await.unwrap();
+    store_versions(&store).await;
+    let history: Vec<(RunRecord, Vec<TaskInstance>)> = (0..400)
+        .map(|i| {
+            let mut record = run(&format!("old{i:04}"), "etl", i, None);
+            record.state = if i % 100 == 99 { RunState::Failed } else { RunState::Success };
+            (record, Vec::new())
+        })
+        .collect();
+    store.seed_finished_runs(&history).await.unwrap();
+    redis.cli(&["DEL", "race:runs:state:success", "race:runs:state:failed", "race:runs:state:indexed"]);
+    let trimmed = trim_once_at("redis::index_finished_runs::before_add", &redis, "race", 199);
+    let listed = async |dag: Option<&str>, state: Option<RunState>| {
+        let filter = RunFilter { dag_id: dag.map(str::to_string), state, limit: 500, offset: 0 };
+        store.list_runs(&filter).await.unwrap().into_iter().map(|r| r.run_id).collect::<Vec<_>>()
+    };
+    let failed = listed(None, Some(RunState::Failed)).await;
+    fail::remove("redis::index_finished_runs::before_add");
+    assert!(trimmed.load(std::sync::atomic::Ordering::SeqCst), "the trim came between the read and the add");
+    assert_eq!(failed, ["old0399", "old0299"]);
+    assert_eq!(listed(Some("etl"), Some(RunState::Failed)).await, ["old0399", "old0299"]);
+    assert_eq!(listed(Some("etl"), None).await.len(), 200);
+    assert_eq!(listed(None, Some(RunState::Success)).await.len(), 198);
 }
 
 /// A run is in every listing it matches or in none, whichever index a listing walks. With

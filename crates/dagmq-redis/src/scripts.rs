@@ -354,6 +354,25 @@ return 1
 "#
 ));
 
+/// Adds finished runs to the indexes of their states, each at its score in the runs index and
+/// only while it is there (the one-time build of those indexes, `index_finished_runs`: a run a
+/// finishing run's horizon trimmed after the build read it stays out). KEYS[1] the runs index,
+/// KEYS[2..4] the indexes of successful, failed and cancelled runs. ARGV: pairs of run id and
+/// state. Returns how many were added or updated.
+pub(crate) const INDEX_FINISHED: &str = r#"
+local by_state = {success = KEYS[2], failed = KEYS[3], cancelled = KEYS[4]}
+local added = 0
+for i = 1, #ARGV, 2 do
+  local score = redis.call('ZSCORE', KEYS[1], ARGV[i])
+  local index = by_state[ARGV[i + 1]]
+  if score and index then
+    redis.call('ZADD', index, score, ARGV[i])
+    added = added + 1
+  end
+end
+return added
+"#;
+
 /// Creates a run with its index entries and idempotency key, in one step, so no crash or
 /// timeout can leave a run that listings and recovery never see, or a key without its run.
 /// KEYS[1] meta, KEYS[2] tasks hash, KEYS[3] runs index, KEYS[4] the DAG's runs index,

@@ -104,22 +104,25 @@ impl RedisStore {
     }
 
     /// Adds the finished runs among `page` (ids with their scores in the runs index) to the
-    /// indexes of their states.
+    /// indexes of their states, each only while it is still in the runs index (`INDEX_FINISHED`:
+    /// a run trimmed meanwhile by a finishing run's horizon stays out of every listing).
     async fn index_finished_page(&self, page: &[(String, f64)]) -> Result<(), BackendError> {
         let ids: Vec<String> = page.iter().map(|(id, _)| id.clone()).collect();
-        let scores: std::collections::HashMap<&str, f64> =
-            page.iter().map(|(id, score)| (id.as_str(), *score)).collect();
         let finished: Vec<RunRecord> = self.records(&ids).await?.into_iter().filter(|r| r.state.is_final()).collect();
         if finished.is_empty() {
             return Ok(());
         }
-        let mut pipe = redis::pipe();
+        dagmq_core::fail_point!("redis::index_finished_runs::before_add");
+        let mut invocation = self.scripts.index_finished.key(self.runs_key());
+        invocation
+            .key(self.final_runs_key(RunState::Success))
+            .key(self.final_runs_key(RunState::Failed))
+            .key(self.final_runs_key(RunState::Cancelled));
         for record in &finished {
-            let score = scores.get(record.run_id.as_str()).copied().unwrap_or_default();
-            pipe.zadd(self.final_runs_key(record.state), &record.run_id, score).ignore();
+            invocation.arg(&record.run_id).arg(record.state.as_str());
         }
         let mut conn = self.conn().await?;
-        let () = pipe.query_async(&mut conn).await.map_err(redis_error)?;
+        let _: i64 = invocation.invoke_async(&mut conn).await.map_err(redis_error)?;
         Ok(())
     }
 
@@ -311,8 +314,6 @@ impl Store for RedisStore {
         // Every run that has not finished is in the unfinished index: a listing of queued,
         // running or suspended runs walks that, not the whole history of finished runs.
         // A finished state has an index of its own, so failed runs among a history of
-        // successes are found without reading the successes.
-        // A finished state has an index of its own, so failed runs among a history of
         // successes are found without reading the successes. A finishing run trims the runs
         // index and the state indexes to its horizon but only its own DAG's index, which can
         // keep a run the others have let go: one DAG's runs are those of the DAG's index also in
@@ -336,7 +337,9 @@ impl Store for RedisStore {
             (None, None) => (self.runs_key(), None),
         };
         let mut found = Vec::new();
-        let page = filter.limit.clamp(1, 500);
+        // Pages as large as what is still wanted (the runs to skip for the offset, then the
+        // rest of the page), at most 500: a deep offset costs reads of every run before it (a
+        // listing with a filter counts its offset among the runs that match), in few calls.
         // Without a filter every run of the index matches: the page starts at the offset. With
         // one (a state, a second index), the first `offset` matches are skipped as they are read.
         let (mut start, mut skip) = if filter.state.is_none() && also_in.is_none() {
@@ -347,6 +350,7 @@ impl Store for RedisStore {
         while found.len() < filter.limit {
             let ids: Vec<String> = {
                 let mut conn = self.conn().await?;
+                let page = (skip + filter.limit - found.len()).clamp(1, 500);
                 conn.zrevrange(&index, start, start + page as isize - 1).await.map_err(redis_error)?
             };
             if ids.is_empty() {
