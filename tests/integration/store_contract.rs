@@ -925,6 +925,33 @@ async fn memory_finished_runs_and_their_keys_expire_after_retention() {
     assert_eq!(listed.iter().map(|r| r.run_id.as_str()).collect::<Vec<_>>(), vec!["fresh", "later", "open"]);
 }
 
+/// Writes `count` finished runs of `etl` into `store` as `seed_finished_runs` does: run `i` is
+/// `{id}{i:04}`, created at second `created(i)`, failed when `failed(i)`, else successful.
+/// With `as_older`, the indexes by state and their marker are removed, as an older dagmq left
+/// the store.
+async fn seed_history(
+    store: &dagmq_redis::RedisStore,
+    redis: &crate::redis_ambiguity::OwnRedis,
+    prefix: &str,
+    (id, count): (&str, i64),
+    created: impl Fn(i64) -> i64,
+    failed: impl Fn(i64) -> bool,
+    as_older: bool,
+) {
+    let history: Vec<(RunRecord, Vec<TaskInstance>)> = (0..count)
+        .map(|i| {
+            let mut record = run(&format!("{id}{i:04}"), "etl", created(i), None);
+            record.state = if failed(i) { RunState::Failed } else { RunState::Success };
+            (record, tasks().iter().map(|t| with(t, TaskState::Success, 1)).collect())
+        })
+        .collect();
+    store.seed_finished_runs(&history).await.unwrap();
+    if as_older {
+        let keys = ["runs:state:success", "runs:state:failed", "runs:state:indexed"].map(|k| format!("{prefix}:{k}"));
+        redis.cli(&["DEL", &keys[0], &keys[1], &keys[2]]);
+    }
+}
+
 /// Failed runs among a long history of successes are listed from an index of their own, not
 /// found by reading the successes; a store written before that index existed has it built by
 /// its first listing of a finished state, once.
@@ -934,14 +961,7 @@ async fn redis_listing_failed_runs_reads_none_of_the_successes() {
     let store = dagmq_redis::RedisStore::connect(&redis.url(), "failures", None).await.unwrap();
     store_versions(&store).await;
     // 2,000 finished runs of `etl`, one in 500 failed.
-    let history: Vec<(RunRecord, Vec<TaskInstance>)> = (0..2000)
-        .map(|i| {
-            let mut record = run(&format!("old{i:04}"), "etl", i, None);
-            record.state = if i % 500 == 499 { RunState::Failed } else { RunState::Success };
-            (record, tasks().iter().map(|t| with(t, TaskState::Success, 1)).collect())
-        })
-        .collect();
-    store.seed_finished_runs(&history).await.unwrap();
+    seed_history(&store, &redis, "failures", ("old", 2000), |i| i, |i| i % 500 == 499, false).await;
     // One run of `etl` fails through the store's transitions; one of `other` fails and is
     // restarted, so it is failed no longer.
     assert_eq!(store.create_run(&run("failing", "etl", 5000, None), &tasks()).await.unwrap(), CreateRun::Created);
@@ -996,15 +1016,7 @@ async fn redis_building_the_indexes_by_state_skips_no_run_when_the_runs_index_sh
     store_versions(&store).await;
     // 3,000 finished runs, one in 100 failed, as an older dagmq left them: in the runs index
     // and their DAG's, in no index by state, no marker.
-    let history: Vec<(RunRecord, Vec<TaskInstance>)> = (0..3000)
-        .map(|i| {
-            let mut record = run(&format!("old{i:04}"), "etl", i, None);
-            record.state = if i % 100 == 99 { RunState::Failed } else { RunState::Success };
-            (record, tasks().iter().map(|t| with(t, TaskState::Success, 1)).collect())
-        })
-        .collect();
-    store.seed_finished_runs(&history).await.unwrap();
-    redis.cli(&["DEL", "walk:runs:state:success", "walk:runs:state:failed", "walk:runs:state:indexed"]);
+    seed_history(&store, &redis, "walk", ("old", 3000), |i| i, |i| i % 100 == 99, true).await;
     // Once the walk has read its first page (the 500 oldest), a finishing run's horizon trims
     // the 1,000 oldest runs.
     let trimmed = trim_once_at("redis::index_finished_runs::after_page", &redis, "walk", 999);
@@ -1055,15 +1067,7 @@ async fn redis_building_the_indexes_by_state_adds_no_run_trimmed_meanwhile() {
     let Some(redis) = crate::redis_ambiguity::OwnRedis::start() else { return };
     let store = dagmq_redis::RedisStore::connect(&redis.url(), "race", None).await.unwrap();
     store_versions(&store).await;
-    let history: Vec<(RunRecord, Vec<TaskInstance>)> = (0..400)
-        .map(|i| {
-            let mut record = run(&format!("old{i:04}"), "etl", i, None);
-            record.state = if i % 100 == 99 { RunState::Failed } else { RunState::Success };
-            (record, Vec::new())
-        })
-        .collect();
-    store.seed_finished_runs(&history).await.unwrap();
-    redis.cli(&["DEL", "race:runs:state:success", "race:runs:state:failed", "race:runs:state:indexed"]);
+    seed_history(&store, &redis, "race", ("old", 400), |i| i, |i| i % 100 == 99, true).await;
     let trimmed = trim_once_at("redis::index_finished_runs::before_add", &redis, "race", 199);
     let listed = async |dag: Option<&str>, state: Option<RunState>| {
         let filter = RunFilter { dag_id: dag.map(str::to_string), state, limit: 500, offset: 0 };
@@ -1150,15 +1154,7 @@ async fn redis_building_the_indexes_by_state_skips_no_run_of_a_shared_score() {
     store_versions(&store).await;
     // 1,200 finished runs created in the same millisecond, one in 100 failed (tie0000, tie0100,
     // ...), as an older dagmq left them.
-    let history: Vec<(RunRecord, Vec<TaskInstance>)> = (0..1200)
-        .map(|i| {
-            let mut record = run(&format!("tie{i:04}"), "etl", 10, None);
-            record.state = if i % 100 == 0 { RunState::Failed } else { RunState::Success };
-            (record, Vec::new())
-        })
-        .collect();
-    store.seed_finished_runs(&history).await.unwrap();
-    redis.cli(&["DEL", "ties:runs:state:success", "ties:runs:state:failed", "ties:runs:state:indexed"]);
+    seed_history(&store, &redis, "ties", ("tie", 1200), |_| 10, |i| i % 100 == 0, true).await;
     // After the walk's first page (tie0000-tie0499), one run it read leaves the runs index: a
     // walk that resumed at a count would skip tie0500.
     let port = redis.port.to_string();
