@@ -21,6 +21,7 @@
 //! shared, multiplexed connections. Finished runs expire after the retention period, if set.
 
 mod keys;
+mod listing;
 mod pool;
 mod scripts;
 mod store;

@@ -199,10 +199,7 @@ impl Rig {
             windows.extend(text.lines().filter_map(|l| l.strip_prefix(WINDOW_LINE)).map(str::to_string));
         }
         windows.dedup();
-        let window = match windows.is_empty() {
-            true => String::new(),
-            false => format!(" window={}", windows.join("/")),
-        };
+        let window = if windows.is_empty() { String::new() } else { format!(" window={}", windows.join("/")) };
         work_waiting_figures(&counts) + &window
     }
 }
