@@ -1,6 +1,7 @@
 //! The web UI in headless Chromium, driven over WebDriver (Debian's chromium and
 //! chromium-driver): trigger a DAG from the page, watch its run succeed, open its graph and a
-//! task's log, pause a DAG. Screenshots of each view go to `target/ui-screenshots/`.
+//! task's log, pause a DAG. Screenshots of each view go to `target/ui-screenshots/`, and a
+//! failing test leaves one of the page it was on there as `failed-<test>.png`.
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
@@ -20,6 +21,18 @@ struct Browser {
     port: u16,
     session: String,
     shots: PathBuf,
+}
+
+/// Where a browser dropped while its thread panics keeps a screenshot of the page it showed:
+/// `target/ui-screenshots/failed-<thread name>.png`, the thread name being the test's path.
+fn failure_shot(shots: &std::path::Path) -> PathBuf {
+    let name: String = std::thread::current()
+        .name()
+        .unwrap_or("unnamed")
+        .chars()
+        .map(|c| if c.is_ascii_alphanumeric() || c == '_' || c == '-' { c } else { '_' })
+        .collect();
+    shots.join(format!("failed-{name}.png"))
 }
 
 fn http(port: u16, method: &str, path: &str, body: Option<&Value>) -> Value {
@@ -172,13 +185,33 @@ impl Browser {
         std::fs::write(self.shots.join(format!("{name}.png")), png).unwrap();
     }
 
+    /// Writes the screenshot of a failing test without asserting anything: it runs while the
+    /// thread unwinds, where a second panic would abort the whole test binary.
+    fn keep_failure_shot(&self) {
+        let path = failure_shot(&self.shots);
+        let kept = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            let answer = http(self.port, "GET", &format!("/session/{}/screenshot", self.session), None);
+            let png = base64_decode(answer["value"].as_str()?);
+            png.starts_with(b"\x89PNG").then(|| std::fs::write(&path, png).ok())?
+        }));
+        match kept {
+            Ok(Some(())) => eprintln!("screenshot of the failing page: {}", path.display()),
+            _ => eprintln!("no screenshot of the failing page could be taken"),
+        }
+    }
+
     fn resize(&self, width: u32, height: u32) {
         self.command("POST", "/window/rect", Some(json!({"width": width, "height": height})));
     }
 }
 
 impl Drop for Browser {
+    /// Ends the session and the driver; a failing test first keeps a screenshot of the page it
+    /// was on (`failure_shot`), so a CI failure shows what the reader would have seen.
     fn drop(&mut self) {
+        if std::thread::panicking() {
+            self.keep_failure_shot();
+        }
         let _ = http(self.port, "DELETE", &format!("/session/{}", self.session), None);
         let _ = self.driver.kill();
         let _ = self.driver.wait();
@@ -614,6 +647,31 @@ const counted = area.querySelectorAll(".state").length + area.querySelectorAll("
 area.remove();
 return {counted, low};
 "#;
+
+#[test]
+fn a_failing_browser_test_keeps_a_screenshot_of_the_page_it_was_on() {
+    let Some(probe) = Browser::start() else { return };
+    let shots = probe.shots.clone();
+    drop(probe);
+    let name = "browser_failure_probe";
+    let path = shots.join(format!("failed-{name}.png"));
+    let _ = std::fs::remove_file(&path);
+    let page = serve_page("<!doctype html><h1 id=shown>the page a failing test was on</h1>".to_string());
+    let failed = std::thread::Builder::new()
+        .name(name.to_string())
+        .spawn(move || {
+            let browser = Browser::start().unwrap();
+            browser.open(&format!("http://127.0.0.1:{page}/"));
+            browser.wait_for("return document.getElementById('shown') !== null", json!(true));
+            panic!("a test failing with the page open");
+        })
+        .unwrap()
+        .join();
+    assert!(failed.is_err(), "the probe thread was meant to fail");
+    let png = std::fs::read(&path).unwrap_or_else(|e| panic!("no screenshot at {}: {e}", path.display()));
+    assert!(png.starts_with(b"\x89PNG"), "{} is not a PNG", path.display());
+    assert!(png.len() > 1000, "{} is too small to show a page ({} bytes)", path.display(), png.len());
+}
 
 #[test]
 fn state_colours_meet_wcag_aa() {
