@@ -99,7 +99,7 @@ pub fn document() -> Value {
                 query_param("limit", "integer", "1 to 500, default 50"),
                 query_param("offset", "integer", "skip this many first (the next page: offset plus limit)")
             ]), None)},
-            "/api/v1/runs/{run_id}": {"get": operation("a run with every task: state, try, times, worker, error", ("200", "the run"), &std_errors(&["404"]), json!([run]), None)},
+            "/api/v1/runs/{run_id}": {"get": operation("a run with every task: state, try, times, worker, error; `timezone` is its DAG's", ("200", "the run"), &std_errors(&["404"]), json!([run]), None)},
             "/api/v1/runs/{run_id}/restart": {"post": operation("re-run failed and not-run tasks of a finished run", ("200", "restarted"), &std_errors(&["404", "409"]), json!([run]), None)},
             "/api/v1/runs/{run_id}/cancel": {"post": operation("cancel a run (also a suspended one); running tasks are told to stop", ("200", "cancelled"), &std_errors(&["404", "409"]), json!([run]), None)},
             "/api/v1/runs/{run_id}/clear": {"post": operation(

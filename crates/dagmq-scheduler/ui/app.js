@@ -205,9 +205,10 @@ const views = {
     const [dags, runs] = await Promise.all([api("/api/v1/dags"),
       api(`/api/v1/runs?limit=100&dag_id=${encodeURIComponent(dag)}&status=${encodeURIComponent(state)}`)]);
     if (unchanged()) return null;
+    const zones = new Map(dags.map(d => [d.dag_id, d.timezone]));
     const options = (values, selected) => values.map(v => `<option ${v === selected ? "selected" : ""}>${esc(v)}</option>`).join("");
     const rows = runs.map(r => `<tr data-run="${esc(r.run_id)}" data-key="${esc(r.run_id)}"><td><a href="#/runs/${encodeURIComponent(r.run_id)}">${esc(r.run_id)}</a></td>
-      <td>${esc(r.dag_id)}</td><td>${badge(r.state)}</td><td>${when(r.created_at)}</td><td>${live(r.started_at, r.ended_at)}</td>
+      <td>${esc(r.dag_id)}</td><td>${badge(r.state)}</td><td>${when(r.created_at, zones.get(r.dag_id))}</td><td>${live(r.started_at, r.ended_at)}</td>
       <td>${Object.entries(r.task_counts).map(([s, n]) => `<span title="${esc(s)}"><span class="sq" style="background:${color(s)}"></span>${n}</span>`).join(" ")}</td></tr>`).join("");
     return `<h2>Runs</h2><div class="card"><div class="row">
       <select id="f-dag" data-action="filter-runs"><option value="">all DAGs</option>${options(dags.filter(d => d.version).map(d => d.dag_id), dag)}</select>
@@ -222,7 +223,7 @@ const views = {
     const failedOnly = query.get("failed") === "1";
     const failed = run.tasks.filter(t => t.state === "failed");
     const row = t => `<tr data-task="${esc(t.task_id)}" data-key="${esc(t.task_id)}"><td><a href="#/runs/${encodeURIComponent(runId)}/tasks/${encodeURIComponent(t.task_id)}">${esc(t.task_id)}</a></td>
-      <td>${badge(t.state)}${t.waiting_for ? ` <span class="muted" data-test="waiting">waiting for ${esc(t.waiting_for)}</span>` : ""}</td><td>${t.try_number}</td><td class="wide">${when(t.started_at)}</td><td>${live(t.started_at, t.ended_at)}</td>
+      <td>${badge(t.state)}${t.waiting_for ? ` <span class="muted" data-test="waiting">waiting for ${esc(t.waiting_for)}</span>` : ""}</td><td>${t.try_number}</td><td class="wide">${when(t.started_at, run.timezone)}</td><td>${live(t.started_at, t.ended_at)}</td>
       <td class="wide">${esc(t.worker || "-")}</td><td class="wide">${t.state === "running" && t.progress != null ? progress(t.progress) : ""}</td><td class="wrap" data-test="output"><code>${t.output == null ? "" : esc(typeof t.output === "string" ? t.output : JSON.stringify(t.output))}</code></td><td class="wrap error">${esc(t.error || "")}</td></tr>`;
     // The table's rows (thousands in a large run) are written once for a list of tasks; a
     // later answer rewrites only the rows of the tasks that changed.
@@ -245,13 +246,13 @@ const views = {
     // What failed and why comes first: each failed task with its error, before the graph.
     const failures = failed.length ? `<div class="card" data-test="failures" data-key="failures"><h3>Failed</h3>${failed.map(t =>
       `<div class="row" data-failed="${esc(t.task_id)}" data-key="failed ${esc(t.task_id)}"><a href="#/runs/${encodeURIComponent(runId)}/tasks/${encodeURIComponent(t.task_id)}"><b>${esc(t.task_id)}</b></a>
-        <span class="muted">try ${t.try_number}${t.ended_at ? `, ${esc(whenText(t.ended_at))}` : ""}</span><span class="error wrap">${esc(t.error || "")}</span></div>
+        <span class="muted">try ${t.try_number}${t.ended_at ? `, ${when(t.ended_at, run.timezone)}` : ""}</span><span class="error wrap">${esc(t.error || "")}</span></div>
       ${(t.log_tail || []).length ? `<pre class="log tail" data-tail="${esc(t.task_id)}" data-key="tail ${esc(t.task_id)}">${esc(t.log_tail.join("\n"))}</pre>` : ""}`).join("")}</div>` : "";
     const toggle = `<a data-test="failed-only" href="#/runs/${encodeURIComponent(runId)}${failedOnly ? "" : "?failed=1"}">${failedOnly ? "all tasks" : `failed only (${failed.length})`}</a>`;
     return `<h2 class="title">Run ${esc(run.run_id)} ${badge(run.state)}${run.waiting_for ? ` <span class="muted" data-test="run-waiting">waiting for ${esc(run.waiting_for)}</span>` : ""}</h2>
-      <div class="row" data-test="run-times">started ${when(run.started_at)}, ${run.ended_at ? `ended ${when(run.ended_at)}, ` : ""}took <b>${live(run.started_at, run.ended_at)}</b></div>
+      <div class="row" data-test="run-times"><span>started ${when(run.started_at, run.timezone)}, ${run.ended_at ? `ended ${when(run.ended_at, run.timezone)}, ` : ""}took <b>${live(run.started_at, run.ended_at)}</b></span></div>
       <div class="row"><span class="muted">DAG <a href="#/runs?dag=${encodeURIComponent(run.dag_id)}">${esc(run.dag_id)}</a>,
-        ${esc(run.kind)}, logical date ${when(run.logical_date)}, params ${esc(JSON.stringify(run.params))}</span>
+        ${esc(run.kind)}, logical date ${when(run.logical_date, run.timezone)}, params ${esc(JSON.stringify(run.params))}</span>
         <button data-test="restart" ${finished ? "" : "disabled"} data-action="run" data-run="${esc(runId)}" data-verb="restart">Restart</button>
         <button data-test="cancel" ${finished ? "disabled" : ""} data-action="run" data-run="${esc(runId)}" data-verb="cancel">Cancel</button>
         <button data-test="suspend" ${run.state === "running" ? "" : "disabled"} data-action="run" data-run="${esc(runId)}" data-verb="suspend">Suspend</button>
@@ -284,7 +285,7 @@ const views = {
       `<a href="#/runs/${encodeURIComponent(runId)}/tasks/${encodeURIComponent(taskId)}?try=${n}" ${n === tryNumber ? 'style="font-weight:bold"' : ""}>try ${n}</a>`).join(" ");
     const head = `<h2><a href="#/runs/${encodeURIComponent(runId)}">${esc(runId)}</a> / ${esc(taskId)} <span data-test="try-state">${badge(shown.state)}</span></h2>
       <div class="row">${tries} ${!earlier && task.state === "running" && task.progress != null ? progress(task.progress) : ""}
-        <span class="muted" data-test="try-times">try ${tryNumber}: worker ${esc(shown.worker || "-")}, started ${when(shown.started_at)}${shown.ended_at ? `, ended ${when(shown.ended_at)}, took ${duration(shown.started_at, shown.ended_at)}` : ""}</span></div>
+        <span class="muted" data-test="try-times">try ${tryNumber}: worker ${esc(shown.worker || "-")}, started ${when(shown.started_at, run.timezone)}${shown.ended_at ? `, ended ${when(shown.ended_at, run.timezone)}, took ${duration(shown.started_at, shown.ended_at)}` : ""}</span></div>
       ${shown.error ? `<div class="row error">${esc(shown.error)}</div>` : ""}`;
     // Done with this try: its state is final and the log has been read to its end.
     page.settled = FINAL.includes(shown.state) && added.length === 0 && !fresh;
@@ -522,7 +523,7 @@ function gantt(run) {
   const L = 160, W = 640, R = 22, scale = W / (end - start), x = v => L + (ms(v) - start) * scale;
   const bars = tries.map(x0 => { const y = 6 + rows.indexOf(x0.task_id) * R, q = x0.queued_at || x0.started_at, s0 = x0.started_at, e = x0.ended_at || s0 || q;
     const waiting = s0 ? `<rect x="${x(q)}" y="${y + 5}" width="${Math.max(1, x(s0) - x(q))}" height="${R - 12}" fill="${color(x0.outcome)}" opacity="0.35"/>` : "";
-    const ran = s0 ? `<rect data-try="${esc(x0.task_id)}:${x0.try_number}" data-outcome="${esc(x0.outcome)}" x="${x(s0)}" y="${y + 2}" width="${Math.max(2, x(e) - x(s0))}" height="${R - 6}" rx="3" fill="${color(x0.outcome)}"><title>${esc(x0.task_id)} try ${x0.try_number}: ${esc(x0.outcome)}, queued ${esc(whenText(q))}, ran ${duration(s0, e)} on ${esc(x0.worker || "-")}</title></rect>`
+    const ran = s0 ? `<rect data-try="${esc(x0.task_id)}:${x0.try_number}" data-outcome="${esc(x0.outcome)}" x="${x(s0)}" y="${y + 2}" width="${Math.max(2, x(e) - x(s0))}" height="${R - 6}" rx="3" fill="${color(x0.outcome)}"><title>${esc(x0.task_id)} try ${x0.try_number}: ${esc(x0.outcome)}, queued ${esc(whenText(q, run.timezone))}, ran ${duration(s0, e)} on ${esc(x0.worker || "-")}</title></rect>`
       : `<rect data-try="${esc(x0.task_id)}:${x0.try_number}" data-outcome="${esc(x0.outcome)}" x="${x(q)}" y="${y + 5}" width="${Math.max(2, x(e) - x(q))}" height="${R - 12}" fill="${color(x0.outcome)}" opacity="0.35"/>`;
     return waiting + ran; }).join("");
   const labels = rows.map((id, i) => `<text class="label" x="4" y="${6 + i * R + 15}">${esc(id.length > 22 ? id.slice(0, 21) + "…" : id)}</text>`).join("");

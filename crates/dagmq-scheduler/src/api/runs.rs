@@ -163,6 +163,10 @@ pub struct RunDetail {
     /// For a queued run held back by its DAG's `max_active_runs`: `max_active_runs 3/3`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub waiting_for: Option<String>,
+    /// The IANA timezone of the run's DAG (the version it was created with, else as loaded now),
+    /// in which the UI shows the run's times; absent when this process has not loaded the DAG.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timezone: Option<String>,
     /// Every task as the store keeps it, in the order of the run's DAG (each after its
     /// upstream tasks; tasks the DAG does not name, follow-ups, last), each with `"output"` (null when it handed nothing on)
     /// and `"waiting_for"` (the concurrency limit a ready task waits for, or, for a queued task,
@@ -210,6 +214,7 @@ pub(super) async fn show_run(State(state): State<AppState>, Path(run_id): Path<S
     run.params = mask_params(&run.params);
     let mut tasks = store.tasks(&run_id).await?;
     sort_in_graph_order(&state, &run, &mut tasks);
+    let timezone = super::capacity::dag_of(&state, &run).map(|dag| dag.timezone.name().to_string());
     let task_counts = count_states(&tasks);
     let mut views = Vec::with_capacity(tasks.len());
     for task in &tasks {
@@ -231,7 +236,7 @@ pub(super) async fn show_run(State(state): State<AppState>, Path(run_id): Path<S
         RunState::Queued => held_back(&state, &run).await?,
         _ => None,
     };
-    Ok(Json(RunDetail { run, task_counts, waiting_for, tasks: views }))
+    Ok(Json(RunDetail { run, task_counts, waiting_for, timezone, tasks: views }))
 }
 
 pub(super) async fn restart_run(

@@ -86,8 +86,11 @@ impl Browser {
             return None;
         }
         let port = free_port();
+        // The viewer's timezone is UTC whatever the machine's, so that tests can tell it from a
+        // DAG's.
         let driver = Command::new(chromedriver)
             .arg(format!("--port={port}"))
+            .env("TZ", "UTC")
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
@@ -877,7 +880,7 @@ fn at_900_px_a_runs_failure_is_on_its_first_screen_and_times_name_their_timezone
     std::fs::create_dir_all(&dir).unwrap();
     std::fs::write(
         dir.join("breaks.toml"),
-        "id = \"breaks\"\n\
+        "id = \"breaks\"\ntimezone = \"Asia/Tokyo\"\n\
          [[task]]\nid = \"extract_the_customer_orders_of_the_day\"\ncommand = [\"sh\", \"-c\", \"echo \
          rows=1234567890123456789012345678901234567890\"]\n\
          [[task]]\nid = \"load_into_the_warehouse\"\ncommand = [\"sh\", \"-c\", \"echo the warehouse refused the \
@@ -920,12 +923,11 @@ fn at_900_px_a_runs_failure_is_on_its_first_screen_and_times_name_their_timezone
             && tail.as_str().unwrap().ends_with("[dagmq] try 1 failed: command exited with status 3"),
         "{tail}"
     );
+    // The header has the run's start, end and duration.
+    let header = browser.script("return document.querySelector('[data-test=run-times]').textContent");
     assert!(
-        browser
-            .script("return document.querySelector('[data-test=run-times]').textContent")
-            .as_str()
-            .unwrap()
-            .contains("took"),
+        ["started ", ", ended ", ", took "].iter().all(|part| header.as_str().unwrap().contains(part)),
+        "{header}"
     );
     // "Failed only" leaves the failed task alone in the table.
     browser.click("[data-test=failed-only]");
@@ -933,10 +935,23 @@ fn at_900_px_a_runs_failure_is_on_its_first_screen_and_times_name_their_timezone
         "return [...document.querySelectorAll('tr[data-task]')].map(r => r.dataset.task).join()",
         json!("load_into_the_warehouse"),
     );
-    // Times say which timezone they are in; a DAG's schedule times are in its own, with the
-    // viewer's on hover.
-    let started = browser.script("return document.querySelector('[data-test=run-times] time').textContent");
-    assert!(started.as_str().unwrap().ends_with("UTC"), "{started}");
+    // Times say which timezone they are in: a run's are in its DAG's (Tokyo, GMT+9), with the
+    // viewer's (UTC) on hover, on the run page, the runs list and the log page alike.
+    let run_times = "return [...document.querySelectorAll('[data-test=run-times] time, main .row .muted time, \
+                     [data-failed] time, tr[data-task] time')].map(t => [t.textContent, t.title])";
+    assert_zoned(&browser.script(run_times), 5);
+    browser.open(&format!("{}/#/runs", standalone.api));
+    browser.wait_for(&format!("return document.querySelector('tr[data-run=\"{run_id}\"] time') !== null"), json!(true));
+    assert_zoned(
+        &browser.script(&format!(
+            "return [...document.querySelectorAll('tr[data-run=\"{run_id}\"] time')].map(t => [t.textContent, t.title])"
+        )),
+        1,
+    );
+    browser.open(&format!("{}/#/runs/{run_id}/tasks/load_into_the_warehouse", standalone.api));
+    browser.wait_for("return document.querySelectorAll('[data-test=try-times] time').length", json!(2));
+    assert_zoned(&browser.script("return [...document.querySelectorAll('[data-test=try-times] time')].map(t => [t.textContent, t.title])"), 2);
+    // A DAG's schedule times are in its own timezone, with the viewer's on hover.
     browser.open(&format!("{}/#/dags", standalone.api));
     browser.wait_for("return document.querySelector('tr[data-dag=warsaw] time') !== null", json!(true));
     let next =
@@ -949,6 +964,17 @@ fn at_900_px_a_runs_failure_is_on_its_first_screen_and_times_name_their_timezone
     assert!(hover.ends_with("UTC (yours)"), "{next}");
     drop(standalone);
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Asserts that `times` (pairs of shown text and hover title) are at least `least`, each shown
+/// in Tokyo's time (GMT+9) with the viewer's UTC time on hover.
+fn assert_zoned(times: &Value, least: usize) {
+    let times = times.as_array().unwrap();
+    assert!(times.len() >= least, "{} times, expected at least {least}: {times:?}", times.len());
+    for time in times {
+        let [shown, hover] = [time[0].as_str().unwrap(), time[1].as_str().unwrap()];
+        assert!(shown.ends_with("GMT+9") && hover.ends_with("UTC (yours)"), "{time}");
+    }
 }
 
 #[test]
