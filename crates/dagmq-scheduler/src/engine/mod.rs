@@ -88,7 +88,7 @@ pub fn spawn(
         zombie_at: config.clock.now() + chrono::Duration::from_std(config.zombie_check_interval).unwrap_or_default(),
         known_instances: HashMap::new(),
         worker_pools,
-        unserved: HashMap::new(),
+        unserved: workers::UnservedPools::default(),
         republished: HashMap::new(),
         unlisted: HashMap::new(),
         lease_name: format!("scheduler-{}", uuid::Uuid::new_v4().simple()),
@@ -205,9 +205,8 @@ struct Engine {
     known_instances: HashMap<String, String>,
     /// The pools the live workers consume, shared with the API.
     worker_pools: crate::limits::WorkerPools,
-    /// Pools with queued tasks and no live worker: how many looks in a row found them so (the
-    /// scheduler logs a pool once, at the second look, and again after a worker came and went).
-    unserved: HashMap<String, u32>,
+    /// Pools with queued tasks and no live worker, and how many looks in a row found them so.
+    unserved: workers::UnservedPools,
     /// Queued tries published again by the reconciliation: when last, and the wait before the
     /// next time.
     republished: HashMap<TryKey, (DateTime<Utc>, Duration)>,

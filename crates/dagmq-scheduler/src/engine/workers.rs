@@ -15,6 +15,32 @@ use super::{Engine, TryKey};
 /// before it is republished while its pool's queue still holds messages.
 const REPUBLISH_MAX_WAIT: Duration = Duration::from_secs(600);
 
+/// Pools with queued tasks and no live worker consuming them: how many looks in a row found each
+/// so. A pool is to be logged once, at the second look in a row (so not for a worker that is
+/// only starting), and again only after a look found it served or without queued tasks.
+#[derive(Debug, Default)]
+pub(super) struct UnservedPools {
+    looks: HashMap<String, u32>,
+}
+
+impl UnservedPools {
+    /// Takes one look, `waiting` being the unserved pools with their queued tasks; answers the
+    /// pools to log now, with their tasks, by name.
+    pub(super) fn look<'a>(&mut self, waiting: HashMap<&'a str, usize>) -> Vec<(&'a str, usize)> {
+        self.looks.retain(|pool, _| waiting.contains_key(pool.as_str()));
+        let mut due: Vec<(&str, usize)> = waiting
+            .into_iter()
+            .filter(|(pool, _)| {
+                let looks = self.looks.entry(pool.to_string()).or_default();
+                *looks = looks.saturating_add(1);
+                *looks == 2
+            })
+            .collect();
+        due.sort_unstable();
+        due
+    }
+}
+
 impl Engine {
     /// Shares the pools `live` workers consume with the API, and logs a pool that has queued
     /// tasks and no live worker consuming it: once, when two looks in a row (one zombie check
@@ -30,21 +56,16 @@ impl Engine {
                 }
             }
         }
-        self.unserved.retain(|pool, _| waiting.contains_key(pool.as_str()));
-        for (pool, tasks) in waiting {
-            let looks = self.unserved.entry(pool.to_string()).or_default();
-            *looks += 1;
-            if *looks == 2 {
-                let mut consumed: Vec<&str> = served.iter().map(String::as_str).collect();
-                consumed.sort_unstable();
-                tracing::warn!(
-                    pool,
-                    tasks,
-                    "tasks queued on pool {pool:?} wait: no live worker consumes it (live workers consume: {}); \
-                     start a worker with --queues {pool}, or check the task's `queue`",
-                    if consumed.is_empty() { "nothing, no worker is live".to_string() } else { consumed.join(", ") }
-                );
-            }
+        let mut consumed: Vec<&str> = served.iter().map(String::as_str).collect();
+        consumed.sort_unstable();
+        for (pool, tasks) in self.unserved.look(waiting) {
+            tracing::warn!(
+                pool,
+                tasks,
+                "tasks queued on pool {pool:?} wait: no live worker consumes it (live workers consume: {}); \
+                 start a worker with --queues {pool}, or check the task's `queue`",
+                if consumed.is_empty() { "nothing, no worker is live".to_string() } else { consumed.join(", ") }
+            );
         }
         *self.worker_pools.lock().unwrap_or_else(|poisoned| poisoned.into_inner()) = Some(served);
     }
@@ -338,5 +359,30 @@ impl Unrun {
             Unrun::Gone | Unrun::Restarted => "worker_lost",
             Unrun::Unlisted => "not_running",
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_unserved_pool_is_logged_once_at_its_second_look_and_again_after_it_was_served() {
+        let mut pools = UnservedPools::default();
+        let gpu = |tasks| HashMap::from([("gpu", tasks)]);
+        assert_eq!(pools.look(gpu(1)), [], "a first look may see a worker that is only starting");
+        assert_eq!(pools.look(gpu(2)), [("gpu", 2)]);
+        for tasks in 3..50 {
+            assert_eq!(pools.look(gpu(tasks)), [], "logged again at look {tasks}");
+        }
+        // A worker came (or the tasks went): the next time it is unserved is news again.
+        assert_eq!(pools.look(HashMap::new()), []);
+        assert_eq!(pools.look(gpu(1)), []);
+        assert_eq!(pools.look(gpu(1)), [("gpu", 1)]);
+        // Two pools are told apart, in the order of their names.
+        let both = |a, b| HashMap::from([("gpu", a), ("arm", b)]);
+        assert_eq!(pools.look(both(1, 1)), []);
+        assert_eq!(pools.look(both(1, 3)), [("arm", 3)]);
+        assert_eq!(pools.look(both(1, 3)), []);
     }
 }
