@@ -105,6 +105,66 @@ fn logs_have_no_colours_off_a_terminal_and_are_json_on_request() {
     assert_eq!(text(&output.stderr).trim(), "error: DAGMQ_LOG_FORMAT=\"xml\": expected text or json");
 }
 
+/// What a standalone process started with `env` on a terminal (`script` gives it one) writes
+/// there, up to its "api on" line; it is then stopped.
+fn terminal_log(env: &[(&str, &str)]) -> String {
+    let port = crate::support::free_port();
+    let inner = format!(
+        "echo pid=$$; exec timeout 60 '{}' standalone --dags '{}' --port {port}",
+        env!("CARGO_BIN_EXE_dagmq"),
+        examples().display()
+    );
+    let mut command = crate::support::without_settings(std::process::Command::new("script"));
+    command
+        .args(["-qfec", &inner, "/dev/null"])
+        .env("DAGMQ_LOG", "info")
+        .env_remove("NO_COLOR")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null());
+    for (key, value) in env {
+        command.env(key, value);
+    }
+    let mut child = command.spawn().expect("start script(1) from util-linux");
+    let mut stdout = child.stdout.take().unwrap();
+    let shown = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+    let reader = {
+        let shown = shown.clone();
+        std::thread::spawn(move || {
+            let mut buffer = [0u8; 4096];
+            while let Ok(n @ 1..) = std::io::Read::read(&mut stdout, &mut buffer) {
+                shown.lock().unwrap().push_str(&String::from_utf8_lossy(&buffer[..n]));
+            }
+        })
+    };
+    let read = || shown.lock().unwrap().clone();
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while !read().contains("api on http://") {
+        assert!(std::time::Instant::now() < deadline, "no 'api on' line within 30 s: {:?}", read());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let text = read();
+    let pid = text.split("pid=").nth(1).and_then(|rest| rest.split_whitespace().next()).expect("the shell's pid");
+    // `timeout` (the shell's pid after exec) hands the TERM on to dagmq.
+    let _ = std::process::Command::new("kill").args(["-TERM", pid]).status();
+    let _ = child.wait();
+    let _ = reader.join();
+    text
+}
+
+#[test]
+fn logs_are_coloured_on_a_terminal_unless_no_color_is_set() {
+    let coloured = terminal_log(&[]);
+    assert!(coloured.contains("\u{1b}["), "no escape codes on a terminal: {coloured:?}");
+    for no_color in ["1", "true"] {
+        let plain = terminal_log(&[("NO_COLOR", no_color)]);
+        assert!(plain.contains(" INFO "), "{plain:?}");
+        assert!(!plain.contains('\u{1b}'), "escape codes with NO_COLOR={no_color}: {plain:?}");
+    }
+    // An empty NO_COLOR does not count (no-color.org).
+    assert!(terminal_log(&[("NO_COLOR", "")]).contains("\u{1b}["));
+}
+
 /// A loopback server that answers every connection with `answer` (nothing: it closes at once)
 /// for as long as the test runs; its address.
 fn peer_answering(answer: &'static [u8]) -> String {

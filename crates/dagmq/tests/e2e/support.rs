@@ -26,7 +26,7 @@ pub(crate) fn dagmq_with_rust_tasks(args: &[String]) -> Command {
 }
 
 /// `command` without the settings a developer's environment may hold.
-fn without_settings(mut command: Command) -> Command {
+pub(crate) fn without_settings(mut command: Command) -> Command {
     for variable in [
         "DAGMQ_API",
         "DAGMQ_DAGS",
