@@ -29,7 +29,7 @@ pub use dags::{Grid, GridRun};
 use dags::{backfill_dag, dag_grid, list_dags, pause_dag, show_dag, trigger_run, unpause_dag};
 pub use runs::{LogView, RunDetail, RunView};
 use runs::{cancel_run, clear_run, list_runs, restart_run, resume_run, show_run, suspend_run, task_logs};
-pub use security::CONTENT_SECURITY_POLICY;
+pub use security::{API_HEADER, CONTENT_SECURITY_POLICY};
 use security::{check_metrics_token, refuse_cross_site, require_token, security_headers};
 pub use stats::{MinuteCount, StatsView};
 use stats::{list_workers, metrics, stats};

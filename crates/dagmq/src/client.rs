@@ -31,11 +31,13 @@ pub struct HttpClient {
     shown: String,
 }
 
-/// A response: status and body.
+/// A response: status, the dagmq API's header and body.
 #[derive(Debug)]
 pub struct HttpResponse {
     /// Status code.
     pub status: u16,
+    /// The value of [`dagmq_scheduler::api::API_HEADER`], which every answer of a dagmq API has.
+    pub api_version: Option<String>,
     /// Body.
     pub body: Vec<u8>,
 }
@@ -124,6 +126,11 @@ impl HttpClient {
         };
         let mut response = request.send().await.map_err(fail)?;
         let status = response.status().as_u16();
+        let api_version = response
+            .headers()
+            .get(dagmq_scheduler::api::API_HEADER)
+            .and_then(|value| value.to_str().ok())
+            .map(str::to_string);
         let mut body = Vec::new();
         while let Some(chunk) = response.chunk().await.map_err(fail)? {
             if body.len() + chunk.len() > MAX_RESPONSE_BYTES {
@@ -131,7 +138,7 @@ impl HttpClient {
             }
             body.extend_from_slice(&chunk);
         }
-        Ok(HttpResponse { status, body })
+        Ok(HttpResponse { status, api_version, body })
     }
 }
 

@@ -67,10 +67,22 @@ impl Api {
                 not_dagmq(e)
             }
         })?;
-        // Every answer of the API, errors included, is JSON.
+        // Every answer of the API, errors included, is JSON and carries the API's header.
         let Ok(value) = serde_json::from_slice::<Value>(&response.body) else {
             return Err(not_dagmq(format!("{method} {path} answered HTTP {} without JSON", response.status)));
         };
+        if response.api_version.is_none() {
+            let mut said = value.to_string();
+            if said.len() > 200 {
+                said.truncate(said.floor_char_boundary(200));
+                said.push_str("...");
+            }
+            return Err(not_dagmq(format!(
+                "{method} {path} answered HTTP {} ({said}) without the {} header",
+                response.status,
+                dagmq_scheduler::api::API_HEADER
+            )));
+        }
         match response.status {
             200..=299 => Ok(value),
             status => {

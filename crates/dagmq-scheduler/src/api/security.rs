@@ -16,9 +16,14 @@ use super::{ApiError, ApiResult, AppState};
 pub const CONTENT_SECURITY_POLICY: &str = "default-src 'none'; script-src 'self'; style-src 'self' 'unsafe-inline'; \
      img-src 'self'; connect-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'";
 
+/// The header every answer of the API carries, with the API's version (`v1`), so that a client
+/// can tell the API from another server that answers at the same address (the CLI names such an
+/// `--api` as not dagmq's).
+pub const API_HEADER: &str = "dagmq-api";
+
 /// Adds to every answer the headers that keep it out of other sites' frames (clickjacking: a
 /// page that frames the UI under a decoy could make a click restart a run) and hold the UI to
-/// [`CONTENT_SECURITY_POLICY`].
+/// [`CONTENT_SECURITY_POLICY`], and [`API_HEADER`].
 pub(super) async fn security_headers(request: Request, next: Next) -> Response {
     let mut response = next.run(request).await;
     let headers = response.headers_mut();
@@ -26,6 +31,7 @@ pub(super) async fn security_headers(request: Request, next: Next) -> Response {
     headers.insert(header::CONTENT_SECURITY_POLICY, HeaderValue::from_static(CONTENT_SECURITY_POLICY));
     headers.insert(header::X_CONTENT_TYPE_OPTIONS, HeaderValue::from_static("nosniff"));
     headers.insert(header::REFERRER_POLICY, HeaderValue::from_static("no-referrer"));
+    headers.insert(API_HEADER, HeaderValue::from_static("v1"));
     response
 }
 

@@ -186,7 +186,22 @@ fn an_api_address_that_is_not_dagmq_is_named_as_such() {
     let web =
         peer_answering(b"HTTP/1.1 404 Not Found\r\nContent-Type: text/html\r\nContent-Length: 9\r\n\r\n<h1>x</h1");
     let closes = peer_answering(b"");
-    for (api, what) in [(web, "GET /api/v1/runs?limit=20 answered HTTP 404 without JSON"), (closes, "GET ")] {
+    // Other servers that answer JSON: an error like RabbitMQ's management API's, and a success.
+    let json_error = peer_answering(
+        b"HTTP/1.1 404 Not Found\r\nContent-Type: application/json\r\nContent-Length: 49\r\n\r\n\
+          {\"error\":\"Object Not Found\",\"reason\":\"Not Found\"}",
+    );
+    let json_list = peer_answering(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 2\r\n\r\n[]");
+    for (api, what) in [
+        (web, "GET /api/v1/runs?limit=20 answered HTTP 404 without JSON"),
+        (closes, "GET "),
+        (
+            json_error,
+            "GET /api/v1/runs?limit=20 answered HTTP 404 ({\"error\":\"Object Not Found\",\"reason\":\"Not Found\"}) \
+             without the dagmq-api header",
+        ),
+        (json_list, "GET /api/v1/runs?limit=20 answered HTTP 200 ([]) without the dagmq-api header"),
+    ] {
         let output = dagmq().args(["runs", "list", "--api", &api]).output().unwrap();
         assert_eq!(output.status.code(), Some(1), "{output:?}");
         let stderr = text(&output.stderr);
@@ -290,10 +305,15 @@ fn api_answers_carry_an_etag_and_an_unchanged_one_costs_a_304() {
     let (status, head, body) = get_with(&standalone.api, "/api/v1/dags", "");
     assert_eq!(status, 200);
     assert!(head.contains("cache-control: no-cache, private"), "{head}");
+    assert!(head.contains("dagmq-api: v1"), "every answer names the API: {head}");
     let tag = head.lines().find_map(|line| line.strip_prefix("etag: ")).expect("an etag").to_string();
     assert!(!body.is_empty());
-    let (status, _, body) = get_with(&standalone.api, "/api/v1/dags", &format!("If-None-Match: {tag}\r\n"));
+    let (status, head, body) = get_with(&standalone.api, "/api/v1/dags", &format!("If-None-Match: {tag}\r\n"));
     assert_eq!((status, body.as_str()), (304, ""), "unchanged");
+    assert!(head.contains("dagmq-api: v1"), "{head}");
+    let (status, head, _) = get_with(&standalone.api, "/api/v1/runs/nope", "");
+    assert_eq!(status, 404);
+    assert!(head.contains("dagmq-api: v1"), "an error names the API too: {head}");
     assert!(standalone.cli(&["dags", "pause", "hello"]).status.success());
     let (status, head, _) = get_with(&standalone.api, "/api/v1/dags", &format!("If-None-Match: {tag}\r\n"));
     assert_eq!(status, 200, "changed: the whole answer again");
