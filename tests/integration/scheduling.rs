@@ -536,11 +536,13 @@ async fn triggers_from_the_queue_dedupe_by_key_and_bad_ones_are_dead_lettered() 
     assert_eq!(runs.len(), 1, "the repeated key created no second run");
     assert_eq!(runs[0].params["date"], serde_json::json!("2026-11-22"));
     assert_eq!(runs[0].kind, dagmq_core::RunKind::Message, "a run a trigger message asked for says so");
+    assert!(runs[0].run_id.starts_with("etl--message--"), "its id says so too: {}", runs[0].run_id);
     assert_eq!(h.wait_final(&runs[0].run_id).await, RunState::Success);
     // The scheduler keeps serving.
     let next = h.trigger("etl").await;
     assert_eq!(h.wait_final(&next).await, RunState::Success);
     assert_eq!(h.store.run(&next).await.unwrap().unwrap().kind, dagmq_core::RunKind::Manual);
+    assert!(next.starts_with("etl--manual--"), "{next}");
     h.stop().await;
 }
 

@@ -8,10 +8,21 @@ pub fn scheduled_run_id(dag_id: &str, point: DateTime<Utc>) -> String {
     format!("{dag_id}--scheduled--{}", point.format("%Y%m%dT%H%M%S%.3fZ"))
 }
 
-/// The id of a manual run of `dag_id` triggered at `at`; unique thanks to a random suffix.
+/// The id of a manual run of `dag_id` (the API, the CLI) triggered at `at`; unique thanks to a
+/// random suffix.
 pub fn manual_run_id(dag_id: &str, at: DateTime<Utc>) -> String {
+    triggered_run_id(dag_id, "manual", at)
+}
+
+/// The id of a run of `dag_id` that a trigger message asked for at `at`, as [`manual_run_id`]
+/// with `message` for `manual`, so that the id says how the run came.
+pub fn message_run_id(dag_id: &str, at: DateTime<Utc>) -> String {
+    triggered_run_id(dag_id, "message", at)
+}
+
+fn triggered_run_id(dag_id: &str, how: &str, at: DateTime<Utc>) -> String {
     let suffix = uuid::Uuid::new_v4().simple().to_string();
-    format!("{dag_id}--manual--{}-{}", at.format("%Y%m%dT%H%M%S%.3fZ"), &suffix[..8])
+    format!("{dag_id}--{how}--{}-{}", at.format("%Y%m%dT%H%M%S%.3fZ"), &suffix[..8])
 }
 
 #[cfg(test)]
@@ -26,5 +37,8 @@ mod tests {
         assert!(manual.starts_with("etl--manual--20261123T005224.500Z-"));
         assert_ne!(manual, manual_run_id("etl", at));
         assert!(dagmq_core::dag::check_id(&manual).is_ok());
+        let message = message_run_id("etl", at);
+        assert!(message.starts_with("etl--message--20261123T005224.500Z-"), "{message}");
+        assert!(dagmq_core::dag::check_id(&message).is_ok());
     }
 }

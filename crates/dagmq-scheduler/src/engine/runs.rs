@@ -14,7 +14,7 @@ use dagmq_core::store::CreateRun;
 use dagmq_core::{BackendError, Dag, Params, RunKind, RunRecord, RunState, TaskInstance, TimeArg};
 
 use crate::commands::{BackfillOutcome, CommandError, MAX_BACKFILL_POINTS, TriggerOutcome};
-use crate::ids::{manual_run_id, scheduled_run_id};
+use crate::ids::{manual_run_id, message_run_id, scheduled_run_id};
 
 use super::{Engine, Settle};
 
@@ -146,7 +146,8 @@ impl Engine {
         let run_id = match kind {
             // A backfilled point gets the id its scheduled run has, so a point never gets two.
             RunKind::Scheduled | RunKind::Backfill => scheduled_run_id(&dag.id, logical_date),
-            RunKind::Manual | RunKind::Message => manual_run_id(&dag.id, logical_date),
+            RunKind::Manual => manual_run_id(&dag.id, logical_date),
+            RunKind::Message => message_run_id(&dag.id, logical_date),
         };
         let record = RunRecord {
             run_id: run_id.clone(),

@@ -127,6 +127,8 @@ fn raw_triggers_create_runs_once_per_key_and_bad_ones_are_dead_lettered() {
     assert_eq!(runs.as_array().unwrap().len(), 1, "the repeated key created no second run");
     let run = cluster.json(&["runs", "show", runs[0]["run_id"].as_str().unwrap()]);
     assert_eq!(run["params"]["date"], "2026-11-22");
+    assert_eq!(run["kind"], "message", "{run}");
+    assert!(run["run_id"].as_str().unwrap().starts_with("wide--message--"), "{run}");
     // The scheduler keeps serving.
     let again = cluster.cli(&["trigger", "wide", "--wait"]);
     assert!(again.status.success(), "{}", text(&again.stderr));
