@@ -410,7 +410,8 @@ const KIND_MARK = {scheduled: "S", manual: "M", message: "Q", backfill: "B"};
 /** The last backfill's answer on each DAG's page. */
 const backfilled = {};
 /** Whether the page shows something that no longer changes by itself (a finished run, a
- * finished try whose log has been read): it is then read again only every 30 s. Also: the page
+ * finished try whose log has been read): it is then read again only when the tab is shown again
+ * or after an action or a navigation. Also: the page
  * last shown (`shown`), whether it must be built again although no answer changed (`dirty`),
  * how many updates changed it (`updates`) and how long the last one took (`scriptMs`). */
 const page = {settled: false, watchUntil: 0, renderedAt: 0, shown: "", dirty: false, updates: 0, scriptMs: 0, scriptTimes: [], answeredAt: 0};

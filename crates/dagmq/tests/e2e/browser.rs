@@ -904,6 +904,18 @@ fn at_900_px_a_runs_failure_is_on_its_first_screen_and_times_name_their_timezone
         json!("load_into_the_warehouse"),
     );
     browser.screenshot("run-900");
+    // A finished run's page asks the API for nothing more while it stays open (it polled every
+    // 1.5 s, then every 30 s).
+    browser.wait_for("return page.settled", json!(true));
+    browser.script("performance.clearResourceTimings(); window.watchedAt = Date.now(); return null");
+    browser.wait_for("return Date.now() - window.watchedAt > 4500", json!(true));
+    assert_eq!(
+        browser.script(
+            "return performance.getEntriesByType('resource').filter(e => new URL(e.name).pathname.startsWith('/api/')).length"
+        ),
+        json!(0),
+        "a finished run's page was polled"
+    );
     // The failure and its reason are on the first screen, and nothing needs scrolling sideways.
     let seen = browser.script(
         "const f = document.querySelector('[data-failed] .error').getBoundingClientRect(); \
