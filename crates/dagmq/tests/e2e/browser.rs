@@ -998,8 +998,9 @@ fn the_capacity_page_shows_pools_limits_held_runs_and_worker_slots() {
     std::fs::write(
         dir.join("slow.toml"),
         format!(
-            "id = \"slow\"\nmax_active_runs = 1\n[[task]]\nid = \"hold\"\npool = \"db\"\ncommand = [\"sh\", \"-c\", \
-             \"while [ ! -e {} ]; do sleep 0.1; done\"]\n",
+            "id = \"slow\"\nmax_active_runs = 1\nmax_active_tasks = 1\n\
+             [[task]]\nid = \"hold\"\npool = \"db\"\ncommand = [\"sh\", \"-c\", \"while [ ! -e {0} ]; do sleep 0.1; done\"]\n\
+             [[task]]\nid = \"next\"\npool = \"db\"\ncommand = [\"sh\", \"-c\", \"while [ ! -e {0} ]; do sleep 0.1; done\"]\n",
             gate.display()
         ),
     )
@@ -1007,9 +1008,19 @@ fn the_capacity_page_shows_pools_limits_held_runs_and_worker_slots() {
     let standalone = Standalone::start_with_args(&dir, &["--pool", "db=2", "--concurrency", "4"]);
     let first = standalone.json(&["trigger", "slow"])["run_id"].as_str().unwrap().to_string();
     let second = standalone.json(&["trigger", "slow"])["run_id"].as_str().unwrap().to_string();
-    standalone.wait_until(Duration::from_secs(30), || {
-        standalone.json(&["runs", "show", &first])["tasks"][0]["state"] == "running"
-    });
+    // One of the first run's two tasks runs; the other waits for the DAG's max_active_tasks.
+    let states = || -> Vec<(Value, Value)> {
+        let run = standalone.json(&["runs", "show", &first]);
+        run["tasks"].as_array().unwrap().iter().map(|t| (t["state"].clone(), t["waiting_for"].clone())).collect()
+    };
+    standalone.wait_until(Duration::from_secs(30), || states().iter().any(|(state, _)| state == "running"));
+    let mut seen = states();
+    seen.sort_by_key(|(state, _)| state.to_string());
+    assert_eq!(
+        seen,
+        [(json!("pending"), json!("max_active_tasks")), (json!("running"), Value::Null)],
+        "one task runs, one waits"
+    );
     let held = standalone.json(&["runs", "show", &second]);
     assert_eq!((&held["state"], &held["waiting_for"]), (&json!("queued"), &json!("max_active_runs 1/1")), "{held}");
 
@@ -1021,6 +1032,11 @@ fn the_capacity_page_shows_pools_limits_held_runs_and_worker_slots() {
     assert_eq!(
         browser.script("return document.querySelector('tr[data-dag-use=slow] [data-test=runs]').textContent"),
         json!("1/1")
+    );
+    assert_eq!(
+        browser.script("return document.querySelector('tr[data-dag-use=slow] [data-test=tasks]').textContent"),
+        json!("1/1"),
+        "max_active_tasks in use"
     );
     assert_eq!(
         browser.script(
@@ -1035,6 +1051,11 @@ fn the_capacity_page_shows_pools_limits_held_runs_and_worker_slots() {
     browser.wait_for(
         "return document.querySelector('[data-test=run-waiting]')?.textContent ?? null",
         json!("waiting for max_active_runs 1/1"),
+    );
+    browser.open(&format!("{}/#/runs/{first}", standalone.api));
+    browser.wait_for(
+        "return [...document.querySelectorAll('tr[data-task] [data-test=waiting]')].map(w => w.textContent).join()",
+        json!("waiting for max_active_tasks"),
     );
     browser.open(&format!("{}/#/workers", standalone.api));
     browser.wait_for(
