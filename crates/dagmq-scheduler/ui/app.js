@@ -170,9 +170,12 @@ const views = {
     if (shownGrid && shownGrid.dataset.static === gridKey && dagPage.key === gridKey) patchGrid(shownGrid, dagPage.runs, runs);
     else grid = ids.map(id => `<tr data-grid-task="${esc(id)}" data-key="${esc(id)}"><td>${esc(id)}</td>${runs.map(r => `<td class="cell">${gridCell(r, id)}</td>`).join("")}</tr>`).join("");
     dagPage.runs = runs; dagPage.key = gridKey;
-    // Bars labelled by time: the time of day when the runs fit in one day, else date and time.
-    const oneDay = runs.length && new Set(runs.map(r => new Date(r.logical_date).toDateString())).size === 1;
-    const label = r => new Date(r.logical_date).toLocaleString(undefined, oneDay ? {timeStyle: "short"} : {dateStyle: "short", timeStyle: "short"});
+    // Bars labelled by time in the DAG's timezone: the time of day when the runs fit in one day
+    // there, else date and time.
+    const timeZone = dag.timezone;
+    const day = r => new Date(r.logical_date).toLocaleDateString(undefined, {timeZone});
+    const oneDay = runs.length && new Set(runs.map(day)).size === 1;
+    const label = r => new Date(r.logical_date).toLocaleString(undefined, oneDay ? {timeStyle: "short", timeZone} : {dateStyle: "short", timeStyle: "short", timeZone});
     const durations = runs.map(r => ({value: r.started_at ? ((r.ended_at ? new Date(r.ended_at) : new Date()) - new Date(r.started_at)) / 1000 : 0,
       label: label(r), title: describe(r), color: color(r.state), href: `#/runs/${encodeURIComponent(r.run_id)}`}));
     const here = `#/dags/${encodeURIComponent(dagId)}`;

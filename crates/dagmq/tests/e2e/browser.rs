@@ -1111,16 +1111,39 @@ fn the_dag_page_backfills_pages_through_runs_marks_their_kind_and_reads_only_the
         browser.script("return [...new Set([...document.querySelectorAll('[data-run-column]')].map(c => c.dataset.kind + ' ' + c.querySelector('.kind').textContent))]"),
         json!(["backfill B"])
     );
+    // A bar per run, each titled with its run's kind and logical date in the DAG's timezone; the
+    // labels under them are times in the DAG's timezone too (the points are 02:00 in Warsaw).
+    browser.wait_for(
+        "return [...document.querySelectorAll('[data-run-column]')].every(c => c.title.includes(': success, '))",
+        json!(true),
+    );
+    let titles = browser.script("return [...document.querySelectorAll('[data-test=durations] rect[data-bar] title')].map(t => t.textContent)");
+    let titles = titles.as_array().unwrap();
+    assert_eq!(titles.len(), 25, "{titles:?}");
+    for title in titles {
+        let title = title.as_str().unwrap();
+        assert!(title.contains(", backfill, logical date ") && title.contains(" 2:00:00 AM GMT+"), "{title}");
+    }
+    let columns = browser.script("return [...document.querySelectorAll('[data-run-column]')].map(c => c.title)");
+    assert_eq!(columns, json!(titles), "a run's column and its bar say the same");
     let labels = browser.script(
         "return [...document.querySelectorAll('[data-test=durations] text.axis')].slice(2).map(t => t.textContent)",
     );
+    assert!(labels.as_array().unwrap().len() >= 4, "{labels}");
     assert!(
-        labels.as_array().unwrap().iter().all(|l| l.as_str().unwrap().contains(':')),
-        "labels without a time: {labels}"
+        labels.as_array().unwrap().iter().all(|l| l.as_str().unwrap().ends_with(", 2:00 AM")),
+        "labels not at the DAG's time of its points: {labels}"
     );
+    // A manual run is marked as such beside them.
+    standalone.json(&["trigger", "daily", "--wait"]);
+    browser.wait_for(
+        "return [...document.querySelectorAll('[data-run-column]')].map(c => c.dataset.kind + ' ' + c.querySelector('.kind').textContent).pop()",
+        json!("manual M"),
+    );
+    assert_eq!(browser.script("return document.querySelectorAll('[data-run-column]').length"), json!(25));
     // Older runs are a page away, and back.
     browser.click("[data-test=older]");
-    browser.wait_for("return document.querySelectorAll('[data-run-column]').length", json!(4));
+    browser.wait_for("return document.querySelectorAll('[data-run-column]').length", json!(5));
     assert_eq!(browser.script("return document.querySelector('[data-test=older]')"), Value::Null);
     browser.click("[data-test=newer]");
     browser.wait_for("return document.querySelectorAll('[data-run-column]').length", json!(25));
