@@ -16,7 +16,7 @@ use dagmq_core::store::{
     TaskChange,
 };
 use dagmq_core::{
-    BackendError, Consumer, Queue, RunRecord, RunState, Store, TaskInstance, TaskState, Topic, WorkerInfo,
+    BackendError, Consumer, Headers, Queue, RunRecord, RunState, Store, TaskInstance, TaskState, Topic, WorkerInfo,
 };
 
 /// Switches shared by a test and one wrapper.
@@ -501,18 +501,25 @@ pub struct FaultyQueue {
 #[async_trait]
 impl Queue for FaultyQueue {
     async fn publish(&self, topic: &Topic, payload: Vec<u8>) -> Result<(), BackendError> {
-        self.faults.check("publish")?;
-        if matches!(topic, Topic::Tasks(_)) && Faults::take(&self.faults.task_publishes_failing) {
-            return Err(BackendError::new("injected: publish to a task pool failed"));
-        }
-        if *topic == Topic::Status && self.faults.status_publishes_failing.load(Ordering::SeqCst) {
-            return Err(BackendError::new("injected: publish of a status update failed"));
-        }
-        self.inner.publish(topic, payload).await
+        self.publish_with_headers(vec![(topic.clone(), payload, Headers::new())]).await
     }
     async fn publish_many(&self, messages: Vec<(Topic, Vec<u8>)>) -> Result<(), BackendError> {
-        for (topic, payload) in messages {
-            self.publish(&topic, payload).await?;
+        self.publish_with_headers(
+            messages.into_iter().map(|(topic, payload)| (topic, payload, Headers::new())).collect(),
+        )
+        .await
+    }
+    /// Publishes each message with its headers, failing as the faults say, one at a time.
+    async fn publish_with_headers(&self, messages: Vec<(Topic, Vec<u8>, Headers)>) -> Result<(), BackendError> {
+        for (topic, payload, headers) in messages {
+            self.faults.check("publish")?;
+            if matches!(topic, Topic::Tasks(_)) && Faults::take(&self.faults.task_publishes_failing) {
+                return Err(BackendError::new("injected: publish to a task pool failed"));
+            }
+            if topic == Topic::Status && self.faults.status_publishes_failing.load(Ordering::SeqCst) {
+                return Err(BackendError::new("injected: publish of a status update failed"));
+            }
+            self.inner.publish_with_headers(vec![(topic, payload, headers)]).await?;
         }
         Ok(())
     }

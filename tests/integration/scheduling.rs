@@ -1014,3 +1014,23 @@ async fn a_retry_due_while_max_active_tasks_is_full_is_queued_when_the_slot_free
     assert_eq!(h.store.task(&run, "flaky").await.unwrap().unwrap().try_number, 2);
     h.stop().await;
 }
+
+/// The trace context travels in the task message, as W3C `traceparent`: the run's trace and its
+/// root span, so that the span of the try (on whichever worker takes the message) joins the
+/// run's trace.
+#[tokio::test(start_paused = true)]
+async fn a_task_message_carries_its_runs_trace_parent_as_a_header() {
+    let mut dags = DagRegistry::new();
+    dags.add(Dag::builder("traced").task(TaskSpec::rust("t", dagmq_worker::Noop)).build().unwrap()).unwrap();
+    let mut h = Harness::start(dags).await;
+    h.stop_worker().await;
+    let run = h.trigger("traced").await;
+    let mut tasks = h.queue.consume(&Topic::Tasks("default".to_string()), 1).await.unwrap();
+    let delivery = tokio::time::timeout(Duration::from_secs(30), tasks.next()).await.unwrap().unwrap().unwrap();
+    let message: TaskToExec = messages::decode(&delivery.payload).unwrap();
+    assert_eq!((message.run_id.as_str(), message.task_id.as_str()), (run.as_str(), "t"));
+    let expected = dagmq_core::trace::TraceParent::of_run(&run).header();
+    assert_eq!(delivery.header(dagmq_core::trace::TRACEPARENT_HEADER), Some(expected.as_str()));
+    assert!(expected.starts_with("00-") && expected.ends_with("-01"), "{expected}");
+    h.stop().await;
+}

@@ -23,8 +23,8 @@ use dagmq_core::store::{
     RunFilter, TaskChange,
 };
 use dagmq_core::{
-    BackendError, Clock, Consumer, Delivery, Queue, RunRecord, RunState, Store, TaskInstance, TaskState, Topic,
-    WorkerInfo,
+    BackendError, Clock, Consumer, Delivery, Headers, Queue, RunRecord, RunState, Store, TaskInstance, TaskState,
+    Topic, WorkerInfo,
 };
 
 use crate::rng::Rng;
@@ -602,15 +602,17 @@ impl SimQueue {
         matches!(topic, Topic::Tasks(_) | Topic::Status)
     }
 
-    async fn publish_one(&self, topic: &Topic, payload: Vec<u8>) -> Result<(), BackendError> {
+    /// Publishes one message with its headers (a broker keeps them with the message, and with
+    /// its duplicate), lost or duplicated as the world's rates say.
+    async fn publish_one(&self, topic: &Topic, payload: Vec<u8>, headers: Headers) -> Result<(), BackendError> {
         let rates = self.world.rates();
         if Self::lossy(topic) && self.world.roll(rates.message_lost, "message lost") {
             return Ok(());
         }
         if self.world.roll(rates.message_duplicated, "message duplicated") {
-            self.inner.publish(topic, payload.clone()).await?;
+            self.inner.publish_with_headers(vec![(topic.clone(), payload.clone(), headers.clone())]).await?;
         }
-        self.inner.publish(topic, payload).await
+        self.inner.publish_with_headers(vec![(topic.clone(), payload, headers)]).await
     }
 
     async fn enter(&self, what: &str) -> Result<(), BackendError> {
@@ -636,13 +638,20 @@ impl SimQueue {
 impl Queue for SimQueue {
     async fn publish(&self, topic: &Topic, payload: Vec<u8>) -> Result<(), BackendError> {
         self.enter("publish").await?;
-        self.publish_one(topic, payload).await?;
+        self.publish_one(topic, payload, Headers::new()).await?;
         self.leave("publish").await
     }
     async fn publish_many(&self, messages: Vec<(Topic, Vec<u8>)>) -> Result<(), BackendError> {
         self.enter("publish_many").await?;
         for (topic, payload) in messages {
-            self.publish_one(&topic, payload).await?;
+            self.publish_one(&topic, payload, Headers::new()).await?;
+        }
+        self.leave("publish_many").await
+    }
+    async fn publish_with_headers(&self, messages: Vec<(Topic, Vec<u8>, Headers)>) -> Result<(), BackendError> {
+        self.enter("publish_many").await?;
+        for (topic, payload, headers) in messages {
+            self.publish_one(&topic, payload, headers).await?;
         }
         self.leave("publish_many").await
     }

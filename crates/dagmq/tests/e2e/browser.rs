@@ -937,10 +937,7 @@ fn at_900_px_a_runs_failure_is_on_its_first_screen_and_times_name_their_timezone
     );
     // The header has the run's start, end and duration.
     let header = browser.script("return document.querySelector('[data-test=run-times]').textContent");
-    assert!(
-        ["started ", ", ended ", ", took "].iter().all(|part| header.as_str().unwrap().contains(part)),
-        "{header}"
-    );
+    assert!(["started ", ", ended ", ", took "].iter().all(|part| header.as_str().unwrap().contains(part)), "{header}");
     // "Failed only" leaves the failed task alone in the table.
     browser.click("[data-test=failed-only]");
     browser.wait_for(
@@ -962,7 +959,12 @@ fn at_900_px_a_runs_failure_is_on_its_first_screen_and_times_name_their_timezone
     );
     browser.open(&format!("{}/#/runs/{run_id}/tasks/load_into_the_warehouse", standalone.api));
     browser.wait_for("return document.querySelectorAll('[data-test=try-times] time').length", json!(2));
-    assert_zoned(&browser.script("return [...document.querySelectorAll('[data-test=try-times] time')].map(t => [t.textContent, t.title])"), 2);
+    assert_zoned(
+        &browser.script(
+            "return [...document.querySelectorAll('[data-test=try-times] time')].map(t => [t.textContent, t.title])",
+        ),
+        2,
+    );
     // A DAG's schedule times are in its own timezone, with the viewer's on hover.
     browser.open(&format!("{}/#/dags", standalone.api));
     browser.wait_for("return document.querySelector('tr[data-dag=warsaw] time') !== null", json!(true));
@@ -1117,7 +1119,9 @@ fn the_dag_page_backfills_pages_through_runs_marks_their_kind_and_reads_only_the
         "return [...document.querySelectorAll('[data-run-column]')].every(c => c.title.includes(': success, '))",
         json!(true),
     );
-    let titles = browser.script("return [...document.querySelectorAll('[data-test=durations] rect[data-bar] title')].map(t => t.textContent)");
+    let titles = browser.script(
+        "return [...document.querySelectorAll('[data-test=durations] rect[data-bar] title')].map(t => t.textContent)",
+    );
     let titles = titles.as_array().unwrap();
     assert_eq!(titles.len(), 25, "{titles:?}");
     for title in titles {
