@@ -11,9 +11,12 @@ otherwise find out the hard way:
 - docker-compose.yml: no obsolete `version:` key; every image pinned; every dagmq service
   reads its DAG files from a mounted directory (the user's), and its image from DAGMQ_IMAGE;
 - deploy/k8s: no `:latest` image and the dagmq image set through kustomization.yaml's `images`;
-  the DAG files from a ConfigMap mounted where DAGMQ_DAGS points; KEDA scaling on every pool
-  the worker Deployment consumes, counting unacknowledged messages (protocol http), with the
-  private CA given.
+  the DAG files from a ConfigMap mounted where DAGMQ_DAGS points; a KEDA ScaledObject for each
+  worker Deployment, scaling on every pool it consumes, counting unacknowledged messages
+  (protocol http) over an https:// management URL, with the private CA given and used
+  (`tls: enable`).
+
+deploy/validate_test.py checks that each of the KEDA checks finds what it is for.
 
 Exits 1, naming each problem, if any check fails.
 """
@@ -101,7 +104,7 @@ def check_k8s(documents):
     for file in (f for g in kustomization.get("configMapGenerator", []) for f in g.get("files", [])):
         if not os.path.exists(os.path.join(k8s, file)):
             problem(kustomization_path, f"configMapGenerator file {file} does not exist")
-    worker_pools = None
+    worker_pools = {}  # worker Deployment name -> the pools it consumes
     for path, document in documents:
         if document.get("kind") != "Deployment":
             continue
@@ -120,31 +123,51 @@ def check_k8s(documents):
             args = container.get("args", [])
             if args[:1] == ["worker"]:
                 queues = args[args.index("--queues") + 1] if "--queues" in args else "default"
-                worker_pools = {q.strip() for q in queues.split(",")}
+                worker_pools[document["metadata"]["name"]] = {q.strip() for q in queues.split(",")}
     scaled = [d for _, d in documents if d.get("kind") == "ScaledObject"]
     auths = {d["metadata"]["name"]: d for _, d in documents if d.get("kind") == "TriggerAuthentication"}
-    if worker_pools is not None:
-        if not scaled:
-            problem("deploy/k8s", "no KEDA ScaledObject for the workers")
-        for obj in scaled:
-            triggers = [t for t in obj["spec"].get("triggers", []) if t.get("type") == "rabbitmq"]
-            pools = {t["metadata"].get("queueName", "").removeprefix("dagmq.tasks.") for t in triggers}
-            if pools != worker_pools:
-                problem("deploy/k8s/keda.yaml", f"scales on pools {sorted(pools)}, the workers consume {sorted(worker_pools)}")
-            for trigger in triggers:
-                if trigger["metadata"].get("protocol") != "http":
-                    problem("deploy/k8s/keda.yaml", f"{trigger['metadata'].get('queueName')}: protocol amqp counts no unacknowledged message")
-                auth = auths.get(trigger.get("authenticationRef", {}).get("name", ""), {})
-                parameters = {p["parameter"] for p in auth.get("spec", {}).get("secretTargetRef", [])}
-                if "ca" not in parameters:
-                    problem("deploy/k8s/keda.yaml", "KEDA is given no CA for a broker behind a private CA")
+    secrets = {d["metadata"]["name"]: {**d.get("data", {}), **d.get("stringData", {})} for _, d in documents if d.get("kind") == "Secret"}
+    # Every worker Deployment is scaled by a ScaledObject of its own, on every pool it consumes.
+    targets = {obj["spec"].get("scaleTargetRef", {}).get("name"): obj for obj in scaled}
+    for name, consumed in sorted(worker_pools.items()):
+        obj = targets.get(name)
+        if obj is None:
+            problem("deploy/k8s", f"no KEDA ScaledObject scales the worker Deployment {name}")
+            continue
+        triggers = [t for t in obj["spec"].get("triggers", []) if t.get("type") == "rabbitmq"]
+        pools = {t["metadata"].get("queueName", "").removeprefix("dagmq.tasks.") for t in triggers}
+        if pools != consumed:
+            problem("deploy/k8s/keda.yaml", f"{name} scales on pools {sorted(pools)}, it consumes {sorted(consumed)}")
+        for trigger in triggers:
+            queue = trigger["metadata"].get("queueName")
+            if trigger["metadata"].get("protocol") != "http":
+                problem("deploy/k8s/keda.yaml", f"{queue}: protocol amqp counts no unacknowledged message")
+            auth = auths.get(trigger.get("authenticationRef", {}).get("name", ""), {})
+            refs = {p["parameter"]: p for p in auth.get("spec", {}).get("secretTargetRef", [])}
+            if "ca" not in refs:
+                problem("deploy/k8s/keda.yaml", f"{queue}: KEDA is given no CA for a broker behind a private CA")
+            # The CA is used only with `tls: enable`, and the host must be an https:// one.
+            tls = refs.get("tls")
+            if tls is None or secrets.get(tls["name"], {}).get(tls["key"]) != "enable":
+                problem("deploy/k8s/keda.yaml", f"{queue}: KEDA's tls parameter is not `enable`, so the CA is not used")
+            host = refs.get("host")
+            url = secrets.get(host["name"], {}).get(host["key"], "") if host else ""
+            if not url.startswith("https://"):
+                problem("deploy/k8s/keda.yaml", f"{queue}: the management URL {url!r} is not https://")
+    for name in sorted(set(targets) - set(worker_pools)):
+        problem("deploy/k8s/keda.yaml", f"ScaledObject scales {name}, which is no worker Deployment")
 
 
-documents = check_manifests(sys.argv[1:])
-check_dockerfile()
-check_compose()
-check_k8s(documents)
-for line in problems:
-    print(line)
-print("deployment files ok" if not problems else f"{len(problems)} problems")
-sys.exit(1 if problems else 0)
+def main():
+    documents = check_manifests(sys.argv[1:])
+    check_dockerfile()
+    check_compose()
+    check_k8s(documents)
+    for line in problems:
+        print(line)
+    print("deployment files ok" if not problems else f"{len(problems)} problems")
+    sys.exit(1 if problems else 0)
+
+
+if __name__ == "__main__":
+    main()
