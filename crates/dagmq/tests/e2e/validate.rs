@@ -67,10 +67,15 @@ fn config_file_is_below_flags_and_environment() {
     assert!(text(&file_only.stderr).contains(&format!("cannot connect to http://127.0.0.1:{closed}")));
 
     let typo = dir.join("typo.toml");
-    std::fs::write(&typo, "apii = \"x\"\n").unwrap();
+    std::fs::write(&typo, "# the team's settings\n\napii = \"x\"\n").unwrap();
     let bad = dagmq().args(["dags", "list", "--config"]).arg(&typo).output().unwrap();
     assert_eq!(bad.status.code(), Some(2));
-    assert!(text(&bad.stderr).contains("unknown field `apii`"), "{}", text(&bad.stderr));
+    let said = text(&bad.stderr);
+    assert!(said.contains(&format!("{}:3: unknown field `apii`", typo.display())), "the file and line: {said}");
+    // A process role names the line too.
+    let scheduler = dagmq().args(["scheduler", "--config"]).arg(&typo).output().unwrap();
+    assert_eq!(scheduler.status.code(), Some(2));
+    assert!(text(&scheduler.stderr).contains(&format!("{}:3: unknown field `apii`", typo.display())), "{scheduler:?}");
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
