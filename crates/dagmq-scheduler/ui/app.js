@@ -1,6 +1,7 @@
 // The dagmq web UI: index.html loads this file, so that the page's policy allows no inline script.
 "use strict";
-const STATES = ["pending","queued","running","success","failed","up_for_retry","upstream_failed","cancelled","skipped","suspended"];
+/** Every state a task has, and `interrupted`, the outcome of a try whose worker was lost. */
+const STATES = ["pending","queued","running","success","failed","up_for_retry","upstream_failed","cancelled","skipped","suspended","interrupted"];
 const color = s => `var(--${s || "queued"})`;
 /** The colour of text drawn on a state's colour. */
 const onColor = s => `var(--${s || "queued"}-fg)`;

@@ -682,8 +682,13 @@ fn state_colours_meet_wcag_aa() {
     let standalone = Standalone::start(&examples(), &[]);
     browser.open(&format!("{}/#/dags", standalone.api));
     browser.wait_for("return document.querySelectorAll('tr[data-dag]').length > 0", json!(true));
+    // The page colours every state a task has and every outcome a try ends with (a task's
+    // states, and `interrupted` for a try whose worker was lost).
+    let mut states: Vec<&str> = dagmq_core::TaskState::ALL.iter().map(|state| state.as_str()).collect();
+    states.push("interrupted");
+    assert_eq!(browser.script("return STATES"), json!(states), "the states the page colours");
     let checked = browser.command("POST", "/execute/sync", Some(json!({"script": CONTRAST_SCRIPT, "args": [4.5]})));
-    assert_eq!(checked["counted"], json!(20), "ten states, a badge and a node each: {checked}");
+    assert_eq!(checked["counted"], json!(22), "eleven states, a badge and a node each: {checked}");
     if checked["low"] != json!([]) {
         browser.screenshot("contrast");
     }
