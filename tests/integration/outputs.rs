@@ -162,7 +162,7 @@ async fn a_failed_try_keeps_the_last_lines_of_its_log_and_a_success_clears_them(
         Dag::builder("etl")
             .task(TaskSpec::rust("load", Chatty { lines: 30, succeeds_on: 99 }))
             .task(TaskSpec::rust("short", Chatty { lines: 2, succeeds_on: 99 }))
-            .task(TaskSpec::rust("flaky", Chatty { lines: 3, succeeds_on: 2 }).retries(1))
+            .task(TaskSpec::rust("flaky", Chatty { lines: 3, succeeds_on: 3 }).retries(2))
             .build()
             .unwrap(),
     )
@@ -178,7 +178,22 @@ async fn a_failed_try_keeps_the_last_lines_of_its_log_and_a_success_clears_them(
     assert_eq!(short.log_tail[0].len(), 500, "a long line is cut at 500 bytes, on a character boundary");
     assert!(short.log_tail[0].chars().all(|c| c == 'é'));
     let flaky = harness.wait_task(&run_id, "flaky", |t| t.state == TaskState::Success).await;
-    assert_eq!(flaky.try_number, 2);
+    assert_eq!(flaky.try_number, 3);
     assert!(flaky.log_tail.is_empty(), "a success clears the failed try's lines: {:?}", flaky.log_tail);
+    // Each failed try keeps its own lines and error with it in the history.
+    let filed: Vec<(u32, &str, Option<&str>, Option<&str>)> = flaky
+        .tries
+        .iter()
+        .map(|t| (t.try_number, t.outcome.as_str(), t.error.as_deref(), t.log_tail.last().map(String::as_str)))
+        .collect();
+    let refused = Some("the warehouse refused the load");
+    assert_eq!(
+        filed,
+        [
+            (1, "up_for_retry", refused, Some("[dagmq] try 1 failed: the warehouse refused the load")),
+            (2, "up_for_retry", refused, Some("[dagmq] try 2 failed: the warehouse refused the load")),
+        ]
+    );
+    assert_eq!(flaky.tries[0].log_tail.len(), 4, "{:?}", flaky.tries[0].log_tail);
     harness.stop().await;
 }

@@ -613,6 +613,8 @@ async fn eager_claims(store: Arc<dyn Store>) {
         started_at: Some(at(2)),
         ended_at: Some(at(3)),
         worker: Some("w".into()),
+        error: Some("exited with status 1: \"é\"".into()),
+        log_tail: vec!["é\u{1b}[0m".into(), "[dagmq] try 1 failed".into()],
     }];
     b.try_number = 1;
     b.max_try = 4;

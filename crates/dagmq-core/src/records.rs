@@ -165,12 +165,25 @@ pub struct TryRecord {
     /// The worker that ran it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub worker: Option<String>,
+    /// Why it failed, for a failed try.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    /// The last lines of its log, for a failed try ([`TaskInstance::log_tail`] as it ended); only
+    /// the newest [`LOG_TAIL_TRIES`] filed tries keep theirs.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub log_tail: Vec<String>,
 }
+
+/// How many of a task's filed tries keep the last lines of their log ([`TryRecord::log_tail`]),
+/// the newest ones: with [`LOG_TAIL_LINES`] lines of at most [`LOG_TAIL_LINE_BYTES`] each, a
+/// task's record grows by at most 25 KB for them however often it is retried.
+pub const LOG_TAIL_TRIES: usize = 5;
 
 impl TaskInstance {
     /// Files the current try in `tries` before a new one replaces it (a retry, a requeue, a
-    /// resume, a restart or a clear); `outcome` says how it ended, `now` stands in for an end
-    /// the try did not record. Nothing happens before the first try, or when it is filed.
+    /// resume, a restart or a clear), with its error and the last lines of its log; `outcome`
+    /// says how it ended, `now` stands in for an end the try did not record. Nothing happens
+    /// before the first try, or when it is filed.
     pub fn close_try(&mut self, outcome: &str, now: DateTime<Utc>) {
         if self.try_number == 0 || self.tries.last().is_some_and(|t| t.try_number >= self.try_number) {
             return;
@@ -185,7 +198,13 @@ impl TaskInstance {
             started_at: self.started_at,
             ended_at: self.ended_at.or(self.started_at.map(|_| now)),
             worker: self.worker.clone(),
+            error: self.error.clone(),
+            log_tail: self.log_tail.clone(),
         });
+        let keeping_tails = self.tries.len().saturating_sub(LOG_TAIL_TRIES);
+        for older in &mut self.tries[..keeping_tails] {
+            older.log_tail.clear();
+        }
     }
 
     /// The next try of this task, `queued` at `now`: the current try is filed in the history and
@@ -350,6 +369,26 @@ pub struct DagRecord {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_the_newest_filed_tries_keep_their_log_tails() {
+        let now = Utc::now();
+        let mut task = TaskInstance::pending("t", vec![], "default", 20);
+        for try_number in 1..=8 {
+            task.try_number = try_number;
+            task.error = Some(format!("try {try_number} failed"));
+            task.log_tail = vec![format!("line of try {try_number}")];
+            task.close_try("up_for_retry", now);
+        }
+        let kept: Vec<(u32, usize, Option<&str>)> =
+            task.tries.iter().map(|t| (t.try_number, t.log_tail.len(), t.error.as_deref())).collect();
+        assert_eq!(kept.len(), 8);
+        for (try_number, tail, error) in kept {
+            assert_eq!(tail, usize::from(try_number > 3), "try {try_number}");
+            assert_eq!(error, Some(format!("try {try_number} failed").as_str()), "every try keeps its error");
+        }
+        assert_eq!(task.tries[7].log_tail, ["line of try 8"]);
+    }
 
     /// The Redis task scripts find state and try by this prefix (and decode anything else).
     #[test]

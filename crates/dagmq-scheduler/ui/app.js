@@ -283,7 +283,7 @@ const views = {
     // from its record in `tries`.
     const earlier = tryNumber !== task.try_number ? (task.tries || []).find(t => t.try_number === tryNumber) : null;
     const shown = earlier
-      ? {state: earlier.outcome, worker: earlier.worker, started_at: earlier.started_at, ended_at: earlier.ended_at, error: null}
+      ? {state: earlier.outcome, worker: earlier.worker, started_at: earlier.started_at, ended_at: earlier.ended_at, error: earlier.error}
       : task;
     const tries = Array.from({length: task.try_number}, (_, i) => i + 1).map(n =>
       `<a href="#/runs/${encodeURIComponent(runId)}/tasks/${encodeURIComponent(taskId)}?try=${n}" ${n === tryNumber ? 'style="font-weight:bold"' : ""}>try ${n}</a>`).join(" ");

@@ -797,6 +797,9 @@ fn the_log_page_appends_in_place_keeps_scroll_and_selection_and_shows_each_trys_
     assert!(times.as_str().unwrap().starts_with("try 1: worker "), "{times}");
     let start_of = |at: &Value| browser.script(&format!("return whenText({at})")).as_str().unwrap().to_string();
     assert!(times.as_str().unwrap().contains(&format!("started {}", start_of(&first["started_at"]))), "{times}");
+    // And why it failed, filed with it.
+    let error = first["error"].as_str().unwrap_or_else(|| panic!("try 1's error is filed with it: {first}"));
+    assert_eq!(browser.script("return document.querySelector('#task-head .error')?.textContent ?? null"), json!(error));
     browser.open(&format!("{base}/#/runs/{flaky_id}/tasks/once?try=2"));
     browser.wait_for(
         "return document.querySelector('pre[data-test=log]')?.textContent.split('\\n')[0] ?? null",
