@@ -298,15 +298,18 @@ impl TaskInstance {
     /// the next try, queued with one more try granted; or, once interruptions reach
     /// [`MAX_INTERRUPTIONS`], the task failed for good. `reason` says what interrupted it.
     pub fn after_interruption(&self, now: DateTime<Utc>, reason: String) -> TaskInstance {
+        // The interrupted try is filed with the reason as its error.
+        let mut interrupted = self.clone();
+        interrupted.error = Some(reason.clone());
         if self.interruptions >= MAX_INTERRUPTIONS {
-            let mut next = self.clone();
+            let mut next = interrupted;
             next.close_try("interrupted", now);
             next.state = TaskState::Failed;
             next.ended_at = Some(now);
             next.error = Some(format!("{reason}; interrupted {} times, giving up", self.interruptions + 1));
             return next;
         }
-        let mut next = self.queued_again("interrupted", now);
+        let mut next = interrupted.queued_again("interrupted", now);
         next.max_try += 1;
         next.interruptions += 1;
         next.error = Some(reason);
@@ -369,6 +372,19 @@ pub struct DagRecord {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_interrupted_try_is_filed_with_its_reason() {
+        let now = Utc::now();
+        let mut task = TaskInstance::pending("t", vec![], "default", 0);
+        task.state = TaskState::Running;
+        task.try_number = 1;
+        let next = task.after_interruption(now, "try 1 interrupted: worker w1 lost".to_string());
+        assert_eq!((next.state, next.try_number), (TaskState::Queued, 2));
+        assert_eq!(next.tries[0].outcome, "interrupted");
+        assert_eq!(next.tries[0].error.as_deref(), Some("try 1 interrupted: worker w1 lost"));
+        assert_eq!(next.error.as_deref(), Some("try 1 interrupted: worker w1 lost"), "the queued try says why");
+    }
 
     #[test]
     fn only_the_newest_filed_tries_keep_their_log_tails() {
