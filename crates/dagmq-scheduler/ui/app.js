@@ -140,9 +140,9 @@ const views = {
     const recent = await Promise.all(dags.map(d => api(`/api/v1/runs?dag_id=${encodeURIComponent(d.dag_id)}&limit=10`)));
     if (unchanged()) return null;
     const rows = dags.map((d, i) => `<tr data-dag="${esc(d.dag_id)}" data-key="${esc(d.dag_id)}">
-      <td><a href="#/dags/${encodeURIComponent(d.dag_id)}" data-test="dag-link">${esc(d.dag_id)}</a>${d.error ? ` <span class="error" title="${esc(d.error)}" data-test="refused-change">refused change</span>` : ""}<div class="muted">${esc(d.description)}</div></td>
-      <td>${esc(d.schedule || "manual")}<div class="muted">${esc(d.timezone)}</div></td>
-      <td>${when(d.next_run, d.timezone)}</td>
+      <td class="wrap"><a href="#/dags/${encodeURIComponent(d.dag_id)}" data-test="dag-link">${esc(d.dag_id)}</a>${d.error ? ` <span class="error" title="${esc(d.error)}" data-test="refused-change">refused change</span>` : ""}<div class="muted">${esc(d.description)}</div></td>
+      <td class="wrap">${esc(d.schedule || "manual")}<div class="muted">${esc(d.timezone)}</div></td>
+      <td class="wrap">${when(d.next_run, d.timezone)}</td>
       <td>${recent[i].slice().reverse().map(r => `<a href="#/runs/${encodeURIComponent(r.run_id)}" title="${esc(r.run_id)}: ${esc(r.state)}"><span class="sq" style="background:${color(r.state)}"></span></a>`).join("")}</td>
       <td><button data-test="pause-${esc(d.dag_id)}" data-action="pause" data-dag="${esc(d.dag_id)}" data-paused="${d.paused}">${d.paused ? "Unpause" : "Pause"}</button>
           <span class="muted" data-test="paused-${esc(d.dag_id)}">${d.paused ? "paused" : "active"}</span></td>
@@ -211,13 +211,13 @@ const views = {
     if (unchanged()) return null;
     const zones = new Map(dags.map(d => [d.dag_id, d.timezone]));
     const options = (values, selected) => values.map(v => `<option ${v === selected ? "selected" : ""}>${esc(v)}</option>`).join("");
-    const rows = runs.map(r => `<tr data-run="${esc(r.run_id)}" data-key="${esc(r.run_id)}"><td><a href="#/runs/${encodeURIComponent(r.run_id)}">${esc(r.run_id)}</a></td>
-      <td>${esc(r.dag_id)}</td><td>${badge(r.state)}</td><td>${when(r.created_at, zones.get(r.dag_id))}</td><td>${live(r.started_at, r.ended_at)}</td>
+    const rows = runs.map(r => `<tr data-run="${esc(r.run_id)}" data-key="${esc(r.run_id)}"><td class="wrap"><a href="#/runs/${encodeURIComponent(r.run_id)}">${esc(r.run_id)}</a></td>
+      <td class="wide">${esc(r.dag_id)}</td><td>${badge(r.state)}</td><td class="wrap">${when(r.created_at, zones.get(r.dag_id))}</td><td>${live(r.started_at, r.ended_at)}</td>
       <td>${Object.entries(r.task_counts).map(([s, n]) => `<span title="${esc(s)}"><span class="sq" style="background:${color(s)}"></span>${n}</span>`).join(" ")}</td></tr>`).join("");
     return `<h2>Runs</h2><div class="card"><div class="row">
       <select id="f-dag" data-action="filter-runs"><option value="">all DAGs</option>${options(dags.filter(d => d.version).map(d => d.dag_id), dag)}</select>
       <select id="f-state" data-action="filter-runs"><option value="">all states</option>${options(["queued","running","suspended","success","failed","cancelled"], state)}</select></div>
-      <table><thead><tr><th>Run</th><th>DAG</th><th>State</th><th>Created</th><th>Duration</th><th>Tasks</th></tr></thead><tbody>${rows}</tbody></table></div>`;
+      <table><thead><tr><th>Run</th><th class="wide">DAG</th><th>State</th><th>Created</th><th>Duration</th><th>Tasks</th></tr></thead><tbody>${rows}</tbody></table></div>`;
   },
   async run(query, runId) {
     const run = await api(`/api/v1/runs/${encodeURIComponent(runId)}`);

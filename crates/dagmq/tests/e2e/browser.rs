@@ -988,6 +988,46 @@ fn at_900_px_a_runs_failure_is_on_its_first_screen_and_times_name_their_timezone
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// What of the page at `hash` needs scrolling sideways: the page itself, or a card other than a
+/// chart's or the DAG grid's (those scroll inside their card).
+const SIDEWAYS: &str = r#"
+const over = [];
+if (document.documentElement.scrollWidth > innerWidth) over.push(`page ${document.documentElement.scrollWidth} > ${innerWidth}`);
+for (const card of document.querySelectorAll("main .card")) {
+  if (card.querySelector("svg, table.grid")) continue;
+  if (card.scrollWidth > card.clientWidth) over.push(`${card.dataset.test || card.querySelector("h3, b, th")?.textContent} ${card.scrollWidth} > ${card.clientWidth}`);
+}
+return over;
+"#;
+
+#[test]
+fn at_900_px_no_list_page_needs_sideways_scrolling() {
+    let Some(browser) = Browser::start() else { return };
+    let standalone = Standalone::start(&examples(), &[]);
+    for dag in ["hello", "params", "etl_outputs"] {
+        let run = standalone.json(&["trigger", dag, "--wait"]);
+        assert!(run["run_id"].is_string(), "{run}");
+    }
+    browser.resize(900, 900);
+    for (view, ready) in [
+        ("dags", "tr[data-dag=hello] .sq"),
+        ("runs", "tr[data-run]"),
+        ("workers", "tr[data-worker]"),
+        ("capacity", "[data-worker-use]"),
+    ] {
+        browser.open(&format!("{}/#/{view}", standalone.api));
+        browser.wait_for(&format!("return document.querySelector('{ready}') !== null"), json!(true));
+        let over = browser.script(SIDEWAYS);
+        browser.screenshot(&format!("{view}-900"));
+        assert_eq!(over, json!([]), "at 900 px the {view} page needs sideways scrolling");
+        // The actions stay on screen.
+        if view == "dags" {
+            let right = browser.script("return document.querySelector('[data-test=trigger-hello]').getBoundingClientRect().right");
+            assert!(right.as_f64().unwrap() <= 900.0, "the Trigger button is off screen at x {right}");
+        }
+    }
+}
+
 /// Asserts that `times` (pairs of shown text and hover title) are at least `least`, each shown
 /// in Tokyo's time (GMT+9) with the viewer's UTC time on hover.
 fn assert_zoned(times: &Value, least: usize) {
