@@ -47,7 +47,7 @@ async function api(path, options = {}) {
     const entered = prompt("This dagmq needs an API token:");
     if (entered) { localStorage.setItem("dagmq-token", entered); return api(path, options); }
   }
-  if (!response.ok) throw new Error(body.error || ("HTTP " + response.status));
+  if (!response.ok) throw Object.assign(new Error(body.error || ("HTTP " + response.status)), {status: response.status});
   if (get) { changed = true; if (tag) answers.set(path, {tag, body}); }
   if (answers.size > 200) answers.delete(answers.keys().next().value);
   return body;
@@ -691,7 +691,21 @@ async function render() {
     document.querySelectorAll("header a").forEach(a => a.classList.toggle("active", a.dataset.nav === (parts[0] || "dags")));
     document.getElementById("updated").textContent = (page.settled ? "finished; not refreshed since " : "updated ") + new Date().toLocaleTimeString();
     refreshBanner("");
-  } catch (e) { refreshBanner(e.message); }
+  } catch (e) {
+    // A page that cannot be shown (an unknown run or DAG: 404), or a page reached while the
+    // API did not answer, is replaced by what went wrong, never left showing the page before;
+    // a refresh of a page already shown that fails keeps it, under the banner.
+    if (e.status === 404 || page.shown !== location.hash) {
+      const parts = (location.hash.slice(1) || "/dags").split("?")[0].split("/").filter(Boolean);
+      morph(document.getElementById("view"), `<h2>${e.status === 404 ? "Not found" : "Cannot show this page"}</h2>
+        <div class="card"><div class="error" data-test="page-error">${esc(e.message)}</div>
+        <div class="row muted">${e.status === 404 ? "it may have been removed, or never existed here" : "the page is tried again every 1.5 s"}</div></div>`);
+      page.shown = location.hash;
+      document.querySelectorAll("header a").forEach(a => a.classList.toggle("active", a.dataset.nav === (parts[0] || "dags")));
+      document.getElementById("updated").textContent = "";
+    }
+    refreshBanner(e.message);
+  }
   finally { rendering = false; }
 }
 /** Brings each running duration (`live`) up to date. */

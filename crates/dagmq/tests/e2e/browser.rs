@@ -1028,6 +1028,30 @@ fn at_900_px_no_list_page_needs_sideways_scrolling() {
     }
 }
 
+#[test]
+fn an_unknown_run_or_dag_replaces_the_page_before_with_why() {
+    let Some(browser) = Browser::start() else { return };
+    let standalone = Standalone::start(&examples(), &[]);
+    browser.open(&format!("{}/#/dags/hello", standalone.api));
+    browser.wait_for("return document.querySelector('[data-test=dag-graph] svg') !== null", json!(true));
+    for (hash, said, nav) in
+        [("#/runs/nope", "unknown run \"nope\"", "runs"), ("#/dags/nope", "unknown dag \"nope\"", "dags")]
+    {
+        browser.script(&format!("location.hash = '{hash}'; return null"));
+        browser.wait_for(
+            "return document.querySelector('[data-test=page-error]')?.textContent ?? null",
+            json!(said),
+        );
+        assert_eq!(browser.script("return document.querySelector('main h2').textContent"), json!("Not found"));
+        assert_eq!(browser.script("return document.querySelector('[data-test=dag-graph]')"), Value::Null, "{hash}");
+        assert_eq!(browser.script("return document.querySelector('header a.active').dataset.nav"), json!(nav));
+        // And back to a page that exists.
+        browser.script("location.hash = '#/dags/hello'; return null");
+        browser.wait_for("return document.querySelector('[data-test=dag-graph] svg') !== null", json!(true));
+        assert_eq!(browser.script("return document.querySelector('[data-test=page-error]')"), Value::Null);
+    }
+}
+
 /// Asserts that `times` (pairs of shown text and hover title) are at least `least`, each shown
 /// in Tokyo's time (GMT+9) with the viewer's UTC time on hover.
 fn assert_zoned(times: &Value, least: usize) {
@@ -1269,10 +1293,15 @@ fn pages_update_in_place_keeping_selection_and_scroll() {
     );
     browser.script("getSelection().removeAllRanges(); return null");
 
-    // The runs list, narrow enough that its table scrolls sideways: a new run appears, a run
-    // changes state, and the table stays where the reader scrolled it, with the selection.
+    // The runs list, its table made wider than the window so that it scrolls sideways (the
+    // list itself wraps to fit): a new run appears, a run changes state, and the table stays
+    // where the reader scrolled it, with the selection.
     std::fs::remove_file(dir.join("go")).unwrap();
     browser.resize(560, 800);
+    browser.script(
+        "const wide = document.createElement('style'); wide.textContent = '#view .card table { min-width: 1200px; }'; \
+         document.head.appendChild(wide); return null",
+    );
     browser.open(&format!("{base}/#/runs"));
     browser.wait_for(&format!("return document.querySelector('tr[data-run=\"{run_id}\"]') !== null"), json!(true));
     let scrolled = browser.script(
