@@ -171,14 +171,10 @@ const views = {
     if (shownGrid && shownGrid.dataset.static === gridKey && dagPage.key === gridKey) patchGrid(shownGrid, dagPage.runs, runs);
     else grid = ids.map(id => `<tr data-grid-task="${esc(id)}" data-key="${esc(id)}"><td>${esc(id)}</td>${runs.map(r => `<td class="cell">${gridCell(r, id)}</td>`).join("")}</tr>`).join("");
     dagPage.runs = runs; dagPage.key = gridKey;
-    // Bars labelled by time in the DAG's timezone: the time of day when the runs fit in one day
-    // there, else date and time.
-    const timeZone = dag.timezone;
-    const day = r => new Date(r.logical_date).toLocaleDateString(undefined, {timeZone});
-    const oneDay = runs.length && new Set(runs.map(day)).size === 1;
-    const label = r => new Date(r.logical_date).toLocaleString(undefined, oneDay ? {timeStyle: "short", timeZone} : {dateStyle: "short", timeStyle: "short", timeZone});
-    const durations = runs.map(r => ({value: r.started_at ? ((r.ended_at ? new Date(r.ended_at) : new Date()) - new Date(r.started_at)) / 1000 : 0,
-      label: label(r), title: describe(r), color: color(r.state), href: `#/runs/${encodeURIComponent(r.run_id)}`}));
+    // Bars labelled by time in the DAG's timezone.
+    const labels = barLabels(runs.map(r => r.logical_date), dag.timezone);
+    const durations = runs.map((r, i) => ({value: r.started_at ? ((r.ended_at ? new Date(r.ended_at) : new Date()) - new Date(r.started_at)) / 1000 : 0,
+      label: labels[i], title: describe(r), color: color(r.state), href: `#/runs/${encodeURIComponent(r.run_id)}`}));
     const here = `#/dags/${encodeURIComponent(dagId)}`;
     const paging = `<div class="row" data-test="grid-paging">${page_.more ? `<a data-test="older" href="${here}?offset=${offset + 25}">older runs</a>` : ""}
       ${offset > 0 ? `<a data-test="newer" href="${here}?offset=${Math.max(0, offset - 25)}">newer runs</a>` : ""}
@@ -499,11 +495,27 @@ function graph(tasks, runId) {
 }
 
 /** A bar chart: one bar per item ({value, label, title, color, href}), `format` for the axis. */
+/** The labels of bars for the times `times`, in `timeZone`: the time of day when they all fall
+ *  on one day there, else date and time; with seconds when minutes alone would repeat a label. */
+function barLabels(times, timeZone) {
+  const day = t => new Date(t).toLocaleDateString(undefined, {timeZone});
+  const oneDay = new Set(times.map(day)).size <= 1;
+  const styled = timeStyle => times.map(t => new Date(t).toLocaleString(undefined,
+    oneDay ? {timeStyle, timeZone} : {dateStyle: "short", timeStyle, timeZone}));
+  const short = styled("short");
+  return new Set(short).size === new Set(times.map(t => new Date(t).getTime())).size ? short : styled("medium");
+}
+
+/** A bar chart of `items` ({value, label, title, color, href}), values shown with `format`:
+ *  labels under the bars, as many as fit side by side without overlapping. */
 function bars(items, format) {
   if (!items.length) return `<div class="muted">nothing yet</div>`;
   const H = 120, B = Math.max(6, Math.min(28, Math.floor(720 / items.length) - 2)), max = Math.max(...items.map(i => i.value), 0) || 1;
   // Room past the last bar for its label (a time is wider than a bar).
-  const width = 50 + items.length * (B + 2) + 90, step = Math.ceil(items.length / 8);
+  // A label is about 6 px a character at the axis's 10 px: one every `step` bars leaves each
+  // room for itself.
+  const widest = Math.max(...items.map(i => String(i.label).length)) * 6 + 10;
+  const width = 50 + items.length * (B + 2) + 90, step = Math.max(Math.ceil(items.length / 8), Math.ceil(widest / (B + 2)));
   const rects = items.map((item, i) => { const h = Math.max(item.value > 0 ? 2 : 0, Math.round(item.value / max * H)), x = 46 + i * (B + 2);
     const bar = `<rect data-bar="${i}" x="${x}" y="${10 + H - h}" width="${B}" height="${h}" fill="${item.color}"><title>${esc(item.title)}</title></rect>`;
     const label = i % step === 0 ? `<text class="axis" x="${x}" y="${H + 26}">${esc(item.label)}</text>` : "";

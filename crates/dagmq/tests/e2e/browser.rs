@@ -1210,6 +1210,23 @@ fn the_dag_page_backfills_pages_through_runs_marks_their_kind_and_reads_only_the
         labels.as_array().unwrap().iter().all(|l| l.as_str().unwrap().ends_with(", 2:00 AM")),
         "labels not at the DAG's time of its points: {labels}"
     );
+    // Side by side without overlapping.
+    let overlaps = browser.script(
+        "const boxes = [...document.querySelectorAll('[data-test=durations] text.axis')].slice(2).map(t => t.getBBox()); \
+         return boxes.slice(1).filter((b, i) => b.x < boxes[i].x + boxes[i].width + 2).length",
+    );
+    assert_eq!(overlaps, json!(0), "labels overlap: {labels}");
+    // Runs within a minute of each other are told apart by their seconds, not labelled alike.
+    assert_eq!(
+        browser.script(
+            "return barLabels(['2026-12-07T23:34:00Z', '2026-12-07T23:34:10Z', '2026-12-07T23:35:00Z'], 'UTC')"
+        ),
+        json!(["11:34:00 PM", "11:34:10 PM", "11:35:00 PM"])
+    );
+    assert_eq!(
+        browser.script("return barLabels(['2026-12-07T10:00:00Z', '2026-12-07T11:00:00Z'], 'Europe/Warsaw')"),
+        json!(["11:00 AM", "12:00 PM"])
+    );
     // A manual run is marked as such beside them.
     standalone.json(&["trigger", "daily", "--wait"]);
     browser.wait_for(
