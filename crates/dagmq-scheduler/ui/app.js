@@ -218,6 +218,8 @@ const views = {
   async run(query, runId) {
     const run = await api(`/api/v1/runs/${encodeURIComponent(runId)}`);
     const finished = ["success","failed","cancelled"].includes(run.state);
+    // Restart runs again what did not succeed (failed, cancelled, not run); skipped tasks stay.
+    const restartable = finished && run.tasks.some(t => !["success", "skipped"].includes(t.state));
     page.settled = finished;
     if (unchanged()) return null;
     const failedOnly = query.get("failed") === "1";
@@ -253,7 +255,7 @@ const views = {
       <div class="row" data-test="run-times"><span>started ${when(run.started_at, run.timezone)}, ${run.ended_at ? `ended ${when(run.ended_at, run.timezone)}, ` : ""}took <b>${live(run.started_at, run.ended_at)}</b></span></div>
       <div class="row"><span class="muted">DAG <a href="#/runs?dag=${encodeURIComponent(run.dag_id)}">${esc(run.dag_id)}</a>,
         ${esc(run.kind)}, logical date ${when(run.logical_date, run.timezone)}, params ${esc(JSON.stringify(run.params))}</span>
-        <button data-test="restart" ${finished ? "" : "disabled"} data-action="run" data-run="${esc(runId)}" data-verb="restart">Restart</button>
+        <button data-test="restart" ${restartable ? "" : `disabled title="${finished ? "every task succeeded: nothing to restart (clear a task to run it again)" : "the run has not finished"}"`} data-action="run" data-run="${esc(runId)}" data-verb="restart">Restart</button>
         <button data-test="cancel" ${finished ? "disabled" : ""} data-action="run" data-run="${esc(runId)}" data-verb="cancel">Cancel</button>
         <button data-test="suspend" ${run.state === "running" ? "" : "disabled"} data-action="run" data-run="${esc(runId)}" data-verb="suspend">Suspend</button>
         <button data-test="resume" ${run.state === "suspended" ? "" : "disabled"} data-action="run" data-run="${esc(runId)}" data-verb="resume">Resume</button></div>

@@ -280,6 +280,11 @@ fn the_ui_triggers_a_run_shows_its_graph_and_log_and_pauses_a_dag() {
     );
     assert_eq!(browser.script("return window.violations"), json!([]), "the page broke its own policy");
     browser.screenshot("run");
+    // Every task succeeded: nothing to restart, and the button says so rather than answer 409.
+    assert_eq!(
+        browser.script("const b = document.querySelector('[data-test=restart]'); return [b.disabled, b.title]"),
+        json!([true, "every task succeeded: nothing to restart (clear a task to run it again)"])
+    );
 
     // A branch's skipped path, in its colour.
     let hello_page = browser.script("return location.href").as_str().unwrap().to_string();
@@ -297,6 +302,8 @@ fn the_ui_triggers_a_run_shows_its_graph_and_log_and_pauses_a_dag() {
         json!("rgb(224, 123, 181)"),
     );
     browser.screenshot("branch-skipped");
+    // Skipped tasks are not restarted either.
+    assert_eq!(browser.script("return document.querySelector('[data-test=restart]').disabled"), json!(true));
     browser.open(&hello_page);
     browser.wait_for("return document.querySelectorAll('[data-test=graph] [data-node]').length", json!(3));
 
