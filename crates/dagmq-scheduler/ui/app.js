@@ -287,6 +287,7 @@ const views = {
       `<a href="#/runs/${encodeURIComponent(runId)}/tasks/${encodeURIComponent(taskId)}?try=${n}" ${n === tryNumber ? 'style="font-weight:bold"' : ""}>try ${n}</a>`).join(" ");
     const head = `<h2><a href="#/runs/${encodeURIComponent(runId)}">${esc(runId)}</a> / ${esc(taskId)} <span data-test="try-state">${badge(shown.state)}</span></h2>
       <div class="row">${tries} ${!earlier && task.state === "running" && task.progress != null ? progress(task.progress) : ""}
+        <button data-test="clear" data-action="clear" data-run="${esc(runId)}" data-task="${esc(taskId)}" ${FINAL.includes(task.state) ? "" : `disabled title="the task has not finished"`}>Clear: run it and every task after it again</button>
         <span class="muted" data-test="try-times">try ${tryNumber}: worker ${esc(shown.worker || "-")}, started ${when(shown.started_at, run.timezone)}${shown.ended_at ? `, ended ${when(shown.ended_at, run.timezone)}, took ${duration(shown.started_at, shown.ended_at)}` : ""}</span></div>
       ${shown.error ? `<div class="row error">${esc(shown.error)}</div>` : ""}`;
     // Done with this try: its state is final and the log has been read to its end.
@@ -639,6 +640,17 @@ async function act(runId, verb) {
   const epoch = beginAction();
   try { await api(`/api/v1/runs/${encodeURIComponent(runId)}/${verb}`, {method: "POST"}); page.watchUntil = Date.now() + 10000; render(); } catch (e) { actionFailed(epoch, e.message); }
 }
+/** Clears `taskId` of run `runId` and every task after it (Airflow's "clear with downstream"),
+ *  once the reader confirms, then shows the run. */
+async function clearTask(runId, taskId) {
+  if (!confirm(`Run ${taskId} and every task after it again, in run ${runId}?`)) return;
+  const epoch = beginAction();
+  try {
+    await api(`/api/v1/runs/${encodeURIComponent(runId)}/clear`, {method: "POST", body: JSON.stringify({tasks: [taskId], downstream: true})});
+    page.watchUntil = Date.now() + 10000;
+    location.hash = `#/runs/${encodeURIComponent(runId)}`;
+  } catch (e) { actionFailed(epoch, e.message); }
+}
 function filterRuns() {
   const dag = document.getElementById("f-dag").value, state = document.getElementById("f-state").value;
   location.hash = `#/runs?dag=${encodeURIComponent(dag)}&state=${encodeURIComponent(state)}`;
@@ -649,6 +661,7 @@ const actions = {
   trigger: b => trigger(b.dataset.dag),
   pause: b => togglePause(b.dataset.dag, b.dataset.paused === "true"),
   run: b => act(b.dataset.run, b.dataset.verb),
+  clear: b => clearTask(b.dataset.run, b.dataset.task),
 };
 // One listener for the whole view, which is rendered again every few seconds: no handler is
 // written into the page, so its policy can refuse every inline script.

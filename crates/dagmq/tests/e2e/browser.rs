@@ -203,6 +203,20 @@ impl Browser {
         }
     }
 
+    /// Waits for the page's `confirm` (or `alert`) and accepts it; answers its text.
+    fn accept_dialog(&self) -> String {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let answer = http(self.port, "GET", &format!("/session/{}/alert/text", self.session), None);
+            if let Some(text) = answer["value"].as_str() {
+                self.command("POST", "/alert/accept", Some(json!({})));
+                return text.to_string();
+            }
+            assert!(Instant::now() < deadline, "no dialog within 30 s: {answer}");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
     fn resize(&self, width: u32, height: u32) {
         self.command("POST", "/window/rect", Some(json!({"width": width, "height": height})));
     }
@@ -314,6 +328,17 @@ fn the_ui_triggers_a_run_shows_its_graph_and_log_and_pauses_a_dag() {
         json!(true),
     );
     browser.screenshot("task-log");
+
+    // Clear the task with what follows it (once confirmed): they run again as try 2.
+    let hello_id = hello_page.rsplit('/').next().unwrap().to_string();
+    browser.click("[data-test=clear]");
+    assert_eq!(browser.accept_dialog(), format!("Run greet and every task after it again, in run {hello_id}?"));
+    browser.wait_for(&format!("return location.hash === '#/runs/{hello_id}'"), json!(true));
+    standalone.wait_until(Duration::from_secs(30), || {
+        let run = standalone.json(&["runs", "show", &hello_id]);
+        run["state"] == "success" && run["tasks"].as_array().unwrap().iter().all(|t| t["try_number"] == 2)
+    });
+    browser.wait_for("return document.querySelector('h2 .state')?.dataset.state ?? null", json!("success"));
 
     // A run's timeline: the flaky task of diamond_retry has a bar per try, the failed one and
     // then, after the retry delay, the successful one; durations have units.
