@@ -202,17 +202,22 @@ const views = {
   },
   async runs(query) {
     const dag = query.get("dag") || "", state = query.get("state") || "";
+    const offset = Math.max(0, Number(query.get("offset")) || 0), limit = 100;
     const [dags, runs] = await Promise.all([api("/api/v1/dags"),
-      api(`/api/v1/runs?limit=100&dag_id=${encodeURIComponent(dag)}&status=${encodeURIComponent(state)}`)]);
+      api(`/api/v1/runs?limit=${limit}&offset=${offset}&dag_id=${encodeURIComponent(dag)}&status=${encodeURIComponent(state)}`)]);
     if (unchanged()) return null;
     const zones = new Map(dags.map(d => [d.dag_id, d.timezone]));
+    const pageAt = at => `#/runs?dag=${encodeURIComponent(dag)}&state=${encodeURIComponent(state)}&offset=${at}`;
     const options = (values, selected) => values.map(v => `<option ${v === selected ? "selected" : ""}>${esc(v)}</option>`).join("");
     const rows = runs.map(r => `<tr data-run="${esc(r.run_id)}" data-key="${esc(r.run_id)}"><td class="wrap"><a href="#/runs/${encodeURIComponent(r.run_id)}">${esc(r.run_id)}</a></td>
       <td class="wide">${esc(r.dag_id)}</td><td>${badge(r.state)}</td><td class="wrap">${when(r.created_at, zones.get(r.dag_id))}</td><td>${live(r.started_at, r.ended_at)}</td>
       <td>${Object.entries(r.task_counts).map(([s, n]) => `<span title="${esc(s)}"><span class="sq" style="background:${color(s)}"></span>${n}</span>`).join(" ")}</td></tr>`).join("");
     return `<h2>Runs</h2><div class="card"><div class="row">
       <select id="f-dag" data-action="filter-runs"><option value="">all DAGs</option>${options(dags.filter(d => d.version).map(d => d.dag_id), dag)}</select>
-      <select id="f-state" data-action="filter-runs"><option value="">all states</option>${options(["queued","running","suspended","success","failed","cancelled"], state)}</select></div>
+      <select id="f-state" data-action="filter-runs"><option value="">all states</option>${options(["queued","running","suspended","success","failed","cancelled"], state)}</select>
+      ${offset ? `<span class="muted">runs ${offset + 1} to ${offset + runs.length}</span>` : ""}
+      ${runs.length === limit ? `<a data-test="older" href="${pageAt(offset + limit)}">older runs</a>` : ""}
+      ${offset ? `<a data-test="newer" href="${pageAt(Math.max(0, offset - limit))}">newer runs</a>` : ""}</div>
       <table><thead><tr><th>Run</th><th class="wide">DAG</th><th>State</th><th>Created</th><th>Duration</th><th>Tasks</th></tr></thead><tbody>${rows}</tbody></table></div>`;
   },
   async run(query, runId) {

@@ -445,6 +445,9 @@ pub enum RunsCommand {
         /// How many (at most 500).
         #[arg(long, default_value_t = 20)]
         limit: usize,
+        /// How many of the newest to pass over first (page back through older runs).
+        #[arg(long, default_value_t = 0)]
+        offset: usize,
     },
     /// A run with every task.
     Show {

@@ -103,6 +103,18 @@ impl Api {
     }
 }
 
+/// `value` as one value of a URL's query: every byte but an unreserved character (RFC 3986)
+/// percent-encoded, so that a `&` or `#` in it cannot start another parameter.
+fn query_value(value: &str) -> String {
+    value
+        .bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' => (b as char).to_string(),
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
 /// `--param KEY=VALUE` flags as params of `dag_id`. Each value becomes the JSON type the DAG
 /// declares for its param (read from `GET /api/v1/dags/{dag_id}`): an integer, number or
 /// boolean is parsed from the text, anything else stays text. The scheduler checks the rest
@@ -319,13 +331,13 @@ pub(crate) async fn dags(api: &Api, command: &DagsCommand) -> CliResult<()> {
 /// `dagmq runs ...`.
 pub(crate) async fn runs(api: &Api, command: &RunsCommand) -> CliResult<()> {
     match command {
-        RunsCommand::List { dag_id, status, limit } => {
-            let mut query = format!("?limit={limit}");
+        RunsCommand::List { dag_id, status, limit, offset } => {
+            let mut query = format!("?limit={limit}&offset={offset}");
             if let Some(dag_id) = dag_id {
-                query.push_str(&format!("&dag_id={dag_id}"));
+                query.push_str(&format!("&dag_id={}", query_value(&dag_id)));
             }
             if let Some(status) = status {
-                query.push_str(&format!("&status={status}"));
+                query.push_str(&format!("&status={}", query_value(&status)));
             }
             let runs = api.call("GET", &format!("/api/v1/runs{query}"), None).await?;
             if api.json {

@@ -1054,10 +1054,27 @@ fn at_900_px_no_list_page_needs_sideways_scrolling() {
         assert_eq!(over, json!([]), "at 900 px the {view} page needs sideways scrolling");
         // The actions stay on screen.
         if view == "dags" {
-            let right = browser.script("return document.querySelector('[data-test=trigger-hello]').getBoundingClientRect().right");
+            let right = browser
+                .script("return document.querySelector('[data-test=trigger-hello]').getBoundingClientRect().right");
             assert!(right.as_f64().unwrap() <= 900.0, "the Trigger button is off screen at x {right}");
         }
     }
+    // The runs list pages back through older runs, 100 at a time.
+    let backfill = standalone.json(&["dags", "backfill", "nightly_etl", "--from", "2026-06-01", "--to", "2026-09-30"]);
+    assert_eq!(backfill["runs"].as_array().map(Vec::len), Some(121), "{backfill}");
+    browser.open(&format!("{}/#/runs?dag=nightly_etl", standalone.api));
+    browser.wait_for("return document.querySelectorAll('tr[data-run]').length", json!(100));
+    assert_eq!(browser.script("return document.querySelector('[data-test=newer]')"), Value::Null);
+    browser.click("[data-test=older]");
+    browser.wait_for("return document.querySelectorAll('tr[data-run]').length", json!(21));
+    assert_eq!(
+        browser.script("return document.querySelector('tr[data-run]:last-child').dataset.run"),
+        json!("nightly_etl--scheduled--20260601T000000.000Z"),
+        "the oldest run last"
+    );
+    assert_eq!(browser.script("return document.querySelector('[data-test=older]')"), Value::Null);
+    browser.click("[data-test=newer]");
+    browser.wait_for("return document.querySelectorAll('tr[data-run]').length", json!(100));
 }
 
 #[test]
@@ -1070,10 +1087,7 @@ fn an_unknown_run_or_dag_replaces_the_page_before_with_why() {
         [("#/runs/nope", "unknown run \"nope\"", "runs"), ("#/dags/nope", "unknown dag \"nope\"", "dags")]
     {
         browser.script(&format!("location.hash = '{hash}'; return null"));
-        browser.wait_for(
-            "return document.querySelector('[data-test=page-error]')?.textContent ?? null",
-            json!(said),
-        );
+        browser.wait_for("return document.querySelector('[data-test=page-error]')?.textContent ?? null", json!(said));
         assert_eq!(browser.script("return document.querySelector('main h2').textContent"), json!("Not found"));
         assert_eq!(browser.script("return document.querySelector('[data-test=dag-graph]')"), Value::Null, "{hash}");
         assert_eq!(browser.script("return document.querySelector('header a.active').dataset.nav"), json!(nav));

@@ -216,6 +216,35 @@ fn an_api_address_that_is_not_dagmq_is_named_as_such() {
 }
 
 #[test]
+fn runs_list_pages_back_with_offset_and_sends_its_filters_as_values() {
+    let standalone = Standalone::start(&examples(), &[]);
+    let backfill = standalone.json(&["dags", "backfill", "nightly_etl", "--from", "2026-06-01", "--to", "2026-06-10"]);
+    // Midnight of 10 June in Warsaw comes before that day's 02:00 point: nine runs.
+    assert_eq!(backfill["runs"].as_array().map(Vec::len), Some(9), "{backfill}");
+    let ids = |args: &[&str]| -> Vec<String> {
+        let mut all = vec!["runs", "list", "--dag", "nightly_etl"];
+        all.extend_from_slice(args);
+        let runs = standalone.json(&all);
+        runs.as_array()
+            .unwrap_or_else(|| panic!("{runs}"))
+            .iter()
+            .map(|r| r["run_id"].as_str().unwrap().to_string())
+            .collect()
+    };
+    let newest = ids(&["--limit", "4"]);
+    let older = ids(&["--limit", "4", "--offset", "4"]);
+    let oldest = ids(&["--limit", "4", "--offset", "8"]);
+    assert_eq!((newest.len(), older.len(), oldest.len()), (4, 4, 1));
+    assert_eq!(oldest.last().map(String::as_str), Some("nightly_etl--scheduled--20260601T000000.000Z"));
+    let all: std::collections::BTreeSet<&String> = newest.iter().chain(&older).chain(&oldest).collect();
+    assert_eq!(all.len(), 9, "each run on one page");
+    // A status is one value: a `&` in it cannot add a parameter.
+    let output = standalone.cli(&["runs", "list", "--status", "failed&dag_id=hello"]);
+    assert_eq!(output.status.code(), Some(2), "{output:?}");
+    assert!(text(&output.stderr).contains("status: "), "{}", text(&output.stderr));
+}
+
+#[test]
 fn the_help_of_dags_and_runs_names_every_subcommand() {
     for group in ["dags", "runs"] {
         let output = dagmq().args([group, "--help"]).output().unwrap();
