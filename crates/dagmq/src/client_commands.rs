@@ -181,7 +181,7 @@ pub(crate) async fn trigger(api: &Api, args: &TriggerArgs) -> CliResult<()> {
             .iter()
             .filter_map(|s| counts[*s].as_u64())
             .sum();
-        let line = format!("{run_id}: {state}, {done}/{total} tasks done");
+        let line = format!("{run_id}: {state}, {done}/{total} tasks done{}", waiting_text(&run));
         if line != last_line && !api.json {
             eprintln!("{line}");
             last_line = line;
@@ -196,6 +196,25 @@ pub(crate) async fn trigger(api: &Api, args: &TriggerArgs) -> CliResult<()> {
         }
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
+}
+
+/// What `run` (a run's API answer) waits for, as `; waiting: WHAT`: the run's own reason (held
+/// back by its DAG's `max_active_runs`) and its tasks' (`TASK (REASON)`, at most three named);
+/// empty when it waits for nothing.
+fn waiting_text(run: &Value) -> String {
+    let mut reasons: Vec<String> = run["waiting_for"].as_str().map(str::to_string).into_iter().collect();
+    let tasks: Vec<String> = run["tasks"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|t| Some(format!("{} ({})", t["task_id"].as_str()?, t["waiting_for"].as_str()?)))
+        .collect();
+    let more = tasks.len().saturating_sub(3);
+    reasons.extend(tasks.into_iter().take(3));
+    if more > 0 {
+        reasons.push(format!("{more} more tasks"));
+    }
+    if reasons.is_empty() { String::new() } else { format!("; waiting: {}", reasons.join(", ")) }
 }
 
 /// Waits until every run is finished, printing progress to stderr as it changes; prints each
@@ -368,10 +387,11 @@ pub(crate) async fn runs(api: &Api, command: &RunsCommand) -> CliResult<()> {
                 return Ok(());
             }
             out!(
-                "run      {}\ndag      {}\nstate    {}\nkind     {}\ncreated  {}\nstarted  {}\nended    {}\nparams   {}",
+                "run      {}\ndag      {}\nstate    {}{}\nkind     {}\ncreated  {}\nstarted  {}\nended    {}\nparams   {}",
                 text(&run["run_id"]),
                 text(&run["dag_id"]),
                 text(&run["state"]),
+                run["waiting_for"].as_str().map(|why| format!("\nwaiting  {why}")).unwrap_or_default(),
                 text(&run["kind"]),
                 text(&run["created_at"]),
                 text(&run["started_at"]),
@@ -532,4 +552,27 @@ fn print_table(headers: &[&str], rows: Vec<Vec<String>>) -> CliResult<()> {
         line(row)?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_progress_of_a_run_says_what_it_waits_for() {
+        let waits = |run: Value| waiting_text(&run);
+        assert_eq!(waits(serde_json::json!({"tasks": [{"task_id": "a", "waiting_for": null}]})), "");
+        assert_eq!(
+            waits(serde_json::json!({"waiting_for": "max_active_runs 1/1", "tasks": []})),
+            "; waiting: max_active_runs 1/1"
+        );
+        let tasks: Vec<Value> = (1..=5)
+            .map(|i| serde_json::json!({"task_id": format!("t{i}"), "waiting_for": "no live worker consumes pool gpu"}))
+            .collect();
+        assert_eq!(
+            waits(serde_json::json!({"tasks": tasks})),
+            "; waiting: t1 (no live worker consumes pool gpu), t2 (no live worker consumes pool gpu), \
+             t3 (no live worker consumes pool gpu), 2 more tasks"
+        );
+    }
 }

@@ -293,7 +293,7 @@ fn a_task_on_a_pool_no_worker_consumes_says_so_and_the_scheduler_logs_it() {
     std::fs::create_dir_all(&dir).unwrap();
     std::fs::write(
         dir.join("gpu.toml"),
-        "id = \"gpu\"\n[[task]]\nid = \"train\"\ncommand = [\"true\"]\nqueue = \"gpu\"\n",
+        "id = \"gpu\"\nmax_active_runs = 1\n[[task]]\nid = \"train\"\ncommand = [\"true\"]\nqueue = \"gpu\"\n",
     )
     .unwrap();
     let log = dir.join("standalone.log");
@@ -311,6 +311,30 @@ fn a_task_on_a_pool_no_worker_consumes_says_so_and_the_scheduler_logs_it() {
     let logged = || std::fs::read_to_string(&log).unwrap_or_default();
     let line = "tasks queued on pool \"gpu\" wait: no live worker consumes it (live workers consume: default)";
     standalone.wait_until(Duration::from_secs(15), || logged().contains(line));
+    // `trigger --wait` says what its run waits for, here behind the first run (max_active_runs)...
+    let mut waiter = dagmq()
+        .args(["trigger", "gpu", "--wait"])
+        .env("DAGMQ_API", &standalone.api)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut progress = std::io::BufReader::new(waiter.stderr.take().unwrap());
+    let mut said = String::new();
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while !said.contains("; waiting: max_active_runs 1/1") {
+        assert!(std::time::Instant::now() < deadline, "no waiting reason within 30 s: {said}");
+        assert!(std::io::BufRead::read_line(&mut progress, &mut said).unwrap() > 0, "ended early: {said}");
+    }
+    let _ = waiter.kill();
+    let _ = waiter.wait();
+    // ... as `runs show` does for the run (its tasks have their WAITING FOR column).
+    let held = standalone.json(&["runs", "list", "--dag", "gpu", "--status", "queued"]);
+    let held_id = held[0]["run_id"].as_str().unwrap_or_else(|| panic!("{held}")).to_string();
+    let shown = text(&standalone.cli(&["runs", "show", &held_id]).stdout);
+    assert!(shown.contains("\nstate    queued\nwaiting  max_active_runs 1/1\n"), "{shown}");
+    let cancelled = standalone.cli(&["runs", "cancel", &held_id]);
+    assert!(cancelled.status.success(), "{cancelled:?}");
     drop(standalone);
     let _ = std::fs::remove_dir_all(&dir);
 }
