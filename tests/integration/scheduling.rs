@@ -583,6 +583,39 @@ async fn worker_stop_past_the_grace_period_requeues_as_a_new_try() {
     h.stop().await;
 }
 
+/// A second stop (Ctrl-C twice) ends the grace period at once: the running try is stopped and
+/// requeued then, not after the hour the grace period would allow.
+#[tokio::test(start_paused = true)]
+async fn a_worker_told_to_hurry_while_stopping_ends_its_grace_period_at_once() {
+    let (mut h, journal) = harness_with(|j, c| {
+        let slow = Probe { work: Duration::from_secs(7200), ..Probe::new(j, c) };
+        vec![Dag::builder("slow").task(TaskSpec::rust("slow", slow).retries(1)).build().unwrap()]
+    })
+    .await;
+    h.stop_worker().await;
+    let live = Arc::new(dagmq_core::LiveDags::new(h.dags.clone(), Vec::new(), Default::default()));
+    let (hurry, hurried) = dagmq_core::CancelSignal::new();
+    let (stop, worker, _) = h.extra_worker("worker-2", live, &Default::default(), |config| {
+        config.grace_period = Duration::from_secs(3600);
+        config.hurry = Some(hurried);
+    });
+    let run = h.trigger("slow").await;
+    h.wait_task(&run, "slow", |t| t.state == TaskState::Running).await;
+    let stopping = tokio::time::Instant::now();
+    stop.cancel();
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    assert!(!worker.is_finished(), "the try still has its grace period");
+    hurry.cancel();
+    worker.await.unwrap().unwrap();
+    let took = stopping.elapsed();
+    assert!(took < Duration::from_secs(60), "stopped {took:?} after the first stop, not at once after the second");
+    let task = &h.tasks(&run).await["slow"];
+    assert_eq!((task.state, task.try_number), (TaskState::Queued, 2), "the stopped try requeued as try 2");
+    assert_eq!(journal.entries(), vec!["start:slow", "stopped:slow"]);
+    h.start_worker();
+    h.stop().await;
+}
+
 #[tokio::test(start_paused = true)]
 async fn notifications_on_final_failure_once_and_on_retry_when_asked() {
     let (h, _journal) = harness_with(|j, c| {

@@ -91,6 +91,10 @@ pub struct WorkerConfig {
     /// Where the span of each finished try goes (see [`dagmq_core::trace`]); `None` (the
     /// default) records none.
     pub spans: dagmq_core::trace::Spans,
+    /// Fired while the worker stops, ends its grace period at once: running tries are stopped
+    /// and requeued as at its end (a second Ctrl-C, as Celery's cold shutdown). `None` (the
+    /// default): the grace period always runs out.
+    pub hurry: Option<CancelSignal>,
 }
 
 /// Most status updates a worker has on their way at once after their tries gave their slots
@@ -148,6 +152,7 @@ impl WorkerConfig {
             dag_version_wait: DEFAULT_DAG_VERSION_WAIT,
             batch_status: true,
             spans: None,
+            hurry: None,
         }
     }
 }
@@ -265,7 +270,20 @@ pub async fn run(
     if in_flight > 0 {
         tracing::info!(in_flight, grace = ?shared.config.grace_period, "waiting for running tries to finish");
     }
-    if tokio::time::timeout(shared.config.grace_period, slots.acquire_many(all)).await.is_err() {
+    let hurried = async {
+        match &shared.config.hurry {
+            Some(hurry) => hurry.cancelled().await,
+            None => std::future::pending().await,
+        }
+    };
+    let finished = tokio::select! {
+        done = tokio::time::timeout(shared.config.grace_period, slots.acquire_many(all)) => done.is_ok(),
+        () = hurried => {
+            tracing::warn!("told to stop at once: the grace period ends now");
+            false
+        }
+    };
+    if !finished {
         let count = execute::stop_all(&shared, StopReason::Interrupted);
         tracing::warn!(count, "grace period over: requeueing running tries");
         let _ = tokio::time::timeout(Duration::from_secs(30), slots.acquire_many(all)).await;

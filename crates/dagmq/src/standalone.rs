@@ -235,6 +235,7 @@ pub(crate) async fn serve(app: &App, args: &ServeArgs, file: &ConfigFile, role: 
     };
     let (stop_scheduler, scheduler_signal) = CancelSignal::new();
     let (stop_worker, worker_signal) = CancelSignal::new();
+    let (hurry_worker, hurry_signal) = CancelSignal::new();
 
     let mut scheduler = None;
     let mut scheduler_handle: Option<dagmq_scheduler::SchedulerHandle> = None;
@@ -251,6 +252,12 @@ pub(crate) async fn serve(app: &App, args: &ServeArgs, file: &ConfigFile, role: 
         if let Some(timeout) = worker_timeout {
             config.worker_timeout = timeout;
         }
+        // The API's port first: a port taken ends the process before the scheduler takes the
+        // lease or creates a run.
+        let listener = tokio::net::TcpListener::bind((address, port))
+            .await
+            .with_context(|| format!("cannot listen on {bind}:{port}"))
+            .map_err(|e| CliError::runtime(format!("{e:#}")))?;
         let (handle, task) = dagmq_scheduler::spawn(config, queue.clone(), store.clone(), scheduler_signal.clone());
         scheduler_handle = Some(handle.clone());
         let api_config = ApiConfig {
@@ -260,10 +267,6 @@ pub(crate) async fn serve(app: &App, args: &ServeArgs, file: &ConfigFile, role: 
             allowed_hosts: allowed_hosts.clone(),
         };
         scheduler = Some(task);
-        let listener = tokio::net::TcpListener::bind((address, port))
-            .await
-            .with_context(|| format!("cannot listen on {bind}:{port}"))
-            .map_err(|e| CliError::runtime(format!("{e:#}")))?;
         tracing::info!("api on http://{}", listener.local_addr().map(|a| a.to_string()).unwrap_or_default());
         server = Some(tokio::spawn(dagmq_scheduler::api::serve(listener, handle, api_config, scheduler_signal)));
     }
@@ -276,6 +279,7 @@ pub(crate) async fn serve(app: &App, args: &ServeArgs, file: &ConfigFile, role: 
         config.concurrency = concurrency;
         config.tasks = app.tasks.clone();
         config.grace_period = grace_period;
+        config.hurry = Some(hurry_signal);
         config.eager = !args.worker.no_eager;
         config.spans = spans.clone().map(|sink| sink as Arc<dyn SpanSink>);
         if amqp_url.is_none() {
@@ -331,7 +335,18 @@ pub(crate) async fn serve(app: &App, args: &ServeArgs, file: &ConfigFile, role: 
     }
 
     wait_for_signal().await;
-    tracing::info!("shutting down");
+    if worker.is_some() {
+        tracing::info!(grace = ?grace_period, "shutting down: running tries get the grace period to finish (stop again to end it now)");
+    } else {
+        tracing::info!("shutting down");
+    }
+    // A second Ctrl-C or SIGTERM ends the worker's grace period at once (Celery's cold
+    // shutdown): its running tries are stopped and requeued.
+    let second = tokio::spawn(async move {
+        wait_for_signal().await;
+        tracing::warn!("stopped again: ending the grace period now");
+        hurry_worker.cancel();
+    });
     if let Some(stop) = reload_stop {
         stop.cancel();
     }
@@ -346,6 +361,7 @@ pub(crate) async fn serve(app: &App, args: &ServeArgs, file: &ConfigFile, role: 
     if let Some(server) = server {
         let _ = server.await;
     }
+    second.abort();
     if let Some(sink) = spans {
         // The spans of the last tries and runs go out before the process ends.
         let _ = tokio::task::spawn_blocking(move || sink.shutdown()).await;

@@ -354,3 +354,59 @@ fn outputs_reach_downstream_tasks_through_templates_and_the_inputs_file() {
     assert_eq!(report, format!("extract said {{\"path\":\"{path}\",\"rows\":3}}, load said 3\n"), "two steps down");
     assert!(!std::path::Path::new(&path).exists(), "load removed the file it was handed");
 }
+
+/// Sends `signal` (`INT`, `TERM`) to `child`.
+fn signal(child: &std::process::Child, signal: &str) {
+    let status = std::process::Command::new("kill").args([&format!("-{signal}"), &child.id().to_string()]).status();
+    assert!(status.is_ok_and(|s| s.success()), "kill -{signal}");
+}
+
+#[test]
+fn a_second_ctrl_c_ends_the_grace_period_at_once() {
+    let dir = std::env::temp_dir().join(format!("dagmq-e2e-hurry-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("slow.toml"), "id = \"slow\"\n[[task]]\nid = \"wait\"\ncommand = [\"sleep\", \"300\"]\n")
+        .unwrap();
+    let log = dir.join("standalone.log");
+    let mut standalone = Standalone::start_logged_with(&dir, &log, &["--grace-period", "600s"]);
+    let run_id = standalone.json(&["trigger", "slow"])["run_id"].as_str().unwrap().to_string();
+    standalone
+        .wait_until(Duration::from_secs(30), || standalone.json(&["runs", "show", &run_id])["state"] == "running");
+    standalone.wait_until(Duration::from_secs(30), || {
+        standalone.json(&["runs", "show", &run_id])["tasks"][0]["state"] == "running"
+    });
+    let logged = || std::fs::read_to_string(&log).unwrap_or_default();
+    signal(&standalone.child, "INT");
+    standalone.wait_until(Duration::from_secs(30), || logged().contains("stop again to end it now"));
+    assert_eq!(standalone.child.try_wait().unwrap(), None, "the try has 600 s to finish");
+    let second = std::time::Instant::now();
+    signal(&standalone.child, "INT");
+    let deadline = second + Duration::from_secs(20);
+    let status = loop {
+        if let Some(status) = standalone.child.try_wait().unwrap() {
+            break status;
+        }
+        assert!(std::time::Instant::now() < deadline, "still running 20 s after the second Ctrl-C: {}", logged());
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(status.success(), "{status:?}: {}", logged());
+    assert!(logged().contains("stopped again: ending the grace period now"), "{}", logged());
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn a_port_in_use_ends_the_process_before_the_scheduler_starts() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = taken.local_addr().unwrap().port().to_string();
+    let output = crate::support::dagmq()
+        .args(["standalone", "--dags"])
+        .arg(examples())
+        .args(["--port", &port])
+        .env("DAGMQ_LOG", "info")
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(1), "{output:?}");
+    let said = text(&output.stderr);
+    assert!(said.contains(&format!("cannot listen on 127.0.0.1:{port}")), "{said}");
+    assert!(!said.contains("scheduler started") && !said.contains("run created"), "the scheduler ran: {said}");
+}
