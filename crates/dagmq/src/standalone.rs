@@ -45,6 +45,10 @@ pub(crate) async fn serve(app: &App, args: &ServeArgs, file: &ConfigFile, role: 
     let bind = args.common.bind.clone().or_else(|| file.bind.clone()).unwrap_or_else(|| "127.0.0.1".to_string());
     let cores = std::thread::available_parallelism().map_or(1, usize::from);
     let concurrency = args.worker.concurrency.or(file.concurrency).unwrap_or(cores * 4);
+    if concurrency == 0 {
+        let from = if args.worker.concurrency.is_some() { "--concurrency" } else { "the config file's concurrency" };
+        return Err(CliError::usage(format!("{from} is 0: a worker needs at least 1 slot")));
+    }
     let grace_period = match (&args.worker.grace_period, &file.grace_period) {
         (Some(text), _) => {
             dagmq_core::duration::parse_duration(text).map_err(|e| CliError::usage(format!("--grace-period: {e}")))?

@@ -415,6 +415,16 @@ fn each_role_takes_only_its_own_flags_and_lists_only_them() {
     let output = dagmq().args(["worker", "--grace-period", "soon"]).output().unwrap();
     assert_eq!(output.status.code(), Some(2));
     assert!(text(&output.stderr).contains("--grace-period: "), "{}", text(&output.stderr));
+    // A worker of no slots is a usage error, not a worker of one that says 0.
+    for role in ["worker", "standalone"] {
+        let output = dagmq().args([role, "--concurrency", "0", "--dags"]).arg(examples()).output().unwrap();
+        assert_eq!(output.status.code(), Some(2), "{role}: {output:?}");
+        assert!(
+            text(&output.stderr).contains("--concurrency is 0: a worker needs at least 1 slot"),
+            "{}",
+            text(&output.stderr)
+        );
+    }
 }
 
 #[test]
