@@ -289,6 +289,16 @@ async fn cancel_stops_a_running_task() {
     let tasks = h.tasks(&run).await;
     assert_eq!(tasks["slow"].state, TaskState::Cancelled);
     assert_eq!(tasks["next"].state, TaskState::Cancelled);
+    // Its log ends saying it was stopped, not that it failed.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let log = h.store.read_log(&run, "slow", 1, 0).await.unwrap();
+        if log.last().map(String::as_str) == Some("[dagmq] try 1 stopped: cancelled") {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "the log ends {:?}", log.last());
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
     let again = h.scheduler.cancel(&run).await.unwrap_err();
     assert_eq!(again.to_string(), format!("run {run:?} is already cancelled"));
     h.stop().await;

@@ -310,10 +310,16 @@ pub(super) async fn task_logs(
     let Some(task) = store.task(&run_id, &task_id).await? else {
         return Err(not_found_error(format!("run {run_id:?} has no task {task_id:?}")));
     };
+    if task.try_number == 0 {
+        return Err(not_found_error(format!(
+            "task {task_id:?} of run {run_id:?} has not run ({}): it has no log",
+            task.state
+        )));
+    }
     let try_number = query.try_number.unwrap_or(task.try_number);
     if try_number == 0 || try_number > task.try_number {
         return Err(not_found_error(format!(
-            "task {task_id:?} of run {run_id:?} has no try {try_number} (tries so far: {})",
+            "task {task_id:?} of run {run_id:?} has no try {try_number} (its tries are 1 to {})",
             task.try_number
         )));
     }

@@ -158,7 +158,9 @@ pub(super) async fn run_try(
             (None, None) => Err(TaskError::new("task aborted")),
         };
         if let Err(error) = &result {
-            dagmq_core::task::LogSink::line(&sink, format!("[dagmq] try {} failed: {error}", message.try_number));
+            // A try stopped from outside (a cancel, a shutdown, a try taken over) did not fail.
+            let how = if matches!(stop, StopReason::None | StopReason::Timeout) { "failed" } else { "stopped" };
+            dagmq_core::task::LogSink::line(&sink, format!("[dagmq] try {} {how}: {error}", message.try_number));
         }
         let tail = sink.tail();
         drop(sink);

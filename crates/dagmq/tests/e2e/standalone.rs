@@ -410,3 +410,19 @@ fn a_port_in_use_ends_the_process_before_the_scheduler_starts() {
     assert!(said.contains(&format!("cannot listen on 127.0.0.1:{port}")), "{said}");
     assert!(!said.contains("scheduler started") && !said.contains("run created"), "the scheduler ran: {said}");
 }
+
+#[test]
+fn the_log_of_a_task_that_never_ran_says_so() {
+    let standalone = Standalone::start(&examples(), &[]);
+    let run = standalone.json(&["trigger", "cleanup", "--wait"]);
+    let run_id = run["run_id"].as_str().unwrap_or_else(|| panic!("{run}"));
+    // The alert runs only on failure: skipped here, it never ran.
+    let output = standalone.cli(&["logs", run_id, "alert"]);
+    assert_eq!(output.status.code(), Some(2), "{output:?}");
+    assert_eq!(
+        text(&output.stderr).trim(),
+        format!("error: task \"alert\" of run \"{run_id}\" has not run (skipped): it has no log (HTTP 404)")
+    );
+    let output = standalone.cli(&["logs", run_id, "work", "--try", "2"]);
+    assert!(text(&output.stderr).contains("has no try 2 (its tries are 1 to 1)"), "{}", text(&output.stderr));
+}
