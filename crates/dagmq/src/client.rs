@@ -115,7 +115,10 @@ impl HttpClient {
         }
         let fail = |e: reqwest::Error| {
             // reqwest's own text repeats the URL; the causes say what went wrong.
-            let cause = std::error::Error::source(&e).map_or_else(|| e.to_string(), chain);
+            let mut cause = std::error::Error::source(&e).map_or_else(|| e.to_string(), chain);
+            if cause.contains("InvalidContentType") && self.base.starts_with("https://") {
+                cause.push_str(" (the server does not answer in TLS: is it a plain http:// address?)");
+            }
             if e.is_connect() {
                 format!("cannot connect to {} ({method} {target}): {cause}", self.shown)
             } else if e.is_timeout() {

@@ -245,6 +245,19 @@ fn runs_list_pages_back_with_offset_and_sends_its_filters_as_values() {
 }
 
 #[test]
+fn an_https_api_address_of_a_plain_http_server_says_so() {
+    let plain = peer_answering(b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n");
+    let https = plain.replace("http://", "https://");
+    let output = dagmq().args(["runs", "list", "--api", &https]).output().unwrap();
+    assert_eq!(output.status.code(), Some(1), "{output:?}");
+    assert!(
+        text(&output.stderr).contains("(the server does not answer in TLS: is it a plain http:// address?)"),
+        "{}",
+        text(&output.stderr)
+    );
+}
+
+#[test]
 fn the_help_of_dags_and_runs_names_every_subcommand() {
     for group in ["dags", "runs"] {
         let output = dagmq().args([group, "--help"]).output().unwrap();
