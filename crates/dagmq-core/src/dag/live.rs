@@ -75,6 +75,12 @@ impl LiveDags {
         self.read().refused.clone()
     }
 
+    /// Why DAG `dag_id` is not loaded, when a refused file is its: the refusal of the file that
+    /// names it (its reason says `dag "ID"`) or whose name is `ID.toml`.
+    pub fn refusal_of(&self, dag_id: &str) -> Option<String> {
+        self.read().refused.iter().find(|(file, reason)| refused_dag_id(file, reason) == dag_id).map(|(_, r)| r.clone())
+    }
+
     /// `[params]` defaults per DAG.
     pub fn default_params(&self) -> Arc<HashMap<String, crate::task::Params>> {
         self.read().default_params.clone()
@@ -200,6 +206,19 @@ impl DagRegistry {
     pub fn is_empty(&self) -> bool {
         self.dags.is_empty()
     }
+}
+
+/// The id of the DAG of a refused `file`: the one its `reason` names (`dag "ID"`), else the
+/// file's name without its extension (a file refused before its id was read).
+pub fn refused_dag_id(file: &str, reason: &str) -> String {
+    reason
+        .split_once("dag \"")
+        .and_then(|(_, rest)| rest.split_once('"'))
+        .map(|(id, _)| id.to_string())
+        .filter(|id| crate::dag::check_id(id).is_ok())
+        .unwrap_or_else(|| {
+            std::path::Path::new(file).file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default()
+        })
 }
 
 #[cfg(test)]

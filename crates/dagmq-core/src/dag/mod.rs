@@ -23,7 +23,7 @@ mod builder;
 mod live;
 
 pub use builder::{DagBuilder, Pools, check_id, check_pools};
-pub use live::{DagRegistry, LiveDags, content_version, content_version_bytes};
+pub use live::{DagRegistry, LiveDags, content_version, content_version_bytes, refused_dag_id};
 
 /// The default worker pool.
 pub const DEFAULT_QUEUE: &str = "default";

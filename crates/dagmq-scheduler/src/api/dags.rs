@@ -185,9 +185,8 @@ pub(super) async fn list_dags(State(state): State<AppState>) -> ApiResult<Json<V
     }
     // A refused file with no good version: a row of its own, which runs nothing.
     for (file, error) in refused.iter().filter(|(file, _)| !dags.iter().any(|dag| dag.source == *file)) {
-        let stem = std::path::Path::new(file).file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
         views.push(DagView {
-            dag_id: stem,
+            dag_id: dagmq_core::dag::refused_dag_id(file, error),
             version: String::new(),
             description: String::new(),
             schedule: None,

@@ -455,7 +455,7 @@ impl Engine {
 
     pub(super) async fn set_paused(&mut self, dag_id: &str, paused: bool) -> Result<(), CommandError> {
         let Some(dag) = self.config.dags.get(dag_id).cloned() else {
-            return Err(CommandError::NotFound(format!("unknown dag {dag_id:?}")));
+            return Err(self.unknown_dag(dag_id));
         };
         let backend = |e: BackendError| CommandError::Backend(e.to_string());
         let mut record = self.dag_record(&dag).await.map_err(backend)?;

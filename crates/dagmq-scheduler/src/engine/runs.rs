@@ -222,6 +222,17 @@ impl Engine {
         Ok(merged)
     }
 
+    /// Why `dag_id`, which is not loaded, cannot be run: its file's refusal when a refused file
+    /// is its, else that no such DAG exists.
+    pub(super) fn unknown_dag(&self, dag_id: &str) -> CommandError {
+        match self.live.refusal_of(dag_id) {
+            Some(reason) => {
+                CommandError::NotFound(format!("dag {dag_id:?} is not loaded: its file was refused: {reason}"))
+            }
+            None => CommandError::NotFound(format!("unknown dag {dag_id:?}")),
+        }
+    }
+
     /// Creates a run of `dag_id` now (`kind` says who asked: the API or a trigger message).
     pub(super) async fn trigger(
         &mut self,
@@ -231,7 +242,7 @@ impl Engine {
         kind: RunKind,
     ) -> Result<TriggerOutcome, CommandError> {
         let Some(dag) = self.config.dags.get(dag_id).cloned() else {
-            return Err(CommandError::NotFound(format!("unknown dag {dag_id:?}")));
+            return Err(self.unknown_dag(dag_id));
         };
         if let Some(key) = &key
             && (key.is_empty() || key.len() > 200)
@@ -252,7 +263,7 @@ impl Engine {
     ) -> Result<BackfillOutcome, CommandError> {
         let backend = |e: BackendError| CommandError::Backend(e.to_string());
         let Some(dag) = self.config.dags.get(dag_id).cloned() else {
-            return Err(CommandError::NotFound(format!("unknown dag {dag_id:?}")));
+            return Err(self.unknown_dag(dag_id));
         };
         if matches!(dag.schedule, dagmq_core::schedule::Schedule::Manual) {
             return Err(CommandError::BadInput(format!(

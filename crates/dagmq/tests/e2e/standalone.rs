@@ -226,8 +226,9 @@ fn refused_dag_files_are_listed_with_their_reason_and_the_good_ones_run() {
     let dir = std::env::temp_dir().join(format!("dagmq-refused-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     std::fs::copy(examples().join("hello.toml"), dir.join("hello.toml")).unwrap();
+    // A file named otherwise than its DAG (zz_loop.toml holds `loop`) is listed under its DAG.
     std::fs::write(
-        dir.join("loop.toml"),
+        dir.join("zz_loop.toml"),
         "id = \"loop\"\n[[task]]\nid = \"a\"\ncommand = [\"true\"]\nafter = [\"a\"]\n",
     )
     .unwrap();
@@ -235,9 +236,19 @@ fn refused_dag_files_are_listed_with_their_reason_and_the_good_ones_run() {
     let dags = standalone.json(&["dags", "list"]);
     let refused = dags.as_array().unwrap().iter().find(|d| d["error"].is_string()).expect("the refused file is listed");
     assert_eq!(refused["dag_id"], "loop");
-    assert_eq!(refused["error"], format!("{}/loop.toml:3: dag \"loop\": cycle a -> a", dir.display()));
+    let reason = format!("{}/zz_loop.toml:3: dag \"loop\": cycle a -> a", dir.display());
+    assert_eq!(refused["error"], reason);
     let table = standalone.cli(&["dags", "list"]);
     assert!(text(&table.stderr).contains("refused: "), "{}", text(&table.stderr));
+    // Triggering it says why it is not there, not that it does not exist.
+    let output = standalone.cli(&["trigger", "loop"]);
+    assert_eq!(output.status.code(), Some(2), "{output:?}");
+    assert_eq!(
+        text(&output.stderr).trim(),
+        format!("error: dag \"loop\" is not loaded: its file was refused: {reason} (HTTP 404)")
+    );
+    let output = standalone.cli(&["trigger", "nope"]);
+    assert_eq!(text(&output.stderr).trim(), "error: unknown dag \"nope\" (HTTP 404)");
     assert_eq!(trigger_and_wait(&standalone, &["hello"])["state"], "success");
     std::fs::remove_dir_all(&dir).unwrap();
 }
