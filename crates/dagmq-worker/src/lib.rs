@@ -11,6 +11,7 @@ mod execute;
 mod guard;
 mod log_sink;
 mod metrics;
+mod quiet;
 mod status;
 
 use std::collections::HashMap;
@@ -194,6 +195,8 @@ pub(crate) struct Shared {
     /// [`REPORTS_IN_FLIGHT`] in all): a broker that confirms slowly holds new tries back rather
     /// than piling updates up, and the worker waits for them as it stops.
     pub(crate) reports: Arc<Semaphore>,
+    /// Warnings a redelivered message would repeat, written once in a while.
+    pub(crate) quiet: quiet::Quiet,
 }
 
 impl Shared {
@@ -240,6 +243,7 @@ pub async fn run(
         shutdown: shutdown.clone(),
         slots: Arc::new(Semaphore::new(concurrency)),
         reports: Arc::new(Semaphore::new(REPORTS_IN_FLIGHT as usize)),
+        quiet: quiet::Quiet::default(),
         contact: contact::Contact::new(config.worker_timeout),
         config,
         queue,

@@ -134,7 +134,7 @@ impl Reloader {
                 parts.push(format!("removed {}", dag.id));
             }
         }
-        if parts.is_empty() { "no dag changed".to_string() } else { parts.join(", ") }
+        if parts.is_empty() { NO_CHANGE.to_string() } else { parts.join(", ") }
     }
 
     /// Reloads every [`POLL`], on SIGHUP and at once when the process asks
@@ -165,7 +165,13 @@ impl Reloader {
             }
             match self.reload() {
                 Ok(Some(summary)) => {
-                    tracing::info!(dags = self.live.current().len(), "dags reloaded: {summary}");
+                    // A read that changed no DAG (asked for by a try of a version not loaded) is
+                    // not news.
+                    if summary == NO_CHANGE {
+                        tracing::debug!(dags = self.live.current().len(), "dags read again: {summary}");
+                    } else {
+                        tracing::info!(dags = self.live.current().len(), "dags reloaded: {summary}");
+                    }
                     changed().await;
                 }
                 Ok(None) => live.read_done(),
@@ -177,6 +183,9 @@ impl Reloader {
         }
     }
 }
+
+/// What a reload that changed no DAG says.
+const NO_CHANGE: &str = "no dag changed";
 
 /// Why the directory is read again.
 enum Why {

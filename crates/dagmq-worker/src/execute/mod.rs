@@ -160,10 +160,16 @@ async fn settle_unclaimed(shared: &Shared, key: &TryKey, message: &TaskToExec, d
         Settle::Ack => settle(delivery.ack().await),
         Settle::PutBack(why) => {
             shared.config.metrics.version_not_loaded.inc(&[]);
-            tracing::warn!(
-                run = %message.run_id, task = %message.task_id, try_number = message.try_number,
-                "{why} (its dag directory was read again): leaving the try, unclaimed, to another worker"
-            );
+            // The message comes back every few seconds while no other worker takes it.
+            if shared.quiet.due(&why) {
+                tracing::warn!(
+                    run = %message.run_id, task = %message.task_id, try_number = message.try_number,
+                    "{why} (its dag directory was read again): leaving the try, unclaimed, to another worker \
+                     (said again in {} at the earliest)", dagmq_core::duration::format_duration(crate::quiet::QUIET_FOR)
+                );
+            } else {
+                tracing::debug!(run = %message.run_id, task = %message.task_id, "{why}: left to another worker again");
+            }
             fail_point!("worker::version::before_put_back");
             settle(delivery.requeue().await)
         }
