@@ -23,7 +23,7 @@ use axum::{Json, Router};
 use serde::Serialize;
 
 use crate::commands::{CommandError, SchedulerHandle};
-pub use capacity::{Capacity, DagUse, HeldRun, PoolUse, WorkerUse};
+pub use capacity::{Capacity, DagUse, HeldRun, PoolUse, QueueUse, WorkerUse};
 pub use dags::{DagView, ParamView, RunSummary, TaskView};
 pub use dags::{Grid, GridRun};
 use dags::{backfill_dag, dag_grid, list_dags, pause_dag, show_dag, trigger_run, unpause_dag};

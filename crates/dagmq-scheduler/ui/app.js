@@ -336,10 +336,14 @@ const views = {
       || `<tr><td colspan="2" class="muted">none</td></tr>`;
     const workers = c.workers.map(w => `<tr data-worker-use="${esc(w.name)}"><td>${esc(w.name)}</td><td>${esc(w.queues.join(", "))}</td><td data-test="slots">${w.used}/${w.concurrency}</td><td>${w.free}</td></tr>`).join("")
       || `<tr><td colspan="4" class="muted">no live worker</td></tr>`;
+    const queues = (c.queues || []).map(q => `<tr data-queue="${esc(q.queue)}"><td>${esc(q.queue)}</td><td data-test="queued">${q.queued}</td><td>${q.running}</td>
+      <td data-test="consumers">${q.workers} (${q.slots} slots)</td><td class="wrap error" data-test="queue-waiting">${esc(q.waiting_for || "")}</td></tr>`).join("")
+      || `<tr><td colspan="5" class="muted">nothing queued and no live worker</td></tr>`;
     return `<h2>Capacity</h2>
       <div class="card" data-test="pools"><h3>Pools</h3><table><tr><th>Pool</th><th>Used</th><th>Free</th><th>Tasks waiting</th></tr>${pools}</table></div>
       <div class="card" data-test="dag-limits"><h3>DAG limits</h3><table><tr><th>DAG</th><th>Active runs / max_active_runs</th><th>Queued runs</th><th>Active tasks / max_active_tasks</th></tr>${dags}</table></div>
       <div class="card" data-test="held"><h3>Runs held back</h3><table><tr><th>Run</th><th>Waiting for</th></tr>${held}</table></div>
+      <div class="card" data-test="queues"><h3>Worker pools (task queues)</h3><table><tr><th>Pool</th><th>Queued tasks</th><th>Running</th><th>Workers consuming it</th><th>Waiting for</th></tr>${queues}</table></div>
       <div class="card" data-test="worker-slots"><h3>Worker slots</h3><table><tr><th>Worker</th><th>Pools</th><th>Used</th><th>Free</th></tr>${workers}</table></div>`;
   },
   async stats() {

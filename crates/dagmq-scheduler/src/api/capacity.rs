@@ -60,6 +60,24 @@ pub struct WorkerUse {
     pub free: u32,
 }
 
+/// A worker pool (a task queue, `queue` of a task): its backlog and who consumes it.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct QueueUse {
+    /// The pool (`dagmq.tasks.<queue>`).
+    pub queue: String,
+    /// Tasks queued on it, waiting for a worker.
+    pub queued: usize,
+    /// Tasks of it running.
+    pub running: usize,
+    /// Live workers consuming it.
+    pub workers: usize,
+    /// Their slots in all (shared with the other pools they consume).
+    pub slots: u32,
+    /// `no live worker consumes pool Q` while tasks wait on it and no live worker consumes it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub waiting_for: Option<String>,
+}
+
 /// A queued run and what holds it back.
 #[derive(Debug, Serialize, Deserialize)]
 pub struct HeldRun {
@@ -80,6 +98,8 @@ pub struct Capacity {
     pub dags: Vec<DagUse>,
     /// The live workers, by name.
     pub workers: Vec<WorkerUse>,
+    /// Every worker pool with tasks queued or running, or a live worker consuming it, by name.
+    pub queues: Vec<QueueUse>,
     /// Queued runs, oldest first, with what holds each back.
     pub held_runs: Vec<HeldRun>,
 }
@@ -116,6 +136,15 @@ pub(super) async fn capacity(State(state): State<AppState>) -> ApiResult<Json<Ca
         })
         .collect();
     let mut dags: BTreeMap<String, DagUse> = BTreeMap::new();
+    let mut queues: BTreeMap<String, QueueUse> = BTreeMap::new();
+    let queue_use = |queue: &str| QueueUse {
+        queue: queue.to_string(),
+        queued: 0,
+        running: 0,
+        workers: 0,
+        slots: 0,
+        waiting_for: None,
+    };
     for run in &runs {
         let dag = dag_of(&state, run);
         let entry = dags.entry(run.dag_id.clone()).or_insert_with(|| DagUse {
@@ -135,6 +164,11 @@ pub(super) async fn capacity(State(state): State<AppState>) -> ApiResult<Json<Ca
         for task in &tasks {
             let holds = matches!(task.state, TaskState::Queued | TaskState::Running);
             entry.active_tasks += usize::from(holds);
+            if holds {
+                let queue = queues.entry(task.queue.clone()).or_insert_with(|| queue_use(&task.queue));
+                queue.queued += usize::from(task.state == TaskState::Queued);
+                queue.running += usize::from(task.state == TaskState::Running);
+            }
             let spec = dag.as_ref().and_then(|dag| dag.task(&task.task_id));
             let Some(config) = spec.map(|spec| &spec.config) else { continue };
             let Some(pool) = config.pool.as_ref().and_then(|pool| pools.get_mut(pool)) else { continue };
@@ -164,8 +198,20 @@ pub(super) async fn capacity(State(state): State<AppState>) -> ApiResult<Json<Ca
             })
         })
         .collect();
-    let workers = super::stats::live_workers(&state)
-        .await?
+    let live = super::stats::live_workers(&state).await?;
+    for worker in &live {
+        for consumed in &worker.queues {
+            let queue = queues.entry(consumed.clone()).or_insert_with(|| queue_use(consumed));
+            queue.workers += 1;
+            queue.slots = queue.slots.saturating_add(worker.concurrency);
+        }
+    }
+    for queue in queues.values_mut() {
+        if queue.workers == 0 && queue.queued > 0 {
+            queue.waiting_for = Some(format!("no live worker consumes pool {}", queue.queue));
+        }
+    }
+    let workers = live
         .into_iter()
         .map(|worker| {
             let used = u32::try_from(worker.running.len()).unwrap_or(u32::MAX);
@@ -178,5 +224,11 @@ pub(super) async fn capacity(State(state): State<AppState>) -> ApiResult<Json<Ca
             }
         })
         .collect();
-    Ok(Json(Capacity { pools: pools.into_values().collect(), dags: dags.into_values().collect(), workers, held_runs }))
+    Ok(Json(Capacity {
+        pools: pools.into_values().collect(),
+        dags: dags.into_values().collect(),
+        workers,
+        queues: queues.into_values().collect(),
+        held_runs,
+    }))
 }

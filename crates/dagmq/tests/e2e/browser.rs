@@ -1166,6 +1166,15 @@ fn the_capacity_page_shows_pools_limits_held_runs_and_worker_slots() {
     );
     // A worker's running tries reach the registry with its next heartbeat (every 5 s).
     browser.wait_for("return document.querySelector('[data-worker-use] [data-test=slots]').textContent", json!("1/4"));
+    // The worker pool: nothing queued on it (the waiting task waits for max_active_tasks, not for
+    // a worker), one worker of 4 slots consuming it.
+    assert_eq!(
+        browser.script(
+            "const r = document.querySelector('tr[data-queue=default]'); \
+             return [r.querySelector('[data-test=queued]').textContent, r.querySelector('[data-test=consumers]').textContent]"
+        ),
+        json!(["0", "1 (4 slots)"])
+    );
     browser.screenshot("capacity");
     browser.open(&format!("{}/#/runs/{second}", standalone.api));
     browser.wait_for(

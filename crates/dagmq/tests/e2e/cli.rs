@@ -320,6 +320,19 @@ fn a_task_on_a_pool_no_worker_consumes_says_so_and_the_scheduler_logs_it() {
         table.lines().any(|row| row.starts_with("train") && row.contains("queued  no live worker consumes pool gpu")),
         "{table}"
     );
+    // The capacity answer names the pool's backlog and that nobody consumes it.
+    let (status, _, body) = get_with(&standalone.api, "/api/v1/capacity", "");
+    assert_eq!(status, 200, "{body}");
+    let capacity: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(
+        capacity["queues"],
+        serde_json::json!([
+            {"queue": "default", "queued": 0, "running": 0, "workers": 1, "slots": capacity["workers"][0]["concurrency"]},
+            {"queue": "gpu", "queued": 1, "running": 0, "workers": 0, "slots": 0,
+             "waiting_for": "no live worker consumes pool gpu"},
+        ]),
+        "{capacity}"
+    );
     // Logged at the second look that finds it so.
     let logged = || std::fs::read_to_string(&log).unwrap_or_default();
     let line = "tasks queued on pool \"gpu\" wait: no live worker consumes it (live workers consume: default)";
