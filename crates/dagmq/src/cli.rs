@@ -331,6 +331,9 @@ impl From<&WorkerArgs> for ServeArgs {
 /// Flags of `validate`.
 #[derive(Debug, Args)]
 pub struct ValidateArgs {
+    /// DAG files to check (instead of a directory): `dagmq validate dags/*.toml`.
+    #[arg(value_name = "FILE")]
+    pub files: Vec<PathBuf>,
     /// Directory of DAG files (*.toml).
     #[arg(long, env = "DAGMQ_DAGS", value_name = "DIR")]
     pub dags: Option<PathBuf>,

@@ -134,7 +134,7 @@ impl App {
             Command::Worker(args) => standalone::serve(&self, &args.into(), &file, standalone::Role::Worker).await,
             Command::Validate(args) => {
                 let pools = file.pools(&args.pools).map_err(CliError::usage)?;
-                self.validate(args.dags.as_deref().or(file.dags.as_deref()), &pools)
+                self.validate(&args.files, args.dags.as_deref().or(file.dags.as_deref()), &pools)
             }
             Command::Trigger(args) => {
                 client_commands::trigger(&Api::new(&args.client, file.api.as_deref())?, args).await
@@ -151,13 +151,31 @@ impl App {
         }
     }
 
-    /// `dagmq validate`: every refused file on its own line, exit 2 if any.
-    fn validate(&self, dir: Option<&std::path::Path>, pools: &dagmq_core::Pools) -> CliResult<()> {
-        let Some(dir) = dir else {
-            return Err(CliError::usage("validate needs --dags DIR (or DAGMQ_DAGS)"));
-        };
-        let loaded = load::load_dags(Some(dir), &self.dags, &self.tasks, Some(pools))
-            .map_err(|e| CliError::usage(format!("{e:#}")))?;
+    /// `dagmq validate`: every refused file on its own line, exit 2 if any. Checks `files` when
+    /// given, else the directory `dir`.
+    fn validate(
+        &self,
+        files: &[std::path::PathBuf],
+        dir: Option<&std::path::Path>,
+        pools: &dagmq_core::Pools,
+    ) -> CliResult<()> {
+        let loaded = if !files.is_empty() {
+            load::load_paths(files, &self.dags, &self.tasks, Some(pools))
+        } else if let Some(dir) = dir {
+            if dir.is_file() {
+                return Err(CliError::usage(format!(
+                    "--dags {} is a file: give a directory, or the file itself (dagmq validate {0})",
+                    dir.display()
+                )));
+            }
+            load::load_dags(Some(dir), &self.dags, &self.tasks, Some(pools))
+        } else {
+            return Err(CliError::usage(
+                "validate needs DAG files (dagmq validate FILE...) or --dags DIR (DAGMQ_DAGS)",
+            ));
+        }
+        .map_err(|e| CliError::usage(format!("{e:#}")))?;
+        let dir = dir.unwrap_or(std::path::Path::new("."));
         for error in &loaded.errors {
             eprintln!("{error}");
         }

@@ -2,7 +2,7 @@
 //! the file, the line and the reason, and never stop the good ones from loading.
 
 use std::collections::HashMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use anyhow::Context;
 use dagmq_core::dag_file::parse_dag_file_with_pools;
@@ -29,11 +29,24 @@ pub fn load_dags(
     tasks: &TaskRegistry,
     pools: Option<&Pools>,
 ) -> anyhow::Result<LoadedDags> {
+    match dir {
+        Some(dir) => load_paths(&toml_files(dir)?, rust_dags, tasks, pools),
+        None => load_paths(&[], rust_dags, tasks, pools),
+    }
+}
+
+/// Loads the DAG files `paths` (in that order) beside `rust_dags`, as [`load_dags`] loads a
+/// directory's: `dagmq validate FILE...`.
+pub fn load_paths(
+    paths: &[PathBuf],
+    rust_dags: &DagRegistry,
+    tasks: &TaskRegistry,
+    pools: Option<&Pools>,
+) -> anyhow::Result<LoadedDags> {
     check_rust_pools(rust_dags, pools)?;
     let mut loaded =
         LoadedDags { dags: rust_dags.clone(), default_params: HashMap::new(), errors: Vec::new(), refused: Vec::new() };
-    let Some(dir) = dir else { return Ok(loaded) };
-    for (name, result) in load_files(dir, tasks, pools)? {
+    for (name, result) in parse_files(paths, tasks, pools) {
         match result {
             Ok(file) => {
                 let id = file.dag.id.clone();
@@ -62,6 +75,11 @@ pub(crate) fn load_files(
     tasks: &TaskRegistry,
     pools: Option<&Pools>,
 ) -> anyhow::Result<Vec<(String, Result<dagmq_core::dag_file::LoadedDag, String>)>> {
+    Ok(parse_files(&toml_files(dir)?, tasks, pools))
+}
+
+/// The `*.toml` files of `dir`, in name order.
+fn toml_files(dir: &Path) -> anyhow::Result<Vec<PathBuf>> {
     let entries =
         std::fs::read_dir(dir).with_context(|| format!("cannot read the dags directory {}", dir.display()))?;
     let mut files: Vec<_> = entries
@@ -70,8 +88,17 @@ pub(crate) fn load_files(
         .filter(|p| p.extension().is_some_and(|x| x == "toml"))
         .collect();
     files.sort();
-    Ok(files
-        .into_iter()
+    Ok(files)
+}
+
+/// Each of `paths` parsed, or refused with `file:line: reason`.
+fn parse_files(
+    paths: &[PathBuf],
+    tasks: &TaskRegistry,
+    pools: Option<&Pools>,
+) -> Vec<(String, Result<dagmq_core::dag_file::LoadedDag, String>)> {
+    paths
+        .iter()
         .map(|path| {
             let name = path.display().to_string();
             let result = match std::fs::read_to_string(&path) {
@@ -80,7 +107,7 @@ pub(crate) fn load_files(
             };
             (name, result)
         })
-        .collect())
+        .collect()
 }
 
 fn add(loaded: &mut LoadedDags, dag: Dag, file: &str) {

@@ -10,6 +10,34 @@ fn examples_validate() {
 }
 
 #[test]
+fn single_files_validate_as_a_directorys_do() {
+    let good = examples().join("hello.toml");
+    let output = dagmq().arg("validate").arg(&good).arg(examples().join("params.toml")).output().unwrap();
+    assert!(output.status.success(), "{}", text(&output.stderr));
+    assert_eq!(text(&output.stdout), "2 dags ok\n");
+    let dir = std::env::temp_dir().join(format!("dagmq-validate-files-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let bad = dir.join("bad.toml");
+    std::fs::write(&bad, "id = \"bad\"\n[[task]]\nid = \"x\"\ncommand = [\"true\"]\nafter = [\"nope\"]\n").unwrap();
+    let output = dagmq().arg("validate").arg(&good).arg(&bad).output().unwrap();
+    assert_eq!(output.status.code(), Some(2));
+    let stderr = text(&output.stderr);
+    assert!(stderr.contains(&format!("{}:", bad.display())) && stderr.contains("nope"), "{stderr}");
+    assert!(stderr.trim_end().ends_with("error: 1 of the dag files are invalid"), "{stderr}");
+    // --dags names a directory; a file there says how to check it.
+    let output = dagmq().args(["validate", "--dags"]).arg(&good).output().unwrap();
+    assert_eq!(output.status.code(), Some(2));
+    assert_eq!(
+        text(&output.stderr).trim(),
+        format!(
+            "error: --dags {0} is a file: give a directory, or the file itself (dagmq validate {0})",
+            good.display()
+        )
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
 fn bad_files_exit_2_with_file_line_and_reason() {
     let dir = std::env::temp_dir().join(format!("dagmq-validate-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
