@@ -353,10 +353,10 @@ pub(crate) async fn runs(api: &Api, command: &RunsCommand) -> CliResult<()> {
         RunsCommand::List { dag_id, status, limit, offset } => {
             let mut query = format!("?limit={limit}&offset={offset}");
             if let Some(dag_id) = dag_id {
-                query.push_str(&format!("&dag_id={}", query_value(&dag_id)));
+                query.push_str(&format!("&dag_id={}", query_value(dag_id)));
             }
             if let Some(status) = status {
-                query.push_str(&format!("&status={}", query_value(&status)));
+                query.push_str(&format!("&status={}", query_value(status)));
             }
             let runs = api.call("GET", &format!("/api/v1/runs{query}"), None).await?;
             if api.json {

@@ -101,7 +101,7 @@ fn parse_files(
         .iter()
         .map(|path| {
             let name = path.display().to_string();
-            let result = match std::fs::read_to_string(&path) {
+            let result = match std::fs::read_to_string(path) {
                 Ok(text) => parse_dag_file_with_pools(&name, &text, tasks, pools).map_err(|e| e.to_string()),
                 Err(err) => Err(format!("{name}: cannot read: {err}")),
             };
