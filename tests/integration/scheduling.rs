@@ -622,6 +622,18 @@ async fn a_worker_told_to_hurry_while_stopping_ends_its_grace_period_at_once() {
     let task = &h.tasks(&run).await["slow"];
     assert_eq!((task.state, task.try_number), (TaskState::Queued, 2), "the stopped try requeued as try 2");
     assert_eq!(journal.entries(), vec!["start:slow", "stopped:slow"]);
+    // Try 1 is filed with why it ended and the last lines of its own log.
+    let filed = &task.tries[0];
+    assert_eq!(
+        (filed.outcome.as_str(), filed.error.as_deref()),
+        ("interrupted", Some("try 1 interrupted: worker worker-2 shut down"))
+    );
+    assert!(
+        filed.log_tail.last().is_some_and(|line| line.starts_with("[dagmq] try 1 stopped: ")),
+        "{:?}",
+        filed.log_tail
+    );
+    assert!(task.log_tail.is_empty(), "try 2 begins with no lines: {:?}", task.log_tail);
     h.start_worker();
     h.stop().await;
 }

@@ -174,6 +174,29 @@ pub struct TryRecord {
     pub log_tail: Vec<String>,
 }
 
+/// Longest error a task keeps, in bytes (the current try's and each filed try's): a longer one is
+/// cut at a character boundary and ends with [`ERROR_CUT_MARKER`], so that a task retried many
+/// times with a large error does not grow its record (read and rewritten at every transition)
+/// without bound.
+pub const MAX_ERROR_BYTES: usize = 4096;
+
+/// Ends an error cut at [`MAX_ERROR_BYTES`].
+pub const ERROR_CUT_MARKER: &str = " [dagmq: error cut at 4 KiB]";
+
+/// `error` cut to [`MAX_ERROR_BYTES`], marked when cut.
+pub fn cut_error(mut error: String) -> String {
+    if error.len() <= MAX_ERROR_BYTES {
+        return error;
+    }
+    let mut end = MAX_ERROR_BYTES;
+    while !error.is_char_boundary(end) {
+        end -= 1;
+    }
+    error.truncate(end);
+    error.push_str(ERROR_CUT_MARKER);
+    error
+}
+
 /// How many of a task's filed tries keep the last lines of their log ([`TryRecord::log_tail`]),
 /// the newest ones: with [`LOG_TAIL_LINES`] lines of at most [`LOG_TAIL_LINE_BYTES`] each, a
 /// task's record grows by at most 25 KB for them however often it is retried.
@@ -198,7 +221,7 @@ impl TaskInstance {
             started_at: self.started_at,
             ended_at: self.ended_at.or(self.started_at.map(|_| now)),
             worker: self.worker.clone(),
-            error: self.error.clone(),
+            error: self.error.clone().map(cut_error),
             log_tail: self.log_tail.clone(),
         });
         let keeping_tails = self.tries.len().saturating_sub(LOG_TAIL_TRIES);
@@ -232,6 +255,7 @@ impl TaskInstance {
         new.worker = None;
         new.worker_instance = None;
         new.error = None;
+        new.log_tail.clear();
         new.progress = None;
         new.follow_ups.clear();
         new
@@ -372,6 +396,44 @@ pub struct DagRecord {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_error_is_kept_to_4_kib_in_the_task_and_in_each_filed_try() {
+        let now = Utc::now();
+        let mut task = TaskInstance::pending("t", vec![], "default", 60);
+        let error = "é".repeat(50 * 1024);
+        for try_number in 1..=50 {
+            task.try_number = try_number;
+            task.error = Some(cut_error(error.clone()));
+            task.close_try("up_for_retry", now);
+        }
+        let cut = task.tries[0].error.as_deref().unwrap();
+        assert!(
+            cut.len() <= MAX_ERROR_BYTES + ERROR_CUT_MARKER.len() && cut.ends_with(ERROR_CUT_MARKER),
+            "{}",
+            cut.len()
+        );
+        let bytes = serde_json::to_string(&task).unwrap_or_default().len();
+        assert!(bytes < 300 * 1024, "a task record of {bytes} bytes");
+        assert_eq!(cut_error("short".to_string()), "short");
+    }
+
+    #[test]
+    fn a_new_try_starts_without_the_lines_of_the_one_before() {
+        let now = Utc::now();
+        let mut task = TaskInstance::pending("t", vec![], "default", 3);
+        task.state = TaskState::UpForRetry;
+        task.try_number = 1;
+        task.error = Some("try 1 failed".into());
+        task.log_tail = vec!["line of try 1".into()];
+        let mut second = task.next_try(now);
+        assert!(second.log_tail.is_empty(), "try 2 begins with try 1's lines");
+        assert_eq!(second.tries[0].log_tail, ["line of try 1"], "they are filed with try 1");
+        second.state = TaskState::Running;
+        let next = second.after_interruption(now, "try 2 interrupted: worker w lost".into());
+        assert_eq!(next.tries[1].try_number, 2);
+        assert!(next.tries[1].log_tail.is_empty(), "try 2 filed with try 1's lines: {:?}", next.tries[1].log_tail);
+    }
 
     #[test]
     fn an_interrupted_try_is_filed_with_its_reason() {

@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use dagmq_core::fail_point;
 use dagmq_core::messages::{self, StatusUpdate, TaskToExec, VERSION};
+use dagmq_core::records::cut_error;
 use dagmq_core::store::{EagerClaim, NextClaim};
 use dagmq_core::trace::{FinishedSpan, SpanValue, TRACEPARENT_HEADER, TraceParent, new_span_id};
 use dagmq_core::{BackendError, FollowUp, RunState, TaskError, TaskInstance, TaskOutcome, TaskState, Topic};
@@ -168,7 +169,7 @@ fn try_span(
             ("dagmq.state", SpanValue::Str(state.to_string())),
         ],
         error: match error {
-            Some(error) if state != "success" => Some(error.message.clone()),
+            Some(error) if state != "success" => Some(cut_error(error.message.clone())),
             _ => None,
         },
     }
@@ -205,9 +206,12 @@ async fn record_outcome(
         // stopped as the suspension stops it (the suspension's own pass over the tasks may have
         // failed, or not reached this one yet), and resuming the run queues the next.
         let suspended = store.run(&message.run_id).await?.is_some_and(|run| run.state == RunState::Suspended);
-        let next = match running.stopped_by_suspension(now) {
+        // The stopped try is filed with the last lines of its own log.
+        let mut ended = running.clone();
+        ended.log_tail = tail.to_vec();
+        let next = match ended.stopped_by_suspension(now) {
             Some(stopped) if suspended => stopped,
-            _ => running.after_interruption(now, why),
+            _ => ended.after_interruption(now, why),
         };
         if !store.transition_task(&message.run_id, TaskState::Running, running.try_number, &next).await? {
             // Applied by an earlier attempt whose publish failed, or the task moved on.
@@ -242,13 +246,13 @@ async fn record_outcome(
             }
             Err(reason) => {
                 done.state = TaskState::Failed;
-                done.error = Some(reason);
+                done.error = Some(cut_error(reason));
             }
         },
         Err(error) => {
             let retry = error.retryable && running.try_number < running.max_try;
             done.state = if retry { TaskState::UpForRetry } else { TaskState::Failed };
-            done.error = Some(error.message.clone());
+            done.error = Some(cut_error(error.message.clone()));
         }
     }
     // A failed try keeps the last lines of its log with it: why it failed, at no log read.

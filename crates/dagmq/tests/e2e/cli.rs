@@ -193,14 +193,14 @@ fn an_api_address_that_is_not_dagmq_is_named_as_such() {
     );
     let json_list = peer_answering(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 2\r\n\r\n[]");
     for (api, what) in [
-        (web, "GET /api/v1/runs?limit=20 answered HTTP 404 without JSON"),
+        (web, "GET /api/v1/runs?limit=20&offset=0 answered HTTP 404 without JSON"),
         (closes, "GET "),
         (
             json_error,
-            "GET /api/v1/runs?limit=20 answered HTTP 404 ({\"error\":\"Object Not Found\",\"reason\":\"Not Found\"}) \
+            "GET /api/v1/runs?limit=20&offset=0 answered HTTP 404 ({\"error\":\"Object Not Found\",\"reason\":\"Not Found\"}) \
              without the dagmq-api header",
         ),
-        (json_list, "GET /api/v1/runs?limit=20 answered HTTP 200 ([]) without the dagmq-api header"),
+        (json_list, "GET /api/v1/runs?limit=20&offset=0 answered HTTP 200 ([]) without the dagmq-api header"),
     ] {
         let output = dagmq().args(["runs", "list", "--api", &api]).output().unwrap();
         assert_eq!(output.status.code(), Some(1), "{output:?}");
