@@ -737,6 +737,10 @@ async function render() {
         <div class="card"><div class="error" data-test="page-error">${esc(e.message)}</div>
         <div class="row muted">${e.status === 404 ? "it may have been removed, or never existed here" : "the page is tried again every 1.5 s"}</div></div>`);
       page.shown = location.hash;
+      // What the page shows is no answer's: the next render builds the page again, whether or
+      // not its answers changed since they were last read, and keeps polling until it does.
+      page.dirty = true;
+      page.settled = false;
       document.querySelectorAll("header a").forEach(a => a.classList.toggle("active", a.dataset.nav === (parts[0] || "dags")));
       document.getElementById("updated").textContent = "";
     }

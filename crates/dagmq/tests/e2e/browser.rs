@@ -1096,6 +1096,23 @@ fn an_unknown_run_or_dag_replaces_the_page_before_with_why() {
         browser.wait_for("return document.querySelector('[data-test=dag-graph] svg') !== null", json!(true));
         assert_eq!(browser.script("return document.querySelector('[data-test=page-error]')"), Value::Null);
     }
+    // A page seen before, reached again while the API does not answer, comes back when it does,
+    // though its answers have not changed (the same ETags), a finished run's page too.
+    let run = standalone.json(&["trigger", "hello", "--wait"]);
+    let run_id = run["run_id"].as_str().unwrap().to_string();
+    browser.script(&format!("location.hash = '#/runs/{run_id}'; return null"));
+    browser.wait_for("return document.querySelector('[data-test=tasks]') !== null && page.settled", json!(true));
+    browser.script("location.hash = '#/workers'; return null");
+    browser.wait_for("return document.querySelector('main h2')?.textContent ?? null", json!("Workers"));
+    browser.script("window.realFetch = window.fetch; window.fetch = () => Promise.reject(new TypeError('Failed to fetch')); return null");
+    browser.script(&format!("location.hash = '#/runs/{run_id}'; return null"));
+    browser.wait_for(
+        "return document.querySelector('[data-test=page-error]')?.textContent ?? null",
+        json!("Failed to fetch"),
+    );
+    browser.script("window.fetch = window.realFetch; return null");
+    browser.wait_for("return document.querySelector('[data-test=tasks]') !== null", json!(true));
+    assert_eq!(browser.script("return document.querySelector('[data-test=page-error]')"), Value::Null);
 }
 
 /// Asserts that `times` (pairs of shown text and hover title) are at least `least`, each shown
