@@ -281,6 +281,8 @@ pub async fn run(
         }
     };
     let finished = tokio::select! {
+        // Tries that have all ended are not stopped, whatever was asked meanwhile.
+        biased;
         done = tokio::time::timeout(shared.config.grace_period, slots.acquire_many(all)) => done.is_ok(),
         () = hurried => {
             tracing::warn!("told to stop at once: the grace period ends now");

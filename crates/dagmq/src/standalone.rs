@@ -45,7 +45,7 @@ pub(crate) async fn serve(app: &App, args: &ServeArgs, file: &ConfigFile, role: 
     let bind = args.common.bind.clone().or_else(|| file.bind.clone()).unwrap_or_else(|| "127.0.0.1".to_string());
     let cores = std::thread::available_parallelism().map_or(1, usize::from);
     let concurrency = args.worker.concurrency.or(file.concurrency).unwrap_or(cores * 4);
-    if concurrency == 0 {
+    if concurrency == 0 && role != Role::Scheduler {
         let from = if args.worker.concurrency.is_some() { "--concurrency" } else { "the config file's concurrency" };
         return Err(CliError::usage(format!("{from} is 0: a worker needs at least 1 slot")));
     }
@@ -241,6 +241,18 @@ pub(crate) async fn serve(app: &App, args: &ServeArgs, file: &ConfigFile, role: 
     let (stop_worker, worker_signal) = CancelSignal::new();
     let (hurry_worker, hurry_signal) = CancelSignal::new();
 
+    // The worker's metrics port before anything starts, as the API's: one in use ends the
+    // process first.
+    let metrics_listener = match args.worker.metrics_port.filter(|_| role != Role::Scheduler) {
+        Some(metrics_port) => Some((
+            metrics_port,
+            tokio::net::TcpListener::bind((address, metrics_port))
+                .await
+                .with_context(|| format!("cannot listen on {bind}:{metrics_port}"))
+                .map_err(|e| CliError::runtime(format!("{e:#}")))?,
+        )),
+        None => None,
+    };
     let mut scheduler = None;
     let mut scheduler_handle: Option<dagmq_scheduler::SchedulerHandle> = None;
     let mut reload_stop = None;
@@ -306,11 +318,7 @@ pub(crate) async fn serve(app: &App, args: &ServeArgs, file: &ConfigFile, role: 
         if !args.worker.queues.is_empty() {
             config.queues = args.worker.queues.clone();
         }
-        if let Some(metrics_port) = args.worker.metrics_port {
-            let listener = tokio::net::TcpListener::bind((address, metrics_port))
-                .await
-                .with_context(|| format!("cannot listen on {bind}:{metrics_port}"))
-                .map_err(|e| CliError::runtime(format!("{e:#}")))?;
+        if let Some((metrics_port, listener)) = metrics_listener {
             let metrics = config.metrics.clone();
             tracing::info!("worker metrics on http://{bind}:{metrics_port}/metrics");
             tokio::spawn(dagmq_scheduler::api::serve_metrics(

@@ -78,7 +78,12 @@ impl LiveDags {
     /// Why DAG `dag_id` is not loaded, when a refused file is its: the refusal of the file that
     /// names it (its reason says `dag "ID"`) or whose name is `ID.toml`.
     pub fn refusal_of(&self, dag_id: &str) -> Option<String> {
-        self.read().refused.iter().find(|(file, reason)| refused_dag_id(file, reason) == dag_id).map(|(_, r)| r.clone())
+        let state = self.read();
+        state
+            .refused
+            .iter()
+            .find(|(file, reason)| refused_dag_id(file, reason, &state.current) == dag_id)
+            .map(|(_, r)| r.clone())
     }
 
     /// `[params]` defaults per DAG.
@@ -208,14 +213,15 @@ impl DagRegistry {
     }
 }
 
-/// The id of the DAG of a refused `file`: the one its `reason` names (`dag "ID"`), else the
-/// file's name without its extension (a file refused before its id was read).
-pub fn refused_dag_id(file: &str, reason: &str) -> String {
+/// The id of the DAG of a refused `file`: the one its `reason` names (`dag "ID"`) unless a DAG of
+/// that id is `loaded` (from another file: the refused one repeats its id), else the file's name
+/// without its extension (a file refused before its id was read).
+pub fn refused_dag_id(file: &str, reason: &str, loaded: &DagRegistry) -> String {
     reason
         .split_once("dag \"")
         .and_then(|(_, rest)| rest.split_once('"'))
         .map(|(id, _)| id.to_string())
-        .filter(|id| crate::dag::check_id(id).is_ok())
+        .filter(|id| crate::dag::check_id(id).is_ok() && loaded.get(id).is_none())
         .unwrap_or_else(|| {
             std::path::Path::new(file).file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default()
         })
@@ -225,6 +231,32 @@ pub fn refused_dag_id(file: &str, reason: &str) -> String {
 mod tests {
     use super::*;
     use crate::dag::TaskSpec;
+
+    #[test]
+    fn a_refused_file_is_the_dag_it_names_unless_that_dag_is_loaded_from_another() {
+        let mut loaded = DagRegistry::default();
+        let mut a = crate::Dag::builder("a").task(cmd("t")).build().unwrap();
+        a.source = "dags/a.toml".to_string();
+        loaded.add(a).unwrap();
+        assert_eq!(
+            refused_dag_id("dags/zz_loop.toml", "dags/zz_loop.toml:3: dag \"loop\": cycle x -> x", &loaded),
+            "loop"
+        );
+        let twice = "dags/b.toml: dag \"a\": defined twice: in dags/a.toml and in dags/b.toml";
+        assert_eq!(refused_dag_id("dags/b.toml", twice, &loaded), "b", "a is loaded from a.toml");
+        assert_eq!(refused_dag_id("dags/c.toml", "dags/c.toml:2: expected `=`", &loaded), "c", "no id read");
+        let live = LiveDags::new(
+            loaded,
+            vec![
+                ("dags/zz_loop.toml".into(), "dags/zz_loop.toml:3: dag \"loop\": cycle".into()),
+                ("dags/b.toml".into(), twice.into()),
+            ],
+            HashMap::new(),
+        );
+        assert_eq!(live.refusal_of("loop").as_deref(), Some("dags/zz_loop.toml:3: dag \"loop\": cycle"));
+        assert_eq!(live.refusal_of("b").as_deref(), Some(twice));
+        assert_eq!(live.refusal_of("lo"), None, "ids are compared whole");
+    }
 
     fn cmd(id: &str) -> TaskSpec {
         TaskSpec::command(id, ["true"])

@@ -186,7 +186,7 @@ pub(super) async fn list_dags(State(state): State<AppState>) -> ApiResult<Json<V
     // A refused file with no good version: a row of its own, which runs nothing.
     for (file, error) in refused.iter().filter(|(file, _)| !dags.iter().any(|dag| dag.source == *file)) {
         views.push(DagView {
-            dag_id: dagmq_core::dag::refused_dag_id(file, error),
+            dag_id: dagmq_core::dag::refused_dag_id(file, error, &dags),
             version: String::new(),
             description: String::new(),
             schedule: None,

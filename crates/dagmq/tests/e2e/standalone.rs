@@ -409,17 +409,37 @@ fn a_second_ctrl_c_ends_the_grace_period_at_once() {
 fn a_port_in_use_ends_the_process_before_the_scheduler_starts() {
     let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let port = taken.local_addr().unwrap().port().to_string();
-    let output = crate::support::dagmq()
-        .args(["standalone", "--dags"])
-        .arg(examples())
-        .args(["--port", &port])
-        .env("DAGMQ_LOG", "info")
-        .output()
-        .unwrap();
-    assert_eq!(output.status.code(), Some(1), "{output:?}");
-    let said = text(&output.stderr);
-    assert!(said.contains(&format!("cannot listen on 127.0.0.1:{port}")), "{said}");
-    assert!(!said.contains("scheduler started") && !said.contains("run created"), "the scheduler ran: {said}");
+    let free = crate::support::free_port().to_string();
+    for flags in [["--port", &port, "--metrics-port", &free], ["--port", &free, "--metrics-port", &port]] {
+        let output = crate::support::dagmq()
+            .args(["standalone", "--dags"])
+            .arg(examples())
+            .args(flags)
+            .env("DAGMQ_LOG", "info")
+            .output()
+            .unwrap();
+        assert_eq!(output.status.code(), Some(1), "{flags:?}: {output:?}");
+        let said = text(&output.stderr);
+        assert!(said.contains(&format!("cannot listen on 127.0.0.1:{port}")), "{flags:?}: {said}");
+        assert!(
+            !said.contains("scheduler started") && !said.contains("run created"),
+            "{flags:?}: the scheduler ran: {said}"
+        );
+    }
+}
+
+#[test]
+fn a_config_files_worker_settings_do_not_stop_a_scheduler() {
+    let dir = std::env::temp_dir().join(format!("dagmq-e2e-shared-config-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let config = dir.join("dagmq.toml");
+    std::fs::write(&config, "concurrency = 0\n").unwrap();
+    let output = crate::support::dagmq().args(["scheduler", "--config"]).arg(&config).output().unwrap();
+    assert!(!text(&output.stderr).contains("concurrency"), "{}", text(&output.stderr));
+    let output = crate::support::dagmq().args(["standalone", "--config"]).arg(&config).output().unwrap();
+    assert_eq!(output.status.code(), Some(2));
+    assert!(text(&output.stderr).contains("the config file's concurrency is 0"), "{}", text(&output.stderr));
+    let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[test]
