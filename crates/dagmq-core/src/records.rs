@@ -184,17 +184,8 @@ pub const MAX_ERROR_BYTES: usize = 4096;
 pub const ERROR_CUT_MARKER: &str = " [dagmq: error cut at 4 KiB]";
 
 /// `error` cut to [`MAX_ERROR_BYTES`], marked when cut.
-pub fn cut_error(mut error: String) -> String {
-    if error.len() <= MAX_ERROR_BYTES {
-        return error;
-    }
-    let mut end = MAX_ERROR_BYTES;
-    while !error.is_char_boundary(end) {
-        end -= 1;
-    }
-    error.truncate(end);
-    error.push_str(ERROR_CUT_MARKER);
-    error
+pub fn cut_error(error: String) -> String {
+    crate::store::cut_marked(error, MAX_ERROR_BYTES, ERROR_CUT_MARKER)
 }
 
 /// How many of a task's filed tries keep the last lines of their log ([`TryRecord::log_tail`]),

@@ -34,17 +34,23 @@ pub const MAX_LOG_LINE_BYTES: usize = 64 * 1024;
 pub const LINE_CUT_MARKER: &str = " [dagmq: line cut at 64 KiB]";
 
 /// Cuts a line to [`MAX_LOG_LINE_BYTES`] (at a character boundary) and marks the cut.
-pub fn cut_line(mut line: String) -> String {
-    if line.len() <= MAX_LOG_LINE_BYTES {
-        return line;
+pub fn cut_line(line: String) -> String {
+    cut_marked(line, MAX_LOG_LINE_BYTES, LINE_CUT_MARKER)
+}
+
+/// `text` cut to `max` bytes at a character boundary, then ended with `marker`; as it is when
+/// not longer.
+pub fn cut_marked(mut text: String, max: usize, marker: &str) -> String {
+    if text.len() <= max {
+        return text;
     }
-    let mut end = MAX_LOG_LINE_BYTES;
-    while !line.is_char_boundary(end) {
+    let mut end = max;
+    while !text.is_char_boundary(end) {
         end -= 1;
     }
-    line.truncate(end);
-    line.push_str(LINE_CUT_MARKER);
-    line
+    text.truncate(end);
+    text.push_str(marker);
+    text
 }
 
 /// One term of the scheduler lease, as the store granted it: who asked, and the term's number.
