@@ -72,11 +72,7 @@ impl Api {
             return Err(not_dagmq(format!("{method} {path} answered HTTP {} without JSON", response.status)));
         };
         if response.api_version.is_none() {
-            let mut said = value.to_string();
-            if said.len() > 200 {
-                said.truncate(said.floor_char_boundary(200));
-                said.push_str("...");
-            }
+            let said = dagmq_core::store::cut_marked(value.to_string(), 200, "...");
             return Err(not_dagmq(format!(
                 "{method} {path} answered HTTP {} ({said}) without the {} header",
                 response.status,

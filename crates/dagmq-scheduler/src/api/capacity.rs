@@ -61,7 +61,7 @@ pub struct WorkerUse {
 }
 
 /// A worker pool (a task queue, `queue` of a task): its backlog and who consumes it.
-#[derive(Debug, Serialize, Deserialize)]
+#[derive(Debug, Default, Serialize, Deserialize)]
 pub struct QueueUse {
     /// The pool (`dagmq.tasks.<queue>`).
     pub queue: String,
@@ -137,14 +137,7 @@ pub(super) async fn capacity(State(state): State<AppState>) -> ApiResult<Json<Ca
         .collect();
     let mut dags: BTreeMap<String, DagUse> = BTreeMap::new();
     let mut queues: BTreeMap<String, QueueUse> = BTreeMap::new();
-    let queue_use = |queue: &str| QueueUse {
-        queue: queue.to_string(),
-        queued: 0,
-        running: 0,
-        workers: 0,
-        slots: 0,
-        waiting_for: None,
-    };
+    let queue_use = |queue: &str| QueueUse { queue: queue.to_string(), ..QueueUse::default() };
     for run in &runs {
         let dag = dag_of(&state, run);
         let entry = dags.entry(run.dag_id.clone()).or_insert_with(|| DagUse {

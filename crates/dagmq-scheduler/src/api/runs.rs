@@ -11,7 +11,7 @@ use axum::http::StatusCode;
 use chrono::{DateTime, Utc};
 use dagmq_core::store::RunFilter;
 use dagmq_core::task::mask_params;
-use dagmq_core::{RunKind, RunRecord, RunState, TaskInstance, TaskState};
+use dagmq_core::{Dag, RunKind, RunRecord, RunState, TaskInstance, TaskState};
 use serde::{Deserialize, Serialize};
 
 use super::{ApiError, ApiQuery, ApiResult, AppState, MAX_LIMIT, bad_request, json_body, not_found_error};
@@ -174,11 +174,12 @@ pub struct RunDetail {
     pub tasks: Vec<serde_json::Value>,
 }
 
-/// Puts `tasks` in the order of `run`'s DAG version (every task after its upstreams), or of the
-/// DAG as loaded now when this process has not loaded that version; tasks the DAG does not name
-/// (follow-ups) go last, by id.
-fn sort_in_graph_order(state: &AppState, run: &RunRecord, tasks: &mut [TaskInstance]) {
-    let Some(dag) = super::capacity::dag_of(state, run) else {
+/// Puts `tasks` in the order of their run's `dag` (the version the run was created with, or the
+/// DAG as loaded now when this process has not loaded that version: `capacity::dag_of`; by id
+/// without either), every task after its upstreams; tasks the DAG does not name (follow-ups) go
+/// last, by id.
+fn sort_in_graph_order(dag: Option<&Dag>, tasks: &mut [TaskInstance]) {
+    let Some(dag) = dag else {
         tasks.sort_by(|a, b| a.task_id.cmp(&b.task_id));
         return;
     };
@@ -213,8 +214,9 @@ pub(super) async fn show_run(State(state): State<AppState>, Path(run_id): Path<S
     };
     run.params = mask_params(&run.params);
     let mut tasks = store.tasks(&run_id).await?;
-    sort_in_graph_order(&state, &run, &mut tasks);
-    let timezone = super::capacity::dag_of(&state, &run).map(|dag| dag.timezone.name().to_string());
+    let dag = super::capacity::dag_of(&state, &run);
+    sort_in_graph_order(dag.as_deref(), &mut tasks);
+    let timezone = dag.map(|dag| dag.timezone.name().to_string());
     let task_counts = count_states(&tasks);
     let mut views = Vec::with_capacity(tasks.len());
     for task in &tasks {
