@@ -691,6 +691,9 @@ let rendering = false;
 async function render() {
   if (rendering) return;
   rendering = true;
+  // The header's tab of the page: its first part (dags, runs, workers, ...).
+  const section = (location.hash.slice(1) || "/dags").split("?")[0].split("/").filter(Boolean)[0] || "dags";
+  const markTab = () => document.querySelectorAll("header a").forEach(a => a.classList.toggle("active", a.dataset.nav === section));
   try {
     const [path, search] = (location.hash.slice(1) || "/dags").split("?");
     const query = new URLSearchParams(search || "");
@@ -724,7 +727,7 @@ async function render() {
     // answer, building the view and patching the page (the browser tests bound it).
     page.scriptMs = performance.now() - Math.max(started, page.answeredAt);
     if (html !== null) { page.scriptTimes.push(Math.round(page.scriptMs * 10) / 10); if (page.scriptTimes.length > 1000) page.scriptTimes.shift(); }
-    document.querySelectorAll("header a").forEach(a => a.classList.toggle("active", a.dataset.nav === (parts[0] || "dags")));
+    markTab();
     document.getElementById("updated").textContent = (page.settled ? "finished; not refreshed since " : "updated ") + new Date().toLocaleTimeString();
     refreshBanner("");
   } catch (e) {
@@ -732,7 +735,6 @@ async function render() {
     // API did not answer, is replaced by what went wrong, never left showing the page before;
     // a refresh of a page already shown that fails keeps it, under the banner.
     if (e.status === 404 || page.shown !== location.hash) {
-      const parts = (location.hash.slice(1) || "/dags").split("?")[0].split("/").filter(Boolean);
       morph(document.getElementById("view"), `<h2>${e.status === 404 ? "Not found" : "Cannot show this page"}</h2>
         <div class="card"><div class="error" data-test="page-error">${esc(e.message)}</div>
         <div class="row muted">${e.status === 404 ? "it may have been removed, or never existed here" : "the page is tried again every 1.5 s"}</div></div>`);
@@ -741,7 +743,7 @@ async function render() {
       // not its answers changed since they were last read, and keeps polling until it does.
       page.dirty = true;
       page.settled = false;
-      document.querySelectorAll("header a").forEach(a => a.classList.toggle("active", a.dataset.nav === (parts[0] || "dags")));
+      markTab();
       document.getElementById("updated").textContent = "";
     }
     refreshBanner(e.message);

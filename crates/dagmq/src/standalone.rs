@@ -244,13 +244,7 @@ pub(crate) async fn serve(app: &App, args: &ServeArgs, file: &ConfigFile, role: 
     // The worker's metrics port before anything starts, as the API's: one in use ends the
     // process first.
     let metrics_listener = match args.worker.metrics_port.filter(|_| role != Role::Scheduler) {
-        Some(metrics_port) => Some((
-            metrics_port,
-            tokio::net::TcpListener::bind((address, metrics_port))
-                .await
-                .with_context(|| format!("cannot listen on {bind}:{metrics_port}"))
-                .map_err(|e| CliError::runtime(format!("{e:#}")))?,
-        )),
+        Some(metrics_port) => Some((metrics_port, listen(address, &bind, metrics_port).await?)),
         None => None,
     };
     let mut scheduler = None;
@@ -270,10 +264,7 @@ pub(crate) async fn serve(app: &App, args: &ServeArgs, file: &ConfigFile, role: 
         }
         // The API's port first: a port taken ends the process before the scheduler takes the
         // lease or creates a run.
-        let listener = tokio::net::TcpListener::bind((address, port))
-            .await
-            .with_context(|| format!("cannot listen on {bind}:{port}"))
-            .map_err(|e| CliError::runtime(format!("{e:#}")))?;
+        let listener = listen(address, &bind, port).await?;
         let (handle, task) = dagmq_scheduler::spawn(config, queue.clone(), store.clone(), scheduler_signal.clone());
         scheduler_handle = Some(handle.clone());
         let api_config = ApiConfig {
@@ -379,6 +370,14 @@ pub(crate) async fn serve(app: &App, args: &ServeArgs, file: &ConfigFile, role: 
         let _ = tokio::task::spawn_blocking(move || sink.shutdown()).await;
     }
     Ok(())
+}
+
+/// A listener on `address` (given as `bind`) and `port`; a port in use is a runtime error.
+async fn listen(address: IpAddr, bind: &str, port: u16) -> CliResult<tokio::net::TcpListener> {
+    tokio::net::TcpListener::bind((address, port))
+        .await
+        .with_context(|| format!("cannot listen on {bind}:{port}"))
+        .map_err(|e| CliError::runtime(format!("{e:#}")))
 }
 
 /// Whether `url` starts with `scheme://` (in any case).
