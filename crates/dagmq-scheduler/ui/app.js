@@ -192,8 +192,8 @@ const views = {
     const drawing = graphCard(tasks, "", dag.version);
     return `<h2>DAG ${esc(dag.dag_id)}</h2>
       <div class="row"><span class="muted">${esc(dag.description)}</span></div>
-      <div class="row">schedule <b>${esc(dag.schedule || "manual")}</b> (${esc(dag.timezone)}), ${dag.paused ? "paused" : "active"},
-        next run ${when(dag.next_run, dag.timezone)}, version <code>${esc(dag.version)}</code>, <a href="#/runs?dag=${encodeURIComponent(dagId)}">all runs</a></div>
+      <div class="row"><span>schedule <b>${esc(dag.schedule || "manual")}</b> (${esc(dag.timezone)}), ${dag.paused ? "paused" : "active"},
+        next run ${when(dag.next_run, dag.timezone)}, version <code>${esc(dag.version)}</code>, <a href="#/runs?dag=${encodeURIComponent(dagId)}">all runs</a></span></div>
       <div class="card" data-test="trigger" data-key="trigger"><h3>Trigger a run</h3>${triggerForm(dag)}</div>
       <div class="card" data-test="dag-graph" data-key="dag-graph">${drawing}</div>
       <div class="card" data-test="grid" data-key="grid"><h3>${offset ? `Runs ${offset + 1} to ${offset + runs.length} back` : `Latest ${runs.length} runs`} by task</h3>${paging}<table class="grid" data-key="grid-table"><thead><tr><th></th>${head}</tr></thead><tbody data-static="${esc(gridKey)}">${grid}</tbody></table></div>
